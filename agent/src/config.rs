@@ -1,0 +1,143 @@
+//! `steward-agent` configuration: TOML, unknown keys rejected, every default
+//! written down once (here), all problems reported together.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use steward_proto::domain::NodeId;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This node's id; must match the common name of `tls.cert`. Defaults to
+    /// the host name, lowercased.
+    pub node_id: Option<String>,
+    /// Coordinator replicas (https:// URLs). The agent talks to one at a
+    /// time and moves to the next when it fails.
+    pub coordinators: Vec<String>,
+    pub tls: TlsFiles,
+    /// Where the agent keeps its last desired state.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// A session with no heartbeat ack for this long is abandoned and the
+    /// agent moves to another replica. Defaults to 3 heartbeats.
+    pub ack_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/steward-agent".into()
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    1000
+}
+
+/// Every problem found in a config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}:", self.path.display())?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_id: NodeId,
+    pub coordinators: Vec<String>,
+    pub tls: TlsFiles,
+    pub state_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub ack_timeout: Duration,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let fail = |problems| ConfigError {
+            path: path.to_owned(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![e.to_string()]))?;
+        let config: Self = toml::from_str(&text).map_err(|e| fail(vec![e.to_string()]))?;
+        config.validate().map_err(fail)
+    }
+
+    pub fn validate(self) -> Result<Settings, Vec<String>> {
+        let mut p = Vec::new();
+        let raw_id = match self.node_id {
+            Some(id) => id,
+            None => sysinfo::System::host_name()
+                .map(|h| h.to_lowercase())
+                .unwrap_or_default(),
+        };
+        let node_id = NodeId::new(raw_id)
+            .map_err(|e| p.push(format!("node_id: {e}")))
+            .ok();
+        if self.coordinators.is_empty() {
+            p.push("coordinators: list at least one https:// URL".into());
+        }
+        for c in &self.coordinators {
+            if !c.starts_with("https://") {
+                p.push(format!(
+                    "coordinators: {c:?} must be an https:// URL (all traffic is mutual TLS)"
+                ));
+            }
+        }
+        for (what, path) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            if let Err(e) = std::fs::metadata(path) {
+                p.push(format!("{what} {}: {e}", path.display()));
+            }
+        }
+        if !(50..=60_000).contains(&self.heartbeat_interval_ms) {
+            p.push(format!(
+                "heartbeat_interval_ms = {}: must be between 50 and 60000",
+                self.heartbeat_interval_ms
+            ));
+        }
+        let ack_timeout_ms = self
+            .ack_timeout_ms
+            .unwrap_or(3 * self.heartbeat_interval_ms);
+        if ack_timeout_ms < 2 * self.heartbeat_interval_ms {
+            p.push(format!(
+                "ack_timeout_ms = {ack_timeout_ms}: must be at least two heartbeat intervals"
+            ));
+        }
+        match node_id {
+            Some(node_id) if p.is_empty() => Ok(Settings {
+                node_id,
+                coordinators: self.coordinators,
+                tls: self.tls,
+                state_dir: self.state_dir,
+                heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+                ack_timeout: Duration::from_millis(ack_timeout_ms),
+            }),
+            _ => Err(p),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `steward-agent`: runs on every node. Reports facts and health, pulls the
+//! node's desired state from a coordinator replica and keeps it in force.
+//!
+//! **Architecture invariants:**
+//! - The agent opens every connection (agents pull); it never listens.
+//! - The desired state in force survives coordinator outages and agent
+//!   restarts: it is recorded atomically before it is acknowledged.
+//! - Converging the host (packages, files, units, the VIP) is not here yet;
+//!   today the agent records and reports its roles.
+
+pub mod config;
+pub mod facts;
+pub mod session;
+pub mod state;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity};
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::session::{run_sessions, Credentials};
+use crate::state::{RecordedState, StateStore};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, AgentError> {
+    std::fs::read(path).map_err(|source| AgentError::ReadFile {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Runs the agent until `shutdown`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let creds = Credentials {
+        ca: Certificate::from_pem(read("tls.ca", &settings.tls.ca)?),
+        identity: Identity::from_pem(
+            read("tls.cert", &settings.tls.cert)?,
+            read("tls.key", &settings.tls.key)?,
+        ),
+    };
+    let state = StateStore::new(&settings.state_dir);
+    let recorded = match state.load() {
+        Ok(Some(r)) => {
+            info!(
+                revision = r.desired.revision,
+                roles = %steward_proto::convert::roles_display(&r.desired.roles),
+                "resuming with recorded desired state"
+            );
+            r
+        }
+        Ok(None) => RecordedState::default(),
+        Err(error) => {
+            // The coordinator sends the full desired state on connect, so a
+            // damaged record costs nothing but a fresh download.
+            warn!(%error, "ignoring unreadable recorded state");
+            RecordedState::default()
+        }
+    };
+    let (desired, _in_force) = watch::channel(recorded);
+    info!(node.id = %settings.node_id, coordinators = ?settings.coordinators, "agent starting");
+    run_sessions(settings, creds, state, desired, shutdown).await;
+    info!("agent stopped");
+    Ok(())
+}

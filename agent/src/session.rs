@@ -1,0 +1,222 @@
+//! The agent's side of `AgentService.Session`: connect, hello, heartbeat,
+//! record desired state, and on any failure move to the next replica with
+//! jittered exponential backoff. The last desired state stays in force while
+//! no coordinator is reachable.
+
+use std::time::{Duration, Instant};
+
+use steward_proto::backoff::Backoff;
+use steward_proto::domain::{AgentMessage, CoordinatorMessage, DesiredState};
+use steward_proto::pb;
+use steward_proto::pb::agent_service_client::AgentServiceClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tracing::{info, warn, Instrument};
+
+use crate::config::Settings;
+use crate::facts::HostProbe;
+use crate::state::{RecordedState, StateStore};
+use crate::unix_ms;
+
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("{url} refused the session: {status}")]
+    Refused { url: String, status: tonic::Status },
+    #[error("session with {url} failed: {reason}")]
+    Lost { url: String, reason: String },
+    #[error("cannot record desired state: {0}")]
+    State(#[from] crate::state::StateError),
+}
+
+/// Credentials read once at start.
+#[derive(Clone)]
+pub struct Credentials {
+    pub ca: Certificate,
+    pub identity: Identity,
+}
+
+async fn dial(url: &str, creds: &Credentials) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
+    let host = endpoint
+        .uri()
+        .host()
+        .ok_or("URL has no host")?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    endpoint
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(creds.ca.clone())
+                .identity(creds.identity.clone())
+                .domain_name(host),
+        )
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg = format!("{msg}: {s}");
+                source = s.source();
+            }
+            msg
+        })
+}
+
+/// Keeps a session to some replica until `shutdown`. `desired` always holds
+/// the state in force (the recorded one until a coordinator says otherwise).
+pub async fn run_sessions(
+    settings: Settings,
+    creds: Credentials,
+    state: StateStore,
+    desired: watch::Sender<RecordedState>,
+    shutdown: CancellationToken,
+) {
+    let mut probe = HostProbe::new();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let replicas = settings.coordinators.len();
+    // Spread agents over replicas: start at a node-dependent position.
+    let mut next = settings
+        .node_id
+        .as_str()
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+        % replicas;
+    while !shutdown.is_cancelled() {
+        let url = settings.coordinators[next].clone();
+        let started = Instant::now();
+        let span = tracing::info_span!("session", coordinator = %url);
+        let result = one_session(&settings, &creds, &url, &mut probe, &state, &desired, &shutdown)
+            .instrument(span)
+            .await;
+        match result {
+            Ok(()) => return,
+            Err(error) => warn!(%error, "no session; trying the next replica"),
+        }
+        if started.elapsed() >= STABLE_SESSION {
+            backoff.reset();
+        }
+        next = (next + 1) % replicas;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// One session. `Ok` only on shutdown.
+async fn one_session(
+    settings: &Settings,
+    creds: &Credentials,
+    url: &str,
+    probe: &mut HostProbe,
+    state: &StateStore,
+    desired: &watch::Sender<RecordedState>,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let channel = dial(url, creds).await.map_err(|reason| SessionError::Connect {
+        url: url.to_owned(),
+        reason,
+    })?;
+    let mut client = AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
+    let hello = AgentMessage::Hello {
+        node: settings.node_id.clone(),
+        facts: probe.facts(),
+        last_applied_revision: desired.borrow().desired.revision,
+        agent_version: crate::VERSION.to_owned(),
+    };
+    // The receiver is alive (held by `rx` below), so this cannot fail.
+    let _ = tx.send(hello.into()).await;
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| SessionError::Refused {
+            url: url.to_owned(),
+            status,
+        })?
+        .into_inner();
+    info!("session open");
+
+    let lost = |reason: String| SessionError::Lost {
+        url: url.to_owned(),
+        reason,
+    };
+    let mut tick = tokio::time::interval(settings.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut last_ack = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                if last_ack.elapsed() > settings.ack_timeout {
+                    return Err(lost(format!("no heartbeat ack for {:?}", last_ack.elapsed())));
+                }
+                seq += 1;
+                let hb = AgentMessage::Heartbeat {
+                    seq,
+                    sent_at_unix_ms: unix_ms(),
+                    health: probe.health(),
+                };
+                if tx.send(hb.into()).await.is_err() {
+                    return Err(lost("outbound stream closed".into()));
+                }
+            }
+            message = inbound.message() => {
+                let message = match message {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Err(lost("coordinator closed the session".into())),
+                    Err(status) => return Err(lost(status.to_string())),
+                };
+                match CoordinatorMessage::try_from(message) {
+                    Ok(CoordinatorMessage::HeartbeatAck { .. }) => last_ack = Instant::now(),
+                    Ok(CoordinatorMessage::DesiredState(next)) => {
+                        last_ack = Instant::now();
+                        let replica = url.to_owned();
+                        record(state, desired, next.clone(), replica)?;
+                        let report = AgentMessage::Report { applied_revision: next.revision };
+                        if tx.send(report.into()).await.is_err() {
+                            return Err(lost("outbound stream closed".into()));
+                        }
+                    }
+                    Err(e) => return Err(lost(format!("invalid message from coordinator: {e}"))),
+                }
+            }
+        }
+    }
+}
+
+fn record(
+    state: &StateStore,
+    desired: &watch::Sender<RecordedState>,
+    next: DesiredState,
+    from_coordinator: String,
+) -> Result<(), SessionError> {
+    if desired.borrow().desired == next {
+        return Ok(());
+    }
+    let recorded = RecordedState {
+        desired: next,
+        from_coordinator,
+        received_unix_ms: unix_ms(),
+    };
+    state.save(&recorded)?;
+    info!(
+        revision = recorded.desired.revision,
+        roles = %steward_proto::convert::roles_display(&recorded.desired.roles),
+        "desired state recorded"
+    );
+    desired.send_replace(recorded);
+    Ok(())
+}

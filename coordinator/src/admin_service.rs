@@ -1,0 +1,324 @@
+//! `AdminService`: what `stewardctl` talks to. Admin certificates only.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::time::Instant;
+
+use etcd_client::{EventType, WatchOptions};
+use steward_proto::convert::{roles_display, roles_from_pb};
+use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, Role};
+use steward_proto::pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use crate::agent_service::SessionContext;
+use crate::auth::require_admin;
+use crate::error::{Error, Result};
+use crate::replica::Leadership;
+use crate::store::{decode, unix_ms, NodeRecord};
+
+/// Past events sent by default before following.
+pub const DEFAULT_EVENTS: u32 = 100;
+
+pub struct AdminApi {
+    ctx: SessionContext,
+    leadership: tokio::sync::watch::Receiver<Leadership>,
+    version: String,
+}
+
+impl AdminApi {
+    pub fn new(
+        ctx: SessionContext,
+        leadership: tokio::sync::watch::Receiver<Leadership>,
+        version: String,
+    ) -> Self {
+        Self {
+            ctx,
+            leadership,
+            version,
+        }
+    }
+
+    /// A node as operators see it: etcd's record, refreshed with this
+    /// replica's live session when it serves the node.
+    fn view(&self, id: NodeId, record: NodeRecord) -> NodeView {
+        let spec = record.spec.as_ref();
+        let mut view = NodeView {
+            id,
+            roles: spec.map(|s| s.value.roles.clone()).unwrap_or_default(),
+            health: NodeHealth::Disconnected,
+            last_seen_unix_ms: 0,
+            replica: None,
+            facts: Default::default(),
+            last_health: Default::default(),
+            desired_revision: spec.map(|s| s.mod_revision as u64).unwrap_or(0),
+            applied_revision: 0,
+        };
+        if let Some(status) = record.status {
+            let s = status.value;
+            view.health = s.health;
+            view.last_seen_unix_ms = s.last_seen_unix_ms;
+            view.replica = s.replica;
+            view.facts = s.facts;
+            view.last_health = s.last_health;
+            view.applied_revision = s.applied_revision;
+        }
+        if let Some(live) = self.ctx.sessions.get(&view.id) {
+            view.health = live.node_health(Instant::now(), self.ctx.unreachable_after);
+            view.last_seen_unix_ms = live.last_seen_unix_ms;
+            view.last_health = live.health;
+            view.applied_revision = live.applied_revision;
+            view.replica = Some(self.ctx.store.replica().to_owned());
+        }
+        view
+    }
+
+    async fn change_roles(&self, request: pb::ChangeRolesRequest, add: bool) -> Result<NodeView> {
+        let node = NodeId::new(request.node_id).map_err(steward_proto::ProtoError::from)?;
+        let roles: BTreeSet<Role> = roles_from_pb("roles", &request.roles)?;
+        if roles.is_empty() {
+            return Err(Error::InvalidArgument("name at least one role".into()));
+        }
+        let mut before = BTreeSet::new();
+        let spec = self
+            .ctx
+            .store
+            .update_spec(&node, |current| {
+                before = current.roles.clone();
+                let mut next = current.clone();
+                if add {
+                    next.roles.extend(roles.iter().copied());
+                } else {
+                    for role in &roles {
+                        if !next.roles.remove(role) {
+                            return Err(Error::RoleNotAssigned {
+                                node: node.clone(),
+                                role: *role,
+                            });
+                        }
+                    }
+                }
+                Ok((next != *current).then_some(next))
+            })
+            .await?;
+        if spec.value.roles != before {
+            let event = Event {
+                revision: 0,
+                at_unix_ms: unix_ms(),
+                kind: EventKind::RolesChanged,
+                node: Some(node.clone()),
+                replica: self.ctx.store.replica().to_owned(),
+                message: format!(
+                    "{node} roles: [{}] -> [{}]",
+                    roles_display(&before),
+                    roles_display(&spec.value.roles)
+                ),
+            };
+            if let Err(error) = self.ctx.store.record_event(&event).await {
+                warn!(%error, "could not record event");
+            }
+        }
+        let record = self.ctx.store.node(&node).await?;
+        Ok(self.view(node, record))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        require_admin(&request)?;
+        let store = &self.ctx.store;
+        let me = store.replica().to_owned();
+        let gathered = async {
+            let members = store.members().await?;
+            let leader = store.leader().await?;
+            let nodes = store.nodes().await?;
+            Ok::<_, Error>((members, leader, nodes))
+        }
+        .await;
+        let response = match gathered {
+            Ok((members, leader, nodes)) => {
+                let replicas = members
+                    .into_iter()
+                    .map(|m| {
+                        let connected_agents = nodes
+                            .values()
+                            .filter(|r| {
+                                r.status
+                                    .as_ref()
+                                    .is_some_and(|s| s.value.replica.as_deref() == Some(&m.id))
+                            })
+                            .count() as u32;
+                        pb::Replica {
+                            leader: leader.as_deref() == Some(&m.id),
+                            id: m.id,
+                            address: m.address,
+                            version: m.version,
+                            connected_agents,
+                        }
+                    })
+                    .collect();
+                pb::StatusResponse {
+                    replicas,
+                    leader_id: leader.unwrap_or_default(),
+                    etcd_reachable: true,
+                    served_by: me,
+                    cluster: self.ctx.cluster.clone(),
+                }
+            }
+            Err(error) => {
+                warn!(%error, "status: etcd unreachable");
+                pb::StatusResponse {
+                    replicas: vec![pb::Replica {
+                        id: me.clone(),
+                        address: String::new(),
+                        version: self.version.clone(),
+                        leader: matches!(*self.leadership.borrow(), Leadership::Leader(_)),
+                        connected_agents: self.ctx.sessions.len() as u32,
+                    }],
+                    leader_id: String::new(),
+                    etcd_reachable: false,
+                    served_by: me,
+                    cluster: self.ctx.cluster.clone(),
+                }
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        require_admin(&request)?;
+        let nodes = self.ctx.store.nodes().await?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes
+                .into_iter()
+                .map(|(id, record)| self.view(id, record).into())
+                .collect(),
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        require_admin(&request)?;
+        let id = NodeId::new(request.into_inner().node_id)
+            .map_err(|e| Error::from(steward_proto::ProtoError::from(e)))?;
+        let record = self.ctx.store.node(&id).await?;
+        if record.spec.is_none() && record.status.is_none() {
+            return Err(Error::UnknownNode(id).into());
+        }
+        Ok(Response::new(self.view(id, record).into()))
+    }
+
+    async fn add_roles(
+        &self,
+        request: Request<pb::ChangeRolesRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        require_admin(&request)?;
+        let view = self.change_roles(request.into_inner(), true).await?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn remove_roles(
+        &self,
+        request: Request<pb::ChangeRolesRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        require_admin(&request)?;
+        let view = self.change_roles(request.into_inner(), false).await?;
+        Ok(Response::new(view.into()))
+    }
+
+    type EventsStream = EventStream;
+
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        require_admin(&request)?;
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => DEFAULT_EVENTS,
+            n => n.min(10_000),
+        };
+        let (past, revision) = self.ctx.store.recent_events(limit).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.ctx.store.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        tokio::spawn(async move {
+            for event in past {
+                if tx.send(Ok(event.into())).await.is_err() {
+                    return;
+                }
+            }
+            if !request.follow {
+                return;
+            }
+            let keys = store.keys().clone();
+            let watch = store
+                .client()
+                .watch_client()
+                .watch(
+                    keys.events(),
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision + 1),
+                    ),
+                )
+                .await;
+            let mut stream = match watch {
+                Ok(s) => s,
+                Err(source) => {
+                    let _ = tx
+                        .send(Err(Error::Etcd { op: "watch events", source }.into()))
+                        .await;
+                    return;
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    m = stream.message() => m,
+                };
+                let resp = match message {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => return,
+                    Err(source) => {
+                        let _ = tx
+                            .send(Err(Error::Etcd { op: "watch events", source }.into()))
+                            .await;
+                        return;
+                    }
+                };
+                for ev in resp.events() {
+                    let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) else {
+                        continue;
+                    };
+                    match decode::<Event>(kv.key(), kv.value()) {
+                        Ok(mut event) => {
+                            event.revision = kv.mod_revision() as u64;
+                            if tx.send(Ok(event.into())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(error) => warn!(%error, "skipping corrupt event"),
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

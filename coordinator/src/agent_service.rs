@@ -1,0 +1,347 @@
+//! `AgentService`: one bidirectional session per agent.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use steward_proto::domain::{
+    AgentMessage, CoordinatorMessage, DesiredState, Event, EventKind, Facts, Health, NodeHealth,
+    NodeId,
+};
+use steward_proto::pb;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn, Instrument};
+
+use crate::auth::peer_identity;
+use crate::cache::SpecSnapshot;
+use crate::error::{Error, Result};
+use crate::pki::IdentityKind;
+use crate::sessions::Sessions;
+use crate::store::{unix_ms, NodeStatusRecord, Store};
+
+/// How long a new session may take to say hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a session re-checks its node's liveness.
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+
+/// What every session of this replica shares.
+#[derive(Clone)]
+pub struct SessionContext {
+    pub store: Store,
+    pub sessions: Sessions,
+    pub specs: watch::Receiver<Arc<SpecSnapshot>>,
+    pub unreachable_after: Duration,
+    pub shutdown: CancellationToken,
+    pub cluster: String,
+}
+
+pub struct AgentApi {
+    ctx: SessionContext,
+}
+
+impl AgentApi {
+    pub fn new(ctx: SessionContext) -> Self {
+        Self { ctx }
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let identity = peer_identity(&request)?;
+        if identity.kind != IdentityKind::Agent {
+            return Err(Error::PermissionDenied(format!(
+                "{identity} may not open an agent session; only agent certificates may"
+            ))
+            .into());
+        }
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??
+            .ok_or_else(|| Status::cancelled("stream closed before hello"))?;
+        let AgentMessage::Hello {
+            node,
+            facts,
+            last_applied_revision,
+            agent_version,
+        } = AgentMessage::try_from(first).map_err(Error::from)?
+        else {
+            return Err(Error::InvalidArgument("the first message must be a hello".into()).into());
+        };
+        if node.as_str() != identity.name {
+            return Err(Error::PermissionDenied(format!(
+                "certificate is for node {:?}; it may not speak for node {:?}",
+                identity.name,
+                node.as_str()
+            ))
+            .into());
+        }
+
+        let (tx, rx) = mpsc::channel(16);
+        let session = NodeSession::open(
+            self.ctx.clone(),
+            node.clone(),
+            facts,
+            last_applied_revision,
+            agent_version,
+        )
+        .await?;
+        let span = tracing::info_span!("session", node.id = %node);
+        tokio::spawn(session.run(inbound, tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One agent's session on this replica.
+struct NodeSession {
+    ctx: SessionContext,
+    node: NodeId,
+    session: u64,
+    /// The status as last written by this session, and its revision.
+    status: NodeStatusRecord,
+    status_rev: i64,
+    last_sent: Option<DesiredState>,
+}
+
+impl NodeSession {
+    async fn open(
+        ctx: SessionContext,
+        node: NodeId,
+        facts: Facts,
+        applied_revision: u64,
+        agent_version: String,
+    ) -> Result<Self> {
+        let now = unix_ms();
+        let record = ctx.store.node(&node).await?;
+        let first_time = record.spec.is_none() && record.status.is_none();
+        let status = NodeStatusRecord {
+            facts,
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            replica: Some(ctx.store.replica().to_owned()),
+            last_seen_unix_ms: now,
+            applied_revision,
+            agent_version,
+        };
+        let session = ctx.sessions.open(&node, Health::default(), applied_revision, now);
+        let mut this = Self {
+            ctx,
+            node,
+            session,
+            status_rev: record.status.map(|s| s.mod_revision).unwrap_or(0),
+            status: status.clone(),
+            last_sent: None,
+        };
+        if let Err(e) = this.write_status(status, true).await {
+            this.ctx.sessions.close(&this.node, this.session);
+            return Err(e);
+        }
+        if first_time {
+            this.event(EventKind::NodeRegistered, format!("{} registered", this.node))
+                .await;
+        }
+        this.event(
+            EventKind::NodeConnected,
+            format!("{} connected to {}", this.node, this.ctx.store.replica()),
+        )
+        .await;
+        info!(node.id = %this.node, "session opened");
+        Ok(this)
+    }
+
+    async fn event(&self, kind: EventKind, message: String) {
+        let event = Event {
+            revision: 0,
+            at_unix_ms: unix_ms(),
+            kind,
+            node: Some(self.node.clone()),
+            replica: self.ctx.store.replica().to_owned(),
+            message,
+        };
+        if let Err(error) = self.ctx.store.record_event(&event).await {
+            warn!(%error, "could not record event");
+        }
+    }
+
+    /// Writes `next` if nobody else wrote the status since this session did.
+    /// Returns false when another replica now serves the node.
+    /// With `take_over`, it overwrites whatever another replica recorded
+    /// (the agent is here now).
+    async fn write_status(&mut self, next: NodeStatusRecord, take_over: bool) -> Result<bool> {
+        for _ in 0..4 {
+            if let Some(rev) = self
+                .ctx
+                .store
+                .put_status_if(&self.node, self.status_rev, &next)
+                .await?
+            {
+                self.status = next;
+                self.status_rev = rev;
+                return Ok(true);
+            }
+            // Someone else wrote: the leader marking us gone, or another
+            // replica that now serves this node.
+            let current = self.ctx.store.node(&self.node).await?.status;
+            match current {
+                Some(s)
+                    if !take_over
+                        && s.value.replica.as_deref().is_some_and(|r| r != self.ctx.store.replica()) =>
+                {
+                    return Ok(false)
+                }
+                Some(s) => self.status_rev = s.mod_revision,
+                None => self.status_rev = 0,
+            }
+        }
+        Err(Error::Conflict {
+            key: self.ctx.store.keys().node_status(&self.node),
+        })
+    }
+
+    /// Writes the status if what an operator would see has changed.
+    async fn sync_status(&mut self) -> Result<bool> {
+        let Some(live) = self.ctx.sessions.get(&self.node) else {
+            return Ok(false);
+        };
+        let health = live.node_health(Instant::now(), self.ctx.unreachable_after);
+        if health == self.status.health && live.applied_revision == self.status.applied_revision
+        {
+            return Ok(true);
+        }
+        let mut next = self.status.clone();
+        next.health = health;
+        next.last_health = live.health;
+        next.last_seen_unix_ms = live.last_seen_unix_ms;
+        next.applied_revision = live.applied_revision;
+        info!(node.id = %self.node, health = %health, applied = live.applied_revision, "node status changed");
+        self.write_status(next, false).await
+    }
+
+    async fn push_desired(
+        &mut self,
+        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    ) -> bool {
+        let desired = self.ctx.specs.borrow().desired_state(&self.node);
+        if self.last_sent.as_ref() == Some(&desired) {
+            return true;
+        }
+        self.last_sent = Some(desired.clone());
+        tx.send(Ok(CoordinatorMessage::DesiredState(desired).into()))
+            .await
+            .is_ok()
+    }
+
+    async fn run(
+        mut self,
+        mut inbound: Streaming<pb::AgentMessage>,
+        tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    ) {
+        let mut specs = self.ctx.specs.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+        let mut superseded = false;
+        if self.push_desired(&tx).await {
+            loop {
+                let keep_going = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("coordinator shutting down"))).await;
+                        false
+                    }
+                    changed = specs.changed() => changed.is_ok() && self.push_desired(&tx).await,
+                    _ = liveness.tick() => match self.sync_status().await {
+                        Ok(true) => true,
+                        Ok(false) => { superseded = true; false }
+                        // etcd trouble: keep serving; the status catches up later.
+                        Err(error) => { warn!(%error, "status write failed"); true }
+                    },
+                    msg = inbound.message() => match msg {
+                        Ok(Some(m)) => self.on_message(m, &tx).await,
+                        Ok(None) => false,
+                        Err(status) => {
+                            info!(error = %status, "session stream failed");
+                            false
+                        }
+                    },
+                };
+                if !keep_going {
+                    break;
+                }
+            }
+        }
+        self.close(superseded).await;
+    }
+
+    async fn on_message(
+        &mut self,
+        message: pb::AgentMessage,
+        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    ) -> bool {
+        match AgentMessage::try_from(message) {
+            Ok(AgentMessage::Heartbeat { seq, health, .. }) => {
+                let now = unix_ms();
+                self.ctx.sessions.update(&self.node, self.session, |live| {
+                    live.last_heartbeat = Instant::now();
+                    live.last_seen_unix_ms = now;
+                    live.health = health;
+                });
+                let ack = CoordinatorMessage::HeartbeatAck {
+                    seq,
+                    replica: self.ctx.store.replica().to_owned(),
+                };
+                tx.send(Ok(ack.into())).await.is_ok()
+            }
+            Ok(AgentMessage::Report { applied_revision }) => {
+                self.ctx.sessions.update(&self.node, self.session, |live| {
+                    live.applied_revision = applied_revision;
+                });
+                true
+            }
+            Ok(AgentMessage::Hello { .. }) => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument("hello sent twice")))
+                    .await;
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "invalid message from agent; closing session");
+                let _ = tx.send(Err(Error::from(e).into())).await;
+                false
+            }
+        }
+    }
+
+    async fn close(mut self, superseded: bool) {
+        self.ctx.sessions.close(&self.node, self.session);
+        info!(node.id = %self.node, superseded, "session closed");
+        if superseded {
+            return;
+        }
+        let mut next = self.status.clone();
+        next.replica = None;
+        next.health = NodeHealth::Disconnected;
+        next.last_seen_unix_ms = unix_ms();
+        match self.write_status(next, false).await {
+            Ok(true) => {
+                self.event(
+                    EventKind::NodeDisconnected,
+                    format!("{} disconnected from {}", self.node, self.ctx.store.replica()),
+                )
+                .await
+            }
+            Ok(false) => {}
+            Err(error) => warn!(%error, "could not record disconnect"),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! `steward-coordinator` configuration: TOML, unknown keys rejected, every
+//! default written down once (here), all problems reported together.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// This replica's id, unique within the cluster.
+    pub id: String,
+    /// Cluster name; all state lives under `/steward/<cluster>/` in etcd.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// Address the gRPC server binds.
+    pub listen: SocketAddr,
+    /// URL agents and peers use to reach this replica.
+    pub advertise: String,
+    pub tls: TlsFiles,
+    pub etcd: EtcdConfig,
+    #[serde(default)]
+    pub timing: Timing,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// TLS to etcd; omit for a plaintext etcd on a trusted network.
+    pub tls: Option<TlsFiles>,
+    #[serde(default = "default_dial_timeout_ms")]
+    pub dial_timeout_ms: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timing {
+    /// TTL of this replica's etcd lease (membership and leadership). A replica
+    /// that dies silently loses leadership after at most this long.
+    #[serde(default = "default_member_lease_ttl_s")]
+    pub member_lease_ttl_s: u64,
+    /// A connected agent whose heartbeats stop for this long is unreachable.
+    #[serde(default = "default_agent_unreachable_after_ms")]
+    pub agent_unreachable_after_ms: u64,
+    /// How many events the leader keeps in etcd.
+    #[serde(default = "default_events_retained")]
+    pub events_retained: u32,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            member_lease_ttl_s: default_member_lease_ttl_s(),
+            agent_unreachable_after_ms: default_agent_unreachable_after_ms(),
+            events_retained: default_events_retained(),
+        }
+    }
+}
+
+fn default_cluster() -> String {
+    "default".into()
+}
+fn default_dial_timeout_ms() -> u64 {
+    2000
+}
+fn default_request_timeout_ms() -> u64 {
+    5000
+}
+fn default_member_lease_ttl_s() -> u64 {
+    3
+}
+fn default_agent_unreachable_after_ms() -> u64 {
+    3000
+}
+fn default_events_retained() -> u32 {
+    1000
+}
+
+/// Every problem found in a config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}:", self.path.display())?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn check_readable(problems: &mut Vec<String>, what: &str, path: &Path) {
+    if let Err(e) = std::fs::metadata(path) {
+        problems.push(format!("{what} {}: {e}", path.display()));
+    }
+}
+
+impl CoordinatorConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let fail = |problems| ConfigError {
+            path: path.to_owned(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![e.to_string()]))?;
+        let config: Self = toml::from_str(&text).map_err(|e| fail(vec![e.to_string()]))?;
+        config.validate().map_err(fail)?;
+        Ok(config)
+    }
+
+    /// Checks everything serde cannot; returns every problem at once.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut p = Vec::new();
+        if !is_valid_name(&self.id) {
+            p.push(format!(
+                "id {:?}: use 1-63 letters, digits, '-' or '.'",
+                self.id
+            ));
+        }
+        if !is_valid_name(&self.cluster) {
+            p.push(format!(
+                "cluster {:?}: use 1-63 letters, digits, '-' or '.'",
+                self.cluster
+            ));
+        }
+        if !self.advertise.starts_with("https://") {
+            p.push(format!(
+                "advertise {:?}: must be an https:// URL (all traffic is mutual TLS)",
+                self.advertise
+            ));
+        }
+        check_readable(&mut p, "tls.ca", &self.tls.ca);
+        check_readable(&mut p, "tls.cert", &self.tls.cert);
+        check_readable(&mut p, "tls.key", &self.tls.key);
+        if self.etcd.endpoints.is_empty() {
+            p.push("etcd.endpoints: list at least one endpoint".into());
+        }
+        for e in &self.etcd.endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                p.push(format!(
+                    "etcd.endpoints: {e:?} must start with http:// or https://"
+                ));
+            }
+        }
+        if let Some(tls) = &self.etcd.tls {
+            check_readable(&mut p, "etcd.tls.ca", &tls.ca);
+            check_readable(&mut p, "etcd.tls.cert", &tls.cert);
+            check_readable(&mut p, "etcd.tls.key", &tls.key);
+        }
+        if self.etcd.dial_timeout_ms == 0 || self.etcd.request_timeout_ms == 0 {
+            p.push("etcd.dial_timeout_ms and etcd.request_timeout_ms must be positive".into());
+        }
+        if !(2..=60).contains(&self.timing.member_lease_ttl_s) {
+            p.push(format!(
+                "timing.member_lease_ttl_s = {}: must be between 2 and 60",
+                self.timing.member_lease_ttl_s
+            ));
+        }
+        if self.timing.agent_unreachable_after_ms < 500 {
+            p.push("timing.agent_unreachable_after_ms must be at least 500".into());
+        }
+        if self.timing.events_retained < 10 {
+            p.push("timing.events_retained must be at least 10".into());
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(p)
+        }
+    }
+
+    pub fn member_lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.timing.member_lease_ttl_s)
+    }
+
+    pub fn agent_unreachable_after(&self) -> Duration {
+        Duration::from_millis(self.timing.agent_unreachable_after_ms)
+    }
+}

@@ -1,0 +1,549 @@
+//! `stewardctl`: the operator's CLI over the admin API, plus `pki` commands
+//! that make a development cluster's certificates without other tools.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use steward_proto::convert::{node_health_from_pb, roles_to_pb};
+use steward_proto::domain::{Event, NodeView, Role};
+use steward_proto::pb;
+use steward_proto::pb::admin_service_client::AdminServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::pki::{self, IdentityKind};
+use crate::store::unix_ms;
+
+/// Operate a Steward cluster.
+///
+/// Connection settings come from flags or the environment
+/// (STEWARD_ENDPOINTS, STEWARD_CA, STEWARD_CERT, STEWARD_KEY); the
+/// certificate must be an admin certificate from the cluster CA
+/// (`stewardctl pki issue DIR NAME --kind admin`).
+#[derive(Debug, Parser)]
+#[command(name = "stewardctl", version, about, long_about)]
+pub struct Cli {
+    /// Coordinator URLs, comma-separated; tried in order.
+    #[arg(long, env = "STEWARD_ENDPOINTS", value_delimiter = ',', global = true)]
+    pub endpoints: Vec<String>,
+    /// Cluster CA certificate (PEM).
+    #[arg(long, env = "STEWARD_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Admin client certificate (PEM).
+    #[arg(long, env = "STEWARD_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Admin client key (PEM).
+    #[arg(long, env = "STEWARD_KEY", global = true)]
+    pub key: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Coordinator replicas, the leader, and whether etcd answers.
+    Status,
+    /// All nodes: roles, health, last seen, serving replica.
+    Nodes,
+    /// One node in detail.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Add or remove roles (lb, k8s-control-plane, k8s-worker, gluster-brick).
+    Role {
+        #[command(subcommand)]
+        command: RoleCommand,
+    },
+    /// The audit trail: role changes, nodes connecting, leader changes.
+    Events {
+        /// Keep streaming new events until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many past events to show first.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Certificates for a development cluster.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Show one node: facts, health, roles, revisions.
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoleCommand {
+    /// Give a node roles, e.g. `stewardctl role add node-1 lb k8s-worker`.
+    Add {
+        id: String,
+        #[arg(required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
+    },
+    /// Take roles from a node.
+    Rm {
+        id: String,
+        #[arg(required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create a cluster CA: DIR/ca.crt and DIR/ca.key.
+    Init {
+        dir: PathBuf,
+        /// Cluster name, written into the CA's subject.
+        #[arg(long, default_value = "default")]
+        cluster: String,
+    },
+    /// Issue DIR/NAME.crt and DIR/NAME.key signed by the CA in DIR.
+    ///
+    /// An agent's NAME is its node id. Coordinator certificates also serve
+    /// TLS: they are valid for NAME, localhost, 127.0.0.1, ::1 and every --san.
+    Issue {
+        dir: PathBuf,
+        name: String,
+        #[arg(long, value_parser = parse_kind)]
+        kind: IdentityKind,
+        /// Extra host name or IP address (coordinator certificates).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse().map_err(|e: steward_proto::domain::UnknownRole| e.to_string())
+}
+
+fn parse_kind(s: &str) -> Result<IdentityKind, String> {
+    s.parse().map_err(|e: pki::PkiError| e.to_string())
+}
+
+/// A failure, printed as one line on stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach any coordinator ({0})")]
+    Connect(String),
+    #[error("{0}")]
+    Rpc(String),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("invalid answer from the coordinator: {0}")]
+    Invalid(#[from] steward_proto::ProtoError),
+}
+
+impl From<tonic::Status> for CtlError {
+    fn from(s: tonic::Status) -> Self {
+        let hint = match s.code() {
+            tonic::Code::PermissionDenied => " (is this an admin certificate?)",
+            _ => "",
+        };
+        CtlError::Rpc(format!("{}{hint}", s.message()))
+    }
+}
+
+fn read_pem(what: &str, path: &Option<PathBuf>, env: &str) -> Result<Vec<u8>, CtlError> {
+    let path = path
+        .as_ref()
+        .ok_or_else(|| CtlError::Usage(format!("--{what} (or {env}) is required")))?;
+    std::fs::read(path).map_err(|e| CtlError::Usage(format!("--{what} {}: {e}", path.display())))
+}
+
+async fn connect(cli: &Cli) -> Result<AdminServiceClient<Channel>, CtlError> {
+    if cli.endpoints.is_empty() {
+        return Err(CtlError::Usage(
+            "--endpoints (or STEWARD_ENDPOINTS) is required, e.g. https://127.0.0.1:7443".into(),
+        ));
+    }
+    let ca = Certificate::from_pem(read_pem("ca", &cli.ca, "STEWARD_CA")?);
+    let identity = Identity::from_pem(
+        read_pem("cert", &cli.cert, "STEWARD_CERT")?,
+        read_pem("key", &cli.key, "STEWARD_KEY")?,
+    );
+    let mut failures = Vec::new();
+    for url in &cli.endpoints {
+        match dial(url, ca.clone(), identity.clone()).await {
+            Ok(channel) => return Ok(AdminServiceClient::new(channel)),
+            Err(e) => failures.push(format!("{url}: {e}")),
+        }
+    }
+    Err(CtlError::Connect(failures.join("; ")))
+}
+
+/// Dials one coordinator over mutual TLS.
+pub async fn dial(url: &str, ca: Certificate, identity: Identity) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
+    let host = endpoint
+        .uri()
+        .host()
+        .ok_or("URL has no host")?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    endpoint
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(ca)
+                .identity(identity)
+                .domain_name(host),
+        )
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg = format!("{msg}: {s}");
+                source = s.source();
+            }
+            msg
+        })
+}
+
+pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    match &cli.command {
+        Command::Pki { command } => pki_command(command),
+        Command::Status => {
+            let status = connect(&cli).await?.status(pb::StatusRequest {}).await?.into_inner();
+            print_status(cli.output, &status);
+            Ok(())
+        }
+        Command::Nodes => {
+            let nodes = connect(&cli)
+                .await?
+                .list_nodes(pb::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes
+                .into_iter()
+                .map(NodeView::try_from)
+                .collect::<Result<Vec<_>, _>>()?;
+            print_nodes(cli.output, &nodes);
+            Ok(())
+        }
+        Command::Node {
+            command: NodeCommand::Show { id },
+        } => {
+            let node = connect(&cli)
+                .await?
+                .get_node(pb::GetNodeRequest {
+                    node_id: id.clone(),
+                })
+                .await?
+                .into_inner();
+            print_node(cli.output, &NodeView::try_from(node)?);
+            Ok(())
+        }
+        Command::Role { command } => {
+            let mut client = connect(&cli).await?;
+            let node = match command {
+                RoleCommand::Add { id, roles } => {
+                    client
+                        .add_roles(change(id, roles))
+                        .await?
+                }
+                RoleCommand::Rm { id, roles } => {
+                    client
+                        .remove_roles(change(id, roles))
+                        .await?
+                }
+            }
+            .into_inner();
+            let node = NodeView::try_from(node)?;
+            match cli.output {
+                Output::Json => println!("{}", node_json(&node)),
+                Output::Table => println!(
+                    "{}: roles now [{}] (revision {})",
+                    node.id,
+                    steward_proto::convert::roles_display(&node.roles),
+                    node.desired_revision
+                ),
+            }
+            Ok(())
+        }
+        Command::Events { follow, limit } => {
+            let mut stream = connect(&cli)
+                .await?
+                .events(pb::EventsRequest {
+                    follow: *follow,
+                    limit: *limit,
+                })
+                .await?
+                .into_inner();
+            while let Some(event) = stream.message().await? {
+                let event = Event::try_from(event)?;
+                match cli.output {
+                    Output::Json => println!("{}", event_json(&event)),
+                    Output::Table => println!(
+                        "{}  {:<18} {:<12} {}",
+                        format_unix_ms(event.at_unix_ms),
+                        event.kind.as_str(),
+                        event.node.as_ref().map(|n| n.as_str()).unwrap_or("-"),
+                        event.message
+                    ),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn change(id: &str, roles: &[Role]) -> pb::ChangeRolesRequest {
+    pb::ChangeRolesRequest {
+        node_id: id.to_owned(),
+        roles: roles_to_pb(&roles.iter().copied().collect()),
+    }
+}
+
+fn pki_command(command: &PkiCommand) -> Result<(), CtlError> {
+    match command {
+        PkiCommand::Init { dir, cluster } => {
+            let (crt, key) = pki::init_ca(dir, cluster)?;
+            println!("wrote {} and {}", crt.display(), key.display());
+        }
+        PkiCommand::Issue {
+            dir,
+            name,
+            kind,
+            sans,
+        } => {
+            let (crt, key) = pki::issue(dir, name, *kind, sans)?;
+            println!("wrote {} and {} ({kind} {name:?})", crt.display(), key.display());
+        }
+    }
+    Ok(())
+}
+
+/// `2026-11-22 13:42:25` (UTC) from Unix milliseconds.
+pub fn format_unix_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn ago(ms: u64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    let secs = unix_ms().saturating_sub(ms) as f64 / 1000.0;
+    if secs < 120.0 {
+        format!("{secs:.1}s ago")
+    } else if secs < 7200.0 {
+        format!("{:.0}m ago", secs / 60.0)
+    } else {
+        format!("{:.1}h ago", secs / 3600.0)
+    }
+}
+
+fn roles_json(node: &NodeView) -> Vec<&'static str> {
+    node.roles.iter().map(|r| r.as_str()).collect()
+}
+
+fn node_json(node: &NodeView) -> serde_json::Value {
+    json!({
+        "id": node.id.as_str(),
+        "roles": roles_json(node),
+        "health": node.health.as_str(),
+        "last_seen": if node.last_seen_unix_ms == 0 { serde_json::Value::Null } else { node.last_seen_unix_ms.into() },
+        "replica": node.replica,
+        "desired_revision": node.desired_revision,
+        "applied_revision": node.applied_revision,
+        "facts": node.facts,
+        "last_health": node.last_health,
+    })
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    json!({
+        "revision": e.revision,
+        "at": e.at_unix_ms,
+        "kind": e.kind.as_str(),
+        "node": e.node.as_ref().map(|n| n.as_str()),
+        "replica": e.replica,
+        "message": e.message,
+    })
+}
+
+/// Prints rows with columns padded to their widest cell.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn print_status(output: Output, s: &pb::StatusResponse) {
+    if output == Output::Json {
+        let replicas: Vec<_> = s
+            .replicas
+            .iter()
+            .map(|r| {
+                json!({"id": r.id, "address": r.address, "version": r.version,
+                       "leader": r.leader, "connected_agents": r.connected_agents})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"cluster": s.cluster, "leader": (!s.leader_id.is_empty()).then_some(&s.leader_id),
+                   "etcd_reachable": s.etcd_reachable, "served_by": s.served_by, "replicas": replicas})
+        );
+        return;
+    }
+    println!("cluster:  {}", s.cluster);
+    println!(
+        "leader:   {}",
+        if s.leader_id.is_empty() { "none" } else { &s.leader_id }
+    );
+    println!(
+        "etcd:     {}",
+        if s.etcd_reachable { "reachable" } else { "UNREACHABLE" }
+    );
+    println!("answered: {}", s.served_by);
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .replicas
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                if r.leader { "leader".into() } else { "follower".into() },
+                r.address.clone(),
+                r.connected_agents.to_string(),
+                r.version.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["REPLICA", "ROLE", "ADDRESS", "AGENTS", "VERSION"], &rows);
+}
+
+fn print_nodes(output: Output, nodes: &[NodeView]) {
+    if output == Output::Json {
+        let all: Vec<_> = nodes.iter().map(node_json).collect();
+        println!("{}", serde_json::Value::Array(all));
+        return;
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.to_string(),
+                if n.roles.is_empty() { "-".into() } else { steward_proto::convert::roles_display(&n.roles) },
+                n.health.to_string(),
+                ago(n.last_seen_unix_ms),
+                n.replica.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "ROLES", "HEALTH", "LAST SEEN", "REPLICA"], &rows);
+}
+
+fn print_node(output: Output, n: &NodeView) {
+    if output == Output::Json {
+        println!("{}", node_json(n));
+        return;
+    }
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+    println!("node:      {}", n.id);
+    println!("roles:     {}", if n.roles.is_empty() { "-".into() } else { steward_proto::convert::roles_display(&n.roles) });
+    println!("health:    {}", n.health);
+    println!("last seen: {} ({})", format_unix_ms(n.last_seen_unix_ms), ago(n.last_seen_unix_ms));
+    println!("replica:   {}", n.replica.as_deref().unwrap_or("-"));
+    println!("revision:  desired {} / applied {}", n.desired_revision, n.applied_revision);
+    println!("host:      {} ({}, kernel {})", n.facts.hostname, n.facts.os, n.facts.kernel);
+    println!("cpus:      {}  memory: {}", n.facts.cpus, gib(n.facts.memory_bytes));
+    println!(
+        "load:      {:.2}  memory used: {}  fullest disk: {:.0}%",
+        n.last_health.load1,
+        gib(n.last_health.memory_used_bytes),
+        n.last_health.max_disk_used_fraction * 100.0
+    );
+    for d in &n.facts.disks {
+        println!("disk:      {} {} free of {}", d.mount_point, gib(d.available_bytes), gib(d.total_bytes));
+    }
+    for i in &n.facts.interfaces {
+        println!("interface: {} {} {}", i.name, i.mac, i.addresses.join(" "));
+    }
+}
+
+/// Reads the health enum of a raw node (for tests that use the wire types).
+pub fn health_name(value: i32) -> Option<&'static str> {
+    node_health_from_pb(value).ok().map(|h| h.as_str())
+}
+
+/// True when `path` holds a CA created by `pki init`.
+pub fn has_ca(dir: &Path) -> bool {
+    let (crt, key) = pki::ca_paths(dir);
+    crt.exists() && key.exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_unix_time() {
+        assert_eq!(format_unix_ms(0), "-");
+        assert_eq!(format_unix_ms(1_795_354_945_000), "2026-11-22 13:42:25");
+        assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn cli_rejects_unknown_roles_before_any_connection() {
+        let err = Cli::try_parse_from(["stewardctl", "role", "add", "n1", "database"]).unwrap_err();
+        assert!(err.to_string().contains("unknown role"), "{err}");
+        let ok = Cli::try_parse_from(["stewardctl", "role", "add", "n1", "lb", "k8s-worker"]);
+        assert!(ok.is_ok());
+    }
+}

@@ -1,0 +1,153 @@
+//! `steward-coordinator`: the replicated service that keeps the cluster's
+//! desired and observed state in etcd, serves agent sessions and the admin
+//! API, and (on the elected leader) does the cluster-wide work. Also the
+//! library behind `stewardctl`.
+//!
+//! **Architecture invariants:**
+//! - etcd is the only durable state; a replica can be killed at any moment
+//!   and restarted (or replaced) with nothing lost.
+//! - Heartbeats never become etcd writes: node status is written only when
+//!   what an operator sees changes.
+//! - Every leader write is a txn fenced on the leader epoch ([`replica::Fence`]).
+//! - Callers are authorized from their verified certificate ([`auth`]), never
+//!   from what a message claims.
+
+pub mod admin_service;
+pub mod agent_service;
+pub mod auth;
+pub mod cache;
+pub mod config;
+pub mod ctl;
+pub mod error;
+pub mod leader;
+pub mod pki;
+pub mod replica;
+pub mod sessions;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use steward_proto::pb;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::{info, warn, Instrument};
+
+use crate::agent_service::SessionContext;
+use crate::cache::SpecSnapshot;
+use crate::config::CoordinatorConfig;
+use crate::error::Error;
+use crate::replica::{LeaderSettings, Leadership};
+use crate::store::{Keys, MemberRecord, Store};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long shutdown waits for sessions and streams to drain.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(tonic::transport::Error),
+    #[error("gRPC server on {addr}: {source}")]
+    Serve {
+        addr: std::net::SocketAddr,
+        source: tonic::transport::Error,
+    },
+    #[error(transparent)]
+    Coordinator(#[from] Error),
+}
+
+fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, RunError> {
+    std::fs::read(path).map_err(|source| RunError::ReadFile {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Runs a replica until `shutdown` is cancelled, then drains and resigns.
+pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read("tls.cert", &config.tls.cert)?,
+            read("tls.key", &config.tls.key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(read("tls.ca", &config.tls.ca)?));
+
+    let client = store::connect(&config.etcd, true).await?;
+    let stream_client = store::connect(&config.etcd, false).await?;
+    let keys = Keys::new(&config.cluster);
+    let store = Store::new(client, keys.clone(), config.id.clone());
+
+    // Background tasks stop on `tasks`, cancelled only after the server has
+    // drained, so sessions can still record their disconnects.
+    let tasks = CancellationToken::new();
+    let (specs_tx, specs_rx) = watch::channel(Arc::new(SpecSnapshot::default()));
+    let cache = tokio::spawn(
+        cache::run_spec_cache(stream_client.clone(), keys, specs_tx, tasks.clone())
+            .instrument(tracing::info_span!("spec_cache")),
+    );
+    let (lead_tx, lead_rx) = watch::channel(Leadership::Follower);
+    let member = MemberRecord {
+        id: config.id.clone(),
+        address: config.advertise.clone(),
+        version: VERSION.to_owned(),
+        started_unix_ms: store::unix_ms(),
+    };
+    let membership = tokio::spawn(
+        replica::run_membership(
+            store.clone(),
+            stream_client,
+            member,
+            LeaderSettings {
+                lease_ttl: config.member_lease_ttl(),
+                events_retained: config.timing.events_retained,
+            },
+            lead_tx,
+            tasks.clone(),
+        )
+        .instrument(tracing::info_span!("membership", replica.id = %config.id)),
+    );
+
+    let ctx = SessionContext {
+        store,
+        sessions: sessions::Sessions::default(),
+        specs: specs_rx,
+        unreachable_after: config.agent_unreachable_after(),
+        shutdown: shutdown.clone(),
+        cluster: config.cluster.clone(),
+    };
+    let agent_api = agent_service::AgentApi::new(ctx.clone());
+    let admin_api = admin_service::AdminApi::new(ctx, lead_rx, VERSION.to_owned());
+
+    info!(listen = %config.listen, replica.id = %config.id, cluster = %config.cluster, "serving");
+    let served = Server::builder()
+        .tls_config(tls)
+        .map_err(RunError::Tls)?
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(pb::agent_service_server::AgentServiceServer::new(agent_api))
+        .add_service(pb::admin_service_server::AdminServiceServer::new(admin_api))
+        .serve_with_shutdown(config.listen, shutdown.cancelled_owned());
+    let result = served.await.map_err(|source| RunError::Serve {
+        addr: config.listen,
+        source,
+    });
+
+    tasks.cancel();
+    for (name, task) in [("membership", membership), ("spec cache", cache)] {
+        if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
+            warn!(task = name, "did not stop in time");
+        }
+    }
+    info!("stopped");
+    result
+}

@@ -1,0 +1,348 @@
+//! The cluster's certificate authority and the identities it issues.
+//!
+//! Every certificate names one identity: its subject common name is the
+//! identity's name (a node id for agents) and its organizational unit is the
+//! identity's [`IdentityKind`]. The coordinator authorizes every call from
+//! the identity in the peer's verified certificate, never from what a message
+//! claims.
+
+use std::fmt;
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use steward_proto::domain::NodeId;
+use time::{Duration, OffsetDateTime};
+
+/// Validity of the CA certificate.
+pub const CA_VALIDITY_DAYS: i64 = 3650;
+/// Validity of issued certificates.
+pub const LEAF_VALIDITY_DAYS: i64 = 365;
+
+/// What an identity may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdentityKind {
+    /// A node agent: may speak only for its own node.
+    Agent,
+    /// A coordinator replica: serves agents and admins, talks to peers.
+    Coordinator,
+    /// An operator: may use the admin API.
+    Admin,
+}
+
+impl IdentityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::Agent => "agent",
+            IdentityKind::Coordinator => "coordinator",
+            IdentityKind::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for IdentityKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for IdentityKind {
+    type Err = PkiError;
+    fn from_str(s: &str) -> Result<Self, PkiError> {
+        match s {
+            "agent" => Ok(IdentityKind::Agent),
+            "coordinator" => Ok(IdentityKind::Coordinator),
+            "admin" => Ok(IdentityKind::Admin),
+            other => Err(PkiError::UnknownKind(other.to_owned())),
+        }
+    }
+}
+
+/// A verified peer identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub kind: IdentityKind,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:?}", self.kind, self.name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("unknown identity kind {0:?} (expected agent, coordinator or admin)")]
+    UnknownKind(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} already exists; refusing to overwrite it")]
+    Exists { path: PathBuf },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("invalid name {name:?} for an {kind} certificate: {reason}")]
+    InvalidName {
+        name: String,
+        kind: IdentityKind,
+        reason: String,
+    },
+    #[error("peer certificate cannot be parsed: {0}")]
+    Parse(String),
+    #[error("peer certificate has no {0}")]
+    MissingAttribute(&'static str),
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                PkiError::Exists {
+                    path: path.to_owned(),
+                }
+            } else {
+                io(e)
+            }
+        })?;
+    file.write_all(contents.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    // Tolerate modest clock skew between the issuing host and its peers.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days);
+}
+
+/// Paths of a CA in a directory: `ca.crt` and `ca.key`.
+pub fn ca_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("ca.crt"), dir.join("ca.key"))
+}
+
+/// Creates a new CA in `dir` (`ca.crt`, `ca.key`). Refuses to overwrite one.
+pub fn init_ca(dir: &Path, cluster: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let (crt_path, key_path) = ca_paths(dir);
+    for p in [&crt_path, &key_path] {
+        if p.exists() {
+            return Err(PkiError::Exists { path: p.clone() });
+        }
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("steward {cluster} CA"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, CA_VALIDITY_DAYS);
+    let cert = params.self_signed(&key)?;
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&crt_path, &cert.pem(), 0o644)?;
+    Ok((crt_path, key_path))
+}
+
+fn validate_name(name: &str, kind: IdentityKind) -> Result<(), PkiError> {
+    let invalid = |reason: String| PkiError::InvalidName {
+        name: name.to_owned(),
+        kind,
+        reason,
+    };
+    match kind {
+        // An agent's name is the node id it may speak for.
+        IdentityKind::Agent => NodeId::new(name)
+            .map(drop)
+            .map_err(|e| invalid(e.reason.to_owned())),
+        IdentityKind::Coordinator | IdentityKind::Admin => {
+            if name.is_empty()
+                || name.len() > 63
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                Err(invalid(
+                    "use 1-63 letters, digits, '-' or '.'".to_owned(),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Issues `dir/NAME.crt` and `dir/NAME.key`, signed by the CA in `dir`.
+///
+/// Coordinator certificates are server certificates too: they carry `NAME`,
+/// `localhost`, `127.0.0.1`, `::1` and every entry of `extra_sans` (host
+/// names or IP addresses) as subject alternative names.
+pub fn issue(
+    dir: &Path,
+    name: &str,
+    kind: IdentityKind,
+    extra_sans: &[String],
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    validate_name(name, kind)?;
+    let (ca_crt, ca_key) = ca_paths(dir);
+    let ca_key = KeyPair::from_pem(&read(&ca_key)?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(&ca_crt)?, ca_key)?;
+    let crt_path = dir.join(format!("{name}.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    for p in [&crt_path, &key_path] {
+        if p.exists() {
+            return Err(PkiError::Exists { path: p.clone() });
+        }
+    }
+
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, kind.as_str());
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    if kind == IdentityKind::Coordinator {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+        let mut sans: Vec<String> = vec![name.into(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+        sans.extend(extra_sans.iter().cloned());
+        sans.dedup();
+        for san in sans {
+            params.subject_alt_names.push(match san.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(san.try_into()?),
+            });
+        }
+    }
+    validity(&mut params, LEAF_VALIDITY_DAYS);
+    let cert = params.signed_by(&key, &issuer)?;
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&crt_path, &cert.pem(), 0o644)?;
+    Ok((crt_path, key_path))
+}
+
+/// Reads the identity from a DER certificate that TLS has already verified
+/// against the cluster CA.
+pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(PkiError::MissingAttribute("common name"))?
+        .to_owned();
+    let kind = subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|ou| ou.as_str().ok())
+        .ok_or(PkiError::MissingAttribute("organizational unit (identity kind)"))?
+        .parse()?;
+    Ok(Identity { name, kind })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pem_to_der(pem: &str) -> Vec<u8> {
+        let body: String = pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        base64_decode(&body)
+    }
+
+    // Small decoder so the test needs no extra dependency.
+    fn base64_decode(s: &str) -> Vec<u8> {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = Vec::new();
+        let (mut buf, mut bits) = (0u32, 0);
+        for c in s.bytes().filter(|c| *c != b'=') {
+            let v = T.iter().position(|t| *t == c).unwrap() as u32;
+            buf = (buf << 6) | v;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((buf >> bits) as u8);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn issued_certificates_carry_name_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test").unwrap();
+        let (crt, _) = issue(dir.path(), "node-1", IdentityKind::Agent, &[]).unwrap();
+        let id = identity_from_der(&pem_to_der(&fs::read_to_string(crt).unwrap())).unwrap();
+        assert_eq!(
+            id,
+            Identity {
+                name: "node-1".into(),
+                kind: IdentityKind::Agent
+            }
+        );
+        let (crt, _) = issue(dir.path(), "ops", IdentityKind::Admin, &[]).unwrap();
+        let id = identity_from_der(&pem_to_der(&fs::read_to_string(crt).unwrap())).unwrap();
+        assert_eq!(id.kind, IdentityKind::Admin);
+    }
+
+    #[test]
+    fn refuses_to_overwrite_and_bad_names() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test").unwrap();
+        assert!(matches!(
+            init_ca(dir.path(), "test"),
+            Err(PkiError::Exists { .. })
+        ));
+        issue(dir.path(), "n1", IdentityKind::Agent, &[]).unwrap();
+        assert!(matches!(
+            issue(dir.path(), "n1", IdentityKind::Agent, &[]),
+            Err(PkiError::Exists { .. })
+        ));
+        assert!(matches!(
+            issue(dir.path(), "Bad_Node", IdentityKind::Agent, &[]),
+            Err(PkiError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            "root".parse::<IdentityKind>(),
+            Err(PkiError::UnknownKind(_))
+        ));
+    }
+}

@@ -1,0 +1,428 @@
+//! Steward's state in etcd: the key layout and typed, validated access.
+//!
+//! Layout under `/steward/<cluster>/` (DESIGN.md §2):
+//!
+//! | key | writer | value |
+//! |---|---|---|
+//! | `coordinators/election` | election API | leader key; its create revision is the leader epoch |
+//! | `coordinators/members/<id>` | each replica, on its lease | [`MemberRecord`] |
+//! | `nodes/<id>/spec` | admin API | [`NodeSpec`] |
+//! | `nodes/<id>/status` | the replica serving the node, on change only | [`NodeStatusRecord`] |
+//! | `events/<ms>-<replica>-<seq>` | any replica; trimmed by the leader | [`Event`] |
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, TlsOptions, Txn,
+    TxnOp,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use steward_proto::domain::{Event, Facts, Health, NodeHealth, NodeId, NodeSpec};
+
+use crate::config::EtcdConfig;
+use crate::error::{Error, Result};
+
+/// Milliseconds since the Unix epoch, for records and events.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The key layout of one cluster.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// What a key under `nodes/` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKey {
+    Spec,
+    Status,
+}
+
+impl Keys {
+    pub fn new(cluster: &str) -> Self {
+        Self {
+            prefix: format!("/steward/{cluster}/"),
+        }
+    }
+    pub fn election(&self) -> String {
+        format!("{}coordinators/election", self.prefix)
+    }
+    pub fn members(&self) -> String {
+        format!("{}coordinators/members/", self.prefix)
+    }
+    pub fn member(&self, id: &str) -> String {
+        format!("{}{id}", self.members())
+    }
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.prefix)
+    }
+    pub fn node_spec(&self, id: &NodeId) -> String {
+        format!("{}{id}/spec", self.nodes())
+    }
+    pub fn node_status(&self, id: &NodeId) -> String {
+        format!("{}{id}/status", self.nodes())
+    }
+    pub fn events(&self) -> String {
+        format!("{}events/", self.prefix)
+    }
+
+    /// Parses a key under `nodes/`.
+    pub fn parse_node_key(&self, key: &[u8]) -> Option<(NodeId, NodeKey)> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.nodes())?;
+        let (id, kind) = rest.split_once('/')?;
+        let kind = match kind {
+            "spec" => NodeKey::Spec,
+            "status" => NodeKey::Status,
+            _ => return None,
+        };
+        Some((NodeId::new(id).ok()?, kind))
+    }
+}
+
+/// `coordinators/members/<id>`: a live replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    pub started_unix_ms: u64,
+}
+
+/// `nodes/<id>/status`: what the serving replica last recorded. Written only
+/// when something here changes (never per heartbeat).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatusRecord {
+    pub facts: Facts,
+    pub health: NodeHealth,
+    /// Health sample taken when this record was written.
+    pub last_health: Health,
+    /// The replica serving the session; `None` when disconnected.
+    pub replica: Option<String>,
+    pub last_seen_unix_ms: u64,
+    pub applied_revision: u64,
+    pub agent_version: String,
+}
+
+/// A value read from etcd with the revision that last modified it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub mod_revision: i64,
+}
+
+/// Spec and status of one node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeRecord {
+    pub spec: Option<Versioned<NodeSpec>>,
+    pub status: Option<Versioned<NodeStatusRecord>>,
+}
+
+pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own plain structs to JSON cannot fail: no maps with
+    // non-string keys, no custom serializers that error.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Connects to etcd. The channel is lazy and balanced over the endpoints, so
+/// this succeeds while etcd is down; every request then has its own timeout.
+///
+/// With `request_timeout` false the client has no per-request deadline: use
+/// it for long-lived calls (watches, lease keep-alives, campaigns).
+pub async fn connect(config: &EtcdConfig, request_timeout: bool) -> Result<Client> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(config.dial_timeout_ms))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true);
+    if request_timeout {
+        options = options.with_timeout(Duration::from_millis(config.request_timeout_ms));
+    }
+    if let Some(tls) = &config.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))
+        };
+        let identity = etcd_client::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        options = options.with_tls(
+            TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?))
+                .identity(identity),
+        );
+    }
+    Client::connect(&config.endpoints, Some(options))
+        .await
+        .map_err(Error::etcd("connect"))
+}
+
+/// Typed access to one cluster's state.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    keys: Keys,
+    replica: String,
+}
+
+/// How many times a read-modify-write retries on a concurrent change.
+const CAS_ATTEMPTS: usize = 8;
+
+static EVENT_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Store {
+    pub fn new(client: Client, keys: Keys, replica: String) -> Self {
+        Self {
+            client,
+            keys,
+            replica,
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    pub async fn node(&self, id: &NodeId) -> Result<NodeRecord> {
+        let mut kv = self.client.kv_client();
+        let resp = kv
+            .get(
+                format!("{}{id}/", self.keys.nodes()),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(Error::etcd("get node"))?;
+        let mut record = NodeRecord::default();
+        for kv in resp.kvs() {
+            self.fill_record(&mut record, kv)?;
+        }
+        Ok(record)
+    }
+
+    fn fill_record(&self, record: &mut NodeRecord, kv: &etcd_client::KeyValue) -> Result<()> {
+        match self.keys.parse_node_key(kv.key()) {
+            Some((_, NodeKey::Spec)) => {
+                record.spec = Some(Versioned {
+                    value: decode(kv.key(), kv.value())?,
+                    mod_revision: kv.mod_revision(),
+                })
+            }
+            Some((_, NodeKey::Status)) => {
+                record.status = Some(Versioned {
+                    value: decode(kv.key(), kv.value())?,
+                    mod_revision: kv.mod_revision(),
+                })
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Every node with a spec or a status.
+    pub async fn nodes(&self) -> Result<BTreeMap<NodeId, NodeRecord>> {
+        let mut kv = self.client.kv_client();
+        let resp = kv
+            .get(self.keys.nodes(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(Error::etcd("list nodes"))?;
+        let mut nodes: BTreeMap<NodeId, NodeRecord> = BTreeMap::new();
+        for kv in resp.kvs() {
+            if let Some((id, _)) = self.keys.parse_node_key(kv.key()) {
+                self.fill_record(nodes.entry(id).or_default(), kv)?;
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// Read-modify-write of a node's spec. `change` gets the current spec and
+    /// returns the new one, `Ok(None)` for "nothing to change", or an error
+    /// that aborts with nothing written. The node must be known (have
+    /// connected at least once, or have a spec).
+    pub async fn update_spec<F>(&self, id: &NodeId, mut change: F) -> Result<Versioned<NodeSpec>>
+    where
+        F: FnMut(&NodeSpec) -> Result<Option<NodeSpec>>,
+    {
+        let spec_key = self.keys.node_spec(id);
+        for _ in 0..CAS_ATTEMPTS {
+            let record = self.node(id).await?;
+            if record.spec.is_none() && record.status.is_none() {
+                return Err(Error::UnknownNode(id.clone()));
+            }
+            let (current, rev) = match &record.spec {
+                Some(v) => (v.value.clone(), v.mod_revision),
+                None => (NodeSpec::default(), 0),
+            };
+            let Some(next) = change(&current)? else {
+                return Ok(Versioned {
+                    value: current,
+                    mod_revision: rev,
+                });
+            };
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    spec_key.as_str(),
+                    CompareOp::Equal,
+                    rev,
+                )])
+                .and_then([TxnOp::put(spec_key.as_str(), encode(&next), None)]);
+            let resp = self
+                .client
+                .kv_client()
+                .txn(txn)
+                .await
+                .map_err(Error::etcd("update spec"))?;
+            if resp.succeeded() {
+                let mod_revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+                return Ok(Versioned {
+                    value: next,
+                    mod_revision,
+                });
+            }
+        }
+        Err(Error::Conflict { key: spec_key })
+    }
+
+    /// Writes a node's status if nobody wrote it since `expected_rev`
+    /// (0: the key must not exist). Returns the new revision, or `None` when
+    /// someone else wrote in between.
+    pub async fn put_status_if(
+        &self,
+        id: &NodeId,
+        expected_rev: i64,
+        status: &NodeStatusRecord,
+    ) -> Result<Option<i64>> {
+        let key = self.keys.node_status(id);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                expected_rev,
+            )])
+            .and_then([TxnOp::put(key.as_str(), encode(status), None)]);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(Error::etcd("write node status"))?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()).unwrap_or_default()))
+    }
+
+    /// Appends an event to the audit trail.
+    pub async fn record_event(&self, event: &Event) -> Result<()> {
+        let seq = EVENT_SEQ.fetch_add(1, Ordering::Relaxed);
+        let key = format!(
+            "{}{:016}-{}-{seq}",
+            self.keys.events(),
+            event.at_unix_ms,
+            self.replica
+        );
+        self.client
+            .kv_client()
+            .put(key, encode(event), None)
+            .await
+            .map_err(Error::etcd("record event"))?;
+        Ok(())
+    }
+
+    /// The latest `limit` events, oldest first, and the revision read at.
+    pub async fn recent_events(&self, limit: u32) -> Result<(Vec<Event>, i64)> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                self.keys.events(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Descend)
+                        .with_limit(i64::from(limit)),
+                ),
+            )
+            .await
+            .map_err(Error::etcd("read events"))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let mut events = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let mut e: Event = decode(kv.key(), kv.value())?;
+                e.revision = kv.mod_revision() as u64;
+                Ok(e)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        events.reverse();
+        Ok((events, revision))
+    }
+
+    pub async fn members(&self) -> Result<Vec<MemberRecord>> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.keys.members(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(Error::etcd("list members"))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .collect()
+    }
+
+    /// The current leader's replica id, if any replica leads.
+    pub async fn leader(&self) -> Result<Option<String>> {
+        match self
+            .client
+            .election_client()
+            .leader(self.keys.election())
+            .await
+        {
+            Ok(resp) => Ok(resp
+                .kv()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+            // etcd answers "election: no leader" as an error.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
+            Err(source) => Err(Error::Etcd {
+                op: "read leader",
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_keys_parse_back() {
+        let keys = Keys::new("prod");
+        let id = NodeId::new("n1").unwrap();
+        assert_eq!(keys.node_spec(&id), "/steward/prod/nodes/n1/spec");
+        assert_eq!(
+            keys.parse_node_key(keys.node_status(&id).as_bytes()),
+            Some((id.clone(), NodeKey::Status))
+        );
+        assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/n1/other"), None);
+        assert_eq!(keys.parse_node_key(b"/steward/dev/nodes/n1/spec"), None);
+        assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/BAD/spec"), None);
+    }
+}

@@ -1,0 +1,8 @@
+//! Compiles `proto/steward/v1/steward.proto` with the system `protoc`
+//! (Debian: `protobuf-compiler`; `PROTOC` overrides the path).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/steward/v1/steward.proto");
+    tonic_prost_build::configure().compile_protos(&["proto/steward/v1/steward.proto"], &["proto"])?;
+    Ok(())
+}

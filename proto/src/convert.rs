@@ -1,0 +1,465 @@
+//! Conversions between wire types ([`crate::pb`]) and domain types
+//! ([`crate::domain`]). Inbound conversions validate and fail with a
+//! [`ProtoError`] that names the offending field.
+
+use std::collections::BTreeSet;
+
+use crate::domain::{
+    AgentMessage, CoordinatorMessage, DesiredState, Disk, Event, EventKind, Facts, Health,
+    InvalidNodeId, NetworkInterface, NodeHealth, NodeId, NodeView, Role, RoleSet,
+};
+use crate::pb;
+
+/// Longest string field we accept from a peer.
+pub const MAX_STRING_LEN: usize = 1024;
+/// Longest repeated field we accept from a peer.
+pub const MAX_LIST_LEN: usize = 1024;
+
+/// Why an inbound message is invalid.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error(transparent)]
+    InvalidNodeId(#[from] InvalidNodeId),
+    #[error("field `{field}` holds unknown role number {value}")]
+    UnknownRole { field: &'static str, value: i32 },
+    #[error("field `{field}` holds unknown enum number {value}")]
+    UnknownEnum { field: &'static str, value: i32 },
+    #[error("field `{field}` is longer than {limit}")]
+    TooLong { field: &'static str, limit: usize },
+    #[error("field `{field}` is not a finite number")]
+    NotFinite { field: &'static str },
+}
+
+fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError> {
+    if s.len() > MAX_STRING_LEN {
+        return Err(ProtoError::TooLong {
+            field,
+            limit: MAX_STRING_LEN,
+        });
+    }
+    Ok(s)
+}
+
+fn bounded_list<T>(field: &'static str, v: Vec<T>) -> Result<Vec<T>, ProtoError> {
+    if v.len() > MAX_LIST_LEN {
+        return Err(ProtoError::TooLong {
+            field,
+            limit: MAX_LIST_LEN,
+        });
+    }
+    Ok(v)
+}
+
+fn finite(field: &'static str, x: f64) -> Result<f64, ProtoError> {
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(ProtoError::NotFinite { field })
+    }
+}
+
+pub fn role_from_pb(field: &'static str, value: i32) -> Result<Role, ProtoError> {
+    match pb::Role::try_from(value) {
+        Ok(pb::Role::Lb) => Ok(Role::Lb),
+        Ok(pb::Role::K8sControlPlane) => Ok(Role::K8sControlPlane),
+        Ok(pb::Role::K8sWorker) => Ok(Role::K8sWorker),
+        Ok(pb::Role::GlusterBrick) => Ok(Role::GlusterBrick),
+        Ok(pb::Role::Unspecified) | Err(_) => Err(ProtoError::UnknownRole { field, value }),
+    }
+}
+
+pub fn role_to_pb(role: Role) -> pb::Role {
+    match role {
+        Role::Lb => pb::Role::Lb,
+        Role::K8sControlPlane => pb::Role::K8sControlPlane,
+        Role::K8sWorker => pb::Role::K8sWorker,
+        Role::GlusterBrick => pb::Role::GlusterBrick,
+    }
+}
+
+pub fn roles_from_pb(field: &'static str, values: &[i32]) -> Result<RoleSet, ProtoError> {
+    bounded_list(field, values.to_vec())?
+        .into_iter()
+        .map(|v| role_from_pb(field, v))
+        .collect()
+}
+
+pub fn roles_to_pb(roles: &RoleSet) -> Vec<i32> {
+    roles.iter().map(|r| role_to_pb(*r) as i32).collect()
+}
+
+impl TryFrom<pb::Facts> for Facts {
+    type Error = ProtoError;
+    fn try_from(f: pb::Facts) -> Result<Self, ProtoError> {
+        Ok(Facts {
+            hostname: bounded_str("facts.hostname", f.hostname)?,
+            os: bounded_str("facts.os", f.os)?,
+            kernel: bounded_str("facts.kernel", f.kernel)?,
+            cpus: f.cpus,
+            memory_bytes: f.memory_bytes,
+            disks: bounded_list("facts.disks", f.disks)?
+                .into_iter()
+                .map(|d| {
+                    Ok(Disk {
+                        mount_point: bounded_str("facts.disks.mount_point", d.mount_point)?,
+                        total_bytes: d.total_bytes,
+                        available_bytes: d.available_bytes,
+                    })
+                })
+                .collect::<Result<_, ProtoError>>()?,
+            interfaces: bounded_list("facts.interfaces", f.interfaces)?
+                .into_iter()
+                .map(|i| {
+                    Ok(NetworkInterface {
+                        name: bounded_str("facts.interfaces.name", i.name)?,
+                        mac: bounded_str("facts.interfaces.mac", i.mac)?,
+                        addresses: bounded_list("facts.interfaces.addresses", i.addresses)?
+                            .into_iter()
+                            .map(|a| bounded_str("facts.interfaces.addresses", a))
+                            .collect::<Result<_, _>>()?,
+                    })
+                })
+                .collect::<Result<_, ProtoError>>()?,
+        })
+    }
+}
+
+impl From<Facts> for pb::Facts {
+    fn from(f: Facts) -> Self {
+        pb::Facts {
+            hostname: f.hostname,
+            os: f.os,
+            kernel: f.kernel,
+            cpus: f.cpus,
+            memory_bytes: f.memory_bytes,
+            disks: f
+                .disks
+                .into_iter()
+                .map(|d| pb::Disk {
+                    mount_point: d.mount_point,
+                    total_bytes: d.total_bytes,
+                    available_bytes: d.available_bytes,
+                })
+                .collect(),
+            interfaces: f
+                .interfaces
+                .into_iter()
+                .map(|i| pb::NetworkInterface {
+                    name: i.name,
+                    mac: i.mac,
+                    addresses: i.addresses,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::Health> for Health {
+    type Error = ProtoError;
+    fn try_from(h: pb::Health) -> Result<Self, ProtoError> {
+        Ok(Health {
+            load1: finite("health.load1", h.load1)?,
+            memory_used_bytes: h.memory_used_bytes,
+            memory_total_bytes: h.memory_total_bytes,
+            max_disk_used_fraction: finite(
+                "health.max_disk_used_fraction",
+                h.max_disk_used_fraction,
+            )?,
+        })
+    }
+}
+
+impl From<Health> for pb::Health {
+    fn from(h: Health) -> Self {
+        pb::Health {
+            load1: h.load1,
+            memory_used_bytes: h.memory_used_bytes,
+            memory_total_bytes: h.memory_total_bytes,
+            max_disk_used_fraction: h.max_disk_used_fraction,
+        }
+    }
+}
+
+impl TryFrom<pb::AgentMessage> for AgentMessage {
+    type Error = ProtoError;
+    fn try_from(m: pb::AgentMessage) -> Result<Self, ProtoError> {
+        use pb::agent_message::Kind;
+        match m.kind.ok_or(ProtoError::MissingField("kind"))? {
+            Kind::Hello(h) => Ok(AgentMessage::Hello {
+                node: NodeId::new(h.node_id)?,
+                facts: h.facts.ok_or(ProtoError::MissingField("hello.facts"))?.try_into()?,
+                last_applied_revision: h.last_applied_revision,
+                agent_version: bounded_str("hello.agent_version", h.agent_version)?,
+            }),
+            Kind::Heartbeat(hb) => Ok(AgentMessage::Heartbeat {
+                seq: hb.seq,
+                sent_at_unix_ms: hb.sent_at_unix_ms,
+                health: hb
+                    .health
+                    .ok_or(ProtoError::MissingField("heartbeat.health"))?
+                    .try_into()?,
+            }),
+            Kind::Report(r) => Ok(AgentMessage::Report {
+                applied_revision: r.applied_revision,
+            }),
+        }
+    }
+}
+
+impl From<AgentMessage> for pb::AgentMessage {
+    fn from(m: AgentMessage) -> Self {
+        use pb::agent_message::Kind;
+        let kind = match m {
+            AgentMessage::Hello {
+                node,
+                facts,
+                last_applied_revision,
+                agent_version,
+            } => Kind::Hello(pb::Hello {
+                node_id: node.into(),
+                facts: Some(facts.into()),
+                last_applied_revision,
+                agent_version,
+            }),
+            AgentMessage::Heartbeat {
+                seq,
+                sent_at_unix_ms,
+                health,
+            } => Kind::Heartbeat(pb::Heartbeat {
+                seq,
+                sent_at_unix_ms,
+                health: Some(health.into()),
+            }),
+            AgentMessage::Report { applied_revision } => {
+                Kind::Report(pb::Report { applied_revision })
+            }
+        };
+        pb::AgentMessage { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
+    type Error = ProtoError;
+    fn try_from(m: pb::CoordinatorMessage) -> Result<Self, ProtoError> {
+        use pb::coordinator_message::Kind;
+        match m.kind.ok_or(ProtoError::MissingField("kind"))? {
+            Kind::DesiredState(d) => Ok(CoordinatorMessage::DesiredState(DesiredState {
+                revision: d.revision,
+                roles: roles_from_pb("desired_state.roles", &d.roles)?,
+            })),
+            Kind::HeartbeatAck(a) => Ok(CoordinatorMessage::HeartbeatAck {
+                seq: a.seq,
+                replica: bounded_str("heartbeat_ack.replica_id", a.replica_id)?,
+            }),
+        }
+    }
+}
+
+impl From<CoordinatorMessage> for pb::CoordinatorMessage {
+    fn from(m: CoordinatorMessage) -> Self {
+        use pb::coordinator_message::Kind;
+        let kind = match m {
+            CoordinatorMessage::DesiredState(d) => Kind::DesiredState(pb::DesiredState {
+                revision: d.revision,
+                roles: roles_to_pb(&d.roles),
+            }),
+            CoordinatorMessage::HeartbeatAck { seq, replica } => {
+                Kind::HeartbeatAck(pb::HeartbeatAck {
+                    seq,
+                    replica_id: replica,
+                })
+            }
+        };
+        pb::CoordinatorMessage { kind: Some(kind) }
+    }
+}
+
+pub fn node_health_to_pb(h: NodeHealth) -> pb::NodeHealth {
+    match h {
+        NodeHealth::Healthy => pb::NodeHealth::Healthy,
+        NodeHealth::Degraded => pb::NodeHealth::Degraded,
+        NodeHealth::Unreachable => pb::NodeHealth::Unreachable,
+        NodeHealth::Disconnected => pb::NodeHealth::Disconnected,
+    }
+}
+
+pub fn node_health_from_pb(value: i32) -> Result<NodeHealth, ProtoError> {
+    match pb::NodeHealth::try_from(value) {
+        Ok(pb::NodeHealth::Healthy) => Ok(NodeHealth::Healthy),
+        Ok(pb::NodeHealth::Degraded) => Ok(NodeHealth::Degraded),
+        Ok(pb::NodeHealth::Unreachable) => Ok(NodeHealth::Unreachable),
+        Ok(pb::NodeHealth::Disconnected) => Ok(NodeHealth::Disconnected),
+        Ok(pb::NodeHealth::Unspecified) | Err(_) => Err(ProtoError::UnknownEnum {
+            field: "node.health",
+            value,
+        }),
+    }
+}
+
+impl From<NodeView> for pb::Node {
+    fn from(n: NodeView) -> Self {
+        pb::Node {
+            id: n.id.into(),
+            roles: roles_to_pb(&n.roles),
+            health: node_health_to_pb(n.health) as i32,
+            last_seen_unix_ms: n.last_seen_unix_ms,
+            replica: n.replica.unwrap_or_default(),
+            facts: Some(n.facts.into()),
+            last_health: Some(n.last_health.into()),
+            desired_revision: n.desired_revision,
+            applied_revision: n.applied_revision,
+        }
+    }
+}
+
+impl TryFrom<pb::Node> for NodeView {
+    type Error = ProtoError;
+    fn try_from(n: pb::Node) -> Result<Self, ProtoError> {
+        Ok(NodeView {
+            id: NodeId::new(n.id)?,
+            roles: roles_from_pb("node.roles", &n.roles)?,
+            health: node_health_from_pb(n.health)?,
+            last_seen_unix_ms: n.last_seen_unix_ms,
+            replica: Some(n.replica).filter(|r| !r.is_empty()),
+            facts: n.facts.unwrap_or_default().try_into()?,
+            last_health: n.last_health.unwrap_or_default().try_into()?,
+            desired_revision: n.desired_revision,
+            applied_revision: n.applied_revision,
+        })
+    }
+}
+
+pub fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
+    match k {
+        EventKind::RolesChanged => pb::EventKind::RolesChanged,
+        EventKind::NodeRegistered => pb::EventKind::NodeRegistered,
+        EventKind::NodeConnected => pb::EventKind::NodeConnected,
+        EventKind::NodeDisconnected => pb::EventKind::NodeDisconnected,
+        EventKind::LeaderElected => pb::EventKind::LeaderElected,
+    }
+}
+
+impl From<Event> for pb::Event {
+    fn from(e: Event) -> Self {
+        pb::Event {
+            revision: e.revision,
+            at_unix_ms: e.at_unix_ms,
+            kind: event_kind_to_pb(e.kind) as i32,
+            node_id: e.node.map(String::from).unwrap_or_default(),
+            replica_id: e.replica,
+            message: e.message,
+        }
+    }
+}
+
+impl TryFrom<pb::Event> for Event {
+    type Error = ProtoError;
+    fn try_from(e: pb::Event) -> Result<Self, ProtoError> {
+        let kind = match pb::EventKind::try_from(e.kind) {
+            Ok(pb::EventKind::RolesChanged) => EventKind::RolesChanged,
+            Ok(pb::EventKind::NodeRegistered) => EventKind::NodeRegistered,
+            Ok(pb::EventKind::NodeConnected) => EventKind::NodeConnected,
+            Ok(pb::EventKind::NodeDisconnected) => EventKind::NodeDisconnected,
+            Ok(pb::EventKind::LeaderElected) => EventKind::LeaderElected,
+            Ok(pb::EventKind::Unspecified) | Err(_) => {
+                return Err(ProtoError::UnknownEnum {
+                    field: "event.kind",
+                    value: e.kind,
+                })
+            }
+        };
+        Ok(Event {
+            revision: e.revision,
+            at_unix_ms: e.at_unix_ms,
+            kind,
+            node: if e.node_id.is_empty() {
+                None
+            } else {
+                Some(NodeId::new(e.node_id)?)
+            },
+            replica: e.replica_id,
+            message: e.message,
+        })
+    }
+}
+
+/// A set of roles as the comma-separated names operators type.
+pub fn roles_display(roles: &BTreeSet<Role>) -> String {
+    roles
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_without_facts_is_rejected() {
+        let m = pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                node_id: "n1".into(),
+                facts: None,
+                last_applied_revision: 0,
+                agent_version: String::new(),
+            })),
+        };
+        assert_eq!(
+            AgentMessage::try_from(m),
+            Err(ProtoError::MissingField("hello.facts"))
+        );
+    }
+
+    #[test]
+    fn hostile_values_are_rejected() {
+        assert!(matches!(
+            role_from_pb("roles", 99),
+            Err(ProtoError::UnknownRole { value: 99, .. })
+        ));
+        assert!(role_from_pb("roles", 0).is_err());
+        let facts = pb::Facts {
+            hostname: "x".repeat(MAX_STRING_LEN + 1),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Facts::try_from(facts),
+            Err(ProtoError::TooLong { .. })
+        ));
+        let health = pb::Health {
+            load1: f64::NAN,
+            ..Default::default()
+        };
+        assert!(Health::try_from(health).is_err());
+        let empty = pb::AgentMessage { kind: None };
+        assert_eq!(
+            AgentMessage::try_from(empty),
+            Err(ProtoError::MissingField("kind"))
+        );
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let hello = AgentMessage::Hello {
+            node: NodeId::new("n1").unwrap(),
+            facts: Facts {
+                hostname: "n1".into(),
+                cpus: 2,
+                ..Default::default()
+            },
+            last_applied_revision: 7,
+            agent_version: "0.1.0".into(),
+        };
+        let wire: pb::AgentMessage = hello.clone().into();
+        assert_eq!(AgentMessage::try_from(wire), Ok(hello));
+        let desired = CoordinatorMessage::DesiredState(DesiredState {
+            revision: 9,
+            roles: [Role::Lb, Role::GlusterBrick].into(),
+        });
+        let wire: pb::CoordinatorMessage = desired.clone().into();
+        assert_eq!(CoordinatorMessage::try_from(wire), Ok(desired));
+    }
+}

@@ -1,0 +1,348 @@
+//! Domain types: what a node is, what it must be, and what happened.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest node id we accept (a DNS label).
+pub const MAX_NODE_ID_LEN: usize = 63;
+
+/// A node's identity: a DNS label (lowercase letters, digits, `-`), as in its
+/// certificate's common name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid node id {id:?}: {reason}")]
+pub struct InvalidNodeId {
+    pub id: String,
+    pub reason: &'static str,
+}
+
+impl NodeId {
+    pub fn new(id: impl Into<String>) -> Result<Self, InvalidNodeId> {
+        let id = id.into();
+        let reason = if id.is_empty() {
+            Some("must not be empty")
+        } else if id.len() > MAX_NODE_ID_LEN {
+            Some("must be at most 63 characters")
+        } else if !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            Some("may contain only lowercase letters, digits and '-'")
+        } else if id.starts_with('-') || id.ends_with('-') {
+            Some("must start and end with a letter or digit")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(InvalidNodeId { id, reason }),
+            None => Ok(Self(id)),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = InvalidNodeId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl TryFrom<String> for NodeId {
+    type Error = InvalidNodeId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<NodeId> for String {
+    fn from(id: NodeId) -> Self {
+        id.0
+    }
+}
+
+/// What a node is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// HAProxy, active/passive behind a floating IP.
+    Lb,
+    K8sControlPlane,
+    K8sWorker,
+    GlusterBrick,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::Lb,
+        Role::K8sControlPlane,
+        Role::K8sWorker,
+        Role::GlusterBrick,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Lb => "lb",
+            Role::K8sControlPlane => "k8s-control-plane",
+            Role::K8sWorker => "k8s-worker",
+            Role::GlusterBrick => "gluster-brick",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?} (known roles: lb, k8s-control-plane, k8s-worker, gluster-brick)")]
+pub struct UnknownRole(pub String);
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownRole(s.to_owned()))
+    }
+}
+
+pub type RoleSet = BTreeSet<Role>;
+
+/// Desired configuration of one node, as stored at `nodes/<id>/spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    #[serde(default)]
+    pub roles: RoleSet,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cordoned: bool,
+}
+
+/// What the node must be, as pushed to its agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// etcd mod revision of the node's spec (0: the node has no spec yet).
+    pub revision: u64,
+    pub roles: RoleSet,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Facts {
+    pub hostname: String,
+    pub os: String,
+    pub kernel: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub disks: Vec<Disk>,
+    pub interfaces: Vec<NetworkInterface>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Disk {
+    pub mount_point: String,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub name: String,
+    pub mac: String,
+    pub addresses: Vec<String>,
+}
+
+/// Resource usage sampled with every heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub load1: f64,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub max_disk_used_fraction: f64,
+}
+
+/// Above this fraction of memory or of its fullest disk in use, a node is degraded.
+pub const PRESSURE_THRESHOLD: f64 = 0.95;
+
+impl Health {
+    /// True when the node is short of memory or disk.
+    pub fn under_pressure(&self) -> bool {
+        let memory = if self.memory_total_bytes == 0 {
+            0.0
+        } else {
+            self.memory_used_bytes as f64 / self.memory_total_bytes as f64
+        };
+        memory > PRESSURE_THRESHOLD || self.max_disk_used_fraction > PRESSURE_THRESHOLD
+    }
+}
+
+/// Health as an operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeHealth {
+    Healthy,
+    Degraded,
+    Unreachable,
+    Disconnected,
+}
+
+impl NodeHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeHealth::Healthy => "healthy",
+            NodeHealth::Degraded => "degraded",
+            NodeHealth::Unreachable => "unreachable",
+            NodeHealth::Disconnected => "disconnected",
+        }
+    }
+}
+
+impl fmt::Display for NodeHealth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub roles: RoleSet,
+    pub health: NodeHealth,
+    /// Milliseconds since the Unix epoch; 0 when never seen.
+    pub last_seen_unix_ms: u64,
+    /// The replica serving the node's session, if any.
+    pub replica: Option<String>,
+    pub facts: Facts,
+    pub last_health: Health,
+    pub desired_revision: u64,
+    pub applied_revision: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    RolesChanged,
+    NodeRegistered,
+    NodeConnected,
+    NodeDisconnected,
+    LeaderElected,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::RolesChanged => "roles-changed",
+            EventKind::NodeRegistered => "node-registered",
+            EventKind::NodeConnected => "node-connected",
+            EventKind::NodeDisconnected => "node-disconnected",
+            EventKind::LeaderElected => "leader-elected",
+        }
+    }
+}
+
+/// One entry of the audit trail at `events/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// etcd revision that stored the event (0 before it is stored).
+    #[serde(default, skip_serializing)]
+    pub revision: u64,
+    pub at_unix_ms: u64,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeId>,
+    pub replica: String,
+    pub message: String,
+}
+
+/// Messages from an agent, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentMessage {
+    Hello {
+        node: NodeId,
+        facts: Facts,
+        last_applied_revision: u64,
+        agent_version: String,
+    },
+    Heartbeat {
+        seq: u64,
+        sent_at_unix_ms: u64,
+        health: Health,
+    },
+    Report {
+        applied_revision: u64,
+    },
+}
+
+/// Messages to an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CoordinatorMessage {
+    DesiredState(DesiredState),
+    HeartbeatAck { seq: u64, replica: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_dns_labels() {
+        assert!(NodeId::new("node-1").is_ok());
+        assert!(NodeId::new("a").is_ok());
+        for bad in ["", "-a", "a-", "Node1", "a.b", "a_b", &"x".repeat(64)] {
+            assert!(NodeId::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn roles_round_trip_through_their_names() {
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>(), Ok(role));
+        }
+        assert!("database".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn node_spec_rejects_unknown_fields_and_roles() {
+        let ok: NodeSpec = serde_json::from_str(r#"{"roles":["lb","k8s-worker"]}"#).unwrap();
+        assert_eq!(ok.roles.len(), 2);
+        assert!(serde_json::from_str::<NodeSpec>(r#"{"roles":["db"]}"#).is_err());
+        assert!(serde_json::from_str::<NodeSpec>(r#"{"rolez":[]}"#).is_err());
+    }
+
+    #[test]
+    fn pressure_means_memory_or_disk_nearly_full() {
+        let mut h = Health {
+            load1: 0.0,
+            memory_used_bytes: 50,
+            memory_total_bytes: 100,
+            max_disk_used_fraction: 0.5,
+        };
+        assert!(!h.under_pressure());
+        h.memory_used_bytes = 99;
+        assert!(h.under_pressure());
+        h.memory_used_bytes = 10;
+        h.max_disk_used_fraction = 0.99;
+        assert!(h.under_pressure());
+    }
+}
