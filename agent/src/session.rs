@@ -203,7 +203,7 @@ fn record(
     next: DesiredState,
     from_coordinator: String,
 ) -> Result<(), SessionError> {
-    if desired.borrow().desired == next {
+    if desired.borrow().desired == next && state.desired_path().exists() {
         return Ok(());
     }
     let recorded = RecordedState {

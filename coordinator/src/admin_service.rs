@@ -66,12 +66,18 @@ impl AdminApi {
             view.last_health = s.last_health;
             view.applied_revision = s.applied_revision;
         }
+        let me = self.ctx.store.replica();
         if let Some(live) = self.ctx.sessions.get(&view.id) {
             view.health = live.node_health(Instant::now(), self.ctx.unreachable_after);
             view.last_seen_unix_ms = live.last_seen_unix_ms;
             view.last_health = live.health;
             view.applied_revision = live.applied_revision;
-            view.replica = Some(self.ctx.store.replica().to_owned());
+            view.replica = Some(me.to_owned());
+        } else if view.replica.as_deref() == Some(me) {
+            // We would be serving it; we are not (the session just ended,
+            // or the record predates this replica's restart).
+            view.health = NodeHealth::Disconnected;
+            view.replica = None;
         }
         view
     }

@@ -345,3 +345,63 @@ impl NodeSession {
         }
     }
 }
+
+/// At start, this replica serves no session, so any status naming it is left
+/// over from a previous life of this replica (crash, SIGKILL): mark those
+/// nodes disconnected. Compare-and-set, so a session that has meanwhile
+/// reconnected here wins. Retries until etcd answers or shutdown.
+pub async fn release_stale_sessions(ctx: SessionContext) {
+    let mut backoff = steward_proto::backoff::Backoff::new(
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+    );
+    loop {
+        match release_once(&ctx).await {
+            Ok(released) => {
+                if released > 0 {
+                    info!(released, "marked nodes of this replica's previous run disconnected");
+                }
+                return;
+            }
+            Err(error) => warn!(%error, "cannot sweep stale sessions yet"),
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+async fn release_once(ctx: &SessionContext) -> Result<usize> {
+    let me = ctx.store.replica();
+    let mut released = 0;
+    for (id, record) in ctx.store.nodes().await? {
+        let Some(status) = record.status else { continue };
+        if status.value.replica.as_deref() != Some(me) || ctx.sessions.get(&id).is_some() {
+            continue;
+        }
+        let mut next = status.value;
+        next.replica = None;
+        next.health = NodeHealth::Disconnected;
+        if ctx
+            .store
+            .put_status_if(&id, status.mod_revision, &next)
+            .await?
+            .is_some()
+        {
+            released += 1;
+            let event = Event {
+                revision: 0,
+                at_unix_ms: unix_ms(),
+                kind: EventKind::NodeDisconnected,
+                node: Some(id.clone()),
+                replica: me.to_owned(),
+                message: format!("{id} lost its session when {me} restarted"),
+            };
+            if let Err(error) = ctx.store.record_event(&event).await {
+                warn!(%error, "could not record event");
+            }
+        }
+    }
+    Ok(released)
+}

@@ -125,6 +125,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         shutdown: shutdown.clone(),
         cluster: config.cluster.clone(),
     };
+    let sweep = tokio::spawn(
+        agent_service::release_stale_sessions(ctx.clone())
+            .instrument(tracing::info_span!("release_stale_sessions")),
+    );
     let agent_api = agent_service::AgentApi::new(ctx.clone());
     let admin_api = admin_service::AdminApi::new(ctx, lead_rx, VERSION.to_owned());
 
@@ -143,6 +147,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     });
 
     tasks.cancel();
+    sweep.abort();
     for (name, task) in [("membership", membership), ("spec cache", cache)] {
         if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
             warn!(task = name, "did not stop in time");
