@@ -3,6 +3,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/steward/v1/steward.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/steward/v1/steward.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/steward/v1/steward.proto"], &["proto"])?;
     Ok(())
 }

@@ -96,9 +96,11 @@ pub async fn run_sessions(
         let url = settings.coordinators[next].clone();
         let started = Instant::now();
         let span = tracing::info_span!("session", coordinator = %url);
-        let result = one_session(&settings, &creds, &url, &mut probe, &state, &desired, &shutdown)
-            .instrument(span)
-            .await;
+        let result = one_session(
+            &settings, &creds, &url, &mut probe, &state, &desired, &shutdown,
+        )
+        .instrument(span)
+        .await;
         match result {
             Ok(()) => return,
             Err(error) => warn!(%error, "no session; trying the next replica"),
@@ -124,10 +126,12 @@ async fn one_session(
     desired: &watch::Sender<RecordedState>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let channel = dial(url, creds).await.map_err(|reason| SessionError::Connect {
-        url: url.to_owned(),
-        reason,
-    })?;
+    let channel = dial(url, creds)
+        .await
+        .map_err(|reason| SessionError::Connect {
+            url: url.to_owned(),
+            reason,
+        })?;
     let mut client = AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
     let hello = AgentMessage::Hello {

@@ -68,8 +68,10 @@ impl StateStore {
         std::fs::create_dir_all(&self.dir).map_err(Self::io(&self.dir))?;
         let path = self.desired_path();
         let tmp = self.dir.join(".desired.json.tmp");
-        let bytes = serde_json::to_vec_pretty(state)
-            .map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        let bytes = serde_json::to_vec_pretty(state).map_err(|source| StateError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
         let mut file = std::fs::File::create(&tmp).map_err(Self::io(&tmp))?;
         file.write_all(&bytes).map_err(Self::io(&tmp))?;
         file.sync_all().map_err(Self::io(&tmp))?;

@@ -288,7 +288,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 Ok(s) => s,
                 Err(source) => {
                     let _ = tx
-                        .send(Err(Error::Etcd { op: "watch events", source }.into()))
+                        .send(Err(Error::Etcd {
+                            op: "watch events",
+                            source,
+                        }
+                        .into()))
                         .await;
                     return;
                 }
@@ -304,7 +308,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     Ok(None) => return,
                     Err(source) => {
                         let _ = tx
-                            .send(Err(Error::Etcd { op: "watch events", source }.into()))
+                            .send(Err(Error::Etcd {
+                                op: "watch events",
+                                source,
+                            }
+                            .into()))
                             .await;
                         return;
                     }

@@ -135,7 +135,9 @@ impl NodeSession {
             applied_revision,
             agent_version,
         };
-        let session = ctx.sessions.open(&node, Health::default(), applied_revision, now);
+        let session = ctx
+            .sessions
+            .open(&node, Health::default(), applied_revision, now);
         let mut this = Self {
             ctx,
             node,
@@ -149,8 +151,11 @@ impl NodeSession {
             return Err(e);
         }
         if first_time {
-            this.event(EventKind::NodeRegistered, format!("{} registered", this.node))
-                .await;
+            this.event(
+                EventKind::NodeRegistered,
+                format!("{} registered", this.node),
+            )
+            .await;
         }
         this.event(
             EventKind::NodeConnected,
@@ -197,7 +202,10 @@ impl NodeSession {
             match current {
                 Some(s)
                     if !take_over
-                        && s.value.replica.as_deref().is_some_and(|r| r != self.ctx.store.replica()) =>
+                        && s.value
+                            .replica
+                            .as_deref()
+                            .is_some_and(|r| r != self.ctx.store.replica()) =>
                 {
                     return Ok(false)
                 }
@@ -216,8 +224,7 @@ impl NodeSession {
             return Ok(false);
         };
         let health = live.node_health(Instant::now(), self.ctx.unreachable_after);
-        if health == self.status.health && live.applied_revision == self.status.applied_revision
-        {
+        if health == self.status.health && live.applied_revision == self.status.applied_revision {
             return Ok(true);
         }
         let mut next = self.status.clone();
@@ -336,7 +343,11 @@ impl NodeSession {
             Ok(true) => {
                 self.event(
                     EventKind::NodeDisconnected,
-                    format!("{} disconnected from {}", self.node, self.ctx.store.replica()),
+                    format!(
+                        "{} disconnected from {}",
+                        self.node,
+                        self.ctx.store.replica()
+                    ),
                 )
                 .await
             }
@@ -351,15 +362,16 @@ impl NodeSession {
 /// nodes disconnected. Compare-and-set, so a session that has meanwhile
 /// reconnected here wins. Retries until etcd answers or shutdown.
 pub async fn release_stale_sessions(ctx: SessionContext) {
-    let mut backoff = steward_proto::backoff::Backoff::new(
-        Duration::from_millis(200),
-        Duration::from_secs(5),
-    );
+    let mut backoff =
+        steward_proto::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match release_once(&ctx).await {
             Ok(released) => {
                 if released > 0 {
-                    info!(released, "marked nodes of this replica's previous run disconnected");
+                    info!(
+                        released,
+                        "marked nodes of this replica's previous run disconnected"
+                    );
                 }
                 return;
             }
@@ -376,7 +388,9 @@ async fn release_once(ctx: &SessionContext) -> Result<usize> {
     let me = ctx.store.replica();
     let mut released = 0;
     for (id, record) in ctx.store.nodes().await? {
-        let Some(status) = record.status else { continue };
+        let Some(status) = record.status else {
+            continue;
+        };
         if status.value.replica.as_deref() != Some(me) || ctx.sessions.get(&id).is_some() {
             continue;
         }

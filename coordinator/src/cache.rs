@@ -104,7 +104,12 @@ async fn follow(
     let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
     let mut specs = BTreeMap::new();
     for kv in resp.kvs() {
-        apply(keys, &mut specs, kv.key(), Some((kv.value(), kv.mod_revision())));
+        apply(
+            keys,
+            &mut specs,
+            kv.key(),
+            Some((kv.value(), kv.mod_revision())),
+        );
     }
     let mut snapshot = SpecSnapshot {
         revision,
@@ -128,11 +133,7 @@ async fn follow(
         .map_err(Error::etcd("watch specs"))?;
     backoff.reset();
     debug!(revision, "following node specs");
-    while let Some(resp) = stream
-        .message()
-        .await
-        .map_err(Error::etcd("watch specs"))?
-    {
+    while let Some(resp) = stream.message().await.map_err(Error::etcd("watch specs"))? {
         if resp.canceled() || resp.compact_revision() > 0 {
             return Err(Error::WatchInterrupted(format!(
                 "watch canceled (compacted at {}): {}",

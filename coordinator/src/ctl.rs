@@ -128,7 +128,8 @@ pub enum PkiCommand {
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
-    s.parse().map_err(|e: steward_proto::domain::UnknownRole| e.to_string())
+    s.parse()
+        .map_err(|e: steward_proto::domain::UnknownRole| e.to_string())
 }
 
 fn parse_kind(s: &str) -> Result<IdentityKind, String> {
@@ -224,7 +225,11 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match &cli.command {
         Command::Pki { command } => pki_command(command),
         Command::Status => {
-            let status = connect(&cli).await?.status(pb::StatusRequest {}).await?.into_inner();
+            let status = connect(&cli)
+                .await?
+                .status(pb::StatusRequest {})
+                .await?
+                .into_inner();
             print_status(cli.output, &status);
             Ok(())
         }
@@ -257,16 +262,8 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Role { command } => {
             let mut client = connect(&cli).await?;
             let node = match command {
-                RoleCommand::Add { id, roles } => {
-                    client
-                        .add_roles(change(id, roles))
-                        .await?
-                }
-                RoleCommand::Rm { id, roles } => {
-                    client
-                        .remove_roles(change(id, roles))
-                        .await?
-                }
+                RoleCommand::Add { id, roles } => client.add_roles(change(id, roles)).await?,
+                RoleCommand::Rm { id, roles } => client.remove_roles(change(id, roles)).await?,
             }
             .into_inner();
             let node = NodeView::try_from(node)?;
@@ -328,7 +325,11 @@ fn pki_command(command: &PkiCommand) -> Result<(), CtlError> {
             sans,
         } => {
             let (crt, key) = pki::issue(dir, name, *kind, sans)?;
-            println!("wrote {} and {} ({kind} {name:?})", crt.display(), key.display());
+            println!(
+                "wrote {} and {} ({kind} {name:?})",
+                crt.display(),
+                key.display()
+            );
         }
     }
     Ok(())
@@ -444,11 +445,19 @@ fn print_status(output: Output, s: &pb::StatusResponse) {
     println!("cluster:  {}", s.cluster);
     println!(
         "leader:   {}",
-        if s.leader_id.is_empty() { "none" } else { &s.leader_id }
+        if s.leader_id.is_empty() {
+            "none"
+        } else {
+            &s.leader_id
+        }
     );
     println!(
         "etcd:     {}",
-        if s.etcd_reachable { "reachable" } else { "UNREACHABLE" }
+        if s.etcd_reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        }
     );
     println!("answered: {}", s.served_by);
     println!();
@@ -458,7 +467,11 @@ fn print_status(output: Output, s: &pb::StatusResponse) {
         .map(|r| {
             vec![
                 r.id.clone(),
-                if r.leader { "leader".into() } else { "follower".into() },
+                if r.leader {
+                    "leader".into()
+                } else {
+                    "follower".into()
+                },
                 r.address.clone(),
                 r.connected_agents.to_string(),
                 r.version.clone(),
@@ -479,7 +492,11 @@ fn print_nodes(output: Output, nodes: &[NodeView]) {
         .map(|n| {
             vec![
                 n.id.to_string(),
-                if n.roles.is_empty() { "-".into() } else { steward_proto::convert::roles_display(&n.roles) },
+                if n.roles.is_empty() {
+                    "-".into()
+                } else {
+                    steward_proto::convert::roles_display(&n.roles)
+                },
                 n.health.to_string(),
                 ago(n.last_seen_unix_ms),
                 n.replica.clone().unwrap_or_else(|| "-".into()),
@@ -496,13 +513,34 @@ fn print_node(output: Output, n: &NodeView) {
     }
     let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
     println!("node:      {}", n.id);
-    println!("roles:     {}", if n.roles.is_empty() { "-".into() } else { steward_proto::convert::roles_display(&n.roles) });
+    println!(
+        "roles:     {}",
+        if n.roles.is_empty() {
+            "-".into()
+        } else {
+            steward_proto::convert::roles_display(&n.roles)
+        }
+    );
     println!("health:    {}", n.health);
-    println!("last seen: {} ({})", format_unix_ms(n.last_seen_unix_ms), ago(n.last_seen_unix_ms));
+    println!(
+        "last seen: {} ({})",
+        format_unix_ms(n.last_seen_unix_ms),
+        ago(n.last_seen_unix_ms)
+    );
     println!("replica:   {}", n.replica.as_deref().unwrap_or("-"));
-    println!("revision:  desired {} / applied {}", n.desired_revision, n.applied_revision);
-    println!("host:      {} ({}, kernel {})", n.facts.hostname, n.facts.os, n.facts.kernel);
-    println!("cpus:      {}  memory: {}", n.facts.cpus, gib(n.facts.memory_bytes));
+    println!(
+        "revision:  desired {} / applied {}",
+        n.desired_revision, n.applied_revision
+    );
+    println!(
+        "host:      {} ({}, kernel {})",
+        n.facts.hostname, n.facts.os, n.facts.kernel
+    );
+    println!(
+        "cpus:      {}  memory: {}",
+        n.facts.cpus,
+        gib(n.facts.memory_bytes)
+    );
     println!(
         "load:      {:.2}  memory used: {}  fullest disk: {:.0}%",
         n.last_health.load1,
@@ -510,7 +548,12 @@ fn print_node(output: Output, n: &NodeView) {
         n.last_health.max_disk_used_fraction * 100.0
     );
     for d in &n.facts.disks {
-        println!("disk:      {} {} free of {}", d.mount_point, gib(d.available_bytes), gib(d.total_bytes));
+        println!(
+            "disk:      {} {} free of {}",
+            d.mount_point,
+            gib(d.available_bytes),
+            gib(d.total_bytes)
+        );
     }
     for i in &n.facts.interfaces {
         println!("interface: {} {} {}", i.name, i.mac, i.addresses.join(" "));

@@ -61,7 +61,9 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
             Error::PermissionDenied(_) => Status::permission_denied(msg),
             Error::Conflict { .. } => Status::aborted(msg),
-            Error::LostLeadership { .. } | Error::WatchInterrupted(_) | Error::ShuttingDown => Status::unavailable(msg),
+            Error::LostLeadership { .. } | Error::WatchInterrupted(_) | Error::ShuttingDown => {
+                Status::unavailable(msg)
+            }
             Error::Pki(_) => Status::unauthenticated(msg),
         }
     }

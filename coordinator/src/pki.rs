@@ -191,9 +191,7 @@ fn validate_name(name: &str, kind: IdentityKind) -> Result<(), PkiError> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
             {
-                Err(invalid(
-                    "use 1-63 letters, digits, '-' or '.'".to_owned(),
-                ))
+                Err(invalid("use 1-63 letters, digits, '-' or '.'".to_owned()))
             } else {
                 Ok(())
             }
@@ -238,7 +236,12 @@ pub fn issue(
         params
             .extended_key_usages
             .push(ExtendedKeyUsagePurpose::ServerAuth);
-        let mut sans: Vec<String> = vec![name.into(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+        let mut sans: Vec<String> = vec![
+            name.into(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+        ];
         sans.extend(extra_sans.iter().cloned());
         sans.dedup();
         for san in sans {
@@ -271,7 +274,9 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
         .iter_organizational_unit()
         .next()
         .and_then(|ou| ou.as_str().ok())
-        .ok_or(PkiError::MissingAttribute("organizational unit (identity kind)"))?
+        .ok_or(PkiError::MissingAttribute(
+            "organizational unit (identity kind)",
+        ))?
         .parse()?;
     Ok(Identity { name, kind })
 }
@@ -281,10 +286,7 @@ mod tests {
     use super::*;
 
     fn pem_to_der(pem: &str) -> Vec<u8> {
-        let body: String = pem
-            .lines()
-            .filter(|l| !l.starts_with("-----"))
-            .collect();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
         base64_decode(&body)
     }
 

@@ -74,7 +74,16 @@ pub async fn run_membership(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(3));
     while !shutdown.is_cancelled() {
-        match one_term(&store, &stream_client, &member, &settings, &leadership, &shutdown).await {
+        match one_term(
+            &store,
+            &stream_client,
+            &member,
+            &settings,
+            &leadership,
+            &shutdown,
+        )
+        .await
+        {
             Ok(()) => backoff.reset(),
             Err(error) => {
                 warn!(%error, "membership lost; re-registering");
@@ -127,12 +136,29 @@ async fn one_term(
                         warn!(%error, "lease keep-alive failed");
                         return;
                     }
-                    match tokio::time::timeout(period.max(Duration::from_millis(500)), responses.message()).await {
+                    match tokio::time::timeout(
+                        period.max(Duration::from_millis(500)),
+                        responses.message(),
+                    )
+                    .await
+                    {
                         Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                        Ok(Ok(Some(_))) => { warn!("lease expired"); return; }
-                        Ok(Ok(None)) => { warn!("lease keep-alive stream closed"); return; }
-                        Ok(Err(error)) => { warn!(%error, "lease keep-alive failed"); return; }
-                        Err(_) => { warn!("lease keep-alive timed out"); return; }
+                        Ok(Ok(Some(_))) => {
+                            warn!("lease expired");
+                            return;
+                        }
+                        Ok(Ok(None)) => {
+                            warn!("lease keep-alive stream closed");
+                            return;
+                        }
+                        Ok(Err(error)) => {
+                            warn!(%error, "lease keep-alive failed");
+                            return;
+                        }
+                        Err(_) => {
+                            warn!("lease keep-alive timed out");
+                            return;
+                        }
                     }
                 }
             }

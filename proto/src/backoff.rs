@@ -55,7 +55,11 @@ mod tests {
         for base in expected_bases {
             let d = b.next_delay();
             let base = Duration::from_millis(base);
-            assert!(d >= base / 2 && d <= base, "{d:?} outside [{:?}, {base:?}]", base / 2);
+            assert!(
+                d >= base / 2 && d <= base,
+                "{d:?} outside [{:?}, {base:?}]",
+                base / 2
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

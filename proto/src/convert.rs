@@ -189,7 +189,10 @@ impl TryFrom<pb::AgentMessage> for AgentMessage {
         match m.kind.ok_or(ProtoError::MissingField("kind"))? {
             Kind::Hello(h) => Ok(AgentMessage::Hello {
                 node: NodeId::new(h.node_id)?,
-                facts: h.facts.ok_or(ProtoError::MissingField("hello.facts"))?.try_into()?,
+                facts: h
+                    .facts
+                    .ok_or(ProtoError::MissingField("hello.facts"))?
+                    .try_into()?,
                 last_applied_revision: h.last_applied_revision,
                 agent_version: bounded_str("hello.agent_version", h.agent_version)?,
             }),

@@ -58,7 +58,10 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
         if let Some(v) = check() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -145,7 +148,11 @@ impl Drop for Proc {
         if std::thread::panicking() {
             let text = self.log_text();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            eprintln!("---- last lines of {} ({}) ----", self.name, self.log.display());
+            eprintln!(
+                "---- last lines of {} ({}) ----",
+                self.name,
+                self.log.display()
+            );
             for line in tail.into_iter().rev() {
                 eprintln!("{line}");
             }
@@ -200,11 +207,19 @@ impl Etcd {
         let mut cmd = Command::new(etcd_bin);
         cmd.arg("--name=test")
             .arg(format!("--data-dir={}", data_dir.display()))
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{client_port}"))
-            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client_port}"))
+            .arg(format!(
+                "--listen-client-urls=http://127.0.0.1:{client_port}"
+            ))
+            .arg(format!(
+                "--advertise-client-urls=http://127.0.0.1:{client_port}"
+            ))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
-            .arg(format!("--initial-cluster=test=http://127.0.0.1:{peer_port}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"
+            ))
+            .arg(format!(
+                "--initial-cluster=test=http://127.0.0.1:{peer_port}"
+            ))
             .arg("--log-level=warn");
         Proc::spawn("etcd", cmd, dir.join("etcd.log"))
     }
@@ -224,7 +239,12 @@ impl Etcd {
     pub fn restart(&mut self) {
         self.proc.kill();
         let dir = self.data_dir.parent().expect("dir").to_path_buf();
-        self.proc = Self::spawn(&dir, &self.data_dir, self.client_addr.port(), self.peer_port);
+        self.proc = Self::spawn(
+            &dir,
+            &self.data_dir,
+            self.client_addr.port(),
+            self.peer_port,
+        );
         self.wait_healthy();
     }
 }
@@ -237,6 +257,8 @@ pub struct Cluster {
     pub coordinators: Vec<CoordinatorProc>,
     pub etcd: Etcd,
     pub name: String,
+    /// Heartbeat interval given to agents started from now on.
+    pub agent_heartbeat_ms: u64,
     pub dir: tempfile::TempDir,
 }
 
@@ -306,6 +328,7 @@ impl Cluster {
         let etcd = Etcd::start(dir.path());
         Cluster {
             name: "test".into(),
+            agent_heartbeat_ms: 200,
             etcd,
             dir,
             coordinators: Vec::new(),
@@ -335,7 +358,11 @@ impl Cluster {
         set(&mut t, "cluster", self.name.as_str());
         set(&mut t, "listen", format!("127.0.0.1:{port}"));
         set(&mut t, "advertise", format!("https://127.0.0.1:{port}"));
-        set(&mut t, "tls.ca", self.pki().join("ca.crt").display().to_string());
+        set(
+            &mut t,
+            "tls.ca",
+            self.pki().join("ca.crt").display().to_string(),
+        );
         set(&mut t, "tls.cert", crt.display().to_string());
         set(&mut t, "tls.key", key.display().to_string());
         set(&mut t, "etcd.endpoints", vec![self.etcd.client_url.clone()]);
@@ -390,15 +417,27 @@ impl Cluster {
         let mut t = load_example("agent.example.toml");
         set(&mut t, "node_id", node);
         set(&mut t, "coordinators", coordinators.to_vec());
-        set(&mut t, "tls.ca", self.pki().join("ca.crt").display().to_string());
+        set(
+            &mut t,
+            "tls.ca",
+            self.pki().join("ca.crt").display().to_string(),
+        );
         set(&mut t, "tls.cert", crt.display().to_string());
         set(&mut t, "tls.key", key.display().to_string());
         set(
             &mut t,
             "state_dir",
-            self.dir.path().join(format!("state-{node}")).display().to_string(),
+            self.dir
+                .path()
+                .join(format!("state-{node}"))
+                .display()
+                .to_string(),
         );
-        set(&mut t, "heartbeat_interval_ms", 200);
+        set(
+            &mut t,
+            "heartbeat_interval_ms",
+            self.agent_heartbeat_ms as i64,
+        );
         let path = self.dir.path().join(format!("agent-{node}.toml"));
         fs::write(&path, toml::to_string(&t).expect("toml")).expect("write config");
         path
@@ -420,7 +459,10 @@ impl Cluster {
     pub fn spawn_agent(&self, node: &str, config: &Path) -> Proc {
         let mut cmd = Command::new(bin("steward-agent"));
         cmd.arg("--config").arg(config).env("RUST_LOG", "info");
-        let log = self.dir.path().join(format!("agent-{node}.{}.log", unique()));
+        let log = self
+            .dir
+            .path()
+            .join(format!("agent-{node}.{}.log", unique()));
         Proc::spawn(&format!("agent {node}"), cmd, log)
     }
 
@@ -488,7 +530,11 @@ impl Cluster {
         if !out.ok() {
             return None;
         }
-        out.json().as_array()?.iter().find(|n| n["id"] == id).cloned()
+        out.json()
+            .as_array()?
+            .iter()
+            .find(|n| n["id"] == id)
+            .cloned()
     }
 
     /// The leader's replica id, as `stewardctl status` reports it.

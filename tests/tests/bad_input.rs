@@ -17,7 +17,10 @@ fn check_config(binary: &str, fixture: &str) -> (Option<i32>, String) {
         .arg("--check")
         .output()
         .expect("run");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -32,7 +35,15 @@ fn invalid_configs_are_rejected_with_every_problem() {
 
     let (code, err) = check_config("steward-coordinator", "coordinator-many-problems.toml");
     assert_eq!(code, Some(2), "{err}");
-    for expected in ["id \"coord 1!\"", "advertise", "tls.ca", "tls.cert", "tls.key", "etcd.endpoints", "member_lease_ttl_s"] {
+    for expected in [
+        "id \"coord 1!\"",
+        "advertise",
+        "tls.ca",
+        "tls.cert",
+        "tls.key",
+        "etcd.endpoints",
+        "member_lease_ttl_s",
+    ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
 
@@ -42,7 +53,12 @@ fn invalid_configs_are_rejected_with_every_problem() {
 
     let (code, err) = check_config("steward-agent", "agent-plaintext-coordinator.toml");
     assert_eq!(code, Some(2), "{err}");
-    for expected in ["node_id", "must be an https:// URL", "heartbeat_interval_ms", "tls.ca"] {
+    for expected in [
+        "node_id",
+        "must be an https:// URL",
+        "heartbeat_interval_ms",
+        "tls.ca",
+    ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
 }
@@ -65,7 +81,10 @@ fn packaged_example_configs_are_valid_apart_from_their_files() {
         if Path::new("/etc/steward/pki/ca.crt").exists() {
             continue;
         }
-        let problems: Vec<&str> = err.lines().filter(|l| l.trim_start().starts_with("- ")).collect();
+        let problems: Vec<&str> = err
+            .lines()
+            .filter(|l| l.trim_start().starts_with("- "))
+            .collect();
         assert!(!problems.is_empty(), "{err}");
         assert!(
             problems.iter().all(|p| p.contains("No such file")),
@@ -82,7 +101,13 @@ fn observable(cluster: &Cluster) -> (String, usize) {
     // last_seen and health samples move on their own; roles and revisions must not.
     for n in v.as_array_mut().into_iter().flatten() {
         let o = n.as_object_mut().expect("object");
-        for volatile in ["last_seen", "last_health", "applied_revision", "facts", "health"] {
+        for volatile in [
+            "last_seen",
+            "last_health",
+            "applied_revision",
+            "facts",
+            "health",
+        ] {
             o.remove(volatile);
         }
     }
@@ -102,15 +127,28 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     let out = cluster.ctl(&["role", "add", "ghost", "lb"]);
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("unknown node ghost"), "{}", out.stderr);
-    assert_eq!(out.stderr.trim().lines().count(), 1, "one line: {}", out.stderr);
+    assert_eq!(
+        out.stderr.trim().lines().count(),
+        1,
+        "one line: {}",
+        out.stderr
+    );
 
     let out = cluster.ctl(&["role", "add", "node-1", "database"]);
     assert_eq!(out.code, Some(2));
-    assert!(out.stderr.contains("unknown role \"database\""), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("unknown role \"database\""),
+        "{}",
+        out.stderr
+    );
 
     let out = cluster.ctl(&["role", "rm", "node-1", "k8s-worker"]);
     assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("node-1 does not have role k8s-worker"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("node-1 does not have role k8s-worker"),
+        "{}",
+        out.stderr
+    );
 
     let out = cluster.ctl(&["node", "show", "ghost"]);
     assert_eq!(out.code, Some(1));
@@ -120,25 +158,41 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     let url = cluster.coordinators[0].url.clone();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let mut admin = AdminServiceClient::new(grpc_channel(&cluster, &url, Some("admin")).await.expect("dial"));
+        let mut admin = AdminServiceClient::new(
+            grpc_channel(&cluster, &url, Some("admin"))
+                .await
+                .expect("dial"),
+        );
         let status = admin
-            .add_roles(pb::ChangeRolesRequest { node_id: "node-1".into(), roles: vec![99] })
+            .add_roles(pb::ChangeRolesRequest {
+                node_id: "node-1".into(),
+                roles: vec![99],
+            })
             .await
             .expect_err("role 99");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
         let status = admin
-            .add_roles(pb::ChangeRolesRequest { node_id: "node-1".into(), roles: vec![] })
+            .add_roles(pb::ChangeRolesRequest {
+                node_id: "node-1".into(),
+                roles: vec![],
+            })
             .await
             .expect_err("no roles");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
         let status = admin
-            .get_node(pb::GetNodeRequest { node_id: "../../etc".into() })
+            .get_node(pb::GetNodeRequest {
+                node_id: "../../etc".into(),
+            })
             .await
             .expect_err("bad id");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
     });
 
-    assert_eq!(observable(&cluster), before, "a rejected request changed state");
+    assert_eq!(
+        observable(&cluster),
+        before,
+        "a rejected request changed state"
+    );
 }
 
 #[test]
@@ -153,12 +207,22 @@ fn certificates_decide_who_may_do_what() {
     // An agent certificate may not use the admin API.
     let out = cluster.ctl_as("node-1", &[url.as_str()], &["role", "add", "node-1", "lb"]);
     assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("may not use the admin API"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("may not use the admin API"),
+        "{}",
+        out.stderr
+    );
 
     // A certificate from another CA is refused at the handshake.
     let foreign = tempfile::tempdir().expect("tempdir");
     steward_coordinator::pki::init_ca(foreign.path(), "evil").expect("ca");
-    steward_coordinator::pki::issue(foreign.path(), "admin", steward_coordinator::pki::IdentityKind::Admin, &[]).expect("cert");
+    steward_coordinator::pki::issue(
+        foreign.path(),
+        "admin",
+        steward_coordinator::pki::IdentityKind::Admin,
+        &[],
+    )
+    .expect("cert");
     let out = Command::new(bin("stewardctl"))
         .env("STEWARD_ENDPOINTS", &url)
         .env("STEWARD_CA", cluster.pki().join("ca.crt"))
@@ -181,16 +245,29 @@ fn certificates_decide_who_may_do_what() {
             })),
         };
         // node-2's certificate claiming node-1.
-        let mut agent = AgentServiceClient::new(grpc_channel(&cluster, &url, Some("node-2")).await.expect("dial"));
+        let mut agent = AgentServiceClient::new(
+            grpc_channel(&cluster, &url, Some("node-2"))
+                .await
+                .expect("dial"),
+        );
         let status = agent
             .session(tokio_stream::iter(vec![hello("node-1")]))
             .await
             .expect_err("impersonation");
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
-        assert!(status.message().contains("may not speak for node \"node-1\""), "{status}");
+        assert!(
+            status
+                .message()
+                .contains("may not speak for node \"node-1\""),
+            "{status}"
+        );
 
         // An admin certificate may not open an agent session.
-        let mut agent = AgentServiceClient::new(grpc_channel(&cluster, &url, Some("admin")).await.expect("dial"));
+        let mut agent = AgentServiceClient::new(
+            grpc_channel(&cluster, &url, Some("admin"))
+                .await
+                .expect("dial"),
+        );
         let status = agent
             .session(tokio_stream::iter(vec![hello("node-1")]))
             .await
@@ -198,16 +275,35 @@ fn certificates_decide_who_may_do_what() {
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
 
         // A session that does not start with a hello, or a hello without facts.
-        let mut agent = AgentServiceClient::new(grpc_channel(&cluster, &url, Some("node-2")).await.expect("dial"));
+        let mut agent = AgentServiceClient::new(
+            grpc_channel(&cluster, &url, Some("node-2"))
+                .await
+                .expect("dial"),
+        );
         let heartbeat = pb::AgentMessage {
-            kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat { seq: 1, sent_at_unix_ms: 0, health: Some(pb::Health::default()) })),
+            kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat {
+                seq: 1,
+                sent_at_unix_ms: 0,
+                health: Some(pb::Health::default()),
+            })),
         };
-        let status = agent.session(tokio_stream::iter(vec![heartbeat])).await.expect_err("no hello");
+        let status = agent
+            .session(tokio_stream::iter(vec![heartbeat]))
+            .await
+            .expect_err("no hello");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
         let bare = pb::AgentMessage {
-            kind: Some(pb::agent_message::Kind::Hello(pb::Hello { node_id: "node-2".into(), facts: None, last_applied_revision: 0, agent_version: String::new() })),
+            kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                node_id: "node-2".into(),
+                facts: None,
+                last_applied_revision: 0,
+                agent_version: String::new(),
+            })),
         };
-        let status = agent.session(tokio_stream::iter(vec![bare])).await.expect_err("no facts");
+        let status = agent
+            .session(tokio_stream::iter(vec![bare]))
+            .await
+            .expect_err("no facts");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
 
         // No client certificate at all: refused.
@@ -216,12 +312,22 @@ fn certificates_decide_who_may_do_what() {
             Ok(channel) => {
                 let mut admin = AdminServiceClient::new(channel);
                 let result = admin.status(pb::StatusRequest {}).await;
-                assert!(result.is_err(), "a call without a client certificate succeeded");
+                assert!(
+                    result.is_err(),
+                    "a call without a client certificate succeeded"
+                );
             }
         }
     });
 
-    assert_eq!(observable(&cluster), before, "a refused caller changed state");
+    assert_eq!(
+        observable(&cluster),
+        before,
+        "a refused caller changed state"
+    );
     let nodes = cluster.nodes();
-    assert!(nodes.iter().all(|n| n["id"] != "node-2"), "node-2 registered without a valid session");
+    assert!(
+        nodes.iter().all(|n| n["id"] != "node-2"),
+        "node-2 registered without a valid session"
+    );
 }

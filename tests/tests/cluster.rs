@@ -8,7 +8,11 @@ use steward_tests::{eventually, Cluster};
 fn roles_of(node: &serde_json::Value) -> Vec<String> {
     node["roles"]
         .as_array()
-        .map(|a| a.iter().filter_map(|r| r.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -39,7 +43,10 @@ fn three_agents_register_within_two_seconds_and_roles_arrive_within_one() {
             .agent_desired(1)
             .filter(|(_, roles)| roles.len() == 2)
     });
-    println!("role change reached the agent after {:?}", changed.elapsed());
+    println!(
+        "role change reached the agent after {:?}",
+        changed.elapsed()
+    );
     assert_eq!(roles, ["lb", "gluster-brick"]);
     // The agent reports what it recorded; the coordinator shows it.
     eventually(Duration::from_secs(2), "applied revision reported", || {
@@ -62,10 +69,23 @@ fn three_agents_register_within_two_seconds_and_roles_arrive_within_one() {
     let kinds: Vec<String> = events
         .stdout
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line")["kind"].as_str().unwrap_or("").to_owned())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json line")["kind"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
         .collect();
-    for expected in ["leader-elected", "node-registered", "node-connected", "roles-changed"] {
-        assert!(kinds.iter().any(|k| k == expected), "no {expected} event in {kinds:?}");
+    for expected in [
+        "leader-elected",
+        "node-registered",
+        "node-connected",
+        "roles-changed",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == expected),
+            "no {expected} event in {kinds:?}"
+        );
     }
 }
 
@@ -81,7 +101,9 @@ fn leader_kill_fails_over_and_loses_nothing() {
         (nodes.len() == 4 && nodes.iter().all(|n| n["health"] == "healthy")).then_some(())
     });
     assert!(cluster.ctl(&["role", "add", "node-1", "lb"]).ok());
-    assert!(cluster.ctl(&["role", "add", "node-3", "k8s-control-plane"]).ok());
+    assert!(cluster
+        .ctl(&["role", "add", "node-3", "k8s-control-plane"])
+        .ok());
 
     let leader = eventually(Duration::from_secs(5), "a leader", || cluster.leader());
     let leader_index = cluster.coordinator_index(&leader);
@@ -106,7 +128,9 @@ fn leader_kill_fails_over_and_loses_nothing() {
 
     let new_leader = eventually(Duration::from_secs(15), "a new leader", || {
         let out = cluster.ctl_at(&live, &["status", "-o", "json"]);
-        let l = out.ok().then(|| out.json()["leader"].as_str().map(String::from))??;
+        let l = out
+            .ok()
+            .then(|| out.json()["leader"].as_str().map(String::from))??;
         (l != leader).then_some(l)
     });
     println!("new leader {new_leader} after {:?}", killed.elapsed());
@@ -117,8 +141,7 @@ fn leader_kill_fails_over_and_loses_nothing() {
         let nodes = out.ok().then(|| out.json().as_array().cloned())??;
         (nodes.len() == 4
             && nodes.iter().all(|n| {
-                n["health"] == "healthy"
-                    && n["replica"].as_str().is_some_and(|r| r != leader)
+                n["health"] == "healthy" && n["replica"].as_str().is_some_and(|r| r != leader)
             }))
         .then_some(())
     });
@@ -139,18 +162,26 @@ fn leader_kill_fails_over_and_loses_nothing() {
     // A change made after the failover still arrives.
     let out = cluster.ctl_at(&live, &["role", "add", "node-4", "k8s-worker"]);
     assert!(out.ok(), "{}", out.stderr);
-    eventually(Duration::from_secs(2), "post-failover role at the agent", || {
-        cluster
-            .agent_desired(3)
-            .filter(|(_, roles)| roles == &["k8s-worker"])
-    });
+    eventually(
+        Duration::from_secs(2),
+        "post-failover role at the agent",
+        || {
+            cluster
+                .agent_desired(3)
+                .filter(|(_, roles)| roles == &["k8s-worker"])
+        },
+    );
     let events = cluster.ctl_at(&live, &["events", "-o", "json"]);
     let elections = events
         .stdout
         .lines()
         .filter(|l| l.contains("\"leader-elected\""))
         .count();
-    assert!(elections >= 2, "expected two leader elections:\n{}", events.stdout);
+    assert!(
+        elections >= 2,
+        "expected two leader elections:\n{}",
+        events.stdout
+    );
 }
 
 #[test]
@@ -158,8 +189,12 @@ fn coordinator_and_agent_restarts_lose_nothing() {
     let mut cluster = Cluster::new();
     cluster.start_coordinators(1);
     let agent = cluster.start_agent("node-1");
-    eventually(Duration::from_secs(5), "node registered", || cluster.node("node-1"));
-    assert!(cluster.ctl(&["role", "add", "node-1", "lb", "k8s-worker"]).ok());
+    eventually(Duration::from_secs(5), "node registered", || {
+        cluster.node("node-1")
+    });
+    assert!(cluster
+        .ctl(&["role", "add", "node-1", "lb", "k8s-worker"])
+        .ok());
     let (revision, _) = eventually(Duration::from_secs(2), "roles at agent", || {
         cluster.agent_desired(agent).filter(|(_, r)| r.len() == 2)
     });
@@ -172,14 +207,21 @@ fn coordinator_and_agent_restarts_lose_nothing() {
         "coordinator did not exit cleanly"
     );
     std::thread::sleep(Duration::from_millis(1500)); // let the agent notice and retry
-    assert!(cluster.agents[agent].proc.is_running(), "agent died without a coordinator");
+    assert!(
+        cluster.agents[agent].proc.is_running(),
+        "agent died without a coordinator"
+    );
     assert_eq!(cluster.agent_desired(agent).map(|d| d.0), Some(revision));
 
     cluster.restart_coordinator(0);
-    eventually(Duration::from_secs(15), "node back and healthy with its roles", || {
-        let n = cluster.node("node-1")?;
-        (n["health"] == "healthy" && roles_of(&n) == ["lb", "k8s-worker"]).then_some(())
-    });
+    eventually(
+        Duration::from_secs(15),
+        "node back and healthy with its roles",
+        || {
+            let n = cluster.node("node-1")?;
+            (n["health"] == "healthy" && roles_of(&n) == ["lb", "k8s-worker"]).then_some(())
+        },
+    );
 
     // SIGKILL the coordinator: same outcome.
     cluster.coordinators[0].proc.kill();
@@ -217,15 +259,23 @@ fn etcd_outage_keeps_sessions_and_recovers() {
     let mut cluster = Cluster::new();
     cluster.start_coordinators(1);
     let agent = cluster.start_agent("node-1");
-    eventually(Duration::from_secs(5), "node registered", || cluster.node("node-1"));
-    assert!(cluster.ctl(&["role", "add", "node-1", "gluster-brick"]).ok());
+    eventually(Duration::from_secs(5), "node registered", || {
+        cluster.node("node-1")
+    });
+    assert!(cluster
+        .ctl(&["role", "add", "node-1", "gluster-brick"])
+        .ok());
     eventually(Duration::from_secs(2), "roles at agent", || {
         cluster.agent_desired(agent).filter(|(_, r)| r.len() == 1)
     });
 
     cluster.etcd.kill();
     let status = cluster.ctl(&["status", "-o", "json"]);
-    assert!(status.ok(), "status must answer without etcd: {}", status.stderr);
+    assert!(
+        status.ok(),
+        "status must answer without etcd: {}",
+        status.stderr
+    );
     assert_eq!(status.json()["etcd_reachable"], false);
     let refused = cluster.ctl(&["role", "add", "node-1", "lb"]);
     assert!(!refused.ok(), "a write without etcd must fail");
@@ -234,9 +284,14 @@ fn etcd_outage_keeps_sessions_and_recovers() {
 
     cluster.etcd.restart();
     eventually(Duration::from_secs(20), "writes work again", || {
-        cluster.ctl(&["role", "add", "node-1", "lb"]).ok().then_some(())
+        cluster
+            .ctl(&["role", "add", "node-1", "lb"])
+            .ok()
+            .then_some(())
     });
-    eventually(Duration::from_secs(5), "change after etcd recovery at agent", || {
-        cluster.agent_desired(agent).filter(|(_, r)| r.len() == 2)
-    });
+    eventually(
+        Duration::from_secs(5),
+        "change after etcd recovery at agent",
+        || cluster.agent_desired(agent).filter(|(_, r)| r.len() == 2),
+    );
 }

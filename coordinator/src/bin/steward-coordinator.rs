@@ -14,7 +14,12 @@ use tokio_util::sync::CancellationToken;
 #[command(version, about, long_about = None)]
 struct Args {
     /// TOML config file (see packaging/coordinator.example.toml).
-    #[arg(long, short, env = "STEWARD_COORDINATOR_CONFIG", default_value = "/etc/steward/coordinator.toml")]
+    #[arg(
+        long,
+        short,
+        env = "STEWARD_COORDINATOR_CONFIG",
+        default_value = "/etc/steward/coordinator.toml"
+    )]
     config: PathBuf,
     /// Check the config and exit.
     #[arg(long)]
@@ -24,8 +29,7 @@ struct Args {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -68,7 +72,10 @@ fn main() -> ExitCode {
 
 async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Brings up a live local Steward cluster on this machine and shows it working:
+# a real etcd, three coordinator replicas (one elected leader), three agents,
+# role changes reaching the agents, and a failover when the leader is killed.
+#
+#   scripts/demo.sh          run the demo, then keep the cluster up until Ctrl-C
+#   scripts/demo.sh --exit   run the demo and tear everything down (used by CI)
+#
+# Everything lives in a temporary directory; only processes this script
+# started are stopped (by pid) when it exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KEEP=1
+[ "${1:-}" = "--exit" ] && KEEP=0
+
+scripts/deps.sh
+echo "==> building"
+cargo build --workspace --bins --locked --quiet
+BIN="$PWD/target/debug"
+export PATH="$BIN:$PATH"
+
+DIR=$(mktemp -d /tmp/steward-demo.XXXXXX)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT INT TERM
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then echo "timed out waiting for $what" >&2; exit 1; fi
+    sleep 0.2
+  done
+}
+USED_PORTS=" "
+free_port() { # a random loopback port nobody listens on (nor was handed out here)
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 40000))
+    case "$USED_PORTS" in *" $port "*) continue ;; esac
+    ss -Htln "sport = :$port" | grep -q . || break
+  done
+  USED_PORTS+="$port "
+  echo "$port"
+}
+
+step "certificates (stewardctl pki) in $DIR/pki"
+stewardctl pki init "$DIR/pki" --cluster demo
+stewardctl pki issue "$DIR/pki" admin --kind admin
+for i in 1 2 3; do
+  stewardctl pki issue "$DIR/pki" "coord-$i" --kind coordinator
+  stewardctl pki issue "$DIR/pki" "node-$i" --kind agent
+done
+
+step "etcd"
+ETCD_PORT=$(free_port); PEER_PORT=$(free_port)
+etcd --name demo --data-dir "$DIR/etcd" \
+  --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+  --listen-peer-urls "http://127.0.0.1:$PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$PEER_PORT" \
+  --initial-cluster "demo=http://127.0.0.1:$PEER_PORT" >"$DIR/etcd.log" 2>&1 &
+PIDS+=($!)
+wait_for 20 etcd etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT" endpoint health
+
+step "three coordinator replicas"
+ENDPOINTS=()
+declare -A COORD_PID
+for i in 1 2 3; do
+  port=$(free_port)
+  cat >"$DIR/coord-$i.toml" <<TOML
+id = "coord-$i"
+cluster = "demo"
+listen = "127.0.0.1:$port"
+advertise = "https://127.0.0.1:$port"
+[tls]
+ca = "$DIR/pki/ca.crt"
+cert = "$DIR/pki/coord-$i.crt"
+key = "$DIR/pki/coord-$i.key"
+[etcd]
+endpoints = ["http://127.0.0.1:$ETCD_PORT"]
+[timing]
+member_lease_ttl_s = 2
+TOML
+  steward-coordinator --config "$DIR/coord-$i.toml" >"$DIR/coord-$i.log" 2>&1 &
+  PIDS+=($!); COORD_PID[coord-$i]=$!
+  ENDPOINTS+=("https://127.0.0.1:$port")
+done
+export STEWARD_ENDPOINTS=$(IFS=,; echo "${ENDPOINTS[*]}")
+export STEWARD_CA="$DIR/pki/ca.crt" STEWARD_CERT="$DIR/pki/admin.crt" STEWARD_KEY="$DIR/pki/admin.key"
+wait_for 20 "a leader" sh -c 'stewardctl status -o json | grep -q "\"leader\":\"coord-"'
+stewardctl status
+
+step "three agents"
+COORDS=$(printf '"%s",' "${ENDPOINTS[@]}"); COORDS="[${COORDS%,}]"
+for i in 1 2 3; do
+  cat >"$DIR/node-$i.toml" <<TOML
+node_id = "node-$i"
+coordinators = $COORDS
+state_dir = "$DIR/state-node-$i"
+heartbeat_interval_ms = 500
+[tls]
+ca = "$DIR/pki/ca.crt"
+cert = "$DIR/pki/node-$i.crt"
+key = "$DIR/pki/node-$i.key"
+TOML
+  steward-agent --config "$DIR/node-$i.toml" >"$DIR/node-$i.log" 2>&1 &
+  PIDS+=($!)
+done
+wait_for 10 "three nodes" sh -c '[ "$(stewardctl nodes -o json | grep -o "\"health\":\"healthy\"" | wc -l)" -eq 3 ]'
+stewardctl nodes
+
+step "roles: stewardctl role add"
+stewardctl role add node-1 lb k8s-control-plane
+stewardctl role add node-2 lb k8s-worker
+stewardctl role add node-3 gluster-brick k8s-worker
+wait_for 5 "roles at node-1" grep -q k8s-control-plane "$DIR/state-node-1/desired.json"
+echo "node-1 recorded: $(tr -d ' \n' <"$DIR/state-node-1/desired.json")"
+stewardctl nodes
+
+step "failover: SIGKILL the leader"
+LEADER=$(stewardctl status -o json | sed -n 's/.*"leader":"\([^"]*\)".*/\1/p')
+echo "leader is $LEADER (pid ${COORD_PID[$LEADER]}); killing it"
+kill -9 "${COORD_PID[$LEADER]}"
+T0=$(date +%s%N)
+wait_for 20 "a new leader" sh -c "stewardctl status -o json | grep -q '\"leader\":\"coord-' && ! stewardctl status -o json | grep -q '\"leader\":\"$LEADER\"'"
+echo "new leader after $((($(date +%s%N) - T0) / 1000000)) ms"
+wait_for 20 "agents on live replicas" sh -c "[ \"\$(stewardctl nodes -o json | grep -o '\"health\":\"healthy\"' | wc -l)\" -eq 3 ] && ! stewardctl nodes -o json | grep -q '\"replica\":\"$LEADER\"'"
+stewardctl status
+stewardctl nodes
+
+step "a role change after the failover still arrives"
+stewardctl role rm node-3 k8s-worker
+wait_for 5 "change at node-3" sh -c "! grep -q k8s-worker '$DIR/state-node-3/desired.json'"
+echo "node-3 recorded: $(tr -d ' \n' <"$DIR/state-node-3/desired.json")"
+
+step "events"
+stewardctl events
+
+if [ "$KEEP" = 1 ]; then
+  step "the cluster is up; in another shell try:"
+  echo "  export PATH=$BIN:\$PATH STEWARD_ENDPOINTS=$STEWARD_ENDPOINTS"
+  echo "  export STEWARD_CA=$STEWARD_CA STEWARD_CERT=$STEWARD_CERT STEWARD_KEY=$STEWARD_KEY"
+  echo "  stewardctl status; stewardctl nodes; stewardctl events --follow"
+  echo "Logs: $DIR/*.log. Press Ctrl-C to stop and clean up."
+  while true; do sleep 3600; done
+fi
+step "demo passed; cleaning up"
