@@ -1,6 +1,6 @@
 //! `AdminService`: what `stewardctl` talks to. Admin certificates only.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::time::Instant;
 
@@ -17,6 +17,7 @@ use tracing::warn;
 use crate::agent_service::SessionContext;
 use crate::auth::require_admin;
 use crate::error::{Error, Result};
+use crate::peers::Peers;
 use crate::replica::Leadership;
 use crate::store::{decode, unix_ms, NodeRecord};
 
@@ -27,6 +28,7 @@ pub struct AdminApi {
     ctx: SessionContext,
     leadership: tokio::sync::watch::Receiver<Leadership>,
     version: String,
+    peers: Peers,
 }
 
 impl AdminApi {
@@ -34,12 +36,60 @@ impl AdminApi {
         ctx: SessionContext,
         leadership: tokio::sync::watch::Receiver<Leadership>,
         version: String,
+        peers: Peers,
     ) -> Self {
         Self {
             ctx,
             leadership,
             version,
+            peers,
         }
+    }
+
+    /// Views of `records`, with live data from whichever replica serves each
+    /// node (this one from memory, peers over `PeerService`).
+    async fn views(&self, records: BTreeMap<NodeId, NodeRecord>) -> Vec<NodeView> {
+        let me = self.ctx.store.replica();
+        let mut remote: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
+        for (id, record) in &records {
+            if let Some(r) = record
+                .status
+                .as_ref()
+                .and_then(|s| s.value.replica.as_deref())
+            {
+                if r != me {
+                    remote.entry(r.to_owned()).or_default().push(id.clone());
+                }
+            }
+        }
+        let live = if remote.is_empty() {
+            Default::default()
+        } else {
+            match self.ctx.store.members().await {
+                Ok(members) => self.peers.live_nodes(remote, &members).await,
+                Err(error) => {
+                    warn!(%error, "cannot list replicas; showing recorded status");
+                    Default::default()
+                }
+            }
+        };
+        records
+            .into_iter()
+            .map(|(id, record)| {
+                let mut view = self.view(id, record);
+                if let Some(l) = live.get(&view.id) {
+                    view.health = l.health;
+                    view.last_seen_unix_ms = l.last_seen_unix_ms;
+                    view.last_health = l.last_health;
+                    view.applied_revision = l.applied_revision;
+                }
+                view
+            })
+            .collect()
+    }
+
+    async fn one_view(&self, id: NodeId, record: NodeRecord) -> Option<NodeView> {
+        self.views(BTreeMap::from([(id, record)])).await.pop()
     }
 
     /// A node as operators see it: etcd's record, refreshed with this
@@ -128,7 +178,10 @@ impl AdminApi {
             }
         }
         let record = self.ctx.store.node(&node).await?;
-        Ok(self.view(node, record))
+        Ok(self
+            .one_view(node.clone(), record)
+            .await
+            .ok_or(Error::UnknownNode(node))?)
     }
 }
 
@@ -207,9 +260,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         require_admin(&request)?;
         let nodes = self.ctx.store.nodes().await?;
         Ok(Response::new(pb::ListNodesResponse {
-            nodes: nodes
+            nodes: self
+                .views(nodes)
+                .await
                 .into_iter()
-                .map(|(id, record)| self.view(id, record).into())
+                .map(Into::into)
                 .collect(),
         }))
     }
@@ -225,7 +280,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         if record.spec.is_none() && record.status.is_none() {
             return Err(Error::UnknownNode(id).into());
         }
-        Ok(Response::new(self.view(id, record).into()))
+        let view = self
+            .one_view(id.clone(), record)
+            .await
+            .ok_or(Error::UnknownNode(id))?;
+        Ok(Response::new(view.into()))
     }
 
     async fn add_roles(

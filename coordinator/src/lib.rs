@@ -20,6 +20,7 @@ pub mod config;
 pub mod ctl;
 pub mod error;
 pub mod leader;
+pub mod peers;
 pub mod pki;
 pub mod replica;
 pub mod sessions;
@@ -75,12 +76,15 @@ fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, RunError>
 
 /// Runs a replica until `shutdown` is cancelled, then drains and resigns.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let identity = Identity::from_pem(
+        read("tls.cert", &config.tls.cert)?,
+        read("tls.key", &config.tls.key)?,
+    );
+    let ca = Certificate::from_pem(read("tls.ca", &config.tls.ca)?);
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read("tls.cert", &config.tls.cert)?,
-            read("tls.key", &config.tls.key)?,
-        ))
-        .client_ca_root(Certificate::from_pem(read("tls.ca", &config.tls.ca)?));
+        .identity(identity.clone())
+        .client_ca_root(ca.clone());
+    let peers = peers::Peers::new(ca, identity);
 
     let client = store::connect(&config.etcd, true).await?;
     let stream_client = store::connect(&config.etcd, false).await?;
@@ -130,7 +134,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             .instrument(tracing::info_span!("release_stale_sessions")),
     );
     let agent_api = agent_service::AgentApi::new(ctx.clone());
-    let admin_api = admin_service::AdminApi::new(ctx, lead_rx, VERSION.to_owned());
+    let peer_api = peers::PeerApi::new(ctx.clone());
+    let admin_api = admin_service::AdminApi::new(ctx, lead_rx, VERSION.to_owned(), peers);
 
     info!(listen = %config.listen, replica.id = %config.id, cluster = %config.cluster, "serving");
     let served = Server::builder()
@@ -140,6 +145,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(pb::agent_service_server::AgentServiceServer::new(agent_api))
         .add_service(pb::admin_service_server::AdminServiceServer::new(admin_api))
+        .add_service(pb::peer_service_server::PeerServiceServer::new(peer_api))
         .serve_with_shutdown(config.listen, shutdown.cancelled_owned());
     let result = served.await.map_err(|source| RunError::Serve {
         addr: config.listen,

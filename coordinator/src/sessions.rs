@@ -85,6 +85,14 @@ impl Sessions {
         self.lock().get(node).cloned()
     }
 
+    /// Every live session, for peers asking what this replica serves.
+    pub fn snapshot(&self) -> Vec<(NodeId, LiveSession)> {
+        self.lock()
+            .iter()
+            .map(|(id, live)| (id.clone(), live.clone()))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

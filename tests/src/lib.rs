@@ -445,7 +445,12 @@ impl Cluster {
 
     /// Starts an agent for `node` talking to every coordinator.
     pub fn start_agent(&mut self, node: &str) -> usize {
-        let config = self.agent_config(node, node, &self.coordinator_urls());
+        self.start_agent_on(node, &self.coordinator_urls())
+    }
+
+    /// Starts an agent for `node` that knows only `coordinators`.
+    pub fn start_agent_on(&mut self, node: &str, coordinators: &[String]) -> usize {
+        let config = self.agent_config(node, node, coordinators);
         let proc = self.spawn_agent(node, &config);
         self.agents.push(AgentProc {
             node: node.to_owned(),

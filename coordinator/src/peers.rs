@@ -1,0 +1,190 @@
+//! Replica-to-replica queries: each replica serves `PeerService` for what
+//! only its memory holds (live sessions), and asks its peers when an
+//! operator wants the whole picture. Peers authenticate with coordinator
+//! certificates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use steward_proto::convert::node_health_to_pb;
+use steward_proto::domain::{Health, NodeHealth, NodeId};
+use steward_proto::pb;
+use steward_proto::pb::peer_service_client::PeerServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use crate::agent_service::SessionContext;
+use crate::auth::peer_identity;
+use crate::error::Error;
+use crate::pki::IdentityKind;
+use crate::store::MemberRecord;
+
+/// How long an operator's request waits for a peer.
+pub const PEER_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Live data about a node from the replica serving it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveNode {
+    pub last_seen_unix_ms: u64,
+    pub health: NodeHealth,
+    pub last_health: Health,
+    pub applied_revision: u64,
+}
+
+pub struct PeerApi {
+    ctx: SessionContext,
+}
+
+impl PeerApi {
+    pub fn new(ctx: SessionContext) -> Self {
+        Self { ctx }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::peer_service_server::PeerService for PeerApi {
+    async fn live_sessions(
+        &self,
+        request: Request<pb::LiveSessionsRequest>,
+    ) -> Result<Response<pb::LiveSessionsResponse>, Status> {
+        let identity = peer_identity(&request)?;
+        if identity.kind != IdentityKind::Coordinator {
+            return Err(Error::PermissionDenied(format!(
+                "{identity} may not use the peer API; only coordinator certificates may"
+            ))
+            .into());
+        }
+        let wanted = request
+            .into_inner()
+            .node_ids
+            .into_iter()
+            .map(NodeId::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::from(steward_proto::ProtoError::from(e)))?;
+        let now = Instant::now();
+        let sessions = self
+            .ctx
+            .sessions
+            .snapshot()
+            .into_iter()
+            .filter(|(id, _)| wanted.is_empty() || wanted.contains(id))
+            .map(|(id, live)| pb::LiveSession {
+                node_id: id.into(),
+                last_seen_unix_ms: live.last_seen_unix_ms,
+                health: node_health_to_pb(live.node_health(now, self.ctx.unreachable_after)) as i32,
+                last_health: Some(live.health.into()),
+                applied_revision: live.applied_revision,
+            })
+            .collect();
+        Ok(Response::new(pb::LiveSessionsResponse {
+            replica_id: self.ctx.store.replica().to_owned(),
+            sessions,
+        }))
+    }
+}
+
+/// Clients to peer replicas, one lazily connected channel per address.
+#[derive(Clone)]
+pub struct Peers {
+    ca: Certificate,
+    identity: Identity,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    pub fn new(ca: Certificate, identity: Identity) -> Self {
+        Self {
+            ca,
+            identity,
+            channels: Arc::default(),
+        }
+    }
+
+    fn channel(&self, address: &str) -> Option<Channel> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(address) {
+            return Some(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(address.to_owned()).ok()?;
+        let host = endpoint.uri().host()?.trim_matches(['[', ']']).to_owned();
+        let channel = endpoint
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(self.ca.clone())
+                    .identity(self.identity.clone())
+                    .domain_name(host),
+            )
+            .ok()?
+            .connect_timeout(PEER_TIMEOUT)
+            .timeout(PEER_TIMEOUT)
+            .connect_lazy();
+        channels.insert(address.to_owned(), channel.clone());
+        Some(channel)
+    }
+
+    /// Live data for `nodes` from the replicas serving them. Replicas that do
+    /// not answer in time are left out: callers fall back to etcd's record.
+    pub async fn live_nodes(
+        &self,
+        wanted: BTreeMap<String, Vec<NodeId>>,
+        members: &[MemberRecord],
+    ) -> HashMap<NodeId, LiveNode> {
+        let queries = wanted.into_iter().filter_map(|(replica, nodes)| {
+            let member = members.iter().find(|m| m.id == replica)?;
+            let channel = self.channel(&member.address)?;
+            Some(async move {
+                let mut client = PeerServiceClient::new(channel);
+                let request = pb::LiveSessionsRequest {
+                    node_ids: nodes.into_iter().map(String::from).collect(),
+                };
+                match tokio::time::timeout(PEER_TIMEOUT, client.live_sessions(request)).await {
+                    Ok(Ok(resp)) => resp.into_inner().sessions,
+                    Ok(Err(status)) => {
+                        debug!(%replica, %status, "peer query failed");
+                        Vec::new()
+                    }
+                    Err(_) => {
+                        debug!(%replica, "peer query timed out");
+                        Vec::new()
+                    }
+                }
+            })
+        });
+        let answers = futures_join_all(queries).await;
+        answers
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                Some((
+                    NodeId::new(s.node_id).ok()?,
+                    LiveNode {
+                        last_seen_unix_ms: s.last_seen_unix_ms,
+                        health: steward_proto::convert::node_health_from_pb(s.health).ok()?,
+                        last_health: s.last_health?.try_into().ok()?,
+                        applied_revision: s.applied_revision,
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Runs futures concurrently and collects their outputs (no `futures` crate).
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
