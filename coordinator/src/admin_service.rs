@@ -178,10 +178,9 @@ impl AdminApi {
             }
         }
         let record = self.ctx.store.node(&node).await?;
-        Ok(self
-            .one_view(node.clone(), record)
+        self.one_view(node.clone(), record)
             .await
-            .ok_or(Error::UnknownNode(node))?)
+            .ok_or(Error::UnknownNode(node))
     }
 }
 

@@ -9,7 +9,8 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, LeaderKey, ResignOptions, Txn, TxnOp};
+pub use etcd_client::TxnOp;
+use etcd_client::{Client, Compare, CompareOp, LeaderKey, ResignOptions, Txn};
 use steward_proto::backoff::Backoff;
 use steward_proto::domain::{Event, EventKind};
 use tokio::sync::watch;

@@ -78,8 +78,8 @@ fn main() {
 
     println!("\nidle resource use over {wall:.0} s (heartbeat 1 s)");
     println!(
-        "{:<24} {:>10} {:>14}   {}",
-        "process", "peak RSS", "CPU % of core", "target"
+        "{:<24} {:>10} {:>14}   target",
+        "process", "peak RSS", "CPU % of core"
     );
     for s in &samples {
         let rss_mb = s.peak_rss as f64 / 1_048_576.0;
