@@ -1,12 +1,12 @@
 //! `steward-agent` configuration: TOML, unknown keys rejected, every default
 //! written down once (here), all problems reported together.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use steward_proto::domain::NodeId;
+pub use steward_proto::runtime::{ConfigError, TlsFiles};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,39 +28,12 @@ pub struct AgentConfig {
     pub ack_timeout_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
 fn default_state_dir() -> PathBuf {
     "/var/lib/steward-agent".into()
 }
 fn default_heartbeat_interval_ms() -> u64 {
     1000
 }
-
-/// Every problem found in a config file.
-#[derive(Debug)]
-pub struct ConfigError {
-    pub path: PathBuf,
-    pub problems: Vec<String>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid config {}:", self.path.display())?;
-        for p in &self.problems {
-            write!(f, "\n  - {p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// A validated config.
 #[derive(Debug, Clone)]
@@ -75,13 +48,11 @@ pub struct Settings {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let fail = |problems| ConfigError {
+        let config: Self = steward_proto::runtime::read_toml(path)?;
+        config.validate().map_err(|problems| ConfigError {
             path: path.to_owned(),
             problems,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![e.to_string()]))?;
-        let config: Self = toml::from_str(&text).map_err(|e| fail(vec![e.to_string()]))?;
-        config.validate().map_err(fail)
+        })
     }
 
     pub fn validate(self) -> Result<Settings, Vec<String>> {

@@ -12,7 +12,7 @@ use steward_proto::pb::agent_service_client::AgentServiceClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, Identity};
 use tracing::{info, warn, Instrument};
 
 use crate::config::Settings;
@@ -43,34 +43,13 @@ pub struct Credentials {
 }
 
 async fn dial(url: &str, creds: &Credentials) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
-    let host = endpoint
-        .uri()
-        .host()
-        .ok_or("URL has no host")?
-        .trim_matches(['[', ']'])
-        .to_owned();
-    endpoint
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(creds.ca.clone())
-                .identity(creds.identity.clone())
-                .domain_name(host),
-        )
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg = format!("{msg}: {s}");
-                source = s.source();
-            }
-            msg
-        })
+    steward_proto::runtime::dial_mtls(
+        url,
+        creds.ca.clone(),
+        creds.identity.clone(),
+        Duration::from_secs(2),
+    )
+    .await
 }
 
 /// Keeps a session to some replica until `shutdown`. `desired` always holds

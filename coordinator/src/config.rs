@@ -1,12 +1,12 @@
 //! `steward-coordinator` configuration: TOML, unknown keys rejected, every
 //! default written down once (here), all problems reported together.
 
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+pub use steward_proto::runtime::{ConfigError, TlsFiles};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,14 +24,6 @@ pub struct CoordinatorConfig {
     pub etcd: EtcdConfig,
     #[serde(default)]
     pub timing: Timing,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,25 +82,6 @@ fn default_events_retained() -> u32 {
     1000
 }
 
-/// Every problem found in a config file.
-#[derive(Debug)]
-pub struct ConfigError {
-    pub path: PathBuf,
-    pub problems: Vec<String>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid config {}:", self.path.display())?;
-        for p in &self.problems {
-            write!(f, "\n  - {p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 fn is_valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -124,13 +97,11 @@ fn check_readable(problems: &mut Vec<String>, what: &str, path: &Path) {
 
 impl CoordinatorConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let fail = |problems| ConfigError {
+        let config: Self = steward_proto::runtime::read_toml(path)?;
+        config.validate().map_err(|problems| ConfigError {
             path: path.to_owned(),
             problems,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![e.to_string()]))?;
-        let config: Self = toml::from_str(&text).map_err(|e| fail(vec![e.to_string()]))?;
-        config.validate().map_err(fail)?;
+        })?;
         Ok(config)
     }
 

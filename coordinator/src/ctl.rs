@@ -10,7 +10,8 @@ use steward_proto::convert::{node_health_from_pb, roles_to_pb};
 use steward_proto::domain::{Event, NodeView, Role};
 use steward_proto::pb;
 use steward_proto::pb::admin_service_client::AdminServiceClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use steward_proto::runtime::dial_mtls;
+use tonic::transport::{Certificate, Channel, Identity};
 
 use crate::pki::{self, IdentityKind};
 use crate::store::unix_ms;
@@ -181,44 +182,12 @@ async fn connect(cli: &Cli) -> Result<AdminServiceClient<Channel>, CtlError> {
     );
     let mut failures = Vec::new();
     for url in &cli.endpoints {
-        match dial(url, ca.clone(), identity.clone()).await {
+        match dial_mtls(url, ca.clone(), identity.clone(), Duration::from_secs(2)).await {
             Ok(channel) => return Ok(AdminServiceClient::new(channel)),
             Err(e) => failures.push(format!("{url}: {e}")),
         }
     }
     Err(CtlError::Connect(failures.join("; ")))
-}
-
-/// Dials one coordinator over mutual TLS.
-pub async fn dial(url: &str, ca: Certificate, identity: Identity) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
-    let host = endpoint
-        .uri()
-        .host()
-        .ok_or("URL has no host")?
-        .trim_matches(['[', ']'])
-        .to_owned();
-    endpoint
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(ca)
-                .identity(identity)
-                .domain_name(host),
-        )
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg = format!("{msg}: {s}");
-                source = s.source();
-            }
-            msg
-        })
 }
 
 pub async fn run(cli: Cli) -> Result<(), CtlError> {

@@ -11,7 +11,8 @@ use steward_proto::convert::node_health_to_pb;
 use steward_proto::domain::{Health, NodeHealth, NodeId};
 use steward_proto::pb;
 use steward_proto::pb::peer_service_client::PeerServiceClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use steward_proto::runtime::mtls_endpoint;
+use tonic::transport::{Certificate, Channel, Identity};
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
@@ -107,15 +108,7 @@ impl Peers {
         if let Some(c) = channels.get(address) {
             return Some(c.clone());
         }
-        let endpoint = Endpoint::from_shared(address.to_owned()).ok()?;
-        let host = endpoint.uri().host()?.trim_matches(['[', ']']).to_owned();
-        let channel = endpoint
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(self.ca.clone())
-                    .identity(self.identity.clone())
-                    .domain_name(host),
-            )
+        let channel = mtls_endpoint(address, self.ca.clone(), self.identity.clone())
             .ok()?
             .connect_timeout(PEER_TIMEOUT)
             .timeout(PEER_TIMEOUT)

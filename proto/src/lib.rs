@@ -5,12 +5,17 @@
 //! message is converted once, with a typed [`ProtoError`] when it is invalid,
 //! into the types of [`domain`]; business logic never matches on prost structs.
 //!
-//! **Architecture invariant:** this crate does no IO. It must stay cheap to
-//! depend on for the agent, the coordinator and the tests alike.
+//! [`runtime`] holds the few helpers every binary shares (dialing over mutual
+//! TLS, stop signals, config errors).
+//!
+//! **Architecture invariant:** apart from [`runtime`], this crate does no IO.
+//! It must stay cheap to depend on for the agent, the coordinator and the
+//! tests alike.
 
 pub mod backoff;
 pub mod convert;
 pub mod domain;
+pub mod runtime;
 
 pub use convert::ProtoError;
 
