@@ -6,6 +6,9 @@ set -euo pipefail
 
 need=()
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# etcd-client's build imports google/protobuf/*.proto, which protoc finds only
+# with libprotobuf-dev (a recommendation, not a dependency, of protoc).
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v ip >/dev/null || need+=(iproute2)

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::peers::Peers;
 use crate::replica::Leadership;
 use crate::store::{decode, unix_ms, NodeRecord};
+use crate::vip::admin as vip_admin;
 
 /// Past events sent by default before following.
 pub const DEFAULT_EVENTS: u32 = 100;
@@ -130,6 +131,14 @@ impl AdminApi {
             view.replica = None;
         }
         view
+    }
+
+    async fn one_vip(&self, name: &str) -> Result<pb::Vip> {
+        vip_admin::list_vips(&self.ctx, &self.peers)
+            .await?
+            .into_iter()
+            .find(|v| v.spec.as_ref().is_some_and(|s| s.name == name))
+            .ok_or_else(|| Error::UnknownVip(name.to_owned()))
     }
 
     async fn change_roles(&self, request: pb::ChangeRolesRequest, add: bool) -> Result<NodeView> {
@@ -302,6 +311,47 @@ impl pb::admin_service_server::AdminService for AdminApi {
         require_admin(&request)?;
         let view = self.change_roles(request.into_inner(), false).await?;
         Ok(Response::new(view.into()))
+    }
+
+    async fn set_vip(&self, request: Request<pb::VipSpec>) -> Result<Response<pb::Vip>, Status> {
+        require_admin(&request)?;
+        let spec =
+            steward_proto::vip::VipSpec::try_from(request.into_inner()).map_err(Error::from)?;
+        let name = spec.name.clone();
+        vip_admin::set_vip(&self.ctx, spec).await?;
+        Ok(Response::new(self.one_vip(&name).await?))
+    }
+
+    async fn list_vips(
+        &self,
+        request: Request<pb::ListVipsRequest>,
+    ) -> Result<Response<pb::ListVipsResponse>, Status> {
+        require_admin(&request)?;
+        let vips = vip_admin::list_vips(&self.ctx, &self.peers).await?;
+        Ok(Response::new(pb::ListVipsResponse { vips }))
+    }
+
+    async fn move_vip(
+        &self,
+        request: Request<pb::MoveVipRequest>,
+    ) -> Result<Response<pb::Vip>, Status> {
+        require_admin(&request)?;
+        let request = request.into_inner();
+        let to = (!request.to.is_empty())
+            .then(|| NodeId::new(request.to))
+            .transpose()
+            .map_err(|e| Error::from(steward_proto::ProtoError::from(e)))?;
+        vip_admin::move_vip(&self.ctx, &request.name, to).await?;
+        Ok(Response::new(self.one_vip(&request.name).await?))
+    }
+
+    async fn remove_vip(
+        &self,
+        request: Request<pb::RemoveVipRequest>,
+    ) -> Result<Response<pb::RemoveVipResponse>, Status> {
+        require_admin(&request)?;
+        vip_admin::remove_vip(&self.ctx, &request.into_inner().name).await?;
+        Ok(Response::new(pb::RemoveVipResponse {}))
     }
 
     type EventsStream = EventStream;

@@ -34,6 +34,10 @@ pub struct SessionContext {
     pub store: Store,
     pub sessions: Sessions,
     pub specs: watch::Receiver<Arc<SpecSnapshot>>,
+    /// This replica's view of `vips/`.
+    pub vips: watch::Receiver<Arc<crate::vip::VipSnapshot>>,
+    /// This replica's side of the VIP lease protocol.
+    pub lease: Arc<crate::vip::lease_api::LeaseHub>,
     pub unreachable_after: Duration,
     pub shutdown: CancellationToken,
     pub cluster: String,
@@ -54,6 +58,14 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, St
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
     type SessionStream = SessionStream;
+    type LeaseStream = crate::vip::lease_api::LeaseStream;
+
+    async fn lease(
+        &self,
+        request: Request<Streaming<pb::LeaseHeartbeat>>,
+    ) -> Result<Response<Self::LeaseStream>, Status> {
+        crate::vip::lease_api::open(&self.ctx, request).await
+    }
 
     async fn session(
         &self,

@@ -1,6 +1,6 @@
-//! The replica's watch cache of node specs: read once, then follow the etcd
-//! watch from the read revision + 1; after a compaction or a broken stream,
-//! read again. Sessions subscribe to it to push desired state.
+//! The replica's watch caches of etcd prefixes (node specs, VIPs): read once,
+//! then follow the etcd watch from the read revision + 1; after a compaction
+//! or a broken stream, read again. Sessions subscribe to push changes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,20 +38,77 @@ impl SpecSnapshot {
     }
 }
 
+/// A snapshot of the keys under one etcd prefix, rebuilt from a full read and
+/// then kept current from the watch.
+pub trait CachedPrefix: Clone + Default + Send + Sync + 'static {
+    /// What the cache is of, for logs and errors.
+    const WHAT: &'static str;
+    /// Applies one key's new value (`None`: deleted) and its mod revision.
+    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>);
+    /// The revision the snapshot is current at; `synced` once read.
+    fn set_revision(&mut self, revision: i64);
+}
+
+impl CachedPrefix for SpecSnapshot {
+    const WHAT: &'static str = "node specs";
+    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) {
+        let Some((id, NodeKey::Spec)) = keys.parse_node_key(key) else {
+            return;
+        };
+        match value {
+            None => {
+                self.specs.remove(&id);
+            }
+            Some((bytes, mod_revision)) => match decode::<NodeSpec>(key, bytes) {
+                Ok(value) => {
+                    self.specs.insert(
+                        id,
+                        Versioned {
+                            value,
+                            mod_revision,
+                        },
+                    );
+                }
+                // Keep the last good spec; the admin API never writes bad ones.
+                Err(error) => warn!(%error, "ignoring corrupt node spec"),
+            },
+        }
+    }
+    fn set_revision(&mut self, revision: i64) {
+        self.revision = self.revision.max(revision);
+        self.synced = true;
+    }
+}
+
+/// Follows node specs until `shutdown`.
 pub async fn run_spec_cache(
     client: Client,
     keys: Keys,
     publish: watch::Sender<Arc<SpecSnapshot>>,
     shutdown: CancellationToken,
 ) {
+    let prefix = keys.nodes();
+    run_prefix_cache(client, keys, prefix, publish, shutdown).await
+}
+
+/// Follows everything under `prefix` until `shutdown`: read, watch from the
+/// read revision + 1, and after a compaction or a broken stream read again
+/// (with jittered backoff). The last snapshot stays published meanwhile.
+pub async fn run_prefix_cache<S: CachedPrefix>(
+    client: Client,
+    keys: Keys,
+    prefix: String,
+    publish: watch::Sender<Arc<S>>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = follow(&client, &keys, &publish, &mut backoff) => r,
+            r = follow(&client, &keys, &prefix, &publish, &mut backoff) => r,
         };
         if let Err(error) = result {
-            warn!(%error, "spec watch interrupted; re-reading");
+            warn!(%error, what = S::WHAT, "watch interrupted; re-reading");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -60,68 +117,31 @@ pub async fn run_spec_cache(
     }
 }
 
-fn apply(
-    keys: &Keys,
-    specs: &mut BTreeMap<NodeId, Versioned<NodeSpec>>,
-    key: &[u8],
-    value: Option<(&[u8], i64)>,
-) {
-    let Some((id, NodeKey::Spec)) = keys.parse_node_key(key) else {
-        return;
-    };
-    match value {
-        None => {
-            specs.remove(&id);
-        }
-        Some((bytes, mod_revision)) => match decode::<NodeSpec>(key, bytes) {
-            Ok(value) => {
-                specs.insert(
-                    id,
-                    Versioned {
-                        value,
-                        mod_revision,
-                    },
-                );
-            }
-            // Keep the last good spec; the admin API never writes bad ones.
-            Err(error) => warn!(%error, "ignoring corrupt node spec"),
-        },
-    }
-}
-
 /// One read + watch cycle. Returns when the watch must be re-established.
-async fn follow(
+async fn follow<S: CachedPrefix>(
     client: &Client,
     keys: &Keys,
-    publish: &watch::Sender<Arc<SpecSnapshot>>,
+    prefix: &str,
+    publish: &watch::Sender<Arc<S>>,
     backoff: &mut Backoff,
 ) -> Result<()> {
     let resp = client
         .kv_client()
-        .get(keys.nodes(), Some(GetOptions::new().with_prefix()))
+        .get(prefix, Some(GetOptions::new().with_prefix()))
         .await
-        .map_err(Error::etcd("read specs"))?;
+        .map_err(Error::etcd("read prefix"))?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-    let mut specs = BTreeMap::new();
+    let mut snapshot = S::default();
     for kv in resp.kvs() {
-        apply(
-            keys,
-            &mut specs,
-            kv.key(),
-            Some((kv.value(), kv.mod_revision())),
-        );
+        snapshot.apply(keys, kv.key(), Some((kv.value(), kv.mod_revision())));
     }
-    let mut snapshot = SpecSnapshot {
-        revision,
-        synced: true,
-        specs,
-    };
+    snapshot.set_revision(revision);
     publish.send_replace(Arc::new(snapshot.clone()));
 
     let mut stream = client
         .watch_client()
         .watch(
-            keys.nodes(),
+            prefix,
             Some(
                 WatchOptions::new()
                     .with_prefix()
@@ -130,10 +150,14 @@ async fn follow(
             ),
         )
         .await
-        .map_err(Error::etcd("watch specs"))?;
+        .map_err(Error::etcd("watch prefix"))?;
     backoff.reset();
-    debug!(revision, "following node specs");
-    while let Some(resp) = stream.message().await.map_err(Error::etcd("watch specs"))? {
+    debug!(revision, what = S::WHAT, "following");
+    while let Some(resp) = stream
+        .message()
+        .await
+        .map_err(Error::etcd("watch prefix"))?
+    {
         if resp.canceled() || resp.compact_revision() > 0 {
             return Err(Error::WatchInterrupted(format!(
                 "watch canceled (compacted at {}): {}",
@@ -148,8 +172,8 @@ async fn follow(
                 EventType::Put => Some((kv.value(), kv.mod_revision())),
                 EventType::Delete => None,
             };
-            apply(keys, &mut snapshot.specs, kv.key(), value);
-            snapshot.revision = snapshot.revision.max(kv.mod_revision());
+            snapshot.apply(keys, kv.key(), value);
+            snapshot.set_revision(kv.mod_revision());
             changed = true;
         }
         if changed {

@@ -6,7 +6,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+use steward_proto::lease::LeaseParams;
 pub use steward_proto::runtime::{ConfigError, TlsFiles};
+pub use steward_proto::vip::LeaseConfig;
+
+/// Coordinator replicas a cluster runs unless `vip.replicas` says otherwise.
+pub const DEFAULT_REPLICAS: usize = 3;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +29,9 @@ pub struct CoordinatorConfig {
     pub etcd: EtcdConfig,
     #[serde(default)]
     pub timing: Timing,
+    /// Timing of the VIP lease protocol; must agree with the agents'.
+    #[serde(default)]
+    pub vip: LeaseConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +167,9 @@ impl CoordinatorConfig {
         if self.timing.events_retained < 10 {
             p.push("timing.events_retained must be at least 10".into());
         }
+        if let Err(problems) = self.vip.params(DEFAULT_REPLICAS) {
+            p.extend(problems);
+        }
         if p.is_empty() {
             Ok(())
         } else {
@@ -168,6 +179,13 @@ impl CoordinatorConfig {
 
     pub fn member_lease_ttl(&self) -> Duration {
         Duration::from_secs(self.timing.member_lease_ttl_s)
+    }
+
+    /// The lease protocol's parameters (validated at load).
+    pub fn lease_params(&self) -> LeaseParams {
+        self.vip
+            .params(DEFAULT_REPLICAS)
+            .unwrap_or(LeaseParams::DEFAULT)
     }
 
     pub fn agent_unreachable_after(&self) -> Duration {

@@ -75,6 +75,11 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Floating IPs: define, list, move, remove.
+    Vip {
+        #[command(subcommand)]
+        command: VipCommand,
+    },
     /// Certificates for a development cluster.
     Pki {
         #[command(subcommand)]
@@ -102,6 +107,61 @@ pub enum RoleCommand {
         #[arg(required = true, value_parser = parse_role)]
         roles: Vec<Role>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VipCommand {
+    /// Define a VIP, or change one, e.g.
+    /// `stewardctl vip set front --address 198.18.0.100/24`.
+    ///
+    /// The VIP goes to one healthy candidate (by default every node with the
+    /// lb role); the others take over when it fails. Changing a VIP keeps
+    /// its holder.
+    Set {
+        name: String,
+        /// ADDRESS/PREFIX (IPv4 or IPv6).
+        #[arg(long)]
+        address: String,
+        /// Interface to bind on; default: the one with an address in the
+        /// VIP's subnet, on each node.
+        #[arg(long)]
+        interface: Option<String>,
+        /// Local health check: haproxy (default: HAProxy answers on its admin
+        /// socket), tcp:HOST:PORT, http://HOST:PORT/PATH, or none.
+        #[arg(long, default_value = "haproxy")]
+        check: String,
+        /// Candidate node (repeat); default: every node with the lb role.
+        #[arg(long = "candidate")]
+        candidates: Vec<String>,
+        /// NODE=PRIORITY (repeat); higher wins, default 0.
+        #[arg(long = "priority", value_parser = parse_priority)]
+        priorities: Vec<(String, u32)>,
+        /// Move the VIP to a healthy higher-priority candidate when one
+        /// appears (off by default: no flapping back).
+        #[arg(long)]
+        preempt: bool,
+    },
+    /// Every VIP: address, holder, epoch and each replica's ack state.
+    List,
+    /// Move a VIP: its holder lets go and another healthy candidate (or
+    /// --to NODE) takes it.
+    Move {
+        name: String,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Remove a VIP; its holder drops the address within a lease.
+    Rm { name: String },
+}
+
+fn parse_priority(s: &str) -> Result<(String, u32), String> {
+    let (node, p) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NODE=PRIORITY, e.g. lb-1=100"))?;
+    let p = p
+        .parse()
+        .map_err(|_| format!("{s:?}: the priority must be a whole number 0..4294967295"))?;
+    Ok((node.to_owned(), p))
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,6 +307,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             }
             Ok(())
         }
+        Command::Vip { command } => vip_command(&cli, command).await,
         Command::Events { follow, limit } => {
             let mut stream = connect(&cli)
                 .await?
@@ -272,6 +333,140 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             Ok(())
         }
     }
+}
+
+async fn vip_command(cli: &Cli, command: &VipCommand) -> Result<(), CtlError> {
+    let mut client = connect(cli).await?;
+    match command {
+        VipCommand::Set {
+            name,
+            address,
+            interface,
+            check,
+            candidates,
+            priorities,
+            preempt,
+        } => {
+            let vip = client
+                .set_vip(pb::VipSpec {
+                    name: name.clone(),
+                    address: address.clone(),
+                    interface: interface.clone().unwrap_or_default(),
+                    check: check.clone(),
+                    candidates: candidates.clone(),
+                    priority: priorities.iter().cloned().collect(),
+                    preempt: *preempt,
+                })
+                .await?
+                .into_inner();
+            print_vips(cli.output, &[vip]);
+        }
+        VipCommand::List => {
+            let vips = client.list_vips(pb::ListVipsRequest {}).await?.into_inner();
+            print_vips(cli.output, &vips.vips);
+        }
+        VipCommand::Move { name, to } => {
+            let vip = client
+                .move_vip(pb::MoveVipRequest {
+                    name: name.clone(),
+                    to: to.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            match cli.output {
+                Output::Json => println!("{}", vip_json(&vip)),
+                Output::Table => println!(
+                    "VIP {name}: {} asked to let go of epoch {}; `stewardctl vip list` shows the new holder",
+                    vip.owner, vip.epoch
+                ),
+            }
+        }
+        VipCommand::Rm { name } => {
+            client
+                .remove_vip(pb::RemoveVipRequest { name: name.clone() })
+                .await?;
+            if cli.output == Output::Table {
+                println!("VIP {name} removed");
+            } else {
+                println!("{}", json!({"removed": name}));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn vip_json(v: &pb::Vip) -> serde_json::Value {
+    let spec = v.spec.clone().unwrap_or_default();
+    json!({
+        "name": spec.name,
+        "address": spec.address,
+        "interface": (!spec.interface.is_empty()).then_some(&spec.interface),
+        "check": spec.check,
+        "candidates": spec.candidates,
+        "priority": spec.priority,
+        "preempt": spec.preempt,
+        "owner": (!v.owner.is_empty()).then_some(&v.owner),
+        "epoch": v.epoch,
+        "move_requested": v.move_requested,
+        "replicas": v.replicas.iter().map(|r| json!({
+            "replica": r.replica_id,
+            "reachable": !r.unreachable,
+            "acking": r.acking,
+            "last_ack_ms_ago": (r.last_ack_ms_ago > 0).then_some(r.last_ack_ms_ago),
+            "mark": (!r.mark.is_empty()).then_some(&r.mark),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_vips(output: Output, vips: &[pb::Vip]) {
+    if output == Output::Json {
+        let all: Vec<_> = vips.iter().map(vip_json).collect();
+        println!("{}", serde_json::Value::Array(all));
+        return;
+    }
+    let rows: Vec<Vec<String>> = vips
+        .iter()
+        .map(|v| {
+            let spec = v.spec.clone().unwrap_or_default();
+            let acks = v
+                .replicas
+                .iter()
+                .map(|r| {
+                    let state = if r.unreachable {
+                        "unreachable".to_owned()
+                    } else if !r.mark.is_empty() {
+                        r.mark.clone()
+                    } else if r.acking && r.last_ack_ms_ago > 0 {
+                        format!("ack {}ms ago", r.last_ack_ms_ago)
+                    } else if r.acking {
+                        "waiting".to_owned()
+                    } else {
+                        "not acking".to_owned()
+                    };
+                    format!("{}: {state}", r.replica_id)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            vec![
+                spec.name,
+                spec.address,
+                if v.owner.is_empty() {
+                    "-".into()
+                } else if v.move_requested {
+                    format!("{} (moving)", v.owner)
+                } else {
+                    v.owner.clone()
+                },
+                v.epoch.to_string(),
+                spec.check,
+                acks,
+            ]
+        })
+        .collect();
+    print_table(
+        &["NAME", "ADDRESS", "HOLDER", "EPOCH", "CHECK", "REPLICAS"],
+        &rows,
+    );
 }
 
 fn change(id: &str, roles: &[Role]) -> pb::ChangeRolesRequest {

@@ -17,6 +17,10 @@ pub enum Error {
     Corrupt { key: String, reason: String },
     #[error("unknown node {0}: no agent with this id has ever connected")]
     UnknownNode(NodeId),
+    #[error("unknown VIP {0:?} (stewardctl vip list shows the VIPs)")]
+    UnknownVip(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("node {node} does not have role {role}")]
     RoleNotAssigned { node: NodeId, role: Role },
     #[error("invalid request: {0}")]
@@ -55,7 +59,8 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Etcd { .. } => Status::unavailable(msg),
             Error::Corrupt { .. } => Status::data_loss(msg),
-            Error::UnknownNode(_) => Status::not_found(msg),
+            Error::UnknownNode(_) | Error::UnknownVip(_) => Status::not_found(msg),
+            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::RoleNotAssigned { .. } => Status::failed_precondition(msg),
             Error::InvalidRequest(_) | Error::InvalidArgument(_) => Status::invalid_argument(msg),
             Error::Unauthenticated(_) => Status::unauthenticated(msg),

@@ -25,6 +25,7 @@ pub mod pki;
 pub mod replica;
 pub mod sessions;
 pub mod store;
+pub mod vip;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,9 +97,21 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let tasks = CancellationToken::new();
     let (specs_tx, specs_rx) = watch::channel(Arc::new(SpecSnapshot::default()));
     let cache = tokio::spawn(
-        cache::run_spec_cache(stream_client.clone(), keys, specs_tx, tasks.clone())
+        cache::run_spec_cache(stream_client.clone(), keys.clone(), specs_tx, tasks.clone())
             .instrument(tracing::info_span!("spec_cache")),
     );
+    let (vips_tx, vips_rx) = watch::channel(Arc::new(vip::VipSnapshot::default()));
+    let vip_cache = tokio::spawn(
+        cache::run_prefix_cache(
+            stream_client.clone(),
+            keys.clone(),
+            keys.vips(),
+            vips_tx,
+            tasks.clone(),
+        )
+        .instrument(tracing::info_span!("vip_cache")),
+    );
+    let lease_hub = vip::lease_api::LeaseHub::new(config.id.clone(), config.lease_params());
     let (lead_tx, lead_rx) = watch::channel(Leadership::Follower);
     let member = MemberRecord {
         id: config.id.clone(),
@@ -124,7 +137,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let ctx = SessionContext {
         store,
         sessions: sessions::Sessions::default(),
-        specs: specs_rx,
+        specs: specs_rx.clone(),
+        vips: vips_rx.clone(),
+        lease: lease_hub.clone(),
         unreachable_after: config.agent_unreachable_after(),
         shutdown: shutdown.clone(),
         cluster: config.cluster.clone(),
@@ -132,6 +147,28 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let sweep = tokio::spawn(
         agent_service::release_stale_sessions(ctx.clone())
             .instrument(tracing::info_span!("release_stale_sessions")),
+    );
+    let marker = tokio::spawn(
+        vip::marker::run_marker(
+            ctx.store.clone(),
+            lease_hub.clone(),
+            vips_rx.clone(),
+            tasks.clone(),
+        )
+        .instrument(tracing::info_span!("vip_marker", replica.id = %config.id)),
+    );
+    let placement = tokio::spawn(
+        vip::placement::run_placement(
+            ctx.store.clone(),
+            lease_hub,
+            vip::placement::PlacementInputs {
+                vips: vips_rx,
+                specs: specs_rx,
+                leadership: lead_rx.clone(),
+            },
+            tasks.clone(),
+        )
+        .instrument(tracing::info_span!("vip_placement", replica.id = %config.id)),
     );
     let agent_api = agent_service::AgentApi::new(ctx.clone());
     let peer_api = peers::PeerApi::new(ctx.clone());
@@ -154,7 +191,13 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
 
     tasks.cancel();
     sweep.abort();
-    for (name, task) in [("membership", membership), ("spec cache", cache)] {
+    for (name, task) in [
+        ("membership", membership),
+        ("spec cache", cache),
+        ("vip cache", vip_cache),
+        ("vip marker", marker),
+        ("vip placement", placement),
+    ] {
         if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
             warn!(task = name, "did not stop in time");
         }

@@ -50,13 +50,7 @@ impl pb::peer_service_server::PeerService for PeerApi {
         &self,
         request: Request<pb::LiveSessionsRequest>,
     ) -> Result<Response<pb::LiveSessionsResponse>, Status> {
-        let identity = peer_identity(&request)?;
-        if identity.kind != IdentityKind::Coordinator {
-            return Err(Error::PermissionDenied(format!(
-                "{identity} may not use the peer API; only coordinator certificates may"
-            ))
-            .into());
-        }
+        require_coordinator(&request)?;
         let wanted = request
             .into_inner()
             .node_ids
@@ -84,6 +78,27 @@ impl pb::peer_service_server::PeerService for PeerApi {
             sessions,
         }))
     }
+
+    async fn lease_states(
+        &self,
+        request: Request<pb::LeaseStatesRequest>,
+    ) -> Result<Response<pb::LeaseStatesResponse>, Status> {
+        require_coordinator(&request)?;
+        Ok(Response::new(crate::vip::admin::local_lease_states(
+            &self.ctx,
+        )))
+    }
+}
+
+fn require_coordinator<T>(request: &Request<T>) -> Result<(), Status> {
+    let identity = peer_identity(request)?;
+    if identity.kind != IdentityKind::Coordinator {
+        return Err(Error::PermissionDenied(format!(
+            "{identity} may not use the peer API; only coordinator certificates may"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Clients to peer replicas, one lazily connected channel per address.
@@ -161,6 +176,36 @@ impl Peers {
                 ))
             })
             .collect()
+    }
+}
+
+impl Peers {
+    /// Each member's lease state; `None` for members that did not answer in
+    /// time.
+    pub async fn lease_states(
+        &self,
+        members: &[MemberRecord],
+    ) -> Vec<(String, Option<pb::LeaseStatesResponse>)> {
+        let queries = members.iter().map(|member| {
+            let id = member.id.clone();
+            let channel = self.channel(&member.address);
+            async move {
+                let Some(channel) = channel else {
+                    return (id, None);
+                };
+                let mut client = PeerServiceClient::new(channel);
+                let call = client.lease_states(pb::LeaseStatesRequest {});
+                match tokio::time::timeout(PEER_TIMEOUT, call).await {
+                    Ok(Ok(resp)) => (id, Some(resp.into_inner())),
+                    Ok(Err(status)) => {
+                        debug!(replica = %id, %status, "peer lease query failed");
+                        (id, None)
+                    }
+                    Err(_) => (id, None),
+                }
+            }
+        });
+        futures_join_all(queries).await
     }
 }
 

@@ -72,6 +72,48 @@ impl Keys {
     pub fn events(&self) -> String {
         format!("{}events/", self.prefix)
     }
+    pub fn vips(&self) -> String {
+        format!("{}vips/", self.prefix)
+    }
+    /// Everything about one VIP (its removal deletes this prefix).
+    pub fn vip(&self, name: &str) -> String {
+        format!("{}{name}/", self.vips())
+    }
+    pub fn vip_spec(&self, name: &str) -> String {
+        format!("{}spec", self.vip(name))
+    }
+    pub fn vip_owner(&self, name: &str) -> String {
+        format!("{}owner", self.vip(name))
+    }
+    pub fn vip_move(&self, name: &str) -> String {
+        format!("{}move", self.vip(name))
+    }
+    /// Expiry marks of one epoch.
+    pub fn vip_marks(&self, name: &str) -> String {
+        format!("{}expired/", self.vip(name))
+    }
+    pub fn vip_mark(&self, name: &str, epoch: u64, replica: &str) -> String {
+        format!("{}{epoch}/{replica}", self.vip_marks(name))
+    }
+
+    /// Parses a key under `vips/`.
+    pub fn parse_vip_key(&self, key: &[u8]) -> Option<(String, VipKey)> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.vips())?;
+        let (name, kind) = rest.split_once('/')?;
+        let kind = match kind {
+            "spec" => VipKey::Spec,
+            "owner" => VipKey::Owner,
+            "move" => VipKey::Move,
+            mark => {
+                let (epoch, replica) = mark.strip_prefix("expired/")?.split_once('/')?;
+                VipKey::Mark {
+                    epoch: epoch.parse().ok()?,
+                    replica: replica.to_owned(),
+                }
+            }
+        };
+        Some((name.to_owned(), kind))
+    }
 
     /// Parses a key under `nodes/`.
     pub fn parse_node_key(&self, key: &[u8]) -> Option<(NodeId, NodeKey)> {
@@ -84,6 +126,15 @@ impl Keys {
         };
         Some((NodeId::new(id).ok()?, kind))
     }
+}
+
+/// What a key under `vips/<name>/` holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VipKey {
+    Spec,
+    Owner,
+    Move,
+    Mark { epoch: u64, replica: String },
 }
 
 /// `coordinators/members/<id>`: a live replica.
@@ -424,5 +475,29 @@ mod tests {
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/n1/other"), None);
         assert_eq!(keys.parse_node_key(b"/steward/dev/nodes/n1/spec"), None);
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/BAD/spec"), None);
+    }
+
+    #[test]
+    fn vip_keys_parse_back() {
+        let keys = Keys::new("prod");
+        assert_eq!(
+            keys.parse_vip_key(keys.vip_mark("front", 42, "c-1").as_bytes()),
+            Some((
+                "front".into(),
+                VipKey::Mark {
+                    epoch: 42,
+                    replica: "c-1".into()
+                }
+            ))
+        );
+        assert_eq!(
+            keys.parse_vip_key(keys.vip_owner("front").as_bytes()),
+            Some(("front".into(), VipKey::Owner))
+        );
+        assert_eq!(
+            keys.parse_vip_key(b"/steward/prod/vips/front/expired/x/c"),
+            None
+        );
+        assert_eq!(keys.parse_vip_key(b"/steward/prod/vips/front/other"), None);
     }
 }

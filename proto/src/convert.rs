@@ -30,9 +30,11 @@ pub enum ProtoError {
     TooLong { field: &'static str, limit: usize },
     #[error("field `{field}` is not a finite number")]
     NotFinite { field: &'static str },
+    #[error("field `{field}` holds an invalid value")]
+    Invalid { field: &'static str },
 }
 
-fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError> {
+pub(crate) fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError> {
     if s.len() > MAX_STRING_LEN {
         return Err(ProtoError::TooLong {
             field,
@@ -42,7 +44,7 @@ fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError> {
     Ok(s)
 }
 
-fn bounded_list<T>(field: &'static str, v: Vec<T>) -> Result<Vec<T>, ProtoError> {
+pub(crate) fn bounded_list<T>(field: &'static str, v: Vec<T>) -> Result<Vec<T>, ProtoError> {
     if v.len() > MAX_LIST_LEN {
         return Err(ProtoError::TooLong {
             field,
@@ -341,6 +343,8 @@ pub fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
         EventKind::NodeConnected => pb::EventKind::NodeConnected,
         EventKind::NodeDisconnected => pb::EventKind::NodeDisconnected,
         EventKind::LeaderElected => pb::EventKind::LeaderElected,
+        EventKind::VipChanged => pb::EventKind::VipChanged,
+        EventKind::VipMoved => pb::EventKind::VipMoved,
     }
 }
 
@@ -366,6 +370,8 @@ impl TryFrom<pb::Event> for Event {
             Ok(pb::EventKind::NodeConnected) => EventKind::NodeConnected,
             Ok(pb::EventKind::NodeDisconnected) => EventKind::NodeDisconnected,
             Ok(pb::EventKind::LeaderElected) => EventKind::LeaderElected,
+            Ok(pb::EventKind::VipChanged) => EventKind::VipChanged,
+            Ok(pb::EventKind::VipMoved) => EventKind::VipMoved,
             Ok(pb::EventKind::Unspecified) | Err(_) => {
                 return Err(ProtoError::UnknownEnum {
                     field: "event.kind",

@@ -247,6 +247,10 @@ pub enum EventKind {
     NodeConnected,
     NodeDisconnected,
     LeaderElected,
+    /// A VIP was defined, changed or removed.
+    VipChanged,
+    /// A VIP got a new owner (epoch).
+    VipMoved,
 }
 
 impl EventKind {
@@ -257,6 +261,8 @@ impl EventKind {
             EventKind::NodeConnected => "node-connected",
             EventKind::NodeDisconnected => "node-disconnected",
             EventKind::LeaderElected => "leader-elected",
+            EventKind::VipChanged => "vip-changed",
+            EventKind::VipMoved => "vip-moved",
         }
     }
 }

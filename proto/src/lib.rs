@@ -15,7 +15,9 @@
 pub mod backoff;
 pub mod convert;
 pub mod domain;
+pub mod lease;
 pub mod runtime;
+pub mod vip;
 
 pub use convert::ProtoError;
 

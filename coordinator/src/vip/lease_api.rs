@@ -1,0 +1,277 @@
+//! `AgentService.Lease`: the replica's end of the lease protocol. One stream
+//! per candidate node; every heartbeat is answered with the epochs this
+//! replica acks and the node's assignments, and assignment changes are
+//! pushed at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use steward_proto::domain::NodeId;
+use steward_proto::lease::{Acker, Epoch, LeaseParams};
+use steward_proto::pb;
+use steward_proto::vip::{AssignedVip, LeaseHeartbeat, LeaseReply};
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, Instrument};
+
+use crate::agent_service::SessionContext;
+use crate::auth::peer_identity;
+use crate::error::Error;
+use crate::pki::IdentityKind;
+
+/// How long a new lease stream may take to send its first heartbeat.
+const FIRST_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A candidate heartbeating this replica.
+#[derive(Debug, Clone)]
+struct LiveCandidate {
+    stream: u64,
+    last_heartbeat: Instant,
+    /// Local check per VIP, as last reported.
+    health: BTreeMap<String, bool>,
+}
+
+/// What this replica knows of the lease protocol, shared by its lease
+/// streams, its marker and (on the leader) placement.
+pub struct LeaseHub {
+    params: LeaseParams,
+    origin: Instant,
+    acker: Mutex<Acker>,
+    candidates: Mutex<HashMap<NodeId, LiveCandidate>>,
+    next_stream: AtomicU64,
+    /// A release was heard: marks are due now.
+    pub marks_due: Notify,
+    /// A candidate appeared, vanished or changed its health.
+    pub candidates_changed: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain data behind these locks; a panic elsewhere leaves it usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LeaseHub {
+    /// A hub for a replica that starts now (its acker writes no expiry mark
+    /// for a lease, since it cannot know what it acked in a previous life).
+    pub fn new(replica: String, params: LeaseParams) -> Arc<Self> {
+        Arc::new(Self {
+            params,
+            origin: Instant::now(),
+            acker: Mutex::new(Acker::new(replica, params, Duration::ZERO)),
+            candidates: Mutex::default(),
+            next_stream: AtomicU64::new(1),
+            marks_due: Notify::new(),
+            candidates_changed: Notify::new(),
+        })
+    }
+
+    pub fn params(&self) -> &LeaseParams {
+        &self.params
+    }
+
+    /// This replica's monotonic clock, as the acker reads it.
+    pub fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    pub fn with_acker<R>(&self, f: impl FnOnce(&mut Acker) -> R) -> R {
+        f(&mut lock(&self.acker))
+    }
+
+    /// A candidate counts as live while it heartbeats at least every three
+    /// intervals.
+    fn live_window(&self) -> Duration {
+        self.params.heartbeat * 3
+    }
+
+    /// Whether `node` heartbeats this replica and its check for `vip` passes.
+    pub fn healthy_candidate(&self, node: &NodeId, vip: &str) -> bool {
+        lock(&self.candidates).get(node).is_some_and(|c| {
+            c.last_heartbeat.elapsed() <= self.live_window() && c.health.get(vip) == Some(&true)
+        })
+    }
+
+    fn on_heartbeat(&self, stream: u64, hb: &LeaseHeartbeat) -> Vec<(String, Epoch)> {
+        let health: BTreeMap<String, bool> = hb.health.iter().cloned().collect();
+        let changed = {
+            let mut candidates = lock(&self.candidates);
+            let previous = candidates.insert(
+                hb.node.clone(),
+                LiveCandidate {
+                    stream,
+                    last_heartbeat: Instant::now(),
+                    health: health.clone(),
+                },
+            );
+            !matches!(previous, Some(p)
+                if p.health == health && p.last_heartbeat.elapsed() <= self.live_window())
+        };
+        if changed {
+            self.candidates_changed.notify_one();
+        }
+        let now = self.now();
+        let acked = self.with_acker(|a| a.on_heartbeat(&hb.node, &hb.claims, now));
+        if hb.claims.iter().any(|c| c.released) {
+            self.marks_due.notify_one();
+        }
+        acked
+    }
+
+    fn close_stream(&self, node: &NodeId, stream: u64) {
+        let mut candidates = lock(&self.candidates);
+        if candidates.get(node).is_some_and(|c| c.stream == stream) {
+            candidates.remove(node);
+            drop(candidates);
+            self.candidates_changed.notify_one();
+        }
+    }
+}
+
+/// The reply stream of `AgentService.Lease`.
+pub type LeaseStream = Pin<Box<dyn Stream<Item = Result<pb::LeaseReply, Status>> + Send>>;
+
+/// Opens a lease stream for the calling agent.
+pub async fn open(
+    ctx: &SessionContext,
+    request: Request<Streaming<pb::LeaseHeartbeat>>,
+) -> Result<Response<LeaseStream>, Status> {
+    let identity = peer_identity(&request)?;
+    if identity.kind != IdentityKind::Agent {
+        return Err(Error::PermissionDenied(format!(
+            "{identity} may not open a lease stream; only agent certificates may"
+        ))
+        .into());
+    }
+    let mut inbound = request.into_inner();
+    let first = tokio::time::timeout(FIRST_HEARTBEAT_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no heartbeat within 5 s"))??
+        .ok_or_else(|| Status::cancelled("stream closed before the first heartbeat"))?;
+    let first = LeaseHeartbeat::try_from(first).map_err(Error::from)?;
+    if first.node.as_str() != identity.name {
+        return Err(Error::PermissionDenied(format!(
+            "certificate is for node {:?}; it may not speak for node {:?}",
+            identity.name,
+            first.node.as_str()
+        ))
+        .into());
+    }
+    let params = *ctx.lease.params();
+    if first.replicas as usize != params.replicas || first.lease > params.lease {
+        return Err(Error::InvalidArgument(format!(
+            "lease parameters disagree: the agent uses lease {:?} with {} replicas, this \
+             replica lease {:?} with {} replicas (set [vip] alike on both, the agent's lease \
+             no longer than the coordinators')",
+            first.lease, first.replicas, params.lease, params.replicas
+        ))
+        .into());
+    }
+
+    let (tx, rx) = mpsc::channel(16);
+    let stream = ctx.lease.next_stream.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("lease", node.id = %first.node, stream);
+    let task = LeaseStreamTask {
+        ctx: ctx.clone(),
+        node: first.node.clone(),
+        stream,
+        last_assignments: None,
+    };
+    tokio::spawn(task.run(first, inbound, tx).instrument(span));
+    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+}
+
+struct LeaseStreamTask {
+    ctx: SessionContext,
+    node: NodeId,
+    stream: u64,
+    last_assignments: Option<Vec<AssignedVip>>,
+}
+
+impl LeaseStreamTask {
+    fn assignments(&self) -> Vec<AssignedVip> {
+        let nodes = self.ctx.specs.borrow().clone();
+        self.ctx.vips.borrow().assignments_for(&self.node, &nodes)
+    }
+
+    fn reply(&mut self, hb: Option<&LeaseHeartbeat>, acked: Vec<(String, Epoch)>) -> LeaseReply {
+        let assignments = self.assignments();
+        self.last_assignments = Some(assignments.clone());
+        LeaseReply {
+            replica: self.ctx.store.replica().to_owned(),
+            seq: hb.map_or(0, |h| h.seq),
+            sent_at: hb.map_or(Duration::ZERO, |h| h.sent_at),
+            acked,
+            assignments,
+        }
+    }
+
+    async fn answer(
+        &mut self,
+        hb: &LeaseHeartbeat,
+        tx: &mpsc::Sender<Result<pb::LeaseReply, Status>>,
+    ) -> bool {
+        let acked = self.ctx.lease.on_heartbeat(self.stream, hb);
+        let reply = self.reply(Some(hb), acked);
+        tx.send(Ok(reply.into())).await.is_ok()
+    }
+
+    async fn run(
+        mut self,
+        first: LeaseHeartbeat,
+        mut inbound: Streaming<pb::LeaseHeartbeat>,
+        tx: mpsc::Sender<Result<pb::LeaseReply, Status>>,
+    ) {
+        info!("lease stream open");
+        let mut vips = self.ctx.vips.clone();
+        let mut specs = self.ctx.specs.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        let mut open = self.answer(&first, &tx).await;
+        while open {
+            open = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("coordinator shutting down"))).await;
+                    false
+                }
+                changed = vips.changed() => changed.is_ok() && self.push_changes(&tx).await,
+                changed = specs.changed() => changed.is_ok() && self.push_changes(&tx).await,
+                message = inbound.message() => match message {
+                    Ok(Some(m)) => match LeaseHeartbeat::try_from(m) {
+                        Ok(hb) if hb.node == self.node => self.answer(&hb, &tx).await,
+                        Ok(hb) => {
+                            let _ = tx.send(Err(Error::PermissionDenied(format!(
+                                "this stream speaks for {}; it may not speak for {}",
+                                self.node, hb.node
+                            )).into())).await;
+                            false
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(Error::from(e).into())).await;
+                            false
+                        }
+                    },
+                    Ok(None) => false,
+                    Err(status) => {
+                        debug!(%status, "lease stream failed");
+                        false
+                    }
+                },
+            };
+        }
+        self.ctx.lease.close_stream(&self.node, self.stream);
+        info!("lease stream closed");
+    }
+
+    /// Sends the assignments if they changed since the last reply.
+    async fn push_changes(&mut self, tx: &mpsc::Sender<Result<pb::LeaseReply, Status>>) -> bool {
+        if self.last_assignments.as_ref() == Some(&self.assignments()) {
+            return true;
+        }
+        let reply = self.reply(None, Vec::new());
+        tx.send(Ok(reply.into())).await.is_ok()
+    }
+}

@@ -1,0 +1,128 @@
+//! The replica's acker, fed from etcd, and its expiry marks written back.
+//!
+//! Runs on every replica, leader or not. The acker learns owners and marks
+//! from the VIP watch cache; when it decides a mark (no ack for a lease, or a
+//! release heard), the mark is written to
+//! `vips/<name>/expired/<epoch>/<replica>` — only while the owner key is
+//! still at that epoch, so reassigned epochs leave no garbage behind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use steward_proto::lease::{Acker, Mark};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::store::{encode, Store};
+use crate::vip::lease_api::LeaseHub;
+use crate::vip::{MarkRecord, VipSnapshot};
+
+/// Retry delay for marks etcd did not take.
+const RETRY: Duration = Duration::from_millis(100);
+/// Resync even when nothing happens.
+const RESYNC: Duration = Duration::from_secs(1);
+
+/// Tells the acker what etcd says: owners and their epochs, this replica's
+/// own marks (written in a previous life, say), VIPs that are gone.
+pub fn feed(acker: &mut Acker, snapshot: &VipSnapshot, now: Duration) {
+    if !snapshot.synced {
+        return;
+    }
+    for name in acker.known() {
+        let gone = snapshot.vips.get(&name).map_or(true, |s| s.spec.is_none());
+        if gone {
+            acker.on_removed(&name);
+        }
+    }
+    for (name, state) in &snapshot.vips {
+        if state.spec.is_none() {
+            continue;
+        }
+        let Some((owner, epoch)) = &state.owner else {
+            continue;
+        };
+        acker.on_owner(name, owner.clone(), *epoch, now);
+        if let Some(marks) = state.marks.get(epoch) {
+            for (replica, reason) in marks {
+                acker.on_mark(name, *epoch, replica, *reason);
+            }
+        }
+        let requested = state.current_move().is_some();
+        acker.set_release_requested(name, *epoch, requested);
+    }
+}
+
+async fn write_mark(store: &Store, mark: &Mark) -> Result<bool> {
+    let keys = store.keys();
+    let owner_key = keys.vip_owner(&mark.vip);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            owner_key.as_str(),
+            CompareOp::Equal,
+            mark.epoch as i64,
+        )])
+        .and_then([TxnOp::put(
+            keys.vip_mark(&mark.vip, mark.epoch, store.replica()),
+            encode(&MarkRecord::new(mark.reason)),
+            None,
+        )]);
+    let resp = store
+        .client()
+        .kv_client()
+        .txn(txn)
+        .await
+        .map_err(Error::etcd("write expiry mark"))?;
+    Ok(resp.succeeded())
+}
+
+/// Runs until `shutdown`.
+pub async fn run_marker(
+    store: Store,
+    hub: Arc<LeaseHub>,
+    mut vips: watch::Receiver<Arc<VipSnapshot>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let snapshot = vips.borrow_and_update().clone();
+        let now = hub.now();
+        let pending = hub.with_acker(|a| {
+            feed(a, &snapshot, now);
+            a.tick(now);
+            a.pending_marks()
+        });
+        let mut failed = false;
+        for mark in pending {
+            match write_mark(&store, &mark).await {
+                Ok(written) => {
+                    if written {
+                        info!(vip.name = %mark.vip, vip.epoch = mark.epoch, reason = mark.reason.as_str(), "expiry mark written");
+                    }
+                    // Written, or the epoch is already over: either way this
+                    // replica never acks it again.
+                    hub.with_acker(|a| {
+                        a.on_mark(&mark.vip, mark.epoch, store.replica(), mark.reason)
+                    });
+                }
+                Err(error) => {
+                    failed = true;
+                    warn!(%error, vip.name = %mark.vip, vip.epoch = mark.epoch, "cannot write expiry mark yet");
+                }
+            }
+        }
+        let wait = if failed {
+            RETRY
+        } else {
+            hub.with_acker(|a| a.next_deadline())
+                .map_or(RESYNC, |at| at.saturating_sub(hub.now()).min(RESYNC))
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = vips.changed() => if changed.is_err() { return },
+            _ = hub.marks_due.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
