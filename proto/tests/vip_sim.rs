@@ -290,8 +290,8 @@ fn target() -> Target {
 impl Sim {
     fn new(seed: u64, trace: bool) -> Sim {
         let mut rng = Rng(seed);
-        let fast = seed % 3 == 0;
-        let replicas = if seed % 7 == 0 { 5 } else { 3 };
+        let fast = seed.is_multiple_of(3);
+        let replicas = if seed.is_multiple_of(7) { 5 } else { 3 };
         let params = LeaseParams {
             replicas,
             ..if fast {
@@ -317,7 +317,7 @@ impl Sim {
         };
         let agents = (0..cfg.agents)
             .map(|i| {
-                let id = NodeId::new(format!("lb-{i}")).unwrap();
+                let id = NodeId::new(format!("lb-{i}")).expect("valid node id");
                 Agent {
                     holder: Holder::new(id.clone(), params),
                     id,

@@ -32,7 +32,7 @@ pub fn feed(acker: &mut Acker, snapshot: &VipSnapshot, now: Duration) {
         return;
     }
     for name in acker.known() {
-        let gone = snapshot.vips.get(&name).map_or(true, |s| s.spec.is_none());
+        let gone = snapshot.vips.get(&name).is_none_or(|s| s.spec.is_none());
         if gone {
             acker.on_removed(&name);
         }
