@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use steward_proto::domain::NodeId;
+use steward_proto::lease::LeaseParams;
 pub use steward_proto::runtime::{ConfigError, TlsFiles};
+use steward_proto::vip::LeaseConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +28,52 @@ pub struct AgentConfig {
     /// A session with no heartbeat ack for this long is abandoned and the
     /// agent moves to another replica. Defaults to 3 heartbeats.
     pub ack_timeout_ms: Option<u64>,
+    /// The floating-IP lease protocol (nodes with the lb role).
+    #[serde(default)]
+    pub vip: AgentVipConfig,
+}
+
+/// `[vip]`: timing must agree with the coordinators' `[vip]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentVipConfig {
+    /// "default" or "fast"; see packaging/agent.example.toml.
+    pub profile: Option<String>,
+    pub heartbeat_ms: Option<u64>,
+    pub lease_ms: Option<u64>,
+    pub drift_margin: Option<f64>,
+    /// Coordinator replicas in the cluster. Default: the number of
+    /// `coordinators` listed.
+    pub replicas: Option<usize>,
+    /// How long an ARP probe / DAD solicitation waits for an answer before
+    /// the address counts as free.
+    #[serde(default = "default_probe_wait_ms")]
+    pub probe_wait_ms: u64,
+    /// How often the local health check of each VIP runs.
+    #[serde(default = "default_check_interval_ms")]
+    pub check_interval_ms: u64,
+    /// HAProxy's admin socket, for the default `haproxy` check.
+    #[serde(default = "default_haproxy_socket")]
+    pub haproxy_socket: PathBuf,
+}
+
+fn default_probe_wait_ms() -> u64 {
+    30
+}
+fn default_check_interval_ms() -> u64 {
+    50
+}
+fn default_haproxy_socket() -> PathBuf {
+    "/run/haproxy/admin.sock".into()
+}
+
+/// Validated `[vip]`.
+#[derive(Debug, Clone)]
+pub struct VipSettings {
+    pub lease: LeaseParams,
+    pub probe_wait: Duration,
+    pub check_interval: Duration,
+    pub haproxy_socket: PathBuf,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -44,6 +92,7 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub ack_timeout: Duration,
+    pub vip: VipSettings,
 }
 
 impl AgentConfig {
@@ -99,14 +148,42 @@ impl AgentConfig {
                 "ack_timeout_ms = {ack_timeout_ms}: must be at least two heartbeat intervals"
             ));
         }
-        match node_id {
-            Some(node_id) if p.is_empty() => Ok(Settings {
+        let lease = LeaseConfig {
+            profile: self.vip.profile.clone(),
+            heartbeat_ms: self.vip.heartbeat_ms,
+            lease_ms: self.vip.lease_ms,
+            drift_margin: self.vip.drift_margin,
+            replicas: self.vip.replicas,
+        }
+        .params(self.coordinators.len().max(1))
+        .map_err(|problems| p.extend(problems))
+        .ok();
+        if !(1..=2000).contains(&self.vip.probe_wait_ms) {
+            p.push(format!(
+                "vip.probe_wait_ms = {}: must be between 1 and 2000",
+                self.vip.probe_wait_ms
+            ));
+        }
+        if !(10..=10_000).contains(&self.vip.check_interval_ms) {
+            p.push(format!(
+                "vip.check_interval_ms = {}: must be between 10 and 10000",
+                self.vip.check_interval_ms
+            ));
+        }
+        match (node_id, lease) {
+            (Some(node_id), Some(lease)) if p.is_empty() => Ok(Settings {
                 node_id,
                 coordinators: self.coordinators,
                 tls: self.tls,
                 state_dir: self.state_dir,
                 heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
                 ack_timeout: Duration::from_millis(ack_timeout_ms),
+                vip: VipSettings {
+                    lease,
+                    probe_wait: Duration::from_millis(self.vip.probe_wait_ms),
+                    check_interval: Duration::from_millis(self.vip.check_interval_ms),
+                    haproxy_socket: self.vip.haproxy_socket,
+                },
             }),
             _ => Err(p),
         }

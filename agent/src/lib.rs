@@ -5,13 +5,19 @@
 //! - The agent opens every connection (agents pull); it never listens.
 //! - The desired state in force survives coordinator outages and agent
 //!   restarts: it is recorded atomically before it is acknowledged.
-//! - Converging the host (packages, files, units, the VIP) is not here yet;
-//!   today the agent records and reports its roles.
+//! - A VIP is bound only under a quorum-acknowledged lease ([`vip`]), and
+//!   recorded before it is bound so that nothing is left behind.
+//! - Converging the host (packages, files, units) is not here yet; today
+//!   the agent records and reports its roles and holds VIPs.
 
+pub mod address;
+pub mod arp;
 pub mod config;
 pub mod facts;
+pub mod health_check;
 pub mod session;
 pub mod state;
+pub mod vip;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -41,6 +47,8 @@ pub enum AgentError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("VIP handling: {0}")]
+    Network(#[from] crate::address::NetError),
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, AgentError> {
@@ -78,9 +86,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             RecordedState::default()
         }
     };
-    let (desired, _in_force) = watch::channel(recorded);
+    let (desired, in_force) = watch::channel(recorded);
     info!(node.id = %settings.node_id, coordinators = ?settings.coordinators, "agent starting");
-    run_sessions(settings, creds, state, desired, shutdown).await;
+    let vips = vip::run_vips(settings.clone(), creds.clone(), in_force, shutdown.clone());
+    let sessions = run_sessions(settings, creds, state, desired, shutdown.clone());
+    let (vips, ()) = tokio::join!(
+        async {
+            let result = vips.await;
+            if result.is_err() {
+                // Without VIP handling the agent must not pretend to run.
+                shutdown.cancel();
+            }
+            result
+        },
+        sessions
+    );
     info!("agent stopped");
-    Ok(())
+    vips.map_err(AgentError::from)
 }

@@ -213,8 +213,13 @@ impl VipSpec {
         if let Err(e) = NodeId::new(self.name.clone()) {
             p.push(format!("name: {}", e.reason));
         }
-        if let Err(e) = self.cidr() {
-            p.push(e.to_string());
+        match self.cidr() {
+            Err(e) => p.push(e.to_string()),
+            Ok(cidr) if cidr.address.is_ipv6() => p.push(format!(
+                "address {}: IPv6 VIPs are not supported yet (the agent announces with ARP only)",
+                self.address
+            )),
+            Ok(_) => {}
         }
         if let Some(interface) = &self.interface {
             if interface.is_empty()
@@ -553,6 +558,16 @@ mod tests {
             preempt: false,
         };
         assert_eq!(spec.problems().len(), 4, "{:?}", spec.problems());
+        let v6 = VipSpec {
+            name: "front".into(),
+            address: "2001:db8::10/64".into(),
+            interface: None,
+            priority: Default::default(),
+            ..spec
+        };
+        let problems = v6.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("IPv6"), "{problems:?}");
     }
 
     #[test]

@@ -259,6 +259,12 @@ pub struct Cluster {
     pub name: String,
     /// Heartbeat interval given to agents started from now on.
     pub agent_heartbeat_ms: u64,
+    /// Address coordinators listen on and advertise (loopback unless a
+    /// test puts agents in network namespaces).
+    pub coordinator_host: String,
+    /// `[vip] profile` for coordinators started from now on (the
+    /// packaged default unless set).
+    pub coordinator_profile: Option<String>,
     pub dir: tempfile::TempDir,
 }
 
@@ -271,6 +277,8 @@ pub struct CoordinatorProc {
 
 pub struct AgentProc {
     pub node: String,
+    /// The network namespace it runs in (`ip netns exec`), if not the test's.
+    pub netns: Option<String>,
     pub config: PathBuf,
     pub state_dir: PathBuf,
     pub proc: Proc,
@@ -329,6 +337,8 @@ impl Cluster {
         Cluster {
             name: "test".into(),
             agent_heartbeat_ms: 200,
+            coordinator_host: "127.0.0.1".into(),
+            coordinator_profile: None,
             etcd,
             dir,
             coordinators: Vec::new(),
@@ -352,12 +362,23 @@ impl Cluster {
 
     /// Writes a coordinator config derived from the packaged example.
     pub fn coordinator_config(&self, id: &str, port: u16) -> PathBuf {
-        let (crt, key) = self.cert(id, IdentityKind::Coordinator);
+        let host = self.coordinator_host.clone();
+        let crt = self.pki().join(format!("{id}.crt"));
+        let key = self.pki().join(format!("{id}.key"));
+        if !crt.exists() {
+            pki::issue(
+                &self.pki(),
+                id,
+                IdentityKind::Coordinator,
+                std::slice::from_ref(&host),
+            )
+            .expect("issue");
+        }
         let mut t = load_example("coordinator.example.toml");
         set(&mut t, "id", id);
         set(&mut t, "cluster", self.name.as_str());
-        set(&mut t, "listen", format!("127.0.0.1:{port}"));
-        set(&mut t, "advertise", format!("https://127.0.0.1:{port}"));
+        set(&mut t, "listen", format!("{host}:{port}"));
+        set(&mut t, "advertise", format!("https://{host}:{port}"));
         set(
             &mut t,
             "tls.ca",
@@ -367,6 +388,9 @@ impl Cluster {
         set(&mut t, "tls.key", key.display().to_string());
         set(&mut t, "etcd.endpoints", vec![self.etcd.client_url.clone()]);
         set(&mut t, "timing.member_lease_ttl_s", 2);
+        if let Some(profile) = &self.coordinator_profile {
+            set(&mut t, "vip.profile", profile.as_str());
+        }
         let path = self.dir.path().join(format!("{id}.toml"));
         fs::write(&path, toml::to_string(&t).expect("toml")).expect("write config");
         path
@@ -381,7 +405,7 @@ impl Cluster {
             let proc = self.spawn_coordinator(&id, &config);
             self.coordinators.push(CoordinatorProc {
                 id,
-                url: format!("https://127.0.0.1:{port}"),
+                url: format!("https://{}:{port}", self.coordinator_host),
                 config,
                 proc,
             });
@@ -413,6 +437,17 @@ impl Cluster {
 
     /// Writes an agent config derived from the packaged example.
     pub fn agent_config(&self, node: &str, cert_name: &str, coordinators: &[String]) -> PathBuf {
+        self.agent_config_with(node, cert_name, coordinators, &[])
+    }
+
+    /// Like [`Cluster::agent_config`], with `extra` dotted keys set last.
+    pub fn agent_config_with(
+        &self,
+        node: &str,
+        cert_name: &str,
+        coordinators: &[String],
+        extra: &[(&str, toml::Value)],
+    ) -> PathBuf {
         let (crt, key) = self.cert(cert_name, IdentityKind::Agent);
         let mut t = load_example("agent.example.toml");
         set(&mut t, "node_id", node);
@@ -438,6 +473,9 @@ impl Cluster {
             "heartbeat_interval_ms",
             self.agent_heartbeat_ms as i64,
         );
+        for (key, value) in extra {
+            set(&mut t, key, value.clone());
+        }
         let path = self.dir.path().join(format!("agent-{node}.toml"));
         fs::write(&path, toml::to_string(&t).expect("toml")).expect("write config");
         path
@@ -451,9 +489,10 @@ impl Cluster {
     /// Starts an agent for `node` that knows only `coordinators`.
     pub fn start_agent_on(&mut self, node: &str, coordinators: &[String]) -> usize {
         let config = self.agent_config(node, node, coordinators);
-        let proc = self.spawn_agent(node, &config);
+        let proc = self.spawn_agent(node, &config, None);
         self.agents.push(AgentProc {
             node: node.to_owned(),
+            netns: None,
             state_dir: self.dir.path().join(format!("state-{node}")),
             config,
             proc,
@@ -461,8 +500,36 @@ impl Cluster {
         self.agents.len() - 1
     }
 
-    pub fn spawn_agent(&self, node: &str, config: &Path) -> Proc {
-        let mut cmd = Command::new(bin("steward-agent"));
+    /// Starts an agent for `node` inside the network namespace `netns`,
+    /// talking to every coordinator, with `extra` config keys.
+    pub fn start_agent_in(
+        &mut self,
+        netns: &str,
+        node: &str,
+        extra: &[(&str, toml::Value)],
+    ) -> usize {
+        let config = self.agent_config_with(node, node, &self.coordinator_urls(), extra);
+        let proc = self.spawn_agent(node, &config, Some(netns));
+        self.agents.push(AgentProc {
+            node: node.to_owned(),
+            netns: Some(netns.to_owned()),
+            state_dir: self.dir.path().join(format!("state-{node}")),
+            config,
+            proc,
+        });
+        self.agents.len() - 1
+    }
+
+    pub fn spawn_agent(&self, node: &str, config: &Path, netns: Option<&str>) -> Proc {
+        let mut cmd = match netns {
+            // `ip netns exec` execs the program: the pid is the agent's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("steward-agent"));
+                c
+            }
+            None => Command::new(bin("steward-agent")),
+        };
         cmd.arg("--config").arg(config).env("RUST_LOG", "info");
         let log = self
             .dir
@@ -473,7 +540,7 @@ impl Cluster {
 
     pub fn restart_agent(&mut self, index: usize) {
         let a = &self.agents[index];
-        let proc = self.spawn_agent(&a.node.clone(), &a.config.clone());
+        let proc = self.spawn_agent(&a.node, &a.config, a.netns.as_deref());
         self.agents[index].proc = proc;
     }
 
@@ -565,7 +632,7 @@ impl Default for Cluster {
     }
 }
 
-fn unique() -> u128 {
+pub fn unique() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

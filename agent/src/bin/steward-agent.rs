@@ -23,11 +23,58 @@ struct Args {
     /// Check the config and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Remove every VIP this agent recorded as bound, then exit. The systemd
+    /// unit runs it as ExecStopPost=, so a VIP never outlives its agent.
+    ReleaseVips {
+        /// State directory (default: the config's state_dir, else
+        /// /var/lib/steward-agent).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+fn release_vips(config: &std::path::Path, state_dir: Option<PathBuf>) -> ExitCode {
+    // Works even with a broken config: leaving a VIP behind is worse.
+    let state_dir = state_dir
+        .or_else(|| AgentConfig::load(config).ok().map(|s| s.state_dir))
+        .unwrap_or_else(|| "/var/lib/steward-agent".into());
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("steward-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(steward_agent::vip::release_recorded(&state_dir)) {
+        Ok(n) => {
+            println!(
+                "released {n} VIP address(es) recorded in {}",
+                state_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("steward-agent release-vips: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     steward_proto::runtime::init_tracing();
     let args = Args::parse();
+    if let Some(Command::ReleaseVips { state_dir }) = args.command {
+        return release_vips(&args.config, state_dir);
+    }
     let settings = match AgentConfig::load(&args.config) {
         Ok(s) => s,
         Err(e) => {

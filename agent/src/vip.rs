@@ -1,0 +1,582 @@
+//! The agent's side of the VIP lease protocol (DESIGN.md §3): while the node
+//! has the lb role it keeps a lease stream to **every** coordinator replica,
+//! heartbeats them all, and drives a [`Holder`] — the same IO-free protocol
+//! code the simulation checks — carrying out what it decides: probe, bind,
+//! announce, unbind.
+//!
+//! Every address this agent binds is first written to `vips.json` in its
+//! state directory, so that whatever ends the agent, `steward-agent
+//! release-vips` (the unit's `ExecStopPost=`) and the next start remove it:
+//! a VIP is never left behind without a lease.
+//!
+//! **Architecture invariant:** the holding rule is applied on this host's
+//! monotonic clock only; replicas echo our send times and never compare
+//! clocks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use steward_proto::backoff::Backoff;
+use steward_proto::domain::{NodeId, Role};
+use steward_proto::lease::{Claim, Holder, HolderAction, Target};
+use steward_proto::pb;
+use steward_proto::pb::agent_service_client::AgentServiceClient;
+use steward_proto::vip::{LeaseHeartbeat, LeaseReply, VipCheck};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::address::{enable_nonlocal_bind, HostNetwork, NetError};
+use crate::config::{Settings, VipSettings};
+use crate::session::Credentials;
+use crate::state::RecordedState;
+
+/// How often the addresses actually on the host are compared with what the
+/// holder believes (drift: somebody removed or added the VIP by hand).
+const OBSERVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stopping agent waits for its last heartbeat ("released") to
+/// go out.
+const FAREWELL: Duration = Duration::from_millis(300);
+
+/// What `vips.json` holds: addresses this agent has bound (or is binding).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldAddresses {
+    pub held: Vec<HeldAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct HeldAddress {
+    pub vip: String,
+    pub address: std::net::IpAddr,
+    pub prefix: u8,
+    pub interface: String,
+}
+
+impl HeldAddress {
+    fn target(&self) -> Target {
+        Target {
+            address: self.address,
+            prefix: self.prefix,
+            interface: Some(self.interface.clone()),
+        }
+    }
+}
+
+/// `vips.json` in the state directory, written atomically.
+#[derive(Debug, Clone)]
+pub struct HeldFile {
+    path: PathBuf,
+}
+
+impl HeldFile {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("vips.json"),
+        }
+    }
+
+    pub fn load(&self) -> HeldAddresses {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+                warn!(%error, path = %self.path.display(), "unreadable held-VIP record; ignoring it");
+                HeldAddresses::default()
+            }),
+            Err(_) => HeldAddresses::default(),
+        }
+    }
+
+    pub fn save(&self, held: &HeldAddresses) -> std::io::Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(held).unwrap_or_default())?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+/// Removes every address `vips.json` lists (agent start, and
+/// `steward-agent release-vips` after the agent stopped). Returns how many
+/// were removed.
+pub async fn release_recorded(state_dir: &Path) -> Result<usize, NetError> {
+    let file = HeldFile::new(state_dir);
+    let held = file.load();
+    if held.held.is_empty() {
+        return Ok(0);
+    }
+    let net = HostNetwork::connect()?;
+    let mut removed = 0;
+    for h in &held.held {
+        let target = h.target();
+        if net.has_address(&target).await.unwrap_or(true) {
+            net.remove_address(&target).await?;
+            removed += 1;
+            info!(vip.name = %h.vip, address = %h.address, interface = %h.interface, "removed VIP held without a lease");
+        }
+    }
+    if let Err(error) = file.save(&HeldAddresses::default()) {
+        warn!(%error, "cannot clear the held-VIP record");
+    }
+    Ok(removed)
+}
+
+enum DriverEvent {
+    Reply(LeaseReply),
+    Probed {
+        vip: String,
+        epoch: u64,
+        in_use: bool,
+    },
+    Checked {
+        vip: String,
+        ok: bool,
+    },
+}
+
+struct Driver {
+    node: NodeId,
+    settings: VipSettings,
+    holder: Holder,
+    origin: Instant,
+    net: Arc<HostNetwork>,
+    checks: BTreeMap<String, VipCheck>,
+    targets: BTreeMap<String, Target>,
+    health: BTreeMap<String, bool>,
+    checking: BTreeSet<String>,
+    held_file: HeldFile,
+    held: HeldAddresses,
+    seq: u64,
+    last_claims: Vec<Claim>,
+    nonlocal_bind: bool,
+    heartbeats: watch::Sender<Option<Arc<LeaseHeartbeat>>>,
+    events: mpsc::Sender<DriverEvent>,
+}
+
+impl Driver {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    fn heartbeat(&mut self) {
+        self.seq += 1;
+        let claims = self.holder.claims();
+        self.last_claims = claims.clone();
+        let hb = LeaseHeartbeat {
+            node: self.node.clone(),
+            seq: self.seq,
+            sent_at: self.now(),
+            claims,
+            health: self.health.iter().map(|(v, ok)| (v.clone(), *ok)).collect(),
+            lease: self.settings.lease.lease,
+            replicas: self.settings.lease.replicas as u32,
+        };
+        self.heartbeats.send_replace(Some(Arc::new(hb)));
+    }
+
+    /// Heartbeats at once when what we claim changed (a new epoch to get
+    /// acked, a release to report): failover waits for no timer.
+    fn heartbeat_if_claims_changed(&mut self) {
+        if self.holder.claims() != self.last_claims {
+            self.heartbeat();
+        }
+    }
+
+    async fn on_event(&mut self, event: DriverEvent) {
+        let now = self.now();
+        let actions = match event {
+            DriverEvent::Reply(reply) => {
+                if !reply.assignments.is_empty() && !self.nonlocal_bind {
+                    // Only once a VIP exists: a node without one keeps its
+                    // kernel settings as they are.
+                    match enable_nonlocal_bind() {
+                        Ok(()) => info!("ip_nonlocal_bind enabled: HAProxy can bind VIPs this node does not hold"),
+                        Err(error) => warn!(%error, "cannot enable ip_nonlocal_bind; HAProxy on the passive node may fail to bind the VIP"),
+                    }
+                    self.nonlocal_bind = true;
+                }
+                let mut actions = Vec::new();
+                for assigned in reply.assignments {
+                    let name = assigned.assignment.vip.clone();
+                    self.checks.insert(name.clone(), assigned.check);
+                    self.targets
+                        .insert(name, assigned.assignment.target.clone());
+                    actions.extend(self.holder.on_assignment(assigned.assignment, now));
+                }
+                if reply.seq != 0 {
+                    actions.extend(self.holder.on_ack(
+                        &reply.replica,
+                        reply.sent_at,
+                        &reply.acked,
+                        now,
+                    ));
+                }
+                actions
+            }
+            DriverEvent::Probed { vip, epoch, in_use } => {
+                if in_use {
+                    warn!(vip.name = %vip, vip.epoch = epoch, "address in use by another host; not binding yet");
+                }
+                self.holder.on_probe_result(&vip, epoch, in_use, now)
+            }
+            DriverEvent::Checked { vip, ok } => {
+                self.checking.remove(&vip);
+                let previous = self.health.insert(vip.clone(), ok);
+                if previous != Some(ok) {
+                    info!(vip.name = %vip, healthy = ok, "local health check changed");
+                    self.holder.set_health(&vip, ok, now)
+                } else {
+                    Vec::new()
+                }
+            }
+        };
+        self.carry_out(actions).await;
+    }
+
+    async fn carry_out(&mut self, actions: Vec<HolderAction>) {
+        for action in actions {
+            match action {
+                HolderAction::Probe { vip, epoch, target } => {
+                    let net = self.net.clone();
+                    let events = self.events.clone();
+                    let wait = self.settings.probe_wait;
+                    tokio::spawn(async move {
+                        let in_use = match probe(&net, &target, wait).await {
+                            Ok(in_use) => in_use,
+                            Err(error) => {
+                                warn!(%error, vip.name = %vip, "cannot probe; will retry");
+                                true
+                            }
+                        };
+                        let _ = events
+                            .send(DriverEvent::Probed { vip, epoch, in_use })
+                            .await;
+                    });
+                }
+                HolderAction::Bind { vip, target } => self.bind(&vip, &target).await,
+                HolderAction::Unbind { vip, target, why } => self.unbind(&vip, &target, why).await,
+                HolderAction::Announce { vip, target } => {
+                    match self.net.resolve_interface(&target).await {
+                        Ok((interface, _)) => {
+                            if let Err(error) = crate::arp::announce(&interface, target.address) {
+                                warn!(%error, vip.name = %vip, "announcement failed");
+                            } else {
+                                debug!(vip.name = %vip, %interface, "announced");
+                            }
+                        }
+                        Err(error) => warn!(%error, vip.name = %vip, "cannot announce"),
+                    }
+                }
+            }
+        }
+        self.heartbeat_if_claims_changed();
+    }
+
+    async fn bind(&mut self, vip: &str, target: &Target) {
+        let interface = match self.net.resolve_interface(target).await {
+            Ok((name, _)) => name,
+            Err(error) => {
+                warn!(%error, vip.name = %vip, "cannot bind: no interface");
+                let now = self.now();
+                let actions = self.holder.observe(vip, false, now);
+                Box::pin(self.carry_out(actions)).await;
+                return;
+            }
+        };
+        let record = HeldAddress {
+            vip: vip.to_owned(),
+            address: target.address,
+            prefix: target.prefix,
+            interface: interface.clone(),
+        };
+        if !self.held.held.contains(&record) {
+            self.held.held.push(record);
+            // Recorded before bound: a crash right after binding still leaves
+            // a record for release-vips and the next start.
+            if let Err(error) = self.held_file.save(&self.held) {
+                warn!(%error, "cannot record held VIP; binding anyway");
+            }
+        }
+        match self.net.add_address(target).await {
+            Ok(()) => info!(vip.name = %vip, address = %target.address, %interface, "VIP bound"),
+            Err(error) => warn!(%error, vip.name = %vip, "cannot bind"),
+        }
+    }
+
+    async fn unbind(&mut self, vip: &str, target: &Target, why: &str) {
+        match self.net.remove_address(target).await {
+            Ok(()) => info!(vip.name = %vip, address = %target.address, why, "VIP removed"),
+            Err(error) => warn!(%error, vip.name = %vip, why, "cannot remove VIP"),
+        }
+        let before = self.held.held.len();
+        self.held.held.retain(|h| h.vip != vip);
+        if self.held.held.len() != before {
+            if let Err(error) = self.held_file.save(&self.held) {
+                warn!(%error, "cannot update held-VIP record");
+            }
+        }
+    }
+
+    fn start_checks(&mut self) {
+        let timeout = self.settings.check_interval.max(Duration::from_millis(200));
+        for (vip, check) in &self.checks {
+            if !self.checking.insert(vip.clone()) {
+                continue;
+            }
+            let (vip, check) = (vip.clone(), check.clone());
+            let socket = self.settings.haproxy_socket.clone();
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let result = crate::health_check::run_check(&check, &socket, timeout).await;
+                if let Err(reason) = &result {
+                    debug!(vip.name = %vip, %reason, "health check failed");
+                }
+                let ok = result.is_ok();
+                let _ = events.send(DriverEvent::Checked { vip, ok }).await;
+            });
+        }
+    }
+
+    async fn observe(&mut self) {
+        let targets: Vec<(String, Target)> = self
+            .targets
+            .iter()
+            .map(|(v, t)| (v.clone(), t.clone()))
+            .collect();
+        for (vip, target) in targets {
+            match self.net.has_address(&target).await {
+                Ok(present) => {
+                    let now = self.now();
+                    let actions = self.holder.observe(&vip, present, now);
+                    self.carry_out(actions).await;
+                }
+                Err(error) => debug!(%error, vip.name = %vip, "cannot read addresses"),
+            }
+        }
+    }
+
+    /// Lets go of everything and tells the replicas.
+    async fn release_all(&mut self) {
+        let now = self.now();
+        let actions = self.holder.release_all(now);
+        self.carry_out(actions).await;
+        self.heartbeat();
+    }
+}
+
+async fn probe(net: &HostNetwork, target: &Target, wait: Duration) -> Result<bool, NetError> {
+    if net.has_address(target).await? {
+        // Ours already (a restart's leftover we are entitled to again).
+        return Ok(false);
+    }
+    let (interface, _) = net.resolve_interface(target).await?;
+    crate::arp::probe(&interface, target.address, wait).await
+}
+
+/// One lease stream to one replica, reconnecting with backoff until `stop`.
+async fn lease_stream(
+    url: String,
+    creds: Credentials,
+    mut heartbeats: watch::Receiver<Option<Arc<LeaseHeartbeat>>>,
+    events: mpsc::Sender<DriverEvent>,
+    silence: Duration,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = one_lease_stream(&url, &creds, &mut heartbeats, &events, silence) => r,
+        };
+        if let Err(error) = result {
+            warn!(%error, "lease stream down; reconnecting");
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+async fn one_lease_stream(
+    url: &str,
+    creds: &Credentials,
+    heartbeats: &mut watch::Receiver<Option<Arc<LeaseHeartbeat>>>,
+    events: &mpsc::Sender<DriverEvent>,
+    silence: Duration,
+) -> Result<(), String> {
+    let channel = steward_proto::runtime::dial_mtls(
+        url,
+        creds.ca.clone(),
+        creds.identity.clone(),
+        Duration::from_secs(2),
+    )
+    .await?;
+    let mut client = AgentServiceClient::new(channel);
+    let first = loop {
+        if let Some(hb) = heartbeats.borrow_and_update().clone() {
+            break hb;
+        }
+        heartbeats
+            .changed()
+            .await
+            .map_err(|_| "agent stopping".to_owned())?;
+    };
+    let (tx, rx) = mpsc::channel::<pb::LeaseHeartbeat>(4);
+    // The receiver is alive (held by `rx` below), so this cannot fail.
+    let _ = tx.try_send((*first).clone().into());
+    let mut inbound = client
+        .lease(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{url} refused the lease stream: {}", s.message()))?
+        .into_inner();
+    info!("lease stream open");
+    loop {
+        tokio::select! {
+            changed = heartbeats.changed() => {
+                changed.map_err(|_| "agent stopping".to_owned())?;
+                if let Some(hb) = heartbeats.borrow_and_update().clone() {
+                    // A heartbeat that cannot go out now is worthless later.
+                    let _ = tx.try_send((*hb).clone().into());
+                }
+            }
+            message = tokio::time::timeout(silence, inbound.message()) => {
+                let message = message
+                    .map_err(|_| format!("no reply from {url} for {silence:?}"))?
+                    .map_err(|s| format!("{url}: {}", s.message()))?
+                    .ok_or_else(|| format!("{url} closed the lease stream"))?;
+                let reply = LeaseReply::try_from(message)
+                    .map_err(|e| format!("invalid reply from {url}: {e}"))?;
+                events
+                    .send(DriverEvent::Reply(reply))
+                    .await
+                    .map_err(|_| "agent stopping".to_owned())?;
+            }
+        }
+    }
+}
+
+/// Runs the VIP side of the agent until `shutdown`: idle while the node has
+/// no lb role, a candidate of every VIP it is told about while it has.
+pub async fn run_vips(
+    settings: Settings,
+    creds: Credentials,
+    mut desired: watch::Receiver<RecordedState>,
+    shutdown: CancellationToken,
+) -> Result<(), NetError> {
+    match release_recorded(&settings.state_dir).await {
+        Ok(0) => {}
+        Ok(n) => info!(removed = n, "removed VIPs left from a previous run"),
+        Err(error) => warn!(%error, "cannot remove VIPs left from a previous run"),
+    }
+    let vip = settings.vip.clone();
+    let (events_tx, mut events_rx) = mpsc::channel(64);
+    let (heartbeats, _) = watch::channel(None);
+    let mut driver = Driver {
+        node: settings.node_id.clone(),
+        holder: Holder::new(settings.node_id.clone(), vip.lease),
+        settings: vip.clone(),
+        origin: Instant::now(),
+        net: Arc::new(HostNetwork::connect()?),
+        checks: BTreeMap::new(),
+        targets: BTreeMap::new(),
+        health: BTreeMap::new(),
+        checking: BTreeSet::new(),
+        held_file: HeldFile::new(&settings.state_dir),
+        held: HeldAddresses::default(),
+        seq: 0,
+        last_claims: Vec::new(),
+        nonlocal_bind: false,
+        heartbeats,
+        events: events_tx.clone(),
+    };
+    let mut streams: Option<CancellationToken> = None;
+    let mut hb_tick = tokio::time::interval(vip.lease.heartbeat);
+    let mut check_tick = tokio::time::interval(vip.check_interval);
+    let mut observe_tick = tokio::time::interval(OBSERVE_INTERVAL);
+    for tick in [&mut hb_tick, &mut check_tick, &mut observe_tick] {
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    // Replies slower than this mean the stream is dead: reconnect.
+    let silence = (vip.lease.lease * 3).max(Duration::from_secs(2));
+    loop {
+        let candidate = desired.borrow().desired.roles.contains(&Role::Lb);
+        match (candidate, &streams) {
+            (true, None) => {
+                info!(
+                    replicas = settings.coordinators.len(),
+                    "lb role: VIP candidate, streaming to every replica"
+                );
+                let stop = CancellationToken::new();
+                driver.heartbeat();
+                for url in &settings.coordinators {
+                    tokio::spawn(
+                        lease_stream(
+                            url.clone(),
+                            creds.clone(),
+                            driver.heartbeats.subscribe(),
+                            events_tx.clone(),
+                            silence,
+                            stop.clone(),
+                        )
+                        .instrument(tracing::info_span!("lease", coordinator = %url)),
+                    );
+                }
+                streams = Some(stop);
+            }
+            (false, Some(stop)) => {
+                info!("lb role removed: releasing VIPs");
+                driver.release_all().await;
+                tokio::time::sleep(FAREWELL).await;
+                stop.cancel();
+                streams = None;
+                driver.holder = Holder::new(driver.node.clone(), vip.lease);
+                driver.checks.clear();
+                driver.targets.clear();
+                driver.health.clear();
+            }
+            _ => {}
+        }
+        let deadline = driver.holder.next_deadline().map(|d| driver.origin + d);
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                if streams.is_some() {
+                    driver.release_all().await;
+                    tokio::time::sleep(FAREWELL).await;
+                }
+                if let Some(stop) = streams.take() {
+                    stop.cancel();
+                }
+                return Ok(());
+            }
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = hb_tick.tick(), if streams.is_some() => driver.heartbeat(),
+            _ = check_tick.tick(), if streams.is_some() => driver.start_checks(),
+            _ = observe_tick.tick(), if streams.is_some() => driver.observe().await,
+            _ = sleep_until(deadline) => {
+                let now = driver.now();
+                let actions = driver.holder.tick(now);
+                driver.carry_out(actions).await;
+            }
+            Some(event) = events_rx.recv() => driver.on_event(event).await,
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
