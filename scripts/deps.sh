@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Steward needs on Debian/Ubuntu:
-# protoc (to compile the .proto files) and a real etcd for the tests.
+# protoc (to compile the .proto files), and for the tests a real etcd,
+# HAProxy, keepalived and iproute2.
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 
@@ -12,11 +13,23 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v ip >/dev/null || need+=(iproute2)
+# The VIP tests run a real HAProxy on every test LB host; the failover
+# benchmark compares against keepalived (VRRP).
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v keepalived >/dev/null || need+=(keepalived)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing: ${need[*]}"
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  # Packages such as haproxy and etcd-server start their system service on
+  # install; the tests start their own instances and nothing else should
+  # run. Without a policy in place, hold services off for this install only.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use steward_coordinator::pki::{self, IdentityKind};
 
+pub mod netns;
+pub mod vip_bed;
+
 /// Where the workspace's binaries are.
 pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("STEWARD_BIN_DIR") {
