@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Steward needs on Debian/Ubuntu:
 # protoc (to compile the .proto files), and for the tests a real etcd,
-# HAProxy, keepalived and iproute2.
+# HAProxy, keepalived, iproute2 and nftables.
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 
@@ -17,6 +17,8 @@ command -v ip >/dev/null || need+=(iproute2)
 # benchmark compares against keepalived (VRRP).
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v keepalived >/dev/null || need+=(keepalived)
+# Test partitions filter traffic inside test namespaces with nftables.
+command -v nft >/dev/null || need+=(nftables)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing: ${need[*]}"

@@ -385,7 +385,9 @@ async fn lease_stream(
     silence: Duration,
     stop: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    // Short: a replica that restarted waits for its holders only so long
+    // (`LeaseParams::restart_grace`), and a refused connection costs little.
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
     loop {
         let started = Instant::now();
         let result = tokio::select! {

@@ -84,6 +84,17 @@ impl LeaseParams {
         self.lease.mul_f64(1.0 - self.drift_margin)
     }
 
+    /// How long a replica that just started waits, beyond the lease, before
+    /// it may mark an epoch expired: holders need time to reconnect to it,
+    /// and a mark is final for its epoch (the replica never acks that epoch
+    /// again), so a hasty one would leave the holder with one ack fewer for
+    /// as long as it holds. Waiting is always safe (a mark only permits a
+    /// reassignment) and does not slow failover while the other replicas
+    /// are up: a quorum of marks is enough.
+    pub fn restart_grace(&self) -> Duration {
+        (self.lease * 3).max(Duration::from_secs(2))
+    }
+
     /// Every problem with these parameters, or nothing.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
@@ -602,7 +613,8 @@ pub struct Acker {
 impl Acker {
     /// `started`: when this replica process started. Since it cannot know
     /// what it acked in a previous life, it writes no expiry mark before
-    /// `started + lease`.
+    /// `started + lease`, and gives holders [`LeaseParams::restart_grace`]
+    /// more to reconnect.
     pub fn new(me: ReplicaId, params: LeaseParams, started: Duration) -> Self {
         Self {
             params,
@@ -698,7 +710,7 @@ impl Acker {
     /// Decides the expiry marks that became due.
     pub fn tick(&mut self, now: Duration) {
         let lease = self.params.lease;
-        let not_before = self.started + lease;
+        let not_before = self.first_mark_at();
         for v in self.vips.values_mut() {
             if v.stopped.is_none() {
                 let quiet_since = v.last_ack.unwrap_or(v.seen_at);
@@ -707,6 +719,10 @@ impl Acker {
                 }
             }
         }
+    }
+
+    fn first_mark_at(&self) -> Duration {
+        self.started + self.params.lease + self.params.restart_grace()
     }
 
     /// Marks decided but not yet seen written; write each, then call
@@ -727,7 +743,7 @@ impl Acker {
 
     /// When `tick` must run next to write a mark on time.
     pub fn next_deadline(&self) -> Option<Duration> {
-        let not_before = self.started + self.params.lease;
+        let not_before = self.first_mark_at();
         self.vips
             .values()
             .filter(|v| v.stopped.is_none())
@@ -1104,17 +1120,17 @@ mod tests {
     fn acker_marks_after_a_quiet_lease_and_then_never_acks_again() {
         let p = LeaseParams::DEFAULT;
         let mut a = Acker::new("r1".into(), p, ms(0));
-        a.on_owner("front", Some(node("lb-1")), 7, ms(1000));
+        a.on_owner("front", Some(node("lb-1")), 7, ms(4000));
         let claim = [Claim {
             vip: "front".into(),
             epoch: 7,
             released: false,
         }];
-        a.on_heartbeat(&node("lb-1"), &claim, ms(1100));
-        assert_eq!(a.next_deadline(), Some(ms(1800)));
-        a.tick(ms(1799));
+        a.on_heartbeat(&node("lb-1"), &claim, ms(4100));
+        assert_eq!(a.next_deadline(), Some(ms(4800)));
+        a.tick(ms(4799));
         assert!(a.pending_marks().is_empty());
-        a.tick(ms(1800));
+        a.tick(ms(4800));
         assert_eq!(
             a.pending_marks(),
             vec![Mark {
@@ -1123,19 +1139,24 @@ mod tests {
                 reason: MarkReason::Expired
             }]
         );
-        assert!(a.on_heartbeat(&node("lb-1"), &claim, ms(1801)).is_empty());
+        assert!(a.on_heartbeat(&node("lb-1"), &claim, ms(4801)).is_empty());
         a.on_mark("front", 7, "r1", MarkReason::Expired);
         assert!(a.pending_marks().is_empty());
     }
 
     #[test]
-    fn restarted_acker_waits_a_lease_before_marking_and_honours_old_marks() {
+    fn restarted_acker_waits_a_lease_and_the_grace_before_marking_and_honours_old_marks() {
         let p = LeaseParams::DEFAULT;
+        assert_eq!(p.restart_grace(), ms(2100));
         let mut a = Acker::new("r1".into(), p, ms(5000));
         a.on_owner("front", Some(node("lb-1")), 7, ms(5000));
-        a.tick(ms(5699));
-        assert!(a.pending_marks().is_empty());
-        a.tick(ms(5700));
+        assert_eq!(a.next_deadline(), Some(ms(7800)));
+        a.tick(ms(7799));
+        assert!(
+            a.pending_marks().is_empty(),
+            "holders get time to reconnect"
+        );
+        a.tick(ms(7800));
         assert_eq!(a.pending_marks().len(), 1);
 
         let mut b = Acker::new("r1".into(), p, ms(5000));

@@ -1167,7 +1167,11 @@ impl Sim {
     /// How long after healing some host must hold the VIP.
     fn liveness_bound(&self) -> Time {
         let p = self.cfg.params;
-        ELECTION_TTL + KEEPALIVE + 3 * p.lease.as_micros() as Time + 1_000 * MS
+        ELECTION_TTL
+            + KEEPALIVE
+            + 3 * p.lease.as_micros() as Time
+            + p.restart_grace().as_micros() as Time
+            + 1_000 * MS
     }
 
     // --- main loop ----------------------------------------------------------

@@ -518,16 +518,45 @@ impl Host {
         ip(&["-n", &self.switch_ns, "link", "set", &self.port, "up"]);
     }
 
-    /// Cuts this host off from `peer`: a blackhole route here for
-    /// `peer/32`. Nothing this host sends reaches `peer` (not even replies),
-    /// so TCP fails in both directions; ARP still works.
+    /// Cuts this host off from `peer`, both ways: an nftables filter in
+    /// this host's namespace drops every IP packet to or from `peer` (TCP,
+    /// and raw-socket protocols such as VRRP that ignore the routing table
+    /// alike); ARP still works.
     pub fn block(&self, peer: Ipv4Addr) {
-        self.iproute(&["route", "add", "blackhole", &format!("{peer}/32")]);
+        let listed = self
+            .command("nft")
+            .args(["list", "table", "inet", "steward_test"])
+            .output()
+            .expect("run nft");
+        if !listed.status.success() {
+            self.run("nft", &[FILTER_TABLE]);
+        }
+        self.run(
+            "nft",
+            &[
+                "add",
+                "element",
+                "inet",
+                "steward_test",
+                "blocked",
+                &format!("{{ {peer} }}"),
+            ],
+        );
     }
 
     /// Undoes [`Host::block`].
     pub fn unblock(&self, peer: Ipv4Addr) {
-        self.iproute(&["route", "del", "blackhole", &format!("{peer}/32")]);
+        self.run(
+            "nft",
+            &[
+                "delete",
+                "element",
+                "inet",
+                "steward_test",
+                "blocked",
+                &format!("{{ {peer} }}"),
+            ],
+        );
     }
 
     /// Whether `ip` is configured on any interface of this host.
@@ -537,6 +566,15 @@ impl Host {
             .any(|l| parse_addr_line(l, ip).is_some_and(|(added, _)| added))
     }
 }
+
+/// The filter [`Host::block`] installs on first use: drop everything from
+/// or to an address in the `blocked` set.
+const FILTER_TABLE: &str = "add table inet steward_test; \
+     add set inet steward_test blocked { type ipv4_addr; }; \
+     add chain inet steward_test input { type filter hook input priority 0; }; \
+     add rule inet steward_test input ip saddr @blocked drop; \
+     add chain inet steward_test output { type filter hook output priority 0; }; \
+     add rule inet steward_test output ip daddr @blocked drop";
 
 /// If `line` (`ip -o addr` / `ip -o monitor address` format) is about
 /// `ip`: (added, "iface address/len"). `Deleted ...` lines are removals.

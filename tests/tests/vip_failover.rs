@@ -163,6 +163,25 @@ fn coordinator_leader_crash_does_not_touch_the_vip() {
             .leader()
             .filter(|l| *l != bed.cluster.coordinators[leader].id)
     });
+
+    // Back from the dead, the replica acks the holder again (it must not
+    // give up on the epoch before the holder had time to reconnect), so a
+    // second replica failure later is survived too.
+    bed.cluster.restart_coordinator(leader);
+    steward_tests::eventually(Duration::from_secs(15), "all three replicas acking", || {
+        let status = bed.vip_status();
+        let replicas = status["replicas"].as_array().cloned().unwrap_or_default();
+        (replicas.len() == 3 && replicas.iter().all(|r| r["acking"] == true)).then_some(())
+    });
+    sleep(Duration::from_secs(4));
+    let status = bed.vip_status();
+    assert!(
+        status["replicas"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|r| r["acking"] == true && r["mark"].is_null())),
+        "a replica gave up on the live holder: {status}"
+    );
+    assert_eq!(bed.holder(), Some(holder));
 }
 
 #[test]

@@ -152,6 +152,9 @@ fn trial(c: &mut Contender, s: Scenario) -> (ClientReport, bool) {
         },
         Scenario::Leader => {
             if let Contender::Steward(bed) = c {
+                if std::env::var_os("BENCH_DEBUG").is_some() {
+                    eprintln!("{}", bed.vip_status());
+                }
                 let leader = bed.index_of_leader();
                 bed.cluster.coordinators[leader].proc.kill();
                 sleep(Duration::from_secs(3));
@@ -177,6 +180,11 @@ fn trial(c: &mut Contender, s: Scenario) -> (ClientReport, bool) {
     }
     let report = run.finish();
     let dual = c.door().watch().dual_holder_time() > dual_before;
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        let events = c.door().watch().events();
+        let tail = &events[events.len().saturating_sub(4)..];
+        eprintln!("{tail:?} outages {:?}", report.outages);
+    }
 
     // Put the failed part back, and let things settle before the next trial.
     match s {
