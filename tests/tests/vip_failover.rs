@@ -269,3 +269,37 @@ fn frozen_agent_never_yields_two_holders() {
     assert_never_two_holders(&bed);
     assert!(bed.serves());
 }
+
+#[test]
+fn release_vips_after_an_agent_crash_clears_the_way() {
+    let _serial = serial();
+    let mut bed = VipBed::start("release", BedOptions::default());
+    let old = bed.wait_for_single_holder(Duration::from_secs(5));
+    let agent = bed.lbs[old].agent;
+    bed.cluster.agents[agent].proc.kill();
+    sleep(Duration::from_secs(2));
+    // A SIGKILLed agent cannot remove its address, and the other LB's probe
+    // sees it still answered for: nobody else binds it.
+    assert!(bed.lbs[old].host.has_address(bed.vip));
+    assert!(!bed.lbs[other(old)].host.has_address(bed.vip));
+
+    // What systemd's ExecStopPost= runs after any stop.
+    let config = bed.cluster.agents[agent].config.clone();
+    let out = bed.lbs[old].host.run(
+        steward_tests::bin("steward-agent"),
+        &[
+            std::ffi::OsStr::new("--config"),
+            config.as_os_str(),
+            std::ffi::OsStr::new("release-vips"),
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("released 1 VIP"),
+        "release-vips reports what it removed: {said}"
+    );
+    assert!(!bed.lbs[old].host.has_address(bed.vip));
+    bed.wait_for_holder(other(old), FAILOVER_BOUND);
+    assert_never_two_holders(&bed);
+    assert!(bed.serves());
+}
