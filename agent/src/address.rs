@@ -41,8 +41,6 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 fn netlink(op: &'static str) -> impl FnOnce(rtnetlink::Error) -> NetError {

@@ -2,28 +2,17 @@
 //! using this address?) and the gratuitous ARP after (neighbours, switches
 //! and routers: this address now lives at this MAC).
 //!
-//! Both go through an `AF_PACKET` socket bound to the interface, so they
-//! work whether or not the address is configured. IPv4 only: IPv6 VIPs are
-//! refused when they are defined (see `VipSpec::problems`).
+//! Both go through a packet socket bound to the interface
+//! ([`crate::packet`]), so they work whether or not the address is
+//! configured. IPv6 addresses go to [`crate::ndp`].
 
-// The only unsafe code in the agent: opening and binding the packet socket
-// (libc calls nix has no safe wrapper for with `sockaddr_ll`).
-#![allow(unsafe_code)]
-
-use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use nix::libc;
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
-use tokio::time::Instant;
-
 use crate::address::NetError;
+use crate::packet::{PacketSocket, BROADCAST};
 
 const ETH_P_ARP: u16 = 0x0806;
-const BROADCAST: [u8; 6] = [0xff; 6];
 const FRAME_LEN: usize = 14 + 28;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,154 +85,16 @@ impl ArpFrame {
     }
 }
 
-/// A packet socket for ARP bound to one interface.
-struct ArpSocket {
-    fd: AsyncFd<OwnedFd>,
-    mac: [u8; 6],
-    interface: String,
-}
-
-impl ArpSocket {
-    fn open(interface: &str) -> Result<ArpSocket, NetError> {
-        let fail = |op: &'static str| {
-            let interface = interface.to_owned();
-            move |source: io::Error| NetError::Packet {
-                op,
-                interface,
-                source,
-            }
-        };
-        let (index, mac) = link_of(interface)?;
-        let protocol = ETH_P_ARP.to_be();
-        // SAFETY: plain socket(2) call; the returned descriptor is checked
-        // and owned by the OwnedFd at once.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                i32::from(protocol),
-            )
-        };
-        if raw < 0 {
-            return Err(fail("packet socket")(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh, valid descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        address.sll_family = libc::AF_PACKET as u16;
-        address.sll_protocol = protocol;
-        address.sll_ifindex = index as i32;
-        // SAFETY: the pointer and length describe `address`, which lives
-        // across the call; bind(2) only reads it.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::addr_of!(address).cast::<libc::sockaddr>(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(fail("bind packet socket")(io::Error::last_os_error()));
-        }
-        // SAFETY: an OwnedFd's descriptor stays open and the same for as
-        // long as the AsyncFd owns it.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(|e| fail("register packet socket")(e.into()))?;
-        Ok(ArpSocket {
-            fd,
-            mac,
-            interface: interface.to_owned(),
-        })
-    }
-
-    fn send(&self, frame: &ArpFrame) -> Result<(), NetError> {
-        nix::sys::socket::send(
-            self.fd.get_ref().as_raw_fd(),
-            &frame.encode(),
-            nix::sys::socket::MsgFlags::empty(),
-        )
-        .map(|_| ())
-        .map_err(|e| NetError::Packet {
-            op: "send ARP",
-            interface: self.interface.clone(),
-            source: e.into(),
-        })
-    }
-
-    /// The next ARP frame, or `None` at `deadline`.
-    async fn receive(&self, deadline: Instant) -> Result<Option<ArpFrame>, NetError> {
-        let mut buf = [0u8; 1514];
-        loop {
-            let ready = tokio::time::timeout_at(deadline, self.fd.readable()).await;
-            let Ok(ready) = ready else { return Ok(None) };
-            let mut guard = ready.map_err(|source| NetError::Packet {
-                op: "wait for ARP",
-                interface: self.interface.clone(),
-                source,
-            })?;
-            let received = guard.try_io(|fd| {
-                nix::sys::socket::recv(
-                    fd.get_ref().as_raw_fd(),
-                    &mut buf,
-                    nix::sys::socket::MsgFlags::empty(),
-                )
-                .map_err(io::Error::from)
-            });
-            match received {
-                Ok(Ok(n)) => {
-                    if let Some(frame) = ArpFrame::decode(&buf[..n]) {
-                        return Ok(Some(frame));
-                    }
-                }
-                Ok(Err(source)) => {
-                    return Err(NetError::Packet {
-                        op: "receive ARP",
-                        interface: self.interface.clone(),
-                        source,
-                    })
-                }
-                Err(_would_block) => continue,
-            }
-        }
-    }
-}
-
-/// The interface's index and MAC address.
-fn link_of(interface: &str) -> Result<(u32, [u8; 6]), NetError> {
-    let addresses = nix::ifaddrs::getifaddrs().map_err(|e| NetError::Packet {
-        op: "list interfaces",
-        interface: interface.to_owned(),
-        source: e.into(),
-    })?;
-    for a in addresses {
-        if a.interface_name != interface {
-            continue;
-        }
-        if let Some(link) = a.address.as_ref().and_then(|s| s.as_link_addr()) {
-            if let Some(mac) = link.addr() {
-                return Ok((link.ifindex() as u32, mac));
-            }
-        }
-    }
-    Err(NetError::NoSuchInterface(interface.to_owned()))
-}
-
-fn ipv4(address: IpAddr) -> Result<Ipv4Addr, NetError> {
-    match address {
-        IpAddr::V4(a) => Ok(a),
-        IpAddr::V6(_) => Err(NetError::Unsupported(
-            "IPv6 VIPs are not supported yet (no neighbour discovery)",
-        )),
-    }
-}
-
-/// Whether another host answers for `address` on `interface`: sends ARP
-/// probes (sender 0.0.0.0, RFC 5227) at the start and halfway through
-/// `wait`, and listens for a conflict until `wait` has passed.
+/// Whether another host answers for `address` on `interface`: sends
+/// probes at the start and halfway through `wait` (ARP with sender 0.0.0.0,
+/// RFC 5227; for IPv6, a duplicate address detection solicitation, RFC
+/// 4862), and listens for a conflict until `wait` has passed.
 pub async fn probe(interface: &str, address: IpAddr, wait: Duration) -> Result<bool, NetError> {
-    let address = ipv4(address)?;
-    let socket = ArpSocket::open(interface)?;
+    let address = match address {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => return crate::ndp::probe(interface, a, wait).await,
+    };
+    let socket = PacketSocket::open(interface, ETH_P_ARP)?;
     let probe = ArpFrame {
         destination: BROADCAST,
         op: Op::Request as u16,
@@ -252,39 +103,34 @@ pub async fn probe(interface: &str, address: IpAddr, wait: Duration) -> Result<b
         target_mac: [0; 6],
         target_ip: address,
     };
-    let start = Instant::now();
-    let deadline = start + wait;
-    let mut second_probe = Some(start + wait / 2);
-    socket.send(&probe)?;
-    loop {
-        let until = second_probe.map_or(deadline, |t| t.min(deadline));
-        match socket.receive(until).await? {
-            Some(frame) if frame.conflicts(address, socket.mac) => return Ok(true),
-            Some(_) => {}
-            None if Instant::now() >= deadline => return Ok(false),
-            None => {
-                second_probe = None;
-                socket.send(&probe)?;
-            }
-        }
-    }
+    let mac = socket.mac;
+    socket
+        .probe(&probe.encode(), wait, |bytes| {
+            ArpFrame::decode(bytes).is_some_and(|f| f.conflicts(address, mac))
+        })
+        .await
 }
 
-/// Gratuitous ARP for `address` from `interface`: a request and a reply,
-/// both broadcast, so that every neighbour with an entry for the address
-/// moves it to this MAC whichever kind its stack honours.
+/// Tells the link that `address` now lives at `interface`'s MAC: for IPv4
+/// a gratuitous ARP request and reply, both broadcast, so that every
+/// neighbour with an entry for the address moves it whichever kind its
+/// stack honours; for IPv6 an unsolicited neighbour advertisement.
 pub fn announce(interface: &str, address: IpAddr) -> Result<(), NetError> {
-    let address = ipv4(address)?;
-    let socket = ArpSocket::open(interface)?;
+    let address = match address {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => return crate::ndp::announce(interface, a),
+    };
+    let socket = PacketSocket::open(interface, ETH_P_ARP)?;
     for op in [Op::Request, Op::Reply] {
-        socket.send(&ArpFrame {
+        let frame = ArpFrame {
             destination: BROADCAST,
             op: op as u16,
             sender_mac: socket.mac,
             sender_ip: address,
             target_mac: if op == Op::Reply { BROADCAST } else { [0; 6] },
             target_ip: address,
-        })?;
+        };
+        socket.send(&frame.encode())?;
     }
     Ok(())
 }

@@ -15,6 +15,8 @@ pub mod arp;
 pub mod config;
 pub mod facts;
 pub mod health_check;
+pub mod ndp;
+pub mod packet;
 pub mod session;
 pub mod state;
 pub mod vip;

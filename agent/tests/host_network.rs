@@ -15,7 +15,8 @@ use steward_proto::lease::Target;
 
 /// Runs `test` on this thread inside a new network namespace with
 /// `veth-a` (198.18.250.1/24) and `veth-b` (198.18.252.2/24) up: one wire,
-/// two subnets, so that "the interface in the VIP's subnet" is unambiguous.
+/// two subnets, so that "the interface in the VIP's subnet" is unambiguous;
+/// the same in IPv6 (fd00:250::1/64, fd00:252::2/64).
 fn in_fresh_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .expect("unshare(CLONE_NEWNET): these tests need root");
@@ -24,6 +25,8 @@ fn in_fresh_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F)
         "link add veth-a type veth peer name veth-b",
         "addr add 198.18.250.1/24 dev veth-a",
         "addr add 198.18.252.2/24 dev veth-b",
+        "addr add fd00:250::1/64 dev veth-a nodad",
+        "addr add fd00:252::2/64 dev veth-b nodad",
         "link set veth-a up",
         "link set veth-b up",
     ] {
@@ -184,17 +187,6 @@ fn probe_sees_a_live_holder_and_not_a_free_address() {
         .await
         .expect("probe");
         assert!(in_use, "veth-b holds 198.18.250.202 and answers ARP for it");
-
-        match arp::probe(
-            "veth-a",
-            "fd00::1".parse().expect("ip"),
-            Duration::from_millis(10),
-        )
-        .await
-        {
-            Err(NetError::Unsupported(_)) => {}
-            other => panic!("IPv6 must be refused clearly, got {other:?}"),
-        }
     });
 }
 
@@ -217,6 +209,78 @@ fn gratuitous_arp_moves_a_neighbour_entry() {
                 "neighbour entry not moved to {want}: {entry}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+#[test]
+fn ipv6_vips_bind_by_subnet_without_kernel_dad() {
+    in_fresh_netns(|| async {
+        let net = HostNetwork::connect().expect("netlink");
+        let vip = target("fd00:250::200", 64, None);
+        net.add_address(&vip).await.expect("add");
+        net.add_address(&vip).await.expect("add again is fine");
+        let shown = ip("-o -6 addr show dev veth-a");
+        let line = shown
+            .lines()
+            .find(|l| l.contains("fd00:250::200/64"))
+            .unwrap_or_else(|| panic!("kernel shows: {shown}"));
+        assert!(
+            !line.contains("tentative"),
+            "usable at once, no kernel DAD delay: {line}"
+        );
+        net.remove_address(&vip).await.expect("remove");
+        assert!(!net.has_address(&vip).await.expect("read"));
+    });
+}
+
+#[test]
+fn ipv6_probe_sees_a_live_holder_and_not_a_free_address() {
+    in_fresh_netns(|| async {
+        let free = arp::probe(
+            "veth-a",
+            "fd00:250::201".parse().expect("ip"),
+            Duration::from_millis(150),
+        )
+        .await
+        .expect("probe");
+        assert!(!free, "nobody holds fd00:250::201");
+
+        // The far end holds it: its kernel defends it against our DAD probe.
+        ip("addr add fd00:250::202/128 dev veth-b nodad");
+        let in_use = arp::probe(
+            "veth-a",
+            "fd00:250::202".parse().expect("ip"),
+            Duration::from_millis(500),
+        )
+        .await
+        .expect("probe");
+        assert!(
+            in_use,
+            "veth-b holds fd00:250::202 and answers neighbour discovery"
+        );
+    });
+}
+
+#[test]
+fn unsolicited_advertisement_moves_a_neighbour_entry() {
+    in_fresh_netns(|| async {
+        ip("-6 neigh replace fd00:250::203 lladdr 02:00:00:00:00:99 dev veth-b nud stale");
+        // Let link-local addresses settle: a just-upped interface may drop ND.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let want = mac("veth-a");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            arp::announce("veth-a", "fd00:250::203".parse().expect("ip")).expect("announce");
+            let entry = ip("-6 neigh show fd00:250::203 dev veth-b");
+            if entry.contains(&want) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neighbour entry not moved to {want}: {entry}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
 }

@@ -119,7 +119,7 @@ pub enum VipCommand {
     /// its holder.
     Set {
         name: String,
-        /// ADDRESS/PREFIX, IPv4 (e.g. 198.18.0.100/24).
+        /// ADDRESS/PREFIX, IPv4 or IPv6 (e.g. 198.18.0.100/24).
         #[arg(long)]
         address: String,
         /// Interface to bind on; default: the one with an address in the

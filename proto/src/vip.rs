@@ -213,13 +213,8 @@ impl VipSpec {
         if let Err(e) = NodeId::new(self.name.clone()) {
             p.push(format!("name: {}", e.reason));
         }
-        match self.cidr() {
-            Err(e) => p.push(e.to_string()),
-            Ok(cidr) if cidr.address.is_ipv6() => p.push(format!(
-                "address {}: IPv6 VIPs are not supported yet (the agent announces with ARP only)",
-                self.address
-            )),
-            Ok(_) => {}
+        if let Err(e) = self.cidr() {
+            p.push(e.to_string());
         }
         if let Some(interface) = &self.interface {
             if interface.is_empty()
@@ -565,9 +560,7 @@ mod tests {
             priority: Default::default(),
             ..spec
         };
-        let problems = v6.problems();
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].contains("IPv6"), "{problems:?}");
+        assert_eq!(v6.problems(), Vec::<String>::new());
     }
 
     #[test]
