@@ -7,7 +7,8 @@
 #   scripts/demo.sh --exit   run the demo and tear everything down (used by CI)
 #
 # Everything lives in a temporary directory; only processes this script
-# started are stopped (by pid) when it exits.
+# started are stopped (by pid) when it exits. DEMO_KEEP_DIR=1 keeps the
+# directory (configs, logs) for a look after a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=1
@@ -24,7 +25,7 @@ PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$DIR"
+  [ -n "${DEMO_KEEP_DIR:-}" ] || rm -rf "$DIR"
 }
 trap cleanup EXIT INT TERM
 

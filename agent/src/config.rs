@@ -34,7 +34,7 @@ pub struct AgentConfig {
 }
 
 /// `[vip]`: timing must agree with the coordinators' `[vip]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentVipConfig {
     /// "default" or "fast"; see packaging/agent.example.toml.
@@ -55,6 +55,22 @@ pub struct AgentVipConfig {
     /// HAProxy's admin socket, for the default `haproxy` check.
     #[serde(default = "default_haproxy_socket")]
     pub haproxy_socket: PathBuf,
+}
+
+/// What an absent `[vip]` means: the same defaults as an empty one.
+impl Default for AgentVipConfig {
+    fn default() -> Self {
+        Self {
+            profile: None,
+            heartbeat_ms: None,
+            lease_ms: None,
+            drift_margin: None,
+            replicas: None,
+            probe_wait_ms: default_probe_wait_ms(),
+            check_interval_ms: default_check_interval_ms(),
+            haproxy_socket: default_haproxy_socket(),
+        }
+    }
 }
 
 fn default_probe_wait_ms() -> u64 {
@@ -187,5 +203,58 @@ impl AgentConfig {
             }),
             _ => Err(p),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> AgentConfig {
+        toml::from_str(toml_text).expect("parses")
+    }
+
+    /// Only existence of the TLS files is checked here; any file will do.
+    const MINIMAL: &str = concat!(
+        "node_id = \"node-1\"\n",
+        "coordinators = [\"https://127.0.0.1:7400\"]\n",
+        "[tls]\n",
+        "ca = \"",
+        env!("CARGO_MANIFEST_DIR"),
+        "/Cargo.toml\"\n",
+        "cert = \"",
+        env!("CARGO_MANIFEST_DIR"),
+        "/Cargo.toml\"\n",
+        "key = \"",
+        env!("CARGO_MANIFEST_DIR"),
+        "/Cargo.toml\"\n",
+    );
+
+    #[test]
+    fn a_config_without_vip_section_gets_the_same_defaults_as_an_empty_one() {
+        let absent = parse(MINIMAL).validate().expect("minimal config is valid");
+        let empty = parse(&format!("{MINIMAL}\n[vip]\n"))
+            .validate()
+            .expect("empty [vip] is valid");
+        assert_eq!(absent.vip.probe_wait, Duration::from_millis(30));
+        assert_eq!(absent.vip.check_interval, Duration::from_millis(50));
+        assert_eq!(absent.vip.probe_wait, empty.vip.probe_wait);
+        assert_eq!(absent.vip.check_interval, empty.vip.check_interval);
+        assert_eq!(absent.vip.haproxy_socket, empty.vip.haproxy_socket);
+    }
+
+    #[test]
+    fn out_of_range_vip_timing_is_reported_together() {
+        let problems = parse(&format!(
+            "{MINIMAL}\n[vip]\nprobe_wait_ms = 0\ncheck_interval_ms = 1\n"
+        ))
+        .validate()
+        .expect_err("invalid");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("vip.probe_wait_ms"), "{problems:?}");
+        assert!(
+            problems[1].contains("vip.check_interval_ms"),
+            "{problems:?}"
+        );
     }
 }

@@ -39,20 +39,23 @@ enum Command {
     },
 }
 
+/// A single-threaded runtime: the agent is mostly idle, and small is the
+/// goal. `None` (said on stderr) if it cannot be had.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("steward-agent: cannot start runtime: {e}"))
+        .ok()
+}
+
 fn release_vips(config: &std::path::Path, state_dir: Option<PathBuf>) -> ExitCode {
     // Works even with a broken config: leaving a VIP behind is worse.
     let state_dir = state_dir
         .or_else(|| AgentConfig::load(config).ok().map(|s| s.state_dir))
         .unwrap_or_else(|| "/var/lib/steward-agent".into());
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("steward-agent: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(steward_agent::vip::release_recorded(&state_dir)) {
         Ok(n) => {
@@ -86,16 +89,8 @@ fn main() -> ExitCode {
         println!("{}: ok (node {})", args.config.display(), settings.node_id);
         return ExitCode::SUCCESS;
     }
-    // One thread: the agent is mostly idle, and small is the goal.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("steward-agent: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
