@@ -102,6 +102,10 @@ node_id = "node-$i"
 coordinators = $COORDS
 state_dir = "$DIR/state-node-$i"
 heartbeat_interval_ms = 500
+# The demo's agents share this machine: they record and report their roles
+# but must not install packages or rewrite its files.
+[converge]
+enabled = false
 [tls]
 ca = "$DIR/pki/ca.crt"
 cert = "$DIR/pki/node-$i.crt"

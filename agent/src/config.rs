@@ -28,9 +28,51 @@ pub struct AgentConfig {
     /// A session with no heartbeat ack for this long is abandoned and the
     /// agent moves to another replica. Defaults to 3 heartbeats.
     pub ack_timeout_ms: Option<u64>,
+    /// The address the rest of the cluster reaches this node at (HAProxy
+    /// backends, Kubernetes and Gluster peers). Default: the address this
+    /// node's session to the coordinator comes from.
+    pub advertise_address: Option<std::net::IpAddr>,
     /// The floating-IP lease protocol (nodes with the lb role).
     #[serde(default)]
     pub vip: AgentVipConfig,
+    /// Converging the host onto its roles.
+    #[serde(default)]
+    pub converge: AgentConvergeConfig,
+}
+
+/// `[converge]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConvergeConfig {
+    /// false: record and report roles, but leave the host alone.
+    #[serde(default = "default_converge_enabled")]
+    pub enabled: bool,
+    /// How often an unchanged host is checked for drift.
+    #[serde(default = "default_recheck_s")]
+    pub recheck_interval_s: u64,
+    /// First retry after a failed run (doubling up to the recheck interval).
+    #[serde(default = "default_retry_s")]
+    pub retry_s: u64,
+}
+
+impl Default for AgentConvergeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: default_converge_enabled(),
+            recheck_interval_s: default_recheck_s(),
+            retry_s: default_retry_s(),
+        }
+    }
+}
+
+fn default_converge_enabled() -> bool {
+    true
+}
+fn default_recheck_s() -> u64 {
+    60
+}
+fn default_retry_s() -> u64 {
+    2
 }
 
 /// `[vip]`: timing must agree with the coordinators' `[vip]`.
@@ -108,7 +150,9 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub ack_timeout: Duration,
+    pub advertise_address: Option<std::net::IpAddr>,
     pub vip: VipSettings,
+    pub converge: crate::converge::ConvergeSettings,
 }
 
 impl AgentConfig {
@@ -186,6 +230,18 @@ impl AgentConfig {
                 self.vip.check_interval_ms
             ));
         }
+        if !(1..=86_400).contains(&self.converge.recheck_interval_s) {
+            p.push(format!(
+                "converge.recheck_interval_s = {}: must be between 1 and 86400",
+                self.converge.recheck_interval_s
+            ));
+        }
+        if self.converge.retry_s == 0 || self.converge.retry_s > self.converge.recheck_interval_s {
+            p.push(format!(
+                "converge.retry_s = {}: must be at least 1 and at most recheck_interval_s",
+                self.converge.retry_s
+            ));
+        }
         match (node_id, lease) {
             (Some(node_id), Some(lease)) if p.is_empty() => Ok(Settings {
                 node_id,
@@ -194,6 +250,12 @@ impl AgentConfig {
                 state_dir: self.state_dir,
                 heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
                 ack_timeout: Duration::from_millis(ack_timeout_ms),
+                advertise_address: self.advertise_address,
+                converge: crate::converge::ConvergeSettings {
+                    enabled: self.converge.enabled,
+                    recheck: Duration::from_secs(self.converge.recheck_interval_s),
+                    retry: Duration::from_secs(self.converge.retry_s),
+                },
                 vip: VipSettings {
                     lease,
                     probe_wait: Duration::from_millis(self.vip.probe_wait_ms),

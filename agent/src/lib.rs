@@ -7,16 +7,19 @@
 //!   restarts: it is recorded atomically before it is acknowledged.
 //! - A VIP is bound only under a quorum-acknowledged lease ([`vip`]), and
 //!   recorded before it is bound so that nothing is left behind.
-//! - Converging the host (packages, files, units) is not here yet; today
-//!   the agent records and reports its roles and holds VIPs.
+//! - The host is converged by pure planners ([`roles`]) and an engine that
+//!   only changes what differs ([`converge`]), on a blocking thread so that
+//!   a slow package install never delays a heartbeat or a lease.
 
 pub mod address;
 pub mod arp;
 pub mod config;
+pub mod converge;
 pub mod facts;
 pub mod health_check;
 pub mod ndp;
 pub mod packet;
+pub mod roles;
 pub mod session;
 pub mod state;
 pub mod vip;
@@ -90,9 +93,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     };
     let (desired, in_force) = watch::channel(recorded);
     info!(node.id = %settings.node_id, coordinators = ?settings.coordinators, "agent starting");
+    let (reports, reported) = watch::channel(None);
+    let converge = converge::run_converge(
+        settings.converge.clone(),
+        in_force.clone(),
+        reports,
+        shutdown.clone(),
+    );
     let vips = vip::run_vips(settings.clone(), creds.clone(), in_force, shutdown.clone());
-    let sessions = run_sessions(settings, creds, state, desired, shutdown.clone());
-    let (vips, ()) = tokio::join!(
+    let sessions = run_sessions(settings, creds, state, desired, reported, shutdown.clone());
+    let (vips, (), ()) = tokio::join!(
         async {
             let result = vips.await;
             if result.is_err() {
@@ -101,7 +111,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             }
             result
         },
-        sessions
+        sessions,
+        converge
     );
     info!("agent stopped");
     vips.map_err(AgentError::from)

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use steward_proto::backoff::Backoff;
+use steward_proto::converge::ConvergeReport;
 use steward_proto::domain::{AgentMessage, CoordinatorMessage, DesiredState};
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
@@ -53,12 +54,14 @@ async fn dial(url: &str, creds: &Credentials) -> Result<Channel, String> {
 }
 
 /// Keeps a session to some replica until `shutdown`. `desired` always holds
-/// the state in force (the recorded one until a coordinator says otherwise).
+/// the state in force (the recorded one until a coordinator says otherwise);
+/// `reports` the last converge run, reported whenever its outcome changes.
 pub async fn run_sessions(
     settings: Settings,
     creds: Credentials,
     state: StateStore,
     desired: watch::Sender<RecordedState>,
+    mut reports: watch::Receiver<Option<ConvergeReport>>,
     shutdown: CancellationToken,
 ) {
     let mut probe = HostProbe::new();
@@ -76,7 +79,14 @@ pub async fn run_sessions(
         let started = Instant::now();
         let span = tracing::info_span!("session", coordinator = %url);
         let result = one_session(
-            &settings, &creds, &url, &mut probe, &state, &desired, &shutdown,
+            &settings,
+            &creds,
+            &url,
+            &mut probe,
+            &state,
+            &desired,
+            &mut reports,
+            &shutdown,
         )
         .instrument(span)
         .await;
@@ -96,6 +106,7 @@ pub async fn run_sessions(
 }
 
 /// One session. `Ok` only on shutdown.
+#[allow(clippy::too_many_arguments)]
 async fn one_session(
     settings: &Settings,
     creds: &Credentials,
@@ -103,6 +114,7 @@ async fn one_session(
     probe: &mut HostProbe,
     state: &StateStore,
     desired: &watch::Sender<RecordedState>,
+    reports: &mut watch::Receiver<Option<ConvergeReport>>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let channel = dial(url, creds)
@@ -118,6 +130,7 @@ async fn one_session(
         facts: probe.facts(),
         last_applied_revision: desired.borrow().desired.revision,
         agent_version: crate::VERSION.to_owned(),
+        advertise_address: settings.advertise_address,
     };
     // The receiver is alive (held by `rx` below), so this cannot fail.
     let _ = tx.send(hello.into()).await;
@@ -139,6 +152,9 @@ async fn one_session(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut last_ack = Instant::now();
+    // What this session last reported; a new replica hears it all once.
+    let mut reported: Option<(u64, Option<ConvergeReport>)> = None;
+    reports.mark_changed();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -156,6 +172,11 @@ async fn one_session(
                     return Err(lost("outbound stream closed".into()));
                 }
             }
+            changed = reports.changed() => {
+                if changed.is_ok() && !report(&tx, desired, reports, &mut reported).await {
+                    return Err(lost("outbound stream closed".into()));
+                }
+            }
             message = inbound.message() => {
                 let message = match message {
                     Ok(Some(m)) => m,
@@ -167,9 +188,8 @@ async fn one_session(
                     Ok(CoordinatorMessage::DesiredState(next)) => {
                         last_ack = Instant::now();
                         let replica = url.to_owned();
-                        record(state, desired, next.clone(), replica)?;
-                        let report = AgentMessage::Report { applied_revision: next.revision };
-                        if tx.send(report.into()).await.is_err() {
+                        record(state, desired, next, replica)?;
+                        if !report(&tx, desired, reports, &mut reported).await {
                             return Err(lost("outbound stream closed".into()));
                         }
                     }
@@ -178,6 +198,31 @@ async fn one_session(
             }
         }
     }
+}
+
+/// Sends a `Report` if the applied revision or the converge outcome differs
+/// from what was last reported; false if the stream is gone.
+async fn report(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    desired: &watch::Sender<RecordedState>,
+    reports: &mut watch::Receiver<Option<ConvergeReport>>,
+    reported: &mut Option<(u64, Option<ConvergeReport>)>,
+) -> bool {
+    let applied = desired.borrow().desired.revision;
+    let converge = reports.borrow_and_update().clone();
+    let same = reported.as_ref().is_some_and(|(rev, last)| {
+        *rev == applied
+            && last.as_ref().map(|r| r.outcome()) == converge.as_ref().map(|r| r.outcome())
+    });
+    if same {
+        return true;
+    }
+    *reported = Some((applied, converge.clone()));
+    let message = AgentMessage::Report {
+        applied_revision: applied,
+        converge,
+    };
+    tx.send(message.into()).await.is_ok()
 }
 
 fn record(

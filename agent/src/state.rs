@@ -98,6 +98,7 @@ mod tests {
             desired: DesiredState {
                 revision: 5,
                 roles: [Role::Lb].into(),
+                cluster: Default::default(),
             },
             from_coordinator: "c1".into(),
             received_unix_ms: 1,

@@ -74,10 +74,15 @@ impl AdminApi {
                 }
             }
         };
+        let cached = {
+            let specs = self.ctx.specs.borrow().clone();
+            let vips = self.ctx.vips.borrow().clone();
+            specs.desired_revision(&vips)
+        };
         records
             .into_iter()
             .map(|(id, record)| {
-                let mut view = self.view(id, record);
+                let mut view = self.view(id, record, cached);
                 if let Some(l) = live.get(&view.id) {
                     view.health = l.health;
                     view.last_seen_unix_ms = l.last_seen_unix_ms;
@@ -95,7 +100,11 @@ impl AdminApi {
 
     /// A node as operators see it: etcd's record, refreshed with this
     /// replica's live session when it serves the node.
-    fn view(&self, id: NodeId, record: NodeRecord) -> NodeView {
+    ///
+    /// The desired revision is `cached`, what this replica's caches would
+    /// push (it depends on the whole cluster view), but never older than
+    /// the spec just read from etcd, which the cache may not have seen yet.
+    fn view(&self, id: NodeId, record: NodeRecord, cached: u64) -> NodeView {
         let spec = record.spec.as_ref();
         let mut view = NodeView {
             id,
@@ -105,8 +114,10 @@ impl AdminApi {
             replica: None,
             facts: Default::default(),
             last_health: Default::default(),
-            desired_revision: spec.map(|s| s.mod_revision as u64).unwrap_or(0),
+            desired_revision: spec.map(|s| s.mod_revision as u64).unwrap_or(0).max(cached),
             applied_revision: 0,
+            address: record.address.map(|a| a.value),
+            converge: record.converge.map(|c| c.value),
         };
         if let Some(status) = record.status {
             let s = status.value;

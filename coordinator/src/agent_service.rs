@@ -1,9 +1,11 @@
 //! `AgentService`: one bidirectional session per agent.
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use steward_proto::converge::ConvergeReport;
 use steward_proto::domain::{
     AgentMessage, CoordinatorMessage, DesiredState, Event, EventKind, Facts, Health, NodeHealth,
     NodeId,
@@ -21,18 +23,23 @@ use crate::cache::SpecSnapshot;
 use crate::error::{Error, Result};
 use crate::pki::IdentityKind;
 use crate::sessions::Sessions;
-use crate::store::{unix_ms, NodeStatusRecord, Store};
+use crate::store::{encode, unix_ms, NodeStatusRecord, Store, Versioned};
 
 /// How long a new session may take to say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a session re-checks its node's liveness.
+/// How often a session re-checks its node's liveness (and retries a
+/// converge report etcd has not taken yet).
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+/// Largest converge report stored (encoded). Reports are bounded by the
+/// proto's limits, which allow more than etcd takes in one request.
+pub const MAX_CONVERGE_REPORT_BYTES: usize = 256 * 1024;
 
 /// What every session of this replica shares.
 #[derive(Clone)]
 pub struct SessionContext {
     pub store: Store,
     pub sessions: Sessions,
+    /// This replica's view of node specs and addresses.
     pub specs: watch::Receiver<Arc<SpecSnapshot>>,
     /// This replica's view of `vips/`.
     pub vips: watch::Receiver<Arc<crate::vip::VipSnapshot>>,
@@ -78,6 +85,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
             ))
             .into());
         }
+        // With TLS, tonic records the TCP peer in `TlsConnectInfo`, which
+        // `remote_addr` reads too.
+        let remote = request.remote_addr().map(|a| a.ip().to_canonical());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -88,6 +98,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             facts,
             last_applied_revision,
             agent_version,
+            advertise_address,
         } = AgentMessage::try_from(first).map_err(Error::from)?
         else {
             return Err(Error::InvalidArgument("the first message must be a hello".into()).into());
@@ -101,19 +112,40 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .into());
         }
 
+        if let Some(a) = advertise_address.filter(|a| a.is_unspecified() || a.is_multicast()) {
+            return Err(Error::InvalidArgument(format!(
+                "advertise_address {a}: the cluster cannot reach a node there"
+            ))
+            .into());
+        }
+
         let (tx, rx) = mpsc::channel(16);
         let session = NodeSession::open(
             self.ctx.clone(),
-            node.clone(),
-            facts,
-            last_applied_revision,
-            agent_version,
+            Hello {
+                node: node.clone(),
+                facts,
+                applied_revision: last_applied_revision,
+                agent_version,
+                address: advertise_address.or(remote),
+            },
         )
         .await?;
         let span = tracing::info_span!("session", node.id = %node);
         tokio::spawn(session.run(inbound, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// What a session starts from: the agent's hello, checked.
+struct Hello {
+    node: NodeId,
+    facts: Facts,
+    applied_revision: u64,
+    agent_version: String,
+    /// Where the cluster reaches the node: advertised, or the session's
+    /// source address.
+    address: Option<IpAddr>,
 }
 
 /// One agent's session on this replica.
@@ -124,20 +156,25 @@ struct NodeSession {
     /// The status as last written by this session, and its revision.
     status: NodeStatusRecord,
     status_rev: i64,
+    converge: ConvergeTracker,
     last_sent: Option<DesiredState>,
 }
 
 impl NodeSession {
-    async fn open(
-        ctx: SessionContext,
-        node: NodeId,
-        facts: Facts,
-        applied_revision: u64,
-        agent_version: String,
-    ) -> Result<Self> {
+    async fn open(ctx: SessionContext, hello: Hello) -> Result<Self> {
+        let Hello {
+            node,
+            facts,
+            applied_revision,
+            agent_version,
+            address,
+        } = hello;
         let now = unix_ms();
         let record = ctx.store.node(&node).await?;
         let first_time = record.spec.is_none() && record.status.is_none();
+        if let Some(address) = address {
+            record_address(&ctx.store, &node, address, record.address.clone()).await?;
+        }
         let status = NodeStatusRecord {
             facts,
             health: NodeHealth::Healthy,
@@ -156,6 +193,7 @@ impl NodeSession {
             session,
             status_rev: record.status.map(|s| s.mod_revision).unwrap_or(0),
             status: status.clone(),
+            converge: ConvergeTracker::new(record.converge),
             last_sent: None,
         };
         if let Err(e) = this.write_status(status, true).await {
@@ -174,7 +212,7 @@ impl NodeSession {
             format!("{} connected to {}", this.node, this.ctx.store.replica()),
         )
         .await;
-        info!(node.id = %this.node, "session opened");
+        info!(node.id = %this.node, node.address = ?address, "session opened");
         Ok(this)
     }
 
@@ -230,6 +268,48 @@ impl NodeSession {
         })
     }
 
+    /// Stores the agent's latest converge report if etcd does not have its
+    /// outcome yet. Compare-and-set like the status: when another session
+    /// wrote in between, that one wins unless the status says this replica
+    /// serves the node.
+    async fn flush_converge(&mut self) -> Result<()> {
+        for _ in 0..4 {
+            let Some(report) = self.converge.pending() else {
+                return Ok(());
+            };
+            let encoded = encode(report);
+            if encoded.len() > MAX_CONVERGE_REPORT_BYTES {
+                warn!(
+                    bytes = encoded.len(),
+                    limit = MAX_CONVERGE_REPORT_BYTES,
+                    "converge report too large to store; dropped"
+                );
+                self.converge.drop_pending();
+                return Ok(());
+            }
+            let store = &self.ctx.store;
+            if let Some(rev) = store
+                .put_converge_if(&self.node, self.converge.stored_rev, encoded)
+                .await?
+            {
+                self.converge.written(rev);
+                return Ok(());
+            }
+            let record = store.node(&self.node).await?;
+            self.converge.reset(record.converge);
+            let serving = record
+                .status
+                .is_some_and(|s| s.value.replica.as_deref() == Some(store.replica()));
+            if !serving {
+                self.converge.drop_pending();
+                return Ok(());
+            }
+        }
+        Err(Error::Conflict {
+            key: self.ctx.store.keys().node_converge(&self.node),
+        })
+    }
+
     /// Writes the status if what an operator would see has changed.
     async fn sync_status(&mut self) -> Result<bool> {
         let Some(live) = self.ctx.sessions.get(&self.node) else {
@@ -248,11 +328,19 @@ impl NodeSession {
         self.write_status(next, false).await
     }
 
+    /// Sends the desired state if it differs from the last one sent (so
+    /// changes elsewhere, e.g. VIP owners, push nothing). Nothing is sent
+    /// before both caches have read etcd: an empty snapshot is not a state.
     async fn push_desired(
         &mut self,
         tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
     ) -> bool {
-        let desired = self.ctx.specs.borrow().desired_state(&self.node);
+        let specs = self.ctx.specs.borrow().clone();
+        let vips = self.ctx.vips.borrow().clone();
+        if !specs.synced || !vips.synced {
+            return true;
+        }
+        let desired = specs.desired_state(&self.node, &vips);
         if self.last_sent.as_ref() == Some(&desired) {
             return true;
         }
@@ -268,6 +356,7 @@ impl NodeSession {
         tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
     ) {
         let mut specs = self.ctx.specs.clone();
+        let mut vips = self.ctx.vips.clone();
         let shutdown = self.ctx.shutdown.clone();
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         let mut superseded = false;
@@ -279,8 +368,14 @@ impl NodeSession {
                         false
                     }
                     changed = specs.changed() => changed.is_ok() && self.push_desired(&tx).await,
+                    changed = vips.changed() => changed.is_ok() && self.push_desired(&tx).await,
                     _ = liveness.tick() => match self.sync_status().await {
-                        Ok(true) => true,
+                        Ok(true) => {
+                            if let Err(error) = self.flush_converge().await {
+                                warn!(%error, "converge report write failed");
+                            }
+                            true
+                        }
                         Ok(false) => { superseded = true; false }
                         // etcd trouble: keep serving; the status catches up later.
                         Err(error) => { warn!(%error, "status write failed"); true }
@@ -321,10 +416,21 @@ impl NodeSession {
                 };
                 tx.send(Ok(ack.into())).await.is_ok()
             }
-            Ok(AgentMessage::Report { applied_revision }) => {
+            Ok(AgentMessage::Report {
+                applied_revision,
+                converge,
+            }) => {
                 self.ctx.sessions.update(&self.node, self.session, |live| {
                     live.applied_revision = applied_revision;
                 });
+                if let Some(report) = converge {
+                    if self.converge.observe(report) {
+                        // On failure the liveness tick retries.
+                        if let Err(error) = self.flush_converge().await {
+                            warn!(%error, "converge report write failed");
+                        }
+                    }
+                }
                 true
             }
             Ok(AgentMessage::Hello { .. }) => {
@@ -365,6 +471,94 @@ impl NodeSession {
             }
             Ok(false) => {}
             Err(error) => warn!(%error, "could not record disconnect"),
+        }
+    }
+}
+
+/// Records where the cluster reaches `node` unless etcd already says so
+/// (`stored`, as read at session open). The session that opens last wins.
+async fn record_address(
+    store: &Store,
+    node: &NodeId,
+    address: IpAddr,
+    mut stored: Option<Versioned<IpAddr>>,
+) -> Result<()> {
+    for _ in 0..4 {
+        if stored.as_ref().is_some_and(|s| s.value == address) {
+            return Ok(());
+        }
+        let expected = stored.as_ref().map_or(0, |s| s.mod_revision);
+        if store
+            .put_address_if(node, expected, address)
+            .await?
+            .is_some()
+        {
+            info!(node.id = %node, node.address = %address, "node address recorded");
+            return Ok(());
+        }
+        stored = store.node(node).await?.address;
+    }
+    Err(Error::Conflict {
+        key: store.keys().node_address(node),
+    })
+}
+
+/// A node's converge report as etcd holds it and as the agent last sent
+/// it. etcd hears of a report only when its outcome changed: the agent
+/// reports when its outcome or applied revision changed, and a new
+/// run's timing alone is not worth a write.
+#[derive(Debug, Default)]
+struct ConvergeTracker {
+    /// What etcd holds.
+    stored: Option<ConvergeReport>,
+    /// Its mod revision; 0: no key.
+    stored_rev: i64,
+    /// The agent's latest report, while etcd has another outcome.
+    pending: Option<ConvergeReport>,
+}
+
+impl ConvergeTracker {
+    fn new(stored: Option<Versioned<ConvergeReport>>) -> Self {
+        let mut this = Self::default();
+        this.reset(stored);
+        this
+    }
+
+    /// Takes the agent's latest report; true when etcd must hear of it.
+    fn observe(&mut self, report: ConvergeReport) -> bool {
+        let changed = self
+            .stored
+            .as_ref()
+            .is_none_or(|s| s.outcome() != report.outcome());
+        self.pending = changed.then_some(report);
+        changed
+    }
+
+    fn pending(&self) -> Option<&ConvergeReport> {
+        self.pending.as_ref()
+    }
+
+    /// The pending report is now in etcd at `rev`.
+    fn written(&mut self, rev: i64) {
+        if let Some(report) = self.pending.take() {
+            self.stored = Some(report);
+            self.stored_rev = rev;
+        }
+    }
+
+    fn drop_pending(&mut self) {
+        self.pending = None;
+    }
+
+    /// etcd holds `stored` (someone else wrote it); a pending report with
+    /// the same outcome is no longer pending.
+    fn reset(&mut self, stored: Option<Versioned<ConvergeReport>>) {
+        self.stored_rev = stored.as_ref().map_or(0, |s| s.mod_revision);
+        self.stored = stored.map(|s| s.value);
+        if let (Some(p), Some(s)) = (&self.pending, &self.stored) {
+            if p.outcome() == s.outcome() {
+                self.pending = None;
+            }
         }
     }
 }
@@ -430,4 +624,68 @@ async fn release_once(ctx: &SessionContext) -> Result<usize> {
         }
     }
     Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steward_proto::converge::{ResourceState, ResourceStatus};
+
+    fn report(revision: u64, finished: u64, status: ResourceStatus) -> ConvergeReport {
+        ConvergeReport {
+            revision,
+            finished_unix_ms: finished,
+            duration_ms: (finished % 100) as u32,
+            resources: vec![ResourceState {
+                id: "package:haproxy".into(),
+                status,
+                detail: String::new(),
+                since_unix_ms: 1,
+            }],
+        }
+    }
+
+    #[test]
+    fn converge_reports_are_written_on_outcome_change_only() {
+        let mut t = ConvergeTracker::new(None);
+        assert!(t.observe(report(5, 1000, ResourceStatus::Ok)));
+        t.written(10);
+        assert_eq!(t.stored_rev, 10);
+        assert!(t.pending().is_none());
+        // Another run, same outcome: only the timing differs.
+        assert!(!t.observe(report(5, 2000, ResourceStatus::Ok)));
+        assert!(!t.observe(report(5, 3033, ResourceStatus::Ok)));
+        assert!(t.pending().is_none());
+        // A resource fails: written.
+        assert!(t.observe(report(5, 4000, ResourceStatus::Failed)));
+        t.written(11);
+        // A new revision with the same resources is a new outcome too.
+        assert!(t.observe(report(6, 5000, ResourceStatus::Failed)));
+        assert_eq!(t.pending().map(|r| r.revision), Some(6));
+    }
+
+    #[test]
+    fn a_failed_write_stays_pending_until_the_outcome_returns() {
+        let stored = Versioned {
+            value: report(5, 1000, ResourceStatus::Ok),
+            mod_revision: 7,
+        };
+        // The outcome etcd already holds (e.g. from before a reconnect).
+        let mut t = ConvergeTracker::new(Some(stored.clone()));
+        assert!(!t.observe(report(5, 9000, ResourceStatus::Ok)));
+        // A change whose write fails stays pending...
+        assert!(t.observe(report(5, 9100, ResourceStatus::Failed)));
+        assert!(t.pending().is_some());
+        // ...until the agent is back at what etcd holds.
+        assert!(!t.observe(report(5, 9200, ResourceStatus::Ok)));
+        assert!(t.pending().is_none());
+        // Another session wrote our outcome meanwhile: nothing left to do.
+        assert!(t.observe(report(5, 9300, ResourceStatus::Failed)));
+        t.reset(Some(Versioned {
+            value: report(5, 1, ResourceStatus::Failed),
+            mod_revision: 8,
+        }));
+        assert!(t.pending().is_none());
+        assert_eq!(t.stored_rev, 8);
+    }
 }

@@ -1,40 +1,92 @@
-//! The replica's watch caches of etcd prefixes (node specs, VIPs): read once,
+//! The replica's watch caches of etcd prefixes (node specs and addresses, VIPs): read once,
 //! then follow the etcd watch from the read revision + 1; after a compaction
 //! or a broken stream, read again. Sessions subscribe to push changes.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use steward_proto::backoff::Backoff;
+use steward_proto::converge::{ClusterView, Member};
 use steward_proto::domain::{DesiredState, NodeId, NodeSpec};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
-use crate::store::{decode, Keys, NodeKey, Versioned};
+use crate::store::{decode, Keys, NodeAddressRecord, NodeKey, Versioned};
+use crate::vip::VipSnapshot;
 
-/// All node specs as of one etcd revision.
+/// All node specs and addresses as of one etcd revision.
 #[derive(Debug, Clone, Default)]
 pub struct SpecSnapshot {
     pub revision: i64,
     /// False until the first read succeeded.
     pub synced: bool,
     pub specs: BTreeMap<NodeId, Versioned<NodeSpec>>,
+    /// Where the cluster reaches each node (`nodes/<id>/address`).
+    pub addresses: BTreeMap<NodeId, Versioned<IpAddr>>,
 }
 
 impl SpecSnapshot {
-    /// What `node` must be according to this snapshot.
-    pub fn desired_state(&self, node: &NodeId) -> DesiredState {
-        match self.specs.get(node) {
-            Some(v) => DesiredState {
-                revision: v.mod_revision as u64,
-                roles: v.value.roles.clone(),
+    /// What `node` must be according to this snapshot and `vips`.
+    ///
+    /// Every node, with a spec or without, gets the cluster view (every
+    /// node with a role, every VIP); a node without a spec has no roles.
+    /// The revision is [`SpecSnapshot::desired_revision`].
+    pub fn desired_state(&self, node: &NodeId, vips: &VipSnapshot) -> DesiredState {
+        let members = self
+            .specs
+            .iter()
+            .filter(|(_, spec)| !spec.value.roles.is_empty())
+            .map(|(id, spec)| Member {
+                node: id.clone(),
+                roles: spec.value.roles.clone(),
+                address: self.addresses.get(id).map(|a| a.value),
+            })
+            .collect();
+        DesiredState {
+            revision: self.desired_revision(vips),
+            roles: self
+                .specs
+                .get(node)
+                .map(|s| s.value.roles.clone())
+                .unwrap_or_default(),
+            cluster: ClusterView {
+                members,
+                vips: vips.views(),
             },
-            None => DesiredState::default(),
         }
+    }
+
+    /// The newest mod revision among the inputs of desired states: every
+    /// node spec (role-less ones too, so that a node losing its last role
+    /// still moves it forward), every member's address, every VIP spec and
+    /// the last VIP removal; 0 when there are none.
+    ///
+    /// It is the same for every node (each node's state holds the whole
+    /// view), only grows (inputs are overwritten, never deleted; a VIP
+    /// removal touches `vips/.removed`), and depends on etcd's state alone,
+    /// so every replica computes the same desired state.
+    pub fn desired_revision(&self, vips: &VipSnapshot) -> u64 {
+        let specs = self.specs.values().map(|s| s.mod_revision);
+        let addresses = self
+            .addresses
+            .iter()
+            .filter(|(id, _)| {
+                self.specs
+                    .get(*id)
+                    .is_some_and(|s| !s.value.roles.is_empty())
+            })
+            .map(|(_, a)| a.mod_revision);
+        let newest = specs
+            .chain(addresses)
+            .chain([vips.views_revision()])
+            .max()
+            .unwrap_or(0);
+        newest.max(0) as u64
     }
 }
 
@@ -44,34 +96,63 @@ pub trait CachedPrefix: Clone + Default + Send + Sync + 'static {
     /// What the cache is of, for logs and errors.
     const WHAT: &'static str;
     /// Applies one key's new value (`None`: deleted) and its mod revision.
-    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>);
+    /// Returns whether the snapshot changed (keys it does not cache do
+    /// not wake its subscribers).
+    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool;
     /// The revision the snapshot is current at; `synced` once read.
     fn set_revision(&mut self, revision: i64);
 }
 
-impl CachedPrefix for SpecSnapshot {
-    const WHAT: &'static str = "node specs";
-    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) {
-        let Some((id, NodeKey::Spec)) = keys.parse_node_key(key) else {
-            return;
-        };
-        match value {
-            None => {
-                self.specs.remove(&id);
+/// Inserts or removes one cached value; whether anything changed.
+fn apply_versioned<K: Ord, T: PartialEq>(
+    map: &mut BTreeMap<K, Versioned<T>>,
+    key: K,
+    value: Option<(Result<T>, i64)>,
+    what: &'static str,
+) -> bool {
+    match value {
+        None => map.remove(&key).is_some(),
+        Some((Ok(value), mod_revision)) => {
+            let next = Versioned {
+                value,
+                mod_revision,
+            };
+            if map.get(&key) == Some(&next) {
+                return false;
             }
-            Some((bytes, mod_revision)) => match decode::<NodeSpec>(key, bytes) {
-                Ok(value) => {
-                    self.specs.insert(
-                        id,
-                        Versioned {
-                            value,
-                            mod_revision,
-                        },
-                    );
-                }
-                // Keep the last good spec; the admin API never writes bad ones.
-                Err(error) => warn!(%error, "ignoring corrupt node spec"),
-            },
+            map.insert(key, next);
+            true
+        }
+        // Keep the last good value; the coordinator never writes bad ones.
+        Some((Err(error), _)) => {
+            warn!(%error, what, "ignoring corrupt value");
+            false
+        }
+    }
+}
+
+impl CachedPrefix for SpecSnapshot {
+    const WHAT: &'static str = "node specs and addresses";
+    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
+        match keys.parse_node_key(key) {
+            Some((id, NodeKey::Spec)) => apply_versioned(
+                &mut self.specs,
+                id,
+                value.map(|(bytes, rev)| (decode::<NodeSpec>(key, bytes), rev)),
+                "node spec",
+            ),
+            Some((id, NodeKey::Address)) => apply_versioned(
+                &mut self.addresses,
+                id,
+                value.map(|(bytes, rev)| {
+                    (
+                        decode::<NodeAddressRecord>(key, bytes).map(|r| r.address),
+                        rev,
+                    )
+                }),
+                "node address",
+            ),
+            Some((_, NodeKey::Status | NodeKey::Converge)) | None => false,
         }
     }
     fn set_revision(&mut self, revision: i64) {
@@ -80,7 +161,7 @@ impl CachedPrefix for SpecSnapshot {
     }
 }
 
-/// Follows node specs until `shutdown`.
+/// Follows node specs and addresses until `shutdown`.
 pub async fn run_spec_cache(
     client: Client,
     keys: Keys,
@@ -172,13 +253,172 @@ async fn follow<S: CachedPrefix>(
                 EventType::Put => Some((kv.value(), kv.mod_revision())),
                 EventType::Delete => None,
             };
-            snapshot.apply(keys, kv.key(), value);
+            changed |= snapshot.apply(keys, kv.key(), value);
             snapshot.set_revision(kv.mod_revision());
-            changed = true;
         }
         if changed {
             publish.send_replace(Arc::new(snapshot.clone()));
         }
     }
     Err(Error::WatchInterrupted("stream ended".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{encode, NodeStatusRecord, VipRemovedRecord};
+    use steward_proto::domain::{Facts, Health, NodeHealth, Role};
+    use steward_proto::vip::VipSpec;
+
+    fn node(id: &str) -> NodeId {
+        NodeId::new(id).unwrap()
+    }
+
+    struct Fixture {
+        keys: Keys,
+        specs: SpecSnapshot,
+        vips: VipSnapshot,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Self {
+                keys: Keys::new("t"),
+                specs: SpecSnapshot::default(),
+                vips: VipSnapshot::default(),
+            }
+        }
+        fn roles(&mut self, id: &str, roles: &[Role], rev: i64) -> bool {
+            let spec = NodeSpec {
+                roles: roles.iter().copied().collect(),
+                ..Default::default()
+            };
+            let key = self.keys.node_spec(&node(id));
+            self.specs
+                .apply(&self.keys, key.as_bytes(), Some((&encode(&spec), rev)))
+        }
+        fn address(&mut self, id: &str, address: &str, rev: i64) -> bool {
+            let record = NodeAddressRecord {
+                address: address.parse().unwrap(),
+            };
+            let key = self.keys.node_address(&node(id));
+            self.specs
+                .apply(&self.keys, key.as_bytes(), Some((&encode(&record), rev)))
+        }
+        fn vip(&mut self, name: &str, address: &str, rev: i64) {
+            let spec = VipSpec {
+                name: name.into(),
+                address: address.into(),
+                interface: None,
+                check: Default::default(),
+                candidates: vec![],
+                priority: Default::default(),
+                preempt: false,
+            };
+            let key = self.keys.vip_spec(name);
+            self.vips
+                .apply(&self.keys, key.as_bytes(), Some((&encode(&spec), rev)));
+        }
+        fn remove_vip(&mut self, name: &str, rev: i64) {
+            let key = self.keys.vip_spec(name);
+            self.vips.apply(&self.keys, key.as_bytes(), None);
+            let record = VipRemovedRecord { name: name.into() };
+            let key = self.keys.vips_removed();
+            self.vips
+                .apply(&self.keys, key.as_bytes(), Some((&encode(&record), rev)));
+        }
+        fn desired(&self, id: &str) -> DesiredState {
+            self.specs.desired_state(&node(id), &self.vips)
+        }
+    }
+
+    #[test]
+    fn every_node_gets_the_cluster_view_at_the_newest_input() {
+        let mut f = Fixture::new();
+        assert_eq!(f.desired("lb-1"), DesiredState::default());
+        // An address alone (a node without roles) is no input.
+        assert!(f.address("lb-1", "198.18.0.11", 3));
+        assert_eq!(f.desired("lb-1").revision, 0);
+        f.roles("lb-1", &[Role::Lb], 4);
+        f.roles("lb-2", &[Role::Lb], 5);
+        f.roles("cp-1", &[Role::K8sControlPlane], 6);
+        f.address("cp-1", "198.18.0.21", 7);
+        f.vip("front", "198.18.0.100/24", 8);
+
+        let desired = f.desired("lb-1");
+        assert_eq!(desired.revision, 8);
+        assert_eq!(desired.roles, [Role::Lb].into());
+        let members: Vec<_> = desired
+            .cluster
+            .members
+            .iter()
+            .map(|m| (m.node.as_str(), m.address.map(|a| a.to_string())))
+            .collect();
+        assert_eq!(
+            members,
+            [
+                ("cp-1", Some("198.18.0.21".into())),
+                ("lb-1", Some("198.18.0.11".into())),
+                ("lb-2", None),
+            ]
+        );
+        assert_eq!(desired.cluster.vips.len(), 1);
+        assert_eq!(desired.cluster.vips[0].prefix, 24);
+        // Everyone sees the same view; a node without spec has no roles.
+        assert_eq!(f.desired("cp-1").cluster, desired.cluster);
+        let outsider = f.desired("new-1");
+        assert_eq!(outsider.revision, 8);
+        assert!(outsider.roles.is_empty());
+        assert_eq!(outsider.cluster, desired.cluster);
+
+        // A member's new address is a new input.
+        assert!(f.address("lb-2", "198.18.0.12", 9));
+        assert_eq!(f.desired("lb-1").revision, 9);
+    }
+
+    #[test]
+    fn the_revision_grows_when_members_and_vips_go_away() {
+        let mut f = Fixture::new();
+        f.roles("lb-1", &[Role::Lb], 4);
+        f.roles("lb-2", &[Role::Lb], 5);
+        f.address("lb-2", "198.18.0.12", 6);
+        f.vip("front", "198.18.0.100/24", 7);
+        assert_eq!(f.desired("lb-1").revision, 7);
+        // lb-2 loses its last role: gone from the view, revision moves on.
+        f.roles("lb-2", &[], 10);
+        let d = f.desired("lb-1");
+        assert_eq!(d.revision, 10);
+        assert_eq!(d.cluster.members.len(), 1);
+        f.remove_vip("front", 12);
+        let d = f.desired("lb-1");
+        assert_eq!(d.revision, 12);
+        assert!(d.cluster.vips.is_empty());
+    }
+
+    #[test]
+    fn status_and_converge_writes_do_not_wake_sessions() {
+        let mut f = Fixture::new();
+        assert!(f.roles("lb-1", &[Role::Lb], 4));
+        // The same value again (a re-read) is no change.
+        assert!(!f.roles("lb-1", &[Role::Lb], 4));
+        let status = NodeStatusRecord {
+            facts: Facts::default(),
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            replica: None,
+            last_seen_unix_ms: 0,
+            applied_revision: 4,
+            agent_version: String::new(),
+        };
+        let id = node("lb-1");
+        for key in [f.keys.node_status(&id), f.keys.node_converge(&id)] {
+            assert!(!f
+                .specs
+                .apply(&f.keys, key.as_bytes(), Some((&encode(&status), 5))));
+        }
+        assert!(f.address("lb-1", "10.0.0.1", 6));
+        assert!(f
+            .specs
+            .apply(&f.keys, f.keys.node_address(&id).as_bytes(), None));
+    }
 }

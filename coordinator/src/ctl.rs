@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
+use steward_proto::converge::{ConvergeReport, ResourceStatus};
 use steward_proto::convert::{node_health_from_pb, roles_to_pb};
 use steward_proto::domain::{Event, NodeView, Role};
 use steward_proto::pb;
@@ -54,7 +55,7 @@ pub enum Output {
 pub enum Command {
     /// Coordinator replicas, the leader, and whether etcd answers.
     Status,
-    /// All nodes: roles, health, last seen, serving replica.
+    /// All nodes: roles, health, address, converged, last seen, serving replica.
     Nodes,
     /// One node in detail.
     Node {
@@ -89,7 +90,8 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
-    /// Show one node: facts, health, roles, revisions.
+    /// Show one node: facts, health, roles, revisions, address, and how its
+    /// last converge run went, resource by resource.
     Show { id: String },
 }
 
@@ -549,11 +551,112 @@ fn node_json(node: &NodeView) -> serde_json::Value {
         "health": node.health.as_str(),
         "last_seen": if node.last_seen_unix_ms == 0 { serde_json::Value::Null } else { node.last_seen_unix_ms.into() },
         "replica": node.replica,
+        "address": node.address.map(|a| a.to_string()),
         "desired_revision": node.desired_revision,
         "applied_revision": node.applied_revision,
+        "converge": node.converge.as_ref().map(converge_json),
         "facts": node.facts,
         "last_health": node.last_health,
     })
+}
+
+/// How many resources of a report ended in each status.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ConvergeCounts {
+    ok: usize,
+    changed: usize,
+    failed: usize,
+    not_applicable: usize,
+    skipped: usize,
+}
+
+impl ConvergeCounts {
+    fn of(report: &ConvergeReport) -> Self {
+        let mut c = Self::default();
+        for r in &report.resources {
+            match r.status {
+                ResourceStatus::Ok => c.ok += 1,
+                ResourceStatus::Changed => c.changed += 1,
+                ResourceStatus::Failed => c.failed += 1,
+                ResourceStatus::NotApplicable => c.not_applicable += 1,
+                ResourceStatus::Skipped => c.skipped += 1,
+            }
+        }
+        c
+    }
+}
+
+fn converge_json(report: &ConvergeReport) -> serde_json::Value {
+    let c = ConvergeCounts::of(report);
+    json!({
+        "revision": report.revision,
+        "finished": report.finished_unix_ms,
+        "duration_ms": report.duration_ms,
+        "converged": report.converged(),
+        "counts": {
+            "ok": c.ok,
+            "changed": c.changed,
+            "failed": c.failed,
+            "not_applicable": c.not_applicable,
+            "skipped": c.skipped,
+        },
+        "resources": report.resources.iter().map(|r| json!({
+            "id": r.id,
+            "status": r.status.as_str(),
+            "detail": r.detail,
+            "since": r.since_unix_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The CONVERGED column: `yes`, `3 failed`, `-` without a report; a
+/// report for an older revision than the desired one says which.
+fn converged_cell(node: &NodeView) -> String {
+    let Some(report) = &node.converge else {
+        return "-".into();
+    };
+    let c = ConvergeCounts::of(report);
+    let state = if c.failed > 0 {
+        format!("{} failed", c.failed)
+    } else if report.converged() {
+        "yes".into()
+    } else {
+        format!("{} skipped", c.skipped)
+    };
+    if report.revision < node.desired_revision {
+        format!("{state} (revision {})", report.revision)
+    } else {
+        state
+    }
+}
+
+/// `converged revision 12 in 840 ms: 10 ok, 1 changed, 1 failed, 0 not applicable`.
+fn converge_summary(report: &ConvergeReport) -> String {
+    let c = ConvergeCounts::of(report);
+    let mut line = format!(
+        "converged revision {} in {} ms: {} ok, {} changed, {} failed, {} not applicable",
+        report.revision, report.duration_ms, c.ok, c.changed, c.failed, c.not_applicable
+    );
+    if c.skipped > 0 {
+        line.push_str(&format!(", {} skipped", c.skipped));
+    }
+    line
+}
+
+/// One line per resource; details on one line.
+fn converge_rows(report: &ConvergeReport) -> Vec<Vec<String>> {
+    report
+        .resources
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.status.to_string(),
+                ago(r.since_unix_ms),
+                r.detail.split_whitespace().collect::<Vec<_>>().join(" "),
+            ]
+        })
+        .collect()
 }
 
 fn event_json(e: &Event) -> serde_json::Value {
@@ -662,12 +765,27 @@ fn print_nodes(output: Output, nodes: &[NodeView]) {
                     steward_proto::convert::roles_display(&n.roles)
                 },
                 n.health.to_string(),
+                n.address
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                converged_cell(n),
                 ago(n.last_seen_unix_ms),
                 n.replica.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    print_table(&["NODE", "ROLES", "HEALTH", "LAST SEEN", "REPLICA"], &rows);
+    print_table(
+        &[
+            "NODE",
+            "ROLES",
+            "HEALTH",
+            "ADDRESS",
+            "CONVERGED",
+            "LAST SEEN",
+            "REPLICA",
+        ],
+        &rows,
+    );
 }
 
 fn print_node(output: Output, n: &NodeView) {
@@ -686,6 +804,12 @@ fn print_node(output: Output, n: &NodeView) {
         }
     );
     println!("health:    {}", n.health);
+    println!(
+        "address:   {}",
+        n.address
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
     println!(
         "last seen: {} ({})",
         format_unix_ms(n.last_seen_unix_ms),
@@ -722,6 +846,24 @@ fn print_node(output: Output, n: &NodeView) {
     for i in &n.facts.interfaces {
         println!("interface: {} {} {}", i.name, i.mac, i.addresses.join(" "));
     }
+    println!();
+    match &n.converge {
+        None => println!("converge:  no report yet"),
+        Some(report) => {
+            println!(
+                "converge:  {} ({})",
+                converge_summary(report),
+                ago(report.finished_unix_ms)
+            );
+            if !report.resources.is_empty() {
+                println!();
+                print_table(
+                    &["RESOURCE", "STATUS", "SINCE", "DETAIL"],
+                    &converge_rows(report),
+                );
+            }
+        }
+    }
 }
 
 /// Reads the health enum of a raw node (for tests that use the wire types).
@@ -744,6 +886,59 @@ mod tests {
         assert_eq!(format_unix_ms(0), "-");
         assert_eq!(format_unix_ms(1_795_354_945_000), "2026-11-22 13:42:25");
         assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29 00:00:00");
+    }
+
+    fn report(statuses: &[ResourceStatus]) -> ConvergeReport {
+        ConvergeReport {
+            revision: 12,
+            finished_unix_ms: 1,
+            duration_ms: 840,
+            resources: statuses
+                .iter()
+                .enumerate()
+                .map(|(i, s)| steward_proto::converge::ResourceState {
+                    id: format!("file:/etc/r{i}"),
+                    status: *s,
+                    detail: "line one\n  line two".into(),
+                    since_unix_ms: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn converge_reports_read_at_a_glance() {
+        use ResourceStatus::*;
+        let r = report(&[Ok, Ok, Changed, Failed, NotApplicable]);
+        assert_eq!(
+            converge_summary(&r),
+            "converged revision 12 in 840 ms: 2 ok, 1 changed, 1 failed, 1 not applicable"
+        );
+        assert_eq!(converge_rows(&r)[3][3], "line one line two");
+        let mut node = NodeView {
+            id: steward_proto::domain::NodeId::new("n1").unwrap(),
+            roles: Default::default(),
+            health: steward_proto::domain::NodeHealth::Healthy,
+            last_seen_unix_ms: 0,
+            replica: None,
+            facts: Default::default(),
+            last_health: Default::default(),
+            desired_revision: 12,
+            applied_revision: 12,
+            address: None,
+            converge: None,
+        };
+        assert_eq!(converged_cell(&node), "-");
+        node.converge = Some(r);
+        assert_eq!(converged_cell(&node), "1 failed");
+        node.converge = Some(report(&[Ok, Changed, NotApplicable]));
+        assert_eq!(converged_cell(&node), "yes");
+        node.desired_revision = 13;
+        assert_eq!(converged_cell(&node), "yes (revision 12)");
+        let json = node_json(&node);
+        assert_eq!(json["converge"]["counts"]["changed"], 1);
+        assert_eq!(json["converge"]["converged"], true);
+        assert!(json["address"].is_null());
     }
 
     #[test]

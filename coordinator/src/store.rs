@@ -8,9 +8,13 @@
 //! | `coordinators/members/<id>` | each replica, on its lease | [`MemberRecord`] |
 //! | `nodes/<id>/spec` | admin API | [`NodeSpec`] |
 //! | `nodes/<id>/status` | the replica serving the node, on change only | [`NodeStatusRecord`] |
+//! | `nodes/<id>/address` | the replica serving the node, when it differs at session open | [`NodeAddressRecord`] |
+//! | `nodes/<id>/converge` | the replica serving the node, when the outcome changes | [`ConvergeReport`] |
+//! | `vips/.removed` | admin API, with every VIP removal | [`VipRemovedRecord`] |
 //! | `events/<ms>-<replica>-<seq>` | any replica; trimmed by the leader | [`Event`] |
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +23,7 @@ use etcd_client::{
     TxnOp,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use steward_proto::converge::ConvergeReport;
 use steward_proto::domain::{Event, Facts, Health, NodeHealth, NodeId, NodeSpec};
 
 use crate::config::EtcdConfig;
@@ -43,6 +48,8 @@ pub struct Keys {
 pub enum NodeKey {
     Spec,
     Status,
+    Address,
+    Converge,
 }
 
 impl Keys {
@@ -69,11 +76,23 @@ impl Keys {
     pub fn node_status(&self, id: &NodeId) -> String {
         format!("{}{id}/status", self.nodes())
     }
+    pub fn node_address(&self, id: &NodeId) -> String {
+        format!("{}{id}/address", self.nodes())
+    }
+    pub fn node_converge(&self, id: &NodeId) -> String {
+        format!("{}{id}/converge", self.nodes())
+    }
     pub fn events(&self) -> String {
         format!("{}events/", self.prefix)
     }
     pub fn vips(&self) -> String {
         format!("{}vips/", self.prefix)
+    }
+    /// Touched by every VIP removal, so that a removal is an input of the
+    /// desired state like any other change (its mod revision). VIP names
+    /// are DNS labels: no VIP can be called `.removed`.
+    pub fn vips_removed(&self) -> String {
+        format!("{}.removed", self.vips())
     }
     /// Everything about one VIP (its removal deletes this prefix).
     pub fn vip(&self, name: &str) -> String {
@@ -122,6 +141,8 @@ impl Keys {
         let kind = match kind {
             "spec" => NodeKey::Spec,
             "status" => NodeKey::Status,
+            "address" => NodeKey::Address,
+            "converge" => NodeKey::Converge,
             _ => return None,
         };
         Some((NodeId::new(id).ok()?, kind))
@@ -161,6 +182,22 @@ pub struct NodeStatusRecord {
     pub agent_version: String,
 }
 
+/// `nodes/<id>/address`: where the cluster reaches the node. Its own key,
+/// not part of the status: it is an input of every node's desired state,
+/// and the status changes with every applied revision (a push would cause
+/// a status write would cause a push).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddressRecord {
+    pub address: IpAddr,
+}
+
+/// `vips/.removed`: the last VIP removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipRemovedRecord {
+    pub name: String,
+}
+
 /// A value read from etcd with the revision that last modified it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned<T> {
@@ -168,11 +205,14 @@ pub struct Versioned<T> {
     pub mod_revision: i64,
 }
 
-/// Spec and status of one node.
+/// Everything etcd holds about one node.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeRecord {
     pub spec: Option<Versioned<NodeSpec>>,
     pub status: Option<Versioned<NodeStatusRecord>>,
+    pub address: Option<Versioned<IpAddr>>,
+    /// The last converge report whose outcome differed from the one before.
+    pub converge: Option<Versioned<ConvergeReport>>,
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
@@ -281,6 +321,18 @@ impl Store {
                     mod_revision: kv.mod_revision(),
                 })
             }
+            Some((_, NodeKey::Address)) => {
+                record.address = Some(Versioned {
+                    value: decode::<NodeAddressRecord>(kv.key(), kv.value())?.address,
+                    mod_revision: kv.mod_revision(),
+                })
+            }
+            Some((_, NodeKey::Converge)) => {
+                record.converge = Some(Versioned {
+                    value: decode(kv.key(), kv.value())?,
+                    mod_revision: kv.mod_revision(),
+                })
+            }
             None => {}
         }
         Ok(())
@@ -359,20 +411,69 @@ impl Store {
         expected_rev: i64,
         status: &NodeStatusRecord,
     ) -> Result<Option<i64>> {
-        let key = self.keys.node_status(id);
+        self.put_if(
+            self.keys.node_status(id),
+            expected_rev,
+            encode(status),
+            "write node status",
+        )
+        .await
+    }
+
+    /// Writes a node's address like [`Store::put_status_if`].
+    pub async fn put_address_if(
+        &self,
+        id: &NodeId,
+        expected_rev: i64,
+        address: IpAddr,
+    ) -> Result<Option<i64>> {
+        self.put_if(
+            self.keys.node_address(id),
+            expected_rev,
+            encode(&NodeAddressRecord { address }),
+            "write node address",
+        )
+        .await
+    }
+
+    /// Writes a node's converge report like [`Store::put_status_if`].
+    pub async fn put_converge_if(
+        &self,
+        id: &NodeId,
+        expected_rev: i64,
+        encoded_report: Vec<u8>,
+    ) -> Result<Option<i64>> {
+        self.put_if(
+            self.keys.node_converge(id),
+            expected_rev,
+            encoded_report,
+            "write converge report",
+        )
+        .await
+    }
+
+    /// Puts `value` at `key` if the key's mod revision is `expected_rev`
+    /// (0: the key must not exist).
+    async fn put_if(
+        &self,
+        key: String,
+        expected_rev: i64,
+        value: Vec<u8>,
+        op: &'static str,
+    ) -> Result<Option<i64>> {
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 key.as_str(),
                 CompareOp::Equal,
                 expected_rev,
             )])
-            .and_then([TxnOp::put(key.as_str(), encode(status), None)]);
+            .and_then([TxnOp::put(key.as_str(), value, None)]);
         let resp = self
             .client
             .kv_client()
             .txn(txn)
             .await
-            .map_err(Error::etcd("write node status"))?;
+            .map_err(Error::etcd(op))?;
         Ok(resp
             .succeeded()
             .then(|| resp.header().map(|h| h.revision()).unwrap_or_default()))
@@ -472,6 +573,14 @@ mod tests {
             keys.parse_node_key(keys.node_status(&id).as_bytes()),
             Some((id.clone(), NodeKey::Status))
         );
+        assert_eq!(
+            keys.parse_node_key(keys.node_address(&id).as_bytes()),
+            Some((id.clone(), NodeKey::Address))
+        );
+        assert_eq!(
+            keys.parse_node_key(keys.node_converge(&id).as_bytes()),
+            Some((id.clone(), NodeKey::Converge))
+        );
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/n1/other"), None);
         assert_eq!(keys.parse_node_key(b"/steward/dev/nodes/n1/spec"), None);
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/BAD/spec"), None);
@@ -499,5 +608,6 @@ mod tests {
             None
         );
         assert_eq!(keys.parse_vip_key(b"/steward/prod/vips/front/other"), None);
+        assert_eq!(keys.parse_vip_key(keys.vips_removed().as_bytes()), None);
     }
 }

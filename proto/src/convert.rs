@@ -197,6 +197,12 @@ impl TryFrom<pb::AgentMessage> for AgentMessage {
                     .try_into()?,
                 last_applied_revision: h.last_applied_revision,
                 agent_version: bounded_str("hello.agent_version", h.agent_version)?,
+                advertise_address: match h.advertise_address.as_str() {
+                    "" => None,
+                    a => Some(a.parse().map_err(|_| ProtoError::Invalid {
+                        field: "hello.advertise_address",
+                    })?),
+                },
             }),
             Kind::Heartbeat(hb) => Ok(AgentMessage::Heartbeat {
                 seq: hb.seq,
@@ -208,6 +214,7 @@ impl TryFrom<pb::AgentMessage> for AgentMessage {
             }),
             Kind::Report(r) => Ok(AgentMessage::Report {
                 applied_revision: r.applied_revision,
+                converge: r.converge.map(TryInto::try_into).transpose()?,
             }),
         }
     }
@@ -222,11 +229,13 @@ impl From<AgentMessage> for pb::AgentMessage {
                 facts,
                 last_applied_revision,
                 agent_version,
+                advertise_address,
             } => Kind::Hello(pb::Hello {
                 node_id: node.into(),
                 facts: Some(facts.into()),
                 last_applied_revision,
                 agent_version,
+                advertise_address: advertise_address.map(|a| a.to_string()).unwrap_or_default(),
             }),
             AgentMessage::Heartbeat {
                 seq,
@@ -237,9 +246,13 @@ impl From<AgentMessage> for pb::AgentMessage {
                 sent_at_unix_ms,
                 health: Some(health.into()),
             }),
-            AgentMessage::Report { applied_revision } => {
-                Kind::Report(pb::Report { applied_revision })
-            }
+            AgentMessage::Report {
+                applied_revision,
+                converge,
+            } => Kind::Report(pb::Report {
+                applied_revision,
+                converge: converge.map(Into::into),
+            }),
         };
         pb::AgentMessage { kind: Some(kind) }
     }
@@ -253,6 +266,7 @@ impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
             Kind::DesiredState(d) => Ok(CoordinatorMessage::DesiredState(DesiredState {
                 revision: d.revision,
                 roles: roles_from_pb("desired_state.roles", &d.roles)?,
+                cluster: d.cluster.unwrap_or_default().try_into()?,
             })),
             Kind::HeartbeatAck(a) => Ok(CoordinatorMessage::HeartbeatAck {
                 seq: a.seq,
@@ -269,6 +283,7 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
             CoordinatorMessage::DesiredState(d) => Kind::DesiredState(pb::DesiredState {
                 revision: d.revision,
                 roles: roles_to_pb(&d.roles),
+                cluster: Some(d.cluster.into()),
             }),
             CoordinatorMessage::HeartbeatAck { seq, replica } => {
                 Kind::HeartbeatAck(pb::HeartbeatAck {
@@ -315,6 +330,8 @@ impl From<NodeView> for pb::Node {
             last_health: Some(n.last_health.into()),
             desired_revision: n.desired_revision,
             applied_revision: n.applied_revision,
+            address: n.address.map(|a| a.to_string()).unwrap_or_default(),
+            converge: n.converge.map(Into::into),
         }
     }
 }
@@ -332,6 +349,13 @@ impl TryFrom<pb::Node> for NodeView {
             last_health: n.last_health.unwrap_or_default().try_into()?,
             desired_revision: n.desired_revision,
             applied_revision: n.applied_revision,
+            address: match n.address.as_str() {
+                "" => None,
+                a => Some(a.parse().map_err(|_| ProtoError::Invalid {
+                    field: "node.address",
+                })?),
+            },
+            converge: n.converge.map(TryInto::try_into).transpose()?,
         })
     }
 }
@@ -415,6 +439,7 @@ mod tests {
                 facts: None,
                 last_applied_revision: 0,
                 agent_version: String::new(),
+                advertise_address: String::new(),
             })),
         };
         assert_eq!(
@@ -461,12 +486,21 @@ mod tests {
             },
             last_applied_revision: 7,
             agent_version: "0.1.0".into(),
+            advertise_address: Some("198.18.0.9".parse().unwrap()),
         };
         let wire: pb::AgentMessage = hello.clone().into();
         assert_eq!(AgentMessage::try_from(wire), Ok(hello));
         let desired = CoordinatorMessage::DesiredState(DesiredState {
             revision: 9,
             roles: [Role::Lb, Role::GlusterBrick].into(),
+            cluster: crate::converge::ClusterView {
+                members: vec![crate::converge::Member {
+                    node: NodeId::new("n1").unwrap(),
+                    roles: [Role::Lb].into(),
+                    address: None,
+                }],
+                vips: Vec::new(),
+            },
         });
         let wire: pb::CoordinatorMessage = desired.clone().into();
         assert_eq!(CoordinatorMessage::try_from(wire), Ok(desired));

@@ -142,9 +142,13 @@ pub struct NodeSpec {
 /// What the node must be, as pushed to its agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
-    /// etcd mod revision of the node's spec (0: the node has no spec yet).
+    /// etcd revision of the newest input (node specs, addresses, VIPs);
+    /// 0: there are no inputs at all.
     pub revision: u64,
     pub roles: RoleSet,
+    /// What the roles need to know of the rest of the cluster.
+    #[serde(default)]
+    pub cluster: crate::converge::ClusterView,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -237,6 +241,9 @@ pub struct NodeView {
     pub last_health: Health,
     pub desired_revision: u64,
     pub applied_revision: u64,
+    /// Where the cluster reaches the node; `None` until it connected.
+    pub address: Option<std::net::IpAddr>,
+    pub converge: Option<crate::converge::ConvergeReport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +296,9 @@ pub enum AgentMessage {
         facts: Facts,
         last_applied_revision: u64,
         agent_version: String,
+        /// Where the cluster should reach the node; `None`: the session's
+        /// source address.
+        advertise_address: Option<std::net::IpAddr>,
     },
     Heartbeat {
         seq: u64,
@@ -297,6 +307,7 @@ pub enum AgentMessage {
     },
     Report {
         applied_revision: u64,
+        converge: Option<crate::converge::ConvergeReport>,
     },
 }
 

@@ -13,6 +13,7 @@
 //! tests alike.
 
 pub mod backoff;
+pub mod converge;
 pub mod convert;
 pub mod domain;
 pub mod lease;

@@ -476,6 +476,10 @@ impl Cluster {
             "heartbeat_interval_ms",
             self.agent_heartbeat_ms as i64,
         );
+        // These agents share this machine (in namespaces at most): they must
+        // never converge it. Tests of convergence boot their own hosts and
+        // turn it on there.
+        set(&mut t, "converge.enabled", false);
         for (key, value) in extra {
             set(&mut t, key, value.clone());
         }

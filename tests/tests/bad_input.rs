@@ -242,6 +242,7 @@ fn certificates_decide_who_may_do_what() {
                 facts: Some(pb::Facts::default()),
                 last_applied_revision: 0,
                 agent_version: "test".into(),
+                advertise_address: String::new(),
             })),
         };
         // node-2's certificate claiming node-1.
@@ -298,6 +299,7 @@ fn certificates_decide_who_may_do_what() {
                 facts: None,
                 last_applied_revision: 0,
                 agent_version: String::new(),
+                advertise_address: String::new(),
             })),
         };
         let status = agent

@@ -1,12 +1,20 @@
 //! Invariants checked directly against the real etcd.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use steward_coordinator::config::EtcdConfig;
 use steward_coordinator::error::Error;
+use steward_coordinator::pki::IdentityKind;
 use steward_coordinator::replica::Fence;
-use steward_coordinator::store;
-use steward_tests::{eventually, Cluster};
+use steward_coordinator::store::{self, Keys};
+use steward_proto::converge::{ConvergeReport, ResourceState, ResourceStatus};
+use steward_proto::domain::{AgentMessage, CoordinatorMessage, Facts, Health, NodeId};
+use steward_proto::pb;
+use steward_proto::pb::agent_service_client::AgentServiceClient;
+use steward_tests::{eventually, grpc_channel, Cluster};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 fn etcd_config(cluster: &Cluster) -> EtcdConfig {
     EtcdConfig {
@@ -107,4 +115,206 @@ fn a_fence_from_a_lost_leadership_is_refused() {
 
 fn etcd_client_put(key: &str, value: &str) -> steward_coordinator::replica::TxnOp {
     steward_coordinator::replica::TxnOp::put(key, value, None)
+}
+
+/// An agent session spoken by hand, to send exactly what a test needs.
+struct RawSession {
+    tx: mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+    seq: u64,
+}
+
+impl RawSession {
+    async fn open(
+        cluster: &Cluster,
+        node: &str,
+        advertise: Option<IpAddr>,
+    ) -> Result<RawSession, tonic::Status> {
+        let url = cluster.coordinators[0].url.clone();
+        let channel = grpc_channel(cluster, &url, Some(node)).await.expect("dial");
+        let (tx, rx) = mpsc::channel(16);
+        let hello = AgentMessage::Hello {
+            node: NodeId::new(node).expect("node id"),
+            facts: Facts::default(),
+            last_applied_revision: 0,
+            agent_version: "test".into(),
+            advertise_address: advertise,
+        };
+        tx.send(hello.into()).await.expect("send hello");
+        let inbound = AgentServiceClient::new(channel)
+            .session(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(RawSession {
+            tx,
+            inbound,
+            seq: 0,
+        })
+    }
+
+    async fn send(&self, message: AgentMessage) {
+        self.tx.send(message.into()).await.expect("send");
+    }
+
+    /// Returns once the coordinator has handled everything sent so far: it
+    /// handles a session's messages in order, and acks heartbeats.
+    async fn sync(&mut self) {
+        self.seq += 1;
+        self.send(AgentMessage::Heartbeat {
+            seq: self.seq,
+            sent_at_unix_ms: 0,
+            health: Health::default(),
+        })
+        .await;
+        loop {
+            let message = self.inbound.message().await.expect("stream").expect("open");
+            if let Ok(CoordinatorMessage::HeartbeatAck { seq, .. }) =
+                CoordinatorMessage::try_from(message)
+            {
+                if seq == self.seq {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn report(finished_unix_ms: u64, haproxy: ResourceStatus) -> AgentMessage {
+    AgentMessage::Report {
+        applied_revision: 0,
+        converge: Some(ConvergeReport {
+            revision: 0,
+            finished_unix_ms,
+            duration_ms: (finished_unix_ms % 1000) as u32,
+            resources: vec![
+                ResourceState {
+                    id: "sysctl:net.ipv4.ip_nonlocal_bind".into(),
+                    status: ResourceStatus::Ok,
+                    detail: String::new(),
+                    since_unix_ms: 1,
+                },
+                ResourceState {
+                    id: "package:haproxy".into(),
+                    status: haproxy,
+                    detail: match haproxy {
+                        ResourceStatus::Failed => "apt-get: no network".into(),
+                        _ => String::new(),
+                    },
+                    since_unix_ms: 2,
+                },
+            ],
+        }),
+    }
+}
+
+#[test]
+fn converge_reports_and_addresses_are_written_on_change_only() {
+    let mut cluster = Cluster::new();
+    cluster.start_coordinators(1);
+    cluster.cert("node-9", IdentityKind::Agent);
+    let config = etcd_config(&cluster);
+    let keys = Keys::new(&cluster.name);
+    let id = NodeId::new("node-9").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let etcd = store::connect(&config, true).await.unwrap();
+        // (value, version): the version counts the key's writes.
+        let read = |key: String| {
+            let etcd = etcd.clone();
+            async move {
+                let resp = etcd.kv_client().get(key, None).await.unwrap();
+                resp.kvs().first().map(|kv| {
+                    let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+                    (v, kv.version())
+                })
+            }
+        };
+        let advertised: IpAddr = "198.18.0.9".parse().unwrap();
+
+        let mut session = RawSession::open(&cluster, "node-9", Some(advertised))
+            .await
+            .expect("session");
+        session.sync().await;
+        let (address, version) = read(keys.node_address(&id)).await.expect("address");
+        assert_eq!(address["address"], "198.18.0.9");
+        assert_eq!(version, 1);
+
+        session.send(report(1_000, ResourceStatus::Ok)).await;
+        session.sync().await;
+        let (stored, version) = read(keys.node_converge(&id)).await.expect("report");
+        assert_eq!(version, 1);
+        assert_eq!(stored["finished_unix_ms"], 1_000);
+        // Later runs that found the same: only their timing differs.
+        for finished in [2_000, 3_000, 4_321] {
+            session.send(report(finished, ResourceStatus::Ok)).await;
+        }
+        // A report without a finished run, and heartbeats, write nothing.
+        session
+            .send(AgentMessage::Report {
+                applied_revision: 0,
+                converge: None,
+            })
+            .await;
+        session.sync().await;
+        assert_eq!(read(keys.node_converge(&id)).await.unwrap().1, 1);
+
+        // A new outcome is written once.
+        session.send(report(5_000, ResourceStatus::Failed)).await;
+        session.send(report(6_000, ResourceStatus::Failed)).await;
+        session.sync().await;
+        let (stored, version) = read(keys.node_converge(&id)).await.unwrap();
+        assert_eq!(version, 2);
+        assert_eq!(stored["finished_unix_ms"], 5_000);
+
+        // The operator sees the address and the failure.
+        let out = cluster.ctl(&["node", "show", "node-9", "-o", "json"]);
+        assert!(out.ok(), "{}", out.stderr);
+        let node = out.json();
+        assert_eq!(node["address"], "198.18.0.9");
+        assert_eq!(node["converge"]["counts"]["failed"], 1, "{node}");
+        assert_eq!(
+            node["converge"]["resources"][1]["detail"],
+            "apt-get: no network"
+        );
+        let table = cluster.ctl(&["node", "show", "node-9"]);
+        for expected in [
+            "address:   198.18.0.9",
+            "ms: 1 ok, 0 changed, 1 failed, 0 not applicable",
+            "RESOURCE",
+            "apt-get: no network",
+        ] {
+            assert!(table.stdout.contains(expected), "{}", table.stdout);
+        }
+        let nodes = cluster.ctl(&["nodes"]);
+        assert!(nodes.stdout.contains("1 failed"), "{}", nodes.stdout);
+
+        // Reconnecting with the same address and outcome writes neither.
+        drop(session);
+        let mut session = RawSession::open(&cluster, "node-9", Some(advertised))
+            .await
+            .expect("session");
+        session.send(report(7_000, ResourceStatus::Failed)).await;
+        session.sync().await;
+        assert_eq!(read(keys.node_address(&id)).await.unwrap().1, 1);
+        assert_eq!(read(keys.node_converge(&id)).await.unwrap().1, 2);
+
+        // Without an advertised address, the session's source address.
+        drop(session);
+        let mut session = RawSession::open(&cluster, "node-9", None)
+            .await
+            .expect("session");
+        session.sync().await;
+        let (address, version) = read(keys.node_address(&id)).await.unwrap();
+        assert_eq!(address["address"], "127.0.0.1");
+        assert_eq!(version, 2);
+
+        // An address nobody can reach is refused, and not recorded.
+        drop(session);
+        let refused = RawSession::open(&cluster, "node-9", Some("0.0.0.0".parse().unwrap()))
+            .await
+            .err()
+            .expect("unspecified address refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+        assert_eq!(read(keys.node_address(&id)).await.unwrap().1, 2);
+    });
 }

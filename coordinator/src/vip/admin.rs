@@ -14,7 +14,7 @@ use crate::agent_service::SessionContext;
 use crate::cache::CachedPrefix;
 use crate::error::{Error, Result};
 use crate::peers::Peers;
-use crate::store::{encode, unix_ms, NodeRecord, Store};
+use crate::store::{encode, unix_ms, NodeRecord, Store, VipRemovedRecord};
 use crate::vip::{MoveRecord, VipSnapshot, VipState};
 
 /// A linearizable read of every VIP (not the watch cache: an operator
@@ -265,6 +265,14 @@ pub async fn remove_vip(ctx: &SessionContext, name: &str) -> Result<()> {
             TxnOp::delete(
                 store.keys().vip(name),
                 Some(DeleteOptions::new().with_prefix()),
+            ),
+            // Moves every node's desired-state revision past the removal.
+            TxnOp::put(
+                store.keys().vips_removed(),
+                encode(&VipRemovedRecord {
+                    name: name.to_owned(),
+                }),
+                None,
             ),
             TxnOp::put(event_key, encode(&event), None),
         ]))

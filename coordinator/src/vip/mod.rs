@@ -20,6 +20,7 @@ pub mod placement;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use steward_proto::converge::VipView;
 use steward_proto::domain::{NodeId, Role};
 use steward_proto::lease::{Assignment, Epoch, MarkReason};
 use steward_proto::vip::{AssignedVip, VipSpec};
@@ -105,14 +106,20 @@ pub struct VipSnapshot {
     pub revision: i64,
     pub synced: bool,
     pub vips: BTreeMap<String, VipState>,
+    /// Mod revision of `vips/.removed` (the last VIP removal), 0 if none.
+    pub removed_revision: i64,
 }
 
 impl CachedPrefix for VipSnapshot {
     const WHAT: &'static str = "vips";
 
-    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) {
+    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
+        if key == keys.vips_removed().as_bytes() {
+            self.removed_revision = value.map_or(0, |(_, rev)| rev);
+            return true;
+        }
         let Some((name, kind)) = keys.parse_vip_key(key) else {
-            return;
+            return false;
         };
         let state = self.vips.entry(name.clone()).or_default();
         match (kind, value) {
@@ -171,6 +178,7 @@ impl CachedPrefix for VipSnapshot {
         {
             self.vips.remove(&name);
         }
+        true
     }
 
     fn set_revision(&mut self, revision: i64) {
@@ -195,6 +203,31 @@ pub fn candidates(spec: &VipSpec, nodes: &SpecSnapshot) -> BTreeSet<NodeId> {
 }
 
 impl VipSnapshot {
+    /// Every defined VIP as the cluster view shows it.
+    pub fn views(&self) -> Vec<VipView> {
+        self.vips
+            .iter()
+            .filter_map(|(name, state)| {
+                // Specs are validated before they are stored.
+                let cidr = state.spec.as_ref()?.value.cidr().ok()?;
+                Some(VipView {
+                    name: name.clone(),
+                    address: cidr.address,
+                    prefix: cidr.prefix,
+                })
+            })
+            .collect()
+    }
+
+    /// The newest mod revision among VIP specs and the last removal: what
+    /// [`VipSnapshot::views`] depends on.
+    pub fn views_revision(&self) -> i64 {
+        self.vips
+            .values()
+            .filter_map(|state| state.spec.as_ref().map(|s| s.mod_revision))
+            .fold(self.removed_revision, i64::max)
+    }
+
     /// Every VIP `node` is a candidate for, as the node is told about it.
     pub fn assignments_for(&self, node: &NodeId, nodes: &SpecSnapshot) -> Vec<AssignedVip> {
         self.vips

@@ -1,0 +1,518 @@
+//! One converge run: every planned resource is observed, compared with what
+//! it should be, and changed only where it differs. The run reports each
+//! resource as ok, changed, failed (with the error), not applicable here
+//! (with the reason) or skipped (a resource it needs failed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use steward_proto::converge::{ConvergeReport, ResourceState, ResourceStatus};
+
+use super::host::{tail, Host, HostError, HostResult, Meta};
+use super::resource::{
+    CommandSpec, FileSpec, NotifyAction, PackageSpec, Planned, Repository, Resource, UnitSpec,
+};
+use crate::unix_ms;
+
+/// Where persisted kernel settings and module lists go.
+const SYSCTL_DIR: &str = "/etc/sysctl.d";
+const MODULES_DIR: &str = "/etc/modules-load.d";
+const UNIT_DIR: &str = "/etc/systemd/system";
+const FSTAB: &str = "/etc/fstab";
+
+struct Outcome {
+    status: ResourceStatus,
+    detail: String,
+}
+
+impl Outcome {
+    fn ok() -> Self {
+        Outcome {
+            status: ResourceStatus::Ok,
+            detail: String::new(),
+        }
+    }
+    fn changed(what: Vec<String>) -> Self {
+        if what.is_empty() {
+            return Outcome::ok();
+        }
+        Outcome {
+            status: ResourceStatus::Changed,
+            detail: what.join(", "),
+        }
+    }
+    fn not_applicable(why: String) -> Self {
+        Outcome {
+            status: ResourceStatus::NotApplicable,
+            detail: why,
+        }
+    }
+}
+
+impl From<HostError> for Outcome {
+    fn from(e: HostError) -> Self {
+        Outcome {
+            status: ResourceStatus::Failed,
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// What one run carries from resource to resource.
+#[derive(Default)]
+struct Run {
+    /// Units to reload or restart because a file they read changed
+    /// (restart wins over reload), with what changed.
+    notify: BTreeMap<String, (NotifyAction, String)>,
+    /// A repository changed: package indexes must be re-read first.
+    refresh: bool,
+}
+
+/// The converge engine. Keeps, between runs, when each resource entered
+/// its status.
+#[derive(Default)]
+pub struct Engine {
+    previous: HashMap<String, ResourceState>,
+}
+
+impl Engine {
+    /// Converges `plan` on `host` once.
+    pub fn run(&mut self, host: &dyn Host, plan: &[Planned], revision: u64) -> ConvergeReport {
+        let started = Instant::now();
+        let mut run = Run::default();
+        let mut statuses: HashMap<String, ResourceStatus> = HashMap::new();
+        let mut states = Vec::with_capacity(plan.len());
+        for planned in plan {
+            let id = planned.resource.id();
+            let blocked = planned
+                .requires
+                .iter()
+                .find(|r| !statuses.get(*r).is_some_and(|s| s.settled()));
+            let outcome = match blocked {
+                Some(r) if !statuses.contains_key(r) => Outcome::from(HostError::Failed(format!(
+                    "requires {r}, which is not planned before it"
+                ))),
+                Some(r) => Outcome {
+                    status: ResourceStatus::Skipped,
+                    detail: format!("waiting for {r}"),
+                },
+                None => apply(host, &planned.resource, &mut run).unwrap_or_else(Outcome::from),
+            };
+            statuses.insert(id.clone(), outcome.status);
+            states.push(self.state(id, outcome));
+        }
+        // Notifications for units no resource here manages.
+        for (unit, (action, _)) in std::mem::take(&mut run.notify) {
+            if let Err(error) = host.notify(&unit, action) {
+                tracing::warn!(%unit, %error, "cannot notify unit");
+            }
+        }
+        ConvergeReport {
+            revision,
+            finished_unix_ms: unix_ms(),
+            duration_ms: started.elapsed().as_millis().min(u32::MAX as u128) as u32,
+            resources: states,
+        }
+    }
+
+    fn state(&mut self, id: String, outcome: Outcome) -> ResourceState {
+        let since_unix_ms = match self.previous.get(&id) {
+            Some(p) if p.status == outcome.status && p.detail == outcome.detail => p.since_unix_ms,
+            _ => unix_ms(),
+        };
+        let state = ResourceState {
+            id: id.clone(),
+            status: outcome.status,
+            detail: outcome.detail,
+            since_unix_ms,
+        };
+        self.previous.insert(id, state.clone());
+        state
+    }
+}
+
+fn apply(host: &dyn Host, resource: &Resource, run: &mut Run) -> HostResult<Outcome> {
+    match resource {
+        Resource::Packages { packages, hold, .. } => packages_(host, packages, *hold, run),
+        Resource::Repository(repo) => repository(host, repo, run),
+        Resource::File(spec) => file(host, spec, run).map(Outcome::changed),
+        Resource::Directory { path, mode } => directory(host, path, *mode).map(Outcome::changed),
+        Resource::Sysctl { key, value } => sysctl(host, key, value),
+        Resource::KernelModule { name } => kernel_module(host, name),
+        Resource::Unit(spec) => unit(host, spec, run).map(Outcome::changed),
+        Resource::Mount {
+            what,
+            target,
+            fstype,
+            options,
+        } => mount(host, what, target, fstype, options).map(Outcome::changed),
+        Resource::SwapOff => swap_off(host),
+        Resource::Command(spec) => command(host, spec),
+    }
+}
+
+fn root_meta(is_dir: bool, mode: u32) -> Meta {
+    Meta {
+        is_dir,
+        mode,
+        owner: "root".into(),
+        group: "root".into(),
+    }
+}
+
+fn packages_(
+    host: &dyn Host,
+    packages: &[PackageSpec],
+    hold: bool,
+    run: &mut Run,
+) -> HostResult<Outcome> {
+    let mut missing = Vec::new();
+    for p in packages {
+        let installed = host.installed(&p.name)?;
+        let right = match (&installed, &p.version) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(have), Some(want)) => have == want,
+        };
+        if !right {
+            missing.push(p.clone());
+        }
+    }
+    let mut changed = Vec::new();
+    if !missing.is_empty() {
+        if run.refresh {
+            host.refresh()?;
+            run.refresh = false;
+        }
+        host.install(&missing)?;
+        let names: Vec<String> = missing
+            .iter()
+            .map(|p| match &p.version {
+                Some(v) => format!("{}={v}", p.name),
+                None => p.name.clone(),
+            })
+            .collect();
+        changed.push(format!("installed {}", names.join(" ")));
+    }
+    if hold {
+        let mut unheld = Vec::new();
+        for p in packages {
+            if !host.held(&p.name)? {
+                unheld.push(p.name.clone());
+            }
+        }
+        if !unheld.is_empty() {
+            host.hold(&unheld)?;
+            changed.push(format!("held {}", unheld.join(" ")));
+        }
+    }
+    Ok(Outcome::changed(changed))
+}
+
+fn repository(host: &dyn Host, repo: &Repository, run: &mut Run) -> HostResult<Outcome> {
+    let mut changed = Vec::new();
+    for (path, content) in host.repository_files(repo) {
+        if ensure_content(host, &path, &content, 0o644)? {
+            changed.push(format!("wrote {}", path.display()));
+        }
+    }
+    if !changed.is_empty() {
+        run.refresh = true;
+    }
+    Ok(Outcome::changed(changed))
+}
+
+/// Makes a root-owned file hold `content`; true if it changed.
+fn ensure_content(host: &dyn Host, path: &Path, content: &[u8], mode: u32) -> HostResult<bool> {
+    let spec = FileSpec::new(&path.to_string_lossy(), content, mode);
+    Ok(!file(host, &spec, &mut Run::default())?.is_empty())
+}
+
+fn file(host: &dyn Host, spec: &FileSpec, run: &mut Run) -> HostResult<Vec<String>> {
+    let meta = Meta {
+        is_dir: false,
+        mode: spec.mode,
+        owner: spec.owner.clone(),
+        group: spec.group.clone(),
+    };
+    let mut changed = Vec::new();
+    if let Some(parent) = spec.path.parent() {
+        if host.meta(parent)?.is_none() {
+            host.create_dir(parent, &root_meta(true, 0o755))?;
+        }
+    }
+    if host.read(&spec.path)?.as_deref() != Some(&spec.content[..]) {
+        let validate = spec.validate.as_ref().map(|argv| {
+            move |staged: &Path| -> HostResult<()> {
+                let staged = staged.to_string_lossy();
+                let argv: Vec<String> = argv.iter().map(|a| a.replace("{}", &staged)).collect();
+                let out = host.run(&argv)?;
+                if out.success {
+                    Ok(())
+                } else {
+                    Err(HostError::Failed(format!(
+                        "new content rejected by `{}`: {}",
+                        argv.join(" "),
+                        tail(&format!("{}\n{}", out.stdout, out.stderr))
+                    )))
+                }
+            }
+        });
+        host.write(
+            &spec.path,
+            &spec.content,
+            &meta,
+            validate
+                .as_ref()
+                .map(|v| v as &dyn Fn(&Path) -> HostResult<()>),
+        )?;
+        changed.push("content".to_owned());
+        if let Some(n) = &spec.notify {
+            let entry = run
+                .notify
+                .entry(n.unit.clone())
+                .or_insert((n.action, String::new()));
+            if n.action == NotifyAction::Restart {
+                entry.0 = NotifyAction::Restart;
+            }
+            if !entry.1.is_empty() {
+                entry.1.push_str(", ");
+            }
+            entry.1.push_str(&spec.path.to_string_lossy());
+        }
+    } else if host.meta(&spec.path)?.as_ref() != Some(&meta) {
+        host.set_meta(&spec.path, &meta)?;
+        changed.push(format!(
+            "mode {:o} {}:{}",
+            spec.mode, spec.owner, spec.group
+        ));
+    }
+    Ok(changed)
+}
+
+fn directory(host: &dyn Host, path: &Path, mode: u32) -> HostResult<Vec<String>> {
+    let want = root_meta(true, mode);
+    match host.meta(path)? {
+        None => {
+            host.create_dir(path, &want)?;
+            Ok(vec!["created".into()])
+        }
+        Some(m) if !m.is_dir => Err(HostError::Failed(format!(
+            "{} exists and is not a directory",
+            path.display()
+        ))),
+        Some(m) if m != want => {
+            host.set_meta(path, &want)?;
+            Ok(vec![format!("mode {mode:o}")])
+        }
+        Some(_) => Ok(Vec::new()),
+    }
+}
+
+fn in_container(host: &dyn Host) -> Option<String> {
+    host.container().map(|c| format!("in a container ({c})"))
+}
+
+fn sysctl(host: &dyn Host, key: &str, value: &str) -> HostResult<Outcome> {
+    let persisted = PathBuf::from(format!("{SYSCTL_DIR}/90-steward-{key}.conf"));
+    let mut changed = Vec::new();
+    if ensure_content(
+        host,
+        &persisted,
+        format!("{key} = {value}\n").as_bytes(),
+        0o644,
+    )? {
+        changed.push(format!("persisted in {}", persisted.display()));
+    }
+    let normal = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let current = host.sysctl(key);
+    if current.as_deref().map(normal).ok() == Some(normal(value)) {
+        return Ok(Outcome::changed(changed));
+    }
+    match current.and_then(|_| host.set_sysctl(key, value)) {
+        Ok(()) => {
+            changed.push(format!("set to {value}"));
+            Ok(Outcome::changed(changed))
+        }
+        Err(HostError::NotPermittedHere(why)) if host.container().is_some() => {
+            Ok(Outcome::not_applicable(format!(
+                "{}: {key} is the host's to set ({why})",
+                in_container(host).unwrap_or_default()
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn kernel_module(host: &dyn Host, name: &str) -> HostResult<Outcome> {
+    let persisted = PathBuf::from(format!("{MODULES_DIR}/steward-{name}.conf"));
+    let mut changed = Vec::new();
+    if ensure_content(host, &persisted, format!("{name}\n").as_bytes(), 0o644)? {
+        changed.push(format!("persisted in {}", persisted.display()));
+    }
+    if !host.module_loaded(name)? {
+        if let Some(here) = in_container(host) {
+            return Ok(Outcome::not_applicable(format!(
+                "{here}: kernel modules are loaded by the host; load {name} there"
+            )));
+        }
+        host.load_module(name)?;
+        changed.push("loaded".into());
+    }
+    Ok(Outcome::changed(changed))
+}
+
+fn unit(host: &dyn Host, spec: &UnitSpec, run: &mut Run) -> HostResult<Vec<String>> {
+    let mut changed = Vec::new();
+    let mut restart_for_content = false;
+    if let Some(content) = &spec.content {
+        let path = PathBuf::from(format!("{UNIT_DIR}/{}", spec.name));
+        if ensure_content(host, &path, content.as_bytes(), 0o644)? {
+            host.daemon_reload()?;
+            changed.push("unit file".into());
+            restart_for_content = true;
+        }
+    }
+    let state = host.state(&spec.name)?;
+    if !state.loaded {
+        return Err(HostError::Failed(format!(
+            "systemd has no unit {} (is the package that ships it installed?)",
+            spec.name
+        )));
+    }
+    if state.enabled != spec.enabled {
+        host.set_enabled(&spec.name, spec.enabled)?;
+        changed.push(if spec.enabled { "enabled" } else { "disabled" }.into());
+    }
+    let notified = run.notify.remove(&spec.name);
+    match (state.active, spec.active) {
+        (false, true) => {
+            host.start(&spec.name)?;
+            changed.push("started".into());
+        }
+        (true, false) => {
+            host.stop(&spec.name)?;
+            changed.push("stopped".into());
+        }
+        (true, true) if restart_for_content => {
+            host.notify(&spec.name, NotifyAction::Restart)?;
+            changed.push("restarted (unit file changed)".into());
+        }
+        (true, true) => {
+            if let Some((action, why)) = notified {
+                host.notify(&spec.name, action)?;
+                let verb = match action {
+                    NotifyAction::Reload => "reloaded",
+                    NotifyAction::Restart => "restarted",
+                };
+                changed.push(format!("{verb} ({why} changed)"));
+            }
+        }
+        (false, false) => {}
+    }
+    Ok(changed)
+}
+
+fn mount(
+    host: &dyn Host,
+    what: &str,
+    target: &Path,
+    fstype: &str,
+    options: &str,
+) -> HostResult<Vec<String>> {
+    let mut changed = Vec::new();
+    let target_str = target.to_string_lossy();
+    let line = format!("{what} {target_str} {fstype} {options} 0 0");
+    let fstab =
+        String::from_utf8_lossy(&host.read(Path::new(FSTAB))?.unwrap_or_default()).into_owned();
+    let mut lines: Vec<String> = Vec::new();
+    let mut found = false;
+    for l in fstab.lines() {
+        if l.split_whitespace().nth(1) == Some(&target_str) && !l.trim_start().starts_with('#') {
+            if !found {
+                lines.push(line.clone());
+            }
+            found = true;
+        } else {
+            lines.push(l.to_owned());
+        }
+    }
+    if !found {
+        lines.push(line);
+    }
+    let next = format!("{}\n", lines.join("\n"));
+    if ensure_content(host, Path::new(FSTAB), next.as_bytes(), 0o644)? {
+        changed.push("fstab entry".into());
+    }
+    changed.extend(directory(host, target, 0o755)?);
+    if !host.is_mounted(target)? {
+        host.mount(target)?;
+        changed.push("mounted".into());
+    }
+    Ok(changed)
+}
+
+fn swap_off(host: &dyn Host) -> HostResult<Outcome> {
+    let mut changed = Vec::new();
+    let fstab =
+        String::from_utf8_lossy(&host.read(Path::new(FSTAB))?.unwrap_or_default()).into_owned();
+    let is_swap =
+        |l: &str| !l.trim_start().starts_with('#') && l.split_whitespace().nth(2) == Some("swap");
+    if fstab.lines().any(is_swap) {
+        let next: Vec<String> = fstab
+            .lines()
+            .map(|l| {
+                if is_swap(l) {
+                    format!("# {l}  # swap off: steward")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        ensure_content(
+            host,
+            Path::new(FSTAB),
+            format!("{}\n", next.join("\n")).as_bytes(),
+            0o644,
+        )?;
+        changed.push("swap commented out in /etc/fstab".into());
+    }
+    let active = host.active_swaps()?;
+    if !active.is_empty() {
+        if let Some(here) = in_container(host) {
+            return Ok(Outcome::not_applicable(format!(
+                "{here}: swap belongs to the host ({}); turn it off there",
+                active.join(", ")
+            )));
+        }
+        host.swap_off()?;
+        changed.push(format!("swapoff {}", active.join(" ")));
+    }
+    Ok(Outcome::changed(changed))
+}
+
+fn command(host: &dyn Host, spec: &CommandSpec) -> HostResult<Outcome> {
+    if let Some(path) = &spec.creates {
+        if host.meta(path)?.is_some() {
+            return Ok(Outcome::ok());
+        }
+    }
+    if let Some(guard) = &spec.unless {
+        if host.run(guard)?.success {
+            return Ok(Outcome::ok());
+        }
+    }
+    let out = host.run(&spec.argv)?;
+    if !out.success {
+        return Err(HostError::Failed(format!(
+            "`{}` failed: {}",
+            spec.argv.join(" "),
+            tail(&format!("{}\n{}", out.stdout, out.stderr))
+        )));
+    }
+    Ok(Outcome::changed(vec![format!(
+        "ran `{}`",
+        spec.argv.join(" ")
+    )]))
+}
