@@ -82,6 +82,8 @@ cert = "$DIR/pki/coord-$i.crt"
 key = "$DIR/pki/coord-$i.key"
 [etcd]
 endpoints = ["http://127.0.0.1:$ETCD_PORT"]
+[secrets]
+key_file = "$DIR/pki/secrets.key"
 [timing]
 member_lease_ttl_s = 2
 TOML

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Steward needs on Debian/Ubuntu:
 # protoc (to compile the .proto files), and for the tests a real etcd,
-# HAProxy, keepalived, iproute2 and nftables.
+# HAProxy, keepalived, iproute2, nftables, debootstrap, systemd-nspawn and
+# dpkg-dev.
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 
@@ -19,6 +20,12 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v keepalived >/dev/null || need+=(keepalived)
 # Test partitions filter traffic inside test namespaces with nftables.
 command -v nft >/dev/null || need+=(nftables)
+# Test hosts with systemd as PID 1 (tests/src/nspawn.rs): a base image made
+# with debootstrap, booted with systemd-nspawn, and a local apt repository
+# indexed with dpkg-scanpackages.
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v dpkg-scanpackages >/dev/null || need+=(dpkg-dev)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing: ${need[*]}"

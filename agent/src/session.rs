@@ -188,7 +188,7 @@ async fn one_session(
                     Ok(CoordinatorMessage::DesiredState(next)) => {
                         last_ack = Instant::now();
                         let replica = url.to_owned();
-                        record(state, desired, next, replica)?;
+                        record(state, desired, *next, replica)?;
                         if !report(&tx, desired, reports, &mut reported).await {
                             return Err(lost("outbound stream closed".into()));
                         }

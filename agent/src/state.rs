@@ -3,6 +3,7 @@
 //! old or the new state, never half of one.
 
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -72,7 +73,17 @@ impl StateStore {
             path: path.clone(),
             source,
         })?;
-        let mut file = std::fs::File::create(&tmp).map_err(Self::io(&tmp))?;
+        // The desired state can carry cluster secrets (join tokens, a CA
+        // key): readable by root only.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(Self::io(&tmp))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(Self::io(&tmp))?;
         file.write_all(&bytes).map_err(Self::io(&tmp))?;
         file.sync_all().map_err(Self::io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(Self::io(&path))?;
@@ -98,13 +109,18 @@ mod tests {
             desired: DesiredState {
                 revision: 5,
                 roles: [Role::Lb].into(),
-                cluster: Default::default(),
+                ..Default::default()
             },
             from_coordinator: "c1".into(),
             received_unix_ms: 1,
         };
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), Some(state));
+        let mode = std::fs::metadata(store.desired_path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the desired state may hold secrets");
         std::fs::write(store.desired_path(), b"{not json").unwrap();
         assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
     }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use etcd_client::{EventType, WatchOptions};
 use steward_proto::convert::{roles_display, roles_from_pb};
-use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, Role};
+use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, Role, RoleSet};
 use steward_proto::pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,10 +16,11 @@ use tracing::warn;
 
 use crate::agent_service::SessionContext;
 use crate::auth::require_admin;
+use crate::cluster_spec;
 use crate::error::{Error, Result};
 use crate::peers::Peers;
 use crate::replica::Leadership;
-use crate::store::{decode, unix_ms, NodeRecord};
+use crate::store::{decode, unix_ms, NodeRecord, Store};
 use crate::vip::admin as vip_admin;
 
 /// Past events sent by default before following.
@@ -181,26 +182,38 @@ impl AdminApi {
             })
             .await?;
         if spec.value.roles != before {
-            let event = Event {
-                revision: 0,
-                at_unix_ms: unix_ms(),
-                kind: EventKind::RolesChanged,
-                node: Some(node.clone()),
-                replica: self.ctx.store.replica().to_owned(),
-                message: format!(
-                    "{node} roles: [{}] -> [{}]",
-                    roles_display(&before),
-                    roles_display(&spec.value.roles)
-                ),
-            };
-            if let Err(error) = self.ctx.store.record_event(&event).await {
-                warn!(%error, "could not record event");
-            }
+            record_roles_changed(&self.ctx.store, &node, &before, &spec.value.roles).await;
         }
         let record = self.ctx.store.node(&node).await?;
         self.one_view(node.clone(), record)
             .await
             .ok_or(Error::UnknownNode(node))
+    }
+}
+
+/// Records that `node`'s roles went from `before` to `after` (best effort:
+/// the change is made already, a lost event is only logged). Role changes
+/// through `stewardctl role` and `stewardctl apply` both record it.
+pub(crate) async fn record_roles_changed(
+    store: &Store,
+    node: &NodeId,
+    before: &RoleSet,
+    after: &RoleSet,
+) {
+    let event = Event {
+        revision: 0,
+        at_unix_ms: unix_ms(),
+        kind: EventKind::RolesChanged,
+        node: Some(node.clone()),
+        replica: store.replica().to_owned(),
+        message: format!(
+            "{node} roles: [{}] -> [{}]",
+            roles_display(before),
+            roles_display(after)
+        ),
+    };
+    if let Err(error) = store.record_event(&event).await {
+        warn!(%error, "could not record event");
     }
 }
 
@@ -363,6 +376,20 @@ impl pb::admin_service_server::AdminService for AdminApi {
         require_admin(&request)?;
         vip_admin::remove_vip(&self.ctx, &request.into_inner().name).await?;
         Ok(Response::new(pb::RemoveVipResponse {}))
+    }
+
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        require_admin(&request)?;
+        let request = request.into_inner();
+        let outcome =
+            cluster_spec::apply::apply(&self.ctx, &request.spec_toml, request.dry_run).await?;
+        Ok(Response::new(pb::ApplyResponse {
+            changes: outcome.changes,
+            applied: outcome.applied,
+        }))
     }
 
     type EventsStream = EventStream;

@@ -43,6 +43,10 @@ pub struct SessionContext {
     pub specs: watch::Receiver<Arc<SpecSnapshot>>,
     /// This replica's view of `vips/`.
     pub vips: watch::Receiver<Arc<crate::vip::VipSnapshot>>,
+    /// This replica's view of `orchestration/` (kubeadm, Gluster).
+    pub orchestration: watch::Receiver<Arc<crate::orchestrate::state::OrchestrationSnapshot>>,
+    /// Opens the sealed cluster secrets; `None` without `[secrets]`.
+    pub sealer: Option<Arc<crate::orchestrate::secrets::SecretBox>>,
     /// This replica's side of the VIP lease protocol.
     pub lease: Arc<crate::vip::lease_api::LeaseHub>,
     pub unreachable_after: Duration,
@@ -337,17 +341,21 @@ impl NodeSession {
     ) -> bool {
         let specs = self.ctx.specs.borrow().clone();
         let vips = self.ctx.vips.borrow().clone();
-        if !specs.synced || !vips.synced {
+        let orchestration = self.ctx.orchestration.borrow().clone();
+        if !specs.synced || !vips.synced || !orchestration.synced {
             return true;
         }
-        let desired = specs.desired_state(&self.node, &vips);
+        let mut desired = specs.desired_state(&self.node, &vips);
+        orchestration.add_steps(&mut desired, &self.node, self.ctx.sealer.as_deref());
         if self.last_sent.as_ref() == Some(&desired) {
             return true;
         }
         self.last_sent = Some(desired.clone());
-        tx.send(Ok(CoordinatorMessage::DesiredState(desired).into()))
-            .await
-            .is_ok()
+        tx.send(Ok(
+            CoordinatorMessage::DesiredState(Box::new(desired)).into()
+        ))
+        .await
+        .is_ok()
     }
 
     async fn run(
@@ -357,6 +365,7 @@ impl NodeSession {
     ) {
         let mut specs = self.ctx.specs.clone();
         let mut vips = self.ctx.vips.clone();
+        let mut orchestration = self.ctx.orchestration.clone();
         let shutdown = self.ctx.shutdown.clone();
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         let mut superseded = false;
@@ -369,6 +378,7 @@ impl NodeSession {
                     }
                     changed = specs.changed() => changed.is_ok() && self.push_desired(&tx).await,
                     changed = vips.changed() => changed.is_ok() && self.push_desired(&tx).await,
+                    changed = orchestration.changed() => changed.is_ok() && self.push_desired(&tx).await,
                     _ = liveness.tick() => match self.sync_status().await {
                         Ok(true) => {
                             if let Err(error) = self.flush_converge().await {
@@ -424,6 +434,7 @@ impl NodeSession {
                     live.applied_revision = applied_revision;
                 });
                 if let Some(report) = converge {
+                    self.note_kubernetes_join(&report).await;
                     if self.converge.observe(report) {
                         // On failure the liveness tick retries.
                         if let Err(error) = self.flush_converge().await {
@@ -444,6 +455,40 @@ impl NodeSession {
                 let _ = tx.send(Err(Error::from(e).into())).await;
                 false
             }
+        }
+    }
+
+    /// A node whose `kubeadm init` or `join` reports done is recorded as
+    /// joined (once): it releases the joins that wait for it.
+    async fn note_kubernetes_join(&self, report: &steward_proto::converge::ConvergeReport) {
+        let done = report.resources.iter().any(|r| {
+            (r.id == "command:kubeadm-init" || r.id == "command:kubeadm-join") && r.status.settled()
+        });
+        if !done
+            || self
+                .ctx
+                .orchestration
+                .borrow()
+                .joined
+                .contains_key(&self.node)
+        {
+            return;
+        }
+        let record = crate::orchestrate::state::JoinedRecord {
+            at_unix_ms: unix_ms(),
+        };
+        match self
+            .ctx
+            .store
+            .create_if_absent(
+                self.ctx.store.keys().kubernetes_joined(&self.node),
+                crate::store::encode(&record),
+            )
+            .await
+        {
+            Ok(_) => info!(node.id = %self.node, "joined Kubernetes"),
+            // The next report tries again.
+            Err(error) => warn!(%error, "cannot record the Kubernetes join"),
         }
     }
 

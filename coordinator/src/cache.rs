@@ -1,15 +1,16 @@
-//! The replica's watch caches of etcd prefixes (node specs and addresses, VIPs): read once,
-//! then follow the etcd watch from the read revision + 1; after a compaction
-//! or a broken stream, read again. Sessions subscribe to push changes.
+//! The replica's watch caches of etcd prefixes (node specs and addresses
+//! with the cluster settings, VIPs): read once, then follow the etcd watch
+//! from the read revision + 1; after a compaction or a broken stream, read
+//! again. Sessions subscribe to push changes.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
 use steward_proto::backoff::Backoff;
-use steward_proto::converge::{ClusterView, Member};
+use steward_proto::converge::{ClusterSettings, ClusterView, Member};
 use steward_proto::domain::{DesiredState, NodeId, NodeSpec};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +20,8 @@ use crate::error::{Error, Result};
 use crate::store::{decode, Keys, NodeAddressRecord, NodeKey, Versioned};
 use crate::vip::VipSnapshot;
 
-/// All node specs and addresses as of one etcd revision.
+/// All node specs and addresses, and the cluster settings, as of one etcd
+/// revision.
 #[derive(Debug, Clone, Default)]
 pub struct SpecSnapshot {
     pub revision: i64,
@@ -28,13 +30,16 @@ pub struct SpecSnapshot {
     pub specs: BTreeMap<NodeId, Versioned<NodeSpec>>,
     /// Where the cluster reaches each node (`nodes/<id>/address`).
     pub addresses: BTreeMap<NodeId, Versioned<IpAddr>>,
+    /// `cluster/settings`; `None` until a `stewardctl apply` wrote it.
+    pub settings: Option<Versioned<ClusterSettings>>,
 }
 
 impl SpecSnapshot {
     /// What `node` must be according to this snapshot and `vips`.
     ///
     /// Every node, with a spec or without, gets the cluster view (every
-    /// node with a role, every VIP); a node without a spec has no roles.
+    /// node with a role, every VIP, the cluster settings); a node without a
+    /// spec has no roles.
     /// The revision is [`SpecSnapshot::desired_revision`].
     pub fn desired_state(&self, node: &NodeId, vips: &VipSnapshot) -> DesiredState {
         let members = self
@@ -57,19 +62,28 @@ impl SpecSnapshot {
             cluster: ClusterView {
                 members,
                 vips: vips.views(),
+                settings: self
+                    .settings
+                    .as_ref()
+                    .map(|s| s.value.clone())
+                    .unwrap_or_default(),
             },
+            tasks: Vec::new(),
+            files: Vec::new(),
         }
     }
 
     /// The newest mod revision among the inputs of desired states: every
     /// node spec (role-less ones too, so that a node losing its last role
-    /// still moves it forward), every member's address, every VIP spec and
-    /// the last VIP removal; 0 when there are none.
+    /// still moves it forward), every member's address, the cluster
+    /// settings, every VIP spec and the last VIP removal; 0 when there are
+    /// none.
     ///
     /// It is the same for every node (each node's state holds the whole
     /// view), only grows (inputs are overwritten, never deleted; a VIP
-    /// removal touches `vips/.removed`), and depends on etcd's state alone,
-    /// so every replica computes the same desired state.
+    /// removal touches `vips/.removed`; the settings are rewritten whole),
+    /// and depends on etcd's state alone, so every replica computes the
+    /// same desired state.
     pub fn desired_revision(&self, vips: &VipSnapshot) -> u64 {
         let specs = self.specs.values().map(|s| s.mod_revision);
         let addresses = self
@@ -81,8 +95,10 @@ impl SpecSnapshot {
                     .is_some_and(|s| !s.value.roles.is_empty())
             })
             .map(|(_, a)| a.mod_revision);
+        let settings = self.settings.iter().map(|s| s.mod_revision);
         let newest = specs
             .chain(addresses)
+            .chain(settings)
             .chain([vips.views_revision()])
             .max()
             .unwrap_or(0);
@@ -131,9 +147,43 @@ fn apply_versioned<K: Ord, T: PartialEq>(
     }
 }
 
+/// Sets or clears one cached value; whether anything changed.
+fn apply_option<T: PartialEq>(
+    slot: &mut Option<Versioned<T>>,
+    value: Option<(Result<T>, i64)>,
+    what: &'static str,
+) -> bool {
+    match value {
+        None => slot.take().is_some(),
+        Some((Ok(value), mod_revision)) => {
+            let next = Versioned {
+                value,
+                mod_revision,
+            };
+            if slot.as_ref() == Some(&next) {
+                return false;
+            }
+            *slot = Some(next);
+            true
+        }
+        // Keep the last good value; the coordinator never writes bad ones.
+        Some((Err(error), _)) => {
+            warn!(%error, what, "ignoring corrupt value");
+            false
+        }
+    }
+}
+
 impl CachedPrefix for SpecSnapshot {
-    const WHAT: &'static str = "node specs and addresses";
+    const WHAT: &'static str = "node specs and addresses, cluster settings";
     fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
+        if key == keys.cluster_settings().as_bytes() {
+            return apply_option(
+                &mut self.settings,
+                value.map(|(bytes, rev)| (decode::<ClusterSettings>(key, bytes), rev)),
+                "cluster settings",
+            );
+        }
         match keys.parse_node_key(key) {
             Some((id, NodeKey::Spec)) => apply_versioned(
                 &mut self.specs,
@@ -161,15 +211,16 @@ impl CachedPrefix for SpecSnapshot {
     }
 }
 
-/// Follows node specs and addresses until `shutdown`.
+/// Follows node specs and addresses (`nodes/`) and the cluster settings
+/// (`cluster/`) until `shutdown`.
 pub async fn run_spec_cache(
     client: Client,
     keys: Keys,
     publish: watch::Sender<Arc<SpecSnapshot>>,
     shutdown: CancellationToken,
 ) {
-    let prefix = keys.nodes();
-    run_prefix_cache(client, keys, prefix, publish, shutdown).await
+    let prefixes = vec![keys.nodes(), keys.cluster()];
+    run_prefixes_cache(client, keys, prefixes, publish, shutdown).await
 }
 
 /// Follows everything under `prefix` until `shutdown`: read, watch from the
@@ -182,11 +233,23 @@ pub async fn run_prefix_cache<S: CachedPrefix>(
     publish: watch::Sender<Arc<S>>,
     shutdown: CancellationToken,
 ) {
+    run_prefixes_cache(client, keys, vec![prefix], publish, shutdown).await
+}
+
+/// [`run_prefix_cache`] over several prefixes: one snapshot, read from all
+/// of them at one revision and kept current from one watch stream.
+pub async fn run_prefixes_cache<S: CachedPrefix>(
+    client: Client,
+    keys: Keys,
+    prefixes: Vec<String>,
+    publish: watch::Sender<Arc<S>>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = follow(&client, &keys, &prefix, &publish, &mut backoff) => r,
+            r = follow(&client, &keys, &prefixes, &publish, &mut backoff) => r,
         };
         if let Err(error) = result {
             warn!(%error, what = S::WHAT, "watch interrupted; re-reading");
@@ -202,36 +265,55 @@ pub async fn run_prefix_cache<S: CachedPrefix>(
 async fn follow<S: CachedPrefix>(
     client: &Client,
     keys: &Keys,
-    prefix: &str,
+    prefixes: &[String],
     publish: &watch::Sender<Arc<S>>,
     backoff: &mut Backoff,
 ) -> Result<()> {
+    // One transaction: every prefix read at the same revision.
+    let reads: Vec<TxnOp> = prefixes
+        .iter()
+        .map(|p| TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())))
+        .collect();
     let resp = client
         .kv_client()
-        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .txn(Txn::new().and_then(reads))
         .await
         .map_err(Error::etcd("read prefix"))?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
     let mut snapshot = S::default();
-    for kv in resp.kvs() {
-        snapshot.apply(keys, kv.key(), Some((kv.value(), kv.mod_revision())));
+    for op in resp.op_responses() {
+        if let TxnOpResponse::Get(get) = op {
+            for kv in get.kvs() {
+                snapshot.apply(keys, kv.key(), Some((kv.value(), kv.mod_revision())));
+            }
+        }
     }
     snapshot.set_revision(revision);
     publish.send_replace(Arc::new(snapshot.clone()));
 
+    let options = || {
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1)
+                .with_progress_notify(),
+        )
+    };
+    let Some((first, others)) = prefixes.split_first() else {
+        return Err(Error::WatchInterrupted("nothing to watch".into()));
+    };
     let mut stream = client
         .watch_client()
-        .watch(
-            prefix,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(revision + 1)
-                    .with_progress_notify(),
-            ),
-        )
+        .watch(first.as_str(), options())
         .await
         .map_err(Error::etcd("watch prefix"))?;
+    // The other prefixes are further watches on the same stream.
+    for prefix in others {
+        stream
+            .watch(prefix.as_str(), options())
+            .await
+            .map_err(Error::etcd("watch prefix"))?;
+    }
     backoff.reset();
     debug!(revision, what = S::WHAT, "following");
     while let Some(resp) = stream
@@ -393,6 +475,45 @@ mod tests {
         let d = f.desired("lb-1");
         assert_eq!(d.revision, 12);
         assert!(d.cluster.vips.is_empty());
+    }
+
+    #[test]
+    fn the_cluster_settings_are_in_every_view_and_move_the_revision() {
+        use steward_proto::converge::{ClusterSettings, GlusterVolume};
+        let mut f = Fixture::new();
+        f.roles("lb-1", &[Role::Lb], 4);
+        assert_eq!(
+            f.desired("lb-1").cluster.settings,
+            ClusterSettings::default()
+        );
+        let settings = ClusterSettings {
+            gluster_volumes: vec![GlusterVolume {
+                name: "data".into(),
+                replica: 3,
+            }],
+            ..Default::default()
+        };
+        let key = f.keys.cluster_settings();
+        assert!(f
+            .specs
+            .apply(&f.keys, key.as_bytes(), Some((&encode(&settings), 9))));
+        // The same value again (a re-read) is no change.
+        assert!(!f
+            .specs
+            .apply(&f.keys, key.as_bytes(), Some((&encode(&settings), 9))));
+        for node in ["lb-1", "new-1"] {
+            let d = f.desired(node);
+            assert_eq!(d.cluster.settings, settings);
+            assert_eq!(d.revision, 9);
+        }
+        // A newer node spec still wins; a corrupt value keeps the last good one.
+        f.roles("lb-2", &[Role::Lb], 11);
+        assert_eq!(f.desired("lb-1").revision, 11);
+        assert!(!f.specs.apply(&f.keys, key.as_bytes(), Some((b"{", 12))));
+        assert_eq!(f.desired("lb-1").cluster.settings, settings);
+        // Other keys under cluster/ are not settings.
+        let other = format!("{}other", f.keys.cluster());
+        assert!(!f.specs.apply(&f.keys, other.as_bytes(), Some((b"{}", 13))));
     }
 
     #[test]

@@ -32,6 +32,16 @@ pub struct CoordinatorConfig {
     /// Timing of the VIP lease protocol; must agree with the agents'.
     #[serde(default)]
     pub vip: LeaseConfig,
+    /// Sealing of cluster secrets (Kubernetes join token, certificate key,
+    /// CA key) in etcd. Every replica needs the same key.
+    pub secrets: Option<SecretsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// 64 hex digits; `stewardctl pki init` writes one as `secrets.key`.
+    pub key_file: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -135,6 +145,11 @@ impl CoordinatorConfig {
             ));
         }
         check_readable(&mut p, "tls.ca", &self.tls.ca);
+        if let Some(secrets) = &self.secrets {
+            if let Err(e) = crate::orchestrate::secrets::SecretBox::from_file(&secrets.key_file) {
+                p.push(format!("secrets.key_file: {e}"));
+            }
+        }
         check_readable(&mut p, "tls.cert", &self.tls.cert);
         check_readable(&mut p, "tls.key", &self.tls.key);
         if self.etcd.endpoints.is_empty() {

@@ -81,6 +81,28 @@ pub enum Command {
         #[command(subcommand)]
         command: VipCommand,
     },
+    /// Make the cluster match a spec file: VIPs, frontends, Kubernetes and
+    /// Gluster settings, node roles and labels.
+    ///
+    /// The spec (TOML; packaging/cluster.example.toml documents every key)
+    /// is authoritative for the VIPs when it has a `vip` key (VIPs it does
+    /// not list are removed; without a `vip` key they are left alone), for
+    /// the cluster settings (`[[frontend]]`, `[kubernetes]`, `[[gluster.volume]]`:
+    /// a section left out is removed), and for the roles and labels of the
+    /// nodes it lists (other nodes are left alone).
+    ///
+    /// Prints one line per change, then "applied". A spec with any problem
+    /// is refused with every problem listed and nothing is written; a valid
+    /// one is written all at once. Applying the same spec again changes
+    /// nothing.
+    Apply {
+        /// The spec file; `-` reads it from standard input.
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: PathBuf,
+        /// Only show what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Certificates for a development cluster.
     Pki {
         #[command(subcommand)]
@@ -168,7 +190,8 @@ fn parse_priority(s: &str) -> Result<(String, u32), String> {
 
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
-    /// Create a cluster CA: DIR/ca.crt and DIR/ca.key.
+    /// Create a cluster CA (DIR/ca.crt, DIR/ca.key) and the key that seals
+    /// cluster secrets in etcd (DIR/secrets.key).
     Init {
         dir: PathBuf,
         /// Cluster name, written into the CA's subject.
@@ -310,6 +333,19 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             Ok(())
         }
         Command::Vip { command } => vip_command(&cli, command).await,
+        Command::Apply { file, dry_run } => {
+            let spec_toml = read_spec(file)?;
+            let outcome = connect(&cli)
+                .await?
+                .apply(pb::ApplyRequest {
+                    spec_toml,
+                    dry_run: *dry_run,
+                })
+                .await?
+                .into_inner();
+            print!("{}", apply_output(cli.output, &outcome, *dry_run));
+            Ok(())
+        }
         Command::Events { follow, limit } => {
             let mut stream = connect(&cli)
                 .await?
@@ -395,6 +431,44 @@ async fn vip_command(cli: &Cli, command: &VipCommand) -> Result<(), CtlError> {
         }
     }
     Ok(())
+}
+
+/// The spec at `path`, or standard input for `-`.
+fn read_spec(path: &Path) -> Result<String, CtlError> {
+    use std::io::Read;
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| CtlError::Usage(format!("standard input: {e}")))?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).map_err(|e| CtlError::Usage(format!("{}: {e}", path.display())))
+}
+
+/// What `stewardctl apply` prints: the changes, then whether they were
+/// written.
+fn apply_output(output: Output, outcome: &pb::ApplyResponse, dry_run: bool) -> String {
+    if output == Output::Json {
+        return format!(
+            "{}\n",
+            json!({"changes": outcome.changes, "applied": outcome.applied, "dry_run": dry_run})
+        );
+    }
+    let mut text = String::new();
+    if outcome.changes.is_empty() {
+        text.push_str("no changes\n");
+    }
+    for change in &outcome.changes {
+        text.push_str(change);
+        text.push('\n');
+    }
+    text.push_str(if outcome.applied {
+        "applied\n"
+    } else {
+        "dry run: nothing written\n"
+    });
+    text
 }
 
 fn vip_json(v: &pb::Vip) -> serde_json::Value {
@@ -483,6 +557,11 @@ fn pki_command(command: &PkiCommand) -> Result<(), CtlError> {
         PkiCommand::Init { dir, cluster } => {
             let (crt, key) = pki::init_ca(dir, cluster)?;
             println!("wrote {} and {}", crt.display(), key.display());
+            let secrets = pki::init_secrets_key(dir)?;
+            println!(
+                "wrote {} (give every coordinator this file as [secrets] key_file)",
+                secrets.display()
+            );
         }
         PkiCommand::Issue {
             dir,
@@ -939,6 +1018,36 @@ mod tests {
         assert_eq!(json["converge"]["counts"]["changed"], 1);
         assert_eq!(json["converge"]["converged"], true);
         assert!(json["address"].is_null());
+    }
+
+    #[test]
+    fn apply_prints_changes_then_the_outcome() {
+        let outcome = pb::ApplyResponse {
+            changes: vec!["vip front: add 198.18.0.200/24".into()],
+            applied: true,
+        };
+        assert_eq!(
+            apply_output(Output::Table, &outcome, false),
+            "vip front: add 198.18.0.200/24\napplied\n"
+        );
+        let dry = pb::ApplyResponse {
+            changes: vec![],
+            applied: false,
+        };
+        assert_eq!(
+            apply_output(Output::Table, &dry, true),
+            "no changes\ndry run: nothing written\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&apply_output(Output::Json, &outcome, false)).unwrap();
+        assert_eq!(json["changes"][0], "vip front: add 198.18.0.200/24");
+        assert_eq!(json["applied"], true);
+        assert_eq!(json["dry_run"], false);
+        let cli = Cli::try_parse_from(["stewardctl", "apply", "-f", "-", "--dry-run"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Apply { ref file, dry_run: true } if file == Path::new("-")
+        ));
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub enum Error {
     InvalidRequest(#[from] ProtoError),
     #[error("invalid request: {0}")]
     InvalidArgument(String),
+    /// `stewardctl apply` of a spec with problems: all of them.
+    #[error("{}", spec_problems(.0))]
+    InvalidSpec(Vec<String>),
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -41,6 +44,37 @@ pub enum Error {
     ShuttingDown,
     #[error(transparent)]
     Pki(#[from] PkiError),
+}
+
+/// Bytes of problems shown per spec, at most: the message travels in an
+/// HTTP/2 header, which peers limit to 16 KiB all told.
+const MAX_SPEC_PROBLEMS_BYTES: usize = 8 * 1024;
+
+/// `invalid cluster spec (N problems), nothing written:` and one line per
+/// problem, as many as fit.
+fn spec_problems(problems: &[String]) -> String {
+    let mut text = format!(
+        "invalid cluster spec ({} problem{}), nothing written:",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for (shown, p) in problems.iter().enumerate() {
+        // One problem, one line, of a readable length.
+        let line: String = p
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .take(300)
+            .collect();
+        if text.len() + line.len() > MAX_SPEC_PROBLEMS_BYTES {
+            text.push_str(&format!("\n... and {} more", problems.len() - shown));
+            break;
+        }
+        text.push('\n');
+        text.push_str(&line);
+    }
+    text
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -62,7 +96,9 @@ impl From<Error> for tonic::Status {
             Error::UnknownNode(_) | Error::UnknownVip(_) => Status::not_found(msg),
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::RoleNotAssigned { .. } => Status::failed_precondition(msg),
-            Error::InvalidRequest(_) | Error::InvalidArgument(_) => Status::invalid_argument(msg),
+            Error::InvalidRequest(_) | Error::InvalidArgument(_) | Error::InvalidSpec(_) => {
+                Status::invalid_argument(msg)
+            }
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
             Error::PermissionDenied(_) => Status::permission_denied(msg),
             Error::Conflict { .. } => Status::aborted(msg),
@@ -71,5 +107,25 @@ impl From<Error> for tonic::Status {
             }
             Error::Pki(_) => Status::unauthenticated(msg),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_problems_are_one_per_line_and_fit_in_a_header() {
+        let e = Error::InvalidSpec(vec!["a: b\n  c".into(), "d".into()]);
+        assert_eq!(
+            e.to_string(),
+            "invalid cluster spec (2 problems), nothing written:\na: b c\nd"
+        );
+        let many = Error::InvalidSpec(vec!["x".repeat(1000); 100]).to_string();
+        assert!(many.len() <= MAX_SPEC_PROBLEMS_BYTES + 30, "{}", many.len());
+        assert!(many.lines().nth(1).is_some_and(|l| l.len() == 300));
+        assert!(many.ends_with("more"), "{many}");
+        let status = tonic::Status::from(Error::InvalidSpec(vec!["p".into()]));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
 }

@@ -16,10 +16,12 @@ pub mod admin_service;
 pub mod agent_service;
 pub mod auth;
 pub mod cache;
+pub mod cluster_spec;
 pub mod config;
 pub mod ctl;
 pub mod error;
 pub mod leader;
+pub mod orchestrate;
 pub mod peers;
 pub mod pki;
 pub mod replica;
@@ -111,6 +113,27 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         )
         .instrument(tracing::info_span!("vip_cache")),
     );
+    let (orch_tx, orch_rx) = watch::channel(Arc::new(
+        orchestrate::state::OrchestrationSnapshot::default(),
+    ));
+    let orch_cache = tokio::spawn(
+        cache::run_prefix_cache(
+            stream_client.clone(),
+            keys.clone(),
+            keys.orchestration(),
+            orch_tx,
+            tasks.clone(),
+        )
+        .instrument(tracing::info_span!("orchestration_cache")),
+    );
+    // Validated with the config; a key that stopped opening is an error here.
+    let sealer = match &config.secrets {
+        Some(s) => Some(Arc::new(
+            orchestrate::secrets::SecretBox::from_file(&s.key_file)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        )),
+        None => None,
+    };
     let lease_hub = vip::lease_api::LeaseHub::new(config.id.clone(), config.lease_params());
     let (lead_tx, lead_rx) = watch::channel(Leadership::Follower);
     let member = MemberRecord {
@@ -139,6 +162,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         sessions: sessions::Sessions::default(),
         specs: specs_rx.clone(),
         vips: vips_rx.clone(),
+        orchestration: orch_rx.clone(),
+        sealer: sealer.clone(),
         lease: lease_hub.clone(),
         unreachable_after: config.agent_unreachable_after(),
         shutdown: shutdown.clone(),
@@ -156,6 +181,20 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             tasks.clone(),
         )
         .instrument(tracing::info_span!("vip_marker", replica.id = %config.id)),
+    );
+    let orchestrator = tokio::spawn(
+        orchestrate::leader::run_orchestrator(
+            ctx.store.clone(),
+            orchestrate::leader::OrchestratorInputs {
+                leadership: lead_rx.clone(),
+                specs: specs_rx.clone(),
+                vips: vips_rx.clone(),
+                orchestration: orch_rx,
+            },
+            sealer,
+            tasks.clone(),
+        )
+        .instrument(tracing::info_span!("orchestrator", replica.id = %config.id)),
     );
     let placement = tokio::spawn(
         vip::placement::run_placement(
@@ -197,6 +236,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         ("vip cache", vip_cache),
         ("vip marker", marker),
         ("vip placement", placement),
+        ("orchestration cache", orch_cache),
+        ("orchestrator", orchestrator),
     ] {
         if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
             warn!(task = name, "did not stop in time");

@@ -141,6 +141,21 @@ fn validity(params: &mut CertificateParams, days: i64) {
     params.not_after = now + Duration::days(days);
 }
 
+/// Writes `dir/secrets.key`: the key that seals cluster secrets in etcd
+/// (`[secrets] key_file`). Refuses to overwrite one.
+pub fn init_secrets_key(dir: &Path) -> Result<PathBuf, PkiError> {
+    let path = dir.join("secrets.key");
+    if path.exists() {
+        return Err(PkiError::Exists { path });
+    }
+    let key = crate::orchestrate::secrets::new_key_hex().map_err(|e| PkiError::Io {
+        path: path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    write_new(&path, &format!("{key}\n"), 0o600)?;
+    Ok(path)
+}
+
 /// Paths of a CA in a directory: `ca.crt` and `ca.key`.
 pub fn ca_paths(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join("ca.crt"), dir.join("ca.key"))

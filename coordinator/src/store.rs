@@ -11,6 +11,10 @@
 //! | `nodes/<id>/address` | the replica serving the node, when it differs at session open | [`NodeAddressRecord`] |
 //! | `nodes/<id>/converge` | the replica serving the node, when the outcome changes | [`ConvergeReport`] |
 //! | `vips/.removed` | admin API, with every VIP removal | [`VipRemovedRecord`] |
+//! | `cluster/settings` | admin API (`Apply`), whole, never deleted | [`ClusterSettings`] |
+//! | `orchestration/kubernetes/bootstrap` | leader | sealed CA, token, certificate key ([`crate::orchestrate::kubernetes::BootstrapRecord`]) |
+//! | `orchestration/kubernetes/joined/<id>` | the replica serving the node, when its init/join reports done | `{"at_unix_ms"}` |
+//! | `orchestration/gluster/<volume>` | leader | brick placement ([`crate::orchestrate::gluster::VolumeRecord`]) |
 //! | `events/<ms>-<replica>-<seq>` | any replica; trimmed by the leader | [`Event`] |
 
 use std::collections::BTreeMap;
@@ -23,7 +27,7 @@ use etcd_client::{
     TxnOp,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use steward_proto::converge::ConvergeReport;
+use steward_proto::converge::{ClusterSettings, ConvergeReport};
 use steward_proto::domain::{Event, Facts, Health, NodeHealth, NodeId, NodeSpec};
 
 use crate::config::EtcdConfig;
@@ -81,6 +85,26 @@ impl Keys {
     }
     pub fn node_converge(&self, id: &NodeId) -> String {
         format!("{}{id}/converge", self.nodes())
+    }
+    pub fn orchestration(&self) -> String {
+        format!("{}orchestration/", self.prefix)
+    }
+    pub fn kubernetes_bootstrap(&self) -> String {
+        format!("{}orchestration/kubernetes/bootstrap", self.prefix)
+    }
+    pub fn kubernetes_joined(&self, id: &NodeId) -> String {
+        format!("{}orchestration/kubernetes/joined/{id}", self.prefix)
+    }
+    pub fn gluster_volume(&self, name: &str) -> String {
+        format!("{}orchestration/gluster/{name}", self.prefix)
+    }
+    /// Cluster-wide records (followed by the spec cache).
+    pub fn cluster(&self) -> String {
+        format!("{}cluster/", self.prefix)
+    }
+    /// The [`ClusterSettings`] of the last `stewardctl apply`, stored whole.
+    pub fn cluster_settings(&self) -> String {
+        format!("{}settings", self.cluster())
     }
     pub fn events(&self) -> String {
         format!("{}events/", self.prefix)
@@ -479,21 +503,57 @@ impl Store {
             .then(|| resp.header().map(|h| h.revision()).unwrap_or_default()))
     }
 
-    /// Appends an event to the audit trail.
-    pub async fn record_event(&self, event: &Event) -> Result<()> {
+    /// Puts `value` at `key` unless the key exists; whether it was written.
+    pub async fn create_if_absent(&self, key: String, value: Vec<u8>) -> Result<bool> {
+        Ok(self.put_if(key, 0, value, "create record").await?.is_some())
+    }
+
+    /// A new key for `event` under `events/`: ordered by time, unique
+    /// within this replica (so several events fit in one transaction).
+    pub fn event_key(&self, event: &Event) -> String {
         let seq = EVENT_SEQ.fetch_add(1, Ordering::Relaxed);
-        let key = format!(
+        format!(
             "{}{:016}-{}-{seq}",
             self.keys.events(),
             event.at_unix_ms,
             self.replica
-        );
+        )
+    }
+
+    /// The write that appends `event`, for a transaction.
+    pub fn event_op(&self, event: &Event) -> TxnOp {
+        TxnOp::put(self.event_key(event), encode(event), None)
+    }
+
+    /// Appends an event to the audit trail.
+    pub async fn record_event(&self, event: &Event) -> Result<()> {
         self.client
             .kv_client()
-            .put(key, encode(event), None)
+            .put(self.event_key(event), encode(event), None)
             .await
             .map_err(Error::etcd("record event"))?;
         Ok(())
+    }
+
+    /// The cluster settings and their mod revision; `None` before the
+    /// first `stewardctl apply` that set any.
+    pub async fn cluster_settings(&self) -> Result<Option<Versioned<ClusterSettings>>> {
+        let key = self.keys.cluster_settings();
+        let resp = self
+            .client
+            .kv_client()
+            .get(key.as_str(), None)
+            .await
+            .map_err(Error::etcd("read cluster settings"))?;
+        resp.kvs()
+            .first()
+            .map(|kv| {
+                Ok(Versioned {
+                    value: decode(kv.key(), kv.value())?,
+                    mod_revision: kv.mod_revision(),
+                })
+            })
+            .transpose()
     }
 
     /// The latest `limit` events, oldest first, and the revision read at.

@@ -18,6 +18,95 @@ pub struct ClusterView {
     pub members: Vec<Member>,
     /// Ordered by name.
     pub vips: Vec<VipView>,
+    #[serde(default)]
+    pub settings: ClusterSettings,
+}
+
+/// Cluster-wide settings (`stewardctl apply`), stored at `cluster/settings`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// `None`: the cluster runs no Kubernetes.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSettings>,
+    #[serde(default)]
+    pub gluster_volumes: Vec<GlusterVolume>,
+    #[serde(default)]
+    pub frontends: Vec<Frontend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSettings {
+    /// Package version kubeadm, kubelet and kubectl are held at.
+    pub version: String,
+    pub pod_subnet: String,
+    pub service_subnet: String,
+    pub repository: PackageRepository,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageRepository {
+    pub url: String,
+    /// apt: suite and components, e.g. `/` or `bookworm main`.
+    #[serde(default = "default_suite")]
+    pub suite: String,
+    /// ASCII-armoured signing key; `None`: trusted as it is.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+fn default_suite() -> String {
+    "/".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlusterVolume {
+    pub name: String,
+    pub replica: u32,
+}
+
+/// A user-defined HAProxy frontend on every VIP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Frontend {
+    pub name: String,
+    pub port: u16,
+    pub backend_role: crate::domain::Role,
+    pub backend_port: u16,
+}
+
+/// A one-shot step the coordinator assigned to a node, run until its guard
+/// says it is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Stable name; reports call it `command:<id>`.
+    pub id: String,
+    pub argv: Vec<String>,
+    pub creates: Option<String>,
+    pub unless: Option<Vec<String>>,
+    /// How reports show it: argv without its secrets.
+    pub summary: String,
+}
+
+/// A file the coordinator hands a node; its content is never reported.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretFile {
+    pub path: String,
+    pub content: Vec<u8>,
+    pub mode: u32,
+}
+
+impl fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretFile")
+            .field("path", &self.path)
+            .field("content", &format_args!("<{} bytes>", self.content.len()))
+            .field("mode", &format_args!("{:o}", self.mode))
+            .finish()
+    }
 }
 
 impl ClusterView {
@@ -164,7 +253,172 @@ impl TryFrom<pb::ClusterView> for ClusterView {
                 })
             })
             .collect::<Result<_, ProtoError>>()?;
-        Ok(ClusterView { members, vips })
+        Ok(ClusterView {
+            members,
+            vips,
+            settings: v.settings.unwrap_or_default().try_into()?,
+        })
+    }
+}
+
+fn bounded_port(field: &'static str, port: u32) -> Result<u16, ProtoError> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(ProtoError::Invalid { field })
+}
+
+impl TryFrom<pb::ClusterSettings> for ClusterSettings {
+    type Error = ProtoError;
+    fn try_from(s: pb::ClusterSettings) -> Result<Self, ProtoError> {
+        let kubernetes = s
+            .kubernetes
+            .map(|k| -> Result<KubernetesSettings, ProtoError> {
+                let repo = k.repository.unwrap_or_default();
+                Ok(KubernetesSettings {
+                    version: bounded_str("kubernetes.version", k.version)?,
+                    pod_subnet: bounded_str("kubernetes.pod_subnet", k.pod_subnet)?,
+                    service_subnet: bounded_str("kubernetes.service_subnet", k.service_subnet)?,
+                    repository: PackageRepository {
+                        url: bounded_str("kubernetes.repository.url", repo.url)?,
+                        suite: bounded_str("kubernetes.repository.suite", repo.suite)?,
+                        key: Some(repo.key).filter(|k| !k.is_empty()),
+                    },
+                })
+            })
+            .transpose()?;
+        Ok(ClusterSettings {
+            kubernetes,
+            gluster_volumes: bounded_list("gluster_volumes", s.gluster_volumes)?
+                .into_iter()
+                .map(|v| {
+                    Ok(GlusterVolume {
+                        name: bounded_str("gluster_volumes.name", v.name)?,
+                        replica: v.replica,
+                    })
+                })
+                .collect::<Result<_, ProtoError>>()?,
+            frontends: bounded_list("frontends", s.frontends)?
+                .into_iter()
+                .map(|f| {
+                    Ok(Frontend {
+                        name: bounded_str("frontends.name", f.name)?,
+                        port: bounded_port("frontends.port", f.port)?,
+                        backend_role: crate::convert::role_from_pb(
+                            "frontends.backend_role",
+                            f.backend_role,
+                        )?,
+                        backend_port: bounded_port("frontends.backend_port", f.backend_port)?,
+                    })
+                })
+                .collect::<Result<_, ProtoError>>()?,
+        })
+    }
+}
+
+impl From<ClusterSettings> for pb::ClusterSettings {
+    fn from(s: ClusterSettings) -> Self {
+        pb::ClusterSettings {
+            kubernetes: s.kubernetes.map(|k| pb::KubernetesSettings {
+                version: k.version,
+                pod_subnet: k.pod_subnet,
+                service_subnet: k.service_subnet,
+                repository: Some(pb::PackageRepository {
+                    url: k.repository.url,
+                    suite: k.repository.suite,
+                    key: k.repository.key.unwrap_or_default(),
+                }),
+            }),
+            gluster_volumes: s
+                .gluster_volumes
+                .into_iter()
+                .map(|v| pb::GlusterVolume {
+                    name: v.name,
+                    replica: v.replica,
+                })
+                .collect(),
+            frontends: s
+                .frontends
+                .into_iter()
+                .map(|f| pb::Frontend {
+                    name: f.name,
+                    port: f.port.into(),
+                    backend_role: crate::convert::role_to_pb(f.backend_role) as i32,
+                    backend_port: f.backend_port.into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::Task> for Task {
+    type Error = ProtoError;
+    fn try_from(t: pb::Task) -> Result<Self, ProtoError> {
+        let argv = bounded_list("tasks.argv", t.argv)?
+            .into_iter()
+            .map(|a| bounded_str("tasks.argv", a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if argv.is_empty() {
+            return Err(ProtoError::MissingField("tasks.argv"));
+        }
+        let unless = bounded_list("tasks.unless", t.unless)?
+            .into_iter()
+            .map(|a| bounded_str("tasks.unless", a))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Task {
+            id: bounded_str("tasks.id", t.id)?,
+            argv,
+            creates: Some(bounded_str("tasks.creates", t.creates)?).filter(|c| !c.is_empty()),
+            unless: Some(unless).filter(|u| !u.is_empty()),
+            summary: bounded_str("tasks.summary", t.summary)?,
+        })
+    }
+}
+
+impl From<Task> for pb::Task {
+    fn from(t: Task) -> Self {
+        pb::Task {
+            id: t.id,
+            argv: t.argv,
+            creates: t.creates.unwrap_or_default(),
+            unless: t.unless.unwrap_or_default(),
+            summary: t.summary,
+        }
+    }
+}
+
+/// Largest secret file accepted from a coordinator.
+pub const MAX_SECRET_FILE: usize = 64 * 1024;
+
+impl TryFrom<pb::SecretFile> for SecretFile {
+    type Error = ProtoError;
+    fn try_from(f: pb::SecretFile) -> Result<Self, ProtoError> {
+        if !f.path.starts_with('/') || f.path.contains("/../") || f.path.ends_with("/..") {
+            return Err(ProtoError::Invalid {
+                field: "files.path",
+            });
+        }
+        if f.content.len() > MAX_SECRET_FILE {
+            return Err(ProtoError::TooLong {
+                field: "files.content",
+                limit: MAX_SECRET_FILE,
+            });
+        }
+        Ok(SecretFile {
+            path: bounded_str("files.path", f.path)?,
+            content: f.content,
+            mode: f.mode & 0o7777,
+        })
+    }
+}
+
+impl From<SecretFile> for pb::SecretFile {
+    fn from(f: SecretFile) -> Self {
+        pb::SecretFile {
+            path: f.path,
+            content: f.content,
+            mode: f.mode,
+        }
     }
 }
 
@@ -188,6 +442,7 @@ impl From<ClusterView> for pb::ClusterView {
                     address: format!("{}/{}", v.address, v.prefix),
                 })
                 .collect(),
+            settings: Some(v.settings.into()),
         }
     }
 }
@@ -275,7 +530,53 @@ mod tests {
                 address: "198.18.0.200".parse().unwrap(),
                 prefix: 24,
             }],
+            settings: ClusterSettings {
+                kubernetes: Some(KubernetesSettings {
+                    version: "1.31.2-1.1".into(),
+                    pod_subnet: "10.244.0.0/16".into(),
+                    service_subnet: "10.96.0.0/12".into(),
+                    repository: PackageRepository {
+                        url: "file:/srv/repo".into(),
+                        suite: "./".into(),
+                        key: None,
+                    },
+                }),
+                gluster_volumes: vec![GlusterVolume {
+                    name: "data".into(),
+                    replica: 3,
+                }],
+                frontends: vec![Frontend {
+                    name: "grafana".into(),
+                    port: 3000,
+                    backend_role: Role::K8sWorker,
+                    backend_port: 30300,
+                }],
+            },
         }
+    }
+
+    #[test]
+    fn tasks_and_files_are_checked() {
+        let task = pb::Task {
+            id: "kubeadm-join".into(),
+            argv: vec![],
+            ..Default::default()
+        };
+        assert!(Task::try_from(task).is_err(), "a task must have argv");
+        for path in ["etc/passwd", "/etc/../root/x", "/a/.."] {
+            let file = pb::SecretFile {
+                path: path.into(),
+                content: vec![],
+                mode: 0o600,
+            };
+            assert!(SecretFile::try_from(file).is_err(), "{path}");
+        }
+        let file = SecretFile {
+            path: "/etc/kubernetes/pki/ca.key".into(),
+            content: b"secret".to_vec(),
+            mode: 0o600,
+        };
+        assert!(!format!("{file:?}").contains("secret\""));
     }
 
     #[test]

@@ -263,11 +263,19 @@ impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
     fn try_from(m: pb::CoordinatorMessage) -> Result<Self, ProtoError> {
         use pb::coordinator_message::Kind;
         match m.kind.ok_or(ProtoError::MissingField("kind"))? {
-            Kind::DesiredState(d) => Ok(CoordinatorMessage::DesiredState(DesiredState {
+            Kind::DesiredState(d) => Ok(CoordinatorMessage::DesiredState(Box::new(DesiredState {
                 revision: d.revision,
                 roles: roles_from_pb("desired_state.roles", &d.roles)?,
                 cluster: d.cluster.unwrap_or_default().try_into()?,
-            })),
+                tasks: bounded_list("desired_state.tasks", d.tasks)?
+                    .into_iter()
+                    .map(TryInto::try_into)
+                    .collect::<Result<_, _>>()?,
+                files: bounded_list("desired_state.files", d.files)?
+                    .into_iter()
+                    .map(TryInto::try_into)
+                    .collect::<Result<_, _>>()?,
+            }))),
             Kind::HeartbeatAck(a) => Ok(CoordinatorMessage::HeartbeatAck {
                 seq: a.seq,
                 replica: bounded_str("heartbeat_ack.replica_id", a.replica_id)?,
@@ -284,6 +292,8 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
                 revision: d.revision,
                 roles: roles_to_pb(&d.roles),
                 cluster: Some(d.cluster.into()),
+                tasks: d.tasks.into_iter().map(Into::into).collect(),
+                files: d.files.into_iter().map(Into::into).collect(),
             }),
             CoordinatorMessage::HeartbeatAck { seq, replica } => {
                 Kind::HeartbeatAck(pb::HeartbeatAck {
@@ -490,7 +500,7 @@ mod tests {
         };
         let wire: pb::AgentMessage = hello.clone().into();
         assert_eq!(AgentMessage::try_from(wire), Ok(hello));
-        let desired = CoordinatorMessage::DesiredState(DesiredState {
+        let desired = CoordinatorMessage::DesiredState(Box::new(DesiredState {
             revision: 9,
             roles: [Role::Lb, Role::GlusterBrick].into(),
             cluster: crate::converge::ClusterView {
@@ -500,8 +510,21 @@ mod tests {
                     address: None,
                 }],
                 vips: Vec::new(),
+                settings: Default::default(),
             },
-        });
+            tasks: vec![crate::converge::Task {
+                id: "kubeadm-join".into(),
+                argv: vec!["kubeadm".into(), "join".into()],
+                creates: Some("/etc/kubernetes/kubelet.conf".into()),
+                unless: None,
+                summary: "kubeadm join".into(),
+            }],
+            files: vec![crate::converge::SecretFile {
+                path: "/etc/kubernetes/pki/ca.key".into(),
+                content: b"k".to_vec(),
+                mode: 0o600,
+            }],
+        }));
         let wire: pb::CoordinatorMessage = desired.clone().into();
         assert_eq!(CoordinatorMessage::try_from(wire), Ok(desired));
     }

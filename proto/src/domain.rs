@@ -149,6 +149,12 @@ pub struct DesiredState {
     /// What the roles need to know of the rest of the cluster.
     #[serde(default)]
     pub cluster: crate::converge::ClusterView,
+    /// Cluster-wide steps this node was picked for, in order.
+    #[serde(default)]
+    pub tasks: Vec<crate::converge::Task>,
+    /// Files placed before the tasks run.
+    #[serde(default)]
+    pub files: Vec<crate::converge::SecretFile>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -314,7 +320,7 @@ pub enum AgentMessage {
 /// Messages to an agent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CoordinatorMessage {
-    DesiredState(DesiredState),
+    DesiredState(Box<DesiredState>),
     HeartbeatAck { seq: u64, replica: String },
 }
 

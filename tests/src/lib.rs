@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use steward_coordinator::pki::{self, IdentityKind};
 
 pub mod netns;
+pub mod nspawn;
 pub mod vip_bed;
 
 /// Where the workspace's binaries are.
@@ -335,6 +336,7 @@ impl Cluster {
             .expect("tempdir");
         let pki_dir = dir.path().join("pki");
         pki::init_ca(&pki_dir, "test").expect("ca");
+        pki::init_secrets_key(&pki_dir).expect("secrets key");
         pki::issue(&pki_dir, "admin", IdentityKind::Admin, &[]).expect("admin cert");
         let etcd = Etcd::start(dir.path());
         Cluster {
@@ -390,6 +392,11 @@ impl Cluster {
         set(&mut t, "tls.cert", crt.display().to_string());
         set(&mut t, "tls.key", key.display().to_string());
         set(&mut t, "etcd.endpoints", vec![self.etcd.client_url.clone()]);
+        set(
+            &mut t,
+            "secrets.key_file",
+            self.pki().join("secrets.key").display().to_string(),
+        );
         set(&mut t, "timing.member_lease_ttl_s", 2);
         if let Some(profile) = &self.coordinator_profile {
             set(&mut t, "vip.profile", profile.as_str());

@@ -46,8 +46,8 @@ use std::time::{Duration, Instant};
 const RANGE_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
 const RANGE_SLOTS: u32 = 512;
 /// Host addresses are `.10 ..= .199`; `.200` and above are for VIPs.
-const FIRST_HOST_OCTET: u8 = 10;
-const LAST_HOST_OCTET: u8 = 199;
+pub(crate) const FIRST_HOST_OCTET: u8 = 10;
+pub(crate) const LAST_HOST_OCTET: u8 = 199;
 const NS_PREFIX: &str = "stw-";
 const ROOT_IFACE_PREFIX: &str = "stg";
 const ALIAS_PREFIX: &str = "steward-tests pid=";
@@ -361,6 +361,16 @@ impl TestNet {
     /// The root namespace's interface on the wire (`stg<I>`).
     pub fn root_iface(&self) -> &str {
         &self.root_iface
+    }
+
+    /// The namespace holding the bridge (for `crate::nspawn`).
+    pub(crate) fn switch_ns(&self) -> &str {
+        &self.switch_ns
+    }
+
+    /// The bridge's name in [`TestNet::switch_ns`].
+    pub(crate) fn bridge(&self) -> &str {
+        "br0"
     }
 
     /// Every namespace this net created: the switch's, then the hosts'.

@@ -149,6 +149,7 @@ fn apply(host: &dyn Host, resource: &Resource, run: &mut Run) -> HostResult<Outc
         } => mount(host, what, target, fstype, options).map(Outcome::changed),
         Resource::SwapOff => swap_off(host),
         Resource::Command(spec) => command(host, spec),
+        Resource::Blocked { reason, .. } => Err(HostError::Failed(reason.clone())),
     }
 }
 
@@ -386,7 +387,7 @@ fn unit(host: &dyn Host, spec: &UnitSpec, run: &mut Run) -> HostResult<Vec<Strin
         changed.push(if spec.enabled { "enabled" } else { "disabled" }.into());
     }
     let notified = run.notify.remove(&spec.name);
-    match (state.active, spec.active) {
+    match (state.active, spec.active.unwrap_or(state.active)) {
         (false, true) => {
             host.start(&spec.name)?;
             changed.push("started".into());
@@ -507,12 +508,9 @@ fn command(host: &dyn Host, spec: &CommandSpec) -> HostResult<Outcome> {
     if !out.success {
         return Err(HostError::Failed(format!(
             "`{}` failed: {}",
-            spec.argv.join(" "),
+            spec.summary,
             tail(&format!("{}\n{}", out.stdout, out.stderr))
         )));
     }
-    Ok(Outcome::changed(vec![format!(
-        "ran `{}`",
-        spec.argv.join(" ")
-    )]))
+    Ok(Outcome::changed(vec![format!("ran `{}`", spec.summary)]))
 }

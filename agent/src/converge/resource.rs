@@ -82,7 +82,8 @@ pub struct UnitSpec {
     /// unit a package ships.
     pub content: Option<String>,
     pub enabled: bool,
-    pub active: bool,
+    /// `None`: left as it is (e.g. the kubelet, which kubeadm starts).
+    pub active: Option<bool>,
 }
 
 /// A one-shot step, run only while its guard says it is still needed.
@@ -95,6 +96,8 @@ pub struct CommandSpec {
     pub creates: Option<PathBuf>,
     /// Done when this command succeeds.
     pub unless: Option<Vec<String>>,
+    /// How reports show the step (argv may carry secrets).
+    pub summary: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +135,12 @@ pub enum Resource {
     /// No active swap, and none configured in `/etc/fstab`.
     SwapOff,
     Command(CommandSpec),
+    /// A role that cannot be planned (e.g. Kubernetes roles before any
+    /// Kubernetes settings were applied): always fails with `reason`.
+    Blocked {
+        name: String,
+        reason: String,
+    },
 }
 
 impl Resource {
@@ -149,6 +158,7 @@ impl Resource {
             Resource::Mount { target, .. } => format!("mount:{}", target.display()),
             Resource::SwapOff => "swap:off".to_owned(),
             Resource::Command(c) => format!("command:{}", c.name),
+            Resource::Blocked { name, .. } => format!("plan:{name}"),
         }
     }
 }

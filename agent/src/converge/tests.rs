@@ -48,8 +48,43 @@ fn lb_desired(workers: &[&str]) -> DesiredState {
                 address: "198.18.0.200".parse().unwrap(),
                 prefix: 24,
             }],
+            settings: Default::default(),
         },
+        ..Default::default()
     }
+}
+
+/// A Kubernetes node of a cluster at 1.31.2-1.1, and a fake host whose
+/// package manager has what that needs.
+fn kubernetes_desired(role: Role) -> DesiredState {
+    let mut d = DesiredState {
+        revision: 1,
+        roles: [role].into(),
+        ..Default::default()
+    };
+    d.cluster.settings.kubernetes = Some(steward_proto::converge::KubernetesSettings {
+        version: "1.31.2-1.1".into(),
+        pod_subnet: "10.244.0.0/16".into(),
+        service_subnet: "10.96.0.0/12".into(),
+        repository: steward_proto::converge::PackageRepository {
+            url: "file:/srv/k8s".into(),
+            suite: "./".into(),
+            key: None,
+        },
+    });
+    d
+}
+
+fn offer_kubernetes(host: &FakeHost) {
+    let mut s = host.state.borrow_mut();
+    s.available.insert("containerd".into(), "1.6".into());
+    s.ships_units
+        .insert("containerd".into(), vec!["containerd.service".into()]);
+    for p in ["kubelet", "kubeadm", "kubectl"] {
+        s.available.insert(p.into(), "1.31.2-1.1".into());
+    }
+    s.ships_units
+        .insert("kubelet".into(), vec!["kubelet.service".into()]);
 }
 
 fn statuses(report: &ConvergeReport) -> BTreeMap<String, ResourceStatus> {
@@ -225,11 +260,9 @@ fn a_missing_package_fails_and_a_later_run_recovers() {
 fn in_a_container_kernel_settings_are_not_applicable_not_failed() {
     let mut host = lb_host();
     host.container = Some("systemd-nspawn".into());
+    offer_kubernetes(&host);
     {
         let mut s = host.state.borrow_mut();
-        s.available.insert("containerd".into(), "1.6".into());
-        s.ships_units
-            .insert("containerd".into(), vec!["containerd.service".into()]);
         s.swaps.push("/swapfile".into());
         s.sysctls.insert("net.ipv4.ip_forward".into(), "0".into());
         for key in [
@@ -240,10 +273,7 @@ fn in_a_container_kernel_settings_are_not_applicable_not_failed() {
             s.read_only_sysctls.insert(key.into());
         }
     }
-    let desired = DesiredState {
-        roles: [Role::K8sWorker].into(),
-        ..Default::default()
-    };
+    let desired = kubernetes_desired(Role::K8sWorker);
     let report = Engine::default().run(&host, &crate::roles::plan(&desired), 1);
     let s = statuses(&report);
     for id in [
@@ -271,11 +301,10 @@ fn in_a_container_kernel_settings_are_not_applicable_not_failed() {
 
 #[test]
 fn outside_a_container_the_same_settings_are_applied() {
-    let host = FakeHost::new(&[("containerd", "1.6")]);
+    let host = FakeHost::new(&[]);
+    offer_kubernetes(&host);
     {
         let mut s = host.state.borrow_mut();
-        s.ships_units
-            .insert("containerd".into(), vec!["containerd.service".into()]);
         s.swaps.push("/dev/vda2".into());
         s.files.insert(
             "/etc/fstab".into(),
@@ -306,16 +335,21 @@ fn outside_a_container_the_same_settings_are_applied() {
             },
         );
     }
-    let desired = DesiredState {
-        roles: [Role::K8sControlPlane].into(),
-        ..Default::default()
-    };
+    let desired = kubernetes_desired(Role::K8sControlPlane);
     let report = Engine::default().run(&host, &crate::roles::plan(&desired), 1);
+    // Held at the cluster's version; the kubelet is left for kubeadm to start.
+    assert_eq!(host.state.borrow().held.len(), 3);
+    assert!(!host
+        .state
+        .borrow()
+        .changes
+        .contains(&"start kubelet.service".to_owned()));
     assert!(
         report
             .resources
             .iter()
-            .all(|r| r.status == ResourceStatus::Changed),
+            // The kubelet package enables its unit itself.
+            .all(|r| r.status == ResourceStatus::Changed || r.id == "unit:kubelet.service"),
         "{report:#?}"
     );
     let changes = host.take_changes();
@@ -339,6 +373,7 @@ fn guarded_commands_run_until_their_guard_says_done() {
         argv: vec!["touch".into(), "/done".into()],
         creates: Some("/done".into()),
         unless: None,
+        summary: "touch /done".into(),
     }));
     let mut engine = Engine::default();
     let first = engine.run(&host, std::slice::from_ref(&step), 1);
@@ -367,7 +402,7 @@ fn a_requirement_missing_from_the_plan_is_a_clear_failure() {
         name: "x.service".into(),
         content: None,
         enabled: true,
-        active: true,
+        active: Some(true),
     }))
     .after("packages:nowhere")];
     let report = Engine::default().run(&host, &plan, 1);

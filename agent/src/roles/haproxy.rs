@@ -86,16 +86,28 @@ pub fn render(view: &ClusterView) -> String {
          \x20   timeout client 1m\n\
          \x20   timeout server 1m\n",
     );
-    for f in FRONTENDS {
-        let _ = writeln!(out, "\nfrontend {}", f.name);
-        for vip in &view.vips {
-            let _ = writeln!(out, "    bind {}", SocketAddr::new(vip.address, f.port));
+    let user: Vec<Frontend> = view
+        .settings
+        .frontends
+        .iter()
+        .map(|f| Frontend {
+            name: &f.name,
+            port: f.port,
+            role: f.backend_role,
+            backend_port: f.backend_port,
+            check: &["default-server check inter 2s fall 3 rise 2"],
+        })
+        .collect();
+    for f in FRONTENDS.iter().chain(&user) {
+        // Without a VIP there is nothing to listen on yet: the backends
+        // are rendered (and checked), the frontends wait for a VIP.
+        if !view.vips.is_empty() {
+            let _ = writeln!(out, "\nfrontend {}", f.name);
+            for vip in &view.vips {
+                let _ = writeln!(out, "    bind {}", SocketAddr::new(vip.address, f.port));
+            }
+            let _ = writeln!(out, "    default_backend {}", f.name);
         }
-        if view.vips.is_empty() {
-            // No VIP yet: keep the frontend valid but bound to nothing public.
-            let _ = writeln!(out, "    bind 127.0.0.1:{}", 40000 + f.port);
-        }
-        let _ = writeln!(out, "    default_backend {}", f.name);
         let _ = writeln!(out, "\nbackend {}", f.name);
         for line in f.check {
             let _ = writeln!(out, "    {line}");
@@ -134,7 +146,15 @@ mod tests {
     }
 
     fn view() -> ClusterView {
+        let mut settings = steward_proto::converge::ClusterSettings::default();
+        settings.frontends.push(steward_proto::converge::Frontend {
+            name: "grafana".into(),
+            port: 3000,
+            backend_role: Role::K8sWorker,
+            backend_port: 30300,
+        });
         ClusterView {
+            settings,
             members: vec![
                 member("cp-1", Role::K8sControlPlane, "198.18.0.11"),
                 member("lb-1", Role::Lb, "198.18.0.2"),
@@ -166,6 +186,14 @@ mod tests {
         assert!(http.contains("server w-1 198.18.0.21:80"), "{http}");
         assert!(http.contains("server w-2 [fd00::21]:80"), "{http}");
         assert!(!http.contains("cp-1") && !http.contains("lb-1"), "{http}");
+        assert!(
+            cfg.contains("frontend grafana\n    bind 198.18.0.200:3000\n"),
+            "{cfg}"
+        );
+        assert!(
+            section("grafana").contains("server w-1 198.18.0.21:30300"),
+            "{cfg}"
+        );
     }
 
     #[test]
@@ -212,6 +240,7 @@ mod tests {
         v.vips.clear();
         let cfg = render(&v);
         assert!(!cfg.contains("198.18.0.200"));
-        assert!(cfg.contains("bind 127.0.0.1:46443"));
+        assert!(!cfg.contains("bind"), "{cfg}");
+        assert!(cfg.contains("backend kube-apiserver"), "{cfg}");
     }
 }

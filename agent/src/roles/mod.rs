@@ -4,35 +4,81 @@
 //!
 //! Planned here is what each node does on its own. Steps that need one
 //! node picked for the whole cluster (`kubeadm init`, `gluster volume
-//! create`) come from the coordinator and are not planned yet.
+//! create`) come from the coordinator as tasks, with the files they need;
+//! they run last, in the order given, each after the one before.
 
 pub mod haproxy;
 
+use steward_proto::converge::{KubernetesSettings, Task};
 use steward_proto::domain::{DesiredState, Role};
 
 use crate::converge::resource::{
-    FileSpec, Notify, NotifyAction, PackageSpec, Planned, Resource, UnitSpec,
+    CommandSpec, FileSpec, Notify, NotifyAction, PackageSpec, Planned, Repository, Resource,
+    UnitSpec,
 };
 
 /// The resources `desired` needs, in the order they are applied.
 pub fn plan(desired: &DesiredState) -> Vec<Planned> {
     let mut plan = Vec::new();
-    for role in &desired.roles {
-        match role {
-            Role::Lb => plan.extend(lb(desired)),
-            Role::K8sControlPlane | Role::K8sWorker => {
-                // Both Kubernetes roles need the same host preparation.
-                if !plan
-                    .iter()
-                    .any(|p: &Planned| p.resource.id() == "packages:containerd")
-                {
-                    plan.extend(kubernetes_host());
-                }
-            }
-            Role::GlusterBrick => plan.extend(gluster_brick()),
-        }
+    let kubernetes =
+        desired.roles.contains(&Role::K8sControlPlane) || desired.roles.contains(&Role::K8sWorker);
+    if desired.roles.contains(&Role::Lb) {
+        plan.extend(lb(desired));
     }
+    if kubernetes {
+        plan.extend(match &desired.cluster.settings.kubernetes {
+            Some(settings) => kubernetes_node(settings),
+            None => vec![Planned::new(Resource::Blocked {
+                name: "kubernetes".into(),
+                reason: "this node has a Kubernetes role but the cluster has no [kubernetes] \
+                         settings yet (stewardctl apply)"
+                    .into(),
+            })],
+        });
+    }
+    if desired.roles.contains(&Role::GlusterBrick) {
+        plan.extend(gluster_brick(desired));
+    }
+    plan.extend(coordinator_steps(desired, &plan));
     plan
+}
+
+/// The coordinator's files and tasks, after everything the roles need.
+fn coordinator_steps(desired: &DesiredState, before: &[Planned]) -> Vec<Planned> {
+    let role_ids: Vec<String> = before.iter().map(|p| p.resource.id()).collect();
+    let mut steps = Vec::new();
+    for file in &desired.files {
+        let mut spec = FileSpec::new(&file.path, file.content.clone(), file.mode);
+        spec.validate = None;
+        steps.push(Planned::new(Resource::File(spec)));
+    }
+    let mut previous: Option<String> = None;
+    for task in &desired.tasks {
+        let mut step = Planned::new(Resource::Command(command(task)));
+        // A task needs what the roles set up, and the task before it.
+        step.requires = role_ids.clone();
+        step.requires
+            .extend(steps.iter().map(|p: &Planned| p.resource.id()));
+        step.requires.dedup();
+        if let Some(p) = previous.take() {
+            if !step.requires.contains(&p) {
+                step.requires.push(p);
+            }
+        }
+        previous = Some(step.resource.id());
+        steps.push(step);
+    }
+    steps
+}
+
+fn command(task: &Task) -> CommandSpec {
+    CommandSpec {
+        name: task.id.clone(),
+        argv: task.argv.clone(),
+        creates: task.creates.as_ref().map(Into::into),
+        unless: task.unless.clone(),
+        summary: task.summary.clone(),
+    }
 }
 
 fn sysctl(key: &str, value: &str) -> Planned {
@@ -55,7 +101,7 @@ fn service(name: &str, after: &str) -> Planned {
         name: name.into(),
         content: None,
         enabled: true,
-        active: true,
+        active: Some(true),
     }))
     .after(after)
 }
@@ -85,6 +131,44 @@ pub fn lb(desired: &DesiredState) -> Vec<Planned> {
         Planned::new(Resource::File(config)).after("packages:haproxy"),
         service("haproxy.service", "file:/etc/haproxy/haproxy.cfg"),
     ]
+}
+
+/// A Kubernetes node: the host setup kubeadm's preflight checks ask for,
+/// containerd, and kubelet/kubeadm/kubectl held at the cluster's version.
+/// `kubeadm init`/`join` come from the coordinator as tasks.
+fn kubernetes_node(settings: &KubernetesSettings) -> Vec<Planned> {
+    let mut plan = kubernetes_host();
+    plan.push(Planned::new(Resource::Repository(Repository {
+        name: "kubernetes".into(),
+        url: settings.repository.url.clone(),
+        suite: settings.repository.suite.clone(),
+        key: settings.repository.key.clone(),
+    })));
+    plan.push(
+        Planned::new(Resource::Packages {
+            name: "kubernetes".into(),
+            packages: ["kubelet", "kubeadm", "kubectl"]
+                .map(|name| PackageSpec {
+                    name: name.into(),
+                    version: Some(settings.version.clone()),
+                })
+                .to_vec(),
+            hold: true,
+        })
+        .after("repository:kubernetes"),
+    );
+    // kubeadm starts the kubelet when it has a configuration; until then
+    // it would only crash-loop. Enabled, not started.
+    plan.push(
+        Planned::new(Resource::Unit(UnitSpec {
+            name: "kubelet.service".into(),
+            content: None,
+            enabled: true,
+            active: None,
+        }))
+        .after("packages:kubernetes"),
+    );
+    plan
 }
 
 /// What kubeadm's preflight checks ask of every Kubernetes node.
@@ -123,15 +207,33 @@ version = 2
   SystemdCgroup = true
 ";
 
-fn gluster_brick() -> Vec<Planned> {
-    vec![
+/// Where a node's brick of `volume` lives.
+pub fn brick_path(volume: &str) -> String {
+    format!("/data/glusterfs/{volume}/brick1/brick")
+}
+
+fn gluster_brick(desired: &DesiredState) -> Vec<Planned> {
+    let mut plan = vec![
         packages("glusterfs-server", &["glusterfs-server"]),
         service("glusterd.service", "packages:glusterfs-server"),
-        Planned::new(Resource::Directory {
-            path: "/data/glusterfs".into(),
-            mode: 0o755,
-        }),
-    ]
+    ];
+    for volume in &desired.cluster.settings.gluster_volumes {
+        let brick = brick_path(&volume.name);
+        let mut path = std::path::PathBuf::new();
+        // Each level its own resource: mode and owner hold on all of them.
+        for part in brick.trim_start_matches('/').split('/') {
+            path.push(if path.as_os_str().is_empty() { "/" } else { "" });
+            path.push(part);
+            let dir = Planned::new(Resource::Directory {
+                path: path.clone(),
+                mode: 0o755,
+            });
+            if !plan.iter().any(|p| p.resource.id() == dir.resource.id()) {
+                plan.push(dir);
+            }
+        }
+    }
+    plan
 }
 
 #[cfg(test)]
@@ -139,11 +241,26 @@ mod tests {
     use super::*;
 
     fn desired(roles: &[Role]) -> DesiredState {
-        DesiredState {
+        let mut d = DesiredState {
             revision: 1,
             roles: roles.iter().copied().collect(),
-            cluster: Default::default(),
-        }
+            ..Default::default()
+        };
+        d.cluster.settings.kubernetes = Some(KubernetesSettings {
+            version: "1.31.2-1.1".into(),
+            pod_subnet: "10.244.0.0/16".into(),
+            service_subnet: "10.96.0.0/12".into(),
+            repository: steward_proto::converge::PackageRepository {
+                url: "file:/srv/k8s".into(),
+                suite: "./".into(),
+                key: None,
+            },
+        });
+        d.cluster.settings.gluster_volumes = vec![steward_proto::converge::GlusterVolume {
+            name: "data".into(),
+            replica: 3,
+        }];
+        d
     }
 
     fn ids(plan: &[Planned]) -> Vec<String> {
@@ -184,6 +301,66 @@ mod tests {
     #[test]
     fn no_roles_no_resources() {
         assert!(plan(&desired(&[])).is_empty());
+    }
+
+    #[test]
+    fn kubernetes_without_settings_is_a_clear_failure_not_a_guess() {
+        let mut d = desired(&[Role::K8sWorker]);
+        d.cluster.settings.kubernetes = None;
+        let plan = plan(&d);
+        assert_eq!(ids(&plan), ["plan:kubernetes"]);
+    }
+
+    #[test]
+    fn kubernetes_packages_are_held_at_the_cluster_version() {
+        let plan = plan(&desired(&[Role::K8sControlPlane]));
+        let Some(Resource::Packages { packages, hold, .. }) = plan
+            .iter()
+            .map(|p| &p.resource)
+            .find(|r| r.id() == "packages:kubernetes")
+        else {
+            panic!("no kubernetes packages: {:?}", ids(&plan));
+        };
+        assert!(hold);
+        assert_eq!(packages.len(), 3);
+        assert!(packages
+            .iter()
+            .all(|p| p.version.as_deref() == Some("1.31.2-1.1")));
+    }
+
+    #[test]
+    fn brick_directories_follow_the_volumes() {
+        let ids = ids(&plan(&desired(&[Role::GlusterBrick])));
+        assert!(
+            ids.contains(&"directory:/data/glusterfs/data/brick1/brick".to_owned()),
+            "{ids:?}"
+        );
+        assert!(ids.contains(&"directory:/data".to_owned()), "{ids:?}");
+    }
+
+    #[test]
+    fn tasks_run_last_in_order_after_the_files_and_the_roles() {
+        let mut d = desired(&[Role::GlusterBrick]);
+        for id in ["peer-probe-b", "volume-create-data"] {
+            d.tasks.push(Task {
+                id: id.into(),
+                argv: vec!["gluster".into()],
+                creates: None,
+                unless: None,
+                summary: id.into(),
+            });
+        }
+        d.files.push(steward_proto::converge::SecretFile {
+            path: "/etc/x/secret".into(),
+            content: b"s".to_vec(),
+            mode: 0o600,
+        });
+        let plan = plan(&d);
+        let last = plan.last().unwrap();
+        assert_eq!(last.resource.id(), "command:volume-create-data");
+        assert!(last.requires.contains(&"command:peer-probe-b".to_owned()));
+        assert!(last.requires.contains(&"file:/etc/x/secret".to_owned()));
+        assert!(last.requires.contains(&"unit:glusterd.service".to_owned()));
     }
 
     #[test]

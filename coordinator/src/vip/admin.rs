@@ -19,7 +19,7 @@ use crate::vip::{MoveRecord, VipSnapshot, VipState};
 
 /// A linearizable read of every VIP (not the watch cache: an operator
 /// expects to see their own write).
-async fn read_vips(store: &Store) -> Result<VipSnapshot> {
+pub(crate) async fn read_vips(store: &Store) -> Result<VipSnapshot> {
     let resp = store
         .client()
         .kv_client()
@@ -75,7 +75,7 @@ fn fleet_candidates(
 }
 
 /// Every problem with `spec` in this fleet.
-fn fleet_problems(spec: &VipSpec, nodes: &BTreeMap<NodeId, NodeRecord>) -> Vec<String> {
+pub(crate) fn fleet_problems(spec: &VipSpec, nodes: &BTreeMap<NodeId, NodeRecord>) -> Vec<String> {
     let mut problems = spec.problems();
     let Ok(cidr) = spec.cidr() else {
         return problems;
@@ -147,14 +147,45 @@ fn event(store: &Store, kind: EventKind, message: String) -> (String, Event) {
         replica: store.replica().to_owned(),
         message,
     };
-    let key = format!(
-        "{}{:016}-{}-admin-{}",
-        store.keys().events(),
-        event.at_unix_ms,
-        store.replica(),
-        unix_ms()
+    (store.event_key(&event), event)
+}
+
+/// The writes that define or replace the VIP `spec`: the spec and its
+/// event. `set_vip` and `stewardctl apply` write these.
+pub(crate) fn set_ops(store: &Store, spec: &VipSpec) -> Vec<TxnOp> {
+    let (event_key, event) = event(
+        store,
+        EventKind::VipChanged,
+        format!("VIP {} set to {}", spec.name, spec.address),
     );
-    (key, event)
+    vec![
+        TxnOp::put(store.keys().vip_spec(&spec.name), encode(spec), None),
+        TxnOp::put(event_key, encode(&event), None),
+    ]
+}
+
+/// The writes that remove the VIPs `names`: every key of each, one event
+/// each, and one touch of `vips/.removed`, which moves every node's
+/// desired-state revision past the removal. `remove_vip` and `stewardctl
+/// apply` write these.
+pub(crate) fn removal_ops(store: &Store, names: &[&str]) -> Vec<TxnOp> {
+    let mut ops = Vec::with_capacity(2 * names.len() + 1);
+    for name in names {
+        let (event_key, event) = event(store, EventKind::VipChanged, format!("VIP {name} removed"));
+        ops.push(TxnOp::delete(
+            store.keys().vip(name),
+            Some(DeleteOptions::new().with_prefix()),
+        ));
+        ops.push(TxnOp::put(event_key, encode(&event), None));
+    }
+    ops.push(TxnOp::put(
+        store.keys().vips_removed(),
+        encode(&VipRemovedRecord {
+            name: names.join(","),
+        }),
+        None,
+    ));
+    ops
 }
 
 /// Creates or replaces a VIP definition.
@@ -168,18 +199,10 @@ pub async fn set_vip(ctx: &SessionContext, spec: VipSpec) -> Result<()> {
             problems.join("; ")
         )));
     }
-    let (event_key, event) = event(
-        store,
-        EventKind::VipChanged,
-        format!("VIP {} set to {}", spec.name, spec.address),
-    );
     store
         .client()
         .kv_client()
-        .txn(Txn::new().and_then([
-            TxnOp::put(store.keys().vip_spec(&spec.name), encode(&spec), None),
-            TxnOp::put(event_key, encode(&event), None),
-        ]))
+        .txn(Txn::new().and_then(set_ops(store, &spec)))
         .await
         .map_err(Error::etcd("write VIP"))?;
     Ok(())
@@ -257,25 +280,10 @@ pub async fn move_vip(ctx: &SessionContext, name: &str, to: Option<NodeId>) -> R
 pub async fn remove_vip(ctx: &SessionContext, name: &str) -> Result<()> {
     let store = &ctx.store;
     read_vip(store, name).await?;
-    let (event_key, event) = event(store, EventKind::VipChanged, format!("VIP {name} removed"));
     store
         .client()
         .kv_client()
-        .txn(Txn::new().and_then([
-            TxnOp::delete(
-                store.keys().vip(name),
-                Some(DeleteOptions::new().with_prefix()),
-            ),
-            // Moves every node's desired-state revision past the removal.
-            TxnOp::put(
-                store.keys().vips_removed(),
-                encode(&VipRemovedRecord {
-                    name: name.to_owned(),
-                }),
-                None,
-            ),
-            TxnOp::put(event_key, encode(&event), None),
-        ]))
+        .txn(Txn::new().and_then(removal_ops(store, &[name])))
         .await
         .map_err(Error::etcd("remove VIP"))?;
     Ok(())

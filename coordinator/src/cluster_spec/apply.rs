@@ -1,0 +1,152 @@
+//! The IO of `stewardctl apply`: read the cluster from etcd, [`plan`] the
+//! spec against it, write the plan in one transaction.
+//!
+//! Any replica serves it, like every admin write: the writes are the admin
+//! API's own (node specs as `stewardctl role` writes them, VIPs through
+//! `vip::admin::set_ops` and `vip::admin::removal_ops`), guarded on the
+//! mod revision of every key written. When one of them changed since it
+//! was read, the whole spec is read, checked and planned again.
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use steward_proto::domain::{Event, EventKind};
+use tracing::{debug, info};
+
+use super::plan::{self, Current, Plan};
+use crate::admin_service::record_roles_changed;
+use crate::agent_service::SessionContext;
+use crate::error::{Error, Result};
+use crate::store::{encode, unix_ms, Store};
+use crate::vip::admin as vip_admin;
+
+/// etcd's default `--max-txn-ops`: the most compares, and the most writes,
+/// one transaction may have.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// How many times a spec is planned again after a concurrent change.
+const ATTEMPTS: usize = 8;
+
+/// What `Apply` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// One line per change; empty when the cluster matched the spec.
+    pub changes: Vec<String>,
+    /// False for a dry run.
+    pub applied: bool,
+}
+
+/// Checks the spec `text` against the cluster and, unless `dry_run`,
+/// writes what differs. An invalid spec is [`Error::InvalidSpec`] with
+/// every problem, and nothing is written.
+pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Outcome> {
+    let spec = super::parse(text).map_err(Error::InvalidSpec)?;
+    let store = &ctx.store;
+    for _ in 0..ATTEMPTS {
+        let current = read_current(store).await?;
+        let plan = plan::plan(&spec, &current).map_err(Error::InvalidSpec)?;
+        if dry_run || plan.is_empty() {
+            return Ok(Outcome {
+                changes: plan.changes,
+                applied: !dry_run,
+            });
+        }
+        let (compares, writes) = transaction(store, &plan);
+        let ops = compares.len().max(writes.len());
+        if ops > MAX_TXN_OPS {
+            return Err(Error::FailedPrecondition(format!(
+                "this spec makes {} changes needing {ops} writes in one etcd transaction, \
+                 more than the {MAX_TXN_OPS} etcd allows: apply it in parts",
+                plan.changes.len()
+            )));
+        }
+        let resp = store
+            .client()
+            .kv_client()
+            .txn(Txn::new().when(compares).and_then(writes))
+            .await
+            .map_err(Error::etcd("apply cluster spec"))?;
+        if !resp.succeeded() {
+            debug!("the cluster changed while applying; planning again");
+            continue;
+        }
+        for node in &plan.nodes {
+            if node.before.roles != node.after.roles {
+                record_roles_changed(store, &node.node, &node.before.roles, &node.after.roles)
+                    .await;
+            }
+        }
+        info!(changes = plan.changes.len(), "cluster spec applied");
+        return Ok(Outcome {
+            changes: plan.changes,
+            applied: true,
+        });
+    }
+    Err(Error::Conflict {
+        key: "the nodes, VIPs and settings of the cluster spec".into(),
+    })
+}
+
+/// Linearizable reads: an operator expects to see their own last write.
+async fn read_current(store: &Store) -> Result<Current> {
+    let nodes = store.nodes().await?;
+    let vips = vip_admin::read_vips(store)
+        .await?
+        .vips
+        .into_iter()
+        .filter_map(|(name, state)| Some((name, state.spec?)))
+        .collect();
+    let settings = store.cluster_settings().await?;
+    Ok(Current {
+        nodes,
+        vips,
+        settings,
+    })
+}
+
+/// The guards (every written key still at the revision planned from) and
+/// the writes of `plan`.
+fn transaction(store: &Store, plan: &Plan) -> (Vec<Compare>, Vec<TxnOp>) {
+    let keys = store.keys();
+    let mut compares = Vec::new();
+    let mut writes = Vec::new();
+    let unchanged =
+        |key: String, revision: i64| Compare::mod_revision(key, CompareOp::Equal, revision);
+    for vip in &plan.vip_writes {
+        compares.push(unchanged(
+            keys.vip_spec(&vip.spec.name),
+            vip.expected_revision,
+        ));
+        writes.extend(vip_admin::set_ops(store, &vip.spec));
+    }
+    if !plan.vip_removals.is_empty() {
+        let names: Vec<&str> = plan.vip_removals.iter().map(|r| r.name.as_str()).collect();
+        for removal in &plan.vip_removals {
+            compares.push(unchanged(
+                keys.vip_spec(&removal.name),
+                removal.expected_revision,
+            ));
+        }
+        writes.extend(vip_admin::removal_ops(store, &names));
+    }
+    if let Some(settings) = &plan.settings {
+        let key = keys.cluster_settings();
+        compares.push(unchanged(key.clone(), settings.expected_revision));
+        writes.push(TxnOp::put(key, encode(&settings.settings), None));
+        // No event kind is about settings; they configure what the roles
+        // do, so the role kind is the closest.
+        let event = Event {
+            revision: 0,
+            at_unix_ms: unix_ms(),
+            kind: EventKind::RolesChanged,
+            node: None,
+            replica: store.replica().to_owned(),
+            message: format!("cluster settings changed: {}", settings.changes.join("; ")),
+        };
+        writes.push(store.event_op(&event));
+    }
+    for node in &plan.nodes {
+        let key = keys.node_spec(&node.node);
+        compares.push(unchanged(key.clone(), node.expected_revision));
+        writes.push(TxnOp::put(key, encode(&node.after), None));
+    }
+    (compares, writes)
+}

@@ -1,0 +1,368 @@
+//! GlusterFS volumes across the `gluster-brick` nodes. The leader keeps, per
+//! volume, which node holds each brick (`cluster/gluster/<volume>`): a brick
+//! whose node lost the role is replaced by an unused brick node, and new
+//! brick nodes are added a whole replica set at a time. Each node holds at
+//! most one brick of a volume, so no replica set ever has two bricks on one
+//! node. Exactly one peer (the first brick node by id) runs the `gluster`
+//! commands, each guarded so that it runs once.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use steward_proto::converge::{ClusterView, GlusterVolume, Task};
+use steward_proto::domain::{NodeId, Role};
+
+/// Where a node's brick of `volume` lives (the agent plans the directory).
+pub fn brick_path(volume: &str) -> String {
+    format!("/data/glusterfs/{volume}/brick1/brick")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Brick {
+    pub node: NodeId,
+    pub address: IpAddr,
+}
+
+impl Brick {
+    fn spec(&self, volume: &str) -> String {
+        format!("{}:{}", host(self.address), brick_path(volume))
+    }
+}
+
+fn host(address: IpAddr) -> String {
+    match address {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
+}
+
+/// `cluster/gluster/<volume>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRecord {
+    /// In replica-set order: bricks `[k*replica, (k+1)*replica)` form set k.
+    pub bricks: Vec<Brick>,
+    /// Replacements made, oldest first: (old, new).
+    #[serde(default)]
+    pub replaced: Vec<(Brick, Brick)>,
+}
+
+/// Brick nodes with an address, by id.
+fn brick_nodes(view: &ClusterView) -> Vec<Brick> {
+    view.with_role(Role::GlusterBrick)
+        .filter_map(|m| {
+            Some(Brick {
+                node: m.node.clone(),
+                address: m.address?,
+            })
+        })
+        .collect()
+}
+
+/// The leader's next record for `volume`, or `None` while there are too
+/// few brick nodes to create it.
+pub fn next_record(
+    volume: &GlusterVolume,
+    view: &ClusterView,
+    current: Option<&VolumeRecord>,
+) -> Option<VolumeRecord> {
+    let replica = volume.replica.max(1) as usize;
+    let nodes = brick_nodes(view);
+    let Some(current) = current.filter(|c| !c.bricks.is_empty()) else {
+        if nodes.len() < replica {
+            return None;
+        }
+        let sets = nodes.len() / replica;
+        return Some(VolumeRecord {
+            bricks: nodes.into_iter().take(sets * replica).collect(),
+            replaced: Vec::new(),
+        });
+    };
+    let mut next = current.clone();
+    let in_use = |r: &VolumeRecord, n: &NodeId| r.bricks.iter().any(|b| &b.node == n);
+    for i in 0..next.bricks.len() {
+        let still_brick = nodes.iter().any(|n| n.node == next.bricks[i].node);
+        if still_brick {
+            continue;
+        }
+        if let Some(spare) = nodes.iter().find(|n| !in_use(&next, &n.node)).cloned() {
+            let old = std::mem::replace(&mut next.bricks[i], spare.clone());
+            next.replaced.push((old, spare));
+        }
+    }
+    let spares: Vec<Brick> = nodes
+        .iter()
+        .filter(|n| !in_use(&next, &n.node))
+        .cloned()
+        .collect();
+    for set in spares.chunks_exact(replica) {
+        next.bricks.extend(set.iter().cloned());
+    }
+    // Keep the history short: the guards only need recent replacements.
+    let excess = next.replaced.len().saturating_sub(16);
+    next.replaced.drain(..excess);
+    Some(next)
+}
+
+/// The peer that runs the volume's commands: the first brick node (by id)
+/// that has the role.
+pub fn operator(view: &ClusterView) -> Option<NodeId> {
+    brick_nodes(view).first().map(|b| b.node.clone())
+}
+
+fn sh(script: String) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script]
+}
+
+fn task(id: String, argv: Vec<String>, unless: Vec<String>) -> Task {
+    let summary = argv.join(" ");
+    Task {
+        id,
+        argv,
+        creates: None,
+        unless: Some(unless),
+        summary,
+    }
+}
+
+/// The tasks `node` runs for `volume` given the leader's record.
+pub fn steps(
+    node: &NodeId,
+    view: &ClusterView,
+    volume: &GlusterVolume,
+    record: &VolumeRecord,
+) -> Vec<Task> {
+    if operator(view).as_ref() != Some(node) || record.bricks.is_empty() {
+        return Vec::new();
+    }
+    let name = &volume.name;
+    let mut tasks = Vec::new();
+    let mut peers: Vec<&Brick> = record.bricks.iter().filter(|b| &b.node != node).collect();
+    peers.dedup();
+    for peer in peers {
+        let address = peer.address.to_string();
+        tasks.push(task(
+            format!("gluster-probe-{}", peer.node),
+            vec![
+                "gluster".into(),
+                "peer".into(),
+                "probe".into(),
+                address.clone(),
+            ],
+            sh(format!(
+                "gluster pool list | awk 'NR>1 {{print $2}}' | grep -qxF '{address}'"
+            )),
+        ));
+    }
+    let replica = volume.replica.max(1) as usize;
+    let first_set = &record.bricks[..replica.min(record.bricks.len())];
+    let mut create = vec![
+        "gluster".into(),
+        "volume".into(),
+        "create".into(),
+        name.clone(),
+        "replica".into(),
+        replica.to_string(),
+    ];
+    create.extend(first_set.iter().map(|b| b.spec(name)));
+    // Bricks on the root file system need `force`; Steward's brick
+    // directories are plain directories.
+    create.push("force".into());
+    tasks.push(task(
+        format!("gluster-create-{name}"),
+        create,
+        vec![
+            "gluster".into(),
+            "volume".into(),
+            "info".into(),
+            name.clone(),
+        ],
+    ));
+    tasks.push(task(
+        format!("gluster-start-{name}"),
+        vec![
+            "gluster".into(),
+            "volume".into(),
+            "start".into(),
+            name.clone(),
+        ],
+        sh(format!(
+            "gluster volume info {name} | grep -q '^Status: Started'"
+        )),
+    ));
+    let has_brick = |b: &Brick| {
+        sh(format!(
+            "gluster volume info {name} | grep -qF ': {}'",
+            b.spec(name)
+        ))
+    };
+    for (old, new) in &record.replaced {
+        // Only replacements that reached the record's current bricks.
+        if !record.bricks.contains(new) {
+            continue;
+        }
+        tasks.push(task(
+            format!("gluster-replace-{name}-{}-{}", old.node, new.node),
+            vec![
+                "gluster".into(),
+                "volume".into(),
+                "replace-brick".into(),
+                name.clone(),
+                old.spec(name),
+                new.spec(name),
+                "commit".into(),
+                "force".into(),
+            ],
+            has_brick(new),
+        ));
+    }
+    for set in record.bricks[first_set.len()..].chunks(replica) {
+        let mut add = vec![
+            "gluster".into(),
+            "volume".into(),
+            "add-brick".into(),
+            name.clone(),
+            "replica".into(),
+            replica.to_string(),
+        ];
+        add.extend(set.iter().map(|b| b.spec(name)));
+        add.push("force".into());
+        tasks.push(task(
+            format!("gluster-add-{name}-{}", set[0].node),
+            add,
+            has_brick(&set[set.len() - 1]),
+        ));
+    }
+    tasks
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::converge::Member;
+
+    use super::*;
+
+    fn view(bricks: &[&str]) -> ClusterView {
+        ClusterView {
+            // gN lives at 198.18.0.(30+N), whatever else is in the view.
+            members: bricks
+                .iter()
+                .map(|n| Member {
+                    node: NodeId::new(n.to_string()).unwrap(),
+                    roles: [Role::GlusterBrick].into(),
+                    address: Some(
+                        format!("198.18.0.{}", 30 + n[1..].parse::<u8>().unwrap())
+                            .parse()
+                            .unwrap(),
+                    ),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn vol() -> GlusterVolume {
+        GlusterVolume {
+            name: "data".into(),
+            replica: 3,
+        }
+    }
+
+    fn nodes(r: &VolumeRecord) -> Vec<&str> {
+        r.bricks.iter().map(|b| b.node.as_str()).collect()
+    }
+
+    #[test]
+    fn a_volume_waits_for_enough_brick_nodes_then_uses_each_once() {
+        assert_eq!(next_record(&vol(), &view(&["g1", "g2"]), None), None);
+        let r = next_record(&vol(), &view(&["g1", "g2", "g3", "g4"]), None).unwrap();
+        assert_eq!(nodes(&r), ["g1", "g2", "g3"]);
+        // Stable: nothing changes without a membership change.
+        assert_eq!(
+            next_record(&vol(), &view(&["g1", "g2", "g3", "g4"]), Some(&r)).unwrap(),
+            r
+        );
+    }
+
+    #[test]
+    fn a_node_losing_the_role_is_replaced_by_a_spare() {
+        let r = next_record(&vol(), &view(&["g1", "g2", "g3", "g4"]), None).unwrap();
+        let r2 = next_record(&vol(), &view(&["g1", "g3", "g4"]), Some(&r)).unwrap();
+        assert_eq!(nodes(&r2), ["g1", "g4", "g3"]);
+        assert_eq!(r2.replaced.len(), 1);
+        assert_eq!(r2.replaced[0].0.node.as_str(), "g2");
+        let tasks = steps(
+            &NodeId::new("g1").unwrap(),
+            &view(&["g1", "g3", "g4"]),
+            &vol(),
+            &r2,
+        );
+        let replace = tasks
+            .iter()
+            .find(|t| t.id.starts_with("gluster-replace"))
+            .unwrap();
+        assert_eq!(
+            replace.argv[4..6],
+            [
+                "198.18.0.32:/data/glusterfs/data/brick1/brick".to_owned(),
+                "198.18.0.34:/data/glusterfs/data/brick1/brick".to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn new_nodes_are_added_a_whole_replica_set_at_a_time() {
+        let r = next_record(&vol(), &view(&["g1", "g2", "g3"]), None).unwrap();
+        let five = next_record(&vol(), &view(&["g1", "g2", "g3", "g4", "g5"]), Some(&r)).unwrap();
+        assert_eq!(five.bricks.len(), 3);
+        let six = next_record(
+            &vol(),
+            &view(&["g1", "g2", "g3", "g4", "g5", "g6"]),
+            Some(&r),
+        )
+        .unwrap();
+        assert_eq!(nodes(&six), ["g1", "g2", "g3", "g4", "g5", "g6"]);
+        for set in six.bricks.chunks(3) {
+            let mut n: Vec<_> = set.iter().map(|b| &b.node).collect();
+            n.dedup();
+            assert_eq!(n.len(), 3, "two bricks of a set on one node");
+        }
+        let tasks = steps(
+            &NodeId::new("g1").unwrap(),
+            &view(&["g1", "g2", "g3", "g4", "g5", "g6"]),
+            &vol(),
+            &six,
+        );
+        assert!(tasks.iter().any(|t| t.id == "gluster-add-data-g4"));
+    }
+
+    #[test]
+    fn only_the_first_brick_node_runs_commands_probe_create_start_in_order() {
+        let v = view(&["g1", "g2", "g3"]);
+        let r = next_record(&vol(), &v, None).unwrap();
+        for n in ["g2", "g3"] {
+            assert!(steps(&NodeId::new(n).unwrap(), &v, &vol(), &r).is_empty());
+        }
+        let ids: Vec<String> = steps(&NodeId::new("g1").unwrap(), &v, &vol(), &r)
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "gluster-probe-g2",
+                "gluster-probe-g3",
+                "gluster-create-data",
+                "gluster-start-data"
+            ]
+        );
+        let create = &steps(&NodeId::new("g1").unwrap(), &v, &vol(), &r)[2];
+        assert_eq!(
+            create.argv.join(" "),
+            "gluster volume create data replica 3 198.18.0.31:/data/glusterfs/data/brick1/brick \
+             198.18.0.32:/data/glusterfs/data/brick1/brick 198.18.0.33:/data/glusterfs/data/brick1/brick force"
+        );
+        assert!(create.unless.is_some(), "create must be guarded");
+    }
+}

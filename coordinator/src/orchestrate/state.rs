@@ -1,0 +1,152 @@
+//! Every replica's cache of `orchestration/`, and the tasks it adds to a
+//! node's desired state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use steward_proto::domain::{DesiredState, NodeId};
+use tracing::warn;
+
+use super::gluster::{self, VolumeRecord};
+use super::kubernetes::{self, Bootstrap, BootstrapRecord, Progress};
+use super::secrets::SecretBox;
+use crate::cache::CachedPrefix;
+use crate::store::{decode, Keys, Versioned};
+
+/// `orchestration/kubernetes/joined/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinedRecord {
+    pub at_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OrchestrationSnapshot {
+    pub revision: i64,
+    pub synced: bool,
+    pub bootstrap: Option<Versioned<BootstrapRecord>>,
+    pub joined: BTreeMap<NodeId, i64>,
+    pub volumes: BTreeMap<String, Versioned<VolumeRecord>>,
+}
+
+impl OrchestrationSnapshot {
+    /// Newest mod revision of anything here (part of every desired state's
+    /// revision).
+    pub fn inputs_revision(&self) -> i64 {
+        self.bootstrap
+            .iter()
+            .map(|b| b.mod_revision)
+            .chain(self.joined.values().copied())
+            .chain(self.volumes.values().map(|v| v.mod_revision))
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn joined_set(&self) -> BTreeSet<NodeId> {
+        self.joined.keys().cloned().collect()
+    }
+
+    /// The bootstrap record opened, if there is one and it opens.
+    pub fn open_bootstrap(&self, sealer: Option<&SecretBox>) -> Option<Bootstrap> {
+        let record = &self.bootstrap.as_ref()?.value;
+        let Some(sealer) = sealer else {
+            warn!("Kubernetes secrets exist but this replica has no [secrets] key_file");
+            return None;
+        };
+        Bootstrap::open(record, sealer)
+            .map_err(|error| warn!(%error, "cannot open the Kubernetes bootstrap secrets"))
+            .ok()
+    }
+
+    /// Adds the cluster-wide steps for `node` to `desired`.
+    pub fn add_steps(&self, desired: &mut DesiredState, node: &NodeId, sealer: Option<&SecretBox>) {
+        desired.revision = desired.revision.max(self.inputs_revision().max(0) as u64);
+        let view = &desired.cluster;
+        let bootstrap = self.open_bootstrap(sealer);
+        let joined = self.joined_set();
+        let (tasks, files) = kubernetes::steps(
+            node,
+            view,
+            Progress {
+                bootstrap: bootstrap.as_ref(),
+                joined: &joined,
+            },
+        );
+        let mut all_tasks = tasks;
+        for volume in &view.settings.gluster_volumes {
+            if let Some(record) = self.volumes.get(&volume.name) {
+                all_tasks.extend(gluster::steps(node, view, volume, &record.value));
+            }
+        }
+        desired.tasks = all_tasks;
+        desired.files = files;
+    }
+}
+
+impl CachedPrefix for OrchestrationSnapshot {
+    const WHAT: &'static str = "orchestration";
+
+    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
+        let Some(rest) = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(&keys.orchestration()))
+        else {
+            return false;
+        };
+        if rest == "kubernetes/bootstrap" {
+            self.bootstrap = match value {
+                None => None,
+                Some((bytes, mod_revision)) => match decode(key, bytes) {
+                    Ok(value) => Some(Versioned {
+                        value,
+                        mod_revision,
+                    }),
+                    Err(error) => {
+                        warn!(%error, "ignoring corrupt Kubernetes bootstrap record");
+                        return false;
+                    }
+                },
+            };
+            return true;
+        }
+        if let Some(node) = rest.strip_prefix("kubernetes/joined/") {
+            let Ok(node) = NodeId::new(node.to_owned()) else {
+                return false;
+            };
+            match value {
+                None => self.joined.remove(&node),
+                Some((_, rev)) => self.joined.insert(node, rev),
+            };
+            return true;
+        }
+        if let Some(volume) = rest.strip_prefix("gluster/") {
+            match value {
+                None => {
+                    self.volumes.remove(volume);
+                }
+                Some((bytes, mod_revision)) => match decode(key, bytes) {
+                    Ok(value) => {
+                        self.volumes.insert(
+                            volume.to_owned(),
+                            Versioned {
+                                value,
+                                mod_revision,
+                            },
+                        );
+                    }
+                    Err(error) => {
+                        warn!(%error, volume, "ignoring corrupt Gluster volume record");
+                        return false;
+                    }
+                },
+            }
+            return true;
+        }
+        false
+    }
+
+    fn set_revision(&mut self, revision: i64) {
+        self.revision = self.revision.max(revision);
+        self.synced = true;
+    }
+}
