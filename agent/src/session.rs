@@ -155,6 +155,7 @@ async fn one_session(
     // What this session last reported; a new replica hears it all once.
     let mut reported: Option<(u64, Option<ConvergeReport>)> = None;
     reports.mark_changed();
+    let mut reports_open = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -172,8 +173,11 @@ async fn one_session(
                     return Err(lost("outbound stream closed".into()));
                 }
             }
-            changed = reports.changed() => {
-                if changed.is_ok() && !report(&tx, desired, reports, &mut reported).await {
+            // Guarded: a closed channel is always ready and would spin.
+            changed = reports.changed(), if reports_open => {
+                if changed.is_err() {
+                    reports_open = false;
+                } else if !report(&tx, desired, reports, &mut reported).await {
                     return Err(lost("outbound stream closed".into()));
                 }
             }

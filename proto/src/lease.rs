@@ -65,8 +65,8 @@ impl LeaseParams {
     /// The fast profile: failover in about 250 ms, for networks with
     /// sub-millisecond latency and hosts that are not overloaded.
     pub const FAST: LeaseParams = LeaseParams {
-        heartbeat: Duration::from_millis(40),
-        lease: Duration::from_millis(200),
+        heartbeat: Duration::from_millis(30),
+        lease: Duration::from_millis(150),
         drift_margin: 0.1,
         replicas: 3,
     };

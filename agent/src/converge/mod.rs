@@ -44,6 +44,10 @@ pub async fn run_converge(
 ) {
     if !settings.enabled {
         info!("converging is off ([converge] enabled = false): the host is left as it is");
+        // Keep `reports` open: a closed channel would wake its readers
+        // forever.
+        shutdown.cancelled().await;
+        drop(reports);
         return;
     }
     let mut engine = engine::Engine::default();
