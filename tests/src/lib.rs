@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use steward_coordinator::pki::{self, IdentityKind};
 
+pub mod converge_bed;
 pub mod netns;
 pub mod nspawn;
 pub mod vip_bed;

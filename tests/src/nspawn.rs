@@ -792,9 +792,9 @@ pub struct LocalRepo {
 
 impl LocalRepo {
     /// What [`MachineOptions::default`] asks for: the lb and gluster-brick
-    /// roles' packages.
+    /// roles' packages (procps: the lb role installs it for HAProxy's reload).
     pub const DEFAULT_PACKAGES: &'static [&'static str] =
-        &["haproxy", "glusterfs-server", "glusterfs-client"];
+        &["haproxy", "procps", "glusterfs-server", "glusterfs-client"];
 
     /// The cached repository for `packages` (in any order), built first if
     /// missing: in a throwaway overlay of the base, with the host's network

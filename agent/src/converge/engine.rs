@@ -70,17 +70,23 @@ struct Run {
 }
 
 /// The converge engine. Keeps, between runs, when each resource entered
-/// its status.
+/// its status, and the reloads and restarts still owed: a file that changed
+/// while its unit's reload failed is already right on the next run, so the
+/// debt must outlive the run that made it, until a reload succeeds.
 #[derive(Default)]
 pub struct Engine {
     previous: HashMap<String, ResourceState>,
+    owed: BTreeMap<String, (NotifyAction, String)>,
 }
 
 impl Engine {
     /// Converges `plan` on `host` once.
     pub fn run(&mut self, host: &dyn Host, plan: &[Planned], revision: u64) -> ConvergeReport {
         let started = Instant::now();
-        let mut run = Run::default();
+        let mut run = Run {
+            notify: std::mem::take(&mut self.owed),
+            ..Run::default()
+        };
         let mut statuses: HashMap<String, ResourceStatus> = HashMap::new();
         let mut states = Vec::with_capacity(plan.len());
         for planned in plan {
@@ -102,11 +108,24 @@ impl Engine {
             statuses.insert(id.clone(), outcome.status);
             states.push(self.state(id, outcome));
         }
-        // Notifications for units no resource here manages.
-        for (unit, (action, _)) in std::mem::take(&mut run.notify) {
-            if let Err(error) = host.notify(&unit, action) {
-                tracing::warn!(%unit, %error, "cannot notify unit");
+        // Units no resource here manages: notify them directly. What a
+        // failed or skipped unit resource still owes stays for the next run.
+        let managed: Vec<String> = plan
+            .iter()
+            .filter_map(|p| match &p.resource {
+                Resource::Unit(u) => Some(u.name.clone()),
+                _ => None,
+            })
+            .collect();
+        for (unit, (action, why)) in std::mem::take(&mut run.notify) {
+            if !managed.contains(&unit) {
+                if let Err(error) = host.notify(&unit, action) {
+                    tracing::warn!(%unit, %error, "cannot notify unit; will retry");
+                } else {
+                    continue;
+                }
             }
+            self.owed.insert(unit, (action, why));
         }
         ConvergeReport {
             revision,
@@ -270,17 +289,7 @@ fn file(host: &dyn Host, spec: &FileSpec, run: &mut Run) -> HostResult<Vec<Strin
         )?;
         changed.push("content".to_owned());
         if let Some(n) = &spec.notify {
-            let entry = run
-                .notify
-                .entry(n.unit.clone())
-                .or_insert((n.action, String::new()));
-            if n.action == NotifyAction::Restart {
-                entry.0 = NotifyAction::Restart;
-            }
-            if !entry.1.is_empty() {
-                entry.1.push_str(", ");
-            }
-            entry.1.push_str(&spec.path.to_string_lossy());
+            owe(run, &n.unit, n.action, &spec.path.to_string_lossy());
         }
     } else if host.meta(&spec.path)?.as_ref() != Some(&meta) {
         host.set_meta(&spec.path, &meta)?;
@@ -366,13 +375,17 @@ fn kernel_module(host: &dyn Host, name: &str) -> HostResult<Outcome> {
 
 fn unit(host: &dyn Host, spec: &UnitSpec, run: &mut Run) -> HostResult<Vec<String>> {
     let mut changed = Vec::new();
-    let mut restart_for_content = false;
     if let Some(content) = &spec.content {
         let path = PathBuf::from(format!("{UNIT_DIR}/{}", spec.name));
         if ensure_content(host, &path, content.as_bytes(), 0o644)? {
             host.daemon_reload()?;
             changed.push("unit file".into());
-            restart_for_content = true;
+            owe(
+                run,
+                &spec.name,
+                NotifyAction::Restart,
+                &path.to_string_lossy(),
+            );
         }
     }
     let state = host.state(&spec.name)?;
@@ -386,23 +399,24 @@ fn unit(host: &dyn Host, spec: &UnitSpec, run: &mut Run) -> HostResult<Vec<Strin
         host.set_enabled(&spec.name, spec.enabled)?;
         changed.push(if spec.enabled { "enabled" } else { "disabled" }.into());
     }
-    let notified = run.notify.remove(&spec.name);
+    // A debt is settled only once what settles it succeeded: an error
+    // returns early and leaves it owed.
     match (state.active, spec.active.unwrap_or(state.active)) {
         (false, true) => {
             host.start(&spec.name)?;
+            // Started now: it read everything as it is.
+            run.notify.remove(&spec.name);
             changed.push("started".into());
         }
         (true, false) => {
             host.stop(&spec.name)?;
+            run.notify.remove(&spec.name);
             changed.push("stopped".into());
         }
-        (true, true) if restart_for_content => {
-            host.notify(&spec.name, NotifyAction::Restart)?;
-            changed.push("restarted (unit file changed)".into());
-        }
         (true, true) => {
-            if let Some((action, why)) = notified {
+            if let Some((action, why)) = run.notify.get(&spec.name).cloned() {
                 host.notify(&spec.name, action)?;
+                run.notify.remove(&spec.name);
                 let verb = match action {
                     NotifyAction::Reload => "reloaded",
                     NotifyAction::Restart => "restarted",
@@ -410,9 +424,29 @@ fn unit(host: &dyn Host, spec: &UnitSpec, run: &mut Run) -> HostResult<Vec<Strin
                 changed.push(format!("{verb} ({why} changed)"));
             }
         }
-        (false, false) => {}
+        // Stopped and meant to stay so: it reads the files when it starts.
+        (false, false) => {
+            run.notify.remove(&spec.name);
+        }
     }
     Ok(changed)
+}
+
+/// Records that `unit` must `action` because `why` changed (restart wins).
+fn owe(run: &mut Run, unit: &str, action: NotifyAction, why: &str) {
+    let entry = run
+        .notify
+        .entry(unit.to_owned())
+        .or_insert((action, String::new()));
+    if action == NotifyAction::Restart {
+        entry.0 = NotifyAction::Restart;
+    }
+    if !entry.1.split(", ").any(|w| w == why) {
+        if !entry.1.is_empty() {
+            entry.1.push_str(", ");
+        }
+        entry.1.push_str(why);
+    }
 }
 
 fn mount(

@@ -32,6 +32,8 @@ pub struct FakeState {
     pub mounted: BTreeSet<PathBuf>,
     /// Programs (argv[0]) that fail, with their stderr.
     pub failing_commands: BTreeMap<String, String>,
+    /// Units whose reload or restart fails.
+    pub failing_notify: BTreeSet<String>,
     /// Every change, in order, e.g. `install haproxy`, `reload haproxy.service`.
     pub changes: Vec<String>,
 }
@@ -259,6 +261,9 @@ impl Services for FakeHost {
 
     fn notify(&self, unit: &str, action: NotifyAction) -> HostResult<()> {
         self.unit_mut(unit, |_| ())?;
+        if self.state.borrow().failing_notify.contains(unit) {
+            return Err(HostError::Failed(format!("Job for {unit} failed.")));
+        }
         let verb = match action {
             NotifyAction::Reload => "reload",
             NotifyAction::Restart => "restart",

@@ -10,7 +10,11 @@ use super::fake::FakeHost;
 use super::resource::{CommandSpec, Planned, Resource};
 
 fn lb_host() -> FakeHost {
-    let host = FakeHost::new(&[("haproxy", "2.6.12-1"), ("glusterfs-server", "10.3-5")]);
+    let host = FakeHost::new(&[
+        ("haproxy", "2.6.12-1"),
+        ("procps", "2:4.0.2-3"),
+        ("glusterfs-server", "10.3-5"),
+    ]);
     {
         let mut s = host.state.borrow_mut();
         s.ships_units
@@ -199,6 +203,53 @@ fn a_rejected_config_keeps_the_old_one_and_skips_what_needs_it() {
 }
 
 #[test]
+fn a_failed_reload_stays_owed_until_it_succeeds() {
+    let host = lb_host();
+    let mut engine = Engine::default();
+    engine.run(&host, &crate::roles::plan(&lb_desired(&["w-1"])), 5);
+    host.state
+        .borrow_mut()
+        .failing_notify
+        .insert("haproxy.service".into());
+    let plan = crate::roles::plan(&lb_desired(&["w-1", "w-2"]));
+
+    let failed = engine.run(&host, &plan, 6);
+    assert_eq!(
+        statuses(&failed)["unit:haproxy.service"],
+        ResourceStatus::Failed
+    );
+    // The file is right now; the reload is still owed, not forgotten.
+    let again = engine.run(&host, &plan, 6);
+    assert_eq!(
+        statuses(&again)["file:/etc/haproxy/haproxy.cfg"],
+        ResourceStatus::Ok
+    );
+    assert_eq!(
+        statuses(&again)["unit:haproxy.service"],
+        ResourceStatus::Failed
+    );
+    assert!(!again.converged());
+
+    host.state.borrow_mut().failing_notify.clear();
+    host.take_changes();
+    let fixed = engine.run(&host, &plan, 6);
+    assert_eq!(
+        statuses(&fixed)["unit:haproxy.service"],
+        ResourceStatus::Changed
+    );
+    assert_eq!(
+        host.take_changes(),
+        vec!["reload haproxy.service".to_owned()]
+    );
+    let settled = engine.run(&host, &plan, 6);
+    assert!(settled
+        .resources
+        .iter()
+        .all(|r| r.status == ResourceStatus::Ok));
+    assert!(host.take_changes().is_empty());
+}
+
+#[test]
 fn drift_is_put_back() {
     let host = lb_host();
     let plan = crate::roles::plan(&lb_desired(&["w-1"]));
@@ -244,10 +295,10 @@ fn a_missing_package_fails_and_a_later_run_recovers() {
     );
     assert!(!report.converged());
 
-    host.state
-        .borrow_mut()
-        .available
-        .insert("haproxy".into(), "2.6".into());
+    host.state.borrow_mut().available.extend([
+        ("haproxy".into(), "2.6".into()),
+        ("procps".into(), "4.0".into()),
+    ]);
     host.state
         .borrow_mut()
         .ships_units

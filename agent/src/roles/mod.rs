@@ -127,7 +127,9 @@ pub fn lb(desired: &DesiredState) -> Vec<Planned> {
         // HAProxy on the passive node binds the VIP it does not hold.
         sysctl("net.ipv4.ip_nonlocal_bind", "1"),
         sysctl("net.ipv6.ip_nonlocal_bind", "1"),
-        packages("haproxy", &["haproxy"]),
+        // Debian's haproxy.service reloads with /bin/kill, which is in
+        // procps, which haproxy does not depend on (minimal images lack it).
+        packages("haproxy", &["haproxy", "procps"]),
         Planned::new(Resource::File(config)).after("packages:haproxy"),
         service("haproxy.service", "file:/etc/haproxy/haproxy.cfg"),
     ]

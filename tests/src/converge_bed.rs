@@ -1,0 +1,542 @@
+//! A front door converged by Steward on hosts that boot real systemd: the
+//! lb role end to end.
+//!
+//! ```text
+//!   root namespace (the gateway .1): etcd, coord-1..3, the test itself
+//!   TestNet wire:
+//!     lb1, lb2   nspawn machines (.199, .198 ...): systemd as PID 1,
+//!                steward-agent.service as packaged, converge on; the agent
+//!                installs HAProxy with a real apt-get from the local repo
+//!     be1, be2   netns hosts (.10, .11): `http-backend` on :80 answering
+//!                its name, and a steward agent (converge off) so it is a
+//!                cluster member with an address
+//!     client     netns host: `vip-client` to VIP:80
+//! ```
+//!
+//! Each LB machine gets the freshly built `steward-agent` bound read-only
+//! at `/usr/bin/steward-agent` (the path `packaging/systemd/
+//! steward-agent.service` runs), its certificate, key and the CA in
+//! `/etc/steward/pki/`, `/etc/steward/agent.toml` derived from
+//! `packaging/agent.example.toml` (converge on, a short recheck, state in
+//! `/var/lib/steward-agent`, the unit's `StateDirectory=`), and the packaged
+//! unit, unchanged, enabled and started.
+//!
+//! Dropping the bed halts the machines first (printing the agents'
+//! journals if the test failed), then the backends, the cluster and the
+//! network.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::netns::{Host, TestNet};
+use crate::nspawn::{Machine, MachineOptions};
+use crate::{bin, repo_root, Cluster, Ctl, Proc};
+
+pub const VIP_NAME: &str = "front";
+/// The lb role sends `VIP:80` to the k8s-worker members on this port.
+pub const BACKEND_PORT: u16 = 80;
+/// `[converge] recheck_interval_s` of the agents in the machines.
+pub const RECHECK_S: u64 = 3;
+pub const AGENT_UNIT: &str = "steward-agent.service";
+/// Where the packaged unit's `ExecStart=` finds the agent.
+pub const AGENT_IN_MACHINE: &str = "/usr/bin/steward-agent";
+pub const AGENT_CONFIG_IN_MACHINE: &str = "/etc/steward/agent.toml";
+const PKI_IN_MACHINE: &str = "/etc/steward/pki";
+const STATE_IN_MACHINE: &str = "/var/lib/steward-agent";
+pub const HAPROXY_CFG: &str = "/etc/haproxy/haproxy.cfg";
+
+/// Polls `check` every `every` until it returns `Ok` or `timeout` passes;
+/// then panics with `what` and the last `Err` (why it was not there yet).
+pub fn poll<T>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(why) => assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; last: {why}"
+            ),
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// A backend host: `http-backend` on `:80` and, once it joined, an agent.
+pub struct Backend {
+    pub host: Host,
+    pub http: Proc,
+    /// Index into `cluster.agents`, once started.
+    pub agent: Option<usize>,
+}
+
+pub struct ConvergeBed {
+    // Drop order: the machines first (their agents go with them), then the
+    // backends, the cluster (agents, coordinators, etcd, directory), the
+    // network last.
+    pub lbs: Vec<Machine>,
+    pub backends: Vec<Backend>,
+    pub client: Host,
+    pub vip: Ipv4Addr,
+    pub cluster: Cluster,
+    pub net: TestNet,
+}
+
+impl ConvergeBed {
+    /// The network, the hosts, etcd and three coordinators on the gateway,
+    /// `http-backend` on every backend (no agents yet: see
+    /// [`ConvergeBed::join_backend`]), and the LB machines booted with the
+    /// agent running as a systemd service, connected but without roles.
+    pub fn start(tag: &str, lb_names: &[&str], backend_names: &[&str]) -> ConvergeBed {
+        let t0 = Instant::now();
+        let mut net = TestNet::new(tag);
+        let backend_hosts: Vec<Host> = backend_names.iter().map(|n| net.add_host(n)).collect();
+        let client = net.add_host("client");
+        let vip = net.addr(200);
+
+        let mut cluster = Cluster::new();
+        cluster.coordinator_host = net.gateway().to_string();
+        cluster.start_coordinators(3);
+        eprintln!(
+            "[bed {:>6.1}s] etcd and 3 coordinators on {}",
+            t0.elapsed().as_secs_f64(),
+            net.gateway()
+        );
+
+        let backends = backend_hosts
+            .into_iter()
+            .map(|host| {
+                let mut cmd = host.command(bin("http-backend"));
+                cmd.arg("--listen")
+                    .arg(format!("{}:{BACKEND_PORT}", host.ip()))
+                    .arg("--name")
+                    .arg(host.name());
+                let http = Proc::spawn(
+                    &format!("http-backend {}", host.name()),
+                    cmd,
+                    cluster
+                        .dir
+                        .path()
+                        .join(format!("http-backend-{}.log", host.name())),
+                );
+                Backend {
+                    host,
+                    http,
+                    agent: None,
+                }
+            })
+            .collect();
+
+        // Boot in parallel: most of it is waiting for systemd.
+        let agent_bin = bin("steward-agent");
+        let lbs: Vec<Machine> = std::thread::scope(|s| {
+            let booting: Vec<_> = lb_names
+                .iter()
+                .map(|name| {
+                    let net = &net;
+                    let opts = MachineOptions::default().bind_ro(&agent_bin, AGENT_IN_MACHINE);
+                    s.spawn(move || Machine::boot(net, name, opts))
+                })
+                .collect();
+            booting
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        eprintln!(
+            "[bed {:>6.1}s] machines booted: {}",
+            t0.elapsed().as_secs_f64(),
+            lbs.iter()
+                .map(|m| format!("{} {}", m.name(), m.ip()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+
+        let bed = ConvergeBed {
+            lbs,
+            backends,
+            client,
+            vip,
+            cluster,
+            net,
+        };
+        for m in &bed.lbs {
+            bed.install_agent(m);
+        }
+        for m in &bed.lbs {
+            bed.wait_known(m.name(), Duration::from_secs(30));
+        }
+        eprintln!(
+            "[bed {:>6.1}s] agents in the machines connected",
+            t0.elapsed().as_secs_f64()
+        );
+        bed
+    }
+
+    /// Puts the agent into `m` as a package would, and starts it with the
+    /// packaged unit.
+    fn install_agent(&self, m: &Machine) {
+        let node = m.name();
+        let root = m.root();
+        let pki = root.join(PKI_IN_MACHINE.trim_start_matches('/'));
+        fs::create_dir_all(&pki).expect("mkdir /etc/steward/pki");
+        let inside = |file: &str| format!("{PKI_IN_MACHINE}/{file}");
+        let extra = [
+            ("tls.ca", toml::Value::from(inside("ca.crt"))),
+            (
+                "tls.cert",
+                toml::Value::from(inside(&format!("{node}.crt"))),
+            ),
+            ("tls.key", toml::Value::from(inside(&format!("{node}.key")))),
+            ("state_dir", toml::Value::from(STATE_IN_MACHINE)),
+            // This agent has a host of its own: converge it.
+            ("converge.enabled", toml::Value::from(true)),
+            (
+                "converge.recheck_interval_s",
+                toml::Value::from(RECHECK_S as i64),
+            ),
+        ];
+        // Issues the node's certificate too.
+        let config =
+            self.cluster
+                .agent_config_with(node, node, &self.cluster.coordinator_urls(), &extra);
+        let copy = |from: &Path, to: PathBuf, mode: u32| {
+            fs::copy(from, &to)
+                .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", from.display(), to.display()));
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        let host_pki = self.cluster.pki();
+        copy(&host_pki.join("ca.crt"), pki.join("ca.crt"), 0o644);
+        copy(
+            &host_pki.join(format!("{node}.crt")),
+            pki.join(format!("{node}.crt")),
+            0o644,
+        );
+        copy(
+            &host_pki.join(format!("{node}.key")),
+            pki.join(format!("{node}.key")),
+            0o600,
+        );
+        copy(
+            &config,
+            root.join(AGENT_CONFIG_IN_MACHINE.trim_start_matches('/')),
+            0o644,
+        );
+        // The unit as shipped.
+        copy(
+            &repo_root().join("packaging/systemd").join(AGENT_UNIT),
+            root.join("etc/systemd/system").join(AGENT_UNIT),
+            0o644,
+        );
+        m.sh(&format!(
+            "{AGENT_IN_MACHINE} --config {AGENT_CONFIG_IN_MACHINE} --check"
+        ));
+        m.sh(&format!(
+            "systemctl daemon-reload && systemctl enable --now {AGENT_UNIT}"
+        ));
+        let active = self.exec_text(m, &["systemctl", "is-active", AGENT_UNIT]);
+        assert_eq!(
+            active.trim(),
+            "active",
+            "{node}: {AGENT_UNIT} did not start:\n{}",
+            m.journal(AGENT_UNIT)
+        );
+    }
+
+    /// Waits until `node` is listed by the coordinators.
+    pub fn wait_known(&self, node: &str, timeout: Duration) {
+        poll(
+            timeout,
+            Duration::from_millis(200),
+            &format!("node {node} to connect"),
+            || {
+                self.cluster
+                    .node(node)
+                    .map(|_| ())
+                    .ok_or_else(|| "not listed".to_owned())
+            },
+        );
+    }
+
+    /// Starts the backend's agent (converge off: it shares this machine)
+    /// and waits until the cluster knows it.
+    pub fn join_backend(&mut self, name: &str) {
+        let i = self.backend_index(name);
+        assert!(self.backends[i].agent.is_none(), "{name} joined already");
+        let ns = self.backends[i].host.ns().to_owned();
+        let agent = self.cluster.start_agent_in(&ns, name, &[]);
+        self.backends[i].agent = Some(agent);
+        self.wait_known(name, Duration::from_secs(20));
+    }
+
+    fn backend_index(&self, name: &str) -> usize {
+        self.backends
+            .iter()
+            .position(|b| b.host.name() == name)
+            .unwrap_or_else(|| panic!("no backend {name}"))
+    }
+
+    pub fn backend(&self, name: &str) -> &Backend {
+        &self.backends[self.backend_index(name)]
+    }
+
+    pub fn lb(&self, name: &str) -> &Machine {
+        self.lbs
+            .iter()
+            .find(|m| m.name() == name)
+            .unwrap_or_else(|| panic!("no LB machine {name}"))
+    }
+
+    /// `stewardctl ARGS`, which must succeed.
+    pub fn ctl_ok(&self, args: &[&str]) -> Ctl {
+        let out = self.cluster.ctl(args);
+        assert!(
+            out.ok(),
+            "stewardctl {} failed: {}{}",
+            args.join(" "),
+            out.stdout,
+            out.stderr
+        );
+        out
+    }
+
+    /// `stewardctl node show NODE -o json`; `Err` if it fails.
+    pub fn node_json(&self, node: &str) -> Result<serde_json::Value, String> {
+        let out = self.cluster.ctl(&["node", "show", node, "-o", "json"]);
+        if !out.ok() {
+            return Err(format!("node show {node}: {}", out.stderr.trim()));
+        }
+        serde_json::from_str(&out.stdout).map_err(|e| format!("node show {node}: {e}"))
+    }
+
+    /// `stewardctl node show NODE` as an operator reads it.
+    pub fn node_table(&self, node: &str) -> String {
+        let out = self.cluster.ctl(&["node", "show", node]);
+        format!("{}{}", out.stdout, out.stderr)
+    }
+
+    /// The node's converge report once it is converged (every resource
+    /// settled) at the current desired revision and `accept` likes it.
+    pub fn converged_report(
+        &self,
+        node: &str,
+        accept: impl Fn(&serde_json::Value) -> Result<(), String>,
+    ) -> Result<serde_json::Value, String> {
+        let view = self.node_json(node)?;
+        let report = &view["converge"];
+        if report.is_null() {
+            return Err(format!("{node}: no converge report yet"));
+        }
+        let desired = view["desired_revision"].as_u64().unwrap_or(0);
+        let revision = report["revision"].as_u64().unwrap_or(0);
+        if revision != desired {
+            return Err(format!(
+                "{node}: report for revision {revision}, desired {desired}"
+            ));
+        }
+        if report["converged"] != true {
+            return Err(format!("{node}: not converged: {}", unsettled(report)));
+        }
+        accept(report)?;
+        Ok(report.clone())
+    }
+
+    /// Runs `argv` in `m`; stdout and stderr, whatever the exit status.
+    pub fn exec_text(&self, m: &Machine, argv: &[&str]) -> String {
+        let out = m.exec(argv);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// `systemctl is-active UNIT` in `m`.
+    pub fn unit_state(&self, m: &Machine, unit: &str) -> String {
+        self.exec_text(m, &["systemctl", "is-active", unit])
+            .trim()
+            .to_owned()
+    }
+
+    /// One property of a unit (`systemctl show -p NAME --value`).
+    pub fn unit_property(&self, m: &Machine, unit: &str, property: &str) -> String {
+        m.sh(&format!("systemctl show {unit} -p {property} --value"))
+            .trim()
+            .to_owned()
+    }
+
+    /// A file in `m`, read through its root from here.
+    pub fn read_file(&self, m: &Machine, path: &str) -> Option<String> {
+        fs::read_to_string(m.root().join(path.trim_start_matches('/'))).ok()
+    }
+
+    /// The names of the LB machines that have the VIP on an interface
+    /// (`ip -o addr` inside each).
+    pub fn vip_holders(&self) -> Vec<String> {
+        let needle = format!(" {}/", self.vip);
+        self.lbs
+            .iter()
+            .filter(|m| {
+                m.sh("ip -o -4 addr show")
+                    .lines()
+                    .any(|l| l.contains(&needle))
+            })
+            .map(|m| m.name().to_owned())
+            .collect()
+    }
+
+    /// Whether a TCP socket listens on `addr` in `m`'s network namespace
+    /// (its `/proc/net/tcp`, read from here: the minimal root has no `ss`).
+    pub fn listens(&self, m: &Machine, addr: SocketAddrV4) -> bool {
+        let Some(leader) = m.leader_pid() else {
+            return false;
+        };
+        // "0100007F:1F90" (127.0.0.1:8080 here): the address's bytes as
+        // the kernel's u32 printed in host order, the port; 0A is LISTEN.
+        let want = format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(addr.ip().octets()),
+            addr.port()
+        );
+        fs::read_to_string(format!("/proc/{leader}/net/tcp"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1] == want && f[3] == "0A"
+            })
+    }
+
+    pub fn target(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.vip, 80)
+    }
+
+    /// Processes running in `m` (host pids) whose command name is one of
+    /// `names`, with their command lines: read from this side through
+    /// /proc (the machine's minimal root has no `ps`).
+    pub fn processes_in(&self, m: &Machine, names: &[&str]) -> Vec<(u32, String)> {
+        let Some(leader) = m.leader_pid() else {
+            return Vec::new();
+        };
+        let Ok(ns) = fs::read_link(format!("/proc/{leader}/ns/pid")) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm")) else {
+                continue;
+            };
+            if !names.contains(&comm.trim()) {
+                continue;
+            }
+            if fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&ns) {
+                continue;
+            }
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    c.split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            found.push((pid, cmdline.trim().to_owned()));
+        }
+        found
+    }
+
+    /// Processes (host pids) that have `path` in `m` open, by `fuser` run
+    /// here on the machine's root: the same files, so the same inodes.
+    /// `None` if the file does not exist.
+    pub fn fuser(&self, m: &Machine, path: &str) -> Option<String> {
+        let file = m.root().join(path.trim_start_matches('/'));
+        if !file.exists() {
+            return None;
+        }
+        let out = Command::new("fuser")
+            .arg(&file)
+            .output()
+            .expect("run fuser (psmisc)");
+        // fuser prints the file name on stderr and the pids on stdout.
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+/// The resources of a report that are not settled, for messages.
+pub fn unsettled(report: &serde_json::Value) -> String {
+    let list: Vec<String> = report["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| {
+            !matches!(
+                r["status"].as_str(),
+                Some("ok" | "changed" | "not-applicable")
+            )
+        })
+        .map(|r| format!("{} {} ({})", r["id"], r["status"], r["detail"]))
+        .collect();
+    if list.is_empty() {
+        "nothing unsettled".into()
+    } else {
+        list.join("; ")
+    }
+}
+
+impl Drop for ConvergeBed {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for m in &self.lbs {
+            if m.leader_pid().is_none() {
+                continue;
+            }
+            let tail = |unit: &str, n: usize| {
+                let out = m.exec(&[
+                    "journalctl",
+                    "--no-pager",
+                    "-o",
+                    "short-precise",
+                    "-n",
+                    &n.to_string(),
+                    "-u",
+                    unit,
+                ]);
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            eprintln!(
+                "---- machine {}: {AGENT_UNIT} journal (last 80) ----\n{}",
+                m.name(),
+                tail(AGENT_UNIT, 80)
+            );
+            eprintln!(
+                "---- machine {}: haproxy journal (last 20) ----\n{}",
+                m.name(),
+                tail("haproxy.service", 20)
+            );
+            let failed = m.exec(&["systemctl", "--failed", "--no-pager"]);
+            eprintln!(
+                "---- machine {}: systemctl --failed ----\n{}",
+                m.name(),
+                String::from_utf8_lossy(&failed.stdout)
+            );
+        }
+    }
+}
