@@ -183,7 +183,10 @@ impl ConvergeBed {
 
     /// Puts the agent into `m` as a package would, and starts it with the
     /// packaged unit.
-    fn install_agent(&self, m: &Machine) {
+    /// Installs and starts the agent in `m` (booted on this bed's net with
+    /// the agent binary bound at [`AGENT_IN_MACHINE`]): certificate, config
+    /// with converging on, the packaged unit, `systemctl enable --now`.
+    pub fn install_agent(&self, m: &Machine) {
         let node = m.name();
         let root = m.root();
         let pki = root.join(PKI_IN_MACHINE.trim_start_matches('/'));
