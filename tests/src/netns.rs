@@ -388,14 +388,7 @@ impl TestNet {
     /// at the next address (`.10`, `.11`, ...) plugged into the bridge; no
     /// default route. `name`: lowercase letters, digits and `-`.
     pub fn add_host(&mut self, name: &str) -> Host {
-        assert!(
-            !name.is_empty()
-                && name.len() <= 32
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
-            "host name {name:?}: use 1..=32 of [a-z0-9-]"
-        );
+        check_name("host", name);
         assert!(
             self.hosts.iter().all(|h| h.name != name),
             "host {name} exists already"
@@ -429,6 +422,19 @@ impl TestNet {
         host.iproute(&["link", "set", "lo", "up"]);
         host
     }
+}
+
+/// Panics unless `name` is 1..=32 of `[a-z0-9-]` (it ends up in interface,
+/// namespace and machine names).
+pub(crate) fn check_name(what: &str, name: &str) {
+    assert!(
+        !name.is_empty()
+            && name.len() <= 32
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+        "{what} name {name:?}: use 1..=32 of [a-z0-9-]"
+    );
 }
 
 impl Drop for TestNet {

@@ -1085,14 +1085,7 @@ impl Machine {
             ("systemd-nspawn", "systemd-container"),
             ("nsenter", "util-linux"),
         ]);
-        assert!(
-            !name.is_empty()
-                && name.len() <= 32
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
-            "machine name {name:?}: use 1..=32 of [a-z0-9-]"
-        );
+        crate::netns::check_name("machine", name);
         let packages: Vec<&str> = opts.packages.iter().map(String::as_str).collect();
         let repo = LocalRepo::ensure(&packages);
         let base = BaseImage::ensure();

@@ -58,25 +58,10 @@ fn lb_desired(workers: &[&str]) -> DesiredState {
     }
 }
 
-/// A Kubernetes node of a cluster at 1.31.2-1.1, and a fake host whose
-/// package manager has what that needs.
+/// A Kubernetes node of a cluster at 1.31.2-1.1 (see `offer_kubernetes`
+/// for a fake host that has its packages).
 fn kubernetes_desired(role: Role) -> DesiredState {
-    let mut d = DesiredState {
-        revision: 1,
-        roles: [role].into(),
-        ..Default::default()
-    };
-    d.cluster.settings.kubernetes = Some(steward_proto::converge::KubernetesSettings {
-        version: "1.31.2-1.1".into(),
-        pod_subnet: "10.244.0.0/16".into(),
-        service_subnet: "10.96.0.0/12".into(),
-        repository: steward_proto::converge::PackageRepository {
-            url: "file:/srv/k8s".into(),
-            suite: "./".into(),
-            key: None,
-        },
-    });
-    d
+    crate::roles::tests::desired(&[role])
 }
 
 fn offer_kubernetes(host: &FakeHost) {

@@ -239,10 +239,12 @@ fn gluster_brick(desired: &DesiredState) -> Vec<Planned> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn desired(roles: &[Role]) -> DesiredState {
+    /// A node with `roles` in a cluster running Kubernetes 1.31.2-1.1 from
+    /// a local repository, and a Gluster volume `data`.
+    pub(crate) fn desired(roles: &[Role]) -> DesiredState {
         let mut d = DesiredState {
             revision: 1,
             roles: roles.iter().copied().collect(),

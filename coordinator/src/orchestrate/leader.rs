@@ -150,22 +150,15 @@ async fn kubernetes_duty(
                 return Ok(());
             }
             if token {
-                b.token = Secret {
-                    value: kubernetes::new_token().map_err(secret_error)?,
-                    created_unix_ms: now,
-                    generation: b.token.generation + 1,
-                };
+                b.token = renewed(&b.token, kubernetes::new_token, now)?;
                 info!(
                     generation = b.token.generation,
                     "renewed the kubeadm join token"
                 );
             }
             if certificate_key {
-                b.certificate_key = Secret {
-                    value: kubernetes::new_certificate_key().map_err(secret_error)?,
-                    created_unix_ms: now,
-                    generation: b.certificate_key.generation + 1,
-                };
+                b.certificate_key =
+                    renewed(&b.certificate_key, kubernetes::new_certificate_key, now)?;
                 info!(
                     generation = b.certificate_key.generation,
                     "renewed the kubeadm certificate key"
@@ -181,6 +174,19 @@ async fn kubernetes_duty(
         info!("Kubernetes bootstrap record changed underneath; will look again");
     }
     Ok(())
+}
+
+/// The next generation of `old`, made now.
+fn renewed(
+    old: &Secret,
+    make: fn() -> std::result::Result<String, super::secrets::SecretError>,
+    now: u64,
+) -> Result<Secret> {
+    Ok(Secret {
+        value: make().map_err(secret_error)?,
+        created_unix_ms: now,
+        generation: old.generation + 1,
+    })
 }
 
 fn secret_error(e: super::secrets::SecretError) -> Error {
