@@ -1,13 +1,16 @@
 //! A bounded load client for the VIP tests: one HTTP request per interval
 //! tick for a given duration (at least one request), each on a fresh TCP
-//! connection with connect and read timeouts; then prints one JSON object:
+//! connection with connect and read timeouts, each in its own thread so a
+//! request hanging on a dead host does not hold back the next tick (at most
+//! timeout/interval + 1 are in flight); then prints one JSON object:
 //!
 //!     {"requests":N,"failed":N,"longest_outage_ms":F,
 //!      "outages":[[start_ms,end_ms],...],"backends":{"be1":N,...}}
 //!
-//! An outage is a run of consecutive failed requests, from the start of the
-//! first failed one to the start of the next successful one (or the end of
-//! the run); times are ms since the client started. `backends` counts the
+//! An outage is a run of consecutive failed requests (in the order they
+//! were sent), from the start of the first failed one to the start of the
+//! next successful one (or the end of the run); times are ms since the
+//! client started, so the resolution is the interval. `backends` counts the
 //! (trimmed) bodies of successful answers. Exits 0 whenever it ran (the
 //! caller judges), 2 on bad arguments. Also in the object: `last_ok`
 //! (whether the last request succeeded) and `duration_ms` (the run's length).
@@ -126,51 +129,61 @@ fn main() {
     let args = parse_args();
     let start = Instant::now();
     let end = start + args.duration;
-    let mut requests = 0u64;
+    // (sent at, ms since start; the answer's body if it was a 200)
+    let results: std::sync::Mutex<Vec<(f64, Option<String>)>> = Default::default();
+    std::thread::scope(|scope| {
+        let mut next = start;
+        loop {
+            let at = ms(Instant::now() - start);
+            let results = &results;
+            let (target, timeout) = (args.target, args.timeout);
+            scope.spawn(move || {
+                let answer = request(target, timeout);
+                results.lock().expect("results").push((at, answer));
+            });
+            // Next tick on the grid; ticks missed while waiting are skipped.
+            let now = Instant::now();
+            while next <= now {
+                next += args.interval;
+            }
+            if next >= end {
+                if now < end {
+                    std::thread::sleep(end - now);
+                }
+                break;
+            }
+            std::thread::sleep(next - now);
+        }
+    });
+    let finished = ms(start.elapsed());
+    let mut results = results.into_inner().expect("results");
+    results.sort_by(|a, b| a.0.total_cmp(&b.0));
+
     let mut failed = 0u64;
     let mut backends: BTreeMap<String, u64> = BTreeMap::new();
     let mut outages: Vec<(f64, f64)> = Vec::new();
     let mut outage_start: Option<f64> = None;
-    let mut last_ok;
-    let mut next = start;
-    loop {
-        let t = Instant::now();
-        let at = ms(t - start);
-        requests += 1;
-        let answer = request(args.target, args.timeout);
-        last_ok = answer.is_some();
+    for (at, answer) in &results {
         match answer {
             Some(body) => {
-                *backends.entry(body).or_default() += 1;
+                *backends.entry(body.clone()).or_default() += 1;
                 if let Some(s) = outage_start.take() {
-                    outages.push((s, at));
+                    outages.push((s, *at));
                 }
             }
             None => {
                 failed += 1;
-                outage_start.get_or_insert(at);
+                outage_start.get_or_insert(*at);
             }
         }
-        // Next tick on the grid; ticks missed while waiting are skipped.
-        let now = Instant::now();
-        while next <= now {
-            next += args.interval;
-        }
-        if now >= end || next >= end {
-            if now < end {
-                std::thread::sleep(end - now);
-            }
-            break;
-        }
-        std::thread::sleep(next - now);
     }
-    let finished = ms(start.elapsed());
+    let last_ok = results.last().is_some_and(|(_, a)| a.is_some());
     if let Some(s) = outage_start.take() {
         outages.push((s, finished));
     }
     let longest = outages.iter().map(|(s, e)| e - s).fold(0.0, f64::max);
     let report = serde_json::json!({
-        "requests": requests,
+        "requests": results.len(),
         "failed": failed,
         "longest_outage_ms": longest,
         "outages": outages.iter().map(|(s, e)| [*s, *e]).collect::<Vec<_>>(),
