@@ -14,6 +14,7 @@
 //! | `cluster/settings` | admin API (`Apply`), whole, never deleted | [`ClusterSettings`] |
 //! | `orchestration/kubernetes/bootstrap` | leader | sealed CA, token, certificate key ([`crate::orchestrate::kubernetes::BootstrapRecord`]) |
 //! | `orchestration/kubernetes/joined/<id>` | the replica serving the node, when its init/join reports done | `{"at_unix_ms"}` |
+//! | `orchestration/kubernetes/drained/<id>` | the replica serving the remover, when its drain/delete of the leaving node reports done; both records go when the node's `kubeadm reset` reports done | `{"at_unix_ms"}` |
 //! | `orchestration/gluster/<volume>` | leader | brick placement ([`crate::orchestrate::gluster::VolumeRecord`]) |
 //! | `events/<ms>-<replica>-<seq>` | any replica; trimmed by the leader | [`Event`] |
 
@@ -94,6 +95,9 @@ impl Keys {
     }
     pub fn kubernetes_joined(&self, id: &NodeId) -> String {
         format!("{}orchestration/kubernetes/joined/{id}", self.prefix)
+    }
+    pub fn kubernetes_drained(&self, id: &NodeId) -> String {
+        format!("{}orchestration/kubernetes/drained/{id}", self.prefix)
     }
     pub fn gluster_volume(&self, name: &str) -> String {
         format!("{}orchestration/gluster/{name}", self.prefix)
@@ -523,6 +527,20 @@ impl Store {
     /// The write that appends `event`, for a transaction.
     pub fn event_op(&self, event: &Event) -> TxnOp {
         TxnOp::put(self.event_key(event), encode(event), None)
+    }
+
+    /// Deletes `keys` in one transaction.
+    pub async fn delete_all(&self, keys: &[String]) -> Result<()> {
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| TxnOp::delete(k.as_str(), None))
+            .collect();
+        self.client
+            .kv_client()
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(Error::etcd("delete records"))?;
+        Ok(())
     }
 
     /// Appends an event to the audit trail.

@@ -183,6 +183,81 @@ pub struct Progress<'a> {
     pub bootstrap: Option<&'a Bootstrap>,
     /// Nodes whose `kubeadm init`/`join` reported done.
     pub joined: &'a BTreeSet<NodeId>,
+    /// Leaving nodes a control plane has drained and deleted.
+    pub drained: &'a BTreeSet<NodeId>,
+}
+
+/// Joined nodes that no longer have a Kubernetes role, by id.
+pub fn leaving(view: &ClusterView, progress: Progress<'_>) -> Vec<NodeId> {
+    progress
+        .joined
+        .iter()
+        .filter(|n| !is_kubernetes_member(view, n))
+        .cloned()
+        .collect()
+}
+
+/// The control plane that drains and deletes leaving nodes: the init node
+/// while it is one, else the first joined control plane.
+pub fn remover(view: &ClusterView, progress: Progress<'_>) -> Option<NodeId> {
+    let boot = progress.bootstrap?;
+    let mut cps = control_planes(view).filter(|n| progress.joined.contains(*n));
+    if control_planes(view).any(|n| *n == boot.init_node)
+        && progress.joined.contains(&boot.init_node)
+    {
+        return Some(boot.init_node.clone());
+    }
+    cps.next().cloned()
+}
+
+/// Task id of draining and deleting `node`; a report of it done releases
+/// the node's own `kubeadm reset`.
+pub fn remove_task_id(node: &NodeId) -> String {
+    format!("kubernetes-remove-{node}")
+}
+
+fn removal_steps(node: &NodeId, view: &ClusterView, progress: Progress<'_>) -> Vec<Task> {
+    let mut tasks = Vec::new();
+    if remover(view, progress).as_ref() == Some(node) {
+        for gone in leaving(view, progress) {
+            if progress.drained.contains(&gone) {
+                continue;
+            }
+            let script = format!(
+                "kubectl --kubeconfig {ADMIN_CONF} drain {gone} --ignore-daemonsets \
+                 --delete-emptydir-data --force --timeout=120s; \
+                 kubectl --kubeconfig {ADMIN_CONF} delete node {gone} --ignore-not-found"
+            );
+            tasks.push(Task {
+                id: remove_task_id(&gone),
+                argv: vec!["sh".into(), "-c".into(), script],
+                creates: None,
+                unless: None,
+                summary: format!("kubectl drain {gone} and delete node {gone}"),
+            });
+        }
+    }
+    if progress.joined.contains(node) && !is_kubernetes_member(view, node) {
+        // Only once a control plane has drained and deleted it.
+        if progress.drained.contains(node) {
+            tasks.push(Task {
+                id: "kubeadm-reset".into(),
+                argv: ["kubeadm", "reset", "-f"].map(String::from).to_vec(),
+                creates: None,
+                unless: Some(
+                    [
+                        "sh",
+                        "-c",
+                        &format!("test ! -e {KUBELET_CONF} && test ! -e {ADMIN_CONF}"),
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ),
+                summary: "kubeadm reset -f".into(),
+            });
+        }
+    }
+    tasks
 }
 
 /// `VIP:6443` of the first VIP; Kubernetes waits until there is one.
@@ -244,8 +319,9 @@ pub fn steps(
     ) else {
         return (Vec::new(), Vec::new());
     };
+    let removals = removal_steps(node, view, progress);
     if !is_kubernetes_member(view, node) {
-        return (Vec::new(), Vec::new());
+        return (removals, Vec::new());
     }
     let initialized = progress.joined.contains(&boot.init_node);
     let mut tasks = Vec::new();
@@ -354,6 +430,7 @@ pub fn steps(
                 });
             }
         }
+        tasks.extend(removals);
         return (tasks, files);
     }
     if !initialized {
@@ -414,6 +491,8 @@ pub fn steps(
             },
         ),
     });
+    // A joined control plane other than the init node may be the remover.
+    tasks.extend(removals);
     (tasks, files)
 }
 
@@ -491,6 +570,7 @@ mod tests {
         let progress = Progress {
             bootstrap: Some(b),
             joined: &joined,
+            drained: &BTreeSet::new(),
         };
         steps(&id(node), v, progress)
             .0
@@ -544,6 +624,7 @@ mod tests {
         let progress = Progress {
             bootstrap: Some(&b),
             joined: &joined,
+            drained: &BTreeSet::new(),
         };
         let (cp, _) = steps(&id("cp-2"), &v, progress);
         let argv = cp[0].argv.join(" ");
@@ -576,6 +657,7 @@ mod tests {
             Progress {
                 bootstrap: Some(&b),
                 joined: &joined,
+                drained: &BTreeSet::new(),
             },
         );
         assert_eq!(files.len(), 2);
@@ -598,9 +680,11 @@ mod tests {
         let v = view(&["cp-1", "cp-2"], &[]);
         let mut b = boot("cp-1");
         let joined: BTreeSet<NodeId> = [id("cp-1")].into();
+        let none = BTreeSet::new();
         let progress = |b| Progress {
             bootstrap: Some(b),
             joined: &joined,
+            drained: &none,
         };
         assert_eq!(renewals_due(&v, progress(&b), 1_000), (false, false));
         let late = 1_000 + CERTIFICATE_KEY_TTL_MS;
@@ -614,6 +698,7 @@ mod tests {
         let done = Progress {
             bootstrap: Some(&b),
             joined: &all,
+            drained: &none,
         };
         assert_eq!(renewals_due(&v, done, late), (false, false));
 
@@ -624,6 +709,48 @@ mod tests {
         };
         let ids = task_ids("cp-1", &v, &b, &["cp-1"]);
         assert_eq!(ids, ["kubeadm-init", "kubeadm-upload-certs-1"]);
+    }
+
+    #[test]
+    fn a_node_losing_its_role_is_drained_and_deleted_then_reset() {
+        let v = view(&["cp-1", "cp-2"], &["w-1"]);
+        let b = boot("cp-1");
+        // w-1 joined, then lost its role.
+        let mut v2 = v.clone();
+        v2.members.retain(|m| m.node.as_str() != "w-1");
+        let joined: BTreeSet<NodeId> = [id("cp-1"), id("cp-2"), id("w-1")].into();
+        let none = BTreeSet::new();
+        let before = Progress {
+            bootstrap: Some(&b),
+            joined: &joined,
+            drained: &none,
+        };
+        assert_eq!(leaving(&v2, before), [id("w-1")]);
+        assert_eq!(remover(&v2, before), Some(id("cp-1")));
+        let ids = |node: &str, p| {
+            steps(&id(node), &v2, p)
+                .0
+                .into_iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids("cp-1", before),
+            ["kubeadm-init", "kubernetes-remove-w-1"]
+        );
+        assert!(ids("w-1", before).is_empty(), "no reset before the drain");
+        assert_eq!(ids("cp-2", before), ["kubeadm-join"]);
+        let drained: BTreeSet<NodeId> = [id("w-1")].into();
+        let after = Progress {
+            drained: &drained,
+            ..before
+        };
+        assert_eq!(ids("cp-1", after), ["kubeadm-init"]);
+        assert_eq!(ids("w-1", after), ["kubeadm-reset"]);
+        // The remover is the init node while it is a control plane.
+        let mut v3 = v2.clone();
+        v3.members.retain(|m| m.node.as_str() != "cp-1");
+        assert_eq!(remover(&v3, before), Some(id("cp-2")));
     }
 
     #[test]

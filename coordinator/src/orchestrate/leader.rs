@@ -141,9 +141,11 @@ async fn kubernetes_duty(
             Bootstrap::generate(init, now).map_err(Error::InvalidArgument)?
         }
         Some(mut b) => {
+            let drained = orch.drained_set();
             let progress = Progress {
                 bootstrap: Some(&b),
                 joined: &joined,
+                drained: &drained,
             };
             let (token, certificate_key) = kubernetes::renewals_due(view, progress, now);
             if !token && !certificate_key {

@@ -26,6 +26,8 @@ pub struct OrchestrationSnapshot {
     pub synced: bool,
     pub bootstrap: Option<Versioned<BootstrapRecord>>,
     pub joined: BTreeMap<NodeId, i64>,
+    /// Leaving nodes a control plane has drained and deleted.
+    pub drained: BTreeMap<NodeId, i64>,
     pub volumes: BTreeMap<String, Versioned<VolumeRecord>>,
 }
 
@@ -37,6 +39,7 @@ impl OrchestrationSnapshot {
             .iter()
             .map(|b| b.mod_revision)
             .chain(self.joined.values().copied())
+            .chain(self.drained.values().copied())
             .chain(self.volumes.values().map(|v| v.mod_revision))
             .max()
             .unwrap_or(0)
@@ -44,6 +47,10 @@ impl OrchestrationSnapshot {
 
     pub fn joined_set(&self) -> BTreeSet<NodeId> {
         self.joined.keys().cloned().collect()
+    }
+
+    pub fn drained_set(&self) -> BTreeSet<NodeId> {
+        self.drained.keys().cloned().collect()
     }
 
     /// The bootstrap record opened, if there is one and it opens.
@@ -64,12 +71,14 @@ impl OrchestrationSnapshot {
         let view = &desired.cluster;
         let bootstrap = self.open_bootstrap(sealer);
         let joined = self.joined_set();
+        let drained = self.drained_set();
         let (tasks, files) = kubernetes::steps(
             node,
             view,
             Progress {
                 bootstrap: bootstrap.as_ref(),
                 joined: &joined,
+                drained: &drained,
             },
         );
         let mut all_tasks = tasks;
@@ -109,15 +118,20 @@ impl CachedPrefix for OrchestrationSnapshot {
             };
             return true;
         }
-        if let Some(node) = rest.strip_prefix("kubernetes/joined/") {
-            let Ok(node) = NodeId::new(node.to_owned()) else {
-                return false;
-            };
-            match value {
-                None => self.joined.remove(&node),
-                Some((_, rev)) => self.joined.insert(node, rev),
-            };
-            return true;
+        for (prefix, set) in [
+            ("kubernetes/joined/", &mut self.joined),
+            ("kubernetes/drained/", &mut self.drained),
+        ] {
+            if let Some(node) = rest.strip_prefix(prefix) {
+                let Ok(node) = NodeId::new(node.to_owned()) else {
+                    return false;
+                };
+                match value {
+                    None => set.remove(&node),
+                    Some((_, rev)) => set.insert(node, rev),
+                };
+                return true;
+            }
         }
         if let Some(volume) = rest.strip_prefix("gluster/") {
             match value {
