@@ -78,7 +78,9 @@ impl AdminApi {
         let cached = {
             let specs = self.ctx.specs.borrow().clone();
             let vips = self.ctx.vips.borrow().clone();
-            specs.desired_revision(&vips)
+            // As the session computes it: orchestration records count too.
+            let orchestration = self.ctx.orchestration.borrow().inputs_revision().max(0) as u64;
+            specs.desired_revision(&vips).max(orchestration)
         };
         records
             .into_iter()

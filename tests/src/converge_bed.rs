@@ -13,6 +13,10 @@
 //!     client     netns host: `vip-client` to VIP:80
 //! ```
 //!
+//! [`ConvergeBed::start_machines`] builds the same bed without backends
+//! and with machines of any names and [`MachineOptions`] (the Gluster and
+//! Kubernetes tests).
+//!
 //! Each LB machine gets the freshly built `steward-agent` bound read-only
 //! at `/usr/bin/steward-agent` (the path `packaging/systemd/
 //! steward-agent.service` runs), its certificate, key and the CA in
@@ -88,6 +92,9 @@ pub struct ConvergeBed {
     pub vip: Ipv4Addr,
     pub cluster: Cluster,
     pub net: TestNet,
+    /// Units whose journals (last 20 lines) are printed for every machine
+    /// when the test fails, besides the agent's (default: HAProxy's).
+    pub dump_units: Vec<String>,
 }
 
 impl ConvergeBed {
@@ -96,6 +103,29 @@ impl ConvergeBed {
     /// [`ConvergeBed::join_backend`]), and the LB machines booted with the
     /// agent running as a systemd service, connected but without roles.
     pub fn start(tag: &str, lb_names: &[&str], backend_names: &[&str]) -> ConvergeBed {
+        let machines: Vec<(&str, MachineOptions)> = lb_names
+            .iter()
+            .map(|n| (*n, MachineOptions::default()))
+            .collect();
+        Self::build(tag, machines, backend_names)
+    }
+
+    /// A bed of agent machines and nothing else: the network, etcd and
+    /// three coordinators on the gateway, and each machine booted with its
+    /// own `MachineOptions` (the agent binary is bound in here) and the
+    /// agent running as a systemd service, connected but without roles. No
+    /// backends; `client` is an idle netns host and `vip` the address `.200`
+    /// as with [`ConvergeBed::start`]. The machines are in `lbs` (the field's
+    /// name is historical) and found with [`ConvergeBed::machine`].
+    pub fn start_machines(tag: &str, machines: Vec<(&str, MachineOptions)>) -> ConvergeBed {
+        Self::build(tag, machines, &[])
+    }
+
+    fn build(
+        tag: &str,
+        machines: Vec<(&str, MachineOptions)>,
+        backend_names: &[&str],
+    ) -> ConvergeBed {
         let t0 = Instant::now();
         let mut net = TestNet::new(tag);
         let backend_hosts: Vec<Host> = backend_names.iter().map(|n| net.add_host(n)).collect();
@@ -138,11 +168,11 @@ impl ConvergeBed {
         // Boot in parallel: most of it is waiting for systemd.
         let agent_bin = bin("steward-agent");
         let lbs: Vec<Machine> = std::thread::scope(|s| {
-            let booting: Vec<_> = lb_names
-                .iter()
-                .map(|name| {
+            let booting: Vec<_> = machines
+                .into_iter()
+                .map(|(name, opts)| {
                     let net = &net;
-                    let opts = MachineOptions::default().bind_ro(&agent_bin, AGENT_IN_MACHINE);
+                    let opts = opts.bind_ro(&agent_bin, AGENT_IN_MACHINE);
                     s.spawn(move || Machine::boot(net, name, opts))
                 })
                 .collect();
@@ -167,6 +197,7 @@ impl ConvergeBed {
             vip,
             cluster,
             net,
+            dump_units: vec!["haproxy.service".into()],
         };
         for m in &bed.lbs {
             bed.install_agent(m);
@@ -298,6 +329,27 @@ impl ConvergeBed {
             .unwrap_or_else(|| panic!("no LB machine {name}"))
     }
 
+    /// The agent machine named `name` (any machine of the bed).
+    pub fn machine(&self, name: &str) -> &Machine {
+        self.lbs
+            .iter()
+            .find(|m| m.name() == name)
+            .unwrap_or_else(|| panic!("no machine {name}"))
+    }
+
+    /// `stewardctl apply -f FILE` with `spec` written to a file in the
+    /// cluster's directory; must succeed. Returns what it printed.
+    pub fn apply_spec(&self, spec: &str) -> Ctl {
+        let path = self
+            .cluster
+            .dir
+            .path()
+            .join(format!("spec-{}.toml", crate::unique()));
+        fs::write(&path, spec).expect("write spec");
+        let path = path.display().to_string();
+        self.ctl_ok(&["apply", "-f", &path])
+    }
+
     /// `stewardctl ARGS`, which must succeed.
     pub fn ctl_ok(&self, args: &[&str]) -> Ctl {
         let out = self.cluster.ctl(args);
@@ -350,6 +402,94 @@ impl ConvergeBed {
         }
         accept(report)?;
         Ok(report.clone())
+    }
+
+    /// The revision of the desired state the agent in `m` has recorded
+    /// (`desired.json` in its state directory): what it was given, whatever
+    /// the admin API says.
+    pub fn recorded_revision(&self, m: &Machine) -> Option<u64> {
+        let text = self.read_file(m, &format!("{STATE_IN_MACHINE}/desired.json"))?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["desired"]["revision"].as_u64()
+    }
+
+    /// Like [`ConvergeBed::converged_report`], but judged against the
+    /// revision the agent in `m` has recorded rather than the admin API's
+    /// `desired_revision`: the node's last report is for the desired state
+    /// the agent holds, every resource is settled, and `accept` likes it.
+    /// Returns the report and the admin API's `desired_revision`, which a
+    /// test can compare with [`ConvergeBed::recorded_revision`].
+    pub fn settled_report(
+        &self,
+        m: &Machine,
+        accept: impl Fn(&serde_json::Value) -> Result<(), String>,
+    ) -> Result<(serde_json::Value, u64), String> {
+        let node = m.name();
+        let view = self.node_json(node)?;
+        let report = &view["converge"];
+        if report.is_null() {
+            return Err(format!("{node}: no converge report yet"));
+        }
+        let recorded = self
+            .recorded_revision(m)
+            .ok_or_else(|| format!("{node}: no desired.json yet"))?;
+        let revision = report["revision"].as_u64().unwrap_or(0);
+        if revision != recorded {
+            return Err(format!(
+                "{node}: report for revision {revision}, the agent holds {recorded}"
+            ));
+        }
+        if report["converged"] != true {
+            return Err(format!("{node}: not converged: {}", unsettled(report)));
+        }
+        accept(report)?;
+        Ok((
+            report.clone(),
+            view["desired_revision"].as_u64().unwrap_or(0),
+        ))
+    }
+
+    /// Waits up to `bound` until `name`'s report is settled at the revision
+    /// its agent holds and `accept` likes it (see
+    /// [`ConvergeBed::settled_report`]); notes a finding if `stewardctl
+    /// node show` then gives a desired revision older than the one the
+    /// agent was given and reports.
+    pub fn settled(
+        &self,
+        findings: &Findings,
+        name: &str,
+        bound: Duration,
+        accept: impl Fn(&serde_json::Value) -> Result<(), String>,
+    ) -> serde_json::Value {
+        let m = self.machine(name);
+        let (report, admin_desired) = poll(
+            bound,
+            Duration::from_secs(1),
+            &format!("{name}: converged at the revision its agent holds"),
+            || {
+                let (r, admin) = self.settled_report(m, &accept)?;
+                let held = r["revision"].as_u64().unwrap_or(0);
+                if admin > held {
+                    return Err(format!(
+                        "{name}: the admin API wants revision {admin}, the agent holds {held}"
+                    ));
+                }
+                Ok((r, admin))
+            },
+        );
+        let held = report["revision"].as_u64().unwrap_or(0);
+        if admin_desired != held {
+            findings.note_kind(
+                "admin desired_revision behind the agent's",
+                format!(
+                    "`stewardctl node show {name} -o json` says desired_revision \
+                     {admin_desired}, but the agent was given revision {held} (its desired.json) \
+                     and reports that one converged: the admin API's desired revision leaves out \
+                     the orchestration records that are part of every desired state's revision"
+                ),
+            );
+        }
+        report
     }
 
     /// Runs `argv` in `m`; stdout and stderr, whatever the exit status.
@@ -481,6 +621,134 @@ impl ConvergeBed {
     }
 }
 
+/// Progress lines with the time since the test began.
+pub struct Clock(pub Instant);
+
+impl Clock {
+    pub fn start() -> Clock {
+        Clock(Instant::now())
+    }
+
+    pub fn say(&self, msg: impl std::fmt::Display) {
+        eprintln!("[{:>6.1}s] {msg}", self.0.elapsed().as_secs_f64());
+    }
+}
+
+/// Product problems a test found but could step past to check the rest:
+/// each is printed when noted, and [`Findings::assert_none`] fails the
+/// test at the end with all of them. Problems of one kind (see
+/// [`Findings::note_kind`]) are listed once, with how often they were seen.
+#[derive(Default)]
+pub struct Findings(std::sync::Mutex<Vec<Finding>>);
+
+struct Finding {
+    kind: Option<String>,
+    first: String,
+    seen: usize,
+}
+
+impl Findings {
+    pub fn note(&self, what: impl Into<String>) {
+        let what = what.into();
+        eprintln!("FINDING: {what}");
+        self.0.lock().expect("findings lock").push(Finding {
+            kind: None,
+            first: what,
+            seen: 1,
+        });
+    }
+
+    /// Notes `what`, counting it under `kind` if one was noted before.
+    pub fn note_kind(&self, kind: &str, what: impl Into<String>) {
+        let what = what.into();
+        eprintln!("FINDING: {what}");
+        let mut all = self.0.lock().expect("findings lock");
+        match all.iter_mut().find(|f| f.kind.as_deref() == Some(kind)) {
+            Some(f) => f.seen += 1,
+            None => all.push(Finding {
+                kind: Some(kind.to_owned()),
+                first: what,
+                seen: 1,
+            }),
+        }
+    }
+
+    /// Notes `what()` unless `ok`.
+    pub fn check(&self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            self.note(what());
+        }
+    }
+
+    pub fn assert_none(&self) {
+        let all = self.0.lock().expect("findings lock");
+        let lines: Vec<String> = all
+            .iter()
+            .map(|f| match f.seen {
+                1 => f.first.clone(),
+                n => format!("{} (seen {n} times; the first shown)", f.first),
+            })
+            .collect();
+        assert!(
+            lines.is_empty(),
+            "{} product problem(s) found:\n- {}",
+            lines.len(),
+            lines.join("\n- ")
+        );
+    }
+}
+
+/// `12.3 s`.
+pub fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// The resources of a converge report (`stewardctl node show -o json`).
+pub fn report_resources(report: &serde_json::Value) -> Vec<&serde_json::Value> {
+    report["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// The resource `id` of a report.
+pub fn report_resource<'a>(
+    report: &'a serde_json::Value,
+    id: &str,
+) -> Option<&'a serde_json::Value> {
+    report_resources(report).into_iter().find(|r| r["id"] == id)
+}
+
+/// Accepts a report that has every resource in `want`, each settled.
+pub fn has_settled<'a>(
+    want: &'a [&'a str],
+) -> impl Fn(&serde_json::Value) -> Result<(), String> + 'a {
+    move |report| {
+        let missing: Vec<&str> = want
+            .iter()
+            .copied()
+            .filter(|w| {
+                !report_resource(report, w).is_some_and(|r| {
+                    matches!(
+                        r["status"].as_str(),
+                        Some("ok" | "changed" | "not-applicable")
+                    )
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            let have: Vec<String> = report_resources(report)
+                .iter()
+                .map(|r| format!("{} {}", r["id"], r["status"]))
+                .collect();
+            Err(format!("report lacks settled {missing:?} (has {have:?})"))
+        }
+    }
+}
+
 /// The resources of a report that are not settled, for messages.
 pub fn unsettled(report: &serde_json::Value) -> String {
     let list: Vec<String> = report["resources"]
@@ -529,11 +797,13 @@ impl Drop for ConvergeBed {
                 m.name(),
                 tail(AGENT_UNIT, 80)
             );
-            eprintln!(
-                "---- machine {}: haproxy journal (last 20) ----\n{}",
-                m.name(),
-                tail("haproxy.service", 20)
-            );
+            for unit in &self.dump_units {
+                eprintln!(
+                    "---- machine {}: {unit} journal (last 20) ----\n{}",
+                    m.name(),
+                    tail(unit, 20)
+                );
+            }
             let failed = m.exec(&["systemctl", "--failed", "--no-pager"]);
             eprintln!(
                 "---- machine {}: systemctl --failed ----\n{}",

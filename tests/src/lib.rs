@@ -22,6 +22,7 @@ use steward_coordinator::pki::{self, IdentityKind};
 pub mod converge_bed;
 pub mod netns;
 pub mod nspawn;
+pub mod standins;
 pub mod vip_bed;
 
 /// Where the workspace's binaries are.

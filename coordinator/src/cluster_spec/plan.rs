@@ -380,11 +380,14 @@ fn kubernetes_problems(k: &KubernetesSettings, problems: &mut Vec<String>) {
         }
     }
     let url = &k.repository.url;
-    if !(url.starts_with("https://") || url.starts_with("http://"))
+    // file: serves local mirrors (and air-gapped sites), as apt allows.
+    if !["https://", "http://", "file:/"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
         || url.contains(char::is_whitespace)
     {
         problems.push(format!(
-            "kubernetes.repository.url {url:?}: expected an http:// or https:// URL"
+            "kubernetes.repository.url {url:?}: expected an http://, https:// or file:/ URL"
         ));
     }
     if k.repository.suite.trim().is_empty() || k.repository.suite.contains('\n') {
@@ -1038,7 +1041,7 @@ roles = []
             "kubernetes.version: must not be empty",
             "kubernetes.pod_subnet: \"10.244.1.0/16\": host bits are set (the network is 10.244.0.0/16)",
             "kubernetes.service_subnet: \"10.96.0.0/40\": the prefix length must be 1..=32",
-            "kubernetes.repository.url \"ftp://mirror\": expected an http:// or https:// URL",
+            "kubernetes.repository.url \"ftp://mirror\": expected an http://, https:// or file:/ URL",
             "kubernetes.repository.suite: expected one line",
             "kubernetes.repository.key: expected an ASCII-armoured PGP public key",
             // Roles after the spec: node-2 is a worker, nobody is a control plane.
