@@ -712,6 +712,21 @@ pub fn report_resources(report: &serde_json::Value) -> Vec<&serde_json::Value> {
         .collect()
 }
 
+/// `Ok` if every resource of a report is `ok` (a no-op run), else which are
+/// not.
+pub fn every_resource_ok(report: &serde_json::Value) -> Result<(), String> {
+    let busy: Vec<String> = report_resources(report)
+        .iter()
+        .filter(|r| r["status"] != "ok")
+        .map(|r| format!("{} {}", r["id"], r["status"]))
+        .collect();
+    if busy.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not a no-op run: {busy:?}"))
+    }
+}
+
 /// The resource `id` of a report.
 pub fn report_resource<'a>(
     report: &'a serde_json::Value,

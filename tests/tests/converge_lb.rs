@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use steward_tests::converge_bed::{
-    poll, ConvergeBed, AGENT_UNIT, BACKEND_PORT, HAPROXY_CFG, RECHECK_S, VIP_NAME,
+    every_resource_ok, poll, report_resources, ConvergeBed, AGENT_UNIT, BACKEND_PORT, HAPROXY_CFG,
+    RECHECK_S, VIP_NAME,
 };
 use steward_tests::netns::run_client;
 use steward_tests::nspawn::Machine;
@@ -58,16 +59,8 @@ fn has_server(cfg: &str, name: &str, ip: std::net::Ipv4Addr) -> bool {
     cfg.lines().any(|l| l.trim() == want)
 }
 
-fn resources(report: &Value) -> Vec<&Value> {
-    report["resources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .collect()
-}
-
 fn ids(report: &Value) -> Vec<String> {
-    resources(report)
+    report_resources(report)
         .iter()
         .filter_map(|r| r["id"].as_str().map(str::to_owned))
         .collect()
@@ -104,7 +97,7 @@ fn kernel_wide(id: &str) -> bool {
 /// the machine. Returns a one-line summary.
 fn check_kernel_items(m: &Machine, report: &Value) -> String {
     let mut seen = Vec::new();
-    for r in resources(report) {
+    for r in report_resources(report) {
         let id = r["id"].as_str().unwrap_or_default();
         let status = r["status"].as_str().unwrap_or_default();
         assert_ne!(
@@ -202,20 +195,7 @@ fn noop_run_ms(bed: &ConvergeBed, node: &str) -> u64 {
         Duration::from_secs(4 * RECHECK_S + 10),
         Duration::from_millis(500),
         &format!("{node}: a run with every resource ok"),
-        || {
-            bed.converged_report(node, |r| {
-                let busy: Vec<String> = resources(r)
-                    .iter()
-                    .filter(|x| x["status"] != "ok")
-                    .map(|x| format!("{} {}", x["id"], x["status"]))
-                    .collect();
-                if busy.is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!("not a no-op run: {busy:?}"))
-                }
-            })
-        },
+        || bed.converged_report(node, every_resource_ok),
     );
     report["duration_ms"].as_u64().expect("duration_ms")
 }
@@ -270,7 +250,7 @@ fn lb_role_converges_hosts_booting_systemd() {
         clock.say(format!(
             "{name}: converged after {} ({} resources: {})",
             secs(t1.elapsed()),
-            resources(&report).len(),
+            report_resources(&report).len(),
             report["counts"]
         ));
         // The report and the file say done; HAProxy must also run what the

@@ -62,7 +62,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use steward_tests::converge_bed::{
-    ConvergeBed, AGENT_CONFIG_IN_MACHINE, AGENT_IN_MACHINE, AGENT_UNIT, HAPROXY_CFG, VIP_NAME,
+    every_resource_ok, report_resources, ConvergeBed, AGENT_CONFIG_IN_MACHINE, AGENT_IN_MACHINE,
+    AGENT_UNIT, HAPROXY_CFG, VIP_NAME,
 };
 use steward_tests::nspawn::{LocalRepo, Machine};
 
@@ -223,16 +224,8 @@ fn number(name: &str, default: u64, min: u64, max: u64) -> u64 {
     }
 }
 
-fn resources(report: &Value) -> Vec<&Value> {
-    report["resources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .collect()
-}
-
 fn has_all(report: &Value, want: &[&str]) -> Result<(), String> {
-    let have: Vec<&str> = resources(report)
+    let have: Vec<&str> = report_resources(report)
         .iter()
         .filter_map(|r| r["id"].as_str())
         .collect();
@@ -241,19 +234,6 @@ fn has_all(report: &Value, want: &[&str]) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("report lacks {missing:?} (has {have:?})"))
-    }
-}
-
-fn all_ok(report: &Value) -> Result<(), String> {
-    let busy: Vec<String> = resources(report)
-        .iter()
-        .filter(|r| r["status"] != "ok")
-        .map(|r| format!("{} {}", r["id"], r["status"]))
-        .collect();
-    if busy.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("not a no-op run: {busy:?}"))
     }
 }
 
@@ -275,7 +255,7 @@ fn agent_noop_ms(bed: &ConvergeBed, want: &[&str]) -> u64 {
         || {
             bed.converged_report(NODE, |r| {
                 has_all(r, want)?;
-                all_ok(r)
+                every_resource_ok(r)
             })
         },
     );
@@ -306,10 +286,10 @@ fn reset_lb(bed: &ConvergeBed, clock: &Clock) {
                 return Err("desired revision not yet past the role removal".into());
             }
             bed.converged_report(NODE, |r| {
-                if resources(r).is_empty() {
+                if report_resources(r).is_empty() {
                     Ok(())
                 } else {
-                    Err(format!("still {} resources", resources(r).len()))
+                    Err(format!("still {} resources", report_resources(r).len()))
                 }
             })
         },
@@ -358,7 +338,7 @@ fn assignment_trial(bed: &ConvergeBed, clock: &Clock, i: u64, n: u64) -> Trial {
     let finished = report["finished"].as_u64().unwrap_or(0);
     let exact_ms = finished.saturating_sub(t0_unix) as f64;
     let run_ms = report["duration_ms"].as_u64().unwrap_or(0);
-    let changed: Vec<String> = resources(&report)
+    let changed: Vec<String> = report_resources(&report)
         .iter()
         .filter(|r| r["status"] == "changed")
         .map(|r| {
@@ -853,7 +833,7 @@ fn run(trials: u64, runs: u64, puppet_runs: u64, gap_ms: u64) {
     );
     clock.say(format!(
         "{NODE}: lb + gluster-brick converged ({} resources: {})",
-        resources(&report).len(),
+        report_resources(&report).len(),
         report["counts"]
     ));
     let both: Vec<&str> = LB_RESOURCES.iter().chain(&gluster).copied().collect();
