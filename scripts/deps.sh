@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Steward needs on Debian/Ubuntu:
 # protoc (to compile the .proto files), and for the tests a real etcd,
-# HAProxy, keepalived, iproute2, nftables, debootstrap, systemd-nspawn and
-# dpkg-dev.
+# HAProxy, keepalived, iproute2, nftables, debootstrap, systemd-nspawn,
+# dpkg-dev, psmisc and openssl.
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 
@@ -26,6 +26,10 @@ command -v nft >/dev/null || need+=(nftables)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v dpkg-scanpackages >/dev/null || need+=(dpkg-dev)
+# The convergence tests check dpkg's locks with fuser and the kubeadm CA
+# hash with openssl, independently of the code under test.
+command -v fuser >/dev/null || need+=(psmisc)
+command -v openssl >/dev/null || need+=(openssl)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing: ${need[*]}"

@@ -189,6 +189,16 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// How a coordinator (or a test's own client) reaches this etcd.
+    pub fn config(&self) -> steward_coordinator::config::EtcdConfig {
+        steward_coordinator::config::EtcdConfig {
+            endpoints: vec![self.client_url.clone()],
+            tls: None,
+            dial_timeout_ms: 2000,
+            request_timeout_ms: 5000,
+        }
+    }
+
     pub fn start(dir: &Path) -> Etcd {
         let client_port = free_port();
         let peer_port = free_port();

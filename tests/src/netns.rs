@@ -62,7 +62,8 @@ fn setup_lock() -> MutexGuard<'static, ()> {
     SETUP.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn command_line(cmd: &Command) -> String {
+/// `cmd` as a shell would show it, for error messages.
+pub(crate) fn command_line(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy().into_owned())

@@ -71,7 +71,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::mount::MntFlags;
 use nix::sys::signal::Signal;
 
-use crate::netns::{TestNet, FIRST_HOST_OCTET, LAST_HOST_OCTET};
+use crate::netns::{command_line, TestNet, FIRST_HOST_OCTET, LAST_HOST_OCTET};
 
 const SUITE: &str = "bookworm";
 /// Used when the host's apt configuration names no plain-http mirror for
@@ -156,14 +156,6 @@ static NEXT_MACHINE: AtomicU32 = AtomicU32::new(0);
 static MACHINES: Mutex<BTreeMap<String, BTreeMap<u8, String>>> = Mutex::new(BTreeMap::new());
 /// Serializes the sweep of leftovers within this process.
 static SWEEP: Mutex<()> = Mutex::new(());
-
-fn command_line(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// Runs `cmd` (stdin null); panics with its command line and output if it
 /// cannot start or fails.

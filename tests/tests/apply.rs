@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use steward_coordinator::config::EtcdConfig;
 use steward_coordinator::store::{self, Keys};
 use steward_proto::converge::ClusterSettings;
 use steward_proto::domain::{DesiredState, NodeId, NodeSpec, Role};
@@ -37,7 +36,7 @@ fn spec_keys(cluster: &Cluster) -> BTreeMap<String, i64> {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let client = store::connect(&etcd_config(cluster), true)
+        let client = store::connect(&cluster.etcd.config(), true)
             .await
             .expect("etcd");
         let mut revisions = BTreeMap::new();
@@ -53,15 +52,6 @@ fn spec_keys(cluster: &Cluster) -> BTreeMap<String, i64> {
     })
 }
 
-fn etcd_config(cluster: &Cluster) -> EtcdConfig {
-    EtcdConfig {
-        endpoints: vec![cluster.etcd.client_url.clone()],
-        tls: None,
-        dial_timeout_ms: 2000,
-        request_timeout_ms: 5000,
-    }
-}
-
 /// A node's spec as etcd holds it.
 fn node_spec(cluster: &Cluster, node: &str) -> NodeSpec {
     let key = Keys::new(&cluster.name).node_spec(&NodeId::new(node).expect("node id"));
@@ -70,7 +60,7 @@ fn node_spec(cluster: &Cluster, node: &str) -> NodeSpec {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let client = store::connect(&etcd_config(cluster), true)
+        let client = store::connect(&cluster.etcd.config(), true)
             .await
             .expect("etcd");
         let resp = client.kv_client().get(key, None).await.expect("etcd get");

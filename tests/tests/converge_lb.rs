@@ -33,21 +33,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use steward_tests::converge_bed::{
-    every_resource_ok, poll, report_resources, ConvergeBed, AGENT_UNIT, BACKEND_PORT, HAPROXY_CFG,
-    RECHECK_S, VIP_NAME,
+    every_resource_ok, poll, report_resources, Clock, ConvergeBed, AGENT_UNIT, BACKEND_PORT,
+    HAPROXY_CFG, RECHECK_S, VIP_NAME,
 };
 use steward_tests::netns::run_client;
 use steward_tests::nspawn::Machine;
 
 const LBS: [&str; 2] = ["lb1", "lb2"];
-
-struct Clock(Instant);
-
-impl Clock {
-    fn say(&self, msg: impl std::fmt::Display) {
-        eprintln!("[{:>6.1}s] {msg}", self.0.elapsed().as_secs_f64());
-    }
-}
 
 fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())

@@ -3,7 +3,6 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use steward_coordinator::config::EtcdConfig;
 use steward_coordinator::error::Error;
 use steward_coordinator::pki::IdentityKind;
 use steward_coordinator::replica::Fence;
@@ -15,15 +14,6 @@ use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_tests::{eventually, grpc_channel, Cluster};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-fn etcd_config(cluster: &Cluster) -> EtcdConfig {
-    EtcdConfig {
-        endpoints: vec![cluster.etcd.client_url.clone()],
-        tls: None,
-        dial_timeout_ms: 2000,
-        request_timeout_ms: 5000,
-    }
-}
 
 #[test]
 fn heartbeats_never_become_etcd_writes() {
@@ -37,7 +27,7 @@ fn heartbeats_never_become_etcd_writes() {
         (nodes.len() == 3 && nodes.iter().all(|n| n["health"] == "healthy")).then_some(())
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let config = etcd_config(&cluster);
+    let config = cluster.etcd.config();
     let revision = || {
         rt.block_on(async {
             let client = store::connect(&config, true).await.unwrap();
@@ -67,7 +57,7 @@ fn a_fence_from_a_lost_leadership_is_refused() {
     let cluster = Cluster::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = store::connect(&etcd_config(&cluster), true).await.unwrap();
+        let client = store::connect(&cluster.etcd.config(), true).await.unwrap();
         let lease = client.lease_client().grant(10, None).await.unwrap().id();
         let mut election = client.election_client();
         let leader = election
@@ -212,7 +202,7 @@ fn converge_reports_and_addresses_are_written_on_change_only() {
     let mut cluster = Cluster::new();
     cluster.start_coordinators(1);
     cluster.cert("node-9", IdentityKind::Agent);
-    let config = etcd_config(&cluster);
+    let config = cluster.etcd.config();
     let keys = Keys::new(&cluster.name);
     let id = NodeId::new("node-9").unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -62,8 +62,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use steward_tests::converge_bed::{
-    every_resource_ok, report_resources, ConvergeBed, AGENT_CONFIG_IN_MACHINE, AGENT_IN_MACHINE,
-    AGENT_UNIT, HAPROXY_CFG, VIP_NAME,
+    self, every_resource_ok, report_resources, Clock, ConvergeBed, AGENT_CONFIG_IN_MACHINE,
+    AGENT_IN_MACHINE, AGENT_UNIT, HAPROXY_CFG, VIP_NAME,
 };
 use steward_tests::nspawn::{LocalRepo, Machine};
 
@@ -150,34 +150,17 @@ fn check_interrupted() {
     );
 }
 
-struct Clock(Instant);
-
-impl Clock {
-    fn say(&self, msg: impl std::fmt::Display) {
-        eprintln!("[{:>6.1}s] {msg}", self.0.elapsed().as_secs_f64());
-    }
-}
-
-/// Polls `check` every `every` until `Ok`, or panics after `timeout` with
-/// the last `Err`; stops early on a signal.
+/// [`converge_bed::poll`], stopping early on a signal.
 fn poll<T>(
     timeout: Duration,
     every: Duration,
     what: &str,
     mut check: impl FnMut() -> Result<T, String>,
 ) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
+    converge_bed::poll(timeout, every, what, || {
         check_interrupted();
-        match check() {
-            Ok(v) => return v,
-            Err(why) => assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}; last: {why}"
-            ),
-        }
-        std::thread::sleep(every);
-    }
+        check()
+    })
 }
 
 fn unix_ms() -> u64 {
