@@ -132,7 +132,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             orchestrate::secrets::SecretBox::from_file(&s.key_file)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?,
         )),
-        None => None,
+        None => {
+            warn!("no [secrets] key_file: this replica hands out no Kubernetes bootstrap steps");
+            None
+        }
     };
     let lease_hub = vip::lease_api::LeaseHub::new(config.id.clone(), config.lease_params());
     let (lead_tx, lead_rx) = watch::channel(Leadership::Follower);

@@ -56,10 +56,8 @@ impl OrchestrationSnapshot {
     /// The bootstrap record opened, if there is one and it opens.
     pub fn open_bootstrap(&self, sealer: Option<&SecretBox>) -> Option<Bootstrap> {
         let record = &self.bootstrap.as_ref()?.value;
-        let Some(sealer) = sealer else {
-            warn!("Kubernetes secrets exist but this replica has no [secrets] key_file");
-            return None;
-        };
+        // Said once at start (see `crate::run`), not on every push.
+        let sealer = sealer?;
         Bootstrap::open(record, sealer)
             .map_err(|error| warn!(%error, "cannot open the Kubernetes bootstrap secrets"))
             .ok()
