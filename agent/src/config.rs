@@ -155,6 +155,13 @@ pub struct Settings {
     pub converge: crate::converge::ConvergeSettings,
 }
 
+/// The node id when none is given: the host name, lowercased.
+pub fn default_node_id() -> String {
+    sysinfo::System::host_name()
+        .map(|h| h.to_lowercase())
+        .unwrap_or_default()
+}
+
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let config: Self = steward_proto::runtime::read_toml(path)?;
@@ -168,9 +175,7 @@ impl AgentConfig {
         let mut p = Vec::new();
         let raw_id = match self.node_id {
             Some(id) => id,
-            None => sysinfo::System::host_name()
-                .map(|h| h.to_lowercase())
-                .unwrap_or_default(),
+            None => default_node_id(),
         };
         let node_id = NodeId::new(raw_id)
             .map_err(|e| p.push(format!("node_id: {e}")))

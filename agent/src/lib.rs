@@ -13,10 +13,12 @@
 
 pub mod address;
 pub mod arp;
+pub mod certs;
 pub mod config;
 pub mod converge;
 pub mod facts;
 pub mod health_check;
+pub mod join;
 pub mod ndp;
 pub mod packet;
 pub mod roles;
@@ -28,7 +30,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity};
 use tracing::{info, warn};
 
 use crate::config::Settings;
@@ -66,13 +67,22 @@ fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, AgentErro
 
 /// Runs the agent until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let creds = Credentials {
-        ca: Certificate::from_pem(read("tls.ca", &settings.tls.ca)?),
-        identity: Identity::from_pem(
-            read("tls.cert", &settings.tls.cert)?,
-            read("tls.key", &settings.tls.key)?,
-        ),
-    };
+    // Read at every dial (a renewed certificate is picked up by the next
+    // connection); read once here so that missing files fail the start.
+    for (what, path) in [
+        ("tls.ca", &settings.tls.ca),
+        ("tls.cert", &settings.tls.cert),
+        ("tls.key", &settings.tls.key),
+    ] {
+        read(what, path)?;
+    }
+    let creds = Credentials::new(settings.tls.clone());
+    let renewal = certs::run_renewal(
+        settings.node_id.to_string(),
+        creds.clone(),
+        settings.coordinators.clone(),
+        shutdown.clone(),
+    );
     let state = StateStore::new(&settings.state_dir);
     let recorded = match state.load() {
         Ok(Some(r)) => {
@@ -102,7 +112,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     );
     let vips = vip::run_vips(settings.clone(), creds.clone(), in_force, shutdown.clone());
     let sessions = run_sessions(settings, creds, state, desired, reported, shutdown.clone());
-    let (vips, (), ()) = tokio::join!(
+    let (vips, (), (), ()) = tokio::join!(
         async {
             let result = vips.await;
             if result.is_err() {
@@ -112,7 +122,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             result
         },
         sessions,
-        converge
+        converge,
+        renewal
     );
     info!("agent stopped");
     vips.map_err(AgentError::from)

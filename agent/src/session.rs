@@ -13,7 +13,7 @@ use steward_proto::pb::agent_service_client::AgentServiceClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, Identity};
+use tonic::transport::Channel;
 use tracing::{info, warn, Instrument};
 
 use crate::config::Settings;
@@ -36,21 +36,10 @@ pub enum SessionError {
     State(#[from] crate::state::StateError),
 }
 
-/// Credentials read once at start.
-#[derive(Clone)]
-pub struct Credentials {
-    pub ca: Certificate,
-    pub identity: Identity,
-}
+pub use crate::certs::Credentials;
 
 async fn dial(url: &str, creds: &Credentials) -> Result<Channel, String> {
-    steward_proto::runtime::dial_mtls(
-        url,
-        creds.ca.clone(),
-        creds.identity.clone(),
-        Duration::from_secs(2),
-    )
-    .await
+    creds.dial(url, Duration::from_secs(2)).await
 }
 
 /// Keeps a session to some replica until `shutdown`. `desired` always holds

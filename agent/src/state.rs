@@ -2,8 +2,6 @@
 //! written atomically (temp file, fsync, rename) so a crash leaves either the
 //! old or the new state, never half of one.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -68,29 +66,13 @@ impl StateStore {
     pub fn save(&self, state: &RecordedState) -> Result<(), StateError> {
         std::fs::create_dir_all(&self.dir).map_err(Self::io(&self.dir))?;
         let path = self.desired_path();
-        let tmp = self.dir.join(".desired.json.tmp");
         let bytes = serde_json::to_vec_pretty(state).map_err(|source| StateError::Corrupt {
             path: path.clone(),
             source,
         })?;
         // The desired state can carry cluster secrets (join tokens, a CA
         // key): readable by root only.
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(Self::io(&tmp))?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(Self::io(&tmp))?;
-        file.write_all(&bytes).map_err(Self::io(&tmp))?;
-        file.sync_all().map_err(Self::io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(Self::io(&path))?;
-        // Make the rename itself durable.
-        if let Ok(dir) = std::fs::File::open(&self.dir) {
-            let _ = dir.sync_all();
-        }
+        crate::certs::write_atomic(&path, &bytes, 0o600).map_err(Self::io(&path))?;
         Ok(())
     }
 }
@@ -98,6 +80,7 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use steward_proto::domain::Role;
 
     #[test]

@@ -414,13 +414,7 @@ async fn one_lease_stream(
     events: &mpsc::Sender<DriverEvent>,
     silence: Duration,
 ) -> Result<(), String> {
-    let channel = steward_proto::runtime::dial_mtls(
-        url,
-        creds.ca.clone(),
-        creds.identity.clone(),
-        Duration::from_secs(2),
-    )
-    .await?;
+    let channel = creds.dial(url, Duration::from_secs(2)).await?;
     let mut client = AgentServiceClient::new(channel);
     let first = loop {
         if let Some(hb) = heartbeats.borrow_and_update().clone() {

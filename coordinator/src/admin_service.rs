@@ -31,6 +31,8 @@ pub struct AdminApi {
     leadership: tokio::sync::watch::Receiver<Leadership>,
     version: String,
     peers: Peers,
+    /// `sha256:` hash of the cluster CA, for join commands.
+    ca_hash: String,
 }
 
 impl AdminApi {
@@ -45,7 +47,14 @@ impl AdminApi {
             leadership,
             version,
             peers,
+            ca_hash: String::new(),
         }
+    }
+
+    /// The CA hash `token create` hands out with each token.
+    pub fn with_ca_hash(mut self, ca_hash: String) -> Self {
+        self.ca_hash = ca_hash;
+        self
     }
 
     /// Views of `records`, with live data from whichever replica serves each
@@ -392,6 +401,40 @@ impl pb::admin_service_server::AdminService for AdminApi {
             changes: outcome.changes,
             applied: outcome.applied,
         }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let admin = require_admin(&request)?;
+        let response = crate::bootstrap::create_token(
+            &self.ctx.store,
+            &admin.name,
+            request.into_inner(),
+            &self.ca_hash,
+        )
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        require_admin(&request)?;
+        Ok(Response::new(
+            crate::bootstrap::list_tokens(&self.ctx.store).await?,
+        ))
+    }
+
+    async fn delete_token(
+        &self,
+        request: Request<pb::DeleteTokenRequest>,
+    ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
+        require_admin(&request)?;
+        crate::bootstrap::delete_token(&self.ctx.store, &request.get_ref().id).await?;
+        Ok(Response::new(pb::DeleteTokenResponse {}))
     }
 
     type EventsStream = EventStream;

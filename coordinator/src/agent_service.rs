@@ -56,11 +56,18 @@ pub struct SessionContext {
 
 pub struct AgentApi {
     ctx: SessionContext,
+    /// Signs renewed agent certificates (`[pki]`).
+    signer: Option<Arc<crate::pki::Signer>>,
 }
 
 impl AgentApi {
     pub fn new(ctx: SessionContext) -> Self {
-        Self { ctx }
+        Self { ctx, signer: None }
+    }
+
+    pub fn with_signer(mut self, signer: Option<Arc<crate::pki::Signer>>) -> Self {
+        self.signer = signer;
+        self
     }
 }
 
@@ -76,6 +83,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::LeaseHeartbeat>>,
     ) -> Result<Response<Self::LeaseStream>, Status> {
         crate::vip::lease_api::open(&self.ctx, request).await
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::IssuedCertificate>, Status> {
+        Ok(Response::new(crate::bootstrap::renew(
+            self.signer.as_deref(),
+            &request,
+        )?))
     }
 
     async fn session(

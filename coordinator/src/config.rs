@@ -35,6 +35,32 @@ pub struct CoordinatorConfig {
     /// Sealing of cluster secrets (Kubernetes join token, certificate key,
     /// CA key) in etcd. Every replica needs the same key.
     pub secrets: Option<SecretsConfig>,
+    /// Certificates for agents: joining by token and renewal. Without it
+    /// this replica issues none.
+    pub pki: Option<PkiConfig>,
+}
+
+/// `[pki]`: the CA key this replica signs agent certificates with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PkiConfig {
+    /// The key of the CA in `tls.ca`.
+    pub ca_key: std::path::PathBuf,
+    /// Lifetime of the agent certificates this replica issues; agents renew
+    /// at two thirds of it.
+    #[serde(default = "default_agent_cert_validity_s")]
+    pub agent_cert_validity_s: u64,
+    /// Where joining nodes reach this replica: server TLS only (they have no
+    /// certificate yet; their token authenticates them). Absent: no joins
+    /// here, renewals still are.
+    pub bootstrap_listen: Option<SocketAddr>,
+}
+
+/// Shortest agent certificate lifetime accepted (tests use short ones).
+pub const MIN_AGENT_CERT_VALIDITY_S: u64 = 20;
+
+fn default_agent_cert_validity_s() -> u64 {
+    365 * 24 * 3600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +177,18 @@ impl CoordinatorConfig {
             }
         }
         check_readable(&mut p, "tls.cert", &self.tls.cert);
+        if let Some(pki) = &self.pki {
+            check_readable(&mut p, "pki.ca_key", &pki.ca_key);
+            if pki.agent_cert_validity_s < MIN_AGENT_CERT_VALIDITY_S {
+                p.push(format!(
+                    "pki.agent_cert_validity_s = {}: must be at least {MIN_AGENT_CERT_VALIDITY_S}",
+                    pki.agent_cert_validity_s
+                ));
+            }
+            if pki.bootstrap_listen.is_some_and(|b| b == self.listen) {
+                p.push("pki.bootstrap_listen must differ from listen".into());
+            }
+        }
         check_readable(&mut p, "tls.key", &self.tls.key);
         if self.etcd.endpoints.is_empty() {
             p.push("etcd.endpoints: list at least one endpoint".into());
@@ -201,6 +239,19 @@ impl CoordinatorConfig {
         self.vip
             .params(DEFAULT_REPLICAS)
             .unwrap_or(LeaseParams::DEFAULT)
+    }
+
+    /// The URL joining nodes use: `advertise` with the bootstrap port.
+    pub fn bootstrap_advertise(&self) -> Option<String> {
+        let port = self.pki.as_ref()?.bootstrap_listen?.port();
+        let rest = self.advertise.strip_prefix("https://")?;
+        let authority = rest.split('/').next()?;
+        let host = match authority.rsplit_once(':') {
+            // An IPv6 literal without a port ends in ']'.
+            Some((host, port)) if !port.contains(']') => host,
+            _ => authority,
+        };
+        Some(format!("https://{host}:{port}"))
     }
 
     pub fn agent_unreachable_after(&self) -> Duration {

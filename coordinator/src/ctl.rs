@@ -103,11 +103,67 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Join tokens: a new node runs the printed `steward-agent join`
+    /// command, which gets it a certificate and starts its agent.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Certificates for a development cluster.
     Pki {
         #[command(subcommand)]
         command: PkiCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print the join command for new nodes.
+    ///
+    /// The token is shown once (the cluster keeps only its hash). It expires
+    /// after --ttl and admits one node unless --uses or --reusable says
+    /// otherwise. Nodes the cluster already knows join only with a token
+    /// made for them (--node).
+    Create {
+        /// How long it stays valid: e.g. 90s, 30m, 1h, 2d (1 min .. 30 d).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1, conflicts_with = "reusable")]
+        uses: u32,
+        /// Any number of nodes may join with it until it expires.
+        #[arg(long)]
+        reusable: bool,
+        /// Only this node id may join with it (required to re-join a known node).
+        #[arg(long)]
+        node: Option<String>,
+        /// A note shown by `token list`.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Tokens that have not been deleted or long expired.
+    List,
+    /// Delete a token at once (by its id, the part before the dot).
+    Rm { id: String },
+}
+
+/// `90s`, `30m`, `1h`, `2d`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d), e.g. 1h"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(unit)))
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,6 +389,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             Ok(())
         }
         Command::Vip { command } => vip_command(&cli, command).await,
+        Command::Token { command } => token_command(&cli, command).await,
         Command::Apply { file, dry_run } => {
             let spec_toml = read_spec(file)?;
             let outcome = connect(&cli)
@@ -371,6 +428,135 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             Ok(())
         }
     }
+}
+
+fn token_json(t: &pb::TokenInfo) -> serde_json::Value {
+    json!({
+        "id": t.id,
+        "created_unix_ms": t.created_unix_ms,
+        "expires_unix_ms": t.expires_unix_ms,
+        "uses": t.uses,
+        "used_by": t.used_by,
+        "node": t.node_id,
+        "description": t.description,
+        "created_by": t.created_by,
+    })
+}
+
+/// The command a new node runs, one `--coordinator` per replica that
+/// serves joins.
+pub fn join_command(created: &pb::CreateTokenResponse) -> String {
+    let mut cmd = format!("steward-agent join --token {}", created.token);
+    for url in &created.join_urls {
+        cmd.push_str(&format!(" --coordinator {url}"));
+    }
+    cmd.push_str(&format!(" --ca-hash {}", created.ca_hash));
+    cmd
+}
+
+async fn token_command(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
+    let mut client = connect(cli).await?;
+    match command {
+        TokenCommand::Create {
+            ttl,
+            uses,
+            reusable,
+            node,
+            description,
+        } => {
+            let created = client
+                .create_token(pb::CreateTokenRequest {
+                    ttl_s: ttl.as_secs(),
+                    uses: if *reusable { 0 } else { *uses },
+                    node_id: node.clone().unwrap_or_default(),
+                    description: description.clone(),
+                })
+                .await?
+                .into_inner();
+            let info = created.info.clone().unwrap_or_default();
+            match cli.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({
+                        "token": created.token,
+                        "ca_hash": created.ca_hash,
+                        "join_urls": created.join_urls,
+                        "join_command": join_command(&created),
+                        "info": token_json(&info),
+                    })
+                ),
+                Output::Table => {
+                    let uses = match info.uses {
+                        0 => "any number of nodes".to_owned(),
+                        1 => "one node".to_owned(),
+                        n => format!("{n} nodes"),
+                    };
+                    println!(
+                        "token {} admits {uses}{} until {}. On each new node, as root:\n\n  {}\n",
+                        info.id,
+                        if info.node_id.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (only {})", info.node_id)
+                        },
+                        format_unix_ms(info.expires_unix_ms),
+                        join_command(&created)
+                    );
+                }
+            }
+        }
+        TokenCommand::List => {
+            let tokens = client
+                .list_tokens(pb::ListTokensRequest {})
+                .await?
+                .into_inner()
+                .tokens;
+            match cli.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::Value::Array(tokens.iter().map(token_json).collect())
+                ),
+                Output::Table => {
+                    println!(
+                        "{:<8} {:<24} {:<7} {:<20} {:<14} DESCRIPTION",
+                        "ID", "EXPIRES", "USES", "USED BY", "NODE"
+                    );
+                    let now = unix_ms();
+                    for t in &tokens {
+                        let expires = if t.expires_unix_ms <= now {
+                            format!("expired {}", format_unix_ms(t.expires_unix_ms))
+                        } else {
+                            format_unix_ms(t.expires_unix_ms)
+                        };
+                        let uses = match t.uses {
+                            0 => format!("{}/-", t.used_by.len()),
+                            n => format!("{}/{n}", t.used_by.len()),
+                        };
+                        let used_by = if t.used_by.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            t.used_by.join(",")
+                        };
+                        let node = if t.node_id.is_empty() { "-" } else { &t.node_id };
+                        println!(
+                            "{:<8} {:<24} {:<7} {:<20} {:<14} {}",
+                            t.id, expires, uses, used_by, node, t.description
+                        );
+                    }
+                }
+            }
+        }
+        TokenCommand::Rm { id } => {
+            client
+                .delete_token(pb::DeleteTokenRequest { id: id.clone() })
+                .await?;
+            match cli.output {
+                Output::Json => println!("{}", json!({"deleted": id})),
+                Output::Table => println!("token {id} deleted"),
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn vip_command(cli: &Cli, command: &VipCommand) -> Result<(), CtlError> {
@@ -580,30 +766,7 @@ fn pki_command(command: &PkiCommand) -> Result<(), CtlError> {
     Ok(())
 }
 
-/// `2026-11-22 13:42:25` (UTC) from Unix milliseconds.
-pub fn format_unix_ms(ms: u64) -> String {
-    if ms == 0 {
-        return "-".into();
-    }
-    let secs = (ms / 1000) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use steward_proto::runtime::format_unix_ms;
 
 fn ago(ms: u64) -> String {
     if ms == 0 {

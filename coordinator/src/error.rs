@@ -105,6 +105,7 @@ impl From<Error> for tonic::Status {
             Error::LostLeadership { .. } | Error::WatchInterrupted(_) | Error::ShuttingDown => {
                 Status::unavailable(msg)
             }
+            Error::Pki(PkiError::Csr(_)) => Status::invalid_argument(msg),
             Error::Pki(_) => Status::unauthenticated(msg),
         }
     }

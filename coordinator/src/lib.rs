@@ -15,6 +15,7 @@
 pub mod admin_service;
 pub mod agent_service;
 pub mod auth;
+pub mod bootstrap;
 pub mod cache;
 pub mod cluster_spec;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod pki;
 pub mod replica;
 pub mod sessions;
 pub mod store;
+pub mod tokens;
 pub mod vip;
 
 use std::sync::Arc;
@@ -83,7 +85,27 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         read("tls.cert", &config.tls.cert)?,
         read("tls.key", &config.tls.key)?,
     );
-    let ca = Certificate::from_pem(read("tls.ca", &config.tls.ca)?);
+    let ca_pem = read("tls.ca", &config.tls.ca)?;
+    let ca_hash = steward_proto::pki::CaHash::of_pem(&String::from_utf8_lossy(&ca_pem))
+        .map_err(|e| Error::InvalidArgument(format!("tls.ca: {e}")))?;
+    // The join listener presents the chain up to the CA: a joining node
+    // knows only the CA's hash.
+    let bootstrap_tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        [read("tls.cert", &config.tls.cert)?, b"\n".to_vec(), ca_pem.clone()].concat(),
+        read("tls.key", &config.tls.key)?,
+    ));
+    let ca = Certificate::from_pem(ca_pem);
+    let signer = match &config.pki {
+        Some(pki) => Some(Arc::new(
+            pki::Signer::from_files(
+                &config.tls.ca,
+                &pki.ca_key,
+                Duration::from_secs(pki.agent_cert_validity_s),
+            )
+            .map_err(Error::from)?,
+        )),
+        None => None,
+    };
     let tls = ServerTlsConfig::new()
         .identity(identity.clone())
         .client_ca_root(ca.clone());
@@ -144,6 +166,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         address: config.advertise.clone(),
         version: VERSION.to_owned(),
         started_unix_ms: store::unix_ms(),
+        bootstrap: config.bootstrap_advertise(),
     };
     let membership = tokio::spawn(
         replica::run_membership(
@@ -212,9 +235,17 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         )
         .instrument(tracing::info_span!("vip_placement", replica.id = %config.id)),
     );
-    let agent_api = agent_service::AgentApi::new(ctx.clone());
+    let bootstrap_api = signer.clone().map(|signer| {
+        bootstrap::BootstrapApi::new(
+            ctx.store.clone(),
+            signer,
+            u32::try_from(config.lease_params().replicas).unwrap_or(u32::MAX),
+        )
+    });
+    let agent_api = agent_service::AgentApi::new(ctx.clone()).with_signer(signer);
     let peer_api = peers::PeerApi::new(ctx.clone());
-    let admin_api = admin_service::AdminApi::new(ctx, lead_rx, VERSION.to_owned(), peers);
+    let admin_api = admin_service::AdminApi::new(ctx, lead_rx, VERSION.to_owned(), peers)
+        .with_ca_hash(ca_hash.to_string());
 
     info!(listen = %config.listen, replica.id = %config.id, cluster = %config.cluster, "serving");
     let served = Server::builder()
@@ -225,11 +256,29 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         .add_service(pb::agent_service_server::AgentServiceServer::new(agent_api))
         .add_service(pb::admin_service_server::AdminServiceServer::new(admin_api))
         .add_service(pb::peer_service_server::PeerServiceServer::new(peer_api))
-        .serve_with_shutdown(config.listen, shutdown.cancelled_owned());
-    let result = served.await.map_err(|source| RunError::Serve {
-        addr: config.listen,
-        source,
-    });
+        .serve_with_shutdown(config.listen, shutdown.clone().cancelled_owned());
+    let bootstrap_listen = config.pki.as_ref().and_then(|p| p.bootstrap_listen);
+    let bootstrap_served = async {
+        let (Some(addr), Some(api)) = (bootstrap_listen, bootstrap_api) else {
+            return Ok(());
+        };
+        info!(listen = %addr, "serving joins");
+        Server::builder()
+            .tls_config(bootstrap_tls)
+            .map_err(RunError::Tls)?
+            .timeout(Duration::from_secs(30))
+            .add_service(pb::bootstrap_service_server::BootstrapServiceServer::new(api))
+            .serve_with_shutdown(addr, shutdown.clone().cancelled_owned())
+            .await
+            .map_err(|source| RunError::Serve { addr, source })
+    };
+    let (served, bootstrap_served) = tokio::join!(served, bootstrap_served);
+    let result = served
+        .map_err(|source| RunError::Serve {
+            addr: config.listen,
+            source,
+        })
+        .and(bootstrap_served);
 
     tasks.cancel();
     sweep.abort();

@@ -98,6 +98,8 @@ pub enum PkiError {
     },
     #[error("peer certificate cannot be parsed: {0}")]
     Parse(String),
+    #[error("invalid certificate signing request: {0}")]
+    Csr(String),
     #[error("peer certificate has no {0}")]
     MissingAttribute(&'static str),
 }
@@ -238,15 +240,7 @@ pub fn issue(
     }
 
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, kind.as_str());
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.use_authority_key_identifier_extension = true;
+    let mut params = leaf_params(name, kind);
     if kind == IdentityKind::Coordinator {
         params
             .extended_key_usages
@@ -271,6 +265,90 @@ pub fn issue(
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&crt_path, &cert.pem(), 0o644)?;
     Ok((crt_path, key_path))
+}
+
+/// The subject and usages every certificate for `name` as `kind` carries.
+fn leaf_params(name: &str, kind: IdentityKind) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, kind.as_str());
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params
+}
+
+/// A certificate issued for a node: PEM, and when it stops being valid.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub certificate_pem: String,
+    pub not_after_unix_ms: u64,
+}
+
+/// Signs agent certificates with the cluster CA (`[pki]`), for joins and
+/// renewals. The name and kind come from the caller (a checked token or the
+/// caller's own certificate), never from the CSR: only its public key is
+/// used, and only after its signature proved the requester holds the key.
+pub struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    validity: std::time::Duration,
+}
+
+impl fmt::Debug for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signer")
+            .field("validity", &self.validity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    pub fn from_files(
+        ca_crt: &Path,
+        ca_key: &Path,
+        validity: std::time::Duration,
+    ) -> Result<Self, PkiError> {
+        let ca_pem = read(ca_crt)?;
+        let key = KeyPair::from_pem(&read(ca_key)?)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)?;
+        Ok(Self {
+            issuer,
+            ca_pem,
+            validity,
+        })
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// An agent certificate for `node` with the public key of `csr_pem`.
+    pub fn issue_agent(&self, node: &NodeId, csr_pem: &str) -> Result<Issued, PkiError> {
+        if csr_pem.len() > 16 * 1024 {
+            return Err(PkiError::Csr("longer than 16 KiB".into()));
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Csr(e.to_string()))?;
+        let mut params = leaf_params(node.as_str(), IdentityKind::Agent);
+        let now = OffsetDateTime::now_utc();
+        let validity = Duration::try_from(self.validity).unwrap_or(Duration::days(365));
+        // Backdated a little for clock skew, by at most an hour and at most a
+        // tenth of the lifetime, so renewal at two thirds stays meaningful
+        // for short test lifetimes.
+        params.not_before = now - (validity / 10_i32).min(Duration::hours(1));
+        params.not_after = now + validity;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(Issued {
+            certificate_pem: cert.pem(),
+            not_after_unix_ms: u64::try_from(params.not_after.unix_timestamp())
+                .unwrap_or(0)
+                .saturating_mul(1000),
+        })
+    }
 }
 
 /// Reads the identity from a DER certificate that TLS has already verified

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, TlsOptions, Txn,
-    TxnOp,
+    PutOptions, TxnOp,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
@@ -33,6 +33,7 @@ use steward_proto::domain::{Event, Facts, Health, NodeHealth, NodeId, NodeSpec};
 
 use crate::config::EtcdConfig;
 use crate::error::{Error, Result};
+use crate::tokens::TokenRecord;
 
 /// Milliseconds since the Unix epoch, for records and events.
 pub fn unix_ms() -> u64 {
@@ -112,6 +113,14 @@ impl Keys {
     }
     pub fn events(&self) -> String {
         format!("{}events/", self.prefix)
+    }
+    /// Join tokens (`tokens::TokenRecord`), each on an etcd lease that ends
+    /// a day after the token expired.
+    pub fn tokens(&self) -> String {
+        format!("{}tokens/", self.prefix)
+    }
+    pub fn token(&self, id: &str) -> String {
+        format!("{}{id}", self.tokens())
     }
     pub fn vips(&self) -> String {
         format!("{}vips/", self.prefix)
@@ -193,6 +202,9 @@ pub struct MemberRecord {
     pub address: String,
     pub version: String,
     pub started_unix_ms: u64,
+    /// Where joining nodes reach it (`[pki] bootstrap_listen`), if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<String>,
 }
 
 /// `nodes/<id>/status`: what the serving replica last recorded. Written only
@@ -635,6 +647,123 @@ impl Store {
                 source,
             }),
         }
+    }
+
+    /// Stores a new token under a lease that outlives its expiry by
+    /// [`crate::tokens::KEEP_AFTER_EXPIRY_S`]; `false` if the id is taken.
+    pub async fn create_token(&self, record: &TokenRecord) -> Result<bool> {
+        let ttl_s = record.expires_unix_ms.saturating_sub(unix_ms()) / 1000
+            + crate::tokens::KEEP_AFTER_EXPIRY_S;
+        let lease = self
+            .client
+            .lease_client()
+            .grant(i64::try_from(ttl_s).unwrap_or(i64::MAX), None)
+            .await
+            .map_err(Error::etcd("grant token lease"))?;
+        let key = self.keys.token(&record.id);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                encode(record),
+                Some(PutOptions::new().with_lease(lease.id())),
+            )]);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(Error::etcd("create token"))?;
+        Ok(resp.succeeded())
+    }
+
+    pub async fn token(&self, id: &str) -> Result<Option<Versioned<TokenRecord>>> {
+        let key = self.keys.token(id);
+        let resp = self
+            .client
+            .kv_client()
+            .get(key.as_str(), None)
+            .await
+            .map_err(Error::etcd("read token"))?;
+        resp.kvs()
+            .first()
+            .map(|kv| {
+                Ok(Versioned {
+                    value: decode(kv.key(), kv.value())?,
+                    mod_revision: kv.mod_revision(),
+                })
+            })
+            .transpose()
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.keys.tokens(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(Error::etcd("list tokens"))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .collect()
+    }
+
+    /// Records a use of a token, if nobody used or changed it since
+    /// `mod_revision`, together with `event`. The record keeps its lease.
+    pub async fn consume_token(
+        &self,
+        record: &TokenRecord,
+        mod_revision: i64,
+        event: &Event,
+    ) -> Result<bool> {
+        let key = self.keys.token(&record.id);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                mod_revision,
+            )])
+            .and_then([
+                TxnOp::put(
+                    key.as_str(),
+                    encode(record),
+                    Some(PutOptions::new().with_ignore_lease()),
+                ),
+                self.event_op(event),
+            ]);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(Error::etcd("use token"))?;
+        Ok(resp.succeeded())
+    }
+
+    /// Whether the token existed.
+    pub async fn delete_token(&self, id: &str) -> Result<bool> {
+        let resp = self
+            .client
+            .kv_client()
+            .delete(self.keys.token(id), None)
+            .await
+            .map_err(Error::etcd("delete token"))?;
+        Ok(resp.deleted() > 0)
+    }
+
+    /// Whether etcd has any record of node `id` (spec, status, address).
+    pub async fn node_known(&self, id: &NodeId) -> Result<bool> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                format!("{}{id}/", self.keys.nodes()),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map_err(Error::etcd("look up node"))?;
+        Ok(resp.count() > 0)
     }
 }
 

@@ -379,6 +379,7 @@ pub fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
         EventKind::LeaderElected => pb::EventKind::LeaderElected,
         EventKind::VipChanged => pb::EventKind::VipChanged,
         EventKind::VipMoved => pb::EventKind::VipMoved,
+        EventKind::NodeJoined => pb::EventKind::NodeJoined,
     }
 }
 
@@ -406,6 +407,7 @@ impl TryFrom<pb::Event> for Event {
             Ok(pb::EventKind::LeaderElected) => EventKind::LeaderElected,
             Ok(pb::EventKind::VipChanged) => EventKind::VipChanged,
             Ok(pb::EventKind::VipMoved) => EventKind::VipMoved,
+            Ok(pb::EventKind::NodeJoined) => EventKind::NodeJoined,
             Ok(pb::EventKind::Unspecified) | Err(_) => {
                 return Err(ProtoError::UnknownEnum {
                     field: "event.kind",

@@ -264,6 +264,8 @@ pub enum EventKind {
     VipChanged,
     /// A VIP got a new owner (epoch).
     VipMoved,
+    /// A node joined with a token and got its first certificate.
+    NodeJoined,
 }
 
 impl EventKind {
@@ -276,6 +278,7 @@ impl EventKind {
             EventKind::LeaderElected => "leader-elected",
             EventKind::VipChanged => "vip-changed",
             EventKind::VipMoved => "vip-moved",
+            EventKind::NodeJoined => "node-joined",
         }
     }
 }

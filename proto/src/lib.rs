@@ -17,6 +17,7 @@ pub mod converge;
 pub mod convert;
 pub mod domain;
 pub mod lease;
+pub mod pki;
 pub mod runtime;
 pub mod vip;
 

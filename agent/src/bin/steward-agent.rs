@@ -29,6 +29,36 @@ struct Args {
 
 #[derive(clap::Subcommand)]
 enum Command {
+    /// Join a cluster: get this node's certificate with a join token, write
+    /// the config (--config) and start the agent's systemd unit.
+    ///
+    /// Run the command `stewardctl token create` prints, as root. The key is
+    /// made here and never leaves the host; the coordinator is trusted only
+    /// if it presents the CA with the given hash. A wrong, expired or used
+    /// token is refused with the reason, and nothing is written.
+    Join {
+        /// The join token (<id>.<secret>).
+        #[arg(long, env = "STEWARD_JOIN_TOKEN")]
+        token: String,
+        /// A coordinator's join URL (https://host:7444); repeat for several.
+        #[arg(long = "coordinator", required = true)]
+        coordinators: Vec<String>,
+        /// sha256:<hex> of the cluster CA's public key.
+        #[arg(long)]
+        ca_hash: String,
+        /// This node's id (default: the host name, lowercased).
+        #[arg(long)]
+        node_id: Option<String>,
+        /// Where ca.crt, node.crt and node.key are written.
+        #[arg(long, default_value = "/etc/steward/pki")]
+        pki_dir: PathBuf,
+        /// Replace this host's existing certificate (re-joining).
+        #[arg(long)]
+        force: bool,
+        /// Write everything but do not start the agent.
+        #[arg(long)]
+        no_start: bool,
+    },
     /// Remove every VIP this agent recorded as bound, then exit. The systemd
     /// unit runs it as ExecStopPost=, so a VIP never outlives its agent.
     ReleaseVips {
@@ -72,11 +102,102 @@ fn release_vips(config: &std::path::Path, state_dir: Option<PathBuf>) -> ExitCod
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn join(
+    config: PathBuf,
+    token: String,
+    coordinators: Vec<String>,
+    ca_hash: &str,
+    node_id: Option<String>,
+    pki_dir: PathBuf,
+    force: bool,
+    no_start: bool,
+) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("steward-agent join: {e}");
+        ExitCode::FAILURE
+    };
+    let ca_hash = match ca_hash.parse() {
+        Ok(h) => h,
+        Err(e) => return fail(&e),
+    };
+    let raw_id = node_id.unwrap_or_else(steward_agent::config::default_node_id);
+    let node_id = match steward_proto::domain::NodeId::new(&raw_id) {
+        Ok(id) => id,
+        Err(e) => return fail(&format!("node id {raw_id:?}: {e} (set one with --node-id)")),
+    };
+    let options = steward_agent::join::JoinOptions {
+        token,
+        coordinators,
+        ca_hash,
+        node_id,
+        config: config.clone(),
+        pki_dir,
+        force,
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    println!("joining as {} ...", options.node_id);
+    let joined = match runtime.block_on(steward_agent::join::join(&options)) {
+        Ok(j) => j,
+        Err(e) => return fail(&e),
+    };
+    println!(
+        "joined: certificate {} valid until {} (renewed automatically); config {}; coordinators {}",
+        joined.cert.display(),
+        steward_proto::runtime::format_unix_ms(joined.not_after_unix_ms),
+        config.display(),
+        joined.coordinators.join(", ")
+    );
+    if no_start {
+        println!("not started (--no-start); start it with: systemctl enable --now steward-agent");
+        return ExitCode::SUCCESS;
+    }
+    match steward_agent::join::start_unit("steward-agent.service") {
+        Ok(true) => {
+            println!("steward-agent.service enabled and started");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!(
+                "no systemd here; start the agent with: steward-agent --config {}",
+                config.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("joined, but the agent did not start: {e}")),
+    }
+}
+
 fn main() -> ExitCode {
     steward_proto::runtime::init_tracing();
     let args = Args::parse();
-    if let Some(Command::ReleaseVips { state_dir }) = args.command {
-        return release_vips(&args.config, state_dir);
+    match args.command {
+        Some(Command::ReleaseVips { state_dir }) => {
+            return release_vips(&args.config, state_dir);
+        }
+        Some(Command::Join {
+            token,
+            coordinators,
+            ca_hash,
+            node_id,
+            pki_dir,
+            force,
+            no_start,
+        }) => {
+            return join(
+                args.config,
+                token,
+                coordinators,
+                &ca_hash,
+                node_id,
+                pki_dir,
+                force,
+                no_start,
+            );
+        }
+        None => {}
     }
     let settings = match AgentConfig::load(&args.config) {
         Ok(s) => s,

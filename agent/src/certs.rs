@@ -1,0 +1,195 @@
+//! The agent's certificate: read from its files at every dial (so a renewed
+//! one is used by the next connection while open streams go on), renewed
+//! over `AgentService.RenewCertificate` once two thirds of its lifetime have
+//! passed, and written atomically.
+//!
+//! Renewal keeps the node's key (the CSR proves possession of it) and
+//! replaces only the certificate, in one rename: a crash at any moment
+//! leaves a matching key and certificate.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use steward_proto::backoff::Backoff;
+use steward_proto::pb;
+use steward_proto::pb::agent_service_client::AgentServiceClient;
+use steward_proto::pki::Validity;
+use steward_proto::runtime::TlsFiles;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, Identity};
+use tracing::{info, warn};
+
+/// Writes `bytes` to `path` through a staged file and a rename, synced, so
+/// readers see the old content or the new, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other(format!("{}: not a file path", path.display())))?;
+    let staged = path.with_file_name(format!(".{}.new", name.to_string_lossy()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&staged)?;
+        // `mode` applies only to new files; a stale staged file keeps its own.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&staged, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    result?;
+    if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Where the agent's CA, certificate and key are; read at every dial.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub files: TlsFiles,
+}
+
+impl Credentials {
+    pub fn new(files: TlsFiles) -> Self {
+        Self { files }
+    }
+
+    /// The CA and our identity as they are on disk now.
+    pub fn load(&self) -> Result<(Certificate, Identity), String> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| format!("tls.{what} {}: {e}", path.display()))
+        };
+        Ok((
+            Certificate::from_pem(read("ca", &self.files.ca)?),
+            Identity::from_pem(
+                read("cert", &self.files.cert)?,
+                read("key", &self.files.key)?,
+            ),
+        ))
+    }
+
+    /// Connects to `url` over mutual TLS with the credentials on disk now.
+    pub async fn dial(&self, url: &str, connect_timeout: Duration) -> Result<Channel, String> {
+        let (ca, identity) = self.load()?;
+        steward_proto::runtime::dial_mtls(url, ca, identity, connect_timeout).await
+    }
+
+    fn validity(&self) -> Result<Validity, String> {
+        let pem = std::fs::read_to_string(&self.files.cert)
+            .map_err(|e| format!("tls.cert {}: {e}", self.files.cert.display()))?;
+        Validity::of_pem(&pem).map_err(|e| format!("tls.cert {}: {e}", self.files.cert.display()))
+    }
+}
+
+/// A PKCS#10 request for `node`, signed by `key` (PEM).
+pub fn csr_pem(node: &str, key: &rcgen::KeyPair) -> Result<String, String> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, node);
+    params
+        .serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| format!("cannot make a certificate request: {e}"))
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(crate::unix_ms() / 1000).unwrap_or(i64::MAX)
+}
+
+/// One renewal: a CSR with our key to one replica after another until one
+/// signs it; the new certificate replaces the old in one rename.
+async fn renew_once(
+    node: &str,
+    creds: &Credentials,
+    coordinators: &[String],
+) -> Result<Validity, String> {
+    let key_pem = std::fs::read_to_string(&creds.files.key)
+        .map_err(|e| format!("tls.key {}: {e}", creds.files.key.display()))?;
+    let key = rcgen::KeyPair::from_pem(&key_pem)
+        .map_err(|e| format!("tls.key {}: {e}", creds.files.key.display()))?;
+    let csr_pem = csr_pem(node, &key)?;
+    let mut errors = Vec::new();
+    for url in coordinators {
+        let channel = match creds.dial(url, Duration::from_secs(2)).await {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(format!("{url}: {e}"));
+                continue;
+            }
+        };
+        let issued = match AgentServiceClient::new(channel)
+            .renew_certificate(pb::RenewCertificateRequest {
+                csr_pem: csr_pem.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                errors.push(format!("{url}: {}", status.message()));
+                continue;
+            }
+        };
+        let validity = Validity::of_pem(&issued.certificate_pem)
+            .map_err(|e| format!("{url} sent an unreadable certificate: {e}"))?;
+        write_atomic(&creds.files.cert, issued.certificate_pem.as_bytes(), 0o644)
+            .map_err(|e| format!("tls.cert {}: {e}", creds.files.cert.display()))?;
+        return Ok(validity);
+    }
+    Err(errors.join("; "))
+}
+
+/// Renews the certificate before it expires, until `shutdown`. Re-reads the
+/// file each round, so a certificate an operator replaced is followed too.
+pub async fn run_renewal(
+    node: String,
+    creds: Credentials,
+    coordinators: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let wait = match creds.validity() {
+            Ok(v) if unix_now() >= v.renew_at() => {
+                match renew_once(&node, &creds, &coordinators).await {
+                    Ok(new) => {
+                        backoff.reset();
+                        info!(
+                            not_after_unix = new.not_after,
+                            "certificate renewed; new connections use it"
+                        );
+                        continue;
+                    }
+                    Err(error) => {
+                        let left = v.not_after - unix_now();
+                        warn!(%error, seconds_left = left, "certificate renewal failed; retrying");
+                        backoff.next_delay()
+                    }
+                }
+            }
+            Ok(v) => {
+                // Sleep until renewal is due, waking at least hourly to
+                // notice a certificate replaced by hand.
+                let secs = (v.renew_at() - unix_now()).clamp(1, 3600);
+                Duration::from_secs(u64::try_from(secs).unwrap_or(1))
+            }
+            Err(error) => {
+                warn!(%error, "cannot read the certificate; retrying");
+                backoff.next_delay()
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

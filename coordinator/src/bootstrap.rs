@@ -1,0 +1,245 @@
+//! Node bootstrap: `BootstrapService.Join` (a token and a CSR in, a
+//! certificate for the node out) and `AgentService.RenewCertificate`.
+//!
+//! The join listener has server TLS only: a joining node has no certificate
+//! yet. Its token authenticates it ([`crate::tokens`]), and it authenticates
+//! this replica by the CA hash in its join command (the listener presents
+//! the chain up to the CA). Renewal runs on the mutual-TLS listener and
+//! names the caller's own node, taken from its certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use steward_proto::domain::{Event, EventKind, NodeId};
+use steward_proto::pb;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::auth::peer_identity;
+use crate::error::{Error, Result};
+use crate::pki::{IdentityKind, Issued, Signer};
+use crate::store::{unix_ms, Store};
+use crate::tokens::{self, Refusal, Token, TokenUse};
+
+/// A refused join waits this long before it answers, which slows guessing.
+const REFUSAL_DELAY: Duration = Duration::from_millis(300);
+
+/// Concurrent uses of one token retry their compare-and-set this often.
+const CONSUME_ATTEMPTS: usize = 5;
+
+fn issued(i: Issued, ca_pem: &str) -> pb::IssuedCertificate {
+    pb::IssuedCertificate {
+        certificate_pem: i.certificate_pem,
+        ca_pem: ca_pem.to_owned(),
+        not_after_unix_ms: i.not_after_unix_ms,
+    }
+}
+
+fn refused(r: Refusal) -> Error {
+    match r {
+        Refusal::Malformed => Error::InvalidArgument(r.to_string()),
+        other => Error::PermissionDenied(other.to_string()),
+    }
+}
+
+#[derive(Clone)]
+pub struct BootstrapApi {
+    store: Store,
+    signer: Arc<Signer>,
+    /// Coordinator replicas in the cluster (the agents' `[vip] replicas`).
+    replicas: u32,
+}
+
+impl BootstrapApi {
+    pub fn new(store: Store, signer: Arc<Signer>, replicas: u32) -> Self {
+        Self {
+            store,
+            signer,
+            replicas,
+        }
+    }
+
+    async fn join(&self, request: pb::JoinRequest) -> Result<pb::JoinResponse> {
+        let token: Token = request.token.parse().map_err(refused)?;
+        let node = NodeId::new(&request.node_id).map_err(|e| {
+            Error::InvalidArgument(format!("node id {:?}: {}", request.node_id, e.reason))
+        })?;
+        for _ in 0..CONSUME_ATTEMPTS {
+            let Some(record) = self.store.token(&token.id).await? else {
+                return Err(refused(Refusal::Unknown));
+            };
+            let known = self.store.node_known(&node).await?;
+            tokens::check(&record.value, &token, &node, known, unix_ms()).map_err(refused)?;
+            // Signed before the token is used up, so a bad CSR costs no use;
+            // a certificate is handed out only once the use is recorded.
+            let certificate = self.signer.issue_agent(&node, &request.csr_pem)?;
+            let mut used = record.value.clone();
+            used.used_by.push(TokenUse {
+                node: node.clone(),
+                at_unix_ms: unix_ms(),
+            });
+            let event = Event {
+                revision: 0,
+                at_unix_ms: unix_ms(),
+                kind: EventKind::NodeJoined,
+                node: Some(node.clone()),
+                replica: self.store.replica().to_owned(),
+                message: format!("{node} joined with token {}", token.id),
+            };
+            if self
+                .store
+                .consume_token(&used, record.mod_revision, &event)
+                .await?
+            {
+                let members = self.store.members().await?;
+                info!(node = %node, token = %token.id, "node joined");
+                return Ok(pb::JoinResponse {
+                    certificate: Some(issued(certificate, self.signer.ca_pem())),
+                    coordinators: members.into_iter().map(|m| m.address).collect(),
+                    replicas: self.replicas,
+                });
+            }
+        }
+        Err(Error::Conflict {
+            key: self.store.keys().token(&token.id),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::bootstrap_service_server::BootstrapService for BootstrapApi {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> std::result::Result<Response<pb::JoinResponse>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        let node = request.node_id.clone();
+        match BootstrapApi::join(self, request).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(error) => {
+                warn!(?peer, node = %node.escape_debug(), %error, "join refused");
+                tokio::time::sleep(REFUSAL_DELAY).await;
+                Err(error.into())
+            }
+        }
+    }
+}
+
+/// `AgentService.RenewCertificate`: a new certificate for the caller's own
+/// node. `None`: this replica has no `[pki]`.
+pub fn renew(
+    signer: Option<&Signer>,
+    request: &Request<pb::RenewCertificateRequest>,
+) -> Result<pb::IssuedCertificate> {
+    let identity = peer_identity(request)?;
+    if identity.kind != IdentityKind::Agent {
+        return Err(Error::PermissionDenied(format!(
+            "{identity} may not renew an agent certificate; only agents may"
+        )));
+    }
+    let node = NodeId::new(&identity.name)
+        .map_err(|e| Error::PermissionDenied(format!("{identity}: {}", e.reason)))?;
+    let signer = signer.ok_or_else(|| {
+        Error::FailedPrecondition(
+            "this replica issues no certificates (no [pki] in its config); try another".into(),
+        )
+    })?;
+    let certificate = signer.issue_agent(&node, &request.get_ref().csr_pem)?;
+    info!(node = %node, "certificate renewed");
+    Ok(issued(certificate, signer.ca_pem()))
+}
+
+fn token_info(r: tokens::TokenRecord) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: r.id,
+        created_unix_ms: r.created_unix_ms,
+        expires_unix_ms: r.expires_unix_ms,
+        uses: r.uses,
+        used_by: r.used_by.into_iter().map(|u| u.node.to_string()).collect(),
+        node_id: r.node.map(|n| n.to_string()).unwrap_or_default(),
+        description: r.description,
+        created_by: r.created_by,
+    }
+}
+
+/// `AdminService.CreateToken` for the admin `created_by`.
+pub async fn create_token(
+    store: &Store,
+    created_by: &str,
+    request: pb::CreateTokenRequest,
+    ca_hash: &str,
+) -> Result<pb::CreateTokenResponse> {
+    if !(tokens::MIN_TTL_S..=tokens::MAX_TTL_S).contains(&request.ttl_s) {
+        return Err(Error::InvalidArgument(format!(
+            "ttl {} s: must be between {} s and {} days",
+            request.ttl_s,
+            tokens::MIN_TTL_S,
+            tokens::MAX_TTL_S / 86_400
+        )));
+    }
+    let node = match request.node_id.as_str() {
+        "" => None,
+        id => Some(NodeId::new(id).map_err(|e| {
+            Error::InvalidArgument(format!("node id {id:?}: {}", e.reason))
+        })?),
+    };
+    if request.description.len() > 256 {
+        return Err(Error::InvalidArgument(
+            "description: at most 256 bytes".into(),
+        ));
+    }
+    let members = store.members().await?;
+    let join_urls: Vec<String> = members.into_iter().filter_map(|m| m.bootstrap).collect();
+    if join_urls.is_empty() {
+        return Err(Error::FailedPrecondition(
+            "no replica serves joins: give at least one a [pki] section with bootstrap_listen"
+                .into(),
+        ));
+    }
+    let now = unix_ms();
+    for _ in 0..CONSUME_ATTEMPTS {
+        let token = Token::generate().map_err(Error::FailedPrecondition)?;
+        let record = tokens::TokenRecord {
+            id: token.id.clone(),
+            secret_sha256: token.secret_hash(),
+            created_unix_ms: now,
+            expires_unix_ms: now + request.ttl_s * 1000,
+            uses: request.uses,
+            used_by: Vec::new(),
+            node: node.clone(),
+            description: request.description.clone(),
+            created_by: created_by.to_owned(),
+        };
+        if store.create_token(&record).await? {
+            info!(token = %token.id, by = created_by, "join token created");
+            return Ok(pb::CreateTokenResponse {
+                token: token.to_string(),
+                info: Some(token_info(record)),
+                ca_hash: ca_hash.to_owned(),
+                join_urls,
+            });
+        }
+    }
+    Err(Error::Conflict {
+        key: store.keys().tokens(),
+    })
+}
+
+pub async fn list_tokens(store: &Store) -> Result<pb::ListTokensResponse> {
+    let mut tokens = store.tokens().await?;
+    tokens.sort_by_key(|t| t.created_unix_ms);
+    Ok(pb::ListTokensResponse {
+        tokens: tokens.into_iter().map(token_info).collect(),
+    })
+}
+
+pub async fn delete_token(store: &Store, id: &str) -> Result<()> {
+    if !store.delete_token(id).await? {
+        return Err(Error::FailedPrecondition(format!(
+            "no token {id:?} (stewardctl token list shows them)"
+        )));
+    }
+    info!(token = id, "join token deleted");
+    Ok(())
+}
