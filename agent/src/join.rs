@@ -265,7 +265,9 @@ fn new_config(edits: &[Edit]) -> String {
 fn header(line: &str) -> Option<&str> {
     let t = line.trim();
     let t = t.split('#').next().unwrap_or(t).trim();
-    t.strip_prefix('[')?.strip_suffix(']').filter(|n| !n.starts_with('['))
+    t.strip_prefix('[')?
+        .strip_suffix(']')
+        .filter(|n| !n.starts_with('['))
 }
 
 /// Whether `line` assigns `key` (not in a comment).

@@ -180,9 +180,10 @@ pub async fn create_token(
     }
     let node = match request.node_id.as_str() {
         "" => None,
-        id => Some(NodeId::new(id).map_err(|e| {
-            Error::InvalidArgument(format!("node id {id:?}: {}", e.reason))
-        })?),
+        id => Some(
+            NodeId::new(id)
+                .map_err(|e| Error::InvalidArgument(format!("node id {id:?}: {}", e.reason)))?,
+        ),
     };
     if request.description.len() > 256 {
         return Err(Error::InvalidArgument(

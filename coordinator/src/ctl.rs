@@ -537,7 +537,11 @@ async fn token_command(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError
                         } else {
                             t.used_by.join(",")
                         };
-                        let node = if t.node_id.is_empty() { "-" } else { &t.node_id };
+                        let node = if t.node_id.is_empty() {
+                            "-"
+                        } else {
+                            &t.node_id
+                        };
                         println!(
                             "{:<8} {:<24} {:<7} {:<20} {:<14} {}",
                             t.id, expires, uses, used_by, node, t.description

@@ -91,7 +91,12 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // The join listener presents the chain up to the CA: a joining node
     // knows only the CA's hash.
     let bootstrap_tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        [read("tls.cert", &config.tls.cert)?, b"\n".to_vec(), ca_pem.clone()].concat(),
+        [
+            read("tls.cert", &config.tls.cert)?,
+            b"\n".to_vec(),
+            ca_pem.clone(),
+        ]
+        .concat(),
         read("tls.key", &config.tls.key)?,
     ));
     let ca = Certificate::from_pem(ca_pem);
@@ -267,7 +272,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             .tls_config(bootstrap_tls)
             .map_err(RunError::Tls)?
             .timeout(Duration::from_secs(30))
-            .add_service(pb::bootstrap_service_server::BootstrapServiceServer::new(api))
+            .add_service(pb::bootstrap_service_server::BootstrapServiceServer::new(
+                api,
+            ))
             .serve_with_shutdown(addr, shutdown.clone().cancelled_owned())
             .await
             .map_err(|source| RunError::Serve { addr, source })

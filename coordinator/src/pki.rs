@@ -440,4 +440,71 @@ mod tests {
             Err(PkiError::UnknownKind(_))
         ));
     }
+
+    #[test]
+    fn signer_names_the_node_it_is_told_whatever_the_csr_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_crt, ca_key) = init_ca(dir.path(), "test").unwrap();
+        let signer =
+            Signer::from_files(&ca_crt, &ca_key, std::time::Duration::from_secs(3600)).unwrap();
+        // A CSR asking to be an admin called "root".
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "root");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, "admin");
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let node = NodeId::new("web-1").unwrap();
+        let issued = signer.issue_agent(&node, &csr).unwrap();
+        let id = identity_from_der(&pem_to_der(&issued.certificate_pem)).unwrap();
+        assert_eq!(
+            id,
+            Identity {
+                name: "web-1".into(),
+                kind: IdentityKind::Agent
+            }
+        );
+        let validity = steward_proto::pki::Validity::of_pem(&issued.certificate_pem).unwrap();
+        assert!((3600..=3600 + 360).contains(&(validity.not_after - validity.not_before)));
+
+        // A request whose signature does not match its key is refused.
+        let mut der = pem_to_der(&csr);
+        let last = der.len() - 1;
+        der[last] ^= 0xff;
+        let tampered = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            base64_encode(&der)
+        );
+        assert!(matches!(
+            signer.issue_agent(&node, &tampered),
+            Err(PkiError::Csr(_))
+        ));
+        assert!(matches!(
+            signer.issue_agent(&node, "not a csr"),
+            Err(PkiError::Csr(_))
+        ));
+    }
+
+    fn base64_encode(bytes: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
 }

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, TlsOptions, Txn,
-    PutOptions, TxnOp,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget,
+    TlsOptions, Txn, TxnOp,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use steward_proto::converge::{ClusterSettings, ConvergeReport};

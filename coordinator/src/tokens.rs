@@ -223,7 +223,13 @@ mod tests {
         let parsed: Token = a.to_string().parse().unwrap();
         assert_eq!(parsed, a);
         assert!(!format!("{a:?}").contains(&a.secret));
-        for bad in ["", "abc", "abcdef.short", "ABCDEF.0123456789abcdef", "abcdef-0123456789abcdef"] {
+        for bad in [
+            "",
+            "abc",
+            "abcdef.short",
+            "ABCDEF.0123456789abcdef",
+            "abcdef-0123456789abcdef",
+        ] {
             assert_eq!(bad.parse::<Token>(), Err(Refusal::Malformed), "{bad}");
         }
     }
@@ -238,7 +244,10 @@ mod tests {
             id: t.id.clone(),
             secret: "0000000000000000".into(),
         };
-        assert_eq!(check(&r, &wrong, &node("n1"), false, 5_000), Err(Refusal::Unknown));
+        assert_eq!(
+            check(&r, &wrong, &node("n1"), false, 5_000),
+            Err(Refusal::Unknown)
+        );
         assert!(matches!(
             check(&r, &t, &node("n1"), false, 10_000),
             Err(Refusal::Expired { .. })

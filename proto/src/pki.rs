@@ -46,7 +46,9 @@ impl FromStr for CaHash {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let hex = s.strip_prefix(PREFIX).ok_or_else(|| {
-            format!("CA hash {s:?} must start with {PREFIX:?} (as `stewardctl token create` prints it)")
+            format!(
+                "CA hash {s:?} must start with {PREFIX:?} (as `stewardctl token create` prints it)"
+            )
         })?;
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!(

@@ -235,9 +235,15 @@ pub async fn dial_pinned(
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
     let uri = endpoint.uri().clone();
     if uri.scheme_str() != Some("https") {
-        return Err(format!("{url}: the coordinator URL must start with https://"));
+        return Err(format!(
+            "{url}: the coordinator URL must start with https://"
+        ));
     }
-    let host = uri.host().ok_or("URL has no host")?.trim_matches(['[', ']']).to_owned();
+    let host = uri
+        .host()
+        .ok_or("URL has no host")?
+        .trim_matches(['[', ']'])
+        .to_owned();
     let port = uri.port_u16().unwrap_or(443);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -260,10 +266,13 @@ pub async fn dial_pinned(
         }
     });
     // TLS is ours (the connector), so tonic sees a plain http:// endpoint.
-    Endpoint::from_shared(format!("http://{}", uri.authority().map(|a| a.as_str()).unwrap_or_default()))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(connect_timeout)
-        .connect_with_connector(connect)
-        .await
-        .map_err(|e| error_chain(&e))
+    Endpoint::from_shared(format!(
+        "http://{}",
+        uri.authority().map(|a| a.as_str()).unwrap_or_default()
+    ))
+    .map_err(|e| e.to_string())?
+    .connect_timeout(connect_timeout)
+    .connect_with_connector(connect)
+    .await
+    .map_err(|e| error_chain(&e))
 }

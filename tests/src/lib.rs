@@ -281,12 +281,16 @@ pub struct Cluster {
     /// `[vip] profile` for coordinators started from now on (the
     /// packaged default unless set).
     pub coordinator_profile: Option<String>,
+    /// `[pki] agent_cert_validity_s` for coordinators started from now on.
+    pub agent_cert_validity_s: u64,
     pub dir: tempfile::TempDir,
 }
 
 pub struct CoordinatorProc {
     pub id: String,
     pub url: String,
+    /// Its join endpoint (`[pki] bootstrap_listen`).
+    pub join_url: String,
     pub config: PathBuf,
     pub proc: Proc,
 }
@@ -356,6 +360,7 @@ impl Cluster {
             agent_heartbeat_ms: 200,
             coordinator_host: "127.0.0.1".into(),
             coordinator_profile: None,
+            agent_cert_validity_s: 365 * 24 * 3600,
             etcd,
             dir,
             coordinators: Vec::new(),
@@ -378,7 +383,7 @@ impl Cluster {
     }
 
     /// Writes a coordinator config derived from the packaged example.
-    pub fn coordinator_config(&self, id: &str, port: u16) -> PathBuf {
+    pub fn coordinator_config(&self, id: &str, port: u16, join_port: u16) -> PathBuf {
         let host = self.coordinator_host.clone();
         let crt = self.pki().join(format!("{id}.crt"));
         let key = self.pki().join(format!("{id}.key"));
@@ -409,6 +414,21 @@ impl Cluster {
             "secrets.key_file",
             self.pki().join("secrets.key").display().to_string(),
         );
+        set(
+            &mut t,
+            "pki.ca_key",
+            self.pki().join("ca.key").display().to_string(),
+        );
+        set(
+            &mut t,
+            "pki.bootstrap_listen",
+            format!("{host}:{join_port}"),
+        );
+        set(
+            &mut t,
+            "pki.agent_cert_validity_s",
+            i64::try_from(self.agent_cert_validity_s).expect("validity"),
+        );
         set(&mut t, "timing.member_lease_ttl_s", 2);
         if let Some(profile) = &self.coordinator_profile {
             set(&mut t, "vip.profile", profile.as_str());
@@ -423,11 +443,13 @@ impl Cluster {
         for i in 1..=n {
             let id = format!("coord-{i}");
             let port = free_port();
-            let config = self.coordinator_config(&id, port);
+            let join_port = free_port();
+            let config = self.coordinator_config(&id, port, join_port);
             let proc = self.spawn_coordinator(&id, &config);
             self.coordinators.push(CoordinatorProc {
                 id,
                 url: format!("https://{}:{port}", self.coordinator_host),
+                join_url: format!("https://{}:{join_port}", self.coordinator_host),
                 config,
                 proc,
             });

@@ -1,0 +1,360 @@
+//! Node bootstrap end to end: real etcd, three coordinators and the real
+//! `steward-agent join` / `stewardctl token` binaries. A node joins with a
+//! token and a pinned CA hash, appears in `stewardctl nodes`, and every bad
+//! join (reused, expired, wrong or malformed token, wrong CA hash, an
+//! existing node's id) is refused with its reason and writes nothing.
+//! Renewal: with 30 s certificates the agent renews before expiry while its
+//! session stays up, and once the first certificate expired a restarted
+//! agent connects with the renewed one.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use steward_coordinator::pki::IdentityKind;
+use steward_proto::pki::Validity;
+use steward_tests::{bin, eventually, repo_root, AgentProc, Cluster};
+
+struct Token {
+    token: String,
+    ca_hash: String,
+    join_urls: Vec<String>,
+    command: String,
+}
+
+fn create_token(cluster: &Cluster, extra: &[&str]) -> Token {
+    let mut args = vec!["token", "create", "-o", "json"];
+    args.extend_from_slice(extra);
+    let out = cluster.ctl(&args);
+    assert!(out.ok(), "token create failed: {}", out.stderr);
+    let v = out.json();
+    let s = |k: &str| v[k].as_str().expect(k).to_owned();
+    Token {
+        token: s("token"),
+        ca_hash: s("ca_hash"),
+        join_urls: v["join_urls"]
+            .as_array()
+            .expect("join_urls")
+            .iter()
+            .map(|u| u.as_str().expect("url").to_owned())
+            .collect(),
+        command: s("join_command"),
+    }
+}
+
+/// A would-be node: its own config (the packaged example, as the .deb
+/// installs it, with a test state directory and converging off) and PKI
+/// directory.
+struct Host {
+    node: String,
+    dir: PathBuf,
+}
+
+impl Host {
+    fn new(cluster: &Cluster, node: &str) -> Host {
+        Host::in_dir(cluster, node, &format!("host-{node}"))
+    }
+
+    /// A second host claiming the same node id gets its own directory.
+    fn in_dir(cluster: &Cluster, node: &str, dir: &str) -> Host {
+        let dir = cluster.dir.path().join(dir);
+        fs::create_dir_all(&dir).expect("host dir");
+        let example =
+            fs::read_to_string(repo_root().join("packaging/agent.example.toml")).expect("example");
+        let config = example
+            .replace(
+                "# state_dir = \"/var/lib/steward-agent\"",
+                &format!("state_dir = \"{}\"", dir.join("state").display()),
+            )
+            .replace("enabled = true", "enabled = false")
+            .replace(
+                "# heartbeat_interval_ms = 1000",
+                "heartbeat_interval_ms = 200",
+            );
+        assert_ne!(
+            config, example,
+            "the example's keys changed; update this test"
+        );
+        fs::write(dir.join("agent.toml"), config).expect("config");
+        Host {
+            node: node.to_owned(),
+            dir,
+        }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+
+    fn pki(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    fn join_with(&self, token: &str, urls: &[String], ca_hash: &str, extra: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("steward-agent"));
+        cmd.arg("--config")
+            .arg(self.config())
+            .args(["join", "--token", token, "--ca-hash", ca_hash])
+            .args(["--node-id", &self.node, "--no-start", "--pki-dir"])
+            .arg(self.pki())
+            .args(extra)
+            .stdin(Stdio::null());
+        for url in urls {
+            cmd.args(["--coordinator", url]);
+        }
+        cmd.output().expect("run steward-agent join")
+    }
+
+    fn join(&self, t: &Token) -> Output {
+        self.join_with(&t.token, &t.join_urls, &t.ca_hash, &[])
+    }
+
+    fn files(&self) -> Vec<String> {
+        fs::read_dir(self.pki())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn start(&self, cluster: &mut Cluster) -> usize {
+        let proc = cluster.spawn_agent(&self.node, &self.config(), None);
+        cluster.agents.push(AgentProc {
+            node: self.node.clone(),
+            netns: None,
+            config: self.config(),
+            state_dir: self.dir.join("state"),
+            proc,
+        });
+        cluster.agents.len() - 1
+    }
+
+    fn cert_validity(&self) -> Validity {
+        Validity::of_pem(&fs::read_to_string(self.pki().join("node.crt")).expect("node.crt"))
+            .expect("certificate")
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_refused(out: &Output, host: &Host, config_before: &str, reason: &str) {
+    assert!(!out.status.success(), "join succeeded: {}", stderr(out));
+    assert!(
+        stderr(out).contains(reason),
+        "expected {reason:?} in: {}",
+        stderr(out)
+    );
+    assert!(host.files().is_empty(), "files written: {:?}", host.files());
+    assert_eq!(
+        fs::read_to_string(host.config()).expect("config"),
+        config_before,
+        "config changed"
+    );
+}
+
+fn connected(cluster: &Cluster, node: &str) -> bool {
+    cluster
+        .node(node)
+        .is_some_and(|n| n["health"] == "healthy" || n["health"] == "degraded")
+}
+
+#[test]
+fn a_node_joins_with_a_token_and_every_bad_join_is_refused() {
+    let mut cluster = Cluster::new();
+    cluster.start_coordinators(3);
+    let token = create_token(&cluster, &["--ttl", "10m"]);
+    assert_eq!(token.join_urls.len(), 3, "one join URL per replica");
+    assert!(token.command.starts_with("steward-agent join --token "));
+    assert!(token.command.contains(&token.ca_hash));
+
+    // The printed join command works as printed (plus test paths).
+    let a = Host::new(&cluster, "joined-a");
+    let out = a.join(&token);
+    assert!(out.status.success(), "join failed: {}", stderr(&out));
+    let mut files = a.files();
+    files.sort();
+    assert_eq!(files, ["ca.crt", "node.crt", "node.key"]);
+    let key_mode = fs::metadata(a.pki().join("node.key"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600, "node.key must be private");
+    // The config kept its comments and other settings and names the
+    // replicas' agent URLs.
+    let config = fs::read_to_string(a.config()).expect("config");
+    assert!(config.contains("# Converging the host onto its roles"));
+    let table: toml::Table = config.parse().expect("toml");
+    assert_eq!(table["node_id"].as_str(), Some("joined-a"));
+    let mut listed: Vec<String> = table["coordinators"]
+        .as_array()
+        .expect("coordinators")
+        .iter()
+        .map(|v| v.as_str().expect("url").to_owned())
+        .collect();
+    listed.sort();
+    let mut urls = cluster.coordinator_urls();
+    urls.sort();
+    assert_eq!(listed, urls);
+    let check = Command::new(bin("steward-agent"))
+        .arg("--config")
+        .arg(a.config())
+        .arg("--check")
+        .output()
+        .expect("check");
+    assert!(
+        check.status.success(),
+        "joined config invalid: {}",
+        stderr(&check)
+    );
+
+    a.start(&mut cluster);
+    eventually(Duration::from_secs(10), "joined node connected", || {
+        connected(&cluster, "joined-a").then_some(())
+    });
+    let events = cluster.ctl(&["events", "-o", "json"]).stdout;
+    assert!(
+        events.contains("node-joined") && events.contains("joined-a"),
+        "no node-joined event: {events}"
+    );
+
+    // The same token again: used up.
+    let b = Host::new(&cluster, "joined-b");
+    let b_config = fs::read_to_string(b.config()).expect("config");
+    let out = b.join(&token);
+    assert_refused(&out, &b, &b_config, "already used (by joined-a)");
+
+    // A wrong CA hash: the coordinator is not trusted, nothing is sent.
+    let fresh = create_token(&cluster, &["--ttl", "10m"]);
+    let wrong_hash = format!("sha256:{}", "00".repeat(32));
+    let out = b.join_with(&fresh.token, &fresh.join_urls, &wrong_hash, &[]);
+    assert_refused(&out, &b, &b_config, "pinned hash");
+    // ... and the token was not used by that attempt.
+    let listed = cluster.ctl(&["token", "list", "-o", "json"]).json();
+    let id = fresh.token.split('.').next().expect("id");
+    let entry = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|t| t["id"] == id)
+        .expect("token listed")
+        .clone();
+    assert_eq!(entry["used_by"], serde_json::json!([]));
+
+    // A wrong secret, a malformed token.
+    let wrong_secret = format!("{id}.0000000000000000");
+    let out = b.join_with(&wrong_secret, &fresh.join_urls, &fresh.ca_hash, &[]);
+    assert_refused(&out, &b, &b_config, "unknown or wrong token");
+    let out = b.join_with("not-a-token", &fresh.join_urls, &fresh.ca_hash, &[]);
+    assert_refused(&out, &b, &b_config, "malformed");
+
+    // An expired token (its record moved into the past in etcd, as time
+    // would).
+    let key = format!("/steward/{}/tokens/{id}", cluster.name);
+    let etcdctl = |args: &[&str]| {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", cluster.etcd.client_url))
+            .args(args)
+            .output()
+            .expect("etcdctl");
+        assert!(out.status.success(), "etcdctl: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut record: serde_json::Value =
+        serde_json::from_str(etcdctl(&["get", "--print-value-only", &key]).trim())
+            .expect("token record");
+    record["expires_unix_ms"] = serde_json::json!(1000);
+    etcdctl(&["put", &key, &record.to_string()]);
+    let out = b.join(&fresh);
+    assert_refused(&out, &b, &b_config, "expired");
+
+    // An existing node's id needs a token made for it.
+    let again = Host::in_dir(&cluster, "joined-a", "impostor");
+    let reuse = create_token(&cluster, &["--ttl", "10m"]);
+    let again_config = fs::read_to_string(again.config()).expect("config");
+    let out = again.join_with(&reuse.token, &reuse.join_urls, &reuse.ca_hash, &["--force"]);
+    assert_refused(&out, &again, &again_config, "already known");
+    let bound = create_token(&cluster, &["--ttl", "10m", "--node", "joined-a"]);
+    let out = b.join(&bound);
+    assert_refused(&out, &b, &b_config, "only for node joined-a");
+    // The host already joined refuses to overwrite its certificate...
+    let out = a.join(&bound);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    // ... and re-joins with --force and the node's own token.
+    let out = a.join_with(&bound.token, &bound.join_urls, &bound.ca_hash, &["--force"]);
+    assert!(out.status.success(), "re-join failed: {}", stderr(&out));
+
+    // Only admins make tokens; the join endpoint serves nothing else.
+    cluster.cert("node-x", IdentityKind::Agent);
+    let urls = cluster.coordinator_urls();
+    let as_agent = cluster.ctl_as("node-x", &[urls[0].as_str()], &["token", "create"]);
+    assert!(!as_agent.ok());
+    assert!(as_agent.stderr.contains("admin"), "{}", as_agent.stderr);
+    let at_join = cluster.ctl_at(&[token.join_urls[0].as_str()], &["nodes"]);
+    assert!(!at_join.ok(), "the join endpoint served the admin API");
+
+    // `token rm` deletes at once.
+    let out = cluster.ctl(&["token", "rm", id]);
+    assert!(out.ok(), "{}", out.stderr);
+    let out = b.join(&fresh);
+    assert_refused(&out, &b, &b_config, "unknown or wrong token");
+}
+
+#[test]
+fn agents_renew_their_certificates_before_expiry_without_dropping_the_session() {
+    let mut cluster = Cluster::new();
+    cluster.agent_cert_validity_s = 30;
+    cluster.start_coordinators(3);
+    let token = create_token(&cluster, &["--ttl", "10m"]);
+    let host = Host::new(&cluster, "renewing");
+    let out = host.join(&token);
+    assert!(out.status.success(), "join failed: {}", stderr(&out));
+    let first = host.cert_validity();
+    assert!(
+        (25..=40).contains(&(first.not_after - first.not_before)),
+        "{first:?}"
+    );
+    let agent = host.start(&mut cluster);
+    eventually(Duration::from_secs(10), "agent connected", || {
+        connected(&cluster, "renewing").then_some(())
+    });
+
+    // Renewal is due at two thirds of the lifetime: about 20 s in.
+    let renewed = eventually(Duration::from_secs(40), "certificate renewed", || {
+        let v = host.cert_validity();
+        (v.not_after > first.not_after).then_some(v)
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert!(now < first.not_after, "renewed only after expiry");
+    assert!(renewed.not_after - now >= 20, "{renewed:?}");
+    // The session lived through it: one connection, never dropped.
+    let log = cluster.agents[agent].proc.log_text();
+    assert!(log.contains("certificate renewed"), "{log}");
+    assert!(!log.contains("no session"), "session dropped:\n{log}");
+
+    // Once the first certificate has expired, a restarted agent connects:
+    // with the renewed one.
+    let wait = Duration::from_secs(u64::try_from(first.not_after - now + 1).unwrap_or(0));
+    let started = Instant::now();
+    while started.elapsed() < wait {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cluster.agents[agent].proc.kill();
+    eventually(Duration::from_secs(10), "node shown disconnected", || {
+        (!connected(&cluster, "renewing")).then_some(())
+    });
+    cluster.restart_agent(agent);
+    eventually(Duration::from_secs(10), "restarted agent connected", || {
+        connected(&cluster, "renewing").then_some(())
+    });
+}
