@@ -65,7 +65,7 @@ stewardctl pki init "$DIR/pki" --cluster demo
 stewardctl pki issue "$DIR/pki" admin --kind admin
 for i in 1 2 3; do
   stewardctl pki issue "$DIR/pki" "coord-$i" --kind coordinator
-  stewardctl pki issue "$DIR/pki" "node-$i" --kind agent
+  [ "$i" = 3 ] || stewardctl pki issue "$DIR/pki" "node-$i" --kind agent  # node-3 joins by token
 done
 
 step "etcd"
@@ -82,6 +82,7 @@ ENDPOINTS=()
 declare -A COORD_PID
 for i in 1 2 3; do
   port=$(free_port)
+  join_port=$(free_port)
   cat >"$DIR/coord-$i.toml" <<TOML
 id = "coord-$i"
 cluster = "demo"
@@ -95,6 +96,9 @@ key = "$DIR/pki/coord-$i.key"
 endpoints = ["http://127.0.0.1:$ETCD_PORT"]
 [secrets]
 key_file = "$DIR/pki/secrets.key"
+[pki]
+ca_key = "$DIR/pki/ca.key"
+bootstrap_listen = "127.0.0.1:$join_port"
 [timing]
 member_lease_ttl_s = 2
 TOML
@@ -107,7 +111,7 @@ export STEWARD_CA="$DIR/pki/ca.crt" STEWARD_CERT="$DIR/pki/admin.crt" STEWARD_KE
 wait_for 20 "a leader" sh -c 'stewardctl status -o json | grep -q "\"leader\":\"coord-"'
 stewardctl status
 
-step "three agents"
+step "three agents (node-3 joins with a token)"
 COORDS=$(printf '"%s",' "${ENDPOINTS[@]}"); COORDS="[${COORDS%,}]"
 for i in 1 2 3; do
   cat >"$DIR/node-$i.toml" <<TOML
@@ -124,6 +128,24 @@ ca = "$DIR/pki/ca.crt"
 cert = "$DIR/pki/node-$i.crt"
 key = "$DIR/pki/node-$i.key"
 TOML
+  if [ "$i" = 3 ]; then
+    # As on a new machine: a token from the admin, then `steward-agent join`
+    # (printed by `token create`), which gets node-3 its certificate and
+    # sets node_id, coordinators and [tls] in its config.
+    TOKEN_OUT=$(stewardctl token create --ttl 10m --description demo)
+    echo "$TOKEN_OUT"
+    JOIN=$(echo "$TOKEN_OUT" | sed -n 's/^  \(steward-agent join .*\)$/\1/p')
+    echo "+ $JOIN --node-id node-3 --pki-dir $DIR/pki-node-3 --no-start"
+    # shellcheck disable=SC2086 # the join command is words by design
+    steward-agent --config "$DIR/node-$i.toml" ${JOIN#steward-agent } --node-id node-3 \
+      --pki-dir "$DIR/pki-node-3" --no-start
+    echo "+ the same token again is refused:"
+    # shellcheck disable=SC2086
+    if steward-agent --config "$DIR/node-x.toml" ${JOIN#steward-agent } --node-id node-x \
+      --pki-dir "$DIR/pki-node-x" --no-start; then
+      echo "a used token was accepted" >&2; exit 1
+    fi
+  fi
   steward-agent --config "$DIR/node-$i.toml" >"$DIR/node-$i.log" 2>&1 &
   PIDS+=($!)
 done

@@ -144,7 +144,7 @@ fn join(
         Err(e) => return fail(&e),
     };
     println!(
-        "joined: certificate {} valid until {} (renewed automatically); config {}; coordinators {}",
+        "joined: certificate {} valid until {} UTC (renewed automatically); config {}; coordinators {}",
         joined.cert.display(),
         steward_proto::runtime::format_unix_ms(joined.not_after_unix_ms),
         config.display(),
