@@ -568,13 +568,22 @@ impl Store {
     /// The cluster settings and their mod revision; `None` before the
     /// first `stewardctl apply` that set any.
     pub async fn cluster_settings(&self) -> Result<Option<Versioned<ClusterSettings>>> {
-        let key = self.keys.cluster_settings();
+        self.get_versioned(self.keys.cluster_settings(), "read cluster settings")
+            .await
+    }
+
+    /// One record and its mod revision, if the key exists.
+    async fn get_versioned<T: DeserializeOwned>(
+        &self,
+        key: String,
+        op: &'static str,
+    ) -> Result<Option<Versioned<T>>> {
         let resp = self
             .client
             .kv_client()
             .get(key.as_str(), None)
             .await
-            .map_err(Error::etcd("read cluster settings"))?;
+            .map_err(Error::etcd(op))?;
         resp.kvs()
             .first()
             .map(|kv| {
@@ -678,22 +687,7 @@ impl Store {
     }
 
     pub async fn token(&self, id: &str) -> Result<Option<Versioned<TokenRecord>>> {
-        let key = self.keys.token(id);
-        let resp = self
-            .client
-            .kv_client()
-            .get(key.as_str(), None)
-            .await
-            .map_err(Error::etcd("read token"))?;
-        resp.kvs()
-            .first()
-            .map(|kv| {
-                Ok(Versioned {
-                    value: decode(kv.key(), kv.value())?,
-                    mod_revision: kv.mod_revision(),
-                })
-            })
-            .transpose()
+        self.get_versioned(self.keys.token(id), "read token").await
     }
 
     pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {

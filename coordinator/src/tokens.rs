@@ -97,11 +97,7 @@ impl Token {
 }
 
 fn hash_secret(secret: &str) -> String {
-    digest(&SHA256, secret.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::orchestrate::secrets::hex(digest(&SHA256, secret.as_bytes()).as_ref())
 }
 
 /// One use of a token.

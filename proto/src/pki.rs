@@ -27,11 +27,7 @@ impl CaHash {
 
     /// The hash of the first certificate in a PEM text.
     pub fn of_pem(pem: &str) -> Result<Self, String> {
-        let der = pem_certificates(pem)?
-            .into_iter()
-            .next()
-            .ok_or("no certificate in PEM text")?;
-        Self::of_der(&der)
+        Self::of_der(&first_certificate(pem)?)
     }
 }
 
@@ -76,6 +72,13 @@ pub fn pem_certificates(pem: &str) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
+fn first_certificate(pem: &str) -> Result<Vec<u8>, String> {
+    pem_certificates(pem)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no certificate in PEM text".to_owned())
+}
+
 /// When a certificate is valid, in seconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {
@@ -96,11 +99,7 @@ impl Validity {
 
     /// The validity of the first certificate in a PEM text.
     pub fn of_pem(pem: &str) -> Result<Self, String> {
-        let der = pem_certificates(pem)?
-            .into_iter()
-            .next()
-            .ok_or("no certificate in PEM text")?;
-        Self::of_der(&der)
+        Self::of_der(&first_certificate(pem)?)
     }
 
     /// When to renew: once two thirds of the lifetime have passed, so a

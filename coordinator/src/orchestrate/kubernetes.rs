@@ -15,7 +15,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-use ring::digest::{digest, SHA256};
 use serde::{Deserialize, Serialize};
 use steward_proto::converge::{ClusterView, SecretFile, Task};
 use steward_proto::domain::{NodeId, Role};
@@ -126,14 +125,13 @@ impl Bootstrap {
             generation: 0,
         };
         // kubeadm hashes the certificate's SubjectPublicKeyInfo, as encoded.
-        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der())
+        let ca_hash = steward_proto::pki::CaHash::of_der(cert.der())
             .map_err(|e| format!("cannot read back the new CA: {e}"))?;
-        let spki = parsed.tbs_certificate.subject_pki.raw;
         Ok(Bootstrap {
             init_node,
             ca_cert_pem: cert.pem(),
             ca_key_pem: key.serialize_pem(),
-            ca_hash: format!("sha256:{}", hex(digest(&SHA256, spki).as_ref())),
+            ca_hash: ca_hash.to_string(),
             token: secret(new_token().map_err(|e| e.to_string())?),
             certificate_key: secret(new_certificate_key().map_err(|e| e.to_string())?),
         })
@@ -519,6 +517,7 @@ mod tests {
     use steward_proto::converge::{KubernetesSettings, Member, PackageRepository, VipView};
 
     use super::*;
+    use ring::digest::{digest, SHA256};
 
     fn id(s: &str) -> NodeId {
         NodeId::new(s.to_owned()).unwrap()
