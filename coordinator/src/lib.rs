@@ -21,6 +21,7 @@ pub mod config;
 pub mod ctl;
 pub mod error;
 pub mod leader;
+pub mod metrics;
 pub mod orchestrate;
 pub mod peers;
 pub mod pki;
@@ -65,6 +66,11 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: tonic::transport::Error,
     },
+    #[error("metrics endpoint on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Coordinator(#[from] Error),
 }
@@ -88,6 +94,16 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         .identity(identity.clone())
         .client_ca_root(ca.clone());
     let peers = peers::Peers::new(ca, identity);
+
+    // Bound first: a bad metrics address fails the start, not a scrape.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            steward_proto::runtime::bind_metrics(addr)
+                .await
+                .map_err(|source| RunError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
 
     let client = store::connect(&config.etcd, true).await?;
     let stream_client = store::connect(&config.etcd, false).await?;
@@ -212,6 +228,20 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         )
         .instrument(tracing::info_span!("vip_placement", replica.id = %config.id)),
     );
+    metrics::register_views(ctx.sessions.clone(), ctx.vips.clone(), ctx.lease.clone());
+    let leadership_metrics = tokio::spawn(metrics::metrics().follow_leadership(lead_rx.clone()));
+    let metrics_endpoint = metrics_listener.map(|listener| {
+        info!(metrics_listen = ?config.metrics_listen, "serving metrics");
+        tokio::spawn(
+            steward_proto::runtime::serve_metrics(
+                listener,
+                metrics::metrics().registry.clone(),
+                steward_proto::runtime::HttpLimits::default(),
+                tasks.clone(),
+            )
+            .instrument(tracing::info_span!("metrics_endpoint")),
+        )
+    });
     let agent_api = agent_service::AgentApi::new(ctx.clone());
     let peer_api = peers::PeerApi::new(ctx.clone());
     let admin_api = admin_service::AdminApi::new(ctx, lead_rx, VERSION.to_owned(), peers);
@@ -233,6 +263,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
 
     tasks.cancel();
     sweep.abort();
+    leadership_metrics.abort();
+    if let Some(endpoint) = metrics_endpoint {
+        endpoint.abort();
+    }
     for (name, task) in [
         ("membership", membership),
         ("spec cache", cache),

@@ -287,6 +287,9 @@ fn cmp_labels(stored: &[String], wanted: &[&str]) -> CmpOrdering {
         .cmp(wanted.iter().copied())
 }
 
+/// A family's children: label values and the metric, sorted by the values.
+type Children<M> = Vec<(Box<[String]>, Arc<M>)>;
+
 /// A metric with labels: one child per distinct label values.
 pub struct Family<M> {
     name: &'static str,
@@ -294,7 +297,7 @@ pub struct Family<M> {
     label_names: &'static [&'static str],
     buckets: &'static [f64],
     /// Sorted by label values.
-    children: Mutex<Vec<(Box<[String]>, Arc<M>)>>,
+    children: Mutex<Children<M>>,
 }
 
 impl<M: Metric> Family<M> {
@@ -383,7 +386,7 @@ impl<M: Metric> Collect for Family<M> {
     fn collect(&self, out: &mut String) {
         push_header(out, self.name, self.help, M::TYPE);
         // Render from a snapshot: updates never wait for a scrape's writes.
-        let children: Vec<(Box<[String]>, Arc<M>)> = lock(&self.children).clone();
+        let children: Children<M> = lock(&self.children).clone();
         let mut labels = String::new();
         for (values, metric) in &children {
             labels.clear();
