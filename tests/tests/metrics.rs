@@ -529,3 +529,90 @@ fn vip_lease_series_follow_the_holder() {
         Some(1.0)
     );
 }
+
+/// Every series the packaged Grafana dashboard queries is one the daemons
+/// export (a renamed metric would leave an empty panel), every exported
+/// family has a panel, and the datasource is the import's input.
+#[test]
+fn the_grafana_dashboard_queries_exported_series_only() {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    let path = steward_tests::repo_root().join("packaging/grafana/steward-dashboard.json");
+    let text = std::fs::read_to_string(&path).expect("dashboard");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert_eq!(dash["__inputs"][0]["name"], "DS_PROMETHEUS");
+
+    // What the daemons export, the scrape-time views included.
+    let (_vips_tx, vips) =
+        tokio::sync::watch::channel(Arc::new(steward_coordinator::vip::VipSnapshot::default()));
+    steward_coordinator::metrics::register_views(
+        steward_coordinator::sessions::Sessions::default(),
+        vips,
+        steward_coordinator::vip::lease_api::LeaseHub::new(
+            "r".into(),
+            steward_proto::lease::LeaseParams::DEFAULT,
+        ),
+    );
+    let mut families = BTreeSet::new();
+    let mut series = BTreeSet::new();
+    for text in [
+        steward_coordinator::metrics::metrics().registry.render(),
+        steward_agent::metrics::metrics().registry.render(),
+    ] {
+        let e = Exposition::parse(&text).expect("the registries render valid text");
+        for (name, kind) in e.types {
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    series.insert(format!("{name}{suffix}"));
+                }
+            } else {
+                series.insert(name.clone());
+            }
+            families.insert(name);
+        }
+    }
+
+    let mut used = BTreeSet::new();
+    let panels = dash["panels"].as_array().expect("panels");
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
+        assert_eq!(
+            panel["datasource"]["uid"], "${DS_PROMETHEUS}",
+            "panel {}",
+            panel["title"]
+        );
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(at) = rest.find("steward_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    series.contains(&name),
+                    "panel {} queries {name}, which nothing exports",
+                    panel["title"]
+                );
+                rest = &rest[at + name.len()..];
+                used.insert(name);
+            }
+        }
+    }
+    // Counters of plain activity need no panel of their own.
+    let unpanelled = [
+        "steward_agent_heartbeats_sent_total",
+        "steward_agent_sessions_opened_total",
+    ];
+    for family in &families {
+        let shown = used.iter().any(|u| {
+            u == family
+                || u.strip_prefix(family.as_str())
+                    .is_some_and(|s| s.starts_with('_'))
+        });
+        assert!(
+            shown || unpanelled.contains(&family.as_str()),
+            "{family} has no panel"
+        );
+    }
+}
