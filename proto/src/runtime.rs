@@ -98,14 +98,18 @@ fn stderr_is_journal() -> bool {
     let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
         return false;
     };
-    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
-        return false;
-    };
     // stat(2) of the fd's /proc link is the open file itself (a socket here).
     match std::fs::metadata("/proc/self/fd/2") {
-        Ok(m) => dev.parse() == Ok(m.dev()) && ino.parse() == Ok(m.ino()),
+        Ok(m) => names_stream(stream.to_str().unwrap_or_default(), m.dev(), m.ino()),
         Err(_) => false,
     }
+}
+
+/// Whether a `JOURNAL_STREAM` value names the file `dev`:`ino`.
+fn names_stream(journal_stream: &str, dev: u64, ino: u64) -> bool {
+    journal_stream
+        .split_once(':')
+        .is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
 }
 
 /// Limits of the metrics endpoint: what a slow or hostile client may cost.
@@ -458,6 +462,52 @@ mod tests {
         let _idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status(&r), "HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn journal_stream_must_name_stderr() {
+        assert!(names_stream("64770:123456", 64770, 123456));
+        assert!(!names_stream("64770:123456", 64770, 123457));
+        assert!(!names_stream("64770", 64770, 0));
+        assert!(!names_stream("", 0, 0));
+        assert!(!names_stream("x:y", 0, 0));
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_unanswered() {
+        let limits = HttpLimits {
+            max_connections: 1,
+            read_timeout: Duration::from_millis(300),
+            ..HttpLimits::default()
+        };
+        let (addr, _shutdown, _server) = start(limits).await;
+        let idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // Let the server take the idle connection first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out))
+            .await
+            .expect("closed at once, not held");
+        // Closed with the request unread: an end of stream or a reset.
+        assert!(read.is_err() || out.is_empty(), "over the limit: no answer");
+        // The idle one times out and frees its slot.
+        drop(idle);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+            if r.starts_with("HTTP/1.1 200 OK") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slot never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[test]

@@ -616,3 +616,47 @@ fn the_grafana_dashboard_queries_exported_series_only() {
         );
     }
 }
+
+/// A `metrics_listen` that cannot be bound fails the start, with the
+/// address in the error, rather than leaving a daemon without its endpoint.
+#[test]
+fn an_unbindable_metrics_address_fails_the_start() {
+    use steward_tests::{bin, Proc};
+
+    let cluster = Cluster::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+
+    let coordinator = cluster.coordinator_config("coord-1", free_port());
+    let mut t: toml::Table = std::fs::read_to_string(&coordinator)
+        .expect("config")
+        .parse()
+        .expect("toml");
+    t.insert("metrics_listen".into(), addr.clone().into());
+    std::fs::write(&coordinator, toml::to_string(&t).expect("toml")).expect("write");
+    let agent = cluster.agent_config_with(
+        "node-1",
+        "node-1",
+        &["https://127.0.0.1:1".to_owned()],
+        &[("metrics_listen", addr.clone().into())],
+    );
+
+    for (binary, config) in [
+        ("steward-coordinator", coordinator),
+        ("steward-agent", agent),
+    ] {
+        let mut cmd = std::process::Command::new(bin(binary));
+        cmd.arg("--config").arg(&config);
+        let log = cluster.dir.path().join(format!("{binary}-bind.log"));
+        let mut proc = Proc::spawn(binary, cmd, log);
+        eventually(Duration::from_secs(10), "the daemon to give up", || {
+            (!proc.is_running()).then_some(())
+        });
+        let text = proc.log_text();
+        assert!(
+            text.contains(&format!("metrics endpoint on {addr}")) && text.contains("in use"),
+            "{binary} said: {text}"
+        );
+    }
+    drop(taken);
+}
