@@ -189,6 +189,9 @@ mod tests {
             }],
         };
         m.converge_run(&failed);
+        let mut changed = failed.clone();
+        changed.resources[0].status = ResourceStatus::Changed;
+        m.converge_run(&changed);
         m.converge_run(&ConvergeReport {
             resources: Vec::new(),
             ..failed
@@ -213,6 +216,10 @@ mod tests {
         );
         assert_eq!(
             v("steward_agent_converge_duration_seconds_count{result=\"ok\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            v("steward_agent_converge_duration_seconds_count{result=\"changed\"}"),
             Some(1.0)
         );
         assert_eq!(v("steward_agent_converge_failed_runs_total"), Some(1.0));
