@@ -38,6 +38,9 @@ pub struct AgentConfig {
     /// Converging the host onto its roles.
     #[serde(default)]
     pub converge: AgentConvergeConfig,
+    /// Where `GET /metrics` (Prometheus text format, plain HTTP) is served;
+    /// absent: nowhere. The agent's only listener.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `[converge]`.
@@ -153,6 +156,7 @@ pub struct Settings {
     pub advertise_address: Option<std::net::IpAddr>,
     pub vip: VipSettings,
     pub converge: crate::converge::ConvergeSettings,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The node id when none is given: the host name, lowercased.
@@ -256,6 +260,7 @@ impl AgentConfig {
                 heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
                 ack_timeout: Duration::from_millis(ack_timeout_ms),
                 advertise_address: self.advertise_address,
+                metrics_listen: self.metrics_listen,
                 converge: crate::converge::ConvergeSettings {
                     enabled: self.converge.enabled,
                     recheck: Duration::from_secs(self.converge.recheck_interval_s),

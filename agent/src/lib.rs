@@ -2,7 +2,9 @@
 //! node's desired state from a coordinator replica and keeps it in force.
 //!
 //! **Architecture invariants:**
-//! - The agent opens every connection (agents pull); it never listens.
+//! - The agent opens every connection (agents pull); it never listens for
+//!   control traffic. Its only listener is the optional, read-only metrics
+//!   endpoint ([`metrics`], `metrics_listen`).
 //! - The desired state in force survives coordinator outages and agent
 //!   restarts: it is recorded atomically before it is acknowledged.
 //! - A VIP is bound only under a quorum-acknowledged lease ([`vip`]), and
@@ -19,6 +21,7 @@ pub mod converge;
 pub mod facts;
 pub mod health_check;
 pub mod join;
+pub mod metrics;
 pub mod ndp;
 pub mod packet;
 pub mod roles;
@@ -30,7 +33,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::config::Settings;
 use crate::session::{run_sessions, Credentials};
@@ -55,6 +58,11 @@ pub enum AgentError {
     },
     #[error("VIP handling: {0}")]
     Network(#[from] crate::address::NetError),
+    #[error("metrics endpoint on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, AgentError> {
@@ -83,6 +91,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         settings.coordinators.clone(),
         shutdown.clone(),
     );
+    // Bound first: a bad metrics address fails the start, not a scrape.
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(
+            steward_proto::runtime::bind_metrics(addr)
+                .await
+                .map_err(|source| AgentError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let state = StateStore::new(&settings.state_dir);
     let recorded = match state.load() {
         Ok(Some(r)) => {
@@ -101,6 +118,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             RecordedState::default()
         }
     };
+    metrics::metrics()
+        .desired_revision
+        .set(recorded.desired.revision as i64);
+    if let Some(listener) = metrics_listener {
+        info!(metrics_listen = ?settings.metrics_listen, "serving metrics");
+        tokio::spawn(
+            steward_proto::runtime::serve_metrics(
+                listener,
+                metrics::metrics().registry.clone(),
+                steward_proto::runtime::HttpLimits::default(),
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("metrics_endpoint")),
+        );
+    }
     let (desired, in_force) = watch::channel(recorded);
     info!(node.id = %settings.node_id, coordinators = ?settings.coordinators, "agent starting");
     let (reports, reported) = watch::channel(None);

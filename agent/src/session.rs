@@ -79,6 +79,7 @@ pub async fn run_sessions(
         )
         .instrument(span)
         .await;
+        crate::metrics::metrics().session_closed();
         match result {
             Ok(()) => return,
             Err(error) => warn!(%error, "no session; trying the next replica"),
@@ -132,6 +133,7 @@ async fn one_session(
         })?
         .into_inner();
     info!("session open");
+    crate::metrics::metrics().session_opened(url);
 
     let lost = |reason: String| SessionError::Lost {
         url: url.to_owned(),
@@ -140,6 +142,8 @@ async fn one_session(
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
+    // The last heartbeat sent, for its round trip.
+    let mut sent: Option<(u64, Instant)> = None;
     let mut last_ack = Instant::now();
     // What this session last reported; a new replica hears it all once.
     let mut reported: Option<(u64, Option<ConvergeReport>)> = None;
@@ -161,6 +165,8 @@ async fn one_session(
                 if tx.send(hb.into()).await.is_err() {
                     return Err(lost("outbound stream closed".into()));
                 }
+                sent = Some((seq, Instant::now()));
+                crate::metrics::metrics().heartbeats_sent.inc();
             }
             // Guarded: a closed channel is always ready and would spin.
             changed = reports.changed(), if reports_open => {
@@ -177,7 +183,12 @@ async fn one_session(
                     Err(status) => return Err(lost(status.to_string())),
                 };
                 match CoordinatorMessage::try_from(message) {
-                    Ok(CoordinatorMessage::HeartbeatAck { .. }) => last_ack = Instant::now(),
+                    Ok(CoordinatorMessage::HeartbeatAck { seq: acked, .. }) => {
+                        last_ack = Instant::now();
+                        if let Some((_, at)) = sent.take_if(|(seq, _)| *seq == acked) {
+                            crate::metrics::metrics().heartbeat_acked(at.elapsed());
+                        }
+                    }
                     Ok(CoordinatorMessage::DesiredState(next)) => {
                         last_ack = Instant::now();
                         let replica = url.to_owned();
@@ -233,6 +244,9 @@ fn record(
         received_unix_ms: unix_ms(),
     };
     state.save(&recorded)?;
+    crate::metrics::metrics()
+        .desired_revision
+        .set(recorded.desired.revision as i64);
     info!(
         revision = recorded.desired.revision,
         roles = %steward_proto::convert::roles_display(&recorded.desired.roles),

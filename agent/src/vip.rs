@@ -207,6 +207,9 @@ impl Driver {
                     actions.extend(self.holder.on_assignment(assigned.assignment, now));
                 }
                 if reply.seq != 0 {
+                    crate::metrics::metrics()
+                        .vip_lease_rtt
+                        .observe(now.saturating_sub(reply.sent_at));
                     actions.extend(self.holder.on_ack(
                         &reply.replica,
                         reply.sent_at,
@@ -301,14 +304,24 @@ impl Driver {
             }
         }
         match self.net.add_address(target).await {
-            Ok(()) => info!(vip.name = %vip, address = %target.address, %interface, "VIP bound"),
+            Ok(()) => {
+                info!(vip.name = %vip, address = %target.address, %interface, "VIP bound");
+                let m = crate::metrics::metrics();
+                m.vip_binds.with(&[vip]).inc();
+                m.vip_holding.with(&[vip]).set(1);
+            }
             Err(error) => warn!(%error, vip.name = %vip, "cannot bind"),
         }
     }
 
     async fn unbind(&mut self, vip: &str, target: &Target, why: &str) {
         match self.net.remove_address(target).await {
-            Ok(()) => info!(vip.name = %vip, address = %target.address, why, "VIP removed"),
+            Ok(()) => {
+                info!(vip.name = %vip, address = %target.address, why, "VIP removed");
+                let m = crate::metrics::metrics();
+                m.vip_releases.with(&[vip]).inc();
+                m.vip_holding.with(&[vip]).set(0);
+            }
             Err(error) => warn!(%error, vip.name = %vip, why, "cannot remove VIP"),
         }
         let before = self.held.held.len();
@@ -340,7 +353,22 @@ impl Driver {
         }
     }
 
+    /// The lease state per VIP, for metrics (once per observe tick).
+    fn export_lease_state(&self) {
+        let m = crate::metrics::metrics();
+        let view = self.holder.view(self.now());
+        for v in &view {
+            let bound = v.binding == steward_proto::lease::Binding::Bound;
+            m.vip_holding.with(&[&v.vip]).set(i64::from(bound));
+            m.vip_acks.with(&[&v.vip]).set(v.fresh_acks as i64);
+        }
+        let known = |labels: &[String]| view.iter().any(|v| labels[0] == v.vip);
+        m.vip_holding.retain(known);
+        m.vip_acks.retain(known);
+    }
+
     async fn observe(&mut self) {
+        self.export_lease_state();
         let targets: Vec<(String, Target)> = self
             .targets
             .iter()
@@ -537,6 +565,7 @@ pub async fn run_vips(
                 driver.checks.clear();
                 driver.targets.clear();
                 driver.health.clear();
+                driver.export_lease_state();
             }
             _ => {}
         }

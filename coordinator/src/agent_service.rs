@@ -431,6 +431,7 @@ impl NodeSession {
     ) -> bool {
         match AgentMessage::try_from(message) {
             Ok(AgentMessage::Heartbeat { seq, health, .. }) => {
+                crate::metrics::metrics().heartbeats.inc();
                 let now = unix_ms();
                 self.ctx.sessions.update(&self.node, self.session, |live| {
                     live.last_heartbeat = Instant::now();
@@ -451,6 +452,7 @@ impl NodeSession {
                     live.applied_revision = applied_revision;
                 });
                 if let Some(report) = converge {
+                    crate::metrics::metrics().converge_report(&report);
                     self.note_kubernetes_progress(&report).await;
                     if self.converge.observe(report) {
                         // On failure the liveness tick retries.

@@ -35,6 +35,9 @@ pub struct CoordinatorConfig {
     /// Sealing of cluster secrets (Kubernetes join token, certificate key,
     /// CA key) in etcd. Every replica needs the same key.
     pub secrets: Option<SecretsConfig>,
+    /// Where `GET /metrics` (Prometheus text format, plain HTTP) is served;
+    /// absent: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Certificates for agents: joining by token and renewal. Without it
     /// this replica issues none.
     pub pki: Option<PkiConfig>,
@@ -219,6 +222,9 @@ impl CoordinatorConfig {
         }
         if self.timing.events_retained < 10 {
             p.push("timing.events_retained must be at least 10".into());
+        }
+        if self.metrics_listen == Some(self.listen) {
+            p.push("metrics_listen: must differ from listen".into());
         }
         if let Err(problems) = self.vip.params(DEFAULT_REPLICAS) {
             p.extend(problems);

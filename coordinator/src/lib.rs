@@ -22,6 +22,7 @@ pub mod config;
 pub mod ctl;
 pub mod error;
 pub mod leader;
+pub mod metrics;
 pub mod orchestrate;
 pub mod peers;
 pub mod pki;
@@ -66,6 +67,11 @@ pub enum RunError {
     Serve {
         addr: std::net::SocketAddr,
         source: tonic::transport::Error,
+    },
+    #[error("metrics endpoint on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
     },
     #[error(transparent)]
     Coordinator(#[from] Error),
@@ -115,6 +121,16 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         .identity(identity.clone())
         .client_ca_root(ca.clone());
     let peers = peers::Peers::new(ca, identity);
+
+    // Bound first: a bad metrics address fails the start, not a scrape.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            steward_proto::runtime::bind_metrics(addr)
+                .await
+                .map_err(|source| RunError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
 
     let client = store::connect(&config.etcd, true).await?;
     let stream_client = store::connect(&config.etcd, false).await?;
@@ -240,6 +256,20 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         )
         .instrument(tracing::info_span!("vip_placement", replica.id = %config.id)),
     );
+    metrics::register_views(ctx.sessions.clone(), ctx.vips.clone(), ctx.lease.clone());
+    let leadership_metrics = tokio::spawn(metrics::metrics().follow_leadership(lead_rx.clone()));
+    let metrics_endpoint = metrics_listener.map(|listener| {
+        info!(metrics_listen = ?config.metrics_listen, "serving metrics");
+        tokio::spawn(
+            steward_proto::runtime::serve_metrics(
+                listener,
+                metrics::metrics().registry.clone(),
+                steward_proto::runtime::HttpLimits::default(),
+                tasks.clone(),
+            )
+            .instrument(tracing::info_span!("metrics_endpoint")),
+        )
+    });
     let bootstrap_api = signer.clone().map(|signer| {
         bootstrap::BootstrapApi::new(
             ctx.store.clone(),
@@ -289,6 +319,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
 
     tasks.cancel();
     sweep.abort();
+    leadership_metrics.abort();
+    if let Some(endpoint) = metrics_endpoint {
+        endpoint.abort();
+    }
     for (name, task) in [
         ("membership", membership),
         ("spec cache", cache),

@@ -292,9 +292,14 @@ pub async fn connect(config: &EtcdConfig, request_timeout: bool) -> Result<Clien
                 .identity(identity),
         );
     }
-    Client::connect(&config.endpoints, Some(options))
-        .await
-        .map_err(Error::etcd("connect"))
+    // Every request is timed (`steward_etcd_request_duration_seconds`).
+    Client::connect_with_balanced_channel(
+        &config.endpoints,
+        Some(options),
+        crate::metrics::TimedEtcdChannel,
+    )
+    .await
+    .map_err(Error::etcd("connect"))
 }
 
 /// Typed access to one cluster's state.

@@ -205,6 +205,19 @@ impl ConvergeReport {
         self.resources.iter().all(|r| r.status.settled())
     }
 
+    /// The run in one word, for metrics: `failed` if any resource failed,
+    /// else `changed` if any was put right, else `ok`.
+    pub fn result_label(&self) -> &'static str {
+        let any = |s: ResourceStatus| self.resources.iter().any(|r| r.status == s);
+        if any(ResourceStatus::Failed) {
+            "failed"
+        } else if any(ResourceStatus::Changed) {
+            "changed"
+        } else {
+            "ok"
+        }
+    }
+
     /// The same report without the per-run timing: two runs that found the
     /// host in the same state have equal outcomes.
     pub fn outcome(&self) -> (u64, &[ResourceState]) {

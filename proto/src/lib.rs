@@ -6,7 +6,8 @@
 //! into the types of [`domain`]; business logic never matches on prost structs.
 //!
 //! [`runtime`] holds the few helpers every binary shares (dialing over mutual
-//! TLS, stop signals, config errors).
+//! TLS, stop signals, config errors, the metrics endpoint); [`metrics`] the
+//! registry both daemons export in the Prometheus text format.
 //!
 //! **Architecture invariant:** apart from [`runtime`], this crate does no IO.
 //! It must stay cheap to depend on for the agent, the coordinator and the
@@ -17,6 +18,7 @@ pub mod converge;
 pub mod convert;
 pub mod domain;
 pub mod lease;
+pub mod metrics;
 pub mod pki;
 pub mod runtime;
 pub mod vip;

@@ -1,6 +1,7 @@
 //! The few runtime helpers the binaries share: dialing a replica over mutual
-//! TLS, waiting for a stop signal, and reporting config problems. This is the
-//! only module of the crate that does IO.
+//! TLS, waiting for a stop signal, reporting config problems, logging, and
+//! the metrics endpoint (a tiny HTTP/1.1 server for `GET /metrics`). This is
+//! the only module of the crate that does IO.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -98,15 +99,253 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// Logs to stderr, `RUST_LOG` filtering (default `info`), colours on a TTY.
+/// Logs to stderr, `RUST_LOG` filtering (default `info`), colours on a TTY
+/// only. Under systemd with stderr going to the journal (`JOURNAL_STREAM`
+/// names stderr), lines carry no timestamp: journald stamps each one.
 pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if stderr_is_journal() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Whether stderr is the journal stream systemd connected
+/// (`JOURNAL_STREAM=<device>:<inode>` of that stream, see systemd.exec(5)).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    // stat(2) of the fd's /proc link is the open file itself (a socket here).
+    match std::fs::metadata("/proc/self/fd/2") {
+        Ok(m) => names_stream(stream.to_str().unwrap_or_default(), m.dev(), m.ino()),
+        Err(_) => false,
+    }
+}
+
+/// Whether a `JOURNAL_STREAM` value names the file `dev`:`ino`.
+fn names_stream(journal_stream: &str, dev: u64, ino: u64) -> bool {
+    journal_stream
+        .split_once(':')
+        .is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
+}
+
+/// Limits of the metrics endpoint: what a slow or hostile client may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Largest request head (request line and headers) read.
+    pub max_head_bytes: usize,
+    /// Time a client has to send its whole request head.
+    pub read_timeout: Duration,
+    /// Time a client has to take the response.
+    pub write_timeout: Duration,
+    /// Connections served at once; more are closed unanswered.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_head_bytes: 8 * 1024,
+            read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            max_connections: 16,
+        }
+    }
+}
+
+/// Binds the metrics endpoint (so a bad address fails at start).
+pub async fn bind_metrics(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `GET /metrics` (the registry in the Prometheus text format 0.0.4)
+/// over plain HTTP/1.1 on `listener` until `shutdown`: one request per
+/// connection, 404 for other paths, 405 for other methods, 400 for what is
+/// not HTTP, 431 for a head over the limit, 408 for a client too slow.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: std::sync::Arc<crate::metrics::Registry>,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::warn!(%error, "metrics endpoint: accept failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics endpoint: too many connections; closing");
+            continue;
+        };
+        let registry = registry.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = serve_one(stream, &registry, limits) => {}
+            }
+        });
+    }
+}
+
+/// What a request head asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpAnswer {
+    Metrics { head_only: bool },
+    Status(u16, &'static str),
+}
+
+/// Judges the request line (`METHOD PATH VERSION`).
+fn answer_for(request_line: &[u8]) -> HttpAnswer {
+    let bad = HttpAnswer::Status(400, "Bad Request");
+    let Ok(line) = std::str::from_utf8(request_line) else {
+        return bad;
+    };
+    let mut parts = line.trim_end_matches(['\r', '\n']).split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return bad;
+    };
+    if !matches!(version, "HTTP/1.0" | "HTTP/1.1") || !target.starts_with('/') {
+        return bad;
+    }
+    if !method.bytes().all(|b| b.is_ascii_uppercase()) || method.is_empty() {
+        return bad;
+    }
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    if path != "/metrics" {
+        return HttpAnswer::Status(404, "Not Found");
+    }
+    match method {
+        "GET" => HttpAnswer::Metrics { head_only: false },
+        "HEAD" => HttpAnswer::Metrics { head_only: true },
+        _ => HttpAnswer::Status(405, "Method Not Allowed"),
+    }
+}
+
+/// Reads a request head within the limits; the answer it earns.
+async fn read_head(stream: &mut tokio::net::TcpStream, limits: HttpLimits) -> HttpAnswer {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let mut answer: Option<HttpAnswer> = None;
+    let read = async {
+        loop {
+            // The request line decides (garbage is refused at once); the
+            // headers only have to end within the limits.
+            if answer.is_none() {
+                if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                    let a = answer_for(&buf[..=end]);
+                    if a == HttpAnswer::Status(400, "Bad Request") {
+                        return a;
+                    }
+                    answer = Some(a);
+                }
+            }
+            if let Some(a) = answer {
+                if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
+                {
+                    return a;
+                }
+            }
+            if buf.len() >= limits.max_head_bytes {
+                return HttpAnswer::Status(431, "Request Header Fields Too Large");
+            }
+            let room = (limits.max_head_bytes - buf.len()).min(chunk.len());
+            match stream.read(&mut chunk[..room]).await {
+                Ok(0) | Err(_) => return HttpAnswer::Status(400, "Bad Request"),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limits.read_timeout, read)
+        .await
+        .unwrap_or(HttpAnswer::Status(408, "Request Timeout"))
+}
+
+async fn serve_one(
+    mut stream: tokio::net::TcpStream,
+    registry: &crate::metrics::Registry,
+    limits: HttpLimits,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = read_head(&mut stream, limits).await;
+    let (status, reason, content_type, body, head_only) = match answer {
+        HttpAnswer::Metrics { head_only } => (
+            200,
+            "OK",
+            crate::metrics::CONTENT_TYPE,
+            registry.render(),
+            head_only,
+        ),
+        HttpAnswer::Status(code, reason) => (
+            code,
+            reason,
+            "text/plain; charset=utf-8",
+            format!("{reason}\n"),
+            false,
+        ),
+    };
+    let allow = if status == 405 {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\n{allow}Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_only {
+        response.extend_from_slice(body.as_bytes());
+    }
+    let write = async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    };
+    if tokio::time::timeout(limits.write_timeout, write)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Take what the client still sends (bounded) before closing: closing
+    // with unread input resets the connection, and the client could lose
+    // the response.
+    let mut sink = [0u8; 1024];
+    let mut left = 64 * 1024usize;
+    let drain = async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// PEM files for mutual TLS: the cluster CA, our certificate and its key.
@@ -275,4 +514,189 @@ pub async fn dial_pinned(
     .connect_with_connector(connect)
     .await
     .map_err(|e| error_chain(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn start(
+        limits: HttpLimits,
+    ) -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let registry = Arc::new(crate::metrics::Registry::new());
+        registry.counter("steward_test_total", "A test.").add(3);
+        let listener = bind_metrics(([127, 0, 0, 1], 0).into())
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_metrics(listener, registry, limits, shutdown.clone()));
+        (addr, shutdown, server)
+    }
+
+    /// Sends `request`, returns everything the server answers until it closes.
+    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request).await.expect("write");
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("the server answers and closes")
+            .expect("read");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn get_metrics_answers_the_registry_in_text_format() {
+        let (addr, shutdown, server) = start(HttpLimits::default()).await;
+        let r = exchange(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(
+            r.contains("\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+            "{r}"
+        );
+        let (head, body) = r.split_once("\r\n\r\n").expect("head and body");
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{r}"
+        );
+        assert!(body.contains("\nsteward_test_total 3\n"), "{body}");
+        // HEAD: the same head, no body; a query string is ignored.
+        let r = exchange(addr, b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n").await;
+        assert!(
+            r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\n"),
+            "{r}"
+        );
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .expect("stops on cancel")
+            .expect("no panic");
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_errors_and_the_endpoint_keeps_serving() {
+        let limits = HttpLimits {
+            read_timeout: Duration::from_millis(300),
+            ..HttpLimits::default()
+        };
+        let (addr, _shutdown, _server) = start(limits).await;
+        let status = |r: &str| r.lines().next().unwrap_or_default().to_owned();
+        let r = exchange(addr, b"GET /nope HTTP/1.1\r\n\r\n").await;
+        assert_eq!(status(&r), "HTTP/1.1 404 Not Found");
+        let r = exchange(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+        assert_eq!(status(&r), "HTTP/1.1 405 Method Not Allowed");
+        assert!(r.contains("Allow: GET, HEAD\r\n"), "{r}");
+        let r = exchange(addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+        assert_eq!(status(&r), "HTTP/1.1 400 Bad Request");
+        let r = exchange(addr, b"GET /metrics SPDY/9\r\n\r\n").await;
+        assert_eq!(status(&r), "HTTP/1.1 400 Bad Request");
+        let mut huge = b"GET /metrics HTTP/1.1\r\n".to_vec();
+        for i in 0..2000 {
+            huge.extend_from_slice(format!("X-Filler-{i}: yes\r\n").as_bytes());
+        }
+        huge.extend_from_slice(b"\r\n");
+        let r = exchange(addr, &huge).await;
+        assert_eq!(status(&r), "HTTP/1.1 431 Request Header Fields Too Large");
+        // Half a request, then silence: timed out, not held forever.
+        let started = std::time::Instant::now();
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+        assert_eq!(status(&r), "HTTP/1.1 408 Request Timeout");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        // A client that never sends anything does not block others.
+        let _idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert_eq!(status(&r), "HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn journal_stream_must_name_stderr() {
+        assert!(names_stream("64770:123456", 64770, 123456));
+        assert!(!names_stream("64770:123456", 64770, 123457));
+        assert!(!names_stream("64770", 64770, 0));
+        assert!(!names_stream("", 0, 0));
+        assert!(!names_stream("x:y", 0, 0));
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_unanswered() {
+        let limits = HttpLimits {
+            max_connections: 1,
+            read_timeout: Duration::from_millis(300),
+            ..HttpLimits::default()
+        };
+        let (addr, _shutdown, _server) = start(limits).await;
+        let idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // Let the server take the idle connection first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out))
+            .await
+            .expect("closed at once, not held");
+        // Closed with the request unread: an end of stream or a reset.
+        assert!(read.is_err() || out.is_empty(), "over the limit: no answer");
+        // The idle one times out and frees its slot.
+        drop(idle);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+            if r.starts_with("HTTP/1.1 200 OK") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slot never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[test]
+    fn request_lines_are_judged() {
+        use HttpAnswer::*;
+        assert_eq!(
+            answer_for(b"GET /metrics HTTP/1.1\r\n"),
+            Metrics { head_only: false }
+        );
+        assert_eq!(
+            answer_for(b"GET /metrics HTTP/1.0\n"),
+            Metrics { head_only: false }
+        );
+        assert_eq!(answer_for(b"GET / HTTP/1.1\r\n"), Status(404, "Not Found"));
+        assert_eq!(
+            answer_for(b"GET /metrics/x HTTP/1.1\r\n"),
+            Status(404, "Not Found")
+        );
+        assert_eq!(
+            answer_for(b"DELETE /metrics HTTP/1.1\r\n"),
+            Status(405, "Method Not Allowed")
+        );
+        assert_eq!(
+            answer_for(b"GET  /metrics HTTP/1.1\r\n"),
+            Status(400, "Bad Request")
+        );
+        assert_eq!(
+            answer_for(b"GET http://x/metrics HTTP/1.1\r\n"),
+            Status(400, "Bad Request")
+        );
+        assert_eq!(
+            answer_for(b"get /metrics HTTP/1.1\r\n"),
+            Status(400, "Bad Request")
+        );
+        assert_eq!(answer_for(b"\xff\xfe\r\n"), Status(400, "Bad Request"));
+    }
 }

@@ -22,6 +22,7 @@ use steward_coordinator::pki::{self, IdentityKind};
 pub mod converge_bed;
 pub mod netns;
 pub mod nspawn;
+pub mod scrape;
 pub mod standins;
 pub mod vip_bed;
 
@@ -283,6 +284,9 @@ pub struct Cluster {
     pub coordinator_profile: Option<String>,
     /// `[pki] agent_cert_validity_s` for coordinators started from now on.
     pub agent_cert_validity_s: u64,
+    /// Coordinators started from now on serve metrics on a free port of
+    /// `coordinator_host` (see [`metrics_listen`]); off unless set.
+    pub coordinator_metrics: bool,
     pub dir: tempfile::TempDir,
 }
 
@@ -361,6 +365,7 @@ impl Cluster {
             coordinator_host: "127.0.0.1".into(),
             coordinator_profile: None,
             agent_cert_validity_s: 365 * 24 * 3600,
+            coordinator_metrics: false,
             etcd,
             dir,
             coordinators: Vec::new(),
@@ -432,6 +437,11 @@ impl Cluster {
         set(&mut t, "timing.member_lease_ttl_s", 2);
         if let Some(profile) = &self.coordinator_profile {
             set(&mut t, "vip.profile", profile.as_str());
+        }
+        // The example's fixed port would collide between replicas.
+        t.remove("metrics_listen");
+        if self.coordinator_metrics {
+            set(&mut t, "metrics_listen", format!("{host}:{}", free_port()));
         }
         let path = self.dir.path().join(format!("{id}.toml"));
         fs::write(&path, toml::to_string(&t).expect("toml")).expect("write config");
@@ -521,6 +531,8 @@ impl Cluster {
         // never converge it. Tests of convergence boot their own hosts and
         // turn it on there.
         set(&mut t, "converge.enabled", false);
+        // No metrics unless `extra` asks (the example's port is fixed).
+        t.remove("metrics_listen");
         for (key, value) in extra {
             set(&mut t, key, value.clone());
         }
@@ -678,6 +690,13 @@ impl Default for Cluster {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The `metrics_listen` of a coordinator or agent config file, if any.
+pub fn metrics_listen(config: &Path) -> Option<SocketAddr> {
+    let text = fs::read_to_string(config).ok()?;
+    let table: toml::Table = text.parse().ok()?;
+    table.get("metrics_listen")?.as_str()?.parse().ok()
 }
 
 pub fn unique() -> u128 {

@@ -69,6 +69,8 @@ impl Host {
                 &format!("state_dir = \"{}\"", dir.join("state").display()),
             )
             .replace("enabled = true", "enabled = false")
+            // Tests run side by side: no fixed metrics port.
+            .replace("metrics_listen = \"127.0.0.1:9471\"", "")
             .replace(
                 "# heartbeat_interval_ms = 1000",
                 "heartbeat_interval_ms = 200",

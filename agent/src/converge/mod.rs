@@ -95,6 +95,7 @@ pub async fn run_converge(
         for r in report.failed() {
             warn!(resource = %r.id, error = %r.detail, "resource failed");
         }
+        crate::metrics::metrics().converge_run(&report);
         reports.send_replace(Some(report));
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -216,6 +216,12 @@ impl LeaseStreamTask {
         tx: &mpsc::Sender<Result<pb::LeaseReply, Status>>,
     ) -> bool {
         let acked = self.ctx.lease.on_heartbeat(self.stream, hb);
+        for (vip, _) in &acked {
+            crate::metrics::metrics()
+                .vip_lease_acks
+                .with(&[vip.as_str()])
+                .inc();
+        }
         let reply = self.reply(Some(hb), acked);
         tx.send(Ok(reply.into())).await.is_ok()
     }

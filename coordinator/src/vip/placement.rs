@@ -121,7 +121,12 @@ async fn decide(
                     None,
                 )]);
             info!(vip.name = %name, vip.epoch = epoch, "asking the holder to release");
-            fence.txn(&store.client(), vec![TxnOp::txn(inner)]).await
+            fence.txn(&store.client(), vec![TxnOp::txn(inner)]).await?;
+            crate::metrics::metrics()
+                .vip_release_requests
+                .with(&[name])
+                .inc();
+            Ok(())
         }
         Placement::Assign(next) => assign(store, fence, name, state, next).await,
     }
@@ -205,6 +210,19 @@ async fn assign(
     if !resp.succeeded() {
         return Err(Error::LostLeadership { epoch: fence.epoch });
     }
+    // The inner guard (owner still at the epoch decided on) may have failed:
+    // then nothing moved, and the next look decides again.
+    let moved = resp.op_responses().iter().any(|r| match r {
+        etcd_client::TxnOpResponse::Txn(inner) => inner.succeeded(),
+        _ => false,
+    });
+    if !moved {
+        return Ok(());
+    }
+    crate::metrics::metrics()
+        .vip_owner_moves
+        .with(&[name])
+        .inc();
     info!(vip.name = %name, from = %from, to = %to, "{}", event.message);
     Ok(())
 }
