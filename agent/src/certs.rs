@@ -158,10 +158,16 @@ pub async fn run_renewal(
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
-        let wait = match creds.validity() {
+        let metrics = crate::metrics::metrics();
+        let validity = creds.validity();
+        if let Ok(v) = &validity {
+            metrics.certificate_expiry.set(v.not_after);
+        }
+        let wait = match validity {
             Ok(v) if unix_now() >= v.renew_at() => {
                 match renew_once(&node, &creds, &coordinators).await {
                     Ok(new) => {
+                        metrics.certificate_renewals.with(&["renewed"]).inc();
                         backoff.reset();
                         info!(
                             not_after_unix = new.not_after,
@@ -170,6 +176,7 @@ pub async fn run_renewal(
                         continue;
                     }
                     Err(error) => {
+                        metrics.certificate_renewals.with(&["failed"]).inc();
                         let left = v.not_after - unix_now();
                         warn!(%error, seconds_left = left, "certificate renewal failed; retrying");
                         backoff.next_delay()

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub converge_failed_runs: Arc<Counter>,
     pub converge_failed_resources: Arc<Gauge>,
     pub converge_last_run: Arc<Gauge>,
+    pub certificate_expiry: Arc<Gauge>,
+    pub certificate_renewals: Arc<Family<Counter>>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -118,6 +120,15 @@ impl Metrics {
             converge_last_run: r.gauge(
                 "steward_agent_converge_last_run_timestamp_seconds",
                 "When the last converge run finished (Unix time).",
+            ),
+            certificate_expiry: r.gauge(
+                "steward_agent_certificate_expiry_timestamp_seconds",
+                "When the agent's certificate on disk expires (Unix time); renewal is due at two thirds of its lifetime.",
+            ),
+            certificate_renewals: r.counter_vec(
+                "steward_agent_certificate_renewals_total",
+                "Certificate renewal attempts, by result (renewed, failed).",
+                &["result"],
             ),
             registry: Arc::new(r),
         }

@@ -115,9 +115,15 @@ impl pb::bootstrap_service_server::BootstrapService for BootstrapApi {
         let peer = request.remote_addr();
         let request = request.into_inner();
         let node = request.node_id.clone();
+        let metrics = crate::metrics::metrics();
         match BootstrapApi::join(self, request).await {
-            Ok(response) => Ok(Response::new(response)),
+            Ok(response) => {
+                metrics.joins.with(&["joined"]).inc();
+                metrics.certificates_issued.with(&["join"]).inc();
+                Ok(Response::new(response))
+            }
             Err(error) => {
+                metrics.joins.with(&["refused"]).inc();
                 warn!(?peer, node = %node.escape_debug(), %error, "join refused");
                 tokio::time::sleep(REFUSAL_DELAY).await;
                 Err(error.into())
@@ -147,6 +153,10 @@ pub fn renew(
     })?;
     let certificate = signer.issue_agent(&node, &request.get_ref().csr_pem)?;
     info!(node = %node, "certificate renewed");
+    crate::metrics::metrics()
+        .certificates_issued
+        .with(&["renewal"])
+        .inc();
     Ok(issued(certificate, signer.ca_pem()))
 }
 

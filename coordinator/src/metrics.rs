@@ -32,6 +32,8 @@ pub struct Metrics {
     pub converge_failed_resources: Arc<Counter>,
     pub etcd_duration: Arc<Family<Histogram>>,
     pub etcd_errors: Arc<Family<Counter>>,
+    pub joins: Arc<Family<Counter>>,
+    pub certificates_issued: Arc<Family<Counter>>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -103,6 +105,16 @@ impl Metrics {
                 "steward_etcd_request_errors_total",
                 "etcd requests that failed (transport errors and gRPC errors answered at once), by operation.",
                 &["op"],
+            ),
+            joins: r.counter_vec(
+                "steward_joins_total",
+                "Node joins this replica answered, by result (joined, refused).",
+                &["result"],
+            ),
+            certificates_issued: r.counter_vec(
+                "steward_certificates_issued_total",
+                "Agent certificates this replica signed, by reason (join, renewal).",
+                &["reason"],
             ),
             registry: Arc::new(r),
         }

@@ -169,6 +169,7 @@ fn connected(cluster: &Cluster, node: &str) -> bool {
 #[test]
 fn a_node_joins_with_a_token_and_every_bad_join_is_refused() {
     let mut cluster = Cluster::new();
+    cluster.coordinator_metrics = true;
     cluster.start_coordinators(3);
     let token = create_token(&cluster, &["--ttl", "10m"]);
     assert_eq!(token.join_urls.len(), 3, "one join URL per replica");
@@ -302,6 +303,21 @@ fn a_node_joins_with_a_token_and_every_bad_join_is_refused() {
     let at_join = cluster.ctl_at(&[token.join_urls[0].as_str()], &["nodes"]);
     assert!(!at_join.ok(), "the join endpoint served the admin API");
 
+    // Every replica counted what it answered: two joins (a, then a's
+    // re-join) and the refusals above (the wrong CA hash never reached one).
+    let (mut joined, mut refused, mut issued) = (0.0, 0.0, 0.0);
+    for c in &cluster.coordinators {
+        let addr = steward_tests::metrics_listen(&c.config).expect("metrics_listen");
+        let m = steward_tests::scrape::scrape(addr).expect("scrape");
+        joined += m.sum("steward_joins_total", &[("result", "joined")]);
+        refused += m.sum("steward_joins_total", &[("result", "refused")]);
+        issued += m.sum("steward_certificates_issued_total", &[("reason", "join")]);
+    }
+    assert_eq!((joined, issued), (2.0, 2.0));
+    // Used, wrong secret, malformed, expired, a known node's id, bound to
+    // another node (the refusal to overwrite never left the host).
+    assert_eq!(refused, 6.0);
+
     // `token rm` deletes at once.
     let out = cluster.ctl(&["token", "rm", id]);
     assert!(out.ok(), "{}", out.stderr);
@@ -340,8 +356,11 @@ fn agents_renew_their_certificates_before_expiry_without_dropping_the_session() 
     assert!(now < first.not_after, "renewed only after expiry");
     assert!(renewed.not_after - now >= 20, "{renewed:?}");
     // The session lived through it: one connection, never dropped.
-    let log = cluster.agents[agent].proc.log_text();
-    assert!(log.contains("certificate renewed"), "{log}");
+    // (The log line follows the file's rename.)
+    let log = eventually(Duration::from_secs(2), "renewal logged", || {
+        let log = cluster.agents[agent].proc.log_text();
+        log.contains("certificate renewed").then_some(log)
+    });
     assert!(!log.contains("no session"), "session dropped:\n{log}");
 
     // Once the first certificate has expired, a restarted agent connects:
