@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing Steward needs on Debian/Ubuntu:
-# protoc (to compile the .proto files), and for the tests a real etcd,
-# HAProxy, keepalived, iproute2, nftables, debootstrap, systemd-nspawn,
-# dpkg-dev, psmisc and openssl.
+# protoc (to compile the .proto files), for the packages (scripts/package.sh)
+# strip and help2man, and for the tests a real etcd, HAProxy, keepalived,
+# iproute2, nftables, debootstrap, systemd-nspawn, dpkg-dev, psmisc, openssl,
+# lintian and rpm.
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 
@@ -30,6 +31,13 @@ command -v dpkg-scanpackages >/dev/null || need+=(dpkg-dev)
 # hash with openssl, independently of the code under test.
 command -v fuser >/dev/null || need+=(psmisc)
 command -v openssl >/dev/null || need+=(openssl)
+# scripts/package.sh ships stripped binaries with manual pages made from
+# their --help; tests/tests/packages.rs checks the .debs with lintian and
+# the .rpms with rpm (queries, an install into a scratch root).
+command -v strip >/dev/null || need+=(binutils)
+command -v help2man >/dev/null || need+=(help2man)
+command -v lintian >/dev/null || need+=(lintian)
+command -v rpm >/dev/null || need+=(rpm)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing: ${need[*]}"
