@@ -20,7 +20,9 @@
 //! Each LB machine gets the freshly built `steward-agent` bound read-only
 //! at `/usr/bin/steward-agent` (the path `packaging/systemd/
 //! steward-agent.service` runs), its certificate, key and the CA in
-//! `/etc/steward/pki/`, `/etc/steward/agent.toml` derived from
+//! `/etc/steward/pki/` as the package lays them out (`node.crt`,
+//! `node.key`, `ca.crt`: the unit starts only once they exist),
+//! `/etc/steward/agent.toml` derived from
 //! `packaging/agent.example.toml` (converge on, a short recheck, state in
 //! `/var/lib/steward-agent`, the unit's `StateDirectory=`), and the packaged
 //! unit, unchanged, enabled and started.
@@ -222,14 +224,13 @@ impl ConvergeBed {
         let root = m.root();
         let pki = root.join(PKI_IN_MACHINE.trim_start_matches('/'));
         fs::create_dir_all(&pki).expect("mkdir /etc/steward/pki");
+        // The packaged layout: the unit starts only once these exist
+        // (ConditionPathExists=).
         let inside = |file: &str| format!("{PKI_IN_MACHINE}/{file}");
         let extra = [
             ("tls.ca", toml::Value::from(inside("ca.crt"))),
-            (
-                "tls.cert",
-                toml::Value::from(inside(&format!("{node}.crt"))),
-            ),
-            ("tls.key", toml::Value::from(inside(&format!("{node}.key")))),
+            ("tls.cert", toml::Value::from(inside("node.crt"))),
+            ("tls.key", toml::Value::from(inside("node.key"))),
             ("state_dir", toml::Value::from(STATE_IN_MACHINE)),
             // This agent has a host of its own: converge it.
             ("converge.enabled", toml::Value::from(true)),
@@ -251,12 +252,12 @@ impl ConvergeBed {
         copy(&host_pki.join("ca.crt"), pki.join("ca.crt"), 0o644);
         copy(
             &host_pki.join(format!("{node}.crt")),
-            pki.join(format!("{node}.crt")),
+            pki.join("node.crt"),
             0o644,
         );
         copy(
             &host_pki.join(format!("{node}.key")),
-            pki.join(format!("{node}.key")),
+            pki.join("node.key"),
             0o600,
         );
         copy(

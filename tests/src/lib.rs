@@ -75,10 +75,16 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
 
 /// A free TCP port on loopback (the listener is closed again at once).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    free_port_on([127, 0, 0, 1].into())
+}
+
+/// A free TCP port on `ip`, an address of this host (the listener is
+/// closed again at once).
+pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .expect("free port")
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
 }
 
 /// A child process, killed (by pid) when dropped.
@@ -180,7 +186,8 @@ fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
     body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200")
 }
 
-/// A single-member etcd (Debian's `etcd-server`) on loopback.
+/// A single-member etcd (Debian's `etcd-server`), on loopback unless
+/// started with [`Etcd::start_on`].
 pub struct Etcd {
     pub proc: Proc,
     pub client_url: String,
@@ -201,13 +208,19 @@ impl Etcd {
     }
 
     pub fn start(dir: &Path) -> Etcd {
-        let client_port = free_port();
+        Self::start_on(dir, [127, 0, 0, 1].into())
+    }
+
+    /// An etcd whose client URL is on `ip`, an address of this host (e.g. a
+    /// [`netns::TestNet`]'s gateway, for coordinators inside test
+    /// machines); its peer URL stays on loopback.
+    pub fn start_on(dir: &Path, ip: std::net::IpAddr) -> Etcd {
+        let client_addr = SocketAddr::new(ip, free_port_on(ip));
         let peer_port = free_port();
-        let client_addr: SocketAddr = ([127, 0, 0, 1], client_port).into();
         let data_dir = dir.join("etcd-data");
         let mut etcd = Etcd {
-            proc: Self::spawn(dir, &data_dir, client_port, peer_port),
-            client_url: format!("http://127.0.0.1:{client_port}"),
+            proc: Self::spawn(dir, &data_dir, client_addr, peer_port),
+            client_url: format!("http://{client_addr}"),
             client_addr,
             data_dir,
             peer_port,
@@ -216,7 +229,7 @@ impl Etcd {
         etcd
     }
 
-    fn spawn(dir: &Path, data_dir: &Path, client_port: u16, peer_port: u16) -> Proc {
+    fn spawn(dir: &Path, data_dir: &Path, client_addr: SocketAddr, peer_port: u16) -> Proc {
         let etcd_bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -224,12 +237,8 @@ impl Etcd {
         let mut cmd = Command::new(etcd_bin);
         cmd.arg("--name=test")
             .arg(format!("--data-dir={}", data_dir.display()))
-            .arg(format!(
-                "--listen-client-urls=http://127.0.0.1:{client_port}"
-            ))
-            .arg(format!(
-                "--advertise-client-urls=http://127.0.0.1:{client_port}"
-            ))
+            .arg(format!("--listen-client-urls=http://{client_addr}"))
+            .arg(format!("--advertise-client-urls=http://{client_addr}"))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
             .arg(format!(
                 "--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"
@@ -256,12 +265,7 @@ impl Etcd {
     pub fn restart(&mut self) {
         self.proc.kill();
         let dir = self.data_dir.parent().expect("dir").to_path_buf();
-        self.proc = Self::spawn(
-            &dir,
-            &self.data_dir,
-            self.client_addr.port(),
-            self.peer_port,
-        );
+        self.proc = Self::spawn(&dir, &self.data_dir, self.client_addr, self.peer_port);
         self.wait_healthy();
     }
 }
