@@ -744,46 +744,6 @@ fn table<'a>(t: &'a mut toml::Table, key: &str) -> &'a mut toml::Table {
         .unwrap_or_else(|| panic!("no [{key}] in the packaged config"))
 }
 
-/// Gives the agent on `m` its identity and its coordinator as an operator
-/// does today: the CA and a certificate issued ahead of time for node `node`
-/// (`stewardctl pki issue DIR NODE --kind agent`, in `host_pki`) into
-/// /etc/steward/pki, and /etc/steward/agent.toml edited. `steward-agent
-/// join` will replace this step (it writes the same files).
-fn configure_agent_with_issued_cert(m: &Machine, host_pki: &Path, node: &str, coordinator: &str) {
-    put(
-        m,
-        &host_pki.join("ca.crt"),
-        "/etc/steward/pki/ca.crt",
-        0o644,
-    );
-    put(
-        m,
-        &host_pki.join(format!("{node}.crt")),
-        "/etc/steward/pki/node.crt",
-        0o644,
-    );
-    put(
-        m,
-        &host_pki.join(format!("{node}.key")),
-        "/etc/steward/pki/node.key",
-        0o600,
-    );
-    edit_toml(m, "/etc/steward/agent.toml", |t| {
-        t.insert("node_id".into(), node.into());
-        t.insert(
-            "coordinators".into(),
-            toml::Value::Array(vec![coordinator.into()]),
-        );
-        let tls = table(t, "tls");
-        // The package's layout, which its unit waits for.
-        assert_eq!(tls["cert"].as_str(), Some("/etc/steward/pki/node.crt"));
-        assert_eq!(tls["key"].as_str(), Some("/etc/steward/pki/node.key"));
-        // One coordinator replica in this test.
-        table(t, "vip").insert("replicas".into(), 1.into());
-    });
-    m.sh("steward-agent --config /etc/steward/agent.toml --check");
-}
-
 /// The same .deb with `Version:` set to `version` (file contents and
 /// scripts unchanged), written into `out`.
 fn repack_with_version(deb: &Path, version: &str, out: &Path) -> PathBuf {
@@ -899,7 +859,6 @@ fn debs_install_upgrade_remove_purge_on_systemd_hosts() {
         "--san",
         &coord.ip().to_string(),
     ]);
-    ctl_here(&["pki", "issue", &pki, "node1", "--kind", "agent"]);
 
     // 2. The coordinator: certificates, the packaged config edited.
     put(
@@ -920,13 +879,18 @@ fn debs_install_upgrade_remove_purge_on_systemd_hosts() {
         "/etc/steward/pki/coordinator.key",
         0o640,
     );
-    put(
-        &coord,
-        &host_pki.join("secrets.key"),
-        "/etc/steward/pki/secrets.key",
-        0o640,
+    for key in ["secrets.key", "ca.key"] {
+        put(
+            &coord,
+            &host_pki.join(key),
+            &format!("/etc/steward/pki/{key}"),
+            0o640,
+        );
+    }
+    coord.sh(
+        "chgrp steward /etc/steward/pki/coordinator.key /etc/steward/pki/secrets.key \
+         /etc/steward/pki/ca.key",
     );
-    coord.sh("chgrp steward /etc/steward/pki/coordinator.key /etc/steward/pki/secrets.key");
     let listen = format!("{}:{COORDINATOR_PORT}", coord.ip());
     edit_toml(&coord, "/etc/steward/coordinator.toml", |t| {
         t.insert("id".into(), "coord-1".into());
@@ -1010,10 +974,45 @@ fn debs_install_upgrade_remove_purge_on_systemd_hosts() {
         text(&coord.exec(&["systemd-analyze", "security", "--no-pager", COORDINATOR_UNIT]))
     );
 
-    // The agent on node1, with a certificate issued ahead of time.
-    configure_agent_with_issued_cert(&node, &host_pki, "node1", &endpoint);
-    node.sh("systemctl start steward-agent");
+    // The agent on node1 joins with a token: the command `token create`
+    // prints, run as printed (plus the node id: the machine's host name is
+    // the test's), which writes the certificate and config and starts the
+    // unit.
+    let created = ctl_in(
+        &coord,
+        &endpoint,
+        &["token", "create", "--ttl", "10m", "-o", "json"],
+    );
+    assert!(created.status.success(), "token create: {}", text(&created));
+    let created: serde_json::Value =
+        serde_json::from_slice(&created.stdout).expect("token create -o json");
+    let join = created["join_command"].as_str().expect("join_command");
+    assert!(
+        join.contains(&format!("--coordinator https://{}:7444", coord.ip())),
+        "{join}"
+    );
+    let joined = node.sh(&format!("{join} --node-id node1"));
+    clock.say(format!("node1 joined: {}", joined.trim()));
     let agent_pid = wait_active(&node, AGENT_UNIT, None);
+    let config = read(&node.root().join("etc/steward/agent.toml"));
+    assert!(
+        config.contains("node_id = \"node1\"") && config.contains(&endpoint),
+        "the joined config:\n{config}"
+    );
+    assert_eq!(mode(&node.root().join("etc/steward/pki/node.key")), 0o600);
+    // The same token again (from the coordinator's host, which has the
+    // agent package too): refused, nothing written there.
+    let again = coord.exec(&["sh", "-c", &format!("{join} --node-id node2")]);
+    assert!(!again.status.success(), "a used token was accepted");
+    assert!(
+        text(&again).contains("already used (by node1)"),
+        "{}",
+        text(&again)
+    );
+    assert!(
+        !coord.root().join("etc/steward/pki/node.crt").exists(),
+        "a refused join wrote a certificate"
+    );
     wait_node_health(&coord, &endpoint, "node1", "healthy");
     let nodes = ctl_in(&coord, &endpoint, &["nodes"]);
     eprintln!("stewardctl nodes:\n{}", text(&nodes));
