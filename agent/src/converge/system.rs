@@ -521,8 +521,22 @@ impl Kernel for System {
             .any(|l| l.split_whitespace().nth(4) == Some(&target)))
     }
 
+    /// Under systemd, through the mount unit its fstab generator makes, so
+    /// that a FUSE helper (GlusterFS) runs in the mount unit's cgroup: run
+    /// by `mount` here, it would live in the agent's and die with every
+    /// agent restart (an upgrade restarts it). Elsewhere, `mount` itself.
     fn mount(&self, target: &Path) -> HostResult<()> {
-        check(&["mount", &target.to_string_lossy()], &[]).map(|_| ())
+        let target = target.to_string_lossy();
+        if systemd_running().is_err() {
+            return check(&["mount", &target], &[]).map(|_| ());
+        }
+        let unit = check(
+            &["systemd-escape", "--path", "--suffix=mount", &target],
+            &[],
+        )?;
+        // The generator reads fstab only on a reload.
+        check(&["systemctl", "daemon-reload"], &[])?;
+        check(&["systemctl", "start", unit.trim()], &[]).map(|_| ())
     }
 }
 
