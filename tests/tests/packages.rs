@@ -20,11 +20,14 @@
 //!      certificate both share): units enabled, not running (no
 //!      certificates yet: "condition failed", not a crash loop); the
 //!      `steward` system user exists.
-//!   2. Certificates made on this host with `stewardctl pki`, copied in, the
-//!      packaged configs edited: the coordinator runs under systemd as
-//!      `steward`, with no capabilities, against etcd; the packaged
-//!      stewardctl on `coord` sees it lead; `node1`'s agent connects and is
-//!      listed by `stewardctl nodes`.
+//!   2. The coordinator's certificates and CA key made on this host with
+//!      `stewardctl pki`, copied in, its packaged config edited: it runs
+//!      under systemd as `steward`, with no capabilities, against etcd; the
+//!      packaged stewardctl on `coord` sees it lead and creates a join
+//!      token; `node1` runs the printed `steward-agent join` command, which
+//!      writes its certificate and config and starts the unit; the agent
+//!      connects and is listed healthy by `stewardctl nodes`; the same
+//!      token used again (from `coord`) is refused and writes nothing.
 //!   3. Upgrade to a newer version (the same .debs repacked with a bumped
 //!      Version: the binaries are the same): the locally modified conffile
 //!      and the agent's state are kept, both services restarted by the
