@@ -564,6 +564,29 @@ impl Cluster {
         self.agents.len() - 1
     }
 
+    /// Starts an agent for `node` on loopback, talking to every
+    /// coordinator, with a metrics endpoint on a free port and `extra`
+    /// config keys; returns its index and metrics address.
+    pub fn start_agent_with_metrics(
+        &mut self,
+        node: &str,
+        extra: &[(&str, toml::Value)],
+    ) -> (usize, SocketAddr) {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut keys = vec![("metrics_listen", toml::Value::from(addr.to_string()))];
+        keys.extend(extra.iter().cloned());
+        let config = self.agent_config_with(node, node, &self.coordinator_urls(), &keys);
+        let proc = self.spawn_agent(node, &config, None);
+        self.agents.push(AgentProc {
+            node: node.to_owned(),
+            netns: None,
+            state_dir: self.dir.path().join(format!("state-{node}")),
+            config,
+            proc,
+        });
+        (self.agents.len() - 1, addr)
+    }
+
     /// Starts an agent for `node` inside the network namespace `netns`,
     /// talking to every coordinator, with `extra` config keys.
     pub fn start_agent_in(

@@ -9,29 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use steward_tests::scrape::{http_exchange, scrape, status_code, Exposition};
-use steward_tests::{eventually, free_port, metrics_listen, AgentProc, Cluster};
-
-/// Starts an agent for `node` on loopback with a metrics endpoint and
-/// `extra` config keys; returns its index and metrics address.
-fn start_agent_with_metrics(
-    cluster: &mut Cluster,
-    node: &str,
-    extra: &[(&str, toml::Value)],
-) -> (usize, SocketAddr) {
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let mut keys = vec![("metrics_listen", toml::Value::from(addr.to_string()))];
-    keys.extend(extra.iter().cloned());
-    let config = cluster.agent_config_with(node, node, &cluster.coordinator_urls(), &keys);
-    let proc = cluster.spawn_agent(node, &config, None);
-    cluster.agents.push(AgentProc {
-        node: node.to_owned(),
-        netns: None,
-        state_dir: cluster.dir.path().join(format!("state-{node}")),
-        config,
-        proc,
-    });
-    (cluster.agents.len() - 1, addr)
-}
+use steward_tests::{eventually, free_port, metrics_listen, Cluster};
 
 fn coordinator_metrics(cluster: &Cluster, index: usize) -> SocketAddr {
     metrics_listen(&cluster.coordinators[index].config).expect("coordinator has metrics_listen")
@@ -75,7 +53,7 @@ fn metrics_follow_sessions_heartbeats_etcd_converge_and_leadership() {
         } else {
             Vec::new()
         };
-        agents.push(start_agent_with_metrics(&mut cluster, node, &extra));
+        agents.push(cluster.start_agent_with_metrics(node, &extra));
     }
     eventually(Duration::from_secs(10), "four healthy nodes", || {
         let nodes = cluster.nodes();
@@ -366,7 +344,7 @@ fn the_metrics_endpoint_refuses_bad_requests_and_keeps_serving() {
     let mut cluster = Cluster::new();
     cluster.coordinator_metrics = true;
     cluster.start_coordinators(1);
-    let (_, agent) = start_agent_with_metrics(&mut cluster, "node-1", &[]);
+    let (_, agent) = cluster.start_agent_with_metrics("node-1", &[]);
     let coordinator = coordinator_metrics(&cluster, 0);
     eventually(Duration::from_secs(10), "the agent's endpoint", || {
         try_scrape(agent)

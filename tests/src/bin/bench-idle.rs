@@ -2,19 +2,23 @@
 //! pass/fail test).
 //!
 //! Starts a real etcd, one coordinator and three agents with the default
-//! heartbeat interval (1 s), waits until all agents are connected, then
-//! samples RSS (peak of 1 s samples) and CPU time (from /proc) over the
-//! window, and prints them side by side with the targets.
+//! heartbeat interval (1 s) and, as the packaged configs ship, a metrics
+//! endpoint on each, scraped every 15 s as Prometheus does by default;
+//! waits until all agents are connected, then samples RSS (peak of 1 s
+//! samples) and CPU time (from /proc) over the window, and prints them side
+//! by side with the targets.
 //!
 //!     cargo build --release --workspace --bins
 //!     cargo run --release -p steward-tests --bin bench-idle [-- --secs N]
 
 use std::time::{Duration, Instant};
 
-use steward_tests::{eventually, proc_usage, Cluster};
+use steward_tests::{eventually, metrics_listen, proc_usage, scrape, Cluster};
 
 const AGENT_RSS_TARGET_MB: f64 = 15.0;
 const AGENT_CPU_TARGET_PCT: f64 = 0.2;
+/// Prometheus' default `scrape_interval`.
+const SCRAPE_EVERY: Duration = Duration::from_secs(15);
 
 struct Sample {
     name: String,
@@ -32,9 +36,11 @@ fn main() {
         .unwrap_or(60);
     let mut cluster = Cluster::new();
     cluster.agent_heartbeat_ms = 1000;
+    cluster.coordinator_metrics = true;
     cluster.start_coordinators(1);
+    let mut endpoints = vec![metrics_listen(&cluster.coordinators[0].config).expect("metrics")];
     for node in ["node-1", "node-2", "node-3"] {
-        cluster.start_agent(node);
+        endpoints.push(cluster.start_agent_with_metrics(node, &[]).1);
     }
     eventually(Duration::from_secs(10), "three healthy agents", || {
         let nodes = cluster.nodes();
@@ -65,7 +71,16 @@ fn main() {
 
     eprintln!("sampling for {secs} s ...");
     let start = Instant::now();
+    let mut scrapes = 0;
+    let mut next_scrape = start;
     while start.elapsed() < Duration::from_secs(secs) {
+        if Instant::now() >= next_scrape {
+            for &addr in &endpoints {
+                scrape::scrape(addr).expect("scrape /metrics");
+                scrapes += 1;
+            }
+            next_scrape += SCRAPE_EVERY;
+        }
         std::thread::sleep(Duration::from_secs(1));
         for s in &mut samples {
             if let Some((rss, cpu)) = proc_usage(s.pid) {
@@ -76,7 +91,10 @@ fn main() {
     }
     let wall = start.elapsed().as_secs_f64();
 
-    println!("\nidle resource use over {wall:.0} s (heartbeat 1 s)");
+    println!(
+        "\nidle resource use over {wall:.0} s (heartbeat 1 s, /metrics scraped every {} s: {scrapes} scrapes)",
+        SCRAPE_EVERY.as_secs()
+    );
     println!(
         "{:<24} {:>10} {:>14}   target",
         "process", "peak RSS", "CPU % of core"
