@@ -553,15 +553,7 @@ impl Cluster {
     /// Starts an agent for `node` that knows only `coordinators`.
     pub fn start_agent_on(&mut self, node: &str, coordinators: &[String]) -> usize {
         let config = self.agent_config(node, node, coordinators);
-        let proc = self.spawn_agent(node, &config, None);
-        self.agents.push(AgentProc {
-            node: node.to_owned(),
-            netns: None,
-            state_dir: self.dir.path().join(format!("state-{node}")),
-            config,
-            proc,
-        });
-        self.agents.len() - 1
+        self.launch_agent(node, config, None)
     }
 
     /// Starts an agent for `node` on loopback, talking to every
@@ -576,15 +568,7 @@ impl Cluster {
         let mut keys = vec![("metrics_listen", toml::Value::from(addr.to_string()))];
         keys.extend(extra.iter().cloned());
         let config = self.agent_config_with(node, node, &self.coordinator_urls(), &keys);
-        let proc = self.spawn_agent(node, &config, None);
-        self.agents.push(AgentProc {
-            node: node.to_owned(),
-            netns: None,
-            state_dir: self.dir.path().join(format!("state-{node}")),
-            config,
-            proc,
-        });
-        (self.agents.len() - 1, addr)
+        (self.launch_agent(node, config, None), addr)
     }
 
     /// Starts an agent for `node` inside the network namespace `netns`,
@@ -596,10 +580,16 @@ impl Cluster {
         extra: &[(&str, toml::Value)],
     ) -> usize {
         let config = self.agent_config_with(node, node, &self.coordinator_urls(), extra);
-        let proc = self.spawn_agent(node, &config, Some(netns));
+        self.launch_agent(node, config, Some(netns))
+    }
+
+    /// Spawns the agent for `node` with `config` and keeps it in
+    /// [`Cluster::agents`]; its index.
+    fn launch_agent(&mut self, node: &str, config: PathBuf, netns: Option<&str>) -> usize {
+        let proc = self.spawn_agent(node, &config, netns);
         self.agents.push(AgentProc {
             node: node.to_owned(),
-            netns: Some(netns.to_owned()),
+            netns: netns.map(str::to_owned),
             state_dir: self.dir.path().join(format!("state-{node}")),
             config,
             proc,
