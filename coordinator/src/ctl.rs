@@ -128,8 +128,13 @@ pub enum TokenCommand {
         /// How long it stays valid: e.g. 90s, 30m, 1h, 2d (1 min .. 30 d).
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
-        /// How many nodes may join with it.
-        #[arg(long, default_value_t = 1, conflicts_with = "reusable")]
+        /// How many nodes may join with it (at least 1; --reusable for any number).
+        #[arg(
+            long,
+            default_value_t = 1,
+            conflicts_with = "reusable",
+            value_parser = clap::value_parser!(u32).range(1..)
+        )]
         uses: u32,
         /// Any number of nodes may join with it until it expires.
         #[arg(long)]
@@ -1223,5 +1228,17 @@ mod tests {
         assert!(err.to_string().contains("unknown role"), "{err}");
         let ok = Cli::try_parse_from(["stewardctl", "role", "add", "n1", "lb", "k8s-worker"]);
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn token_uses_is_at_least_one_and_never_means_unlimited() {
+        let err =
+            Cli::try_parse_from(["stewardctl", "token", "create", "--uses", "0"]).unwrap_err();
+        assert!(err.to_string().contains("not in 1.."), "{err}");
+        let err =
+            Cli::try_parse_from(["stewardctl", "token", "create", "--uses", "2", "--reusable"])
+                .unwrap_err();
+        assert!(err.to_string().contains("cannot be used with"), "{err}");
+        assert!(Cli::try_parse_from(["stewardctl", "token", "create", "--uses", "3"]).is_ok());
     }
 }
