@@ -130,6 +130,7 @@ impl AdminApi {
             applied_revision: 0,
             address: record.address.map(|a| a.value),
             converge: record.converge.map(|c| c.value),
+            revoked_unix_ms: record.revoked.map(|r| r.value.at_unix_ms),
         };
         if let Some(status) = record.status {
             let s = status.value;
@@ -345,6 +346,27 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::Node>, Status> {
         require_admin(&request)?;
         let view = self.change_roles(request.into_inner(), false).await?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let admin = require_admin(&request)?;
+        let id = request.into_inner().node_id;
+        let node = NodeId::new(&id)
+            .map_err(|e| Error::InvalidArgument(format!("node id {id:?}: {}", e.reason)))?;
+        let store = &self.ctx.store;
+        if store.revoke_node(&node, &admin.name).await?.is_none() {
+            return Err(Error::UnknownNode(node).into());
+        }
+        warn!(node.id = %node, by = %admin.name, "node certificates revoked");
+        let record = store.node(&node).await?;
+        let view = self
+            .one_view(node.clone(), record)
+            .await
+            .ok_or(Error::UnknownNode(node))?;
         Ok(Response::new(view.into()))
     }
 

@@ -89,10 +89,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::IssuedCertificate>, Status> {
-        Ok(Response::new(crate::bootstrap::renew(
-            self.signer.as_deref(),
-            &request,
-        )?))
+        Ok(Response::new(
+            crate::bootstrap::renew(self.signer.as_deref(), &self.ctx.store, &request).await?,
+        ))
     }
 
     async fn session(
@@ -145,6 +144,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             self.ctx.clone(),
             Hello {
                 node: node.clone(),
+                issued_unix_s: identity.issued_unix_s,
                 facts,
                 applied_revision: last_applied_revision,
                 agent_version,
@@ -161,6 +161,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
 /// What a session starts from: the agent's hello, checked.
 struct Hello {
     node: NodeId,
+    /// When the caller's certificate was issued (revocation covers it or not).
+    issued_unix_s: i64,
     facts: Facts,
     applied_revision: u64,
     agent_version: String,
@@ -173,6 +175,7 @@ struct Hello {
 struct NodeSession {
     ctx: SessionContext,
     node: NodeId,
+    issued_unix_s: i64,
     session: u64,
     /// The status as last written by this session, and its revision.
     status: NodeStatusRecord,
@@ -185,6 +188,7 @@ impl NodeSession {
     async fn open(ctx: SessionContext, hello: Hello) -> Result<Self> {
         let Hello {
             node,
+            issued_unix_s,
             facts,
             applied_revision,
             agent_version,
@@ -192,6 +196,9 @@ impl NodeSession {
         } = hello;
         let now = unix_ms();
         let record = ctx.store.node(&node).await?;
+        if let Some(revoked) = &record.revoked {
+            revoked.value.check(&node, issued_unix_s)?;
+        }
         let first_time = record.spec.is_none() && record.status.is_none();
         if let Some(address) = address {
             record_address(&ctx.store, &node, address, record.address.clone()).await?;
@@ -211,6 +218,7 @@ impl NodeSession {
         let mut this = Self {
             ctx,
             node,
+            issued_unix_s,
             session,
             status_rev: record.status.map(|s| s.mod_revision).unwrap_or(0),
             status: status.clone(),
@@ -393,7 +401,9 @@ impl NodeSession {
                         let _ = tx.send(Err(Status::unavailable("coordinator shutting down"))).await;
                         false
                     }
-                    changed = specs.changed() => changed.is_ok() && self.push_desired(&tx).await,
+                    changed = specs.changed() => changed.is_ok()
+                        && self.still_trusted(&tx).await
+                        && self.push_desired(&tx).await,
                     changed = vips.changed() => changed.is_ok() && self.push_desired(&tx).await,
                     changed = orchestration.changed() => changed.is_ok() && self.push_desired(&tx).await,
                     _ = liveness.tick() => match self.sync_status().await {
@@ -422,6 +432,26 @@ impl NodeSession {
             }
         }
         self.close(superseded).await;
+    }
+
+    /// False, after telling the agent why, once its certificate is revoked.
+    async fn still_trusted(
+        &self,
+        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    ) -> bool {
+        let verdict = self
+            .ctx
+            .specs
+            .borrow()
+            .check_revoked(&self.node, self.issued_unix_s);
+        match verdict {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(node.id = %self.node, "certificate revoked; closing the session");
+                let _ = tx.send(Err(error.into())).await;
+                false
+            }
+        }
     }
 
     async fn on_message(

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::auth::peer_identity;
 use crate::error::{Error, Result};
 use crate::pki::{IdentityKind, Issued, Signer};
-use crate::store::{unix_ms, Store};
+use crate::store::{unix_ms, NodeRevokedRecord, Store};
 use crate::tokens::{self, Refusal, Token, TokenUse};
 
 /// A refused join waits this long before it answers, which slows guessing.
@@ -72,7 +72,8 @@ impl BootstrapApi {
             tokens::check(&record.value, &token, &node, known, unix_ms()).map_err(refused)?;
             // Signed before the token is used up, so a bad CSR costs no use;
             // a certificate is handed out only once the use is recorded.
-            let certificate = self.signer.issue_agent(&node, &request.csr_pem)?;
+            let after = start_after(self.store.revocation(&node).await?.as_ref()).await;
+            let certificate = self.signer.issue_agent(&node, &request.csr_pem, after)?;
             let mut used = record.value.clone();
             used.used_by.push(TokenUse {
                 node: node.clone(),
@@ -132,10 +133,25 @@ impl pb::bootstrap_service_server::BootstrapService for BootstrapApi {
     }
 }
 
+/// The second a node's new certificate must start after (its last
+/// revocation), once that second has passed: a certificate is never
+/// issued that would start in the future.
+async fn start_after(revoked: Option<&NodeRevokedRecord>) -> Option<i64> {
+    let revoked = revoked?;
+    let next_ms = u64::try_from(revoked.revoked_unix_s.saturating_add(1))
+        .unwrap_or(0)
+        .saturating_mul(1000);
+    let wait = next_ms.saturating_sub(unix_ms()).min(1000);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    Some(revoked.revoked_unix_s)
+}
+
 /// `AgentService.RenewCertificate`: a new certificate for the caller's own
-/// node. `None`: this replica has no `[pki]`.
-pub fn renew(
+/// node, unless the caller's certificate is revoked. `None`: this replica
+/// has no `[pki]`.
+pub async fn renew(
     signer: Option<&Signer>,
+    store: &Store,
     request: &Request<pb::RenewCertificateRequest>,
 ) -> Result<pb::IssuedCertificate> {
     let identity = peer_identity(request)?;
@@ -151,7 +167,12 @@ pub fn renew(
             "this replica issues no certificates (no [pki] in its config); try another".into(),
         )
     })?;
-    let certificate = signer.issue_agent(&node, &request.get_ref().csr_pem)?;
+    let revoked = store.revocation(&node).await?;
+    if let Some(r) = &revoked {
+        r.check(&node, identity.issued_unix_s)?;
+    }
+    let after = start_after(revoked.as_ref()).await;
+    let certificate = signer.issue_agent(&node, &request.get_ref().csr_pem, after)?;
     info!(node = %node, "certificate renewed");
     crate::metrics::metrics()
         .certificates_issued

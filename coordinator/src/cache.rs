@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
-use crate::store::{decode, Keys, NodeAddressRecord, NodeKey, Versioned};
+use crate::store::{decode, Keys, NodeAddressRecord, NodeKey, NodeRevokedRecord, Versioned};
 use crate::vip::VipSnapshot;
 
 /// All node specs and addresses, and the cluster settings, as of one etcd
@@ -32,9 +32,21 @@ pub struct SpecSnapshot {
     pub addresses: BTreeMap<NodeId, Versioned<IpAddr>>,
     /// `cluster/settings`; `None` until a `stewardctl apply` wrote it.
     pub settings: Option<Versioned<ClusterSettings>>,
+    /// Certificate revocations (`nodes/<id>/revoked`), which end live
+    /// sessions and lease streams. Not an input of desired states.
+    pub revoked: BTreeMap<NodeId, Versioned<NodeRevokedRecord>>,
 }
 
 impl SpecSnapshot {
+    /// Refuses a certificate of `node` issued at `issued_unix_s` if a
+    /// revocation this snapshot holds covers it.
+    pub fn check_revoked(&self, node: &NodeId, issued_unix_s: i64) -> crate::error::Result<()> {
+        match self.revoked.get(node) {
+            Some(r) => r.value.check(node, issued_unix_s),
+            None => Ok(()),
+        }
+    }
+
     /// What `node` must be according to this snapshot and `vips`.
     ///
     /// Every node, with a spec or without, gets the cluster view (every
@@ -201,6 +213,12 @@ impl CachedPrefix for SpecSnapshot {
                     )
                 }),
                 "node address",
+            ),
+            Some((id, NodeKey::Revoked)) => apply_versioned(
+                &mut self.revoked,
+                id,
+                value.map(|(bytes, rev)| (decode::<NodeRevokedRecord>(key, bytes), rev)),
+                "node revocation",
             ),
             Some((_, NodeKey::Status | NodeKey::Converge)) | None => false,
         }

@@ -176,6 +176,15 @@ pub enum NodeCommand {
     /// Show one node: facts, health, roles, revisions, address, and how its
     /// last converge run went, resource by resource.
     Show { id: String },
+    /// Revoke every certificate the node holds now, e.g. when its key may
+    /// have leaked or the machine is retired.
+    ///
+    /// Its sessions and lease streams end at once (a VIP it holds moves when
+    /// the lease runs out), and its certificates can neither reconnect nor
+    /// renew. Roles and state are kept. To let the node back in, make a
+    /// token for it (`stewardctl token create --node ID`) and run the
+    /// printed join command on the node with `--force`.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -372,6 +381,30 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .await?
                 .into_inner();
             print_node(cli.output, &NodeView::try_from(node)?);
+            Ok(())
+        }
+        Command::Node {
+            command: NodeCommand::Revoke { id },
+        } => {
+            let node = connect(&cli)
+                .await?
+                .revoke_node(pb::RevokeNodeRequest {
+                    node_id: id.clone(),
+                })
+                .await?
+                .into_inner();
+            let node = NodeView::try_from(node)?;
+            if cli.output == Output::Json {
+                println!("{}", node_json(&node));
+            } else {
+                println!(
+                    "revoked every certificate of node {id} issued up to {}: its sessions end \
+                     now and it cannot reconnect or renew.\n\
+                     To let it back in: stewardctl token create --node {id}, then run the \
+                     printed join command on the node with --force.",
+                    node.revoked_unix_ms.map(format_unix_ms).unwrap_or_default()
+                );
+            }
             Ok(())
         }
         Command::Role { command } => {
@@ -808,6 +841,7 @@ fn node_json(node: &NodeView) -> serde_json::Value {
         "converge": node.converge.as_ref().map(converge_json),
         "facts": node.facts,
         "last_health": node.last_health,
+        "revoked": node.revoked_unix_ms,
     })
 }
 
@@ -1067,6 +1101,12 @@ fn print_node(output: Output, n: &NodeView) {
         ago(n.last_seen_unix_ms)
     );
     println!("replica:   {}", n.replica.as_deref().unwrap_or("-"));
+    if let Some(at) = n.revoked_unix_ms {
+        println!(
+            "revoked:   {} (certificates issued up to then are refused)",
+            format_unix_ms(at)
+        );
+    }
     println!(
         "revision:  desired {} / applied {}",
         n.desired_revision, n.applied_revision
@@ -1178,6 +1218,7 @@ mod tests {
             applied_revision: 12,
             address: None,
             converge: None,
+            revoked_unix_ms: None,
         };
         assert_eq!(converged_cell(&node), "-");
         node.converge = Some(r);

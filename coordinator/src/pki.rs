@@ -68,6 +68,9 @@ impl FromStr for IdentityKind {
 pub struct Identity {
     pub name: String,
     pub kind: IdentityKind,
+    /// The certificate's notBefore, in seconds since the Unix epoch: when
+    /// it was issued, as far as revocation is concerned.
+    pub issued_unix_s: i64,
 }
 
 impl fmt::Display for Identity {
@@ -326,8 +329,16 @@ impl Signer {
         &self.ca_pem
     }
 
-    /// An agent certificate for `node` with the public key of `csr_pem`.
-    pub fn issue_agent(&self, node: &NodeId, csr_pem: &str) -> Result<Issued, PkiError> {
+    /// An agent certificate for `node` with the public key of `csr_pem`,
+    /// valid from after `after_unix_s` at the earliest (the node's last
+    /// revocation: certificates issued up to then are refused; the caller
+    /// waits until that second has passed).
+    pub fn issue_agent(
+        &self,
+        node: &NodeId,
+        csr_pem: &str,
+        after_unix_s: Option<i64>,
+    ) -> Result<Issued, PkiError> {
         if csr_pem.len() > 16 * 1024 {
             return Err(PkiError::Csr("longer than 16 KiB".into()));
         }
@@ -340,6 +351,11 @@ impl Signer {
         // tenth of the lifetime, so renewal at two thirds stays meaningful
         // for short test lifetimes.
         params.not_before = now - (validity / 10_i32).min(Duration::hours(1));
+        if let Some(after) = after_unix_s {
+            let floor = OffsetDateTime::from_unix_timestamp(after.saturating_add(1))
+                .map_err(|e| PkiError::Csr(format!("revocation time: {e}")))?;
+            params.not_before = params.not_before.max(floor);
+        }
         params.not_after = now + validity;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(Issued {
@@ -371,7 +387,11 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
             "organizational unit (identity kind)",
         ))?
         .parse()?;
-    Ok(Identity { name, kind })
+    Ok(Identity {
+        name,
+        kind,
+        issued_unix_s: cert.validity().not_before.timestamp(),
+    })
 }
 
 #[cfg(test)]
@@ -406,13 +426,7 @@ mod tests {
         init_ca(dir.path(), "test").unwrap();
         let (crt, _) = issue(dir.path(), "node-1", IdentityKind::Agent, &[]).unwrap();
         let id = identity_from_der(&pem_to_der(&fs::read_to_string(crt).unwrap())).unwrap();
-        assert_eq!(
-            id,
-            Identity {
-                name: "node-1".into(),
-                kind: IdentityKind::Agent
-            }
-        );
+        assert_eq!((id.name.as_str(), id.kind), ("node-1", IdentityKind::Agent));
         let (crt, _) = issue(dir.path(), "ops", IdentityKind::Admin, &[]).unwrap();
         let id = identity_from_der(&pem_to_der(&fs::read_to_string(crt).unwrap())).unwrap();
         assert_eq!(id.kind, IdentityKind::Admin);
@@ -457,17 +471,25 @@ mod tests {
             .push(DnType::OrganizationalUnitName, "admin");
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
         let node = NodeId::new("web-1").unwrap();
-        let issued = signer.issue_agent(&node, &csr).unwrap();
+        let issued = signer.issue_agent(&node, &csr, None).unwrap();
         let id = identity_from_der(&pem_to_der(&issued.certificate_pem)).unwrap();
-        assert_eq!(
-            id,
-            Identity {
-                name: "web-1".into(),
-                kind: IdentityKind::Agent
-            }
-        );
+        assert_eq!((id.name.as_str(), id.kind), ("web-1", IdentityKind::Agent));
         let validity = steward_proto::pki::Validity::of_pem(&issued.certificate_pem).unwrap();
         assert!((3600..=3600 + 360).contains(&(validity.not_after - validity.not_before)));
+        assert_eq!(id.issued_unix_s, validity.not_before);
+
+        // After a revocation, the certificate starts after it: not
+        // backdated to before it, whatever the skew allowance.
+        let revoked = validity.not_before + 300;
+        let after = signer.issue_agent(&node, &csr, Some(revoked)).unwrap();
+        let id = identity_from_der(&pem_to_der(&after.certificate_pem)).unwrap();
+        assert_eq!(id.issued_unix_s, revoked + 1);
+        // A revocation older than the backdating changes nothing.
+        let old = signer
+            .issue_agent(&node, &csr, Some(validity.not_before - 3600))
+            .unwrap();
+        let id = identity_from_der(&pem_to_der(&old.certificate_pem)).unwrap();
+        assert!(id.issued_unix_s >= validity.not_before);
 
         // A request whose signature does not match its key is refused.
         let mut der = pem_to_der(&csr);
@@ -478,11 +500,11 @@ mod tests {
             base64_encode(&der)
         );
         assert!(matches!(
-            signer.issue_agent(&node, &tampered),
+            signer.issue_agent(&node, &tampered, None),
             Err(PkiError::Csr(_))
         ));
         assert!(matches!(
-            signer.issue_agent(&node, "not a csr"),
+            signer.issue_agent(&node, "not a csr", None),
             Err(PkiError::Csr(_))
         ));
     }

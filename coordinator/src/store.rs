@@ -29,7 +29,7 @@ use etcd_client::{
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
-use steward_proto::domain::{Event, Facts, Health, NodeHealth, NodeId, NodeSpec};
+use steward_proto::domain::{Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec};
 
 use crate::config::EtcdConfig;
 use crate::error::{Error, Result};
@@ -56,6 +56,7 @@ pub enum NodeKey {
     Status,
     Address,
     Converge,
+    Revoked,
 }
 
 impl Keys {
@@ -87,6 +88,9 @@ impl Keys {
     }
     pub fn node_converge(&self, id: &NodeId) -> String {
         format!("{}{id}/converge", self.nodes())
+    }
+    pub fn node_revoked(&self, id: &NodeId) -> String {
+        format!("{}{id}/revoked", self.nodes())
     }
     pub fn orchestration(&self) -> String {
         format!("{}orchestration/", self.prefix)
@@ -180,6 +184,7 @@ impl Keys {
             "status" => NodeKey::Status,
             "address" => NodeKey::Address,
             "converge" => NodeKey::Converge,
+            "revoked" => NodeKey::Revoked,
             _ => return None,
         };
         Some((NodeId::new(id).ok()?, kind))
@@ -232,6 +237,34 @@ pub struct NodeAddressRecord {
     pub address: IpAddr,
 }
 
+/// `nodes/<id>/revoked`: the node's certificates issued up to
+/// `revoked_unix_s` (their notBefore, seconds) are refused everywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRevokedRecord {
+    pub revoked_unix_s: i64,
+    pub at_unix_ms: u64,
+    /// The admin who revoked them.
+    pub by: String,
+}
+
+impl NodeRevokedRecord {
+    /// Refuses a certificate of `node` issued at `issued_unix_s` if this
+    /// revocation covers it.
+    pub fn check(&self, node: &NodeId, issued_unix_s: i64) -> Result<()> {
+        if issued_unix_s > self.revoked_unix_s {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "the certificates of node {node} were revoked at {} by {}; join again with a \
+             token made for it (stewardctl token create --node {node}, then steward-agent \
+             join ... --force on the node)",
+            steward_proto::runtime::format_unix_ms(self.at_unix_ms),
+            self.by
+        )))
+    }
+}
+
 /// `vips/.removed`: the last VIP removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipRemovedRecord {
@@ -253,6 +286,8 @@ pub struct NodeRecord {
     pub address: Option<Versioned<IpAddr>>,
     /// The last converge report whose outcome differed from the one before.
     pub converge: Option<Versioned<ConvergeReport>>,
+    /// The node's last certificate revocation.
+    pub revoked: Option<Versioned<NodeRevokedRecord>>,
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
@@ -374,6 +409,12 @@ impl Store {
             }
             Some((_, NodeKey::Converge)) => {
                 record.converge = Some(Versioned {
+                    value: decode(kv.key(), kv.value())?,
+                    mod_revision: kv.mod_revision(),
+                })
+            }
+            Some((_, NodeKey::Revoked)) => {
+                record.revoked = Some(Versioned {
                     value: decode(kv.key(), kv.value())?,
                     mod_revision: kv.mod_revision(),
                 })
@@ -751,6 +792,71 @@ impl Store {
         Ok(resp.deleted() > 0)
     }
 
+    /// Revokes node `id`'s certificates issued up to now (`by`: the admin),
+    /// with its event, if the node is known; `None` if it is not.
+    pub async fn revoke_node(&self, id: &NodeId, by: &str) -> Result<Option<NodeRevokedRecord>> {
+        let now = unix_ms();
+        let record = NodeRevokedRecord {
+            revoked_unix_s: i64::try_from(now / 1000).unwrap_or(i64::MAX),
+            at_unix_ms: now,
+            by: by.to_owned(),
+        };
+        let event = Event {
+            revision: 0,
+            at_unix_ms: now,
+            kind: EventKind::NodeRevoked,
+            node: Some(id.clone()),
+            replica: self.replica.clone(),
+            message: format!("{id}: certificates revoked by {by}"),
+        };
+        // Only a node etcd knows: its spec or status exists.
+        let known = |key: String| Compare::version(key, CompareOp::Greater, 0);
+        let put = || {
+            vec![
+                TxnOp::put(self.keys.node_revoked(id), encode(&record), None),
+                self.event_op(&event),
+            ]
+        };
+        let txn = Txn::new()
+            .when(vec![known(self.keys.node_spec(id))])
+            .and_then(put())
+            .or_else(vec![TxnOp::txn(
+                Txn::new()
+                    .when(vec![known(self.keys.node_status(id))])
+                    .and_then(put()),
+            )]);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(Error::etcd("revoke node"))?;
+        if resp.succeeded() {
+            return Ok(Some(record));
+        }
+        // The nested transaction's outcome.
+        let nested = resp
+            .op_responses()
+            .into_iter()
+            .any(|op| matches!(op, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()));
+        Ok(nested.then_some(record))
+    }
+
+    /// Node `id`'s last certificate revocation, if any.
+    pub async fn revocation(&self, id: &NodeId) -> Result<Option<NodeRevokedRecord>> {
+        let key = self.keys.node_revoked(id);
+        let resp = self
+            .client
+            .kv_client()
+            .get(key.as_str(), None)
+            .await
+            .map_err(Error::etcd("get revocation"))?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
+    }
+
     /// Whether etcd has any record of node `id` (spec, status, address).
     pub async fn node_known(&self, id: &NodeId) -> Result<bool> {
         let resp = self
@@ -787,9 +893,31 @@ mod tests {
             keys.parse_node_key(keys.node_converge(&id).as_bytes()),
             Some((id.clone(), NodeKey::Converge))
         );
+        assert_eq!(
+            keys.parse_node_key(keys.node_revoked(&id).as_bytes()),
+            Some((id.clone(), NodeKey::Revoked))
+        );
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/n1/other"), None);
         assert_eq!(keys.parse_node_key(b"/steward/dev/nodes/n1/spec"), None);
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/BAD/spec"), None);
+    }
+
+    #[test]
+    fn a_revocation_covers_certificates_issued_up_to_its_second() {
+        let node = NodeId::new("n1").unwrap();
+        let revoked = NodeRevokedRecord {
+            revoked_unix_s: 1_000,
+            at_unix_ms: 1_000_500,
+            by: "ops".into(),
+        };
+        for issued in [0, 999, 1_000] {
+            let error = revoked.check(&node, issued).unwrap_err();
+            assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+            let text = error.to_string();
+            assert!(text.contains("revoked at") && text.contains("by ops"), "{text}");
+            assert!(text.contains("token create --node n1"), "{text}");
+        }
+        revoked.check(&node, 1_001).unwrap();
     }
 
     #[test]

@@ -342,6 +342,7 @@ impl From<NodeView> for pb::Node {
             applied_revision: n.applied_revision,
             address: n.address.map(|a| a.to_string()).unwrap_or_default(),
             converge: n.converge.map(Into::into),
+            revoked_unix_ms: n.revoked_unix_ms.unwrap_or(0),
         }
     }
 }
@@ -366,6 +367,7 @@ impl TryFrom<pb::Node> for NodeView {
                 })?),
             },
             converge: n.converge.map(TryInto::try_into).transpose()?,
+            revoked_unix_ms: Some(n.revoked_unix_ms).filter(|&t| t != 0),
         })
     }
 }
@@ -380,6 +382,7 @@ pub fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
         EventKind::VipChanged => pb::EventKind::VipChanged,
         EventKind::VipMoved => pb::EventKind::VipMoved,
         EventKind::NodeJoined => pb::EventKind::NodeJoined,
+        EventKind::NodeRevoked => pb::EventKind::NodeRevoked,
     }
 }
 
@@ -408,6 +411,7 @@ impl TryFrom<pb::Event> for Event {
             Ok(pb::EventKind::VipChanged) => EventKind::VipChanged,
             Ok(pb::EventKind::VipMoved) => EventKind::VipMoved,
             Ok(pb::EventKind::NodeJoined) => EventKind::NodeJoined,
+            Ok(pb::EventKind::NodeRevoked) => EventKind::NodeRevoked,
             Ok(pb::EventKind::Unspecified) | Err(_) => {
                 return Err(ProtoError::UnknownEnum {
                     field: "event.kind",

@@ -250,6 +250,9 @@ pub struct NodeView {
     /// Where the cluster reaches the node; `None` until it connected.
     pub address: Option<std::net::IpAddr>,
     pub converge: Option<crate::converge::ConvergeReport>,
+    /// When its certificates were last revoked, if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_unix_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +269,7 @@ pub enum EventKind {
     VipMoved,
     /// A node joined with a token and got its first certificate.
     NodeJoined,
+    NodeRevoked,
 }
 
 impl EventKind {
@@ -279,6 +283,7 @@ impl EventKind {
             EventKind::VipChanged => "vip-changed",
             EventKind::VipMoved => "vip-moved",
             EventKind::NodeJoined => "node-joined",
+            EventKind::NodeRevoked => "node-revoked",
         }
     }
 }

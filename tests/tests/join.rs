@@ -6,6 +6,9 @@
 //! Renewal: with 30 s certificates the agent renews before expiry while its
 //! session stays up, and once the first certificate expired a restarted
 //! agent connects with the renewed one.
+//! Revocation: `stewardctl node revoke` ends a joined node's session at
+//! once; its certificate can neither reconnect nor renew on any replica
+//! until the node joins again with a token made for it.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -14,8 +17,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use steward_coordinator::pki::IdentityKind;
+use steward_proto::pb;
+use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_proto::pki::Validity;
-use steward_tests::{bin, eventually, repo_root, AgentProc, Cluster};
+use steward_tests::{bin, eventually, grpc_channel, repo_root, AgentProc, Cluster};
 
 struct Token {
     token: String,
@@ -378,4 +383,217 @@ fn agents_renew_their_certificates_before_expiry_without_dropping_the_session() 
     eventually(Duration::from_secs(10), "restarted agent connected", || {
         connected(&cluster, "renewing").then_some(())
     });
+}
+
+/// A renewal (with a real CSR for `key_pem`) through one replica with the
+/// certificate `cert_name` (in the cluster's PKI folder) of node `node`.
+fn try_renewal(
+    cluster: &Cluster,
+    url: &str,
+    cert_name: &str,
+    node: &str,
+    key_pem: &str,
+) -> Result<(), tonic::Status> {
+    let key = rcgen::KeyPair::from_pem(key_pem).expect("node key");
+    let csr = steward_agent::certs::csr_pem(node, &key).expect("csr");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let channel = grpc_channel(cluster, url, Some(cert_name))
+            .await
+            .expect("dial");
+        AgentServiceClient::new(channel)
+            .renew_certificate(pb::RenewCertificateRequest { csr_pem: csr })
+            .await
+            .map(|_| ())
+    })
+}
+
+/// A session hello through one replica with the certificate `cert_name`
+/// of node `node`; `Ok` if the session was accepted.
+fn try_session(
+    cluster: &Cluster,
+    url: &str,
+    cert_name: &str,
+    node: &str,
+) -> Result<(), tonic::Status> {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let channel = grpc_channel(cluster, url, Some(cert_name))
+            .await
+            .expect("dial");
+        let hello = pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                node_id: node.into(),
+                facts: Some(pb::Facts::default()),
+                last_applied_revision: 0,
+                agent_version: "test".into(),
+                advertise_address: String::new(),
+            })),
+        };
+        AgentServiceClient::new(channel)
+            .session(tokio_stream::iter(vec![hello]))
+            .await
+            .map(|_| ())
+    })
+}
+
+/// A lease stream (the VIP protocol's) through one replica with the
+/// certificate `cert_name` of node `node`; `Ok` if it was accepted.
+fn try_lease(
+    cluster: &Cluster,
+    url: &str,
+    cert_name: &str,
+    node: &str,
+) -> Result<(), tonic::Status> {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let channel = grpc_channel(cluster, url, Some(cert_name))
+            .await
+            .expect("dial");
+        let heartbeat = pb::LeaseHeartbeat {
+            node_id: node.into(),
+            seq: 1,
+            sent_at_us: 0,
+            claims: Vec::new(),
+            health: Vec::new(),
+            // Shorter than the test coordinators' lease: acceptable but
+            // for the revocation.
+            lease_ms: 500,
+            replicas: 3,
+        };
+        AgentServiceClient::new(channel)
+            .lease(tokio_stream::iter(vec![heartbeat]))
+            .await
+            .map(|_| ())
+    })
+}
+
+fn assert_revoked(answer: Result<(), tonic::Status>, what: &str) {
+    let status = answer.expect_err(&format!("{what} with a revoked certificate was accepted"));
+    assert_eq!(
+        status.code(),
+        tonic::Code::PermissionDenied,
+        "{what}: {status}"
+    );
+    assert!(
+        status.message().contains("were revoked at"),
+        "{what}: {status}"
+    );
+}
+
+#[test]
+fn a_revoked_node_is_shut_out_until_it_joins_again() {
+    let mut cluster = Cluster::new();
+    cluster.start_coordinators(3);
+    let urls = cluster.coordinator_urls();
+    let token = create_token(&cluster, &["--ttl", "10m"]);
+    let host = Host::new(&cluster, "revoked-a");
+    let out = host.join(&token);
+    assert!(out.status.success(), "join failed: {}", stderr(&out));
+    // Keep the first certificate to try it once it is revoked.
+    let old_key = fs::read_to_string(host.pki().join("node.key")).expect("key");
+    fs::copy(
+        host.pki().join("node.crt"),
+        cluster.pki().join("revoked-a-old.crt"),
+    )
+    .expect("copy cert");
+    fs::write(cluster.pki().join("revoked-a-old.key"), &old_key).expect("copy key");
+    let agent = host.start(&mut cluster);
+    eventually(Duration::from_secs(10), "agent connected", || {
+        connected(&cluster, "revoked-a").then_some(())
+    });
+    // Before revocation the certificate renews, on any replica.
+    try_renewal(&cluster, &urls[2], "revoked-a-old", "revoked-a", &old_key)
+        .expect("renewal before revocation");
+
+    // Only admins revoke, only known nodes; neither refusal changes a thing.
+    cluster.cert("node-x", IdentityKind::Agent);
+    let as_agent = cluster.ctl_as(
+        "node-x",
+        &[urls[0].as_str()],
+        &["node", "revoke", "revoked-a"],
+    );
+    assert!(!as_agent.ok());
+    assert!(as_agent.stderr.contains("admin"), "{}", as_agent.stderr);
+    let unknown = cluster.ctl(&["node", "revoke", "no-such-node"]);
+    assert!(!unknown.ok());
+    assert!(
+        unknown.stderr.contains("unknown node no-such-node"),
+        "{}",
+        unknown.stderr
+    );
+    let bad = cluster.ctl(&["node", "revoke", "Not_A_Node"]);
+    assert!(!bad.ok());
+    assert!(bad.stderr.contains("node id"), "{}", bad.stderr);
+    assert!(connected(&cluster, "revoked-a"));
+    assert!(cluster.node("revoked-a").expect("node")["revoked"].is_null());
+
+    let revoked = cluster.ctl(&["node", "revoke", "revoked-a"]);
+    assert!(revoked.ok(), "{}", revoked.stderr);
+    assert!(
+        revoked
+            .stdout
+            .contains("stewardctl token create --node revoked-a"),
+        "{}",
+        revoked.stdout
+    );
+    let started = Instant::now();
+    eventually(Duration::from_secs(10), "the session to end", || {
+        (!connected(&cluster, "revoked-a")).then_some(())
+    });
+    println!("session ended {:?} after the revocation", started.elapsed());
+    let log = eventually(Duration::from_secs(5), "the agent to log why", || {
+        let log = cluster.agents[agent].proc.log_text();
+        log.contains("were revoked at").then_some(log)
+    });
+    assert!(log.contains("no session"), "{log}");
+    // It keeps trying and stays out.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert!(
+            !connected(&cluster, "revoked-a"),
+            "a revoked node reconnected"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let shown = cluster
+        .ctl(&["node", "show", "revoked-a", "-o", "json"])
+        .json();
+    assert!(shown["revoked"].as_u64().is_some(), "{shown}");
+    let events = cluster.ctl(&["events"]).stdout;
+    assert!(events.contains("node-revoked"), "{events}");
+    // Nowhere: no renewal, no session.
+    for url in &urls {
+        let renewal = try_renewal(&cluster, url, "revoked-a-old", "revoked-a", &old_key);
+        assert_revoked(renewal, &format!("renewal at {url}"));
+        let session = try_session(&cluster, url, "revoked-a-old", "revoked-a");
+        assert_revoked(session, &format!("session at {url}"));
+        let lease = try_lease(&cluster, url, "revoked-a-old", "revoked-a");
+        assert_revoked(lease, &format!("lease stream at {url}"));
+    }
+
+    // Back in with a token made for it; the running agent picks up the new
+    // certificate at its next attempt.
+    let bound = create_token(&cluster, &["--ttl", "10m", "--node", "revoked-a"]);
+    let out = host.join_with(&bound.token, &bound.join_urls, &bound.ca_hash, &["--force"]);
+    assert!(out.status.success(), "re-join failed: {}", stderr(&out));
+    let revoked_at_s = i64::try_from(shown["revoked"].as_u64().expect("ms") / 1000).expect("s");
+    assert!(
+        host.cert_validity().not_before > revoked_at_s,
+        "the new certificate starts before the revocation"
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the re-joined agent connected",
+        || connected(&cluster, "revoked-a").then_some(()),
+    );
+    // The old certificate stays revoked.
+    let renewal = try_renewal(&cluster, &urls[1], "revoked-a-old", "revoked-a", &old_key);
+    assert_revoked(renewal, "renewal after the re-join");
+    let session = try_session(&cluster, &urls[1], "revoked-a-old", "revoked-a");
+    assert_revoked(session, "session after the re-join");
+    assert!(
+        connected(&cluster, "revoked-a"),
+        "the old certificate's attempt took over"
+    );
 }

@@ -753,6 +753,7 @@ mod tests {
             }),
             address: None,
             converge: None,
+            revoked: None,
         }
     }
 

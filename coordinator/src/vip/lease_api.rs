@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::agent_service::SessionContext;
 use crate::auth::peer_identity;
@@ -161,6 +161,9 @@ pub async fn open(
         ))
         .into());
     }
+    ctx.specs
+        .borrow()
+        .check_revoked(&first.node, identity.issued_unix_s)?;
     let params = *ctx.lease.params();
     if first.replicas as usize != params.replicas || first.lease > params.lease {
         return Err(Error::InvalidArgument(format!(
@@ -178,6 +181,7 @@ pub async fn open(
     let task = LeaseStreamTask {
         ctx: ctx.clone(),
         node: first.node.clone(),
+        issued_unix_s: identity.issued_unix_s,
         stream,
         last_assignments: None,
     };
@@ -188,6 +192,8 @@ pub async fn open(
 struct LeaseStreamTask {
     ctx: SessionContext,
     node: NodeId,
+    /// When the stream's certificate was issued (for revocation).
+    issued_unix_s: i64,
     stream: u64,
     last_assignments: Option<Vec<AssignedVip>>,
 }
@@ -244,7 +250,9 @@ impl LeaseStreamTask {
                     false
                 }
                 changed = vips.changed() => changed.is_ok() && self.push_changes(&tx).await,
-                changed = specs.changed() => changed.is_ok() && self.push_changes(&tx).await,
+                changed = specs.changed() => changed.is_ok()
+                    && self.still_trusted(&tx).await
+                    && self.push_changes(&tx).await,
                 message = inbound.message() => match message {
                     Ok(Some(m)) => match LeaseHeartbeat::try_from(m) {
                         Ok(hb) if hb.node == self.node => self.answer(&hb, &tx).await,
@@ -270,6 +278,24 @@ impl LeaseStreamTask {
         }
         self.ctx.lease.close_stream(&self.node, self.stream);
         info!("lease stream closed");
+    }
+
+    /// False, after telling the agent why, once its certificate is revoked:
+    /// no more acknowledgements, so its leases run out.
+    async fn still_trusted(&self, tx: &mpsc::Sender<Result<pb::LeaseReply, Status>>) -> bool {
+        let verdict = self
+            .ctx
+            .specs
+            .borrow()
+            .check_revoked(&self.node, self.issued_unix_s);
+        match verdict {
+            Ok(()) => true,
+            Err(error) => {
+                warn!("certificate revoked; closing the lease stream");
+                let _ = tx.send(Err(error.into())).await;
+                false
+            }
+        }
     }
 
     /// Sends the assignments if they changed since the last reply.
