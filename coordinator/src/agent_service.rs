@@ -158,6 +158,26 @@ impl pb::agent_service_server::AgentService for AgentApi {
     }
 }
 
+/// False, after telling the agent why, once the certificate (issued at
+/// `issued_unix_s`) a stream of `node` was opened with is revoked, as this
+/// replica's spec cache sees it.
+pub(crate) async fn still_trusted<M>(
+    ctx: &SessionContext,
+    node: &NodeId,
+    issued_unix_s: i64,
+    tx: &mpsc::Sender<Result<M, Status>>,
+) -> bool {
+    let verdict = ctx.specs.borrow().check_revoked(node, issued_unix_s);
+    match verdict {
+        Ok(()) => true,
+        Err(error) => {
+            warn!(node.id = %node, "certificate revoked; closing the stream");
+            let _ = tx.send(Err(error.into())).await;
+            false
+        }
+    }
+}
+
 /// What a session starts from: the agent's hello, checked.
 struct Hello {
     node: NodeId,
@@ -402,7 +422,7 @@ impl NodeSession {
                         false
                     }
                     changed = specs.changed() => changed.is_ok()
-                        && self.still_trusted(&tx).await
+                        && still_trusted(&self.ctx, &self.node, self.issued_unix_s, &tx).await
                         && self.push_desired(&tx).await,
                     changed = vips.changed() => changed.is_ok() && self.push_desired(&tx).await,
                     changed = orchestration.changed() => changed.is_ok() && self.push_desired(&tx).await,
@@ -432,26 +452,6 @@ impl NodeSession {
             }
         }
         self.close(superseded).await;
-    }
-
-    /// False, after telling the agent why, once its certificate is revoked.
-    async fn still_trusted(
-        &self,
-        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
-    ) -> bool {
-        let verdict = self
-            .ctx
-            .specs
-            .borrow()
-            .check_revoked(&self.node, self.issued_unix_s);
-        match verdict {
-            Ok(()) => true,
-            Err(error) => {
-                warn!(node.id = %self.node, "certificate revoked; closing the session");
-                let _ = tx.send(Err(error.into())).await;
-                false
-            }
-        }
     }
 
     async fn on_message(

@@ -914,7 +914,10 @@ mod tests {
             let error = revoked.check(&node, issued).unwrap_err();
             assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
             let text = error.to_string();
-            assert!(text.contains("revoked at") && text.contains("by ops"), "{text}");
+            assert!(
+                text.contains("revoked at") && text.contains("by ops"),
+                "{text}"
+            );
             assert!(text.contains("token create --node n1"), "{text}");
         }
         revoked.check(&node, 1_001).unwrap();

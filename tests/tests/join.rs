@@ -385,73 +385,67 @@ fn agents_renew_their_certificates_before_expiry_without_dropping_the_session() 
     });
 }
 
-/// A renewal (with a real CSR for `key_pem`) through one replica with the
-/// certificate `cert_name` (in the cluster's PKI folder) of node `node`.
-fn try_renewal(
-    cluster: &Cluster,
-    url: &str,
-    cert_name: &str,
-    node: &str,
-    key_pem: &str,
-) -> Result<(), tonic::Status> {
-    let key = rcgen::KeyPair::from_pem(key_pem).expect("node key");
-    let csr = steward_agent::certs::csr_pem(node, &key).expect("csr");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let channel = grpc_channel(cluster, url, Some(cert_name))
-            .await
-            .expect("dial");
-        AgentServiceClient::new(channel)
-            .renew_certificate(pb::RenewCertificateRequest { csr_pem: csr })
-            .await
-            .map(|_| ())
-    })
+/// An agent certificate (`<name>.crt`/`.key` in the cluster's PKI
+/// folder) of node `node`, tried against one replica at a time.
+struct AgentCert<'a> {
+    cluster: &'a Cluster,
+    name: &'a str,
+    node: &'a str,
+    rt: tokio::runtime::Runtime,
 }
 
-/// A session hello through one replica with the certificate `cert_name`
-/// of node `node`; `Ok` if the session was accepted.
-fn try_session(
-    cluster: &Cluster,
-    url: &str,
-    cert_name: &str,
-    node: &str,
-) -> Result<(), tonic::Status> {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let channel = grpc_channel(cluster, url, Some(cert_name))
-            .await
+impl<'a> AgentCert<'a> {
+    fn new(cluster: &'a Cluster, name: &'a str, node: &'a str) -> Self {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        AgentCert {
+            cluster,
+            name,
+            node,
+            rt,
+        }
+    }
+
+    fn client(&self, url: &str) -> AgentServiceClient<tonic::transport::Channel> {
+        let channel = self
+            .rt
+            .block_on(grpc_channel(self.cluster, url, Some(self.name)))
             .expect("dial");
+        AgentServiceClient::new(channel)
+    }
+
+    /// A renewal with a real CSR for the certificate's key.
+    fn renew(&self, url: &str) -> Result<(), tonic::Status> {
+        let key_pem =
+            fs::read_to_string(self.cluster.pki().join(format!("{}.key", self.name))).expect("key");
+        let key = rcgen::KeyPair::from_pem(&key_pem).expect("node key");
+        let csr = steward_agent::certs::csr_pem(self.node, &key).expect("csr");
+        let mut client = self.client(url);
+        self.rt
+            .block_on(client.renew_certificate(pb::RenewCertificateRequest { csr_pem: csr }))
+            .map(|_| ())
+    }
+
+    /// A session hello; `Ok` if the session was accepted.
+    fn session(&self, url: &str) -> Result<(), tonic::Status> {
         let hello = pb::AgentMessage {
             kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
-                node_id: node.into(),
+                node_id: self.node.into(),
                 facts: Some(pb::Facts::default()),
                 last_applied_revision: 0,
                 agent_version: "test".into(),
                 advertise_address: String::new(),
             })),
         };
-        AgentServiceClient::new(channel)
-            .session(tokio_stream::iter(vec![hello]))
-            .await
+        let mut client = self.client(url);
+        self.rt
+            .block_on(client.session(tokio_stream::iter(vec![hello])))
             .map(|_| ())
-    })
-}
+    }
 
-/// A lease stream (the VIP protocol's) through one replica with the
-/// certificate `cert_name` of node `node`; `Ok` if it was accepted.
-fn try_lease(
-    cluster: &Cluster,
-    url: &str,
-    cert_name: &str,
-    node: &str,
-) -> Result<(), tonic::Status> {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let channel = grpc_channel(cluster, url, Some(cert_name))
-            .await
-            .expect("dial");
+    /// A lease stream (the VIP protocol's); `Ok` if it was accepted.
+    fn lease(&self, url: &str) -> Result<(), tonic::Status> {
         let heartbeat = pb::LeaseHeartbeat {
-            node_id: node.into(),
+            node_id: self.node.into(),
             seq: 1,
             sent_at_us: 0,
             claims: Vec::new(),
@@ -461,11 +455,11 @@ fn try_lease(
             lease_ms: 500,
             replicas: 3,
         };
-        AgentServiceClient::new(channel)
-            .lease(tokio_stream::iter(vec![heartbeat]))
-            .await
+        let mut client = self.client(url);
+        self.rt
+            .block_on(client.lease(tokio_stream::iter(vec![heartbeat])))
             .map(|_| ())
-    })
+    }
 }
 
 fn assert_revoked(answer: Result<(), tonic::Status>, what: &str) {
@@ -491,20 +485,20 @@ fn a_revoked_node_is_shut_out_until_it_joins_again() {
     let out = host.join(&token);
     assert!(out.status.success(), "join failed: {}", stderr(&out));
     // Keep the first certificate to try it once it is revoked.
-    let old_key = fs::read_to_string(host.pki().join("node.key")).expect("key");
-    fs::copy(
-        host.pki().join("node.crt"),
-        cluster.pki().join("revoked-a-old.crt"),
-    )
-    .expect("copy cert");
-    fs::write(cluster.pki().join("revoked-a-old.key"), &old_key).expect("copy key");
+    for ext in ["crt", "key"] {
+        fs::copy(
+            host.pki().join(format!("node.{ext}")),
+            cluster.pki().join(format!("revoked-a-old.{ext}")),
+        )
+        .expect("copy the first certificate");
+    }
     let agent = host.start(&mut cluster);
     eventually(Duration::from_secs(10), "agent connected", || {
         connected(&cluster, "revoked-a").then_some(())
     });
     // Before revocation the certificate renews, on any replica.
-    try_renewal(&cluster, &urls[2], "revoked-a-old", "revoked-a", &old_key)
-        .expect("renewal before revocation");
+    let old = AgentCert::new(&cluster, "revoked-a-old", "revoked-a");
+    old.renew(&urls[2]).expect("renewal before revocation");
 
     // Only admins revoke, only known nodes; neither refusal changes a thing.
     cluster.cert("node-x", IdentityKind::Agent);
@@ -564,12 +558,9 @@ fn a_revoked_node_is_shut_out_until_it_joins_again() {
     assert!(events.contains("node-revoked"), "{events}");
     // Nowhere: no renewal, no session.
     for url in &urls {
-        let renewal = try_renewal(&cluster, url, "revoked-a-old", "revoked-a", &old_key);
-        assert_revoked(renewal, &format!("renewal at {url}"));
-        let session = try_session(&cluster, url, "revoked-a-old", "revoked-a");
-        assert_revoked(session, &format!("session at {url}"));
-        let lease = try_lease(&cluster, url, "revoked-a-old", "revoked-a");
-        assert_revoked(lease, &format!("lease stream at {url}"));
+        assert_revoked(old.renew(url), &format!("renewal at {url}"));
+        assert_revoked(old.session(url), &format!("session at {url}"));
+        assert_revoked(old.lease(url), &format!("lease stream at {url}"));
     }
 
     // Back in with a token made for it; the running agent picks up the new
@@ -588,10 +579,8 @@ fn a_revoked_node_is_shut_out_until_it_joins_again() {
         || connected(&cluster, "revoked-a").then_some(()),
     );
     // The old certificate stays revoked.
-    let renewal = try_renewal(&cluster, &urls[1], "revoked-a-old", "revoked-a", &old_key);
-    assert_revoked(renewal, "renewal after the re-join");
-    let session = try_session(&cluster, &urls[1], "revoked-a-old", "revoked-a");
-    assert_revoked(session, "session after the re-join");
+    assert_revoked(old.renew(&urls[1]), "renewal after the re-join");
+    assert_revoked(old.session(&urls[1]), "session after the re-join");
     assert!(
         connected(&cluster, "revoked-a"),
         "the old certificate's attempt took over"

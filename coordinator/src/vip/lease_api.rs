@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
-use crate::agent_service::SessionContext;
+use crate::agent_service::{still_trusted, SessionContext};
 use crate::auth::peer_identity;
 use crate::error::Error;
 use crate::pki::IdentityKind;
@@ -250,8 +250,10 @@ impl LeaseStreamTask {
                     false
                 }
                 changed = vips.changed() => changed.is_ok() && self.push_changes(&tx).await,
+                // A revoked node gets no more acknowledgements: its leases
+                // run out.
                 changed = specs.changed() => changed.is_ok()
-                    && self.still_trusted(&tx).await
+                    && still_trusted(&self.ctx, &self.node, self.issued_unix_s, &tx).await
                     && self.push_changes(&tx).await,
                 message = inbound.message() => match message {
                     Ok(Some(m)) => match LeaseHeartbeat::try_from(m) {
@@ -278,24 +280,6 @@ impl LeaseStreamTask {
         }
         self.ctx.lease.close_stream(&self.node, self.stream);
         info!("lease stream closed");
-    }
-
-    /// False, after telling the agent why, once its certificate is revoked:
-    /// no more acknowledgements, so its leases run out.
-    async fn still_trusted(&self, tx: &mpsc::Sender<Result<pb::LeaseReply, Status>>) -> bool {
-        let verdict = self
-            .ctx
-            .specs
-            .borrow()
-            .check_revoked(&self.node, self.issued_unix_s);
-        match verdict {
-            Ok(()) => true,
-            Err(error) => {
-                warn!("certificate revoked; closing the lease stream");
-                let _ = tx.send(Err(error.into())).await;
-                false
-            }
-        }
     }
 
     /// Sends the assignments if they changed since the last reply.
