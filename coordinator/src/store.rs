@@ -793,8 +793,21 @@ impl Store {
     }
 
     /// Revokes node `id`'s certificates issued up to now (`by`: the admin),
-    /// with its event, if the node is known; `None` if it is not.
+    /// with its event, if the node is known (it has a spec or a status, or
+    /// joined with a token and has not connected yet); `None` if it is not.
+    /// Nodes are never deleted, so a node known here stays known.
     pub async fn revoke_node(&self, id: &NodeId, by: &str) -> Result<Option<NodeRevokedRecord>> {
+        let node = self.node(id).await?;
+        let known = node.spec.is_some()
+            || node.status.is_some()
+            || self
+                .tokens()
+                .await?
+                .iter()
+                .any(|t| t.used_by.iter().any(|u| &u.node == id));
+        if !known {
+            return Ok(None);
+        }
         let now = unix_ms();
         let record = NodeRevokedRecord {
             revoked_unix_s: i64::try_from(now / 1000).unwrap_or(i64::MAX),
@@ -809,37 +822,15 @@ impl Store {
             replica: self.replica.clone(),
             message: format!("{id}: certificates revoked by {by}"),
         };
-        // Only a node etcd knows: its spec or status exists.
-        let known = |key: String| Compare::version(key, CompareOp::Greater, 0);
-        let put = || {
-            vec![
+        self.client
+            .kv_client()
+            .txn(Txn::new().and_then(vec![
                 TxnOp::put(self.keys.node_revoked(id), encode(&record), None),
                 self.event_op(&event),
-            ]
-        };
-        let txn = Txn::new()
-            .when(vec![known(self.keys.node_spec(id))])
-            .and_then(put())
-            .or_else(vec![TxnOp::txn(
-                Txn::new()
-                    .when(vec![known(self.keys.node_status(id))])
-                    .and_then(put()),
-            )]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
+            ]))
             .await
             .map_err(Error::etcd("revoke node"))?;
-        if resp.succeeded() {
-            return Ok(Some(record));
-        }
-        // The nested transaction's outcome.
-        let nested = resp
-            .op_responses()
-            .into_iter()
-            .any(|op| matches!(op, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()));
-        Ok(nested.then_some(record))
+        Ok(Some(record))
     }
 
     /// Node `id`'s last certificate revocation, if any.

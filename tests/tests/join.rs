@@ -497,8 +497,9 @@ fn a_revoked_node_is_shut_out_until_it_joins_again() {
         connected(&cluster, "revoked-a").then_some(())
     });
     // Before revocation the certificate renews, on any replica.
-    let old = AgentCert::new(&cluster, "revoked-a-old", "revoked-a");
-    old.renew(&urls[2]).expect("renewal before revocation");
+    AgentCert::new(&cluster, "revoked-a-old", "revoked-a")
+        .renew(&urls[2])
+        .expect("renewal before revocation");
 
     // Only admins revoke, only known nodes; neither refusal changes a thing.
     cluster.cert("node-x", IdentityKind::Agent);
@@ -521,6 +522,28 @@ fn a_revoked_node_is_shut_out_until_it_joins_again() {
     assert!(bad.stderr.contains("node id"), "{}", bad.stderr);
     assert!(connected(&cluster, "revoked-a"));
     assert!(cluster.node("revoked-a").expect("node")["revoked"].is_null());
+
+    // A node that joined but never connected can be revoked too; its agent
+    // then never gets a session.
+    let early = Host::new(&cluster, "revoked-b");
+    let token_b = create_token(&cluster, &["--ttl", "10m"]);
+    let out = early.join(&token_b);
+    assert!(out.status.success(), "join failed: {}", stderr(&out));
+    let out = cluster.ctl(&["node", "revoke", "revoked-b"]);
+    assert!(
+        out.ok(),
+        "revoking a joined, never connected node: {}",
+        out.stderr
+    );
+    let b = early.start(&mut cluster);
+    eventually(Duration::from_secs(10), "revoked-b's agent refused", || {
+        let log = cluster.agents[b].proc.log_text();
+        log.contains("were revoked at").then_some(())
+    });
+    assert!(
+        !connected(&cluster, "revoked-b"),
+        "a revoked node connected"
+    );
 
     let revoked = cluster.ctl(&["node", "revoke", "revoked-a"]);
     assert!(revoked.ok(), "{}", revoked.stderr);
@@ -556,7 +579,8 @@ fn a_revoked_node_is_shut_out_until_it_joins_again() {
     assert!(shown["revoked"].as_u64().is_some(), "{shown}");
     let events = cluster.ctl(&["events"]).stdout;
     assert!(events.contains("node-revoked"), "{events}");
-    // Nowhere: no renewal, no session.
+    // Nowhere: no renewal, no session, no lease stream.
+    let old = AgentCert::new(&cluster, "revoked-a-old", "revoked-a");
     for url in &urls {
         assert_revoked(old.renew(url), &format!("renewal at {url}"));
         assert_revoked(old.session(url), &format!("session at {url}"));
