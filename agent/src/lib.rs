@@ -33,7 +33,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::config::Settings;
 use crate::session::{run_sessions, Credentials};
@@ -122,15 +122,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .desired_revision
         .set(recorded.desired.revision as i64);
     if let Some(listener) = metrics_listener {
-        info!(metrics_listen = ?settings.metrics_listen, "serving metrics");
-        tokio::spawn(
-            steward_proto::runtime::serve_metrics(
-                listener,
-                metrics::metrics().registry.clone(),
-                steward_proto::runtime::HttpLimits::default(),
-                shutdown.clone(),
-            )
-            .instrument(tracing::info_span!("metrics_endpoint")),
+        steward_proto::runtime::spawn_metrics_endpoint(
+            listener,
+            metrics::metrics().registry.clone(),
+            shutdown.clone(),
         );
     }
     let (desired, in_force) = watch::channel(recorded);

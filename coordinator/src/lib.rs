@@ -259,15 +259,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     metrics::register_views(ctx.sessions.clone(), ctx.vips.clone(), ctx.lease.clone());
     let leadership_metrics = tokio::spawn(metrics::metrics().follow_leadership(lead_rx.clone()));
     let metrics_endpoint = metrics_listener.map(|listener| {
-        info!(metrics_listen = ?config.metrics_listen, "serving metrics");
-        tokio::spawn(
-            steward_proto::runtime::serve_metrics(
-                listener,
-                metrics::metrics().registry.clone(),
-                steward_proto::runtime::HttpLimits::default(),
-                tasks.clone(),
-            )
-            .instrument(tracing::info_span!("metrics_endpoint")),
+        steward_proto::runtime::spawn_metrics_endpoint(
+            listener,
+            metrics::metrics().registry.clone(),
+            tasks.clone(),
         )
     });
     let bootstrap_api = signer.clone().map(|signer| {

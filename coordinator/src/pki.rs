@@ -352,8 +352,8 @@ impl Signer {
         // for short test lifetimes.
         params.not_before = now - (validity / 10_i32).min(Duration::hours(1));
         if let Some(after) = after_unix_s {
-            let floor = OffsetDateTime::from_unix_timestamp(after.saturating_add(1))
-                .map_err(|e| PkiError::Csr(format!("revocation time: {e}")))?;
+            let floor = OffsetDateTime::UNIX_EPOCH
+                .saturating_add(Duration::seconds(after.saturating_add(1)));
             params.not_before = params.not_before.max(floor);
         }
         params.not_after = now + validity;

@@ -835,17 +835,10 @@ impl Store {
 
     /// Node `id`'s last certificate revocation, if any.
     pub async fn revocation(&self, id: &NodeId) -> Result<Option<NodeRevokedRecord>> {
-        let key = self.keys.node_revoked(id);
-        let resp = self
-            .client
-            .kv_client()
-            .get(key.as_str(), None)
-            .await
-            .map_err(Error::etcd("get revocation"))?;
-        resp.kvs()
-            .first()
-            .map(|kv| decode(kv.key(), kv.value()))
-            .transpose()
+        let revoked = self
+            .get_versioned(self.keys.node_revoked(id), "get revocation")
+            .await?;
+        Ok(revoked.map(|r| r.value))
     }
 
     /// Whether etcd has any record of node `id` (spec, status, address).

@@ -166,6 +166,21 @@ pub async fn bind_metrics(addr: std::net::SocketAddr) -> std::io::Result<tokio::
     tokio::net::TcpListener::bind(addr).await
 }
 
+/// Serves `registry` on `listener` (from [`bind_metrics`]) with the default
+/// limits, in a task of its own, until `shutdown`.
+pub fn spawn_metrics_endpoint(
+    listener: tokio::net::TcpListener,
+    registry: std::sync::Arc<crate::metrics::Registry>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    use tracing::Instrument;
+    tracing::info!(metrics_listen = ?listener.local_addr().ok(), "serving metrics");
+    tokio::spawn(
+        serve_metrics(listener, registry, HttpLimits::default(), shutdown)
+            .instrument(tracing::info_span!("metrics_endpoint")),
+    )
+}
+
 /// Serves `GET /metrics` (the registry in the Prometheus text format 0.0.4)
 /// over plain HTTP/1.1 on `listener` until `shutdown`: one request per
 /// connection, 404 for other paths, 405 for other methods, 400 for what is
