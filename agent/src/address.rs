@@ -5,6 +5,7 @@
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
@@ -22,6 +23,8 @@ pub enum NetError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("netlink {op}: no answer in {after:?}")]
+    Timeout { op: &'static str, after: Duration },
     #[error("no interface named {0:?} on this host")]
     NoSuchInterface(String),
     #[error(
@@ -41,6 +44,25 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The kernel answers netlink requests in microseconds; a request with no
+/// answer after this long will never get one (a lost reply, a dead
+/// connection task). The VIP driver awaits these calls and its lease
+/// deadlines are a second or less, so none of them may wait longer.
+pub const NETLINK_DEADLINE: Duration = Duration::from_millis(500);
+
+/// `call` with [`NETLINK_DEADLINE`].
+async fn bounded<T>(
+    op: &'static str,
+    call: impl std::future::Future<Output = Result<T, NetError>>,
+) -> Result<T, NetError> {
+    tokio::time::timeout(NETLINK_DEADLINE, call)
+        .await
+        .map_err(|_| NetError::Timeout {
+            op,
+            after: NETLINK_DEADLINE,
+        })?
 }
 
 fn netlink(op: &'static str) -> impl FnOnce(rtnetlink::Error) -> NetError {
@@ -130,6 +152,10 @@ impl HostNetwork {
     /// The interface the VIP goes on: the one it names, or else the one
     /// with an address in the VIP's subnet (by that address's own prefix).
     pub async fn resolve_interface(&self, target: &Target) -> Result<(String, u32), NetError> {
+        bounded("interface lookup", self.resolve_interface_now(target)).await
+    }
+
+    async fn resolve_interface_now(&self, target: &Target) -> Result<(String, u32), NetError> {
         if let Some(name) = &target.interface {
             let index = self.link_index(name).await?;
             return Ok((name.clone(), index));
@@ -165,14 +191,21 @@ impl HostNetwork {
     /// Whether the VIP's address is on this host (on its interface, when
     /// the VIP names one).
     pub async fn has_address(&self, target: &Target) -> Result<bool, NetError> {
-        Ok(self.find(target).await?.is_some())
+        bounded("address lookup", async {
+            Ok(self.find(target).await?.is_some())
+        })
+        .await
     }
 
     /// Adds the VIP's address. Duplicate address detection is ours (the
     /// ARP probe before binding), so IPv6 addresses skip the kernel's, which
     /// would leave them unusable for a second or more.
     pub async fn add_address(&self, target: &Target) -> Result<(), NetError> {
-        let (_, index) = self.resolve_interface(target).await?;
+        bounded("address add", self.add_address_now(target)).await
+    }
+
+    async fn add_address_now(&self, target: &Target) -> Result<(), NetError> {
+        let (_, index) = self.resolve_interface_now(target).await?;
         let mut request = self
             .handle
             .address()
@@ -190,6 +223,10 @@ impl HostNetwork {
 
     /// Removes the VIP's address wherever it is on this host.
     pub async fn remove_address(&self, target: &Target) -> Result<(), NetError> {
+        bounded("address delete", self.remove_address_now(target)).await
+    }
+
+    async fn remove_address_now(&self, target: &Target) -> Result<(), NetError> {
         let Some(found) = self.find(target).await? else {
             return Ok(());
         };

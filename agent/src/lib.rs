@@ -12,6 +12,9 @@
 //! - The host is converged by pure planners ([`roles`]) and an engine that
 //!   only changes what differs ([`converge`]), on a blocking thread so that
 //!   a slow package install never delays a heartbeat or a lease.
+//! - The session loop and the VIP driver never await without a deadline,
+//!   and prove it to systemd's watchdog ([`watchdog`]): an agent whose
+//!   loops stop is restarted, not left running deaf.
 
 pub mod address;
 pub mod arp;
@@ -28,6 +31,7 @@ pub mod roles;
 pub mod session;
 pub mod state;
 pub mod vip;
+pub mod watchdog;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -137,9 +141,27 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         reports,
         shutdown.clone(),
     );
-    let vips = vip::run_vips(settings.clone(), creds.clone(), in_force, shutdown.clone());
-    let sessions = run_sessions(settings, creds, state, desired, reported, shutdown.clone());
-    let (vips, (), (), ()) = tokio::join!(
+    let liveness = watchdog::Liveness::new();
+    let vips = vip::run_vips(
+        settings.clone(),
+        creds.clone(),
+        in_force,
+        liveness.register("vips"),
+        shutdown.clone(),
+    );
+    let sessions = run_sessions(
+        settings,
+        creds,
+        state,
+        desired,
+        reported,
+        liveness.register("session"),
+        shutdown.clone(),
+    );
+    let watchdog =
+        watchdog::run_watchdog(watchdog::Watchdog::from_env(), liveness, shutdown.clone());
+    watchdog::notify_ready();
+    let (vips, (), (), (), ()) = tokio::join!(
         async {
             let result = vips.await;
             if result.is_err() {
@@ -150,7 +172,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         },
         sessions,
         converge,
-        renewal
+        renewal,
+        watchdog
     );
     info!("agent stopped");
     vips.map_err(AgentError::from)

@@ -2,6 +2,14 @@
 //! record desired state, and on any failure move to the next replica with
 //! jittered exponential backoff. The last desired state stays in force while
 //! no coordinator is reachable.
+//!
+//! **Invariant: the session loop never awaits without a deadline.** Dialing
+//! and opening the stream are bounded; messages to the coordinator are
+//! queued with `try_send`, and a full queue ends the session (the
+//! coordinator, or HTTP/2 flow control, stopped taking them: waiting for
+//! room would stop the heartbeat tick and the ack timeout with it, which is
+//! how an agent once hung for good). The loop marks its [`Beat`] on every
+//! wake-up for the systemd watchdog ([`crate::watchdog`]).
 
 use std::time::{Duration, Instant};
 
@@ -20,9 +28,20 @@ use crate::config::Settings;
 use crate::facts::HostProbe;
 use crate::state::{RecordedState, StateStore};
 use crate::unix_ms;
+use crate::watchdog::{Beat, KEEPALIVE};
 
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// TCP connect; the whole dial (TLS handshake included) gets
+/// [`DIAL_DEADLINE`].
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const DIAL_DEADLINE: Duration = Duration::from_secs(4);
+/// From the first request bytes to the coordinator's response headers.
+const OPEN_DEADLINE: Duration = Duration::from_secs(4);
+/// Messages queued for the coordinator. Heartbeats go one per interval and
+/// reports one per converge outcome, so a full queue means the stream does
+/// not move at all.
+const OUTBOUND_QUEUE: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -39,7 +58,19 @@ pub enum SessionError {
 pub use crate::certs::Credentials;
 
 async fn dial(url: &str, creds: &Credentials) -> Result<Channel, String> {
-    creds.dial(url, Duration::from_secs(2)).await
+    tokio::time::timeout(DIAL_DEADLINE, creds.dial(url, CONNECT_TIMEOUT))
+        .await
+        .map_err(|_| format!("no TLS session within {DIAL_DEADLINE:?}"))?
+}
+
+/// Queues `message` for the coordinator without waiting.
+fn enqueue(tx: &mpsc::Sender<pb::AgentMessage>, message: AgentMessage) -> Result<(), String> {
+    tx.try_send(message.into()).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => format!(
+            "{OUTBOUND_QUEUE} messages wait to go out: the coordinator stopped reading the stream"
+        ),
+        mpsc::error::TrySendError::Closed(_) => "outbound stream closed".to_owned(),
+    })
 }
 
 /// Keeps a session to some replica until `shutdown`. `desired` always holds
@@ -51,6 +82,7 @@ pub async fn run_sessions(
     state: StateStore,
     desired: watch::Sender<RecordedState>,
     mut reports: watch::Receiver<Option<ConvergeReport>>,
+    beat: Beat,
     shutdown: CancellationToken,
 ) {
     let mut probe = HostProbe::new();
@@ -75,6 +107,7 @@ pub async fn run_sessions(
             &state,
             &desired,
             &mut reports,
+            &beat,
             &shutdown,
         )
         .instrument(span)
@@ -90,7 +123,7 @@ pub async fn run_sessions(
         next = (next + 1) % replicas;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = beat.sleep(backoff.next_delay()) => {}
         }
     }
 }
@@ -105,8 +138,10 @@ async fn one_session(
     state: &StateStore,
     desired: &watch::Sender<RecordedState>,
     reports: &mut watch::Receiver<Option<ConvergeReport>>,
+    beat: &Beat,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
+    beat.beat();
     let channel = dial(url, creds)
         .await
         .map_err(|reason| SessionError::Connect {
@@ -114,7 +149,7 @@ async fn one_session(
             reason,
         })?;
     let mut client = AgentServiceClient::new(channel);
-    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(OUTBOUND_QUEUE);
     let hello = AgentMessage::Hello {
         node: settings.node_id.clone(),
         facts: probe.facts(),
@@ -122,11 +157,20 @@ async fn one_session(
         agent_version: crate::VERSION.to_owned(),
         advertise_address: settings.advertise_address,
     };
-    // The receiver is alive (held by `rx` below), so this cannot fail.
-    let _ = tx.send(hello.into()).await;
-    let mut inbound = client
-        .session(ReceiverStream::new(rx))
+    let lost = |reason: String| SessionError::Lost {
+        url: url.to_owned(),
+        reason,
+    };
+    // The queue is empty and its receiver alive: this cannot fail.
+    enqueue(&tx, hello).map_err(lost)?;
+    let opened = tokio::time::timeout(OPEN_DEADLINE, client.session(ReceiverStream::new(rx)))
         .await
+        .map_err(|_| {
+            lost(format!(
+                "no answer to the session request in {OPEN_DEADLINE:?}"
+            ))
+        })?;
+    let mut inbound = opened
         .map_err(|status| SessionError::Refused {
             url: url.to_owned(),
             status,
@@ -135,10 +179,7 @@ async fn one_session(
     info!("session open");
     crate::metrics::metrics().session_opened(url);
 
-    let lost = |reason: String| SessionError::Lost {
-        url: url.to_owned(),
-        reason,
-    };
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
@@ -150,8 +191,12 @@ async fn one_session(
     reports.mark_changed();
     let mut reports_open = true;
     loop {
+        beat.beat();
+        // No branch body below awaits: each runs to completion at once, so
+        // the ticks and the ack timeout are always polled.
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = keepalive.tick() => {}
             _ = tick.tick() => {
                 if last_ack.elapsed() > settings.ack_timeout {
                     return Err(lost(format!("no heartbeat ack for {:?}", last_ack.elapsed())));
@@ -162,9 +207,7 @@ async fn one_session(
                     sent_at_unix_ms: unix_ms(),
                     health: probe.health(),
                 };
-                if tx.send(hb.into()).await.is_err() {
-                    return Err(lost("outbound stream closed".into()));
-                }
+                enqueue(&tx, hb).map_err(lost)?;
                 sent = Some((seq, Instant::now()));
                 crate::metrics::metrics().heartbeats_sent.inc();
             }
@@ -172,8 +215,8 @@ async fn one_session(
             changed = reports.changed(), if reports_open => {
                 if changed.is_err() {
                     reports_open = false;
-                } else if !report(&tx, desired, reports, &mut reported).await {
-                    return Err(lost("outbound stream closed".into()));
+                } else {
+                    report(&tx, desired, reports, &mut reported).map_err(lost)?;
                 }
             }
             message = inbound.message() => {
@@ -193,9 +236,7 @@ async fn one_session(
                         last_ack = Instant::now();
                         let replica = url.to_owned();
                         record(state, desired, *next, replica)?;
-                        if !report(&tx, desired, reports, &mut reported).await {
-                            return Err(lost("outbound stream closed".into()));
-                        }
+                        report(&tx, desired, reports, &mut reported).map_err(lost)?;
                     }
                     Err(e) => return Err(lost(format!("invalid message from coordinator: {e}"))),
                 }
@@ -204,14 +245,14 @@ async fn one_session(
     }
 }
 
-/// Sends a `Report` if the applied revision or the converge outcome differs
-/// from what was last reported; false if the stream is gone.
-async fn report(
+/// Queues a `Report` if the applied revision or the converge outcome
+/// differs from what was last reported.
+fn report(
     tx: &mpsc::Sender<pb::AgentMessage>,
     desired: &watch::Sender<RecordedState>,
     reports: &mut watch::Receiver<Option<ConvergeReport>>,
     reported: &mut Option<(u64, Option<ConvergeReport>)>,
-) -> bool {
+) -> Result<(), String> {
     let applied = desired.borrow().desired.revision;
     let converge = reports.borrow_and_update().clone();
     let same = reported.as_ref().is_some_and(|(rev, last)| {
@@ -219,14 +260,14 @@ async fn report(
             && last.as_ref().map(|r| r.outcome()) == converge.as_ref().map(|r| r.outcome())
     });
     if same {
-        return true;
+        return Ok(());
     }
     *reported = Some((applied, converge.clone()));
     let message = AgentMessage::Report {
         applied_revision: applied,
         converge,
     };
-    tx.send(message.into()).await.is_ok()
+    enqueue(tx, message)
 }
 
 fn record(

@@ -9,11 +9,17 @@
 //! release-vips` (the unit's `ExecStopPost=`) and the next start remove it:
 //! a VIP is never left behind without a lease.
 //!
-//! **Architecture invariant:** the holding rule is applied on this host's
-//! monotonic clock only; replicas echo our send times and never compare
-//! clocks.
+//! **Architecture invariants:**
+//! - The holding rule is applied on this host's monotonic clock only;
+//!   replicas echo our send times and never compare clocks.
+//! - Nothing in the driver loop or the lease streams awaits without a
+//!   deadline: netlink calls carry [`crate::address::NETLINK_DEADLINE`],
+//!   dials and stream opens time out, events reach the driver with
+//!   [`EVENT_DEADLINE`]. A driver blocked in an await could not drop a VIP
+//!   whose lease ran out. The driver marks its [`Beat`] on every wake-up for
+//!   the systemd watchdog ([`crate::watchdog`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +40,7 @@ use crate::address::{enable_nonlocal_bind, HostNetwork, NetError};
 use crate::config::{Settings, VipSettings};
 use crate::session::Credentials;
 use crate::state::RecordedState;
+use crate::watchdog::{Beat, KEEPALIVE};
 
 /// How often the addresses actually on the host are compared with what the
 /// holder believes (drift: somebody removed or added the VIP by hand).
@@ -41,6 +48,13 @@ const OBSERVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a stopping agent waits for its last heartbeat ("released") to
 /// go out.
 const FAREWELL: Duration = Duration::from_millis(300);
+/// How long a lease stream, probe or health check waits for room in the
+/// driver's event queue before giving up (the stream reconnects; a check
+/// result is dropped and the check runs again).
+pub const EVENT_DEADLINE: Duration = Duration::from_secs(2);
+/// Dialing a replica, TLS included, and opening its lease stream.
+const DIAL_DEADLINE: Duration = Duration::from_secs(4);
+const OPEN_DEADLINE: Duration = Duration::from_secs(4);
 
 /// What `vips.json` holds: addresses this agent has bound (or is binding).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,7 +160,9 @@ struct Driver {
     checks: BTreeMap<String, VipCheck>,
     targets: BTreeMap<String, Target>,
     health: BTreeMap<String, bool>,
-    checking: BTreeSet<String>,
+    /// Checks under way, since when: one whose result was lost is started
+    /// again after twice its timeout.
+    checking: BTreeMap<String, Instant>,
     held_file: HeldFile,
     held: HeldAddresses,
     seq: u64,
@@ -254,9 +270,10 @@ impl Driver {
                                 true
                             }
                         };
-                        let _ = events
-                            .send(DriverEvent::Probed { vip, epoch, in_use })
-                            .await;
+                        let event = DriverEvent::Probed { vip, epoch, in_use };
+                        if events.send_timeout(event, EVENT_DEADLINE).await.is_err() {
+                            warn!("probe result dropped: the VIP driver took no event for {EVENT_DEADLINE:?}");
+                        }
                     });
                 }
                 HolderAction::Bind { vip, target } => self.bind(&vip, &target).await,
@@ -336,9 +353,15 @@ impl Driver {
     fn start_checks(&mut self) {
         let timeout = self.settings.check_interval.max(Duration::from_millis(200));
         for (vip, check) in &self.checks {
-            if !self.checking.insert(vip.clone()) {
+            let now = Instant::now();
+            if self
+                .checking
+                .get(vip)
+                .is_some_and(|since| now.duration_since(*since) < timeout * 2)
+            {
                 continue;
             }
+            self.checking.insert(vip.clone(), now);
             let (vip, check) = (vip.clone(), check.clone());
             let socket = self.settings.haproxy_socket.clone();
             let events = self.events.clone();
@@ -348,7 +371,10 @@ impl Driver {
                     debug!(vip.name = %vip, %reason, "health check failed");
                 }
                 let ok = result.is_ok();
-                let _ = events.send(DriverEvent::Checked { vip, ok }).await;
+                let event = DriverEvent::Checked { vip, ok };
+                if events.send_timeout(event, EVENT_DEADLINE).await.is_err() {
+                    warn!("health check result dropped: the VIP driver took no event for {EVENT_DEADLINE:?}");
+                }
             });
         }
     }
@@ -442,23 +468,25 @@ async fn one_lease_stream(
     events: &mpsc::Sender<DriverEvent>,
     silence: Duration,
 ) -> Result<(), String> {
-    let channel = creds.dial(url, Duration::from_secs(2)).await?;
+    let channel = tokio::time::timeout(DIAL_DEADLINE, creds.dial(url, Duration::from_secs(2)))
+        .await
+        .map_err(|_| format!("no TLS session with {url} within {DIAL_DEADLINE:?}"))??;
     let mut client = AgentServiceClient::new(channel);
     let first = loop {
         if let Some(hb) = heartbeats.borrow_and_update().clone() {
             break hb;
         }
-        heartbeats
-            .changed()
+        tokio::time::timeout(silence, heartbeats.changed())
             .await
+            .map_err(|_| format!("the VIP driver made no heartbeat in {silence:?}"))?
             .map_err(|_| "agent stopping".to_owned())?;
     };
     let (tx, rx) = mpsc::channel::<pb::LeaseHeartbeat>(4);
     // The receiver is alive (held by `rx` below), so this cannot fail.
     let _ = tx.try_send((*first).clone().into());
-    let mut inbound = client
-        .lease(ReceiverStream::new(rx))
+    let mut inbound = tokio::time::timeout(OPEN_DEADLINE, client.lease(ReceiverStream::new(rx)))
         .await
+        .map_err(|_| format!("{url} did not answer the lease request in {OPEN_DEADLINE:?}"))?
         .map_err(|s| format!("{url} refused the lease stream: {}", s.message()))?
         .into_inner();
     info!("lease stream open");
@@ -478,10 +506,18 @@ async fn one_lease_stream(
                     .ok_or_else(|| format!("{url} closed the lease stream"))?;
                 let reply = LeaseReply::try_from(message)
                     .map_err(|e| format!("invalid reply from {url}: {e}"))?;
+                // Bounded: a stream blocked here would stop reading its
+                // replica. The replica repeats our assignments when the
+                // stream opens again, so nothing is lost by reconnecting.
                 events
-                    .send(DriverEvent::Reply(reply))
+                    .send_timeout(DriverEvent::Reply(reply), EVENT_DEADLINE)
                     .await
-                    .map_err(|_| "agent stopping".to_owned())?;
+                    .map_err(|e| match e {
+                        mpsc::error::SendTimeoutError::Timeout(_) => format!(
+                            "the VIP driver took no reply for {EVENT_DEADLINE:?}"
+                        ),
+                        mpsc::error::SendTimeoutError::Closed(_) => "agent stopping".to_owned(),
+                    })?;
             }
         }
     }
@@ -493,6 +529,7 @@ pub async fn run_vips(
     settings: Settings,
     creds: Credentials,
     mut desired: watch::Receiver<RecordedState>,
+    beat: Beat,
     shutdown: CancellationToken,
 ) -> Result<(), NetError> {
     match release_recorded(&settings.state_dir).await {
@@ -512,7 +549,7 @@ pub async fn run_vips(
         checks: BTreeMap::new(),
         targets: BTreeMap::new(),
         health: BTreeMap::new(),
-        checking: BTreeSet::new(),
+        checking: BTreeMap::new(),
         held_file: HeldFile::new(&settings.state_dir),
         held: HeldAddresses::default(),
         seq: 0,
@@ -525,12 +562,19 @@ pub async fn run_vips(
     let mut hb_tick = tokio::time::interval(vip.lease.heartbeat);
     let mut check_tick = tokio::time::interval(vip.check_interval);
     let mut observe_tick = tokio::time::interval(OBSERVE_INTERVAL);
-    for tick in [&mut hb_tick, &mut check_tick, &mut observe_tick] {
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    for tick in [
+        &mut hb_tick,
+        &mut check_tick,
+        &mut observe_tick,
+        &mut keepalive,
+    ] {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     // Replies slower than this mean the stream is dead: reconnect.
     let silence = (vip.lease.lease * 3).max(Duration::from_secs(2));
     loop {
+        beat.beat();
         let candidate = desired.borrow().desired.roles.contains(&Role::Lb);
         match (candidate, &streams) {
             (true, None) => {
@@ -571,6 +615,7 @@ pub async fn run_vips(
         }
         let deadline = driver.holder.next_deadline().map(|d| driver.origin + d);
         tokio::select! {
+            _ = keepalive.tick() => {}
             _ = shutdown.cancelled() => {
                 if streams.is_some() {
                     driver.release_all().await;
