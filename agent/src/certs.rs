@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, Identity};
 use tracing::{info, warn};
 
+/// How long one renewal call to one replica may take.
+const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Writes `bytes` to `path` through a staged file and a rename, synced, so
 /// readers see the old content or the new, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
@@ -127,15 +130,20 @@ async fn renew_once(
                 continue;
             }
         };
-        let issued = match AgentServiceClient::new(channel)
-            .renew_certificate(pb::RenewCertificateRequest {
-                csr_pem: csr_pem.clone(),
-            })
-            .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
+        // Bounded, like every call the agent makes: a replica that never
+        // answers must not hold renewal (and so the certificate) hostage.
+        let mut client = AgentServiceClient::new(channel);
+        let call = client.renew_certificate(pb::RenewCertificateRequest {
+            csr_pem: csr_pem.clone(),
+        });
+        let issued = match tokio::time::timeout(RENEW_DEADLINE, call).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
                 errors.push(format!("{url}: {}", status.message()));
+                continue;
+            }
+            Err(_) => {
+                errors.push(format!("{url}: no answer within {RENEW_DEADLINE:?}"));
                 continue;
             }
         };

@@ -81,17 +81,62 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> HostError {
     }
 }
 
-/// Runs a program to completion; `Err` only if it could not be started.
+/// The longest any one command may run (a package install over a slow
+/// mirror, `kubeadm init`). One that runs longer is hung — on a lock, a
+/// prompt, a dead mount — and is killed with its process group, so that a
+/// converge run always ends and reports.
+pub const COMMAND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Runs a program to completion (at most [`COMMAND_DEADLINE`]); `Err` if it
+/// could not be started or had to be killed.
 fn exec(argv: &[&str], env: &[(&str, &str)]) -> HostResult<CommandOutput> {
+    exec_within(argv, env, COMMAND_DEADLINE)
+}
+
+fn exec_within(
+    argv: &[&str],
+    env: &[(&str, &str)],
+    deadline: std::time::Duration,
+) -> HostResult<CommandOutput> {
+    use std::os::unix::process::CommandExt;
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| HostError::Failed("empty command".into()))?;
-    let out = Command::new(program)
+    let child = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group, so that a kill reaches what it started.
+        .process_group(0)
+        .spawn()
         .map_err(|e| HostError::Failed(format!("cannot run {program}: {e}")))?;
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let killer = std::thread::spawn(move || {
+        // Woken at once when the command ends (`done` sent or dropped).
+        if finished.recv_timeout(deadline) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            return true;
+        }
+        false
+    });
+    let out = child.wait_with_output();
+    let _ = done.send(());
+    let killed = killer.join().unwrap_or(false);
+    let out = out.map_err(|e| HostError::Failed(format!("cannot run {program}: {e}")))?;
+    if killed {
+        return Err(HostError::Failed(format!(
+            "`{}` did not finish within {deadline:?} and was killed; its last output: {}",
+            argv.join(" "),
+            tail(&format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        )));
+    }
     Ok(CommandOutput {
         success: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -550,5 +595,46 @@ impl Commands for System {
 impl Host for System {
     fn container(&self) -> Option<&str> {
         self.container.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_command_gets_its_output() {
+        let out = exec_within(
+            &["sh", "-c", "echo out; echo err >&2; exit 3"],
+            &[],
+            Duration::from_secs(10),
+        )
+        .expect("runs");
+        assert!(!out.success);
+        assert_eq!(out.stdout, "out\n");
+        assert_eq!(out.stderr, "err\n");
+    }
+
+    /// A hung command (and what it started, holding its output open) is
+    /// killed at the deadline and reported, instead of blocking the
+    /// converge run forever.
+    #[test]
+    fn a_hung_command_is_killed_at_its_deadline() {
+        let started = Instant::now();
+        let error = exec_within(
+            &["sh", "-c", "echo waiting; sleep 30 & sleep 30"],
+            &[],
+            Duration::from_millis(300),
+        )
+        .expect_err("killed");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let text = error.to_string();
+        assert!(text.contains("did not finish within 300ms"), "{text}");
+        assert!(text.contains("waiting"), "{text}");
     }
 }
