@@ -66,6 +66,8 @@ pub enum Command {
     Role {
         #[command(subcommand)]
         command: RoleCommand,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// The audit trail: role changes, nodes connecting, leader changes.
     Events {
@@ -102,6 +104,8 @@ pub enum Command {
         /// Only show what would change; write nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Join tokens: a new node runs the printed `steward-agent join`
     /// command, which gets it a certificate and starts its agent.
@@ -114,6 +118,20 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+}
+
+/// `--wait` and its `--timeout`, for commands that change desired state.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct WaitArgs {
+    /// Wait until every node the change reached has converged it, showing
+    /// each node's progress (a bar on a terminal, a line per change
+    /// otherwise, on stderr). Exits non-zero, naming the nodes and their
+    /// first error, when a node fails to converge or the timeout passes.
+    #[arg(long, global = true)]
+    pub wait: bool,
+    /// How long --wait waits (90s, 10m, 1h).
+    #[arg(long, value_parser = parse_duration, default_value = "10m", requires = "wait", global = true)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -305,6 +323,9 @@ pub enum CtlError {
     Pki(#[from] pki::PkiError),
     #[error("invalid answer from the coordinator: {0}")]
     Invalid(#[from] steward_proto::ProtoError),
+    /// `--wait` ended without every node converged.
+    #[error("{0}")]
+    Wait(String),
 }
 
 impl From<tonic::Status> for CtlError {
@@ -407,8 +428,12 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             }
             Ok(())
         }
-        Command::Role { command } => {
+        Command::Role { command, wait } => {
             let mut client = connect(&cli).await?;
+            let baseline = match wait.wait {
+                true => Some(crate::ctl_wait::baseline(&mut client).await?),
+                false => None,
+            };
             let node = match command {
                 RoleCommand::Add { id, roles } => client.add_roles(change(id, roles)).await?,
                 RoleCommand::Rm { id, roles } => client.remove_roles(change(id, roles)).await?,
@@ -424,14 +449,27 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     node.desired_revision
                 ),
             }
+            if let Some(baseline) = baseline {
+                let done =
+                    crate::ctl_wait::wait(&mut client, &baseline, true, wait.timeout).await?;
+                eprintln!("{done}");
+            }
             Ok(())
         }
         Command::Vip { command } => vip_command(&cli, command).await,
         Command::Token { command } => token_command(&cli, command).await,
-        Command::Apply { file, dry_run } => {
+        Command::Apply {
+            file,
+            dry_run,
+            wait,
+        } => {
             let spec_toml = read_spec(file)?;
-            let outcome = connect(&cli)
-                .await?
+            let mut client = connect(&cli).await?;
+            let baseline = match wait.wait && !*dry_run {
+                true => Some(crate::ctl_wait::baseline(&mut client).await?),
+                false => None,
+            };
+            let outcome = client
                 .apply(pb::ApplyRequest {
                     spec_toml,
                     dry_run: *dry_run,
@@ -439,6 +477,12 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .await?
                 .into_inner();
             print!("{}", apply_output(cli.output, &outcome, *dry_run));
+            if let Some(baseline) = baseline {
+                let wrote = outcome.applied && !outcome.changes.is_empty();
+                let done =
+                    crate::ctl_wait::wait(&mut client, &baseline, wrote, wait.timeout).await?;
+                eprintln!("{done}");
+            }
             Ok(())
         }
         Command::Events { follow, limit } => {
@@ -1259,8 +1303,38 @@ mod tests {
         let cli = Cli::try_parse_from(["stewardctl", "apply", "-f", "-", "--dry-run"]).unwrap();
         assert!(matches!(
             cli.command,
-            Command::Apply { ref file, dry_run: true } if file == Path::new("-")
+            Command::Apply { ref file, dry_run: true, .. } if file == Path::new("-")
         ));
+    }
+
+    #[test]
+    fn wait_flags_parse_where_desired_state_changes() {
+        let cli = Cli::try_parse_from([
+            "stewardctl",
+            "role",
+            "add",
+            "n1",
+            "lb",
+            "--wait",
+            "--timeout",
+            "30s",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Role { wait, .. } => {
+                assert!(wait.wait);
+                assert_eq!(wait.timeout, Duration::from_secs(30));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["stewardctl", "apply", "-f", "c.toml", "--wait"]).unwrap();
+        match cli.command {
+            Command::Apply { wait, .. } => assert_eq!(wait.timeout, Duration::from_secs(600)),
+            other => panic!("{other:?}"),
+        }
+        let err = Cli::try_parse_from(["stewardctl", "role", "rm", "n1", "lb", "--timeout", "1m"])
+            .unwrap_err();
+        assert!(err.to_string().contains("--wait"), "{err}");
     }
 
     #[test]
