@@ -38,6 +38,10 @@ command -v strip >/dev/null || need+=(binutils)
 command -v help2man >/dev/null || need+=(help2man)
 command -v lintian >/dev/null || need+=(lintian)
 command -v rpm >/dev/null || need+=(rpm)
+# tests/tests/completion.rs parses stewardctl's completion scripts in the
+# real shells and completes names with bash and fish.
+command -v zsh >/dev/null || need+=(zsh)
+command -v fish >/dev/null || need+=(fish)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing: ${need[*]}"

@@ -91,6 +91,10 @@ manpage() { # manpage BINARY SECTION "name line"
 manpage steward-agent 8 "Steward node agent"
 manpage steward-coordinator 8 "Steward coordinator replica"
 manpage stewardctl 1 "operate a Steward cluster"
+# stewardctl's shell completions, made by stewardctl itself.
+"$BIN/stewardctl" completion bash > "$BIN/stewardctl.bash"
+"$BIN/stewardctl" completion zsh > "$BIN/_stewardctl"
+"$BIN/stewardctl" completion fish > "$BIN/stewardctl.fish"
 
 mkdir -p "$OUT"
 rm -f "$OUT"/steward-agent_*.deb "$OUT"/steward-coordinator_*.deb "$OUT"/stewardctl_*.deb \

@@ -118,6 +118,19 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Print a shell completion script.
+    ///
+    /// bash: `source <(stewardctl completion bash)` (or save it as
+    /// /usr/share/bash-completion/completions/stewardctl); zsh: save as
+    /// `_stewardctl` in a directory of your $fpath; fish: `stewardctl
+    /// completion fish > ~/.config/fish/completions/stewardctl.fish`. The
+    /// packages install all three. In bash and fish, node ids and VIP names
+    /// are completed from the cluster (with the STEWARD_* settings of the
+    /// shell).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `--wait` and its `--timeout`, for commands that change desired state.
@@ -369,6 +382,9 @@ async fn connect(cli: &Cli) -> Result<AdminServiceClient<Channel>, CtlError> {
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match &cli.command {
         Command::Pki { command } => pki_command(command),
+        Command::Completion { shell } => crate::ctl_complete::print_script(*shell)
+            .map_err(|e| CtlError::Usage(format!("cannot write the script: {e}"))),
+
         Command::Status => {
             let status = connect(&cli)
                 .await?
@@ -510,6 +526,33 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             Ok(())
         }
     }
+}
+
+/// Node ids or VIP names, for the completion scripts
+/// ([`crate::ctl_complete`]).
+pub async fn complete_names(
+    cli: &Cli,
+    names: crate::ctl_complete::Names,
+) -> Result<Vec<String>, CtlError> {
+    let mut client = connect(cli).await?;
+    Ok(match names {
+        crate::ctl_complete::Names::Nodes => client
+            .list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner()
+            .nodes
+            .into_iter()
+            .map(|n| n.id)
+            .collect(),
+        crate::ctl_complete::Names::Vips => client
+            .list_vips(pb::ListVipsRequest {})
+            .await?
+            .into_inner()
+            .vips
+            .into_iter()
+            .filter_map(|v| v.spec.map(|s| s.name))
+            .collect(),
+    })
 }
 
 fn token_json(t: &pb::TokenInfo) -> serde_json::Value {

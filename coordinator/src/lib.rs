@@ -20,6 +20,7 @@ pub mod cache;
 pub mod cluster_spec;
 pub mod config;
 pub mod ctl;
+pub mod ctl_complete;
 pub mod ctl_wait;
 pub mod error;
 pub mod leader;

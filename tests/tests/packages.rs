@@ -254,7 +254,14 @@ fn debs_pass_lintian() {
         "stewardctl is its own package, not in {COORDINATOR}"
     );
     let ctl = contents(CTL);
-    assert!(has(&ctl, "usr/bin/stewardctl"), "{ctl}");
+    for path in [
+        "usr/bin/stewardctl",
+        "usr/share/bash-completion/completions/stewardctl",
+        "usr/share/zsh/vendor-completions/_stewardctl",
+        "usr/share/fish/vendor_completions.d/stewardctl.fish",
+    ] {
+        assert!(has(&ctl, path), "{CTL} .deb lacks {path}:\n{ctl}");
+    }
     assert!(
         !ctl.contains("systemd") && !ctl.contains("./etc/") && !ctl.contains("steward-coordinator"),
         "stewardctl (for workstations) must hold no unit, config or daemon:\n{ctl}"
@@ -324,6 +331,9 @@ fn rpms_hold_their_files_and_scripts() {
                 "-rwxr-xr-x /usr/bin/stewardctl",
                 "-rw-r--r-- d /usr/share/man/man1/stewardctl.1.gz",
                 "-rw-r--r-- d /usr/share/doc/stewardctl/examples/cluster.example.toml",
+                "-rw-r--r-- /usr/share/bash-completion/completions/stewardctl",
+                "-rw-r--r-- /usr/share/zsh/site-functions/_stewardctl",
+                "-rw-r--r-- /usr/share/fish/vendor_completions.d/stewardctl.fish",
             ],
         ),
     ];

@@ -6,7 +6,10 @@ use clap::Parser;
 use steward_coordinator::ctl::{self, Cli};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The completion scripts' helper, before clap: see ctl_complete.
+    let args: Vec<String> = std::env::args().collect();
+    let completing = args.get(1).is_some_and(|a| a == "__complete");
+    let cli = if completing { None } else { Some(Cli::parse()) };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -16,6 +19,10 @@ fn main() -> ExitCode {
             eprintln!("stewardctl: cannot start runtime: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    let Some(cli) = cli else {
+        runtime.block_on(steward_coordinator::ctl_complete::complete_main(&args[2..]));
+        return ExitCode::SUCCESS;
     };
     match runtime.block_on(ctl::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
