@@ -761,6 +761,12 @@ impl Acker {
         self.vips.get(vip).map(|v| (v.epoch, v.owner.as_ref()))
     }
 
+    /// Since when this replica has not acked `vip`'s current epoch: its
+    /// last ack, or when it learnt of the epoch if it never acked it.
+    pub fn quiet_since(&self, vip: &str) -> Option<Duration> {
+        self.vips.get(vip).map(|v| v.last_ack.unwrap_or(v.seen_at))
+    }
+
     /// Whether this replica still acks `vip`'s current epoch, and when it
     /// last did.
     pub fn ack_state(&self, vip: &str) -> Option<(bool, Option<Duration>)> {

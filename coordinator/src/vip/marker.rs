@@ -98,7 +98,14 @@ pub async fn run_marker(
             match write_mark(&store, &mark).await {
                 Ok(written) => {
                     if written {
-                        info!(vip.name = %mark.vip, vip.epoch = mark.epoch, reason = mark.reason.as_str(), "expiry mark written");
+                        // How long this replica had been quiet for the
+                        // epoch: failover timelines start from its last ack.
+                        let since_last_ack_ms = hub
+                            .with_acker(|a| a.quiet_since(&mark.vip))
+                            .map_or(-1, |since| {
+                                hub.now().saturating_sub(since).as_millis() as i64
+                            });
+                        info!(vip.name = %mark.vip, vip.epoch = mark.epoch, reason = mark.reason.as_str(), since_last_ack_ms, "expiry mark written");
                     }
                     // Written, or the epoch is already over: either way this
                     // replica never acks it again.
