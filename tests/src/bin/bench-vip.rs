@@ -24,7 +24,7 @@
 //! the failover from the daemons' logs, in ms from the fault.
 //!
 //!     cargo build --release --workspace --bins
-//!     target/release/bench-vip [--trials N] [--only steward|keepalived|steward-fast|...]
+//!     target/release/bench-vip [--trials N] [--only steward|keepalived|steward-fast,keepalived-advert-1|...]
 //!         [--scenarios crash,silent,haproxy,move,leader,etcd,partition]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -512,7 +512,7 @@ with the same client (a request through the VIP every 10 ms). Prints, per
 scenario and contender, the client-observed outage p50/p99/max, failed
 requests, trials with two holders, and the ratio to keepalived at its default.
 
-usage: bench-vip [--trials N] [--only steward|keepalived|steward-fast|...]
+usage: bench-vip [--trials N] [--only steward|keepalived|steward-fast,keepalived-advert-1|...]
                  [--scenarios crash,silent,haproxy,move,leader,etcd,partition]
 
 Crash and silent trials print their direction, a timeline of the failover
@@ -575,9 +575,13 @@ fn main() {
             Box::new(|| Contender::Keepalived(KeepalivedBed::start("bka01", 0.1))),
         ),
     ];
-    // `--only steward`, `--only keepalived`, `--only steward-fast`, ...
+    // `--only steward`, `--only keepalived`, `--only steward-fast,keepalived-advert-1`:
+    // contenders whose name (spaces as dashes) starts with one of these.
     if let Some(only) = &only {
-        contenders.retain(|(name, _)| name.replace(' ', "-").starts_with(only.as_str()));
+        contenders.retain(|(name, _)| {
+            let name = name.replace(' ', "-");
+            only.split(',').any(|prefix| name.starts_with(prefix))
+        });
     }
 
     // Per scenario and contender: all trials ("all"), then per direction.
