@@ -490,6 +490,11 @@ async fn one_lease_stream(
         .map_err(|s| format!("{url} refused the lease stream: {}", s.message()))?
         .into_inner();
     info!("lease stream open");
+    // Counted from the last reply, not from the last heartbeat sent: a
+    // stream whose peer went away (a partition, a host taken off the wire)
+    // must be given up, or it stays "open" until TCP's retransmission
+    // backoff ends it, seconds after the network healed.
+    let mut silent_after = tokio::time::Instant::now() + silence;
     loop {
         tokio::select! {
             changed = heartbeats.changed() => {
@@ -499,9 +504,12 @@ async fn one_lease_stream(
                     let _ = tx.try_send((*hb).clone().into());
                 }
             }
-            message = tokio::time::timeout(silence, inbound.message()) => {
+            _ = tokio::time::sleep_until(silent_after) => {
+                return Err(format!("no reply from {url} for {silence:?}"));
+            }
+            message = inbound.message() => {
+                silent_after = tokio::time::Instant::now() + silence;
                 let message = message
-                    .map_err(|_| format!("no reply from {url} for {silence:?}"))?
                     .map_err(|s| format!("{url}: {}", s.message()))?
                     .ok_or_else(|| format!("{url} closed the lease stream"))?;
                 let reply = LeaseReply::try_from(message)

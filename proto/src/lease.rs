@@ -7,7 +7,8 @@
 //!   now, by the holding rule (a quorum of replicas acked a heartbeat younger
 //!   than `lease × (1 − drift margin)` on the node's own monotonic clock).
 //! - [`Acker`] — a coordinator replica: acks heartbeats for the epoch its
-//!   view of etcd names, stops acking an epoch for good once it marks it, and
+//!   view of etcd names, stops acking an epoch once it marks it (for good,
+//!   unless it takes the mark back while that epoch still stands), and
 //!   decides when to write an expiry mark.
 //! - [`place`] — the leader: whom to give a VIP next, and when.
 //!
@@ -17,12 +18,22 @@
 //!
 //! **Why it is safe.** A holder keeps the address only while `Q` replicas
 //! acked one of its heartbeats sent less than `L·(1−m)` ago. A replica marks
-//! epoch `E` expired only when it has not acked `E` for `L`, and never acks
-//! `E` afterwards; a release is a mark written at once, because the holder
+//! epoch `E` expired only when it has not acked `E` for `L`, and acks `E`
+//! no more while its mark stands; a release is a mark written at once, because the holder
 //! dropped the address before it said so. The leader moves a VIP only after
 //! `Q` marks for its epoch, and any `Q` marks and any `Q` acks share a replica
 //! — so by then the old holder's quorum has lapsed, as long as clock rates
 //! differ by less than about `m/2`.
+//!
+//! A replica may take its expiry mark back when the holder turns out to be
+//! alive (a stalled host, a stream that broke for a lease): it deletes the
+//! mark while the owner is still at `E`, and acks `E` again only after that
+//! delete succeeded. The leader's move is a txn that also requires every mark
+//! it counted to still exist. etcd orders the two: a withdrawn mark never
+//! counts towards a move, and a mark a move counted is never withdrawn (the
+//! owner changed), so "a mark that moved the VIP means no ack for a lease
+//! before it and none since" still holds. Without this, a hiccup at one
+//! replica and, minutes later, one at another would move a healthy holder.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -86,9 +97,9 @@ impl LeaseParams {
 
     /// How long a replica that just started waits, beyond the lease, before
     /// it may mark an epoch expired: holders need time to reconnect to it,
-    /// and a mark is final for its epoch (the replica never acks that epoch
-    /// again), so a hasty one would leave the holder with one ack fewer for
-    /// as long as it holds. Waiting is always safe (a mark only permits a
+    /// and a hasty mark would cost the holder this replica's acks until the
+    /// mark is taken back (an etcd round trip after the holder is heard
+    /// again). Waiting is always safe (a mark only permits a
     /// reassignment) and does not slow failover while the other replicas
     /// are up: a quorum of marks is enough.
     pub fn restart_grace(&self) -> Duration {
@@ -595,9 +606,18 @@ struct AckedVip {
     /// When this replica learnt of `epoch`.
     seen_at: Duration,
     last_ack: Option<Duration>,
-    /// Decided: never ack `epoch` again. Carries the reason of the mark.
+    /// Decided: no more acks for `epoch` (for good if released). Carries
+    /// the reason of the mark.
     stopped: Option<MarkReason>,
     mark_written: bool,
+    /// The owner heartbeats this replica again after it marked `epoch`
+    /// expired: the mark is to be taken back (see
+    /// [`Acker::pending_withdrawals`]).
+    withdraw: bool,
+    /// This replica took its own mark for `epoch` back: an own mark etcd
+    /// still shows is that one, seen late (its own later marks it records
+    /// through [`Acker::on_mark_written`]).
+    withdrawn: bool,
     release_requested: bool,
 }
 
@@ -640,6 +660,8 @@ impl Acker {
                 stopped: owner.is_none().then_some(MarkReason::Expired),
                 // Nothing to mark when nobody owns the epoch.
                 mark_written: owner.is_none(),
+                withdraw: false,
+                withdrawn: false,
                 owner,
                 seen_at: now,
                 last_ack: None,
@@ -659,15 +681,74 @@ impl Acker {
     }
 
     /// A mark seen in etcd. This replica's own mark (written before a
-    /// restart, say) means it must never ack that epoch again.
+    /// restart, say) means it must not ack that epoch unless it takes the
+    /// mark back first ([`Acker::pending_withdrawals`]).
     pub fn on_mark(&mut self, vip: &str, epoch: Epoch, replica: &str, reason: MarkReason) {
         if replica != self.me {
             return;
         }
+        if self
+            .vips
+            .get(vip)
+            .is_some_and(|v| v.epoch == epoch && v.withdrawn)
+        {
+            // The mark this replica withdrew, seen late.
+            return;
+        }
+        self.on_mark_written(vip, epoch, reason);
+    }
+
+    /// This replica's own mark is in etcd (its write succeeded), or the
+    /// epoch is over.
+    pub fn on_mark_written(&mut self, vip: &str, epoch: Epoch, reason: MarkReason) {
         if let Some(v) = self.vips.get_mut(vip) {
             if v.epoch == epoch {
                 v.stopped.get_or_insert(reason);
                 v.mark_written = true;
+            }
+        }
+    }
+
+    /// Expiry marks to take back, because the owner heartbeats this replica
+    /// again: delete each (only while the owner is still at that epoch),
+    /// then call [`Acker::on_withdrawn`] — only then does this replica ack
+    /// the epoch again. Safe because the leader moves a VIP only in a txn
+    /// that finds every mark it counted still there: a withdrawn mark can
+    /// never again count towards a move, and a mark a move counted can
+    /// never be withdrawn (the owner changed).
+    pub fn pending_withdrawals(&self) -> Vec<(String, Epoch)> {
+        self.vips
+            .iter()
+            .filter(|(_, v)| wants_withdrawal(v))
+            .map(|(name, v)| (name.clone(), v.epoch))
+            .collect()
+    }
+
+    pub fn has_pending_withdrawals(&self) -> bool {
+        self.vips.values().any(wants_withdrawal)
+    }
+
+    /// The own mark for `epoch` is deleted while the owner was still at
+    /// `epoch`: ack it again, and mark it again only after a quiet lease
+    /// from now.
+    pub fn on_withdrawn(&mut self, vip: &str, epoch: Epoch, now: Duration) {
+        if let Some(v) = self.vips.get_mut(vip) {
+            if v.epoch == epoch && wants_withdrawal(v) {
+                v.stopped = None;
+                v.mark_written = false;
+                v.withdraw = false;
+                v.withdrawn = true;
+                v.last_ack = None;
+                v.seen_at = now;
+            }
+        }
+    }
+
+    /// The withdrawal was refused: the epoch is over.
+    pub fn on_withdraw_refused(&mut self, vip: &str, epoch: Epoch) {
+        if let Some(v) = self.vips.get_mut(vip) {
+            if v.epoch == epoch {
+                v.withdraw = false;
             }
         }
     }
@@ -699,9 +780,15 @@ impl Acker {
             }
             if claim.released {
                 v.stopped.get_or_insert(MarkReason::Released);
+                v.withdraw = false;
             } else if v.stopped.is_none() {
                 v.last_ack = Some(now);
                 acked.push((claim.vip.clone(), claim.epoch));
+            } else if v.stopped == Some(MarkReason::Expired) && v.mark_written {
+                // A holder that was quiet for a lease (a stalled host, a
+                // broken stream) is back: take the mark back rather than
+                // leave it to add up with the next hiccup elsewhere.
+                v.withdraw = true;
             }
         }
         acked
@@ -761,6 +848,12 @@ impl Acker {
         self.vips.get(vip).map(|v| (v.epoch, v.owner.as_ref()))
     }
 
+    /// Since when this replica has not acked `vip`'s current epoch: its
+    /// last ack, or when it learnt of the epoch if it never acked it.
+    pub fn quiet_since(&self, vip: &str) -> Option<Duration> {
+        self.vips.get(vip).map(|v| v.last_ack.unwrap_or(v.seen_at))
+    }
+
     /// Whether this replica still acks `vip`'s current epoch, and when it
     /// last did.
     pub fn ack_state(&self, vip: &str) -> Option<(bool, Option<Duration>)> {
@@ -768,6 +861,10 @@ impl Acker {
             .get(vip)
             .map(|v| (v.stopped.is_none(), v.last_ack))
     }
+}
+
+fn wants_withdrawal(v: &AckedVip) -> bool {
+    v.withdraw && v.mark_written && v.stopped == Some(MarkReason::Expired)
 }
 
 // ---------------------------------------------------------------------------
@@ -1170,6 +1267,72 @@ mod tests {
         assert_eq!(b.on_heartbeat(&node("lb-1"), &claim, ms(5001)).len(), 1);
         b.on_mark("front", 7, "r1", MarkReason::Expired);
         assert!(b.on_heartbeat(&node("lb-1"), &claim, ms(5002)).is_empty());
+    }
+
+    fn claim7(released: bool) -> [Claim; 1] {
+        [Claim {
+            vip: "front".into(),
+            epoch: 7,
+            released,
+        }]
+    }
+
+    #[test]
+    fn a_mark_is_taken_back_when_the_holder_is_heard_again_and_only_then_acks_resume() {
+        let p = LeaseParams::DEFAULT;
+        let mut a = Acker::new("r1".into(), p, ms(0));
+        a.on_owner("front", Some(node("lb-1")), 7, ms(4000));
+        let claim = claim7(false);
+        a.on_heartbeat(&node("lb-1"), &claim, ms(4000));
+        a.tick(ms(4700));
+        assert_eq!(a.pending_marks().len(), 1);
+        // Heard again before the mark is written: nothing to take back yet,
+        // and no ack (the write may be in flight).
+        assert!(a.on_heartbeat(&node("lb-1"), &claim, ms(4710)).is_empty());
+        assert!(a.pending_withdrawals().is_empty());
+        a.on_mark_written("front", 7, MarkReason::Expired);
+        assert!(a.on_heartbeat(&node("lb-1"), &claim, ms(4720)).is_empty());
+        assert_eq!(a.pending_withdrawals(), vec![("front".to_owned(), 7)]);
+        assert!(a.has_pending_withdrawals());
+        // Still no ack while the withdrawal is pending.
+        assert!(a.on_heartbeat(&node("lb-1"), &claim, ms(4730)).is_empty());
+        a.on_withdrawn("front", 7, ms(4740));
+        assert!(a.pending_withdrawals().is_empty());
+        // The withdrawn mark seen late through the watch changes nothing.
+        a.on_mark("front", 7, "r1", MarkReason::Expired);
+        assert_eq!(a.on_heartbeat(&node("lb-1"), &claim, ms(4750)), acked(7));
+        // Quiet for a lease again: a new mark, recorded when written.
+        a.tick(ms(5450));
+        assert_eq!(a.pending_marks().len(), 1);
+        a.on_mark_written("front", 7, MarkReason::Expired);
+        assert!(a.on_heartbeat(&node("lb-1"), &claim, ms(5460)).is_empty());
+    }
+
+    #[test]
+    fn released_marks_and_refused_withdrawals_stay() {
+        let mut a = Acker::new("r1".into(), LeaseParams::DEFAULT, ms(0));
+        a.on_owner("front", Some(node("lb-1")), 7, ms(4000));
+        let claim = claim7;
+        a.on_heartbeat(&node("lb-1"), &claim(true), ms(4001));
+        a.on_mark_written("front", 7, MarkReason::Released);
+        assert!(a
+            .on_heartbeat(&node("lb-1"), &claim(false), ms(4002))
+            .is_empty());
+        assert!(a.pending_withdrawals().is_empty(), "a release is for good");
+
+        let mut b = Acker::new("r1".into(), LeaseParams::DEFAULT, ms(0));
+        b.on_owner("front", Some(node("lb-1")), 7, ms(4000));
+        b.tick(ms(4700));
+        b.on_mark_written("front", 7, MarkReason::Expired);
+        b.on_heartbeat(&node("lb-1"), &claim(false), ms(4800));
+        b.on_withdraw_refused("front", 7);
+        assert!(b.pending_withdrawals().is_empty());
+        assert!(b
+            .on_heartbeat(&node("lb-1"), &claim(false), ms(4810))
+            .is_empty());
+        // A later heartbeat asks again (the watch has not shown the new
+        // owner yet); the epoch's acks stay withheld throughout.
+        assert_eq!(b.pending_withdrawals().len(), 1);
     }
 
     #[test]

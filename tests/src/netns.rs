@@ -535,6 +535,35 @@ impl Host {
         ip(&["-n", &self.switch_ns, "link", "set", &self.port, "up"]);
     }
 
+    /// Takes the host's port off the bridge while every link stays up: the
+    /// host sees carrier and sends as usual, but nothing it sends arrives
+    /// and nothing reaches it — a hung or partitioned machine as its peers
+    /// see it, and, unlike [`Host::link_down`], without carrier loss the
+    /// host itself could notice.
+    pub fn detach(&self) {
+        ip(&["-n", &self.switch_ns, "link", "set", &self.port, "nomaster"]);
+    }
+
+    /// Puts the port back on the bridge (STP off, no forward delay: it
+    /// forwards at once).
+    pub fn attach(&self) {
+        ip(&[
+            "-n",
+            &self.switch_ns,
+            "link",
+            "set",
+            &self.port,
+            "master",
+            "br0",
+        ]);
+    }
+
+    /// Whether the host's `eth0` has carrier (it does while detached).
+    pub fn has_carrier(&self) -> bool {
+        let out = self.iproute(&["-o", "link", "show", "eth0"]);
+        !out.contains("NO-CARRIER") && out.contains("LOWER_UP")
+    }
+
     /// Cuts this host off from `peer`, both ways: an nftables filter in
     /// this host's namespace drops every IP packet to or from `peer` (TCP,
     /// and raw-socket protocols such as VRRP that ignore the routing table

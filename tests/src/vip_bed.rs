@@ -177,6 +177,20 @@ impl FrontDoor {
     pub fn reappear(&self, lb: usize) {
         self.lbs[lb].host.link_up();
     }
+
+    /// The holder vanishes and cannot tell: its port leaves the switch,
+    /// every link stays up (no carrier loss), so it looks exactly like a
+    /// hung or partitioned machine, to its peers and to itself.
+    pub fn vanish_silently(&self, lb: usize) {
+        let host = &self.lbs[lb].host;
+        host.detach();
+        assert!(host.has_carrier(), "{} lost carrier", host.name());
+    }
+
+    /// Undoes [`FrontDoor::vanish_silently`].
+    pub fn reappear_silently(&self, lb: usize) {
+        self.lbs[lb].host.attach();
+    }
 }
 
 /// Options for [`VipBed::start`].

@@ -44,7 +44,8 @@ pub struct LeaseHub {
     acker: Mutex<Acker>,
     candidates: Mutex<HashMap<NodeId, LiveCandidate>>,
     next_stream: AtomicU64,
-    /// A release was heard: marks are due now.
+    /// A release was heard, or a marked holder again: marks (or their
+    /// withdrawal) are due now.
     pub marks_due: Notify,
     /// A candidate appeared, vanished or changed its health.
     pub candidates_changed: Notify,
@@ -115,8 +116,13 @@ impl LeaseHub {
             self.candidates_changed.notify_one();
         }
         let now = self.now();
-        let acked = self.with_acker(|a| a.on_heartbeat(&hb.node, &hb.claims, now));
-        if hb.claims.iter().any(|c| c.released) {
+        let (acked, withdraw) = self.with_acker(|a| {
+            let acked = a.on_heartbeat(&hb.node, &hb.claims, now);
+            (acked, a.has_pending_withdrawals())
+        });
+        // A release is marked at once; a mark of a holder heard again is
+        // taken back at once.
+        if withdraw || hb.claims.iter().any(|c| c.released) {
             self.marks_due.notify_one();
         }
         acked

@@ -4,13 +4,17 @@
 //! from the VIP watch cache; when it decides a mark (no ack for a lease, or a
 //! release heard), the mark is written to
 //! `vips/<name>/expired/<epoch>/<replica>` — only while the owner key is
-//! still at that epoch, so reassigned epochs leave no garbage behind.
+//! still at that epoch, so reassigned epochs leave no garbage behind. When
+//! the holder of a marked epoch heartbeats this replica again, the mark is
+//! deleted (again only while the owner is at that epoch) before the acker
+//! acks it again; placement moves a VIP only if every mark it counted is
+//! still there (see `steward_proto::lease`, "Why it is safe").
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-use steward_proto::lease::{Acker, Mark};
+use steward_proto::lease::{Acker, Epoch};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -55,26 +59,34 @@ pub fn feed(acker: &mut Acker, snapshot: &VipSnapshot, now: Duration) {
     }
 }
 
-async fn write_mark(store: &Store, mark: &Mark) -> Result<bool> {
+/// Writes this replica's mark for `epoch` of `vip` (`Some`), or deletes it
+/// (`None`: withdrawn), only while the owner key is still at `epoch`.
+/// `Ok(false)`: the epoch is over.
+async fn set_own_mark(
+    store: &Store,
+    vip: &str,
+    epoch: Epoch,
+    mark: Option<MarkRecord>,
+) -> Result<bool> {
     let keys = store.keys();
-    let owner_key = keys.vip_owner(&mark.vip);
+    let key = keys.vip_mark(vip, epoch, store.replica());
+    let (op, what) = match mark {
+        Some(record) => (TxnOp::put(key, encode(&record), None), "write expiry mark"),
+        None => (TxnOp::delete(key, None), "withdraw expiry mark"),
+    };
     let txn = Txn::new()
         .when([Compare::mod_revision(
-            owner_key.as_str(),
+            keys.vip_owner(vip).as_str(),
             CompareOp::Equal,
-            mark.epoch as i64,
+            epoch as i64,
         )])
-        .and_then([TxnOp::put(
-            keys.vip_mark(&mark.vip, mark.epoch, store.replica()),
-            encode(&MarkRecord::new(mark.reason)),
-            None,
-        )]);
+        .and_then([op]);
     let resp = store
         .client()
         .kv_client()
         .txn(txn)
         .await
-        .map_err(Error::etcd("write expiry mark"))?;
+        .map_err(Error::etcd(what))?;
     Ok(resp.succeeded())
 }
 
@@ -95,20 +107,40 @@ pub async fn run_marker(
         });
         let mut failed = false;
         for mark in pending {
-            match write_mark(&store, &mark).await {
+            let record = MarkRecord::new(mark.reason);
+            match set_own_mark(&store, &mark.vip, mark.epoch, Some(record)).await {
                 Ok(written) => {
                     if written {
-                        info!(vip.name = %mark.vip, vip.epoch = mark.epoch, reason = mark.reason.as_str(), "expiry mark written");
+                        // How long this replica had been quiet for the
+                        // epoch: failover timelines start from its last ack.
+                        let since_last_ack_ms = hub
+                            .with_acker(|a| a.quiet_since(&mark.vip))
+                            .map_or(-1, |since| {
+                                hub.now().saturating_sub(since).as_millis() as i64
+                            });
+                        info!(vip.name = %mark.vip, vip.epoch = mark.epoch, reason = mark.reason.as_str(), since_last_ack_ms, "expiry mark written");
                     }
                     // Written, or the epoch is already over: either way this
                     // replica never acks it again.
-                    hub.with_acker(|a| {
-                        a.on_mark(&mark.vip, mark.epoch, store.replica(), mark.reason)
-                    });
+                    hub.with_acker(|a| a.on_mark_written(&mark.vip, mark.epoch, mark.reason));
                 }
                 Err(error) => {
                     failed = true;
                     warn!(%error, vip.name = %mark.vip, vip.epoch = mark.epoch, "cannot write expiry mark yet");
+                }
+            }
+        }
+        let withdrawals = hub.with_acker(|a| a.pending_withdrawals());
+        for (vip, epoch) in withdrawals {
+            match set_own_mark(&store, &vip, epoch, None).await {
+                Ok(true) => {
+                    info!(vip.name = %vip, vip.epoch = epoch, "expiry mark withdrawn: the holder heartbeats this replica again");
+                    hub.with_acker(|a| a.on_withdrawn(&vip, epoch, hub.now()));
+                }
+                Ok(false) => hub.with_acker(|a| a.on_withdraw_refused(&vip, epoch)),
+                Err(error) => {
+                    failed = true;
+                    warn!(%error, vip.name = %vip, vip.epoch = epoch, "cannot withdraw expiry mark yet");
                 }
             }
         }

@@ -10,7 +10,8 @@
 //!
 //! **Architecture invariants:** acks never touch etcd and need no leader
 //! (static stability); the only etcd writes are marks (one per replica and
-//! epoch) and the leader's fenced owner writes.
+//! epoch; deleted again if the holder turns out to be alive) and the
+//! leader's fenced owner writes.
 
 pub mod admin;
 pub mod lease_api;

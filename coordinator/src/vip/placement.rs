@@ -157,12 +157,23 @@ async fn assign(
 ) -> Result<()> {
     let keys = store.keys();
     let owner_key = keys.vip_owner(name);
-    let guard = match &state.owner {
+    let mut guards = vec![match &state.owner {
         Some((_, epoch)) => {
             Compare::mod_revision(owner_key.as_str(), CompareOp::Equal, *epoch as i64)
         }
         None => Compare::version(owner_key.as_str(), CompareOp::Equal, 0),
-    };
+    }];
+    // Every mark counted must still be there: a replica that took its mark
+    // back acks the holder again (see `steward_proto::lease`).
+    if let Some(marks) = state.marks.get(&state.epoch()) {
+        guards.extend(marks.keys().map(|replica| {
+            Compare::version(
+                keys.vip_mark(name, state.epoch(), replica),
+                CompareOp::Greater,
+                0,
+            )
+        }));
+    }
     let from = state
         .owner_node()
         .map_or_else(|| "nobody".to_owned(), |n| n.to_string());
@@ -184,7 +195,7 @@ async fn assign(
         store.replica(),
         state.epoch()
     );
-    let inner = Txn::new().when([guard]).and_then([
+    let inner = Txn::new().when(guards).and_then([
         TxnOp::put(
             owner_key.as_str(),
             encode(&OwnerRecord { node: next }),
@@ -210,8 +221,9 @@ async fn assign(
     if !resp.succeeded() {
         return Err(Error::LostLeadership { epoch: fence.epoch });
     }
-    // The inner guard (owner still at the epoch decided on) may have failed:
-    // then nothing moved, and the next look decides again.
+    // The inner guard (owner still at the epoch decided on, every counted
+    // mark still there) may have failed: then nothing moved, and the next
+    // look decides again.
     let moved = resp.op_responses().iter().any(|r| match r {
         etcd_client::TxnOpResponse::Txn(inner) => inner.succeeded(),
         _ => false,
