@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use steward_coordinator::pki::{self, IdentityKind};
 
 pub mod converge_bed;
+pub mod metered_lb;
 pub mod netns;
 pub mod nspawn;
 pub mod scrape;
