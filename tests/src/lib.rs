@@ -74,6 +74,53 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// Has SIGINT and SIGTERM call [`interrupt`] (for programs, such as the
+/// demo and the benchmarks, that end on a signal): the harness's next wait
+/// panics and unwinding removes what was started. A second signal exits at
+/// once (130); the next start of any bed sweeps what is left.
+pub fn interrupt_on_signals(program: &'static str) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            eprintln!("{program}: no signal handling (cannot start a runtime)");
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                eprintln!("{program}: cannot handle SIGINT/SIGTERM");
+                return;
+            };
+            for n in 0.. {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                if n > 0 {
+                    eprintln!("{program}: second signal: exiting without cleanup");
+                    std::process::exit(130);
+                }
+                interrupt();
+                eprintln!("{program}: interrupted: cleaning up after the current step");
+            }
+        });
+    });
+}
+
+/// A command's stdout then stderr, as text.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Panics if [`interrupt`] was called (waits call it at every check).
 pub fn check_interrupt(what: &str) {
     assert!(!interrupted(), "interrupted while waiting for {what}");
@@ -682,11 +729,7 @@ impl Cluster {
             .arg("--no-start")
             .stdin(Stdio::null());
         let out = cmd.output().expect("run steward-agent join");
-        let printed = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let printed = output_text(&out);
         assert!(
             out.status.success(),
             "steward-agent join as {node} failed: {printed}"

@@ -100,7 +100,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    watch_signals();
+    steward_tests::interrupt_on_signals("steward-demo");
     let outcome = std::panic::catch_unwind(|| run(keep));
     match outcome {
         Ok(Some(problems)) if problems.is_empty() => {
@@ -128,36 +128,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// SIGINT or SIGTERM asks the harness to stop: its next wait panics, and
-/// unwinding removes everything (see [`steward_tests::interrupt`]).
-fn watch_signals() {
-    std::thread::spawn(|| {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            eprintln!("steward-demo: no signal handling (cannot start a runtime)");
-            return;
-        };
-        rt.block_on(async {
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                eprintln!("steward-demo: cannot handle SIGINT/SIGTERM");
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            eprintln!("\nsteward-demo: stopping; removing everything it started ...");
-            steward_tests::interrupt();
-        });
-    });
 }
 
 /// The demo; `Some(problems)` when it ran to the end (in interactive
