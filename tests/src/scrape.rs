@@ -202,31 +202,6 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_what_the_registry_renders_and_rejects_nonsense() {
-        let text =
-            "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"q\\\"\\\\\\n\",y=\"\"} 3\n\
-                    # TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 0.5\nh_count 2\n";
-        let e = Exposition::parse(text).expect("parses");
-        assert_eq!(e.get("a_total", &[("x", "q\"\\\n"), ("y", "")]), Some(3.0));
-        assert_eq!(e.get("h_count", &[]), Some(2.0));
-        assert_eq!(e.sum("h_bucket", &[("le", "+Inf")]), 2.0);
-        for bad in [
-            "b 1\n",
-            "# TYPE b gauge\nb{x=1} 1\n",
-            "# TYPE b gauge\nb{x=\"1\"}1\n",
-            "# TYPE b gauge\nb one\n",
-            "# TYPE h histogram\nh 1\n",
-        ] {
-            assert!(Exposition::parse(bad).is_err(), "{bad:?}");
-        }
-    }
-}
-
 /// What the daemons export, read from their registries in this process
 /// (the scrape-time views registered once, on empty state): the metric
 /// families, and every series name a query can use (a histogram's
@@ -295,4 +270,40 @@ pub fn steward_series_in(text: &str) -> Vec<String> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_the_registry_renders_and_rejects_nonsense() {
+        let text =
+            "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"q\\\"\\\\\\n\",y=\"\"} 3\n\
+                    # TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 0.5\nh_count 2\n";
+        let e = Exposition::parse(text).expect("parses");
+        assert_eq!(e.get("a_total", &[("x", "q\"\\\n"), ("y", "")]), Some(3.0));
+        assert_eq!(e.get("h_count", &[]), Some(2.0));
+        assert_eq!(e.sum("h_bucket", &[("le", "+Inf")]), 2.0);
+        for bad in [
+            "b 1\n",
+            "# TYPE b gauge\nb{x=1} 1\n",
+            "# TYPE b gauge\nb{x=\"1\"}1\n",
+            "# TYPE b gauge\nb one\n",
+            "# TYPE h histogram\nh 1\n",
+        ] {
+            assert!(Exposition::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn steward_series_are_found_whole_and_alone() {
+        assert_eq!(
+            steward_series_in(
+                "sum(rate(steward_a_total[5m])) / my_steward_b + steward_c_bucket{le=\"1\"}"
+            ),
+            ["steward_a_total", "steward_c_bucket"]
+        );
+        assert!(steward_series_in("StewardNoLeader up == 0").is_empty());
+    }
 }

@@ -543,7 +543,9 @@ fn print_access(bed: &ConvergeBed) {
             .join(", "),
         bed.cluster.dir.path().display()
     );
-    println!("\n  Try: cut lb1's link again with");
-    println!("    nsenter -t <lb1 pid> -n ip link set host0 down   (and up)");
+    if let Some(pid) = bed.lbs.first().and_then(|m| m.leader_pid()) {
+        println!("\n  Try: take lb1 off the wire from inside, then back");
+        println!("    nsenter -t {pid} -n ip link set host0 down; nsenter -t {pid} -n ip link set host0 up");
+    }
     println!("\nPress Ctrl-C to stop and remove everything.");
 }
