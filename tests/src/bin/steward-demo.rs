@@ -27,7 +27,9 @@ use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use steward_tests::converge_bed::{has_settled, poll, ConvergeBed, AGENT_UNIT, VIP_NAME};
+use steward_tests::converge_bed::{
+    has_settled, poll, ConvergeBed, AGENT_UNIT, HAPROXY_CFG, VIP_NAME,
+};
 use steward_tests::netns::{run_client, AddressWatch, ClientRun};
 use steward_tests::nspawn::{cache_dir, BaseImage, LocalRepo};
 use steward_tests::{bin_dir, interrupted};
@@ -240,9 +242,7 @@ fn run(keep: bool) -> Option<Vec<String>> {
             Duration::from_secs(1),
             &format!("{name}: HAProxy installed, configured with both backends, converged"),
             || {
-                let cfg = bed
-                    .read_file(m, "/etc/haproxy/haproxy.cfg")
-                    .unwrap_or_default();
+                let cfg = bed.read_file(m, HAPROXY_CFG).unwrap_or_default();
                 if let Some(missing) = backend_ips.iter().find(|ip| !cfg.contains(ip.as_str())) {
                     return Err(format!("haproxy.cfg lacks {missing}"));
                 }
