@@ -455,16 +455,18 @@ fn run(keep: bool) -> Option<Vec<String>> {
     println!("  {leader} restarted: it serves again, as a follower");
     show("stewardctl status", &bed.ctl_ok(&["status"]).stdout);
 
+    // Over the whole watch, the leader kill included.
     let verdict = Verdict {
         outage,
-        max_holders,
-        dual_holder_time: dual,
+        max_holders: watch.max_holders().max(max_holders),
+        dual_holder_time: watch.dual_holder_time().max(dual),
         leader_kill_failed: report.failed,
         leader_kill_requests: report.requests,
     };
     step("summary");
     println!(
-        "  failover on a cut link: {} without answers (bar: under {}), the VIP on at most {} host at once",
+        "  failover on a cut link: {} without answers (bar: under {}); ip monitor address: the VIP on \
+         at most {} host(s) at once, from before the cut to now",
         ms(verdict.outage),
         ms(MAX_OUTAGE),
         verdict.max_holders
