@@ -477,6 +477,12 @@ fn run(keep: bool) -> Option<Vec<String>> {
     );
     println!("  took {:.0} s in all", t0.elapsed().as_secs_f64());
     let problems = verdict.problems();
+    if problems.is_empty() {
+        println!("  every check passed");
+    }
+    for p in &problems {
+        println!("  FAILED: {p}");
+    }
     if keep {
         print_access(&bed);
         while !interrupted() {
