@@ -95,7 +95,8 @@ fn promtool_checks_the_rules_and_their_unit_tests_pass() {
 /// bed's replicas (job steward-coordinator) and agent (job steward-agent)
 /// every second and evaluating every second.
 struct Prometheus {
-    proc: Proc,
+    /// Killed (by pid) when dropped.
+    _proc: Proc,
     addr: SocketAddr,
 }
 
@@ -132,7 +133,7 @@ impl Prometheus {
             .arg(format!("--web.listen-address={addr}"))
             .arg("--log.level=warn");
         let proc = Proc::spawn("prometheus", cmd, dir.join("prometheus.log"));
-        let p = Prometheus { proc, addr };
+        let p = Prometheus { _proc: proc, addr };
         eventually(Duration::from_secs(30), "Prometheus to be ready", || {
             p.get("/-/ready")
                 .filter(|b| b.contains("Ready"))
@@ -147,9 +148,7 @@ impl Prometheus {
         let request = format!("GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n");
         let response = http_exchange(self.addr, request.as_bytes()).ok()?;
         let (head, body) = response.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.0 200")
-            .then(|| body.to_owned())
-            .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
+        (steward_tests::scrape::status_code(head) == Some(200)).then(|| body.to_owned())
     }
 
     fn api(&self, path: &str) -> Option<Value> {
@@ -304,5 +303,4 @@ fn prometheus_puts_the_vip_without_holder_alert_in_pending_after_a_silent_crash(
         down.2,
         down.1["instance"]
     );
-    drop(prometheus.proc);
 }
