@@ -1,24 +1,65 @@
 #!/usr/bin/env bash
-# Brings up a live local Steward cluster on this machine and shows it working:
-# a real etcd, three coordinator replicas (one elected leader), three agents,
-# role changes reaching the agents, and a failover when the leader is killed.
+# Shows Steward doing its job, live on this machine.
 #
-#   scripts/demo.sh          run the demo, then keep the cluster up until Ctrl-C
-#   scripts/demo.sh --exit   run the demo and tear everything down (used by CI)
+#   scripts/demo.sh                 the main job (root): two load balancers
+#                                   booting real systemd (systemd-nspawn) converge
+#                                   HAProxy and a floating IP (VIP) from one spec;
+#                                   a client through the VIP every 10 ms while the
+#                                   VIP holder's link is cut and the leader replica
+#                                   is SIGKILLed; then the cluster stays up (how to
+#                                   reach every host is printed) until Ctrl-C
+#   scripts/demo.sh --exit          the same, then everything is removed; exits
+#                                   non-zero unless the outage was under 2 s, the
+#                                   VIP was never on two hosts and no request failed
+#                                   on the leader kill (used by CI)
+#   scripts/demo.sh --quick [--exit]
+#                                   the control plane only, on loopback: etcd, three
+#                                   replicas, three agents, a token join, roles, a
+#                                   leader SIGKILL (no root needed)
 #
-# Everything lives in a temporary directory; only processes this script
-# started are stopped (by pid) when it exits. DEMO_KEEP_DIR=1 keeps the
-# directory (configs, logs) for a look after a failure.
+# The main job runs tests/src/bin/steward-demo.rs on the test harness's hosts
+# (addresses in 198.18.0.0/15, no default route; the hosts' image and local apt
+# repository are built on first use into /var/cache/steward-tests). Only
+# processes the demo started are stopped (by pid) when it exits, also on
+# failure and Ctrl-C. DEMO_KEEP_DIR=1 keeps --quick's directory for a look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP=1
-[ "${1:-}" = "--exit" ] && KEEP=0
+QUICK=0
+for arg in "$@"; do
+  case "$arg" in
+    --exit) KEEP=0 ;;
+    --quick) QUICK=1 ;;
+    *) echo "usage: scripts/demo.sh [--quick] [--exit]" >&2; exit 2 ;;
+  esac
+done
 
 scripts/deps.sh
 echo "==> building"
 cargo build --workspace --bins --locked --quiet
 BIN="$PWD/target/debug"
 export PATH="$BIN:$PATH"
+
+if [ "$QUICK" = 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "the main demo needs root (network namespaces, systemd-nspawn): sudo scripts/demo.sh" >&2
+    echo "or, without root: scripts/demo.sh --quick" >&2
+    exit 1
+  fi
+  ARGS=()
+  [ "$KEEP" = 1 ] || ARGS+=(--exit)
+  # Its own session: Ctrl-C reaches only this script, which asks the demo to
+  # stop (SIGTERM); the demo then removes what it started and exits.
+  setsid "$BIN/steward-demo" "${ARGS[@]}" &
+  DEMO=$!
+  trap 'kill -TERM "$DEMO" 2>/dev/null || true' INT TERM
+  RC=0
+  while :; do
+    wait "$DEMO" && RC=0 || RC=$?
+    kill -0 "$DEMO" 2>/dev/null || break
+  done
+  exit "$RC"
+fi
 
 DIR=$(mktemp -d /tmp/steward-demo.XXXXXX)
 PIDS=()

@@ -3,7 +3,7 @@
 # protoc (to compile the .proto files), for the packages (scripts/package.sh)
 # strip and help2man, and for the tests a real etcd, HAProxy, keepalived,
 # iproute2, nftables, debootstrap, systemd-nspawn, dpkg-dev, psmisc, openssl,
-# lintian and rpm.
+# lintian, rpm and Prometheus (promtool, and a server the alert test runs).
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 
@@ -42,6 +42,10 @@ command -v rpm >/dev/null || need+=(rpm)
 # real shells and completes names with bash and fish.
 command -v zsh >/dev/null || need+=(zsh)
 command -v fish >/dev/null || need+=(fish)
+# The alert rules (packaging/prometheus/) are checked and unit-tested with
+# promtool, and tests/tests/alerts.rs has a real Prometheus scrape both
+# daemons; the package's own service stays off (policy-rc.d below).
+command -v promtool >/dev/null || need+=(prometheus)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing: ${need[*]}"

@@ -65,6 +65,7 @@ pub fn poll<T>(
 ) -> T {
     let deadline = Instant::now() + timeout;
     loop {
+        crate::check_interrupt(what);
         match check() {
             Ok(v) => return v,
             Err(why) => assert!(
@@ -105,11 +106,15 @@ impl ConvergeBed {
     /// [`ConvergeBed::join_backend`]), and the LB machines booted with the
     /// agent running as a systemd service, connected but without roles.
     pub fn start(tag: &str, lb_names: &[&str], backend_names: &[&str]) -> ConvergeBed {
-        let machines: Vec<(&str, MachineOptions)> = lb_names
-            .iter()
-            .map(|n| (*n, MachineOptions::default()))
-            .collect();
-        Self::build(tag, machines, backend_names)
+        Self::build(tag, default_machines(lb_names), backend_names, true)
+    }
+
+    /// Like [`ConvergeBed::start`], but the LB machines' agents have no
+    /// identity yet: the binary, the packaged unit and a config without
+    /// certificates are in place, and [`ConvergeBed::join_machine`] joins
+    /// each with a token as an operator would.
+    pub fn start_unjoined(tag: &str, lb_names: &[&str], backend_names: &[&str]) -> ConvergeBed {
+        Self::build(tag, default_machines(lb_names), backend_names, false)
     }
 
     /// A bed of agent machines and nothing else: the network, etcd and
@@ -120,13 +125,14 @@ impl ConvergeBed {
     /// as with [`ConvergeBed::start`]. The machines are in `lbs` (the field's
     /// name is historical) and found with [`ConvergeBed::machine`].
     pub fn start_machines(tag: &str, machines: Vec<(&str, MachineOptions)>) -> ConvergeBed {
-        Self::build(tag, machines, &[])
+        Self::build(tag, machines, &[], true)
     }
 
     fn build(
         tag: &str,
         machines: Vec<(&str, MachineOptions)>,
         backend_names: &[&str],
+        install_agents: bool,
     ) -> ConvergeBed {
         let t0 = Instant::now();
         let mut net = TestNet::new(tag);
@@ -201,6 +207,9 @@ impl ConvergeBed {
             net,
             dump_units: vec!["haproxy.service".into()],
         };
+        if !install_agents {
+            return bed;
+        }
         for m in &bed.lbs {
             bed.install_agent(m);
         }
@@ -212,6 +221,73 @@ impl ConvergeBed {
             t0.elapsed().as_secs_f64()
         );
         bed
+    }
+
+    /// The config keys every machine's agent gets besides its identity:
+    /// the packaged layout's paths, converging on, a short recheck.
+    fn machine_agent_keys() -> [(&'static str, toml::Value); 6] {
+        let inside = |file: &str| format!("{PKI_IN_MACHINE}/{file}");
+        [
+            ("tls.ca", toml::Value::from(inside("ca.crt"))),
+            ("tls.cert", toml::Value::from(inside("node.crt"))),
+            ("tls.key", toml::Value::from(inside("node.key"))),
+            ("state_dir", toml::Value::from(STATE_IN_MACHINE)),
+            // This agent has a host of its own: converge it.
+            ("converge.enabled", toml::Value::from(true)),
+            (
+                "converge.recheck_interval_s",
+                toml::Value::from(RECHECK_S as i64),
+            ),
+        ]
+    }
+
+    /// Puts `config` at [`AGENT_CONFIG_IN_MACHINE`] and the packaged unit in
+    /// `m` (not started).
+    fn put_agent_files(&self, m: &Machine, config: &Path) {
+        let root = m.root();
+        let etc = root.join("etc/steward");
+        fs::create_dir_all(&etc).unwrap_or_else(|e| panic!("cannot create {}: {e}", etc.display()));
+        copy_file(
+            config,
+            root.join(AGENT_CONFIG_IN_MACHINE.trim_start_matches('/')),
+            0o644,
+        );
+        // The unit as shipped.
+        copy_file(
+            &repo_root().join("packaging/systemd").join(AGENT_UNIT),
+            root.join("etc/systemd/system").join(AGENT_UNIT),
+            0o644,
+        );
+        m.sh("systemctl daemon-reload");
+    }
+
+    /// Joins the agent in `m` (a machine of [`ConvergeBed::start_unjoined`])
+    /// as an operator would: `steward-agent join` with `token`'s command
+    /// and `--node-id NAME`, run inside, which writes the certificate and
+    /// config and starts the packaged unit. Returns what join printed;
+    /// panics if it fails or the unit is not active after it.
+    pub fn join_machine(&self, m: &Machine, token: &crate::JoinToken) -> String {
+        let node = m.name();
+        let keys = Self::machine_agent_keys();
+        let config = self.cluster.joining_agent_config(node, &keys);
+        self.put_agent_files(m, &config);
+        let mut argv = vec![
+            AGENT_IN_MACHINE.to_owned(),
+            "--config".to_owned(),
+            AGENT_CONFIG_IN_MACHINE.to_owned(),
+        ];
+        argv.extend(token.join_args(node));
+        let printed = crate::output_text(&m.exec(&argv));
+        // join exits non-zero on any failure (and says why); the unit's
+        // state is what counts.
+        let active = self.unit_state(m, AGENT_UNIT);
+        assert_eq!(
+            active,
+            "active",
+            "{node}: {AGENT_UNIT} is not active after join ({printed}):\n{}",
+            m.journal(AGENT_UNIT)
+        );
+        printed
     }
 
     /// Puts the agent into `m` as a package would, and starts it with the
@@ -226,57 +302,28 @@ impl ConvergeBed {
         fs::create_dir_all(&pki).expect("mkdir /etc/steward/pki");
         // The packaged layout: the unit starts only once these exist
         // (ConditionPathExists=).
-        let inside = |file: &str| format!("{PKI_IN_MACHINE}/{file}");
-        let extra = [
-            ("tls.ca", toml::Value::from(inside("ca.crt"))),
-            ("tls.cert", toml::Value::from(inside("node.crt"))),
-            ("tls.key", toml::Value::from(inside("node.key"))),
-            ("state_dir", toml::Value::from(STATE_IN_MACHINE)),
-            // This agent has a host of its own: converge it.
-            ("converge.enabled", toml::Value::from(true)),
-            (
-                "converge.recheck_interval_s",
-                toml::Value::from(RECHECK_S as i64),
-            ),
-        ];
+        let extra = Self::machine_agent_keys();
         // Issues the node's certificate too.
         let config =
             self.cluster
                 .agent_config_with(node, node, &self.cluster.coordinator_urls(), &extra);
-        let copy = |from: &Path, to: PathBuf, mode: u32| {
-            fs::copy(from, &to)
-                .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", from.display(), to.display()));
-            fs::set_permissions(&to, fs::Permissions::from_mode(mode)).expect("chmod");
-        };
         let host_pki = self.cluster.pki();
-        copy(&host_pki.join("ca.crt"), pki.join("ca.crt"), 0o644);
-        copy(
+        copy_file(&host_pki.join("ca.crt"), pki.join("ca.crt"), 0o644);
+        copy_file(
             &host_pki.join(format!("{node}.crt")),
             pki.join("node.crt"),
             0o644,
         );
-        copy(
+        copy_file(
             &host_pki.join(format!("{node}.key")),
             pki.join("node.key"),
             0o600,
         );
-        copy(
-            &config,
-            root.join(AGENT_CONFIG_IN_MACHINE.trim_start_matches('/')),
-            0o644,
-        );
-        // The unit as shipped.
-        copy(
-            &repo_root().join("packaging/systemd").join(AGENT_UNIT),
-            root.join("etc/systemd/system").join(AGENT_UNIT),
-            0o644,
-        );
+        self.put_agent_files(m, &config);
         m.sh(&format!(
             "{AGENT_IN_MACHINE} --config {AGENT_CONFIG_IN_MACHINE} --check"
         ));
-        m.sh(&format!(
-            "systemctl daemon-reload && systemctl enable --now {AGENT_UNIT}"
-        ));
+        m.sh(&format!("systemctl enable --now {AGENT_UNIT}"));
         let active = self.exec_text(m, &["systemctl", "is-active", AGENT_UNIT]);
         assert_eq!(
             active.trim(),
@@ -310,6 +357,19 @@ impl ConvergeBed {
         let agent = self.cluster.start_agent_in(&ns, name, &[]);
         self.backends[i].agent = Some(agent);
         self.wait_known(name, Duration::from_secs(20));
+    }
+
+    /// Like [`ConvergeBed::join_backend`], but the backend's agent joins
+    /// with `token` (see [`crate::Cluster::join_agent_in`]); returns what
+    /// `steward-agent join` printed.
+    pub fn join_backend_with_token(&mut self, name: &str, token: &crate::JoinToken) -> String {
+        let i = self.backend_index(name);
+        assert!(self.backends[i].agent.is_none(), "{name} joined already");
+        let ns = self.backends[i].host.ns().to_owned();
+        let (agent, printed) = self.cluster.join_agent_in(&ns, name, token, &[]);
+        self.backends[i].agent = Some(agent);
+        self.wait_known(name, Duration::from_secs(20));
+        printed
     }
 
     fn backend_index(&self, name: &str) -> usize {
@@ -495,12 +555,7 @@ impl ConvergeBed {
 
     /// Runs `argv` in `m`; stdout and stderr, whatever the exit status.
     pub fn exec_text(&self, m: &Machine, argv: &[&str]) -> String {
-        let out = m.exec(argv);
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        crate::output_text(&m.exec(argv))
     }
 
     /// `systemctl is-active UNIT` in `m`.
@@ -620,6 +675,19 @@ impl ConvergeBed {
         // fuser prints the file name on stderr and the pids on stdout.
         Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
+}
+
+fn default_machines<'a>(names: &[&'a str]) -> Vec<(&'a str, MachineOptions)> {
+    names
+        .iter()
+        .map(|n| (*n, MachineOptions::default()))
+        .collect()
+}
+
+fn copy_file(from: &Path, to: PathBuf, mode: u32) {
+    fs::copy(from, &to)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", from.display(), to.display()));
+    fs::set_permissions(&to, fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
 /// Progress lines with the time since the test began.

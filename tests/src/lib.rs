@@ -21,6 +21,7 @@ use steward_coordinator::pki::{self, IdentityKind};
 
 pub mod converge_bed;
 pub mod fake_coordinator;
+pub mod metered_lb;
 pub mod netns;
 pub mod nspawn;
 pub mod scrape;
@@ -59,10 +60,78 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks every wait of this harness ([`eventually`],
+/// [`converge_bed::poll`]) to give up: the next check panics, and the
+/// unwinding drops (and so removes) everything started. For programs that
+/// end on a signal, such as the demo.
+pub fn interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`interrupt`] was called.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Has SIGINT and SIGTERM call [`interrupt`] (for programs, such as the
+/// demo and the benchmarks, that end on a signal): the harness's next wait
+/// panics and unwinding removes what was started. A second signal exits at
+/// once (130); the next start of any bed sweeps what is left.
+pub fn interrupt_on_signals(program: &'static str) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            eprintln!("{program}: no signal handling (cannot start a runtime)");
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                eprintln!("{program}: cannot handle SIGINT/SIGTERM");
+                return;
+            };
+            for n in 0.. {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                if n > 0 {
+                    eprintln!("{program}: second signal: exiting without cleanup");
+                    std::process::exit(130);
+                }
+                interrupt();
+                eprintln!("{program}: interrupted: cleaning up after the current step");
+            }
+        });
+    });
+}
+
+/// A command's stdout then stderr, as text.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Panics if [`interrupt`] was called (waits call it at every check).
+pub fn check_interrupt(what: &str) {
+    assert!(!interrupted(), "interrupted while waiting for {what}");
+}
+
 /// Polls `check` until it returns `Some` or `timeout` passes.
 pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
+        check_interrupt(what);
         if let Some(v) = check() {
             return v;
         }
@@ -313,6 +382,34 @@ pub struct AgentProc {
     pub proc: Proc,
 }
 
+/// A join token as `stewardctl token create -o json` gives it.
+#[derive(Clone, Debug)]
+pub struct JoinToken {
+    pub token: String,
+    pub ca_hash: String,
+    pub join_urls: Vec<String>,
+    /// The `steward-agent join ...` line to run on a new node.
+    pub command: String,
+}
+
+impl JoinToken {
+    /// `join --token T --coordinator URL... --ca-hash H --node-id NODE`:
+    /// the printed command's arguments with the node's id.
+    pub fn join_args(&self, node: &str) -> Vec<String> {
+        let mut args = vec!["join".to_owned(), "--token".to_owned(), self.token.clone()];
+        for url in &self.join_urls {
+            args.extend(["--coordinator".to_owned(), url.clone()]);
+        }
+        args.extend([
+            "--ca-hash".to_owned(),
+            self.ca_hash.clone(),
+            "--node-id".to_owned(),
+            node.to_owned(),
+        ]);
+        args
+    }
+}
+
 /// Result of a `stewardctl` run.
 #[derive(Debug)]
 pub struct Ctl {
@@ -508,8 +605,7 @@ impl Cluster {
         extra: &[(&str, toml::Value)],
     ) -> PathBuf {
         let (crt, key) = self.cert(cert_name, IdentityKind::Agent);
-        let mut t = load_example("agent.example.toml");
-        set(&mut t, "node_id", node);
+        let mut t = self.agent_table(node);
         set(&mut t, "coordinators", coordinators.to_vec());
         set(
             &mut t,
@@ -518,6 +614,29 @@ impl Cluster {
         );
         set(&mut t, "tls.cert", crt.display().to_string());
         set(&mut t, "tls.key", key.display().to_string());
+        for (key, value) in extra {
+            set(&mut t, key, value.clone());
+        }
+        self.write_agent_config(node, &t)
+    }
+
+    /// The config of an agent that has yet to join with a token: like
+    /// [`Cluster::agent_config_with`] but with no certificate issued, the
+    /// example's `coordinators` and `[tls]` left for `steward-agent join`
+    /// to set.
+    pub fn joining_agent_config(&self, node: &str, extra: &[(&str, toml::Value)]) -> PathBuf {
+        let mut t = self.agent_table(node);
+        for (key, value) in extra {
+            set(&mut t, key, value.clone());
+        }
+        self.write_agent_config(node, &t)
+    }
+
+    /// The example with this cluster's settings for `node`, before the
+    /// callers' own keys.
+    fn agent_table(&self, node: &str) -> toml::Table {
+        let mut t = load_example("agent.example.toml");
+        set(&mut t, "node_id", node);
         set(
             &mut t,
             "state_dir",
@@ -538,11 +657,12 @@ impl Cluster {
         set(&mut t, "converge.enabled", false);
         // No metrics unless `extra` asks (the example's port is fixed).
         t.remove("metrics_listen");
-        for (key, value) in extra {
-            set(&mut t, key, value.clone());
-        }
+        t
+    }
+
+    fn write_agent_config(&self, node: &str, t: &toml::Table) -> PathBuf {
         let path = self.dir.path().join(format!("agent-{node}.toml"));
-        fs::write(&path, toml::to_string(&t).expect("toml")).expect("write config");
+        fs::write(&path, toml::to_string(t).expect("toml")).expect("write config");
         path
     }
 
@@ -582,6 +702,62 @@ impl Cluster {
     ) -> usize {
         let config = self.agent_config_with(node, node, &self.coordinator_urls(), extra);
         self.launch_agent(node, config, Some(netns))
+    }
+
+    /// Starts an agent for `node` inside the network namespace `netns`
+    /// the way a new host gets one: a config without an identity
+    /// ([`Cluster::joining_agent_config`] with `extra`), then `steward-agent
+    /// join` with `token` (run in the namespace, `--no-start`: there is no
+    /// systemd), then the agent. Returns its index and what join printed;
+    /// panics if join fails.
+    pub fn join_agent_in(
+        &mut self,
+        netns: &str,
+        node: &str,
+        token: &JoinToken,
+        extra: &[(&str, toml::Value)],
+    ) -> (usize, String) {
+        let config = self.joining_agent_config(node, extra);
+        let pki = self.dir.path().join(format!("pki-{node}"));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(bin("steward-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(token.join_args(node))
+            .arg("--pki-dir")
+            .arg(&pki)
+            .arg("--no-start")
+            .stdin(Stdio::null());
+        let out = cmd.output().expect("run steward-agent join");
+        let printed = output_text(&out);
+        assert!(
+            out.status.success(),
+            "steward-agent join as {node} failed: {printed}"
+        );
+        (self.launch_agent(node, config, Some(netns)), printed)
+    }
+
+    /// `stewardctl token create -o json` with `extra` arguments; panics if
+    /// it fails.
+    pub fn create_token(&self, extra: &[&str]) -> JoinToken {
+        let mut args = vec!["token", "create", "-o", "json"];
+        args.extend_from_slice(extra);
+        let out = self.ctl(&args);
+        assert!(out.ok(), "token create failed: {}", out.stderr);
+        let v = out.json();
+        let s = |k: &str| v[k].as_str().expect(k).to_owned();
+        JoinToken {
+            token: s("token"),
+            ca_hash: s("ca_hash"),
+            join_urls: v["join_urls"]
+                .as_array()
+                .expect("join_urls")
+                .iter()
+                .map(|u| u.as_str().expect("url").to_owned())
+                .collect(),
+            command: s("join_command"),
+        }
     }
 
     /// Spawns the agent for `node` with `config` and keeps it in

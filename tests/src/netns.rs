@@ -36,7 +36,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -682,10 +682,41 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A network namespace an [`AddressWatch`] follows: a name for its
+/// events and the namespace file (`/run/netns/NS` for a [`Host`],
+/// `/proc/PID/ns/net` for a machine).
+#[derive(Clone, Debug)]
+pub struct WatchedNs {
+    pub name: String,
+    pub net: PathBuf,
+}
+
+impl WatchedNs {
+    /// `ip ARGS` run in this namespace (`nsenter` execs `ip`: the child's
+    /// pid is `ip`'s).
+    fn ip(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.net.display()))
+            .arg("--")
+            .arg("ip")
+            .args(args);
+        cmd
+    }
+}
+
+impl From<&Host> for WatchedNs {
+    fn from(host: &Host) -> WatchedNs {
+        WatchedNs {
+            name: host.name.clone(),
+            net: PathBuf::from(format!("/run/netns/{}", host.ns)),
+        }
+    }
+}
+
 /// Watches which hosts hold an address over time: proves "never on two
 /// hosts at once" and measures when it moved.
 ///
-/// Per host, a long-lived `ip -o -n NS monitor address` (killed by pid on
+/// Per host, a long-lived `ip -o monitor address` in its namespace (killed by pid on
 /// drop) plus a snapshot taken once the monitor is subscribed; a reader
 /// thread per host records each change with the time it was read (the
 /// monitor flushes per event; latency is well under a millisecond).
@@ -698,13 +729,20 @@ pub struct AddressWatch {
 
 impl AddressWatch {
     pub fn start(hosts: &[Host], ip: Ipv4Addr) -> AddressWatch {
+        let places: Vec<WatchedNs> = hosts.iter().map(WatchedNs::from).collect();
+        Self::start_in(&places, ip)
+    }
+
+    /// Like [`AddressWatch::start`], for any network namespaces (e.g. a
+    /// [`crate::nspawn::Machine`]'s, see its `watched_ns`).
+    pub fn start_in(places: &[WatchedNs], ip: Ipv4Addr) -> AddressWatch {
         let state = Arc::new(Mutex::new(WatchState {
-            held: vec![BTreeSet::new(); hosts.len()],
+            held: vec![BTreeSet::new(); places.len()],
             events: Vec::new(),
         }));
         let mut monitors = Vec::new();
-        for (i, host) in hosts.iter().enumerate() {
-            let mut cmd = ip_cmd(&["-o", "-n", &host.ns, "monitor", "address"]);
+        for (i, place) in places.iter().enumerate() {
+            let mut cmd = place.ip(&["-o", "monitor", "address"]);
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null());
@@ -712,19 +750,20 @@ impl AddressWatch {
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", command_line(&cmd)));
             let mut guard = ChildGuard(child);
-            wait_subscribed(&mut guard.0, &host.ns);
+            wait_subscribed(&mut guard.0, &place.name);
             let stdout = guard.0.stdout.take().expect("monitor stdout");
             {
                 // Snapshot after subscribing: no change can fall between.
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                for line in host.iproute(&["-o", "-4", "addr", "show"]).lines() {
+                let out = run(&mut place.ip(&["-o", "-4", "addr", "show"]));
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
                     if let Some((true, key)) = parse_addr_line(line, ip) {
-                        st.apply(i, &host.name, true, key);
+                        st.apply(i, &place.name, true, key);
                     }
                 }
             }
             let state = Arc::clone(&state);
-            let name = host.name.clone();
+            let name = place.name.clone();
             // Ends at EOF, when the monitor is killed.
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
@@ -739,7 +778,7 @@ impl AddressWatch {
         }
         AddressWatch {
             ip,
-            hosts: hosts.iter().map(|h| h.name.clone()).collect(),
+            hosts: places.iter().map(|p| p.name.clone()).collect(),
             state,
             _monitors: monitors,
         }
@@ -824,12 +863,12 @@ impl AddressWatch {
 
 /// Waits until `child` (an `ip monitor`) has a netlink socket subscribed to
 /// multicast groups: from then on it sees every change.
-fn wait_subscribed(child: &mut Child, ns: &str) {
+fn wait_subscribed(child: &mut Child, name: &str) {
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("`ip -n {ns} monitor address` exited at once: {status}");
+            panic!("`ip monitor address` in {name} exited at once: {status}");
         }
         let inodes: BTreeSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
             .into_iter()
@@ -854,7 +893,7 @@ fn wait_subscribed(child: &mut Child, ns: &str) {
         }
         assert!(
             Instant::now() < deadline,
-            "`ip -n {ns} monitor address` did not subscribe within 10 s"
+            "`ip monitor address` in {name} did not subscribe within 10 s"
         );
         std::thread::sleep(Duration::from_millis(2));
     }

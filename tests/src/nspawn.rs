@@ -1222,6 +1222,72 @@ impl Machine {
         )
     }
 
+    /// The machine's network namespace, for an
+    /// [`AddressWatch`](crate::netns::AddressWatch). Panics if the machine
+    /// is not running.
+    pub fn watched_ns(&self) -> crate::netns::WatchedNs {
+        let leader = self
+            .leader
+            .unwrap_or_else(|| panic!("machine {} is not running", self.name));
+        crate::netns::WatchedNs {
+            name: self.name.clone(),
+            net: PathBuf::from(format!("/proc/{}/ns/net", leader.pid)),
+        }
+    }
+
+    /// Pulls the cable: the bridge-side end of `host0`'s veth (nspawn's
+    /// `vb-*`, in the net's switch namespace) goes down, so the machine
+    /// vanishes from the wire while everything in it keeps running
+    /// (`host0` loses carrier; addresses stay), as
+    /// [`Host::link_down`](crate::netns::Host::link_down) does for a host.
+    pub fn link_down(&self) {
+        self.set_bridge_port("down");
+    }
+
+    /// Plugs the cable back in.
+    pub fn link_up(&self) {
+        self.set_bridge_port("up");
+    }
+
+    fn set_bridge_port(&self, state: &str) {
+        let port = self.bridge_port();
+        let out = Command::new("ip")
+            .args(["-n", &self.net_key, "link", "set", &port, state])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "machine {}: ip link set {port} {state}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The name of `host0`'s peer in the switch namespace: the interface
+    /// whose index is `host0`'s `iflink`.
+    fn bridge_port(&self) -> String {
+        let index = self.sh("cat /sys/class/net/host0/iflink");
+        let index = index.trim();
+        let out = Command::new("ip")
+            .args(["-n", &self.net_key, "-o", "link", "show"])
+            .output()
+            .expect("run ip");
+        // "7: vb-stn-1-0-lb1@if2: <BROADCAST,...> ..."
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                let (i, rest) = l.split_once(": ")?;
+                let name = rest.split([':', '@']).next()?;
+                (i == index).then(|| name.to_owned())
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "machine {}: no interface {index} (host0's peer) in {}",
+                    self.name, self.net_key
+                )
+            })
+    }
+
     /// A clean shutdown: SIGTERM to nspawn, which has systemd halt the
     /// container. Returns nspawn's exit status; panics if the machine is
     /// not running or does not halt within 30 s (it is then killed).

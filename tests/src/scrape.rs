@@ -202,6 +202,76 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
     })
 }
 
+/// What the daemons export, read from their registries in this process
+/// (the scrape-time views registered once, on empty state): the metric
+/// families, and every series name a query can use (a histogram's
+/// `_bucket`, `_sum` and `_count`). For checking that the packaged
+/// dashboard and alert rules query nothing that does not exist.
+pub struct Exported {
+    pub families: std::collections::BTreeSet<String>,
+    pub series: std::collections::BTreeSet<String>,
+}
+
+pub fn exported() -> Exported {
+    use std::sync::{Arc, Once};
+    static VIEWS: Once = Once::new();
+    VIEWS.call_once(|| {
+        let (_vips_tx, vips) =
+            tokio::sync::watch::channel(Arc::new(steward_coordinator::vip::VipSnapshot::default()));
+        steward_coordinator::metrics::register_views(
+            steward_coordinator::sessions::Sessions::default(),
+            vips,
+            steward_coordinator::vip::lease_api::LeaseHub::new(
+                "r".into(),
+                steward_proto::lease::LeaseParams::DEFAULT,
+            ),
+        );
+    });
+    let mut out = Exported {
+        families: Default::default(),
+        series: Default::default(),
+    };
+    for text in [
+        steward_coordinator::metrics::metrics().registry.render(),
+        steward_agent::metrics::metrics().registry.render(),
+    ] {
+        let e = Exposition::parse(&text).expect("the registries render valid text");
+        for (name, kind) in e.types {
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    out.series.insert(format!("{name}{suffix}"));
+                }
+            } else {
+                out.series.insert(name.clone());
+            }
+            out.families.insert(name);
+        }
+    }
+    out
+}
+
+/// The `steward_*` series names `text` (a query, a rules file) mentions.
+pub fn steward_series_in(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("steward_") {
+        // Part of a longer identifier (e.g. `my_steward_x`): not ours.
+        let glued = rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        if !glued {
+            found.push(name);
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +294,16 @@ mod tests {
         ] {
             assert!(Exposition::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn steward_series_are_found_whole_and_alone() {
+        assert_eq!(
+            steward_series_in(
+                "sum(rate(steward_a_total[5m])) / my_steward_b + steward_c_bucket{le=\"1\"}"
+            ),
+            ["steward_a_total", "steward_c_bucket"]
+        );
+        assert!(steward_series_in("StewardNoLeader up == 0").is_empty());
     }
 }

@@ -20,34 +20,7 @@ use steward_coordinator::pki::IdentityKind;
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_proto::pki::Validity;
-use steward_tests::{bin, eventually, grpc_channel, repo_root, AgentProc, Cluster};
-
-struct Token {
-    token: String,
-    ca_hash: String,
-    join_urls: Vec<String>,
-    command: String,
-}
-
-fn create_token(cluster: &Cluster, extra: &[&str]) -> Token {
-    let mut args = vec!["token", "create", "-o", "json"];
-    args.extend_from_slice(extra);
-    let out = cluster.ctl(&args);
-    assert!(out.ok(), "token create failed: {}", out.stderr);
-    let v = out.json();
-    let s = |k: &str| v[k].as_str().expect(k).to_owned();
-    Token {
-        token: s("token"),
-        ca_hash: s("ca_hash"),
-        join_urls: v["join_urls"]
-            .as_array()
-            .expect("join_urls")
-            .iter()
-            .map(|u| u.as_str().expect("url").to_owned())
-            .collect(),
-        command: s("join_command"),
-    }
-}
+use steward_tests::{bin, eventually, grpc_channel, repo_root, AgentProc, Cluster, JoinToken};
 
 /// A would-be node: its own config (the packaged example, as the .deb
 /// installs it, with a test state directory and converging off) and PKI
@@ -114,7 +87,7 @@ impl Host {
         cmd.output().expect("run steward-agent join")
     }
 
-    fn join(&self, t: &Token) -> Output {
+    fn join(&self, t: &JoinToken) -> Output {
         self.join_with(&t.token, &t.join_urls, &t.ca_hash, &[])
     }
 
@@ -176,7 +149,7 @@ fn a_node_joins_with_a_token_and_every_bad_join_is_refused() {
     let mut cluster = Cluster::new();
     cluster.coordinator_metrics = true;
     cluster.start_coordinators(3);
-    let token = create_token(&cluster, &["--ttl", "10m"]);
+    let token = cluster.create_token(&["--ttl", "10m"]);
     assert_eq!(token.join_urls.len(), 3, "one join URL per replica");
     assert!(token.command.starts_with("steward-agent join --token "));
     assert!(token.command.contains(&token.ca_hash));
@@ -238,7 +211,7 @@ fn a_node_joins_with_a_token_and_every_bad_join_is_refused() {
     assert_refused(&out, &b, &b_config, "already used (by joined-a)");
 
     // A wrong CA hash: the coordinator is not trusted, nothing is sent.
-    let fresh = create_token(&cluster, &["--ttl", "10m"]);
+    let fresh = cluster.create_token(&["--ttl", "10m"]);
     let wrong_hash = format!("sha256:{}", "00".repeat(32));
     let out = b.join_with(&fresh.token, &fresh.join_urls, &wrong_hash, &[]);
     assert_refused(&out, &b, &b_config, "pinned hash");
@@ -284,11 +257,11 @@ fn a_node_joins_with_a_token_and_every_bad_join_is_refused() {
 
     // An existing node's id needs a token made for it.
     let again = Host::in_dir(&cluster, "joined-a", "impostor");
-    let reuse = create_token(&cluster, &["--ttl", "10m"]);
+    let reuse = cluster.create_token(&["--ttl", "10m"]);
     let again_config = fs::read_to_string(again.config()).expect("config");
     let out = again.join_with(&reuse.token, &reuse.join_urls, &reuse.ca_hash, &["--force"]);
     assert_refused(&out, &again, &again_config, "already known");
-    let bound = create_token(&cluster, &["--ttl", "10m", "--node", "joined-a"]);
+    let bound = cluster.create_token(&["--ttl", "10m", "--node", "joined-a"]);
     let out = b.join(&bound);
     assert_refused(&out, &b, &b_config, "only for node joined-a");
     // The host already joined refuses to overwrite its certificate...
@@ -335,7 +308,7 @@ fn agents_renew_their_certificates_before_expiry_without_dropping_the_session() 
     let mut cluster = Cluster::new();
     cluster.agent_cert_validity_s = 30;
     cluster.start_coordinators(3);
-    let token = create_token(&cluster, &["--ttl", "10m"]);
+    let token = cluster.create_token(&["--ttl", "10m"]);
     let host = Host::new(&cluster, "renewing");
     let out = host.join(&token);
     assert!(out.status.success(), "join failed: {}", stderr(&out));
@@ -480,7 +453,7 @@ fn a_revoked_node_is_shut_out_until_it_joins_again() {
     let mut cluster = Cluster::new();
     cluster.start_coordinators(3);
     let urls = cluster.coordinator_urls();
-    let token = create_token(&cluster, &["--ttl", "10m"]);
+    let token = cluster.create_token(&["--ttl", "10m"]);
     let host = Host::new(&cluster, "revoked-a");
     let out = host.join(&token);
     assert!(out.status.success(), "join failed: {}", stderr(&out));
@@ -526,7 +499,7 @@ fn a_revoked_node_is_shut_out_until_it_joins_again() {
     // A node that joined but never connected can be revoked too; its agent
     // then never gets a session.
     let early = Host::new(&cluster, "revoked-b");
-    let token_b = create_token(&cluster, &["--ttl", "10m"]);
+    let token_b = cluster.create_token(&["--ttl", "10m"]);
     let out = early.join(&token_b);
     assert!(out.status.success(), "join failed: {}", stderr(&out));
     let out = cluster.ctl(&["node", "revoke", "revoked-b"]);
@@ -589,7 +562,7 @@ fn a_revoked_node_is_shut_out_until_it_joins_again() {
 
     // Back in with a token made for it; the running agent picks up the new
     // certificate at its next attempt.
-    let bound = create_token(&cluster, &["--ttl", "10m", "--node", "revoked-a"]);
+    let bound = cluster.create_token(&["--ttl", "10m", "--node", "revoked-a"]);
     let out = host.join_with(&bound.token, &bound.join_urls, &bound.ca_hash, &["--force"]);
     assert!(out.status.success(), "re-join failed: {}", stderr(&out));
     let revoked_at_s = i64::try_from(shown["revoked"].as_u64().expect("ms") / 1000).expect("s");

@@ -8,7 +8,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use steward_tests::scrape::{http_exchange, scrape, status_code, Exposition};
+use steward_tests::scrape::{
+    exported, http_exchange, scrape, status_code, steward_series_in, Exported, Exposition,
+};
 use steward_tests::{eventually, free_port, metrics_listen, Cluster};
 
 fn coordinator_metrics(cluster: &Cluster, index: usize) -> SocketAddr {
@@ -386,44 +388,9 @@ fn the_metrics_endpoint_refuses_bad_requests_and_keeps_serving() {
 
 #[test]
 fn vip_lease_series_follow_the_holder() {
-    use steward_tests::netns::TestNet;
-
-    let mut net = TestNet::new("metrics");
-    let lb = net.add_host("lb1");
-    let vip = net.addr(200);
-    let mut cluster = Cluster::new();
-    cluster.coordinator_host = net.gateway().to_string();
-    cluster.coordinator_metrics = true;
-    cluster.start_coordinators(3);
-    let replicas: Vec<SocketAddr> = (0..3).map(|i| coordinator_metrics(&cluster, i)).collect();
-
-    // The agent's endpoint is on its host's address: the test reaches it
-    // from the root namespace over the bridge.
-    let agent_metrics: SocketAddr = (lb.ip(), free_port()).into();
-    let extra = [(
-        "metrics_listen",
-        toml::Value::from(agent_metrics.to_string()),
-    )];
-    cluster.start_agent_in(lb.ns(), lb.name(), &extra);
-    eventually(Duration::from_secs(20), "lb agent to connect", || {
-        cluster.node(lb.name()).is_some().then_some(())
-    });
-    let out = cluster.ctl(&["role", "add", lb.name(), "lb"]);
-    assert!(out.ok(), "{}", out.stderr);
-    let address = format!("{vip}/{}", net.prefix_len());
-    let out = cluster.ctl(&[
-        "vip",
-        "set",
-        "front",
-        "--address",
-        &address,
-        "--check",
-        "none",
-    ]);
-    assert!(out.ok(), "{}", out.stderr);
-    eventually(Duration::from_secs(30), "lb1 to hold the VIP", || {
-        lb.has_address(vip).then_some(())
-    });
+    let bed = steward_tests::metered_lb::MeteredLb::start("metrics");
+    let (cluster, lb, vip) = (&bed.cluster, &bed.lb, bed.vip);
+    let (replicas, agent_metrics) = (&bed.replicas, bed.agent_metrics);
 
     // The agent: bound once, holding, with a quorum of fresh acks, and
     // lease round trips measured.
@@ -514,7 +481,6 @@ fn vip_lease_series_follow_the_holder() {
 #[test]
 fn the_grafana_dashboard_queries_exported_series_only() {
     use std::collections::BTreeSet;
-    use std::sync::Arc;
 
     let path = steward_tests::repo_root().join("packaging/grafana/steward-dashboard.json");
     let text = std::fs::read_to_string(&path).expect("dashboard");
@@ -522,34 +488,7 @@ fn the_grafana_dashboard_queries_exported_series_only() {
     assert_eq!(dash["__inputs"][0]["name"], "DS_PROMETHEUS");
 
     // What the daemons export, the scrape-time views included.
-    let (_vips_tx, vips) =
-        tokio::sync::watch::channel(Arc::new(steward_coordinator::vip::VipSnapshot::default()));
-    steward_coordinator::metrics::register_views(
-        steward_coordinator::sessions::Sessions::default(),
-        vips,
-        steward_coordinator::vip::lease_api::LeaseHub::new(
-            "r".into(),
-            steward_proto::lease::LeaseParams::DEFAULT,
-        ),
-    );
-    let mut families = BTreeSet::new();
-    let mut series = BTreeSet::new();
-    for text in [
-        steward_coordinator::metrics::metrics().registry.render(),
-        steward_agent::metrics::metrics().registry.render(),
-    ] {
-        let e = Exposition::parse(&text).expect("the registries render valid text");
-        for (name, kind) in e.types {
-            if kind == "histogram" {
-                for suffix in ["_bucket", "_sum", "_count"] {
-                    series.insert(format!("{name}{suffix}"));
-                }
-            } else {
-                series.insert(name.clone());
-            }
-            families.insert(name);
-        }
-    }
+    let Exported { families, series } = exported();
 
     let mut used = BTreeSet::new();
     let panels = dash["panels"].as_array().expect("panels");
@@ -561,18 +500,12 @@ fn the_grafana_dashboard_queries_exported_series_only() {
         );
         for target in panel["targets"].as_array().expect("targets") {
             let expr = target["expr"].as_str().expect("expr");
-            let mut rest = expr;
-            while let Some(at) = rest.find("steward_") {
-                let name: String = rest[at..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
+            for name in steward_series_in(expr) {
                 assert!(
                     series.contains(&name),
                     "panel {} queries {name}, which nothing exports",
                     panel["title"]
                 );
-                rest = &rest[at + name.len()..];
                 used.insert(name);
             }
         }

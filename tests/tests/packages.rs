@@ -243,6 +243,7 @@ fn debs_pass_lintian() {
         "usr/lib/sysusers.d/steward-coordinator.conf",
         "etc/steward/coordinator.toml",
         "usr/share/man/man8/steward-coordinator.8.gz",
+        "usr/share/steward-coordinator/prometheus/steward-alerts.yml",
     ] {
         assert!(
             has(&coordinator, path),
@@ -323,6 +324,7 @@ fn rpms_hold_their_files_and_scripts() {
                 "-rw-r--r-- /usr/lib/sysusers.d/steward-coordinator.conf",
                 "-rw-r--r-- cn /etc/steward/coordinator.toml",
                 "-rw-r--r-- d /usr/share/man/man8/steward-coordinator.8.gz",
+                "-rw-r--r-- /usr/share/steward-coordinator/prometheus/steward-alerts.yml",
             ],
         ),
         (

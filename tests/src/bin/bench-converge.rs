@@ -57,7 +57,6 @@
 //!     cargo build --release --workspace --bins
 //!     target/release/bench-converge [--trials N] [--runs N] [--puppet-runs N]
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -106,48 +105,8 @@ const SYSCTLS: [&str; 2] = ["net.ipv4.ip_nonlocal_bind", "net.ipv6.ip_nonlocal_b
 const LB_NOOP_TARGET_MS: f64 = 100.0;
 const PUPPET_RATIO_TARGET: f64 = 20.0;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// SIGINT / SIGTERM set a flag the loops check: they panic, and unwinding
-/// drops the bed (machines halted, network removed). A second signal exits
-/// at once; the next start of any bed sweeps what is left.
-fn watch_signals() {
-    std::thread::spawn(|| {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
-            for n in 0.. {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-                if n > 0 {
-                    eprintln!("bench-converge: second signal: exiting without cleanup");
-                    std::process::exit(130);
-                }
-                INTERRUPTED.store(true, Ordering::SeqCst);
-                eprintln!("bench-converge: interrupted: cleaning up after the current step");
-            }
-        });
-    });
-}
-
 fn check_interrupted() {
-    assert!(
-        !INTERRUPTED.load(Ordering::SeqCst),
-        "interrupted (signal): dropping the bed"
-    );
+    steward_tests::check_interrupt("the next step (signal): dropping the bed");
 }
 
 /// [`converge_bed::poll`], stopping early on a signal.
@@ -728,7 +687,7 @@ fn main() -> std::process::ExitCode {
     let runs = number("--runs", 30, 1, 1000);
     let puppet_runs = number("--puppet-runs", 10, 1, 200);
     let gap_ms = number("--gap-ms", 1000, 0, 60_000);
-    watch_signals();
+    steward_tests::interrupt_on_signals("bench-converge");
     run(trials, runs, puppet_runs, gap_ms);
     std::process::ExitCode::SUCCESS
 }
