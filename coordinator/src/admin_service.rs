@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::time::Instant;
 
-use etcd_client::{EventType, WatchOptions};
 use steward_proto::convert::{roles_display, roles_from_pb};
 use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, Role, RoleSet};
 use steward_proto::pb;
@@ -20,6 +19,7 @@ use crate::cluster_spec;
 use crate::error::{Error, Result};
 use crate::peers::Peers;
 use crate::replica::Leadership;
+use crate::store::kv::Change;
 use crate::store::{decode, unix_ms, NodeRecord, Store};
 use crate::vip::admin as vip_admin;
 
@@ -484,29 +484,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
             if !request.follow {
                 return;
             }
-            let keys = store.keys().clone();
-            let watch = store
-                .client()
-                .watch_client()
-                .watch(
-                    keys.events(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(revision + 1),
-                    ),
-                )
-                .await;
-            let mut stream = match watch {
+            let mut stream = match store.watch_events(revision + 1).await {
                 Ok(s) => s,
-                Err(source) => {
-                    let _ = tx
-                        .send(Err(Error::Etcd {
-                            op: "watch events",
-                            source,
-                        }
-                        .into()))
-                        .await;
+                Err(error) => {
+                    let _ = tx.send(Err(error.into())).await;
                     return;
                 }
             };
@@ -514,29 +495,23 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 let message = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tx.closed() => return,
-                    m = stream.message() => m,
+                    m = stream.next() => m,
                 };
-                let resp = match message {
-                    Ok(Some(resp)) => resp,
+                let changes = match message {
+                    Ok(Some(changes)) => changes,
                     Ok(None) => return,
-                    Err(source) => {
-                        let _ = tx
-                            .send(Err(Error::Etcd {
-                                op: "watch events",
-                                source,
-                            }
-                            .into()))
-                            .await;
+                    Err(error) => {
+                        let _ = tx.send(Err(error.into())).await;
                         return;
                     }
                 };
-                for ev in resp.events() {
-                    let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) else {
+                for change in changes {
+                    let Change::Put(kv) = change else {
                         continue;
                     };
-                    match decode::<Event>(kv.key(), kv.value()) {
+                    match decode::<Event>(&kv.key, &kv.value) {
                         Ok(mut event) => {
-                            event.revision = kv.mod_revision() as u64;
+                            event.revision = kv.mod_revision as u64;
                             if tx.send(Ok(event.into())).await.is_err() {
                                 return;
                             }

@@ -8,13 +8,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
-use steward_proto::domain::{Event, EventKind, NodeHealth};
+use steward_proto::domain::{EventKind, NodeHealth};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::replica::Fence;
-use crate::store::{encode, unix_ms, Store};
+use crate::store::kv::{Op, Txn};
+use crate::store::Store;
 
 /// How often the leader re-checks the cluster (the resync safety net).
 pub const DUTY_INTERVAL: Duration = Duration::from_secs(1);
@@ -54,65 +54,31 @@ async fn reap_orphaned_sessions(store: &Store, fence: &Fence) -> Result<()> {
         let mut next = status.value.clone();
         next.replica = None;
         next.health = NodeHealth::Disconnected;
-        let event = Event {
-            revision: 0,
-            at_unix_ms: unix_ms(),
-            kind: EventKind::NodeDisconnected,
-            node: Some(id.clone()),
-            replica: store.replica().to_owned(),
-            message: format!("{id} lost its session: replica {replica} is gone"),
-        };
-        let status_key = store.keys().node_status(&id);
-        let event_key = format!(
-            "{}{:016}-{}-reap-{id}",
-            store.keys().events(),
-            event.at_unix_ms,
-            store.replica()
+        let event = store.event(
+            EventKind::NodeDisconnected,
+            Some(id.clone()),
+            format!("{id} lost its session: replica {replica} is gone"),
         );
-        // Inner txn: only if nobody rewrote the status since we read it (the
-        // agent may already have reconnected to another replica).
-        let inner = Txn::new()
-            .when([Compare::mod_revision(
-                status_key.as_str(),
-                CompareOp::Equal,
-                status.mod_revision,
-            )])
-            .and_then([
-                TxnOp::put(status_key.as_str(), encode(&next), None),
-                TxnOp::put(event_key, encode(&event), None),
-            ]);
-        fence.txn(&store.client(), vec![TxnOp::txn(inner)]).await?;
-        info!(node.id = %id, %replica, "marked node disconnected: its replica is gone");
+        // Only if nobody rewrote the status since we read it (the agent may
+        // already have reconnected to another replica).
+        let inner = store.status_if_txn(&id, status.mod_revision, &next, &event);
+        if fence.txn(store, inner).await?.succeeded {
+            info!(node.id = %id, %replica, "marked node disconnected: its replica is gone");
+        }
     }
     Ok(())
 }
 
 async fn trim_events(store: &Store, fence: &Fence, retained: u32) -> Result<()> {
-    let resp = store
-        .client()
-        .kv_client()
-        .get(
-            store.keys().events(),
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only()
-                    .with_sort(SortTarget::Key, SortOrder::Ascend),
-            ),
-        )
-        .await
-        .map_err(Error::etcd("list events"))?;
-    let excess = resp.kvs().len().saturating_sub(retained as usize);
+    let keys = store.event_keys().await?;
+    let excess = keys.len().saturating_sub(retained as usize);
     if excess == 0 {
         return Ok(());
     }
-    let ops = resp.kvs()[..excess]
-        .iter()
-        .map(|kv| TxnOp::delete(kv.key().to_vec(), None))
-        .collect::<Vec<_>>();
     // etcd limits ops per txn (128 by default).
-    for chunk in ops.chunks(100) {
-        fence.txn(&store.client(), chunk.to_vec()).await?;
+    for chunk in keys[..excess].chunks(100) {
+        let deletes = chunk.iter().map(|k| Op::delete(k.clone()));
+        fence.txn(store, Txn::new().and_then(deletes)).await?;
     }
     Ok(())
 }

@@ -132,42 +132,28 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         None => None,
     };
 
-    let client = store::connect(&config.etcd, true).await?;
-    let stream_client = store::connect(&config.etcd, false).await?;
     let keys = Keys::new(&config.cluster);
-    let store = Store::new(client, keys.clone(), config.id.clone());
+    let store = Store::connect(&config.etcd, keys.clone(), config.id.clone()).await?;
 
     // Background tasks stop on `tasks`, cancelled only after the server has
     // drained, so sessions can still record their disconnects.
     let tasks = CancellationToken::new();
     let (specs_tx, specs_rx) = watch::channel(Arc::new(SpecSnapshot::default()));
     let cache = tokio::spawn(
-        cache::run_spec_cache(stream_client.clone(), keys.clone(), specs_tx, tasks.clone())
+        cache::run_spec_cache(store.clone(), specs_tx, tasks.clone())
             .instrument(tracing::info_span!("spec_cache")),
     );
     let (vips_tx, vips_rx) = watch::channel(Arc::new(vip::VipSnapshot::default()));
     let vip_cache = tokio::spawn(
-        cache::run_prefix_cache(
-            stream_client.clone(),
-            keys.clone(),
-            keys.vips(),
-            vips_tx,
-            tasks.clone(),
-        )
-        .instrument(tracing::info_span!("vip_cache")),
+        cache::run_prefix_cache(store.clone(), keys.vips(), vips_tx, tasks.clone())
+            .instrument(tracing::info_span!("vip_cache")),
     );
     let (orch_tx, orch_rx) = watch::channel(Arc::new(
         orchestrate::state::OrchestrationSnapshot::default(),
     ));
     let orch_cache = tokio::spawn(
-        cache::run_prefix_cache(
-            stream_client.clone(),
-            keys.clone(),
-            keys.orchestration(),
-            orch_tx,
-            tasks.clone(),
-        )
-        .instrument(tracing::info_span!("orchestration_cache")),
+        cache::run_prefix_cache(store.clone(), keys.orchestration(), orch_tx, tasks.clone())
+            .instrument(tracing::info_span!("orchestration_cache")),
     );
     // Validated with the config; a key that stopped opening is an error here.
     let sealer = match &config.secrets {
@@ -192,7 +178,6 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let membership = tokio::spawn(
         replica::run_membership(
             store.clone(),
-            stream_client,
             member,
             LeaderSettings {
                 lease_ttl: config.member_lease_ttl(),

@@ -9,16 +9,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-use steward_proto::lease::{Acker, Mark};
+use steward_proto::lease::Acker;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::error::{Error, Result};
-use crate::store::{encode, Store};
+use crate::store::Store;
 use crate::vip::lease_api::LeaseHub;
-use crate::vip::{MarkRecord, VipSnapshot};
+use crate::vip::VipSnapshot;
 
 /// Retry delay for marks etcd did not take.
 const RETRY: Duration = Duration::from_millis(100);
@@ -55,29 +53,6 @@ pub fn feed(acker: &mut Acker, snapshot: &VipSnapshot, now: Duration) {
     }
 }
 
-async fn write_mark(store: &Store, mark: &Mark) -> Result<bool> {
-    let keys = store.keys();
-    let owner_key = keys.vip_owner(&mark.vip);
-    let txn = Txn::new()
-        .when([Compare::mod_revision(
-            owner_key.as_str(),
-            CompareOp::Equal,
-            mark.epoch as i64,
-        )])
-        .and_then([TxnOp::put(
-            keys.vip_mark(&mark.vip, mark.epoch, store.replica()),
-            encode(&MarkRecord::new(mark.reason)),
-            None,
-        )]);
-    let resp = store
-        .client()
-        .kv_client()
-        .txn(txn)
-        .await
-        .map_err(Error::etcd("write expiry mark"))?;
-    Ok(resp.succeeded())
-}
-
 /// Runs until `shutdown`.
 pub async fn run_marker(
     store: Store,
@@ -95,7 +70,7 @@ pub async fn run_marker(
         });
         let mut failed = false;
         for mark in pending {
-            match write_mark(&store, &mark).await {
+            match store.write_mark(&mark.vip, mark.epoch, mark.reason).await {
                 Ok(written) => {
                     if written {
                         info!(vip.name = %mark.vip, vip.epoch = mark.epoch, reason = mark.reason.as_str(), "expiry mark written");

@@ -9,19 +9,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
-use steward_proto::domain::{Event, EventKind, NodeId};
+use steward_proto::domain::{EventKind, NodeId};
 use steward_proto::lease::{place, Candidate, MarkReason, Placement, PlacementInput};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cache::SpecSnapshot;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::replica::{Fence, Leadership};
-use crate::store::{encode, unix_ms, Store};
+use crate::store::Store;
 use crate::vip::lease_api::LeaseHub;
-use crate::vip::{candidates, MoveRecord, OwnerRecord, VipSnapshot, VipState};
+use crate::vip::{candidates, VipSnapshot, VipState};
 
 /// Everything the placement loop watches.
 pub struct PlacementInputs {
@@ -108,20 +107,9 @@ async fn decide(
                 return Ok(());
             }
             let epoch = state.epoch();
-            let owner_key = store.keys().vip_owner(name);
-            let inner = Txn::new()
-                .when([Compare::mod_revision(
-                    owner_key.as_str(),
-                    CompareOp::Equal,
-                    epoch as i64,
-                )])
-                .and_then([TxnOp::put(
-                    store.keys().vip_move(name),
-                    encode(&MoveRecord { epoch, to: None }),
-                    None,
-                )]);
             info!(vip.name = %name, vip.epoch = epoch, "asking the holder to release");
-            fence.txn(&store.client(), vec![TxnOp::txn(inner)]).await?;
+            let inner = store.vip_release_request_txn(name, epoch, None);
+            fence.txn(store, inner).await?;
             crate::metrics::metrics()
                 .vip_release_requests
                 .with(&[name])
@@ -155,68 +143,22 @@ async fn assign(
     state: &VipState,
     next: Option<NodeId>,
 ) -> Result<()> {
-    let keys = store.keys();
-    let owner_key = keys.vip_owner(name);
-    let guard = match &state.owner {
-        Some((_, epoch)) => {
-            Compare::mod_revision(owner_key.as_str(), CompareOp::Equal, *epoch as i64)
-        }
-        None => Compare::version(owner_key.as_str(), CompareOp::Equal, 0),
-    };
     let from = state
         .owner_node()
         .map_or_else(|| "nobody".to_owned(), |n| n.to_string());
     let to = next
         .as_ref()
         .map_or_else(|| "nobody".to_owned(), |n| n.to_string());
-    let event = Event {
-        revision: 0,
-        at_unix_ms: unix_ms(),
-        kind: EventKind::VipMoved,
-        node: next.clone(),
-        replica: store.replica().to_owned(),
-        message: format!("VIP {name}: {from} -> {to} ({})", why(state)),
-    };
-    let event_key = format!(
-        "{}{:016}-{}-vip-{name}-{}",
-        keys.events(),
-        event.at_unix_ms,
-        store.replica(),
-        state.epoch()
+    let event = store.event(
+        EventKind::VipMoved,
+        next.clone(),
+        format!("VIP {name}: {from} -> {to} ({})", why(state)),
     );
-    let inner = Txn::new().when([guard]).and_then([
-        TxnOp::put(
-            owner_key.as_str(),
-            encode(&OwnerRecord { node: next }),
-            None,
-        ),
-        TxnOp::delete(keys.vip_move(name), None),
-        TxnOp::delete(
-            keys.vip_marks(name),
-            Some(DeleteOptions::new().with_prefix()),
-        ),
-        TxnOp::put(event_key, encode(&event), None),
-    ]);
-    let resp = store
-        .client()
-        .kv_client()
-        .txn(
-            Txn::new()
-                .when([fence.compare()])
-                .and_then([TxnOp::txn(inner)]),
-        )
-        .await
-        .map_err(Error::etcd("assign VIP"))?;
-    if !resp.succeeded() {
-        return Err(Error::LostLeadership { epoch: fence.epoch });
-    }
-    // The inner guard (owner still at the epoch decided on) may have failed:
-    // then nothing moved, and the next look decides again.
-    let moved = resp.op_responses().iter().any(|r| match r {
-        etcd_client::TxnOpResponse::Txn(inner) => inner.succeeded(),
-        _ => false,
-    });
-    if !moved {
+    let current = state.owner.as_ref().map(|(_, epoch)| *epoch);
+    let inner = store.vip_assign_txn(name, current, next, &event);
+    // The owner key may have moved past the epoch decided on: then nothing
+    // moved, and the next look decides again.
+    if !fence.txn(store, inner).await?.succeeded {
         return Ok(());
     }
     crate::metrics::metrics()
