@@ -32,6 +32,9 @@ pub mod store;
 pub mod tokens;
 pub mod vip;
 
+#[cfg(test)]
+mod testing;
+
 use std::sync::Arc;
 use std::time::Duration;
 
