@@ -82,3 +82,76 @@ async fn trim_events(store: &Store, fence: &Fence, retained: u32) -> Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::{Event, Facts, Health};
+
+    use super::*;
+    use crate::store::{MemoryBackend, NodeStatusRecord};
+    use crate::testing::{node, TestReplica};
+
+    fn served_by(replica: &str) -> NodeStatusRecord {
+        NodeStatusRecord {
+            facts: Facts::default(),
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            replica: Some(replica.to_owned()),
+            last_seen_unix_ms: 1,
+            applied_revision: 0,
+            agent_version: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_of_vanished_replicas_are_marked_disconnected() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        let fence = replica.lead().await;
+        for (id, serving) in [("n1", "c-gone"), ("n2", "c-1")] {
+            let written = store
+                .put_status_if(&node(id), 0, &served_by(serving))
+                .await
+                .unwrap();
+            assert!(written.is_some());
+        }
+        reap_orphaned_sessions(store, &fence).await.unwrap();
+        let n1 = store.node(&node("n1")).await.unwrap().status.unwrap().value;
+        assert_eq!((n1.health, n1.replica), (NodeHealth::Disconnected, None));
+        let n2 = store.node(&node("n2")).await.unwrap().status.unwrap().value;
+        assert_eq!(n2, served_by("c-1"));
+        let (events, _) = store.recent_events(10).await.unwrap();
+        let last = events.last().expect("an event");
+        assert_eq!(last.kind, EventKind::NodeDisconnected);
+        assert_eq!(last.message, "n1 lost its session: replica c-gone is gone");
+        // Nothing left to do: no more writes.
+        let revision = replica.memory.revision();
+        reap_orphaned_sessions(store, &fence).await.unwrap();
+        assert_eq!(replica.memory.revision(), revision);
+    }
+
+    #[tokio::test]
+    async fn the_event_log_keeps_the_newest_and_only_a_leader_trims_it() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        let fence = replica.lead().await;
+        for i in 0..10 {
+            let mut event: Event = store.event(EventKind::RolesChanged, None, format!("e{i}"));
+            event.at_unix_ms = 1_000 + i;
+            store.record_event(&event).await.unwrap();
+        }
+        trim_events(store, &fence, 3).await.unwrap();
+        let (events, _) = store.recent_events(100).await.unwrap();
+        let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages, ["e7", "e8", "e9"]);
+
+        store.revoke_lease(replica.lease).await.unwrap();
+        store
+            .record_event(&store.event(EventKind::RolesChanged, None, "more".into()))
+            .await
+            .unwrap();
+        let error = trim_events(store, &fence, 3).await.expect_err("fenced");
+        assert!(matches!(error, Error::LostLeadership { .. }), "{error}");
+        assert_eq!(store.event_keys().await.unwrap().len(), 4);
+    }
+}

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use steward_proto::domain::NodeId;
+use steward_proto::domain::{NodeId, NodeSpec, Role};
 use steward_proto::lease::LeaseParams;
+use steward_proto::vip::{VipCheck, VipSpec};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +16,8 @@ use crate::cache::{self, SpecSnapshot};
 use crate::orchestrate::state::OrchestrationSnapshot;
 use crate::pki::{Identity, IdentityKind};
 use crate::replica::Fence;
-use crate::store::{Keys, MemberRecord, MemoryBackend, Store};
+use crate::store::kv::{Op, Txn};
+use crate::store::{encode, Keys, MemberRecord, MemoryBackend, Store};
 use crate::vip::lease_api::LeaseHub;
 use crate::vip::VipSnapshot;
 
@@ -160,4 +162,38 @@ impl Drop for TestReplica {
         self.tasks.cancel();
         self.ctx.shutdown.cancel();
     }
+}
+
+/// Writes node `id`'s spec with `roles`, as `stewardctl role add` would.
+pub async fn put_roles(store: &Store, id: &str, roles: &[Role]) {
+    let spec = NodeSpec {
+        roles: roles.iter().copied().collect(),
+        ..Default::default()
+    };
+    let key = store.keys().node_spec(&node(id));
+    store
+        .txn(Txn::new().and_then([Op::put(key, encode(&spec))]), "test")
+        .await
+        .expect("spec written");
+}
+
+/// A VIP `name` at `address` for every lb node, with no health check.
+pub fn vip_spec(name: &str, address: &str) -> VipSpec {
+    VipSpec {
+        name: name.into(),
+        address: address.into(),
+        interface: None,
+        check: VipCheck::None,
+        candidates: Vec::new(),
+        priority: Default::default(),
+        preempt: false,
+    }
+}
+
+/// Defines `spec` as `stewardctl vip set` would (without its checks).
+pub async fn put_vip(store: &Store, spec: &VipSpec) {
+    store
+        .txn(Txn::new().and_then(store.vip_set_ops(spec)), "test")
+        .await
+        .expect("VIP written");
 }

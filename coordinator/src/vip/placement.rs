@@ -168,3 +168,74 @@ async fn assign(
     info!(vip.name = %name, from = %from, to = %to, "{}", event.message);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::Role;
+
+    use super::*;
+    use crate::error::Error;
+    use crate::store::MemoryBackend;
+    use crate::testing::{eventually, node, put_roles, put_vip, vip_spec, TestReplica};
+    use crate::vip::lease_api::tests::{candidate, heartbeat};
+
+    #[tokio::test]
+    async fn the_leader_assigns_a_first_holder_once_and_only_while_it_leads() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_roles(store, "n1", &[Role::Lb]).await;
+        put_roles(store, "n2", &[Role::Lb]).await;
+        put_vip(store, &vip_spec("front", "198.18.0.100/24")).await;
+        let fence = replica.lead().await;
+        let _n1 = candidate(&replica, "n1", heartbeat("n1", 1, Vec::new()))
+            .await
+            .expect("stream");
+        let _n2 = candidate(&replica, "n2", heartbeat("n2", 1, Vec::new()))
+            .await
+            .expect("stream");
+        let hub = &replica.ctx.lease;
+        let ctx = &replica.ctx;
+        let (specs, state) = eventually("the caches and candidates", || {
+            let specs = ctx.specs.borrow().clone();
+            let state = ctx.vips.borrow().vips.get("front")?.clone();
+            let ready = specs.specs.len() == 2
+                && state.spec.is_some()
+                && hub.healthy_candidate(&node("n1"), "front")
+                && hub.healthy_candidate(&node("n2"), "front");
+            ready.then_some((specs, state))
+        })
+        .await;
+
+        decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect("assigned");
+        let owner = store.vips().await.unwrap().vips["front"].owner.clone();
+        let (holder, epoch) = owner.expect("an owner");
+        assert!(matches!(holder, Some(n) if n == node("n1") || n == node("n2")));
+        let (events, _) = store.recent_events(10).await.unwrap();
+        let moved = events.last().expect("an event");
+        assert_eq!(moved.kind, EventKind::VipMoved);
+        assert!(moved.message.contains("first holder"), "{}", moved.message);
+        assert_eq!(moved.replica, "c-1");
+
+        // The same decision made on the stale view moves nothing: the owner
+        // key is past the epoch it was made for.
+        let revision = replica.memory.revision();
+        decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect("nothing to do");
+        assert_eq!(replica.memory.revision(), revision);
+        assert_eq!(
+            store.vips().await.unwrap().vips["front"].epoch(),
+            epoch,
+            "the owner stays"
+        );
+
+        // Once the leader's lease ended, its fence refuses every write.
+        store.revoke_lease(replica.lease).await.unwrap();
+        let error = decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect_err("not the leader any more");
+        assert!(matches!(error, Error::LostLeadership { .. }), "{error}");
+    }
+}
