@@ -87,7 +87,7 @@ async fn ask(
     let mut unreachable = Vec::new();
     for url in &options.coordinators {
         let channel =
-            match steward_proto::runtime::dial_pinned(url, options.ca_hash, Duration::from_secs(5))
+            match steward_runtime::dial_pinned(url, options.ca_hash, Duration::from_secs(5))
                 .await
             {
                 Ok(c) => c,

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use steward_proto::backoff::Backoff;
+use steward_runtime::backoff::Backoff;
 use steward_proto::converge::ConvergeReport;
 use steward_proto::domain::{AgentMessage, CoordinatorMessage, DesiredState};
 use steward_proto::pb;

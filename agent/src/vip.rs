@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use steward_proto::backoff::Backoff;
+use steward_runtime::backoff::Backoff;
 use steward_proto::domain::{NodeId, Role};
 use steward_proto::lease::{Claim, Holder, HolderAction, Target};
 use steward_proto::pb;

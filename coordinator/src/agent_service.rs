@@ -699,7 +699,7 @@ impl ConvergeTracker {
 /// reconnected here wins. Retries until etcd answers or shutdown.
 pub async fn release_stale_sessions(ctx: SessionContext) {
     let mut backoff =
-        steward_proto::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        steward_runtime::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match release_once(&ctx).await {
             Ok(released) => {

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use steward_proto::backoff::Backoff;
+use steward_runtime::backoff::Backoff;
 use steward_proto::converge::{ClusterSettings, ClusterView, Member};
 use steward_proto::domain::{DesiredState, NodeId, NodeSpec};
 use tokio::sync::watch;

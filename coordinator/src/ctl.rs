@@ -11,7 +11,7 @@ use steward_proto::convert::{node_health_from_pb, roles_to_pb};
 use steward_proto::domain::{Event, NodeView, Role};
 use steward_proto::pb;
 use steward_proto::pb::admin_service_client::AdminServiceClient;
-use steward_proto::runtime::dial_mtls;
+use steward_runtime::dial_mtls;
 use tonic::transport::{Certificate, Channel, Identity};
 
 use crate::pki::{self, IdentityKind};
@@ -808,7 +808,7 @@ fn pki_command(command: &PkiCommand) -> Result<(), CtlError> {
     Ok(())
 }
 
-pub use steward_proto::runtime::format_unix_ms;
+pub use steward_runtime::format_unix_ms;
 
 fn ago(ms: u64) -> String {
     if ms == 0 {

@@ -128,7 +128,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // Bound first: a bad metrics address fails the start, not a scrape.
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
-            steward_proto::runtime::bind_metrics(addr)
+            steward_runtime::bind_metrics(addr)
                 .await
                 .map_err(|source| RunError::Metrics { addr, source })?,
         ),
@@ -247,7 +247,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     metrics::register_views(ctx.sessions.clone(), ctx.vips.clone(), ctx.lease.clone());
     let leadership_metrics = tokio::spawn(metrics::metrics().follow_leadership(lead_rx.clone()));
     let metrics_endpoint = metrics_listener.map(|listener| {
-        steward_proto::runtime::spawn_metrics_endpoint(
+        steward_runtime::spawn_metrics_endpoint(
             listener,
             metrics::metrics().registry.clone(),
             tasks.clone(),

@@ -10,7 +10,7 @@
 use std::sync::{Arc, LazyLock};
 
 use steward_proto::converge::ConvergeReport;
-use steward_proto::metrics::{
+use steward_runtime::metrics::{
     Counter, Family, Gauge, Histogram, Registry, LATENCY_BUCKETS, RUN_BUCKETS,
 };
 use tokio::sync::watch;

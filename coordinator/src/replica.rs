@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use steward_proto::backoff::Backoff;
+use steward_runtime::backoff::Backoff;
 use steward_proto::domain::{Event, EventKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

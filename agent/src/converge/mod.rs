@@ -16,7 +16,7 @@ pub mod system;
 
 use std::time::Duration;
 
-use steward_proto::backoff::Backoff;
+use steward_runtime::backoff::Backoff;
 use steward_proto::converge::ConvergeReport;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

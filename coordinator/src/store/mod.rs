@@ -273,7 +273,7 @@ impl NodeRevokedRecord {
             "the certificates of node {node} were revoked at {} by {}; join again with a \
              token made for it (stewardctl token create --node {node}, then steward-agent \
              join ... --force on the node)",
-            steward_proto::runtime::format_unix_ms(self.at_unix_ms),
+            steward_runtime::format_unix_ms(self.at_unix_ms),
             self.by
         )))
     }
