@@ -12,10 +12,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use steward_runtime::backoff::Backoff;
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_proto::pki::Validity;
+use steward_runtime::backoff::Backoff;
 use steward_runtime::TlsFiles;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, Identity};

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use steward_proto::domain::NodeId;
 use steward_proto::lease::LeaseParams;
-pub use steward_runtime::{ConfigError, TlsFiles};
 use steward_proto::vip::LeaseConfig;
+pub use steward_runtime::{ConfigError, TlsFiles};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -8,9 +8,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use steward_runtime::backoff::Backoff;
 use steward_proto::converge::{ClusterSettings, ClusterView, Member};
 use steward_proto::domain::{DesiredState, NodeId, NodeSpec};
+use steward_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};

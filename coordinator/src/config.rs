@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use steward_proto::lease::LeaseParams;
-pub use steward_runtime::{ConfigError, TlsFiles};
 pub use steward_proto::vip::LeaseConfig;
+pub use steward_runtime::{ConfigError, TlsFiles};
 
 /// Coordinator replicas a cluster runs unless `vip.replicas` says otherwise.
 pub const DEFAULT_REPLICAS: usize = 3;

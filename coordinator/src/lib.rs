@@ -19,13 +19,13 @@ pub mod bootstrap;
 pub mod cache;
 pub mod cluster_spec;
 pub mod config;
-pub mod ctl;
 pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod orchestrate;
 pub mod peers;
-pub mod pki;
+/// The cluster's CA and the identities in certificates (`steward-pki`).
+pub use steward_pki as pki;
 pub mod replica;
 pub mod sessions;
 pub mod store;

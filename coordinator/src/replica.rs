@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use steward_runtime::backoff::Backoff;
 use steward_proto::domain::{Event, EventKind};
+use steward_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};

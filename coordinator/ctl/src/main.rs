@@ -1,9 +1,9 @@
-//! `stewardctl`: see `steward_coordinator::ctl`.
+//! `stewardctl`: see the `stewardctl` library.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use steward_coordinator::ctl::{self, Cli};
+use stewardctl::{self as ctl, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

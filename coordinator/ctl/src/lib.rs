@@ -1,0 +1,23 @@
+//! `stewardctl`, the operators' CLI: status, nodes, roles, VIPs, events,
+//! cluster specs, join tokens (over the admin API, mutual TLS to any
+//! replica) and the development CA (`stewardctl pki`, files only).
+//!
+//! **Architecture invariant:** no etcd client and no daemon runtime here:
+//! stewardctl speaks only the admin API (`steward-proto`) and the CA
+//! (`steward-pki`), so it stays small to build and to ship.
+
+mod ctl;
+
+pub use ctl::*;
+
+use steward_pki as pki;
+
+/// What `ctl` reads the clock with.
+mod store {
+    /// Milliseconds since the Unix epoch.
+    pub fn unix_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+}
