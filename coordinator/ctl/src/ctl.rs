@@ -11,11 +11,9 @@ use steward_proto::convert::{node_health_from_pb, roles_to_pb};
 use steward_proto::domain::{Event, NodeView, Role};
 use steward_proto::pb;
 use steward_proto::pb::admin_service_client::AdminServiceClient;
-use steward_runtime::dial_mtls;
-use tonic::transport::{Certificate, Channel, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::pki::{self, IdentityKind};
-use crate::store::unix_ms;
+use steward_pki::{self as pki, IdentityKind};
 
 /// Operate a Steward cluster.
 ///
@@ -808,7 +806,60 @@ fn pki_command(command: &PkiCommand) -> Result<(), CtlError> {
     Ok(())
 }
 
-pub use steward_runtime::format_unix_ms;
+pub use steward_proto::domain::format_unix_ms;
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Connects to `url` over mutual TLS: the server must have a certificate
+/// from `ca` valid for the URL's host; we present `identity`. (The
+/// daemons' dial is `steward-runtime`'s, which stewardctl does not link.)
+async fn dial_mtls(
+    url: &str,
+    ca: Certificate,
+    identity: Identity,
+    connect_timeout: Duration,
+) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
+    let host = endpoint
+        .uri()
+        .host()
+        .ok_or("URL has no host")?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .identity(identity)
+        .domain_name(host);
+    let mut message = String::new();
+    match endpoint.tls_config(tls) {
+        Ok(endpoint) => match endpoint
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+        {
+            Ok(channel) => return Ok(channel),
+            Err(e) => {
+                // Every cause, in one line.
+                let mut cause: Option<&dyn std::error::Error> = Some(&e);
+                while let Some(c) = cause {
+                    if !message.is_empty() {
+                        message.push_str(": ");
+                    }
+                    message.push_str(&c.to_string());
+                    cause = c.source();
+                }
+            }
+        },
+        Err(e) => message = e.to_string(),
+    }
+    Err(message)
+}
 
 fn ago(ms: u64) -> String {
     if ms == 0 {
@@ -1171,13 +1222,6 @@ pub fn has_ca(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_unix_time() {
-        assert_eq!(format_unix_ms(0), "-");
-        assert_eq!(format_unix_ms(1_795_354_945_000), "2026-11-22 13:42:25");
-        assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29 00:00:00");
-    }
 
     fn report(statuses: &[ResourceStatus]) -> ConvergeReport {
         ConvergeReport {

@@ -9,15 +9,3 @@
 mod ctl;
 
 pub use ctl::*;
-
-use steward_pki as pki;
-
-/// What `ctl` reads the clock with.
-mod store {
-    /// Milliseconds since the Unix epoch.
-    pub fn unix_ms() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    }
-}

@@ -10,18 +10,14 @@ mod pki;
 
 pub use pki::*;
 
-/// Where `pki` finds the content of a new secrets key file.
-mod orchestrate {
-    pub mod secrets {
-        use ring::rand::{SecureRandom, SystemRandom};
+use ring::rand::{SecureRandom, SystemRandom};
 
-        /// 32 random bytes as hex: the content of a new key file.
-        pub fn new_key_hex() -> Result<String, String> {
-            let mut key = [0u8; 32];
-            SystemRandom::new()
-                .fill(&mut key)
-                .map_err(|_| "the system's random generator failed".to_owned())?;
-            Ok(key.iter().map(|b| format!("{b:02x}")).collect())
-        }
-    }
+/// 32 random bytes as hex: the content of a new secrets key file
+/// (`stewardctl pki init`; the coordinator seals cluster secrets with it).
+pub fn new_key_hex() -> Result<String, String> {
+    let mut key = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| "the system's random generator failed".to_owned())?;
+    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
 }
