@@ -7,8 +7,9 @@
 #                        `steward` system user), /etc/steward/coordinator.toml
 #   stewardctl           the operators' CLI, for workstations: binary, example cluster spec
 #
-# Run `scripts/package.sh --help` for usage. The package metadata lives in
-# agent/Cargo.toml and coordinator/Cargo.toml ([package.metadata.deb] and
+# Run `scripts/package.sh --help` for usage. Each package is one crate's: the
+# metadata lives in agent/Cargo.toml, coordinator/Cargo.toml and
+# coordinator/ctl/Cargo.toml ([package.metadata.deb] and
 # [package.metadata.generate-rpm]); units, scripts and lintian overrides in
 # packaging/.
 set -euo pipefail
@@ -72,7 +73,7 @@ for tool in dpkg-deb strip help2man; do
 done
 
 echo "==> building steward-agent, steward-coordinator, stewardctl (release)"
-cargo build --release --locked -p steward-agent -p steward-coordinator --bins
+cargo build --release --locked -p steward-agent -p steward-coordinator -p stewardctl --bins
 
 # The release profile keeps line tables (readable backtraces for the
 # benchmarks); the packages ship stripped copies, and manual pages made from
@@ -100,31 +101,16 @@ mkdir -p "$OUT"
 rm -f "$OUT"/steward-agent_*.deb "$OUT"/steward-coordinator_*.deb "$OUT"/stewardctl_*.deb \
   "$OUT"/steward-agent-*.rpm "$OUT"/steward-coordinator-*.rpm "$OUT"/stewardctl-*.rpm
 
-# cargo-deb takes a .deb's synopsis (the first line of Description) from the
-# crate's description, one per crate; coordinator/ makes two packages, so
-# each gets its own here (the same words as its .rpm's summary).
-set_synopsis() { # set_synopsis DEB "synopsis"
-  local deb=$1 synopsis=$2 tmp
-  tmp=$(mktemp -d)
-  dpkg-deb -R "$deb" "$tmp/root"
-  sed -i "s/^Description: .*/Description: $synopsis/" "$tmp/root/DEBIAN/control"
-  dpkg-deb --root-owner-group -Zxz -b "$tmp/root" "$deb" >/dev/null
-  rm -rf "$tmp"
-}
-
 echo "==> .deb (cargo deb --no-build)"
-cargo deb --no-build --quiet -p steward-agent -o "$OUT/"
-cargo deb --no-build --quiet -p steward-coordinator --variant coordinator -o "$OUT/"
-cargo deb --no-build --quiet -p steward-coordinator -o "$OUT/"
-set_synopsis "$(ls "$OUT"/steward-coordinator_*.deb)" \
-  "Steward coordinator replica: cluster state in etcd, roles and VIP leases"
-set_synopsis "$(ls "$OUT"/stewardctl_*.deb)" \
-  "Steward's operator CLI: status, nodes, roles, VIPs, cluster specs, PKI"
+# One crate, one package: the .deb's synopsis is the crate's description.
+for crate in steward-agent steward-coordinator stewardctl; do
+  cargo deb --no-build --quiet -p "$crate" -o "$OUT/"
+done
 
 echo "==> .rpm (cargo generate-rpm)"
-cargo generate-rpm -p agent -o "$OUT/"
-cargo generate-rpm -p coordinator --variant coordinator -o "$OUT/"
-cargo generate-rpm -p coordinator -o "$OUT/"
+for dir in agent coordinator coordinator/ctl; do
+  cargo generate-rpm -p "$dir" -o "$OUT/"
+done
 
 echo "==> packages in $OUT"
 for f in "$OUT"/steward-agent_*.deb "$OUT"/steward-coordinator_*.deb "$OUT"/stewardctl_*.deb; do

@@ -12,11 +12,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use steward_proto::backoff::Backoff;
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_proto::pki::Validity;
-use steward_proto::runtime::TlsFiles;
+use steward_runtime::backoff::Backoff;
+use steward_runtime::TlsFiles;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, Identity};
 use tracing::{info, warn};
@@ -82,7 +82,7 @@ impl Credentials {
     /// Connects to `url` over mutual TLS with the credentials on disk now.
     pub async fn dial(&self, url: &str, connect_timeout: Duration) -> Result<Channel, String> {
         let (ca, identity) = self.load()?;
-        steward_proto::runtime::dial_mtls(url, ca, identity, connect_timeout).await
+        steward_runtime::dial_mtls(url, ca, identity, connect_timeout).await
     }
 
     fn validity(&self) -> Result<Validity, String> {

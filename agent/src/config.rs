@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use steward_proto::domain::NodeId;
 use steward_proto::lease::LeaseParams;
-pub use steward_proto::runtime::{ConfigError, TlsFiles};
 use steward_proto::vip::LeaseConfig;
+pub use steward_runtime::{ConfigError, TlsFiles};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,7 +168,7 @@ pub fn default_node_id() -> String {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let config: Self = steward_proto::runtime::read_toml(path)?;
+        let config: Self = steward_runtime::read_toml(path)?;
         config.validate().map_err(|problems| ConfigError {
             path: path.to_owned(),
             problems,

@@ -86,16 +86,19 @@ async fn ask(
 ) -> Result<(String, pb::JoinResponse), JoinError> {
     let mut unreachable = Vec::new();
     for url in &options.coordinators {
-        let channel =
-            match steward_proto::runtime::dial_pinned(url, options.ca_hash, Duration::from_secs(5))
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    unreachable.push(format!("{url}: {e}"));
-                    continue;
-                }
-            };
+        let channel = match steward_runtime::dial_pinned(
+            url,
+            options.ca_hash,
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                unreachable.push(format!("{url}: {e}"));
+                continue;
+            }
+        };
         let request = pb::JoinRequest {
             token: options.token.clone(),
             node_id: options.node_id.to_string(),

@@ -98,7 +98,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     // Bound first: a bad metrics address fails the start, not a scrape.
     let metrics_listener = match settings.metrics_listen {
         Some(addr) => Some(
-            steward_proto::runtime::bind_metrics(addr)
+            steward_runtime::bind_metrics(addr)
                 .await
                 .map_err(|source| AgentError::Metrics { addr, source })?,
         ),
@@ -126,7 +126,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .desired_revision
         .set(recorded.desired.revision as i64);
     if let Some(listener) = metrics_listener {
-        steward_proto::runtime::spawn_metrics_endpoint(
+        steward_runtime::spawn_metrics_endpoint(
             listener,
             metrics::metrics().registry.clone(),
             shutdown.clone(),

@@ -9,7 +9,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use steward_proto::converge::ConvergeReport;
-use steward_proto::metrics::{
+use steward_runtime::metrics::{
     Counter, Family, Gauge, Histogram, Registry, LATENCY_BUCKETS, RUN_BUCKETS,
 };
 

@@ -13,11 +13,11 @@
 
 use std::time::{Duration, Instant};
 
-use steward_proto::backoff::Backoff;
 use steward_proto::converge::ConvergeReport;
 use steward_proto::domain::{AgentMessage, CoordinatorMessage, DesiredState};
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
+use steward_runtime::backoff::Backoff;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;

@@ -25,12 +25,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use steward_proto::backoff::Backoff;
 use steward_proto::domain::{NodeId, Role};
 use steward_proto::lease::{Claim, Holder, HolderAction, Target};
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_proto::vip::{LeaseHeartbeat, LeaseReply, VipCheck};
+use steward_runtime::backoff::Backoff;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;

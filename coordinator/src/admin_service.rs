@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::time::Instant;
 
-use etcd_client::{EventType, WatchOptions};
 use steward_proto::convert::{roles_display, roles_from_pb};
 use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, Role, RoleSet};
 use steward_proto::pb;
@@ -20,6 +19,7 @@ use crate::cluster_spec;
 use crate::error::{Error, Result};
 use crate::peers::Peers;
 use crate::replica::Leadership;
+use crate::store::kv::Change;
 use crate::store::{decode, unix_ms, NodeRecord, Store};
 use crate::vip::admin as vip_admin;
 
@@ -484,29 +484,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
             if !request.follow {
                 return;
             }
-            let keys = store.keys().clone();
-            let watch = store
-                .client()
-                .watch_client()
-                .watch(
-                    keys.events(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(revision + 1),
-                    ),
-                )
-                .await;
-            let mut stream = match watch {
+            let mut stream = match store.watch_events(revision + 1).await {
                 Ok(s) => s,
-                Err(source) => {
-                    let _ = tx
-                        .send(Err(Error::Etcd {
-                            op: "watch events",
-                            source,
-                        }
-                        .into()))
-                        .await;
+                Err(error) => {
+                    let _ = tx.send(Err(error.into())).await;
                     return;
                 }
             };
@@ -514,29 +495,23 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 let message = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tx.closed() => return,
-                    m = stream.message() => m,
+                    m = stream.next() => m,
                 };
-                let resp = match message {
-                    Ok(Some(resp)) => resp,
+                let changes = match message {
+                    Ok(Some(changes)) => changes,
                     Ok(None) => return,
-                    Err(source) => {
-                        let _ = tx
-                            .send(Err(Error::Etcd {
-                                op: "watch events",
-                                source,
-                            }
-                            .into()))
-                            .await;
+                    Err(error) => {
+                        let _ = tx.send(Err(error.into())).await;
                         return;
                     }
                 };
-                for ev in resp.events() {
-                    let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) else {
+                for change in changes {
+                    let Change::Put(kv) = change else {
                         continue;
                     };
-                    match decode::<Event>(kv.key(), kv.value()) {
+                    match decode::<Event>(&kv.key, &kv.value) {
                         Ok(mut event) => {
-                            event.revision = kv.mod_revision() as u64;
+                            event.revision = kv.mod_revision as u64;
                             if tx.send(Ok(event.into())).await.is_err() {
                                 return;
                             }
@@ -547,5 +522,137 @@ impl pb::admin_service_server::AdminService for AdminApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::{Facts, Health, NetworkInterface};
+    use tonic::transport::{Certificate, Identity};
+
+    use super::*;
+    use crate::store::{MemoryBackend, NodeStatusRecord};
+    use crate::testing::{node, vip_spec, TestReplica};
+
+    async fn admin() -> (TestReplica, AdminApi) {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let (_, leadership) = tokio::sync::watch::channel(Leadership::Follower);
+        // Never dialled: every node here is served by this replica.
+        let peers = Peers::new(Certificate::from_pem(""), Identity::from_pem("", ""));
+        let api = AdminApi::new(replica.ctx.clone(), leadership, "test".into(), peers);
+        (replica, api)
+    }
+
+    /// Node `id` as its first session records it, on 198.18.0.0/24.
+    async fn connected(store: &Store, id: &str) {
+        let facts = Facts {
+            interfaces: vec![NetworkInterface {
+                name: "eth0".into(),
+                mac: String::new(),
+                addresses: vec!["198.18.0.7/24".into()],
+            }],
+            ..Default::default()
+        };
+        let status = NodeStatusRecord {
+            facts,
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            replica: None,
+            last_seen_unix_ms: 1,
+            applied_revision: 0,
+            agent_version: "test".into(),
+        };
+        store.put_status_if(&node(id), 0, &status).await.unwrap();
+    }
+
+    fn roles(id: &str, roles: &[Role]) -> pb::ChangeRolesRequest {
+        pb::ChangeRolesRequest {
+            node_id: id.into(),
+            roles: steward_proto::convert::roles_to_pb(&roles.iter().copied().collect()),
+        }
+    }
+
+    #[tokio::test]
+    async fn roles_change_only_for_known_nodes_and_are_recorded() {
+        let (replica, api) = admin().await;
+        let error = api.change_roles(roles("n1", &[Role::Lb]), true).await;
+        assert!(matches!(error, Err(Error::UnknownNode(_))), "{error:?}");
+
+        connected(replica.store(), "n1").await;
+        let view = api
+            .change_roles(roles("n1", &[Role::Lb]), true)
+            .await
+            .expect("added");
+        assert_eq!(view.roles, RoleSet::from([Role::Lb]));
+        assert_eq!((view.id, view.replica), (node("n1"), None));
+        let (events, _) = replica.store().recent_events(10).await.unwrap();
+        let last = events.last().expect("an event");
+        assert_eq!(
+            (last.kind, last.message.as_str()),
+            (EventKind::RolesChanged, "n1 roles: [] -> [lb]")
+        );
+
+        // Adding it again changes and records nothing.
+        let revision = replica.memory.revision();
+        api.change_roles(roles("n1", &[Role::Lb]), true)
+            .await
+            .expect("unchanged");
+        assert_eq!(replica.memory.revision(), revision);
+
+        let error = api
+            .change_roles(roles("n1", &[Role::K8sWorker]), false)
+            .await
+            .expect_err("not assigned");
+        assert!(matches!(error, Error::RoleNotAssigned { .. }), "{error}");
+        let error = api
+            .change_roles(roles("n1", &[]), true)
+            .await
+            .expect_err("empty");
+        assert!(matches!(error, Error::InvalidArgument(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn vips_are_checked_against_the_fleet_then_set_listed_and_removed() {
+        let (replica, api) = admin().await;
+        let store = replica.store();
+        let ctx = &replica.ctx;
+        let spec = vip_spec("front", "198.18.0.100/24");
+        let error = vip_admin::set_vip(ctx, spec.clone())
+            .await
+            .expect_err("no lb");
+        assert!(error.to_string().contains("no candidates"), "{error}");
+
+        connected(store, "n1").await;
+        api.change_roles(roles("n1", &[Role::Lb]), true)
+            .await
+            .unwrap();
+        let elsewhere = vip_spec("front", "203.0.113.10/24");
+        let error = vip_admin::set_vip(ctx, elsewhere)
+            .await
+            .expect_err("subnet");
+        assert!(error.to_string().contains("no candidate (n1)"), "{error}");
+
+        vip_admin::set_vip(ctx, spec.clone()).await.expect("set");
+        let listed = api.one_vip("front").await.expect("listed");
+        assert_eq!(listed.spec.map(|s| s.address), Some(spec.address.clone()));
+        assert_eq!((listed.epoch, listed.owner.as_str()), (0, ""));
+        let error = vip_admin::move_vip(ctx, "front", None)
+            .await
+            .expect_err("no holder");
+        assert!(matches!(error, Error::FailedPrecondition(_)), "{error}");
+
+        vip_admin::remove_vip(ctx, "front").await.expect("removed");
+        assert!(store.vips().await.unwrap().vips.is_empty());
+        let error = vip_admin::remove_vip(ctx, "front").await.expect_err("gone");
+        assert!(matches!(error, Error::UnknownVip(_)), "{error}");
+        let removed = store.txn(
+            crate::store::kv::Txn::new()
+                .when([crate::store::kv::Cmp::absent(store.keys().vips_removed())]),
+            "test",
+        );
+        assert!(
+            !removed.await.unwrap().succeeded,
+            "vips/.removed was touched"
+        );
     }
 }

@@ -13,7 +13,7 @@ use steward_proto::domain::{
 use steward_proto::pb;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn, Instrument};
@@ -21,7 +21,7 @@ use tracing::{info, warn, Instrument};
 use crate::auth::peer_identity;
 use crate::cache::SpecSnapshot;
 use crate::error::{Error, Result};
-use crate::pki::IdentityKind;
+use crate::pki::{Identity, IdentityKind};
 use crate::sessions::Sessions;
 use crate::store::{encode, unix_ms, NodeStatusRecord, Store, Versioned};
 
@@ -99,63 +99,79 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let identity = peer_identity(&request)?;
-        if identity.kind != IdentityKind::Agent {
-            return Err(Error::PermissionDenied(format!(
-                "{identity} may not open an agent session; only agent certificates may"
-            ))
-            .into());
-        }
         // With TLS, tonic records the TCP peer in `TlsConnectInfo`, which
         // `remote_addr` reads too.
         let remote = request.remote_addr().map(|a| a.ip().to_canonical());
-        let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??
-            .ok_or_else(|| Status::cancelled("stream closed before hello"))?;
-        let AgentMessage::Hello {
-            node,
-            facts,
-            last_applied_revision,
-            agent_version,
-            advertise_address,
-        } = AgentMessage::try_from(first).map_err(Error::from)?
-        else {
-            return Err(Error::InvalidArgument("the first message must be a hello".into()).into());
-        };
-        if node.as_str() != identity.name {
-            return Err(Error::PermissionDenied(format!(
-                "certificate is for node {:?}; it may not speak for node {:?}",
-                identity.name,
-                node.as_str()
-            ))
-            .into());
-        }
-
-        if let Some(a) = advertise_address.filter(|a| a.is_unspecified() || a.is_multicast()) {
-            return Err(Error::InvalidArgument(format!(
-                "advertise_address {a}: the cluster cannot reach a node there"
-            ))
-            .into());
-        }
-
-        let (tx, rx) = mpsc::channel(16);
-        let session = NodeSession::open(
-            self.ctx.clone(),
-            Hello {
-                node: node.clone(),
-                issued_unix_s: identity.issued_unix_s,
-                facts,
-                applied_revision: last_applied_revision,
-                agent_version,
-                address: advertise_address.or(remote),
-            },
-        )
-        .await?;
-        let span = tracing::info_span!("session", node.id = %node);
-        tokio::spawn(session.run(inbound, tx).instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = open_session(self.ctx.clone(), identity, remote, request.into_inner()).await?;
+        Ok(Response::new(stream))
     }
+}
+
+/// Opens the session of the agent with the verified certificate
+/// `identity`, whose messages arrive on `inbound` from `remote`: checks its
+/// hello, records it, and serves it on a task of its own.
+pub(crate) async fn open_session<S>(
+    ctx: SessionContext,
+    identity: Identity,
+    remote: Option<IpAddr>,
+    mut inbound: S,
+) -> Result<SessionStream, Status>
+where
+    S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin + Send + 'static,
+{
+    if identity.kind != IdentityKind::Agent {
+        return Err(Error::PermissionDenied(format!(
+            "{identity} may not open an agent session; only agent certificates may"
+        ))
+        .into());
+    }
+    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))?
+        .transpose()?
+        .ok_or_else(|| Status::cancelled("stream closed before hello"))?;
+    let AgentMessage::Hello {
+        node,
+        facts,
+        last_applied_revision,
+        agent_version,
+        advertise_address,
+    } = AgentMessage::try_from(first).map_err(Error::from)?
+    else {
+        return Err(Error::InvalidArgument("the first message must be a hello".into()).into());
+    };
+    if node.as_str() != identity.name {
+        return Err(Error::PermissionDenied(format!(
+            "certificate is for node {:?}; it may not speak for node {:?}",
+            identity.name,
+            node.as_str()
+        ))
+        .into());
+    }
+
+    if let Some(a) = advertise_address.filter(|a| a.is_unspecified() || a.is_multicast()) {
+        return Err(Error::InvalidArgument(format!(
+            "advertise_address {a}: the cluster cannot reach a node there"
+        ))
+        .into());
+    }
+
+    let (tx, rx) = mpsc::channel(16);
+    let session = NodeSession::open(
+        ctx,
+        Hello {
+            node: node.clone(),
+            issued_unix_s: identity.issued_unix_s,
+            facts,
+            applied_revision: last_applied_revision,
+            agent_version,
+            address: advertise_address.or(remote),
+        },
+    )
+    .await?;
+    let span = tracing::info_span!("session", node.id = %node);
+    tokio::spawn(session.run(inbound, tx).instrument(span));
+    Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
 /// False, after telling the agent why, once the certificate (issued at
@@ -403,11 +419,13 @@ impl NodeSession {
         .is_ok()
     }
 
-    async fn run(
+    async fn run<S>(
         mut self,
-        mut inbound: Streaming<pb::AgentMessage>,
+        mut inbound: S,
         tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
-    ) {
+    ) where
+        S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin,
+    {
         let mut specs = self.ctx.specs.clone();
         let mut vips = self.ctx.vips.clone();
         let mut orchestration = self.ctx.orchestration.clone();
@@ -437,10 +455,10 @@ impl NodeSession {
                         // etcd trouble: keep serving; the status catches up later.
                         Err(error) => { warn!(%error, "status write failed"); true }
                     },
-                    msg = inbound.message() => match msg {
-                        Ok(Some(m)) => self.on_message(m, &tx).await,
-                        Ok(None) => false,
-                        Err(status) => {
+                    msg = inbound.next() => match msg {
+                        Some(Ok(m)) => self.on_message(m, &tx).await,
+                        None => false,
+                        Some(Err(status)) => {
                             info!(error = %status, "session stream failed");
                             false
                         }
@@ -681,7 +699,7 @@ impl ConvergeTracker {
 /// reconnected here wins. Retries until etcd answers or shutdown.
 pub async fn release_stale_sessions(ctx: SessionContext) {
     let mut backoff =
-        steward_proto::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        steward_runtime::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match release_once(&ctx).await {
             Ok(released) => {
@@ -736,6 +754,239 @@ async fn release_once(ctx: &SessionContext) -> Result<usize> {
         }
     }
     Ok(released)
+}
+
+/// The session loop against the in-memory store: what an agent sees, what
+/// etcd records.
+#[cfg(test)]
+mod session_tests {
+    use std::time::Duration;
+
+    use steward_proto::domain::{EventKind, Role};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::*;
+    use crate::store::MemoryBackend;
+    use crate::testing::{eventually_async, identity, node, TestReplica};
+
+    type Outbound = SessionStream;
+
+    struct Agent {
+        to_replica: mpsc::Sender<Result<pb::AgentMessage, Status>>,
+        from_replica: Outbound,
+    }
+
+    fn hello(id: &str) -> pb::AgentMessage {
+        AgentMessage::Hello {
+            node: node(id),
+            facts: Facts {
+                hostname: id.into(),
+                ..Default::default()
+            },
+            last_applied_revision: 0,
+            agent_version: "test".into(),
+            advertise_address: Some("198.18.0.7".parse().unwrap()),
+        }
+        .into()
+    }
+
+    async fn connect(
+        replica: &TestReplica,
+        cert: &str,
+        hello: pb::AgentMessage,
+    ) -> Result<Agent, Status> {
+        let (to_replica, inbound) = mpsc::channel(8);
+        to_replica.send(Ok(hello)).await.unwrap();
+        let from_replica = open_session(
+            replica.ctx.clone(),
+            identity(cert, IdentityKind::Agent),
+            None,
+            ReceiverStream::new(inbound),
+        )
+        .await?;
+        Ok(Agent {
+            to_replica,
+            from_replica,
+        })
+    }
+
+    impl Agent {
+        async fn next(&mut self) -> CoordinatorMessage {
+            let message = tokio::time::timeout(Duration::from_secs(3), self.from_replica.next())
+                .await
+                .expect("a message within the deadline")
+                .expect("the session is open")
+                .expect("not an error");
+            CoordinatorMessage::try_from(message).expect("a valid message")
+        }
+        async fn desired(&mut self) -> DesiredState {
+            loop {
+                if let CoordinatorMessage::DesiredState(d) = self.next().await {
+                    return *d;
+                }
+            }
+        }
+    }
+
+    async fn events(store: &Store) -> Vec<(EventKind, String)> {
+        let (events, _) = store.recent_events(100).await.unwrap();
+        events.into_iter().map(|e| (e.kind, e.message)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_session_records_its_node_pushes_its_state_and_acks_heartbeats() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let mut agent = connect(&replica, "n1", hello("n1")).await.expect("session");
+        let store = replica.store();
+        let record = store.node(&node("n1")).await.unwrap();
+        let status = record.status.expect("status written").value;
+        assert_eq!(status.replica.as_deref(), Some("c-1"));
+        assert_eq!(status.health, NodeHealth::Healthy);
+        assert_eq!(status.facts.hostname, "n1");
+        assert_eq!(record.address.map(|a| a.value), "198.18.0.7".parse().ok());
+        let kinds: Vec<EventKind> = events(store).await.into_iter().map(|e| e.0).collect();
+        assert_eq!(kinds, [EventKind::NodeRegistered, EventKind::NodeConnected]);
+
+        // The desired state at once: no roles yet.
+        assert!(agent.desired().await.roles.is_empty());
+        agent
+            .to_replica
+            .send(Ok(AgentMessage::Heartbeat {
+                seq: 7,
+                sent_at_unix_ms: 1,
+                health: Health::default(),
+            }
+            .into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            agent.next().await,
+            CoordinatorMessage::HeartbeatAck {
+                seq: 7,
+                replica: "c-1".into()
+            }
+        );
+        // A heartbeat writes nothing.
+        assert_eq!(
+            store.node(&node("n1")).await.unwrap().status.unwrap().value,
+            status
+        );
+
+        // A role added through the store reaches the agent.
+        store
+            .update_spec(&node("n1"), |s| {
+                let mut next = s.clone();
+                next.roles.insert(Role::Lb);
+                Ok(Some(next))
+            })
+            .await
+            .unwrap();
+        let desired = agent.desired().await;
+        assert!(desired.roles.contains(&Role::Lb), "{desired:?}");
+        assert_eq!(replica.ctx.sessions.len(), 1);
+
+        // The agent goes: disconnected, with its event.
+        drop(agent);
+        let status = eventually_async("the disconnect to be recorded", || async {
+            let status = store.node(&node("n1")).await.unwrap().status?.value;
+            (status.health == NodeHealth::Disconnected).then_some(status)
+        })
+        .await;
+        assert_eq!(status.replica, None);
+        assert!(replica.ctx.sessions.is_empty());
+        let last = events(store).await.pop().unwrap();
+        assert_eq!(
+            last,
+            (
+                EventKind::NodeDisconnected,
+                "n1 disconnected from c-1".into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_speaks_only_for_itself_and_only_while_trusted() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let error = connect(&replica, "n1", hello("n2"))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error}");
+        assert!(replica
+            .store()
+            .node(&node("n2"))
+            .await
+            .unwrap()
+            .status
+            .is_none());
+        let (to_replica, inbound) = mpsc::channel(1);
+        to_replica.send(Ok(hello("n1"))).await.unwrap();
+        let error = open_session(
+            replica.ctx.clone(),
+            identity("n1", IdentityKind::Admin),
+            None,
+            ReceiverStream::new(inbound),
+        )
+        .await
+        .err()
+        .expect("an admin certificate opens no session");
+        assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error}");
+
+        // A revoked certificate: refused at open, and a live session ends.
+        let mut agent = connect(&replica, "n1", hello("n1")).await.expect("session");
+        agent.desired().await;
+        replica
+            .store()
+            .revoke_node(&node("n1"), "ops")
+            .await
+            .unwrap()
+            .expect("a known node");
+        let ended = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match agent.from_replica.next().await {
+                    Some(Err(status)) => return status,
+                    Some(Ok(_)) => continue,
+                    None => panic!("closed without telling the agent why"),
+                }
+            }
+        })
+        .await
+        .expect("the session ends within the deadline");
+        assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended}");
+        let error = connect(&replica, "n1", hello("n1"))
+            .await
+            .err()
+            .expect("refused");
+        assert!(error.message().contains("revoked"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_session_keeps_serving_while_etcd_is_down() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let mut agent = connect(&replica, "n1", hello("n1")).await.expect("session");
+        agent.desired().await;
+        replica.memory.set_unavailable(true);
+        agent
+            .to_replica
+            .send(Ok(AgentMessage::Heartbeat {
+                seq: 1,
+                sent_at_unix_ms: 1,
+                health: Health::default(),
+            }
+            .into()))
+            .await
+            .unwrap();
+        assert!(matches!(
+            agent.next().await,
+            CoordinatorMessage::HeartbeatAck { seq: 1, .. }
+        ));
+        // ...but a new session cannot open without etcd.
+        let error = connect(&replica, "n2", hello("n2"))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+    }
 }
 
 #[cfg(test)]

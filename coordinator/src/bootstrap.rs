@@ -275,3 +275,121 @@ pub async fn delete_token(store: &Store, id: &str) -> Result<()> {
     info!(token = id, "join token deleted");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rcgen::{CertificateParams, KeyPair};
+
+    use super::*;
+    use crate::store::MemoryBackend;
+    use crate::testing::{node, put_roles, TestReplica};
+    use steward_proto::domain::Role;
+
+    struct Fixture {
+        replica: TestReplica,
+        api: BootstrapApi,
+        _ca: tempfile::TempDir,
+    }
+
+    async fn fixture() -> Fixture {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let ca = tempfile::tempdir().unwrap();
+        let (crt, key) = crate::pki::init_ca(ca.path(), "test").unwrap();
+        let signer = Signer::from_files(&crt, &key, Duration::from_secs(3600)).unwrap();
+        let api = BootstrapApi::new(replica.store().clone(), Arc::new(signer), 3);
+        Fixture {
+            replica,
+            api,
+            _ca: ca,
+        }
+    }
+
+    fn csr() -> String {
+        let key = KeyPair::generate().unwrap();
+        CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
+    async fn token(f: &Fixture, uses: u32, bound_to: &str) -> String {
+        let request = pb::CreateTokenRequest {
+            ttl_s: 600,
+            uses,
+            node_id: bound_to.into(),
+            description: String::new(),
+        };
+        let created = create_token(f.replica.store(), "ops", request, "sha256:test")
+            .await
+            .expect("token");
+        assert_eq!(created.join_urls, ["https://c-1.invalid:7401"]);
+        created.token
+    }
+
+    fn join(token: &str, node: &str) -> pb::JoinRequest {
+        pb::JoinRequest {
+            token: token.into(),
+            node_id: node.into(),
+            csr_pem: csr(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_single_use_token_admits_exactly_one_node_and_records_it() {
+        let f = fixture().await;
+        let token = token(&f, 1, "").await;
+        let joined = f.api.join(join(&token, "n1")).await.expect("joined");
+        assert!(joined
+            .certificate
+            .expect("a certificate")
+            .certificate_pem
+            .contains("BEGIN CERTIFICATE"));
+        assert_eq!(joined.coordinators, ["https://c-1.invalid:7400"]);
+        assert_eq!(joined.replicas, 3);
+        let store = f.replica.store();
+        let (events, _) = store.recent_events(10).await.unwrap();
+        assert_eq!(events.last().map(|e| e.kind), Some(EventKind::NodeJoined));
+        // n1 is known now (a token use), so it can be revoked.
+        assert!(store
+            .revoke_node(&node("n1"), "ops")
+            .await
+            .unwrap()
+            .is_some());
+
+        let error = f.api.join(join(&token, "n2")).await.expect_err("used up");
+        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+        assert!(error.to_string().contains("already used"), "{error}");
+        let listed = list_tokens(store).await.unwrap().tokens;
+        assert_eq!(listed[0].used_by, ["n1"]);
+    }
+
+    #[tokio::test]
+    async fn tokens_are_refused_for_the_wrong_node_unknown_ids_and_garbage() {
+        let f = fixture().await;
+        let bound = token(&f, 0, "n1").await;
+        let error = f.api.join(join(&bound, "n2")).await.expect_err("bound");
+        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+        f.api
+            .join(join(&bound, "n1"))
+            .await
+            .expect("the bound node joins");
+
+        // An unbound token cannot claim a node the cluster knows (one that
+        // connected, or has a spec).
+        put_roles(f.replica.store(), "n1", &[Role::Lb]).await;
+        let unbound = token(&f, 0, "").await;
+        let error = f.api.join(join(&unbound, "n1")).await.expect_err("known");
+        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+
+        let error = f.api.join(join("nonsense", "n3")).await.expect_err("bad");
+        assert!(matches!(error, Error::InvalidArgument(_)), "{error}");
+        delete_token(f.replica.store(), unbound.split('.').next().unwrap())
+            .await
+            .expect("deleted");
+        let error = f.api.join(join(&unbound, "n3")).await.expect_err("gone");
+        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+    }
+}

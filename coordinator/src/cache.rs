@@ -8,16 +8,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
-use steward_proto::backoff::Backoff;
 use steward_proto::converge::{ClusterSettings, ClusterView, Member};
 use steward_proto::domain::{DesiredState, NodeId, NodeSpec};
+use steward_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
-use crate::store::{decode, Keys, NodeAddressRecord, NodeKey, NodeRevokedRecord, Versioned};
+use crate::store::kv::Change;
+use crate::store::{decode, Keys, NodeAddressRecord, NodeKey, NodeRevokedRecord, Store, Versioned};
 use crate::vip::VipSnapshot;
 
 /// All node specs and addresses, and the cluster settings, as of one etcd
@@ -232,33 +232,30 @@ impl CachedPrefix for SpecSnapshot {
 /// Follows node specs and addresses (`nodes/`) and the cluster settings
 /// (`cluster/`) until `shutdown`.
 pub async fn run_spec_cache(
-    client: Client,
-    keys: Keys,
+    store: Store,
     publish: watch::Sender<Arc<SpecSnapshot>>,
     shutdown: CancellationToken,
 ) {
-    let prefixes = vec![keys.nodes(), keys.cluster()];
-    run_prefixes_cache(client, keys, prefixes, publish, shutdown).await
+    let prefixes = vec![store.keys().nodes(), store.keys().cluster()];
+    run_prefixes_cache(store, prefixes, publish, shutdown).await
 }
 
 /// Follows everything under `prefix` until `shutdown`: read, watch from the
 /// read revision + 1, and after a compaction or a broken stream read again
 /// (with jittered backoff). The last snapshot stays published meanwhile.
 pub async fn run_prefix_cache<S: CachedPrefix>(
-    client: Client,
-    keys: Keys,
+    store: Store,
     prefix: String,
     publish: watch::Sender<Arc<S>>,
     shutdown: CancellationToken,
 ) {
-    run_prefixes_cache(client, keys, vec![prefix], publish, shutdown).await
+    run_prefixes_cache(store, vec![prefix], publish, shutdown).await
 }
 
 /// [`run_prefix_cache`] over several prefixes: one snapshot, read from all
 /// of them at one revision and kept current from one watch stream.
 pub async fn run_prefixes_cache<S: CachedPrefix>(
-    client: Client,
-    keys: Keys,
+    store: Store,
     prefixes: Vec<String>,
     publish: watch::Sender<Arc<S>>,
     shutdown: CancellationToken,
@@ -267,7 +264,7 @@ pub async fn run_prefixes_cache<S: CachedPrefix>(
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = follow(&client, &keys, &prefixes, &publish, &mut backoff) => r,
+            r = follow(&store, &prefixes, &publish, &mut backoff) => r,
         };
         if let Err(error) = result {
             warn!(%error, what = S::WHAT, "watch interrupted; re-reading");
@@ -281,80 +278,33 @@ pub async fn run_prefixes_cache<S: CachedPrefix>(
 
 /// One read + watch cycle. Returns when the watch must be re-established.
 async fn follow<S: CachedPrefix>(
-    client: &Client,
-    keys: &Keys,
+    store: &Store,
     prefixes: &[String],
     publish: &watch::Sender<Arc<S>>,
     backoff: &mut Backoff,
 ) -> Result<()> {
-    // One transaction: every prefix read at the same revision.
-    let reads: Vec<TxnOp> = prefixes
-        .iter()
-        .map(|p| TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())))
-        .collect();
-    let resp = client
-        .kv_client()
-        .txn(Txn::new().and_then(reads))
-        .await
-        .map_err(Error::etcd("read prefix"))?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+    let keys = store.keys();
+    // Every prefix read at the same revision.
+    let read = store.read_prefixes(prefixes).await?;
     let mut snapshot = S::default();
-    for op in resp.op_responses() {
-        if let TxnOpResponse::Get(get) = op {
-            for kv in get.kvs() {
-                snapshot.apply(keys, kv.key(), Some((kv.value(), kv.mod_revision())));
-            }
-        }
+    for kv in &read.kvs {
+        snapshot.apply(keys, &kv.key, Some((&kv.value, kv.mod_revision)));
     }
-    snapshot.set_revision(revision);
+    snapshot.set_revision(read.revision);
     publish.send_replace(Arc::new(snapshot.clone()));
 
-    let options = || {
-        Some(
-            WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1)
-                .with_progress_notify(),
-        )
-    };
-    let Some((first, others)) = prefixes.split_first() else {
-        return Err(Error::WatchInterrupted("nothing to watch".into()));
-    };
-    let mut stream = client
-        .watch_client()
-        .watch(first.as_str(), options())
-        .await
-        .map_err(Error::etcd("watch prefix"))?;
-    // The other prefixes are further watches on the same stream.
-    for prefix in others {
-        stream
-            .watch(prefix.as_str(), options())
-            .await
-            .map_err(Error::etcd("watch prefix"))?;
-    }
+    let mut stream = store.watch(prefixes, read.revision + 1).await?;
     backoff.reset();
-    debug!(revision, what = S::WHAT, "following");
-    while let Some(resp) = stream
-        .message()
-        .await
-        .map_err(Error::etcd("watch prefix"))?
-    {
-        if resp.canceled() || resp.compact_revision() > 0 {
-            return Err(Error::WatchInterrupted(format!(
-                "watch canceled (compacted at {}): {}",
-                resp.compact_revision(),
-                resp.cancel_reason()
-            )));
-        }
+    debug!(revision = read.revision, what = S::WHAT, "following");
+    while let Some(changes) = stream.next().await? {
         let mut changed = false;
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            let value = match event.event_type() {
-                EventType::Put => Some((kv.value(), kv.mod_revision())),
-                EventType::Delete => None,
+        for change in &changes {
+            let value = match change {
+                Change::Put(kv) => Some((kv.value.as_slice(), kv.mod_revision)),
+                Change::Delete { .. } => None,
             };
-            changed |= snapshot.apply(keys, kv.key(), value);
-            snapshot.set_revision(kv.mod_revision());
+            changed |= snapshot.apply(keys, change.key(), value);
+            snapshot.set_revision(change.revision());
         }
         if changed {
             publish.send_replace(Arc::new(snapshot.clone()));

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use steward_proto::lease::LeaseParams;
-pub use steward_proto::runtime::{ConfigError, TlsFiles};
 pub use steward_proto::vip::LeaseConfig;
+pub use steward_runtime::{ConfigError, TlsFiles};
 
 /// Coordinator replicas a cluster runs unless `vip.replicas` says otherwise.
 pub const DEFAULT_REPLICAS: usize = 3;
@@ -144,7 +144,7 @@ fn check_readable(problems: &mut Vec<String>, what: &str, path: &Path) {
 
 impl CoordinatorConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = steward_proto::runtime::read_toml(path)?;
+        let config: Self = steward_runtime::read_toml(path)?;
         config.validate().map_err(|problems| ConfigError {
             path: path.to_owned(),
             problems,

@@ -11,7 +11,7 @@ pub enum Error {
     Etcd {
         op: &'static str,
         #[source]
-        source: etcd_client::Error,
+        source: crate::store::BackendError,
     },
     #[error("corrupt value at etcd key {key}: {reason}")]
     Corrupt { key: String, reason: String },
@@ -78,12 +78,6 @@ fn spec_problems(problems: &[String]) -> String {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    pub fn etcd(op: &'static str) -> impl FnOnce(etcd_client::Error) -> Error {
-        move |source| Error::Etcd { op, source }
-    }
-}
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {

@@ -8,13 +8,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
-use steward_proto::domain::{Event, EventKind, NodeHealth};
+use steward_proto::domain::{EventKind, NodeHealth};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::replica::Fence;
-use crate::store::{encode, unix_ms, Store};
+use crate::store::kv::{Op, Txn};
+use crate::store::Store;
 
 /// How often the leader re-checks the cluster (the resync safety net).
 pub const DUTY_INTERVAL: Duration = Duration::from_secs(1);
@@ -54,65 +54,104 @@ async fn reap_orphaned_sessions(store: &Store, fence: &Fence) -> Result<()> {
         let mut next = status.value.clone();
         next.replica = None;
         next.health = NodeHealth::Disconnected;
-        let event = Event {
-            revision: 0,
-            at_unix_ms: unix_ms(),
-            kind: EventKind::NodeDisconnected,
-            node: Some(id.clone()),
-            replica: store.replica().to_owned(),
-            message: format!("{id} lost its session: replica {replica} is gone"),
-        };
-        let status_key = store.keys().node_status(&id);
-        let event_key = format!(
-            "{}{:016}-{}-reap-{id}",
-            store.keys().events(),
-            event.at_unix_ms,
-            store.replica()
+        let event = store.event(
+            EventKind::NodeDisconnected,
+            Some(id.clone()),
+            format!("{id} lost its session: replica {replica} is gone"),
         );
-        // Inner txn: only if nobody rewrote the status since we read it (the
-        // agent may already have reconnected to another replica).
-        let inner = Txn::new()
-            .when([Compare::mod_revision(
-                status_key.as_str(),
-                CompareOp::Equal,
-                status.mod_revision,
-            )])
-            .and_then([
-                TxnOp::put(status_key.as_str(), encode(&next), None),
-                TxnOp::put(event_key, encode(&event), None),
-            ]);
-        fence.txn(&store.client(), vec![TxnOp::txn(inner)]).await?;
-        info!(node.id = %id, %replica, "marked node disconnected: its replica is gone");
+        // Only if nobody rewrote the status since we read it (the agent may
+        // already have reconnected to another replica).
+        let inner = store.status_if_txn(&id, status.mod_revision, &next, &event);
+        if fence.txn(store, inner).await?.succeeded {
+            info!(node.id = %id, %replica, "marked node disconnected: its replica is gone");
+        }
     }
     Ok(())
 }
 
 async fn trim_events(store: &Store, fence: &Fence, retained: u32) -> Result<()> {
-    let resp = store
-        .client()
-        .kv_client()
-        .get(
-            store.keys().events(),
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only()
-                    .with_sort(SortTarget::Key, SortOrder::Ascend),
-            ),
-        )
-        .await
-        .map_err(Error::etcd("list events"))?;
-    let excess = resp.kvs().len().saturating_sub(retained as usize);
+    let keys = store.event_keys().await?;
+    let excess = keys.len().saturating_sub(retained as usize);
     if excess == 0 {
         return Ok(());
     }
-    let ops = resp.kvs()[..excess]
-        .iter()
-        .map(|kv| TxnOp::delete(kv.key().to_vec(), None))
-        .collect::<Vec<_>>();
     // etcd limits ops per txn (128 by default).
-    for chunk in ops.chunks(100) {
-        fence.txn(&store.client(), chunk.to_vec()).await?;
+    for chunk in keys[..excess].chunks(100) {
+        let deletes = chunk.iter().map(|k| Op::delete(k.clone()));
+        fence.txn(store, Txn::new().and_then(deletes)).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::{Event, Facts, Health};
+
+    use super::*;
+    use crate::store::{MemoryBackend, NodeStatusRecord};
+    use crate::testing::{node, TestReplica};
+
+    fn served_by(replica: &str) -> NodeStatusRecord {
+        NodeStatusRecord {
+            facts: Facts::default(),
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            replica: Some(replica.to_owned()),
+            last_seen_unix_ms: 1,
+            applied_revision: 0,
+            agent_version: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_of_vanished_replicas_are_marked_disconnected() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        let fence = replica.lead().await;
+        for (id, serving) in [("n1", "c-gone"), ("n2", "c-1")] {
+            let written = store
+                .put_status_if(&node(id), 0, &served_by(serving))
+                .await
+                .unwrap();
+            assert!(written.is_some());
+        }
+        reap_orphaned_sessions(store, &fence).await.unwrap();
+        let n1 = store.node(&node("n1")).await.unwrap().status.unwrap().value;
+        assert_eq!((n1.health, n1.replica), (NodeHealth::Disconnected, None));
+        let n2 = store.node(&node("n2")).await.unwrap().status.unwrap().value;
+        assert_eq!(n2, served_by("c-1"));
+        let (events, _) = store.recent_events(10).await.unwrap();
+        let last = events.last().expect("an event");
+        assert_eq!(last.kind, EventKind::NodeDisconnected);
+        assert_eq!(last.message, "n1 lost its session: replica c-gone is gone");
+        // Nothing left to do: no more writes.
+        let revision = replica.memory.revision();
+        reap_orphaned_sessions(store, &fence).await.unwrap();
+        assert_eq!(replica.memory.revision(), revision);
+    }
+
+    #[tokio::test]
+    async fn the_event_log_keeps_the_newest_and_only_a_leader_trims_it() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        let fence = replica.lead().await;
+        for i in 0..10 {
+            let mut event: Event = store.event(EventKind::RolesChanged, None, format!("e{i}"));
+            event.at_unix_ms = 1_000 + i;
+            store.record_event(&event).await.unwrap();
+        }
+        trim_events(store, &fence, 3).await.unwrap();
+        let (events, _) = store.recent_events(100).await.unwrap();
+        let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages, ["e7", "e8", "e9"]);
+
+        store.revoke_lease(replica.lease).await.unwrap();
+        store
+            .record_event(&store.event(EventKind::RolesChanged, None, "more".into()))
+            .await
+            .unwrap();
+        let error = trim_events(store, &fence, 3).await.expect_err("fenced");
+        assert!(matches!(error, Error::LostLeadership { .. }), "{error}");
+        assert_eq!(store.event_keys().await.unwrap().len(), 4);
+    }
 }

@@ -19,20 +19,21 @@ pub mod bootstrap;
 pub mod cache;
 pub mod cluster_spec;
 pub mod config;
-pub mod ctl;
-pub mod ctl_complete;
-pub mod ctl_wait;
 pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod orchestrate;
 pub mod peers;
-pub mod pki;
+/// The cluster's CA and the identities in certificates (`steward-pki`).
+pub use steward_pki as pki;
 pub mod replica;
 pub mod sessions;
 pub mod store;
 pub mod tokens;
 pub mod vip;
+
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,49 +128,35 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // Bound first: a bad metrics address fails the start, not a scrape.
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
-            steward_proto::runtime::bind_metrics(addr)
+            steward_runtime::bind_metrics(addr)
                 .await
                 .map_err(|source| RunError::Metrics { addr, source })?,
         ),
         None => None,
     };
 
-    let client = store::connect(&config.etcd, true).await?;
-    let stream_client = store::connect(&config.etcd, false).await?;
     let keys = Keys::new(&config.cluster);
-    let store = Store::new(client, keys.clone(), config.id.clone());
+    let store = Store::connect(&config.etcd, keys.clone(), config.id.clone()).await?;
 
     // Background tasks stop on `tasks`, cancelled only after the server has
     // drained, so sessions can still record their disconnects.
     let tasks = CancellationToken::new();
     let (specs_tx, specs_rx) = watch::channel(Arc::new(SpecSnapshot::default()));
     let cache = tokio::spawn(
-        cache::run_spec_cache(stream_client.clone(), keys.clone(), specs_tx, tasks.clone())
+        cache::run_spec_cache(store.clone(), specs_tx, tasks.clone())
             .instrument(tracing::info_span!("spec_cache")),
     );
     let (vips_tx, vips_rx) = watch::channel(Arc::new(vip::VipSnapshot::default()));
     let vip_cache = tokio::spawn(
-        cache::run_prefix_cache(
-            stream_client.clone(),
-            keys.clone(),
-            keys.vips(),
-            vips_tx,
-            tasks.clone(),
-        )
-        .instrument(tracing::info_span!("vip_cache")),
+        cache::run_prefix_cache(store.clone(), keys.vips(), vips_tx, tasks.clone())
+            .instrument(tracing::info_span!("vip_cache")),
     );
     let (orch_tx, orch_rx) = watch::channel(Arc::new(
         orchestrate::state::OrchestrationSnapshot::default(),
     ));
     let orch_cache = tokio::spawn(
-        cache::run_prefix_cache(
-            stream_client.clone(),
-            keys.clone(),
-            keys.orchestration(),
-            orch_tx,
-            tasks.clone(),
-        )
-        .instrument(tracing::info_span!("orchestration_cache")),
+        cache::run_prefix_cache(store.clone(), keys.orchestration(), orch_tx, tasks.clone())
+            .instrument(tracing::info_span!("orchestration_cache")),
     );
     // Validated with the config; a key that stopped opening is an error here.
     let sealer = match &config.secrets {
@@ -194,7 +181,6 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let membership = tokio::spawn(
         replica::run_membership(
             store.clone(),
-            stream_client,
             member,
             LeaderSettings {
                 lease_ttl: config.member_lease_ttl(),
@@ -261,7 +247,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     metrics::register_views(ctx.sessions.clone(), ctx.vips.clone(), ctx.lease.clone());
     let leadership_metrics = tokio::spawn(metrics::metrics().follow_leadership(lead_rx.clone()));
     let metrics_endpoint = metrics_listener.map(|listener| {
-        steward_proto::runtime::spawn_metrics_endpoint(
+        steward_runtime::spawn_metrics_endpoint(
             listener,
             metrics::metrics().registry.clone(),
             tasks.clone(),

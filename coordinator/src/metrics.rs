@@ -10,7 +10,7 @@
 use std::sync::{Arc, LazyLock};
 
 use steward_proto::converge::ConvergeReport;
-use steward_proto::metrics::{
+use steward_runtime::metrics::{
     Counter, Family, Gauge, Histogram, Registry, LATENCY_BUCKETS, RUN_BUCKETS,
 };
 use tokio::sync::watch;
@@ -229,105 +229,6 @@ pub fn register_views(
     );
 }
 
-/// The etcd operation a gRPC path is, as the `op` label says it; `None`
-/// for calls whose duration is no latency (a campaign waits until this
-/// replica is elected).
-fn etcd_op(path: &str) -> Option<&'static str> {
-    let (service, method) = path.trim_start_matches('/').split_once('/')?;
-    let service = service.rsplit('.').next().unwrap_or(service);
-    Some(match (service, method) {
-        ("KV", "Range") => "get",
-        ("KV", "Put") => "put",
-        ("KV", "DeleteRange") => "delete",
-        ("KV", "Txn") => "txn",
-        ("KV", "Compact") => "compact",
-        ("Watch", "Watch") => "watch_open",
-        ("Lease", "LeaseGrant") => "lease_grant",
-        ("Lease", "LeaseRevoke") => "lease_revoke",
-        ("Lease", "LeaseKeepAlive") => "lease_keepalive_open",
-        ("Lease", "LeaseTimeToLive") => "lease_ttl",
-        ("Election", "Campaign") => return None,
-        ("Election", "Leader") => "election_leader",
-        ("Election", "Resign") => "election_resign",
-        ("Election", "Proclaim") => "election_proclaim",
-        ("Election", "Observe") => "election_observe_open",
-        ("Auth", _) => "auth",
-        ("Maintenance", _) | ("Cluster", _) => "maintenance",
-        _ => "other",
-    })
-}
-
-type EtcdRequest = tonic::codegen::http::Request<tonic::body::Body>;
-type EtcdResponse = tonic::codegen::http::Response<tonic::body::Body>;
-type EtcdUpdates = tokio::sync::mpsc::Sender<
-    tonic::transport::channel::Change<tonic::codegen::http::Uri, tonic::transport::Endpoint>,
->;
-
-/// etcd-client's balanced channel with every request timed: used by
-/// [`crate::store::connect`], so each etcd call of the replica (reads,
-/// txns, watches, leases, elections) is measured whoever makes it. Streams
-/// count until the response headers, i.e. until etcd accepted the stream.
-pub struct TimedEtcdChannel;
-
-impl etcd_client::BalancedChannelBuilder for TimedEtcdChannel {
-    type Error = tonic::transport::Error;
-
-    fn balanced_channel(
-        self,
-        buffer_size: usize,
-    ) -> Result<(etcd_client::Channel, EtcdUpdates), Self::Error> {
-        let (inner, updates) = tonic::transport::Channel::balance_channel(buffer_size);
-        let timed = tower::util::BoxCloneSyncService::new(Timed { inner });
-        Ok((etcd_client::Channel::Custom(timed), updates))
-    }
-}
-
-#[derive(Clone)]
-struct Timed {
-    inner: tonic::transport::Channel,
-}
-
-impl tower::Service<EtcdRequest> for Timed {
-    type Response = EtcdResponse;
-    type Error = tower::BoxError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<EtcdResponse, tower::BoxError>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, request: EtcdRequest) -> Self::Future {
-        let op = etcd_op(request.uri().path());
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let started = std::time::Instant::now();
-            let result = response.await;
-            if let Some(op) = op {
-                let m = metrics();
-                m.etcd_duration.with(&[op]).observe(started.elapsed());
-                // A gRPC error answered at once comes as a header; others
-                // arrive in trailers, after this point.
-                let failed = match &result {
-                    Ok(r) => r
-                        .headers()
-                        .get("grpc-status")
-                        .is_some_and(|s| s.as_bytes() != b"0"),
-                    Err(_) => true,
-                };
-                if failed {
-                    m.etcd_errors.with(&[op]).inc();
-                }
-            }
-            result.map_err(Into::into)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,24 +262,6 @@ mod tests {
             "steward_build_info{{component=\"coordinator\",version=\"{}\"}} 1\n",
             crate::VERSION
         )));
-    }
-
-    #[test]
-    fn etcd_paths_map_to_operations() {
-        assert_eq!(etcd_op("/etcdserverpb.KV/Range"), Some("get"));
-        assert_eq!(etcd_op("/etcdserverpb.KV/Txn"), Some("txn"));
-        assert_eq!(etcd_op("/etcdserverpb.Watch/Watch"), Some("watch_open"));
-        assert_eq!(
-            etcd_op("/etcdserverpb.Lease/LeaseKeepAlive"),
-            Some("lease_keepalive_open")
-        );
-        assert_eq!(
-            etcd_op("/v3electionpb.Election/Leader"),
-            Some("election_leader")
-        );
-        assert_eq!(etcd_op("/v3electionpb.Election/Campaign"), None);
-        assert_eq!(etcd_op("/grpc.health.v1.Health/Check"), Some("other"));
-        assert_eq!(etcd_op("nonsense"), None);
     }
 
     #[test]

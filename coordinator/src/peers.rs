@@ -11,7 +11,7 @@ use steward_proto::convert::node_health_to_pb;
 use steward_proto::domain::{Health, NodeHealth, NodeId};
 use steward_proto::pb;
 use steward_proto::pb::peer_service_client::PeerServiceClient;
-use steward_proto::runtime::mtls_endpoint;
+use steward_runtime::mtls_endpoint;
 use tonic::transport::{Certificate, Channel, Identity};
 use tonic::{Request, Response, Status};
 use tracing::debug;

@@ -9,16 +9,15 @@
 
 use std::time::Duration;
 
-pub use etcd_client::TxnOp;
-use etcd_client::{Client, Compare, CompareOp, LeaderKey, ResignOptions, Txn};
-use steward_proto::backoff::Backoff;
 use steward_proto::domain::{Event, EventKind};
+use steward_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::error::{Error, Result};
-use crate::store::{encode, unix_ms, MemberRecord, Store};
+use crate::store::kv::{Cmp, LeaderKey, Op, Txn, TxnOutcome};
+use crate::store::{MemberRecord, Store};
 
 /// Whether this replica leads, and with which epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,22 +35,31 @@ pub struct Fence {
 }
 
 impl Fence {
-    pub fn compare(&self) -> Compare {
-        Compare::create_revision(self.leader_key.clone(), CompareOp::Equal, self.epoch)
+    pub fn compare(&self) -> Cmp {
+        Cmp::create_revision(self.leader_key.clone(), self.epoch)
+    }
+
+    /// Runs `inner` only while this replica still leads at this epoch, and
+    /// returns what `inner` answered (its own guards may fail: then it
+    /// wrote nothing, and the caller decides again). A failed fence is
+    /// [`Error::LostLeadership`].
+    pub async fn txn(&self, store: &Store, inner: Txn) -> Result<TxnOutcome> {
+        let outer = Txn::new().when([self.compare()]).and_then([Op::Txn(inner)]);
+        let outcome = store.txn(outer, "fenced txn").await?;
+        if !outcome.succeeded {
+            return Err(Error::LostLeadership { epoch: self.epoch });
+        }
+        // The one nested transaction's outcome.
+        Ok(outcome.inner.into_iter().next().unwrap_or(TxnOutcome {
+            succeeded: true,
+            revision: outcome.revision,
+            inner: Vec::new(),
+        }))
     }
 
     /// Runs `ops` only while this replica still leads at this epoch.
-    pub async fn txn(&self, client: &Client, ops: Vec<TxnOp>) -> Result<()> {
-        let resp = client
-            .kv_client()
-            .txn(Txn::new().when([self.compare()]).and_then(ops))
-            .await
-            .map_err(Error::etcd("fenced txn"))?;
-        if resp.succeeded() {
-            Ok(())
-        } else {
-            Err(Error::LostLeadership { epoch: self.epoch })
-        }
+    pub async fn write(&self, store: &Store, ops: Vec<Op>) -> Result<()> {
+        self.txn(store, Txn::new().and_then(ops)).await.map(drop)
     }
 }
 
@@ -67,7 +75,6 @@ pub struct LeaderSettings {
 /// revokes its lease, so a planned restart hands leadership over at once.
 pub async fn run_membership(
     store: Store,
-    stream_client: Client,
     member: MemberRecord,
     settings: LeaderSettings,
     leadership: watch::Sender<Leadership>,
@@ -75,16 +82,7 @@ pub async fn run_membership(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(3));
     while !shutdown.is_cancelled() {
-        match one_term(
-            &store,
-            &stream_client,
-            &member,
-            &settings,
-            &leadership,
-            &shutdown,
-        )
-        .await
-        {
+        match one_term(&store, &member, &settings, &leadership, &shutdown).await {
             Ok(()) => backoff.reset(),
             Err(error) => {
                 warn!(%error, "membership lost; re-registering");
@@ -102,23 +100,14 @@ pub async fn run_membership(
 /// fence is lost, or shutdown.
 async fn one_term(
     store: &Store,
-    client: &Client,
     member: &MemberRecord,
     settings: &LeaderSettings,
     leadership: &watch::Sender<Leadership>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let ttl = settings.lease_ttl;
-    let mut lease_client = client.lease_client();
-    let lease = lease_client
-        .grant(ttl.as_secs() as i64, None)
-        .await
-        .map_err(Error::etcd("grant lease"))?
-        .id();
-    let (mut keeper, mut responses) = lease_client
-        .keep_alive(lease)
-        .await
-        .map_err(Error::etcd("keep lease alive"))?;
+    let lease = store.grant_lease(ttl).await?;
+    let mut keeper = store.keep_alive(lease).await?;
     let lease_lost = CancellationToken::new();
     let keepalive = {
         let lease_lost = lease_lost.clone();
@@ -133,31 +122,14 @@ async fn one_term(
                         _ = shutdown.cancelled() => return,
                         _ = tick.tick() => {}
                     }
-                    if let Err(error) = keeper.keep_alive().await {
-                        warn!(%error, "lease keep-alive failed");
-                        return;
-                    }
-                    match tokio::time::timeout(
-                        period.max(Duration::from_millis(500)),
-                        responses.message(),
-                    )
-                    .await
-                    {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                        Ok(Ok(Some(_))) => {
+                    match keeper.renew(period.max(Duration::from_millis(500))).await {
+                        Ok(ttl) if ttl > 0 => {}
+                        Ok(_) => {
                             warn!("lease expired");
                             return;
                         }
-                        Ok(Ok(None)) => {
-                            warn!("lease keep-alive stream closed");
-                            return;
-                        }
-                        Ok(Err(error)) => {
+                        Err(error) => {
                             warn!(%error, "lease keep-alive failed");
-                            return;
-                        }
-                        Err(_) => {
-                            warn!("lease keep-alive timed out");
                             return;
                         }
                     }
@@ -168,40 +140,25 @@ async fn one_term(
     };
 
     let result = async {
-        client
-            .kv_client()
-            .put(
-                store.keys().member(&member.id),
-                encode(member),
-                Some(etcd_client::PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .map_err(Error::etcd("register member"))?;
+        store.register_member(member, lease).await?;
         info!(lease, "registered; campaigning for leadership");
 
-        let mut election = client.election_client();
-        let campaign = election.campaign(store.keys().election(), member.id.clone(), lease);
         let leader_key: LeaderKey = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             _ = lease_lost.cancelled() => return Err(Error::ShuttingDown),
-            r = campaign => r.map_err(Error::etcd("campaign"))?
-                .take_leader()
-                .ok_or_else(|| Error::InvalidArgument("campaign returned no leader key".into()))?,
+            r = store.campaign(lease) => r?,
         };
         let fence = Fence {
-            epoch: leader_key.rev(),
-            leader_key: leader_key.key().to_vec(),
+            epoch: leader_key.revision,
+            leader_key: leader_key.key.clone(),
         };
         info!(epoch = fence.epoch, "elected leader");
         leadership.send_replace(Leadership::Leader(fence.clone()));
-        let event = Event {
-            revision: 0,
-            at_unix_ms: unix_ms(),
-            kind: EventKind::LeaderElected,
-            node: None,
-            replica: member.id.clone(),
-            message: format!("{} leads with epoch {}", member.id, fence.epoch),
-        };
+        let event = store.event(
+            EventKind::LeaderElected,
+            None,
+            format!("{} leads with epoch {}", member.id, fence.epoch),
+        );
         record_event_fenced(store, &fence, &event).await?;
 
         tokio::select! {
@@ -224,16 +181,12 @@ async fn one_term(
     // Hand over at once on a planned stop: resign, then revoke the lease
     // (which also removes the member key).
     if let Ok(Some(key)) = &result {
-        if let Err(error) = client
-            .election_client()
-            .resign(Some(ResignOptions::new().with_leader(key.clone())))
-            .await
-        {
+        if let Err(error) = store.resign(key).await {
             warn!(%error, "resign failed");
         }
     }
     if shutdown.is_cancelled() || result.is_err() || matches!(result, Ok(Some(_))) {
-        if let Err(error) = client.lease_client().revoke(lease).await {
+        if let Err(error) = store.revoke_lease(lease).await {
             warn!(%error, "lease revoke failed");
         }
     }
@@ -242,14 +195,5 @@ async fn one_term(
 }
 
 pub async fn record_event_fenced(store: &Store, fence: &Fence, event: &Event) -> Result<()> {
-    let key = format!(
-        "{}{:016}-{}-leader-{}",
-        store.keys().events(),
-        event.at_unix_ms,
-        store.replica(),
-        fence.epoch
-    );
-    fence
-        .txn(&store.client(), vec![TxnOp::put(key, encode(event), None)])
-        .await
+    fence.write(store, vec![store.event_op(event)]).await
 }

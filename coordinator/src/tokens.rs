@@ -171,7 +171,7 @@ pub fn check(
     }
     if now_ms >= record.expires_unix_ms {
         return Err(Refusal::Expired {
-            at: crate::ctl::format_unix_ms(record.expires_unix_ms),
+            at: steward_runtime::format_unix_ms(record.expires_unix_ms),
         });
     }
     if record.uses != 0 && record.used_by.len() >= record.uses as usize {

@@ -332,9 +332,36 @@ pub enum CoordinatorMessage {
     HeartbeatAck { seq: u64, replica: String },
 }
 
+/// `2026-11-22 13:42:25` (UTC) from Unix milliseconds; `-` for 0 (never).
+pub fn format_unix_ms(ms: u64) -> String {
+    let at = i64::try_from(ms / 1000)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok());
+    match at {
+        Some(t) if ms > 0 => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        _ => "-".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_shown_in_utc_to_the_second() {
+        assert_eq!(format_unix_ms(0), "-");
+        assert_eq!(format_unix_ms(1_795_354_945_999), "2026-11-22 13:42:25");
+        assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(format_unix_ms(u64::MAX), "-");
+    }
 
     #[test]
     fn node_ids_are_dns_labels() {

@@ -5,22 +5,16 @@
 //! message is converted once, with a typed [`ProtoError`] when it is invalid,
 //! into the types of [`domain`]; business logic never matches on prost structs.
 //!
-//! [`runtime`] holds the few helpers every binary shares (dialing over mutual
-//! TLS, stop signals, config errors, the metrics endpoint); [`metrics`] the
-//! registry both daemons export in the Prometheus text format.
-//!
-//! **Architecture invariant:** apart from [`runtime`], this crate does no IO.
-//! It must stay cheap to depend on for the agent, the coordinator and the
-//! tests alike.
+//! **Architecture invariant:** this crate does no IO and depends on nothing
+//! that does (no tokio-rustls, hyper, tower or tracing-subscriber: the
+//! daemons' shared IO is `steward-runtime`). It must stay cheap to depend
+//! on for the agent, the coordinator, stewardctl and the tests alike.
 
-pub mod backoff;
 pub mod converge;
 pub mod convert;
 pub mod domain;
 pub mod lease;
-pub mod metrics;
 pub mod pki;
-pub mod runtime;
 pub mod vip;
 
 pub use convert::ProtoError;

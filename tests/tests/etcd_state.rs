@@ -6,7 +6,8 @@ use std::time::Duration;
 use steward_coordinator::error::Error;
 use steward_coordinator::pki::IdentityKind;
 use steward_coordinator::replica::Fence;
-use steward_coordinator::store::{self, Keys};
+use steward_coordinator::store::kv::{Cmp, Op, Txn};
+use steward_coordinator::store::{self, Keys, Store};
 use steward_proto::converge::{ConvergeReport, ResourceState, ResourceStatus};
 use steward_proto::domain::{AgentMessage, CoordinatorMessage, Facts, Health, NodeId};
 use steward_proto::pb;
@@ -57,54 +58,46 @@ fn a_fence_from_a_lost_leadership_is_refused() {
     let cluster = Cluster::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = store::connect(&cluster.etcd.config(), true).await.unwrap();
-        let lease = client.lease_client().grant(10, None).await.unwrap().id();
-        let mut election = client.election_client();
-        let leader = election
-            .campaign("/steward/test/coordinators/election", "a", lease)
-            .await
-            .unwrap()
-            .take_leader()
-            .unwrap();
+        let config = cluster.etcd.config();
+        let store = |id: &str| Store::connect(&config, Keys::new("test"), id.to_owned());
+        let (a, b) = (store("a").await.unwrap(), store("b").await.unwrap());
+        let lease = a.grant_lease(Duration::from_secs(10)).await.unwrap();
+        let leader = a.campaign(lease).await.unwrap();
         let fence = Fence {
-            epoch: leader.rev(),
-            leader_key: leader.key().to_vec(),
+            epoch: leader.revision,
+            leader_key: leader.key.clone(),
         };
-        let op = |v: &str| vec![etcd_client_put("/steward/test/fenced", v)];
-        fence
-            .txn(&client, op("while leading"))
+        let key = "/steward/test/fenced";
+        let write = |v: &str| Txn::new().and_then([Op::put(key, v.as_bytes().to_vec())]);
+        let outcome = fence
+            .txn(&a, write("while leading"))
             .await
             .expect("leader write");
+        assert!(outcome.succeeded);
+        // The inner transaction's own guard decides its writes, not the fence.
+        let guarded = Txn::new()
+            .when([Cmp::absent(key)])
+            .and_then([Op::put(key, b"overwritten".to_vec())]);
+        assert!(!fence.txn(&a, guarded).await.expect("fence held").succeeded);
 
         // Losing the lease deletes the leader key: the old epoch is dead.
-        client.lease_client().revoke(lease).await.unwrap();
-        let err = fence.txn(&client, op("after losing it")).await.unwrap_err();
+        a.revoke_lease(lease).await.unwrap();
+        let err = fence.txn(&a, write("after losing it")).await.unwrap_err();
         assert!(
             matches!(err, Error::LostLeadership { epoch } if epoch == fence.epoch),
             "{err}"
         );
 
         // A new leader gets a higher epoch; the old fence still fails.
-        let lease2 = client.lease_client().grant(10, None).await.unwrap().id();
-        let leader2 = election
-            .campaign("/steward/test/coordinators/election", "b", lease2)
-            .await
-            .unwrap()
-            .take_leader()
-            .unwrap();
-        assert!(leader2.rev() > fence.epoch);
-        assert!(fence.txn(&client, op("stale")).await.is_err());
-        let value = client
-            .kv_client()
-            .get("/steward/test/fenced", None)
-            .await
-            .unwrap();
+        let lease2 = b.grant_lease(Duration::from_secs(10)).await.unwrap();
+        let leader2 = b.campaign(lease2).await.unwrap();
+        assert!(leader2.revision > fence.epoch);
+        assert_eq!(a.leader().await.unwrap().as_deref(), Some("b"));
+        assert!(fence.txn(&a, write("stale")).await.is_err());
+        let client = store::connect(&config, true).await.unwrap();
+        let value = client.kv_client().get(key, None).await.unwrap();
         assert_eq!(value.kvs()[0].value(), b"while leading");
     });
-}
-
-fn etcd_client_put(key: &str, value: &str) -> steward_coordinator::replica::TxnOp {
-    steward_coordinator::replica::TxnOp::put(key, value, None)
 }
 
 /// An agent session spoken by hand, to send exactly what a test needs.

@@ -146,7 +146,7 @@ fn join(
     println!(
         "joined: certificate {} valid until {} UTC (renewed automatically); config {}; coordinators {}",
         joined.cert.display(),
-        steward_proto::runtime::format_unix_ms(joined.not_after_unix_ms),
+        steward_runtime::format_unix_ms(joined.not_after_unix_ms),
         config.display(),
         joined.coordinators.join(", ")
     );
@@ -171,7 +171,7 @@ fn join(
 }
 
 fn main() -> ExitCode {
-    steward_proto::runtime::init_tracing();
+    steward_runtime::init_tracing();
     let args = Args::parse();
     match args.command {
         Some(Command::ReleaseVips { state_dir }) => {
@@ -215,7 +215,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(steward_proto::runtime::cancel_on_signal(shutdown.clone()));
+        tokio::spawn(steward_runtime::cancel_on_signal(shutdown.clone()));
         match steward_agent::run(settings, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -16,8 +16,8 @@ pub mod system;
 
 use std::time::Duration;
 
-use steward_proto::backoff::Backoff;
 use steward_proto::converge::ConvergeReport;
+use steward_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};

@@ -27,7 +27,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    steward_proto::runtime::init_tracing();
+    steward_runtime::init_tracing();
     let args = Args::parse();
     let config = match CoordinatorConfig::load(&args.config) {
         Ok(c) => c,
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(steward_proto::runtime::cancel_on_signal(shutdown.clone()));
+        tokio::spawn(steward_runtime::cancel_on_signal(shutdown.clone()));
         match steward_coordinator::run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -3,20 +3,19 @@
 //!
 //! Any replica serves it, like every admin write: the writes are the admin
 //! API's own (node specs as `stewardctl role` writes them, VIPs through
-//! `vip::admin::set_ops` and `vip::admin::removal_ops`), guarded on the
+//! `Store::vip_set_ops` and `Store::vip_removal_ops`), guarded on the
 //! mod revision of every key written. When one of them changed since it
 //! was read, the whole spec is read, checked and planned again.
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-use steward_proto::domain::{Event, EventKind};
+use steward_proto::domain::EventKind;
 use tracing::{debug, info};
 
 use super::plan::{self, Current, Plan};
 use crate::admin_service::record_roles_changed;
 use crate::agent_service::SessionContext;
 use crate::error::{Error, Result};
-use crate::store::{encode, unix_ms, Store};
-use crate::vip::admin as vip_admin;
+use crate::store::kv::{Cmp, Op, Txn};
+use crate::store::{encode, Store};
 
 /// etcd's default `--max-txn-ops`: the most compares, and the most writes,
 /// one transaction may have.
@@ -58,13 +57,13 @@ pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Ou
                 plan.changes.len()
             )));
         }
-        let resp = store
-            .client()
-            .kv_client()
-            .txn(Txn::new().when(compares).and_then(writes))
-            .await
-            .map_err(Error::etcd("apply cluster spec"))?;
-        if !resp.succeeded() {
+        let outcome = store
+            .txn(
+                Txn::new().when(compares).and_then(writes),
+                "apply cluster spec",
+            )
+            .await?;
+        if !outcome.succeeded {
             debug!("the cluster changed while applying; planning again");
             continue;
         }
@@ -88,7 +87,8 @@ pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Ou
 /// Linearizable reads: an operator expects to see their own last write.
 async fn read_current(store: &Store) -> Result<Current> {
     let nodes = store.nodes().await?;
-    let vips = vip_admin::read_vips(store)
+    let vips = store
+        .vips()
         .await?
         .vips
         .into_iter()
@@ -104,18 +104,17 @@ async fn read_current(store: &Store) -> Result<Current> {
 
 /// The guards (every written key still at the revision planned from) and
 /// the writes of `plan`.
-fn transaction(store: &Store, plan: &Plan) -> (Vec<Compare>, Vec<TxnOp>) {
+fn transaction(store: &Store, plan: &Plan) -> (Vec<Cmp>, Vec<Op>) {
     let keys = store.keys();
     let mut compares = Vec::new();
     let mut writes = Vec::new();
-    let unchanged =
-        |key: String, revision: i64| Compare::mod_revision(key, CompareOp::Equal, revision);
+    let unchanged = |key: String, revision: i64| Cmp::mod_revision(key, revision);
     for vip in &plan.vip_writes {
         compares.push(unchanged(
             keys.vip_spec(&vip.spec.name),
             vip.expected_revision,
         ));
-        writes.extend(vip_admin::set_ops(store, &vip.spec));
+        writes.extend(store.vip_set_ops(&vip.spec));
     }
     if !plan.vip_removals.is_empty() {
         let names: Vec<&str> = plan.vip_removals.iter().map(|r| r.name.as_str()).collect();
@@ -125,28 +124,25 @@ fn transaction(store: &Store, plan: &Plan) -> (Vec<Compare>, Vec<TxnOp>) {
                 removal.expected_revision,
             ));
         }
-        writes.extend(vip_admin::removal_ops(store, &names));
+        writes.extend(store.vip_removal_ops(&names));
     }
     if let Some(settings) = &plan.settings {
         let key = keys.cluster_settings();
         compares.push(unchanged(key.clone(), settings.expected_revision));
-        writes.push(TxnOp::put(key, encode(&settings.settings), None));
+        writes.push(Op::put(key, encode(&settings.settings)));
         // No event kind is about settings; they configure what the roles
         // do, so the role kind is the closest.
-        let event = Event {
-            revision: 0,
-            at_unix_ms: unix_ms(),
-            kind: EventKind::RolesChanged,
-            node: None,
-            replica: store.replica().to_owned(),
-            message: format!("cluster settings changed: {}", settings.changes.join("; ")),
-        };
+        let event = store.event(
+            EventKind::RolesChanged,
+            None,
+            format!("cluster settings changed: {}", settings.changes.join("; ")),
+        );
         writes.push(store.event_op(&event));
     }
     for node in &plan.nodes {
         let key = keys.node_spec(&node.node);
         compares.push(unchanged(key.clone(), node.expected_revision));
-        writes.push(TxnOp::put(key, encode(&node.after), None));
+        writes.push(Op::put(key, encode(&node.after)));
     }
     (compares, writes)
 }

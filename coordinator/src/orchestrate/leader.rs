@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use steward_proto::converge::ClusterView;
 use steward_proto::domain::NodeId;
 use tokio::sync::watch;
@@ -78,7 +77,7 @@ pub fn cluster_view(specs: &SpecSnapshot, vips: &VipSnapshot) -> ClusterView {
 }
 
 /// Puts `value` at `key` while this replica leads and nobody else wrote the
-/// key since `expected_rev` (0: the key must not exist).
+/// key since `expected_rev` (0: the key must not exist); whether it did.
 async fn fenced_put_if(
     store: &Store,
     fence: &Fence,
@@ -86,19 +85,8 @@ async fn fenced_put_if(
     expected_rev: i64,
     value: Vec<u8>,
 ) -> Result<bool> {
-    let txn = Txn::new()
-        .when([
-            fence.compare(),
-            Compare::mod_revision(key.as_str(), CompareOp::Equal, expected_rev),
-        ])
-        .and_then([TxnOp::put(key.as_str(), value, None)]);
-    let resp = store
-        .client()
-        .kv_client()
-        .txn(txn)
-        .await
-        .map_err(Error::etcd("orchestration write"))?;
-    Ok(resp.succeeded())
+    let inner = Store::put_if_txn(key, expected_rev, value);
+    Ok(fence.txn(store, inner).await?.succeeded)
 }
 
 async fn kubernetes_duty(

@@ -17,10 +17,9 @@ pub enum SecretError {
     Random,
 }
 
-/// 32 random bytes as hex: the content of a new key file.
-pub fn new_key_hex() -> Result<String, SecretError> {
-    Ok(hex(&random_bytes::<32>()?))
-}
+/// 32 random bytes as hex: the content of a new key file
+/// (`stewardctl pki init` writes one).
+pub use steward_pki::new_key_hex;
 
 pub fn random_bytes<const N: usize>() -> Result<[u8; N], SecretError> {
     let mut b = [0u8; N];

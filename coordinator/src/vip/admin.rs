@@ -5,41 +5,20 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
-use steward_proto::domain::{Event, EventKind, NodeId, Role};
+use steward_proto::domain::{EventKind, NodeId, Role};
 use steward_proto::pb;
 use steward_proto::vip::VipSpec;
 
 use crate::agent_service::SessionContext;
-use crate::cache::CachedPrefix;
 use crate::error::{Error, Result};
 use crate::peers::Peers;
-use crate::store::{encode, unix_ms, NodeRecord, Store, VipRemovedRecord};
-use crate::vip::{MoveRecord, VipSnapshot, VipState};
-
-/// A linearizable read of every VIP (not the watch cache: an operator
-/// expects to see their own write).
-pub(crate) async fn read_vips(store: &Store) -> Result<VipSnapshot> {
-    let resp = store
-        .client()
-        .kv_client()
-        .get(store.keys().vips(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(Error::etcd("read VIPs"))?;
-    let mut snapshot = VipSnapshot::default();
-    for kv in resp.kvs() {
-        snapshot.apply(
-            store.keys(),
-            kv.key(),
-            Some((kv.value(), kv.mod_revision())),
-        );
-    }
-    snapshot.set_revision(resp.header().map(|h| h.revision()).unwrap_or_default());
-    Ok(snapshot)
-}
+use crate::store::kv::Txn;
+use crate::store::{NodeRecord, Store};
+use crate::vip::VipState;
 
 async fn read_vip(store: &Store, name: &str) -> Result<VipState> {
-    read_vips(store)
+    store
+        .vips()
         .await?
         .vips
         .remove(name)
@@ -138,56 +117,6 @@ fn join(nodes: &[NodeId]) -> String {
         .join(", ")
 }
 
-fn event(store: &Store, kind: EventKind, message: String) -> (String, Event) {
-    let event = Event {
-        revision: 0,
-        at_unix_ms: unix_ms(),
-        kind,
-        node: None,
-        replica: store.replica().to_owned(),
-        message,
-    };
-    (store.event_key(&event), event)
-}
-
-/// The writes that define or replace the VIP `spec`: the spec and its
-/// event. `set_vip` and `stewardctl apply` write these.
-pub(crate) fn set_ops(store: &Store, spec: &VipSpec) -> Vec<TxnOp> {
-    let (event_key, event) = event(
-        store,
-        EventKind::VipChanged,
-        format!("VIP {} set to {}", spec.name, spec.address),
-    );
-    vec![
-        TxnOp::put(store.keys().vip_spec(&spec.name), encode(spec), None),
-        TxnOp::put(event_key, encode(&event), None),
-    ]
-}
-
-/// The writes that remove the VIPs `names`: every key of each, one event
-/// each, and one touch of `vips/.removed`, which moves every node's
-/// desired-state revision past the removal. `remove_vip` and `stewardctl
-/// apply` write these.
-pub(crate) fn removal_ops(store: &Store, names: &[&str]) -> Vec<TxnOp> {
-    let mut ops = Vec::with_capacity(2 * names.len() + 1);
-    for name in names {
-        let (event_key, event) = event(store, EventKind::VipChanged, format!("VIP {name} removed"));
-        ops.push(TxnOp::delete(
-            store.keys().vip(name),
-            Some(DeleteOptions::new().with_prefix()),
-        ));
-        ops.push(TxnOp::put(event_key, encode(&event), None));
-    }
-    ops.push(TxnOp::put(
-        store.keys().vips_removed(),
-        encode(&VipRemovedRecord {
-            name: names.join(","),
-        }),
-        None,
-    ));
-    ops
-}
-
 /// Creates or replaces a VIP definition.
 pub async fn set_vip(ctx: &SessionContext, spec: VipSpec) -> Result<()> {
     let store = &ctx.store;
@@ -200,11 +129,8 @@ pub async fn set_vip(ctx: &SessionContext, spec: VipSpec) -> Result<()> {
         )));
     }
     store
-        .client()
-        .kv_client()
-        .txn(Txn::new().and_then(set_ops(store, &spec)))
-        .await
-        .map_err(Error::etcd("write VIP"))?;
+        .txn(Txn::new().and_then(store.vip_set_ops(&spec)), "write VIP")
+        .await?;
     Ok(())
 }
 
@@ -235,10 +161,9 @@ pub async fn move_vip(ctx: &SessionContext, name: &str, to: Option<NodeId>) -> R
         }
     }
     let epoch = state.epoch();
-    let owner_key = store.keys().vip_owner(name);
-    let (event_key, event) = event(
-        store,
+    let event = store.event(
         EventKind::VipChanged,
+        None,
         format!(
             "VIP {name}: move away from {owner} requested{}",
             to.as_ref()
@@ -246,30 +171,9 @@ pub async fn move_vip(ctx: &SessionContext, name: &str, to: Option<NodeId>) -> R
                 .unwrap_or_default()
         ),
     );
-    let resp = store
-        .client()
-        .kv_client()
-        .txn(
-            Txn::new()
-                .when([Compare::mod_revision(
-                    owner_key.as_str(),
-                    CompareOp::Equal,
-                    epoch as i64,
-                )])
-                .and_then([
-                    TxnOp::put(
-                        store.keys().vip_move(name),
-                        encode(&MoveRecord { epoch, to }),
-                        None,
-                    ),
-                    TxnOp::put(event_key, encode(&event), None),
-                ]),
-        )
-        .await
-        .map_err(Error::etcd("request VIP move"))?;
-    if !resp.succeeded() {
+    if !store.request_vip_move(name, epoch, to, &event).await? {
         return Err(Error::Conflict {
-            key: owner_key.clone(),
+            key: store.keys().vip_owner(name),
         });
     }
     Ok(())
@@ -281,11 +185,11 @@ pub async fn remove_vip(ctx: &SessionContext, name: &str) -> Result<()> {
     let store = &ctx.store;
     read_vip(store, name).await?;
     store
-        .client()
-        .kv_client()
-        .txn(Txn::new().and_then(removal_ops(store, &[name])))
-        .await
-        .map_err(Error::etcd("remove VIP"))?;
+        .txn(
+            Txn::new().and_then(store.vip_removal_ops(&[name])),
+            "remove VIP",
+        )
+        .await?;
     Ok(())
 }
 
@@ -330,7 +234,7 @@ pub fn local_lease_states(ctx: &SessionContext) -> pb::LeaseStatesResponse {
 /// Every VIP with its owner and each replica's ack state.
 pub async fn list_vips(ctx: &SessionContext, peers: &Peers) -> Result<Vec<pb::Vip>> {
     let store = &ctx.store;
-    let snapshot = read_vips(store).await?;
+    let snapshot = store.vips().await?;
     let members = store.members().await?;
     let mut states: Vec<pb::VipReplicaState> = local_lease_states(ctx).vips;
     let others: Vec<_> = members

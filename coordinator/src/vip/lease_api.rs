@@ -15,14 +15,14 @@ use steward_proto::pb;
 use steward_proto::vip::{AssignedVip, LeaseHeartbeat, LeaseReply};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, Instrument};
 
 use crate::agent_service::{still_trusted, SessionContext};
 use crate::auth::peer_identity;
 use crate::error::Error;
-use crate::pki::IdentityKind;
+use crate::pki::{Identity, IdentityKind};
 
 /// How long a new lease stream may take to send its first heartbeat.
 const FIRST_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,16 +147,31 @@ pub async fn open(
     request: Request<Streaming<pb::LeaseHeartbeat>>,
 ) -> Result<Response<LeaseStream>, Status> {
     let identity = peer_identity(&request)?;
+    let stream = open_stream(ctx, identity, request.into_inner()).await?;
+    Ok(Response::new(stream))
+}
+
+/// Opens the lease stream of the agent with the verified certificate
+/// `identity`, whose heartbeats arrive on `inbound`, and serves it on a
+/// task of its own.
+pub(crate) async fn open_stream<S>(
+    ctx: &SessionContext,
+    identity: Identity,
+    mut inbound: S,
+) -> Result<LeaseStream, Status>
+where
+    S: Stream<Item = Result<pb::LeaseHeartbeat, Status>> + Unpin + Send + 'static,
+{
     if identity.kind != IdentityKind::Agent {
         return Err(Error::PermissionDenied(format!(
             "{identity} may not open a lease stream; only agent certificates may"
         ))
         .into());
     }
-    let mut inbound = request.into_inner();
-    let first = tokio::time::timeout(FIRST_HEARTBEAT_TIMEOUT, inbound.message())
+    let first = tokio::time::timeout(FIRST_HEARTBEAT_TIMEOUT, inbound.next())
         .await
-        .map_err(|_| Status::deadline_exceeded("no heartbeat within 5 s"))??
+        .map_err(|_| Status::deadline_exceeded("no heartbeat within 5 s"))?
+        .transpose()?
         .ok_or_else(|| Status::cancelled("stream closed before the first heartbeat"))?;
     let first = LeaseHeartbeat::try_from(first).map_err(Error::from)?;
     if first.node.as_str() != identity.name {
@@ -192,7 +207,7 @@ pub async fn open(
         last_assignments: None,
     };
     tokio::spawn(task.run(first, inbound, tx).instrument(span));
-    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
 struct LeaseStreamTask {
@@ -238,12 +253,14 @@ impl LeaseStreamTask {
         tx.send(Ok(reply.into())).await.is_ok()
     }
 
-    async fn run(
+    async fn run<S>(
         mut self,
         first: LeaseHeartbeat,
-        mut inbound: Streaming<pb::LeaseHeartbeat>,
+        mut inbound: S,
         tx: mpsc::Sender<Result<pb::LeaseReply, Status>>,
-    ) {
+    ) where
+        S: Stream<Item = Result<pb::LeaseHeartbeat, Status>> + Unpin,
+    {
         info!("lease stream open");
         let mut vips = self.ctx.vips.clone();
         let mut specs = self.ctx.specs.clone();
@@ -261,8 +278,8 @@ impl LeaseStreamTask {
                 changed = specs.changed() => changed.is_ok()
                     && still_trusted(&self.ctx, &self.node, self.issued_unix_s, &tx).await
                     && self.push_changes(&tx).await,
-                message = inbound.message() => match message {
-                    Ok(Some(m)) => match LeaseHeartbeat::try_from(m) {
+                message = inbound.next() => match message {
+                    Some(Ok(m)) => match LeaseHeartbeat::try_from(m) {
                         Ok(hb) if hb.node == self.node => self.answer(&hb, &tx).await,
                         Ok(hb) => {
                             let _ = tx.send(Err(Error::PermissionDenied(format!(
@@ -276,8 +293,8 @@ impl LeaseStreamTask {
                             false
                         }
                     },
-                    Ok(None) => false,
-                    Err(status) => {
+                    None => false,
+                    Some(Err(status)) => {
                         debug!(%status, "lease stream failed");
                         false
                     }
@@ -295,5 +312,176 @@ impl LeaseStreamTask {
         }
         let reply = self.reply(None, Vec::new());
         tx.send(Ok(reply.into())).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use steward_proto::domain::{EventKind, Role};
+    use steward_proto::lease::Claim;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::*;
+    use crate::store::MemoryBackend;
+    use crate::testing::{eventually, identity, node, put_roles, put_vip, vip_spec, TestReplica};
+    use crate::vip::marker;
+
+    pub(crate) struct Candidate {
+        pub to_replica: mpsc::Sender<Result<pb::LeaseHeartbeat, Status>>,
+        pub replies: LeaseStream,
+    }
+
+    pub(crate) fn heartbeat(id: &str, seq: u64, claims: Vec<Claim>) -> pb::LeaseHeartbeat {
+        LeaseHeartbeat {
+            node: node(id),
+            seq,
+            sent_at: Duration::from_millis(seq),
+            claims,
+            health: vec![("front".into(), true)],
+            lease: LeaseParams::DEFAULT.lease,
+            replicas: LeaseParams::DEFAULT.replicas as u32,
+        }
+        .into()
+    }
+
+    pub(crate) fn claim(epoch: Epoch) -> Claim {
+        Claim {
+            vip: "front".into(),
+            epoch,
+            released: false,
+        }
+    }
+
+    /// Opens the lease stream of `cert` with `first`.
+    pub(crate) async fn candidate(
+        replica: &TestReplica,
+        cert: &str,
+        first: pb::LeaseHeartbeat,
+    ) -> Result<Candidate, Status> {
+        let (to_replica, inbound) = mpsc::channel(8);
+        to_replica.send(Ok(first)).await.expect("open channel");
+        let replies = open_stream(
+            &replica.ctx,
+            identity(cert, IdentityKind::Agent),
+            ReceiverStream::new(inbound),
+        )
+        .await?;
+        Ok(Candidate {
+            to_replica,
+            replies,
+        })
+    }
+
+    impl Candidate {
+        pub(crate) async fn reply(&mut self) -> LeaseReply {
+            let reply = tokio::time::timeout(Duration::from_secs(3), self.replies.next())
+                .await
+                .expect("a reply within the deadline")
+                .expect("the stream is open")
+                .expect("not an error");
+            LeaseReply::try_from(reply).expect("a valid reply")
+        }
+    }
+
+    /// Two lb nodes, VIP `front` owned by n1 at the returned epoch, which
+    /// the replica's acker knows.
+    async fn owned_by_n1(replica: &TestReplica) -> Epoch {
+        let store = replica.store();
+        put_roles(store, "n1", &[Role::Lb]).await;
+        put_roles(store, "n2", &[Role::Lb]).await;
+        put_vip(store, &vip_spec("front", "198.18.0.100/24")).await;
+        let fence = replica.lead().await;
+        let event = store.event(EventKind::VipMoved, Some(node("n1")), "test".into());
+        let inner = store.vip_assign_txn("front", None, &[], Some(node("n1")), &event);
+        let epoch = fence.txn(store, inner).await.expect("fenced").revision as Epoch;
+        let snapshot = eventually("the VIP cache to show the owner", || {
+            let vips = replica.ctx.vips.borrow().clone();
+            let owner = vips.vips.get("front")?.owner.clone()?;
+            (owner == (Some(node("n1")), epoch)).then_some(vips)
+        })
+        .await;
+        let hub = &replica.ctx.lease;
+        hub.with_acker(|a| marker::feed(a, &snapshot, hub.now()));
+        epoch
+    }
+
+    #[tokio::test]
+    async fn the_hub_acks_only_the_owner_at_the_epoch_etcd_names() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let epoch = owned_by_n1(&replica).await;
+        let hub = replica.ctx.lease.clone();
+
+        let mut n1 = candidate(&replica, "n1", heartbeat("n1", 1, vec![claim(epoch)]))
+            .await
+            .expect("stream");
+        let reply = n1.reply().await;
+        assert_eq!(reply.acked, [("front".to_owned(), epoch)]);
+        assert_eq!((reply.replica.as_str(), reply.seq), ("c-1", 1));
+        let assignment = &reply.assignments[0].assignment;
+        assert_eq!(
+            (assignment.epoch, assignment.owner.clone()),
+            (epoch, Some(node("n1")))
+        );
+        assert!(hub.healthy_candidate(&node("n1"), "front"));
+
+        // Another node claiming the epoch, or the owner an older one: no ack.
+        let mut n2 = candidate(&replica, "n2", heartbeat("n2", 1, vec![claim(epoch)]))
+            .await
+            .expect("stream");
+        assert!(n2.reply().await.acked.is_empty());
+        assert!(hub.healthy_candidate(&node("n2"), "front"));
+        n1.to_replica
+            .send(Ok(heartbeat("n1", 2, vec![claim(epoch - 1)])))
+            .await
+            .unwrap();
+        let reply = n1.reply().await;
+        assert_eq!(reply.seq, 2);
+        assert!(reply.acked.is_empty());
+
+        // A closed stream is no candidate any more.
+        drop(n1);
+        eventually("n1 to stop being a candidate", || {
+            (!hub.healthy_candidate(&node("n1"), "front")).then_some(())
+        })
+        .await;
+        assert!(hub.healthy_candidate(&node("n2"), "front"));
+    }
+
+    #[tokio::test]
+    async fn lease_streams_refuse_other_nodes_and_disagreeing_timing() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let error = candidate(&replica, "n1", heartbeat("n2", 1, Vec::new()))
+            .await
+            .err()
+            .expect("n1 may not speak for n2");
+        assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error}");
+
+        let mut longer = LeaseHeartbeat::try_from(heartbeat("n1", 1, Vec::new())).unwrap();
+        longer.lease = LeaseParams::DEFAULT.lease * 2;
+        let error = candidate(&replica, "n1", longer.into())
+            .await
+            .err()
+            .expect("a longer lease than the replica's");
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
+        assert!(
+            error.message().contains("lease parameters disagree"),
+            "{error}"
+        );
+
+        // Mid-stream, a heartbeat for another node ends the stream.
+        let mut n1 = candidate(&replica, "n1", heartbeat("n1", 1, Vec::new()))
+            .await
+            .expect("stream");
+        n1.reply().await;
+        n1.to_replica
+            .send(Ok(heartbeat("n2", 2, Vec::new())))
+            .await
+            .unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(3), n1.replies.next())
+            .await
+            .expect("an answer within the deadline")
+            .expect("an answer")
+            .expect_err("refused");
+        assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error}");
     }
 }

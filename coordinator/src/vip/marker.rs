@@ -13,16 +13,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-use steward_proto::lease::{Acker, Epoch};
+use steward_proto::lease::Acker;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::error::{Error, Result};
-use crate::store::{encode, Store};
+use crate::store::Store;
 use crate::vip::lease_api::LeaseHub;
-use crate::vip::{MarkRecord, VipSnapshot};
+use crate::vip::VipSnapshot;
 
 /// Retry delay for marks etcd did not take.
 const RETRY: Duration = Duration::from_millis(100);
@@ -59,37 +57,6 @@ pub fn feed(acker: &mut Acker, snapshot: &VipSnapshot, now: Duration) {
     }
 }
 
-/// Writes this replica's mark for `epoch` of `vip` (`Some`), or deletes it
-/// (`None`: withdrawn), only while the owner key is still at `epoch`.
-/// `Ok(false)`: the epoch is over.
-async fn set_own_mark(
-    store: &Store,
-    vip: &str,
-    epoch: Epoch,
-    mark: Option<MarkRecord>,
-) -> Result<bool> {
-    let keys = store.keys();
-    let key = keys.vip_mark(vip, epoch, store.replica());
-    let (op, what) = match mark {
-        Some(record) => (TxnOp::put(key, encode(&record), None), "write expiry mark"),
-        None => (TxnOp::delete(key, None), "withdraw expiry mark"),
-    };
-    let txn = Txn::new()
-        .when([Compare::mod_revision(
-            keys.vip_owner(vip).as_str(),
-            CompareOp::Equal,
-            epoch as i64,
-        )])
-        .and_then([op]);
-    let resp = store
-        .client()
-        .kv_client()
-        .txn(txn)
-        .await
-        .map_err(Error::etcd(what))?;
-    Ok(resp.succeeded())
-}
-
 /// Runs until `shutdown`.
 pub async fn run_marker(
     store: Store,
@@ -107,8 +74,7 @@ pub async fn run_marker(
         });
         let mut failed = false;
         for mark in pending {
-            let record = MarkRecord::new(mark.reason);
-            match set_own_mark(&store, &mark.vip, mark.epoch, Some(record)).await {
+            match store.write_mark(&mark.vip, mark.epoch, mark.reason).await {
                 Ok(written) => {
                     if written {
                         // How long this replica had been quiet for the
@@ -132,7 +98,7 @@ pub async fn run_marker(
         }
         let withdrawals = hub.with_acker(|a| a.pending_withdrawals());
         for (vip, epoch) in withdrawals {
-            match set_own_mark(&store, &vip, epoch, None).await {
+            match store.withdraw_mark(&vip, epoch).await {
                 Ok(true) => {
                     info!(vip.name = %vip, vip.epoch = epoch, "expiry mark withdrawn: the holder heartbeats this replica again");
                     hub.with_acker(|a| a.on_withdrawn(&vip, epoch, hub.now()));

@@ -9,19 +9,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
-use steward_proto::domain::{Event, EventKind, NodeId};
+use steward_proto::domain::{EventKind, NodeId};
 use steward_proto::lease::{place, Candidate, MarkReason, Placement, PlacementInput};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cache::SpecSnapshot;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::replica::{Fence, Leadership};
-use crate::store::{encode, unix_ms, Store};
+use crate::store::Store;
 use crate::vip::lease_api::LeaseHub;
-use crate::vip::{candidates, MoveRecord, OwnerRecord, VipSnapshot, VipState};
+use crate::vip::{candidates, VipSnapshot, VipState};
 
 /// Everything the placement loop watches.
 pub struct PlacementInputs {
@@ -108,20 +107,9 @@ async fn decide(
                 return Ok(());
             }
             let epoch = state.epoch();
-            let owner_key = store.keys().vip_owner(name);
-            let inner = Txn::new()
-                .when([Compare::mod_revision(
-                    owner_key.as_str(),
-                    CompareOp::Equal,
-                    epoch as i64,
-                )])
-                .and_then([TxnOp::put(
-                    store.keys().vip_move(name),
-                    encode(&MoveRecord { epoch, to: None }),
-                    None,
-                )]);
             info!(vip.name = %name, vip.epoch = epoch, "asking the holder to release");
-            fence.txn(&store.client(), vec![TxnOp::txn(inner)]).await?;
+            let inner = store.vip_release_request_txn(name, epoch, None);
+            fence.txn(store, inner).await?;
             crate::metrics::metrics()
                 .vip_release_requests
                 .with(&[name])
@@ -155,80 +143,28 @@ async fn assign(
     state: &VipState,
     next: Option<NodeId>,
 ) -> Result<()> {
-    let keys = store.keys();
-    let owner_key = keys.vip_owner(name);
-    let mut guards = vec![match &state.owner {
-        Some((_, epoch)) => {
-            Compare::mod_revision(owner_key.as_str(), CompareOp::Equal, *epoch as i64)
-        }
-        None => Compare::version(owner_key.as_str(), CompareOp::Equal, 0),
-    }];
-    // Every mark counted must still be there: a replica that took its mark
-    // back acks the holder again (see `steward_proto::lease`).
-    if let Some(marks) = state.marks.get(&state.epoch()) {
-        guards.extend(marks.keys().map(|replica| {
-            Compare::version(
-                keys.vip_mark(name, state.epoch(), replica),
-                CompareOp::Greater,
-                0,
-            )
-        }));
-    }
     let from = state
         .owner_node()
         .map_or_else(|| "nobody".to_owned(), |n| n.to_string());
     let to = next
         .as_ref()
         .map_or_else(|| "nobody".to_owned(), |n| n.to_string());
-    let event = Event {
-        revision: 0,
-        at_unix_ms: unix_ms(),
-        kind: EventKind::VipMoved,
-        node: next.clone(),
-        replica: store.replica().to_owned(),
-        message: format!("VIP {name}: {from} -> {to} ({})", why(state)),
-    };
-    let event_key = format!(
-        "{}{:016}-{}-vip-{name}-{}",
-        keys.events(),
-        event.at_unix_ms,
-        store.replica(),
-        state.epoch()
+    let event = store.event(
+        EventKind::VipMoved,
+        next.clone(),
+        format!("VIP {name}: {from} -> {to} ({})", why(state)),
     );
-    let inner = Txn::new().when(guards).and_then([
-        TxnOp::put(
-            owner_key.as_str(),
-            encode(&OwnerRecord { node: next }),
-            None,
-        ),
-        TxnOp::delete(keys.vip_move(name), None),
-        TxnOp::delete(
-            keys.vip_marks(name),
-            Some(DeleteOptions::new().with_prefix()),
-        ),
-        TxnOp::put(event_key, encode(&event), None),
-    ]);
-    let resp = store
-        .client()
-        .kv_client()
-        .txn(
-            Txn::new()
-                .when([fence.compare()])
-                .and_then([TxnOp::txn(inner)]),
-        )
-        .await
-        .map_err(Error::etcd("assign VIP"))?;
-    if !resp.succeeded() {
-        return Err(Error::LostLeadership { epoch: fence.epoch });
-    }
-    // The inner guard (owner still at the epoch decided on, every counted
-    // mark still there) may have failed: then nothing moved, and the next
-    // look decides again.
-    let moved = resp.op_responses().iter().any(|r| match r {
-        etcd_client::TxnOpResponse::Txn(inner) => inner.succeeded(),
-        _ => false,
-    });
-    if !moved {
+    let current = state.owner.as_ref().map(|(_, epoch)| *epoch);
+    let counted: Vec<String> = state
+        .marks
+        .get(&state.epoch())
+        .map(|marks| marks.keys().cloned().collect())
+        .unwrap_or_default();
+    let inner = store.vip_assign_txn(name, current, &counted, next, &event);
+    // The owner key may have moved past the epoch decided on, or a counted
+    // mark was taken back: then nothing moved, and the next look decides
+    // again.
+    if !fence.txn(store, inner).await?.succeeded {
         return Ok(());
     }
     crate::metrics::metrics()
@@ -237,4 +173,75 @@ async fn assign(
         .inc();
     info!(vip.name = %name, from = %from, to = %to, "{}", event.message);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::Role;
+
+    use super::*;
+    use crate::error::Error;
+    use crate::store::MemoryBackend;
+    use crate::testing::{eventually, node, put_roles, put_vip, vip_spec, TestReplica};
+    use crate::vip::lease_api::tests::{candidate, heartbeat};
+
+    #[tokio::test]
+    async fn the_leader_assigns_a_first_holder_once_and_only_while_it_leads() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_roles(store, "n1", &[Role::Lb]).await;
+        put_roles(store, "n2", &[Role::Lb]).await;
+        put_vip(store, &vip_spec("front", "198.18.0.100/24")).await;
+        let fence = replica.lead().await;
+        let _n1 = candidate(&replica, "n1", heartbeat("n1", 1, Vec::new()))
+            .await
+            .expect("stream");
+        let _n2 = candidate(&replica, "n2", heartbeat("n2", 1, Vec::new()))
+            .await
+            .expect("stream");
+        let hub = &replica.ctx.lease;
+        let ctx = &replica.ctx;
+        let (specs, state) = eventually("the caches and candidates", || {
+            let specs = ctx.specs.borrow().clone();
+            let state = ctx.vips.borrow().vips.get("front")?.clone();
+            let ready = specs.specs.len() == 2
+                && state.spec.is_some()
+                && hub.healthy_candidate(&node("n1"), "front")
+                && hub.healthy_candidate(&node("n2"), "front");
+            ready.then_some((specs, state))
+        })
+        .await;
+
+        decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect("assigned");
+        let owner = store.vips().await.unwrap().vips["front"].owner.clone();
+        let (holder, epoch) = owner.expect("an owner");
+        assert!(matches!(holder, Some(n) if n == node("n1") || n == node("n2")));
+        let (events, _) = store.recent_events(10).await.unwrap();
+        let moved = events.last().expect("an event");
+        assert_eq!(moved.kind, EventKind::VipMoved);
+        assert!(moved.message.contains("first holder"), "{}", moved.message);
+        assert_eq!(moved.replica, "c-1");
+
+        // The same decision made on the stale view moves nothing: the owner
+        // key is past the epoch it was made for.
+        let revision = replica.memory.revision();
+        decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect("nothing to do");
+        assert_eq!(replica.memory.revision(), revision);
+        assert_eq!(
+            store.vips().await.unwrap().vips["front"].epoch(),
+            epoch,
+            "the owner stays"
+        );
+
+        // Once the leader's lease ended, its fence refuses every write.
+        store.revoke_lease(replica.lease).await.unwrap();
+        let error = decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect_err("not the leader any more");
+        assert!(matches!(error, Error::LostLeadership { .. }), "{error}");
+    }
 }

@@ -1,9 +1,9 @@
-//! `stewardctl`: see `steward_coordinator::ctl`.
+//! `stewardctl`: see the `stewardctl` library.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use steward_coordinator::ctl::{self, Cli};
+use stewardctl::{self as ctl, Cli};
 
 fn main() -> ExitCode {
     // The completion scripts' helper, before clap: see ctl_complete.
@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         }
     };
     let Some(cli) = cli else {
-        runtime.block_on(steward_coordinator::ctl_complete::complete_main(&args[2..]));
+        runtime.block_on(stewardctl::completion::complete_main(&args[2..]));
         return ExitCode::SUCCESS;
     };
     match runtime.block_on(ctl::run(cli)) {

@@ -153,7 +153,7 @@ pub fn init_secrets_key(dir: &Path) -> Result<PathBuf, PkiError> {
     if path.exists() {
         return Err(PkiError::Exists { path });
     }
-    let key = crate::orchestrate::secrets::new_key_hex().map_err(|e| PkiError::Io {
+    let key = crate::new_key_hex().map_err(|e| PkiError::Io {
         path: path.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;

@@ -18,22 +18,36 @@
 //! | `orchestration/gluster/<volume>` | leader | brick placement ([`crate::orchestrate::gluster::VolumeRecord`]) |
 //! | `events/<ms>-<replica>-<seq>` | any replica; trimmed by the leader | [`Event`] |
 
+//!
+//! **Architecture invariant:** this module is the only one that speaks to
+//! etcd (`etcd` is its backend; `coordinator/tests/tidy.rs` fails on an
+//! `etcd_client` anywhere else). Everything above it takes a [`Store`],
+//! which is etcd in production and [`MemoryBackend`] in unit tests.
+
+mod etcd;
+pub mod kv;
+mod memory;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget,
-    TlsOptions, Txn, TxnOp,
-};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
 use steward_proto::domain::{Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec};
+use steward_proto::lease::MarkReason;
+use steward_proto::vip::VipSpec;
 
+pub use self::etcd::{connect, EtcdError};
+use self::kv::{Change, Cmp, Kv, LeaderKey, Op, PutLease, Range, RangeOptions, Txn, TxnOutcome};
+pub use self::memory::MemoryBackend;
+use crate::cache::CachedPrefix;
 use crate::config::EtcdConfig;
 use crate::error::{Error, Result};
 use crate::tokens::TokenRecord;
+use crate::vip::{MarkRecord, MoveRecord, OwnerRecord, VipSnapshot};
 
 /// Milliseconds since the Unix epoch, for records and events.
 pub fn unix_ms() -> u64 {
@@ -259,7 +273,7 @@ impl NodeRevokedRecord {
             "the certificates of node {node} were revoked at {} by {}; join again with a \
              token made for it (stewardctl token create --node {node}, then steward-agent \
              join ... --force on the node)",
-            steward_proto::runtime::format_unix_ms(self.at_unix_ms),
+            steward_runtime::format_unix_ms(self.at_unix_ms),
             self.by
         )))
     }
@@ -303,44 +317,65 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-/// Connects to etcd. The channel is lazy and balanced over the endpoints, so
-/// this succeeds while etcd is down; every request then has its own timeout.
-///
-/// With `request_timeout` false the client has no per-request deadline: use
-/// it for long-lived calls (watches, lease keep-alives, campaigns).
-pub async fn connect(config: &EtcdConfig, request_timeout: bool) -> Result<Client> {
-    let mut options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_millis(config.dial_timeout_ms))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true);
-    if request_timeout {
-        options = options.with_timeout(Duration::from_millis(config.request_timeout_ms));
+/// What a backend call failed with.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Etcd(EtcdError),
+    /// The in-memory backend, told to fail by a test.
+    #[error("{0}")]
+    Memory(String),
+}
+
+/// Where the state is: etcd, or the in-memory twin.
+#[derive(Clone)]
+enum Backend {
+    // etcd-client's clients are large (kilobytes): one allocation, shared.
+    Etcd(Arc<etcd::EtcdBackend>),
+    Memory(Arc<MemoryBackend>),
+}
+
+/// A watch on some prefixes, from a revision.
+pub enum Watch {
+    Etcd(etcd::EtcdWatch),
+    Memory(memory::MemoryWatch),
+}
+
+impl Watch {
+    /// The next changes; `None` when the stream ended, an error when it
+    /// broke or etcd compacted past it (read again, then watch again).
+    pub async fn next(&mut self) -> Result<Option<Vec<Change>>> {
+        match self {
+            Watch::Etcd(w) => w.next().await,
+            Watch::Memory(w) => w.next().await,
+        }
     }
-    if let Some(tls) = &config.tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))
-        };
-        let identity = etcd_client::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
-        options = options.with_tls(
-            TlsOptions::new()
-                .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?))
-                .identity(identity),
-        );
+}
+
+/// Keeps one lease alive.
+pub enum LeaseKeeper {
+    Etcd(Box<etcd::EtcdKeeper>),
+    Memory {
+        backend: Arc<MemoryBackend>,
+        lease: i64,
+    },
+}
+
+impl LeaseKeeper {
+    /// Renews the lease once, waiting at most `wait` for the answer; the
+    /// remaining TTL in seconds (0: the lease expired).
+    pub async fn renew(&mut self, wait: Duration) -> Result<i64> {
+        match self {
+            LeaseKeeper::Etcd(k) => k.renew(wait).await,
+            LeaseKeeper::Memory { backend, lease } => backend.lease_ttl(*lease, "keep lease alive"),
+        }
     }
-    // Every request is timed (`steward_etcd_request_duration_seconds`).
-    Client::connect_with_balanced_channel(
-        &config.endpoints,
-        Some(options),
-        crate::metrics::TimedEtcdChannel,
-    )
-    .await
-    .map_err(Error::etcd("connect"))
 }
 
 /// Typed access to one cluster's state.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    backend: Backend,
     keys: Keys,
     replica: String,
 }
@@ -350,10 +385,28 @@ const CAS_ATTEMPTS: usize = 8;
 
 static EVENT_SEQ: AtomicU64 = AtomicU64::new(0);
 
+fn versioned<T: DeserializeOwned>(kv: &Kv) -> Result<Versioned<T>> {
+    Ok(Versioned {
+        value: decode(&kv.key, &kv.value)?,
+        mod_revision: kv.mod_revision,
+    })
+}
+
 impl Store {
-    pub fn new(client: Client, keys: Keys, replica: String) -> Self {
+    /// The store of replica `replica` on etcd (see [`connect`]).
+    pub async fn connect(config: &EtcdConfig, keys: Keys, replica: String) -> Result<Self> {
+        Ok(Self {
+            backend: Backend::Etcd(Arc::new(etcd::EtcdBackend::connect(config).await?)),
+            keys,
+            replica,
+        })
+    }
+
+    /// The store of replica `replica` on `memory` (several replicas may
+    /// share one).
+    pub fn in_memory(memory: Arc<MemoryBackend>, keys: Keys, replica: String) -> Self {
         Self {
-            client,
+            backend: Backend::Memory(memory),
             keys,
             replica,
         }
@@ -363,62 +416,159 @@ impl Store {
         &self.keys
     }
 
-    pub fn client(&self) -> Client {
-        self.client.clone()
-    }
-
     pub fn replica(&self) -> &str {
         &self.replica
     }
 
+    // The backend's primitives, in the store's own words.
+
+    async fn get(&self, key: &str, op: &'static str) -> Result<Option<Kv>> {
+        match &self.backend {
+            Backend::Etcd(b) => b.get(key.as_bytes(), op).await,
+            Backend::Memory(b) => b.get(key.as_bytes(), op).await,
+        }
+    }
+
+    async fn range(&self, prefix: &str, options: RangeOptions, op: &'static str) -> Result<Range> {
+        match &self.backend {
+            Backend::Etcd(b) => b.range(prefix.as_bytes(), options, op).await,
+            Backend::Memory(b) => b.range(prefix.as_bytes(), options, op).await,
+        }
+    }
+
+    async fn list(&self, prefix: &str, op: &'static str) -> Result<Range> {
+        self.range(prefix, RangeOptions::default(), op).await
+    }
+
+    /// Runs `txn`; what it answered, nested transactions included.
+    pub async fn txn(&self, txn: Txn, op: &'static str) -> Result<TxnOutcome> {
+        match &self.backend {
+            Backend::Etcd(b) => b.txn(txn, op).await,
+            Backend::Memory(b) => b.txn(txn, op).await,
+        }
+    }
+
+    /// Everything under each of `prefixes`, read at one revision.
+    pub async fn read_prefixes(&self, prefixes: &[String]) -> Result<Range> {
+        let prefixes: Vec<Vec<u8>> = prefixes.iter().map(|p| p.as_bytes().to_vec()).collect();
+        match &self.backend {
+            Backend::Etcd(b) => b.read_prefixes(&prefixes, "read prefix").await,
+            Backend::Memory(b) => b.read_prefixes(&prefixes, "read prefix").await,
+        }
+    }
+
+    /// Follows every key under `prefixes` from `start_revision`, on one
+    /// stream.
+    pub async fn watch(&self, prefixes: &[String], start_revision: i64) -> Result<Watch> {
+        let prefixes: Vec<Vec<u8>> = prefixes.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Ok(match &self.backend {
+            Backend::Etcd(b) => Watch::Etcd(b.watch(&prefixes, start_revision).await?),
+            Backend::Memory(b) => Watch::Memory(b.watch(&prefixes, start_revision).await?),
+        })
+    }
+
+    // Membership and election (`replica`).
+
+    /// A new lease of `ttl`.
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
+        let ttl_s = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        match &self.backend {
+            Backend::Etcd(b) => b.grant_lease(ttl_s).await,
+            Backend::Memory(b) => b.grant_lease(ttl_s).await,
+        }
+    }
+
+    pub async fn keep_alive(&self, lease: i64) -> Result<LeaseKeeper> {
+        Ok(match &self.backend {
+            Backend::Etcd(b) => LeaseKeeper::Etcd(Box::new(b.keep_alive(lease).await?)),
+            Backend::Memory(b) => LeaseKeeper::Memory {
+                backend: b.clone(),
+                lease,
+            },
+        })
+    }
+
+    /// Ends `lease`; every key on it goes.
+    pub async fn revoke_lease(&self, lease: i64) -> Result<()> {
+        match &self.backend {
+            Backend::Etcd(b) => b.revoke_lease(lease).await,
+            Backend::Memory(b) => b.revoke_lease(lease).await,
+        }
+    }
+
+    /// Writes this replica's member key on `lease`.
+    pub async fn register_member(&self, member: &MemberRecord, lease: i64) -> Result<()> {
+        self.txn(
+            Txn::new().and_then([Op::put_on_lease(
+                self.keys.member(&member.id),
+                encode(member),
+                PutLease::Attach(lease),
+            )]),
+            "register member",
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until this replica leads (on `lease`); its leader key, whose
+    /// create revision is the epoch.
+    pub async fn campaign(&self, lease: i64) -> Result<LeaderKey> {
+        let name = self.keys.election();
+        match &self.backend {
+            Backend::Etcd(b) => {
+                b.campaign(name.as_bytes(), self.replica.as_bytes(), lease)
+                    .await
+            }
+            Backend::Memory(b) => {
+                b.campaign(name.as_bytes(), self.replica.as_bytes(), lease)
+                    .await
+            }
+        }
+    }
+
+    /// Gives up leadership at once.
+    pub async fn resign(&self, key: &LeaderKey) -> Result<()> {
+        match &self.backend {
+            Backend::Etcd(b) => b.resign(key).await,
+            Backend::Memory(b) => b.resign(key).await,
+        }
+    }
+
+    /// The current leader's replica id, if any replica leads.
+    pub async fn leader(&self) -> Result<Option<String>> {
+        let name = self.keys.election();
+        let value = match &self.backend {
+            Backend::Etcd(b) => b.leader(name.as_bytes()).await?,
+            Backend::Memory(b) => b.leader(name.as_bytes()).await?,
+        };
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    // Nodes.
+
     pub async fn node(&self, id: &NodeId) -> Result<NodeRecord> {
-        let mut kv = self.client.kv_client();
-        let resp = kv
-            .get(
-                format!("{}{id}/", self.keys.nodes()),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(Error::etcd("get node"))?;
+        let resp = self
+            .list(&format!("{}{id}/", self.keys.nodes()), "get node")
+            .await?;
         let mut record = NodeRecord::default();
-        for kv in resp.kvs() {
+        for kv in &resp.kvs {
             self.fill_record(&mut record, kv)?;
         }
         Ok(record)
     }
 
-    fn fill_record(&self, record: &mut NodeRecord, kv: &etcd_client::KeyValue) -> Result<()> {
-        match self.keys.parse_node_key(kv.key()) {
-            Some((_, NodeKey::Spec)) => {
-                record.spec = Some(Versioned {
-                    value: decode(kv.key(), kv.value())?,
-                    mod_revision: kv.mod_revision(),
-                })
-            }
-            Some((_, NodeKey::Status)) => {
-                record.status = Some(Versioned {
-                    value: decode(kv.key(), kv.value())?,
-                    mod_revision: kv.mod_revision(),
-                })
-            }
+    fn fill_record(&self, record: &mut NodeRecord, kv: &Kv) -> Result<()> {
+        match self.keys.parse_node_key(&kv.key) {
+            Some((_, NodeKey::Spec)) => record.spec = Some(versioned(kv)?),
+            Some((_, NodeKey::Status)) => record.status = Some(versioned(kv)?),
             Some((_, NodeKey::Address)) => {
                 record.address = Some(Versioned {
-                    value: decode::<NodeAddressRecord>(kv.key(), kv.value())?.address,
-                    mod_revision: kv.mod_revision(),
+                    value: decode::<NodeAddressRecord>(&kv.key, &kv.value)?.address,
+                    mod_revision: kv.mod_revision,
                 })
             }
-            Some((_, NodeKey::Converge)) => {
-                record.converge = Some(Versioned {
-                    value: decode(kv.key(), kv.value())?,
-                    mod_revision: kv.mod_revision(),
-                })
-            }
-            Some((_, NodeKey::Revoked)) => {
-                record.revoked = Some(Versioned {
-                    value: decode(kv.key(), kv.value())?,
-                    mod_revision: kv.mod_revision(),
-                })
-            }
+            Some((_, NodeKey::Converge)) => record.converge = Some(versioned(kv)?),
+            Some((_, NodeKey::Revoked)) => record.revoked = Some(versioned(kv)?),
             None => {}
         }
         Ok(())
@@ -426,14 +576,10 @@ impl Store {
 
     /// Every node with a spec or a status.
     pub async fn nodes(&self) -> Result<BTreeMap<NodeId, NodeRecord>> {
-        let mut kv = self.client.kv_client();
-        let resp = kv
-            .get(self.keys.nodes(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(Error::etcd("list nodes"))?;
+        let resp = self.list(&self.keys.nodes(), "list nodes").await?;
         let mut nodes: BTreeMap<NodeId, NodeRecord> = BTreeMap::new();
-        for kv in resp.kvs() {
-            if let Some((id, _)) = self.keys.parse_node_key(kv.key()) {
+        for kv in &resp.kvs {
+            if let Some((id, _)) = self.keys.parse_node_key(&kv.key) {
                 self.fill_record(nodes.entry(id).or_default(), kv)?;
             }
         }
@@ -464,21 +610,10 @@ impl Store {
                     mod_revision: rev,
                 });
             };
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    spec_key.as_str(),
-                    CompareOp::Equal,
-                    rev,
-                )])
-                .and_then([TxnOp::put(spec_key.as_str(), encode(&next), None)]);
-            let resp = self
-                .client
-                .kv_client()
-                .txn(txn)
-                .await
-                .map_err(Error::etcd("update spec"))?;
-            if resp.succeeded() {
-                let mod_revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            if let Some(mod_revision) = self
+                .put_if(spec_key.clone(), rev, encode(&next), "update spec")
+                .await?
+            {
                 return Ok(Versioned {
                     value: next,
                     mod_revision,
@@ -504,6 +639,22 @@ impl Store {
             "write node status",
         )
         .await
+    }
+
+    /// The write that marks a node's status `next` if nobody rewrote it
+    /// since `expected_rev`, with `event`: a transaction for the leader's
+    /// fence (the agent may have reconnected elsewhere meanwhile).
+    pub fn status_if_txn(
+        &self,
+        id: &NodeId,
+        expected_rev: i64,
+        next: &NodeStatusRecord,
+        event: &Event,
+    ) -> Txn {
+        let key = self.keys.node_status(id);
+        Txn::new()
+            .when([Cmp::mod_revision(key.clone(), expected_rev)])
+            .and_then([Op::put(key, encode(next)), self.event_op(event)])
     }
 
     /// Writes a node's address like [`Store::put_status_if`].
@@ -538,8 +689,16 @@ impl Store {
         .await
     }
 
+    /// The write of `value` at `key` if the key's mod revision is
+    /// `expected_rev` (0: the key must not exist).
+    pub fn put_if_txn(key: String, expected_rev: i64, value: Vec<u8>) -> Txn {
+        Txn::new()
+            .when([Cmp::mod_revision(key.clone(), expected_rev)])
+            .and_then([Op::put(key, value)])
+    }
+
     /// Puts `value` at `key` if the key's mod revision is `expected_rev`
-    /// (0: the key must not exist).
+    /// (0: the key must not exist); the new revision if it did.
     async fn put_if(
         &self,
         key: String,
@@ -547,22 +706,10 @@ impl Store {
         value: Vec<u8>,
         op: &'static str,
     ) -> Result<Option<i64>> {
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                expected_rev,
-            )])
-            .and_then([TxnOp::put(key.as_str(), value, None)]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(Error::etcd(op))?;
-        Ok(resp
-            .succeeded()
-            .then(|| resp.header().map(|h| h.revision()).unwrap_or_default()))
+        let outcome = self
+            .txn(Self::put_if_txn(key, expected_rev, value), op)
+            .await?;
+        Ok(outcome.succeeded.then_some(outcome.revision))
     }
 
     /// Puts `value` at `key` unless the key exists; whether it was written.
@@ -570,8 +717,30 @@ impl Store {
         Ok(self.put_if(key, 0, value, "create record").await?.is_some())
     }
 
-    /// A new key for `event` under `events/`: ordered by time, unique
-    /// within this replica (so several events fit in one transaction).
+    /// Deletes `keys` in one transaction.
+    pub async fn delete_all(&self, keys: &[String]) -> Result<()> {
+        let ops = keys.iter().map(|k| Op::delete(k.as_str()));
+        self.txn(Txn::new().and_then(ops), "delete records").await?;
+        Ok(())
+    }
+
+    // Events.
+
+    /// An event of this replica, now.
+    pub fn event(&self, kind: EventKind, node: Option<NodeId>, message: String) -> Event {
+        Event {
+            revision: 0,
+            at_unix_ms: unix_ms(),
+            kind,
+            node,
+            replica: self.replica.clone(),
+            message,
+        }
+    }
+
+    /// A new key for `event` under `events/`, the only format there is:
+    /// ordered by time, unique within this replica (so several events fit
+    /// in one transaction, and a retried write never overwrites another).
     pub fn event_key(&self, event: &Event) -> String {
         let seq = EVENT_SEQ.fetch_add(1, Ordering::Relaxed);
         format!(
@@ -583,33 +752,58 @@ impl Store {
     }
 
     /// The write that appends `event`, for a transaction.
-    pub fn event_op(&self, event: &Event) -> TxnOp {
-        TxnOp::put(self.event_key(event), encode(event), None)
-    }
-
-    /// Deletes `keys` in one transaction.
-    pub async fn delete_all(&self, keys: &[String]) -> Result<()> {
-        let ops: Vec<TxnOp> = keys
-            .iter()
-            .map(|k| TxnOp::delete(k.as_str(), None))
-            .collect();
-        self.client
-            .kv_client()
-            .txn(Txn::new().and_then(ops))
-            .await
-            .map_err(Error::etcd("delete records"))?;
-        Ok(())
+    pub fn event_op(&self, event: &Event) -> Op {
+        Op::put(self.event_key(event), encode(event))
     }
 
     /// Appends an event to the audit trail.
     pub async fn record_event(&self, event: &Event) -> Result<()> {
-        self.client
-            .kv_client()
-            .put(self.event_key(event), encode(event), None)
-            .await
-            .map_err(Error::etcd("record event"))?;
+        self.txn(Txn::new().and_then([self.event_op(event)]), "record event")
+            .await?;
         Ok(())
     }
+
+    /// The latest `limit` events, oldest first, and the revision read at.
+    pub async fn recent_events(&self, limit: u32) -> Result<(Vec<Event>, i64)> {
+        let options = RangeOptions {
+            descending: true,
+            limit: limit as usize,
+            keys_only: false,
+        };
+        let resp = self
+            .range(&self.keys.events(), options, "read events")
+            .await?;
+        let mut events = resp
+            .kvs
+            .iter()
+            .map(|kv| {
+                let mut e: Event = decode(&kv.key, &kv.value)?;
+                e.revision = kv.mod_revision as u64;
+                Ok(e)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        events.reverse();
+        Ok((events, resp.revision))
+    }
+
+    /// Every event key, oldest first (for trimming the log).
+    pub async fn event_keys(&self) -> Result<Vec<Vec<u8>>> {
+        let options = RangeOptions {
+            keys_only: true,
+            ..RangeOptions::default()
+        };
+        let resp = self
+            .range(&self.keys.events(), options, "list events")
+            .await?;
+        Ok(resp.kvs.into_iter().map(|kv| kv.key).collect())
+    }
+
+    /// Events appended from `start_revision` on, as they come.
+    pub async fn watch_events(&self, start_revision: i64) -> Result<Watch> {
+        self.watch(&[self.keys.events()], start_revision).await
+    }
+
+    // Cluster-wide records.
 
     /// The cluster settings and their mod revision; `None` before the
     /// first `stewardctl apply` that set any.
@@ -624,112 +818,168 @@ impl Store {
         key: String,
         op: &'static str,
     ) -> Result<Option<Versioned<T>>> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(key.as_str(), None)
-            .await
-            .map_err(Error::etcd(op))?;
-        resp.kvs()
-            .first()
-            .map(|kv| {
-                Ok(Versioned {
-                    value: decode(kv.key(), kv.value())?,
-                    mod_revision: kv.mod_revision(),
-                })
-            })
+        self.get(&key, op)
+            .await?
+            .as_ref()
+            .map(versioned)
             .transpose()
     }
 
-    /// The latest `limit` events, oldest first, and the revision read at.
-    pub async fn recent_events(&self, limit: u32) -> Result<(Vec<Event>, i64)> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(
-                self.keys.events(),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Key, SortOrder::Descend)
-                        .with_limit(i64::from(limit)),
-                ),
-            )
-            .await
-            .map_err(Error::etcd("read events"))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        let mut events = resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                let mut e: Event = decode(kv.key(), kv.value())?;
-                e.revision = kv.mod_revision() as u64;
-                Ok(e)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        events.reverse();
-        Ok((events, revision))
-    }
-
     pub async fn members(&self) -> Result<Vec<MemberRecord>> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(self.keys.members(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(Error::etcd("list members"))?;
-        resp.kvs()
+        let resp = self.list(&self.keys.members(), "list members").await?;
+        resp.kvs
             .iter()
-            .map(|kv| decode(kv.key(), kv.value()))
+            .map(|kv| decode(&kv.key, &kv.value))
             .collect()
     }
 
-    /// The current leader's replica id, if any replica leads.
-    pub async fn leader(&self) -> Result<Option<String>> {
-        match self
-            .client
-            .election_client()
-            .leader(self.keys.election())
-            .await
-        {
-            Ok(resp) => Ok(resp
-                .kv()
-                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
-            // etcd answers "election: no leader" as an error.
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
-            Err(source) => Err(Error::Etcd {
-                op: "read leader",
-                source,
-            }),
+    // VIPs.
+
+    /// A linearizable read of every VIP (not the watch cache: an operator
+    /// expects to see their own write).
+    pub async fn vips(&self) -> Result<VipSnapshot> {
+        let resp = self.list(&self.keys.vips(), "read VIPs").await?;
+        let mut snapshot = VipSnapshot::default();
+        for kv in &resp.kvs {
+            snapshot.apply(&self.keys, &kv.key, Some((&kv.value, kv.mod_revision)));
         }
+        snapshot.set_revision(resp.revision);
+        Ok(snapshot)
     }
+
+    /// The writes that define or replace the VIP `spec`: the spec and its
+    /// event.
+    pub fn vip_set_ops(&self, spec: &VipSpec) -> Vec<Op> {
+        let event = self.event(
+            EventKind::VipChanged,
+            None,
+            format!("VIP {} set to {}", spec.name, spec.address),
+        );
+        vec![
+            Op::put(self.keys.vip_spec(&spec.name), encode(spec)),
+            self.event_op(&event),
+        ]
+    }
+
+    /// The writes that remove the VIPs `names`: every key of each, one event
+    /// each, and one touch of `vips/.removed`, which moves every node's
+    /// desired-state revision past the removal.
+    pub fn vip_removal_ops(&self, names: &[&str]) -> Vec<Op> {
+        let mut ops = Vec::with_capacity(2 * names.len() + 1);
+        for name in names {
+            let event = self.event(EventKind::VipChanged, None, format!("VIP {name} removed"));
+            ops.push(Op::delete_prefix(self.keys.vip(name)));
+            ops.push(self.event_op(&event));
+        }
+        ops.push(Op::put(
+            self.keys.vips_removed(),
+            encode(&VipRemovedRecord {
+                name: names.join(","),
+            }),
+        ));
+        ops
+    }
+
+    /// Asks the holder of VIP `name` at `epoch` to let go (to `to`, if
+    /// named), with `event`; `false` if the owner moved on meanwhile.
+    pub async fn request_vip_move(
+        &self,
+        name: &str,
+        epoch: u64,
+        to: Option<NodeId>,
+        event: &Event,
+    ) -> Result<bool> {
+        let txn = self
+            .vip_release_request_txn(name, epoch, to)
+            .and_then([self.event_op(event)]);
+        Ok(self.txn(txn, "request VIP move").await?.succeeded)
+    }
+
+    /// The write of a move request for VIP `name` at `epoch`, guarded on
+    /// the owner still being at that epoch.
+    pub fn vip_release_request_txn(&self, name: &str, epoch: u64, to: Option<NodeId>) -> Txn {
+        Txn::new()
+            .when([Cmp::mod_revision(self.keys.vip_owner(name), epoch as i64)])
+            .and_then([Op::put(
+                self.keys.vip_move(name),
+                encode(&MoveRecord { epoch, to }),
+            )])
+    }
+
+    /// The owner write of VIP `name` (the leader's, to be fenced): `next`
+    /// holds the next epoch if the owner key is still at `current` (`None`:
+    /// it must not exist); the old epoch's marks and move request go, and
+    /// `event` records the move.
+    pub fn vip_assign_txn(
+        &self,
+        name: &str,
+        current: Option<u64>,
+        counted_marks: &[String],
+        next: Option<NodeId>,
+        event: &Event,
+    ) -> Txn {
+        let owner_key = self.keys.vip_owner(name);
+        let mut guards = vec![match current {
+            Some(epoch) => Cmp::mod_revision(owner_key.clone(), epoch as i64),
+            None => Cmp::absent(owner_key.clone()),
+        }];
+        // Every mark the decision counted must still be there: a replica
+        // that took its mark back acks the holder again (see
+        // `steward_proto::lease`).
+        if let Some(epoch) = current {
+            guards.extend(
+                counted_marks
+                    .iter()
+                    .map(|replica| Cmp::present(self.keys.vip_mark(name, epoch, replica))),
+            );
+        }
+        Txn::new().when(guards).and_then([
+            Op::put(owner_key, encode(&OwnerRecord { node: next })),
+            Op::delete(self.keys.vip_move(name)),
+            Op::delete_prefix(self.keys.vip_marks(name)),
+            self.event_op(event),
+        ])
+    }
+
+    /// Writes this replica's expiry mark for `vip` at `epoch`, only while
+    /// the owner key is still at that epoch; whether it was written.
+    pub async fn write_mark(&self, vip: &str, epoch: u64, reason: MarkReason) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Cmp::mod_revision(self.keys.vip_owner(vip), epoch as i64)])
+            .and_then([Op::put(
+                self.keys.vip_mark(vip, epoch, &self.replica),
+                encode(&MarkRecord::new(reason)),
+            )]);
+        Ok(self.txn(txn, "write expiry mark").await?.succeeded)
+    }
+
+    /// Deletes this replica's mark for `epoch` of `vip` (the holder is heard
+    /// again), only while the owner key is still at `epoch`; `false`: the
+    /// epoch is over.
+    pub async fn withdraw_mark(&self, vip: &str, epoch: u64) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Cmp::mod_revision(self.keys.vip_owner(vip), epoch as i64)])
+            .and_then([Op::delete(self.keys.vip_mark(vip, epoch, &self.replica))]);
+        Ok(self.txn(txn, "withdraw expiry mark").await?.succeeded)
+    }
+
+    // Tokens and revocations.
 
     /// Stores a new token under a lease that outlives its expiry by
     /// [`crate::tokens::KEEP_AFTER_EXPIRY_S`]; `false` if the id is taken.
     pub async fn create_token(&self, record: &TokenRecord) -> Result<bool> {
         let ttl_s = record.expires_unix_ms.saturating_sub(unix_ms()) / 1000
             + crate::tokens::KEEP_AFTER_EXPIRY_S;
-        let lease = self
-            .client
-            .lease_client()
-            .grant(i64::try_from(ttl_s).unwrap_or(i64::MAX), None)
-            .await
-            .map_err(Error::etcd("grant token lease"))?;
+        let lease = self.grant_lease(Duration::from_secs(ttl_s)).await?;
         let key = self.keys.token(&record.id);
         let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
+            .when([Cmp::absent(key.clone())])
+            .and_then([Op::put_on_lease(
+                key,
                 encode(record),
-                Some(PutOptions::new().with_lease(lease.id())),
+                PutLease::Attach(lease),
             )]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(Error::etcd("create token"))?;
-        Ok(resp.succeeded())
+        Ok(self.txn(txn, "create token").await?.succeeded)
     }
 
     pub async fn token(&self, id: &str) -> Result<Option<Versioned<TokenRecord>>> {
@@ -737,15 +987,10 @@ impl Store {
     }
 
     pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(self.keys.tokens(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(Error::etcd("list tokens"))?;
-        resp.kvs()
+        let resp = self.list(&self.keys.tokens(), "list tokens").await?;
+        resp.kvs
             .iter()
-            .map(|kv| decode(kv.key(), kv.value()))
+            .map(|kv| decode(&kv.key, &kv.value))
             .collect()
     }
 
@@ -759,37 +1004,21 @@ impl Store {
     ) -> Result<bool> {
         let key = self.keys.token(&record.id);
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
+            .when([Cmp::mod_revision(key.clone(), mod_revision)])
             .and_then([
-                TxnOp::put(
-                    key.as_str(),
-                    encode(record),
-                    Some(PutOptions::new().with_ignore_lease()),
-                ),
+                Op::put_on_lease(key, encode(record), PutLease::Keep),
                 self.event_op(event),
             ]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(Error::etcd("use token"))?;
-        Ok(resp.succeeded())
+        Ok(self.txn(txn, "use token").await?.succeeded)
     }
 
     /// Whether the token existed.
     pub async fn delete_token(&self, id: &str) -> Result<bool> {
-        let resp = self
-            .client
-            .kv_client()
-            .delete(self.keys.token(id), None)
-            .await
-            .map_err(Error::etcd("delete token"))?;
-        Ok(resp.deleted() > 0)
+        let key = self.keys.token(id);
+        let existed = self.get(&key, "delete token").await?.is_some();
+        self.txn(Txn::new().and_then([Op::delete(key)]), "delete token")
+            .await?;
+        Ok(existed)
     }
 
     /// Revokes node `id`'s certificates issued up to now (`by`: the admin),
@@ -814,22 +1043,20 @@ impl Store {
             at_unix_ms: now,
             by: by.to_owned(),
         };
-        let event = Event {
-            revision: 0,
-            at_unix_ms: now,
-            kind: EventKind::NodeRevoked,
-            node: Some(id.clone()),
-            replica: self.replica.clone(),
-            message: format!("{id}: certificates revoked by {by}"),
-        };
-        self.client
-            .kv_client()
-            .txn(Txn::new().and_then(vec![
-                TxnOp::put(self.keys.node_revoked(id), encode(&record), None),
+        let mut event = self.event(
+            EventKind::NodeRevoked,
+            Some(id.clone()),
+            format!("{id}: certificates revoked by {by}"),
+        );
+        event.at_unix_ms = now;
+        self.txn(
+            Txn::new().and_then([
+                Op::put(self.keys.node_revoked(id), encode(&record)),
                 self.event_op(&event),
-            ]))
-            .await
-            .map_err(Error::etcd("revoke node"))?;
+            ]),
+            "revoke node",
+        )
+        .await?;
         Ok(Some(record))
     }
 
@@ -843,16 +1070,12 @@ impl Store {
 
     /// Whether etcd has any record of node `id` (spec, status, address).
     pub async fn node_known(&self, id: &NodeId) -> Result<bool> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(
-                format!("{}{id}/", self.keys.nodes()),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await
-            .map_err(Error::etcd("look up node"))?;
-        Ok(resp.count() > 0)
+        let prefix = format!("{}{id}/", self.keys.nodes());
+        let count = match &self.backend {
+            Backend::Etcd(b) => b.count(prefix.as_bytes(), "look up node").await?,
+            Backend::Memory(b) => b.count(prefix.as_bytes(), "look up node").await?,
+        };
+        Ok(count > 0)
     }
 }
 

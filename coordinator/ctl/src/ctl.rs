@@ -11,11 +11,9 @@ use steward_proto::convert::{node_health_from_pb, roles_to_pb};
 use steward_proto::domain::{Event, NodeView, Role};
 use steward_proto::pb;
 use steward_proto::pb::admin_service_client::AdminServiceClient;
-use steward_proto::runtime::dial_mtls;
-use tonic::transport::{Certificate, Channel, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::pki::{self, IdentityKind};
-use crate::store::unix_ms;
+use steward_pki::{self as pki, IdentityKind};
 
 /// Operate a Steward cluster.
 ///
@@ -382,7 +380,7 @@ async fn connect(cli: &Cli) -> Result<AdminServiceClient<Channel>, CtlError> {
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match &cli.command {
         Command::Pki { command } => pki_command(command),
-        Command::Completion { shell } => crate::ctl_complete::print_script(*shell)
+        Command::Completion { shell } => crate::completion::print_script(*shell)
             .map_err(|e| CtlError::Usage(format!("cannot write the script: {e}"))),
 
         Command::Status => {
@@ -447,7 +445,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Role { command, wait } => {
             let mut client = connect(&cli).await?;
             let baseline = match wait.wait {
-                true => Some(crate::ctl_wait::baseline(&mut client).await?),
+                true => Some(crate::wait::baseline(&mut client).await?),
                 false => None,
             };
             let node = match command {
@@ -466,8 +464,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 ),
             }
             if let Some(baseline) = baseline {
-                let done =
-                    crate::ctl_wait::wait(&mut client, &baseline, true, wait.timeout).await?;
+                let done = crate::wait::wait(&mut client, &baseline, true, wait.timeout).await?;
                 eprintln!("{done}");
             }
             Ok(())
@@ -482,7 +479,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             let spec_toml = read_spec(file)?;
             let mut client = connect(&cli).await?;
             let baseline = match wait.wait && !*dry_run {
-                true => Some(crate::ctl_wait::baseline(&mut client).await?),
+                true => Some(crate::wait::baseline(&mut client).await?),
                 false => None,
             };
             let outcome = client
@@ -495,8 +492,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             print!("{}", apply_output(cli.output, &outcome, *dry_run));
             if let Some(baseline) = baseline {
                 let wrote = outcome.applied && !outcome.changes.is_empty();
-                let done =
-                    crate::ctl_wait::wait(&mut client, &baseline, wrote, wait.timeout).await?;
+                let done = crate::wait::wait(&mut client, &baseline, wrote, wait.timeout).await?;
                 eprintln!("{done}");
             }
             Ok(())
@@ -532,11 +528,11 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
 /// ([`crate::ctl_complete`]).
 pub async fn complete_names(
     cli: &Cli,
-    names: crate::ctl_complete::Names,
+    names: crate::completion::Names,
 ) -> Result<Vec<String>, CtlError> {
     let mut client = connect(cli).await?;
     Ok(match names {
-        crate::ctl_complete::Names::Nodes => client
+        crate::completion::Names::Nodes => client
             .list_nodes(pb::ListNodesRequest {})
             .await?
             .into_inner()
@@ -544,7 +540,7 @@ pub async fn complete_names(
             .into_iter()
             .map(|n| n.id)
             .collect(),
-        crate::ctl_complete::Names::Vips => client
+        crate::completion::Names::Vips => client
             .list_vips(pb::ListVipsRequest {})
             .await?
             .into_inner()
@@ -895,7 +891,60 @@ fn pki_command(command: &PkiCommand) -> Result<(), CtlError> {
     Ok(())
 }
 
-pub use steward_proto::runtime::format_unix_ms;
+pub use steward_proto::domain::format_unix_ms;
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Connects to `url` over mutual TLS: the server must have a certificate
+/// from `ca` valid for the URL's host; we present `identity`. (The
+/// daemons' dial is `steward-runtime`'s, which stewardctl does not link.)
+async fn dial_mtls(
+    url: &str,
+    ca: Certificate,
+    identity: Identity,
+    connect_timeout: Duration,
+) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
+    let host = endpoint
+        .uri()
+        .host()
+        .ok_or("URL has no host")?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .identity(identity)
+        .domain_name(host);
+    let mut message = String::new();
+    match endpoint.tls_config(tls) {
+        Ok(endpoint) => match endpoint
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+        {
+            Ok(channel) => return Ok(channel),
+            Err(e) => {
+                // Every cause, in one line.
+                let mut cause: Option<&dyn std::error::Error> = Some(&e);
+                while let Some(c) = cause {
+                    if !message.is_empty() {
+                        message.push_str(": ");
+                    }
+                    message.push_str(&c.to_string());
+                    cause = c.source();
+                }
+            }
+        },
+        Err(e) => message = e.to_string(),
+    }
+    Err(message)
+}
 
 fn ago(ms: u64) -> String {
     if ms == 0 {
@@ -1258,13 +1307,6 @@ pub fn has_ca(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_unix_time() {
-        assert_eq!(format_unix_ms(0), "-");
-        assert_eq!(format_unix_ms(1_795_354_945_000), "2026-11-22 13:42:25");
-        assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29 00:00:00");
-    }
 
     fn report(statuses: &[ResourceStatus]) -> ConvergeReport {
         ConvergeReport {

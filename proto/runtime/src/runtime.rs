@@ -45,30 +45,7 @@ pub async fn dial_mtls(
         .map_err(|e| error_chain(&e))
 }
 
-/// `2026-11-22 13:42:25` (UTC) from Unix milliseconds.
-pub fn format_unix_ms(ms: u64) -> String {
-    if ms == 0 {
-        return "-".into();
-    }
-    let secs = (ms / 1000) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use steward_proto::domain::format_unix_ms;
 
 /// `error: cause: cause ...` in one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -1,0 +1,199 @@
+//! Fixtures for unit tests of the middle layer (sessions, lease streams,
+//! admin and bootstrap calls, placement, the leader's duties): replicas on
+//! the in-memory store, with their real watch caches following it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use steward_proto::domain::{NodeId, NodeSpec, Role};
+use steward_proto::lease::LeaseParams;
+use steward_proto::vip::{VipCheck, VipSpec};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent_service::SessionContext;
+use crate::cache::{self, SpecSnapshot};
+use crate::orchestrate::state::OrchestrationSnapshot;
+use crate::pki::{Identity, IdentityKind};
+use crate::replica::Fence;
+use crate::store::kv::{Op, Txn};
+use crate::store::{encode, Keys, MemberRecord, MemoryBackend, Store};
+use crate::vip::lease_api::LeaseHub;
+use crate::vip::VipSnapshot;
+
+/// How long a test waits for a condition before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(3);
+
+pub fn node(id: &str) -> NodeId {
+    NodeId::new(id).expect("a valid node id")
+}
+
+/// The identity of a certificate issued a second ago.
+pub fn identity(name: &str, kind: IdentityKind) -> Identity {
+    Identity {
+        name: name.to_owned(),
+        kind,
+        issued_unix_s: i64::try_from(crate::store::unix_ms() / 1000).unwrap_or(0) - 1,
+    }
+}
+
+/// Polls `check` until it gives a value, failing the test after
+/// [`DEADLINE`].
+pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// [`eventually`] for conditions that read the store.
+pub async fn eventually_async<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One replica of cluster `test` on a shared in-memory store: its caches
+/// run until the fixture is dropped.
+pub struct TestReplica {
+    pub ctx: SessionContext,
+    pub memory: Arc<MemoryBackend>,
+    pub lease: i64,
+    tasks: CancellationToken,
+}
+
+impl TestReplica {
+    /// A replica `id` on `memory`, registered as a member, with its caches
+    /// synced.
+    pub async fn start(memory: Arc<MemoryBackend>, id: &str) -> Self {
+        let keys = Keys::new("test");
+        let store = Store::in_memory(memory.clone(), keys.clone(), id.to_owned());
+        let tasks = CancellationToken::new();
+        let (specs_tx, specs) = watch::channel(Arc::new(SpecSnapshot::default()));
+        let (vips_tx, vips) = watch::channel(Arc::new(VipSnapshot::default()));
+        let (orch_tx, orchestration) = watch::channel(Arc::new(OrchestrationSnapshot::default()));
+        tokio::spawn(cache::run_spec_cache(
+            store.clone(),
+            specs_tx,
+            tasks.clone(),
+        ));
+        tokio::spawn(cache::run_prefix_cache(
+            store.clone(),
+            keys.vips(),
+            vips_tx,
+            tasks.clone(),
+        ));
+        tokio::spawn(cache::run_prefix_cache(
+            store.clone(),
+            keys.orchestration(),
+            orch_tx,
+            tasks.clone(),
+        ));
+        let lease = store
+            .grant_lease(Duration::from_secs(10))
+            .await
+            .expect("lease");
+        let member = MemberRecord {
+            id: id.to_owned(),
+            address: format!("https://{id}.invalid:7400"),
+            version: "test".into(),
+            started_unix_ms: crate::store::unix_ms(),
+            bootstrap: Some(format!("https://{id}.invalid:7401")),
+        };
+        store.register_member(&member, lease).await.expect("member");
+        let ctx = SessionContext {
+            store,
+            sessions: Default::default(),
+            specs,
+            vips,
+            orchestration,
+            sealer: None,
+            lease: LeaseHub::new(id.to_owned(), LeaseParams::DEFAULT),
+            unreachable_after: Duration::from_secs(5),
+            shutdown: CancellationToken::new(),
+            cluster: "test".into(),
+        };
+        let replica = Self {
+            ctx,
+            memory,
+            lease,
+            tasks,
+        };
+        let ctx = &replica.ctx;
+        eventually("the caches to sync", || {
+            (ctx.specs.borrow().synced
+                && ctx.vips.borrow().synced
+                && ctx.orchestration.borrow().synced)
+                .then_some(())
+        })
+        .await;
+        replica
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.ctx.store
+    }
+
+    /// Makes this replica the leader; its fence.
+    pub async fn lead(&self) -> Fence {
+        let key = self.store().campaign(self.lease).await.expect("elected");
+        Fence {
+            epoch: key.revision,
+            leader_key: key.key,
+        }
+    }
+}
+
+impl Drop for TestReplica {
+    fn drop(&mut self) {
+        self.tasks.cancel();
+        self.ctx.shutdown.cancel();
+    }
+}
+
+/// Writes node `id`'s spec with `roles`, as `stewardctl role add` would.
+pub async fn put_roles(store: &Store, id: &str, roles: &[Role]) {
+    let spec = NodeSpec {
+        roles: roles.iter().copied().collect(),
+        ..Default::default()
+    };
+    let key = store.keys().node_spec(&node(id));
+    store
+        .txn(Txn::new().and_then([Op::put(key, encode(&spec))]), "test")
+        .await
+        .expect("spec written");
+}
+
+/// A VIP `name` at `address` for every lb node, with no health check.
+pub fn vip_spec(name: &str, address: &str) -> VipSpec {
+    VipSpec {
+        name: name.into(),
+        address: address.into(),
+        interface: None,
+        check: VipCheck::None,
+        candidates: Vec::new(),
+        priority: Default::default(),
+        preempt: false,
+    }
+}
+
+/// Defines `spec` as `stewardctl vip set` would (without its checks).
+pub async fn put_vip(store: &Store, spec: &VipSpec) {
+    store
+        .txn(Txn::new().and_then(store.vip_set_ops(spec)), "test")
+        .await
+        .expect("VIP written");
+}
