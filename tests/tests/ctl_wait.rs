@@ -16,17 +16,22 @@ fn wait_follows_real_convergence_to_success_failure_and_timeout() {
     let bed = ConvergeBed::start_machines("ctl-wait", vec![("n1", MachineOptions::default())]);
     clock.say("machine booted, agent connected");
 
+    // Runs stewardctl, says how it ended and shows its progress lines.
+    let ctl = |args: &[&str]| {
+        let t = Instant::now();
+        let out = bed.cluster.ctl(args);
+        clock.say(format!(
+            "stewardctl {}: {:?} after {:?}",
+            args.join(" "),
+            out.code,
+            t.elapsed()
+        ));
+        eprint!("{}", out.stderr);
+        out
+    };
+
     // 1. Timeout: installing HAProxy takes longer than a second.
-    let t = Instant::now();
-    let out = bed
-        .cluster
-        .ctl(&["role", "add", "n1", "lb", "--wait", "--timeout", "1s"]);
-    clock.say(format!(
-        "role add lb --wait --timeout 1s: {:?} after {:?}",
-        out.code,
-        t.elapsed()
-    ));
-    eprint!("{}", out.stderr);
+    let out = ctl(&["role", "add", "n1", "lb", "--wait", "--timeout", "1s"]);
     assert!(
         !out.ok(),
         "a 1 s wait on a HAProxy install succeeded:\n{}{}",
@@ -42,8 +47,7 @@ fn wait_follows_real_convergence_to_success_failure_and_timeout() {
 
     // 2. Failure: a Kubernetes role with no Kubernetes settings cannot
     // converge; the wait says which node and why, and exits non-zero.
-    let t = Instant::now();
-    let out = bed.cluster.ctl(&[
+    let out = ctl(&[
         "role",
         "add",
         "n1",
@@ -52,12 +56,6 @@ fn wait_follows_real_convergence_to_success_failure_and_timeout() {
         "--timeout",
         "5m",
     ]);
-    clock.say(format!(
-        "role add k8s-worker --wait: {:?} after {:?}",
-        out.code,
-        t.elapsed()
-    ));
-    eprint!("{}", out.stderr);
     assert!(
         !out.ok(),
         "a failing converge passed the wait:\n{}{}",
@@ -81,8 +79,7 @@ fn wait_follows_real_convergence_to_success_failure_and_timeout() {
 
     // 3. Success: without the Kubernetes role the node converges (HAProxy
     // installed and running), and the wait ends 0.
-    let t = Instant::now();
-    let out = bed.cluster.ctl(&[
+    let out = ctl(&[
         "role",
         "rm",
         "n1",
@@ -91,12 +88,6 @@ fn wait_follows_real_convergence_to_success_failure_and_timeout() {
         "--timeout",
         "5m",
     ]);
-    clock.say(format!(
-        "role rm k8s-worker --wait: {:?} after {:?}",
-        out.code,
-        t.elapsed()
-    ));
-    eprint!("{}", out.stderr);
     assert!(out.ok(), "the wait failed:\n{}{}", out.stdout, out.stderr);
     assert!(
         out.stderr.contains("n1: converged revision") && out.stderr.contains("1 node(s) converged"),

@@ -393,15 +393,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             Ok(())
         }
         Command::Nodes => {
-            let nodes = connect(&cli)
-                .await?
-                .list_nodes(pb::ListNodesRequest {})
-                .await?
-                .into_inner()
-                .nodes
-                .into_iter()
-                .map(NodeView::try_from)
-                .collect::<Result<Vec<_>, _>>()?;
+            let nodes = crate::wait::nodes(&mut connect(&cli).await?).await?;
             print_nodes(cli.output, &nodes);
             Ok(())
         }

@@ -238,7 +238,10 @@ impl Board {
     }
 }
 
-async fn nodes(client: &mut AdminServiceClient<Channel>) -> Result<Vec<NodeView>, CtlError> {
+/// Every node as the admin API lists it.
+pub(crate) async fn nodes(
+    client: &mut AdminServiceClient<Channel>,
+) -> Result<Vec<NodeView>, CtlError> {
     Ok(client
         .list_nodes(pb::ListNodesRequest {})
         .await?
