@@ -41,8 +41,14 @@ const FRONTEND_PORT: u16 = 8080;
 /// The bar `--exit` holds the failover to.
 const MAX_OUTAGE: Duration = Duration::from_secs(2);
 
+/// A step's heading: bold on a terminal, plain when piped (CI logs).
 fn step(title: &str) {
-    println!("\n\x1b[1m==> {title}\x1b[0m");
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        println!("\n\x1b[1m==> {title}\x1b[0m");
+    } else {
+        println!("\n==> {title}");
+    }
 }
 
 fn show(what: &str, text: &str) {
