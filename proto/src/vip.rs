@@ -33,23 +33,32 @@ pub struct InvalidCidr {
 }
 
 impl Cidr {
-    /// Whether `other` lies in this address's subnet.
-    pub fn contains(&self, other: IpAddr) -> bool {
-        match (self.address, other) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => {
+    /// The network: this address with its host bits cleared.
+    pub fn network(&self) -> IpAddr {
+        match self.address {
+            IpAddr::V4(a) => {
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(self.prefix))
                     .unwrap_or(0);
-                u32::from(a) & mask == u32::from(b) & mask
+                IpAddr::V4((u32::from(a) & mask).into())
             }
-            (IpAddr::V6(a), IpAddr::V6(b)) => {
+            IpAddr::V6(a) => {
                 let mask = u128::MAX
                     .checked_shl(128 - u32::from(self.prefix))
                     .unwrap_or(0);
-                u128::from(a) & mask == u128::from(b) & mask
+                IpAddr::V6((u128::from(a) & mask).into())
             }
-            _ => false,
         }
+    }
+
+    /// Whether `other` lies in this address's subnet (the same family, the
+    /// same network at this prefix length).
+    pub fn contains(&self, other: IpAddr) -> bool {
+        let other = Cidr {
+            address: other,
+            prefix: self.prefix,
+        };
+        self.address.is_ipv4() == other.address.is_ipv4() && self.network() == other.network()
     }
 }
 
