@@ -10,7 +10,7 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::Handle;
-use steward_proto::lease::Target;
+use steward_lease::Target;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

@@ -34,7 +34,7 @@ pub enum ProtoError {
     Invalid { field: &'static str },
 }
 
-pub(crate) fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError> {
+pub fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError> {
     if s.len() > MAX_STRING_LEN {
         return Err(ProtoError::TooLong {
             field,
@@ -44,7 +44,7 @@ pub(crate) fn bounded_str(field: &'static str, s: String) -> Result<String, Prot
     Ok(s)
 }
 
-pub(crate) fn bounded_list<T>(field: &'static str, v: Vec<T>) -> Result<Vec<T>, ProtoError> {
+pub fn bounded_list<T>(field: &'static str, v: Vec<T>) -> Result<Vec<T>, ProtoError> {
     if v.len() > MAX_LIST_LEN {
         return Err(ProtoError::TooLong {
             field,

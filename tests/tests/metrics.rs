@@ -529,7 +529,7 @@ fn the_grafana_dashboard_queries_exported_series_only() {
         vips,
         steward_coordinator::vip::lease_api::LeaseHub::new(
             "r".into(),
-            steward_proto::lease::LeaseParams::DEFAULT,
+            steward_lease::LeaseParams::DEFAULT,
         ),
     );
     let mut families = BTreeSet::new();

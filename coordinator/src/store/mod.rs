@@ -35,9 +35,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use steward_lease::MarkReason;
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
 use steward_proto::domain::{Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec};
-use steward_proto::lease::MarkReason;
 use steward_proto::vip::VipSpec;
 
 pub use self::etcd::{connect, EtcdError};
@@ -441,7 +441,13 @@ impl Store {
     }
 
     /// One unconditional write.
-    async fn put(&self, key: &str, value: Vec<u8>, lease: PutLease, op: &'static str) -> Result<()> {
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: PutLease,
+        op: &'static str,
+    ) -> Result<()> {
         match &self.backend {
             Backend::Etcd(b) => b.put(key.as_bytes(), value, lease, op).await,
             Backend::Memory(b) => b.put(key.as_bytes(), value, lease, op).await,

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use steward_lease::messages::{AssignedVip, LeaseHeartbeat, LeaseReply};
+use steward_lease::{Acker, Epoch, LeaseParams};
 use steward_proto::domain::NodeId;
-use steward_proto::lease::{Acker, Epoch, LeaseParams};
 use steward_proto::pb;
-use steward_proto::vip::{AssignedVip, LeaseHeartbeat, LeaseReply};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -311,8 +311,8 @@ impl LeaseStreamTask {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use steward_lease::Claim;
     use steward_proto::domain::{EventKind, Role};
-    use steward_proto::lease::Claim;
     use tokio_stream::wrappers::ReceiverStream;
 
     use super::*;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use steward_proto::lease::Acker;
+use steward_lease::Acker;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};

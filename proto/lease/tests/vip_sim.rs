@@ -18,11 +18,11 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use steward_proto::domain::NodeId;
-use steward_proto::lease::{
+use steward_lease::{
     place, Acker, Assignment, Candidate, Claim, Epoch, Holder, HolderAction, LeaseParams,
     MarkReason, Placement, PlacementInput, Target,
 };
+use steward_proto::domain::NodeId;
 
 /// Simulated real time, microseconds.
 type Time = u64;
