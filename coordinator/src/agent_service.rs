@@ -127,9 +127,12 @@ where
     }
     let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
         .await
-        .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))?
+        .map_err(|_| Error::FirstMessageLate {
+            first: "hello",
+            within: HELLO_TIMEOUT,
+        })?
         .transpose()?
-        .ok_or_else(|| Status::cancelled("stream closed before hello"))?;
+        .ok_or(Error::ClosedBeforeFirstMessage { first: "hello" })?;
     let AgentMessage::Hello {
         node,
         facts,
@@ -436,7 +439,7 @@ impl NodeSession {
             loop {
                 let keep_going = tokio::select! {
                     _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("coordinator shutting down"))).await;
+                        let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                         false
                     }
                     changed = specs.changed() => changed.is_ok()
@@ -519,9 +522,7 @@ impl NodeSession {
                 true
             }
             Ok(AgentMessage::Hello { .. }) => {
-                let _ = tx
-                    .send(Err(Status::invalid_argument("hello sent twice")))
-                    .await;
+                let _ = tx.send(Err(Error::HelloTwice.into())).await;
                 false
             }
             Err(e) => {

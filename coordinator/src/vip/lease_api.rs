@@ -164,9 +164,14 @@ where
     }
     let first = tokio::time::timeout(FIRST_HEARTBEAT_TIMEOUT, inbound.next())
         .await
-        .map_err(|_| Status::deadline_exceeded("no heartbeat within 5 s"))?
+        .map_err(|_| Error::FirstMessageLate {
+            first: "heartbeat",
+            within: FIRST_HEARTBEAT_TIMEOUT,
+        })?
         .transpose()?
-        .ok_or_else(|| Status::cancelled("stream closed before the first heartbeat"))?;
+        .ok_or(Error::ClosedBeforeFirstMessage {
+            first: "first heartbeat",
+        })?;
     let first = LeaseHeartbeat::try_from(first).map_err(Error::from)?;
     if first.node.as_str() != identity.name {
         return Err(Error::PermissionDenied(format!(
@@ -263,7 +268,7 @@ impl LeaseStreamTask {
         while open {
             open = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    let _ = tx.send(Err(Status::unavailable("coordinator shutting down"))).await;
+                    let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                     false
                 }
                 changed = vips.changed() => changed.is_ok() && self.push_changes(&tx).await,
