@@ -11,7 +11,7 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::Handle;
-use steward_proto::lease::Target;
+use steward_lease::Target;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -241,29 +241,7 @@ impl HostNetwork {
 
 /// Whether `b` lies in the subnet `a/prefix`.
 pub fn same_subnet(a: IpAddr, prefix: u8, b: IpAddr) -> bool {
-    fn masked(bytes: &[u8], prefix: u8) -> Vec<u8> {
-        bytes
-            .iter()
-            .enumerate()
-            .map(|(i, byte)| {
-                let bits = (prefix as usize).saturating_sub(i * 8).min(8);
-                if bits == 0 {
-                    0
-                } else {
-                    byte & (0xffu8 << (8 - bits))
-                }
-            })
-            .collect()
-    }
-    match (a, b) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            masked(&a.octets(), prefix) == masked(&b.octets(), prefix)
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            masked(&a.octets(), prefix) == masked(&b.octets(), prefix)
-        }
-        _ => false,
-    }
+    steward_proto::vip::Cidr { address: a, prefix }.contains(b)
 }
 
 /// HAProxy on the passive node must bind the VIP's frontends before the

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use steward_lease::config::LeaseConfig;
+use steward_lease::LeaseParams;
 use steward_proto::domain::NodeId;
-use steward_proto::lease::LeaseParams;
-use steward_proto::vip::LeaseConfig;
 pub use steward_runtime::{ConfigError, TlsFiles};
 
 #[derive(Debug, Clone, Deserialize)]

@@ -264,83 +264,26 @@ fn new_config(edits: &[Edit]) -> String {
     text
 }
 
-/// The table header a line opens, if it is one (`[name]`, not `[[name]]`).
-fn header(line: &str) -> Option<&str> {
-    let t = line.trim();
-    let t = t.split('#').next().unwrap_or(t).trim();
-    t.strip_prefix('[')?
-        .strip_suffix(']')
-        .filter(|n| !n.starts_with('['))
-}
-
-/// Whether `line` assigns `key` (not in a comment).
-fn assigns(line: &str, key: &str) -> bool {
-    line.trim_start()
-        .strip_prefix(key)
-        .is_some_and(|rest| rest.trim_start().starts_with('='))
-}
-
-/// How many lines the value starting on `lines[i]` spans (multi-line arrays).
-fn value_span(lines: &[String], i: usize) -> usize {
-    let mut depth: i32 = 0;
-    for (n, line) in lines[i..].iter().enumerate() {
-        let code = line.split('#').next().unwrap_or(line);
-        depth += code.matches('[').count() as i32 - code.matches(']').count() as i32;
-        if depth <= 0 {
-            return n + 1;
-        }
-    }
-    lines.len() - i
-}
-
-/// Sets each edit's key in place, or adds it at the end of its section
-/// (the top-level ones before the first table); everything else, comments
-/// included, stays as it was.
+/// Sets each edit's key in place, or adds it (and its table) where TOML
+/// puts it; everything else — comments, order, formatting — stays as it
+/// was (`toml_edit`). A text that is not TOML comes back unchanged, and
+/// [`check_edited`] refuses it.
 pub fn edit_config(text: &str, edits: &[Edit]) -> String {
-    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
+        return text.to_owned();
+    };
     for e in edits {
-        // The section's lines: [start, end).
-        let (start, end) = match e.section {
-            None => (
-                0,
-                lines
-                    .iter()
-                    .position(|l| header(l).is_some())
-                    .unwrap_or(lines.len()),
-            ),
-            Some(s) => match lines.iter().position(|l| header(l) == Some(s)) {
-                Some(h) => (
-                    h + 1,
-                    lines[h + 1..]
-                        .iter()
-                        .position(|l| header(l).is_some())
-                        .map_or(lines.len(), |n| h + 1 + n),
-                ),
-                None => {
-                    lines.push(String::new());
-                    lines.push(format!("[{s}]"));
-                    (lines.len(), lines.len())
-                }
-            },
+        // `toml::Value` prints as TOML, which `toml_edit` reads back.
+        let Ok(value) = e.value.to_string().parse::<toml_edit::Value>() else {
+            continue;
         };
-        match (start..end).find(|&i| assigns(&lines[i], e.key)) {
-            Some(i) => {
-                let span = value_span(&lines, i);
-                lines.splice(i..i + span, [e.line()]);
-            }
-            None => {
-                // After the section's last non-blank line.
-                let mut at = end;
-                while at > start && lines[at - 1].trim().is_empty() {
-                    at -= 1;
-                }
-                lines.insert(at, e.line());
-            }
-        }
+        let item = match e.section {
+            None => &mut doc[e.key],
+            Some(section) => &mut doc[section][e.key],
+        };
+        *item = toml_edit::value(value);
     }
-    let mut out = lines.join("\n");
-    out.push('\n');
-    out
+    doc.to_string()
 }
 
 /// The edited text must be TOML and carry exactly the joined values.
@@ -428,9 +371,46 @@ mod tests {
     }
 
     #[test]
-    fn a_config_that_cannot_take_the_values_is_refused() {
-        // `tls` as an inline table cannot be edited line by line.
-        let text = "tls = { ca = \"x\", cert = \"y\", key = \"z\" }\n";
+    fn a_config_that_is_not_toml_is_refused() {
+        let text = "tls = { ca = \"x\", cert = \"y\"\n";
+        assert_eq!(edit_config(text, &edits()), text);
         assert!(check_edited(&edit_config(text, &edits()), &edits()).is_err());
+    }
+
+    #[test]
+    fn inline_tables_take_the_values_too() {
+        let text = "tls = { ca = \"x\", cert = \"y\", key = \"z\" }\n";
+        let edited = edit_config(text, &edits());
+        check_edited(&edited, &edits()).unwrap();
+    }
+
+    #[test]
+    fn hashes_and_brackets_inside_strings_are_values() {
+        let text = concat!(
+            "# mine\n",
+            "motd = \"a # is no comment, [this] no table\"\n",
+            "coordinators = [\"https://a#b:7443\", \"https://[::1]:7443\"] # old\n",
+            "heartbeat_interval_ms = 500 # [ms]\n",
+            "\n",
+            "[tls]\n",
+            "ca = \"/etc/a#b/[c].crt\"\n",
+            "\n",
+            "[converge] # not [tls]\n",
+            "enabled = false\n",
+        );
+        let edited = edit_config(text, &edits());
+        check_edited(&edited, &edits()).unwrap();
+        let table: toml::Table = toml::from_str(&edited).unwrap();
+        assert_eq!(
+            table["motd"].as_str(),
+            Some("a # is no comment, [this] no table")
+        );
+        assert_eq!(table["heartbeat_interval_ms"].as_integer(), Some(500));
+        assert_eq!(table["converge"]["enabled"].as_bool(), Some(false));
+        assert!(!edited.contains("https://a#b:7443"), "{edited}");
+        for kept in ["# mine\n", "# [ms]\n", "[converge] # not [tls]\n"] {
+            assert!(edited.contains(kept), "{kept:?} lost:\n{edited}");
+        }
+        assert_eq!(edit_config(&edited, &edits()), edited);
     }
 }

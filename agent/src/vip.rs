@@ -25,11 +25,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use steward_lease::messages::{LeaseHeartbeat, LeaseReply};
+use steward_lease::{Claim, Holder, HolderAction, Target};
 use steward_proto::domain::{NodeId, Role};
-use steward_proto::lease::{Claim, Holder, HolderAction, Target};
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
-use steward_proto::vip::{LeaseHeartbeat, LeaseReply, VipCheck};
+use steward_proto::vip::VipCheck;
 use steward_runtime::backoff::Backoff;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -384,7 +385,7 @@ impl Driver {
         let m = crate::metrics::metrics();
         let view = self.holder.view(self.now());
         for v in &view {
-            let bound = v.binding == steward_proto::lease::Binding::Bound;
+            let bound = v.binding == steward_lease::Binding::Bound;
             m.vip_holding.with(&[&v.vip]).set(i64::from(bound));
             m.vip_acks.with(&[&v.vip]).set(v.fresh_acks as i64);
         }

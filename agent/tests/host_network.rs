@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use steward_agent::address::{enable_nonlocal_bind, HostNetwork, NetError};
 use steward_agent::arp;
-use steward_proto::lease::Target;
+use steward_lease::Target;
 
 /// Runs `test` on this thread inside a new network namespace with
 /// `veth-a` (198.18.250.1/24) and `veth-b` (198.18.252.2/24) up: one wire,

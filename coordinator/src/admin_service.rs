@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::time::Instant;
 
-use steward_proto::convert::{roles_display, roles_from_pb};
-use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, Role, RoleSet};
+use steward_proto::convert::roles_display;
+use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, RoleChange, RoleSet};
 use steward_proto::pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -165,9 +165,8 @@ impl AdminApi {
             .ok_or_else(|| Error::UnknownVip(name.to_owned()))
     }
 
-    async fn change_roles(&self, request: pb::ChangeRolesRequest, add: bool) -> Result<NodeView> {
-        let node = NodeId::new(request.node_id).map_err(steward_proto::ProtoError::from)?;
-        let roles: BTreeSet<Role> = roles_from_pb("roles", &request.roles)?;
+    async fn change_roles(&self, change: RoleChange, add: bool) -> Result<NodeView> {
+        let RoleChange { node, roles } = change;
         if roles.is_empty() {
             return Err(Error::InvalidArgument("name at least one role".into()));
         }
@@ -336,7 +335,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ChangeRolesRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         require_admin(&request)?;
-        let view = self.change_roles(request.into_inner(), true).await?;
+        let change = RoleChange::try_from(request.into_inner()).map_err(Error::from)?;
+        let view = self.change_roles(change, true).await?;
         Ok(Response::new(view.into()))
     }
 
@@ -345,7 +345,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ChangeRolesRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         require_admin(&request)?;
-        let view = self.change_roles(request.into_inner(), false).await?;
+        let change = RoleChange::try_from(request.into_inner()).map_err(Error::from)?;
+        let view = self.change_roles(change, false).await?;
         Ok(Response::new(view.into()))
     }
 
@@ -527,7 +528,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
 #[cfg(test)]
 mod tests {
-    use steward_proto::domain::{Facts, Health, NetworkInterface};
+    use steward_proto::domain::{Facts, Health, NetworkInterface, Role};
     use tonic::transport::{Certificate, Identity};
 
     use super::*;
@@ -565,10 +566,10 @@ mod tests {
         store.put_status_if(&node(id), 0, &status).await.unwrap();
     }
 
-    fn roles(id: &str, roles: &[Role]) -> pb::ChangeRolesRequest {
-        pb::ChangeRolesRequest {
-            node_id: id.into(),
-            roles: steward_proto::convert::roles_to_pb(&roles.iter().copied().collect()),
+    fn roles(id: &str, roles: &[Role]) -> RoleChange {
+        RoleChange {
+            node: node(id),
+            roles: roles.iter().copied().collect(),
         }
     }
 

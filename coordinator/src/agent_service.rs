@@ -127,9 +127,12 @@ where
     }
     let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
         .await
-        .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))?
+        .map_err(|_| Error::FirstMessageLate {
+            first: "hello",
+            within: HELLO_TIMEOUT,
+        })?
         .transpose()?
-        .ok_or_else(|| Status::cancelled("stream closed before hello"))?;
+        .ok_or(Error::ClosedBeforeFirstMessage { first: "hello" })?;
     let AgentMessage::Hello {
         node,
         facts,
@@ -436,7 +439,7 @@ impl NodeSession {
             loop {
                 let keep_going = tokio::select! {
                     _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("coordinator shutting down"))).await;
+                        let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                         false
                     }
                     changed = specs.changed() => changed.is_ok()
@@ -501,7 +504,14 @@ impl NodeSession {
                 });
                 if let Some(report) = converge {
                     crate::metrics::metrics().converge_report(&report);
-                    self.note_kubernetes_progress(&report).await;
+                    let orchestration = self.ctx.orchestration.borrow().clone();
+                    crate::orchestrate::progress::record_kubernetes_progress(
+                        &self.ctx.store,
+                        &self.node,
+                        &report,
+                        &orchestration,
+                    )
+                    .await;
                     if self.converge.observe(report) {
                         // On failure the liveness tick retries.
                         if let Err(error) = self.flush_converge().await {
@@ -512,67 +522,13 @@ impl NodeSession {
                 true
             }
             Ok(AgentMessage::Hello { .. }) => {
-                let _ = tx
-                    .send(Err(Status::invalid_argument("hello sent twice")))
-                    .await;
+                let _ = tx.send(Err(Error::HelloTwice.into())).await;
                 false
             }
             Err(e) => {
                 warn!(error = %e, "invalid message from agent; closing session");
                 let _ = tx.send(Err(Error::from(e).into())).await;
                 false
-            }
-        }
-    }
-
-    /// Records what the node's report shows of Kubernetes steps, once each:
-    /// `kubeadm init`/`join` done → joined (releases the joins that wait for
-    /// it); a leaving node drained and deleted by this node → drained
-    /// (releases its `kubeadm reset`); its reset done → both records go.
-    async fn note_kubernetes_progress(&self, report: &steward_proto::converge::ConvergeReport) {
-        let done = |id: &str| {
-            report
-                .resources
-                .iter()
-                .any(|r| r.id == format!("command:{id}") && r.status.settled())
-        };
-        let orchestration = self.ctx.orchestration.borrow().clone();
-        let keys = self.ctx.store.keys();
-        let record = || {
-            crate::store::encode(&crate::orchestrate::state::JoinedRecord {
-                at_unix_ms: unix_ms(),
-            })
-        };
-        let mut writes: Vec<(String, &str)> = Vec::new();
-        if (done("kubeadm-init") || done("kubeadm-join"))
-            && !orchestration.joined.contains_key(&self.node)
-        {
-            writes.push((keys.kubernetes_joined(&self.node), "joined Kubernetes"));
-        }
-        for gone in orchestration.joined.keys() {
-            let id = crate::orchestrate::kubernetes::remove_task_id(gone);
-            if done(&id) && !orchestration.drained.contains_key(gone) {
-                writes.push((
-                    keys.kubernetes_drained(gone),
-                    "drained and deleted a leaving node",
-                ));
-            }
-        }
-        for (key, what) in writes {
-            match self.ctx.store.create_if_absent(key, record()).await {
-                Ok(_) => info!(node.id = %self.node, "{what}"),
-                // The next report tries again.
-                Err(error) => warn!(%error, "cannot record Kubernetes progress"),
-            }
-        }
-        if done("kubeadm-reset") && orchestration.drained.contains_key(&self.node) {
-            let gone = [
-                keys.kubernetes_joined(&self.node),
-                keys.kubernetes_drained(&self.node),
-            ];
-            match self.ctx.store.delete_all(&gone).await {
-                Ok(()) => info!(node.id = %self.node, "left Kubernetes"),
-                Err(error) => warn!(%error, "cannot record leaving Kubernetes"),
             }
         }
     }

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use steward_proto::lease::LeaseParams;
-pub use steward_proto::vip::LeaseConfig;
+pub use steward_lease::config::LeaseConfig;
+use steward_lease::LeaseParams;
 pub use steward_runtime::{ConfigError, TlsFiles};
 
 /// Coordinator replicas a cluster runs unless `vip.replicas` says otherwise.

@@ -40,8 +40,20 @@ pub enum Error {
     LostLeadership { epoch: i64 },
     #[error("etcd watch interrupted: {0}")]
     WatchInterrupted(String),
-    #[error("shutting down")]
+    #[error("coordinator shutting down")]
     ShuttingDown,
+    /// A stream's first message did not come in time.
+    #[error("no {first} within {} s", .within.as_secs())]
+    FirstMessageLate {
+        first: &'static str,
+        within: std::time::Duration,
+    },
+    /// The caller closed its stream before its first message.
+    #[error("stream closed before the {first}")]
+    ClosedBeforeFirstMessage { first: &'static str },
+    /// A session's hello came again.
+    #[error("hello sent twice")]
+    HelloTwice,
     #[error(transparent)]
     Pki(#[from] PkiError),
 }
@@ -99,6 +111,9 @@ impl From<Error> for tonic::Status {
             Error::LostLeadership { .. } | Error::WatchInterrupted(_) | Error::ShuttingDown => {
                 Status::unavailable(msg)
             }
+            Error::FirstMessageLate { .. } => Status::deadline_exceeded(msg),
+            Error::ClosedBeforeFirstMessage { .. } => Status::cancelled(msg),
+            Error::HelloTwice => Status::invalid_argument(msg),
             Error::Pki(PkiError::Csr(_)) => Status::invalid_argument(msg),
             Error::Pki(_) => Status::unauthenticated(msg),
         }
@@ -122,5 +137,27 @@ mod tests {
         assert!(many.ends_with("more"), "{many}");
         let status = tonic::Status::from(Error::InvalidSpec(vec!["p".into()]));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn stream_openings_map_to_their_codes_at_the_edge() {
+        let late = tonic::Status::from(Error::FirstMessageLate {
+            first: "hello",
+            within: std::time::Duration::from_secs(10),
+        });
+        assert_eq!(
+            (late.code(), late.message()),
+            (tonic::Code::DeadlineExceeded, "no hello within 10 s")
+        );
+        let closed = tonic::Status::from(Error::ClosedBeforeFirstMessage { first: "hello" });
+        assert_eq!(closed.code(), tonic::Code::Cancelled);
+        assert_eq!(
+            tonic::Status::from(Error::HelloTwice).code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            tonic::Status::from(Error::ShuttingDown).code(),
+            tonic::Code::Unavailable
+        );
     }
 }

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use steward_lease::LeaseParams;
 use steward_proto::domain::{NodeId, NodeSpec, Role};
-use steward_proto::lease::LeaseParams;
 use steward_proto::vip::{VipCheck, VipSpec};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

@@ -82,7 +82,7 @@ pub struct Frontend {
 /// says it is done.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
-    /// Stable name; reports call it `command:<id>`.
+    /// Stable name; reports call it [`command_resource_id`]`(id)`.
     pub id: String,
     pub argv: Vec<String>,
     pub creates: Option<String>,
@@ -183,6 +183,12 @@ pub struct ResourceState {
     pub since_unix_ms: u64,
 }
 
+/// How a report names the command resource of task `task_id`
+/// (`command:<id>`): the agent names it so, the coordinator looks it up so.
+pub fn command_resource_id(task_id: &str) -> String {
+    format!("command:{task_id}")
+}
+
 /// The last finished run of the converge loop.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConvergeReport {
@@ -193,6 +199,15 @@ pub struct ConvergeReport {
 }
 
 impl ConvergeReport {
+    /// Whether the command of task `task_id` is in this report and settled
+    /// (done, or not needed).
+    pub fn command_settled(&self, task_id: &str) -> bool {
+        let id = command_resource_id(task_id);
+        self.resources
+            .iter()
+            .any(|r| r.id == id && r.status.settled())
+    }
+
     /// Resources that failed, in order.
     pub fn failed(&self) -> impl Iterator<Item = &ResourceState> {
         self.resources

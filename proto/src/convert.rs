@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use crate::domain::{
     AgentMessage, CoordinatorMessage, DesiredState, Disk, Event, EventKind, Facts, Health,
-    InvalidNodeId, NetworkInterface, NodeHealth, NodeId, NodeView, Role, RoleSet,
+    InvalidNodeId, NetworkInterface, NodeHealth, NodeId, NodeView, Role, RoleChange, RoleSet,
 };
 use crate::pb;
 
@@ -34,7 +34,7 @@ pub enum ProtoError {
     Invalid { field: &'static str },
 }
 
-pub(crate) fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError> {
+pub fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError> {
     if s.len() > MAX_STRING_LEN {
         return Err(ProtoError::TooLong {
             field,
@@ -44,7 +44,7 @@ pub(crate) fn bounded_str(field: &'static str, s: String) -> Result<String, Prot
     Ok(s)
 }
 
-pub(crate) fn bounded_list<T>(field: &'static str, v: Vec<T>) -> Result<Vec<T>, ProtoError> {
+pub fn bounded_list<T>(field: &'static str, v: Vec<T>) -> Result<Vec<T>, ProtoError> {
     if v.len() > MAX_LIST_LEN {
         return Err(ProtoError::TooLong {
             field,
@@ -386,6 +386,25 @@ pub fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
     }
 }
 
+impl TryFrom<pb::ChangeRolesRequest> for RoleChange {
+    type Error = ProtoError;
+    fn try_from(r: pb::ChangeRolesRequest) -> Result<Self, ProtoError> {
+        Ok(RoleChange {
+            node: NodeId::new(r.node_id)?,
+            roles: roles_from_pb("roles", &r.roles)?,
+        })
+    }
+}
+
+impl From<RoleChange> for pb::ChangeRolesRequest {
+    fn from(c: RoleChange) -> Self {
+        pb::ChangeRolesRequest {
+            node_id: c.node.into(),
+            roles: roles_to_pb(&c.roles),
+        }
+    }
+}
+
 impl From<Event> for pb::Event {
     fn from(e: Event) -> Self {
         pb::Event {
@@ -446,6 +465,29 @@ pub fn roles_display(roles: &BTreeSet<Role>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn role_changes_convert_once_at_the_edge() {
+        let change = RoleChange {
+            node: NodeId::new("n1").unwrap(),
+            roles: RoleSet::from([Role::Lb, Role::GlusterBrick]),
+        };
+        let wire = pb::ChangeRolesRequest::from(change.clone());
+        assert_eq!(RoleChange::try_from(wire.clone()).unwrap(), change);
+        let bad_node = pb::ChangeRolesRequest {
+            node_id: "Not A Node".into(),
+            ..wire.clone()
+        };
+        assert!(matches!(
+            RoleChange::try_from(bad_node),
+            Err(ProtoError::InvalidNodeId(_))
+        ));
+        let bad_role = pb::ChangeRolesRequest {
+            roles: vec![99],
+            ..wire
+        };
+        assert!(RoleChange::try_from(bad_role).is_err());
+    }
 
     #[test]
     fn hello_without_facts_is_rejected() {

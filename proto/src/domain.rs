@@ -127,6 +127,14 @@ impl FromStr for Role {
 
 pub type RoleSet = BTreeSet<Role>;
 
+/// `AdminService.AddRoles` / `RemoveRoles` (`stewardctl role add|rm`): roles
+/// to add to, or take from, one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleChange {
+    pub node: NodeId,
+    pub roles: RoleSet,
+}
+
 /// Desired configuration of one node, as stored at `nodes/<id>/spec`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,7 +13,6 @@
 pub mod converge;
 pub mod convert;
 pub mod domain;
-pub mod lease;
 pub mod pki;
 pub mod vip;
 

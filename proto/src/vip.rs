@@ -1,21 +1,18 @@
 //! Floating IPs (VIPs) as the rest of the code sees them: the operator's
 //! definition ([`VipSpec`], stored at `vips/<name>/spec`), the local health
-//! check ([`VipCheck`]), and the validated messages of the lease stream
-//! ([`LeaseHeartbeat`], [`LeaseReply`]) with their wire conversions.
+//! check ([`VipCheck`]) and the address with its prefix ([`Cidr`]).
 //!
-//! The protocol itself lives in [`crate::lease`].
+//! The lease protocol and its stream's messages are `steward-lease`'s.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::convert::{bounded_list, bounded_str, ProtoError};
 use crate::domain::NodeId;
-use crate::lease::{Assignment, Claim, Epoch, LeaseParams, Target};
 use crate::pb;
 
 /// An address with its prefix length, e.g. `198.18.0.100/24`.
@@ -33,23 +30,32 @@ pub struct InvalidCidr {
 }
 
 impl Cidr {
-    /// Whether `other` lies in this address's subnet.
-    pub fn contains(&self, other: IpAddr) -> bool {
-        match (self.address, other) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => {
+    /// The network: this address with its host bits cleared.
+    pub fn network(&self) -> IpAddr {
+        match self.address {
+            IpAddr::V4(a) => {
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(self.prefix))
                     .unwrap_or(0);
-                u32::from(a) & mask == u32::from(b) & mask
+                IpAddr::V4((u32::from(a) & mask).into())
             }
-            (IpAddr::V6(a), IpAddr::V6(b)) => {
+            IpAddr::V6(a) => {
                 let mask = u128::MAX
                     .checked_shl(128 - u32::from(self.prefix))
                     .unwrap_or(0);
-                u128::from(a) & mask == u128::from(b) & mask
+                IpAddr::V6((u128::from(a) & mask).into())
             }
-            _ => false,
         }
+    }
+
+    /// Whether `other` lies in this address's subnet (the same family, the
+    /// same network at this prefix length).
+    pub fn contains(&self, other: IpAddr) -> bool {
+        let other = Cidr {
+            address: other,
+            prefix: self.prefix,
+        };
+        self.address.is_ipv4() == other.address.is_ipv4() && self.network() == other.network()
     }
 }
 
@@ -197,15 +203,6 @@ impl VipSpec {
         self.address.parse()
     }
 
-    pub fn target(&self) -> Result<Target, InvalidCidr> {
-        let cidr = self.cidr()?;
-        Ok(Target {
-            address: cidr.address,
-            prefix: cidr.prefix,
-            interface: self.interface.clone(),
-        })
-    }
-
     /// Every problem with this spec on its own (what needs the fleet is
     /// checked by the coordinator).
     pub fn problems(&self) -> Vec<String> {
@@ -236,224 +233,8 @@ impl VipSpec {
     }
 }
 
-/// `[vip]` in the agent's and the coordinator's config: the lease protocol's
-/// timing. Both sides must agree (replicas refuse agents that do not).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LeaseConfig {
-    /// "default" (failover in about 1 s) or "fast" (about 250 ms, for
-    /// quiet LANs); the keys below override single values.
-    pub profile: Option<String>,
-    pub heartbeat_ms: Option<u64>,
-    pub lease_ms: Option<u64>,
-    pub drift_margin: Option<f64>,
-    /// Coordinator replicas in the cluster (quorum = replicas/2 + 1).
-    pub replicas: Option<usize>,
-}
-
-impl LeaseConfig {
-    /// The parameters, or every problem with them (prefixed `vip.`).
-    pub fn params(&self, default_replicas: usize) -> Result<LeaseParams, Vec<String>> {
-        let base = match self.profile.as_deref() {
-            None | Some("default") => LeaseParams::DEFAULT,
-            Some("fast") => LeaseParams::FAST,
-            Some(other) => {
-                return Err(vec![format!(
-                    "vip.profile = {other:?}: expected \"default\" or \"fast\""
-                )])
-            }
-        };
-        let params = LeaseParams {
-            heartbeat: self
-                .heartbeat_ms
-                .map_or(base.heartbeat, Duration::from_millis),
-            lease: self.lease_ms.map_or(base.lease, Duration::from_millis),
-            drift_margin: self.drift_margin.unwrap_or(base.drift_margin),
-            replicas: self.replicas.unwrap_or(default_replicas),
-        };
-        let problems: Vec<String> = params
-            .problems()
-            .into_iter()
-            .map(|p| format!("vip: {p}"))
-            .collect();
-        if problems.is_empty() {
-            Ok(params)
-        } else {
-            Err(problems)
-        }
-    }
-}
-
-/// A VIP as a node is told about it: the assignment and the check to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AssignedVip {
-    pub assignment: Assignment,
-    pub check: VipCheck,
-}
-
-/// A candidate's heartbeat to one replica, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseHeartbeat {
-    pub node: NodeId,
-    pub seq: u64,
-    /// On the agent's monotonic clock; opaque to replicas.
-    pub sent_at: Duration,
-    pub claims: Vec<Claim>,
-    /// Local check result per VIP.
-    pub health: Vec<(String, bool)>,
-    /// The agent's lease `L` and replica count `R`.
-    pub lease: Duration,
-    pub replicas: u32,
-}
-
-/// A replica's answer (or an unsolicited assignment update), validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseReply {
-    pub replica: String,
-    /// 0: answers no heartbeat.
-    pub seq: u64,
-    pub sent_at: Duration,
-    pub acked: Vec<(String, Epoch)>,
-    pub assignments: Vec<AssignedVip>,
-}
-
-impl TryFrom<pb::LeaseHeartbeat> for LeaseHeartbeat {
-    type Error = ProtoError;
-    fn try_from(m: pb::LeaseHeartbeat) -> Result<Self, ProtoError> {
-        Ok(LeaseHeartbeat {
-            node: NodeId::new(m.node_id)?,
-            seq: m.seq,
-            sent_at: Duration::from_micros(m.sent_at_us),
-            claims: bounded_list("claims", m.claims)?
-                .into_iter()
-                .map(|c| {
-                    Ok(Claim {
-                        vip: bounded_str("claims.vip", c.vip)?,
-                        epoch: c.epoch,
-                        released: c.released,
-                    })
-                })
-                .collect::<Result<_, ProtoError>>()?,
-            health: bounded_list("health", m.health)?
-                .into_iter()
-                .map(|h| Ok((bounded_str("health.vip", h.vip)?, h.healthy)))
-                .collect::<Result<_, ProtoError>>()?,
-            lease: Duration::from_millis(m.lease_ms.into()),
-            replicas: m.replicas,
-        })
-    }
-}
-
-impl From<LeaseHeartbeat> for pb::LeaseHeartbeat {
-    fn from(m: LeaseHeartbeat) -> Self {
-        pb::LeaseHeartbeat {
-            node_id: m.node.to_string(),
-            seq: m.seq,
-            sent_at_us: m.sent_at.as_micros() as u64,
-            claims: m
-                .claims
-                .into_iter()
-                .map(|c| pb::VipClaim {
-                    vip: c.vip,
-                    epoch: c.epoch,
-                    released: c.released,
-                })
-                .collect(),
-            health: m
-                .health
-                .into_iter()
-                .map(|(vip, healthy)| pb::VipHealth { vip, healthy })
-                .collect(),
-            lease_ms: m.lease.as_millis().min(u32::MAX.into()) as u32,
-            replicas: m.replicas,
-        }
-    }
-}
-
 fn invalid(field: &'static str) -> ProtoError {
     ProtoError::Invalid { field }
-}
-
-impl TryFrom<pb::VipAssignment> for AssignedVip {
-    type Error = ProtoError;
-    fn try_from(a: pb::VipAssignment) -> Result<Self, ProtoError> {
-        let cidr: Cidr = a
-            .address
-            .parse()
-            .map_err(|_| invalid("assignments.address"))?;
-        let owner = if a.owner.is_empty() {
-            None
-        } else {
-            Some(NodeId::new(a.owner)?)
-        };
-        let interface = (!a.interface.is_empty())
-            .then(|| bounded_str("assignments.interface", a.interface))
-            .transpose()?;
-        Ok(AssignedVip {
-            assignment: Assignment {
-                vip: bounded_str("assignments.vip", a.vip)?,
-                epoch: a.epoch,
-                owner,
-                target: Target {
-                    address: cidr.address,
-                    prefix: cidr.prefix,
-                    interface,
-                },
-                release_requested: a.release_requested,
-            },
-            check: a.check.parse().map_err(|_| invalid("assignments.check"))?,
-        })
-    }
-}
-
-impl From<AssignedVip> for pb::VipAssignment {
-    fn from(v: AssignedVip) -> Self {
-        let a = v.assignment;
-        pb::VipAssignment {
-            vip: a.vip,
-            epoch: a.epoch,
-            owner: a.owner.map(String::from).unwrap_or_default(),
-            address: format!("{}/{}", a.target.address, a.target.prefix),
-            interface: a.target.interface.unwrap_or_default(),
-            release_requested: a.release_requested,
-            check: v.check.to_string(),
-        }
-    }
-}
-
-impl TryFrom<pb::LeaseReply> for LeaseReply {
-    type Error = ProtoError;
-    fn try_from(m: pb::LeaseReply) -> Result<Self, ProtoError> {
-        Ok(LeaseReply {
-            replica: bounded_str("replica_id", m.replica_id)?,
-            seq: m.seq,
-            sent_at: Duration::from_micros(m.sent_at_us),
-            acked: bounded_list("acked", m.acked)?
-                .into_iter()
-                .map(|e| Ok((bounded_str("acked.vip", e.vip)?, e.epoch)))
-                .collect::<Result<_, ProtoError>>()?,
-            assignments: bounded_list("assignments", m.assignments)?
-                .into_iter()
-                .map(AssignedVip::try_from)
-                .collect::<Result<_, ProtoError>>()?,
-        })
-    }
-}
-
-impl From<LeaseReply> for pb::LeaseReply {
-    fn from(m: LeaseReply) -> Self {
-        pb::LeaseReply {
-            replica_id: m.replica,
-            seq: m.seq,
-            sent_at_us: m.sent_at.as_micros() as u64,
-            acked: m
-                .acked
-                .into_iter()
-                .map(|(vip, epoch)| pb::VipEpoch { vip, epoch })
-                .collect(),
-            assignments: m.assignments.into_iter().map(Into::into).collect(),
-        }
-    }
 }
 
 impl TryFrom<pb::VipSpec> for VipSpec {
@@ -561,82 +342,5 @@ mod tests {
             ..spec
         };
         assert_eq!(v6.problems(), Vec::<String>::new());
-    }
-
-    #[test]
-    fn lease_config_profiles_overrides_and_problems() {
-        let fast = LeaseConfig {
-            profile: Some("fast".into()),
-            ..Default::default()
-        };
-        assert_eq!(fast.params(3).unwrap(), LeaseParams::FAST);
-        let custom = LeaseConfig {
-            lease_ms: Some(900),
-            ..Default::default()
-        };
-        let p = custom.params(5).unwrap();
-        assert_eq!(p.lease, Duration::from_millis(900));
-        assert_eq!(p.replicas, 5);
-        let bad = LeaseConfig {
-            heartbeat_ms: Some(400),
-            lease_ms: Some(500),
-            ..Default::default()
-        };
-        let problems = bad.params(3).unwrap_err();
-        assert!(
-            problems[0].contains("at least 3 heartbeats"),
-            "{problems:?}"
-        );
-        let unknown = LeaseConfig {
-            profile: Some("turbo".into()),
-            ..Default::default()
-        };
-        assert!(unknown.params(3).is_err());
-    }
-
-    #[test]
-    fn lease_messages_round_trip_and_reject_bad_assignments() {
-        let hb = LeaseHeartbeat {
-            node: NodeId::new("lb-1").unwrap(),
-            seq: 9,
-            sent_at: Duration::from_micros(123_456),
-            claims: vec![Claim {
-                vip: "front".into(),
-                epoch: 7,
-                released: true,
-            }],
-            health: vec![("front".into(), false)],
-            lease: Duration::from_millis(700),
-            replicas: 3,
-        };
-        assert_eq!(
-            LeaseHeartbeat::try_from(pb::LeaseHeartbeat::from(hb.clone())).unwrap(),
-            hb
-        );
-        let reply = LeaseReply {
-            replica: "c1".into(),
-            seq: 9,
-            sent_at: Duration::from_micros(123_456),
-            acked: vec![("front".into(), 7)],
-            assignments: vec![AssignedVip {
-                assignment: Assignment {
-                    vip: "front".into(),
-                    epoch: 7,
-                    owner: Some(NodeId::new("lb-1").unwrap()),
-                    target: Target {
-                        address: "198.18.0.100".parse().unwrap(),
-                        prefix: 24,
-                        interface: Some("eth0".into()),
-                    },
-                    release_requested: false,
-                },
-                check: VipCheck::Tcp("127.0.0.1:80".into()),
-            }],
-        };
-        let wire = pb::LeaseReply::from(reply.clone());
-        assert_eq!(LeaseReply::try_from(wire.clone()).unwrap(), reply);
-        let mut bad = wire;
-        bad.assignments[0].address = "198.18.0.100".into();
-        assert!(LeaseReply::try_from(bad).is_err());
     }
 }

@@ -223,7 +223,7 @@ pub fn exported() -> Exported {
             vips,
             steward_coordinator::vip::lease_api::LeaseHub::new(
                 "r".into(),
-                steward_proto::lease::LeaseParams::DEFAULT,
+                steward_lease::LeaseParams::DEFAULT,
             ),
         );
     });

@@ -107,11 +107,11 @@ fn metrics_follow_sessions_heartbeats_etcd_converge_and_leadership() {
             leads,
             "replica {i}: epoch only on the leader"
         );
-        // Several etcd operations, each timed: reads, txns (every write
-        // the store makes is one: status, fenced writes, the member
-        // record), watches, the lease.
+        // Several etcd operations, each timed: reads, txns (status writes,
+        // fenced writes), the member put, watches, the lease.
         for op in [
             "get",
+            "put",
             "txn",
             "watch_open",
             "lease_grant",

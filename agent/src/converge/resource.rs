@@ -157,7 +157,7 @@ impl Resource {
             Resource::Unit(u) => format!("unit:{}", u.name),
             Resource::Mount { target, .. } => format!("mount:{}", target.display()),
             Resource::SwapOff => "swap:off".to_owned(),
-            Resource::Command(c) => format!("command:{}", c.name),
+            Resource::Command(c) => steward_proto::converge::command_resource_id(&c.name),
             Resource::Blocked { name, .. } => format!("plan:{name}"),
         }
     }

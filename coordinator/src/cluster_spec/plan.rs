@@ -423,7 +423,7 @@ fn subnet(s: &str) -> Result<(IpAddr, u8), String> {
         .ok()
         .filter(|p| (1..=max).contains(p))
         .ok_or_else(|| format!("{s:?}: the prefix length must be 1..={max}"))?;
-    let network = masked(address, prefix);
+    let network = steward_proto::vip::Cidr { address, prefix }.network();
     if network != address {
         return Err(format!(
             "{s:?}: host bits are set (the network is {network}/{prefix})"
@@ -432,26 +432,14 @@ fn subnet(s: &str) -> Result<(IpAddr, u8), String> {
     Ok((address, prefix))
 }
 
-fn masked(address: IpAddr, prefix: u8) -> IpAddr {
-    match address {
-        IpAddr::V4(a) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    }
-}
-
-/// Whether two networks share an address.
+/// Whether two networks share an address: the wider one holds the other.
 fn overlap(a: (IpAddr, u8), b: (IpAddr, u8)) -> bool {
-    if a.0.is_ipv4() != b.0.is_ipv4() {
-        return false;
-    }
     let shorter = a.1.min(b.1);
-    masked(a.0, shorter) == masked(b.0, shorter)
+    steward_proto::vip::Cidr {
+        address: a.0,
+        prefix: shorter,
+    }
+    .contains(b.0)
 }
 
 /// Kubernetes roles need the `[kubernetes]` settings, and workers need a

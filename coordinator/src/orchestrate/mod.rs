@@ -8,5 +8,6 @@
 pub mod gluster;
 pub mod kubernetes;
 pub mod leader;
+pub mod progress;
 pub mod secrets;
 pub mod state;

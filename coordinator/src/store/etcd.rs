@@ -208,6 +208,38 @@ impl EtcdBackend {
         })
     }
 
+    /// One unconditional write (etcd's Put, not a transaction).
+    pub async fn put(
+        &self,
+        key: &[u8],
+        value: Vec<u8>,
+        lease: PutLease,
+        op: &'static str,
+    ) -> Result<()> {
+        let options = match lease {
+            PutLease::None => None,
+            PutLease::Attach(id) => Some(PutOptions::new().with_lease(id)),
+            PutLease::Keep => Some(PutOptions::new().with_ignore_lease()),
+        };
+        self.client
+            .kv_client()
+            .put(key, value, options)
+            .await
+            .map_err(etcd(op))?;
+        Ok(())
+    }
+
+    /// Deletes one key (etcd's DeleteRange); whether it existed.
+    pub async fn delete(&self, key: &[u8], op: &'static str) -> Result<bool> {
+        let resp = self
+            .client
+            .kv_client()
+            .delete(key, None)
+            .await
+            .map_err(etcd(op))?;
+        Ok(resp.deleted() > 0)
+    }
+
     pub async fn txn(&self, txn: Txn, op: &'static str) -> Result<TxnOutcome> {
         let resp = self
             .client

@@ -256,6 +256,26 @@ impl MemoryBackend {
         Ok(verdict)
     }
 
+    /// One unconditional write.
+    pub async fn put(
+        &self,
+        key: &[u8],
+        value: Vec<u8>,
+        lease: PutLease,
+        op: &'static str,
+    ) -> Result<()> {
+        let put = Op::put_on_lease(key.to_vec(), value, lease);
+        self.txn(Txn::new().and_then([put]), op).await.map(drop)
+    }
+
+    /// Deletes one key; whether it existed.
+    pub async fn delete(&self, key: &[u8], op: &'static str) -> Result<bool> {
+        let existed = self.get(key, op).await?.is_some();
+        self.txn(Txn::new().and_then([Op::delete(key.to_vec())]), op)
+            .await?;
+        Ok(existed)
+    }
+
     /// Watches `prefixes` from `start_revision` (history is never
     /// compacted).
     pub async fn watch(

@@ -35,9 +35,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use steward_lease::MarkReason;
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
 use steward_proto::domain::{Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec};
-use steward_proto::lease::MarkReason;
 use steward_proto::vip::VipSpec;
 
 pub use self::etcd::{connect, EtcdError};
@@ -440,6 +440,20 @@ impl Store {
         self.range(prefix, RangeOptions::default(), op).await
     }
 
+    /// One unconditional write.
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: PutLease,
+        op: &'static str,
+    ) -> Result<()> {
+        match &self.backend {
+            Backend::Etcd(b) => b.put(key.as_bytes(), value, lease, op).await,
+            Backend::Memory(b) => b.put(key.as_bytes(), value, lease, op).await,
+        }
+    }
+
     /// Runs `txn`; what it answered, nested transactions included.
     pub async fn txn(&self, txn: Txn, op: &'static str) -> Result<TxnOutcome> {
         match &self.backend {
@@ -498,16 +512,13 @@ impl Store {
 
     /// Writes this replica's member key on `lease`.
     pub async fn register_member(&self, member: &MemberRecord, lease: i64) -> Result<()> {
-        self.txn(
-            Txn::new().and_then([Op::put_on_lease(
-                self.keys.member(&member.id),
-                encode(member),
-                PutLease::Attach(lease),
-            )]),
+        self.put(
+            &self.keys.member(&member.id),
+            encode(member),
+            PutLease::Attach(lease),
             "register member",
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     /// Waits until this replica leads (on `lease`); its leader key, whose
@@ -758,9 +769,13 @@ impl Store {
 
     /// Appends an event to the audit trail.
     pub async fn record_event(&self, event: &Event) -> Result<()> {
-        self.txn(Txn::new().and_then([self.event_op(event)]), "record event")
-            .await?;
-        Ok(())
+        self.put(
+            &self.event_key(event),
+            encode(event),
+            PutLease::None,
+            "record event",
+        )
+        .await
     }
 
     /// The latest `limit` events, oldest first, and the revision read at.
@@ -925,7 +940,7 @@ impl Store {
         }];
         // Every mark the decision counted must still be there: a replica
         // that took its mark back acks the holder again (see
-        // `steward_proto::lease`).
+        // `steward_lease`).
         if let Some(epoch) = current {
             guards.extend(
                 counted_marks
@@ -1015,10 +1030,10 @@ impl Store {
     /// Whether the token existed.
     pub async fn delete_token(&self, id: &str) -> Result<bool> {
         let key = self.keys.token(id);
-        let existed = self.get(&key, "delete token").await?.is_some();
-        self.txn(Txn::new().and_then([Op::delete(key)]), "delete token")
-            .await?;
-        Ok(existed)
+        match &self.backend {
+            Backend::Etcd(b) => b.delete(key.as_bytes(), "delete token").await,
+            Backend::Memory(b) => b.delete(key.as_bytes(), "delete token").await,
+        }
     }
 
     /// Revokes node `id`'s certificates issued up to now (`by`: the admin),

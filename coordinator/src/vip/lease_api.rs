@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use steward_lease::messages::{AssignedVip, LeaseHeartbeat, LeaseReply};
+use steward_lease::{Acker, Epoch, LeaseParams};
 use steward_proto::domain::NodeId;
-use steward_proto::lease::{Acker, Epoch, LeaseParams};
 use steward_proto::pb;
-use steward_proto::vip::{AssignedVip, LeaseHeartbeat, LeaseReply};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -170,9 +170,14 @@ where
     }
     let first = tokio::time::timeout(FIRST_HEARTBEAT_TIMEOUT, inbound.next())
         .await
-        .map_err(|_| Status::deadline_exceeded("no heartbeat within 5 s"))?
+        .map_err(|_| Error::FirstMessageLate {
+            first: "heartbeat",
+            within: FIRST_HEARTBEAT_TIMEOUT,
+        })?
         .transpose()?
-        .ok_or_else(|| Status::cancelled("stream closed before the first heartbeat"))?;
+        .ok_or(Error::ClosedBeforeFirstMessage {
+            first: "first heartbeat",
+        })?;
     let first = LeaseHeartbeat::try_from(first).map_err(Error::from)?;
     if first.node.as_str() != identity.name {
         return Err(Error::PermissionDenied(format!(
@@ -269,7 +274,7 @@ impl LeaseStreamTask {
         while open {
             open = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    let _ = tx.send(Err(Status::unavailable("coordinator shutting down"))).await;
+                    let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                     false
                 }
                 changed = vips.changed() => changed.is_ok() && self.push_changes(&tx).await,
@@ -317,8 +322,8 @@ impl LeaseStreamTask {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use steward_lease::Claim;
     use steward_proto::domain::{EventKind, Role};
-    use steward_proto::lease::Claim;
     use tokio_stream::wrappers::ReceiverStream;
 
     use super::*;

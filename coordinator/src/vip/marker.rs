@@ -8,12 +8,12 @@
 //! the holder of a marked epoch heartbeats this replica again, the mark is
 //! deleted (again only while the owner is at that epoch) before the acker
 //! acks it again; placement moves a VIP only if every mark it counted is
-//! still there (see `steward_proto::lease`, "Why it is safe").
+//! still there (see `steward_lease`, "Why it is safe").
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use steward_proto::lease::Acker;
+use steward_lease::Acker;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};

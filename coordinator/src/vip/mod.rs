@@ -3,7 +3,7 @@
 //! - [`VipSnapshot`]: this replica's watch cache of `vips/` (specs, owners,
 //!   move requests, expiry marks). Owners' epochs are the etcd mod revision
 //!   of their owner key, so they only grow.
-//! - [`lease_api::LeaseHub`]: the replica's [`Acker`](steward_proto::lease::Acker)
+//! - [`lease_api::LeaseHub`]: the replica's [`Acker`](steward_lease::Acker)
 //!   and the live lease streams of candidates; serves `AgentService.Lease`.
 //! - [`marker`]: feeds the acker from etcd and writes its expiry marks.
 //! - [`placement`]: the leader's decisions — who holds each VIP next.
@@ -21,10 +21,11 @@ pub mod placement;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use steward_lease::messages::AssignedVip;
+use steward_lease::{Assignment, Epoch, MarkReason};
 use steward_proto::converge::VipView;
 use steward_proto::domain::{NodeId, Role};
-use steward_proto::lease::{Assignment, Epoch, MarkReason};
-use steward_proto::vip::{AssignedVip, VipSpec};
+use steward_proto::vip::VipSpec;
 use tracing::warn;
 
 use crate::cache::{CachedPrefix, SpecSnapshot};
@@ -238,7 +239,7 @@ impl VipSnapshot {
                 if !candidates(spec, nodes).contains(node) {
                     return None;
                 }
-                let target = spec.target().ok()?;
+                let target = steward_lease::Target::of(spec).ok()?;
                 Some(AssignedVip {
                     assignment: Assignment {
                         vip: name.clone(),

@@ -1,6 +1,6 @@
 //! The leader's half of the lease protocol: who holds each VIP next.
 //!
-//! The decision is [`steward_proto::lease::place`]; this module gathers its
+//! The decision is [`steward_lease::place`]; this module gathers its
 //! input (etcd's view, this replica's live candidates) and carries it out
 //! with fenced writes: a new owner only while the owner key is still at the
 //! epoch the decision was made for, together with deleting the old epoch's
@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use steward_lease::{place, Candidate, MarkReason, Placement, PlacementInput};
 use steward_proto::domain::{EventKind, NodeId};
-use steward_proto::lease::{place, Candidate, MarkReason, Placement, PlacementInput};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};

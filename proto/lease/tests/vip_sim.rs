@@ -2,7 +2,7 @@
 //!
 //! Coordinator replicas, etcd (one linearizable store with revisions, an
 //! election key with a TTL, watches delivered late), and candidate agents
-//! run the real protocol code of `steward_proto::lease` — the same
+//! run the real protocol code of `steward_lease` — the same
 //! [`Holder`], [`Acker`] and [`place`] the daemons run — on a simulated
 //! clock, with random crashes and restarts, etcd outages, partitions, message
 //! delay and loss, timer lateness, clock-rate drift, failing health checks
@@ -10,7 +10,7 @@
 //! has the address bound**; after each chaos phase it heals everything and
 //! checks that **some host holds it within a bounded time**.
 //!
-//! `cargo test -p steward-proto --test vip_sim` runs 1,000 seeds. More:
+//! `cargo test -p steward-lease --test vip_sim` runs 1,000 seeds. More:
 //! `VIP_SIM_SEEDS=100000`; replay one: `VIP_SIM_SEED=1234 VIP_SIM_TRACE=1`.
 
 use std::cmp::Reverse;
@@ -18,11 +18,11 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use steward_proto::domain::NodeId;
-use steward_proto::lease::{
+use steward_lease::{
     place, Acker, Assignment, Candidate, Claim, Epoch, Holder, HolderAction, LeaseParams,
     MarkReason, Placement, PlacementInput, Target,
 };
+use steward_proto::domain::NodeId;
 
 /// Simulated real time, microseconds.
 type Time = u64;
@@ -1731,7 +1731,7 @@ fn run_seed(seed: u64, trace: bool) -> Result<(usize, usize), String> {
         Ok((sim.holds_checked, sim.binds))
     } else {
         Err(format!(
-            "seed {seed}: {}\n  replay: VIP_SIM_SEED={seed} VIP_SIM_TRACE=1 cargo test -p steward-proto --test vip_sim -- --nocapture\n  last events:\n    {}",
+            "seed {seed}: {}\n  replay: VIP_SIM_SEED={seed} VIP_SIM_TRACE=1 cargo test -p steward-lease --test vip_sim -- --nocapture\n  last events:\n    {}",
             sim.violations.join("; "),
             sim.log[sim.log.len().saturating_sub(60)..].join("\n    ")
         ))

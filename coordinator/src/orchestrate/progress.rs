@@ -1,0 +1,156 @@
+//! What a node's converge report means for the Kubernetes records, recorded
+//! by the session that received it (any replica, no leader needed):
+//!
+//! - its `kubeadm init` or `kubeadm join` done → `joined/<node>`, which
+//!   releases the joins that wait for it;
+//! - its drain-and-delete of a leaving node done → `drained/<gone>`, which
+//!   releases that node's `kubeadm reset`;
+//! - its own `kubeadm reset` done after it was drained → both records go.
+//!
+//! Each record is written once (create-only) and only when the replica's
+//! cache does not show it yet.
+
+use steward_proto::converge::ConvergeReport;
+use steward_proto::domain::NodeId;
+use tracing::{info, warn};
+
+use super::kubernetes::remove_task_id;
+use super::state::{JoinedRecord, OrchestrationSnapshot};
+use crate::store::{encode, unix_ms, Store};
+
+/// One change to the Kubernetes records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubernetesProgress {
+    /// `node` ran `kubeadm init` or `join`.
+    Joined(NodeId),
+    /// The reporting node drained and deleted the leaving `node`.
+    Drained(NodeId),
+    /// `node` ran `kubeadm reset`: it left.
+    Left(NodeId),
+}
+
+/// What `node`'s `report` changes, given the records as `orchestration`
+/// shows them.
+pub fn kubernetes_progress(
+    node: &NodeId,
+    report: &ConvergeReport,
+    orchestration: &OrchestrationSnapshot,
+) -> Vec<KubernetesProgress> {
+    let mut changes = Vec::new();
+    if (report.command_settled("kubeadm-init") || report.command_settled("kubeadm-join"))
+        && !orchestration.joined.contains_key(node)
+    {
+        changes.push(KubernetesProgress::Joined(node.clone()));
+    }
+    for gone in orchestration.joined.keys() {
+        if report.command_settled(&remove_task_id(gone))
+            && !orchestration.drained.contains_key(gone)
+        {
+            changes.push(KubernetesProgress::Drained(gone.clone()));
+        }
+    }
+    if report.command_settled("kubeadm-reset") && orchestration.drained.contains_key(node) {
+        changes.push(KubernetesProgress::Left(node.clone()));
+    }
+    changes
+}
+
+/// Records what `node`'s `report` changes (best effort: the next report
+/// tries again).
+pub async fn record_kubernetes_progress(
+    store: &Store,
+    node: &NodeId,
+    report: &ConvergeReport,
+    orchestration: &OrchestrationSnapshot,
+) {
+    let keys = store.keys();
+    let record = || {
+        encode(&JoinedRecord {
+            at_unix_ms: unix_ms(),
+        })
+    };
+    for change in kubernetes_progress(node, report, orchestration) {
+        let (result, what) = match &change {
+            KubernetesProgress::Joined(n) => (
+                store
+                    .create_if_absent(keys.kubernetes_joined(n), record())
+                    .await
+                    .map(drop),
+                "joined Kubernetes",
+            ),
+            KubernetesProgress::Drained(gone) => (
+                store
+                    .create_if_absent(keys.kubernetes_drained(gone), record())
+                    .await
+                    .map(drop),
+                "drained and deleted a leaving node",
+            ),
+            KubernetesProgress::Left(n) => (
+                store
+                    .delete_all(&[keys.kubernetes_joined(n), keys.kubernetes_drained(n)])
+                    .await,
+                "left Kubernetes",
+            ),
+        };
+        match result {
+            Ok(()) => info!(node.id = %node, ?change, "{what}"),
+            Err(error) => warn!(%error, ?change, "cannot record Kubernetes progress"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::converge::{ResourceState, ResourceStatus};
+
+    use super::*;
+    use crate::testing::node;
+
+    fn report(done: &[&str]) -> ConvergeReport {
+        ConvergeReport {
+            revision: 1,
+            finished_unix_ms: 1,
+            duration_ms: 1,
+            resources: done
+                .iter()
+                .map(|id| ResourceState {
+                    id: steward_proto::converge::command_resource_id(id),
+                    status: ResourceStatus::Changed,
+                    detail: String::new(),
+                    since_unix_ms: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn joins_drains_and_resets_are_recorded_once() {
+        let mut orch = OrchestrationSnapshot::default();
+        let init = report(&["kubeadm-init"]);
+        assert_eq!(
+            kubernetes_progress(&node("cp-1"), &init, &orch),
+            [KubernetesProgress::Joined(node("cp-1"))]
+        );
+        orch.joined.insert(node("cp-1"), 5);
+        orch.joined.insert(node("w-1"), 6);
+        assert!(kubernetes_progress(&node("cp-1"), &init, &orch).is_empty());
+
+        let drained = report(&[remove_task_id(&node("w-1")).as_str()]);
+        assert_eq!(
+            kubernetes_progress(&node("cp-1"), &drained, &orch),
+            [KubernetesProgress::Drained(node("w-1"))]
+        );
+        // The reset counts only once the node was drained.
+        let reset = report(&["kubeadm-reset"]);
+        assert!(kubernetes_progress(&node("w-1"), &reset, &orch).is_empty());
+        orch.drained.insert(node("w-1"), 7);
+        assert_eq!(
+            kubernetes_progress(&node("w-1"), &reset, &orch),
+            [KubernetesProgress::Left(node("w-1"))]
+        );
+        // A failed command is no progress.
+        let mut failed = report(&["kubeadm-join"]);
+        failed.resources[0].status = ResourceStatus::Failed;
+        assert!(kubernetes_progress(&node("w-2"), &failed, &orch).is_empty());
+    }
+}
