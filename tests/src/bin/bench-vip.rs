@@ -121,7 +121,7 @@ struct Trial {
     report: ClientReport,
     /// Two hosts held the VIP at once during the trial or after the heal.
     dual: bool,
-    /// `lb1->lb2`: who held the VIP before the fault, and after it.
+    /// `lb1->lb2`: who held the VIP before the fault, and who took over.
     direction: String,
     /// Times the sole holder changed after the failed part was put back
     /// (a healthy holder must never lose the VIP to a healed host).
@@ -276,7 +276,7 @@ fn trial(c: &mut Contender, s: Scenario) -> Trial {
     let door = c.door();
     let after = ClientRun::start_with(&door.client, door.target(), heal_watch(), &CLIENT).finish();
     door.wait_for_single_holder(Duration::from_secs(30));
-    let moves_after_heal = sole_holder_changes(&door.watch().events(), healed);
+    let moves_after_heal = sole_holder_changes(&door.watch().events(), healed, &names[other]);
     if let (Contender::Steward(bed), true) = (&*c, moves_after_heal > 0) {
         eprintln!("      after heal (ms from the heal):");
         for line in heal_log(bed, healed_wall) {
@@ -284,10 +284,8 @@ fn trial(c: &mut Contender, s: Scenario) -> Trial {
         }
     }
     let door = c.door();
-    let direction = match door.holder() {
-        Some(now) => format!("{}->{}", names[holder], names[now]),
-        None => format!("{}->?", names[holder]),
-    };
+    // Who held it before the fault, and who took over.
+    let direction = format!("{}->{}", names[holder], names[other]);
     Trial {
         report,
         dual: door.watch().dual_holder_time() > dual_before,
@@ -297,11 +295,13 @@ fn trial(c: &mut Contender, s: Scenario) -> Trial {
     }
 }
 
-/// How often the sole holder changed after `since`: each time exactly one
-/// host holds the VIP and it is not the one that last held it alone.
-fn sole_holder_changes(events: &[AddrEvent], since: Instant) -> usize {
+/// How often the sole holder changed after `since`, starting from
+/// `serving` (the host that took over during the fault): each time exactly
+/// one host holds the VIP and it is not the one that last held it alone. A
+/// healed host that still had the VIP and wins it back (keepalived) counts.
+fn sole_holder_changes(events: &[AddrEvent], since: Instant, serving: &str) -> usize {
     let mut holders: BTreeSet<&str> = BTreeSet::new();
-    let mut sole: Option<&str> = None;
+    let mut sole: &str = serving;
     let mut changes = 0;
     for e in events {
         if e.added {
@@ -309,12 +309,10 @@ fn sole_holder_changes(events: &[AddrEvent], since: Instant) -> usize {
         } else {
             holders.remove(e.host.as_str());
         }
-        if holders.len() == 1 {
-            let now = holders.iter().next().copied();
+        if e.at > since && holders.len() == 1 {
+            let now = holders.iter().next().copied().unwrap_or(sole);
             if now != sole {
-                if e.at > since && sole.is_some() {
-                    changes += 1;
-                }
+                changes += 1;
                 sole = now;
             }
         }
@@ -337,16 +335,10 @@ fn failover_timeline(
     let fault_us = unix_us(fault.1);
     let ms = |us: i64| (us - fault_us) as f64 / 1000.0;
     let mut items: Vec<(f64, String)> = Vec::new();
-    let window = |us: i64| (-2_000_000..5_000_000).contains(&(us - fault_us));
+    let window = (fault_us - 2_000_000)..(fault_us + 5_000_000);
     for coordinator in &bed.cluster.coordinators {
         let id = &coordinator.id;
-        for line in coordinator.proc.log_text().lines() {
-            let Some(us) = log_time_us(line) else {
-                continue;
-            };
-            if !window(us) {
-                continue;
-            }
+        for (us, line) in lines_within(&coordinator.proc.log_text(), &window) {
             if line.contains("expiry mark written") {
                 items.push((ms(us), format!("mark {id}")));
                 if let Some(quiet) = field(line, "since_last_ack_ms") {
@@ -361,13 +353,7 @@ fn failover_timeline(
         }
     }
     for (lb, role) in [(old, "old"), (new, "new")] {
-        for line in bed.agent(lb).log_text().lines() {
-            let Some(us) = log_time_us(line) else {
-                continue;
-            };
-            if !window(us) {
-                continue;
-            }
+        for (us, line) in lines_within(&bed.agent(lb).log_text(), &window) {
             if line.contains("VIP bound") {
                 items.push((ms(us), format!("{role} bound")));
             } else if line.contains("VIP removed") {
@@ -416,14 +402,9 @@ fn heal_log(bed: &VipBed, healed: SystemTime) -> Vec<String> {
     for lb in 0..bed.lbs.len() {
         logs.push((bed.lbs[lb].host.name().to_owned(), bed.agent(lb).log_text()));
     }
+    let window = (healed_us - 500_000)..(healed_us + heal_watch().as_micros() as i64);
     for (who, text) in logs {
-        for line in text.lines() {
-            let Some(us) = log_time_us(line) else {
-                continue;
-            };
-            if !(-500_000..heal_watch().as_micros() as i64).contains(&(us - healed_us)) {
-                continue;
-            }
+        for (us, line) in lines_within(&text, &window) {
             if interesting.iter().any(|i| line.contains(i)) {
                 let rest = line.split_once(' ').map_or(line, |(_, r)| r.trim());
                 lines.push((
@@ -435,6 +416,18 @@ fn heal_log(bed: &VipBed, healed: SystemTime) -> Vec<String> {
     }
     lines.sort();
     lines.into_iter().map(|(_, l)| l).collect()
+}
+
+/// The log lines stamped within `window` (Unix microseconds), with their
+/// stamps.
+fn lines_within<'a>(
+    text: &'a str,
+    window: &'a std::ops::Range<i64>,
+) -> impl Iterator<Item = (i64, &'a str)> + 'a {
+    text.lines().filter_map(move |line| {
+        let us = log_time_us(line)?;
+        window.contains(&us).then_some((us, line))
+    })
 }
 
 fn unix_us(t: SystemTime) -> i64 {
