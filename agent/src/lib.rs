@@ -24,6 +24,7 @@ pub mod converge;
 pub mod facts;
 pub mod health_check;
 pub mod join;
+pub mod logs;
 pub mod metrics;
 pub mod ndp;
 pub mod packet;

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use steward_proto::converge::ConvergeReport;
-use steward_proto::domain::{AgentMessage, CoordinatorMessage, DesiredState};
+use steward_proto::domain::{AgentMessage, CoordinatorMessage, DesiredState, LogChunk, LogQuery};
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_runtime::backoff::Backoff;
@@ -61,6 +61,61 @@ async fn dial(url: &str, creds: &Credentials) -> Result<Channel, String> {
     tokio::time::timeout(DIAL_DEADLINE, creds.dial(url, CONNECT_TIMEOUT))
         .await
         .map_err(|_| format!("no TLS session within {DIAL_DEADLINE:?}"))?
+}
+
+/// Log chunks go out only while at least this much of the queue is free, so
+/// that a busy journal never crowds out heartbeats and reports.
+const LOG_HEADROOM: usize = OUTBOUND_QUEUE / 2;
+
+/// The journal readers of one session, stopped when it ends.
+#[derive(Default)]
+struct LogReaders(std::collections::BTreeMap<u64, tokio::task::JoinHandle<()>>);
+
+impl LogReaders {
+    /// Starts request `id`; a refusal to send back instead when too many run.
+    fn start(
+        &mut self,
+        id: u64,
+        query: LogQuery,
+        out: &mpsc::Sender<LogChunk>,
+    ) -> Option<LogChunk> {
+        self.0.retain(|_, task| !task.is_finished());
+        if self.0.len() >= crate::logs::MAX_REQUESTS {
+            return Some(LogChunk {
+                id,
+                lines: Vec::new(),
+                done: true,
+                error: Some(format!(
+                    "this node already serves {} log requests; try again later",
+                    crate::logs::MAX_REQUESTS
+                )),
+            });
+        }
+        info!(log.id = id, log.unit = %query.unit, log.follow = query.follow, "reading the journal for stewardctl logs");
+        let task = tokio::spawn(crate::logs::read_journal(id, query, out.clone()));
+        if let Some(old) = self.0.insert(id, task) {
+            old.abort();
+        }
+        None
+    }
+
+    fn cancel(&mut self, id: u64) {
+        if let Some(task) = self.0.remove(&id) {
+            task.abort();
+        }
+    }
+
+    fn finished(&mut self, id: u64) {
+        self.0.remove(&id);
+    }
+}
+
+impl Drop for LogReaders {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
+        }
+    }
 }
 
 /// Queues `message` for the coordinator without waiting.
@@ -180,6 +235,11 @@ async fn one_session(
     crate::metrics::metrics().session_opened(url);
 
     let mut keepalive = tokio::time::interval(KEEPALIVE);
+    // Journal readers for `stewardctl logs` ([`crate::logs`]): their chunks
+    // go out only while the queue has room for heartbeats too, and they end
+    // with the session.
+    let (log_tx, mut log_rx) = mpsc::channel::<LogChunk>(16);
+    let mut readers = LogReaders::default();
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
@@ -219,6 +279,15 @@ async fn one_session(
                     report(&tx, desired, reports, &mut reported).map_err(lost)?;
                 }
             }
+            chunk = log_rx.recv(), if tx.capacity() > LOG_HEADROOM => {
+                // `log_tx` is held here, so the channel never closes.
+                if let Some(chunk) = chunk {
+                    if chunk.done {
+                        readers.finished(chunk.id);
+                    }
+                    enqueue(&tx, AgentMessage::LogChunk(chunk)).map_err(lost)?;
+                }
+            }
             message = inbound.message() => {
                 let message = match message {
                     Ok(Some(m)) => m,
@@ -238,6 +307,12 @@ async fn one_session(
                         record(state, desired, *next, replica)?;
                         report(&tx, desired, reports, &mut reported).map_err(lost)?;
                     }
+                    Ok(CoordinatorMessage::LogRequest { id, query }) => {
+                        if let Some(refused) = readers.start(id, query, &log_tx) {
+                            enqueue(&tx, AgentMessage::LogChunk(refused)).map_err(lost)?;
+                        }
+                    }
+                    Ok(CoordinatorMessage::LogCancel { id }) => readers.cancel(id),
                     Err(e) => return Err(lost(format!("invalid message from coordinator: {e}"))),
                 }
             }

@@ -229,6 +229,7 @@ pub(crate) async fn record_roles_changed(
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+type LogChunkStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
@@ -461,6 +462,50 @@ impl pb::admin_service_server::AdminService for AdminApi {
     }
 
     type EventsStream = EventStream;
+    type LogsStream = LogChunkStream;
+
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        require_admin(&request)?;
+        let request = request.into_inner();
+        let node = NodeId::new(&request.node_id).map_err(|e| {
+            Error::InvalidArgument(format!("node id {:?}: {}", request.node_id, e.reason))
+        })?;
+        let query = request
+            .query
+            .ok_or_else(|| Error::InvalidArgument("no log query".into()))?;
+        let query = steward_proto::domain::LogQuery::new(
+            &query.unit,
+            query.since_s,
+            query.follow,
+            query.lines,
+        )
+        .map_err(Error::InvalidArgument)?;
+        let stream = match self.ctx.logs.open(&node, query) {
+            Ok(stream) => stream,
+            Err(crate::logs::LogError::NotHere(_)) => {
+                // Say where the node is, so the caller can ask there.
+                let record = self.ctx.store.node(&node).await?;
+                if record.spec.is_none() && record.status.is_none() {
+                    return Err(Error::UnknownNode(node).into());
+                }
+                let message = match record.status.and_then(|s| s.value.replica) {
+                    Some(replica) => format!(
+                        "node {node} is connected to replica {replica}, not this one: ask {replica}"
+                    ),
+                    None => format!("node {node} is not connected: its journal cannot be read now"),
+                };
+                return Err(Error::FailedPrecondition(message).into());
+            }
+            Err(e) => return Err(Error::from(e).into()),
+        };
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            stream,
+            |chunk| Ok(chunk.into()),
+        ))))
+    }
 
     async fn events(
         &self,

@@ -52,6 +52,8 @@ pub struct SessionContext {
     pub unreachable_after: Duration,
     pub shutdown: CancellationToken,
     pub cluster: String,
+    /// `stewardctl logs` through this replica's sessions.
+    pub logs: Arc<crate::logs::LogRouter>,
 }
 
 pub struct AgentApi {
@@ -435,9 +437,13 @@ impl NodeSession {
         let shutdown = self.ctx.shutdown.clone();
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         let mut superseded = false;
+        // Log requests for this node's agent (`crate::logs`).
+        let (commands_tx, mut commands) = mpsc::channel::<CoordinatorMessage>(8);
+        self.ctx.logs.attach(&self.node, self.session, commands_tx);
         if self.push_desired(&tx).await {
             loop {
                 let keep_going = tokio::select! {
+                    Some(command) = commands.recv() => tx.send(Ok(command.into())).await.is_ok(),
                     _ = shutdown.cancelled() => {
                         let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                         false
@@ -521,6 +527,10 @@ impl NodeSession {
                 }
                 true
             }
+            Ok(AgentMessage::LogChunk(chunk)) => {
+                self.ctx.logs.deliver(chunk);
+                true
+            }
             Ok(AgentMessage::Hello { .. }) => {
                 let _ = tx.send(Err(Error::HelloTwice.into())).await;
                 false
@@ -534,6 +544,7 @@ impl NodeSession {
     }
 
     async fn close(mut self, superseded: bool) {
+        self.ctx.logs.detach(&self.node, self.session);
         self.ctx.sessions.close(&self.node, self.session);
         info!(node.id = %self.node, superseded, "session closed");
         if superseded {

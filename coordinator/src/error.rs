@@ -56,6 +56,9 @@ pub enum Error {
     HelloTwice,
     #[error(transparent)]
     Pki(#[from] PkiError),
+    /// `stewardctl logs` for a node served elsewhere, or too many readers.
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogError),
 }
 
 /// Bytes of problems shown per spec, at most: the message travels in an
@@ -116,6 +119,9 @@ impl From<Error> for tonic::Status {
             Error::HelloTwice => Status::invalid_argument(msg),
             Error::Pki(PkiError::Csr(_)) => Status::invalid_argument(msg),
             Error::Pki(_) => Status::unauthenticated(msg),
+            Error::Logs(crate::logs::LogError::NotHere(_)) => Status::failed_precondition(msg),
+            Error::Logs(crate::logs::LogError::Busy) => Status::resource_exhausted(msg),
+            Error::Logs(crate::logs::LogError::SessionGone(_)) => Status::unavailable(msg),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod cluster_spec;
 pub mod config;
 pub mod error;
 pub mod leader;
+pub mod logs;
 pub mod metrics;
 pub mod orchestrate;
 pub mod peers;
@@ -203,6 +204,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         unreachable_after: config.agent_unreachable_after(),
         shutdown: shutdown.clone(),
         cluster: config.cluster.clone(),
+        logs: Arc::default(),
     };
     let sweep = tokio::spawn(
         agent_service::release_stale_sessions(ctx.clone())

@@ -125,6 +125,7 @@ impl TestReplica {
             unreachable_after: Duration::from_secs(5),
             shutdown: CancellationToken::new(),
             cluster: "test".into(),
+            logs: Default::default(),
         };
         let replica = Self {
             ctx,

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 
 use crate::domain::{
     AgentMessage, CoordinatorMessage, DesiredState, Disk, Event, EventKind, Facts, Health,
-    InvalidNodeId, NetworkInterface, NodeHealth, NodeId, NodeView, Role, RoleChange, RoleSet,
+    InvalidNodeId, LogChunk, LogQuery, NetworkInterface, NodeHealth, NodeId, NodeView, Role,
+    RoleChange, RoleSet, MAX_LOG_CHUNK, MAX_LOG_LINE,
 };
 use crate::pb;
 
@@ -216,6 +217,66 @@ impl TryFrom<pb::AgentMessage> for AgentMessage {
                 applied_revision: r.applied_revision,
                 converge: r.converge.map(TryInto::try_into).transpose()?,
             }),
+            Kind::LogChunk(c) => Ok(AgentMessage::LogChunk(c.try_into()?)),
+        }
+    }
+}
+
+impl TryFrom<pb::LogChunk> for LogChunk {
+    type Error = ProtoError;
+    fn try_from(c: pb::LogChunk) -> Result<Self, ProtoError> {
+        if c.lines.len() > MAX_LOG_CHUNK {
+            return Err(ProtoError::TooLong {
+                field: "log_chunk.lines",
+                limit: MAX_LOG_CHUNK,
+            });
+        }
+        // A line is cut at MAX_LOG_LINE bytes plus the cut marker.
+        let limit = MAX_LOG_LINE + 64;
+        if c.lines.iter().any(|l| l.len() > limit) {
+            return Err(ProtoError::TooLong {
+                field: "log_chunk.lines",
+                limit,
+            });
+        }
+        Ok(LogChunk {
+            id: c.id,
+            lines: c.lines,
+            done: c.done,
+            error: match c.error.as_str() {
+                "" => None,
+                _ => Some(bounded_str("log_chunk.error", c.error)?),
+            },
+        })
+    }
+}
+
+impl From<LogChunk> for pb::LogChunk {
+    fn from(c: LogChunk) -> Self {
+        pb::LogChunk {
+            id: c.id,
+            lines: c.lines,
+            done: c.done,
+            error: c.error.unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<pb::LogQuery> for LogQuery {
+    type Error = ProtoError;
+    fn try_from(q: pb::LogQuery) -> Result<Self, ProtoError> {
+        LogQuery::new(&q.unit, q.since_s, q.follow, q.lines)
+            .map_err(|_| ProtoError::Invalid { field: "log_query" })
+    }
+}
+
+impl From<LogQuery> for pb::LogQuery {
+    fn from(q: LogQuery) -> Self {
+        pb::LogQuery {
+            unit: q.unit,
+            since_s: q.since_s,
+            follow: q.follow,
+            lines: q.lines,
         }
     }
 }
@@ -253,6 +314,7 @@ impl From<AgentMessage> for pb::AgentMessage {
                 applied_revision,
                 converge: converge.map(Into::into),
             }),
+            AgentMessage::LogChunk(c) => Kind::LogChunk(c.into()),
         };
         pb::AgentMessage { kind: Some(kind) }
     }
@@ -280,6 +342,14 @@ impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
                 seq: a.seq,
                 replica: bounded_str("heartbeat_ack.replica_id", a.replica_id)?,
             }),
+            Kind::LogRequest(r) => Ok(CoordinatorMessage::LogRequest {
+                id: r.id,
+                query: r
+                    .query
+                    .ok_or(ProtoError::MissingField("log_request.query"))?
+                    .try_into()?,
+            }),
+            Kind::LogCancel(c) => Ok(CoordinatorMessage::LogCancel { id: c.id }),
         }
     }
 }
@@ -301,6 +371,11 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
                     replica_id: replica,
                 })
             }
+            CoordinatorMessage::LogRequest { id, query } => Kind::LogRequest(pb::LogRequest {
+                id,
+                query: Some(query.into()),
+            }),
+            CoordinatorMessage::LogCancel { id } => Kind::LogCancel(pb::LogCancel { id }),
         };
         pb::CoordinatorMessage { kind: Some(kind) }
     }

@@ -331,13 +331,85 @@ pub enum AgentMessage {
         applied_revision: u64,
         converge: Option<crate::converge::ConvergeReport>,
     },
+    /// Journal lines for a [`CoordinatorMessage::LogRequest`].
+    LogChunk(LogChunk),
+}
+
+/// The journal units `stewardctl logs` may read: the agent's own and those
+/// of the daemons Steward's roles run. Nothing else can be asked for.
+pub const LOG_UNITS: [&str; 5] = [
+    "steward-agent",
+    "haproxy",
+    "glusterd",
+    "kubelet",
+    "containerd",
+];
+/// Journal lines longer than this are cut (and marked so).
+pub const MAX_LOG_LINE: usize = 4096;
+/// At most this many past entries per request.
+pub const MAX_LOG_LINES: u32 = 10_000;
+/// At most this many lines per chunk.
+pub const MAX_LOG_CHUNK: usize = 256;
+
+/// A validated `stewardctl logs` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogQuery {
+    /// One of [`LOG_UNITS`], without `.service`.
+    pub unit: String,
+    pub since_s: u32,
+    pub follow: bool,
+    pub lines: u32,
+}
+
+impl LogQuery {
+    pub fn new(unit: &str, since_s: u32, follow: bool, lines: u32) -> Result<LogQuery, String> {
+        let name = unit.strip_suffix(".service").unwrap_or(unit);
+        if !LOG_UNITS.contains(&name) {
+            return Err(format!(
+                "unit {unit:?} is not one Steward manages; choose one of {}",
+                LOG_UNITS.join(", ")
+            ));
+        }
+        if !(1..=MAX_LOG_LINES).contains(&lines) {
+            return Err(format!(
+                "lines = {lines}: must be between 1 and {MAX_LOG_LINES}"
+            ));
+        }
+        Ok(LogQuery {
+            unit: name.to_owned(),
+            since_s,
+            follow,
+            lines,
+        })
+    }
+}
+
+/// Journal lines of one request; `done` ends it (with `error` if it failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    pub id: u64,
+    pub lines: Vec<String>,
+    pub done: bool,
+    pub error: Option<String>,
 }
 
 /// Messages to an agent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CoordinatorMessage {
     DesiredState(Box<DesiredState>),
-    HeartbeatAck { seq: u64, replica: String },
+    HeartbeatAck {
+        seq: u64,
+        replica: String,
+    },
+    /// Read the journal ([`LogQuery`]) and send it back as request `id`.
+    LogRequest {
+        id: u64,
+        query: LogQuery,
+    },
+    /// Stop request `id`: its reader went away.
+    LogCancel {
+        id: u64,
+    },
 }
 
 /// `2026-11-22 13:42:25` (UTC) from Unix milliseconds; `-` for 0 (never).

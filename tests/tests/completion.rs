@@ -132,6 +132,8 @@ fn bash_and_fish_complete_names_from_the_cluster() {
     assert_eq!(words(&out), ["node-a", "node-b"], "stderr: {err}");
     let (out, _) = bash("stewardctl -o json role add node-b", 5, None);
     assert_eq!(words(&out), ["node-b"]);
+    let (out, _) = bash("stewardctl logs ''", 2, None);
+    assert_eq!(words(&out), ["node-a", "node-b"]);
     // VIP names.
     let (out, _) = bash("stewardctl vip move ''", 3, None);
     assert_eq!(words(&out), ["front"]);

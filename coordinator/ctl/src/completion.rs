@@ -93,6 +93,8 @@ _stewardctl_names() {{
             {nodes}) kind=nodes ;;
             {vips}) kind=vips ;;
         esac
+    elif ((${{#words[@]}} == 1)) && [[ "${{words[0]}}" == logs ]]; then
+        kind=nodes
     fi
     if [[ -n "$kind" && "${{COMP_WORDS[COMP_CWORD]}}" != -* ]]; then
         COMPREPLY=($(compgen -W "$(stewardctl __complete "$kind" 2>/dev/null)" -- "${{COMP_WORDS[COMP_CWORD]}}"))
@@ -118,6 +120,9 @@ fn fish_dynamic() -> String {
             ));
         }
     }
+    out.push_str(
+        "complete -c stewardctl -f -n '__fish_seen_subcommand_from logs' -a '(stewardctl __complete nodes 2>/dev/null)'\n",
+    );
     out
 }
 

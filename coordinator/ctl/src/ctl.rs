@@ -116,6 +116,30 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// A node's journal for one unit Steward manages, read by the node's
+    /// agent and streamed through its session.
+    ///
+    /// Units: steward-agent (default), haproxy, glusterd, kubelet,
+    /// containerd; nothing else can be read and nothing but journalctl runs
+    /// on the node. Lines longer than 4 KiB are cut. `--follow` prints new
+    /// entries until interrupted (Ctrl-C ends the reading on the node too).
+    /// stewardctl asks the replica that serves the node's session.
+    Logs {
+        /// The node's id.
+        node: String,
+        /// The unit: steward-agent, haproxy, glusterd, kubelet or containerd.
+        #[arg(long, short, default_value = "steward-agent")]
+        unit: String,
+        /// Only entries this recent (90s, 30m, 2h, 1d).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Keep printing new entries until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many past entries at most (1 to 10000).
+        #[arg(long, short = 'n', default_value_t = 200)]
+        lines: u32,
+    },
     /// Print a shell completion script.
     ///
     /// bash: `source <(stewardctl completion bash)` (or save it as
@@ -357,7 +381,15 @@ fn read_pem(what: &str, path: &Option<PathBuf>, env: &str) -> Result<Vec<u8>, Ct
 }
 
 async fn connect(cli: &Cli) -> Result<AdminServiceClient<Channel>, CtlError> {
-    if cli.endpoints.is_empty() {
+    connect_to(cli, &cli.endpoints).await
+}
+
+/// The first of `urls` that answers, with the CLI's credentials.
+pub(crate) async fn connect_to(
+    cli: &Cli,
+    urls: &[String],
+) -> Result<AdminServiceClient<Channel>, CtlError> {
+    if urls.is_empty() {
         return Err(CtlError::Usage(
             "--endpoints (or STEWARD_ENDPOINTS) is required, e.g. https://127.0.0.1:7443".into(),
         ));
@@ -368,7 +400,7 @@ async fn connect(cli: &Cli) -> Result<AdminServiceClient<Channel>, CtlError> {
         read_pem("key", &cli.key, "STEWARD_KEY")?,
     );
     let mut failures = Vec::new();
-    for url in &cli.endpoints {
+    for url in urls {
         match dial_mtls(url, ca.clone(), identity.clone(), Duration::from_secs(2)).await {
             Ok(channel) => return Ok(AdminServiceClient::new(channel)),
             Err(e) => failures.push(format!("{url}: {e}")),
@@ -382,6 +414,18 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Pki { command } => pki_command(command),
         Command::Completion { shell } => crate::completion::print_script(*shell)
             .map_err(|e| CtlError::Usage(format!("cannot write the script: {e}"))),
+        Command::Logs {
+            node,
+            unit,
+            since,
+            follow,
+            lines,
+        } => {
+            let since_s = since.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+            let query = steward_proto::domain::LogQuery::new(unit, since_s, *follow, *lines)
+                .map_err(CtlError::Usage)?;
+            crate::logs::print_logs(&cli, node, query).await
+        }
 
         Command::Status => {
             let status = connect(&cli)

@@ -8,6 +8,7 @@
 
 pub mod completion;
 mod ctl;
+mod logs;
 pub mod wait;
 
 pub use ctl::*;
