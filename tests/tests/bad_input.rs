@@ -333,3 +333,74 @@ fn certificates_decide_who_may_do_what() {
         "node-2 registered without a valid session"
     );
 }
+
+/// A node's own text (facts, converge details) reaches operators' terminals
+/// through `stewardctl`: escape sequences in it (clear screen, window
+/// title, OSC 52 clipboard write) are made harmless in table output, and
+/// kept exact in JSON (issue 14, item 8).
+#[test]
+fn agent_supplied_text_cannot_drive_the_terminal() {
+    let mut cluster = Cluster::new();
+    cluster.start_coordinators(1);
+    cluster.cert("evil", steward_coordinator::pki::IdentityKind::Agent);
+    let url = cluster.coordinators[0].url.clone();
+    const HOSTILE: &str = "host\x1b]0;owned\x07\x1b[2J\x1b]52;c;ZXZpbA==\x07\u{9b}31m\r";
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(4);
+    let _session = rt.block_on(async {
+        let facts = pb::Facts {
+            hostname: HOSTILE.into(),
+            os: HOSTILE.into(),
+            kernel: HOSTILE.into(),
+            interfaces: vec![pb::NetworkInterface {
+                name: HOSTILE.into(),
+                mac: HOSTILE.into(),
+                addresses: vec![HOSTILE.into()],
+            }],
+            ..Default::default()
+        };
+        let hello = pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                node_id: "evil".into(),
+                facts: Some(facts),
+                last_applied_revision: 0,
+                agent_version: "test".into(),
+                advertise_address: String::new(),
+            })),
+        };
+        tx.send(hello).await.expect("hello");
+        AgentServiceClient::new(
+            grpc_channel(&cluster, &url, Some("evil"))
+                .await
+                .expect("dial"),
+        )
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner()
+    });
+    eventually(Duration::from_secs(5), "evil listed", || {
+        cluster.node("evil")
+    });
+    for args in [
+        &["node", "show", "evil"][..],
+        &["nodes"][..],
+        &["events"][..],
+    ] {
+        let out = cluster.ctl(args);
+        assert!(out.ok(), "stewardctl {args:?}: {}", out.stderr);
+        assert!(
+            !out.stdout.contains('\x1b')
+                && !out.stdout.contains('\x07')
+                && !out.stdout.contains('\u{9b}'),
+            "stewardctl {args:?} printed control characters: {:?}",
+            out.stdout
+        );
+    }
+    let shown = cluster.ctl(&["node", "show", "evil"]).stdout;
+    assert!(shown.contains("host?]0;owned?"), "{shown}");
+    // JSON is exact: the hostile text, escaped by JSON itself.
+    let json = cluster.ctl(&["node", "show", "evil", "-o", "json"]).json();
+    assert_eq!(json["facts"]["hostname"], HOSTILE, "{json}");
+    drop(tx);
+}

@@ -551,7 +551,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                         format_unix_ms(event.at_unix_ms),
                         event.kind.as_str(),
                         event.node.as_ref().map(|n| n.as_str()).unwrap_or("-"),
-                        event.message
+                        crate::logs::harmless(&event.message)
                     ),
                 }
             }
@@ -1136,10 +1136,12 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
+        // Cells may carry a node's text: no control characters reach the
+        // terminal.
         let padded: Vec<String> = cells
             .iter()
             .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .map(|(c, w)| format!("{:<w$}", crate::logs::harmless(c)))
             .collect();
         println!("{}", padded.join("  ").trim_end());
     };
@@ -1245,11 +1247,43 @@ fn print_nodes(output: Output, nodes: &[NodeView]) {
     );
 }
 
+/// `n` with every string its agent supplied made safe for a terminal
+/// (facts, converge details): a node's text must not be able to clear the
+/// screen, retitle the window or write the clipboard. JSON output stays
+/// exact.
+fn harmless_view(n: &NodeView) -> NodeView {
+    use crate::logs::harmless;
+    let mut n = n.clone();
+    let facts = &mut n.facts;
+    for text in [&mut facts.hostname, &mut facts.os, &mut facts.kernel] {
+        *text = harmless(text);
+    }
+    for d in &mut facts.disks {
+        d.mount_point = harmless(&d.mount_point);
+    }
+    for i in &mut facts.interfaces {
+        i.name = harmless(&i.name);
+        i.mac = harmless(&i.mac);
+        for a in &mut i.addresses {
+            *a = harmless(a);
+        }
+    }
+    if let Some(report) = &mut n.converge {
+        for r in &mut report.resources {
+            r.id = harmless(&r.id);
+            r.detail = harmless(&r.detail);
+        }
+    }
+    n.replica = n.replica.as_deref().map(harmless);
+    n
+}
+
 fn print_node(output: Output, n: &NodeView) {
     if output == Output::Json {
         println!("{}", node_json(n));
         return;
     }
+    let n = &harmless_view(n);
     let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
     println!("node:      {}", n.id);
     println!(
