@@ -511,10 +511,17 @@ impl NodeSession {
                 if let Some(report) = converge {
                     crate::metrics::metrics().converge_report(&report);
                     let orchestration = self.ctx.orchestration.borrow().clone();
+                    // Only steps this session assigned to this node count.
+                    let assigned: Vec<&str> = self
+                        .last_sent
+                        .iter()
+                        .flat_map(|d| d.tasks.iter().map(|t| t.id.as_str()))
+                        .collect();
                     crate::orchestrate::progress::record_kubernetes_progress(
                         &self.ctx.store,
                         &self.node,
                         &report,
+                        &assigned,
                         &orchestration,
                     )
                     .await;

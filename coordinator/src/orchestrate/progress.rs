@@ -8,7 +8,10 @@
 //! - its own `kubeadm reset` done after it was drained → both records go.
 //!
 //! Each record is written once (create-only) and only when the replica's
-//! cache does not show it yet.
+//! cache does not show it yet. **A report moves orchestration only through
+//! steps the coordinator assigned to the reporting node** (the tasks of the
+//! desired state its session last sent): a node key cannot report another
+//! node's drain, or a join it was never asked to run.
 
 use steward_proto::converge::ConvergeReport;
 use steward_proto::domain::NodeId;
@@ -34,22 +37,20 @@ pub enum KubernetesProgress {
 pub fn kubernetes_progress(
     node: &NodeId,
     report: &ConvergeReport,
+    assigned: &[&str],
     orchestration: &OrchestrationSnapshot,
 ) -> Vec<KubernetesProgress> {
+    let done = |task: &str| assigned.contains(&task) && report.command_settled(task);
     let mut changes = Vec::new();
-    if (report.command_settled("kubeadm-init") || report.command_settled("kubeadm-join"))
-        && !orchestration.joined.contains_key(node)
-    {
+    if (done("kubeadm-init") || done("kubeadm-join")) && !orchestration.joined.contains_key(node) {
         changes.push(KubernetesProgress::Joined(node.clone()));
     }
     for gone in orchestration.joined.keys() {
-        if report.command_settled(&remove_task_id(gone))
-            && !orchestration.drained.contains_key(gone)
-        {
+        if done(&remove_task_id(gone)) && !orchestration.drained.contains_key(gone) {
             changes.push(KubernetesProgress::Drained(gone.clone()));
         }
     }
-    if report.command_settled("kubeadm-reset") && orchestration.drained.contains_key(node) {
+    if done("kubeadm-reset") && orchestration.drained.contains_key(node) {
         changes.push(KubernetesProgress::Left(node.clone()));
     }
     changes
@@ -61,6 +62,7 @@ pub async fn record_kubernetes_progress(
     store: &Store,
     node: &NodeId,
     report: &ConvergeReport,
+    assigned: &[&str],
     orchestration: &OrchestrationSnapshot,
 ) {
     let keys = store.keys();
@@ -69,7 +71,7 @@ pub async fn record_kubernetes_progress(
             at_unix_ms: unix_ms(),
         })
     };
-    for change in kubernetes_progress(node, report, orchestration) {
+    for change in kubernetes_progress(node, report, assigned, orchestration) {
         let (result, what) = match &change {
             KubernetesProgress::Joined(n) => (
                 store
@@ -123,34 +125,57 @@ mod tests {
         }
     }
 
+    const ALL: [&str; 3] = ["kubeadm-init", "kubeadm-join", "kubeadm-reset"];
+
+    /// Issue 14, item 4: a node with no Kubernetes role reported another
+    /// node's removal as done, releasing its `kubeadm reset` undrained.
+    #[test]
+    fn a_report_moves_only_the_steps_its_node_was_given() {
+        let mut orch = OrchestrationSnapshot::default();
+        orch.joined.insert(node("w-1"), 6);
+        let spoof = report(&[
+            remove_task_id(&node("w-1")).as_str(),
+            "kubeadm-join",
+            "kubeadm-reset",
+        ]);
+        assert!(kubernetes_progress(&node("lb-9"), &spoof, &[], &orch).is_empty());
+        // The same report from the node that was given the removal counts.
+        let removal = remove_task_id(&node("w-1"));
+        assert_eq!(
+            kubernetes_progress(&node("cp-1"), &spoof, &[removal.as_str()], &orch),
+            [KubernetesProgress::Drained(node("w-1"))]
+        );
+    }
+
     #[test]
     fn joins_drains_and_resets_are_recorded_once() {
         let mut orch = OrchestrationSnapshot::default();
         let init = report(&["kubeadm-init"]);
         assert_eq!(
-            kubernetes_progress(&node("cp-1"), &init, &orch),
+            kubernetes_progress(&node("cp-1"), &init, &ALL, &orch),
             [KubernetesProgress::Joined(node("cp-1"))]
         );
         orch.joined.insert(node("cp-1"), 5);
         orch.joined.insert(node("w-1"), 6);
-        assert!(kubernetes_progress(&node("cp-1"), &init, &orch).is_empty());
+        assert!(kubernetes_progress(&node("cp-1"), &init, &ALL, &orch).is_empty());
 
-        let drained = report(&[remove_task_id(&node("w-1")).as_str()]);
+        let w1_removal = remove_task_id(&node("w-1"));
+        let drained = report(&[w1_removal.as_str()]);
         assert_eq!(
-            kubernetes_progress(&node("cp-1"), &drained, &orch),
+            kubernetes_progress(&node("cp-1"), &drained, &[w1_removal.as_str()], &orch),
             [KubernetesProgress::Drained(node("w-1"))]
         );
         // The reset counts only once the node was drained.
         let reset = report(&["kubeadm-reset"]);
-        assert!(kubernetes_progress(&node("w-1"), &reset, &orch).is_empty());
+        assert!(kubernetes_progress(&node("w-1"), &reset, &ALL, &orch).is_empty());
         orch.drained.insert(node("w-1"), 7);
         assert_eq!(
-            kubernetes_progress(&node("w-1"), &reset, &orch),
+            kubernetes_progress(&node("w-1"), &reset, &ALL, &orch),
             [KubernetesProgress::Left(node("w-1"))]
         );
         // A failed command is no progress.
         let mut failed = report(&["kubeadm-join"]);
         failed.resources[0].status = ResourceStatus::Failed;
-        assert!(kubernetes_progress(&node("w-2"), &failed, &orch).is_empty());
+        assert!(kubernetes_progress(&node("w-2"), &failed, &ALL, &orch).is_empty());
     }
 }
