@@ -89,7 +89,7 @@ impl BootstrapApi {
             };
             if self
                 .store
-                .consume_token(&used, record.mod_revision, &event)
+                .consume_token(&used, record.mod_revision, &node, !known, &event)
                 .await?
             {
                 let members = self.store.members().await?;
@@ -391,5 +391,41 @@ mod tests {
             .expect("deleted");
         let error = f.api.join(join(&unbound, "n3")).await.expect_err("gone");
         assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+    }
+
+    /// Issue 14, item 7: two unbound tokens joining the same new id at the
+    /// same time both got certificates. Both joins judged the id unknown;
+    /// the claim in the token's transaction lets exactly one through.
+    #[tokio::test]
+    async fn two_tokens_cannot_both_admit_one_new_node_id() {
+        let f = fixture().await;
+        let store = f.replica.store();
+        let (a, b) = (token(&f, 1, "").await, token(&f, 1, "").await);
+        let id = |t: &str| t.split('.').next().unwrap().to_owned();
+        let (ra, rb) = (
+            store.token(&id(&a)).await.unwrap().unwrap(),
+            store.token(&id(&b)).await.unwrap().unwrap(),
+        );
+        assert!(!store.node_known(&node("n9")).await.unwrap());
+        let event = store.event(EventKind::NodeJoined, Some(node("n9")), "test".into());
+        let first = store
+            .consume_token(&ra.value, ra.mod_revision, &node("n9"), true, &event)
+            .await
+            .unwrap();
+        let second = store
+            .consume_token(&rb.value, rb.mod_revision, &node("n9"), true, &event)
+            .await
+            .unwrap();
+        assert_eq!((first, second), (true, false));
+        // Retried, the second join sees a known id and is refused.
+        assert!(store.node_known(&node("n9")).await.unwrap());
+        let error = f.api.join(join(&b, "n9")).await.expect_err("claimed");
+        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+        // A joined id stays claimed for unbound tokens, also one after the
+        // other, before the node ever connects.
+        let c = token(&f, 1, "").await;
+        f.api.join(join(&c, "n10")).await.expect("joined");
+        let d = token(&f, 1, "").await;
+        assert!(f.api.join(join(&d, "n10")).await.is_err());
     }
 }

@@ -106,6 +106,11 @@ impl Keys {
     pub fn node_revoked(&self, id: &NodeId) -> String {
         format!("{}{id}/revoked", self.nodes())
     }
+    /// The node id's claim by a token join: written in the transaction that
+    /// uses the token, so two tokens cannot both admit one new id.
+    pub fn node_joined(&self, id: &NodeId) -> String {
+        format!("{}{id}/joined", self.nodes())
+    }
     pub fn orchestration(&self) -> String {
         format!("{}orchestration/", self.prefix)
     }
@@ -1009,21 +1014,31 @@ impl Store {
             .collect()
     }
 
-    /// Records a use of a token, if nobody used or changed it since
-    /// `mod_revision`, together with `event`. The record keeps its lease.
+    /// Records a use of a token by `node`, if nobody used or changed the
+    /// token since `mod_revision`, together with `event` and the node id's
+    /// claim (`nodes/<id>/joined`). `new_node`: the id must not be claimed
+    /// yet (the join was judged on "this id is unknown"), so of two tokens
+    /// joining one new id at once exactly one wins. The record keeps its
+    /// lease.
     pub async fn consume_token(
         &self,
         record: &TokenRecord,
         mod_revision: i64,
+        node: &NodeId,
+        new_node: bool,
         event: &Event,
     ) -> Result<bool> {
         let key = self.keys.token(&record.id);
-        let txn = Txn::new()
-            .when([Cmp::mod_revision(key.clone(), mod_revision)])
-            .and_then([
-                Op::put_on_lease(key, encode(record), PutLease::Keep),
-                self.event_op(event),
-            ]);
+        let claim = self.keys.node_joined(node);
+        let mut guards = vec![Cmp::mod_revision(key.clone(), mod_revision)];
+        if new_node {
+            guards.push(Cmp::absent(claim.clone()));
+        }
+        let txn = Txn::new().when(guards).and_then([
+            Op::put_on_lease(key, encode(record), PutLease::Keep),
+            Op::put(claim, encode(&event.at_unix_ms)),
+            self.event_op(event),
+        ]);
         Ok(self.txn(txn, "use token").await?.succeeded)
     }
 
