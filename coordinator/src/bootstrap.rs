@@ -48,6 +48,7 @@ pub struct BootstrapApi {
     signer: Arc<Signer>,
     /// Coordinator replicas in the cluster (the agents' `[vip] replicas`).
     replicas: u32,
+    refusal_log: Arc<RefusalLog>,
 }
 
 impl BootstrapApi {
@@ -56,6 +57,7 @@ impl BootstrapApi {
             store,
             signer,
             replicas,
+            refusal_log: Arc::default(),
         }
     }
 
@@ -107,6 +109,50 @@ impl BootstrapApi {
     }
 }
 
+/// How often one source's refused joins are logged at most.
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(60);
+/// Sources remembered at once; beyond it the stalest is forgotten.
+const REFUSAL_LOG_SOURCES: usize = 1024;
+
+/// Which refused joins to log: the first from each source per
+/// [`REFUSAL_LOG_WINDOW`], saying how many were refused quietly since.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    /// Source → (when its last line was logged, refusals since).
+    sources: std::sync::Mutex<
+        std::collections::HashMap<Option<std::net::IpAddr>, (std::time::Instant, u64)>,
+    >,
+}
+
+impl RefusalLog {
+    /// `Some(n)`: log this refusal, `n` earlier ones from the source went
+    /// unlogged; `None`: stay quiet.
+    pub fn admit(&self, source: Option<std::net::IpAddr>, now: std::time::Instant) -> Option<u64> {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((logged_at, quiet)) = sources.get_mut(&source) {
+            if now.duration_since(*logged_at) < REFUSAL_LOG_WINDOW {
+                *quiet += 1;
+                return None;
+            }
+            let n = *quiet;
+            *logged_at = now;
+            *quiet = 0;
+            return Some(n);
+        }
+        if sources.len() >= REFUSAL_LOG_SOURCES {
+            let stalest = sources
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| *k);
+            if let Some(k) = stalest {
+                sources.remove(&k);
+            }
+        }
+        sources.insert(source, (now, 0));
+        Some(0)
+    }
+}
+
 #[tonic::async_trait]
 impl pb::bootstrap_service_server::BootstrapService for BootstrapApi {
     async fn join(
@@ -125,7 +171,18 @@ impl pb::bootstrap_service_server::BootstrapService for BootstrapApi {
             }
             Err(error) => {
                 metrics.joins.with(&["refused"]).inc();
-                warn!(?peer, node = %node.escape_debug(), %error, "join refused");
+                // Logged once per source per window: a flood of bad joins
+                // must not flood the journal (the metric counts them all).
+                let source = peer.map(|p| p.ip());
+                if let Some(quieted) = self.refusal_log.admit(source, std::time::Instant::now()) {
+                    warn!(
+                        ?peer,
+                        node = %node.escape_debug(),
+                        %error,
+                        refused_since_last_line = quieted,
+                        "join refused"
+                    );
+                }
                 tokio::time::sleep(REFUSAL_DELAY).await;
                 Err(error.into())
             }
@@ -391,6 +448,31 @@ mod tests {
             .expect("deleted");
         let error = f.api.join(join(&unbound, "n3")).await.expect_err("gone");
         assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+    }
+
+    /// Issue 14, item 9: refused joins are logged once per source per
+    /// window, with how many were refused quietly in between.
+    #[test]
+    fn refused_joins_are_logged_once_per_source_per_window() {
+        let log = RefusalLog::default();
+        let t0 = std::time::Instant::now();
+        let a = Some("198.18.0.7".parse().unwrap());
+        let b = Some("198.18.0.8".parse().unwrap());
+        assert_eq!(log.admit(a, t0), Some(0));
+        for i in 1..=400u64 {
+            assert_eq!(log.admit(a, t0 + Duration::from_millis(i * 20)), None);
+        }
+        // Another source is logged at once.
+        assert_eq!(log.admit(b, t0 + Duration::from_secs(1)), Some(0));
+        assert_eq!(
+            log.admit(a, t0 + REFUSAL_LOG_WINDOW + Duration::from_secs(1)),
+            Some(400)
+        );
+        // Memory is bounded: many sources, no more than the limit kept.
+        for i in 0..(REFUSAL_LOG_SOURCES as u32 + 10) {
+            log.admit(Some(std::net::IpAddr::from(i.to_be_bytes())), t0);
+        }
+        assert!(log.sources.lock().unwrap().len() <= REFUSAL_LOG_SOURCES);
     }
 
     /// Issue 14, item 7: two unbound tokens joining the same new id at the
