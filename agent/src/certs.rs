@@ -21,6 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, Identity};
 use tracing::{info, warn};
 
+/// TCP connect to a replica.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A whole dial to a replica, TLS handshake included.
+pub const DIAL_DEADLINE: Duration = Duration::from_secs(4);
 /// How long one renewal call to one replica may take.
 const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -80,9 +84,16 @@ impl Credentials {
     }
 
     /// Connects to `url` over mutual TLS with the credentials on disk now.
-    pub async fn dial(&self, url: &str, connect_timeout: Duration) -> Result<Channel, String> {
+    /// The TCP connect gets [`CONNECT_TIMEOUT`], the whole dial (TLS
+    /// handshake included) [`DIAL_DEADLINE`]: no caller waits longer.
+    pub async fn dial(&self, url: &str) -> Result<Channel, String> {
         let (ca, identity) = self.load()?;
-        steward_runtime::dial_mtls(url, ca, identity, connect_timeout).await
+        tokio::time::timeout(
+            DIAL_DEADLINE,
+            steward_runtime::dial_mtls(url, ca, identity, CONNECT_TIMEOUT),
+        )
+        .await
+        .map_err(|_| format!("no TLS session with {url} within {DIAL_DEADLINE:?}"))?
     }
 
     fn validity(&self) -> Result<Validity, String> {
@@ -123,7 +134,7 @@ async fn renew_once(
     let csr_pem = csr_pem(node, &key)?;
     let mut errors = Vec::new();
     for url in coordinators {
-        let channel = match creds.dial(url, Duration::from_secs(2)).await {
+        let channel = match creds.dial(url).await {
             Ok(c) => c,
             Err(e) => {
                 errors.push(format!("{url}: {e}"));

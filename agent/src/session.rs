@@ -21,7 +21,6 @@ use steward_runtime::backoff::Backoff;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::{info, warn, Instrument};
 
 use crate::config::Settings;
@@ -32,10 +31,6 @@ use crate::watchdog::{Beat, KEEPALIVE};
 
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
-/// TCP connect; the whole dial (TLS handshake included) gets
-/// [`DIAL_DEADLINE`].
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const DIAL_DEADLINE: Duration = Duration::from_secs(4);
 /// From the first request bytes to the coordinator's response headers.
 const OPEN_DEADLINE: Duration = Duration::from_secs(4);
 /// Messages queued for the coordinator. Heartbeats go one per interval and
@@ -56,12 +51,6 @@ pub enum SessionError {
 }
 
 pub use crate::certs::Credentials;
-
-async fn dial(url: &str, creds: &Credentials) -> Result<Channel, String> {
-    tokio::time::timeout(DIAL_DEADLINE, creds.dial(url, CONNECT_TIMEOUT))
-        .await
-        .map_err(|_| format!("no TLS session within {DIAL_DEADLINE:?}"))?
-}
 
 /// Log chunks go out only while at least this much of the queue is free, so
 /// that a busy journal never crowds out heartbeats and reports.
@@ -197,7 +186,8 @@ async fn one_session(
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     beat.beat();
-    let channel = dial(url, creds)
+    let channel = creds
+        .dial(url)
         .await
         .map_err(|reason| SessionError::Connect {
             url: url.to_owned(),

@@ -8,7 +8,7 @@
 
 pub mod completion;
 mod ctl;
-mod logs;
+pub mod logs;
 pub mod wait;
 
 pub use ctl::*;

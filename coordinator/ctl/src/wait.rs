@@ -112,15 +112,12 @@ pub fn progress(node: &NodeView, target: u64) -> Progress {
     }
 }
 
-/// `text` without control characters (an agent's error could carry
-/// terminal escape sequences), on one line, at most 300 characters.
+/// `text` on one line, terminal-safe ([`crate::logs::harmless`]), at most
+/// 300 characters.
 pub fn printable(text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(300)
-        .collect();
-    if text.chars().count() > 300 {
+    let one_line = crate::logs::harmless(&text.replace(['\n', '\r'], " "));
+    let mut out: String = one_line.chars().take(300).collect();
+    if one_line.chars().count() > 300 {
         out.push('…');
     }
     out
