@@ -424,6 +424,16 @@ impl ConvergeBed {
         out
     }
 
+    /// `stewardctl vip set front --address VIP/len EXTRA...`, which must
+    /// succeed; returns the address it set.
+    pub fn set_vip(&self, extra: &[&str]) -> String {
+        let address = format!("{}/{}", self.vip, self.net.prefix_len());
+        let mut args = vec!["vip", "set", VIP_NAME, "--address", &address];
+        args.extend_from_slice(extra);
+        self.ctl_ok(&args);
+        address
+    }
+
     /// `stewardctl node show NODE -o json`; `Err` if it fails.
     pub fn node_json(&self, node: &str) -> Result<serde_json::Value, String> {
         let out = self.cluster.ctl(&["node", "show", node, "-o", "json"]);

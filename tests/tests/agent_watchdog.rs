@@ -19,7 +19,7 @@
 
 use std::time::{Duration, Instant};
 
-use steward_tests::converge_bed::{poll, Clock, ConvergeBed, AGENT_UNIT, VIP_NAME};
+use steward_tests::converge_bed::{poll, Clock, ConvergeBed, AGENT_UNIT};
 use steward_tests::nspawn::MachineOptions;
 
 #[test]
@@ -42,16 +42,7 @@ fn the_watchdog_restarts_a_frozen_agent_and_its_vip_moves_without_overlap() {
     }
     bed.ctl_ok(&["role", "add", "lb1", "lb"]);
     bed.ctl_ok(&["role", "add", "lb2", "lb"]);
-    let address = format!("{}/{}", bed.vip, bed.net.prefix_len());
-    bed.ctl_ok(&[
-        "vip",
-        "set",
-        VIP_NAME,
-        "--address",
-        &address,
-        "--check",
-        "none",
-    ]);
+    let address = bed.set_vip(&["--check", "none"]);
     let holder = poll(
         Duration::from_secs(60),
         Duration::from_millis(200),

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use steward_tests::converge_bed::{
     every_resource_ok, poll, report_resources, Clock, ConvergeBed, AGENT_UNIT, BACKEND_PORT,
-    HAPROXY_CFG, RECHECK_S, VIP_NAME,
+    HAPROXY_CFG, RECHECK_S,
 };
 use steward_tests::netns::run_client;
 use steward_tests::nspawn::Machine;
@@ -204,8 +204,7 @@ fn lb_role_converges_hosts_booting_systemd() {
     bed.join_backend("be1");
     bed.ctl_ok(&["role", "add", "lb1", "lb"]);
     bed.ctl_ok(&["role", "add", "lb2", "lb"]);
-    let address = format!("{}/{}", bed.vip, bed.net.prefix_len());
-    bed.ctl_ok(&["vip", "set", VIP_NAME, "--address", &address]);
+    let address = bed.set_vip(&[]);
     bed.ctl_ok(&["role", "add", "be1", "k8s-worker"]);
     let t1 = Instant::now();
     clock.say(format!(
@@ -664,9 +663,8 @@ fn a_failed_reload_is_retried() {
     const FLAG: &str = "/run/steward-test-fail-reload";
     let clock = Clock(Instant::now());
     let mut bed = ConvergeBed::start("converge-lb-retry", &["lb1"], &["be1"]);
-    let address = format!("{}/{}", bed.vip, bed.net.prefix_len());
     bed.ctl_ok(&["role", "add", "lb1", "lb"]);
-    bed.ctl_ok(&["vip", "set", VIP_NAME, "--address", &address]);
+    bed.set_vip(&[]);
     let m = bed.lb("lb1");
     poll(
         Duration::from_secs(240),

@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use steward_tests::converge_bed::{
     self, every_resource_ok, report_resources, Clock, ConvergeBed, AGENT_CONFIG_IN_MACHINE,
-    AGENT_IN_MACHINE, AGENT_UNIT, HAPROXY_CFG, VIP_NAME,
+    AGENT_IN_MACHINE, AGENT_UNIT, HAPROXY_CFG,
 };
 use steward_tests::nspawn::{LocalRepo, Machine};
 
@@ -718,16 +718,7 @@ fn run(trials: u64, runs: u64, puppet_runs: u64, gap_ms: u64) {
     prepare_machine(&bed, &repo);
     bed.join_backend(BACKEND);
     bed.ctl_ok(&["role", "add", BACKEND, "k8s-worker"]);
-    let address = format!("{}/{}", bed.vip, bed.net.prefix_len());
-    bed.ctl_ok(&[
-        "vip",
-        "set",
-        VIP_NAME,
-        "--address",
-        &address,
-        "--candidate",
-        NODE,
-    ]);
+    let address = bed.set_vip(&["--candidate", NODE]);
     clock.say(format!(
         "bed up: {NODE} connected without roles (recheck {RECHECK_S_HERE} s); {BACKEND} \
          k8s-worker; VIP {address}"
