@@ -84,17 +84,11 @@ impl AdminApi {
                 }
             }
         };
-        let cached = {
-            let specs = self.ctx.specs.borrow().clone();
-            let vips = self.ctx.vips.borrow().clone();
-            // As the session computes it: orchestration records count too.
-            let orchestration = self.ctx.orchestration.borrow().inputs_revision().max(0) as u64;
-            specs.desired_revision(&vips).max(orchestration)
-        };
         records
             .into_iter()
             .map(|(id, record)| {
-                let mut view = self.view(id, record, cached);
+                let desired = self.ctx.desired_for(&id).map_or(0, |d| d.revision);
+                let mut view = self.view(id, record, desired);
                 if let Some(l) = live.get(&view.id) {
                     view.health = l.health;
                     view.last_seen_unix_ms = l.last_seen_unix_ms;
@@ -124,11 +118,11 @@ impl AdminApi {
             health: NodeHealth::Disconnected,
             last_seen_unix_ms: 0,
             replica: None,
-            facts: Default::default(),
             last_health: Default::default(),
             desired_revision: spec.map(|s| s.mod_revision as u64).unwrap_or(0).max(cached),
             applied_revision: 0,
             address: record.address.map(|a| a.value),
+            facts: record.facts.map(|f| f.value).unwrap_or_default(),
             converge: record.converge.map(|c| c.value),
             revoked_unix_ms: record.revoked.map(|r| r.value.at_unix_ms),
         };
@@ -137,7 +131,6 @@ impl AdminApi {
             view.health = s.health;
             view.last_seen_unix_ms = s.last_seen_unix_ms;
             view.replica = s.replica;
-            view.facts = s.facts;
             view.last_health = s.last_health;
             view.applied_revision = s.applied_revision;
         }
@@ -228,6 +221,71 @@ pub(crate) async fn record_roles_changed(
     }
 }
 
+/// Nodes per `ListNodes` page unless the caller asks for fewer.
+const DEFAULT_NODES_PAGE: usize = 500;
+/// Most nodes per `ListNodes` page (facts bounded to 16 KiB, converge
+/// reports to 64 KiB: pages stay well under the clients' 4 MB... for
+/// ordinary nodes; stewardctl asks for smaller pages with facts).
+const MAX_NODES_PAGE: usize = 1000;
+
+/// `ListNodes`' server-side filters, checked on the records etcd holds.
+#[derive(Debug, Default)]
+struct NodeFilter {
+    role: Option<steward_proto::domain::Role>,
+    label: Option<(String, String)>,
+    health: Option<NodeHealth>,
+    replica: Option<String>,
+}
+
+impl TryFrom<&pb::ListNodesRequest> for NodeFilter {
+    type Error = Error;
+    fn try_from(r: &pb::ListNodesRequest) -> Result<Self> {
+        use steward_proto::convert::{node_health_from_pb, role_from_pb};
+        let role = match r.role {
+            0 => None,
+            v => Some(role_from_pb("role", v).map_err(Error::from)?),
+        };
+        let health = match r.health {
+            0 => None,
+            v => Some(node_health_from_pb(v).map_err(Error::from)?),
+        };
+        let label = match r.label.as_str() {
+            "" => None,
+            l => {
+                let (k, v) = l.split_once('=').ok_or_else(|| {
+                    Error::InvalidArgument(format!("label filter {l:?}: use key=value"))
+                })?;
+                Some((k.to_owned(), v.to_owned()))
+            }
+        };
+        Ok(Self {
+            role,
+            label,
+            health,
+            replica: (!r.replica.is_empty()).then(|| r.replica.clone()),
+        })
+    }
+}
+
+impl NodeFilter {
+    fn matches(&self, record: &NodeRecord) -> bool {
+        let spec = record.spec.as_ref().map(|s| &s.value);
+        let status = record.status.as_ref().map(|s| &s.value);
+        self.role
+            .is_none_or(|r| spec.is_some_and(|s| s.roles.contains(&r)))
+            && self.label.as_ref().is_none_or(|(k, v)| {
+                spec.is_some_and(|s| s.labels.get(k).is_some_and(|x| x == v))
+            })
+            && self.health.is_none_or(|h| {
+                status.map_or(NodeHealth::Disconnected, |s| s.health) == h
+            })
+            && self
+                .replica
+                .as_ref()
+                .is_none_or(|r| status.is_some_and(|s| s.replica.as_ref() == Some(r)))
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 type LogChunkStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
 
@@ -302,14 +360,50 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         require_admin(&request)?;
-        let nodes = self.ctx.store.nodes().await?;
+        let request = request.into_inner();
+        let filter = NodeFilter::try_from(&request)?;
+        let size = match request.page_size {
+            0 => DEFAULT_NODES_PAGE,
+            n => (n as usize).min(MAX_NODES_PAGE),
+        };
+        let mut cursor = match request.page_token.as_str() {
+            "" => None,
+            token => Some(NodeId::new(token).map_err(|e| {
+                Error::InvalidArgument(format!("page_token {token:?}: {e}"))
+            })?),
+        };
+        let store = &self.ctx.store;
+        let mut picked = BTreeMap::new();
+        let mut more = true;
+        'pages: while more {
+            let page = store.nodes_page(cursor.as_ref(), size, 0).await?;
+            more = page.more;
+            for (id, record) in page.nodes {
+                cursor = Some(id.clone());
+                if filter.matches(&record) {
+                    picked.insert(id, record);
+                    if picked.len() == size {
+                        break 'pages;
+                    }
+                }
+            }
+        }
+        store.fill_details(&mut picked).await?;
+        if request.without_facts {
+            picked.values_mut().for_each(|r| r.facts = None);
+        }
+        let done = !more && picked.len() < size;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: self
-                .views(nodes)
+                .views(picked)
                 .await
                 .into_iter()
                 .map(Into::into)
                 .collect(),
+            next_page_token: match (done, cursor) {
+                (false, Some(id)) => id.as_str().to_owned(),
+                _ => String::new(),
+            },
         }))
     }
 
@@ -599,8 +693,8 @@ mod tests {
             }],
             ..Default::default()
         };
+        store.put_facts(&node(id), &facts).await.unwrap();
         let status = NodeStatusRecord {
-            facts,
             health: NodeHealth::Healthy,
             last_health: Health::default(),
             replica: None,

@@ -32,7 +32,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
 /// Largest converge report stored (encoded). Reports are bounded by the
 /// proto's limits, which allow more than etcd takes in one request.
-pub const MAX_CONVERGE_REPORT_BYTES: usize = 256 * 1024;
+pub const MAX_CONVERGE_REPORT_BYTES: usize = 64 * 1024;
 
 /// What every session of this replica shares.
 #[derive(Clone)]
@@ -54,6 +54,69 @@ pub struct SessionContext {
     pub cluster: String,
     /// `stewardctl logs` through this replica's sessions.
     pub logs: Arc<crate::logs::LogRouter>,
+    /// The slices of the cluster view, shared by sessions.
+    pub views: Arc<crate::desired::ViewCache>,
+    pub limits: crate::config::SessionLimits,
+    /// Sessions being admitted, and waiting to be.
+    pub admission: Arc<Admission>,
+}
+
+impl SessionContext {
+    /// What `node` must be, from this replica's caches; `None` before
+    /// they have all read etcd (an empty snapshot is not a state).
+    pub fn desired_for(&self, node: &NodeId) -> Option<DesiredState> {
+        let specs = self.specs.borrow().clone();
+        let vips = self.vips.borrow().clone();
+        let orchestration = self.orchestration.borrow().clone();
+        if !specs.synced || !vips.synced || !orchestration.synced {
+            return None;
+        }
+        let roles = specs
+            .specs
+            .get(node)
+            .map(|s| s.value.roles.clone())
+            .unwrap_or_default();
+        let interest = crate::desired::Interest::of(&roles);
+        let view = self.views.get(&specs, &vips, &interest);
+        let mut desired = crate::desired::desired_base(&specs, &view, node);
+        orchestration.add_steps(&mut desired, node, &interest, self.sealer.as_deref());
+        Some(desired)
+    }
+}
+
+/// Bounds the sessions a replica admits at once (each costs etcd reads and
+/// writes), so that a cold start or a reconnect storm queues instead of
+/// overwhelming etcd, and refuses beyond a queue bound.
+pub struct Admission {
+    permits: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+impl Admission {
+    pub fn new(limits: &crate::config::SessionLimits) -> Self {
+        Self {
+            permits: tokio::sync::Semaphore::new(limits.max_concurrent_opens),
+            waiting: Default::default(),
+            max_waiting: limits.max_queued_opens,
+        }
+    }
+
+    /// Waits for a turn; `UNAVAILABLE` at once when the queue is full.
+    async fn enter(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        use std::sync::atomic::Ordering;
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            crate::metrics::metrics().sessions_refused_busy.inc();
+            return Err(Error::Busy(format!(
+                "{} sessions are waiting to be admitted here; retry after a backoff",
+                self.max_waiting
+            )));
+        }
+        let permit = self.permits.acquire().await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        permit.map_err(|_| Error::ShuttingDown)
+    }
 }
 
 pub struct AgentApi {
@@ -162,6 +225,8 @@ where
     }
 
     let (tx, rx) = mpsc::channel(16);
+    let admission = ctx.admission.clone();
+    let turn = admission.enter().await?;
     let session = NodeSession::open(
         ctx,
         Hello {
@@ -174,6 +239,7 @@ where
         },
     )
     .await?;
+    drop(turn);
     let span = tracing::info_span!("session", node.id = %node);
     tokio::spawn(session.run(inbound, tx).instrument(span));
     Ok(Box::pin(ReceiverStream::new(rx)))
@@ -223,6 +289,10 @@ struct NodeSession {
     status_rev: i64,
     converge: ConvergeTracker,
     last_sent: Option<DesiredState>,
+    /// Status writes this node may still make now (refilled over time).
+    status_budget: StatusBudget,
+    /// Cancelled when a newer session of the same node opens here.
+    superseded: CancellationToken,
 }
 
 impl NodeSession {
@@ -244,8 +314,11 @@ impl NodeSession {
         if let Some(address) = address {
             record_address(&ctx.store, &node, address, record.address.clone()).await?;
         }
+        let facts = bound_facts(facts, ctx.limits.max_facts_bytes);
+        if record.facts.as_ref().map(|f| &f.value) != Some(&facts) {
+            ctx.store.put_facts(&node, &facts).await?;
+        }
         let status = NodeStatusRecord {
-            facts,
             health: NodeHealth::Healthy,
             last_health: Health::default(),
             replica: Some(ctx.store.replica().to_owned()),
@@ -253,9 +326,15 @@ impl NodeSession {
             applied_revision,
             agent_version,
         };
-        let session = ctx
-            .sessions
-            .open(&node, Health::default(), applied_revision, now);
+        let superseded = CancellationToken::new();
+        let session = ctx.sessions.open(
+            &node,
+            Health::default(),
+            applied_revision,
+            now,
+            superseded.clone(),
+        );
+        let status_budget = StatusBudget::new(&ctx.limits);
         let mut this = Self {
             ctx,
             node,
@@ -265,6 +344,8 @@ impl NodeSession {
             status: status.clone(),
             converge: ConvergeTracker::new(record.converge),
             last_sent: None,
+            status_budget,
+            superseded,
         };
         if let Err(e) = this.write_status(status, true).await {
             this.ctx.sessions.close(&this.node, this.session);
@@ -389,6 +470,11 @@ impl NodeSession {
         if health == self.status.health && live.applied_revision == self.status.applied_revision {
             return Ok(true);
         }
+        // Changes beyond the node's write rate wait (and coalesce): the
+        // next tick with budget writes the latest state.
+        if !self.status_budget.take(Instant::now()) {
+            return Ok(true);
+        }
         let mut next = self.status.clone();
         next.health = health;
         next.last_health = live.health;
@@ -405,17 +491,13 @@ impl NodeSession {
         &mut self,
         tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
     ) -> bool {
-        let specs = self.ctx.specs.borrow().clone();
-        let vips = self.ctx.vips.borrow().clone();
-        let orchestration = self.ctx.orchestration.borrow().clone();
-        if !specs.synced || !vips.synced || !orchestration.synced {
+        let Some(desired) = self.ctx.desired_for(&self.node) else {
             return true;
-        }
-        let mut desired = specs.desired_state(&self.node, &vips);
-        orchestration.add_steps(&mut desired, &self.node, self.ctx.sealer.as_deref());
+        };
         if self.last_sent.as_ref() == Some(&desired) {
             return true;
         }
+        crate::metrics::metrics().desired_pushes.inc();
         self.last_sent = Some(desired.clone());
         tx.send(Ok(
             CoordinatorMessage::DesiredState(Box::new(desired)).into()
@@ -435,6 +517,7 @@ impl NodeSession {
         let mut vips = self.ctx.vips.clone();
         let mut orchestration = self.ctx.orchestration.clone();
         let shutdown = self.ctx.shutdown.clone();
+        let replaced = self.superseded.clone();
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         let mut superseded = false;
         // Log requests for this node's agent (`crate::logs`).
@@ -446,6 +529,13 @@ impl NodeSession {
                     Some(command) = commands.recv() => tx.send(Ok(command.into())).await.is_ok(),
                     _ = shutdown.cancelled() => {
                         let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                        false
+                    }
+                    _ = replaced.cancelled() => {
+                        // A newer session of this node opened here: it owns
+                        // the status now.
+                        let _ = tx.try_send(Err(Error::Superseded.into()));
+                        superseded = true;
                         false
                     }
                     changed = specs.changed() => changed.is_ok()
@@ -667,6 +757,90 @@ impl ConvergeTracker {
     }
 }
 
+/// How often one node's status may be written: a token bucket of
+/// `status_write_burst` writes, one more every `status_write_interval_ms`.
+#[derive(Debug)]
+struct StatusBudget {
+    tokens: f64,
+    burst: f64,
+    per_token: Duration,
+    at: Instant,
+}
+
+impl StatusBudget {
+    fn new(limits: &crate::config::SessionLimits) -> Self {
+        let burst = f64::from(limits.status_write_burst.max(1));
+        Self {
+            tokens: burst,
+            burst,
+            per_token: Duration::from_millis(limits.status_write_interval_ms.max(1)),
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes one write if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let earned = now.duration_since(self.at).as_secs_f64() / self.per_token.as_secs_f64();
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            crate::metrics::metrics().status_writes_deferred.inc();
+            false
+        }
+    }
+}
+
+/// Longest string kept in stored facts.
+const MAX_FACT_STRING: usize = 256;
+
+/// `facts` cut down to at most `max_bytes` encoded: a real host's facts
+/// (a few KiB) pass untouched; beyond, strings are cut and lists
+/// shortened until they fit. Logged, because an agent that says this
+/// much is broken or hostile.
+pub fn bound_facts(mut facts: Facts, max_bytes: usize) -> Facts {
+    let size = |f: &Facts| encode(f).len();
+    let original = size(&facts);
+    if original <= max_bytes {
+        return facts;
+    }
+    let cut = |s: &mut String| {
+        if s.len() > MAX_FACT_STRING {
+            let mut end = MAX_FACT_STRING;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+        }
+    };
+    cut(&mut facts.hostname);
+    cut(&mut facts.os);
+    cut(&mut facts.kernel);
+    for d in &mut facts.disks {
+        cut(&mut d.mount_point);
+    }
+    for i in &mut facts.interfaces {
+        cut(&mut i.name);
+        cut(&mut i.mac);
+        i.addresses.truncate(16);
+        i.addresses.iter_mut().for_each(cut);
+    }
+    while size(&facts) > max_bytes && !(facts.disks.is_empty() && facts.interfaces.is_empty()) {
+        facts.disks.truncate(facts.disks.len() / 2);
+        facts.interfaces.truncate(facts.interfaces.len() / 2);
+    }
+    warn!(
+        bytes = original,
+        limit = max_bytes,
+        kept = size(&facts),
+        "facts larger than sessions.max_facts_bytes; stored cut down"
+    );
+    crate::metrics::metrics().facts_truncated.inc();
+    facts
+}
+
 /// At start, this replica serves no session, so any status naming it is left
 /// over from a previous life of this replica (crash, SIGKILL): mark those
 /// nodes disconnected. Compare-and-set, so a session that has meanwhile
@@ -816,7 +990,7 @@ mod session_tests {
         let status = record.status.expect("status written").value;
         assert_eq!(status.replica.as_deref(), Some("c-1"));
         assert_eq!(status.health, NodeHealth::Healthy);
-        assert_eq!(status.facts.hostname, "n1");
+        assert_eq!(record.facts.expect("facts written").value.hostname, "n1");
         assert_eq!(record.address.map(|a| a.value), "198.18.0.7".parse().ok());
         let kinds: Vec<EventKind> = events(store).await.into_iter().map(|e| e.0).collect();
         assert_eq!(kinds, [EventKind::NodeRegistered, EventKind::NodeConnected]);
@@ -876,6 +1050,95 @@ mod session_tests {
                 "n1 disconnected from c-1".into()
             )
         );
+    }
+
+    impl Agent {
+        /// Asserts that nothing arrives for a while.
+        async fn quiet(&mut self, what: &str) {
+            let next = tokio::time::timeout(Duration::from_millis(400), self.from_replica.next());
+            if let Ok(message) = next.await {
+                panic!("{what}: expected nothing, got {message:?}");
+            }
+        }
+    }
+
+    /// Issue 13: a change for one node pushes to that node only.
+    #[tokio::test]
+    async fn a_change_to_one_node_pushes_to_that_node_only() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let mut agents = Vec::new();
+        for id in ["w-1", "w-2", "w-3"] {
+            let mut agent = connect(&replica, id, hello(id)).await.expect("session");
+            agent.desired().await;
+            replica
+                .store()
+                .update_spec(&node(id), |s| {
+                    let mut next = s.clone();
+                    next.roles.insert(Role::K8sWorker);
+                    Ok(Some(next))
+                })
+                .await
+                .unwrap();
+            agents.push(agent);
+        }
+        // Each worker was told about its own role; now all are settled.
+        for agent in &mut agents {
+            while !agent.desired().await.roles.contains(&Role::K8sWorker) {}
+        }
+        for agent in &mut agents {
+            agent.quiet("settled").await;
+        }
+        // Labels on w-2: only w-2 hears of it.
+        replica
+            .store()
+            .update_spec(&node("w-2"), |s| {
+                let mut next = s.clone();
+                next.labels.insert("zone".into(), "b".into());
+                Ok(Some(next))
+            })
+            .await
+            .unwrap();
+        let d = agents[1].desired().await;
+        assert!(d.roles.contains(&Role::K8sWorker));
+        agents[0].quiet("w-1 after a change to w-2").await;
+        agents[2].quiet("w-3 after a change to w-2").await;
+    }
+
+    /// Issue 14, item 6: one live session per node; a newer one replaces
+    /// the older, which is told why.
+    #[tokio::test]
+    async fn a_node_has_one_live_session() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let mut old = Vec::new();
+        for _ in 0..5 {
+            let mut agent = connect(&replica, "n1", hello("n1")).await.expect("session");
+            agent.desired().await;
+            old.push(agent);
+        }
+        let newest = old.pop().unwrap();
+        for mut agent in old {
+            let ended = tokio::time::timeout(Duration::from_secs(3), async {
+                loop {
+                    match agent.from_replica.next().await {
+                        Some(Err(status)) => return Some(status),
+                        Some(Ok(_)) => continue,
+                        None => return None,
+                    }
+                }
+            })
+            .await
+            .expect("the replaced session ends");
+            let status = ended.expect("told why");
+            assert_eq!(status.code(), tonic::Code::Aborted, "{status}");
+        }
+        assert_eq!(replica.ctx.sessions.len(), 1);
+        drop(newest);
+        let store = replica.store();
+        eventually_async("the last close to mark the node disconnected", || async {
+            let status = store.node(&node("n1")).await.unwrap().status?.value;
+            (status.health == NodeHealth::Disconnected).then_some(())
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -967,6 +1230,58 @@ mod session_tests {
 mod tests {
     use super::*;
     use steward_proto::converge::{ResourceState, ResourceStatus};
+    use steward_proto::domain::{Disk, NetworkInterface};
+
+    #[test]
+    fn facts_are_bounded() {
+        let small = Facts {
+            hostname: "n1".into(),
+            ..Default::default()
+        };
+        assert_eq!(bound_facts(small.clone(), 16 * 1024), small);
+        let huge = Facts {
+            hostname: "h".repeat(100_000),
+            disks: (0..5_000)
+                .map(|i| Disk {
+                    mount_point: format!("/mnt/{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+            interfaces: (0..5_000)
+                .map(|i| NetworkInterface {
+                    name: format!("eth{i}"),
+                    mac: "x".repeat(1000),
+                    addresses: vec!["198.18.0.1/24".into(); 100],
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let kept = bound_facts(huge, 16 * 1024);
+        assert!(encode(&kept).len() <= 16 * 1024, "{}", encode(&kept).len());
+        assert_eq!(kept.hostname.len(), MAX_FACT_STRING);
+        assert!(!kept.disks.is_empty(), "cut down, not emptied");
+    }
+
+    #[test]
+    fn status_writes_are_rate_limited_per_node() {
+        let limits = crate::config::SessionLimits {
+            status_write_interval_ms: 1000,
+            status_write_burst: 3,
+            ..Default::default()
+        };
+        let mut budget = StatusBudget::new(&limits);
+        let t0 = budget.at;
+        let taken = (0..10).filter(|_| budget.take(t0)).count();
+        assert_eq!(taken, 3, "the burst");
+        assert!(!budget.take(t0 + Duration::from_millis(500)));
+        assert!(budget.take(t0 + Duration::from_millis(1100)));
+        // 300 ms flaps for 10 s: the burst and one per second.
+        let mut budget = StatusBudget::new(&limits);
+        let writes = (0..34)
+            .filter(|i| budget.take(t0 + Duration::from_millis(300 * i)))
+            .count();
+        assert!((12..=14).contains(&writes), "{writes}");
+    }
 
     fn report(revision: u64, finished: u64, status: ResourceStatus) -> ConvergeReport {
         ConvergeReport {

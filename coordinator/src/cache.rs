@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use steward_proto::converge::{ClusterSettings, ClusterView, Member};
-use steward_proto::domain::{DesiredState, NodeId, NodeSpec};
+use steward_proto::converge::{ClusterSettings, ClusterView};
+use steward_proto::domain::{DesiredState, NodeId, NodeSpec, Role};
 use steward_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,9 @@ use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
 use crate::store::kv::Change;
-use crate::store::{decode, Keys, NodeAddressRecord, NodeKey, NodeRevokedRecord, Store, Versioned};
+use crate::store::{
+    decode, Keys, Marker, NodeAddressRecord, NodeKey, NodeRevokedRecord, Store, Versioned,
+};
 use crate::vip::VipSnapshot;
 
 /// All node specs and addresses, and the cluster settings, as of one etcd
@@ -35,6 +37,11 @@ pub struct SpecSnapshot {
     /// Certificate revocations (`nodes/<id>/revoked`), which end live
     /// sessions and lease streams. Not an input of desired states.
     pub revoked: BTreeMap<NodeId, Versioned<NodeRevokedRecord>>,
+    /// When a node last lost each role (`cluster/departed/<role>`).
+    pub departed: BTreeMap<Role, i64>,
+    /// When each section of the settings last changed
+    /// (`cluster/changed/<section>`).
+    pub sections: BTreeMap<crate::desired::Section, i64>,
 }
 
 impl SpecSnapshot {
@@ -47,74 +54,30 @@ impl SpecSnapshot {
         }
     }
 
-    /// What `node` must be according to this snapshot and `vips`.
-    ///
-    /// Every node, with a spec or without, gets the cluster view (every
-    /// node with a role, every VIP, the cluster settings); a node without a
-    /// spec has no roles.
-    /// The revision is [`SpecSnapshot::desired_revision`].
+    /// What `node` must be according to this snapshot and `vips` (before
+    /// orchestration steps): its roles and the slice of the cluster they
+    /// consume, at that slice's revision ([`crate::desired`]). Sessions
+    /// share slices through [`crate::desired::ViewCache`]; this computes
+    /// one afresh.
     pub fn desired_state(&self, node: &NodeId, vips: &VipSnapshot) -> DesiredState {
-        let members = self
+        let roles = self
             .specs
-            .iter()
-            .filter(|(_, spec)| !spec.value.roles.is_empty())
-            .map(|(id, spec)| Member {
-                node: id.clone(),
-                roles: spec.value.roles.clone(),
-                address: self.addresses.get(id).map(|a| a.value),
-            })
-            .collect();
-        DesiredState {
-            revision: self.desired_revision(vips),
-            roles: self
-                .specs
-                .get(node)
-                .map(|s| s.value.roles.clone())
-                .unwrap_or_default(),
-            cluster: ClusterView {
-                members,
-                vips: vips.views(),
-                settings: self
-                    .settings
-                    .as_ref()
-                    .map(|s| s.value.clone())
-                    .unwrap_or_default(),
-            },
-            tasks: Vec::new(),
-            files: Vec::new(),
-        }
+            .get(node)
+            .map(|s| s.value.roles.clone())
+            .unwrap_or_default();
+        let view = crate::desired::project(self, vips, &crate::desired::Interest::of(&roles));
+        crate::desired::desired_base(self, &view, node)
     }
 
-    /// The newest mod revision among the inputs of desired states: every
-    /// node spec (role-less ones too, so that a node losing its last role
-    /// still moves it forward), every member's address, the cluster
-    /// settings, every VIP spec and the last VIP removal; 0 when there are
-    /// none.
-    ///
-    /// It is the same for every node (each node's state holds the whole
-    /// view), only grows (inputs are overwritten, never deleted; a VIP
-    /// removal touches `vips/.removed`; the settings are rewritten whole),
-    /// and depends on etcd's state alone, so every replica computes the
-    /// same desired state.
-    pub fn desired_revision(&self, vips: &VipSnapshot) -> u64 {
-        let specs = self.specs.values().map(|s| s.mod_revision);
-        let addresses = self
-            .addresses
-            .iter()
-            .filter(|(id, _)| {
-                self.specs
-                    .get(*id)
-                    .is_some_and(|s| !s.value.roles.is_empty())
-            })
-            .map(|(_, a)| a.mod_revision);
-        let settings = self.settings.iter().map(|s| s.mod_revision);
-        let newest = specs
-            .chain(addresses)
-            .chain(settings)
-            .chain([vips.views_revision()])
-            .max()
-            .unwrap_or(0);
-        newest.max(0) as u64
+    /// The whole cluster view: every node with a role, every VIP, all the
+    /// settings (what the leader orchestrates from).
+    pub fn full_view(&self, vips: &VipSnapshot) -> ClusterView {
+        let everything = crate::desired::Interest {
+            member_roles: Role::ALL.into_iter().collect(),
+            vips: true,
+            sections: crate::desired::Section::ALL.into_iter().collect(),
+        };
+        crate::desired::project(self, vips, &everything).view
     }
 }
 
@@ -196,6 +159,16 @@ impl CachedPrefix for SpecSnapshot {
                 "cluster settings",
             );
         }
+        if let Some(marker) = keys.parse_marker(key) {
+            let rev = value.map_or(0, |(_, rev)| rev);
+            let slot = match marker {
+                Marker::Departed(role) => self.departed.entry(role).or_default(),
+                Marker::Changed(section) => self.sections.entry(section).or_default(),
+            };
+            let changed = *slot != rev;
+            *slot = rev;
+            return changed;
+        }
         match keys.parse_node_key(key) {
             Some((id, NodeKey::Spec)) => apply_versioned(
                 &mut self.specs,
@@ -220,7 +193,7 @@ impl CachedPrefix for SpecSnapshot {
                 value.map(|(bytes, rev)| (decode::<NodeRevokedRecord>(key, bytes), rev)),
                 "node revocation",
             ),
-            Some((_, NodeKey::Status | NodeKey::Converge)) | None => false,
+            Some((_, NodeKey::Status)) | None => false,
         }
     }
     fn set_revision(&mut self, revision: i64) {
@@ -317,7 +290,7 @@ async fn follow<S: CachedPrefix>(
 mod tests {
     use super::*;
     use crate::store::{encode, NodeStatusRecord, VipRemovedRecord};
-    use steward_proto::domain::{Facts, Health, NodeHealth, Role};
+    use steward_proto::domain::{Health, NodeHealth, Role};
     use steward_proto::vip::VipSpec;
 
     fn node(id: &str) -> NodeId {
@@ -382,78 +355,111 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_node_gets_the_cluster_view_at_the_newest_input() {
+    impl Fixture {
+        fn touch(&mut self, key: String, rev: i64) -> bool {
+            self.specs
+                .apply(&self.keys, key.as_bytes(), Some((b"", rev)))
+        }
+        /// `id` loses every role at `rev`, with the markers the store writes.
+        fn drop_roles(&mut self, id: &str, lost: &[Role], rev: i64) {
+            self.roles(id, &[], rev);
+            for role in lost {
+                let key = self.keys.role_departed(*role);
+                self.touch(key, rev);
+            }
+        }
+        fn member_ids(&self, id: &str) -> Vec<String> {
+            self.desired(id)
+                .cluster
+                .members
+                .iter()
+                .map(|m| m.node.to_string())
+                .collect()
+        }
+        fn revisions(&self, ids: &[&str]) -> Vec<u64> {
+            ids.iter().map(|id| self.desired(id).revision).collect()
+        }
+    }
+
+    /// lb-1, cp-1, w-1, b-1 and a node without roles, and a VIP.
+    fn fleet() -> Fixture {
         let mut f = Fixture::new();
-        assert_eq!(f.desired("lb-1"), DesiredState::default());
-        // An address alone (a node without roles) is no input.
-        assert!(f.address("lb-1", "198.18.0.11", 3));
-        assert_eq!(f.desired("lb-1").revision, 0);
         f.roles("lb-1", &[Role::Lb], 4);
-        f.roles("lb-2", &[Role::Lb], 5);
-        f.roles("cp-1", &[Role::K8sControlPlane], 6);
-        f.address("cp-1", "198.18.0.21", 7);
-        f.vip("front", "198.18.0.100/24", 8);
+        f.roles("cp-1", &[Role::K8sControlPlane], 5);
+        f.address("cp-1", "198.18.0.21", 6);
+        f.roles("w-1", &[Role::K8sWorker], 7);
+        f.roles("b-1", &[Role::GlusterBrick], 8);
+        f.address("idle-1", "198.18.0.99", 9);
+        f.vip("front", "198.18.0.100/24", 10);
+        f
+    }
 
-        let desired = f.desired("lb-1");
-        assert_eq!(desired.revision, 8);
-        assert_eq!(desired.roles, [Role::Lb].into());
-        let members: Vec<_> = desired
-            .cluster
-            .members
-            .iter()
-            .map(|m| (m.node.as_str(), m.address.map(|a| a.to_string())))
-            .collect();
-        assert_eq!(
-            members,
-            [
-                ("cp-1", Some("198.18.0.21".into())),
-                ("lb-1", Some("198.18.0.11".into())),
-                ("lb-2", None),
-            ]
-        );
-        assert_eq!(desired.cluster.vips.len(), 1);
-        assert_eq!(desired.cluster.vips[0].prefix, 24);
-        // Everyone sees the same view; a node without spec has no roles.
-        assert_eq!(f.desired("cp-1").cluster, desired.cluster);
-        let outsider = f.desired("new-1");
-        assert_eq!(outsider.revision, 8);
-        assert!(outsider.roles.is_empty());
-        assert_eq!(outsider.cluster, desired.cluster);
+    const ALL: [&str; 5] = ["lb-1", "cp-1", "w-1", "b-1", "idle-1"];
 
-        // A member's new address is a new input.
-        assert!(f.address("lb-2", "198.18.0.12", 9));
-        assert_eq!(f.desired("lb-1").revision, 9);
+    #[test]
+    fn a_node_sees_only_what_its_roles_consume() {
+        let f = fleet();
+        assert_eq!(f.member_ids("lb-1"), ["b-1", "cp-1", "lb-1", "w-1"]);
+        assert_eq!(f.member_ids("cp-1"), ["cp-1", "w-1"]);
+        assert_eq!(f.member_ids("w-1"), ["b-1", "cp-1", "w-1"]);
+        assert_eq!(f.member_ids("b-1"), ["b-1"]);
+        let idle = f.desired("idle-1");
+        assert_eq!(idle, DesiredState::default(), "no role, nothing to know");
+        let lb = f.desired("lb-1");
+        assert_eq!(lb.roles, [Role::Lb].into());
+        assert_eq!(lb.cluster.vips.len(), 1);
+        assert_eq!(lb.cluster.vips[0].prefix, 24);
+        assert!(f.desired("b-1").cluster.vips.is_empty());
+        let cp = &f.desired("w-1").cluster.members[1];
+        assert_eq!(cp.address.map(|a| a.to_string()), Some("198.18.0.21".into()));
+        // Each at the newest input it consumes.
+        assert_eq!(f.revisions(&ALL), [10, 10, 10, 8, 0]);
     }
 
     #[test]
-    fn the_revision_grows_when_members_and_vips_go_away() {
-        let mut f = Fixture::new();
-        f.roles("lb-1", &[Role::Lb], 4);
-        f.roles("lb-2", &[Role::Lb], 5);
-        f.address("lb-2", "198.18.0.12", 6);
-        f.vip("front", "198.18.0.100/24", 7);
-        assert_eq!(f.desired("lb-1").revision, 7);
-        // lb-2 loses its last role: gone from the view, revision moves on.
-        f.roles("lb-2", &[], 10);
-        let d = f.desired("lb-1");
-        assert_eq!(d.revision, 10);
-        assert_eq!(d.cluster.members.len(), 1);
-        f.remove_vip("front", 12);
-        let d = f.desired("lb-1");
-        assert_eq!(d.revision, 12);
-        assert!(d.cluster.vips.is_empty());
+    fn a_change_moves_only_the_nodes_that_consume_it() {
+        let mut f = fleet();
+        let before: Vec<DesiredState> = ALL.iter().map(|id| f.desired(id)).collect();
+        let unchanged = |f: &Fixture, ids: &[&str]| {
+            for id in ids {
+                let i = ALL.iter().position(|x| x == id).unwrap();
+                assert_eq!(f.desired(id), before[i], "{id} must not change");
+            }
+        };
+        // A new worker: the lb (backends) and the control plane see it.
+        f.roles("w-2", &[Role::K8sWorker], 20);
+        assert_eq!(f.revisions(&["lb-1", "cp-1", "w-2"]), [20, 20, 20]);
+        unchanged(&f, &["w-1", "b-1", "idle-1"]);
+        // Labels of a node without roles: nobody else.
+        f.roles("idle-1", &[], 21);
+        assert_eq!(f.desired("idle-1").revision, 21);
+        unchanged(&f, &["w-1", "b-1"]);
+        // A new brick: bricks and workers (they mount volumes), the lb.
+        f.roles("b-2", &[Role::GlusterBrick], 22);
+        assert_eq!(f.revisions(&["b-1", "w-1", "lb-1"]), [22, 22, 22]);
+        assert_eq!(f.desired("cp-1").revision, 20);
     }
 
     #[test]
-    fn the_cluster_settings_are_in_every_view_and_move_the_revision() {
+    fn losing_a_role_moves_its_consumers_past_the_departure() {
+        let mut f = fleet();
+        f.roles("w-2", &[Role::K8sWorker], 20);
+        f.drop_roles("w-2", &[Role::K8sWorker], 30);
+        assert_eq!(f.member_ids("cp-1"), ["cp-1", "w-1"]);
+        // The members went back to what they were; the revision did not.
+        assert_eq!(f.revisions(&["cp-1", "lb-1", "w-2"]), [30, 30, 30]);
+        assert_eq!(f.revisions(&["w-1", "b-1"]), [10, 8]);
+        // A VIP removal moves whoever had VIPs in view.
+        f.remove_vip("front", 31);
+        assert_eq!(f.revisions(&["lb-1", "cp-1", "w-1", "b-1"]), [31, 31, 31, 8]);
+        assert!(f.desired("lb-1").cluster.vips.is_empty());
+    }
+
+    #[test]
+    fn a_settings_section_moves_only_its_consumers() {
+        use crate::desired::Section;
         use steward_proto::converge::{ClusterSettings, GlusterVolume};
-        let mut f = Fixture::new();
-        f.roles("lb-1", &[Role::Lb], 4);
-        assert_eq!(
-            f.desired("lb-1").cluster.settings,
-            ClusterSettings::default()
-        );
+        let mut f = fleet();
         let settings = ClusterSettings {
             gluster_volumes: vec![GlusterVolume {
                 name: "data".into(),
@@ -464,24 +470,28 @@ mod tests {
         let key = f.keys.cluster_settings();
         assert!(f
             .specs
-            .apply(&f.keys, key.as_bytes(), Some((&encode(&settings), 9))));
+            .apply(&f.keys, key.as_bytes(), Some((&encode(&settings), 40))));
         // The same value again (a re-read) is no change.
         assert!(!f
             .specs
-            .apply(&f.keys, key.as_bytes(), Some((&encode(&settings), 9))));
-        for node in ["lb-1", "new-1"] {
-            let d = f.desired(node);
-            assert_eq!(d.cluster.settings, settings);
-            assert_eq!(d.revision, 9);
+            .apply(&f.keys, key.as_bytes(), Some((&encode(&settings), 40))));
+        for section in Section::ALL {
+            let key = f.keys.settings_changed(section);
+            f.touch(key, if section == Section::Gluster { 40 } else { 3 });
         }
-        // A newer node spec still wins; a corrupt value keeps the last good one.
-        f.roles("lb-2", &[Role::Lb], 11);
-        assert_eq!(f.desired("lb-1").revision, 11);
-        assert!(!f.specs.apply(&f.keys, key.as_bytes(), Some((b"{", 12))));
-        assert_eq!(f.desired("lb-1").cluster.settings, settings);
-        // Other keys under cluster/ are not settings.
+        assert_eq!(f.revisions(&ALL), [10, 10, 40, 40, 0]);
+        assert_eq!(f.desired("b-1").cluster.settings, settings);
+        assert_eq!(
+            f.desired("lb-1").cluster.settings,
+            ClusterSettings::default(),
+            "the lb consumes frontends only"
+        );
+        // A corrupt value keeps the last good one; other keys under
+        // cluster/ are not settings.
+        assert!(!f.specs.apply(&f.keys, key.as_bytes(), Some((b"{", 41))));
+        assert_eq!(f.desired("w-1").cluster.settings.gluster_volumes.len(), 1);
         let other = format!("{}other", f.keys.cluster());
-        assert!(!f.specs.apply(&f.keys, other.as_bytes(), Some((b"{}", 13))));
+        assert!(!f.specs.apply(&f.keys, other.as_bytes(), Some((b"{}", 42))));
     }
 
     #[test]
@@ -491,7 +501,6 @@ mod tests {
         // The same value again (a re-read) is no change.
         assert!(!f.roles("lb-1", &[Role::Lb], 4));
         let status = NodeStatusRecord {
-            facts: Facts::default(),
             health: NodeHealth::Healthy,
             last_health: Health::default(),
             replica: None,

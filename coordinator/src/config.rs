@@ -41,6 +41,63 @@ pub struct CoordinatorConfig {
     /// Certificates for agents: joining by token and renewal. Without it
     /// this replica issues none.
     pub pki: Option<PkiConfig>,
+    /// Fleet-scale limits of agent sessions (SECURITY.md lists them).
+    #[serde(default)]
+    pub sessions: SessionLimits,
+}
+
+/// `[sessions]`: how many sessions open at once, how often one node's
+/// status may be written, how much a node may say about itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionLimits {
+    /// Sessions being admitted (their etcd reads and writes) at once; the
+    /// rest wait in a queue.
+    #[serde(default = "default_max_concurrent_opens")]
+    pub max_concurrent_opens: usize,
+    /// Sessions waiting to be admitted; beyond this a hello is refused
+    /// with UNAVAILABLE and the agent retries after a jittered backoff.
+    #[serde(default = "default_max_queued_opens")]
+    pub max_queued_opens: usize,
+    /// One node's status is written at most once per this interval on
+    /// average (health flaps are damped, not mirrored into etcd)...
+    #[serde(default = "default_status_write_interval_ms")]
+    pub status_write_interval_ms: u64,
+    /// ...with bursts of up to this many writes.
+    #[serde(default = "default_status_write_burst")]
+    pub status_write_burst: u32,
+    /// Largest facts (encoded JSON) stored for a node; larger facts are
+    /// cut down to fit (lists shortened, long strings cut) and logged.
+    #[serde(default = "default_max_facts_bytes")]
+    pub max_facts_bytes: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_opens: default_max_concurrent_opens(),
+            max_queued_opens: default_max_queued_opens(),
+            status_write_interval_ms: default_status_write_interval_ms(),
+            status_write_burst: default_status_write_burst(),
+            max_facts_bytes: default_max_facts_bytes(),
+        }
+    }
+}
+
+fn default_max_concurrent_opens() -> usize {
+    32
+}
+fn default_max_queued_opens() -> usize {
+    4096
+}
+fn default_status_write_interval_ms() -> u64 {
+    2000
+}
+fn default_status_write_burst() -> u32 {
+    4
+}
+fn default_max_facts_bytes() -> usize {
+    16 * 1024
 }
 
 /// `[pki]`: the CA key this replica signs agent certificates with.
@@ -155,6 +212,20 @@ impl CoordinatorConfig {
     /// Checks everything serde cannot; returns every problem at once.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut p = Vec::new();
+        let l = &self.sessions;
+        if l.max_concurrent_opens == 0 || l.status_write_burst == 0 {
+            p.push(
+                "sessions.max_concurrent_opens and sessions.status_write_burst must be at \
+                 least 1"
+                    .into(),
+            );
+        }
+        if !(1024..=1024 * 1024).contains(&l.max_facts_bytes) {
+            p.push(format!(
+                "sessions.max_facts_bytes = {}: must be between 1024 and 1048576",
+                l.max_facts_bytes
+            ));
+        }
         if !is_valid_name(&self.id) {
             p.push(format!(
                 "id {:?}: use 1-63 letters, digits, '-' or '.'",

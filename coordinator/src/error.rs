@@ -42,6 +42,12 @@ pub enum Error {
     WatchInterrupted(String),
     #[error("coordinator shutting down")]
     ShuttingDown,
+    /// Admission control: too many sessions waiting here.
+    #[error("replica busy: {0}")]
+    Busy(String),
+    /// A newer session of the same node replaced this one.
+    #[error("a newer session of this node replaced this one")]
+    Superseded,
     /// A stream's first message did not come in time.
     #[error("no {first} within {} s", .within.as_secs())]
     FirstMessageLate {
@@ -111,9 +117,11 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
             Error::PermissionDenied(_) => Status::permission_denied(msg),
             Error::Conflict { .. } => Status::aborted(msg),
-            Error::LostLeadership { .. } | Error::WatchInterrupted(_) | Error::ShuttingDown => {
-                Status::unavailable(msg)
-            }
+            Error::LostLeadership { .. }
+            | Error::WatchInterrupted(_)
+            | Error::ShuttingDown
+            | Error::Busy(_) => Status::unavailable(msg),
+            Error::Superseded => Status::aborted(msg),
             Error::FirstMessageLate { .. } => Status::deadline_exceeded(msg),
             Error::ClosedBeforeFirstMessage { .. } => Status::cancelled(msg),
             Error::HelloTwice => Status::invalid_argument(msg),

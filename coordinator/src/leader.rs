@@ -85,7 +85,7 @@ async fn trim_events(store: &Store, fence: &Fence, retained: u32) -> Result<()> 
 
 #[cfg(test)]
 mod tests {
-    use steward_proto::domain::{Event, Facts, Health};
+    use steward_proto::domain::{Event, Health};
 
     use super::*;
     use crate::store::{MemoryBackend, NodeStatusRecord};
@@ -93,7 +93,6 @@ mod tests {
 
     fn served_by(replica: &str) -> NodeStatusRecord {
         NodeStatusRecord {
-            facts: Facts::default(),
             health: NodeHealth::Healthy,
             last_health: Health::default(),
             replica: Some(replica.to_owned()),

@@ -19,6 +19,7 @@ pub mod bootstrap;
 pub mod cache;
 pub mod cluster_spec;
 pub mod config;
+pub mod desired;
 pub mod error;
 pub mod leader;
 pub mod logs;
@@ -205,6 +206,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         shutdown: shutdown.clone(),
         cluster: config.cluster.clone(),
         logs: Arc::default(),
+        views: Arc::default(),
+        admission: Arc::new(agent_service::Admission::new(&config.sessions)),
+        limits: config.sessions.clone(),
     };
     let sweep = tokio::spawn(
         agent_service::release_stale_sessions(ctx.clone())

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub etcd_errors: Arc<Family<Counter>>,
     pub joins: Arc<Family<Counter>>,
     pub certificates_issued: Arc<Family<Counter>>,
+    pub desired_pushes: Arc<Counter>,
+    pub sessions_refused_busy: Arc<Counter>,
+    pub status_writes_deferred: Arc<Counter>,
+    pub facts_truncated: Arc<Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -48,6 +52,22 @@ impl Metrics {
         let r = Registry::new();
         r.build_info("coordinator", crate::VERSION);
         Self {
+            desired_pushes: r.counter(
+                "steward_desired_state_pushes_total",
+                "Desired states this replica sent to agents (only when a node's own state changed).",
+            ),
+            sessions_refused_busy: r.counter(
+                "steward_sessions_refused_busy_total",
+                "Session hellos refused because sessions.max_queued_opens were already waiting to be admitted.",
+            ),
+            status_writes_deferred: r.counter(
+                "steward_status_writes_deferred_total",
+                "Node status changes held back by the per-node status write rate (written later, coalesced).",
+            ),
+            facts_truncated: r.counter(
+                "steward_facts_truncated_total",
+                "Agent facts cut down to sessions.max_facts_bytes before being stored.",
+            ),
             heartbeats: r.counter(
                 "steward_heartbeats_received_total",
                 "Agent session heartbeats this replica received (each is acked).",

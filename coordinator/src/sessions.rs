@@ -18,6 +18,8 @@ pub struct LiveSession {
     pub last_seen_unix_ms: u64,
     pub health: Health,
     pub applied_revision: u64,
+    /// Cancelled when a newer session of the node replaces this one.
+    pub replaced: tokio_util::sync::CancellationToken,
 }
 
 impl LiveSession {
@@ -46,10 +48,19 @@ impl Sessions {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a session for `node`, replacing any older one; returns its id.
-    pub fn open(&self, node: &NodeId, health: Health, applied_revision: u64, now_ms: u64) -> u64 {
+    /// Starts a session for `node`, replacing any older one (whose
+    /// `replaced` token is cancelled, so that it ends: one live session per
+    /// node); returns its id.
+    pub fn open(
+        &self,
+        node: &NodeId,
+        health: Health,
+        applied_revision: u64,
+        now_ms: u64,
+        replaced: tokio_util::sync::CancellationToken,
+    ) -> u64 {
         let session = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        self.lock().insert(
+        let old = self.lock().insert(
             node.clone(),
             LiveSession {
                 session,
@@ -57,8 +68,12 @@ impl Sessions {
                 last_seen_unix_ms: now_ms,
                 health,
                 applied_revision,
+                replaced,
             },
         );
+        if let Some(old) = old {
+            old.replaced.cancel();
+        }
         session
     }
 
@@ -110,8 +125,12 @@ mod tests {
     fn newer_session_wins_and_old_close_is_harmless() {
         let s = Sessions::default();
         let n = NodeId::new("n1").unwrap();
-        let a = s.open(&n, Health::default(), 0, 1);
-        let b = s.open(&n, Health::default(), 0, 2);
+        let replaced = tokio_util::sync::CancellationToken::new();
+        let a = s.open(&n, Health::default(), 0, 1, replaced.clone());
+        assert!(!replaced.is_cancelled());
+        let b = s.open(&n, Health::default(), 0, 2, Default::default());
+        // The older session is told to end.
+        assert!(replaced.is_cancelled());
         assert!(!s.update(&n, a, |l| l.applied_revision = 9));
         s.close(&n, a);
         assert_eq!(s.get(&n).map(|l| l.session), Some(b));
@@ -127,6 +146,7 @@ mod tests {
             last_seen_unix_ms: 0,
             health: Health::default(),
             applied_revision: 0,
+            replaced: Default::default(),
         };
         let later = Instant::now() + Duration::from_secs(5);
         assert_eq!(

@@ -126,6 +126,11 @@ impl TestReplica {
             shutdown: CancellationToken::new(),
             cluster: "test".into(),
             logs: Default::default(),
+            views: Default::default(),
+            admission: std::sync::Arc::new(crate::agent_service::Admission::new(
+                &Default::default(),
+            )),
+            limits: Default::default(),
         };
         let replica = Self {
             ctx,

@@ -53,8 +53,23 @@ pub enum Output {
 pub enum Command {
     /// Coordinator replicas, the leader, and whether etcd answers.
     Status,
-    /// All nodes: roles, health, address, converged, last seen, serving replica.
-    Nodes,
+    /// All nodes: roles, health, address, converged, last seen, serving
+    /// replica. Read page by page, filtered on the server.
+    Nodes {
+        /// Only nodes with this role.
+        #[arg(long, value_parser = parse_role)]
+        role: Option<Role>,
+        /// Only nodes with this label (KEY=VALUE).
+        #[arg(long)]
+        label: Option<String>,
+        /// Only nodes in this health class (healthy, degraded, unreachable,
+        /// disconnected).
+        #[arg(long, value_parser = parse_health)]
+        health: Option<steward_proto::domain::NodeHealth>,
+        /// Only nodes served by this coordinator replica.
+        #[arg(long)]
+        replica: Option<String>,
+    },
     /// One node in detail.
     Node {
         #[command(subcommand)]
@@ -336,6 +351,22 @@ pub enum PkiCommand {
     },
 }
 
+/// Largest admin response stewardctl takes (a page of nodes).
+const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
+fn parse_health(s: &str) -> Result<steward_proto::domain::NodeHealth, String> {
+    use steward_proto::domain::NodeHealth;
+    [
+        NodeHealth::Healthy,
+        NodeHealth::Degraded,
+        NodeHealth::Unreachable,
+        NodeHealth::Disconnected,
+    ]
+    .into_iter()
+    .find(|h| h.as_str() == s)
+    .ok_or_else(|| format!("{s:?}: one of healthy, degraded, unreachable, disconnected"))
+}
+
 fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
         .map_err(|e: steward_proto::domain::UnknownRole| e.to_string())
@@ -402,7 +433,11 @@ pub(crate) async fn connect_to(
     let mut failures = Vec::new();
     for url in urls {
         match dial_mtls(url, ca.clone(), identity.clone(), Duration::from_secs(2)).await {
-            Ok(channel) => return Ok(AdminServiceClient::new(channel)),
+            Ok(channel) => {
+                // Node pages carry converge reports (64 KiB each at most).
+                return Ok(AdminServiceClient::new(channel)
+                    .max_decoding_message_size(MAX_RESPONSE_BYTES));
+            }
             Err(e) => failures.push(format!("{url}: {e}")),
         }
     }
@@ -436,8 +471,22 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             print_status(cli.output, &status);
             Ok(())
         }
-        Command::Nodes => {
-            let nodes = crate::wait::nodes(&mut connect(&cli).await?).await?;
+        Command::Nodes {
+            role,
+            label,
+            health,
+            replica,
+        } => {
+            let filter = pb::ListNodesRequest {
+                role: role.map_or(0, |r| steward_proto::convert::role_to_pb(r) as i32),
+                label: label.clone().unwrap_or_default(),
+                health: health.map_or(0, |h| steward_proto::convert::node_health_to_pb(h) as i32),
+                replica: replica.clone().unwrap_or_default(),
+                // The table shows no facts; JSON has everything.
+                without_facts: cli.output != Output::Json,
+                ..Default::default()
+            };
+            let nodes = crate::wait::list_nodes(&mut connect(&cli).await?, filter).await?;
             print_nodes(cli.output, &nodes);
             Ok(())
         }
@@ -568,14 +617,17 @@ pub async fn complete_names(
 ) -> Result<Vec<String>, CtlError> {
     let mut client = connect(cli).await?;
     Ok(match names {
-        crate::completion::Names::Nodes => client
-            .list_nodes(pb::ListNodesRequest {})
-            .await?
-            .into_inner()
-            .nodes
-            .into_iter()
-            .map(|n| n.id)
-            .collect(),
+        crate::completion::Names::Nodes => {
+            let filter = pb::ListNodesRequest {
+                without_facts: true,
+                ..Default::default()
+            };
+            crate::wait::list_nodes(&mut client, filter)
+                .await?
+                .into_iter()
+                .map(|n| n.id.as_str().to_owned())
+                .collect()
+        }
         crate::completion::Names::Vips => client
             .list_vips(pb::ListVipsRequest {})
             .await?

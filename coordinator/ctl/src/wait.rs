@@ -239,14 +239,33 @@ impl Board {
 pub(crate) async fn nodes(
     client: &mut AdminServiceClient<Channel>,
 ) -> Result<Vec<NodeView>, CtlError> {
-    Ok(client
-        .list_nodes(pb::ListNodesRequest {})
-        .await?
-        .into_inner()
-        .nodes
-        .into_iter()
-        .map(NodeView::try_from)
-        .collect::<Result<Vec<_>, _>>()?)
+    list_nodes(client, pb::ListNodesRequest::default()).await
+}
+
+/// Nodes in pages of this many: small enough that a page of nodes with
+/// large converge reports stays far below the response limit.
+const NODES_PAGE: u32 = 250;
+
+/// Every node `filter` selects, following the pages to the end.
+pub(crate) async fn list_nodes(
+    client: &mut AdminServiceClient<Channel>,
+    filter: pb::ListNodesRequest,
+) -> Result<Vec<NodeView>, CtlError> {
+    let mut all = Vec::new();
+    let mut request = pb::ListNodesRequest {
+        page_size: NODES_PAGE,
+        ..filter
+    };
+    loop {
+        let page = client.list_nodes(request.clone()).await?.into_inner();
+        for node in page.nodes {
+            all.push(NodeView::try_from(node)?);
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        request.page_token = page.next_page_token;
+    }
 }
 
 /// The baseline to take before a change.

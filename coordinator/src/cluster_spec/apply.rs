@@ -7,7 +7,7 @@
 //! mod revision of every key written. When one of them changed since it
 //! was read, the whole spec is read, checked and planned again.
 
-use steward_proto::domain::EventKind;
+use steward_proto::domain::{EventKind, NodeId};
 use tracing::{debug, info};
 
 use super::plan::{self, Current, Plan};
@@ -40,7 +40,7 @@ pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Ou
     let spec = super::parse(text).map_err(Error::InvalidSpec)?;
     let store = &ctx.store;
     for _ in 0..ATTEMPTS {
-        let current = read_current(store).await?;
+        let current = read_current(store, &spec).await?;
         let plan = plan::plan(&spec, &current).map_err(Error::InvalidSpec)?;
         if dry_run || plan.is_empty() {
             return Ok(Outcome {
@@ -48,7 +48,7 @@ pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Ou
                 applied: !dry_run,
             });
         }
-        let (compares, writes) = transaction(store, &plan);
+        let (compares, writes) = transaction(store, &plan, &current);
         let ops = compares.len().max(writes.len());
         if ops > MAX_TXN_OPS {
             return Err(Error::FailedPrecondition(format!(
@@ -85,8 +85,16 @@ pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Ou
 }
 
 /// Linearizable reads: an operator expects to see their own last write.
-async fn read_current(store: &Store) -> Result<Current> {
-    let nodes = store.nodes().await?;
+async fn read_current(store: &Store, spec: &super::ClusterSpec) -> Result<Current> {
+    // Facts (for the VIP checks) of every node the spec names or a VIP may
+    // land on.
+    let named = spec
+        .nodes
+        .keys()
+        .filter_map(|id| NodeId::new(id.as_str()).ok())
+        .chain(spec.vips.iter().flatten().flat_map(|v| v.candidates.clone()))
+        .collect();
+    let nodes = crate::vip::admin::read_fleet(store, &named).await?;
     let vips = store
         .vips()
         .await?
@@ -104,7 +112,7 @@ async fn read_current(store: &Store) -> Result<Current> {
 
 /// The guards (every written key still at the revision planned from) and
 /// the writes of `plan`.
-fn transaction(store: &Store, plan: &Plan) -> (Vec<Cmp>, Vec<Op>) {
+fn transaction(store: &Store, plan: &Plan, current: &Current) -> (Vec<Cmp>, Vec<Op>) {
     let keys = store.keys();
     let mut compares = Vec::new();
     let mut writes = Vec::new();
@@ -130,6 +138,12 @@ fn transaction(store: &Store, plan: &Plan) -> (Vec<Cmp>, Vec<Op>) {
         let key = keys.cluster_settings();
         compares.push(unchanged(key.clone(), settings.expected_revision));
         writes.push(Op::put(key, encode(&settings.settings)));
+        let before = current
+            .settings
+            .as_ref()
+            .map(|s| s.value.clone())
+            .unwrap_or_default();
+        writes.extend(store.settings_change_ops(&before, &settings.settings));
         // No event kind is about settings; they configure what the roles
         // do, so the role kind is the closest.
         let event = store.event(
@@ -139,10 +153,19 @@ fn transaction(store: &Store, plan: &Plan) -> (Vec<Cmp>, Vec<Op>) {
         );
         writes.push(store.event_op(&event));
     }
+    // One touch per role any node loses (a key may be written once per
+    // transaction).
+    let mut departures = std::collections::BTreeSet::new();
     for node in &plan.nodes {
         let key = keys.node_spec(&node.node);
         compares.push(unchanged(key.clone(), node.expected_revision));
         writes.push(Op::put(key, encode(&node.after)));
+        departures.extend(node.before.roles.difference(&node.after.roles).copied());
     }
+    writes.extend(
+        departures
+            .into_iter()
+            .map(|role| Op::put(keys.role_departed(role), Vec::new())),
+    );
     (compares, writes)
 }

@@ -722,14 +722,6 @@ mod tests {
             }),
             status: Some(Versioned {
                 value: NodeStatusRecord {
-                    facts: Facts {
-                        interfaces: vec![NetworkInterface {
-                            name: "eth0".into(),
-                            mac: String::new(),
-                            addresses: vec![address.into()],
-                        }],
-                        ..Default::default()
-                    },
                     health: NodeHealth::Healthy,
                     last_health: Health::default(),
                     replica: None,
@@ -742,6 +734,17 @@ mod tests {
             address: None,
             converge: None,
             revoked: None,
+            facts: Some(Versioned {
+                value: Facts {
+                    interfaces: vec![NetworkInterface {
+                        name: "eth0".into(),
+                        mac: String::new(),
+                        addresses: vec![address.into()],
+                    }],
+                    ..Default::default()
+                },
+                mod_revision: 3,
+            }),
         }
     }
 

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steward_proto::converge::ClusterView;
-use steward_proto::domain::NodeId;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -69,11 +68,9 @@ pub async fn run_orchestrator(
     }
 }
 
-/// The view every node's desired state carries.
+/// The whole cluster view, which the leader orchestrates from.
 pub fn cluster_view(specs: &SpecSnapshot, vips: &VipSnapshot) -> ClusterView {
-    // Any node id will do: the view is the same for all of them.
-    let anyone = NodeId::new("steward-leader".to_owned()).expect("a valid node id");
-    specs.desired_state(&anyone, vips).cluster
+    specs.full_view(vips)
 }
 
 /// Puts `value` at `key` while this replica leads and nobody else wrote the

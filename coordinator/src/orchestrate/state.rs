@@ -11,6 +11,7 @@ use super::gluster::{self, VolumeRecord};
 use super::kubernetes::{self, Bootstrap, BootstrapRecord, Progress};
 use super::secrets::SecretBox;
 use crate::cache::CachedPrefix;
+use crate::desired::{Interest, Section};
 use crate::store::{decode, Keys, Versioned};
 
 /// `orchestration/kubernetes/joined/<id>`.
@@ -63,9 +64,41 @@ impl OrchestrationSnapshot {
             .ok()
     }
 
-    /// Adds the cluster-wide steps for `node` to `desired`.
-    pub fn add_steps(&self, desired: &mut DesiredState, node: &NodeId, sealer: Option<&SecretBox>) {
-        desired.revision = desired.revision.max(self.inputs_revision().max(0) as u64);
+    /// Newest mod revision of the records a node with `interest` is given
+    /// steps from: the Kubernetes ones for Kubernetes nodes, the volume
+    /// placements for Gluster ones.
+    pub fn inputs_revision_for(&self, interest: &Interest) -> i64 {
+        let mut newest = 0;
+        if interest.sections.contains(&Section::Kubernetes) {
+            newest = self
+                .bootstrap
+                .iter()
+                .map(|b| b.mod_revision)
+                .chain(self.joined.values().copied())
+                .chain(self.drained.values().copied())
+                .fold(newest, i64::max);
+        }
+        if interest.sections.contains(&Section::Gluster) {
+            newest = self
+                .volumes
+                .values()
+                .map(|v| v.mod_revision)
+                .fold(newest, i64::max);
+        }
+        newest
+    }
+
+    /// Adds the cluster-wide steps for `node` to `desired`, whose cluster
+    /// view is the slice a node with `interest` consumes.
+    pub fn add_steps(
+        &self,
+        desired: &mut DesiredState,
+        node: &NodeId,
+        interest: &Interest,
+        sealer: Option<&SecretBox>,
+    ) {
+        let newest = self.inputs_revision_for(interest).max(0) as u64;
+        desired.revision = desired.revision.max(newest);
         let view = &desired.cluster;
         let bootstrap = self.open_bootstrap(sealer);
         let joined = self.joined_set();
@@ -84,6 +117,15 @@ impl OrchestrationSnapshot {
             if let Some(record) = self.volumes.get(&volume.name) {
                 all_tasks.extend(gluster::steps(node, view, volume, &record.value));
             }
+        }
+        if !all_tasks.is_empty() && !interest.sections.contains(&Section::Kubernetes) {
+            // A node that left Kubernetes still has its reset to run.
+            let kubernetes = Interest {
+                sections: [Section::Kubernetes].into(),
+                ..Interest::default()
+            };
+            let newest = self.inputs_revision_for(&kubernetes).max(0) as u64;
+            desired.revision = desired.revision.max(newest);
         }
         desired.tasks = all_tasks;
         desired.files = files;

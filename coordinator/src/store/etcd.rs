@@ -171,6 +171,35 @@ impl EtcdBackend {
         })
     }
 
+    /// Up to `limit` keys in `[start, end)`, in key order, read at
+    /// `revision` (0: the newest).
+    pub async fn range_page(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        revision: i64,
+        op: &'static str,
+    ) -> Result<Range> {
+        let mut get = GetOptions::new()
+            .with_range(end.to_vec())
+            .with_sort(SortTarget::Key, SortOrder::Ascend)
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        if revision > 0 {
+            get = get.with_revision(revision);
+        }
+        let resp = self
+            .client
+            .kv_client()
+            .get(start, Some(get))
+            .await
+            .map_err(etcd(op))?;
+        Ok(Range {
+            kvs: resp.kvs().iter().map(kv).collect(),
+            revision: resp.header().map(|h| h.revision()).unwrap_or_default(),
+        })
+    }
+
     pub async fn count(&self, prefix: &[u8], op: &'static str) -> Result<i64> {
         let resp = self
             .client
@@ -184,12 +213,9 @@ impl EtcdBackend {
         Ok(resp.count())
     }
 
-    /// Every key under each of `prefixes`, all read at one revision.
-    pub async fn read_prefixes(&self, prefixes: &[Vec<u8>], op: &'static str) -> Result<Range> {
-        let reads: Vec<TxnOp> = prefixes
-            .iter()
-            .map(|p| TxnOp::get(p.clone(), Some(GetOptions::new().with_prefix())))
-            .collect();
+    /// Each of `keys` that exists, read in one transaction (one revision).
+    pub async fn get_many(&self, keys: &[Vec<u8>], op: &'static str) -> Result<Vec<Kv>> {
+        let reads: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
         let resp = self
             .client
             .kv_client()
@@ -202,10 +228,7 @@ impl EtcdBackend {
                 kvs.extend(get.kvs().iter().map(kv));
             }
         }
-        Ok(Range {
-            kvs,
-            revision: resp.header().map(|h| h.revision()).unwrap_or_default(),
-        })
+        Ok(kvs)
     }
 
     /// One unconditional write (etcd's Put, not a transaction).

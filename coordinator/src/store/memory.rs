@@ -232,15 +232,43 @@ impl MemoryBackend {
         Ok(range.kvs.len() as i64)
     }
 
-    pub async fn read_prefixes(&self, prefixes: &[Vec<u8>], op: &'static str) -> Result<Range> {
+    /// Up to `limit` keys in `[start, end)`. The twin keeps no history:
+    /// it answers from its current state whatever `revision` asks.
+    pub async fn range_page(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        _revision: i64,
+        op: &'static str,
+    ) -> Result<Range> {
         self.check(op)?;
-        let mut all = Range::default();
-        for prefix in prefixes {
-            let range = self.range(prefix, RangeOptions::default(), op).await?;
-            all.kvs.extend(range.kvs);
-            all.revision = range.revision;
+        let state = self.state();
+        if start >= end {
+            return Ok(Range {
+                kvs: Vec::new(),
+                revision: state.revision,
+            });
         }
-        Ok(all)
+        let kvs = state
+            .keys
+            .range(start.to_vec()..end.to_vec())
+            .take(limit)
+            .map(|(_, e)| e.kv.clone())
+            .collect();
+        Ok(Range {
+            kvs,
+            revision: state.revision,
+        })
+    }
+
+    pub async fn get_many(&self, keys: &[Vec<u8>], op: &'static str) -> Result<Vec<Kv>> {
+        self.check(op)?;
+        let state = self.state();
+        Ok(keys
+            .iter()
+            .filter_map(|k| state.keys.get(k).map(|e| e.kv.clone()))
+            .collect())
     }
 
     pub async fn txn(&self, txn: Txn, op: &'static str) -> Result<TxnOutcome> {

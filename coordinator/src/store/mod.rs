@@ -7,9 +7,10 @@
 //! | `coordinators/election` | election API | leader key; its create revision is the leader epoch |
 //! | `coordinators/members/<id>` | each replica, on its lease | [`MemberRecord`] |
 //! | `nodes/<id>/spec` | admin API | [`NodeSpec`] |
-//! | `nodes/<id>/status` | the replica serving the node, on change only | [`NodeStatusRecord`] |
+//! | `nodes/<id>/status` | the replica serving the node, on change only, rate-limited per node | [`NodeStatusRecord`] (small: no facts) |
 //! | `nodes/<id>/address` | the replica serving the node, when it differs at session open | [`NodeAddressRecord`] |
-//! | `nodes/<id>/converge` | the replica serving the node, when the outcome changes | [`ConvergeReport`] |
+//! | `facts/<id>` | the replica serving the node, at session open when they changed | [`Facts`], bounded |
+//! | `converge/<id>` | the replica serving the node, when the outcome changes | [`ConvergeReport`], bounded |
 //! | `vips/.removed` | admin API, with every VIP removal | [`VipRemovedRecord`] |
 //! | `cluster/settings` | admin API (`Apply`), whole, never deleted | [`ClusterSettings`] |
 //! | `orchestration/kubernetes/bootstrap` | leader | sealed CA, token, certificate key ([`crate::orchestrate::kubernetes::BootstrapRecord`]) |
@@ -23,6 +24,13 @@
 //! etcd (`etcd` is its backend; `coordinator/tests/tidy.rs` fails on an
 //! `etcd_client` anywhere else). Everything above it takes a [`Store`],
 //! which is etcd in production and [`MemoryBackend`] in unit tests.
+//!
+//! **Fleet-scale invariant:** no read is unbounded. Everything under
+//! `nodes/` is small (the big per-node records, facts and converge
+//! reports, live under their own prefixes and are read per node or per
+//! page), and every list is read in pages of at most [`SCAN_CHUNK`] keys
+//! at one pinned revision ([`Store::scan`]), so no etcd response nears
+//! etcd-client's 4 MB limit however large the fleet.
 
 mod etcd;
 pub mod kv;
@@ -37,7 +45,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use steward_lease::MarkReason;
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
-use steward_proto::domain::{Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec};
+use steward_proto::domain::{
+    Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec, Role,
+};
 use steward_proto::vip::VipSpec;
 
 pub use self::etcd::{connect, EtcdError};
@@ -45,6 +55,7 @@ use self::kv::{Change, Cmp, Kv, LeaderKey, Op, PutLease, Range, RangeOptions, Tx
 pub use self::memory::MemoryBackend;
 use crate::cache::CachedPrefix;
 use crate::config::EtcdConfig;
+use crate::desired::Section;
 use crate::error::{Error, Result};
 use crate::tokens::TokenRecord;
 use crate::vip::{MarkRecord, MoveRecord, OwnerRecord, VipSnapshot};
@@ -69,7 +80,6 @@ pub enum NodeKey {
     Spec,
     Status,
     Address,
-    Converge,
     Revoked,
 }
 
@@ -100,8 +110,14 @@ impl Keys {
     pub fn node_address(&self, id: &NodeId) -> String {
         format!("{}{id}/address", self.nodes())
     }
+    /// The node's last converge report: not under `nodes/`, which holds
+    /// only small records (the spec cache and node lists read all of it).
     pub fn node_converge(&self, id: &NodeId) -> String {
-        format!("{}{id}/converge", self.nodes())
+        format!("{}converge/{id}", self.prefix)
+    }
+    /// The node's facts, written only when they change.
+    pub fn node_facts(&self, id: &NodeId) -> String {
+        format!("{}facts/{id}", self.prefix)
     }
     pub fn node_revoked(&self, id: &NodeId) -> String {
         format!("{}{id}/revoked", self.nodes())
@@ -133,6 +149,23 @@ impl Keys {
     /// The [`ClusterSettings`] of the last `stewardctl apply`, stored whole.
     pub fn cluster_settings(&self) -> String {
         format!("{}settings", self.cluster())
+    }
+    /// Touched whenever a node loses `role` (so the slices of the cluster
+    /// view that list `role` members move on; see `crate::desired`).
+    pub fn role_departed(&self, role: Role) -> String {
+        format!("{}departed/{}", self.cluster(), role.as_str())
+    }
+    /// Touched whenever `section` of the cluster settings changes.
+    pub fn settings_changed(&self, section: Section) -> String {
+        format!("{}changed/{}", self.cluster(), section.as_str())
+    }
+    /// Parses a marker key under `cluster/`.
+    pub fn parse_marker(&self, key: &[u8]) -> Option<Marker> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.cluster())?;
+        if let Some(role) = rest.strip_prefix("departed/") {
+            return role.parse().ok().map(Marker::Departed);
+        }
+        Section::parse(rest.strip_prefix("changed/")?).map(Marker::Changed)
     }
     pub fn events(&self) -> String {
         format!("{}events/", self.prefix)
@@ -202,12 +235,18 @@ impl Keys {
             "spec" => NodeKey::Spec,
             "status" => NodeKey::Status,
             "address" => NodeKey::Address,
-            "converge" => NodeKey::Converge,
             "revoked" => NodeKey::Revoked,
             _ => return None,
         };
         Some((NodeId::new(id).ok()?, kind))
     }
+}
+
+/// A marker key under `cluster/` (see `crate::desired`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    Departed(Role),
+    Changed(Section),
 }
 
 /// What a key under `vips/<name>/` holds.
@@ -232,10 +271,12 @@ pub struct MemberRecord {
 }
 
 /// `nodes/<id>/status`: what the serving replica last recorded. Written only
-/// when something here changes (never per heartbeat).
+/// when something here changes (never per heartbeat), at most at the
+/// node's status write rate, and small: the facts have their own key.
+/// (Records written before facts moved out still decode: unknown fields
+/// are ignored.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatusRecord {
-    pub facts: Facts,
     pub health: NodeHealth,
     /// Health sample taken when this record was written.
     pub last_health: Health,
@@ -290,6 +331,17 @@ pub struct VipRemovedRecord {
     pub name: String,
 }
 
+/// Nodes as [`Store::nodes_page`] read them.
+#[derive(Debug, Default)]
+pub struct NodesPage {
+    /// In key order.
+    pub nodes: Vec<(NodeId, NodeRecord)>,
+    /// More nodes follow the last one.
+    pub more: bool,
+    /// The revision every page of one listing is read at.
+    pub revision: i64,
+}
+
 /// A value read from etcd with the revision that last modified it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned<T> {
@@ -303,10 +355,14 @@ pub struct NodeRecord {
     pub spec: Option<Versioned<NodeSpec>>,
     pub status: Option<Versioned<NodeStatusRecord>>,
     pub address: Option<Versioned<IpAddr>>,
-    /// The last converge report whose outcome differed from the one before.
+    /// The last converge report whose outcome differed from the one before
+    /// (`converge/<id>`; read per node and per page, not by [`Store::nodes`]).
     pub converge: Option<Versioned<ConvergeReport>>,
     /// The node's last certificate revocation.
     pub revoked: Option<Versioned<NodeRevokedRecord>>,
+    /// What the agent last said about its host (`facts/<id>`; like
+    /// `converge`, read per node and per page).
+    pub facts: Option<Versioned<Facts>>,
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
@@ -388,6 +444,27 @@ pub struct Store {
 /// How many times a read-modify-write retries on a concurrent change.
 const CAS_ATTEMPTS: usize = 8;
 
+/// Keys per read of a list: with `nodes/` records of a few KiB at most, a
+/// page stays far below etcd-client's 4 MB response limit.
+pub const SCAN_CHUNK: usize = 256;
+
+/// Single-key reads per transaction when fetching per-node records (facts
+/// up to 16 KiB, converge reports up to 64 KiB: ~2.5 MB at most), also
+/// under etcd's default of 128 operations per transaction.
+const GET_MANY_CHUNK: usize = 32;
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 static EVENT_SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn versioned<T: DeserializeOwned>(kv: &Kv) -> Result<Versioned<T>> {
@@ -467,13 +544,82 @@ impl Store {
         }
     }
 
-    /// Everything under each of `prefixes`, read at one revision.
+    /// Everything under each of `prefixes`, read at one revision, in
+    /// pages ([`Store::scan`]).
     pub async fn read_prefixes(&self, prefixes: &[String]) -> Result<Range> {
-        let prefixes: Vec<Vec<u8>> = prefixes.iter().map(|p| p.as_bytes().to_vec()).collect();
-        match &self.backend {
-            Backend::Etcd(b) => b.read_prefixes(&prefixes, "read prefix").await,
-            Backend::Memory(b) => b.read_prefixes(&prefixes, "read prefix").await,
+        let mut all = Range::default();
+        for prefix in prefixes {
+            let start = prefix.as_bytes();
+            let read = self
+                .scan(start, &prefix_end(start), all.revision, "read prefix")
+                .await?;
+            all.revision = read.revision;
+            all.kvs.extend(read.kvs);
         }
+        Ok(all)
+    }
+
+    /// One page: up to `limit` keys in `[start, end)` at `revision` (0: the
+    /// newest).
+    async fn range_page(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        revision: i64,
+        op: &'static str,
+    ) -> Result<Range> {
+        match &self.backend {
+            Backend::Etcd(b) => b.range_page(start, end, limit, revision, op).await,
+            Backend::Memory(b) => b.range_page(start, end, limit, revision, op).await,
+        }
+    }
+
+    /// Every key in `[start, end)`, read in pages of [`SCAN_CHUNK`] keys,
+    /// all at one revision: `revision`, or (0) the first page's.
+    pub async fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        revision: i64,
+        op: &'static str,
+    ) -> Result<Range> {
+        let mut all = Range {
+            kvs: Vec::new(),
+            revision,
+        };
+        let mut from = start.to_vec();
+        loop {
+            let page = self
+                .range_page(&from, end, SCAN_CHUNK, all.revision, op)
+                .await?;
+            if all.revision == 0 {
+                all.revision = page.revision;
+            }
+            let full = page.kvs.len() == SCAN_CHUNK;
+            if let Some(last) = page.kvs.last() {
+                from = last.key.clone();
+                from.push(0);
+            }
+            all.kvs.extend(page.kvs);
+            if !full {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// The keys `keys` (each exactly), read a bounded number at a time.
+    async fn get_many(&self, keys: &[String], op: &'static str) -> Result<Vec<Kv>> {
+        let mut found = Vec::new();
+        for chunk in keys.chunks(GET_MANY_CHUNK) {
+            let chunk: Vec<Vec<u8>> = chunk.iter().map(|k| k.as_bytes().to_vec()).collect();
+            let read = match &self.backend {
+                Backend::Etcd(b) => b.get_many(&chunk, op).await?,
+                Backend::Memory(b) => b.get_many(&chunk, op).await?,
+            };
+            found.extend(read);
+        }
+        Ok(found)
     }
 
     /// Follows every key under `prefixes` from `start_revision`, on one
@@ -562,6 +708,7 @@ impl Store {
 
     // Nodes.
 
+    /// Everything about node `id`, its facts and converge report included.
     pub async fn node(&self, id: &NodeId) -> Result<NodeRecord> {
         let resp = self
             .list(&format!("{}{id}/", self.keys.nodes()), "get node")
@@ -570,7 +717,48 @@ impl Store {
         for kv in &resp.kvs {
             self.fill_record(&mut record, kv)?;
         }
-        Ok(record)
+        let mut one = BTreeMap::from([(id.clone(), record)]);
+        self.fill_details(&mut one).await?;
+        Ok(one.remove(id).unwrap_or_default())
+    }
+
+    /// Adds the facts and converge reports of every node in `nodes`
+    /// (read per node, a bounded number at a time).
+    pub async fn fill_details(&self, nodes: &mut BTreeMap<NodeId, NodeRecord>) -> Result<()> {
+        let keys: Vec<String> = nodes
+            .keys()
+            .flat_map(|id| [self.keys.node_facts(id), self.keys.node_converge(id)])
+            .collect();
+        for kv in self.get_many(&keys, "read node details").await? {
+            let key = String::from_utf8_lossy(&kv.key);
+            let Some((kind, id)) = key
+                .strip_prefix(&self.keys.prefix)
+                .and_then(|rest| rest.split_once('/'))
+            else {
+                continue;
+            };
+            let Some(record) = NodeId::new(id).ok().and_then(|id| nodes.get_mut(&id)) else {
+                continue;
+            };
+            match kind {
+                "facts" => record.facts = Some(versioned(&kv)?),
+                "converge" => record.converge = Some(versioned(&kv)?),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a node's facts (unconditionally: only the session serving
+    /// the node writes them, when they differ from what etcd holds).
+    pub async fn put_facts(&self, id: &NodeId, facts: &Facts) -> Result<()> {
+        self.put(
+            &self.keys.node_facts(id),
+            encode(facts),
+            PutLease::None,
+            "write node facts",
+        )
+        .await
     }
 
     fn fill_record(&self, record: &mut NodeRecord, kv: &Kv) -> Result<()> {
@@ -583,23 +771,78 @@ impl Store {
                     mod_revision: kv.mod_revision,
                 })
             }
-            Some((_, NodeKey::Converge)) => record.converge = Some(versioned(kv)?),
             Some((_, NodeKey::Revoked)) => record.revoked = Some(versioned(kv)?),
             None => {}
         }
         Ok(())
     }
 
-    /// Every node with a spec or a status.
+    /// Every node with a spec or a status, without facts and converge
+    /// reports ([`Store::fill_details`] adds them), read in pages.
     pub async fn nodes(&self) -> Result<BTreeMap<NodeId, NodeRecord>> {
-        let resp = self.list(&self.keys.nodes(), "list nodes").await?;
-        let mut nodes: BTreeMap<NodeId, NodeRecord> = BTreeMap::new();
-        for kv in &resp.kvs {
-            if let Some((id, _)) = self.keys.parse_node_key(&kv.key) {
-                self.fill_record(nodes.entry(id).or_default(), kv)?;
+        Ok(self
+            .nodes_page(None, usize::MAX, 0)
+            .await?
+            .nodes
+            .into_iter()
+            .collect())
+    }
+
+    /// Up to `max` nodes after node `after` (in key order), without facts
+    /// and converge reports, read at `revision` (0: now).
+    pub async fn nodes_page(
+        &self,
+        after: Option<&NodeId>,
+        max: usize,
+        revision: i64,
+    ) -> Result<NodesPage> {
+        let prefix = self.keys.nodes();
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = match after {
+            // Past every key of `after`: `nodes/<after>/` then 0xff.
+            Some(id) => {
+                let mut k = format!("{prefix}{id}/").into_bytes();
+                k.push(0xff);
+                k
+            }
+            None => prefix.into_bytes(),
+        };
+        let mut page = NodesPage {
+            nodes: Vec::new(),
+            more: false,
+            revision,
+        };
+        loop {
+            let read = self
+                .range_page(&from, &end, SCAN_CHUNK, page.revision, "list nodes")
+                .await?;
+            if page.revision == 0 {
+                page.revision = read.revision;
+            }
+            let full = read.kvs.len() == SCAN_CHUNK;
+            for kv in &read.kvs {
+                let Some((id, _)) = self.keys.parse_node_key(&kv.key) else {
+                    continue;
+                };
+                if page.nodes.last().is_none_or(|(last, _)| *last != id) {
+                    if page.nodes.len() == max {
+                        page.more = true;
+                        return Ok(page);
+                    }
+                    page.nodes.push((id, NodeRecord::default()));
+                }
+                if let Some((_, record)) = page.nodes.last_mut() {
+                    self.fill_record(record, kv)?;
+                }
+            }
+            if let Some(last) = read.kvs.last() {
+                from = last.key.clone();
+                from.push(0);
+            }
+            if !full {
+                return Ok(page);
             }
         }
-        Ok(nodes)
     }
 
     /// Read-modify-write of a node's spec. `change` gets the current spec and
@@ -626,10 +869,10 @@ impl Store {
                     mod_revision: rev,
                 });
             };
-            if let Some(mod_revision) = self
-                .put_if(spec_key.clone(), rev, encode(&next), "update spec")
-                .await?
-            {
+            let txn = Self::put_if_txn(spec_key.clone(), rev, encode(&next))
+                .and_then(self.departure_ops(&current, &next));
+            let outcome = self.txn(txn, "update spec").await?;
+            if let Some(mod_revision) = outcome.succeeded.then_some(outcome.revision) {
                 return Ok(Versioned {
                     value: next,
                     mod_revision,
@@ -637,6 +880,26 @@ impl Store {
             }
         }
         Err(Error::Conflict { key: spec_key })
+    }
+
+    /// The marker writes that go with replacing spec `before` by `after`:
+    /// one touch of `cluster/departed/<role>` per role the node loses.
+    pub fn departure_ops(&self, before: &NodeSpec, after: &NodeSpec) -> Vec<Op> {
+        before
+            .roles
+            .difference(&after.roles)
+            .map(|role| Op::put(self.keys.role_departed(*role), Vec::new()))
+            .collect()
+    }
+
+    /// The marker writes that go with replacing the cluster settings
+    /// `before` by `after`: one touch of `cluster/changed/<section>` per
+    /// section that differs.
+    pub fn settings_change_ops(&self, before: &ClusterSettings, after: &ClusterSettings) -> Vec<Op> {
+        Section::changed(before, after)
+            .into_iter()
+            .map(|section| Op::put(self.keys.settings_changed(section), Vec::new()))
+            .collect()
     }
 
     /// Writes a node's status if nobody wrote it since `expected_rev`
@@ -1113,6 +1376,73 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn status() -> NodeStatusRecord {
+        NodeStatusRecord {
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            replica: None,
+            last_seen_unix_ms: 1,
+            applied_revision: 0,
+            agent_version: "test".into(),
+        }
+    }
+
+    /// Lists longer than a read page come whole, in pages, and node pages
+    /// never split a node's keys.
+    #[tokio::test]
+    async fn lists_are_read_in_pages() {
+        let store = Store::in_memory(MemoryBackend::new(), Keys::new("t"), "c-1".into());
+        let count = SCAN_CHUNK * 2 + 17;
+        for i in 0..count {
+            let id = NodeId::new(format!("n{i:04}")).unwrap();
+            store.put_status_if(&id, 0, &status()).await.unwrap();
+            store
+                .put_address_if(&id, 0, "198.18.0.1".parse().unwrap())
+                .await
+                .unwrap();
+        }
+        let all = store.nodes().await.unwrap();
+        assert_eq!(all.len(), count);
+        assert!(all.values().all(|r| r.status.is_some() && r.address.is_some()));
+        let read = store.read_prefixes(&[store.keys().nodes()]).await.unwrap();
+        assert_eq!(read.kvs.len(), 2 * count);
+
+        let mut seen = 0;
+        let mut after = None;
+        loop {
+            let page = store.nodes_page(after.as_ref(), 100, 0).await.unwrap();
+            for (_, record) in &page.nodes {
+                assert!(record.status.is_some() && record.address.is_some());
+            }
+            seen += page.nodes.len();
+            after = page.nodes.last().map(|(id, _)| id.clone());
+            if !page.more {
+                break;
+            }
+            assert_eq!(page.nodes.len(), 100);
+        }
+        assert_eq!(seen, count);
+    }
+
+    /// Facts and converge reports live apart from `nodes/` and come with
+    /// one node, not with lists.
+    #[tokio::test]
+    async fn facts_come_with_one_node_not_with_lists() {
+        let store = Store::in_memory(MemoryBackend::new(), Keys::new("t"), "c-1".into());
+        let id = NodeId::new("n1").unwrap();
+        store.put_status_if(&id, 0, &status()).await.unwrap();
+        let facts = Facts {
+            hostname: "n1".into(),
+            ..Default::default()
+        };
+        store.put_facts(&id, &facts).await.unwrap();
+        assert_eq!(store.node(&id).await.unwrap().facts.unwrap().value, facts);
+        let mut all = store.nodes().await.unwrap();
+        assert!(all[&id].facts.is_none());
+        store.fill_details(&mut all).await.unwrap();
+        assert_eq!(all[&id].facts.as_ref().unwrap().value, facts);
+    }
+
     #[test]
     fn node_keys_parse_back() {
         let keys = Keys::new("prod");
@@ -1126,10 +1456,9 @@ mod tests {
             keys.parse_node_key(keys.node_address(&id).as_bytes()),
             Some((id.clone(), NodeKey::Address))
         );
-        assert_eq!(
-            keys.parse_node_key(keys.node_converge(&id).as_bytes()),
-            Some((id.clone(), NodeKey::Converge))
-        );
+        // The big records live apart from nodes/.
+        assert_eq!(keys.parse_node_key(keys.node_converge(&id).as_bytes()), None);
+        assert_eq!(keys.parse_node_key(keys.node_facts(&id).as_bytes()), None);
         assert_eq!(
             keys.parse_node_key(keys.node_revoked(&id).as_bytes()),
             Some((id.clone(), NodeKey::Revoked))

@@ -53,6 +53,30 @@ fn fleet_candidates(
     spec.candidates.clone()
 }
 
+/// The fleet as VIP checks need it: every node, and the facts of those
+/// that can hold a VIP (the lb nodes, and the `named` ones: candidates, or
+/// nodes a spec is about to give the lb role). Facts are per-node reads,
+/// so only these are read.
+pub(crate) async fn read_fleet(
+    store: &Store,
+    named: &std::collections::BTreeSet<NodeId>,
+) -> Result<BTreeMap<NodeId, NodeRecord>> {
+    let mut nodes = store.nodes().await?;
+    let mut holders: BTreeMap<NodeId, NodeRecord> = nodes
+        .iter()
+        .filter(|(id, r)| {
+            named.contains(*id)
+                || r.spec
+                    .as_ref()
+                    .is_some_and(|s| s.value.roles.contains(&Role::Lb))
+        })
+        .map(|(id, r)| (id.clone(), r.clone()))
+        .collect();
+    store.fill_details(&mut holders).await?;
+    nodes.extend(holders);
+    Ok(nodes)
+}
+
 /// Every problem with `spec` in this fleet.
 pub(crate) fn fleet_problems(spec: &VipSpec, nodes: &BTreeMap<NodeId, NodeRecord>) -> Vec<String> {
     let mut problems = spec.problems();
@@ -71,8 +95,8 @@ pub(crate) fn fleet_problems(spec: &VipSpec, nodes: &BTreeMap<NodeId, NodeRecord
     let interfaces = |id: &NodeId| {
         nodes
             .get(id)
-            .and_then(|r| r.status.as_ref())
-            .map(|s| s.value.facts.interfaces.clone())
+            .and_then(|r| r.facts.as_ref())
+            .map(|f| f.value.interfaces.clone())
             .unwrap_or_default()
     };
     match &spec.interface {
@@ -120,7 +144,8 @@ fn join(nodes: &[NodeId]) -> String {
 /// Creates or replaces a VIP definition.
 pub async fn set_vip(ctx: &SessionContext, spec: VipSpec) -> Result<()> {
     let store = &ctx.store;
-    let problems = fleet_problems(&spec, &store.nodes().await?);
+    let named = spec.candidates.iter().cloned().collect();
+    let problems = fleet_problems(&spec, &read_fleet(store, &named).await?);
     if !problems.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "VIP {:?}: {}",

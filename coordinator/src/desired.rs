@@ -1,0 +1,255 @@
+//! Per-node desired states: each node is told only what its roles consume,
+//! at a revision that moves only when that part moves.
+//!
+//! A node's desired state holds its roles, the slice of the cluster view
+//! its roles plan from ([`Interest`]), and the orchestration steps given
+//! to it. Its revision is the newest etcd mod revision among exactly those
+//! inputs, so a change pushes to the nodes that consume it and to no other
+//! (adding a worker does not wake the other 9,999 workers). Each distinct
+//! slice is computed once per cache change and shared by every session
+//! with the same interest ([`ViewCache`]).
+//!
+//! Deterministic across replicas and never moving backwards, like the
+//! cluster-wide revision it replaces: inputs are overwritten, never
+//! deleted, and the changes that take something out of a slice touch a
+//! marker whose mod revision counts: a node losing role R touches
+//! `cluster/departed/<R>`, a VIP removal `vips/.removed`, and a change to a
+//! section of the cluster settings `cluster/changed/<section>`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use steward_proto::converge::{ClusterSettings, ClusterView, Member};
+use steward_proto::domain::{NodeId, Role};
+
+use crate::cache::SpecSnapshot;
+use crate::vip::VipSnapshot;
+
+/// A section of the cluster settings, as its change marker names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Section {
+    Kubernetes,
+    Gluster,
+    Frontends,
+}
+
+impl Section {
+    pub const ALL: [Section; 3] = [Section::Kubernetes, Section::Gluster, Section::Frontends];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Section::Kubernetes => "kubernetes",
+            Section::Gluster => "gluster",
+            Section::Frontends => "frontends",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// The sections that differ between `a` and `b`.
+    pub fn changed(a: &ClusterSettings, b: &ClusterSettings) -> Vec<Section> {
+        let mut out = Vec::new();
+        if a.kubernetes != b.kubernetes {
+            out.push(Section::Kubernetes);
+        }
+        if a.gluster_volumes != b.gluster_volumes {
+            out.push(Section::Gluster);
+        }
+        if a.frontends != b.frontends {
+            out.push(Section::Frontends);
+        }
+        out
+    }
+}
+
+/// What part of the cluster a set of roles plans from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Interest {
+    /// Members with any of these roles are in the view (and the node
+    /// itself, whatever its roles).
+    pub member_roles: BTreeSet<Role>,
+    pub vips: bool,
+    pub sections: BTreeSet<Section>,
+}
+
+impl Interest {
+    /// What a node with `roles` consumes:
+    /// - lb: every member (HAProxy backends may name any role), the VIPs,
+    ///   the frontends;
+    /// - k8s-control-plane: the Kubernetes members (it drains and removes
+    ///   leaving ones), the VIPs (the API endpoint), the Kubernetes settings;
+    /// - k8s-worker: the control planes (its join endpoint), the VIPs, the
+    ///   Kubernetes settings, and the bricks and volumes (it mounts them);
+    /// - gluster-brick: the other bricks and the volumes;
+    /// - no role: nothing.
+    pub fn of(roles: &BTreeSet<Role>) -> Self {
+        let mut i = Interest::default();
+        for role in roles {
+            match role {
+                Role::Lb => {
+                    i.member_roles.extend(Role::ALL);
+                    i.vips = true;
+                    i.sections.insert(Section::Frontends);
+                }
+                Role::K8sControlPlane => {
+                    i.member_roles
+                        .extend([Role::K8sControlPlane, Role::K8sWorker]);
+                    i.vips = true;
+                    i.sections.insert(Section::Kubernetes);
+                }
+                Role::K8sWorker => {
+                    i.member_roles
+                        .extend([Role::K8sControlPlane, Role::GlusterBrick]);
+                    i.vips = true;
+                    i.sections.extend([Section::Kubernetes, Section::Gluster]);
+                }
+                Role::GlusterBrick => {
+                    i.member_roles.insert(Role::GlusterBrick);
+                    i.sections.insert(Section::Gluster);
+                }
+            }
+        }
+        i
+    }
+
+    fn wants(&self, roles: &BTreeSet<Role>) -> bool {
+        roles.iter().any(|r| self.member_roles.contains(r))
+    }
+}
+
+/// One slice of the cluster view and the revision it is current at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// Members of interest only; the node itself is added per node.
+    pub view: ClusterView,
+    pub revision: u64,
+}
+
+/// The slice of `specs` and `vips` that `interest` consumes.
+pub fn project(specs: &SpecSnapshot, vips: &VipSnapshot, interest: &Interest) -> View {
+    let mut revision = 0i64;
+    let mut members = Vec::new();
+    for (id, spec) in &specs.specs {
+        if spec.value.roles.is_empty() || !interest.wants(&spec.value.roles) {
+            continue;
+        }
+        let address = specs.addresses.get(id);
+        revision = revision
+            .max(spec.mod_revision)
+            .max(address.map_or(0, |a| a.mod_revision));
+        members.push(Member {
+            node: id.clone(),
+            roles: spec.value.roles.clone(),
+            address: address.map(|a| a.value),
+        });
+    }
+    for role in &interest.member_roles {
+        revision = revision.max(specs.departed.get(role).copied().unwrap_or(0));
+    }
+    let mut view = ClusterView {
+        members,
+        ..Default::default()
+    };
+    if interest.vips {
+        view.vips = vips.views();
+        revision = revision.max(vips.views_revision());
+    }
+    if let Some(settings) = &specs.settings {
+        for section in &interest.sections {
+            // Before the first change marker (a cluster applied by an older
+            // coordinator), the settings' own revision stands in.
+            let marker = specs.sections.get(section).copied();
+            revision = revision.max(marker.unwrap_or(settings.mod_revision));
+            let s = &settings.value;
+            match section {
+                Section::Kubernetes => view.settings.kubernetes = s.kubernetes.clone(),
+                Section::Gluster => view.settings.gluster_volumes = s.gluster_volumes.clone(),
+                Section::Frontends => view.settings.frontends = s.frontends.clone(),
+            }
+        }
+    }
+    View {
+        view,
+        revision: revision.max(0) as u64,
+    }
+}
+
+/// The slices of one pair of snapshots, each computed once and shared by
+/// every session that consumes it.
+#[derive(Default)]
+pub struct ViewCache {
+    inner: Mutex<Cached>,
+}
+
+#[derive(Default)]
+struct Cached {
+    /// The snapshots the views were computed from (held, so that their
+    /// addresses are not reused while they key the cache).
+    from: Option<(Arc<SpecSnapshot>, Arc<VipSnapshot>)>,
+    views: HashMap<Interest, Arc<View>>,
+}
+
+impl ViewCache {
+    pub fn get(
+        &self,
+        specs: &Arc<SpecSnapshot>,
+        vips: &Arc<VipSnapshot>,
+        interest: &Interest,
+    ) -> Arc<View> {
+        let mut cached = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let current = cached
+            .from
+            .as_ref()
+            .is_some_and(|(s, v)| Arc::ptr_eq(s, specs) && Arc::ptr_eq(v, vips));
+        if !current {
+            cached.from = Some((specs.clone(), vips.clone()));
+            cached.views.clear();
+        }
+        cached
+            .views
+            .entry(interest.clone())
+            .or_insert_with(|| Arc::new(project(specs, vips, interest)))
+            .clone()
+    }
+}
+
+/// `node`'s roles and its slice of the cluster (itself included as a
+/// member when it has roles), at the slice's revision or its own spec's,
+/// whichever is newer. Orchestration steps are added by the caller.
+pub fn desired_base(
+    specs: &SpecSnapshot,
+    view: &View,
+    node: &NodeId,
+) -> steward_proto::domain::DesiredState {
+    let spec = specs.specs.get(node);
+    let roles = spec.map(|s| s.value.roles.clone()).unwrap_or_default();
+    let mut cluster = view.view.clone();
+    if !roles.is_empty() && !cluster.members.iter().any(|m| &m.node == node) {
+        let address = specs.addresses.get(node);
+        let at = cluster.members.partition_point(|m| m.node < *node);
+        cluster.members.insert(
+            at,
+            Member {
+                node: node.clone(),
+                roles: roles.clone(),
+                address: address.map(|a| a.value),
+            },
+        );
+    }
+    let own = spec.map_or(0, |s| s.mod_revision).max(
+        specs
+            .addresses
+            .get(node)
+            .filter(|_| !roles.is_empty())
+            .map_or(0, |a| a.mod_revision),
+    );
+    steward_proto::domain::DesiredState {
+        revision: view.revision.max(own.max(0) as u64),
+        roles,
+        cluster,
+        tasks: Vec::new(),
+        files: Vec::new(),
+    }
+}
