@@ -87,7 +87,7 @@ impl AdminApi {
         records
             .into_iter()
             .map(|(id, record)| {
-                let desired = self.ctx.desired_for(&id).map_or(0, |d| d.revision);
+                let desired = self.ctx.desired_revision_for(&id);
                 let mut view = self.view(id, record, desired);
                 if let Some(l) = live.get(&view.id) {
                     view.health = l.health;
@@ -273,12 +273,13 @@ impl NodeFilter {
         let status = record.status.as_ref().map(|s| &s.value);
         self.role
             .is_none_or(|r| spec.is_some_and(|s| s.roles.contains(&r)))
-            && self.label.as_ref().is_none_or(|(k, v)| {
-                spec.is_some_and(|s| s.labels.get(k).is_some_and(|x| x == v))
-            })
-            && self.health.is_none_or(|h| {
-                status.map_or(NodeHealth::Disconnected, |s| s.health) == h
-            })
+            && self
+                .label
+                .as_ref()
+                .is_none_or(|(k, v)| spec.is_some_and(|s| s.labels.get(k).is_some_and(|x| x == v)))
+            && self
+                .health
+                .is_none_or(|h| status.map_or(NodeHealth::Disconnected, |s| s.health) == h)
             && self
                 .replica
                 .as_ref()
@@ -368,9 +369,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
         };
         let mut cursor = match request.page_token.as_str() {
             "" => None,
-            token => Some(NodeId::new(token).map_err(|e| {
-                Error::InvalidArgument(format!("page_token {token:?}: {e}"))
-            })?),
+            token => Some(
+                NodeId::new(token)
+                    .map_err(|e| Error::InvalidArgument(format!("page_token {token:?}: {e}")))?,
+            ),
         };
         let store = &self.ctx.store;
         let mut picked = BTreeMap::new();

@@ -82,6 +82,30 @@ impl SessionContext {
         orchestration.add_steps(&mut desired, node, &interest, self.sealer.as_deref());
         Some(desired)
     }
+
+    /// The revision [`SessionContext::desired_for`] would give `node`,
+    /// without building its state (listing a fleet stays linear); 0 before
+    /// the caches are read.
+    pub fn desired_revision_for(&self, node: &NodeId) -> u64 {
+        let specs = self.specs.borrow().clone();
+        let roles = match specs.specs.get(node) {
+            Some(s) if !s.value.roles.is_empty() => s.value.roles.clone(),
+            // No role: the state is small, and steps (a reset after
+            // leaving Kubernetes) may still count.
+            _ => return self.desired_for(node).map_or(0, |d| d.revision),
+        };
+        let vips = self.vips.borrow().clone();
+        let orchestration = self.orchestration.borrow().clone();
+        if !specs.synced || !vips.synced || !orchestration.synced {
+            return 0;
+        }
+        let interest = crate::desired::Interest::of(&roles);
+        let view = self.views.get(&specs, &vips, &interest);
+        let steps = orchestration.inputs_revision_for(&interest).max(0) as u64;
+        view.revision
+            .max(crate::desired::own_revision(&specs, node))
+            .max(steps)
+    }
 }
 
 /// Bounds the sessions a replica admits at once (each costs etcd reads and
@@ -1100,6 +1124,11 @@ mod session_tests {
             .unwrap();
         let d = agents[1].desired().await;
         assert!(d.roles.contains(&Role::K8sWorker));
+        // Listing computes the same revision without building the state.
+        for id in ["w-1", "w-2", "w-3"] {
+            let full = replica.ctx.desired_for(&node(id)).unwrap().revision;
+            assert_eq!(replica.ctx.desired_revision_for(&node(id)), full, "{id}");
+        }
         agents[0].quiet("w-1 after a change to w-2").await;
         agents[2].quiet("w-3 after a change to w-2").await;
     }

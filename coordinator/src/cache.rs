@@ -411,7 +411,10 @@ mod tests {
         assert_eq!(lb.cluster.vips[0].prefix, 24);
         assert!(f.desired("b-1").cluster.vips.is_empty());
         let cp = &f.desired("w-1").cluster.members[1];
-        assert_eq!(cp.address.map(|a| a.to_string()), Some("198.18.0.21".into()));
+        assert_eq!(
+            cp.address.map(|a| a.to_string()),
+            Some("198.18.0.21".into())
+        );
         // Each at the newest input it consumes.
         assert_eq!(f.revisions(&ALL), [10, 10, 10, 8, 0]);
     }
@@ -451,7 +454,10 @@ mod tests {
         assert_eq!(f.revisions(&["w-1", "b-1"]), [10, 8]);
         // A VIP removal moves whoever had VIPs in view.
         f.remove_vip("front", 31);
-        assert_eq!(f.revisions(&["lb-1", "cp-1", "w-1", "b-1"]), [31, 31, 31, 8]);
+        assert_eq!(
+            f.revisions(&["lb-1", "cp-1", "w-1", "b-1"]),
+            [31, 31, 31, 8]
+        );
         assert!(f.desired("lb-1").cluster.vips.is_empty());
     }
 

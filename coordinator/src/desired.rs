@@ -158,10 +158,10 @@ pub fn project(specs: &SpecSnapshot, vips: &VipSnapshot, interest: &Interest) ->
     }
     if let Some(settings) = &specs.settings {
         for section in &interest.sections {
-            // Before the first change marker (a cluster applied by an older
-            // coordinator), the settings' own revision stands in.
-            let marker = specs.sections.get(section).copied();
-            revision = revision.max(marker.unwrap_or(settings.mod_revision));
+            // Every apply that changes a section touches its marker. (A
+            // cluster last applied by an older coordinator has none yet:
+            // its slices start at their other inputs until the next change.)
+            revision = revision.max(specs.sections.get(section).copied().unwrap_or(0));
             let s = &settings.value;
             match section {
                 Section::Kubernetes => view.settings.kubernetes = s.kubernetes.clone(),
@@ -238,18 +238,25 @@ pub fn desired_base(
             },
         );
     }
-    let own = spec.map_or(0, |s| s.mod_revision).max(
-        specs
-            .addresses
-            .get(node)
-            .filter(|_| !roles.is_empty())
-            .map_or(0, |a| a.mod_revision),
-    );
+    let own = own_revision(specs, node);
     steward_proto::domain::DesiredState {
-        revision: view.revision.max(own.max(0) as u64),
+        revision: view.revision.max(own),
         roles,
         cluster,
         tasks: Vec::new(),
         files: Vec::new(),
     }
+}
+
+/// The newest of `node`'s own inputs: its spec, and its address while it
+/// has roles (it is then a member of its own view).
+pub fn own_revision(specs: &SpecSnapshot, node: &NodeId) -> u64 {
+    let spec = specs.specs.get(node);
+    let member = spec.is_some_and(|s| !s.value.roles.is_empty());
+    let address = specs
+        .addresses
+        .get(node)
+        .filter(|_| member)
+        .map_or(0, |a| a.mod_revision);
+    spec.map_or(0, |s| s.mod_revision).max(address).max(0) as u64
 }

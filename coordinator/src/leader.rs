@@ -23,10 +23,11 @@ pub const DUTY_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run_duties(store: Store, fence: Fence, events_retained: u32) -> Result<()> {
     let mut tick = tokio::time::interval(DUTY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reaper = Reaper::default();
     loop {
         tick.tick().await;
         for duty in [
-            reap_orphaned_sessions(&store, &fence).await,
+            reaper.run(&store, &fence).await,
             trim_events(&store, &fence, events_retained).await,
         ] {
             match duty {
@@ -39,8 +40,40 @@ pub async fn run_duties(store: Store, fence: Fence, events_retained: u32) -> Res
     }
 }
 
-async fn reap_orphaned_sessions(store: &Store, fence: &Fence) -> Result<()> {
-    let live: BTreeSet<String> = store.members().await?.into_iter().map(|m| m.id).collect();
+/// How often the leader sweeps every node's status although no replica
+/// left (the safety net; a replica leaving triggers a sweep at once).
+const FULL_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Sweeps the node statuses when the replica set lost a member, and
+/// otherwise once a [`FULL_SWEEP_INTERVAL`]: reading every node each
+/// second would cost a 10,000-node fleet megabytes a second.
+#[derive(Default)]
+struct Reaper {
+    members: BTreeSet<String>,
+    swept_at: Option<tokio::time::Instant>,
+}
+
+impl Reaper {
+    async fn run(&mut self, store: &Store, fence: &Fence) -> Result<()> {
+        let live: BTreeSet<String> = store.members().await?.into_iter().map(|m| m.id).collect();
+        let lost_one = self.members.difference(&live).next().is_some();
+        let due = self
+            .swept_at
+            .is_none_or(|at| at.elapsed() >= FULL_SWEEP_INTERVAL);
+        self.members = live.clone();
+        if lost_one || due {
+            reap_orphaned_sessions(store, fence, &live).await?;
+            self.swept_at = Some(tokio::time::Instant::now());
+        }
+        Ok(())
+    }
+}
+
+async fn reap_orphaned_sessions(
+    store: &Store,
+    fence: &Fence,
+    live: &BTreeSet<String>,
+) -> Result<()> {
     for (id, record) in store.nodes().await? {
         let Some(status) = record.status else {
             continue;
@@ -114,7 +147,8 @@ mod tests {
                 .unwrap();
             assert!(written.is_some());
         }
-        reap_orphaned_sessions(store, &fence).await.unwrap();
+        let mut reaper = Reaper::default();
+        reaper.run(store, &fence).await.unwrap();
         let n1 = store.node(&node("n1")).await.unwrap().status.unwrap().value;
         assert_eq!((n1.health, n1.replica), (NodeHealth::Disconnected, None));
         let n2 = store.node(&node("n2")).await.unwrap().status.unwrap().value;
@@ -125,8 +159,18 @@ mod tests {
         assert_eq!(last.message, "n1 lost its session: replica c-gone is gone");
         // Nothing left to do: no more writes.
         let revision = replica.memory.revision();
-        reap_orphaned_sessions(store, &fence).await.unwrap();
+        reaper.run(store, &fence).await.unwrap();
         assert_eq!(replica.memory.revision(), revision);
+        // A node that a replica still in the set serves is not swept again
+        // every tick; once the replica leaves, it is at once.
+        store
+            .put_status_if(&node("n3"), 0, &served_by("c-2"))
+            .await
+            .unwrap();
+        reaper.members.insert("c-2".into());
+        reaper.run(store, &fence).await.unwrap();
+        let n3 = store.node(&node("n3")).await.unwrap().status.unwrap().value;
+        assert_eq!(n3.health, NodeHealth::Disconnected, "c-2 left the set");
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! The cluster view in every node's desired state: members with their roles
-//! and addresses, and the VIPs, computed alike by every replica.
+//! The cluster view in every node's desired state: the members its roles
+//! consume with their roles and addresses, and the VIPs, computed alike by
+//! every replica.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -75,24 +76,31 @@ fn every_agent_gets_members_with_addresses_and_vips() {
             Some(advertised),
         ),
     ];
+    // The lb nodes see every member (HAProxy backends may be any role); the
+    // control plane sees the Kubernetes members only: itself.
+    let want = |i: usize| {
+        if i < 2 {
+            expected.clone()
+        } else {
+            expected[2..].to_vec()
+        }
+    };
     let states = eventually(Duration::from_secs(3), "the view at every agent", || {
         let states: Vec<DesiredState> = (0..3)
             .map(|i| recorded(&cluster, i))
             .collect::<Option<_>>()?;
-        states
-            .iter()
-            .all(|d| members(d) == expected)
+        (0..3)
+            .all(|i| members(&states[i]) == want(i))
             .then_some(states)
     });
     // One view, one revision, whichever replica computed it.
-    assert!(states
-        .iter()
-        .all(|d| d.cluster == states[0].cluster && d.revision == states[0].revision));
+    assert_eq!(states[0].cluster, states[1].cluster);
+    assert_eq!(states[0].revision, states[1].revision);
     assert_eq!(
         states.iter().map(|d| d.roles.len()).collect::<Vec<_>>(),
         [1, 1, 1]
     );
-    let first_revision = states[0].revision;
+    let first_revision = states.iter().map(|d| d.revision).min().unwrap();
 
     // The operator sees the same addresses.
     let nodes = cluster.nodes();
@@ -133,14 +141,20 @@ fn every_agent_gets_members_with_addresses_and_vips() {
     });
     assert!(states.iter().all(|d| d.revision > first_revision));
     // The agents report what they recorded, and the operator sees it.
-    let revision = states[0].revision;
+    let revisions: Vec<u64> = states.iter().map(|d| d.revision).collect();
     eventually(Duration::from_secs(3), "applied revisions reported", || {
         let nodes = cluster.nodes();
-        nodes
-            .iter()
-            .all(|n| n["applied_revision"] == revision && n["desired_revision"] == revision)
+        (0..3)
+            .all(|i| {
+                let n = nodes
+                    .iter()
+                    .find(|n| n["id"] == expected[i].0.as_str())
+                    .expect("listed");
+                n["applied_revision"] == revisions[i] && n["desired_revision"] == revisions[i]
+            })
             .then_some(())
     });
+    let revision = *revisions.iter().max().unwrap();
 
     // Removing the VIP moves the revision forward too (a removal leaves no
     // key behind to take a revision from).

@@ -435,8 +435,9 @@ pub(crate) async fn connect_to(
         match dial_mtls(url, ca.clone(), identity.clone(), Duration::from_secs(2)).await {
             Ok(channel) => {
                 // Node pages carry converge reports (64 KiB each at most).
-                return Ok(AdminServiceClient::new(channel)
-                    .max_decoding_message_size(MAX_RESPONSE_BYTES));
+                return Ok(
+                    AdminServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
+                );
             }
             Err(e) => failures.push(format!("{url}: {e}")),
         }

@@ -92,7 +92,12 @@ async fn read_current(store: &Store, spec: &super::ClusterSpec) -> Result<Curren
         .nodes
         .keys()
         .filter_map(|id| NodeId::new(id.as_str()).ok())
-        .chain(spec.vips.iter().flatten().flat_map(|v| v.candidates.clone()))
+        .chain(
+            spec.vips
+                .iter()
+                .flatten()
+                .flat_map(|v| v.candidates.clone()),
+        )
         .collect();
     let nodes = crate::vip::admin::read_fleet(store, &named).await?;
     let vips = store

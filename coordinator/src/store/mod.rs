@@ -45,9 +45,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use steward_lease::MarkReason;
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
-use steward_proto::domain::{
-    Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec, Role,
-};
+use steward_proto::domain::{Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec, Role};
 use steward_proto::vip::VipSpec;
 
 pub use self::etcd::{connect, EtcdError};
@@ -161,7 +159,9 @@ impl Keys {
     }
     /// Parses a marker key under `cluster/`.
     pub fn parse_marker(&self, key: &[u8]) -> Option<Marker> {
-        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.cluster())?;
+        let rest = std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&self.cluster())?;
         if let Some(role) = rest.strip_prefix("departed/") {
             return role.parse().ok().map(Marker::Departed);
         }
@@ -895,7 +895,11 @@ impl Store {
     /// The marker writes that go with replacing the cluster settings
     /// `before` by `after`: one touch of `cluster/changed/<section>` per
     /// section that differs.
-    pub fn settings_change_ops(&self, before: &ClusterSettings, after: &ClusterSettings) -> Vec<Op> {
+    pub fn settings_change_ops(
+        &self,
+        before: &ClusterSettings,
+        after: &ClusterSettings,
+    ) -> Vec<Op> {
         Section::changed(before, after)
             .into_iter()
             .map(|section| Op::put(self.keys.settings_changed(section), Vec::new()))
@@ -1403,7 +1407,9 @@ mod tests {
         }
         let all = store.nodes().await.unwrap();
         assert_eq!(all.len(), count);
-        assert!(all.values().all(|r| r.status.is_some() && r.address.is_some()));
+        assert!(all
+            .values()
+            .all(|r| r.status.is_some() && r.address.is_some()));
         let read = store.read_prefixes(&[store.keys().nodes()]).await.unwrap();
         assert_eq!(read.kvs.len(), 2 * count);
 
@@ -1457,7 +1463,10 @@ mod tests {
             Some((id.clone(), NodeKey::Address))
         );
         // The big records live apart from nodes/.
-        assert_eq!(keys.parse_node_key(keys.node_converge(&id).as_bytes()), None);
+        assert_eq!(
+            keys.parse_node_key(keys.node_converge(&id).as_bytes()),
+            None
+        );
         assert_eq!(keys.parse_node_key(keys.node_facts(&id).as_bytes()), None);
         assert_eq!(
             keys.parse_node_key(keys.node_revoked(&id).as_bytes()),
