@@ -115,7 +115,14 @@ pub struct Admission {
     permits: tokio::sync::Semaphore,
     waiting: std::sync::atomic::AtomicUsize,
     max_waiting: usize,
+    /// Each node's hello budget: a node that reconnects in a loop (a stolen
+    /// key, a broken agent) costs etcd a bounded amount.
+    hellos: std::sync::Mutex<std::collections::HashMap<NodeId, StatusBudget>>,
+    hello_limits: crate::config::SessionLimits,
 }
+
+/// Nodes whose hello budgets are remembered before idle ones are forgotten.
+const MAX_TRACKED_HELLOS: usize = 65_536;
 
 impl Admission {
     pub fn new(limits: &crate::config::SessionLimits) -> Self {
@@ -123,7 +130,34 @@ impl Admission {
             permits: tokio::sync::Semaphore::new(limits.max_concurrent_opens),
             waiting: Default::default(),
             max_waiting: limits.max_queued_opens,
+            hellos: Default::default(),
+            hello_limits: crate::config::SessionLimits {
+                status_write_burst: limits.hello_burst,
+                status_write_interval_ms: limits.hello_interval_ms,
+                ..limits.clone()
+            },
         }
+    }
+
+    /// Takes one of `node`'s hellos; `UNAVAILABLE` when it has none left.
+    fn hello(&self, node: &NodeId) -> Result<()> {
+        let now = Instant::now();
+        let mut hellos = self.hellos.lock().unwrap_or_else(|p| p.into_inner());
+        if hellos.len() >= MAX_TRACKED_HELLOS {
+            // Forget the nodes whose budget is full again anyway.
+            hellos.retain(|_, b| !b.full(now));
+        }
+        let budget = hellos
+            .entry(node.clone())
+            .or_insert_with(|| StatusBudget::new(&self.hello_limits));
+        if budget.take(now) {
+            return Ok(());
+        }
+        crate::metrics::metrics().sessions_refused_busy.inc();
+        Err(Error::Busy(format!(
+            "node {node} opened sessions more often than sessions.hello_burst / \
+             sessions.hello_interval_ms allow; retry after a backoff"
+        )))
     }
 
     /// Waits for a turn; `UNAVAILABLE` at once when the queue is full.
@@ -250,6 +284,7 @@ where
 
     let (tx, rx) = mpsc::channel(16);
     let admission = ctx.admission.clone();
+    admission.hello(&node)?;
     let turn = admission.enter().await?;
     let session = NodeSession::open(
         ctx,
@@ -802,6 +837,12 @@ impl StatusBudget {
         }
     }
 
+    /// Whether the bucket has refilled completely by `now`.
+    fn full(&self, now: Instant) -> bool {
+        let earned = now.duration_since(self.at).as_secs_f64() / self.per_token.as_secs_f64();
+        self.tokens + earned >= self.burst
+    }
+
     /// Takes one write if there is one.
     fn take(&mut self, now: Instant) -> bool {
         let earned = now.duration_since(self.at).as_secs_f64() / self.per_token.as_secs_f64();
@@ -863,6 +904,58 @@ pub fn bound_facts(mut facts: Facts, max_bytes: usize) -> Facts {
     );
     crate::metrics::metrics().facts_truncated.inc();
     facts
+}
+
+/// Ends this replica's session of a node as soon as another replica
+/// records that it serves the node (the agent moved, or a second agent
+/// with the same key connected there): one live session per node
+/// cluster-wide. Follows status writes under `nodes/` (rare: on change
+/// only, rate-limited per node) until shutdown; a broken watch starts over
+/// from the present (a takeover missed meanwhile is caught by the
+/// session's own next compare-and-set status write).
+pub async fn follow_takeovers(ctx: SessionContext) {
+    use crate::store::kv::Change;
+    let keys = ctx.store.keys().clone();
+    let me = ctx.store.replica().to_owned();
+    let mut backoff =
+        steward_runtime::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let followed = async {
+            let from = ctx.store.current_revision().await? + 1;
+            let mut watch = ctx.store.watch(&[keys.nodes()], from).await?;
+            backoff.reset();
+            while let Some(changes) = watch.next().await? {
+                for change in changes {
+                    let Change::Put(kv) = change else { continue };
+                    let Some((node, crate::store::NodeKey::Status)) = keys.parse_node_key(&kv.key)
+                    else {
+                        continue;
+                    };
+                    let Ok(status) = crate::store::decode::<NodeStatusRecord>(&kv.key, &kv.value)
+                    else {
+                        continue;
+                    };
+                    if status.replica.as_deref().is_some_and(|r| r != me) {
+                        if ctx.sessions.supersede(&node) {
+                            info!(node.id = %node, replica = ?status.replica, "node now served by another replica; ending the session here");
+                        }
+                    }
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        let result = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            r = followed => r,
+        };
+        if let Err(error) = result {
+            warn!(%error, "status watch interrupted; following again");
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
 }
 
 /// At start, this replica serves no session, so any status naming it is left

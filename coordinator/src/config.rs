@@ -70,6 +70,14 @@ pub struct SessionLimits {
     /// cut down to fit (lists shortened, long strings cut) and logged.
     #[serde(default = "default_max_facts_bytes")]
     pub max_facts_bytes: usize,
+    /// One node may open a session at most once per this interval on
+    /// average (per replica)...
+    #[serde(default = "default_hello_interval_ms")]
+    pub hello_interval_ms: u64,
+    /// ...with bursts of up to this many; beyond, its hello is refused
+    /// with UNAVAILABLE (the agent backs off).
+    #[serde(default = "default_hello_burst")]
+    pub hello_burst: u32,
 }
 
 impl Default for SessionLimits {
@@ -80,6 +88,8 @@ impl Default for SessionLimits {
             status_write_interval_ms: default_status_write_interval_ms(),
             status_write_burst: default_status_write_burst(),
             max_facts_bytes: default_max_facts_bytes(),
+            hello_interval_ms: default_hello_interval_ms(),
+            hello_burst: default_hello_burst(),
         }
     }
 }
@@ -98,6 +108,12 @@ fn default_status_write_burst() -> u32 {
 }
 fn default_max_facts_bytes() -> usize {
     16 * 1024
+}
+fn default_hello_interval_ms() -> u64 {
+    5000
+}
+fn default_hello_burst() -> u32 {
+    10
 }
 
 /// `[pki]`: the CA key this replica signs agent certificates with.
@@ -213,10 +229,10 @@ impl CoordinatorConfig {
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut p = Vec::new();
         let l = &self.sessions;
-        if l.max_concurrent_opens == 0 || l.status_write_burst == 0 {
+        if l.max_concurrent_opens == 0 || l.status_write_burst == 0 || l.hello_burst == 0 {
             p.push(
-                "sessions.max_concurrent_opens and sessions.status_write_burst must be at \
-                 least 1"
+                "sessions.max_concurrent_opens, sessions.status_write_burst and \
+                 sessions.hello_burst must be at least 1"
                     .into(),
             );
         }

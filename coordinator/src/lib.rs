@@ -214,6 +214,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         agent_service::release_stale_sessions(ctx.clone())
             .instrument(tracing::info_span!("release_stale_sessions")),
     );
+    let takeovers = tokio::spawn(
+        agent_service::follow_takeovers(ctx.clone())
+            .instrument(tracing::info_span!("follow_takeovers")),
+    );
     let marker = tokio::spawn(
         vip::marker::run_marker(
             ctx.store.clone(),
@@ -308,6 +312,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
 
     tasks.cancel();
     sweep.abort();
+    takeovers.abort();
     leadership_metrics.abort();
     if let Some(endpoint) = metrics_endpoint {
         endpoint.abort();

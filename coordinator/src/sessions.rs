@@ -77,6 +77,18 @@ impl Sessions {
         session
     }
 
+    /// Tells this replica's session of `node`, if any, to end (another
+    /// replica serves the node now); whether there was one.
+    pub fn supersede(&self, node: &NodeId) -> bool {
+        match self.lock().get(node) {
+            Some(live) => {
+                live.replaced.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Updates the session `session` of `node` if it is still the current one.
     pub fn update(&self, node: &NodeId, session: u64, f: impl FnOnce(&mut LiveSession)) -> bool {
         match self.lock().get_mut(node) {

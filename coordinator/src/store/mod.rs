@@ -622,6 +622,21 @@ impl Store {
         Ok(found)
     }
 
+    /// The store's revision now (for following changes from the present).
+    pub async fn current_revision(&self) -> Result<i64> {
+        let election = self.keys.election();
+        let read = self
+            .range_page(
+                election.as_bytes(),
+                &prefix_end(election.as_bytes()),
+                1,
+                0,
+                "read revision",
+            )
+            .await?;
+        Ok(read.revision)
+    }
+
     /// Follows every key under `prefixes` from `start_revision`, on one
     /// stream.
     pub async fn watch(&self, prefixes: &[String], start_revision: i64) -> Result<Watch> {
