@@ -386,13 +386,7 @@ impl NodeSession {
             agent_version,
         };
         let superseded = CancellationToken::new();
-        let session = ctx.sessions.open(
-            &node,
-            Health::default(),
-            applied_revision,
-            now,
-            superseded.clone(),
-        );
+        let session = ctx.sessions.next_id();
         let status_budget = StatusBudget::new(&ctx.limits);
         let mut this = Self {
             ctx,
@@ -406,10 +400,17 @@ impl NodeSession {
             status_budget,
             superseded,
         };
-        if let Err(e) = this.write_status(status, true).await {
-            this.ctx.sessions.close(&this.node, this.session);
-            return Err(e);
-        }
+        // The status first, then the session counts here: a session that
+        // cannot record itself never replaces the one before it.
+        this.write_status(status, true).await?;
+        this.ctx.sessions.open(
+            &this.node,
+            this.session,
+            applied_revision,
+            now,
+            this.superseded.clone(),
+            this.status_rev,
+        );
         if first_time {
             this.event(
                 EventKind::NodeRegistered,
@@ -446,6 +447,11 @@ impl NodeSession {
     /// (the agent is here now).
     async fn write_status(&mut self, next: NodeStatusRecord, take_over: bool) -> Result<bool> {
         for _ in 0..4 {
+            // A replaced session writes nothing more: its successor owns
+            // the status.
+            if self.superseded.is_cancelled() {
+                return Ok(false);
+            }
             if let Some(rev) = self
                 .ctx
                 .store
@@ -454,6 +460,9 @@ impl NodeSession {
             {
                 self.status = next;
                 self.status_rev = rev;
+                self.ctx
+                    .sessions
+                    .wrote_status(&self.node, self.session, rev);
                 return Ok(true);
             }
             // Someone else wrote: the leader marking us gone, or another
@@ -935,10 +944,10 @@ pub async fn follow_takeovers(ctx: SessionContext) {
                     else {
                         continue;
                     };
-                    if status.replica.as_deref().is_some_and(|r| r != me) {
-                        if ctx.sessions.supersede(&node) {
-                            info!(node.id = %node, replica = ?status.replica, "node now served by another replica; ending the session here");
-                        }
+                    if status.replica.as_deref().is_some_and(|r| r != me)
+                        && ctx.sessions.supersede(&node, kv.mod_revision)
+                    {
+                        info!(node.id = %node, replica = ?status.replica, "node now served by another replica; ending the session here");
                     }
                 }
             }

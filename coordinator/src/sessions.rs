@@ -20,6 +20,11 @@ pub struct LiveSession {
     pub applied_revision: u64,
     /// Cancelled when a newer session of the node replaces this one.
     pub replaced: tokio_util::sync::CancellationToken,
+    /// The mod revision of this session's last status write (`i64::MAX`
+    /// until its first: a session is not replaced before it has written).
+    pub status_rev: i64,
+    /// The newest status write by another replica seen for this node.
+    pub foreign_rev: i64,
 }
 
 impl LiveSession {
@@ -39,6 +44,9 @@ impl LiveSession {
 #[derive(Debug, Default, Clone)]
 pub struct Sessions {
     inner: Arc<Mutex<HashMap<NodeId, LiveSession>>>,
+    /// The newest status write by another replica seen per node, also for
+    /// nodes with no session here yet (one about to register checks it).
+    foreign: Arc<Mutex<HashMap<NodeId, i64>>>,
     next: Arc<AtomicU64>,
 }
 
@@ -48,44 +56,84 @@ impl Sessions {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a session for `node`, replacing any older one (whose
-    /// `replaced` token is cancelled, so that it ends: one live session per
-    /// node); returns its id.
+    /// A new session id.
+    pub fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers session `session` of `node`, which recorded its status at
+    /// `status_rev`, replacing any older one (whose `replaced` token is
+    /// cancelled, so that it ends: one live session per node). If another
+    /// replica already recorded a newer status, the new session is
+    /// cancelled at once.
     pub fn open(
         &self,
         node: &NodeId,
-        health: Health,
+        session: u64,
         applied_revision: u64,
         now_ms: u64,
         replaced: tokio_util::sync::CancellationToken,
-    ) -> u64 {
-        let session = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        status_rev: i64,
+    ) {
+        let foreign = self.foreign_rev(node);
+        if foreign > status_rev {
+            replaced.cancel();
+        }
         let old = self.lock().insert(
             node.clone(),
             LiveSession {
                 session,
                 last_heartbeat: Instant::now(),
                 last_seen_unix_ms: now_ms,
-                health,
+                health: Health::default(),
                 applied_revision,
                 replaced,
+                status_rev,
+                foreign_rev: foreign,
             },
         );
         if let Some(old) = old {
             old.replaced.cancel();
         }
-        session
     }
 
-    /// Tells this replica's session of `node`, if any, to end (another
-    /// replica serves the node now); whether there was one.
-    pub fn supersede(&self, node: &NodeId) -> bool {
-        match self.lock().get(node) {
-            Some(live) => {
-                live.replaced.cancel();
-                true
+    fn foreign_rev(&self, node: &NodeId) -> i64 {
+        let foreign = self.foreign.lock().unwrap_or_else(|p| p.into_inner());
+        foreign.get(node).copied().unwrap_or(0)
+    }
+
+    /// Another replica recorded serving `node` at `rev`: this replica's
+    /// session of it ends if its own last status write is older (of two
+    /// sessions on two replicas, the later write wins); whether it ends.
+    pub fn supersede(&self, node: &NodeId, rev: i64) -> bool {
+        {
+            let mut foreign = self.foreign.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = foreign.entry(node.clone()).or_default();
+            *seen = (*seen).max(rev);
+        }
+        let mut map = self.lock();
+        let Some(live) = map.get_mut(node) else {
+            return false;
+        };
+        live.foreign_rev = live.foreign_rev.max(rev);
+        let replaced = live.status_rev < rev;
+        if replaced {
+            live.replaced.cancel();
+        }
+        replaced
+    }
+
+    /// Session `session` of `node` wrote its status at `rev`; it ends at
+    /// once if another replica already wrote a newer one.
+    pub fn wrote_status(&self, node: &NodeId, session: u64, rev: i64) {
+        if let Some(live) = self.lock().get_mut(node) {
+            if live.session == session {
+                live.status_rev = rev;
+                if live.foreign_rev > rev {
+                    tracing::info!(node.id = %node, rev, newer = live.foreign_rev, "another replica wrote this node's status after this session did; ending it");
+                    live.replaced.cancel();
+                }
             }
-            None => false,
         }
     }
 
@@ -133,14 +181,21 @@ impl Sessions {
 mod tests {
     use super::*;
 
+    /// Opens session `id` of `n` having written its status at `rev`.
+    fn open(s: &Sessions, n: &NodeId, rev: i64) -> (u64, tokio_util::sync::CancellationToken) {
+        let id = s.next_id();
+        let token = tokio_util::sync::CancellationToken::new();
+        s.open(n, id, 0, 1, token.clone(), rev);
+        (id, token)
+    }
+
     #[test]
     fn newer_session_wins_and_old_close_is_harmless() {
         let s = Sessions::default();
         let n = NodeId::new("n1").unwrap();
-        let replaced = tokio_util::sync::CancellationToken::new();
-        let a = s.open(&n, Health::default(), 0, 1, replaced.clone());
+        let (a, replaced) = open(&s, &n, 5);
         assert!(!replaced.is_cancelled());
-        let b = s.open(&n, Health::default(), 0, 2, Default::default());
+        let (b, _) = open(&s, &n, 6);
         // The older session is told to end.
         assert!(replaced.is_cancelled());
         assert!(!s.update(&n, a, |l| l.applied_revision = 9));
@@ -148,6 +203,29 @@ mod tests {
         assert_eq!(s.get(&n).map(|l| l.session), Some(b));
         s.close(&n, b);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn of_two_replicas_the_later_status_write_keeps_its_session() {
+        let s = Sessions::default();
+        let n = NodeId::new("n1").unwrap();
+        let (b, mine) = open(&s, &n, 10);
+        // Another replica's write: older than ours, we stay; newer, we go.
+        assert!(!s.supersede(&n, 9));
+        s.wrote_status(&n, b, 12);
+        assert!(!s.supersede(&n, 11));
+        assert!(!mine.is_cancelled());
+        assert!(s.supersede(&n, 13));
+        assert!(mine.is_cancelled());
+        // A newer foreign write seen before a session registers.
+        assert!(
+            !s.supersede(&NodeId::new("n2").unwrap(), 20),
+            "no session yet"
+        );
+        let (_, late) = open(&s, &NodeId::new("n2").unwrap(), 19);
+        assert!(late.is_cancelled());
+        let (_, later) = open(&s, &NodeId::new("n2").unwrap(), 21);
+        assert!(!later.is_cancelled());
     }
 
     #[test]
@@ -159,6 +237,8 @@ mod tests {
             health: Health::default(),
             applied_revision: 0,
             replaced: Default::default(),
+            status_rev: 0,
+            foreign_rev: 0,
         };
         let later = Instant::now() + Duration::from_secs(5);
         assert_eq!(

@@ -23,7 +23,7 @@ use steward_tests::{eventually, Cluster};
 /// (every tenth with the lb role), a status, facts (`facts_bytes` of them)
 /// and a converge report. Returns the bytes written under `nodes/`.
 fn seed(cluster: &Cluster, count: usize, facts_bytes: usize) -> usize {
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rt = tokio::runtime::Runtime::new().expect("as the test set it up");
     rt.block_on(async {
         let keys = Keys::new(&cluster.name);
         let store = Store::connect(&cluster.etcd.config(), keys, "seed".into())
@@ -34,7 +34,7 @@ fn seed(cluster: &Cluster, count: usize, facts_bytes: usize) -> usize {
         for chunk in ids.chunks(20) {
             let mut ops = Vec::new();
             for i in chunk {
-                let id = NodeId::new(format!("seeded-{i:05}")).unwrap();
+                let id = NodeId::new(format!("seeded-{i:05}")).expect("as the test set it up");
                 let mut spec = NodeSpec::default();
                 if i % 10 == 0 {
                     spec.roles.insert(Role::Lb);
@@ -133,7 +133,10 @@ fn every_command_works_with_nodes_far_past_etcds_message_limit() {
             started.elapsed().as_secs_f64()
         );
         assert_eq!(all.len(), SEEDED + 1);
-        let seeded = all.iter().find(|n| n["id"] == "seeded-00042").unwrap();
+        let seeded = all
+            .iter()
+            .find(|n| n["id"] == "seeded-00042")
+            .expect("as the test set it up");
         assert_eq!(seeded["facts"]["hostname"], "seeded-00042", "facts listed");
         assert!(seeded["converge"].is_object(), "converge listed: {seeded}");
         // The table.
@@ -206,7 +209,7 @@ fn a_change_to_one_node_pushes_to_that_node_only() {
         let out = cluster.ctl(&["role", "add", node, "k8s-worker"]);
         assert!(out.ok(), "{}", out.stderr);
     }
-    let before = eventually(Duration::from_secs(10), "three workers settled", || {
+    eventually(Duration::from_secs(10), "three workers settled", || {
         let states: Vec<(u64, String)> = (0..3)
             .map(|i| desired_file(&cluster, i))
             .collect::<Option<_>>()?;
@@ -217,7 +220,9 @@ fn a_change_to_one_node_pushes_to_that_node_only() {
     });
     // Let any push in flight land.
     std::thread::sleep(Duration::from_millis(500));
-    let before: Vec<(u64, String)> = (0..3).map(|i| desired_file(&cluster, i).unwrap()).collect();
+    let before: Vec<(u64, String)> = (0..3)
+        .map(|i| desired_file(&cluster, i).expect("as the test set it up"))
+        .collect();
     let pushes = counter(metrics, "steward_desired_state_pushes_total");
 
     // A role for node-2: the other workers do not consume lb members.
@@ -230,7 +235,7 @@ fn a_change_to_one_node_pushes_to_that_node_only() {
     std::thread::sleep(Duration::from_millis(500));
     for i in [0, 2] {
         assert_eq!(
-            desired_file(&cluster, i).unwrap(),
+            desired_file(&cluster, i).expect("as the test set it up"),
             before[i],
             "node-{} was pushed a state for a change to node-2",
             i + 1
@@ -252,7 +257,11 @@ fn etcd_counter(text: &str, name: &str) -> f64 {
         .lines()
         .find(|l| l.split_whitespace().next() == Some(name))
         .unwrap_or_else(|| panic!("etcd exports no {name}"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    line.split_whitespace()
+        .nth(1)
+        .expect("as the test set it up")
+        .parse()
+        .expect("as the test set it up")
 }
 
 #[test]
@@ -283,7 +292,7 @@ fn an_idle_fleet_writes_nothing_to_etcd() {
         .client_url
         .trim_start_matches("http://")
         .parse()
-        .unwrap();
+        .expect("as the test set it up");
     let puts = |e: &str| {
         etcd_counter(e, "etcd_mvcc_put_total")
             + etcd_counter(e, "etcd_mvcc_delete_total")
