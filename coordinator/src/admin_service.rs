@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::agent_service::SessionContext;
 use crate::auth::require_admin;
@@ -111,6 +111,13 @@ impl AdminApi {
     /// push (it depends on the whole cluster view), but never older than
     /// the spec just read from etcd, which the cache may not have seen yet.
     fn view(&self, id: NodeId, record: NodeRecord, cached: u64) -> NodeView {
+        let maintenance = crate::maintenance::view(
+            &id,
+            &record,
+            &self.ctx.specs.borrow(),
+            &self.ctx.vips.borrow(),
+            &self.ctx.orchestration.borrow(),
+        );
         let spec = record.spec.as_ref();
         let mut view = NodeView {
             id,
@@ -124,7 +131,8 @@ impl AdminApi {
             address: record.address.map(|a| a.value),
             facts: record.facts.map(|f| f.value).unwrap_or_default(),
             converge: record.converge.map(|c| c.value),
-            revoked_unix_ms: record.revoked.map(|r| r.value.at_unix_ms),
+            revoked_unix_ms: record.revoked.as_ref().map(|r| r.value.at_unix_ms),
+            maintenance,
         };
         if let Some(status) = record.status {
             let s = status.value;
@@ -460,6 +468,131 @@ impl pb::admin_service_server::AdminService for AdminApi {
             return Err(Error::UnknownNode(node).into());
         }
         warn!(node.id = %node, by = %admin.name, "node certificates revoked");
+        let record = store.node(&node).await?;
+        let view = self
+            .one_view(node.clone(), record)
+            .await
+            .ok_or(Error::UnknownNode(node))?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let admin = require_admin(&request)?;
+        let request = request.into_inner();
+        let node = NodeId::new(&request.node_id).map_err(|e| {
+            Error::InvalidArgument(format!("node id {:?}: {}", request.node_id, e.reason))
+        })?;
+        let reason =
+            steward_proto::convert::bounded_str("reason", request.reason).map_err(Error::from)?;
+        let store = &self.ctx.store;
+        let record = store.node(&node).await?;
+        if record.spec.is_none() && record.status.is_none() {
+            return Err(Error::UnknownNode(node).into());
+        }
+        let current = record.maintenance.as_ref();
+        if !current.is_some_and(|m| m.value.active) {
+            let nodes = store.nodes().await?;
+            let refusals = {
+                let specs = self.ctx.specs.borrow().clone();
+                let vips = self.ctx.vips.borrow().clone();
+                let orchestration = self.ctx.orchestration.borrow().clone();
+                crate::maintenance::Fleet {
+                    nodes: &nodes,
+                    specs: &specs,
+                    vips: &vips,
+                    lease: &self.ctx.lease,
+                    orchestration: &orchestration,
+                }
+                .refusals(&node)
+            };
+            if !refusals.is_empty() && !request.force {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot drain {node}: {} (--force drains anyway)",
+                    refusals.join("; ")
+                ))
+                .into());
+            }
+            let forced = !refusals.is_empty();
+            if forced {
+                warn!(node.id = %node, by = %admin.name, refusals = %refusals.join("; "), "DRAIN FORCED past its gates");
+            }
+            let m = crate::store::MaintenanceRecord {
+                active: true,
+                reason: reason.clone(),
+                by: admin.name.clone(),
+                at_unix_ms: unix_ms(),
+                forced,
+            };
+            let mut message = format!("{node} draining (by {}", admin.name);
+            if !reason.is_empty() {
+                message.push_str(&format!(": {reason}"));
+            }
+            message.push(')');
+            if forced {
+                message.push_str(&format!("; FORCED past: {}", refusals.join("; ")));
+            }
+            let event = store.event(EventKind::NodeMaintenance, Some(node.clone()), message);
+            let expected = current.map_or(0, |m| m.mod_revision);
+            if !store
+                .put_maintenance_if(&node, expected, &m, &event)
+                .await?
+            {
+                return Err(Error::Conflict {
+                    key: store.keys().node_maintenance(&node),
+                }
+                .into());
+            }
+            info!(node.id = %node, by = %admin.name, "node draining");
+        }
+        let record = store.node(&node).await?;
+        let view = self
+            .one_view(node.clone(), record)
+            .await
+            .ok_or(Error::UnknownNode(node))?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn undrain_node(
+        &self,
+        request: Request<pb::UndrainNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let admin = require_admin(&request)?;
+        let id = request.into_inner().node_id;
+        let node = NodeId::new(&id)
+            .map_err(|e| Error::InvalidArgument(format!("node id {id:?}: {}", e.reason)))?;
+        let store = &self.ctx.store;
+        let record = store.node(&node).await?;
+        let Some(current) = record.maintenance.filter(|m| m.value.active) else {
+            return Err(Error::FailedPrecondition(format!(
+                "{node} is not drained (stewardctl node drain {node})"
+            ))
+            .into());
+        };
+        let m = crate::store::MaintenanceRecord {
+            active: false,
+            reason: String::new(),
+            by: admin.name.clone(),
+            at_unix_ms: unix_ms(),
+            forced: false,
+        };
+        let event = store.event(
+            EventKind::NodeMaintenance,
+            Some(node.clone()),
+            format!("{node} back in service (undrained by {})", admin.name),
+        );
+        if !store
+            .put_maintenance_if(&node, current.mod_revision, &m, &event)
+            .await?
+        {
+            return Err(Error::Conflict {
+                key: store.keys().node_maintenance(&node),
+            }
+            .into());
+        }
+        info!(node.id = %node, by = %admin.name, "node undrained");
         let record = store.node(&node).await?;
         let view = self
             .one_view(node.clone(), record)

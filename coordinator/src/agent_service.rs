@@ -79,7 +79,14 @@ impl SessionContext {
         let interest = crate::desired::Interest::of(&roles);
         let view = self.views.get(&specs, &vips, &interest);
         let mut desired = crate::desired::desired_base(&specs, &view, node);
-        orchestration.add_steps(&mut desired, node, &interest, self.sealer.as_deref());
+        let maintenance = specs.maintenance_set();
+        orchestration.add_steps(
+            &mut desired,
+            node,
+            &interest,
+            &maintenance,
+            self.sealer.as_deref(),
+        );
         Some(desired)
     }
 

@@ -18,7 +18,8 @@ use tracing::{debug, warn};
 use crate::error::{Error, Result};
 use crate::store::kv::Change;
 use crate::store::{
-    decode, Keys, Marker, NodeAddressRecord, NodeKey, NodeRevokedRecord, Store, Versioned,
+    decode, Keys, MaintenanceRecord, Marker, NodeAddressRecord, NodeKey, NodeRevokedRecord, Store,
+    Versioned,
 };
 use crate::vip::VipSnapshot;
 
@@ -37,6 +38,8 @@ pub struct SpecSnapshot {
     /// Certificate revocations (`nodes/<id>/revoked`), which end live
     /// sessions and lease streams. Not an input of desired states.
     pub revoked: BTreeMap<NodeId, Versioned<NodeRevokedRecord>>,
+    /// Maintenance records (`nodes/<id>/maintenance`), active or not.
+    pub maintenance: BTreeMap<NodeId, Versioned<MaintenanceRecord>>,
     /// When a node last lost each role (`cluster/departed/<role>`).
     pub departed: BTreeMap<Role, i64>,
     /// When each section of the settings last changed
@@ -45,6 +48,20 @@ pub struct SpecSnapshot {
 }
 
 impl SpecSnapshot {
+    /// Whether `node` is out of service.
+    pub fn in_maintenance(&self, node: &NodeId) -> bool {
+        self.maintenance.get(node).is_some_and(|m| m.value.active)
+    }
+
+    /// The nodes out of service.
+    pub fn maintenance_set(&self) -> std::collections::BTreeSet<NodeId> {
+        self.maintenance
+            .iter()
+            .filter(|(_, m)| m.value.active)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// Refuses a certificate of `node` issued at `issued_unix_s` if a
     /// revocation this snapshot holds covers it.
     pub fn check_revoked(&self, node: &NodeId, issued_unix_s: i64) -> crate::error::Result<()> {
@@ -192,6 +209,12 @@ impl CachedPrefix for SpecSnapshot {
                 id,
                 value.map(|(bytes, rev)| (decode::<NodeRevokedRecord>(key, bytes), rev)),
                 "node revocation",
+            ),
+            Some((id, NodeKey::Maintenance)) => apply_versioned(
+                &mut self.maintenance,
+                id,
+                value.map(|(bytes, rev)| (decode::<MaintenanceRecord>(key, bytes), rev)),
+                "node maintenance",
             ),
             Some((_, NodeKey::Status)) | None => false,
         }

@@ -145,6 +145,16 @@ pub fn project(specs: &SpecSnapshot, vips: &VipSnapshot, interest: &Interest) ->
             address: address.map(|a| a.value),
         });
     }
+    if interest.sections.contains(&Section::Kubernetes) {
+        // Control planes cordon and drain Kubernetes members out of service.
+        let k8s = [Role::K8sControlPlane, Role::K8sWorker];
+        for m in &members {
+            if m.roles.iter().any(|r| k8s.contains(r)) {
+                let rev = specs.maintenance.get(&m.node).map_or(0, |r| r.mod_revision);
+                revision = revision.max(rev);
+            }
+        }
+    }
     for role in &interest.member_roles {
         revision = revision.max(specs.departed.get(role).copied().unwrap_or(0));
     }

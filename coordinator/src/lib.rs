@@ -23,6 +23,7 @@ pub mod desired;
 pub mod error;
 pub mod leader;
 pub mod logs;
+pub mod maintenance;
 pub mod metrics;
 pub mod orchestrate;
 pub mod peers;

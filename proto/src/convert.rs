@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 use crate::domain::{
     AgentMessage, CoordinatorMessage, DesiredState, Disk, Event, EventKind, Facts, Health,
-    InvalidNodeId, LogChunk, LogQuery, NetworkInterface, NodeHealth, NodeId, NodeView, Role,
-    RoleChange, RoleSet, MAX_LOG_CHUNK, MAX_LOG_LINE,
+    InvalidNodeId, LogChunk, LogQuery, MaintenanceView, NetworkInterface, NodeHealth, NodeId,
+    NodeView, Role, RoleChange, RoleSet, MAX_LOG_CHUNK, MAX_LOG_LINE,
 };
 use crate::pb;
 
@@ -418,6 +418,14 @@ impl From<NodeView> for pb::Node {
             address: n.address.map(|a| a.to_string()).unwrap_or_default(),
             converge: n.converge.map(Into::into),
             revoked_unix_ms: n.revoked_unix_ms.unwrap_or(0),
+            maintenance: n.maintenance.map(|m| pb::Maintenance {
+                state: m.state().into(),
+                reason: m.reason,
+                by: m.by,
+                since_unix_ms: m.since_unix_ms,
+                forced: m.forced,
+                pending: m.pending,
+            }),
         }
     }
 }
@@ -443,6 +451,28 @@ impl TryFrom<pb::Node> for NodeView {
             },
             converge: n.converge.map(TryInto::try_into).transpose()?,
             revoked_unix_ms: Some(n.revoked_unix_ms).filter(|&t| t != 0),
+            maintenance: n
+                .maintenance
+                .map(|m| {
+                    let drained = match m.state.as_str() {
+                        "drained" => true,
+                        "draining" => false,
+                        _ => {
+                            return Err(ProtoError::Invalid {
+                                field: "node.maintenance.state",
+                            })
+                        }
+                    };
+                    Ok(MaintenanceView {
+                        drained,
+                        reason: m.reason,
+                        by: m.by,
+                        since_unix_ms: m.since_unix_ms,
+                        forced: m.forced,
+                        pending: m.pending,
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -458,6 +488,7 @@ pub fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
         EventKind::VipMoved => pb::EventKind::VipMoved,
         EventKind::NodeJoined => pb::EventKind::NodeJoined,
         EventKind::NodeRevoked => pb::EventKind::NodeRevoked,
+        EventKind::NodeMaintenance => pb::EventKind::NodeMaintenance,
     }
 }
 
@@ -506,6 +537,7 @@ impl TryFrom<pb::Event> for Event {
             Ok(pb::EventKind::VipMoved) => EventKind::VipMoved,
             Ok(pb::EventKind::NodeJoined) => EventKind::NodeJoined,
             Ok(pb::EventKind::NodeRevoked) => EventKind::NodeRevoked,
+            Ok(pb::EventKind::NodeMaintenance) => EventKind::NodeMaintenance,
             Ok(pb::EventKind::Unspecified) | Err(_) => {
                 return Err(ProtoError::UnknownEnum {
                     field: "event.kind",

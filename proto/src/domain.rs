@@ -261,6 +261,32 @@ pub struct NodeView {
     /// When its certificates were last revoked, if ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_unix_ms: Option<u64>,
+    /// Out of service (`stewardctl node drain`), if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceView>,
+}
+
+/// A node taken out of service, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceView {
+    /// Done taking it out: its VIPs moved, its Kubernetes drain finished.
+    pub drained: bool,
+    pub reason: String,
+    pub by: String,
+    pub since_unix_ms: u64,
+    pub forced: bool,
+    /// What it still waits for, while draining.
+    pub pending: Vec<String>,
+}
+
+impl MaintenanceView {
+    pub fn state(&self) -> &'static str {
+        if self.drained {
+            "drained"
+        } else {
+            "draining"
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,6 +304,8 @@ pub enum EventKind {
     /// A node joined with a token and got its first certificate.
     NodeJoined,
     NodeRevoked,
+    /// A node was drained or undrained.
+    NodeMaintenance,
 }
 
 impl EventKind {
@@ -292,6 +320,7 @@ impl EventKind {
             EventKind::VipMoved => "vip-moved",
             EventKind::NodeJoined => "node-joined",
             EventKind::NodeRevoked => "node-revoked",
+            EventKind::NodeMaintenance => "node-maintenance",
         }
     }
 }

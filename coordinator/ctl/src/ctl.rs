@@ -253,6 +253,34 @@ pub enum NodeCommand {
     /// token for it (`stewardctl token create --node ID`) and run the
     /// printed join command on the node with `--force`.
     Revoke { id: String },
+    /// Take a node out of service, through the gates of its roles.
+    ///
+    /// lb: it stops being a VIP candidate and a VIP it holds moves to
+    /// another healthy candidate by planned handover (refused if there is
+    /// none). k8s-control-plane: refused if the control planes left in
+    /// service would lose etcd quorum. Kubernetes nodes: a control plane
+    /// runs `kubectl cordon` and `kubectl drain`. gluster-brick: refused if
+    /// a replica set would fall below its quorum. A refusal names the gate
+    /// and the numbers. Waits until the node is drained (progress on
+    /// stderr) unless --no-wait.
+    Drain {
+        id: String,
+        /// Why, for the audit trail and `stewardctl nodes`.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Drain even though a gate refuses (recorded in the event, logged).
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for the node to be drained.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Return once the drain is recorded; do not wait for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Put a drained node back into service (VIP candidate again,
+    /// `kubectl uncordon`).
+    Undrain { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -502,6 +530,92 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .await?
                 .into_inner();
             print_node(cli.output, &NodeView::try_from(node)?);
+            Ok(())
+        }
+        Command::Node {
+            command:
+                NodeCommand::Drain {
+                    id,
+                    reason,
+                    force,
+                    timeout,
+                    no_wait,
+                },
+        } => {
+            let mut client = connect(&cli).await?;
+            let node = client
+                .drain_node(pb::DrainNodeRequest {
+                    node_id: id.clone(),
+                    reason: reason.clone(),
+                    force: *force,
+                })
+                .await?
+                .into_inner();
+            let mut node = NodeView::try_from(node)?;
+            let started = std::time::Instant::now();
+            let mut said = Vec::new();
+            while !*no_wait && node.maintenance.as_ref().is_some_and(|m| !m.drained) {
+                let pending = node
+                    .maintenance
+                    .as_ref()
+                    .map(|m| m.pending.clone())
+                    .unwrap_or_default();
+                if pending != said {
+                    for line in &pending {
+                        eprintln!(
+                            "[{:>5.1}s] {id}: waiting: {}",
+                            started.elapsed().as_secs_f64(),
+                            crate::logs::harmless(line)
+                        );
+                    }
+                    said = pending;
+                }
+                if started.elapsed() > *timeout {
+                    return Err(CtlError::Wait(format!(
+                        "{id} still draining after {timeout:?} (it stays out of service; \
+                         stewardctl node show {id}): {}",
+                        said.join("; ")
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let fresh = client
+                    .get_node(pb::GetNodeRequest {
+                        node_id: id.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                node = NodeView::try_from(fresh)?;
+            }
+            if cli.output == Output::Json {
+                println!("{}", node_json(&node));
+            } else {
+                let m = node.maintenance.as_ref();
+                let state = m.map_or("in service", |m| m.state());
+                let forced = if m.is_some_and(|m| m.forced) {
+                    " (FORCED past its gates)"
+                } else {
+                    ""
+                };
+                println!("node {id}: {state}{forced}");
+            }
+            Ok(())
+        }
+        Command::Node {
+            command: NodeCommand::Undrain { id },
+        } => {
+            let node = connect(&cli)
+                .await?
+                .undrain_node(pb::UndrainNodeRequest {
+                    node_id: id.clone(),
+                })
+                .await?
+                .into_inner();
+            let node = NodeView::try_from(node)?;
+            if cli.output == Output::Json {
+                println!("{}", node_json(&node));
+            } else {
+                println!("node {id}: back in service");
+            }
             Ok(())
         }
         Command::Node {
@@ -1067,6 +1181,14 @@ fn node_json(node: &NodeView) -> serde_json::Value {
         "facts": node.facts,
         "last_health": node.last_health,
         "revoked": node.revoked_unix_ms,
+        "maintenance": node.maintenance.as_ref().map(|m| json!({
+            "state": m.state(),
+            "reason": m.reason,
+            "by": m.by,
+            "since": m.since_unix_ms,
+            "forced": m.forced,
+            "pending": m.pending,
+        })),
     })
 }
 
@@ -1276,7 +1398,10 @@ fn print_nodes(output: Output, nodes: &[NodeView]) {
                 } else {
                     steward_proto::convert::roles_display(&n.roles)
                 },
-                n.health.to_string(),
+                match &n.maintenance {
+                    Some(m) => format!("{}, {}", n.health, m.state()),
+                    None => n.health.to_string(),
+                },
                 n.address
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| "-".into()),
@@ -1328,6 +1453,10 @@ fn harmless_view(n: &NodeView) -> NodeView {
         }
     }
     n.replica = n.replica.as_deref().map(harmless);
+    if let Some(m) = &mut n.maintenance {
+        m.reason = harmless(&m.reason);
+        m.by = harmless(&m.by);
+    }
     n
 }
 
@@ -1365,6 +1494,27 @@ fn print_node(output: Output, n: &NodeView) {
             "revoked:   {} (certificates issued up to then are refused)",
             format_unix_ms(at)
         );
+    }
+    if let Some(m) = &n.maintenance {
+        println!(
+            "service:   {} since {} by {}{}{}",
+            m.state(),
+            format_unix_ms(m.since_unix_ms),
+            m.by,
+            if m.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", m.reason)
+            },
+            if m.forced {
+                " (FORCED past its gates)"
+            } else {
+                ""
+            }
+        );
+        for p in &m.pending {
+            println!("           waiting: {p}");
+        }
     }
     println!(
         "revision:  desired {} / applied {}",
@@ -1471,6 +1621,7 @@ mod tests {
             address: None,
             converge: None,
             revoked_unix_ms: None,
+            maintenance: None,
         };
         assert_eq!(converged_cell(&node), "-");
         node.converge = Some(r);

@@ -355,6 +355,7 @@ mod tests {
             address: None,
             converge,
             revoked_unix_ms: None,
+            maintenance: None,
         }
     }
 

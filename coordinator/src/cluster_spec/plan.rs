@@ -734,6 +734,7 @@ mod tests {
             address: None,
             converge: None,
             revoked: None,
+            maintenance: None,
             facts: Some(Versioned {
                 value: Facts {
                     interfaces: vec![NetworkInterface {

@@ -183,6 +183,25 @@ pub struct Progress<'a> {
     pub joined: &'a BTreeSet<NodeId>,
     /// Leaving nodes a control plane has drained and deleted.
     pub drained: &'a BTreeSet<NodeId>,
+    /// Nodes taken out of service (`stewardctl node drain`).
+    pub maintenance: &'a BTreeSet<NodeId>,
+    /// Nodes a control plane has cordoned and drained for maintenance.
+    pub cordoned: &'a BTreeSet<NodeId>,
+}
+
+/// No nodes (for a [`Progress`] without maintenance).
+pub static NO_NODES: BTreeSet<NodeId> = BTreeSet::new();
+
+/// Task id of cordoning and draining `node` for maintenance; a report of
+/// it done records the node cordoned.
+pub fn cordon_task_id(node: &NodeId) -> String {
+    format!("kubernetes-drain-{node}")
+}
+
+/// Task id of putting `node` back into service; a report of it done
+/// forgets the cordon.
+pub fn uncordon_task_id(node: &NodeId) -> String {
+    format!("kubernetes-uncordon-{node}")
 }
 
 /// Joined nodes that no longer have a Kubernetes role, by id.
@@ -217,6 +236,48 @@ pub fn remove_task_id(node: &NodeId) -> String {
 fn removal_steps(node: &NodeId, view: &ClusterView, progress: Progress<'_>) -> Vec<Task> {
     let mut tasks = Vec::new();
     if remover(view, progress).as_ref() == Some(node) {
+        // Maintenance: cordon and drain nodes taken out of service, uncordon
+        // those put back.
+        for down in progress.maintenance {
+            if progress.cordoned.contains(down)
+                || !progress.joined.contains(down)
+                || !is_kubernetes_member(view, down)
+            {
+                continue;
+            }
+            let script = format!(
+                "kubectl --kubeconfig {ADMIN_CONF} cordon {down} && \
+                 kubectl --kubeconfig {ADMIN_CONF} drain {down} --ignore-daemonsets \
+                 --delete-emptydir-data --timeout=300s"
+            );
+            tasks.push(Task {
+                id: cordon_task_id(down),
+                argv: vec!["sh".into(), "-c".into(), script],
+                creates: None,
+                unless: None,
+                summary: format!("kubectl cordon {down} and drain it"),
+            });
+        }
+        for back in progress.cordoned {
+            if progress.maintenance.contains(back) {
+                continue;
+            }
+            tasks.push(Task {
+                id: uncordon_task_id(back),
+                argv: [
+                    "kubectl",
+                    "--kubeconfig",
+                    ADMIN_CONF,
+                    "uncordon",
+                    back.as_str(),
+                ]
+                .map(String::from)
+                .to_vec(),
+                creates: None,
+                unless: None,
+                summary: format!("kubectl uncordon {back}"),
+            });
+        }
         for gone in leaving(view, progress) {
             if progress.drained.contains(&gone) {
                 continue;
@@ -570,6 +631,8 @@ mod tests {
             bootstrap: Some(b),
             joined: &joined,
             drained: &BTreeSet::new(),
+            maintenance: &NO_NODES,
+            cordoned: &NO_NODES,
         };
         steps(&id(node), v, progress)
             .0
@@ -624,6 +687,8 @@ mod tests {
             bootstrap: Some(&b),
             joined: &joined,
             drained: &BTreeSet::new(),
+            maintenance: &NO_NODES,
+            cordoned: &NO_NODES,
         };
         let (cp, _) = steps(&id("cp-2"), &v, progress);
         let argv = cp[0].argv.join(" ");
@@ -657,6 +722,8 @@ mod tests {
                 bootstrap: Some(&b),
                 joined: &joined,
                 drained: &BTreeSet::new(),
+                maintenance: &NO_NODES,
+                cordoned: &NO_NODES,
             },
         );
         assert_eq!(files.len(), 2);
@@ -684,6 +751,8 @@ mod tests {
             bootstrap: Some(b),
             joined: &joined,
             drained: &none,
+            maintenance: &NO_NODES,
+            cordoned: &NO_NODES,
         };
         assert_eq!(renewals_due(&v, progress(&b), 1_000), (false, false));
         let late = 1_000 + CERTIFICATE_KEY_TTL_MS;
@@ -698,6 +767,8 @@ mod tests {
             bootstrap: Some(&b),
             joined: &all,
             drained: &none,
+            maintenance: &NO_NODES,
+            cordoned: &NO_NODES,
         };
         assert_eq!(renewals_due(&v, done, late), (false, false));
 
@@ -723,6 +794,8 @@ mod tests {
             bootstrap: Some(&b),
             joined: &joined,
             drained: &none,
+            maintenance: &NO_NODES,
+            cordoned: &NO_NODES,
         };
         assert_eq!(leaving(&v2, before), [id("w-1")]);
         assert_eq!(remover(&v2, before), Some(id("cp-1")));
@@ -742,6 +815,8 @@ mod tests {
         let drained: BTreeSet<NodeId> = [id("w-1")].into();
         let after = Progress {
             drained: &drained,
+            maintenance: &NO_NODES,
+            cordoned: &NO_NODES,
             ..before
         };
         assert_eq!(ids("cp-1", after), ["kubeadm-init"]);

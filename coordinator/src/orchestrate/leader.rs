@@ -131,6 +131,8 @@ async fn kubernetes_duty(
                 bootstrap: Some(&b),
                 joined: &joined,
                 drained: &drained,
+                maintenance: &kubernetes::NO_NODES,
+                cordoned: &kubernetes::NO_NODES,
             };
             let (token, certificate_key) = kubernetes::renewals_due(view, progress, now);
             if !token && !certificate_key {

@@ -17,7 +17,7 @@ use steward_proto::converge::ConvergeReport;
 use steward_proto::domain::NodeId;
 use tracing::{info, warn};
 
-use super::kubernetes::remove_task_id;
+use super::kubernetes::{cordon_task_id, remove_task_id, uncordon_task_id};
 use super::state::{JoinedRecord, OrchestrationSnapshot};
 use crate::store::{encode, unix_ms, Store};
 
@@ -30,6 +30,11 @@ pub enum KubernetesProgress {
     Drained(NodeId),
     /// `node` ran `kubeadm reset`: it left.
     Left(NodeId),
+    /// The reporting control plane cordoned and drained `node` for
+    /// maintenance.
+    Cordoned(NodeId),
+    /// The reporting control plane put `node` back into service.
+    Uncordoned(NodeId),
 }
 
 /// What `node`'s `report` changes, given the records as `orchestration`
@@ -48,6 +53,16 @@ pub fn kubernetes_progress(
     for gone in orchestration.joined.keys() {
         if done(&remove_task_id(gone)) && !orchestration.drained.contains_key(gone) {
             changes.push(KubernetesProgress::Drained(gone.clone()));
+        }
+    }
+    for (down, _) in orchestration.joined.iter() {
+        if done(&cordon_task_id(down)) && !orchestration.cordoned.contains_key(down) {
+            changes.push(KubernetesProgress::Cordoned(down.clone()));
+        }
+    }
+    for back in orchestration.cordoned.keys() {
+        if done(&uncordon_task_id(back)) {
+            changes.push(KubernetesProgress::Uncordoned(back.clone()));
         }
     }
     if done("kubeadm-reset") && orchestration.drained.contains_key(node) {
@@ -86,6 +101,17 @@ pub async fn record_kubernetes_progress(
                     .await
                     .map(drop),
                 "drained and deleted a leaving node",
+            ),
+            KubernetesProgress::Cordoned(n) => (
+                store
+                    .create_if_absent(keys.kubernetes_cordoned(n), record())
+                    .await
+                    .map(drop),
+                "cordoned and drained a node for maintenance",
+            ),
+            KubernetesProgress::Uncordoned(n) => (
+                store.delete_all(&[keys.kubernetes_cordoned(n)]).await,
+                "put a node back into service",
             ),
             KubernetesProgress::Left(n) => (
                 store

@@ -29,6 +29,8 @@ pub struct OrchestrationSnapshot {
     pub joined: BTreeMap<NodeId, i64>,
     /// Leaving nodes a control plane has drained and deleted.
     pub drained: BTreeMap<NodeId, i64>,
+    /// Nodes in maintenance a control plane has cordoned and drained.
+    pub cordoned: BTreeMap<NodeId, i64>,
     pub volumes: BTreeMap<String, Versioned<VolumeRecord>>,
 }
 
@@ -76,6 +78,7 @@ impl OrchestrationSnapshot {
                 .map(|b| b.mod_revision)
                 .chain(self.joined.values().copied())
                 .chain(self.drained.values().copied())
+                .chain(self.cordoned.values().copied())
                 .fold(newest, i64::max);
         }
         if interest.sections.contains(&Section::Gluster) {
@@ -95,6 +98,7 @@ impl OrchestrationSnapshot {
         desired: &mut DesiredState,
         node: &NodeId,
         interest: &Interest,
+        maintenance: &BTreeSet<NodeId>,
         sealer: Option<&SecretBox>,
     ) {
         let newest = self.inputs_revision_for(interest).max(0) as u64;
@@ -103,6 +107,7 @@ impl OrchestrationSnapshot {
         let bootstrap = self.open_bootstrap(sealer);
         let joined = self.joined_set();
         let drained = self.drained_set();
+        let cordoned: BTreeSet<NodeId> = self.cordoned.keys().cloned().collect();
         let (tasks, files) = kubernetes::steps(
             node,
             view,
@@ -110,6 +115,8 @@ impl OrchestrationSnapshot {
                 bootstrap: bootstrap.as_ref(),
                 joined: &joined,
                 drained: &drained,
+                maintenance,
+                cordoned: &cordoned,
             },
         );
         let mut all_tasks = tasks;
@@ -161,6 +168,7 @@ impl CachedPrefix for OrchestrationSnapshot {
         for (prefix, set) in [
             ("kubernetes/joined/", &mut self.joined),
             ("kubernetes/drained/", &mut self.drained),
+            ("kubernetes/cordoned/", &mut self.cordoned),
         ] {
             if let Some(node) = rest.strip_prefix(prefix) {
                 let Ok(node) = NodeId::new(node.to_owned()) else {

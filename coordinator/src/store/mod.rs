@@ -79,6 +79,7 @@ pub enum NodeKey {
     Status,
     Address,
     Revoked,
+    Maintenance,
 }
 
 impl Keys {
@@ -136,6 +137,15 @@ impl Keys {
     }
     pub fn kubernetes_drained(&self, id: &NodeId) -> String {
         format!("{}orchestration/kubernetes/drained/{id}", self.prefix)
+    }
+    pub fn kubernetes_cordoned(&self, id: &NodeId) -> String {
+        format!("{}orchestration/kubernetes/cordoned/{id}", self.prefix)
+    }
+    /// Whether the node is out of service (`stewardctl node drain`):
+    /// overwritten on undrain, never deleted, so that its mod revision
+    /// keeps growing.
+    pub fn node_maintenance(&self, id: &NodeId) -> String {
+        format!("{}{id}/maintenance", self.nodes())
     }
     pub fn gluster_volume(&self, name: &str) -> String {
         format!("{}orchestration/gluster/{name}", self.prefix)
@@ -236,6 +246,7 @@ impl Keys {
             "status" => NodeKey::Status,
             "address" => NodeKey::Address,
             "revoked" => NodeKey::Revoked,
+            "maintenance" => NodeKey::Maintenance,
             _ => return None,
         };
         Some((NodeId::new(id).ok()?, kind))
@@ -325,6 +336,20 @@ impl NodeRevokedRecord {
     }
 }
 
+/// `nodes/<id>/maintenance`: whether the node is out of service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceRecord {
+    /// False once undrained (the record stays: see `Keys::node_maintenance`).
+    pub active: bool,
+    pub reason: String,
+    /// The admin who drained (or undrained) it.
+    pub by: String,
+    pub at_unix_ms: u64,
+    /// Drained although a gate refused.
+    pub forced: bool,
+}
+
 /// `vips/.removed`: the last VIP removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipRemovedRecord {
@@ -363,6 +388,8 @@ pub struct NodeRecord {
     /// What the agent last said about its host (`facts/<id>`; like
     /// `converge`, read per node and per page).
     pub facts: Option<Versioned<Facts>>,
+    /// Out of service, if `active`.
+    pub maintenance: Option<Versioned<MaintenanceRecord>>,
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
@@ -787,6 +814,7 @@ impl Store {
                 })
             }
             Some((_, NodeKey::Revoked)) => record.revoked = Some(versioned(kv)?),
+            Some((_, NodeKey::Maintenance)) => record.maintenance = Some(versioned(kv)?),
             None => {}
         }
         Ok(())
@@ -1370,6 +1398,20 @@ impl Store {
         )
         .await?;
         Ok(Some(record))
+    }
+
+    /// Writes node `id`'s maintenance record with its event, if nobody
+    /// changed it since `expected_rev` (0: no record yet); whether it did.
+    pub async fn put_maintenance_if(
+        &self,
+        id: &NodeId,
+        expected_rev: i64,
+        record: &MaintenanceRecord,
+        event: &Event,
+    ) -> Result<bool> {
+        let txn = Self::put_if_txn(self.keys.node_maintenance(id), expected_rev, encode(record))
+            .and_then([self.event_op(event)]);
+        Ok(self.txn(txn, "write maintenance").await?.succeeded)
     }
 
     /// Node `id`'s last certificate revocation, if any.

@@ -192,7 +192,7 @@ impl CachedPrefix for VipSnapshot {
 /// The nodes that may hold `spec`'s VIP: its named candidates, or every node
 /// with the lb role.
 pub fn candidates(spec: &VipSpec, nodes: &SpecSnapshot) -> BTreeSet<NodeId> {
-    if spec.candidates.is_empty() {
+    let mut all: BTreeSet<NodeId> = if spec.candidates.is_empty() {
         nodes
             .specs
             .iter()
@@ -201,7 +201,11 @@ pub fn candidates(spec: &VipSpec, nodes: &SpecSnapshot) -> BTreeSet<NodeId> {
             .collect()
     } else {
         spec.candidates.iter().cloned().collect()
-    }
+    };
+    // A node out of service is no candidate: a VIP it holds moves by
+    // planned handover (placement asks the holder to release).
+    all.retain(|n| !nodes.in_maintenance(n));
+    all
 }
 
 impl VipSnapshot {

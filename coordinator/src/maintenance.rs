@@ -1,0 +1,393 @@
+//! Taking a node out of service and back (`stewardctl node drain` /
+//! `undrain`, DESIGN.md §7), through the gates of its roles.
+//!
+//! A drain is a record (`nodes/<id>/maintenance`) and what follows from it
+//! everywhere else, with no extra state machine:
+//! - lb: a node out of service is no VIP candidate (`vip::candidates`), so
+//!   placement asks the holder to release and assigns another healthy
+//!   candidate (a planned handover);
+//! - Kubernetes: the remover control plane is given `kubectl cordon` +
+//!   `kubectl drain` for the node, and `uncordon` once it is back
+//!   (`orchestrate::kubernetes`); its report records the cordon;
+//! - the node shows "draining" while something is pending (a VIP it still
+//!   holds, the Kubernetes drain), then "drained".
+//!
+//! The gates are checked when the drain is asked for; a refusal names the
+//! gate and the numbers. `--force` skips them, loudly.
+
+use std::collections::BTreeMap;
+
+use steward_proto::domain::{MaintenanceView, NodeHealth, NodeId, Role};
+
+use crate::cache::SpecSnapshot;
+use crate::orchestrate::state::OrchestrationSnapshot;
+use crate::store::NodeRecord;
+use crate::vip::lease_api::LeaseHub;
+use crate::vip::{candidates, VipSnapshot};
+
+/// What the gates look at.
+pub struct Fleet<'a> {
+    /// Every node (statuses: who is connected and healthy).
+    pub nodes: &'a BTreeMap<NodeId, NodeRecord>,
+    pub specs: &'a SpecSnapshot,
+    pub vips: &'a VipSnapshot,
+    /// Which candidates heartbeat their lease streams, healthy.
+    pub lease: &'a LeaseHub,
+    pub orchestration: &'a OrchestrationSnapshot,
+}
+
+impl Fleet<'_> {
+    fn roles(&self, node: &NodeId) -> Vec<Role> {
+        self.specs
+            .specs
+            .get(node)
+            .map(|s| s.value.roles.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Connected, not failing, not out of service.
+    fn in_service(&self, node: &NodeId) -> bool {
+        let up = self
+            .nodes
+            .get(node)
+            .and_then(|r| r.status.as_ref())
+            .is_some_and(|s| matches!(s.value.health, NodeHealth::Healthy | NodeHealth::Degraded));
+        up && !self.specs.in_maintenance(node)
+    }
+
+    fn describe(&self, node: &NodeId) -> String {
+        let state = if self.specs.in_maintenance(node) {
+            "out of service".to_owned()
+        } else {
+            self.nodes
+                .get(node)
+                .and_then(|r| r.status.as_ref())
+                .map_or_else(|| "never connected".into(), |s| s.value.health.to_string())
+        };
+        format!("{node} ({state})")
+    }
+
+    /// Why `node` may not be drained now, one line per gate that refuses
+    /// (empty: every gate holds).
+    pub fn refusals(&self, node: &NodeId) -> Vec<String> {
+        let roles = self.roles(node);
+        let mut refusals = Vec::new();
+        // lb: every VIP it may hold needs another healthy candidate.
+        for (name, state) in &self.vips.vips {
+            let Some(spec) = &state.spec else { continue };
+            let all = candidates(&spec.value, self.specs);
+            if !all.contains(node) {
+                continue;
+            }
+            let others: Vec<&NodeId> = all.iter().filter(|c| *c != node).collect();
+            let healthy = others
+                .iter()
+                .filter(|c| self.lease.healthy_candidate(c, name))
+                .count();
+            if healthy == 0 {
+                let listed = if others.is_empty() {
+                    "none".to_owned()
+                } else {
+                    others
+                        .iter()
+                        .map(|c| self.describe(c))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                refusals.push(format!(
+                    "lb gate: VIP {name} would have no healthy candidate left to move to \
+                     (other candidates: {listed})"
+                ));
+            }
+        }
+        // k8s-control-plane: the others in service keep etcd's quorum.
+        if roles.contains(&Role::K8sControlPlane) {
+            let cps: Vec<&NodeId> = self
+                .specs
+                .specs
+                .iter()
+                .filter(|(_, s)| s.value.roles.contains(&Role::K8sControlPlane))
+                .map(|(id, _)| id)
+                .collect();
+            let left = cps
+                .iter()
+                .filter(|c| **c != node && self.in_service(c))
+                .count();
+            let quorum = cps.len() / 2 + 1;
+            if left < quorum {
+                refusals.push(format!(
+                    "k8s-control-plane gate: {} control planes; without {node}, {left} stay \
+                     healthy in service, below the etcd quorum of {quorum}",
+                    cps.len()
+                ));
+            }
+        }
+        // gluster-brick: each replica set keeps its quorum of bricks.
+        if roles.contains(&Role::GlusterBrick) {
+            let settings = self.specs.settings.as_ref().map(|s| &s.value);
+            for (volume, record) in &self.orchestration.volumes {
+                let replica = settings
+                    .and_then(|s| s.gluster_volumes.iter().find(|v| &v.name == volume))
+                    .map_or(3, |v| v.replica.max(1) as usize);
+                for (k, set) in record.value.bricks.chunks(replica).enumerate() {
+                    if !set.iter().any(|b| &b.node == node) {
+                        continue;
+                    }
+                    let up = set
+                        .iter()
+                        .filter(|b| &b.node != node && self.in_service(&b.node))
+                        .count();
+                    let quorum = replica / 2 + 1;
+                    if up < quorum {
+                        refusals.push(format!(
+                            "gluster-brick gate: volume {volume} replica set {k} keeps {up} of \
+                             {replica} bricks up without {node}, below its quorum of {quorum}"
+                        ));
+                    }
+                }
+            }
+        }
+        refusals
+    }
+}
+
+/// What `node`, out of service, still waits for (empty: drained).
+pub fn pending(
+    node: &NodeId,
+    specs: &SpecSnapshot,
+    vips: &VipSnapshot,
+    orchestration: &OrchestrationSnapshot,
+) -> Vec<String> {
+    let mut pending = Vec::new();
+    for (name, state) in &vips.vips {
+        if state.owner_node() == Some(node) {
+            pending.push(format!(
+                "VIP {name} still held here (moving by planned handover)"
+            ));
+        }
+    }
+    let kubernetes = specs.specs.get(node).is_some_and(|s| {
+        s.value.roles.contains(&Role::K8sControlPlane) || s.value.roles.contains(&Role::K8sWorker)
+    });
+    if kubernetes
+        && orchestration.joined.contains_key(node)
+        && !orchestration.cordoned.contains_key(node)
+    {
+        pending.push("kubectl cordon and drain (run by a control plane)".into());
+    }
+    pending
+}
+
+/// The node's maintenance as operators see it, if it is out of service.
+pub fn view(
+    node: &NodeId,
+    record: &NodeRecord,
+    specs: &SpecSnapshot,
+    vips: &VipSnapshot,
+    orchestration: &OrchestrationSnapshot,
+) -> Option<MaintenanceView> {
+    let m = &record.maintenance.as_ref()?.value;
+    if !m.active {
+        return None;
+    }
+    let pending = pending(node, specs, vips, orchestration);
+    Some(MaintenanceView {
+        drained: pending.is_empty(),
+        reason: m.reason.clone(),
+        by: m.by.clone(),
+        since_unix_ms: m.at_unix_ms,
+        forced: m.forced,
+        pending,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::{Event, EventKind, Health};
+
+    use super::*;
+    use crate::orchestrate::gluster::{Brick, VolumeRecord};
+    use crate::store::{encode, MaintenanceRecord, MemoryBackend, NodeStatusRecord, Store};
+    use crate::testing::{eventually, node, put_roles, put_vip, vip_spec, TestReplica};
+    use crate::vip::lease_api::tests::{candidate, heartbeat};
+
+    async fn connected(store: &Store, id: &str) {
+        let status = NodeStatusRecord {
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            replica: Some("c-1".into()),
+            last_seen_unix_ms: 1,
+            applied_revision: 0,
+            agent_version: "test".into(),
+        };
+        store.put_status_if(&node(id), 0, &status).await.unwrap();
+    }
+
+    async fn drain(store: &Store, id: &str) {
+        let record = MaintenanceRecord {
+            active: true,
+            reason: String::new(),
+            by: "ops".into(),
+            at_unix_ms: 1,
+            forced: false,
+        };
+        let event = Event {
+            revision: 0,
+            at_unix_ms: 1,
+            kind: EventKind::NodeMaintenance,
+            node: Some(node(id)),
+            replica: "c-1".into(),
+            message: "test".into(),
+        };
+        assert!(store
+            .put_maintenance_if(&node(id), 0, &record, &event)
+            .await
+            .unwrap());
+    }
+
+    async fn refusals(replica: &TestReplica, id: &str) -> Vec<String> {
+        let nodes = replica.store().nodes().await.unwrap();
+        let specs = replica.ctx.specs.borrow().clone();
+        let vips = replica.ctx.vips.borrow().clone();
+        let orchestration = replica.ctx.orchestration.borrow().clone();
+        Fleet {
+            nodes: &nodes,
+            specs: &specs,
+            vips: &vips,
+            lease: &replica.ctx.lease,
+            orchestration: &orchestration,
+        }
+        .refusals(&node(id))
+    }
+
+    #[tokio::test]
+    async fn the_lb_gate_needs_another_healthy_candidate() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_roles(store, "n1", &[Role::Lb]).await;
+        put_roles(store, "n2", &[Role::Lb]).await;
+        put_vip(store, &vip_spec("front", "198.18.0.100/24")).await;
+        eventually("the caches", || {
+            let vips = replica.ctx.vips.borrow().vips.contains_key("front");
+            let specs = replica.ctx.specs.borrow().specs.len() == 2;
+            (vips && specs).then_some(())
+        })
+        .await;
+        let refused = refusals(&replica, "n1").await;
+        assert_eq!(
+            refused,
+            [
+                "lb gate: VIP front would have no healthy candidate left to move to \
+              (other candidates: n2 (never connected))"
+            ]
+        );
+        // n2 heartbeats its lease stream, healthy for front: n1 may go.
+        let _n2 = candidate(&replica, "n2", heartbeat("n2", 1, vec![]))
+            .await
+            .expect("lease stream");
+        eventually("n2 a healthy candidate", || {
+            replica
+                .ctx
+                .lease
+                .healthy_candidate(&node("n2"), "front")
+                .then_some(())
+        })
+        .await;
+        assert!(refusals(&replica, "n1").await.is_empty());
+        // Out of service, n1 is no candidate: nothing left for n2 to need.
+        drain(store, "n1").await;
+        eventually("n1 out of service", || {
+            replica
+                .ctx
+                .specs
+                .borrow()
+                .in_maintenance(&node("n1"))
+                .then_some(())
+        })
+        .await;
+        let vips = replica.ctx.vips.borrow().clone();
+        let spec = &vips.vips["front"].spec.as_ref().unwrap().value;
+        let specs = replica.ctx.specs.borrow().clone();
+        assert_eq!(
+            candidates(spec, &specs).into_iter().collect::<Vec<_>>(),
+            [node("n2")]
+        );
+        assert!(refusals(&replica, "n2").await[0].contains("other candidates: none"));
+    }
+
+    #[tokio::test]
+    async fn the_control_plane_gate_keeps_etcd_quorum() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        for id in ["cp-1", "cp-2", "cp-3"] {
+            put_roles(store, id, &[Role::K8sControlPlane]).await;
+            connected(store, id).await;
+        }
+        eventually("the spec cache", || {
+            (replica.ctx.specs.borrow().specs.len() == 3).then_some(())
+        })
+        .await;
+        assert!(refusals(&replica, "cp-1").await.is_empty());
+        drain(store, "cp-2").await;
+        eventually("cp-2 out of service", || {
+            replica
+                .ctx
+                .specs
+                .borrow()
+                .in_maintenance(&node("cp-2"))
+                .then_some(())
+        })
+        .await;
+        assert_eq!(
+            refusals(&replica, "cp-1").await,
+            [
+                "k8s-control-plane gate: 3 control planes; without cp-1, 1 stay healthy in \
+              service, below the etcd quorum of 2"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_gluster_gate_keeps_each_replica_set_quorum() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        let mut bricks = Vec::new();
+        for (i, id) in ["b-1", "b-2", "b-3"].iter().enumerate() {
+            put_roles(store, id, &[Role::GlusterBrick]).await;
+            bricks.push(Brick {
+                node: node(id),
+                address: format!("198.18.0.{}", i + 1).parse().unwrap(),
+            });
+        }
+        connected(store, "b-1").await;
+        connected(store, "b-3").await;
+        let record = VolumeRecord {
+            bricks,
+            replaced: Vec::new(),
+        };
+        store
+            .create_if_absent(store.keys().gluster_volume("data"), encode(&record))
+            .await
+            .unwrap();
+        eventually("the caches", || {
+            let o = replica
+                .ctx
+                .orchestration
+                .borrow()
+                .volumes
+                .contains_key("data");
+            (o && replica.ctx.specs.borrow().specs.len() == 3).then_some(())
+        })
+        .await;
+        // b-2 never connected: b-1 leaving would leave one brick of three.
+        assert_eq!(
+            refusals(&replica, "b-1").await,
+            [
+                "gluster-brick gate: volume data replica set 0 keeps 1 of 3 bricks up without \
+              b-1, below its quorum of 2"
+            ]
+        );
+        connected(store, "b-2").await;
+        assert!(refusals(&replica, "b-1").await.is_empty());
+    }
+}
