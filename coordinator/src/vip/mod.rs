@@ -234,13 +234,16 @@ impl VipSnapshot {
             .fold(self.removed_revision, i64::max)
     }
 
-    /// Every VIP `node` is a candidate for, as the node is told about it.
+    /// Every VIP `node` is a candidate for, and every VIP it holds (a
+    /// holder that stopped being a candidate, drained or without the lb
+    /// role, must still hear the release request: a planned handover, not
+    /// a lease running out), as the node is told about it.
     pub fn assignments_for(&self, node: &NodeId, nodes: &SpecSnapshot) -> Vec<AssignedVip> {
         self.vips
             .iter()
             .filter_map(|(name, state)| {
                 let spec = &state.spec.as_ref()?.value;
-                if !candidates(spec, nodes).contains(node) {
+                if state.owner_node() != Some(node) && !candidates(spec, nodes).contains(node) {
                     return None;
                 }
                 let target = steward_lease::Target::of(spec).ok()?;

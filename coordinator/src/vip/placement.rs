@@ -185,6 +185,81 @@ mod tests {
     use crate::testing::{eventually, node, put_roles, put_vip, vip_spec, TestReplica};
     use crate::vip::lease_api::tests::{candidate, heartbeat};
 
+    /// A holder taken out of service is asked to release (a planned
+    /// handover), and hears it on its lease stream although it is no
+    /// candidate any more.
+    #[tokio::test]
+    async fn a_drained_holder_is_asked_to_release() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_roles(store, "n1", &[Role::Lb]).await;
+        put_roles(store, "n2", &[Role::Lb]).await;
+        put_vip(store, &vip_spec("front", "198.18.0.100/24")).await;
+        let fence = replica.lead().await;
+        let _n1 = candidate(&replica, "n1", heartbeat("n1", 1, Vec::new()))
+            .await
+            .expect("stream");
+        let _n2 = candidate(&replica, "n2", heartbeat("n2", 1, Vec::new()))
+            .await
+            .expect("stream");
+        let hub = &replica.ctx.lease;
+        let ctx = &replica.ctx;
+        let (specs, state) = eventually("the caches and candidates", || {
+            let specs = ctx.specs.borrow().clone();
+            let state = ctx.vips.borrow().vips.get("front")?.clone();
+            let ready = specs.specs.len() == 2
+                && state.spec.is_some()
+                && hub.healthy_candidate(&node("n1"), "front")
+                && hub.healthy_candidate(&node("n2"), "front");
+            ready.then_some((specs, state))
+        })
+        .await;
+        decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect("assigned");
+        let (holder, _) = store.vips().await.unwrap().vips["front"]
+            .owner
+            .clone()
+            .unwrap();
+        let holder = holder.expect("a holder");
+        let record = crate::store::MaintenanceRecord {
+            active: true,
+            reason: String::new(),
+            by: "ops".into(),
+            at_unix_ms: 1,
+            forced: false,
+        };
+        let event = store.event(EventKind::NodeMaintenance, Some(holder.clone()), "t".into());
+        assert!(store
+            .put_maintenance_if(&holder, 0, &record, &event)
+            .await
+            .unwrap());
+        let (specs, state) = eventually("the drain and the owner in the caches", || {
+            let specs = ctx.specs.borrow().clone();
+            let state = ctx.vips.borrow().vips.get("front")?.clone();
+            (specs.in_maintenance(&holder) && state.owner_node() == Some(&holder))
+                .then_some((specs, state))
+        })
+        .await;
+        // The holder still hears about the VIP, to release it.
+        let vips = ctx.vips.borrow().clone();
+        let told = vips.assignments_for(&holder, &specs);
+        assert_eq!(told.len(), 1, "the holder is told about the VIP it holds");
+        decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect("release requested");
+        let vips = store.vips().await.unwrap();
+        assert!(
+            vips.vips["front"].current_move().is_some(),
+            "a release request for the drained holder"
+        );
+        assert!(
+            vips.assignments_for(&holder, &specs)[0]
+                .assignment
+                .release_requested
+        );
+    }
+
     #[tokio::test]
     async fn the_leader_assigns_a_first_holder_once_and_only_while_it_leads() {
         let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
