@@ -837,4 +837,52 @@ mod tests {
             .contains(&b.token.value));
         assert_eq!(Bootstrap::open(&record, &sealer).unwrap(), b);
     }
+
+    /// Maintenance: the remover cordons and drains a node out of service,
+    /// once, and uncordons it when it is back.
+    #[test]
+    fn a_node_out_of_service_is_cordoned_and_drained_then_uncordoned() {
+        let v = view(&["cp-1", "cp-2"], &["w-1"]);
+        let b = boot("cp-1");
+        let joined: BTreeSet<NodeId> = [id("cp-1"), id("cp-2"), id("w-1")].into();
+        let none = BTreeSet::new();
+        let down: BTreeSet<NodeId> = [id("w-1")].into();
+        let ids = |node: &str, maintenance: &BTreeSet<NodeId>, cordoned: &BTreeSet<NodeId>| {
+            let progress = Progress {
+                bootstrap: Some(&b),
+                joined: &joined,
+                drained: &none,
+                maintenance,
+                cordoned,
+            };
+            steps(&id(node), &v, progress)
+                .0
+                .into_iter()
+                .map(|t| (t.id, t.argv.join(" ")))
+                .filter(|(id, _)| id.starts_with("kubernetes-"))
+                .collect::<Vec<_>>()
+        };
+        let tasks = ids("cp-1", &down, &none);
+        assert_eq!(tasks.len(), 1, "{tasks:?}");
+        assert_eq!(tasks[0].0, cordon_task_id(&id("w-1")));
+        assert!(tasks[0].1.contains("cordon w-1"), "{}", tasks[0].1);
+        assert!(
+            tasks[0]
+                .1
+                .contains("drain w-1 --ignore-daemonsets --delete-emptydir-data"),
+            "{}",
+            tasks[0].1
+        );
+        // Only the remover runs it; the node itself and others do not.
+        assert!(ids("cp-2", &down, &none).is_empty());
+        assert!(ids("w-1", &down, &none).is_empty());
+        // Done: nothing more while it is out.
+        let cordoned = down.clone();
+        assert!(ids("cp-1", &down, &cordoned).is_empty());
+        // Back in service: uncordon.
+        let tasks = ids("cp-1", &none, &cordoned);
+        assert_eq!(tasks.len(), 1, "{tasks:?}");
+        assert_eq!(tasks[0].0, uncordon_task_id(&id("w-1")));
+        assert!(tasks[0].1.ends_with("uncordon w-1"), "{}", tasks[0].1);
+    }
 }

@@ -204,4 +204,25 @@ mod tests {
         failed.resources[0].status = ResourceStatus::Failed;
         assert!(kubernetes_progress(&node("w-2"), &failed, &ALL, &orch).is_empty());
     }
+
+    #[test]
+    fn a_maintenance_drain_and_uncordon_are_recorded_from_the_remover() {
+        let mut orch = OrchestrationSnapshot::default();
+        orch.joined.insert(node("w-1"), 6);
+        let drain = cordon_task_id(&node("w-1"));
+        let done = report(&[drain.as_str()]);
+        assert_eq!(
+            kubernetes_progress(&node("cp-1"), &done, &[drain.as_str()], &orch),
+            [KubernetesProgress::Cordoned(node("w-1"))]
+        );
+        // Not assigned to the reporter: nothing.
+        assert!(kubernetes_progress(&node("w-2"), &done, &[], &orch).is_empty());
+        orch.cordoned.insert(node("w-1"), 7);
+        let back = uncordon_task_id(&node("w-1"));
+        let done = report(&[back.as_str()]);
+        assert_eq!(
+            kubernetes_progress(&node("cp-1"), &done, &[back.as_str()], &orch),
+            [KubernetesProgress::Uncordoned(node("w-1"))]
+        );
+    }
 }
