@@ -653,6 +653,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(pb::ApplyResponse {
             changes: outcome.changes,
             applied: outcome.applied,
+            warnings: outcome.warnings,
         }))
     }
 

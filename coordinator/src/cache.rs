@@ -23,6 +23,9 @@ use crate::store::{
 };
 use crate::vip::VipSnapshot;
 
+/// The label that names a node's failure domain (DESIGN.md §7).
+pub const ZONE_LABEL: &str = "zone";
+
 /// All node specs and addresses, and the cluster settings, as of one etcd
 /// revision.
 #[derive(Debug, Clone, Default)]
@@ -51,6 +54,14 @@ impl SpecSnapshot {
     /// Whether `node` is out of service.
     pub fn in_maintenance(&self, node: &NodeId) -> bool {
         self.maintenance.get(node).is_some_and(|m| m.value.active)
+    }
+
+    /// Each node's failure domain: its `zone` label, if it has one.
+    pub fn zones(&self) -> BTreeMap<NodeId, String> {
+        self.specs
+            .iter()
+            .filter_map(|(id, s)| Some((id.clone(), s.value.labels.get(ZONE_LABEL)?.clone())))
+            .collect()
     }
 
     /// The nodes out of service.

@@ -966,8 +966,12 @@ fn apply_output(output: Output, outcome: &pb::ApplyResponse, dry_run: bool) -> S
     if output == Output::Json {
         return format!(
             "{}\n",
-            json!({"changes": outcome.changes, "applied": outcome.applied, "dry_run": dry_run})
+            json!({"changes": outcome.changes, "applied": outcome.applied, "dry_run": dry_run, "warnings": outcome.warnings})
         );
+    }
+    // Warnings go to stderr: stdout stays the list of changes.
+    for warning in &outcome.warnings {
+        eprintln!("warning: {warning}");
     }
     let mut text = String::new();
     if outcome.changes.is_empty() {
@@ -1641,6 +1645,7 @@ mod tests {
         let outcome = pb::ApplyResponse {
             changes: vec!["vip front: add 198.18.0.200/24".into()],
             applied: true,
+            warnings: vec![],
         };
         assert_eq!(
             apply_output(Output::Table, &outcome, false),
@@ -1649,6 +1654,7 @@ mod tests {
         let dry = pb::ApplyResponse {
             changes: vec![],
             applied: false,
+            warnings: vec![],
         };
         assert_eq!(
             apply_output(Output::Table, &dry, true),

@@ -31,6 +31,8 @@ pub struct Outcome {
     pub changes: Vec<String>,
     /// False for a dry run.
     pub applied: bool,
+    /// Failure-domain risks (`plan::Plan::warnings`).
+    pub warnings: Vec<String>,
 }
 
 /// Checks the spec `text` against the cluster and, unless `dry_run`,
@@ -46,6 +48,7 @@ pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Ou
             return Ok(Outcome {
                 changes: plan.changes,
                 applied: !dry_run,
+                warnings: plan.warnings,
             });
         }
         let (compares, writes) = transaction(store, &plan, &current);
@@ -77,6 +80,7 @@ pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Ou
         return Ok(Outcome {
             changes: plan.changes,
             applied: true,
+            warnings: plan.warnings,
         });
     }
     Err(Error::Conflict {

@@ -77,6 +77,10 @@ pub struct Plan {
     pub vip_removals: Vec<VipRemoval>,
     pub settings: Option<SettingsWrite>,
     pub nodes: Vec<NodeWrite>,
+    /// Failure-domain risks of the cluster as the spec leaves it (a zone
+    /// whose loss takes the lb pair, the control plane majority or a
+    /// replica set's quorum); shown, not refused.
+    pub warnings: Vec<String>,
 }
 
 impl Plan {
@@ -120,7 +124,10 @@ pub fn plan(spec: &ClusterSpec, current: &Current) -> Result<Plan, Vec<String>> 
         return Err(problems);
     }
 
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        warnings: zone_warnings(&after, &spec.gluster_volumes),
+        ..Plan::default()
+    };
     if let Some(vips) = &spec.vips {
         plan_vips(vips, &current.vips, &mut plan);
     }
@@ -176,6 +183,81 @@ pub fn plan(spec: &ClusterSpec, current: &Current) -> Result<Plan, Vec<String>> 
         });
     }
     Ok(plan)
+}
+
+/// What one zone's loss would take, for the nodes as the spec leaves them
+/// (their `zone` labels; nodes without one count as a zone of their own).
+fn zone_warnings(nodes: &BTreeMap<NodeId, NodeRecord>, volumes: &[GlusterVolume]) -> Vec<String> {
+    let zone_of = |id: &NodeId| -> String {
+        nodes
+            .get(id)
+            .and_then(|r| r.spec.as_ref())
+            .and_then(|s| s.value.labels.get(crate::cache::ZONE_LABEL).cloned())
+            .unwrap_or_else(|| format!("(node {id}, no zone)"))
+    };
+    let with_role = |role: Role| -> Vec<NodeId> {
+        nodes
+            .iter()
+            .filter(|(_, r)| {
+                r.spec
+                    .as_ref()
+                    .is_some_and(|s| s.value.roles.contains(&role))
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let by_zone = |ids: &[NodeId]| -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for id in ids {
+            *m.entry(zone_of(id)).or_insert(0) += 1;
+        }
+        m
+    };
+    let mut warnings = Vec::new();
+    let lbs = with_role(Role::Lb);
+    if lbs.len() >= 2 {
+        let zones = by_zone(&lbs);
+        if zones.len() == 1 {
+            let zone = zones.keys().next().cloned().unwrap_or_default();
+            warnings.push(format!(
+                "every lb node ({}) is in zone {zone}: losing it takes the VIP with it",
+                lbs.iter()
+                    .map(NodeId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    let cps = with_role(Role::K8sControlPlane);
+    if cps.len() >= 2 {
+        let quorum = cps.len() / 2 + 1;
+        for (zone, n) in by_zone(&cps) {
+            if cps.len() - n < quorum {
+                warnings.push(format!(
+                    "zone {zone} holds {n} of {} control planes: losing it loses the etcd \
+                     quorum of {quorum}",
+                    cps.len()
+                ));
+            }
+        }
+    }
+    let bricks = with_role(Role::GlusterBrick);
+    let zones = by_zone(&bricks).len();
+    for v in volumes {
+        let replica = v.replica.max(1) as usize;
+        let quorum = replica / 2 + 1;
+        // Bricks spread over `zones` zones at best: one zone then holds
+        // at least ceil(replica / zones) bricks of a set.
+        let worst = replica.div_ceil(zones.max(1));
+        if bricks.len() >= replica && replica > 1 && replica - worst < quorum {
+            warnings.push(format!(
+                "volume {}: replica {replica} over {zones} zone(s): losing one zone can take \
+                 {worst} bricks of a replica set, below its quorum of {quorum}",
+                v.name
+            ));
+        }
+    }
+    warnings
 }
 
 /// The new spec of every node the spec lists: its current spec (or an
@@ -1128,5 +1210,56 @@ roles = []
         assert_eq!(label_problems("Bad.Prefix/zone", "a").len(), 1);
         assert_eq!(label_problems("zone", "a b").len(), 1);
         assert_eq!(label_problems(&"x".repeat(64), &"y".repeat(64)).len(), 2);
+    }
+
+    #[test]
+    fn zone_risks_are_warned_not_refused() {
+        let in_zone = |roles: &[Role], zone: &str| {
+            let mut r = node("198.18.0.7/24", roles);
+            if let Some(spec) = &mut r.spec {
+                spec.value.labels.insert("zone".into(), zone.into());
+            }
+            r
+        };
+        let mut nodes = BTreeMap::new();
+        nodes.insert(id("lb-1"), in_zone(&[Role::Lb], "a"));
+        nodes.insert(id("lb-2"), in_zone(&[Role::Lb], "a"));
+        for (n, z) in [("cp-1", "a"), ("cp-2", "a"), ("cp-3", "b")] {
+            nodes.insert(id(n), in_zone(&[Role::K8sControlPlane], z));
+        }
+        for (n, z) in [("g-1", "a"), ("g-2", "b"), ("g-3", "b")] {
+            nodes.insert(id(n), in_zone(&[Role::GlusterBrick], z));
+        }
+        let volumes = [GlusterVolume {
+            name: "data".into(),
+            replica: 3,
+        }];
+        let w = zone_warnings(&nodes, &volumes);
+        assert_eq!(w.len(), 3, "{w:#?}");
+        assert!(
+            w[0].starts_with("every lb node (lb-1, lb-2) is in zone a"),
+            "{}",
+            w[0]
+        );
+        assert!(
+            w[1].starts_with("zone a holds 2 of 3 control planes"),
+            "{}",
+            w[1]
+        );
+        assert!(
+            w[2].starts_with("volume data: replica 3 over 2 zone(s)"),
+            "{}",
+            w[2]
+        );
+        // Spread over three zones: nothing to say.
+        nodes.insert(id("lb-2"), in_zone(&[Role::Lb], "b"));
+        nodes.insert(id("cp-2"), in_zone(&[Role::K8sControlPlane], "c"));
+        nodes.insert(id("g-3"), in_zone(&[Role::GlusterBrick], "c"));
+        assert!(zone_warnings(&nodes, &volumes).is_empty());
+        // Without zone labels every node counts as its own failure domain.
+        let mut bare = BTreeMap::new();
+        bare.insert(id("lb-1"), node("198.18.0.7/24", &[Role::Lb]));
+        bare.insert(id("lb-2"), node("198.18.0.8/24", &[Role::Lb]));
+        assert!(zone_warnings(&bare, &[]).is_empty());
     }
 }

@@ -6,6 +6,7 @@
 //! node. Exactly one peer (the first brick node by id) runs the `gluster`
 //! commands, each guarded so that it runs once.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -60,15 +61,37 @@ fn brick_nodes(view: &ClusterView) -> Vec<Brick> {
         .collect()
 }
 
+/// `nodes` reordered so that consecutive nodes come from different zones
+/// as far as possible (one from each zone in turn; nodes without a zone
+/// form their own group): cut into replica sets, each set spans as many
+/// zones as there are.
+fn across_zones(nodes: Vec<Brick>, zones: &BTreeMap<NodeId, String>) -> Vec<Brick> {
+    let mut groups: BTreeMap<Option<&String>, std::collections::VecDeque<Brick>> = BTreeMap::new();
+    for n in nodes {
+        groups.entry(zones.get(&n.node)).or_default().push_back(n);
+    }
+    let mut out = Vec::new();
+    while groups.values().any(|g| !g.is_empty()) {
+        for g in groups.values_mut() {
+            if let Some(n) = g.pop_front() {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
 /// The leader's next record for `volume`, or `None` while there are too
-/// few brick nodes to create it.
+/// few brick nodes to create it. Replica sets take their bricks from
+/// distinct zones (`zones`: each node's `zone` label) when they can.
 pub fn next_record(
     volume: &GlusterVolume,
     view: &ClusterView,
     current: Option<&VolumeRecord>,
+    zones: &BTreeMap<NodeId, String>,
 ) -> Option<VolumeRecord> {
     let replica = volume.replica.max(1) as usize;
-    let nodes = brick_nodes(view);
+    let nodes = across_zones(brick_nodes(view), zones);
     let Some(current) = current.filter(|c| !c.bricks.is_empty()) else {
         if nodes.len() < replica {
             return None;
@@ -86,7 +109,26 @@ pub fn next_record(
         if still_brick {
             continue;
         }
-        if let Some(spare) = nodes.iter().find(|n| !in_use(&next, &n.node)).cloned() {
+        // A spare from a zone this replica set does not use yet, if any.
+        let set = i / replica * replica;
+        let set_zones: Vec<Option<&String>> = next.bricks
+            [set..(set + replica).min(next.bricks.len())]
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| set + j != i)
+            .map(|(_, b)| zones.get(&b.node))
+            .collect();
+        let spare = nodes
+            .iter()
+            .filter(|n| !in_use(&next, &n.node))
+            .find(|n| {
+                zones
+                    .get(&n.node)
+                    .is_none_or(|z| !set_zones.contains(&Some(z)))
+            })
+            .or_else(|| nodes.iter().find(|n| !in_use(&next, &n.node)))
+            .cloned();
+        if let Some(spare) = spare {
             let old = std::mem::replace(&mut next.bricks[i], spare.clone());
             next.replaced.push((old, spare));
         }
@@ -275,20 +317,47 @@ mod tests {
 
     #[test]
     fn a_volume_waits_for_enough_brick_nodes_then_uses_each_once() {
-        assert_eq!(next_record(&vol(), &view(&["g1", "g2"]), None), None);
-        let r = next_record(&vol(), &view(&["g1", "g2", "g3", "g4"]), None).unwrap();
+        assert_eq!(
+            next_record(&vol(), &view(&["g1", "g2"]), None, &BTreeMap::new()),
+            None
+        );
+        let r = next_record(
+            &vol(),
+            &view(&["g1", "g2", "g3", "g4"]),
+            None,
+            &BTreeMap::new(),
+        )
+        .unwrap();
         assert_eq!(nodes(&r), ["g1", "g2", "g3"]);
         // Stable: nothing changes without a membership change.
         assert_eq!(
-            next_record(&vol(), &view(&["g1", "g2", "g3", "g4"]), Some(&r)).unwrap(),
+            next_record(
+                &vol(),
+                &view(&["g1", "g2", "g3", "g4"]),
+                Some(&r),
+                &BTreeMap::new()
+            )
+            .unwrap(),
             r
         );
     }
 
     #[test]
     fn a_node_losing_the_role_is_replaced_by_a_spare() {
-        let r = next_record(&vol(), &view(&["g1", "g2", "g3", "g4"]), None).unwrap();
-        let r2 = next_record(&vol(), &view(&["g1", "g3", "g4"]), Some(&r)).unwrap();
+        let r = next_record(
+            &vol(),
+            &view(&["g1", "g2", "g3", "g4"]),
+            None,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let r2 = next_record(
+            &vol(),
+            &view(&["g1", "g3", "g4"]),
+            Some(&r),
+            &BTreeMap::new(),
+        )
+        .unwrap();
         assert_eq!(nodes(&r2), ["g1", "g4", "g3"]);
         assert_eq!(r2.replaced.len(), 1);
         assert_eq!(r2.replaced[0].0.node.as_str(), "g2");
@@ -313,13 +382,20 @@ mod tests {
 
     #[test]
     fn new_nodes_are_added_a_whole_replica_set_at_a_time() {
-        let r = next_record(&vol(), &view(&["g1", "g2", "g3"]), None).unwrap();
-        let five = next_record(&vol(), &view(&["g1", "g2", "g3", "g4", "g5"]), Some(&r)).unwrap();
+        let r = next_record(&vol(), &view(&["g1", "g2", "g3"]), None, &BTreeMap::new()).unwrap();
+        let five = next_record(
+            &vol(),
+            &view(&["g1", "g2", "g3", "g4", "g5"]),
+            Some(&r),
+            &BTreeMap::new(),
+        )
+        .unwrap();
         assert_eq!(five.bricks.len(), 3);
         let six = next_record(
             &vol(),
             &view(&["g1", "g2", "g3", "g4", "g5", "g6"]),
             Some(&r),
+            &BTreeMap::new(),
         )
         .unwrap();
         assert_eq!(nodes(&six), ["g1", "g2", "g3", "g4", "g5", "g6"]);
@@ -340,7 +416,7 @@ mod tests {
     #[test]
     fn only_the_first_brick_node_runs_commands_probe_create_start_in_order() {
         let v = view(&["g1", "g2", "g3"]);
-        let r = next_record(&vol(), &v, None).unwrap();
+        let r = next_record(&vol(), &v, None, &BTreeMap::new()).unwrap();
         for n in ["g2", "g3"] {
             assert!(steps(&NodeId::new(n).unwrap(), &v, &vol(), &r).is_empty());
         }
@@ -364,5 +440,38 @@ mod tests {
              198.18.0.32:/data/glusterfs/data/brick1/brick 198.18.0.33:/data/glusterfs/data/brick1/brick force"
         );
         assert!(create.unless.is_some(), "create must be guarded");
+    }
+
+    /// With zones a/b/c, each replica set takes one brick from each zone,
+    /// and a replaced brick comes from the zone the set is missing.
+    #[test]
+    fn replica_sets_span_zones_when_they_can() {
+        let ids = ["g1", "g2", "g3", "g4", "g5", "g6"];
+        let zones: BTreeMap<NodeId, String> = ids
+            .iter()
+            .zip(["a", "a", "b", "b", "c", "c"])
+            .map(|(n, z)| (NodeId::new(*n).unwrap(), z.to_owned()))
+            .collect();
+        let r = next_record(&vol(), &view(&ids), None, &zones).unwrap();
+        assert_eq!(r.bricks.len(), 6);
+        for set in r.bricks.chunks(3) {
+            let mut z: Vec<&String> = set.iter().map(|b| &zones[&b.node]).collect();
+            z.sort();
+            assert_eq!(z, ["a", "b", "c"], "{:?}", nodes(&r));
+        }
+        // g1 (zone a) leaves; the spare must come from zone a.
+        let mut zones7 = zones.clone();
+        zones7.insert(NodeId::new("g7").unwrap(), "b".into());
+        zones7.insert(NodeId::new("g8").unwrap(), "a".into());
+        let after = next_record(
+            &vol(),
+            &view(&["g2", "g3", "g4", "g5", "g6", "g7", "g8"]),
+            Some(&r),
+            &zones7,
+        )
+        .unwrap();
+        let (old, new) = after.replaced.last().unwrap();
+        assert_eq!(old.node.as_str(), "g1");
+        assert_eq!(new.node.as_str(), "g8", "the spare from the missing zone");
     }
 }

@@ -48,7 +48,7 @@ pub async fn run_orchestrator(
                 let view = cluster_view(&specs, &vips);
                 let duties = [
                     kubernetes_duty(&store, &fence, &view, &orch, sealer.as_deref()).await,
-                    gluster_duty(&store, &fence, &view, &orch).await,
+                    gluster_duty(&store, &fence, &view, &orch, &specs.zones()).await,
                 ];
                 for duty in duties {
                     if let Err(error) = duty {
@@ -187,10 +187,12 @@ async fn gluster_duty(
     fence: &Fence,
     view: &ClusterView,
     orch: &OrchestrationSnapshot,
+    zones: &std::collections::BTreeMap<steward_proto::domain::NodeId, String>,
 ) -> Result<()> {
     for volume in &view.settings.gluster_volumes {
         let current = orch.volumes.get(&volume.name);
-        let Some(next) = gluster::next_record(volume, view, current.map(|c| &c.value)) else {
+        let Some(next) = gluster::next_record(volume, view, current.map(|c| &c.value), zones)
+        else {
             continue;
         };
         if current.map(|c| &c.value) == Some(&next) {
