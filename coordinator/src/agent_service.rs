@@ -108,7 +108,7 @@ impl SessionContext {
         }
         let interest = crate::desired::Interest::of(&roles);
         let view = self.views.get(&specs, &vips, &interest);
-        let steps = orchestration.inputs_revision_for(&interest).max(0) as u64;
+        let steps = orchestration.revision_for(&interest);
         view.revision
             .max(crate::desired::own_revision(&specs, node))
             .max(steps)

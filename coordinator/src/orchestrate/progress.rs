@@ -110,12 +110,14 @@ pub async fn record_kubernetes_progress(
                 "cordoned and drained a node for maintenance",
             ),
             KubernetesProgress::Uncordoned(n) => (
-                store.delete_all(&[keys.kubernetes_cordoned(n)]).await,
+                store
+                    .delete_orchestration(&[keys.kubernetes_cordoned(n)])
+                    .await,
                 "put a node back into service",
             ),
             KubernetesProgress::Left(n) => (
                 store
-                    .delete_all(&[keys.kubernetes_joined(n), keys.kubernetes_drained(n)])
+                    .delete_orchestration(&[keys.kubernetes_joined(n), keys.kubernetes_drained(n)])
                     .await,
                 "left Kubernetes",
             ),

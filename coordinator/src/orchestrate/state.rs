@@ -31,6 +31,8 @@ pub struct OrchestrationSnapshot {
     pub drained: BTreeMap<NodeId, i64>,
     /// Nodes in maintenance a control plane has cordoned and drained.
     pub cordoned: BTreeMap<NodeId, i64>,
+    /// `orchestration/.removed`: the last deletion of a record here.
+    pub removed_revision: i64,
     pub volumes: BTreeMap<String, Versioned<VolumeRecord>>,
 }
 
@@ -79,6 +81,7 @@ impl OrchestrationSnapshot {
                 .chain(self.joined.values().copied())
                 .chain(self.drained.values().copied())
                 .chain(self.cordoned.values().copied())
+                .chain([self.removed_revision])
                 .fold(newest, i64::max);
         }
         if interest.sections.contains(&Section::Gluster) {
@@ -91,6 +94,23 @@ impl OrchestrationSnapshot {
         newest
     }
 
+    /// What a node with `interest` adds to its revision from here: the
+    /// records it takes steps from, and for a node outside Kubernetes the
+    /// Kubernetes records too (it may have left Kubernetes and have its
+    /// reset to run, then none: it follows them throughout, so that its
+    /// revision never goes back).
+    pub fn revision_for(&self, interest: &Interest) -> u64 {
+        let mut newest = self.inputs_revision_for(interest);
+        if !interest.sections.contains(&Section::Kubernetes) {
+            let kubernetes = Interest {
+                sections: [Section::Kubernetes].into(),
+                ..Interest::default()
+            };
+            newest = newest.max(self.inputs_revision_for(&kubernetes));
+        }
+        newest.max(0) as u64
+    }
+
     /// Adds the cluster-wide steps for `node` to `desired`, whose cluster
     /// view is the slice a node with `interest` consumes.
     pub fn add_steps(
@@ -101,8 +121,7 @@ impl OrchestrationSnapshot {
         maintenance: &BTreeSet<NodeId>,
         sealer: Option<&SecretBox>,
     ) {
-        let newest = self.inputs_revision_for(interest).max(0) as u64;
-        desired.revision = desired.revision.max(newest);
+        desired.revision = desired.revision.max(self.revision_for(interest));
         let view = &desired.cluster;
         let bootstrap = self.open_bootstrap(sealer);
         let joined = self.joined_set();
@@ -125,15 +144,6 @@ impl OrchestrationSnapshot {
                 all_tasks.extend(gluster::steps(node, view, volume, &record.value));
             }
         }
-        if !all_tasks.is_empty() && !interest.sections.contains(&Section::Kubernetes) {
-            // A node that left Kubernetes still has its reset to run.
-            let kubernetes = Interest {
-                sections: [Section::Kubernetes].into(),
-                ..Interest::default()
-            };
-            let newest = self.inputs_revision_for(&kubernetes).max(0) as u64;
-            desired.revision = desired.revision.max(newest);
-        }
         desired.tasks = all_tasks;
         desired.files = files;
     }
@@ -149,6 +159,12 @@ impl CachedPrefix for OrchestrationSnapshot {
         else {
             return false;
         };
+        if rest == ".removed" {
+            let rev = value.map_or(0, |(_, rev)| rev);
+            let changed = self.removed_revision != rev;
+            self.removed_revision = rev;
+            return changed;
+        }
         if rest == "kubernetes/bootstrap" {
             self.bootstrap = match value {
                 None => None,
@@ -210,5 +226,43 @@ impl CachedPrefix for OrchestrationSnapshot {
     fn set_revision(&mut self, revision: i64) {
         self.revision = self.revision.max(revision);
         self.synced = true;
+    }
+}
+
+#[cfg(test)]
+mod revision_tests {
+    use super::*;
+    use crate::store::Keys;
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    /// A record's deletion leaves no revision behind: the `.removed` marker
+    /// keeps every node's revision from going back (an agent refuses an
+    /// older desired state).
+    #[test]
+    fn revisions_never_go_back_when_records_are_deleted() {
+        let keys = Keys::new("t");
+        let mut o = OrchestrationSnapshot::default();
+        let put = |o: &mut OrchestrationSnapshot, key: String, rev: i64| {
+            o.apply(&keys, key.as_bytes(), Some((br#"{"at_unix_ms":1}"#, rev)))
+        };
+        put(&mut o, keys.kubernetes_joined(&id("w-1")), 10);
+        put(&mut o, keys.kubernetes_drained(&id("w-1")), 12);
+        let worker = Interest::of(&[steward_proto::domain::Role::K8sWorker].into());
+        let none = Interest::default();
+        let brick = Interest::of(&[steward_proto::domain::Role::GlusterBrick].into());
+        for i in [&worker, &none, &brick] {
+            assert_eq!(o.revision_for(i), 12);
+        }
+        // w-1 left: both records go, the marker is touched in the same txn.
+        o.apply(&keys, keys.kubernetes_joined(&id("w-1")).as_bytes(), None);
+        o.apply(&keys, keys.kubernetes_drained(&id("w-1")).as_bytes(), None);
+        let marker = format!("{}.removed", keys.orchestration());
+        assert!(o.apply(&keys, marker.as_bytes(), Some((b"", 13))));
+        for i in [&worker, &none, &brick] {
+            assert_eq!(o.revision_for(i), 13);
+        }
     }
 }

@@ -1043,6 +1043,25 @@ impl Store {
         Ok(self.put_if(key, 0, value, "create record").await?.is_some())
     }
 
+    /// Touched by every deletion under `orchestration/`, in the same
+    /// transaction: desired-state revisions take their inputs' newest mod
+    /// revision, and a deleted record leaves none behind.
+    pub fn orchestration_removed(&self) -> String {
+        format!("{}.removed", self.keys.orchestration())
+    }
+
+    /// Deletes orchestration records `keys` and touches
+    /// [`Store::orchestration_removed`], in one transaction.
+    pub async fn delete_orchestration(&self, keys: &[String]) -> Result<()> {
+        let ops = keys
+            .iter()
+            .map(|k| Op::delete(k.as_str()))
+            .chain([Op::put(self.orchestration_removed(), Vec::new())]);
+        self.txn(Txn::new().and_then(ops), "delete orchestration records")
+            .await?;
+        Ok(())
+    }
+
     /// Deletes `keys` in one transaction.
     pub async fn delete_all(&self, keys: &[String]) -> Result<()> {
         let ops = keys.iter().map(|k| Op::delete(k.as_str()));
