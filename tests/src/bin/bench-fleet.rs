@@ -220,6 +220,17 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     Ok(body.to_owned())
 }
 
+/// The first three fields of /proc/loadavg: other work on the machine
+/// skews every figure.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Value at quantile `q` (nearest rank) of sorted `v`.
 fn quantile(v: &[Duration], q: f64) -> Duration {
     if v.is_empty() {
@@ -285,6 +296,28 @@ fn wait_quiet(fleet: &Fleet, quiet: Duration, timeout: Duration) -> Vec<Obs> {
     }
 }
 
+/// Before a phase: waits up to 120 s for every agent to have a session
+/// again, and says so in the report if some had none.
+fn recover(fleet: &Fleet, report: &mut Report) {
+    let n = fleet.agents.len();
+    let before = connected(fleet);
+    if before == n {
+        return;
+    }
+    let started = Instant::now();
+    let back = wait_until(Duration::from_secs(120), "every agent to reconnect", || {
+        connected(fleet) == n
+    });
+    report.row(
+        "  (fleet before the next step)",
+        format!(
+            "{before} of {n} connected; {} after {}",
+            if back { "all back" } else { "NOT all back" },
+            ms(started.elapsed())
+        ),
+    );
+}
+
 fn connected(fleet: &Fleet) -> usize {
     fleet
         .snapshot()
@@ -328,6 +361,7 @@ fn main() {
         args.workers
     ));
     report.row("binaries", steward_tests::bin_dir().display().to_string());
+    report.row("load average at start (shared machine)", loadavg());
 
     let mut cluster = Cluster::new();
     cluster.start_coordinators(args.replicas);
@@ -389,13 +423,7 @@ fn main() {
     report.row(
         "all agents with a session and a desired state",
         if done == n {
-            ms(quantile(
-                &{
-                    firsts.sort();
-                    firsts.clone()
-                },
-                1.0,
-            ))
+            ms(firsts.iter().copied().max().unwrap_or_default())
         } else {
             format!("INCOMPLETE: {done} of {n} within {}", ms(cold_deadline))
         },
@@ -499,6 +527,9 @@ fn main() {
 
     // stewardctl nodes.
     if args.wants("nodes") {
+        recover(&fleet, &mut report);
+    }
+    if args.wants("nodes") {
         report.section("stewardctl nodes -o json (as admin)");
         for c in &cluster.coordinators {
             let started = Instant::now();
@@ -539,6 +570,9 @@ fn main() {
 
     // One-node role change.
     if args.wants("role") {
+        recover(&fleet, &mut report);
+    }
+    if args.wants("role") {
         report.section(&format!(
             "one-node role change (AddRoles {PROBE_ROLE}, {} times, each on another node)",
             args.reps
@@ -548,13 +582,16 @@ fn main() {
         let mut rows = Vec::new();
         for rep in 0..args.reps {
             let before = fleet.snapshot();
-            let Some(target) = (0..n)
-                .map(|k| (rep * 7919 + 13 + k) % n)
+            let candidates = || (0..n).map(|k| (rep * 7919 + 13 + k) % n);
+            let Some(target) = candidates()
                 .find(|&i| before[i].connected.is_some() && !before[i].has_role)
+                .or_else(|| candidates().find(|&i| !before[i].has_role))
             else {
-                rows.push("no connected node without the role".to_owned());
+                rows.push("every node has the role already".to_owned());
                 break;
             };
+            let failures0 = fleet.counters.failures();
+            let connected0 = before.iter().filter(|o| o.connected.is_some()).count();
             let etcd0 = etcd_counts(etcd_addr);
             let t0 = Instant::now();
             let request = pb::ChangeRolesRequest {
@@ -564,7 +601,13 @@ fn main() {
             let rpc = rt.block_on(client.add_roles(request));
             let rpc_time = t0.elapsed();
             if let Err(status) = rpc {
-                rows.push(format!("AddRoles failed after {}: {status}", ms(rpc_time)));
+                rows.push(format!(
+                    "AddRoles failed after {}: {}; {connected0} connected before, failed sessions {}",
+                    ms(rpc_time),
+                    status.message().chars().take(200).collect::<String>(),
+                    fleet.counters.failures() - failures0
+                ));
+                recover(&fleet, &mut report);
                 continue;
             }
             let got = wait_until(Duration::from_secs(30), "the node's new role", || {
@@ -580,14 +623,16 @@ fn main() {
                 latencies.push(l);
             }
             rows.push(format!(
-                "{}: {} (RPC {}); others pushed {others} of {}; etcd puts {:.0}, deletes {:.0}, ranges {:.0}",
+                "{}{}: {} (RPC {}); others pushed {others} of {}; etcd puts {:.0}, deletes {:.0}, ranges {:.0}; {connected0} connected before, failed sessions {}",
                 fleet::node_name(target),
+                if before[target].connected.is_some() { "" } else { " (not connected)" },
                 latency.filter(|_| got).map_or("NOT RECEIVED in 30 s".to_owned(), ms),
                 ms(rpc_time),
                 n - 1,
                 etcd.puts,
                 etcd.deletes,
-                etcd.ranges
+                etcd.ranges,
+                fleet.counters.failures() - failures0
             ));
         }
         for (i, row) in rows.into_iter().enumerate() {
@@ -597,6 +642,9 @@ fn main() {
     }
 
     // A change every node consumes.
+    if args.wants("every") {
+        recover(&fleet, &mut report);
+    }
     if args.wants("every") {
         report.section(&format!(
             "cluster-wide change (Apply [[frontend]] backend_port, {} times)",
@@ -668,6 +716,9 @@ fn main() {
     }
 
     // SIGKILL of a replica.
+    if args.wants("kill") {
+        recover(&fleet, &mut report);
+    }
     if args.replicas == 3 && args.wants("kill") {
         let victim = 1;
         let leader = cluster.leader().unwrap_or_default();
@@ -682,6 +733,7 @@ fn main() {
             .collect();
         let backwards0: u32 = before.iter().map(|o| o.backwards).sum();
         let failures0 = fleet.counters.failures();
+        let lost0 = fleet.counters.lost.load(Ordering::Relaxed);
         let t0 = Instant::now();
         cluster.coordinators[victim].proc.kill();
         let deadline = Duration::from_secs(120);
@@ -722,8 +774,15 @@ fn main() {
             format!("{} times", backwards - backwards0),
         );
         report.row(
-            "  failed session attempts (this phase)",
-            (fleet.counters.failures() - failures0).to_string(),
+            "  sessions ended / failed dials+opens (phase)",
+            format!(
+                "{} / {} (the killed replica's sessions end: {} expected)",
+                fleet.counters.lost.load(Ordering::Relaxed) - lost0,
+                fleet.counters.failures()
+                    - failures0
+                    - (fleet.counters.lost.load(Ordering::Relaxed) - lost0),
+                moved.len()
+            ),
         );
     }
 
@@ -756,11 +815,28 @@ fn main() {
     );
     let errors: BTreeMap<String, u64> = fleet.counters.errors.lock().expect("errors").clone();
     let mut errors: Vec<(String, u64)> = errors.into_iter().collect();
-    errors.sort_by(|a, b| b.1.cmp(&a.1));
+    errors.sort_by_key(|e| std::cmp::Reverse(e.1));
     for (text, count) in errors.iter().take(6) {
         report.row(&format!("  {count} ×"), text.clone());
     }
 
+    for c in &cluster.coordinators {
+        let text = c.proc.log_text();
+        for level in [" ERROR ", " WARN "] {
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains(level)).collect();
+            if let Some(first) = lines.first() {
+                report.row(
+                    &format!("{} log:{}lines", c.id, level.to_lowercase()),
+                    format!(
+                        "{}, first: {}",
+                        lines.len(),
+                        first.chars().take(240).collect::<String>()
+                    ),
+                );
+            }
+        }
+    }
+    report.row("load average at the end", loadavg());
     for task in tasks {
         task.abort();
     }
