@@ -50,6 +50,7 @@ pub struct Obs {
     pub first_desired_at: Option<Instant>,
     /// Desired states received (every message, repeated ones too).
     pub desired_count: u64,
+    pub last_desired_at: Option<Instant>,
     pub last_rev: u64,
     /// Desired states whose revision was below the last one received.
     pub backwards: u32,
@@ -343,6 +344,7 @@ fn observe(agent: &SimAgent, desired: &DesiredState) {
     let now = Instant::now();
     let mut obs = agent.obs.lock().expect("obs");
     obs.desired_count += 1;
+    obs.last_desired_at = Some(now);
     obs.first_desired_at.get_or_insert(now);
     if desired.revision < obs.last_rev {
         obs.backwards += 1;

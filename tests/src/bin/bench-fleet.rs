@@ -579,6 +579,7 @@ fn main() {
         ));
         let mut client = admin(0);
         let mut latencies = Vec::new();
+        let mut pushed = Vec::new();
         let mut rows = Vec::new();
         for rep in 0..args.reps {
             let before = fleet.snapshot();
@@ -619,6 +620,13 @@ fn main() {
                 .filter(|&i| i != target && after[i].desired_count > before[i].desired_count)
                 .count();
             let latency = after[target].role_changed_at.map(|t| t - t0);
+            // The cluster-wide revision moves for everyone: when the
+            // others got it.
+            pushed.extend(
+                (0..n)
+                    .filter(|&i| i != target && after[i].desired_count > before[i].desired_count)
+                    .filter_map(|i| after[i].last_desired_at.map(|t| t - t0)),
+            );
             if let (true, Some(l)) = (got, latency) {
                 latencies.push(l);
             }
@@ -639,6 +647,10 @@ fn main() {
             report.row(&format!("  #{}", i + 1), row);
         }
         report.row("  that node: p50 / p99 / max", spread(&mut latencies));
+        report.row(
+            "  others pushed (last push): p50 / p99 / max",
+            spread(&mut pushed),
+        );
     }
 
     // A change every node consumes.
