@@ -35,14 +35,22 @@
 //!   node receives a desired state with the role, how many other agents
 //!   received any desired state meanwhile (until 1 s without any), etcd
 //!   puts and deletes in that window.
-//! - **every**: `--reps` times, `Apply` (what `stewardctl apply` calls) of a
-//!   spec setting a `[[frontend]]`'s backend port, which every node's desired
-//!   state carries: time until each agent has it (p50/p99/max over agents),
-//!   etcd writes.
+//! - **every**: `--reps` times (3 at most), `Apply` (what `stewardctl
+//!   apply` calls) of a spec setting a `[[frontend]]`'s backend port, which
+//!   every node's desired state carries while desired states hold the whole
+//!   cluster view: time until each agent has it (p50/p99/max over agents),
+//!   etcd writes. With per-node desired states only `lb` nodes consume the
+//!   frontends; the phase then reports how many of N got it within its
+//!   deadline.
 //! - **kill** (3 replicas): SIGKILL of `coord-2` (by pid, a process the bench
 //!   started): time until each of its agents has a session on another
 //!   replica, and whether any agent saw its desired revision go backwards
 //!   (counted over the whole run as well).
+//!
+//! Cold start always runs; `--only` picks the phases after it. The
+//! report is printed at the end (stdout) and each line as it is measured
+//! (stderr), with the load average: the machine's other work skews every
+//! figure.
 //!
 //! Usage:
 //!
