@@ -25,8 +25,10 @@
 //!   and peak RSS of each replica (etcd's and the bench's own for
 //!   reference), etcd writes/s (`etcd_mvcc_put_total` +
 //!   `etcd_mvcc_delete_total`, puts inside transactions included) and
-//!   reads/s (`etcd_mvcc_range_total`) from etcd's own `/metrics`, sessions
-//!   lost.
+//!   reads/s (`etcd_mvcc_range_total`) and bytes sent to its clients
+//!   (`etcd_network_client_grpc_sent_bytes_total`: a whole-prefix read
+//!   counts once as a range, its size shows here) from etcd's own
+//!   `/metrics`, sessions lost.
 //! - **nodes**: wall time of the real `stewardctl nodes -o json` against each
 //!   replica, as admin.
 //! - **role**: `--reps` times, `AddRoles` (the admin RPC `stewardctl role
@@ -167,6 +169,8 @@ struct EtcdCounts {
     grpc_range: f64,
     grpc_txn: f64,
     grpc_put: f64,
+    /// Bytes etcd sent to its gRPC clients (responses: what reads cost).
+    sent_bytes: f64,
 }
 
 impl EtcdCounts {
@@ -183,6 +187,7 @@ impl EtcdCounts {
             grpc_range: self.grpc_range - o.grpc_range,
             grpc_txn: self.grpc_txn - o.grpc_txn,
             grpc_put: self.grpc_put - o.grpc_put,
+            sent_bytes: self.sent_bytes - o.sent_bytes,
         }
     }
 }
@@ -207,6 +212,7 @@ fn etcd_counts(addr: SocketAddr) -> EtcdCounts {
             "grpc_server_handled_total" if method("Range") => c.grpc_range += value,
             "grpc_server_handled_total" if method("Txn") => c.grpc_txn += value,
             "grpc_server_handled_total" if method("Put") => c.grpc_put += value,
+            "etcd_network_client_grpc_sent_bytes_total" => c.sent_bytes += value,
             _ => {}
         }
     }
@@ -512,10 +518,11 @@ fn main() {
         report.row(
             "  etcd reads/s (mvcc ranges)",
             format!(
-                "{:.1} (gRPC Range {:.1}/s, Txn {:.1}/s)",
+                "{:.1} (gRPC Range {:.1}/s, Txn {:.1}/s); etcd sent {:.2} MB/s",
                 etcd.ranges / wall,
                 etcd.grpc_range / wall,
-                etcd.grpc_txn / wall
+                etcd.grpc_txn / wall,
+                etcd.sent_bytes / wall / 1e6
             ),
         );
         report.row(
@@ -639,7 +646,7 @@ fn main() {
                 latencies.push(l);
             }
             rows.push(format!(
-                "{}{}: {} (RPC {}); others pushed {others} of {}; etcd puts {:.0}, deletes {:.0}, ranges {:.0}; {connected0} connected before, failed sessions {}",
+                "{}{}: {} (RPC {}); others pushed {others} of {}; etcd puts {:.0}, deletes {:.0}, ranges {:.0}, {:.1} MB sent; {connected0} connected before, failed sessions {}",
                 fleet::node_name(target),
                 if before[target].connected.is_some() { "" } else { " (not connected)" },
                 latency.filter(|_| got).map_or("NOT RECEIVED in 30 s".to_owned(), ms),
@@ -648,6 +655,7 @@ fn main() {
                 etcd.puts,
                 etcd.deletes,
                 etcd.ranges,
+                etcd.sent_bytes / 1e6,
                 fleet.counters.failures() - failures0
             ));
         }
@@ -719,12 +727,13 @@ fn main() {
             report.row(
                 &format!("  #{}", rep + 1),
                 format!(
-                    "{have} of {n} in p50/p99/max {} (RPC {}); etcd puts {:.0}, deletes {:.0}, ranges {:.0}; failed sessions {}",
+                    "{have} of {n} in p50/p99/max {} (RPC {}); etcd puts {:.0}, deletes {:.0}, ranges {:.0}, {:.1} MB sent; failed sessions {}",
                     spread(&mut lat),
                     ms(rpc_time),
                     etcd.puts,
                     etcd.deletes,
                     etcd.ranges,
+                    etcd.sent_bytes / 1e6,
                     fleet.counters.failures() - failures0
                 ),
             );
