@@ -21,6 +21,7 @@ use steward_coordinator::pki::{self, IdentityKind};
 
 pub mod converge_bed;
 pub mod fake_coordinator;
+pub mod fleet;
 pub mod metered_lb;
 pub mod netns;
 pub mod nspawn;
