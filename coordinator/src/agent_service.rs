@@ -344,22 +344,46 @@ struct Hello {
     address: Option<IpAddr>,
 }
 
-/// One agent's session on this replica.
+/// One agent's session on this replica: the loop that serves the agent
+/// (heartbeat acks, desired-state pushes, log requests). It never waits on
+/// etcd: what it has to record goes to its [`StatusWriter`], so a slow etcd
+/// cannot hold up heartbeat acks (agents would give up on the session and
+/// reconnect, which costs etcd more).
 struct NodeSession {
     ctx: SessionContext,
     node: NodeId,
     issued_unix_s: i64,
     session: u64,
+    last_sent: Option<DesiredState>,
+    /// The status last handed to the writer.
+    shown: NodeStatusRecord,
+    /// Status writes this node may still make now (refilled over time).
+    status_budget: StatusBudget,
+    /// Cancelled when a newer session of the same node replaces this one
+    /// (here, or recorded by another replica).
+    superseded: CancellationToken,
+    status_tx: watch::Sender<NodeStatusRecord>,
+    reports_tx: watch::Sender<Option<ConvergeReport>>,
+    writer: tokio::task::JoinHandle<bool>,
+}
+
+/// Writes what a session has to record, off the session loop: the node's
+/// status (the latest handed over; compare-and-set, so a stale session
+/// never overwrites a newer one) and its converge report (on outcome
+/// changes), retrying on etcd trouble.
+struct StatusWriter {
+    ctx: SessionContext,
+    node: NodeId,
+    session: u64,
     /// The status as last written by this session, and its revision.
     status: NodeStatusRecord,
     status_rev: i64,
     converge: ConvergeTracker,
-    last_sent: Option<DesiredState>,
-    /// Status writes this node may still make now (refilled over time).
-    status_budget: StatusBudget,
-    /// Cancelled when a newer session of the same node opens here.
     superseded: CancellationToken,
 }
+
+/// How often a writer retries what etcd did not take.
+const WRITE_RETRY: Duration = Duration::from_secs(1);
 
 impl NodeSession {
     async fn open(ctx: SessionContext, hello: Hello) -> Result<Self> {
@@ -394,46 +418,252 @@ impl NodeSession {
         };
         let superseded = CancellationToken::new();
         let session = ctx.sessions.next_id();
-        let status_budget = StatusBudget::new(&ctx.limits);
-        let mut this = Self {
-            ctx,
-            node,
-            issued_unix_s,
+        let mut writer = StatusWriter {
+            ctx: ctx.clone(),
+            node: node.clone(),
             session,
             status_rev: record.status.map(|s| s.mod_revision).unwrap_or(0),
             status: status.clone(),
             converge: ConvergeTracker::new(record.converge),
-            last_sent: None,
-            status_budget,
-            superseded,
+            superseded: superseded.clone(),
         };
         // The status first, then the session counts here: a session that
         // cannot record itself never replaces the one before it.
-        this.write_status(status, true).await?;
-        this.ctx.sessions.open(
-            &this.node,
-            this.session,
+        writer.write_status(status.clone(), true).await?;
+        ctx.sessions.open(
+            &node,
+            session,
             applied_revision,
             now,
-            this.superseded.clone(),
-            this.status_rev,
+            superseded.clone(),
+            writer.status_rev,
         );
         if first_time {
-            this.event(
-                EventKind::NodeRegistered,
-                format!("{} registered", this.node),
+            writer
+                .event(EventKind::NodeRegistered, format!("{node} registered"))
+                .await;
+        }
+        writer
+            .event(
+                EventKind::NodeConnected,
+                format!("{node} connected to {}", ctx.store.replica()),
             )
             .await;
-        }
-        this.event(
-            EventKind::NodeConnected,
-            format!("{} connected to {}", this.node, this.ctx.store.replica()),
-        )
-        .await;
-        info!(node.id = %this.node, node.address = ?address, "session opened");
-        Ok(this)
+        info!(node.id = %node, node.address = ?address, "session opened");
+        let (status_tx, status_rx) = watch::channel(status.clone());
+        let (reports_tx, reports_rx) = watch::channel(None);
+        let span = tracing::info_span!("status_writer", node.id = %node);
+        let writer = tokio::spawn(writer.run(status_rx, reports_rx).instrument(span));
+        Ok(Self {
+            status_budget: StatusBudget::new(&ctx.limits),
+            ctx,
+            node,
+            issued_unix_s,
+            session,
+            last_sent: None,
+            shown: status,
+            superseded,
+            status_tx,
+            reports_tx,
+            writer,
+        })
     }
 
+    /// Hands the status to the writer if what an operator would see has
+    /// changed, at most at the node's write rate (changes in between
+    /// coalesce: the next tick with budget hands over the latest).
+    fn sync_status(&mut self) {
+        let Some(live) = self.ctx.sessions.get(&self.node) else {
+            return;
+        };
+        let health = live.node_health(Instant::now(), self.ctx.unreachable_after);
+        if health == self.shown.health && live.applied_revision == self.shown.applied_revision {
+            return;
+        }
+        if !self.status_budget.take(Instant::now()) {
+            return;
+        }
+        let mut next = self.shown.clone();
+        next.health = health;
+        next.last_health = live.health;
+        next.last_seen_unix_ms = live.last_seen_unix_ms;
+        next.applied_revision = live.applied_revision;
+        info!(node.id = %self.node, health = %health, applied = live.applied_revision, "node status changed");
+        self.shown = next.clone();
+        self.status_tx.send_replace(next);
+    }
+
+    /// Sends the desired state if it differs from the last one sent (so
+    /// changes elsewhere, e.g. VIP owners, push nothing). Nothing is sent
+    /// before both caches have read etcd: an empty snapshot is not a state.
+    async fn push_desired(
+        &mut self,
+        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    ) -> bool {
+        let Some(desired) = self.ctx.desired_for(&self.node) else {
+            return true;
+        };
+        if self.last_sent.as_ref() == Some(&desired) {
+            return true;
+        }
+        crate::metrics::metrics().desired_pushes.inc();
+        self.last_sent = Some(desired.clone());
+        tx.send(Ok(
+            CoordinatorMessage::DesiredState(Box::new(desired)).into()
+        ))
+        .await
+        .is_ok()
+    }
+
+    async fn run<S>(
+        mut self,
+        mut inbound: S,
+        tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    ) where
+        S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin,
+    {
+        let mut specs = self.ctx.specs.clone();
+        let mut vips = self.ctx.vips.clone();
+        let mut orchestration = self.ctx.orchestration.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        let replaced = self.superseded.clone();
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+        let mut superseded = false;
+        // Log requests for this node's agent (`crate::logs`).
+        let (commands_tx, mut commands) = mpsc::channel::<CoordinatorMessage>(8);
+        self.ctx.logs.attach(&self.node, self.session, commands_tx);
+        if self.push_desired(&tx).await {
+            loop {
+                let keep_going = tokio::select! {
+                    Some(command) = commands.recv() => tx.send(Ok(command.into())).await.is_ok(),
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                        false
+                    }
+                    _ = replaced.cancelled() => {
+                        // A newer session of this node owns the status now.
+                        let _ = tx.try_send(Err(Error::Superseded.into()));
+                        superseded = true;
+                        false
+                    }
+                    changed = specs.changed() => changed.is_ok()
+                        && still_trusted(&self.ctx, &self.node, self.issued_unix_s, &tx).await
+                        && self.push_desired(&tx).await,
+                    changed = vips.changed() => changed.is_ok() && self.push_desired(&tx).await,
+                    changed = orchestration.changed() => changed.is_ok() && self.push_desired(&tx).await,
+                    _ = liveness.tick() => {
+                        self.sync_status();
+                        true
+                    }
+                    msg = inbound.next() => match msg {
+                        Some(Ok(m)) => self.on_message(m, &tx).await,
+                        None => false,
+                        Some(Err(status)) => {
+                            info!(error = %status, "session stream failed");
+                            false
+                        }
+                    },
+                };
+                if !keep_going {
+                    break;
+                }
+            }
+        }
+        self.close(superseded).await;
+    }
+
+    async fn on_message(
+        &mut self,
+        message: pb::AgentMessage,
+        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    ) -> bool {
+        match AgentMessage::try_from(message) {
+            Ok(AgentMessage::Heartbeat { seq, health, .. }) => {
+                crate::metrics::metrics().heartbeats.inc();
+                let now = unix_ms();
+                self.ctx.sessions.update(&self.node, self.session, |live| {
+                    live.last_heartbeat = Instant::now();
+                    live.last_seen_unix_ms = now;
+                    live.health = health;
+                });
+                let ack = CoordinatorMessage::HeartbeatAck {
+                    seq,
+                    replica: self.ctx.store.replica().to_owned(),
+                };
+                tx.send(Ok(ack.into())).await.is_ok()
+            }
+            Ok(AgentMessage::Report {
+                applied_revision,
+                converge,
+            }) => {
+                self.ctx.sessions.update(&self.node, self.session, |live| {
+                    live.applied_revision = applied_revision;
+                });
+                if let Some(report) = converge {
+                    crate::metrics::metrics().converge_report(&report);
+                    // Only steps this session assigned to this node count.
+                    let assigned: Vec<String> = self
+                        .last_sent
+                        .iter()
+                        .flat_map(|d| d.tasks.iter().map(|t| t.id.clone()))
+                        .collect();
+                    let (store, node) = (self.ctx.store.clone(), self.node.clone());
+                    let orchestration = self.ctx.orchestration.borrow().clone();
+                    let progress_report = report.clone();
+                    // Rare (a step done) and idempotent: off the loop.
+                    tokio::spawn(async move {
+                        let assigned: Vec<&str> = assigned.iter().map(String::as_str).collect();
+                        crate::orchestrate::progress::record_kubernetes_progress(
+                            &store,
+                            &node,
+                            &progress_report,
+                            &assigned,
+                            &orchestration,
+                        )
+                        .await;
+                    });
+                    self.reports_tx.send_replace(Some(report));
+                }
+                true
+            }
+            Ok(AgentMessage::LogChunk(chunk)) => {
+                self.ctx.logs.deliver(chunk);
+                true
+            }
+            Ok(AgentMessage::Hello { .. }) => {
+                let _ = tx.send(Err(Error::HelloTwice.into())).await;
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "invalid message from agent; closing session");
+                let _ = tx.send(Err(Error::from(e).into())).await;
+                false
+            }
+        }
+    }
+
+    async fn close(self, superseded: bool) {
+        self.ctx.logs.detach(&self.node, self.session);
+        self.ctx.sessions.close(&self.node, self.session);
+        info!(node.id = %self.node, superseded, "session closed");
+        if superseded {
+            // Its successor owns the status: the writer stops as it is.
+            self.superseded.cancel();
+            return;
+        }
+        let mut last = self.shown.clone();
+        last.replica = None;
+        last.health = NodeHealth::Disconnected;
+        last.last_seen_unix_ms = unix_ms();
+        self.status_tx.send_replace(last);
+        drop(self.status_tx);
+        drop(self.reports_tx);
+        // The writer records the disconnect (and its event) and ends.
+        let _ = self.writer.await;
+    }
+}
+
+impl StatusWriter {
     async fn event(&self, kind: EventKind, message: String) {
         let event = Event {
             revision: 0,
@@ -446,6 +676,69 @@ impl NodeSession {
         if let Err(error) = self.ctx.store.record_event(&event).await {
             warn!(%error, "could not record event");
         }
+    }
+
+    /// Writes the latest status and report handed over until the session
+    /// ends (its senders dropped) or is replaced; the last status written
+    /// is the disconnect, recorded with its event. Whether it was.
+    async fn run(
+        mut self,
+        mut status: watch::Receiver<NodeStatusRecord>,
+        mut reports: watch::Receiver<Option<ConvergeReport>>,
+    ) -> bool {
+        let mut retry = tokio::time::interval(WRITE_RETRY);
+        let (mut status_open, mut reports_open) = (true, true);
+        loop {
+            tokio::select! {
+                _ = self.superseded.cancelled() => return false,
+                r = status.changed(), if status_open => status_open = r.is_ok(),
+                r = reports.changed(), if reports_open => match r {
+                    Ok(()) => {
+                        if let Some(report) = reports.borrow_and_update().clone() {
+                            self.converge.observe(report);
+                        }
+                    }
+                    Err(_) => reports_open = false,
+                },
+                _ = retry.tick() => {}
+            }
+            let next = status.borrow_and_update().clone();
+            if next != self.status {
+                match self.write_status(next, false).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Another replica serves the node now.
+                        self.superseded.cancel();
+                        return false;
+                    }
+                    // etcd trouble: the next tick tries again, unless the
+                    // session is over (the leader's sweep marks it then).
+                    Err(error) => {
+                        warn!(%error, "status write failed");
+                        if !status_open {
+                            return false;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let Err(error) = self.flush_converge().await {
+                warn!(%error, "converge report write failed");
+            }
+            if !status_open {
+                break;
+            }
+        }
+        let disconnected = self.status.health == NodeHealth::Disconnected;
+        if disconnected {
+            let message = format!(
+                "{} disconnected from {}",
+                self.node,
+                self.ctx.store.replica()
+            );
+            self.event(EventKind::NodeDisconnected, message).await;
+        }
+        disconnected
     }
 
     /// Writes `next` if nobody else wrote the status since this session did.
@@ -534,213 +827,6 @@ impl NodeSession {
         Err(Error::Conflict {
             key: self.ctx.store.keys().node_converge(&self.node),
         })
-    }
-
-    /// Writes the status if what an operator would see has changed.
-    async fn sync_status(&mut self) -> Result<bool> {
-        let Some(live) = self.ctx.sessions.get(&self.node) else {
-            return Ok(false);
-        };
-        let health = live.node_health(Instant::now(), self.ctx.unreachable_after);
-        if health == self.status.health && live.applied_revision == self.status.applied_revision {
-            return Ok(true);
-        }
-        // Changes beyond the node's write rate wait (and coalesce): the
-        // next tick with budget writes the latest state.
-        if !self.status_budget.take(Instant::now()) {
-            return Ok(true);
-        }
-        let mut next = self.status.clone();
-        next.health = health;
-        next.last_health = live.health;
-        next.last_seen_unix_ms = live.last_seen_unix_ms;
-        next.applied_revision = live.applied_revision;
-        info!(node.id = %self.node, health = %health, applied = live.applied_revision, "node status changed");
-        self.write_status(next, false).await
-    }
-
-    /// Sends the desired state if it differs from the last one sent (so
-    /// changes elsewhere, e.g. VIP owners, push nothing). Nothing is sent
-    /// before both caches have read etcd: an empty snapshot is not a state.
-    async fn push_desired(
-        &mut self,
-        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
-    ) -> bool {
-        let Some(desired) = self.ctx.desired_for(&self.node) else {
-            return true;
-        };
-        if self.last_sent.as_ref() == Some(&desired) {
-            return true;
-        }
-        crate::metrics::metrics().desired_pushes.inc();
-        self.last_sent = Some(desired.clone());
-        tx.send(Ok(
-            CoordinatorMessage::DesiredState(Box::new(desired)).into()
-        ))
-        .await
-        .is_ok()
-    }
-
-    async fn run<S>(
-        mut self,
-        mut inbound: S,
-        tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
-    ) where
-        S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin,
-    {
-        let mut specs = self.ctx.specs.clone();
-        let mut vips = self.ctx.vips.clone();
-        let mut orchestration = self.ctx.orchestration.clone();
-        let shutdown = self.ctx.shutdown.clone();
-        let replaced = self.superseded.clone();
-        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
-        let mut superseded = false;
-        // Log requests for this node's agent (`crate::logs`).
-        let (commands_tx, mut commands) = mpsc::channel::<CoordinatorMessage>(8);
-        self.ctx.logs.attach(&self.node, self.session, commands_tx);
-        if self.push_desired(&tx).await {
-            loop {
-                let keep_going = tokio::select! {
-                    Some(command) = commands.recv() => tx.send(Ok(command.into())).await.is_ok(),
-                    _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Error::ShuttingDown.into())).await;
-                        false
-                    }
-                    _ = replaced.cancelled() => {
-                        // A newer session of this node opened here: it owns
-                        // the status now.
-                        let _ = tx.try_send(Err(Error::Superseded.into()));
-                        superseded = true;
-                        false
-                    }
-                    changed = specs.changed() => changed.is_ok()
-                        && still_trusted(&self.ctx, &self.node, self.issued_unix_s, &tx).await
-                        && self.push_desired(&tx).await,
-                    changed = vips.changed() => changed.is_ok() && self.push_desired(&tx).await,
-                    changed = orchestration.changed() => changed.is_ok() && self.push_desired(&tx).await,
-                    _ = liveness.tick() => match self.sync_status().await {
-                        Ok(true) => {
-                            if let Err(error) = self.flush_converge().await {
-                                warn!(%error, "converge report write failed");
-                            }
-                            true
-                        }
-                        Ok(false) => { superseded = true; false }
-                        // etcd trouble: keep serving; the status catches up later.
-                        Err(error) => { warn!(%error, "status write failed"); true }
-                    },
-                    msg = inbound.next() => match msg {
-                        Some(Ok(m)) => self.on_message(m, &tx).await,
-                        None => false,
-                        Some(Err(status)) => {
-                            info!(error = %status, "session stream failed");
-                            false
-                        }
-                    },
-                };
-                if !keep_going {
-                    break;
-                }
-            }
-        }
-        self.close(superseded).await;
-    }
-
-    async fn on_message(
-        &mut self,
-        message: pb::AgentMessage,
-        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
-    ) -> bool {
-        match AgentMessage::try_from(message) {
-            Ok(AgentMessage::Heartbeat { seq, health, .. }) => {
-                crate::metrics::metrics().heartbeats.inc();
-                let now = unix_ms();
-                self.ctx.sessions.update(&self.node, self.session, |live| {
-                    live.last_heartbeat = Instant::now();
-                    live.last_seen_unix_ms = now;
-                    live.health = health;
-                });
-                let ack = CoordinatorMessage::HeartbeatAck {
-                    seq,
-                    replica: self.ctx.store.replica().to_owned(),
-                };
-                tx.send(Ok(ack.into())).await.is_ok()
-            }
-            Ok(AgentMessage::Report {
-                applied_revision,
-                converge,
-            }) => {
-                self.ctx.sessions.update(&self.node, self.session, |live| {
-                    live.applied_revision = applied_revision;
-                });
-                if let Some(report) = converge {
-                    crate::metrics::metrics().converge_report(&report);
-                    let orchestration = self.ctx.orchestration.borrow().clone();
-                    // Only steps this session assigned to this node count.
-                    let assigned: Vec<&str> = self
-                        .last_sent
-                        .iter()
-                        .flat_map(|d| d.tasks.iter().map(|t| t.id.as_str()))
-                        .collect();
-                    crate::orchestrate::progress::record_kubernetes_progress(
-                        &self.ctx.store,
-                        &self.node,
-                        &report,
-                        &assigned,
-                        &orchestration,
-                    )
-                    .await;
-                    if self.converge.observe(report) {
-                        // On failure the liveness tick retries.
-                        if let Err(error) = self.flush_converge().await {
-                            warn!(%error, "converge report write failed");
-                        }
-                    }
-                }
-                true
-            }
-            Ok(AgentMessage::LogChunk(chunk)) => {
-                self.ctx.logs.deliver(chunk);
-                true
-            }
-            Ok(AgentMessage::Hello { .. }) => {
-                let _ = tx.send(Err(Error::HelloTwice.into())).await;
-                false
-            }
-            Err(e) => {
-                warn!(error = %e, "invalid message from agent; closing session");
-                let _ = tx.send(Err(Error::from(e).into())).await;
-                false
-            }
-        }
-    }
-
-    async fn close(mut self, superseded: bool) {
-        self.ctx.logs.detach(&self.node, self.session);
-        self.ctx.sessions.close(&self.node, self.session);
-        info!(node.id = %self.node, superseded, "session closed");
-        if superseded {
-            return;
-        }
-        let mut next = self.status.clone();
-        next.replica = None;
-        next.health = NodeHealth::Disconnected;
-        next.last_seen_unix_ms = unix_ms();
-        match self.write_status(next, false).await {
-            Ok(true) => {
-                self.event(
-                    EventKind::NodeDisconnected,
-                    format!(
-                        "{} disconnected from {}",
-                        self.node,
-                        self.ctx.store.replica()
-                    ),
-                )
-                .await
-            }
-            Ok(false) => {}
-            Err(error) => warn!(%error, "could not record disconnect"),
-        }
     }
 }
 

@@ -17,6 +17,14 @@ use steward_proto::domain::{
     Disk, Facts, Health, NetworkInterface, NodeHealth, NodeId, NodeSpec, Role,
 };
 use steward_tests::scrape::scrape;
+
+/// One at a time: the idle test counts etcd writes and heartbeat timing,
+/// which the 2,500-node seeding next to it would disturb.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 use steward_tests::{eventually, Cluster};
 
 /// Writes `count` nodes as their sessions would have: a spec with labels
@@ -106,6 +114,7 @@ fn json_nodes(cluster: &Cluster, url: &str, extra: &[&str]) -> Vec<serde_json::V
 
 #[test]
 fn every_command_works_with_nodes_far_past_etcds_message_limit() {
+    let _serial = serial();
     const SEEDED: usize = 2_500;
     let mut cluster = Cluster::new();
     cluster.start_coordinators(2);
@@ -195,6 +204,7 @@ fn counter(addr: SocketAddr, name: &str) -> f64 {
 
 #[test]
 fn a_change_to_one_node_pushes_to_that_node_only() {
+    let _serial = serial();
     let mut cluster = Cluster::new();
     cluster.coordinator_metrics = true;
     cluster.start_coordinators(1);
@@ -266,6 +276,7 @@ fn etcd_counter(text: &str, name: &str) -> f64 {
 
 #[test]
 fn an_idle_fleet_writes_nothing_to_etcd() {
+    let _serial = serial();
     let mut cluster = Cluster::new();
     cluster.agent_heartbeat_ms = 200;
     cluster.start_coordinators(2);
