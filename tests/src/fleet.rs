@@ -37,8 +37,6 @@ const OUTBOUND_QUEUE: usize = 16;
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// The role the one-node change adds; a node's desired state has it or not.
 pub const PROBE_ROLE: Role = Role::Lb;
-/// The frontend whose backend port the every-node change sets.
-pub const PROBE_FRONTEND: &str = "bench";
 
 /// What one simulated agent has seen.
 #[derive(Debug, Default, Clone)]
@@ -57,10 +55,10 @@ pub struct Obs {
     /// Whether the last desired state had [`PROBE_ROLE`], and since when.
     pub has_role: bool,
     pub role_changed_at: Option<Instant>,
-    /// The [`PROBE_FRONTEND`]'s backend port in the last desired state (0:
-    /// none), and since when.
-    pub port: u16,
-    pub port_changed_at: Option<Instant>,
+    /// The Kubernetes version in the last desired state (what the
+    /// every-node change sets; empty: none), and since when.
+    pub version: String,
+    pub version_changed_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -355,16 +353,15 @@ fn observe(agent: &SimAgent, desired: &DesiredState) {
         obs.has_role = has_role;
         obs.role_changed_at = Some(now);
     }
-    let port = desired
+    let version = desired
         .cluster
         .settings
-        .frontends
-        .iter()
-        .find(|f| f.name == PROBE_FRONTEND)
-        .map_or(0, |f| f.backend_port);
-    if port != obs.port {
-        obs.port = port;
-        obs.port_changed_at = Some(now);
+        .kubernetes
+        .as_ref()
+        .map_or_else(String::new, |k| k.version.clone());
+    if version != obs.version {
+        obs.version = version;
+        obs.version_changed_at = Some(now);
     }
 }
 

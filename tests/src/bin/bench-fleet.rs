@@ -37,13 +37,13 @@
 //!   node receives a desired state with the role, how many other agents
 //!   received any desired state meanwhile (until 1 s without any), etcd
 //!   puts and deletes in that window.
-//! - **every**: `--reps` times (3 at most), `Apply` (what `stewardctl
-//!   apply` calls) of a spec setting a `[[frontend]]`'s backend port, which
-//!   every node's desired state carries while desired states hold the whole
-//!   cluster view: time until each agent has it (p50/p99/max over agents),
-//!   etcd writes. With per-node desired states only `lb` nodes consume the
-//!   frontends; the phase then reports how many of N got it within its
-//!   deadline.
+//! - **every**: a change every node consumes. Under per-node desired
+//!   states a node gets only what its roles use, so the fleet first
+//!   becomes Kubernetes workers (node 0 the control plane, `AddRoles` one by
+//!   one: the setup time is printed), then `--reps` times (3 at most)
+//!   `Apply` (what `stewardctl apply` calls) of a `[kubernetes]` section
+//!   with a new version, which every worker's state carries: time until
+//!   each agent has it (p50/p99/max over agents), etcd writes.
 //! - **kill** (3 replicas): SIGKILL of `coord-2` (by pid, a process the bench
 //!   started): time until each of its agents has a session on another
 //!   replica, and whether any agent saw its desired revision go backwards
@@ -76,9 +76,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use steward_proto::domain::Role;
 use steward_proto::pb;
 use steward_proto::pb::admin_service_client::AdminServiceClient;
-use steward_tests::fleet::{self, Fleet, Obs, PROBE_FRONTEND, PROBE_ROLE};
+use steward_tests::fleet::{self, Fleet, Obs, PROBE_ROLE};
 use steward_tests::{check_interrupt, grpc_channel, proc_usage, Cluster};
 
 struct Args {
@@ -674,16 +675,48 @@ fn main() {
         recover(&fleet, &mut report);
     }
     if args.wants("every") {
+        // Every node must consume something for a change to reach every
+        // node: under per-node desired states a node gets only what its
+        // roles use. So the fleet becomes Kubernetes workers (node 0 the
+        // control plane; AddRoles one by one, each reaching that node and
+        // the control plane only), and the change is the Kubernetes
+        // version, which every worker's state carries.
         report.section(&format!(
-            "cluster-wide change (Apply [[frontend]] backend_port, {} times)",
+            "cluster-wide change (Apply [kubernetes] version to {n} workers, {} times)",
             args.reps.min(3)
         ));
         let mut client = admin(0);
+        let t_setup = Instant::now();
+        let mut setup_failures = 0;
+        for i in 0..n {
+            let role = if i == 0 {
+                Role::K8sControlPlane
+            } else {
+                Role::K8sWorker
+            };
+            let request = pb::ChangeRolesRequest {
+                node_id: fleet::node_name(i),
+                roles: steward_proto::convert::roles_to_pb(&[role].into()),
+            };
+            if rt.block_on(client.add_roles(request)).is_err() {
+                setup_failures += 1;
+            }
+        }
+        report.row(
+            "  setup: roles for the whole fleet",
+            format!(
+                "{} ({setup_failures} failed AddRoles)",
+                ms(t_setup.elapsed())
+            ),
+        );
+        wait_quiet(&fleet, Duration::from_secs(1), Duration::from_secs(120));
         let mut all = Vec::new();
         for rep in 0..args.reps.min(3) {
-            let port = 30_000 + rep as u16;
+            let version = format!("1.31.{}-1.1", rep + 2);
             let spec = format!(
-                "[[frontend]]\nname = \"{PROBE_FRONTEND}\"\nport = 18080\nbackend_role = \"{PROBE_ROLE}\"\nbackend_port = {port}\n"
+                "[kubernetes]\nversion = \"{version}\"\npod_subnet = \"10.244.0.0/16\"\n\
+                 service_subnet = \"10.96.0.0/12\"\n\
+                 repository = {{ url = \"https://pkgs.k8s.io/core:/stable:/v1.31/deb/\" }}\n"
             );
             let etcd0 = etcd_counts(etcd_addr);
             let failures0 = fleet.counters.failures();
@@ -712,16 +745,20 @@ fn main() {
             }
             let deadline = Duration::from_secs(30) + Duration::from_millis(n as u64 * 10);
             let mut have = 0;
-            wait_until(deadline, "every agent's new frontend port", || {
-                have = fleet.snapshot().iter().filter(|o| o.port == port).count();
+            wait_until(deadline, "every agent's new Kubernetes version", || {
+                have = fleet
+                    .snapshot()
+                    .iter()
+                    .filter(|o| o.version == version)
+                    .count();
                 have == n
             });
             let after = wait_quiet(&fleet, Duration::from_secs(1), Duration::from_secs(60));
             let etcd = etcd_counts(etcd_addr).minus(&etcd0);
             let mut lat: Vec<Duration> = after
                 .iter()
-                .filter(|o| o.port == port)
-                .filter_map(|o| o.port_changed_at.map(|t| t - t0))
+                .filter(|o| o.version == version)
+                .filter_map(|o| o.version_changed_at.map(|t| t - t0))
                 .collect();
             all.extend(lat.iter().copied());
             report.row(
