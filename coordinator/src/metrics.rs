@@ -10,6 +10,7 @@
 use std::sync::{Arc, LazyLock};
 
 use steward_proto::converge::ConvergeReport;
+use steward_runtime::listener::ListenerStats;
 use steward_runtime::metrics::{
     Counter, Family, Gauge, Histogram, Registry, LATENCY_BUCKETS, RUN_BUCKETS,
 };
@@ -34,6 +35,10 @@ pub struct Metrics {
     pub etcd_errors: Arc<Family<Counter>>,
     pub joins: Arc<Family<Counter>>,
     pub certificates_issued: Arc<Family<Counter>>,
+    /// The gRPC listener's dropped connections.
+    pub grpc_listener: Arc<ListenerStats>,
+    /// The join listener's dropped connections.
+    pub join_listener: Arc<ListenerStats>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -47,6 +52,11 @@ impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
         r.build_info("coordinator", crate::VERSION);
+        let connections_dropped = r.counter_vec(
+            "steward_connections_dropped_total",
+            "Connections a listener (grpc, join) closed before serving them, by reason: connection_limit (max_connections open), handshake_evicted (max_pending_handshakes reached; the oldest goes), handshake_timeout, handshake_failed.",
+            &["listener", "reason"],
+        );
         Self {
             heartbeats: r.counter(
                 "steward_heartbeats_received_total",
@@ -116,6 +126,8 @@ impl Metrics {
                 "Agent certificates this replica signed, by reason (join, renewal).",
                 &["reason"],
             ),
+            grpc_listener: Arc::new(ListenerStats::in_family(&connections_dropped, "grpc")),
+            join_listener: Arc::new(ListenerStats::in_family(&connections_dropped, "join")),
             registry: Arc::new(r),
         }
     }
