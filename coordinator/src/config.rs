@@ -166,9 +166,14 @@ pub struct Timing {
     /// A connected agent whose heartbeats stop for this long is unreachable.
     #[serde(default = "default_agent_unreachable_after_ms")]
     pub agent_unreachable_after_ms: u64,
-    /// How many events the leader keeps in etcd.
+    /// How many audit events (everything but session churn) the leader
+    /// keeps in etcd.
     #[serde(default = "default_events_retained")]
     pub events_retained: u32,
+    /// How many session events (node-connected, node-disconnected) the
+    /// leader keeps in etcd, apart from the audit events.
+    #[serde(default = "default_events_retained")]
+    pub session_events_retained: u32,
 }
 
 impl Default for Timing {
@@ -177,6 +182,7 @@ impl Default for Timing {
             member_lease_ttl_s: default_member_lease_ttl_s(),
             agent_unreachable_after_ms: default_agent_unreachable_after_ms(),
             events_retained: default_events_retained(),
+            session_events_retained: default_events_retained(),
         }
     }
 }
@@ -291,8 +297,11 @@ impl CoordinatorConfig {
         if self.timing.agent_unreachable_after_ms < 500 {
             p.push("timing.agent_unreachable_after_ms must be at least 500".into());
         }
-        if self.timing.events_retained < 10 {
-            p.push("timing.events_retained must be at least 10".into());
+        if self.timing.events_retained < 10 || self.timing.session_events_retained < 10 {
+            p.push(
+                "timing.events_retained and timing.session_events_retained must be at least 10"
+                    .into(),
+            );
         }
         if !(100..=120_000).contains(&self.limits.handshake_timeout_ms) {
             p.push(format!(

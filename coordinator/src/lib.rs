@@ -204,7 +204,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             member,
             LeaderSettings {
                 lease_ttl: config.member_lease_ttl(),
-                events_retained: config.timing.events_retained,
+                events_retained: leader::EventsRetained {
+                    audit: config.timing.events_retained,
+                    sessions: config.timing.session_events_retained,
+                },
             },
             lead_tx,
             tasks.clone(),

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub etcd_errors: Arc<Family<Counter>>,
     pub joins: Arc<Family<Counter>>,
     pub certificates_issued: Arc<Family<Counter>>,
+    pub session_events_suppressed: Arc<Family<Counter>>,
     /// The gRPC listener's dropped connections.
     pub grpc_listener: Arc<ListenerStats>,
     /// The join listener's dropped connections.
@@ -125,6 +126,11 @@ impl Metrics {
                 "steward_certificates_issued_total",
                 "Agent certificates this replica signed, by reason (join, renewal).",
                 &["reason"],
+            ),
+            session_events_suppressed: r.counter_vec(
+                "steward_session_events_suppressed_total",
+                "Session events (node-connected, node-disconnected) this replica did not record: beyond one pair per node per 10 s, by kind.",
+                &["kind"],
             ),
             grpc_listener: Arc::new(ListenerStats::in_family(&connections_dropped, "grpc")),
             join_listener: Arc::new(ListenerStats::in_family(&connections_dropped, "join")),
