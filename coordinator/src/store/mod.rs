@@ -858,30 +858,20 @@ impl Store {
         // the watch, so nothing is listed twice.
         let revision = audit.revision;
         let mut events = Vec::new();
-        for (prefix, kv) in audit
+        for kv in audit
             .kvs
             .iter()
-            .map(|kv| (self.keys.events(), kv))
-            .chain(
-                sessions
-                    .kvs
-                    .iter()
-                    .map(|kv| (self.keys.session_events(), kv)),
-            )
-            .filter(|(_, kv)| kv.mod_revision <= revision)
+            .chain(&sessions.kvs)
+            .filter(|kv| kv.mod_revision <= revision)
         {
             let mut e: Event = decode(&kv.key, &kv.value)?;
             e.revision = kv.mod_revision as u64;
-            // `<ms>-<replica>-<seq>`: the time, then a tie-break.
-            let order = kv.key.get(prefix.len()..).unwrap_or_default().to_vec();
-            events.push((order, e));
+            events.push(e);
         }
-        events.sort_by(|a, b| a.0.cmp(&b.0));
+        // By time, then in the order etcd took them.
+        events.sort_by_key(|e| (e.at_unix_ms, e.revision));
         let skip = events.len().saturating_sub(limit as usize);
-        Ok((
-            events.into_iter().skip(skip).map(|(_, e)| e).collect(),
-            revision,
-        ))
+        Ok((events.into_iter().skip(skip).collect(), revision))
     }
 
     /// Every key of one event log, oldest first (for trimming it).
