@@ -211,6 +211,10 @@ pub struct Task {
     pub unless: Option<Vec<String>>,
     /// How reports show it: argv without its secrets.
     pub summary: String,
+    /// Written just before argv runs and removed right after, whatever the
+    /// outcome (secrets for the command, kept off its command line).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<SecretFile>,
 }
 
 /// A file the coordinator hands a node; its content is never reported.
@@ -521,6 +525,10 @@ impl TryFrom<pb::Task> for Task {
             creates: Some(bounded_str("tasks.creates", t.creates)?).filter(|c| !c.is_empty()),
             unless: Some(unless).filter(|u| !u.is_empty()),
             summary: bounded_str("tasks.summary", t.summary)?,
+            inputs: bounded_list("tasks.inputs", t.inputs)?
+                .into_iter()
+                .map(SecretFile::try_from)
+                .collect::<Result<Vec<_>, _>>()?,
         })
     }
 }
@@ -533,6 +541,7 @@ impl From<Task> for pb::Task {
             creates: t.creates.unwrap_or_default(),
             unless: t.unless.unwrap_or_default(),
             summary: t.summary,
+            inputs: t.inputs.into_iter().map(Into::into).collect(),
         }
     }
 }
