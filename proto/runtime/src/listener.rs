@@ -310,3 +310,121 @@ pub fn limited_tls_incoming(
     });
     ReceiverStream::new(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio_stream::StreamExt;
+
+    struct Served {
+        addr: std::net::SocketAddr,
+        incoming: ReceiverStream<io::Result<LimitedTls>>,
+        stats: Arc<ListenerStats>,
+        client: tokio_rustls::TlsConnector,
+        _shutdown: tokio_util::sync::DropGuard,
+    }
+
+    async fn serve(limits: ConnectionLimits) -> Served {
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        let cert_pem = key.cert.pem();
+        let tls = server_tls_config(
+            cert_pem.as_bytes(),
+            key.signing_key.serialize_pem().as_bytes(),
+            None,
+        )
+        .expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stats = Arc::new(ListenerStats::default());
+        let shutdown = CancellationToken::new();
+        let incoming = limited_tls_incoming(
+            listener,
+            tls,
+            limits,
+            "test",
+            stats.clone(),
+            shutdown.clone(),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("der"))
+            .expect("root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Served {
+            addr,
+            incoming,
+            stats,
+            client: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            _shutdown: shutdown.drop_guard(),
+        }
+    }
+
+    impl Served {
+        async fn handshake(&mut self) -> (tokio_rustls::client::TlsStream<TcpStream>, LimitedTls) {
+            let tcp = TcpStream::connect(self.addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let client = self.client.connect(name, tcp).await.expect("handshake");
+            let served = tokio::time::timeout(Duration::from_secs(2), self.incoming.next())
+                .await
+                .expect("served in time")
+                .expect("a connection")
+                .expect("ok");
+            (client, served)
+        }
+    }
+
+    /// Whether the server closed `s` within `within`.
+    async fn closed(s: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 16];
+        matches!(
+            tokio::time::timeout(within, s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn silent_clients_are_evicted_oldest_first_then_timed_out() {
+        let mut served = serve(ConnectionLimits {
+            handshake_timeout: Duration::from_millis(500),
+            max_pending_handshakes: 2,
+            max_connections: 100,
+        })
+        .await;
+        let mut first = TcpStream::connect(served.addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut second = TcpStream::connect(served.addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A real client still gets through: the oldest silent one goes.
+        let _ = served.handshake().await;
+        assert!(closed(&mut first, Duration::from_millis(300)).await);
+        assert_eq!(served.stats.evicted.get(), 1);
+        // The other silent one runs out of time.
+        assert!(closed(&mut second, Duration::from_secs(2)).await);
+        assert_eq!(served.stats.timed_out.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_until_one_ends() {
+        let mut served = serve(ConnectionLimits {
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 8,
+            max_connections: 2,
+        })
+        .await;
+        let a = served.handshake().await;
+        let _b = served.handshake().await;
+        let mut third = TcpStream::connect(served.addr).await.expect("connect");
+        assert!(closed(&mut third, Duration::from_secs(1)).await);
+        assert_eq!(served.stats.refused.get(), 1);
+        // A served connection that ends gives its slot back.
+        drop(a);
+        let _c = served.handshake().await;
+    }
+}
