@@ -325,6 +325,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             // A client that finished the handshake holds a slot at most this
             // long (a join takes one request).
             .max_connection_age(JOIN_CONNECTION_AGE)
+            .max_connection_age_grace(Duration::from_secs(5))
             .add_service(pb::bootstrap_service_server::BootstrapServiceServer::new(
                 api,
             ))
