@@ -108,8 +108,9 @@ fn idle_connections_beyond_the_caps_leave_the_replica_serving() {
         log.contains("metrics endpoint: connection limit reached"),
         "no warning about the metrics endpoint"
     );
-    // Rate-limited: a few lines, not one per connection.
+    // Rate-limited: a few lines (at most one per listener per 10 s), not
+    // one per dropped connection (hundreds here).
     let lines = log.matches("too many TLS handshakes").count();
-    assert!(lines <= 4, "{lines} warning lines");
+    assert!(lines < 10, "{lines} warning lines");
     drop(held);
 }
