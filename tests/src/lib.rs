@@ -332,6 +332,16 @@ impl Etcd {
         self.proc.kill();
     }
 
+    /// Kills etcd and starts it again on the same address with no data:
+    /// a cluster whose etcd lost everything (every revision starts over).
+    pub fn restart_empty(&mut self) {
+        self.proc.kill();
+        if let Err(e) = fs::remove_dir_all(&self.data_dir) {
+            panic!("{}: {e}", self.data_dir.display());
+        }
+        self.restart();
+    }
+
     pub fn restart(&mut self) {
         self.proc.kill();
         let dir = self.data_dir.parent().expect("dir").to_path_buf();
