@@ -48,6 +48,58 @@ pub enum SessionError {
     Lost { url: String, reason: String },
     #[error("cannot record desired state: {0}")]
     State(#[from] crate::state::StateError),
+    #[error(
+        "{url} offers desired revision {offered}, older than the {held} in force (a lagging \
+         replica; refused for {waited:?} so far)"
+    )]
+    Older {
+        url: String,
+        offered: u64,
+        held: u64,
+        waited: Duration,
+    },
+}
+
+/// How long every replica must have offered only older desired states
+/// before the agent takes one: etcd was restored from a backup and the
+/// revisions went back for good. A lagging replica catches up in seconds,
+/// and the agent tries the next replica meanwhile.
+pub const ROLLBACK_ACCEPTED_AFTER: Duration = Duration::from_secs(600);
+
+/// What to do with a desired state's revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Not older than the one in force: take it.
+    Current,
+    /// Older: refuse it and try another replica.
+    Older { waited: Duration },
+    /// Older, but nothing else was offered for [`ROLLBACK_ACCEPTED_AFTER`]:
+    /// take it (and say so).
+    RolledBack,
+}
+
+/// Refuses desired states older than the one in force (a lagging replica
+/// must not roll a node back), across sessions.
+#[derive(Debug, Default)]
+pub struct RollbackGuard {
+    older_since: Option<Instant>,
+}
+
+impl RollbackGuard {
+    pub fn judge(&mut self, held: u64, offered: u64, now: Instant) -> Offer {
+        if offered >= held {
+            self.older_since = None;
+            return Offer::Current;
+        }
+        let since = *self.older_since.get_or_insert(now);
+        let waited = now.duration_since(since);
+        if waited >= ROLLBACK_ACCEPTED_AFTER {
+            self.older_since = None;
+            Offer::RolledBack
+        } else {
+            Offer::Older { waited }
+        }
+    }
 }
 
 pub use crate::certs::Credentials;
@@ -130,6 +182,7 @@ pub async fn run_sessions(
     shutdown: CancellationToken,
 ) {
     let mut probe = HostProbe::new();
+    let mut rollback = RollbackGuard::default();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let replicas = settings.coordinators.len();
     // Spread agents over replicas: start at a node-dependent position.
@@ -151,6 +204,7 @@ pub async fn run_sessions(
             &state,
             &desired,
             &mut reports,
+            &mut rollback,
             &beat,
             &shutdown,
         )
@@ -182,6 +236,7 @@ async fn one_session(
     state: &StateStore,
     desired: &watch::Sender<RecordedState>,
     reports: &mut watch::Receiver<Option<ConvergeReport>>,
+    rollback: &mut RollbackGuard,
     beat: &Beat,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
@@ -293,6 +348,25 @@ async fn one_session(
                     }
                     Ok(CoordinatorMessage::DesiredState(next)) => {
                         last_ack = Instant::now();
+                        let held = desired.borrow().desired.revision;
+                        match rollback.judge(held, next.revision, Instant::now()) {
+                            Offer::Current => {}
+                            Offer::Older { waited } => {
+                                return Err(SessionError::Older {
+                                    url: url.to_owned(),
+                                    offered: next.revision,
+                                    held,
+                                    waited,
+                                })
+                            }
+                            Offer::RolledBack => warn!(
+                                held,
+                                offered = next.revision,
+                                "every replica offered only older desired states for {:?}: \
+                                 taking it (etcd restored from a backup?)",
+                                ROLLBACK_ACCEPTED_AFTER
+                            ),
+                        }
                         let replica = url.to_owned();
                         record(state, desired, *next, replica)?;
                         report(&tx, desired, reports, &mut reported).map_err(lost)?;
@@ -360,4 +434,47 @@ fn record(
     );
     desired.send_replace(recorded);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn older_desired_states_are_refused_until_nothing_else_came_for_long() {
+        let mut guard = RollbackGuard::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(guard.judge(0, 7, at(0)), Offer::Current);
+        assert_eq!(guard.judge(50, 50, at(0)), Offer::Current);
+        assert_eq!(guard.judge(50, 51, at(0)), Offer::Current);
+        // A lagging replica: refused; a current one resets the wait.
+        assert_eq!(
+            guard.judge(51, 45, at(1)),
+            Offer::Older {
+                waited: Duration::ZERO
+            }
+        );
+        assert_eq!(
+            guard.judge(51, 45, at(3)),
+            Offer::Older {
+                waited: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(guard.judge(51, 52, at(4)), Offer::Current);
+        assert_eq!(
+            guard.judge(52, 45, at(5)),
+            Offer::Older {
+                waited: Duration::ZERO
+            }
+        );
+        // Only older ones for the whole wait: etcd went back; taken.
+        let after = 5 + ROLLBACK_ACCEPTED_AFTER.as_secs();
+        assert!(matches!(
+            guard.judge(52, 45, at(after - 1)),
+            Offer::Older { .. }
+        ));
+        assert_eq!(guard.judge(52, 45, at(after)), Offer::RolledBack);
+        assert_eq!(guard.judge(45, 46, at(after + 1)), Offer::Current);
+    }
 }

@@ -41,6 +41,9 @@ pub struct CoordinatorConfig {
     /// Certificates for agents: joining by token and renewal. Without it
     /// this replica issues none.
     pub pki: Option<PkiConfig>,
+    /// What unauthenticated connections may cost on each listener.
+    #[serde(default)]
+    pub limits: Limits,
     /// Fleet-scale limits of agent sessions (SECURITY.md lists them).
     #[serde(default)]
     pub sessions: SessionLimits,
@@ -116,6 +119,74 @@ fn default_hello_burst() -> u32 {
     10
 }
 
+/// `[limits]`: connection caps of the gRPC and join listeners (the packaged
+/// unit's `LimitNOFILE=65536` leaves room for all of them together).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Time a client has to finish the TLS handshake (ms).
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Connections still in the TLS handshake, per listener; one more
+    /// drops the oldest.
+    #[serde(default = "default_max_pending_handshakes")]
+    pub max_pending_handshakes: usize,
+    /// Connections open at once on `listen` (agents, stewardctl, peers);
+    /// more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections open at once on `pki.bootstrap_listen`.
+    #[serde(default = "default_max_join_connections")]
+    pub max_join_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            max_pending_handshakes: default_max_pending_handshakes(),
+            max_connections: default_max_connections(),
+            max_join_connections: default_max_join_connections(),
+        }
+    }
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_pending_handshakes() -> usize {
+    256
+}
+fn default_max_connections() -> usize {
+    16_384
+}
+fn default_max_join_connections() -> usize {
+    256
+}
+
+impl Limits {
+    fn connection_limits(
+        &self,
+        max_connections: usize,
+    ) -> steward_runtime::listener::ConnectionLimits {
+        steward_runtime::listener::ConnectionLimits {
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            max_pending_handshakes: self.max_pending_handshakes,
+            max_connections,
+        }
+    }
+
+    /// The gRPC listener's limits.
+    pub fn grpc(&self) -> steward_runtime::listener::ConnectionLimits {
+        self.connection_limits(self.max_connections)
+    }
+
+    /// The join listener's limits.
+    pub fn join(&self) -> steward_runtime::listener::ConnectionLimits {
+        self.connection_limits(self.max_join_connections)
+    }
+}
+
 /// `[pki]`: the CA key this replica signs agent certificates with.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,9 +239,14 @@ pub struct Timing {
     /// A connected agent whose heartbeats stop for this long is unreachable.
     #[serde(default = "default_agent_unreachable_after_ms")]
     pub agent_unreachable_after_ms: u64,
-    /// How many events the leader keeps in etcd.
+    /// How many audit events (everything but session churn) the leader
+    /// keeps in etcd.
     #[serde(default = "default_events_retained")]
     pub events_retained: u32,
+    /// How many session events (node-connected, node-disconnected) the
+    /// leader keeps in etcd, apart from the audit events.
+    #[serde(default = "default_events_retained")]
+    pub session_events_retained: u32,
 }
 
 impl Default for Timing {
@@ -179,6 +255,7 @@ impl Default for Timing {
             member_lease_ttl_s: default_member_lease_ttl_s(),
             agent_unreachable_after_ms: default_agent_unreachable_after_ms(),
             events_retained: default_events_retained(),
+            session_events_retained: default_events_retained(),
         }
     }
 }
@@ -307,8 +384,28 @@ impl CoordinatorConfig {
         if self.timing.agent_unreachable_after_ms < 500 {
             p.push("timing.agent_unreachable_after_ms must be at least 500".into());
         }
-        if self.timing.events_retained < 10 {
-            p.push("timing.events_retained must be at least 10".into());
+        if self.timing.events_retained < 10 || self.timing.session_events_retained < 10 {
+            p.push(
+                "timing.events_retained and timing.session_events_retained must be at least 10"
+                    .into(),
+            );
+        }
+        if !(100..=120_000).contains(&self.limits.handshake_timeout_ms) {
+            p.push(format!(
+                "limits.handshake_timeout_ms = {}: must be between 100 and 120000",
+                self.limits.handshake_timeout_ms
+            ));
+        }
+        for (key, value) in [
+            ("max_pending_handshakes", self.limits.max_pending_handshakes),
+            ("max_connections", self.limits.max_connections),
+            ("max_join_connections", self.limits.max_join_connections),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                p.push(format!(
+                    "limits.{key} = {value}: must be between 1 and 1000000"
+                ));
+            }
         }
         if self.metrics_listen == Some(self.listen) {
             p.push("metrics_listen: must differ from listen".into());
@@ -349,5 +446,49 @@ impl CoordinatorConfig {
 
     pub fn agent_unreachable_after(&self) -> Duration {
         Duration::from_millis(self.timing.agent_unreachable_after_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packaged(path: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The packaged unit's open-file limit holds every connection the
+    /// default caps allow at once, plus room for etcd, the metrics
+    /// endpoint and the files a replica reads.
+    #[test]
+    fn the_default_connection_caps_fit_the_packaged_file_limit() {
+        let unit = packaged("packaging/systemd/steward-coordinator.service");
+        let nofile: usize = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("LimitNOFILE="))
+            .expect("the unit sets LimitNOFILE=")
+            .parse()
+            .expect("a number");
+        let l = Limits::default();
+        // The pending handshakes are among the open connections on each
+        // listener; the metrics endpoint holds 16 more.
+        let connections = l.max_connections + l.max_join_connections + 16;
+        assert!(
+            connections + 1024 <= nofile,
+            "{connections} connections and a margin of 1,024 exceed LimitNOFILE={nofile}"
+        );
+        assert!(l.max_pending_handshakes <= l.max_join_connections);
+    }
+
+    /// The example config writes the defaults down as they are.
+    #[test]
+    fn the_example_config_states_the_default_limits() {
+        let table: toml::Table = packaged("packaging/coordinator.example.toml")
+            .parse()
+            .expect("toml");
+        let limits: Limits = table["limits"].clone().try_into().expect("[limits]");
+        assert_eq!(limits.grpc(), Limits::default().grpc());
+        assert_eq!(limits.join(), Limits::default().join());
     }
 }

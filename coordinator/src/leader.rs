@@ -3,7 +3,8 @@
 //! - Nodes whose status names a replica that is no longer a member (it died
 //!   without a word) are marked disconnected, unless their agent has already
 //!   reconnected elsewhere (compare on the status' mod revision).
-//! - The event log is trimmed to `events_retained` entries.
+//! - The event logs are trimmed: the audit log to `events_retained`
+//!   entries, session churn to `session_events_retained`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -14,13 +15,13 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::replica::Fence;
 use crate::store::kv::{Op, Txn};
-use crate::store::Store;
+use crate::store::{EventLog, Store};
 
 /// How often the leader re-checks the cluster (the resync safety net).
 pub const DUTY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs until the fence fails (returns the error) — never returns `Ok`.
-pub async fn run_duties(store: Store, fence: Fence, events_retained: u32) -> Result<()> {
+pub async fn run_duties(store: Store, fence: Fence, retained: EventsRetained) -> Result<()> {
     let mut tick = tokio::time::interval(DUTY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reaper = Reaper::default();
@@ -28,7 +29,8 @@ pub async fn run_duties(store: Store, fence: Fence, events_retained: u32) -> Res
         tick.tick().await;
         for duty in [
             reaper.run(&store, &fence).await,
-            trim_events(&store, &fence, events_retained).await,
+            trim_events(&store, &fence, EventLog::Audit, retained.audit).await,
+            trim_events(&store, &fence, EventLog::Sessions, retained.sessions).await,
         ] {
             match duty {
                 Ok(()) => {}
@@ -102,8 +104,16 @@ async fn reap_orphaned_sessions(
     Ok(())
 }
 
-async fn trim_events(store: &Store, fence: &Fence, retained: u32) -> Result<()> {
-    let keys = store.event_keys().await?;
+/// How many events each log keeps (`[timing] events_retained`,
+/// `session_events_retained`).
+#[derive(Debug, Clone, Copy)]
+pub struct EventsRetained {
+    pub audit: u32,
+    pub sessions: u32,
+}
+
+async fn trim_events(store: &Store, fence: &Fence, log: EventLog, retained: u32) -> Result<()> {
+    let keys = store.event_keys(log).await?;
     let excess = keys.len().saturating_sub(retained as usize);
     if excess == 0 {
         return Ok(());
@@ -183,7 +193,9 @@ mod tests {
             event.at_unix_ms = 1_000 + i;
             store.record_event(&event).await.unwrap();
         }
-        trim_events(store, &fence, 3).await.unwrap();
+        trim_events(store, &fence, EventLog::Audit, 3)
+            .await
+            .unwrap();
         let (events, _) = store.recent_events(100).await.unwrap();
         let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
         assert_eq!(messages, ["e7", "e8", "e9"]);
@@ -193,8 +205,10 @@ mod tests {
             .record_event(&store.event(EventKind::RolesChanged, None, "more".into()))
             .await
             .unwrap();
-        let error = trim_events(store, &fence, 3).await.expect_err("fenced");
+        let error = trim_events(store, &fence, EventLog::Audit, 3)
+            .await
+            .expect_err("fenced");
         assert!(matches!(error, Error::LostLeadership { .. }), "{error}");
-        assert_eq!(store.event_keys().await.unwrap().len(), 4);
+        assert_eq!(store.event_keys(EventLog::Audit).await.unwrap().len(), 4);
     }
 }

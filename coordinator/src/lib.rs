@@ -42,9 +42,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steward_proto::pb;
+use steward_runtime::listener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server};
 use tracing::{info, warn, Instrument};
 
 use crate::agent_service::SessionContext;
@@ -59,6 +60,11 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How long shutdown waits for sessions and streams to drain.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a join request may take.
+pub const JOIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a connection to the join listener stays open.
+pub const JOIN_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{what} {path}: {source}")]
@@ -68,7 +74,12 @@ pub enum RunError {
         source: std::io::Error,
     },
     #[error("TLS setup: {0}")]
-    Tls(tonic::transport::Error),
+    Tls(String),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server on {addr}: {source}")]
     Serve {
         addr: std::net::SocketAddr,
@@ -93,24 +104,24 @@ fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, RunError>
 
 /// Runs a replica until `shutdown` is cancelled, then drains and resigns.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
-    let identity = Identity::from_pem(
-        read("tls.cert", &config.tls.cert)?,
-        read("tls.key", &config.tls.key)?,
-    );
     let ca_pem = read("tls.ca", &config.tls.ca)?;
     let ca_hash = steward_proto::pki::CaHash::of_pem(&String::from_utf8_lossy(&ca_pem))
         .map_err(|e| Error::InvalidArgument(format!("tls.ca: {e}")))?;
+    let cert_pem = read("tls.cert", &config.tls.cert)?;
+    let key_pem = read("tls.key", &config.tls.key)?;
     // The join listener presents the chain up to the CA: a joining node
-    // knows only the CA's hash.
-    let bootstrap_tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        [
-            read("tls.cert", &config.tls.cert)?,
-            b"\n".to_vec(),
-            ca_pem.clone(),
-        ]
-        .concat(),
-        read("tls.key", &config.tls.key)?,
-    ));
+    // knows only the CA's hash. No client certificate there.
+    let bootstrap_tls = listener::server_tls_config(
+        &[cert_pem.clone(), b"\n".to_vec(), ca_pem.clone()].concat(),
+        &key_pem,
+        None,
+    )
+    .map_err(RunError::Tls)?;
+    // The main listener refuses every connection without a client
+    // certificate from the cluster CA, in the handshake.
+    let tls =
+        listener::server_tls_config(&cert_pem, &key_pem, Some(&ca_pem)).map_err(RunError::Tls)?;
+    let identity = Identity::from_pem(cert_pem, key_pem);
     let ca = Certificate::from_pem(ca_pem);
     let signer = match &config.pki {
         Some(pki) => Some(Arc::new(
@@ -123,12 +134,20 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         )),
         None => None,
     };
-    let tls = ServerTlsConfig::new()
-        .identity(identity.clone())
-        .client_ca_root(ca.clone());
     let peers = peers::Peers::new(ca, identity);
 
-    // Bound first: a bad metrics address fails the start, not a scrape.
+    // Bound first: a bad address fails the start, not a connection.
+    let bind = |addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind { addr, source })
+    };
+    let grpc_listener = bind(config.listen).await?;
+    let bootstrap_listen = config.pki.as_ref().and_then(|p| p.bootstrap_listen);
+    let bootstrap_listener = match bootstrap_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             steward_runtime::bind_metrics(addr)
@@ -187,7 +206,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             member,
             LeaderSettings {
                 lease_ttl: config.member_lease_ttl(),
-                events_retained: config.timing.events_retained,
+                events_retained: leader::EventsRetained {
+                    audit: config.timing.events_retained,
+                    sessions: config.timing.session_events_retained,
+                },
             },
             lead_tx,
             tasks.clone(),
@@ -277,29 +299,46 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         .with_ca_hash(ca_hash.to_string());
 
     info!(listen = %config.listen, replica.id = %config.id, cluster = %config.cluster, "serving");
+    let grpc_incoming = listener::limited_tls_incoming(
+        grpc_listener,
+        tls,
+        config.limits.grpc(),
+        "grpc",
+        metrics::metrics().grpc_listener.clone(),
+        shutdown.clone(),
+    );
     let served = Server::builder()
-        .tls_config(tls)
-        .map_err(RunError::Tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(pb::agent_service_server::AgentServiceServer::new(agent_api))
         .add_service(pb::admin_service_server::AdminServiceServer::new(admin_api))
         .add_service(pb::peer_service_server::PeerServiceServer::new(peer_api))
-        .serve_with_shutdown(config.listen, shutdown.clone().cancelled_owned());
-    let bootstrap_listen = config.pki.as_ref().and_then(|p| p.bootstrap_listen);
+        .serve_with_incoming_shutdown(grpc_incoming, shutdown.clone().cancelled_owned());
     let bootstrap_served = async {
-        let (Some(addr), Some(api)) = (bootstrap_listen, bootstrap_api) else {
+        let (Some(addr), Some(listener), Some(api)) =
+            (bootstrap_listen, bootstrap_listener, bootstrap_api)
+        else {
             return Ok(());
         };
         info!(listen = %addr, "serving joins");
+        let incoming = listener::limited_tls_incoming(
+            listener,
+            bootstrap_tls,
+            config.limits.join(),
+            "join",
+            metrics::metrics().join_listener.clone(),
+            shutdown.clone(),
+        );
         Server::builder()
-            .tls_config(bootstrap_tls)
-            .map_err(RunError::Tls)?
-            .timeout(Duration::from_secs(30))
+            .timeout(JOIN_REQUEST_TIMEOUT)
+            // A client that finished the handshake holds a slot at most this
+            // long (a join takes one request).
+            .max_connection_age(JOIN_CONNECTION_AGE)
+            .max_connection_age_grace(Duration::from_secs(5))
             .add_service(pb::bootstrap_service_server::BootstrapServiceServer::new(
                 api,
             ))
-            .serve_with_shutdown(addr, shutdown.clone().cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
             .await
             .map_err(|source| RunError::Serve { addr, source })
     };

@@ -10,6 +10,7 @@
 use std::sync::{Arc, LazyLock};
 
 use steward_proto::converge::ConvergeReport;
+use steward_runtime::listener::ListenerStats;
 use steward_runtime::metrics::{
     Counter, Family, Gauge, Histogram, Registry, LATENCY_BUCKETS, RUN_BUCKETS,
 };
@@ -38,6 +39,11 @@ pub struct Metrics {
     pub sessions_refused_busy: Arc<Counter>,
     pub status_writes_deferred: Arc<Counter>,
     pub facts_truncated: Arc<Counter>,
+    pub session_events_suppressed: Arc<Family<Counter>>,
+    /// The gRPC listener's dropped connections.
+    pub grpc_listener: Arc<ListenerStats>,
+    /// The join listener's dropped connections.
+    pub join_listener: Arc<ListenerStats>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -51,6 +57,11 @@ impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
         r.build_info("coordinator", crate::VERSION);
+        let connections_dropped = r.counter_vec(
+            "steward_connections_dropped_total",
+            "Connections a listener (grpc, join) closed before serving them, by reason: connection_limit (max_connections open), handshake_evicted (max_pending_handshakes reached; the oldest goes), handshake_timeout, handshake_failed.",
+            &["listener", "reason"],
+        );
         Self {
             desired_pushes: r.counter(
                 "steward_desired_state_pushes_total",
@@ -136,6 +147,13 @@ impl Metrics {
                 "Agent certificates this replica signed, by reason (join, renewal).",
                 &["reason"],
             ),
+            session_events_suppressed: r.counter_vec(
+                "steward_session_events_suppressed_total",
+                "Session events (node-connected, node-disconnected) this replica did not record: beyond one pair per node per 10 s, by kind.",
+                &["kind"],
+            ),
+            grpc_listener: Arc::new(ListenerStats::in_family(&connections_dropped, "grpc")),
+            join_listener: Arc::new(ListenerStats::in_family(&connections_dropped, "join")),
             registry: Arc::new(r),
         }
     }

@@ -67,7 +67,7 @@ impl Fence {
 #[derive(Debug, Clone)]
 pub struct LeaderSettings {
     pub lease_ttl: Duration,
-    pub events_retained: u32,
+    pub events_retained: crate::leader::EventsRetained,
 }
 
 /// Runs this replica's membership and candidacy until `shutdown`; publishes

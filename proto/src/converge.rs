@@ -61,6 +61,128 @@ fn default_suite() -> String {
     "/".into()
 }
 
+/// What is wrong with `v` as a Debian package version,
+/// `[epoch:]upstream_version[-debian_revision]` (Debian Policy 5.6.12):
+/// epoch digits; upstream starting with a digit, of letters, digits and
+/// `. + ~ -` (a hyphen only when a revision follows); revision of letters,
+/// digits and `. + ~`. It goes into `apt-get install NAME=VERSION` and
+/// apt preferences, so nothing else may pass.
+pub fn debian_version_problem(v: &str) -> Option<String> {
+    if v.is_empty() {
+        return Some("must not be empty (e.g. \"1.31.2-1.1\")".into());
+    }
+    if v.len() > 128 {
+        return Some("longer than 128 characters".into());
+    }
+    if let Some(c) = v
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || ".+~-:".contains(*c)))
+    {
+        return Some(format!(
+            "{c:?} is not allowed in a version (letters, digits and . + ~ - only; \
+             ':' only after a numeric epoch)"
+        ));
+    }
+    let rest = match v.split_once(':') {
+        Some((epoch, rest)) => {
+            if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) {
+                return Some(format!("epoch {epoch:?} is not a number"));
+            }
+            rest
+        }
+        None => v,
+    };
+    let (upstream, revision) = match rest.rsplit_once('-') {
+        Some((u, r)) => (u, Some(r)),
+        None => (rest, None),
+    };
+    if !upstream.starts_with(|c: char| c.is_ascii_digit()) {
+        return Some(format!(
+            "the upstream version {upstream:?} must start with a digit"
+        ));
+    }
+    if upstream.contains(':') {
+        return Some("':' is allowed only once, after a numeric epoch".into());
+    }
+    if let Some(r) = revision {
+        if r.is_empty() {
+            return Some("the revision after '-' is empty".into());
+        }
+        if let Some(c) = r
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || ".+~".contains(*c)))
+        {
+            return Some(format!(
+                "{c:?} is not allowed in the revision (letters, digits and . + ~ only)"
+            ));
+        }
+    }
+    None
+}
+
+/// Characters a repository URL may carry into a sources.list line: RFC
+/// 3986's, without `#` (a comment there) and without quotes.
+fn is_url_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~:/?[]@!$&()*+,;=%".contains(c)
+}
+
+/// What is wrong with `url` as an apt repository: `http://HOST[:PORT][/PATH]`,
+/// `https://...`, or `file:/PATH` (local mirrors, air-gapped sites); one
+/// word of URL characters, so a sources.list line cannot be split or
+/// extended through it.
+pub fn apt_url_problem(url: &str) -> Option<String> {
+    if let Some(c) = url.chars().find(|c| !is_url_char(*c)) {
+        return Some(format!(
+            "{c:?} is not allowed in a repository URL (no spaces, line breaks, quotes or '#')"
+        ));
+    }
+    if let Some(path) = url.strip_prefix("file:") {
+        return (!path.starts_with('/')).then(|| "a file: URL needs an absolute path".into());
+    }
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
+        return Some("expected an http://, https:// or file:/ URL".into());
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map(|(h, _)| h).unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    if host.is_empty() || authority.contains('@') {
+        return Some("expected a host after the scheme (and no user or password)".into());
+    }
+    None
+}
+
+/// What is wrong with `suite` as apt's suite and components (`/`, `./`,
+/// `bookworm main contrib`): words of letters, digits and `. _ / -`
+/// separated by single spaces.
+pub fn apt_suite_problem(suite: &str) -> Option<String> {
+    if suite.is_empty() {
+        return Some("must not be empty (e.g. \"/\" or \"bookworm main\")".into());
+    }
+    if suite.len() > 256 {
+        return Some("longer than 256 characters".into());
+    }
+    for word in suite.split(' ') {
+        if word.is_empty() {
+            return Some("words are separated by single spaces".into());
+        }
+        if let Some(c) = word
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "._/-".contains(*c)))
+        {
+            return Some(format!(
+                "{c:?} is not allowed (suite and components: letters, digits and . _ / - \
+                 separated by single spaces)"
+            ));
+        }
+    }
+    None
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GlusterVolume {
@@ -89,6 +211,10 @@ pub struct Task {
     pub unless: Option<Vec<String>>,
     /// How reports show it: argv without its secrets.
     pub summary: String,
+    /// Written just before argv runs and removed right after, whatever the
+    /// outcome (secrets for the command, kept off its command line).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<SecretFile>,
 }
 
 /// A file the coordinator hands a node; its content is never reported.
@@ -399,6 +525,10 @@ impl TryFrom<pb::Task> for Task {
             creates: Some(bounded_str("tasks.creates", t.creates)?).filter(|c| !c.is_empty()),
             unless: Some(unless).filter(|u| !u.is_empty()),
             summary: bounded_str("tasks.summary", t.summary)?,
+            inputs: bounded_list("tasks.inputs", t.inputs)?
+                .into_iter()
+                .map(SecretFile::try_from)
+                .collect::<Result<Vec<_>, _>>()?,
         })
     }
 }
@@ -411,6 +541,7 @@ impl From<Task> for pb::Task {
             creates: t.creates.unwrap_or_default(),
             unless: t.unless.unwrap_or_default(),
             summary: t.summary,
+            inputs: t.inputs.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -543,6 +674,74 @@ impl From<ConvergeReport> for pb::ConvergeReport {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn apt_strings_follow_their_grammar() {
+        use super::{apt_suite_problem, apt_url_problem, debian_version_problem};
+        for ok in [
+            "1.31.2-1.1",
+            "1:2.3~rc1+dfsg-4.1",
+            "1.31.2",
+            "2:1.0-a-b-1",
+            "1.31.2-150500.1.1",
+        ] {
+            assert_eq!(debian_version_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "v1.31",
+            "1.31 ",
+            "1.31\nkubeadm=1",
+            "x:1.0",
+            "1.0-",
+            "1.0-1_1",
+            "1.0;rm",
+            "1.0*",
+            ":1.0",
+        ] {
+            assert!(debian_version_problem(bad).is_some(), "{bad:?}");
+        }
+        for ok in [
+            "https://pkgs.k8s.io/core:/stable:/v1.31/deb/",
+            "http://10.0.0.1:8080/debian",
+            "http://[fd00::1]/repo",
+            "file:/srv/repo",
+        ] {
+            assert_eq!(apt_url_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "https://",
+            "https:///path",
+            "ftp://mirror/debian",
+            "https://x/ y",
+            "https://x/\ndeb http://evil/ ./",
+            "https://user:pw@host/",
+            "https://x/#frag",
+            "file:relative",
+            "https://x/\"",
+        ] {
+            assert!(apt_url_problem(bad).is_some(), "{bad:?}");
+        }
+        for ok in [
+            "/",
+            "./",
+            "bookworm main",
+            "bookworm-backports main non-free-firmware",
+        ] {
+            assert_eq!(apt_suite_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "bookworm  main",
+            " main",
+            "main\ndeb http://evil ./",
+            "a\tb",
+            "[trusted=yes]",
+            "a#b",
+        ] {
+            assert!(apt_suite_problem(bad).is_some(), "{bad:?}");
+        }
+    }
+
     use super::*;
     use crate::domain::Role;
 

@@ -673,6 +673,11 @@ mod tests {
                 creates: Some("/etc/kubernetes/kubelet.conf".into()),
                 unless: None,
                 summary: "kubeadm join".into(),
+                inputs: vec![crate::converge::SecretFile {
+                    path: "/run/steward-agent/kubeadm/kubeadm-join.yaml".into(),
+                    content: b"token: x".to_vec(),
+                    mode: 0o600,
+                }],
             }],
             files: vec![crate::converge::SecretFile {
                 path: "/etc/kubernetes/pki/ca.key".into(),

@@ -333,6 +333,16 @@ impl Etcd {
         self.proc.kill();
     }
 
+    /// Kills etcd and starts it again on the same address with no data:
+    /// a cluster whose etcd lost everything (every revision starts over).
+    pub fn restart_empty(&mut self) {
+        self.proc.kill();
+        if let Err(e) = fs::remove_dir_all(&self.data_dir) {
+            panic!("{}: {e}", self.data_dir.display());
+        }
+        self.restart();
+    }
+
     pub fn restart(&mut self) {
         self.proc.kill();
         let dir = self.data_dir.parent().expect("dir").to_path_buf();
@@ -362,6 +372,11 @@ pub struct Cluster {
     /// Coordinators started from now on serve metrics on a free port of
     /// `coordinator_host` (see [`metrics_listen`]); off unless set.
     pub coordinator_metrics: bool,
+    /// Dotted config keys set last in coordinators started from now on.
+    pub coordinator_extra: Vec<(String, toml::Value)>,
+    /// `RLIMIT_NOFILE` of coordinators started from now on (the packaged
+    /// unit's `LimitNOFILE=` in effect); inherited unless set.
+    pub coordinator_nofile: Option<u64>,
     pub dir: tempfile::TempDir,
 }
 
@@ -469,6 +484,8 @@ impl Cluster {
             coordinator_profile: None,
             agent_cert_validity_s: 365 * 24 * 3600,
             coordinator_metrics: false,
+            coordinator_extra: Vec::new(),
+            coordinator_nofile: None,
             etcd,
             dir,
             coordinators: Vec::new(),
@@ -546,6 +563,9 @@ impl Cluster {
         if self.coordinator_metrics {
             set(&mut t, "metrics_listen", format!("{host}:{}", free_port()));
         }
+        for (key, value) in &self.coordinator_extra {
+            set(&mut t, key, value.clone());
+        }
         let path = self.dir.path().join(format!("{id}.toml"));
         fs::write(&path, toml::to_string(&t).expect("toml")).expect("write config");
         path
@@ -576,7 +596,17 @@ impl Cluster {
     }
 
     fn spawn_coordinator(&self, id: &str, config: &Path) -> Proc {
-        let mut cmd = Command::new(bin("steward-coordinator"));
+        let mut cmd = match self.coordinator_nofile {
+            // prlimit sets the limit and execs: the pid is the coordinator's.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(bin("steward-coordinator"));
+                c
+            }
+            None => Command::new(bin("steward-coordinator")),
+        };
         cmd.arg("--config").arg(config).env("RUST_LOG", "info");
         let log = self.dir.path().join(format!("{id}.{}.log", unique()));
         Proc::spawn(id, cmd, log)

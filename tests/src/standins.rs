@@ -7,7 +7,9 @@
 //! Kubernetes at all. They only
 //!
 //! - record every `kubeadm` call, one line each, in [`KUBEADM_CALLS_LOG`]
-//!   (see [`parse_calls`]);
+//!   (see [`parse_calls`]), and the file a call names with `--config`
+//!   (its content and mode while kubeadm ran) in [`KUBEADM_CONFIGS_DIR`]
+//!   (see [`recorded_config`]);
 //! - leave the files the real `kubeadm` leaves, which Steward's tasks are
 //!   guarded on: `init` writes `/etc/kubernetes/admin.conf` (and
 //!   `kubelet.conf`), `join` writes `/etc/kubernetes/kubelet.conf` (and
@@ -16,7 +18,8 @@
 //!   without the coordinator's CA (`/etc/kubernetes/pki/ca.crt`, `ca.key`),
 //!   `init` or `join` a second time (the files exist: kubeadm's
 //!   `FileAvailable` preflight errors), missing endpoint, token, CA hash or
-//!   (for control planes) certificate key;
+//!   (for control planes) certificate key, whether given as flags or in the
+//!   `--config` file, and `--config` mixed with those flags;
 //! - print, on success, what the real one prints, the join commands with
 //!   the token and certificate key included, so a test sees whether that
 //!   output leaks anywhere.
@@ -31,6 +34,11 @@ use crate::nspawn::{build_deb, index_repo};
 /// Where the stand-in `kubeadm` appends one line per call.
 pub const KUBEADM_CALLS_LOG: &str = "/var/lib/kubeadm-standin/calls.log";
 
+/// Where the stand-in keeps a copy of each `--config` file it was given:
+/// `<n>.yaml` and `<n>.mode` (octal, as `stat -c %a` prints it), `<n>` the
+/// call's index in [`KUBEADM_CALLS_LOG`] (from 0).
+pub const KUBEADM_CONFIGS_DIR: &str = "/var/lib/kubeadm-standin/configs";
+
 /// The stand-in `kubeadm` (POSIX sh: the machines have no other
 /// interpreter). A line of the log: `<unix time, ns> <hostname> kubeadm
 /// '<arg>' '<arg>' ...`, each argument single-quoted as for `sh`.
@@ -43,6 +51,7 @@ mkdir -p "${LOG%/*}"
 quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 line="$(date +%s.%N) $(cat /etc/hostname) kubeadm"
 for a in "$@"; do line="$line $(quote "$a")"; done
+index=$(cat "$LOG" 2>/dev/null | wc -l)
 printf '%s\n' "$line" >> "$LOG"
 
 die() { echo "error execution phase preflight (kubeadm STAND-IN): $*" >&2; exit 1; }
@@ -59,6 +68,25 @@ opt() {
   return 1
 }
 has() { want=$1; shift; for a in "$@"; do [ "$a" = "$want" ] && return 0; done; return 1; }
+# --config FILE: recorded as it is while kubeadm runs (content and mode);
+# like the real kubeadm, no other settings flag may come with it.
+cfg=""
+if cfg=$(opt --config "$@"); then
+  [ -r "$cfg" ] || die "unable to read config from \"$cfg\""
+  mkdir -p /var/lib/kubeadm-standin/configs
+  cp "$cfg" "/var/lib/kubeadm-standin/configs/$index.yaml"
+  stat -c %a "$cfg" > "/var/lib/kubeadm-standin/configs/$index.mode"
+  for f in --token --certificate-key --control-plane-endpoint --discovery-token-ca-cert-hash \
+           --pod-network-cidr --service-cidr --node-name --control-plane; do
+    has "$f" "$@" && die "can not mix '--config' with arguments [$f]"
+  done
+fi
+# The first "KEY: value" of the config (a list item's too), quotes dropped.
+cfgval() {
+  [ -n "$cfg" ] || return 1
+  v=$(sed -n "s/^[ -]*$1: *\"\{0,1\}\([^\"]*\)\"\{0,1\} *\$/\1/p" "$cfg" | head -n 1)
+  [ -n "$v" ] && printf '%s' "$v"
+}
 kubeconfig() {
   mkdir -p /etc/kubernetes
   cat > "/etc/kubernetes/$1" <<EOF
@@ -86,9 +114,9 @@ init)
   for f in admin.conf kubelet.conf; do
     [ -e "/etc/kubernetes/$f" ] && die "[ERROR FileAvailable--etc-kubernetes-$f]: /etc/kubernetes/$f already exists"
   done
-  endpoint=$(opt --control-plane-endpoint "$@") || die "no --control-plane-endpoint"
-  token=$(opt --token "$@") || die "no --token"
-  key=$(opt --certificate-key "$@") || die "no --certificate-key"
+  endpoint=$(opt --control-plane-endpoint "$@" || cfgval controlPlaneEndpoint) || die "no --control-plane-endpoint"
+  token=$(opt --token "$@" || cfgval token) || die "no --token"
+  key=$(opt --certificate-key "$@" || cfgval certificateKey) || die "no --certificate-key"
   has --upload-certs "$@" || die "no --upload-certs"
   hash="sha256:<the CA hash; the STAND-IN does not compute it>"
   kubeconfig admin.conf "$endpoint" kubernetes-admin
@@ -112,13 +140,16 @@ EOF
 join)
   shift
   endpoint=${1:-}
+  [ -n "$cfg" ] && endpoint=$(cfgval apiServerEndpoint)
   case "$endpoint" in ""|-*) die "no API server endpoint (kubeadm join HOST:PORT ...)" ;; esac
-  token=$(opt --token "$@") || die "no --token"
-  hash=$(opt --discovery-token-ca-cert-hash "$@") || die "no --discovery-token-ca-cert-hash"
+  token=$(opt --token "$@" || cfgval token) || die "no --token"
+  hash=$(opt --discovery-token-ca-cert-hash "$@" || { [ -n "$cfg" ] && grep -o 'sha256:[0-9a-f]*' "$cfg" | head -n 1; }) \
+    || die "no --discovery-token-ca-cert-hash"
   case "$hash" in sha256:*) ;; *) die "bad CA hash $hash" ;; esac
   [ -e /etc/kubernetes/kubelet.conf ] && die "[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: /etc/kubernetes/kubelet.conf already exists"
-  if has --control-plane "$@"; then
-    opt --certificate-key "$@" >/dev/null || die "--control-plane without --certificate-key"
+  if has --control-plane "$@" || { [ -n "$cfg" ] && grep -q '^controlPlane:' "$cfg"; }; then
+    opt --certificate-key "$@" >/dev/null || cfgval certificateKey >/dev/null \
+      || die "--control-plane without --certificate-key"
     kubeconfig admin.conf "$endpoint" kubernetes-admin
   fi
   kubeconfig kubelet.conf "$endpoint" "system:node:$(cat /etc/hostname)"
@@ -128,7 +159,7 @@ join)
 token)
   case "${2:-}" in
     list) ;;
-    create) echo "${3:-}" ;;
+    create) case "${3:-}" in ""|-*) cfgval token; echo ;; *) echo "$3" ;; esac ;;
   esac
   ;;
 version)
@@ -252,6 +283,26 @@ impl Call {
         }
         line
     }
+}
+
+/// The `--config` file call number `index` of a machine was given (see
+/// [`KUBEADM_CONFIGS_DIR`]), as `(mode, content)`, read under the
+/// machine's root directory `root`.
+pub fn recorded_config(root: &Path, index: usize) -> Option<(u32, String)> {
+    let dir = root.join(KUBEADM_CONFIGS_DIR.trim_start_matches('/'));
+    let content = std::fs::read_to_string(dir.join(format!("{index}.yaml"))).ok()?;
+    let mode = std::fs::read_to_string(dir.join(format!("{index}.mode"))).ok()?;
+    Some((u32::from_str_radix(mode.trim(), 8).ok()?, content))
+}
+
+/// The first `key: value` in a kubeadm config (list items too), quotes
+/// dropped: what the stand-in reads.
+pub fn config_value<'a>(yaml: &'a str, key: &str) -> Option<&'a str> {
+    yaml.lines().find_map(|l| {
+        let l = l.trim_start_matches([' ', '-']);
+        let v = l.strip_prefix(key)?.strip_prefix(':')?.trim();
+        Some(v.trim_matches('"'))
+    })
 }
 
 /// Parses [`KUBEADM_CALLS_LOG`]; `Err` names a line it cannot read.

@@ -422,6 +422,41 @@ fn invalid_specs_are_refused_with_every_problem_and_nothing_is_written() {
             ],
         ),
         (
+            // Each would add a line to sources.list or an argument to apt.
+            "apt strings with line breaks, options and spaces",
+            KUBERNETES
+                .replace(
+                    "https://pkgs.k8s.io/core:/stable:/v1.31/deb/",
+                    "https://pkgs.k8s.io/ ./\\ndeb [trusted=yes] http://evil.example/",
+                )
+                .replace("1.31.2-1.1", "1.31.2-1.1 kubectl=0.1")
+                + "suite = \"/\\ndeb [trusted=yes] http://evil.example/ ./\"\n",
+            vec![
+                "kubernetes.repository.url \"https://pkgs.k8s.io/ ./\\ndeb [trusted=yes] \
+                 http://evil.example/\": ' ' is not allowed",
+                "kubernetes.version \"1.31.2-1.1 kubectl=0.1\": ' ' is not allowed",
+                "kubernetes.repository.suite \"/\\ndeb [trusted=yes] http://evil.example/ ./\": \
+                 '\\n' is not allowed",
+            ],
+        ),
+        (
+            // Single words the looser checks let through: a version glob,
+            // no host, an option where components go.
+            "apt strings outside apt's grammar",
+            KUBERNETES
+                .replace(
+                    "https://pkgs.k8s.io/core:/stable:/v1.31/deb/",
+                    "https:///core:/stable:/v1.31/deb/",
+                )
+                .replace("1.31.2-1.1", "1.31.*")
+                + "suite = \"/ [trusted=yes]\"\n",
+            vec![
+                "kubernetes.repository.url \"https:///core:/stable:/v1.31/deb/\": expected a host",
+                "kubernetes.version \"1.31.*\": '*' is not allowed",
+                "kubernetes.repository.suite \"/ [trusted=yes]\": '[' is not allowed",
+            ],
+        ),
+        (
             "an unknown role",
             "[nodes.node-2]\nroles = [\"database\"]\n".into(),
             vec!["nodes.node-2: unknown role \"database\""],

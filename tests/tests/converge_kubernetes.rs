@@ -25,10 +25,12 @@
 //! matters.
 //!
 //! Checks: `kubeadm init` ran exactly once in the cluster, on a control
-//! plane, with `--control-plane-endpoint VIP:6443 --upload-certs --token T
-//! --certificate-key K`; cp2 joined as a control plane with the same T, K
-//! and the CA hash H, after the init node's join record; w1 joined as a
-//! worker with T and H only; H is the SHA-256 of the SubjectPublicKeyInfo
+//! plane, with `--config F --upload-certs` and F (0600 while kubeadm ran,
+//! gone after) saying `controlPlaneEndpoint: VIP:6443`, token T and
+//! certificate key K; cp2 joined as a control plane with the same T, K
+//! and the CA hash H in its join config, after the init node's join record;
+//! w1 joined as a worker with T and H only; no kubeadm command line carries
+//! T or K; H is the SHA-256 of the SubjectPublicKeyInfo
 //! of the init node's `/etc/kubernetes/pki/ca.crt`, computed here with
 //! openssl; T and K appear in no `stewardctl` output, event, etcd value or
 //! log; `desired.json` is 0600; the packages are held at the spec's
@@ -56,7 +58,9 @@ use steward_tests::converge_bed::{
     HAPROXY_CFG, RECHECK_S,
 };
 use steward_tests::nspawn::{Machine, MachineOptions};
-use steward_tests::standins::{build_kubernetes_standins, parse_calls, Call, KUBEADM_CALLS_LOG};
+use steward_tests::standins::{
+    build_kubernetes_standins, config_value, parse_calls, recorded_config, Call, KUBEADM_CALLS_LOG,
+};
 
 const VERSION: &str = "1.31.2-1.1";
 /// Also in the stand-in repository: apt would take it without the pin.
@@ -111,6 +115,23 @@ fn calls(m: &Machine) -> Vec<Call> {
     let text = std::fs::read_to_string(m.root().join(KUBEADM_CALLS_LOG.trim_start_matches('/')))
         .unwrap_or_default();
     parse_calls(&text).unwrap_or_else(|e| panic!("{}: {KUBEADM_CALLS_LOG}: {e}", m.name()))
+}
+
+/// The `--config` file `call` (one of `m`'s) was given, as kubeadm saw it:
+/// (mode, content).
+fn config_of(m: &Machine, call: &Call) -> (u32, String) {
+    let index = calls(m)
+        .iter()
+        .position(|c| c == call)
+        .unwrap_or_else(|| panic!("{call:?} is not a call of {}", m.name()));
+    recorded_config(m.root(), index)
+        .unwrap_or_else(|| panic!("{}: no --config recorded for {call:?}", m.name()))
+}
+
+/// The one list item of a JoinConfiguration: `caCertHashes`' hash.
+fn ca_hash_in(yaml: &str) -> Option<&str> {
+    yaml.lines()
+        .find_map(|l| l.trim().strip_prefix("- ").map(|v| v.trim_matches('"')))
 }
 
 fn all_calls(bed: &ConvergeBed) -> BTreeMap<String, Vec<Call>> {
@@ -397,21 +418,47 @@ fn kubeadm_init_once_and_joins_with_standin_kubernetes_packages() {
         init_node, "cp1",
         "the first control plane by id runs init: {init:?}"
     );
-    let token = init.opt("--token").expect("init --token").to_owned();
-    let key = init
-        .opt("--certificate-key")
-        .expect("init --certificate-key")
+    let init_m = bed.machine(&init_node);
+    // The secrets reach kubeadm in a file only root can read, never on its
+    // command line.
+    let (init_mode, init_config) = config_of(init_m, &init);
+    assert_eq!(
+        init_mode, 0o600,
+        "the init config must be 0600 while kubeadm reads it"
+    );
+    let token = config_value(&init_config, "token")
+        .expect("init config: token")
+        .to_owned();
+    let key = config_value(&init_config, "certificateKey")
+        .expect("init config: certificateKey")
         .to_owned();
     let secrets = [token.as_str(), key.as_str()];
     eprintln!("calls (token and certificate key withheld here):");
     for c in calls.values().flatten() {
         eprintln!("  {}", c.redacted(&secrets));
     }
+    for c in calls.values().flatten() {
+        assert!(
+            !c.argv
+                .iter()
+                .any(|a| a.contains(&token) || a.contains(&key)),
+            "a kubeadm command line carries the token or certificate key: {}",
+            c.redacted(&secrets)
+        );
+    }
     assert_eq!(
-        init.opt("--control-plane-endpoint"),
+        init.argv,
+        [
+            "init",
+            "--config",
+            "/run/steward-agent/kubeadm/kubeadm-init.yaml",
+            "--upload-certs"
+        ]
+    );
+    assert_eq!(
+        config_value(&init_config, "controlPlaneEndpoint"),
         Some(endpoint.as_str())
     );
-    assert!(init.has("--upload-certs"), "{init:?}");
     assert!(
         token.len() == 23
             && token.as_bytes()[6] == b'.'
@@ -426,10 +473,15 @@ fn kubeadm_init_once_and_joins_with_standin_kubernetes_packages() {
         key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()),
         "certificate key is not 32 bytes of hex"
     );
-    assert_eq!(init.opt("--pod-network-cidr"), Some("10.244.0.0/16"));
-    assert_eq!(init.opt("--service-cidr"), Some("10.96.0.0/12"));
+    assert_eq!(
+        config_value(&init_config, "podSubnet"),
+        Some("10.244.0.0/16")
+    );
+    assert_eq!(
+        config_value(&init_config, "serviceSubnet"),
+        Some("10.96.0.0/12")
+    );
 
-    let init_m = bed.machine(&init_node);
     let ca_hash = spki_sha256(&init_m.root().join("etc/kubernetes/pki/ca.crt"));
     clock.say(format!(
         "kubeadm init ran once, on {init_node}; CA hash computed here with openssl: {ca_hash}"
@@ -441,29 +493,48 @@ fn kubeadm_init_once_and_joins_with_standin_kubernetes_packages() {
     let cp2 = joins("cp2");
     assert_eq!(cp2.len(), 1, "cp2 must join exactly once: {cp2:#?}");
     let cp2 = &cp2[0];
-    assert_eq!(cp2.argv.get(1), Some(&endpoint), "{cp2:?}");
-    assert_eq!(cp2.opt("--token"), Some(token.as_str()));
+    let (cp2_mode, cp2_config) = config_of(bed.machine("cp2"), cp2);
+    assert_eq!(cp2_mode, 0o600, "cp2's join config must be 0600");
     assert_eq!(
-        cp2.opt("--discovery-token-ca-cert-hash"),
+        config_value(&cp2_config, "apiServerEndpoint"),
+        Some(endpoint.as_str())
+    );
+    assert_eq!(config_value(&cp2_config, "token"), Some(token.as_str()));
+    assert_eq!(
+        ca_hash_in(&cp2_config),
         Some(ca_hash.as_str()),
         "cp2's CA hash is not the hash of the init node's CA"
     );
-    assert!(cp2.has("--control-plane"));
-    assert_eq!(cp2.opt("--certificate-key"), Some(key.as_str()));
+    assert_eq!(
+        config_value(&cp2_config, "certificateKey"),
+        Some(key.as_str()),
+        "cp2 joins as a control plane with the certificate key"
+    );
     let w1 = joins("w1");
     assert_eq!(w1.len(), 1, "w1 must join exactly once: {w1:#?}");
     let w1 = &w1[0];
-    assert_eq!(w1.argv.get(1), Some(&endpoint), "{w1:?}");
-    assert_eq!(w1.opt("--token"), Some(token.as_str()));
+    let (w1_mode, w1_config) = config_of(bed.machine("w1"), w1);
+    assert_eq!(w1_mode, 0o600, "w1's join config must be 0600");
     assert_eq!(
-        w1.opt("--discovery-token-ca-cert-hash"),
-        Some(ca_hash.as_str())
+        config_value(&w1_config, "apiServerEndpoint"),
+        Some(endpoint.as_str())
     );
+    assert_eq!(config_value(&w1_config, "token"), Some(token.as_str()));
+    assert_eq!(ca_hash_in(&w1_config), Some(ca_hash.as_str()));
     assert!(
-        !w1.has("--control-plane") && w1.opt("--certificate-key").is_none(),
-        "a worker joins without --control-plane and the certificate key: {}",
-        w1.redacted(&secrets)
+        !w1_config.contains("controlPlane") && !w1_config.contains(&key),
+        "a worker joins without the control plane's certificate key"
     );
+    // Removed once kubeadm returned.
+    for n in NODES {
+        let left = bed
+            .machine(n)
+            .sh("ls -A /run/steward-agent/kubeadm 2>/dev/null || true");
+        assert!(
+            left.trim().is_empty(),
+            "{n}: kubeadm configs left behind: {left}"
+        );
+    }
     assert!(
         joins(&init_node).is_empty(),
         "the init node must not join as well"
@@ -505,8 +576,24 @@ fn kubeadm_init_once_and_joins_with_standin_kubernetes_packages() {
     let held = bed
         .read_file(init_m, "/var/lib/steward-agent/desired.json")
         .unwrap_or_default();
+    // The secrets ride in the tasks' input files (bytes in JSON).
+    let desired: Value = serde_json::from_str(&held).unwrap_or_default();
+    let inputs: String = desired["desired"]["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["inputs"].as_array().into_iter().flatten())
+        .filter_map(|i| {
+            let bytes: Option<Vec<u8>> = i["content"]
+                .as_array()?
+                .iter()
+                .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+                .collect();
+            String::from_utf8(bytes?).ok()
+        })
+        .collect();
     assert!(
-        held.contains(&token) && held.contains(&key),
+        inputs.contains(&token) && inputs.contains(&key),
         "the init node's desired.json should carry the token and key it ran init with"
     );
     for (what, secret) in [

@@ -527,6 +527,41 @@ fn swap_off(host: &dyn Host) -> HostResult<Outcome> {
     Ok(Outcome::changed(changed))
 }
 
+/// Runs the command with its input files in place: each written (its
+/// directory created 0700 first) just before, and removed right after,
+/// whatever the outcome.
+fn run_with_inputs(host: &dyn Host, spec: &CommandSpec) -> HostResult<super::host::CommandOutput> {
+    let root = |mode: u32, is_dir: bool| Meta {
+        is_dir,
+        mode,
+        owner: "root".into(),
+        group: "root".into(),
+    };
+    let mut written = Vec::new();
+    let mut prepared = Ok(());
+    for input in &spec.inputs {
+        let path = Path::new(&input.path);
+        prepared = path
+            .parent()
+            .map_or(Ok(()), |dir| host.create_dir(dir, &root(0o700, true)))
+            .and_then(|()| host.write(path, &input.content, &root(input.mode, false), None));
+        if prepared.is_err() {
+            break;
+        }
+        written.push(path);
+    }
+    let out = prepared.and_then(|()| host.run(&spec.argv));
+    let mut removed = Ok(());
+    for path in written {
+        if let Err(e) = host.remove(path) {
+            removed = Err(e);
+        }
+    }
+    let out = out?;
+    removed?;
+    Ok(out)
+}
+
 fn command(host: &dyn Host, spec: &CommandSpec) -> HostResult<Outcome> {
     if let Some(path) = &spec.creates {
         if host.meta(path)?.is_some() {
@@ -538,7 +573,7 @@ fn command(host: &dyn Host, spec: &CommandSpec) -> HostResult<Outcome> {
             return Ok(Outcome::ok());
         }
     }
-    let out = host.run(&spec.argv)?;
+    let out = run_with_inputs(host, spec)?;
     if !out.success {
         return Err(HostError::Failed(format!(
             "`{}` failed: {}",

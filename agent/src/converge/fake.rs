@@ -154,6 +154,13 @@ impl Files for FakeHost {
         }
         Ok(())
     }
+
+    fn remove(&self, path: &Path) -> HostResult<()> {
+        if self.state.borrow_mut().files.remove(path).is_some() {
+            self.change(format!("remove {}", path.display()));
+        }
+        Ok(())
+    }
 }
 
 impl Packages for FakeHost {

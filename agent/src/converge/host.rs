@@ -47,6 +47,8 @@ pub trait Files {
     fn set_meta(&self, path: &Path, meta: &Meta) -> HostResult<()>;
     /// Creates the directory and its parents.
     fn create_dir(&self, path: &Path, meta: &Meta) -> HostResult<()>;
+    /// Removes the file; one that is not there is no error.
+    fn remove(&self, path: &Path) -> HostResult<()>;
 }
 
 pub trait Packages {

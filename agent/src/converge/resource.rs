@@ -98,6 +98,9 @@ pub struct CommandSpec {
     pub unless: Option<Vec<String>>,
     /// How reports show the step (argv may carry secrets).
     pub summary: String,
+    /// Written just before argv runs (their parent 0700) and removed right
+    /// after, whatever the outcome; their content is never shown.
+    pub inputs: Vec<steward_proto::converge::SecretFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -223,7 +223,20 @@ impl Files for System {
         // next run overwrites, never a growing pile.
         let staged = path.with_file_name(format!(".{}.steward-new", name.to_string_lossy()));
         let result = (|| {
-            let mut f = fs::File::create(&staged).map_err(|e| io_error("create", &staged, e))?;
+            // Created afresh with the final mode (never wider, even for a
+            // moment: secrets are written through here).
+            match fs::remove_file(&staged) {
+                Err(e) if e.kind() != ErrorKind::NotFound => {
+                    return Err(io_error("remove", &staged, e))
+                }
+                _ => {}
+            }
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(meta.mode & 0o777)
+                .open(&staged)
+                .map_err(|e| io_error("create", &staged, e))?;
             f.write_all(content)
                 .and_then(|()| f.sync_all())
                 .map_err(|e| io_error("write", &staged, e))?;
@@ -253,6 +266,13 @@ impl Files for System {
     fn create_dir(&self, path: &Path, meta: &Meta) -> HostResult<()> {
         fs::create_dir_all(path).map_err(|e| io_error("mkdir", path, e))?;
         self.set_meta(path, meta)
+    }
+
+    fn remove(&self, path: &Path) -> HostResult<()> {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(io_error("remove", path, e)),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -410,6 +410,7 @@ fn guarded_commands_run_until_their_guard_says_done() {
         creates: Some("/done".into()),
         unless: None,
         summary: "touch /done".into(),
+        inputs: Vec::new(),
     }));
     let mut engine = Engine::default();
     let first = engine.run(&host, std::slice::from_ref(&step), 1);
@@ -429,6 +430,57 @@ fn guarded_commands_run_until_their_guard_says_done() {
     let second = engine.run(&host, std::slice::from_ref(&step), 1);
     assert_eq!(second.resources[0].status, ResourceStatus::Ok);
     assert!(host.take_changes().is_empty());
+}
+
+/// A command's secret inputs exist (0600, in a 0700 directory) only while
+/// it runs, and are removed whether it succeeded or failed.
+#[test]
+fn command_inputs_exist_only_while_the_command_runs() {
+    let host = FakeHost::new(&[]);
+    let step = |program: &str| {
+        Planned::new(Resource::Command(CommandSpec {
+            name: "join".into(),
+            argv: vec![program.into(), "--config".into(), "/run/k/join.yaml".into()],
+            creates: None,
+            unless: None,
+            summary: "join (token withheld)".into(),
+            inputs: vec![steward_proto::converge::SecretFile {
+                path: "/run/k/join.yaml".into(),
+                content: b"token: secret".to_vec(),
+                mode: 0o600,
+            }],
+        }))
+    };
+    let mut engine = Engine::default();
+    let report = engine.run(&host, &[step("kubeadm")], 1);
+    assert_eq!(report.resources[0].status, ResourceStatus::Changed);
+    assert_eq!(
+        host.take_changes(),
+        [
+            "mkdir /run",
+            "mkdir /run/k",
+            "write /run/k/join.yaml",
+            "run kubeadm --config /run/k/join.yaml",
+            "remove /run/k/join.yaml",
+        ]
+    );
+    assert_eq!(
+        host.state.borrow().dirs[std::path::Path::new("/run/k")].mode,
+        0o700
+    );
+    assert!(host.file("/run/k/join.yaml").is_none());
+    // A failing command: removed all the same; the report keeps the secret out.
+    host.state
+        .borrow_mut()
+        .failing_commands
+        .insert("false".into(), "boom".into());
+    let report = engine.run(&host, &[step("false")], 2);
+    assert_eq!(report.resources[0].status, ResourceStatus::Failed);
+    assert!(host.file("/run/k/join.yaml").is_none());
+    assert!(host
+        .take_changes()
+        .contains(&"remove /run/k/join.yaml".to_owned()));
+    assert!(!format!("{report:?}").contains("secret"));
 }
 
 #[test]

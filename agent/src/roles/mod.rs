@@ -78,6 +78,7 @@ fn command(task: &Task) -> CommandSpec {
         creates: task.creates.as_ref().map(Into::into),
         unless: task.unless.clone(),
         summary: task.summary.clone(),
+        inputs: task.inputs.clone(),
     }
 }
 
@@ -352,6 +353,7 @@ pub(crate) mod tests {
                 creates: None,
                 unless: None,
                 summary: id.into(),
+                inputs: Vec::new(),
             });
         }
         d.files.push(steward_proto::converge::SecretFile {

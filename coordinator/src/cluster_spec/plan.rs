@@ -10,7 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::net::IpAddr;
 
-use steward_proto::converge::{ClusterSettings, Frontend, GlusterVolume, KubernetesSettings};
+use steward_proto::converge::{
+    apt_suite_problem, apt_url_problem, debian_version_problem, ClusterSettings, Frontend,
+    GlusterVolume, KubernetesSettings,
+};
 use steward_proto::convert::roles_display;
 use steward_proto::domain::{NodeId, NodeSpec, Role, RoleSet};
 use steward_proto::vip::VipSpec;
@@ -439,13 +442,10 @@ fn port(at: &str, field: &str, value: i64, problems: &mut Vec<String>) -> Option
 }
 
 fn kubernetes_problems(k: &KubernetesSettings, problems: &mut Vec<String>) {
-    if k.version.trim().is_empty() {
-        problems.push("kubernetes.version: must not be empty (e.g. \"1.31.2-1.1\")".into());
-    } else if k.version.contains(char::is_whitespace) {
-        problems.push(format!(
-            "kubernetes.version {:?}: must not contain spaces",
-            k.version
-        ));
+    match debian_version_problem(&k.version) {
+        None => {}
+        Some(p) if k.version.is_empty() => problems.push(format!("kubernetes.version: {p}")),
+        Some(p) => problems.push(format!("kubernetes.version {:?}: {p}", k.version)),
     }
     let pods = subnet(&k.pod_subnet)
         .map_err(|e| problems.push(format!("kubernetes.pod_subnet: {e}")))
@@ -462,21 +462,12 @@ fn kubernetes_problems(k: &KubernetesSettings, problems: &mut Vec<String>) {
         }
     }
     let url = &k.repository.url;
-    // file: serves local mirrors (and air-gapped sites), as apt allows.
-    if !["https://", "http://", "file:/"]
-        .iter()
-        .any(|scheme| url.starts_with(scheme))
-        || url.contains(char::is_whitespace)
-    {
-        problems.push(format!(
-            "kubernetes.repository.url {url:?}: expected an http://, https:// or file:/ URL"
-        ));
+    if let Some(p) = apt_url_problem(url) {
+        problems.push(format!("kubernetes.repository.url {url:?}: {p}"));
     }
-    if k.repository.suite.trim().is_empty() || k.repository.suite.contains('\n') {
-        problems.push(
-            "kubernetes.repository.suite: expected one line, e.g. \"/\" or \"bookworm main\""
-                .into(),
-        );
+    let suite = &k.repository.suite;
+    if let Some(p) = apt_suite_problem(suite) {
+        problems.push(format!("kubernetes.repository.suite {suite:?}: {p}"));
     }
     if let Some(key) = &k.repository.key {
         if !(key.contains("-----BEGIN PGP PUBLIC KEY BLOCK-----")
@@ -858,6 +849,67 @@ mod tests {
         }
     }
 
+    /// Strings that reach apt (the package version, the sources.list line)
+    /// follow apt's grammar: an injected line, option or word is refused,
+    /// naming the field.
+    #[test]
+    fn apt_strings_cannot_inject_into_sources_list_or_install() {
+        let spec = |version: &str, url: &str, suite: &str| {
+            format!(
+                "[kubernetes]\nversion = {version:?}\npod_subnet = \"10.244.0.0/16\"\n\
+                 service_subnet = \"10.96.0.0/12\"\n[kubernetes.repository]\n\
+                 url = {url:?}\nsuite = {suite:?}\n"
+            )
+        };
+        let good = (
+            "1.31.2-1.1",
+            "https://pkgs.k8s.io/core:/stable:/v1.31/deb/",
+            "/",
+        );
+        assert!(planned(&spec(good.0, good.1, good.2), &fleet()).is_ok());
+        for (version, url, suite, expected) in [
+            (
+                "1.31.2-1.1\nPin: release *",
+                good.1,
+                good.2,
+                "kubernetes.version \"1.31.2-1.1\\nPin: release *\": '\\n' is not allowed",
+            ),
+            (
+                "1.31 2",
+                good.1,
+                good.2,
+                "kubernetes.version \"1.31 2\": ' ' is not allowed",
+            ),
+            (
+                good.0,
+                "https://pkgs.k8s.io/ /\ndeb [trusted=yes] http://evil.example/",
+                good.2,
+                "kubernetes.repository.url \"https://pkgs.k8s.io/ /\\ndeb",
+            ),
+            (
+                good.0,
+                "https:///deb",
+                good.2,
+                "kubernetes.repository.url \"https:///deb\": expected a host",
+            ),
+            (
+                good.0,
+                good.1,
+                "/\ndeb [trusted=yes] http://evil.example/ ./",
+                "kubernetes.repository.suite \"/\\ndeb [trusted=yes]",
+            ),
+            (
+                good.0,
+                good.1,
+                "bookworm [trusted=yes]",
+                "kubernetes.repository.suite \"bookworm [trusted=yes]\": '[' is not allowed",
+            ),
+        ] {
+            let p = problems(&spec(version, url, suite), &fleet());
+            assert!(p.contains(expected), "no {expected:?} in:\n{p}");
+        }
+    }
+
     /// `current` with `plan` written, as etcd would hold it.
     fn written(current: &Current, plan: &Plan) -> Current {
         let mut next = current.clone();
@@ -1117,7 +1169,7 @@ roles = []
             "kubernetes.pod_subnet: \"10.244.1.0/16\": host bits are set (the network is 10.244.0.0/16)",
             "kubernetes.service_subnet: \"10.96.0.0/40\": the prefix length must be 1..=32",
             "kubernetes.repository.url \"ftp://mirror\": expected an http://, https:// or file:/ URL",
-            "kubernetes.repository.suite: expected one line",
+            "kubernetes.repository.suite \"\": must not be empty",
             "kubernetes.repository.key: expected an ASCII-armoured PGP public key",
             // Roles after the spec: node-2 is a worker, nobody is a control plane.
             "k8s-worker on node-2 but no node has k8s-control-plane",

@@ -165,6 +165,7 @@ fn task(id: String, argv: Vec<String>, unless: Vec<String>) -> Task {
         creates: None,
         unless: Some(unless),
         summary,
+        inputs: Vec::new(),
     }
 }
 

@@ -30,6 +30,39 @@ pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 /// Where the agent records one-shot steps that leave no file of their own.
 const DONE_DIR: &str = "/var/lib/steward-agent/done";
+/// Where kubeadm's configuration files (which carry the token and the
+/// certificate key) exist while kubeadm runs: tmpfs, never on disk.
+pub const KUBEADM_CONFIG_DIR: &str = "/run/steward-agent/kubeadm";
+
+/// The kubeadm configuration file a task passes with `--config`: only
+/// root may read it, and the agent removes it once kubeadm returns.
+fn kubeadm_config(task_id: &str, yaml: String) -> SecretFile {
+    SecretFile {
+        path: format!("{KUBEADM_CONFIG_DIR}/{task_id}.yaml"),
+        content: yaml.into_bytes(),
+        mode: 0o600,
+    }
+}
+
+/// A YAML scalar: JSON's quoted string is one (YAML is a superset).
+fn q(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// `kubeadm.k8s.io/v1beta4` from Kubernetes 1.31 on, `v1beta3` before.
+/// (The fields used here are the same in both.)
+fn kubeadm_api(version: &str) -> &'static str {
+    let minor = version
+        .split(':')
+        .next_back()
+        .and_then(|v| v.strip_prefix("1."))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    match minor {
+        Some(m) if m < 31 => "kubeadm.k8s.io/v1beta3",
+        _ => "kubeadm.k8s.io/v1beta4",
+    }
+}
 
 /// `cluster/kubernetes/bootstrap`, secrets sealed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +288,7 @@ fn removal_steps(node: &NodeId, view: &ClusterView, progress: Progress<'_>) -> V
                 argv: vec!["sh".into(), "-c".into(), script],
                 creates: None,
                 unless: None,
+                inputs: Vec::new(),
                 summary: format!("kubectl cordon {down} and drain it"),
             });
         }
@@ -275,6 +309,7 @@ fn removal_steps(node: &NodeId, view: &ClusterView, progress: Progress<'_>) -> V
                 .to_vec(),
                 creates: None,
                 unless: None,
+                inputs: Vec::new(),
                 summary: format!("kubectl uncordon {back}"),
             });
         }
@@ -293,6 +328,7 @@ fn removal_steps(node: &NodeId, view: &ClusterView, progress: Progress<'_>) -> V
                 creates: None,
                 unless: None,
                 summary: format!("kubectl drain {gone} and delete node {gone}"),
+                inputs: Vec::new(),
             });
         }
     }
@@ -313,6 +349,7 @@ fn removal_steps(node: &NodeId, view: &ClusterView, progress: Progress<'_>) -> V
                     .to_vec(),
                 ),
                 summary: "kubeadm reset -f".into(),
+                inputs: Vec::new(),
             });
         }
     }
@@ -396,26 +433,39 @@ pub fn steps(
             content: boot.ca_key_pem.clone().into_bytes(),
             mode: 0o600,
         });
+        let api = kubeadm_api(&settings.version);
+        let init_config = format!(
+            "apiVersion: {api}\n\
+             kind: InitConfiguration\n\
+             bootstrapTokens:\n\
+             - token: {token}\n\
+            \x20 ttl: \"24h0m0s\"\n\
+             certificateKey: {key}\n\
+             nodeRegistration:\n\
+            \x20 name: {name}\n\
+             ---\n\
+             apiVersion: {api}\n\
+             kind: ClusterConfiguration\n\
+             controlPlaneEndpoint: {endpoint_q}\n\
+             networking:\n\
+            \x20 podSubnet: {pods}\n\
+            \x20 serviceSubnet: {services}\n",
+            token = q(&boot.token.value),
+            key = q(&boot.certificate_key.value),
+            name = q(node.as_str()),
+            endpoint_q = q(&endpoint),
+            pods = q(&settings.pod_subnet),
+            services = q(&settings.service_subnet),
+        );
+        let config = kubeadm_config("kubeadm-init", init_config);
         tasks.push(Task {
             id: "kubeadm-init".into(),
             argv: [
                 "kubeadm",
                 "init",
-                "--control-plane-endpoint",
-                &endpoint,
+                "--config",
+                &config.path,
                 "--upload-certs",
-                "--token",
-                &boot.token.value,
-                "--token-ttl",
-                "24h0m0s",
-                "--certificate-key",
-                &boot.certificate_key.value,
-                "--pod-network-cidr",
-                &settings.pod_subnet,
-                "--service-cidr",
-                &settings.service_subnet,
-                "--node-name",
-                node.as_str(),
             ]
             .map(String::from)
             .to_vec(),
@@ -425,20 +475,37 @@ pub fn steps(
                 "kubeadm init --control-plane-endpoint {endpoint} --upload-certs \
                  (token and certificate key withheld)"
             ),
+            inputs: vec![config],
         });
         let pending = pending_joins(view, progress);
         if initialized && !pending.is_empty() {
             // Secrets renewed after init must be registered before use.
             if boot.token.generation > 0 {
+                let id = format!("kubeadm-token-{}", boot.token.generation);
+                let config = kubeadm_config(
+                    &id,
+                    format!(
+                        "apiVersion: {api}\n\
+                         kind: InitConfiguration\n\
+                         bootstrapTokens:\n\
+                         - token: {}\n\
+                        \x20 ttl: \"24h0m0s\"\n",
+                        q(&boot.token.value)
+                    ),
+                );
+                // The token's id (before the '.') is public; its secret
+                // half never leaves the config file.
+                let token_id = boot.token.value.split('.').next().unwrap_or_default();
                 tasks.push(Task {
-                    id: format!("kubeadm-token-{}", boot.token.generation),
+                    id,
                     argv: [
                         "kubeadm",
                         "token",
                         "create",
-                        &boot.token.value,
-                        "--ttl",
-                        "24h0m0s",
+                        "--config",
+                        &config.path,
+                        "--kubeconfig",
+                        ADMIN_CONF,
                     ]
                     .map(String::from)
                     .to_vec(),
@@ -448,8 +515,7 @@ pub fn steps(
                             "sh",
                             "-c",
                             &format!(
-                                "kubeadm token list --kubeconfig {ADMIN_CONF} 2>/dev/null | grep -q '^{} '",
-                                boot.token.value
+                                "kubeadm token list --kubeconfig {ADMIN_CONF} 2>/dev/null | grep -q '^{token_id}\\.'"
                             ),
                         ]
                         .map(String::from)
@@ -459,6 +525,7 @@ pub fn steps(
                         "kubeadm token create (generation {}, withheld)",
                         boot.token.generation
                     ),
+                    inputs: vec![config],
                 });
             }
             let cp_pending = pending.iter().any(|n| control_planes(view).any(|c| c == n));
@@ -467,15 +534,25 @@ pub fn steps(
                     "{DONE_DIR}/upload-certs-{}",
                     boot.certificate_key.generation
                 );
+                let id = format!("kubeadm-upload-certs-{}", boot.certificate_key.generation);
+                let config = kubeadm_config(
+                    &id,
+                    format!(
+                        "apiVersion: {api}\n\
+                         kind: InitConfiguration\n\
+                         certificateKey: {}\n",
+                        q(&boot.certificate_key.value)
+                    ),
+                );
                 tasks.push(Task {
-                    id: format!("kubeadm-upload-certs-{}", boot.certificate_key.generation),
+                    id,
                     argv: [
                         "sh",
                         "-c",
                         &format!(
-                            "kubeadm init phase upload-certs --upload-certs --certificate-key {} \
+                            "kubeadm init phase upload-certs --upload-certs --config {} \
                              && mkdir -p {DONE_DIR} && touch {done}",
-                            boot.certificate_key.value
+                            config.path
                         ),
                     ]
                     .map(String::from)
@@ -486,6 +563,7 @@ pub fn steps(
                         "kubeadm init phase upload-certs (generation {}, key withheld)",
                         boot.certificate_key.generation
                     ),
+                    inputs: vec![config],
                 });
             }
         }
@@ -507,32 +585,40 @@ pub fn steps(
             return (tasks, files);
         }
     }
-    let mut argv: Vec<String> = [
-        "kubeadm",
-        "join",
-        &endpoint,
-        "--token",
-        &boot.token.value,
-        "--discovery-token-ca-cert-hash",
-        &boot.ca_hash,
-        "--node-name",
-        node.as_str(),
-    ]
-    .map(String::from)
-    .to_vec();
-    if is_control_plane {
-        argv.extend(
-            [
-                "--control-plane",
-                "--certificate-key",
-                &boot.certificate_key.value,
-            ]
-            .map(String::from),
-        );
-    }
+    let api = kubeadm_api(&settings.version);
+    let control_plane = if is_control_plane {
+        format!(
+            "controlPlane:\n  certificateKey: {}\n",
+            q(&boot.certificate_key.value)
+        )
+    } else {
+        String::new()
+    };
+    let config = kubeadm_config(
+        "kubeadm-join",
+        format!(
+            "apiVersion: {api}\n\
+             kind: JoinConfiguration\n\
+             discovery:\n\
+            \x20 bootstrapToken:\n\
+            \x20   apiServerEndpoint: {}\n\
+            \x20   token: {}\n\
+            \x20   caCertHashes:\n\
+            \x20   - {}\n\
+             nodeRegistration:\n\
+            \x20 name: {}\n\
+             {control_plane}",
+            q(&endpoint),
+            q(&boot.token.value),
+            q(&boot.ca_hash),
+            q(node.as_str()),
+        ),
+    );
     tasks.push(Task {
         id: "kubeadm-join".into(),
-        argv,
+        argv: ["kubeadm", "join", "--config", &config.path]
+            .map(String::from)
+            .to_vec(),
         creates: Some(KUBELET_CONF.into()),
         unless: None,
         summary: format!(
@@ -549,6 +635,7 @@ pub fn steps(
                 ""
             },
         ),
+        inputs: vec![config],
     });
     // A joined control plane other than the init node may be the remover.
     tasks.extend(removals);
@@ -679,7 +766,7 @@ mod tests {
     }
 
     #[test]
-    fn join_commands_carry_endpoint_token_hash_and_key_but_reports_do_not() {
+    fn join_configs_carry_endpoint_token_hash_and_key_but_argv_and_reports_do_not() {
         let v = view(&["cp-1", "cp-2"], &["w-1"]);
         let b = boot("cp-1");
         let joined: BTreeSet<NodeId> = [id("cp-1")].into();
@@ -691,23 +778,69 @@ mod tests {
             cordoned: &NO_NODES,
         };
         let (cp, _) = steps(&id("cp-2"), &v, progress);
-        let argv = cp[0].argv.join(" ");
-        assert!(
-            argv.starts_with("kubeadm join 198.18.0.200:6443 --token "),
-            "{argv}"
+        let config_path = format!("{KUBEADM_CONFIG_DIR}/kubeadm-join.yaml");
+        assert_eq!(cp[0].argv, ["kubeadm", "join", "--config", &config_path]);
+        let [config] = &cp[0].inputs[..] else {
+            panic!("one config: {:?}", cp[0].inputs)
+        };
+        assert_eq!(
+            (config.path.as_str(), config.mode),
+            (config_path.as_str(), 0o600)
         );
-        assert!(argv.contains(&b.token.value));
-        assert!(argv.contains(&format!("--discovery-token-ca-cert-hash {}", b.ca_hash)));
-        assert!(argv.contains(&format!(
-            "--control-plane --certificate-key {}",
-            b.certificate_key.value
-        )));
-        assert!(!cp[0].summary.contains(&b.token.value));
-        assert!(!cp[0].summary.contains(&b.certificate_key.value));
+        let yaml = String::from_utf8(config.content.clone()).unwrap();
+        assert_eq!(
+            yaml,
+            format!(
+                "apiVersion: kubeadm.k8s.io/v1beta4\n\
+                 kind: JoinConfiguration\n\
+                 discovery:\n  \
+                 bootstrapToken:\n    \
+                 apiServerEndpoint: \"198.18.0.200:6443\"\n    \
+                 token: \"{}\"\n    \
+                 caCertHashes:\n    \
+                 - \"{}\"\n\
+                 nodeRegistration:\n  \
+                 name: \"cp-2\"\n\
+                 controlPlane:\n  \
+                 certificateKey: \"{}\"\n",
+                b.token.value, b.ca_hash, b.certificate_key.value
+            )
+        );
         let (w, _) = steps(&id("w-1"), &v, progress);
-        assert!(!w[0].argv.contains(&"--control-plane".to_owned()));
-        assert!(!w[0].argv.contains(&b.certificate_key.value));
+        let yaml = String::from_utf8(w[0].inputs[0].content.clone()).unwrap();
+        assert!(yaml.contains(&b.token.value) && !yaml.contains("controlPlane"));
         assert_eq!(w[0].creates.as_deref(), Some(KUBELET_CONF));
+        // No secret in any argv, guard or summary, on any node, for any step.
+        let mut b = b.clone();
+        b.token.generation = 1;
+        b.certificate_key.generation = 1;
+        let progress = Progress {
+            bootstrap: Some(&b),
+            joined: &joined,
+            drained: &BTreeSet::new(),
+            maintenance: &NO_NODES,
+            cordoned: &NO_NODES,
+        };
+        let pending_cp = view(&["cp-1", "cp-2", "cp-3"], &["w-1"]);
+        for node in ["cp-1", "cp-2", "cp-3", "w-1"] {
+            for t in steps(&id(node), &pending_cp, progress).0 {
+                let said = format!("{:?} {:?} {}", t.argv, t.unless, t.summary);
+                let secret_half = b.token.value.split('.').nth(1).unwrap();
+                assert!(
+                    !said.contains(secret_half) && !said.contains(&b.certificate_key.value),
+                    "{node} {}: {said}",
+                    t.id
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_kubeadm_api_follows_the_version() {
+        assert_eq!(kubeadm_api("1.31.2-1.1"), "kubeadm.k8s.io/v1beta4");
+        assert_eq!(kubeadm_api("1.33.0-1.1"), "kubeadm.k8s.io/v1beta4");
+        assert_eq!(kubeadm_api("1.30.4-1.1"), "kubeadm.k8s.io/v1beta3");
+        assert_eq!(kubeadm_api("1:1.29.0-00"), "kubeadm.k8s.io/v1beta3");
     }
 
     #[test]

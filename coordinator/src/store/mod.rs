@@ -17,7 +17,8 @@
 //! | `orchestration/kubernetes/joined/<id>` | the replica serving the node, when its init/join reports done | `{"at_unix_ms"}` |
 //! | `orchestration/kubernetes/drained/<id>` | the replica serving the remover, when its drain/delete of the leaving node reports done; both records go when the node's `kubeadm reset` reports done | `{"at_unix_ms"}` |
 //! | `orchestration/gluster/<volume>` | leader | brick placement ([`crate::orchestrate::gluster::VolumeRecord`]) |
-//! | `events/<ms>-<replica>-<seq>` | any replica; trimmed by the leader | [`Event`] |
+//! | `events/<ms>-<replica>-<seq>` | any replica; trimmed by the leader to `events_retained` | [`Event`]: the audit log (everything but session churn) |
+//! | `session-events/<ms>-<replica>-<seq>` | any replica, rate-limited per node ([`session_events`]); trimmed by the leader to `session_events_retained` | [`Event`]: `node-connected`, `node-disconnected` |
 
 //!
 //! **Architecture invariant:** this module is the only one that speaks to
@@ -35,6 +36,7 @@
 mod etcd;
 pub mod kv;
 mod memory;
+pub mod session_events;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -177,8 +179,22 @@ impl Keys {
         }
         Section::parse(rest.strip_prefix("changed/")?).map(Marker::Changed)
     }
+    /// The audit log: every event but session churn.
     pub fn events(&self) -> String {
         format!("{}events/", self.prefix)
+    }
+    /// Session churn (`node-connected`, `node-disconnected`), bounded on
+    /// its own so it cannot flush the audit log.
+    pub fn session_events(&self) -> String {
+        format!("{}session-events/", self.prefix)
+    }
+    /// Where events of `kind` are kept.
+    pub fn events_of(&self, kind: EventKind) -> String {
+        if session_events::is_session_event(kind) {
+            self.session_events()
+        } else {
+            self.events()
+        }
     }
     /// Join tokens (`tokens::TokenRecord`), each on an etcd lease that ends
     /// a day after the token expired.
@@ -466,6 +482,16 @@ pub struct Store {
     backend: Backend,
     keys: Keys,
     replica: String,
+    session_events: Arc<session_events::SessionEventLimiter>,
+}
+
+/// The two event logs, each trimmed to its own bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventLog {
+    /// Security and admin events (`events/`).
+    Audit,
+    /// Session churn (`session-events/`).
+    Sessions,
 }
 
 /// How many times a read-modify-write retries on a concurrent change.
@@ -508,6 +534,7 @@ impl Store {
             backend: Backend::Etcd(Arc::new(etcd::EtcdBackend::connect(config).await?)),
             keys,
             replica,
+            session_events: Arc::default(),
         })
     }
 
@@ -518,6 +545,7 @@ impl Store {
             backend: Backend::Memory(memory),
             keys,
             replica,
+            session_events: Arc::default(),
         }
     }
 
@@ -1083,14 +1111,15 @@ impl Store {
         }
     }
 
-    /// A new key for `event` under `events/`, the only format there is:
-    /// ordered by time, unique within this replica (so several events fit
-    /// in one transaction, and a retried write never overwrites another).
+    /// A new key for `event` under `events/` or `session-events/` (by its
+    /// kind), the only format there is: ordered by time, unique within
+    /// this replica (so several events fit in one transaction, and a
+    /// retried write never overwrites another).
     pub fn event_key(&self, event: &Event) -> String {
         let seq = EVENT_SEQ.fetch_add(1, Ordering::Relaxed);
         format!(
             "{}{:016}-{}-{seq}",
-            self.keys.events(),
+            self.keys.events_of(event.kind),
             event.at_unix_ms,
             self.replica
         )
@@ -1101,55 +1130,100 @@ impl Store {
         Op::put(self.event_key(event), encode(event))
     }
 
-    /// Appends an event to the audit trail.
+    /// Appends an event to its log. A node's session events beyond one
+    /// connected/disconnected pair per [`session_events::SESSION_EVENT_WINDOW`]
+    /// are only counted (`steward_session_events_suppressed_total`); the
+    /// next one recorded says how many were left out.
     pub async fn record_event(&self, event: &Event) -> Result<()> {
+        let mut event = std::borrow::Cow::Borrowed(event);
+        if let (true, Some(node)) = (
+            session_events::is_session_event(event.kind),
+            event.node.as_ref(),
+        ) {
+            match self
+                .session_events
+                .judge(node, event.kind, std::time::Instant::now())
+            {
+                session_events::Verdict::Suppress => {
+                    crate::metrics::metrics()
+                        .session_events_suppressed
+                        .with(&[event.kind.as_str()])
+                        .inc();
+                    return Ok(());
+                }
+                session_events::Verdict::Record { suppressed: 0 } => {}
+                session_events::Verdict::Record { suppressed } => {
+                    event.to_mut().message.push_str(&format!(
+                        " ({suppressed} session events of this node before were not recorded)"
+                    ));
+                }
+            }
+        }
         self.put(
-            &self.event_key(event),
-            encode(event),
+            &self.event_key(&event),
+            encode(&*event),
             PutLease::None,
             "record event",
         )
         .await
     }
 
-    /// The latest `limit` events, oldest first, and the revision read at.
+    /// The latest `limit` events of both logs, oldest first, and the
+    /// revision they were read at (events written later come with a watch
+    /// from the next one).
     pub async fn recent_events(&self, limit: u32) -> Result<(Vec<Event>, i64)> {
         let options = RangeOptions {
             descending: true,
             limit: limit as usize,
             keys_only: false,
         };
-        let resp = self
+        let audit = self
             .range(&self.keys.events(), options, "read events")
             .await?;
-        let mut events = resp
+        let sessions = self
+            .range(&self.keys.session_events(), options, "read events")
+            .await?;
+        // Read later: what was written after the audit read is left to
+        // the watch, so nothing is listed twice.
+        let revision = audit.revision;
+        let mut events = Vec::new();
+        for kv in audit
             .kvs
             .iter()
-            .map(|kv| {
-                let mut e: Event = decode(&kv.key, &kv.value)?;
-                e.revision = kv.mod_revision as u64;
-                Ok(e)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        events.reverse();
-        Ok((events, resp.revision))
+            .chain(&sessions.kvs)
+            .filter(|kv| kv.mod_revision <= revision)
+        {
+            let mut e: Event = decode(&kv.key, &kv.value)?;
+            e.revision = kv.mod_revision as u64;
+            events.push(e);
+        }
+        // By time, then in the order etcd took them.
+        events.sort_by_key(|e| (e.at_unix_ms, e.revision));
+        let skip = events.len().saturating_sub(limit as usize);
+        Ok((events.into_iter().skip(skip).collect(), revision))
     }
 
-    /// Every event key, oldest first (for trimming the log).
-    pub async fn event_keys(&self) -> Result<Vec<Vec<u8>>> {
+    /// Every key of one event log, oldest first (for trimming it).
+    pub async fn event_keys(&self, log: EventLog) -> Result<Vec<Vec<u8>>> {
+        let prefix = match log {
+            EventLog::Audit => self.keys.events(),
+            EventLog::Sessions => self.keys.session_events(),
+        };
         let options = RangeOptions {
             keys_only: true,
             ..RangeOptions::default()
         };
-        let resp = self
-            .range(&self.keys.events(), options, "list events")
-            .await?;
+        let resp = self.range(&prefix, options, "list events").await?;
         Ok(resp.kvs.into_iter().map(|kv| kv.key).collect())
     }
 
-    /// Events appended from `start_revision` on, as they come.
+    /// Events of both logs appended from `start_revision` on, as they come.
     pub async fn watch_events(&self, start_revision: i64) -> Result<Watch> {
-        self.watch(&[self.keys.events()], start_revision).await
+        self.watch(
+            &[self.keys.events(), self.keys.session_events()],
+            start_revision,
+        )
+        .await
     }
 
     // Cluster-wide records.

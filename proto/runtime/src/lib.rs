@@ -8,6 +8,7 @@
 //! signals or a subscriber lives here, so the wire crate stays free of IO.
 
 pub mod backoff;
+pub mod listener;
 pub mod metrics;
 mod runtime;
 

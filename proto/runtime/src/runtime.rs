@@ -123,7 +123,8 @@ pub struct HttpLimits {
     pub read_timeout: Duration,
     /// Time a client has to take the response.
     pub write_timeout: Duration,
-    /// Connections served at once; more are closed unanswered.
+    /// Connections served at once; more are closed unanswered (and logged
+    /// at most every [`crate::listener::WARN_EVERY`], with the count).
     pub max_connections: usize,
 }
 
@@ -169,6 +170,8 @@ pub async fn serve_metrics(
     shutdown: CancellationToken,
 ) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let full = crate::listener::RateLimitedWarning::default();
+    let accept_failed = crate::listener::RateLimitedWarning::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -178,7 +181,9 @@ pub async fn serve_metrics(
             Ok(a) => a,
             Err(error) => {
                 // Out of file descriptors and the like: do not spin.
-                tracing::warn!(%error, "metrics endpoint: accept failed");
+                if let Some(count) = accept_failed.note() {
+                    tracing::warn!(%error, count, "metrics endpoint: accept failed");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
@@ -186,7 +191,14 @@ pub async fn serve_metrics(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "metrics endpoint: too many connections; closing");
+            if let Some(refused) = full.note() {
+                tracing::warn!(
+                    %peer,
+                    max_connections = limits.max_connections,
+                    refused,
+                    "metrics endpoint: connection limit reached: closing new connections"
+                );
+            }
             continue;
         };
         let registry = registry.clone();

@@ -1,0 +1,430 @@
+//! TLS listeners a reachable port cannot exhaust. TCP is accepted here, not
+//! by tonic, so that every connection is counted before it costs anything:
+//!
+//! - at most `max_connections` connections per listener, handshaking or
+//!   served; one more is closed at once;
+//! - at most `max_pending_handshakes` of them still in the TLS handshake;
+//!   one more evicts the **oldest** pending handshake (an idle or slow
+//!   client), so a flood of silent connections cannot keep a real client,
+//!   whose handshake takes milliseconds, from getting through;
+//! - each handshake has `handshake_timeout` to finish;
+//! - caps hit are logged as a warning at most once per [`WARN_EVERY`], with
+//!   the count since the last line, and counted in [`ListenerStats`].
+//!
+//! The served stream ([`LimitedTls`]) gives tonic the same connect info as
+//! its own TLS acceptor (`TlsConnectInfo` with the peer's certificates), so
+//! `Request::peer_certs` works unchanged.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::metrics::{Counter, Family};
+
+/// How often a listener logs that it hit a cap (the lines in between are
+/// counted and reported with the next one).
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What one listener lets unauthenticated clients cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Time a client has to finish the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Connections still in the TLS handshake; a new one evicts the oldest.
+    pub max_pending_handshakes: usize,
+    /// Connections open at once (handshaking or served); more are closed.
+    pub max_connections: usize,
+}
+
+/// Counts of what a listener dropped (for metrics and tests).
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Closed at accept: `max_connections` were open.
+    pub refused: Arc<Counter>,
+    /// Pending handshakes dropped to make room for a newer one.
+    pub evicted: Arc<Counter>,
+    /// Handshakes that did not finish within the timeout.
+    pub timed_out: Arc<Counter>,
+    /// Handshakes that failed (bad certificate, not TLS, closed early).
+    pub failed: Arc<Counter>,
+}
+
+impl ListenerStats {
+    /// The counters of `listener` in a family labelled `listener, reason`.
+    pub fn in_family(family: &Family<Counter>, listener: &str) -> Self {
+        Self {
+            refused: family.with(&[listener, "connection_limit"]),
+            evicted: family.with(&[listener, "handshake_evicted"]),
+            timed_out: family.with(&[listener, "handshake_timeout"]),
+            failed: family.with(&[listener, "handshake_failed"]),
+        }
+    }
+}
+
+/// A server `rustls` config from PEM: our chain and key, and, if given, the
+/// CA every client must present a certificate from. ALPN `h2` (gRPC).
+pub fn server_tls_config(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("client CA: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("client CA certificate: {e}"))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| format!("client CA: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let chain = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A served TLS connection; its slot in `max_connections` is freed on drop.
+pub struct LimitedTls {
+    inner: TlsStream<TcpStream>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedTls {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedTls {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedTls {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A warning that is logged at most once per [`WARN_EVERY`], with how many
+/// times it happened since the last line.
+#[derive(Debug)]
+pub struct RateLimitedWarning {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Default for RateLimitedWarning {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new((None, 0)),
+        }
+    }
+}
+
+impl RateLimitedWarning {
+    /// Counts one occurrence; `Some(count)` when a line is due now (the
+    /// occurrences since the last line, this one included).
+    pub fn note(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 += 1;
+        let due = state.0.is_none_or(|at| at.elapsed() >= WARN_EVERY);
+        if !due {
+            return None;
+        }
+        let count = state.1;
+        *state = (Some(Instant::now()), 0);
+        Some(count)
+    }
+}
+
+/// The handshakes in progress, oldest first, each cancellable.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    queue: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+/// Accepts on `listener` within `limits`, handshakes with `tls`, and yields
+/// the connections that completed it, for `Server::serve_with_incoming*`.
+/// Stops accepting when `shutdown` is cancelled.
+pub fn limited_tls_incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limits: ConnectionLimits,
+    name: &'static str,
+    stats: Arc<ListenerStats>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<LimitedTls>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    let full = Arc::new(RateLimitedWarning::default());
+    let evicting = Arc::new(RateLimitedWarning::default());
+    let accept_failed = RateLimitedWarning::default();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    // Out of file descriptors and the like: do not spin.
+                    if let Some(count) = accept_failed.note() {
+                        tracing::warn!(listener = name, %error, count, "accept failed");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                    }
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                stats.refused.inc();
+                if let Some(refused) = full.note() {
+                    tracing::warn!(
+                        listener = name,
+                        max_connections = limits.max_connections,
+                        refused,
+                        %peer,
+                        "connection limit reached: closing new connections"
+                    );
+                }
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let cancel = shutdown.child_token();
+            let (id, evicted) = {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                let evicted = if p.queue.len() >= limits.max_pending_handshakes {
+                    p.queue.pop_front()
+                } else {
+                    None
+                };
+                let id = p.next;
+                p.next += 1;
+                p.queue.push_back((id, cancel.clone()));
+                (id, evicted)
+            };
+            if let Some((_, oldest)) = evicted {
+                oldest.cancel();
+                stats.evicted.inc();
+                if let Some(evicted) = evicting.note() {
+                    tracing::warn!(
+                        listener = name,
+                        max_pending_handshakes = limits.max_pending_handshakes,
+                        evicted,
+                        %peer,
+                        "too many TLS handshakes in progress: dropping the oldest"
+                    );
+                }
+            }
+            let acceptor = acceptor.clone();
+            let pending = pending.clone();
+            let stats = stats.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let outcome = tokio::select! {
+                    _ = cancel.cancelled() => None,
+                    r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => Some(r),
+                };
+                {
+                    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    p.queue.retain(|(i, _)| *i != id);
+                }
+                match outcome {
+                    None => {}
+                    Some(Err(_)) => {
+                        stats.timed_out.inc();
+                        tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+                    }
+                    Some(Ok(Err(error))) => {
+                        stats.failed.inc();
+                        tracing::debug!(listener = name, %peer, %error, "TLS handshake failed");
+                    }
+                    Some(Ok(Ok(inner))) => {
+                        // The server is gone when this fails: nothing to do.
+                        let _ = tx.send(Ok(LimitedTls { inner, _slot: slot })).await;
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio_stream::StreamExt;
+
+    struct Served {
+        addr: std::net::SocketAddr,
+        incoming: ReceiverStream<io::Result<LimitedTls>>,
+        stats: Arc<ListenerStats>,
+        client: tokio_rustls::TlsConnector,
+        _shutdown: tokio_util::sync::DropGuard,
+    }
+
+    async fn serve(limits: ConnectionLimits) -> Served {
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        let cert_pem = key.cert.pem();
+        let tls = server_tls_config(
+            cert_pem.as_bytes(),
+            key.signing_key.serialize_pem().as_bytes(),
+            None,
+        )
+        .expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stats = Arc::new(ListenerStats::default());
+        let shutdown = CancellationToken::new();
+        let incoming = limited_tls_incoming(
+            listener,
+            tls,
+            limits,
+            "test",
+            stats.clone(),
+            shutdown.clone(),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("der"))
+            .expect("root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Served {
+            addr,
+            incoming,
+            stats,
+            client: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            _shutdown: shutdown.drop_guard(),
+        }
+    }
+
+    impl Served {
+        async fn handshake(&mut self) -> (tokio_rustls::client::TlsStream<TcpStream>, LimitedTls) {
+            let tcp = TcpStream::connect(self.addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let client = self.client.connect(name, tcp).await.expect("handshake");
+            let served = tokio::time::timeout(Duration::from_secs(2), self.incoming.next())
+                .await
+                .expect("served in time")
+                .expect("a connection")
+                .expect("ok");
+            (client, served)
+        }
+    }
+
+    /// Whether the server closed `s` within `within`.
+    async fn closed(s: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 16];
+        matches!(
+            tokio::time::timeout(within, s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn silent_clients_are_evicted_oldest_first_then_timed_out() {
+        let mut served = serve(ConnectionLimits {
+            handshake_timeout: Duration::from_millis(500),
+            max_pending_handshakes: 2,
+            max_connections: 100,
+        })
+        .await;
+        let mut first = TcpStream::connect(served.addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut second = TcpStream::connect(served.addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A real client still gets through: the oldest silent one goes.
+        let _ = served.handshake().await;
+        assert!(closed(&mut first, Duration::from_millis(300)).await);
+        assert_eq!(served.stats.evicted.get(), 1);
+        // The other silent one runs out of time.
+        assert!(closed(&mut second, Duration::from_secs(2)).await);
+        assert_eq!(served.stats.timed_out.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_until_one_ends() {
+        let mut served = serve(ConnectionLimits {
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 8,
+            max_connections: 2,
+        })
+        .await;
+        let a = served.handshake().await;
+        let _b = served.handshake().await;
+        let mut third = TcpStream::connect(served.addr).await.expect("connect");
+        assert!(closed(&mut third, Duration::from_secs(1)).await);
+        assert_eq!(served.stats.refused.get(), 1);
+        // A served connection that ends gives its slot back.
+        drop(a);
+        let _c = served.handshake().await;
+    }
+}
