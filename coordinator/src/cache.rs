@@ -458,6 +458,7 @@ mod tests {
             gluster_volumes: vec![GlusterVolume {
                 name: "data".into(),
                 replica: 3,
+                mount_on: Default::default(),
             }],
             ..Default::default()
         };

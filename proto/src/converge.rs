@@ -66,6 +66,41 @@ fn default_suite() -> String {
 pub struct GlusterVolume {
     pub name: String,
     pub replica: u32,
+    /// Nodes with any of these roles mount the volume at
+    /// [`gluster_mount_point`]; settings stored before there was a choice
+    /// mount on the Kubernetes workers.
+    #[serde(default = "default_mount_on")]
+    pub mount_on: RoleSet,
+}
+
+/// Where the volume is mounted: `/mnt/steward/gluster/<volume>`.
+pub fn gluster_mount_point(volume: &str) -> String {
+    format!("{GLUSTER_MOUNT_ROOT}/{volume}")
+}
+
+/// Under which every Gluster volume is mounted.
+pub const GLUSTER_MOUNT_ROOT: &str = "/mnt/steward/gluster";
+
+/// Who mounts a volume that does not say: the Kubernetes workers.
+pub fn default_mount_on() -> RoleSet {
+    RoleSet::from([crate::domain::Role::K8sWorker])
+}
+
+impl GlusterVolume {
+    /// Whether a node with `roles` mounts this volume.
+    pub fn mounted_by(&self, roles: &RoleSet) -> bool {
+        self.mount_on.iter().any(|r| roles.contains(r))
+    }
+}
+
+impl ClusterView {
+    /// The members that mount `volume`, by id.
+    pub fn mounting<'a>(
+        &'a self,
+        volume: &'a GlusterVolume,
+    ) -> impl Iterator<Item = &'a Member> + 'a {
+        self.members.iter().filter(|m| volume.mounted_by(&m.roles))
+    }
 }
 
 /// A user-defined HAProxy frontend on every VIP.
@@ -323,6 +358,7 @@ impl TryFrom<pb::ClusterSettings> for ClusterSettings {
                     Ok(GlusterVolume {
                         name: bounded_str("gluster_volumes.name", v.name)?,
                         replica: v.replica,
+                        mount_on: roles_from_pb("gluster_volumes.mount_on", &v.mount_on)?,
                     })
                 })
                 .collect::<Result<_, ProtoError>>()?,
@@ -363,6 +399,7 @@ impl From<ClusterSettings> for pb::ClusterSettings {
                 .map(|v| pb::GlusterVolume {
                     name: v.name,
                     replica: v.replica,
+                    mount_on: roles_to_pb(&v.mount_on),
                 })
                 .collect(),
             frontends: s
@@ -572,6 +609,7 @@ mod tests {
                 gluster_volumes: vec![GlusterVolume {
                     name: "data".into(),
                     replica: 3,
+                    mount_on: [Role::K8sWorker, Role::K8sControlPlane].into(),
                 }],
                 frontends: vec![Frontend {
                     name: "grafana".into(),

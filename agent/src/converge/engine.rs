@@ -5,11 +5,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use steward_proto::converge::{ConvergeReport, ResourceState, ResourceStatus};
 
-use super::host::{tail, Host, HostError, HostResult, Meta};
+use super::host::{tail, Host, HostError, HostResult, Meta, MountProbe};
 use super::resource::{
     CommandSpec, FileSpec, NotifyAction, PackageSpec, Planned, Repository, Resource, UnitSpec,
 };
@@ -167,6 +167,10 @@ fn apply(host: &dyn Host, resource: &Resource, run: &mut Run) -> HostResult<Outc
             options,
         } => mount(host, what, target, fstype, options).map(Outcome::changed),
         Resource::SwapOff => swap_off(host),
+        Resource::MountCheck { unit, target } => mount_check(host, unit, target),
+        Resource::StaleMounts {
+            unit_prefix, keep, ..
+        } => stale_mounts(host, unit_prefix, keep).map(Outcome::changed),
         Resource::Command(spec) => command(host, spec),
         Resource::Blocked { reason, .. } => Err(HostError::Failed(reason.clone())),
     }
@@ -380,12 +384,14 @@ fn unit(host: &dyn Host, spec: &UnitSpec, run: &mut Run) -> HostResult<Vec<Strin
         if ensure_content(host, &path, content.as_bytes(), 0o644)? {
             host.daemon_reload()?;
             changed.push("unit file".into());
-            owe(
-                run,
-                &spec.name,
-                NotifyAction::Restart,
-                &path.to_string_lossy(),
-            );
+            if spec.restart_on_change {
+                owe(
+                    run,
+                    &spec.name,
+                    NotifyAction::Restart,
+                    &path.to_string_lossy(),
+                );
+            }
         }
     }
     let state = host.state(&spec.name)?;
@@ -484,6 +490,97 @@ fn mount(
     if !host.is_mounted(target)? {
         host.mount(target)?;
         changed.push("mounted".into());
+    }
+    Ok(changed)
+}
+
+/// How long a mount has to answer a `statfs`.
+pub const MOUNT_PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+fn mount_check(host: &dyn Host, unit: &str, target: &Path) -> HostResult<Outcome> {
+    let probe = host.probe_mount(target, MOUNT_PROBE_DEADLINE)?;
+    let why = match &probe {
+        MountProbe::Answers => return Ok(Outcome::ok()),
+        MountProbe::NotMounted => "it was not mounted".to_owned(),
+        MountProbe::Hung => format!(
+            "it was hung: no answer to statfs within {} s",
+            MOUNT_PROBE_DEADLINE.as_secs()
+        ),
+        MountProbe::Error(e) => format!("it failed: {e}"),
+    };
+    tracing::warn!(mount.target = %target.display(), mount.problem = %why, "remounting");
+    if probe != MountProbe::NotMounted {
+        // A plain unmount of a hung FUSE mount can block; a lazy one never
+        // does, and the restart then mounts afresh.
+        host.detach_mount(target)?;
+    }
+    host.notify(unit, NotifyAction::Restart)?;
+    match host.probe_mount(target, MOUNT_PROBE_DEADLINE)? {
+        MountProbe::Answers => Ok(Outcome::changed(vec![format!("remounted: {why}")])),
+        after => Err(HostError::Failed(format!(
+            "{}: {why}; after a remount: {}",
+            target.display(),
+            match after {
+                MountProbe::NotMounted => "not mounted".to_owned(),
+                MountProbe::Hung => "still hung".to_owned(),
+                MountProbe::Error(e) => e,
+                MountProbe::Answers => unreachable!("matched above"),
+            }
+        ))),
+    }
+}
+
+/// `Where=` of a mount unit file.
+fn mount_unit_target(content: &[u8]) -> Option<PathBuf> {
+    String::from_utf8_lossy(content)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Where="))
+        .map(|w| PathBuf::from(w.trim()))
+}
+
+fn stale_mounts(host: &dyn Host, unit_prefix: &str, keep: &[String]) -> HostResult<Vec<String>> {
+    let mut changed = Vec::new();
+    let mut refused = Vec::new();
+    for name in host.list(Path::new(UNIT_DIR))? {
+        if !name.starts_with(unit_prefix) || !name.ends_with(".mount") || keep.contains(&name) {
+            continue;
+        }
+        let path = PathBuf::from(format!("{UNIT_DIR}/{name}"));
+        let target = host.read(&path)?.as_deref().and_then(mount_unit_target);
+        if let Some(target) = &target {
+            if host.is_mounted(target)? {
+                let open = host.open_files_under(target)?;
+                if !open.is_empty() {
+                    refused.push(format!(
+                        "{} stays mounted: files are open on it ({})",
+                        target.display(),
+                        open.join("; ")
+                    ));
+                    continue;
+                }
+            }
+        }
+        let state = host.state(&name)?;
+        if state.active {
+            // Fails (and is reported) if something opened a file since.
+            host.stop(&name)?;
+        }
+        if state.enabled {
+            host.set_enabled(&name, false)?;
+        }
+        host.remove(&path)?;
+        host.daemon_reload()?;
+        changed.push(match &target {
+            Some(t) => format!("unmounted {} and removed {name}", t.display()),
+            None => format!("removed {name}"),
+        });
+    }
+    if !refused.is_empty() {
+        let mut why = refused.join("; ");
+        if !changed.is_empty() {
+            why.push_str(&format!(" (done: {})", changed.join(", ")));
+        }
+        return Err(HostError::Failed(why));
     }
     Ok(changed)
 }

@@ -7,6 +7,7 @@
 //! create`) come from the coordinator as tasks, with the files they need;
 //! they run last, in the order given, each after the one before.
 
+pub mod gluster;
 pub mod haproxy;
 
 use steward_proto::converge::{KubernetesSettings, Task};
@@ -39,6 +40,7 @@ pub fn plan(desired: &DesiredState) -> Vec<Planned> {
     if desired.roles.contains(&Role::GlusterBrick) {
         plan.extend(gluster_brick(desired));
     }
+    plan.extend(gluster::plan_mounts(desired));
     plan.extend(coordinator_steps(desired, &plan));
     plan
 }
@@ -97,13 +99,7 @@ fn packages(name: &str, names: &[&str]) -> Planned {
 }
 
 fn service(name: &str, after: &str) -> Planned {
-    Planned::new(Resource::Unit(UnitSpec {
-        name: name.into(),
-        content: None,
-        enabled: true,
-        active: Some(true),
-    }))
-    .after(after)
+    Planned::new(Resource::Unit(UnitSpec::running(name))).after(after)
 }
 
 /// HAProxy in front of the cluster. The VIP itself is not a resource: the
@@ -163,10 +159,8 @@ fn kubernetes_node(settings: &KubernetesSettings) -> Vec<Planned> {
     // it would only crash-loop. Enabled, not started.
     plan.push(
         Planned::new(Resource::Unit(UnitSpec {
-            name: "kubelet.service".into(),
-            content: None,
-            enabled: true,
             active: None,
+            ..UnitSpec::running("kubelet.service")
         }))
         .after("packages:kubernetes"),
     );
@@ -263,6 +257,7 @@ pub(crate) mod tests {
         d.cluster.settings.gluster_volumes = vec![steward_proto::converge::GlusterVolume {
             name: "data".into(),
             replica: 3,
+            mount_on: steward_proto::converge::default_mount_on(),
         }];
         d
     }
@@ -303,16 +298,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn no_roles_no_resources() {
-        assert!(plan(&desired(&[])).is_empty());
+    fn no_roles_no_resources_but_the_cleanup_of_what_roles_left() {
+        assert_eq!(ids(&plan(&desired(&[]))), ["stale-mounts:gluster"]);
+        let mut d = desired(&[]);
+        d.cluster.settings.gluster_volumes.clear();
+        assert!(plan(&d).is_empty());
     }
 
     #[test]
     fn kubernetes_without_settings_is_a_clear_failure_not_a_guess() {
         let mut d = desired(&[Role::K8sWorker]);
         d.cluster.settings.kubernetes = None;
+        d.cluster.settings.gluster_volumes.clear();
         let plan = plan(&d);
-        assert_eq!(ids(&plan), ["plan:kubernetes"]);
+        assert_eq!(ids(&plan), ["plan:kubernetes", "stale-mounts:gluster"]);
     }
 
     #[test]

@@ -266,6 +266,7 @@ mod tests {
         GlusterVolume {
             name: "data".into(),
             replica: 3,
+            mount_on: steward_proto::converge::default_mount_on(),
         }
     }
 
