@@ -237,6 +237,127 @@ pub fn steps(
     tasks
 }
 
+/// The PersistentVolume Steward publishes for `volume`.
+pub fn pv_name(volume: &str) -> String {
+    format!("gluster-{volume}")
+}
+
+/// The capacity a PersistentVolume states while Steward knows none.
+/// Kubernetes enforces no size on `local` volumes; it only binds claims
+/// that ask for at most this much, so it is deliberately modest.
+pub const FALLBACK_CAPACITY: &str = "1Gi";
+
+/// Task id of applying `volume`'s PersistentVolume.
+pub fn pv_task_id(volume: &str) -> String {
+    format!("gluster-pv-{volume}")
+}
+
+/// The nodes that mount `volume` (Kubernetes node names are node ids), by
+/// id.
+pub fn mounting_nodes(volume: &GlusterVolume, view: &ClusterView) -> Vec<NodeId> {
+    view.mounting(volume).map(|m| m.node.clone()).collect()
+}
+
+/// A `local` PersistentVolume (YAML) on the volume's FUSE mount, usable by
+/// pods on exactly the nodes that mount it; `None` while none does (a node
+/// affinity cannot be empty). `capacity_bytes`: the volume's size if known.
+pub fn pv_manifest(
+    volume: &GlusterVolume,
+    view: &ClusterView,
+    capacity_bytes: Option<u64>,
+) -> Option<String> {
+    let nodes = mounting_nodes(volume, view);
+    if nodes.is_empty() {
+        return None;
+    }
+    let name = &volume.name;
+    let (storage, source) = match capacity_bytes {
+        Some(bytes) => (bytes.to_string(), "gluster volume status detail".to_owned()),
+        None => (
+            FALLBACK_CAPACITY.to_owned(),
+            "unknown; a placeholder".to_owned(),
+        ),
+    };
+    let values: String = nodes
+        .iter()
+        .map(|n| format!("                - {n}\n"))
+        .collect();
+    Some(format!(
+        "# Gluster volume {name} (replica {replica}), mounted by steward-agent at {path}\n\
+         # on the nodes listed under nodeAffinity. Made by Steward; applied with\n\
+         # kubectl by the coordinator once Kubernetes is up.\n\
+         apiVersion: v1\n\
+         kind: PersistentVolume\n\
+         metadata:\n\
+         \x20 name: {pv}\n\
+         \x20 labels:\n\
+         \x20   app.kubernetes.io/managed-by: steward\n\
+         \x20   steward.io/gluster-volume: {name}\n\
+         \x20 annotations:\n\
+         \x20   steward.io/capacity-source: \"{source}\"\n\
+         spec:\n\
+         \x20 capacity:\n\
+         \x20   storage: \"{storage}\"\n\
+         \x20 accessModes:\n\
+         \x20   - ReadWriteMany\n\
+         \x20 persistentVolumeReclaimPolicy: Retain\n\
+         \x20 storageClassName: steward-gluster\n\
+         \x20 volumeMode: Filesystem\n\
+         \x20 local:\n\
+         \x20   path: {path}\n\
+         \x20 nodeAffinity:\n\
+         \x20   required:\n\
+         \x20     nodeSelectorTerms:\n\
+         \x20       - matchExpressions:\n\
+         \x20           - key: kubernetes.io/hostname\n\
+         \x20             operator: In\n\
+         \x20             values:\n\
+         {values}",
+        replica = volume.replica,
+        pv = pv_name(name),
+        path = steward_proto::converge::gluster_mount_point(name),
+    ))
+}
+
+/// `kubectl apply -f -` of the volume's PersistentVolume, the manifest on
+/// its standard input, for the control plane that runs kubectl. Done once
+/// per manifest: the marker file is named after the manifest's hash, so a
+/// change (a node more or less) applies again.
+pub fn pv_task(
+    volume: &GlusterVolume,
+    view: &ClusterView,
+    capacity_bytes: Option<u64>,
+    admin_conf: &str,
+    done_dir: &str,
+) -> Option<Task> {
+    let manifest = pv_manifest(volume, view, capacity_bytes)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, manifest.as_bytes());
+    let hash: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let done = format!("{done_dir}/{}-{hash}", pv_task_id(&volume.name));
+    let nodes = mounting_nodes(volume, view);
+    Some(Task {
+        id: pv_task_id(&volume.name),
+        argv: sh(format!(
+            "set -e\nkubectl --kubeconfig {admin_conf} apply -f - <<'STEWARD_PV'\n\
+             {manifest}STEWARD_PV\nmkdir -p {done_dir}\ntouch {done}\n"
+        )),
+        creates: Some(done),
+        unless: None,
+        summary: format!(
+            "kubectl apply PersistentVolume {} (nodes {})",
+            pv_name(&volume.name),
+            nodes
+                .iter()
+                .map(NodeId::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use steward_proto::converge::Member;
@@ -365,5 +486,98 @@ mod tests {
              198.18.0.32:/data/glusterfs/data/brick1/brick 198.18.0.33:/data/glusterfs/data/brick1/brick force"
         );
         assert!(create.unless.is_some(), "create must be guarded");
+    }
+
+    /// Bricks g1..g3, workers w1, w2, a control plane c1, and w3 with no
+    /// role at all (not a member).
+    fn cluster() -> ClusterView {
+        let mut v = view(&["g1", "g2", "g3"]);
+        for (n, roles) in [
+            ("c1", vec![Role::K8sControlPlane]),
+            ("w1", vec![Role::K8sWorker]),
+            ("w2", vec![Role::K8sWorker, Role::Lb]),
+        ] {
+            v.members.push(Member {
+                node: NodeId::new(n).unwrap(),
+                roles: roles.into_iter().collect(),
+                address: None,
+            });
+        }
+        v.members.sort_by(|a, b| a.node.cmp(&b.node));
+        v
+    }
+
+    /// The `values:` of the manifest's node affinity.
+    fn affinity(manifest: &str) -> Vec<&str> {
+        manifest
+            .split_once("values:\n")
+            .unwrap()
+            .1
+            .lines()
+            .map(|l| l.trim().trim_start_matches("- "))
+            .collect()
+    }
+
+    #[test]
+    fn the_pv_is_a_local_rwx_volume_on_exactly_the_mounting_nodes() {
+        let m = pv_manifest(&vol(), &cluster(), Some(10 << 30)).unwrap();
+        assert_eq!(affinity(&m), ["w1", "w2"], "{m}");
+        for line in [
+            "kind: PersistentVolume",
+            "  name: gluster-data",
+            "    storage: \"10737418240\"",
+            "    - ReadWriteMany",
+            "    path: /mnt/steward/gluster/data",
+            "            - key: kubernetes.io/hostname",
+            "              operator: In",
+            "  persistentVolumeReclaimPolicy: Retain",
+        ] {
+            assert!(m.lines().any(|l| l == line), "{line:?} not in\n{m}");
+        }
+        let mut wide = vol();
+        wide.mount_on = [Role::K8sWorker, Role::K8sControlPlane].into();
+        let m = pv_manifest(&wide, &cluster(), None).unwrap();
+        assert_eq!(affinity(&m), ["c1", "w1", "w2"]);
+        assert!(m.contains(&format!("storage: \"{FALLBACK_CAPACITY}\"")), "{m}");
+        assert!(m.contains("capacity-source: \"unknown"), "{m}");
+        wide.mount_on.clear();
+        assert_eq!(pv_manifest(&wide, &cluster(), None), None);
+    }
+
+    #[test]
+    fn the_pv_task_feeds_kubectl_on_stdin_once_per_manifest() {
+        let task = pv_task(&vol(), &cluster(), None, "/etc/kubernetes/admin.conf", "/done").unwrap();
+        assert_eq!(task.id, "gluster-pv-data");
+        assert_eq!(task.argv[..2], ["sh", "-c"]);
+        let script = &task.argv[2];
+        assert!(script.starts_with(
+            "set -e\nkubectl --kubeconfig /etc/kubernetes/admin.conf apply -f - <<'STEWARD_PV'\n"
+        ));
+        assert!(script.contains(&pv_manifest(&vol(), &cluster(), None).unwrap()));
+        let done = task.creates.clone().unwrap();
+        assert!(done.starts_with("/done/gluster-pv-data-"), "{done}");
+        assert!(script.ends_with(&format!("touch {done}\n")), "{script}");
+        assert_eq!(
+            task.summary,
+            "kubectl apply PersistentVolume gluster-data (nodes w1, w2)"
+        );
+        // One node more: another manifest, so it is applied again.
+        let mut more = cluster();
+        more.members.push(Member {
+            node: NodeId::new("w3").unwrap(),
+            roles: [Role::K8sWorker].into(),
+            address: None,
+        });
+        let again = pv_task(&vol(), &more, None, "/a", "/done").unwrap();
+        assert_ne!(again.creates, task.creates);
+        // The script as sh runs it: the manifest reaches stdin unchanged.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script.replace("kubectl --kubeconfig /etc/kubernetes/admin.conf apply -f -", "cat").replace("mkdir -p /done\ntouch", "echo"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(stdout.starts_with(&pv_manifest(&vol(), &cluster(), None).unwrap()), "{stdout}");
     }
 }

@@ -29,7 +29,7 @@ pub const RENEW_MARGIN_MS: u64 = 15 * 60 * 1000;
 pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 /// Where the agent records one-shot steps that leave no file of their own.
-const DONE_DIR: &str = "/var/lib/steward-agent/done";
+pub const DONE_DIR: &str = "/var/lib/steward-agent/done";
 
 /// `cluster/kubernetes/bootstrap`, secrets sealed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -85,6 +85,27 @@ impl OrchestrationSnapshot {
                 all_tasks.extend(gluster::steps(node, view, volume, &record.value));
             }
         }
+        // Each created volume's PersistentVolume, applied by the control
+        // plane that runs kubectl once Kubernetes is up.
+        let progress = Progress {
+            bootstrap: bootstrap.as_ref(),
+            joined: &joined,
+            drained: &drained,
+        };
+        if kubernetes::remover(view, progress).as_ref() == Some(node) {
+            for volume in &view.settings.gluster_volumes {
+                if !self.volumes.contains_key(&volume.name) {
+                    continue;
+                }
+                all_tasks.extend(gluster::pv_task(
+                    volume,
+                    view,
+                    None,
+                    kubernetes::ADMIN_CONF,
+                    kubernetes::DONE_DIR,
+                ));
+            }
+        }
         desired.tasks = all_tasks;
         desired.files = files;
     }
