@@ -447,8 +447,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .iter()
             .find(|v| v.name == name)
             .ok_or_else(|| Error::UnknownVolume(name.clone()))?;
+        let capacity = self.ctx.orchestration.borrow().capacity(&name);
         let manifest =
-            crate::orchestrate::gluster::pv_manifest(volume, &view, None).ok_or_else(|| {
+            crate::orchestrate::gluster::pv_manifest(volume, &view, capacity).ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "no node mounts Gluster volume {name}: no node has a role of its mount_on \
                      ({})",

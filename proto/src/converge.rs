@@ -73,6 +73,28 @@ pub struct GlusterVolume {
     pub mount_on: RoleSet,
 }
 
+/// The report resource in which the agent of the node that runs a
+/// volume's `gluster` commands states its capacity (from `gluster volume
+/// status <volume> detail`), its detail written by
+/// [`gluster_capacity_detail`]: the one definition both sides use.
+pub fn gluster_capacity_resource_id(volume: &str) -> String {
+    format!("gluster-capacity:{volume}")
+}
+
+/// `<bytes> bytes`: how a capacity resource's detail states it.
+pub fn gluster_capacity_detail(bytes: u64) -> String {
+    format!("{bytes} bytes")
+}
+
+/// The bytes a capacity resource's detail states.
+pub fn parse_gluster_capacity_detail(detail: &str) -> Option<u64> {
+    detail
+        .strip_suffix(" bytes")?
+        .parse()
+        .ok()
+        .filter(|b| *b > 0)
+}
+
 /// Where the volume is mounted: `/mnt/steward/gluster/<volume>`.
 pub fn gluster_mount_point(volume: &str) -> String {
     format!("{GLUSTER_MOUNT_ROOT}/{volume}")

@@ -171,6 +171,7 @@ fn apply(host: &dyn Host, resource: &Resource, run: &mut Run) -> HostResult<Outc
         Resource::StaleMounts {
             unit_prefix, keep, ..
         } => stale_mounts(host, unit_prefix, keep).map(Outcome::changed),
+        Resource::GlusterCapacity { volume, replica } => gluster_capacity(host, volume, *replica),
         Resource::Command(spec) => command(host, spec),
         Resource::Blocked { reason, .. } => Err(HostError::Failed(reason.clone())),
     }
@@ -494,8 +495,13 @@ fn mount(
     Ok(changed)
 }
 
-/// How long a mount has to answer a `statfs`.
-pub const MOUNT_PROBE_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a mount has to answer a `statfs` before it counts as hung.
+/// Longer than GlusterFS's `network.ping-timeout` (42 s by default): a
+/// brick that went silent holds the client's calls that long, after which
+/// the client answers from the other replicas. A mount still silent after
+/// that is hung, and remounting it (which would cut off its open files)
+/// is then the lesser harm.
+pub const MOUNT_PROBE_DEADLINE: Duration = Duration::from_secs(60);
 
 fn mount_check(host: &dyn Host, unit: &str, target: &Path) -> HostResult<Outcome> {
     let probe = host.probe_mount(target, MOUNT_PROBE_DEADLINE)?;
@@ -528,6 +534,24 @@ fn mount_check(host: &dyn Host, unit: &str, target: &Path) -> HostResult<Outcome
             }
         ))),
     }
+}
+
+fn gluster_capacity(host: &dyn Host, volume: &str, replica: u32) -> HostResult<Outcome> {
+    let argv: Vec<String> = ["gluster", "volume", "status", volume, "detail"]
+        .map(String::from)
+        .to_vec();
+    let out = host.run(&argv)?;
+    let unknown = |why: String| Outcome::not_applicable(format!("capacity unknown: {why}"));
+    if !out.success {
+        return Ok(unknown(tail(&format!("{}\n{}", out.stdout, out.stderr))));
+    }
+    Ok(match super::gluster::volume_capacity(&out.stdout, replica) {
+        Some(bytes) => Outcome {
+            status: ResourceStatus::Ok,
+            detail: steward_proto::converge::gluster_capacity_detail(bytes),
+        },
+        None => unknown("a replica set has no online brick that states its size".into()),
+    })
 }
 
 /// `Where=` of a mount unit file.

@@ -158,6 +158,14 @@ pub enum Resource {
         unit: String,
         target: PathBuf,
     },
+    /// Reads a Gluster volume's capacity (`gluster volume status VOLUME
+    /// detail`) into the report, for the coordinator's PersistentVolume.
+    /// Changes nothing; never fails (an unknown capacity is not applicable,
+    /// with the reason).
+    GlusterCapacity {
+        volume: String,
+        replica: u32,
+    },
     /// Mount units Steward wrote (`/etc/systemd/system/<prefix>*.mount`)
     /// that the plan no longer has: stopped, disabled and removed, but
     /// never while a process has a file open under the mount point.
@@ -191,6 +199,9 @@ impl Resource {
             Resource::SwapOff => "swap:off".to_owned(),
             Resource::MountCheck { target, .. } => format!("mount-check:{}", target.display()),
             Resource::StaleMounts { name, .. } => format!("stale-mounts:{name}"),
+            Resource::GlusterCapacity { volume, .. } => {
+                steward_proto::converge::gluster_capacity_resource_id(volume)
+            }
             Resource::Command(c) => steward_proto::converge::command_resource_id(&c.name),
             Resource::Blocked { name, .. } => format!("plan:{name}"),
         }

@@ -159,6 +159,36 @@ pub fn plan_mounts(desired: &DesiredState) -> Vec<Planned> {
     plan
 }
 
+/// The capacity of each volume this node runs the `gluster` commands of
+/// (the coordinator gives exactly one node a volume's `gluster-create-*`
+/// task), read once the volume is started: the node that already talks to
+/// glusterd for the volume is the only one that asks it.
+pub fn plan_capacity(desired: &DesiredState) -> Vec<Planned> {
+    desired
+        .cluster
+        .settings
+        .gluster_volumes
+        .iter()
+        .filter(|v| {
+            desired
+                .tasks
+                .iter()
+                .any(|t| t.id == format!("gluster-create-{}", v.name))
+        })
+        .map(|v| {
+            let start = format!("gluster-start-{}", v.name);
+            let mut p = Planned::new(Resource::GlusterCapacity {
+                volume: v.name.clone(),
+                replica: v.replica,
+            });
+            if desired.tasks.iter().any(|t| t.id == start) {
+                p = p.after(steward_proto::converge::command_resource_id(&start));
+            }
+            p
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,5 +469,24 @@ mod tests {
         let report = Engine::default().run(&host, &plan_mounts(&d), 1);
         assert!(report.converged(), "{report:?}");
         assert!(host.take_changes().is_empty());
+    }
+
+    #[test]
+    fn only_the_node_that_creates_a_volume_reads_its_capacity_once_started() {
+        let mut d = desired(&[Role::GlusterBrick]);
+        assert!(plan_capacity(&d).is_empty());
+        for id in ["gluster-create-data", "gluster-start-data"] {
+            d.tasks.push(steward_proto::converge::Task {
+                id: id.into(),
+                argv: vec!["gluster".into()],
+                creates: None,
+                unless: None,
+                summary: id.into(),
+            });
+        }
+        let plan = crate::roles::plan(&d);
+        let last = plan.last().unwrap();
+        assert_eq!(last.resource.id(), "gluster-capacity:data");
+        assert_eq!(last.requires, ["command:gluster-start-data"]);
     }
 }

@@ -42,6 +42,7 @@ pub fn plan(desired: &DesiredState) -> Vec<Planned> {
     }
     plan.extend(gluster::plan_mounts(desired));
     plan.extend(coordinator_steps(desired, &plan));
+    plan.extend(gluster::plan_capacity(desired));
     plan
 }
 

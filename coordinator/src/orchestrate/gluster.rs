@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use steward_proto::converge::{ClusterView, GlusterVolume, Task};
+use steward_proto::converge::{ClusterView, GlusterVolume, SecretFile, Task};
 use steward_proto::domain::{NodeId, Role};
 
 /// Where a node's brick of `volume` lives (the agent plans the directory).
@@ -319,17 +319,35 @@ pub fn pv_manifest(
     ))
 }
 
-/// `kubectl apply -f -` of the volume's PersistentVolume, the manifest on
-/// its standard input, for the control plane that runs kubectl. Done once
-/// per manifest: the marker file is named after the manifest's hash, so a
-/// change (a node more or less) applies again.
+/// `nodes a, b` for a summary; past eight nodes, how many (the summary
+/// is bounded; `stewardctl gluster pv` shows them all).
+fn node_list(nodes: &[NodeId]) -> String {
+    let names: Vec<&str> = nodes.iter().map(NodeId::as_str).collect();
+    if names.len() <= 8 {
+        format!("nodes {}", names.join(", "))
+    } else {
+        format!("{} nodes: {}, ...", names.len(), names[..8].join(", "))
+    }
+}
+
+/// Where the kubectl control plane gets `volume`'s manifest.
+pub fn pv_file(volume: &str) -> String {
+    format!("/var/lib/steward-agent/gluster/pv-{volume}.yaml")
+}
+
+/// `kubectl apply -f -` of the volume's PersistentVolume, for the control
+/// plane that runs kubectl, with the manifest as a file placed before the
+/// task runs (a task's arguments are bounded; a manifest is not) and fed
+/// to kubectl on its standard input. Done once per manifest: the marker
+/// file is named after the manifest's hash, so a change (a node more or
+/// less, a capacity) applies again.
 pub fn pv_task(
     volume: &GlusterVolume,
     view: &ClusterView,
     capacity_bytes: Option<u64>,
     admin_conf: &str,
     done_dir: &str,
-) -> Option<Task> {
+) -> Option<(Task, SecretFile)> {
     let manifest = pv_manifest(volume, view, capacity_bytes)?;
     let digest = ring::digest::digest(&ring::digest::SHA256, manifest.as_bytes());
     let hash: String = digest.as_ref()[..8]
@@ -337,25 +355,28 @@ pub fn pv_task(
         .map(|b| format!("{b:02x}"))
         .collect();
     let done = format!("{done_dir}/{}-{hash}", pv_task_id(&volume.name));
+    let file = pv_file(&volume.name);
     let nodes = mounting_nodes(volume, view);
-    Some(Task {
+    let task = Task {
         id: pv_task_id(&volume.name),
         argv: sh(format!(
-            "set -e\nkubectl --kubeconfig {admin_conf} apply -f - <<'STEWARD_PV'\n\
-             {manifest}STEWARD_PV\nmkdir -p {done_dir}\ntouch {done}\n"
+            "set -e; kubectl --kubeconfig {admin_conf} apply -f - < {file}; \
+             mkdir -p {done_dir}; touch {done}"
         )),
         creates: Some(done),
         unless: None,
         summary: format!(
-            "kubectl apply PersistentVolume {} (nodes {})",
+            "kubectl apply PersistentVolume {} ({})",
             pv_name(&volume.name),
-            nodes
-                .iter()
-                .map(NodeId::as_str)
-                .collect::<Vec<_>>()
-                .join(", ")
+            node_list(&nodes)
         ),
-    })
+    };
+    let file = SecretFile {
+        path: file,
+        content: manifest.into_bytes(),
+        mode: 0o644,
+    };
+    Some((task, file))
 }
 
 #[cfg(test)]
@@ -546,17 +567,27 @@ mod tests {
 
     #[test]
     fn the_pv_task_feeds_kubectl_on_stdin_once_per_manifest() {
-        let task = pv_task(&vol(), &cluster(), None, "/etc/kubernetes/admin.conf", "/done").unwrap();
+        let (task, file) =
+            pv_task(&vol(), &cluster(), None, "/etc/kubernetes/admin.conf", "/done").unwrap();
         assert_eq!(task.id, "gluster-pv-data");
-        assert_eq!(task.argv[..2], ["sh", "-c"]);
-        let script = &task.argv[2];
-        assert!(script.starts_with(
-            "set -e\nkubectl --kubeconfig /etc/kubernetes/admin.conf apply -f - <<'STEWARD_PV'\n"
-        ));
-        assert!(script.contains(&pv_manifest(&vol(), &cluster(), None).unwrap()));
+        assert_eq!(file.path, "/var/lib/steward-agent/gluster/pv-data.yaml");
+        assert_eq!(
+            file.content,
+            pv_manifest(&vol(), &cluster(), None).unwrap().into_bytes()
+        );
         let done = task.creates.clone().unwrap();
         assert!(done.starts_with("/done/gluster-pv-data-"), "{done}");
-        assert!(script.ends_with(&format!("touch {done}\n")), "{script}");
+        assert_eq!(
+            task.argv,
+            [
+                "sh".to_owned(),
+                "-c".to_owned(),
+                format!(
+                    "set -e; kubectl --kubeconfig /etc/kubernetes/admin.conf apply -f - < \
+                     /var/lib/steward-agent/gluster/pv-data.yaml; mkdir -p /done; touch {done}"
+                )
+            ]
+        );
         assert_eq!(
             task.summary,
             "kubectl apply PersistentVolume gluster-data (nodes w1, w2)"
@@ -568,16 +599,28 @@ mod tests {
             roles: [Role::K8sWorker].into(),
             address: None,
         });
-        let again = pv_task(&vol(), &more, None, "/a", "/done").unwrap();
+        let (again, _) = pv_task(&vol(), &more, None, "/a", "/done").unwrap();
         assert_ne!(again.creates, task.creates);
-        // The script as sh runs it: the manifest reaches stdin unchanged.
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(script.replace("kubectl --kubeconfig /etc/kubernetes/admin.conf apply -f -", "cat").replace("mkdir -p /done\ntouch", "echo"))
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        assert!(stdout.starts_with(&pv_manifest(&vol(), &cluster(), None).unwrap()), "{stdout}");
+    }
+
+    /// The first end-to-end run: the manifest inline in the task's argv
+    /// passed the 1 KiB string bound, and the agent refused the whole
+    /// desired state (and with it its session).
+    #[test]
+    fn the_pv_task_and_file_pass_the_wire_checks_with_many_nodes() {
+        let mut big = cluster();
+        for i in 0..200 {
+            big.members.push(Member {
+                node: NodeId::new(format!("worker-with-a-long-name-{i:03}")).unwrap(),
+                roles: [Role::K8sWorker].into(),
+                address: None,
+            });
+        }
+        let (task, file) = pv_task(&vol(), &big, Some(1 << 40), "/a", "/done").unwrap();
+        use steward_proto::pb;
+        let task = Task::try_from(pb::Task::from(task));
+        assert!(task.is_ok(), "{task:?}");
+        let file = SecretFile::try_from(pb::SecretFile::from(file));
+        assert!(file.is_ok(), "{file:?}");
     }
 }
