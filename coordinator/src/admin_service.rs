@@ -448,8 +448,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .find(|v| v.name == name)
             .ok_or_else(|| Error::UnknownVolume(name.clone()))?;
         let capacity = self.ctx.orchestration.borrow().capacity(&name);
-        let manifest =
-            crate::orchestrate::gluster::pv_manifest(volume, &view, capacity).ok_or_else(|| {
+        let manifest = crate::orchestrate::gluster::pv_manifest(volume, &view, capacity)
+            .ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "no node mounts Gluster volume {name}: no node has a role of its mount_on \
                      ({})",

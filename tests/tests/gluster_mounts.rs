@@ -124,13 +124,7 @@ fn mounted(m: &Machine) -> Option<String> {
 /// Runs `script` in `m` under `timeout`; its output and how long it took.
 fn timed(m: &Machine, script: &str, limit: Duration) -> (Result<String, String>, Duration) {
     let t = Instant::now();
-    let out = m.exec(&[
-        "timeout",
-        &limit.as_secs().to_string(),
-        "sh",
-        "-c",
-        script,
-    ]);
+    let out = m.exec(&["timeout", &limit.as_secs().to_string(), "sh", "-c", script]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -242,9 +236,12 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
     clock.say(format!("step 1: applied:\n{}", out.stdout.trim()));
     for w in WORKERS {
         let m = bed.machine(w);
-        let source = poll(BOUND, Duration::from_secs(1), &format!("{w}: {POINT} mounted"), || {
-            mounted(m).ok_or_else(|| format!("nothing at {POINT}"))
-        });
+        let source = poll(
+            BOUND,
+            Duration::from_secs(1),
+            &format!("{w}: {POINT} mounted"),
+            || mounted(m).ok_or_else(|| format!("nothing at {POINT}")),
+        );
         clock.say(format!(
             "{w}: {POINT} mounted ({source}) {} after the apply",
             secs(t1.elapsed())
@@ -267,16 +264,24 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
             "After=network-online.target".to_owned(),
             "WantedBy=remote-fs.target".to_owned(),
         ] {
-            assert!(unit.lines().any(|l| l == line), "{w}: no {line:?} in\n{unit}");
+            assert!(
+                unit.lines().any(|l| l == line),
+                "{w}: no {line:?} in\n{unit}"
+            );
         }
-        assert_eq!(bed.exec_text(m, &["systemctl", "is-enabled", UNIT]).trim(), "enabled");
+        assert_eq!(
+            bed.exec_text(m, &["systemctl", "is-enabled", UNIT]).trim(),
+            "enabled"
+        );
         assert_eq!(bed.unit_state(m, UNIT), "active");
         let history = bed
             .read_file(m, "/var/log/apt/history.log")
             .unwrap_or_default();
         assert!(
-            history.lines().any(|l| l.starts_with("Commandline: apt-get install")
-                && l.contains("glusterfs-client")),
+            history
+                .lines()
+                .any(|l| l.starts_with("Commandline: apt-get install")
+                    && l.contains("glusterfs-client")),
             "{w}: glusterfs-client not installed by apt-get:\n{history}"
         );
     }
@@ -288,7 +293,10 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         );
         assert_eq!(mounted(bed.machine(b)), None, "{b} mounted the volume");
     }
-    eprintln!("---- stewardctl node show w1 ----\n{}", bed.node_table("w1"));
+    eprintln!(
+        "---- stewardctl node show w1 ----\n{}",
+        bed.node_table("w1")
+    );
 
     // ---- 2. written on w1, read on w2, in every brick
     let (w1, w2) = (bed.machine("w1"), bed.machine("w2"));
@@ -312,17 +320,35 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
     // ---- 3. the PersistentVolume, applied by kubectl on b1
     let b1 = bed.machine("b1");
     let stdin_dir = b1.root().join(KUBECTL_STDIN_DIR.trim_start_matches('/'));
-    let applied = poll(
+    // Applied once the cluster is up; again once b1 reported the volume's
+    // capacity (the manifest changed), whichever comes first.
+    let read_applied = || -> Vec<String> {
+        (1..)
+            .map(|n| std::fs::read_to_string(stdin_dir.join(format!("{n}.yaml"))))
+            .map_while(Result::ok)
+            .collect()
+    };
+    let manifests = poll(
         BOUND,
         Duration::from_secs(1),
-        "b1: kubectl apply -f - of the PersistentVolume",
+        "b1: kubectl apply -f - of a PersistentVolume with the volume's capacity",
         || {
-            let first = stdin_dir.join("1.yaml");
-            std::fs::read_to_string(&first).map_err(|e| format!("{}: {e}", first.display()))
+            let all = read_applied();
+            match all.last() {
+                Some(last)
+                    if last.contains("capacity-source: \"gluster volume status detail\"") =>
+                {
+                    Ok(all)
+                }
+                Some(last) => Err(format!("last applied:\n{last}")),
+                None => Err("nothing applied yet".into()),
+            }
         },
     );
+    let applied = manifests.last().expect("one at least").clone();
     clock.say(format!(
-        "step 3: kubectl on b1 read a manifest {} after the apply",
+        "step 3: kubectl on b1 read {} manifest(s), the last {} after the apply",
+        manifests.len(),
         secs(t1.elapsed())
     ));
     let calls = parse_kubectl_calls(
@@ -334,13 +360,27 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         .iter()
         .filter(|c| c.argv.iter().any(|a| a == "apply"))
         .collect();
-    eprintln!("kubectl calls on b1: {calls:#?}\napplied manifest:\n{applied}");
-    assert_eq!(applies.len(), 1, "one kubectl apply: {calls:#?}");
+    eprintln!("kubectl calls on b1: {calls:#?}\nlast applied manifest:\n{applied}");
     assert_eq!(
-        applies[0].argv,
-        ["--kubeconfig", "/etc/kubernetes/admin.conf", "apply", "-f", "-"]
+        applies.len(),
+        manifests.len(),
+        "one kubectl apply per manifest: {calls:#?}"
     );
-    assert_eq!(affinity(&applied), ["w1", "w2"], "node affinity:\n{applied}");
+    for a in &applies {
+        assert_eq!(
+            a.argv,
+            [
+                "--kubeconfig",
+                "/etc/kubernetes/admin.conf",
+                "apply",
+                "-f",
+                "-"
+            ]
+        );
+    }
+    for m in &manifests {
+        assert_eq!(affinity(m), ["w1", "w2"], "node affinity:\n{m}");
+    }
     for line in [
         "kind: PersistentVolume",
         "  name: gluster-data",
@@ -348,17 +388,46 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         &format!("    path: {POINT}"),
         "            - key: kubernetes.io/hostname",
     ] {
-        assert!(applied.lines().any(|l| l == line), "no {line:?} in\n{applied}");
+        assert!(
+            applied.lines().any(|l| l == line),
+            "no {line:?} in\n{applied}"
+        );
     }
+    // The capacity against the bricks' file system, measured here (gluster
+    // prints one decimal of its unit).
+    let storage: u64 = applied
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("storage: "))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no storage in bytes:\n{applied}"));
+    let df = b1.sh(&format!("df -B1 --output=size {BRICK} | tail -1"));
+    let disk: u64 = df.trim().parse().expect("df size");
+    let off = storage.abs_diff(disk) as f64 / disk as f64;
+    clock.say(format!(
+        "PV capacity {storage} bytes; the bricks' file system {disk} bytes ({:.2}% apart)",
+        off * 100.0
+    ));
+    assert!(off < 0.05, "capacity {storage} vs the bricks' {disk}");
     let printed = bed.ctl_ok(&["gluster", "pv", VOLUME]).stdout;
-    assert_eq!(printed, applied, "stewardctl gluster pv prints what was applied");
+    assert_eq!(
+        printed, applied,
+        "stewardctl gluster pv prints what was applied"
+    );
     let json: Value =
         serde_json::from_str(&bed.ctl_ok(&["gluster", "pv", VOLUME, "-o", "json"]).stdout)
             .expect("gluster pv -o json");
     assert_eq!(json["nodes"], serde_json::json!(["w1", "w2"]));
     let missing = bed.cluster.ctl(&["gluster", "pv", "nope"]);
-    assert!(!missing.ok() && missing.stderr.contains("unknown Gluster volume"), "{missing:?}");
-    let operator = bed.settled(&findings, "b1", BOUND, has_settled(&["command:gluster-pv-data"]));
+    assert!(
+        !missing.ok() && missing.stderr.contains("unknown Gluster volume"),
+        "{missing:?}"
+    );
+    let operator = bed.settled(
+        &findings,
+        "b1",
+        BOUND,
+        has_settled(&["command:gluster-pv-data"]),
+    );
     eprintln!(
         "b1: {}",
         resource(&operator, "command:gluster-pv-data").expect("the PV task")
@@ -373,7 +442,10 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         let name = format!("silent-{w}.txt");
         // The first call waits out GlusterFS's ping timeout (42 s).
         let took = write_and_read(m, &name, &format!("from-{w}"), Duration::from_secs(120));
-        clock.say(format!("{w}: wrote and read {name} in {} with b1 silent", secs(took)));
+        clock.say(format!(
+            "{w}: wrote and read {name} in {} with b1 silent",
+            secs(took)
+        ));
         let other = bed.machine(WORKERS[1 - i]);
         let (r, took) = read(other, &name, Duration::from_secs(120));
         assert_eq!(r, Ok(format!("from-{w}")), "{} reads {name}", other.name());
@@ -384,7 +456,10 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         clock.say(format!("{w}: a second write and read took {}", secs(took)));
     }
     for b in ["b2", "b3"] {
-        assert_eq!(brick_file(bed.machine(b), "silent-w2.txt").as_deref(), Some("from-w2"));
+        assert_eq!(
+            brick_file(bed.machine(b), "silent-w2.txt").as_deref(),
+            Some("from-w2")
+        );
     }
     assert_eq!(brick_file(b1, "silent-w2.txt"), None, "b1 was silent");
     clock.say(format!(
@@ -417,13 +492,19 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
     ));
     let (r, took) = read(w2, "one.txt", Duration::from_secs(120));
     assert_eq!(r.as_deref(), Ok("one"), "w2 reads through the new mount");
-    clock.say(format!("w2: one.txt read through the new mount in {}", secs(took)));
+    clock.say(format!(
+        "w2: one.txt read through the new mount in {}",
+        secs(took)
+    ));
     let journal = w2.journal(AGENT_UNIT);
     let said = journal
         .lines()
         .filter(|l| l.contains("remounting"))
         .collect::<Vec<_>>();
-    assert!(!said.is_empty(), "w2's agent did not log the remount:\n{journal}");
+    assert!(
+        !said.is_empty(),
+        "w2's agent did not log the remount:\n{journal}"
+    );
     eprintln!("w2 agent: {}", said.join("\n"));
     // What the report said about it (a changed resource, then ok again).
     let report = bed.node_json("w2").expect("node show w2");
@@ -481,17 +562,24 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         "step 7: volume {VOLUME} dropped from the spec (a process on w2 holds a file open):\n{}",
         out.stdout.trim()
     ));
-    poll(BOUND, Duration::from_secs(1), "w1: unmounted", || {
-        match mounted(w1) {
+    poll(
+        BOUND,
+        Duration::from_secs(1),
+        "w1: unmounted",
+        || match mounted(w1) {
             None => Ok(()),
             Some(s) => Err(format!("still mounted: {s}")),
-        }
-    });
+        },
+    );
     assert!(
-        bed.read_file(w1, &format!("/etc/systemd/system/{UNIT}")).is_none(),
+        bed.read_file(w1, &format!("/etc/systemd/system/{UNIT}"))
+            .is_none(),
         "w1: the mount unit is still there"
     );
-    clock.say(format!("w1: unmounted and its unit removed in {}", secs(t7.elapsed())));
+    clock.say(format!(
+        "w1: unmounted and its unit removed in {}",
+        secs(t7.elapsed())
+    ));
     let refused = poll(
         BOUND,
         Duration::from_secs(1),
@@ -514,14 +602,20 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         "the reason names the process: {refused}"
     );
     assert!(mounted(w2).is_some(), "w2 unmounted under an open file");
-    eprintln!("---- stewardctl node show w2 ----\n{}", bed.node_table("w2"));
+    eprintln!(
+        "---- stewardctl node show w2 ----\n{}",
+        bed.node_table("w2")
+    );
     w2.sh(&format!("systemctl stop {holder}"));
-    poll(BOUND, Duration::from_secs(1), "w2: unmounted", || {
-        match mounted(w2) {
+    poll(
+        BOUND,
+        Duration::from_secs(1),
+        "w2: unmounted",
+        || match mounted(w2) {
             None => Ok(()),
             Some(s) => Err(format!("still mounted: {s}")),
-        }
-    });
+        },
+    );
     let report = bed.settled(&findings, "w2", BOUND, |r| {
         match resource(r, "stale-mounts:gluster") {
             Some(x) if x["status"] == "ok" || x["status"] == "changed" => Ok(()),

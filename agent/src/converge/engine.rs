@@ -545,13 +545,15 @@ fn gluster_capacity(host: &dyn Host, volume: &str, replica: u32) -> HostResult<O
     if !out.success {
         return Ok(unknown(tail(&format!("{}\n{}", out.stdout, out.stderr))));
     }
-    Ok(match super::gluster::volume_capacity(&out.stdout, replica) {
-        Some(bytes) => Outcome {
-            status: ResourceStatus::Ok,
-            detail: steward_proto::converge::gluster_capacity_detail(bytes),
+    Ok(
+        match super::gluster::volume_capacity(&out.stdout, replica) {
+            Some(bytes) => Outcome {
+                status: ResourceStatus::Ok,
+                detail: steward_proto::converge::gluster_capacity_detail(bytes),
+            },
+            None => unknown("a replica set has no online brick that states its size".into()),
         },
-        None => unknown("a replica set has no online brick that states its size".into()),
-    })
+    )
 }
 
 /// `Where=` of a mount unit file.

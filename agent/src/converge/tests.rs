@@ -441,10 +441,12 @@ fn guarded_commands_run_until_their_guard_says_done() {
 #[test]
 fn a_requirement_missing_from_the_plan_is_a_clear_failure() {
     let host = FakeHost::new(&[]);
-    let plan = [Planned::new(Resource::Unit(super::resource::UnitSpec::running(
-        "x.service",
-    )))
-    .after("packages:nowhere")];
+    let plan = [
+        Planned::new(Resource::Unit(super::resource::UnitSpec::running(
+            "x.service",
+        )))
+        .after("packages:nowhere"),
+    ];
     let report = Engine::default().run(&host, &plan, 1);
     assert_eq!(report.resources[0].status, ResourceStatus::Failed);
     assert!(report.resources[0].detail.contains("packages:nowhere"));

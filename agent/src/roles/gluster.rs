@@ -80,7 +80,10 @@ pub fn volfile_servers(view: &ClusterView) -> Vec<String> {
 pub fn mount_unit(volume: &str, servers: &[String]) -> String {
     let mut options = "_netdev".to_owned();
     if servers.len() > 1 {
-        options.push_str(&format!(",backup-volfile-servers={}", servers[1..].join(":")));
+        options.push_str(&format!(
+            ",backup-volfile-servers={}",
+            servers[1..].join(":")
+        ));
     }
     format!(
         "# Managed by steward-agent: Gluster volume {volume}.\n\
@@ -410,8 +413,7 @@ mod tests {
         assert_eq!(stale.id, "stale-mounts:gluster");
         assert_eq!(stale.status, ResourceStatus::Failed);
         assert!(
-            stale.detail.contains("files are open")
-                && stale.detail.contains("pid 42 (postgres)"),
+            stale.detail.contains("files are open") && stale.detail.contains("pid 42 (postgres)"),
             "{}",
             stale.detail
         );

@@ -559,7 +559,10 @@ mod tests {
         wide.mount_on = [Role::K8sWorker, Role::K8sControlPlane].into();
         let m = pv_manifest(&wide, &cluster(), None).unwrap();
         assert_eq!(affinity(&m), ["c1", "w1", "w2"]);
-        assert!(m.contains(&format!("storage: \"{FALLBACK_CAPACITY}\"")), "{m}");
+        assert!(
+            m.contains(&format!("storage: \"{FALLBACK_CAPACITY}\"")),
+            "{m}"
+        );
         assert!(m.contains("capacity-source: \"unknown"), "{m}");
         wide.mount_on.clear();
         assert_eq!(pv_manifest(&wide, &cluster(), None), None);
@@ -567,8 +570,14 @@ mod tests {
 
     #[test]
     fn the_pv_task_feeds_kubectl_on_stdin_once_per_manifest() {
-        let (task, file) =
-            pv_task(&vol(), &cluster(), None, "/etc/kubernetes/admin.conf", "/done").unwrap();
+        let (task, file) = pv_task(
+            &vol(),
+            &cluster(),
+            None,
+            "/etc/kubernetes/admin.conf",
+            "/done",
+        )
+        .unwrap();
         assert_eq!(task.id, "gluster-pv-data");
         assert_eq!(file.path, "/var/lib/steward-agent/gluster/pv-data.yaml");
         assert_eq!(
