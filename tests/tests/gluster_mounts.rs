@@ -26,8 +26,9 @@
 //!    pulled): both workers still write and read (after GlusterFS's own
 //!    ping timeout for the first call).
 //! 5. w2's FUSE client is frozen (SIGSTOP): the agent finds the mount
-//!    hung, detaches and remounts it (from the backup volfile servers,
-//!    b1 being still silent), says so, and the file reads again.
+//!    hung (two probes of 60 s without an answer), detaches and remounts it
+//!    (from the backup volfile servers, b1 being still silent), says so,
+//!    and the file reads again. Neither worker was remounted in step 4.
 //! 6. b1 back; the agent on w1 restarted: the very same FUSE client
 //!    process keeps the mount.
 //! 7. The spec drops the volume while a process on w2 holds a file open
@@ -434,6 +435,10 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
     );
 
     // ---- 4. b1 goes silent: the workers keep reading and writing
+    let clients: Vec<Option<u32>> = WORKERS
+        .iter()
+        .map(|w| fuse_client(&bed, bed.machine(w)).map(|(pid, _)| pid))
+        .collect();
     b1.link_down();
     let t4 = Instant::now();
     clock.say("step 4: b1 (brick, first volfile server) cable pulled");
@@ -462,6 +467,14 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         );
     }
     assert_eq!(brick_file(b1, "silent-w2.txt"), None, "b1 was silent");
+    let after: Vec<Option<u32>> = WORKERS
+        .iter()
+        .map(|w| fuse_client(&bed, bed.machine(w)).map(|(pid, _)| pid))
+        .collect();
+    assert_eq!(
+        after, clients,
+        "a worker's mount was remounted while a brick node was silent"
+    );
     clock.say(format!(
         "both workers kept reading and writing with b1 silent ({} in all)",
         secs(t4.elapsed())
@@ -478,7 +491,8 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
     let t5 = Instant::now();
     clock.say(format!("step 5: w2's FUSE client (pid {frozen}) frozen"));
     let remounted = poll(
-        Duration::from_secs(240),
+        // Two probes of 60 s without an answer, and the retry between.
+        Duration::from_secs(300),
         Duration::from_secs(1),
         "w2: a new FUSE client serving the mount",
         || match fuse_client(&bed, w2) {

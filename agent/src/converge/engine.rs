@@ -3,7 +3,7 @@
 //! resource as ok, changed, failed (with the error), not applicable here
 //! (with the reason) or skipped (a resource it needs failed).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,8 @@ struct Run {
     notify: BTreeMap<String, (NotifyAction, String)>,
     /// A repository changed: package indexes must be re-read first.
     refresh: bool,
+    /// Mounts whose last probe got no answer (see [`mount_check`]).
+    unanswered: BTreeSet<PathBuf>,
 }
 
 /// The converge engine. Keeps, between runs, when each resource entered
@@ -77,6 +79,7 @@ struct Run {
 pub struct Engine {
     previous: HashMap<String, ResourceState>,
     owed: BTreeMap<String, (NotifyAction, String)>,
+    unanswered: BTreeSet<PathBuf>,
 }
 
 impl Engine {
@@ -85,6 +88,7 @@ impl Engine {
         let started = Instant::now();
         let mut run = Run {
             notify: std::mem::take(&mut self.owed),
+            unanswered: std::mem::take(&mut self.unanswered),
             ..Run::default()
         };
         let mut statuses: HashMap<String, ResourceStatus> = HashMap::new();
@@ -127,6 +131,8 @@ impl Engine {
             }
             self.owed.insert(unit, (action, why));
         }
+        // Only mounts still planned and checked keep their count.
+        self.unanswered = std::mem::take(&mut run.unanswered);
         ConvergeReport {
             revision,
             finished_unix_ms: unix_ms(),
@@ -167,7 +173,7 @@ fn apply(host: &dyn Host, resource: &Resource, run: &mut Run) -> HostResult<Outc
             options,
         } => mount(host, what, target, fstype, options).map(Outcome::changed),
         Resource::SwapOff => swap_off(host),
-        Resource::MountCheck { unit, target } => mount_check(host, unit, target),
+        Resource::MountCheck { unit, target } => mount_check(host, unit, target, run),
         Resource::StaleMounts {
             unit_prefix, keep, ..
         } => stale_mounts(host, unit_prefix, keep).map(Outcome::changed),
@@ -495,25 +501,40 @@ fn mount(
     Ok(changed)
 }
 
-/// How long a mount has to answer a `statfs` before it counts as hung.
-/// Longer than GlusterFS's `network.ping-timeout` (42 s by default): a
-/// brick that went silent holds the client's calls that long, after which
-/// the client answers from the other replicas. A mount still silent after
-/// that is hung, and remounting it (which would cut off its open files)
-/// is then the lesser harm.
+/// How long a mount has to answer a `statfs` in one probe. Longer than
+/// GlusterFS's `network.ping-timeout` (42 s by default), for which a brick
+/// that went silent holds the client's calls.
 pub const MOUNT_PROBE_DEADLINE: Duration = Duration::from_secs(60);
 
-fn mount_check(host: &dyn Host, unit: &str, target: &Path) -> HostResult<Outcome> {
+/// Probes the mount at `target`; remounts it through `unit` when it is not
+/// mounted, when its client fails (a dead FUSE daemon), or when two probes
+/// in a row got no answer. One unanswered probe is only a failure: a
+/// silent brick can hold calls past the deadline (80 s seen with one brick
+/// node's cable pulled), and a remount then would cut off the files open
+/// on the mount for nothing (`tests/gluster_mounts.rs` saw a write lost
+/// that way). A mount that is still silent at the next probe is hung.
+fn mount_check(host: &dyn Host, unit: &str, target: &Path, run: &mut Run) -> HostResult<Outcome> {
     let probe = host.probe_mount(target, MOUNT_PROBE_DEADLINE)?;
+    let deadline = MOUNT_PROBE_DEADLINE.as_secs();
     let why = match &probe {
-        MountProbe::Answers => return Ok(Outcome::ok()),
+        MountProbe::Answers => {
+            run.unanswered.remove(target);
+            return Ok(Outcome::ok());
+        }
         MountProbe::NotMounted => "it was not mounted".to_owned(),
-        MountProbe::Hung => format!(
-            "it was hung: no answer to statfs within {} s",
-            MOUNT_PROBE_DEADLINE.as_secs()
-        ),
+        MountProbe::Hung if run.unanswered.insert(target.to_owned()) => {
+            return Err(HostError::Failed(format!(
+                "{}: no answer to statfs within {deadline} s (a silent brick holds calls that \
+                 long); remounted if the next check gets none either",
+                target.display()
+            )));
+        }
+        MountProbe::Hung => {
+            format!("it was hung: no answer to statfs in two checks of {deadline} s")
+        }
         MountProbe::Error(e) => format!("it failed: {e}"),
     };
+    run.unanswered.remove(target);
     tracing::warn!(mount.target = %target.display(), mount.problem = %why, "remounting");
     if probe != MountProbe::NotMounted {
         // A plain unmount of a hung FUSE mount can block; a lazy one never

@@ -376,6 +376,17 @@ mod tests {
             .borrow_mut()
             .hung_mounts
             .insert("/mnt/steward/gluster/data".into());
+        // One unanswered probe: a failure, no remount (a silent brick can
+        // hold calls that long).
+        let first = engine.run(&host, &plan, 1);
+        let check = first
+            .resources
+            .iter()
+            .find(|r| r.id == "mount-check:/mnt/steward/gluster/data")
+            .unwrap();
+        assert_eq!(check.status, ResourceStatus::Failed);
+        assert!(check.detail.contains("next check"), "{}", check.detail);
+        assert!(host.take_changes().is_empty());
         let report = engine.run(&host, &plan, 1);
         let check = report
             .resources
@@ -383,7 +394,7 @@ mod tests {
             .find(|r| r.id == "mount-check:/mnt/steward/gluster/data")
             .unwrap();
         assert_eq!(check.status, ResourceStatus::Changed);
-        assert!(check.detail.contains("hung"), "{}", check.detail);
+        assert!(check.detail.contains("two checks"), "{}", check.detail);
         assert_eq!(
             host.take_changes(),
             [
@@ -393,6 +404,24 @@ mod tests {
         );
         assert!(engine.run(&host, &plan, 1).converged());
         assert!(host.take_changes().is_empty());
+    }
+
+    #[test]
+    fn a_mount_that_answers_again_is_left_alone() {
+        let host = host();
+        let plan = plan_mounts(&desired(&[Role::K8sWorker]));
+        let mut engine = Engine::default();
+        assert!(engine.run(&host, &plan, 1).converged());
+        let point = std::path::PathBuf::from("/mnt/steward/gluster/data");
+        host.state.borrow_mut().hung_mounts.insert(point.clone());
+        assert!(!engine.run(&host, &plan, 1).converged());
+        host.state.borrow_mut().hung_mounts.remove(&point);
+        assert!(engine.run(&host, &plan, 1).converged());
+        // Silent once more: a first miss again, not a second.
+        host.state.borrow_mut().hung_mounts.insert(point);
+        host.take_changes();
+        assert!(!engine.run(&host, &plan, 1).converged());
+        assert_eq!(host.take_changes(), Vec::<String>::new());
     }
 
     #[test]
