@@ -164,11 +164,20 @@ fn brick_file(m: &Machine, name: &str) -> Option<String> {
         .map(|t| t.trim().to_owned())
 }
 
-/// The FUSE client serving the mount in `m`: (host pid, command line).
+/// The FUSE client serving the mount in `m`: (host pid, command line);
+/// panics if there is more than one.
 fn fuse_client(bed: &ConvergeBed, m: &Machine) -> Option<(u32, String)> {
+    let mut all = fuse_clients(bed, m);
+    assert!(all.len() <= 1, "{}: FUSE clients {all:?}", m.name());
+    all.pop()
+}
+
+/// Every FUSE client process of the mount point in `m`.
+fn fuse_clients(bed: &ConvergeBed, m: &Machine) -> Vec<(u32, String)> {
     bed.processes_in(m, &["glusterfs"])
         .into_iter()
-        .find(|(_, cmd)| cmd.contains(POINT))
+        .filter(|(_, cmd)| cmd.contains(POINT))
+        .collect()
 }
 
 fn resource<'a>(report: &'a Value, id: &str) -> Option<&'a Value> {
@@ -495,9 +504,12 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         Duration::from_secs(300),
         Duration::from_secs(1),
         "w2: a new FUSE client serving the mount",
-        || match fuse_client(&bed, w2) {
-            Some((pid, _)) if pid != frozen => Ok(pid),
-            other => Err(format!("client {other:?}")),
+        || {
+            let all = fuse_clients(&bed, w2);
+            match all.iter().find(|(pid, _)| *pid != frozen) {
+                Some((pid, _)) => Ok(*pid),
+                None => Err(format!("clients {all:?}")),
+            }
         },
     );
     clock.say(format!(
@@ -506,6 +518,19 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
     ));
     let (r, took) = read(w2, "one.txt", Duration::from_secs(120));
     assert_eq!(r.as_deref(), Ok("one"), "w2 reads through the new mount");
+    poll(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        "w2: the frozen client ended by the agent",
+        || match fuse_clients(&bed, w2)
+            .iter()
+            .map(|(p, _)| *p)
+            .collect::<Vec<_>>()
+        {
+            pids if pids == [remounted] => Ok(()),
+            pids => Err(format!("clients {pids:?}")),
+        },
+    );
     clock.say(format!(
         "w2: one.txt read through the new mount in {}",
         secs(took)
@@ -527,11 +552,6 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         resource(&report["converge"], "mount-check:/mnt/steward/gluster/data")
             .cloned()
             .unwrap_or_default()
-    );
-    // The frozen client is the test's to end.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(frozen as i32),
-        nix::sys::signal::Signal::SIGKILL,
     );
 
     // ---- 6. b1 back; the agent restarted on w1 leaves the mount alone

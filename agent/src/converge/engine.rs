@@ -538,8 +538,17 @@ fn mount_check(host: &dyn Host, unit: &str, target: &Path, run: &mut Run) -> Hos
     tracing::warn!(mount.target = %target.display(), mount.problem = %why, "remounting");
     if probe != MountProbe::NotMounted {
         // A plain unmount of a hung FUSE mount can block; a lazy one never
-        // does, and the restart then mounts afresh.
+        // does, and the restart then mounts afresh. The wedged client stays
+        // in the unit's cgroup after the detach (systemd leaves it): end it.
         host.detach_mount(target)?;
+        let kill = ["systemctl", "kill", "--signal=SIGKILL", unit].map(String::from);
+        match host.run(&kill) {
+            Ok(out) if out.success => {}
+            Ok(out) => {
+                tracing::warn!(unit, error = %tail(&out.stderr), "cannot end the old client")
+            }
+            Err(error) => tracing::warn!(unit, %error, "cannot end the old client"),
+        }
     }
     host.notify(unit, NotifyAction::Restart)?;
     match host.probe_mount(target, MOUNT_PROBE_DEADLINE)? {

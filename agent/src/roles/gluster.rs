@@ -399,6 +399,7 @@ mod tests {
             host.take_changes(),
             [
                 "umount -l /mnt/steward/gluster/data",
+                "run systemctl kill --signal=SIGKILL mnt-steward-gluster-data.mount",
                 "restart mnt-steward-gluster-data.mount"
             ]
         );
