@@ -48,7 +48,18 @@ pub fn plan(desired: &DesiredState) -> Vec<Planned> {
 
 /// The coordinator's files and tasks, after everything the roles need.
 fn coordinator_steps(desired: &DesiredState, before: &[Planned]) -> Vec<Planned> {
-    let role_ids: Vec<String> = before.iter().map(|p| p.resource.id()).collect();
+    // Checks and clean-ups of the node's mounts are no prerequisite: a file
+    // held open on a dropped volume must not hold up a `kubeadm join`.
+    let role_ids: Vec<String> = before
+        .iter()
+        .filter(|p| {
+            !matches!(
+                p.resource,
+                Resource::MountCheck { .. } | Resource::StaleMounts { .. }
+            )
+        })
+        .map(|p| p.resource.id())
+        .collect();
     let mut steps = Vec::new();
     for file in &desired.files {
         let mut spec = FileSpec::new(&file.path, file.content.clone(), file.mode);
@@ -365,6 +376,8 @@ pub(crate) mod tests {
         assert!(last.requires.contains(&"command:peer-probe-b".to_owned()));
         assert!(last.requires.contains(&"file:/etc/x/secret".to_owned()));
         assert!(last.requires.contains(&"unit:glusterd.service".to_owned()));
+        // Seen end to end: a refused unmount held up the node's tasks.
+        assert!(!last.requires.contains(&"stale-mounts:gluster".to_owned()));
     }
 
     #[test]
