@@ -663,6 +663,15 @@ fn gluster_volumes_are_mounted_on_the_workers_and_published_to_kubernetes() {
         "the reason names the process: {refused}"
     );
     assert!(mounted(w2).is_some(), "w2 unmounted under an open file");
+    let view = bed.node_json("w2").expect("node show w2");
+    let held_up: Vec<&Value> = report_resources(&view["converge"])
+        .into_iter()
+        .filter(|r| r["status"] == "skipped")
+        .collect();
+    assert!(
+        held_up.is_empty(),
+        "the refused unmount holds up other resources: {held_up:?}"
+    );
     eprintln!(
         "---- stewardctl node show w2 ----\n{}",
         bed.node_table("w2")
