@@ -7,6 +7,7 @@ use std::time::Instant;
 use steward_proto::convert::roles_display;
 use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, RoleChange, RoleSet};
 use steward_proto::pb;
+use steward_proto::ProtoError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -654,6 +655,43 @@ impl pb::admin_service_server::AdminService for AdminApi {
             changes: outcome.changes,
             applied: outcome.applied,
             warnings: outcome.warnings,
+        }))
+    }
+
+    async fn gluster_pv(
+        &self,
+        request: Request<pb::GlusterPvRequest>,
+    ) -> Result<Response<pb::GlusterPvResponse>, Status> {
+        require_admin(&request)?;
+        let name = request.into_inner().volume;
+        let view = {
+            let specs = self.ctx.specs.borrow().clone();
+            let vips = self.ctx.vips.borrow().clone();
+            // The view is the same for every node; any id asks for it.
+            let anyone = NodeId::new("stewardctl").map_err(|e| Error::from(ProtoError::from(e)))?;
+            specs.desired_state(&anyone, &vips).cluster
+        };
+        let volume = view
+            .settings
+            .gluster_volumes
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::UnknownVolume(name.clone()))?;
+        let capacity = self.ctx.orchestration.borrow().capacity(&name);
+        let manifest = crate::orchestrate::gluster::pv_manifest(volume, &view, capacity)
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "no node mounts Gluster volume {name}: no node has a role of its mount_on \
+                     ({})",
+                    roles_display(&volume.mount_on)
+                ))
+            })?;
+        Ok(Response::new(pb::GlusterPvResponse {
+            manifest,
+            nodes: crate::orchestrate::gluster::mounting_nodes(volume, &view)
+                .into_iter()
+                .map(String::from)
+                .collect(),
         }))
     }
 

@@ -76,7 +76,8 @@ impl SessionContext {
             .get(node)
             .map(|s| s.value.roles.clone())
             .unwrap_or_default();
-        let interest = crate::desired::Interest::of(&roles);
+        let interest =
+            crate::desired::Interest::for_node(&roles, specs.settings.as_ref().map(|s| &s.value));
         let view = self.views.get(&specs, &vips, &interest);
         let mut desired = crate::desired::desired_base(&specs, &view, node);
         let maintenance = specs.maintenance_set();
@@ -106,7 +107,8 @@ impl SessionContext {
         if !specs.synced || !vips.synced || !orchestration.synced {
             return 0;
         }
-        let interest = crate::desired::Interest::of(&roles);
+        let interest =
+            crate::desired::Interest::for_node(&roles, specs.settings.as_ref().map(|s| &s.value));
         let view = self.views.get(&specs, &vips, &interest);
         let steps = orchestration.revision_for(&interest);
         view.revision

@@ -93,7 +93,11 @@ impl SpecSnapshot {
             .get(node)
             .map(|s| s.value.roles.clone())
             .unwrap_or_default();
-        let view = crate::desired::project(self, vips, &crate::desired::Interest::of(&roles));
+        let view = crate::desired::project(
+            self,
+            vips,
+            &crate::desired::Interest::for_node(&roles, self.settings.as_ref().map(|s| &s.value)),
+        );
         crate::desired::desired_base(self, &view, node)
     }
 
@@ -504,6 +508,7 @@ mod tests {
             gluster_volumes: vec![GlusterVolume {
                 name: "data".into(),
                 replica: 3,
+                mount_on: Default::default(),
             }],
             ..Default::default()
         };
@@ -519,7 +524,9 @@ mod tests {
             let key = f.keys.settings_changed(section);
             f.touch(key, if section == Section::Gluster { 40 } else { 3 });
         }
-        assert_eq!(f.revisions(&ALL), [10, 10, 40, 40, 0]);
+        // Bricks serve the volume, workers mount it, the control plane
+        // applies its PersistentVolume; the lb and the idle node do not care.
+        assert_eq!(f.revisions(&ALL), [10, 40, 40, 40, 0]);
         assert_eq!(f.desired("b-1").cluster.settings, settings);
         assert_eq!(
             f.desired("lb-1").cluster.settings,

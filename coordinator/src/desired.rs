@@ -114,6 +114,26 @@ impl Interest {
         i
     }
 
+    /// [`Interest::of`], plus what the cluster's Gluster volumes add: a
+    /// node whose roles mount a volume (`mount_on`) consumes the volumes
+    /// and the bricks (its mount unit names them), and a control plane the
+    /// volumes and their mounting nodes (it applies their
+    /// PersistentVolumes).
+    pub fn for_node(roles: &BTreeSet<Role>, settings: Option<&ClusterSettings>) -> Self {
+        let mut i = Self::of(roles);
+        for volume in settings.map_or(&[][..], |s| &s.gluster_volumes[..]) {
+            if volume.mount_on.iter().any(|r| roles.contains(r)) {
+                i.sections.insert(Section::Gluster);
+                i.member_roles.insert(Role::GlusterBrick);
+            }
+            if roles.contains(&Role::K8sControlPlane) {
+                i.sections.insert(Section::Gluster);
+                i.member_roles.extend(volume.mount_on.iter().copied());
+            }
+        }
+        i
+    }
+
     fn wants(&self, roles: &BTreeSet<Role>) -> bool {
         roles.iter().any(|r| self.member_roles.contains(r))
     }

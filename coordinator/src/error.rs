@@ -19,6 +19,8 @@ pub enum Error {
     UnknownNode(NodeId),
     #[error("unknown VIP {0:?} (stewardctl vip list shows the VIPs)")]
     UnknownVip(String),
+    #[error("unknown Gluster volume {0:?}: the cluster settings have no such [[gluster.volume]]")]
+    UnknownVolume(String),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("node {node} does not have role {role}")]
@@ -108,7 +110,9 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Etcd { .. } => Status::unavailable(msg),
             Error::Corrupt { .. } => Status::data_loss(msg),
-            Error::UnknownNode(_) | Error::UnknownVip(_) => Status::not_found(msg),
+            Error::UnknownNode(_) | Error::UnknownVip(_) | Error::UnknownVolume(_) => {
+                Status::not_found(msg)
+            }
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::RoleNotAssigned { .. } => Status::failed_precondition(msg),
             Error::InvalidRequest(_) | Error::InvalidArgument(_) | Error::InvalidSpec(_) => {

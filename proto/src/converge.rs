@@ -188,6 +188,63 @@ pub fn apt_suite_problem(suite: &str) -> Option<String> {
 pub struct GlusterVolume {
     pub name: String,
     pub replica: u32,
+    /// Nodes with any of these roles mount the volume at
+    /// [`gluster_mount_point`]; settings stored before there was a choice
+    /// mount on the Kubernetes workers.
+    #[serde(default = "default_mount_on")]
+    pub mount_on: RoleSet,
+}
+
+/// The report resource in which the agent of the node that runs a
+/// volume's `gluster` commands states its capacity (from `gluster volume
+/// status <volume> detail`), its detail written by
+/// [`gluster_capacity_detail`]: the one definition both sides use.
+pub fn gluster_capacity_resource_id(volume: &str) -> String {
+    format!("gluster-capacity:{volume}")
+}
+
+/// `<bytes> bytes`: how a capacity resource's detail states it.
+pub fn gluster_capacity_detail(bytes: u64) -> String {
+    format!("{bytes} bytes")
+}
+
+/// The bytes a capacity resource's detail states.
+pub fn parse_gluster_capacity_detail(detail: &str) -> Option<u64> {
+    detail
+        .strip_suffix(" bytes")?
+        .parse()
+        .ok()
+        .filter(|b| *b > 0)
+}
+
+/// Where the volume is mounted: `/mnt/steward/gluster/<volume>`.
+pub fn gluster_mount_point(volume: &str) -> String {
+    format!("{GLUSTER_MOUNT_ROOT}/{volume}")
+}
+
+/// Under which every Gluster volume is mounted.
+pub const GLUSTER_MOUNT_ROOT: &str = "/mnt/steward/gluster";
+
+/// Who mounts a volume that does not say: the Kubernetes workers.
+pub fn default_mount_on() -> RoleSet {
+    RoleSet::from([crate::domain::Role::K8sWorker])
+}
+
+impl GlusterVolume {
+    /// Whether a node with `roles` mounts this volume.
+    pub fn mounted_by(&self, roles: &RoleSet) -> bool {
+        self.mount_on.iter().any(|r| roles.contains(r))
+    }
+}
+
+impl ClusterView {
+    /// The members that mount `volume`, by id.
+    pub fn mounting<'a>(
+        &'a self,
+        volume: &'a GlusterVolume,
+    ) -> impl Iterator<Item = &'a Member> + 'a {
+        self.members.iter().filter(|m| volume.mounted_by(&m.roles))
+    }
 }
 
 /// A user-defined HAProxy frontend on every VIP.
@@ -449,6 +506,7 @@ impl TryFrom<pb::ClusterSettings> for ClusterSettings {
                     Ok(GlusterVolume {
                         name: bounded_str("gluster_volumes.name", v.name)?,
                         replica: v.replica,
+                        mount_on: roles_from_pb("gluster_volumes.mount_on", &v.mount_on)?,
                     })
                 })
                 .collect::<Result<_, ProtoError>>()?,
@@ -489,6 +547,7 @@ impl From<ClusterSettings> for pb::ClusterSettings {
                 .map(|v| pb::GlusterVolume {
                     name: v.name,
                     replica: v.replica,
+                    mount_on: roles_to_pb(&v.mount_on),
                 })
                 .collect(),
             frontends: s
@@ -771,6 +830,7 @@ mod tests {
                 gluster_volumes: vec![GlusterVolume {
                     name: "data".into(),
                     replica: 3,
+                    mount_on: [Role::K8sWorker, Role::K8sControlPlane].into(),
                 }],
                 frontends: vec![Frontend {
                     name: "grafana".into(),

@@ -25,7 +25,9 @@
 //!   output leaks anywhere.
 //!
 //! `kubelet.service` runs `sleep infinity` under the name `kubelet`;
-//! `kubectl` prints that it is a stand-in.
+//! `kubectl` records every call in [`KUBECTL_CALLS_LOG`], keeps what it
+//! read for `-f -` in [`KUBECTL_STDIN_DIR`], applies nothing, and says on
+//! stderr that it is a stand-in.
 
 use std::path::{Path, PathBuf};
 
@@ -184,10 +186,38 @@ RestartSec=2\n\
 [Install]\n\
 WantedBy=multi-user.target\n";
 
-const KUBECTL: &str = "#!/bin/sh\n\
-# STAND-IN kubectl, built by steward-tests: NOT Kubernetes.\n\
-echo 'kubectl STAND-IN (steward-tests): no Kubernetes here' >&2\n\
-exit 0\n";
+/// Where the stand-in `kubectl` appends one line per call (as
+/// [`KUBEADM_CALLS_LOG`], with `kubectl` for `kubeadm`; [`parse_kubectl_calls`]).
+pub const KUBECTL_CALLS_LOG: &str = "/var/lib/kubeadm-standin/kubectl-calls.log";
+/// Where the stand-in `kubectl` keeps what it read for `-f -`: one file per
+/// call, `<n>.yaml`, n counting from 1.
+pub const KUBECTL_STDIN_DIR: &str = "/var/lib/kubeadm-standin/kubectl-stdin";
+
+/// The stand-in `kubectl`: records its arguments and, for `-f -`, its
+/// standard input; applies nothing.
+const KUBECTL: &str = r#"#!/bin/sh
+# STAND-IN kubectl, built by steward-tests: NOT Kubernetes. Records its
+# arguments and what `-f -` reads (see tests/src/standins.rs).
+set -u
+LOG=/var/lib/kubeadm-standin/kubectl-calls.log
+STDIN_DIR=/var/lib/kubeadm-standin/kubectl-stdin
+mkdir -p "$STDIN_DIR"
+quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
+line="$(date +%s.%N) $(cat /etc/hostname) kubectl"
+for a in "$@"; do line="$line $(quote "$a")"; done
+printf '%s
+' "$line" >> "$LOG"
+prev=""
+for a in "$@"; do
+  if [ "$prev" = "-f" ] && [ "$a" = "-" ]; then
+    n=$(ls "$STDIN_DIR" | wc -l)
+    cat > "$STDIN_DIR/$((n + 1)).yaml"
+  fi
+  prev=$a
+done
+echo 'kubectl STAND-IN (steward-tests): no Kubernetes here' >&2
+exit 0
+"#;
 
 /// Builds the stand-in `kubeadm`, `kubelet` and `kubectl` at each of
 /// `versions` into `dir` and indexes it as a flat repository (`deb
@@ -307,12 +337,21 @@ pub fn config_value<'a>(yaml: &'a str, key: &str) -> Option<&'a str> {
 
 /// Parses [`KUBEADM_CALLS_LOG`]; `Err` names a line it cannot read.
 pub fn parse_calls(text: &str) -> Result<Vec<Call>, String> {
+    parse_program_calls(text, "kubeadm")
+}
+
+/// Parses [`KUBECTL_CALLS_LOG`] (`argv` without `kubectl`).
+pub fn parse_kubectl_calls(text: &str) -> Result<Vec<Call>, String> {
+    parse_program_calls(text, "kubectl")
+}
+
+fn parse_program_calls(text: &str, program: &str) -> Result<Vec<Call>, String> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|line| {
             let words = shell_words(line).ok_or_else(|| format!("unbalanced quotes: {line}"))?;
             match words.as_slice() {
-                [at, host, kubeadm, argv @ ..] if kubeadm == "kubeadm" => Ok(Call {
+                [at, host, name, argv @ ..] if name == program => Ok(Call {
                     at: at.parse().map_err(|_| format!("bad time in: {line}"))?,
                     host: host.clone(),
                     argv: argv.to_vec(),

@@ -159,7 +159,7 @@ fn the_example_spec_reaches_every_agent_and_applying_it_again_changes_nothing() 
         "frontend grafana: add (port 3000 -> k8s-worker:30300)",
         "cluster settings: kubernetes: add (version 1.31.2-1.1, pod subnet 10.244.0.0/16, \
          service subnet 10.96.0.0/12, repository https://pkgs.k8s.io/core:/stable:/v1.31/deb/)",
-        "gluster volume data: add (replica 3)",
+        "gluster volume data: add (replica 3, mount on [k8s-worker])",
         "node node-1: roles [] -> [lb,k8s-control-plane,gluster-brick]",
         "node node-1: labels {} -> {zone=a}",
         "node node-2: roles [] -> [lb,k8s-worker,gluster-brick]",

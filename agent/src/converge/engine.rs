@@ -3,13 +3,13 @@
 //! resource as ok, changed, failed (with the error), not applicable here
 //! (with the reason) or skipped (a resource it needs failed).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use steward_proto::converge::{ConvergeReport, ResourceState, ResourceStatus};
 
-use super::host::{tail, Host, HostError, HostResult, Meta};
+use super::host::{tail, Host, HostError, HostResult, Meta, MountProbe};
 use super::resource::{
     CommandSpec, FileSpec, NotifyAction, PackageSpec, Planned, Repository, Resource, UnitSpec,
 };
@@ -67,6 +67,8 @@ struct Run {
     notify: BTreeMap<String, (NotifyAction, String)>,
     /// A repository changed: package indexes must be re-read first.
     refresh: bool,
+    /// Mounts whose last probe got no answer (see [`mount_check`]).
+    unanswered: BTreeSet<PathBuf>,
 }
 
 /// The converge engine. Keeps, between runs, when each resource entered
@@ -77,6 +79,7 @@ struct Run {
 pub struct Engine {
     previous: HashMap<String, ResourceState>,
     owed: BTreeMap<String, (NotifyAction, String)>,
+    unanswered: BTreeSet<PathBuf>,
 }
 
 impl Engine {
@@ -85,6 +88,7 @@ impl Engine {
         let started = Instant::now();
         let mut run = Run {
             notify: std::mem::take(&mut self.owed),
+            unanswered: std::mem::take(&mut self.unanswered),
             ..Run::default()
         };
         let mut statuses: HashMap<String, ResourceStatus> = HashMap::new();
@@ -127,6 +131,8 @@ impl Engine {
             }
             self.owed.insert(unit, (action, why));
         }
+        // Only mounts still planned and checked keep their count.
+        self.unanswered = std::mem::take(&mut run.unanswered);
         ConvergeReport {
             revision,
             finished_unix_ms: unix_ms(),
@@ -167,6 +173,11 @@ fn apply(host: &dyn Host, resource: &Resource, run: &mut Run) -> HostResult<Outc
             options,
         } => mount(host, what, target, fstype, options).map(Outcome::changed),
         Resource::SwapOff => swap_off(host),
+        Resource::MountCheck { unit, target } => mount_check(host, unit, target, run),
+        Resource::StaleMounts {
+            unit_prefix, keep, ..
+        } => stale_mounts(host, unit_prefix, keep).map(Outcome::changed),
+        Resource::GlusterCapacity { volume, replica } => gluster_capacity(host, volume, *replica),
         Resource::Command(spec) => command(host, spec),
         Resource::Blocked { reason, .. } => Err(HostError::Failed(reason.clone())),
     }
@@ -380,12 +391,14 @@ fn unit(host: &dyn Host, spec: &UnitSpec, run: &mut Run) -> HostResult<Vec<Strin
         if ensure_content(host, &path, content.as_bytes(), 0o644)? {
             host.daemon_reload()?;
             changed.push("unit file".into());
-            owe(
-                run,
-                &spec.name,
-                NotifyAction::Restart,
-                &path.to_string_lossy(),
-            );
+            if spec.restart_on_change {
+                owe(
+                    run,
+                    &spec.name,
+                    NotifyAction::Restart,
+                    &path.to_string_lossy(),
+                );
+            }
         }
     }
     let state = host.state(&spec.name)?;
@@ -484,6 +497,146 @@ fn mount(
     if !host.is_mounted(target)? {
         host.mount(target)?;
         changed.push("mounted".into());
+    }
+    Ok(changed)
+}
+
+/// How long a mount has to answer a `statfs` in one probe. Longer than
+/// GlusterFS's `network.ping-timeout` (42 s by default), for which a brick
+/// that went silent holds the client's calls.
+pub const MOUNT_PROBE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Probes the mount at `target`; remounts it through `unit` when it is not
+/// mounted, when its client fails (a dead FUSE daemon), or when two probes
+/// in a row got no answer. One unanswered probe is only a failure: a
+/// silent brick can hold calls past the deadline (80 s seen with one brick
+/// node's cable pulled), and a remount then would cut off the files open
+/// on the mount for nothing (`tests/gluster_mounts.rs` saw a write lost
+/// that way). A mount that is still silent at the next probe is hung.
+fn mount_check(host: &dyn Host, unit: &str, target: &Path, run: &mut Run) -> HostResult<Outcome> {
+    let probe = host.probe_mount(target, MOUNT_PROBE_DEADLINE)?;
+    let deadline = MOUNT_PROBE_DEADLINE.as_secs();
+    let why = match &probe {
+        MountProbe::Answers => {
+            run.unanswered.remove(target);
+            return Ok(Outcome::ok());
+        }
+        MountProbe::NotMounted => "it was not mounted".to_owned(),
+        MountProbe::Hung if run.unanswered.insert(target.to_owned()) => {
+            return Err(HostError::Failed(format!(
+                "{}: no answer to statfs within {deadline} s (a silent brick holds calls that \
+                 long); remounted if the next check gets none either",
+                target.display()
+            )));
+        }
+        MountProbe::Hung => {
+            format!("it was hung: no answer to statfs in two checks of {deadline} s")
+        }
+        MountProbe::Error(e) => format!("it failed: {e}"),
+    };
+    run.unanswered.remove(target);
+    tracing::warn!(mount.target = %target.display(), mount.problem = %why, "remounting");
+    if probe != MountProbe::NotMounted {
+        // A plain unmount of a hung FUSE mount can block; a lazy one never
+        // does, and the restart then mounts afresh. The wedged client stays
+        // in the unit's cgroup after the detach (systemd leaves it): end it.
+        host.detach_mount(target)?;
+        let kill = ["systemctl", "kill", "--signal=SIGKILL", unit].map(String::from);
+        match host.run(&kill) {
+            Ok(out) if out.success => {}
+            Ok(out) => {
+                tracing::warn!(unit, error = %tail(&out.stderr), "cannot end the old client")
+            }
+            Err(error) => tracing::warn!(unit, %error, "cannot end the old client"),
+        }
+    }
+    host.notify(unit, NotifyAction::Restart)?;
+    match host.probe_mount(target, MOUNT_PROBE_DEADLINE)? {
+        MountProbe::Answers => Ok(Outcome::changed(vec![format!("remounted: {why}")])),
+        after => Err(HostError::Failed(format!(
+            "{}: {why}; after a remount: {}",
+            target.display(),
+            match after {
+                MountProbe::NotMounted => "not mounted".to_owned(),
+                MountProbe::Hung => "still hung".to_owned(),
+                MountProbe::Error(e) => e,
+                MountProbe::Answers => unreachable!("matched above"),
+            }
+        ))),
+    }
+}
+
+fn gluster_capacity(host: &dyn Host, volume: &str, replica: u32) -> HostResult<Outcome> {
+    let argv: Vec<String> = ["gluster", "volume", "status", volume, "detail"]
+        .map(String::from)
+        .to_vec();
+    let out = host.run(&argv)?;
+    let unknown = |why: String| Outcome::not_applicable(format!("capacity unknown: {why}"));
+    if !out.success {
+        return Ok(unknown(tail(&format!("{}\n{}", out.stdout, out.stderr))));
+    }
+    Ok(
+        match super::gluster::volume_capacity(&out.stdout, replica) {
+            Some(bytes) => Outcome {
+                status: ResourceStatus::Ok,
+                detail: steward_proto::converge::gluster_capacity_detail(bytes),
+            },
+            None => unknown("a replica set has no online brick that states its size".into()),
+        },
+    )
+}
+
+/// `Where=` of a mount unit file.
+fn mount_unit_target(content: &[u8]) -> Option<PathBuf> {
+    String::from_utf8_lossy(content)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Where="))
+        .map(|w| PathBuf::from(w.trim()))
+}
+
+fn stale_mounts(host: &dyn Host, unit_prefix: &str, keep: &[String]) -> HostResult<Vec<String>> {
+    let mut changed = Vec::new();
+    let mut refused = Vec::new();
+    for name in host.list(Path::new(UNIT_DIR))? {
+        if !name.starts_with(unit_prefix) || !name.ends_with(".mount") || keep.contains(&name) {
+            continue;
+        }
+        let path = PathBuf::from(format!("{UNIT_DIR}/{name}"));
+        let target = host.read(&path)?.as_deref().and_then(mount_unit_target);
+        if let Some(target) = &target {
+            if host.is_mounted(target)? {
+                let open = host.open_files_under(target)?;
+                if !open.is_empty() {
+                    refused.push(format!(
+                        "{} stays mounted: files are open on it ({})",
+                        target.display(),
+                        open.join("; ")
+                    ));
+                    continue;
+                }
+            }
+        }
+        let state = host.state(&name)?;
+        if state.active {
+            // Fails (and is reported) if something opened a file since.
+            host.stop(&name)?;
+        }
+        if state.enabled {
+            host.set_enabled(&name, false)?;
+        }
+        host.remove(&path)?;
+        host.daemon_reload()?;
+        changed.push(match &target {
+            Some(t) => format!("unmounted {} and removed {name}", t.display()),
+            None => format!("removed {name}"),
+        });
+    }
+    if !refused.is_empty() {
+        let mut why = refused.join("; ");
+        if !changed.is_empty() {
+            why.push_str(&format!(" (done: {})", changed.join(", ")));
+        }
+        return Err(HostError::Failed(why));
     }
     Ok(changed)
 }

@@ -6,10 +6,11 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::host::{
-    CommandOutput, Commands, Files, Host, HostError, HostResult, Kernel, Meta, Packages, Services,
-    UnitState, Validator,
+    CommandOutput, Commands, Files, Host, HostError, HostResult, Kernel, Meta, MountProbe,
+    Packages, Services, UnitState, Validator,
 };
 use super::resource::{NotifyAction, PackageSpec, Repository};
 
@@ -29,7 +30,13 @@ pub struct FakeState {
     pub read_only_sysctls: BTreeSet<String>,
     pub modules: BTreeSet<String>,
     pub swaps: Vec<String>,
+    /// Mounted file systems; a `.mount` unit started or restarted mounts
+    /// its `Where=`, stopped unmounts it.
     pub mounted: BTreeSet<PathBuf>,
+    /// Mounts whose probe hangs until they are remounted.
+    pub hung_mounts: BTreeSet<PathBuf>,
+    /// What has files open under a path (as `Kernel::open_files_under`).
+    pub open_files: BTreeMap<PathBuf, Vec<String>>,
     /// Programs (argv[0]) that fail, with their stderr.
     pub failing_commands: BTreeMap<String, String>,
     /// Units whose reload or restart fails.
@@ -144,6 +151,25 @@ impl Files for FakeHost {
         Ok(())
     }
 
+    fn list(&self, dir: &Path) -> HostResult<Vec<String>> {
+        let s = self.state.borrow();
+        let names = s
+            .files
+            .keys()
+            .chain(s.dirs.keys())
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        Ok(names.collect::<BTreeSet<_>>().into_iter().collect())
+    }
+
+    fn remove(&self, path: &Path) -> HostResult<()> {
+        if self.state.borrow_mut().files.remove(path).is_some() {
+            self.change(format!("rm {}", path.display()));
+        }
+        Ok(())
+    }
+
     fn create_dir(&self, path: &Path, meta: &Meta) -> HostResult<()> {
         for ancestor in path.ancestors().collect::<Vec<_>>().into_iter().rev() {
             let mut s = self.state.borrow_mut();
@@ -151,13 +177,6 @@ impl Files for FakeHost {
                 s.dirs.insert(ancestor.to_owned(), meta.clone());
                 s.changes.push(format!("mkdir {}", ancestor.display()));
             }
-        }
-        Ok(())
-    }
-
-    fn remove(&self, path: &Path) -> HostResult<()> {
-        if self.state.borrow_mut().files.remove(path).is_some() {
-            self.change(format!("remove {}", path.display()));
         }
         Ok(())
     }
@@ -256,12 +275,14 @@ impl Services for FakeHost {
     fn start(&self, unit: &str) -> HostResult<()> {
         self.ensure_unit(unit);
         self.unit_mut(unit, |u| u.active = true)?;
+        self.mount_unit(unit, true);
         self.change(format!("start {unit}"));
         Ok(())
     }
 
     fn stop(&self, unit: &str) -> HostResult<()> {
         self.unit_mut(unit, |u| u.active = false)?;
+        self.mount_unit(unit, false);
         self.change(format!("stop {unit}"));
         Ok(())
     }
@@ -275,12 +296,36 @@ impl Services for FakeHost {
             NotifyAction::Reload => "reload",
             NotifyAction::Restart => "restart",
         };
+        if action == NotifyAction::Restart {
+            self.mount_unit(unit, true);
+        }
         self.change(format!("{verb} {unit}"));
         Ok(())
     }
 }
 
 impl FakeHost {
+    /// A `.mount` unit's file system comes (fresh, answering) or goes.
+    fn mount_unit(&self, unit: &str, mounted: bool) {
+        if !unit.ends_with(".mount") {
+            return;
+        }
+        let Some(content) = self.file(&format!("/etc/systemd/system/{unit}")) else {
+            return;
+        };
+        let Some(target) = content.lines().find_map(|l| l.strip_prefix("Where=")) else {
+            return;
+        };
+        let target = PathBuf::from(target.trim());
+        let mut s = self.state.borrow_mut();
+        s.hung_mounts.remove(&target);
+        if mounted {
+            s.mounted.insert(target);
+        } else {
+            s.mounted.remove(&target);
+        }
+    }
+
     /// A unit defined by a file under /etc/systemd/system becomes known.
     fn ensure_unit(&self, unit: &str) {
         let loaded = self.state(unit).map(|s| s.loaded).unwrap_or(false);
@@ -349,6 +394,33 @@ impl Kernel for FakeHost {
         s.mounted.insert(target.to_owned());
         s.changes.push(format!("mount {}", target.display()));
         Ok(())
+    }
+
+    fn probe_mount(&self, target: &Path, _deadline: Duration) -> HostResult<MountProbe> {
+        let s = self.state.borrow();
+        Ok(if !s.mounted.contains(target) {
+            MountProbe::NotMounted
+        } else if s.hung_mounts.contains(target) {
+            MountProbe::Hung
+        } else {
+            MountProbe::Answers
+        })
+    }
+
+    fn detach_mount(&self, target: &Path) -> HostResult<()> {
+        let mut s = self.state.borrow_mut();
+        s.mounted.remove(target);
+        s.changes.push(format!("umount -l {}", target.display()));
+        Ok(())
+    }
+
+    fn open_files_under(&self, target: &Path) -> HostResult<Vec<String>> {
+        let s = self.state.borrow();
+        Ok(s.open_files
+            .iter()
+            .filter(|(p, _)| p.starts_with(target))
+            .flat_map(|(_, who)| who.iter().cloned())
+            .collect())
     }
 }
 

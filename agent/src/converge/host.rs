@@ -3,6 +3,7 @@
 //! implementation ([`super::system::System`]) is tested on real test hosts.
 
 use std::path::Path;
+use std::time::Duration;
 
 use super::resource::{NotifyAction, PackageSpec, Repository};
 
@@ -47,7 +48,9 @@ pub trait Files {
     fn set_meta(&self, path: &Path, meta: &Meta) -> HostResult<()>;
     /// Creates the directory and its parents.
     fn create_dir(&self, path: &Path, meta: &Meta) -> HostResult<()>;
-    /// Removes the file; one that is not there is no error.
+    /// Names of the entries in `dir` (none if it does not exist).
+    fn list(&self, dir: &Path) -> HostResult<Vec<String>>;
+    /// Removes a file; a missing one is not an error.
     fn remove(&self, path: &Path) -> HostResult<()>;
 }
 
@@ -93,6 +96,27 @@ pub trait Kernel {
     fn is_mounted(&self, target: &Path) -> HostResult<bool>;
     /// Mounts `target` as `/etc/fstab` says.
     fn mount(&self, target: &Path) -> HostResult<()>;
+    /// Whether the file system mounted at `target` answers within
+    /// `deadline`. Must not block longer than about `deadline` whatever the
+    /// mount does.
+    fn probe_mount(&self, target: &Path, deadline: Duration) -> HostResult<MountProbe>;
+    /// Detaches `target` at once, even while it is busy or hung (`umount -l`).
+    fn detach_mount(&self, target: &Path) -> HostResult<()>;
+    /// Processes that have a file, their working directory or their root
+    /// at or under `target`, one line each (`pid 123 (name): path`).
+    /// Reads only `/proc` links, never the mount itself.
+    fn open_files_under(&self, target: &Path) -> HostResult<Vec<String>>;
+}
+
+/// How a mount answered [`Kernel::probe_mount`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountProbe {
+    Answers,
+    NotMounted,
+    /// No answer within the deadline: the probe was killed.
+    Hung,
+    /// It answered with an error (e.g. `Transport endpoint is not connected`).
+    Error(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

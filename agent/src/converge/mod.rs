@@ -10,6 +10,7 @@
 
 pub mod engine;
 pub mod fake;
+pub mod gluster;
 pub mod host;
 pub mod resource;
 pub mod system;

@@ -84,6 +84,23 @@ pub struct UnitSpec {
     pub enabled: bool,
     /// `None`: left as it is (e.g. the kubelet, which kubeadm starts).
     pub active: Option<bool>,
+    /// Restart the running unit when `content` changed. Off for mount
+    /// units: a remount would cut off every open file on it; new options
+    /// take effect at the next mount.
+    pub restart_on_change: bool,
+}
+
+impl UnitSpec {
+    /// A unit a package ships, enabled and running.
+    pub fn running(name: &str) -> Self {
+        UnitSpec {
+            name: name.into(),
+            content: None,
+            enabled: true,
+            active: Some(true),
+            restart_on_change: true,
+        }
+    }
 }
 
 /// A one-shot step, run only while its guard says it is still needed.
@@ -137,6 +154,29 @@ pub enum Resource {
     },
     /// No active swap, and none configured in `/etc/fstab`.
     SwapOff,
+    /// A mounted network file system answers: a `statfs` on `target` within
+    /// a deadline, in a child process (a hung FUSE mount blocks it, never
+    /// the agent). A hung or missing mount is remounted through `unit`.
+    MountCheck {
+        unit: String,
+        target: PathBuf,
+    },
+    /// Reads a Gluster volume's capacity (`gluster volume status VOLUME
+    /// detail`) into the report, for the coordinator's PersistentVolume.
+    /// Changes nothing; never fails (an unknown capacity is not applicable,
+    /// with the reason).
+    GlusterCapacity {
+        volume: String,
+        replica: u32,
+    },
+    /// Mount units Steward wrote (`/etc/systemd/system/<prefix>*.mount`)
+    /// that the plan no longer has: stopped, disabled and removed, but
+    /// never while a process has a file open under the mount point.
+    StaleMounts {
+        name: String,
+        unit_prefix: String,
+        keep: Vec<String>,
+    },
     Command(CommandSpec),
     /// A role that cannot be planned (e.g. Kubernetes roles before any
     /// Kubernetes settings were applied): always fails with `reason`.
@@ -160,6 +200,11 @@ impl Resource {
             Resource::Unit(u) => format!("unit:{}", u.name),
             Resource::Mount { target, .. } => format!("mount:{}", target.display()),
             Resource::SwapOff => "swap:off".to_owned(),
+            Resource::MountCheck { target, .. } => format!("mount-check:{}", target.display()),
+            Resource::StaleMounts { name, .. } => format!("stale-mounts:{name}"),
+            Resource::GlusterCapacity { volume, .. } => {
+                steward_proto::converge::gluster_capacity_resource_id(volume)
+            }
             Resource::Command(c) => steward_proto::converge::command_resource_id(&c.name),
             Resource::Blocked { name, .. } => format!("plan:{name}"),
         }

@@ -7,12 +7,13 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use nix::unistd::{chown, Gid, Group, Uid, User};
 
 use super::host::{
-    tail, CommandOutput, Commands, Files, Host, HostError, HostResult, Kernel, Meta, Packages,
-    Services, UnitState, Validator,
+    tail, CommandOutput, Commands, Files, Host, HostError, HostResult, Kernel, Meta, MountProbe,
+    Packages, Services, UnitState, Validator,
 };
 use super::resource::{NotifyAction, PackageSpec, Repository};
 
@@ -98,6 +99,24 @@ fn exec_within(
     env: &[(&str, &str)],
     deadline: std::time::Duration,
 ) -> HostResult<CommandOutput> {
+    let (out, killed) = exec_until(argv, env, deadline)?;
+    if killed {
+        return Err(HostError::Failed(format!(
+            "`{}` did not finish within {deadline:?} and was killed; its last output: {}",
+            argv.join(" "),
+            tail(&format!("{}\n{}", out.stdout, out.stderr))
+        )));
+    }
+    Ok(out)
+}
+
+/// Runs a program until it ends or `deadline` passed; true if it had to be
+/// killed (with its process group).
+fn exec_until(
+    argv: &[&str],
+    env: &[(&str, &str)],
+    deadline: std::time::Duration,
+) -> HostResult<(CommandOutput, bool)> {
     use std::os::unix::process::CommandExt;
     let (program, args) = argv
         .split_first()
@@ -126,22 +145,14 @@ fn exec_within(
     let _ = done.send(());
     let killed = killer.join().unwrap_or(false);
     let out = out.map_err(|e| HostError::Failed(format!("cannot run {program}: {e}")))?;
-    if killed {
-        return Err(HostError::Failed(format!(
-            "`{}` did not finish within {deadline:?} and was killed; its last output: {}",
-            argv.join(" "),
-            tail(&format!(
-                "{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        )));
-    }
-    Ok(CommandOutput {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    Ok((
+        CommandOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        },
+        killed,
+    ))
 }
 
 /// Runs a program that must succeed.
@@ -268,11 +279,37 @@ impl Files for System {
         self.set_meta(path, meta)
     }
 
+    fn list(&self, dir: &Path) -> HostResult<Vec<String>> {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("list", dir, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("list", dir, e))?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
     fn remove(&self, path: &Path) -> HostResult<()> {
         match fs::remove_file(path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(io_error("remove", path, e)),
-            _ => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove", path, e)),
         }
+    }
+}
+
+/// The package's name for the host's package manager. Planners name
+/// packages as Debian does; the few that RPM distributions name otherwise
+/// are mapped here.
+pub fn package_name(manager: PackageManager, name: &str) -> &str {
+    match (manager, name) {
+        (PackageManager::Dnf, "glusterfs-client") => "glusterfs-fuse",
+        (_, name) => name,
     }
 }
 
@@ -343,6 +380,7 @@ impl Packages for System {
                     .map(|v| v.trim().to_owned()))
             }
             PackageManager::Dnf => {
+                let name = package_name(PackageManager::Dnf, name);
                 let out = exec(&["rpm", "-q", "--qf", "%{VERSION}-%{RELEASE}", name], &[])?;
                 Ok(out.success.then(|| out.stdout.trim().to_owned()))
             }
@@ -355,9 +393,12 @@ impl Packages for System {
             PackageManager::Dnf => {
                 let names: Vec<String> = packages
                     .iter()
-                    .map(|p| match &p.version {
-                        Some(v) => format!("{}-{v}", p.name),
-                        None => p.name.clone(),
+                    .map(|p| {
+                        let name = package_name(PackageManager::Dnf, &p.name);
+                        match &p.version {
+                            Some(v) => format!("{name}-{v}"),
+                            None => name.to_owned(),
+                        }
                     })
                     .collect();
                 let mut argv = vec!["dnf", "install", "-y", "-q"];
@@ -602,6 +643,63 @@ impl Kernel for System {
         // The generator reads fstab only on a reload.
         check(&["systemctl", "daemon-reload"], &[])?;
         check(&["systemctl", "start", unit.trim()], &[]).map(|_| ())
+    }
+
+    /// `stat -f` (statfs, which FUSE always asks its daemon: no cache
+    /// answers it) in a child killed at the deadline. A process waiting on
+    /// a FUSE request dies of SIGKILL, so the wait for it ends too.
+    fn probe_mount(&self, target: &Path, deadline: Duration) -> HostResult<MountProbe> {
+        if !self.is_mounted(target)? {
+            return Ok(MountProbe::NotMounted);
+        }
+        let path = target.to_string_lossy();
+        Ok(
+            match exec_until(&["stat", "-f", "-c", "%b", &path], &[], deadline)? {
+                (_, true) => MountProbe::Hung,
+                (out, false) if out.success => MountProbe::Answers,
+                (out, false) => MountProbe::Error(tail(&out.stderr)),
+            },
+        )
+    }
+
+    fn detach_mount(&self, target: &Path) -> HostResult<()> {
+        check(&["umount", "-l", &target.to_string_lossy()], &[]).map(|_| ())
+    }
+
+    fn open_files_under(&self, target: &Path) -> HostResult<Vec<String>> {
+        let procs = fs::read_dir("/proc").map_err(|e| io_error("list", Path::new("/proc"), e))?;
+        let me = std::process::id().to_string();
+        let mut found = Vec::new();
+        for entry in procs.flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+                continue;
+            }
+            let dir = entry.path();
+            let mut links = vec![dir.join("cwd"), dir.join("root")];
+            // A process may end while we look: what cannot be read is gone.
+            if let Ok(fds) = fs::read_dir(dir.join("fd")) {
+                links.extend(fds.flatten().map(|fd| fd.path()));
+            }
+            let under: Vec<PathBuf> = links
+                .iter()
+                .filter_map(|l| fs::read_link(l).ok())
+                .filter(|p| p.starts_with(target))
+                .collect();
+            if let Some(first) = under.first() {
+                let name = fs::read_to_string(dir.join("comm")).unwrap_or_default();
+                found.push(format!(
+                    "pid {pid} ({}): {}{}",
+                    name.trim(),
+                    first.display(),
+                    match under.len() {
+                        1 => String::new(),
+                        n => format!(" and {} more", n - 1),
+                    }
+                ));
+            }
+        }
+        Ok(found)
     }
 }
 

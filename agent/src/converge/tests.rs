@@ -60,8 +60,12 @@ fn lb_desired(workers: &[&str]) -> DesiredState {
 
 /// A Kubernetes node of a cluster at 1.31.2-1.1 (see `offer_kubernetes`
 /// for a fake host that has its packages).
+/// A Kubernetes node in a cluster without Gluster volumes (their mounts
+/// are tested in `roles::gluster`).
 fn kubernetes_desired(role: Role) -> DesiredState {
-    crate::roles::tests::desired(&[role])
+    let mut d = crate::roles::tests::desired(&[role]);
+    d.cluster.settings.gluster_volumes.clear();
+    d
 }
 
 fn offer_kubernetes(host: &FakeHost) {
@@ -384,8 +388,11 @@ fn outside_a_container_the_same_settings_are_applied() {
         report
             .resources
             .iter()
-            // The kubelet package enables its unit itself.
-            .all(|r| r.status == ResourceStatus::Changed || r.id == "unit:kubelet.service"),
+            // The kubelet package enables its unit itself; no Gluster
+            // mount was left to remove.
+            .all(|r| r.status == ResourceStatus::Changed
+                || r.id == "unit:kubelet.service"
+                || r.id == "stale-mounts:gluster"),
         "{report:#?}"
     );
     let changes = host.take_changes();
@@ -461,7 +468,7 @@ fn command_inputs_exist_only_while_the_command_runs() {
             "mkdir /run/k",
             "write /run/k/join.yaml",
             "run kubeadm --config /run/k/join.yaml",
-            "remove /run/k/join.yaml",
+            "rm /run/k/join.yaml",
         ]
     );
     assert_eq!(
@@ -479,20 +486,19 @@ fn command_inputs_exist_only_while_the_command_runs() {
     assert!(host.file("/run/k/join.yaml").is_none());
     assert!(host
         .take_changes()
-        .contains(&"remove /run/k/join.yaml".to_owned()));
+        .contains(&"rm /run/k/join.yaml".to_owned()));
     assert!(!format!("{report:?}").contains("secret"));
 }
 
 #[test]
 fn a_requirement_missing_from_the_plan_is_a_clear_failure() {
     let host = FakeHost::new(&[]);
-    let plan = [Planned::new(Resource::Unit(super::resource::UnitSpec {
-        name: "x.service".into(),
-        content: None,
-        enabled: true,
-        active: Some(true),
-    }))
-    .after("packages:nowhere")];
+    let plan = [
+        Planned::new(Resource::Unit(super::resource::UnitSpec::running(
+            "x.service",
+        )))
+        .after("packages:nowhere"),
+    ];
     let report = Engine::default().run(&host, &plan, 1);
     assert_eq!(report.resources[0].status, ResourceStatus::Failed);
     assert!(report.resources[0].detail.contains("packages:nowhere"));

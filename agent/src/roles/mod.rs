@@ -7,6 +7,7 @@
 //! create`) come from the coordinator as tasks, with the files they need;
 //! they run last, in the order given, each after the one before.
 
+pub mod gluster;
 pub mod haproxy;
 
 use steward_proto::converge::{KubernetesSettings, Task};
@@ -39,13 +40,26 @@ pub fn plan(desired: &DesiredState) -> Vec<Planned> {
     if desired.roles.contains(&Role::GlusterBrick) {
         plan.extend(gluster_brick(desired));
     }
+    plan.extend(gluster::plan_mounts(desired));
     plan.extend(coordinator_steps(desired, &plan));
+    plan.extend(gluster::plan_capacity(desired));
     plan
 }
 
 /// The coordinator's files and tasks, after everything the roles need.
 fn coordinator_steps(desired: &DesiredState, before: &[Planned]) -> Vec<Planned> {
-    let role_ids: Vec<String> = before.iter().map(|p| p.resource.id()).collect();
+    // Checks and clean-ups of the node's mounts are no prerequisite: a file
+    // held open on a dropped volume must not hold up a `kubeadm join`.
+    let role_ids: Vec<String> = before
+        .iter()
+        .filter(|p| {
+            !matches!(
+                p.resource,
+                Resource::MountCheck { .. } | Resource::StaleMounts { .. }
+            )
+        })
+        .map(|p| p.resource.id())
+        .collect();
     let mut steps = Vec::new();
     for file in &desired.files {
         let mut spec = FileSpec::new(&file.path, file.content.clone(), file.mode);
@@ -98,13 +112,7 @@ fn packages(name: &str, names: &[&str]) -> Planned {
 }
 
 fn service(name: &str, after: &str) -> Planned {
-    Planned::new(Resource::Unit(UnitSpec {
-        name: name.into(),
-        content: None,
-        enabled: true,
-        active: Some(true),
-    }))
-    .after(after)
+    Planned::new(Resource::Unit(UnitSpec::running(name))).after(after)
 }
 
 /// HAProxy in front of the cluster. The VIP itself is not a resource: the
@@ -164,10 +172,8 @@ fn kubernetes_node(settings: &KubernetesSettings) -> Vec<Planned> {
     // it would only crash-loop. Enabled, not started.
     plan.push(
         Planned::new(Resource::Unit(UnitSpec {
-            name: "kubelet.service".into(),
-            content: None,
-            enabled: true,
             active: None,
+            ..UnitSpec::running("kubelet.service")
         }))
         .after("packages:kubernetes"),
     );
@@ -264,6 +270,7 @@ pub(crate) mod tests {
         d.cluster.settings.gluster_volumes = vec![steward_proto::converge::GlusterVolume {
             name: "data".into(),
             replica: 3,
+            mount_on: steward_proto::converge::default_mount_on(),
         }];
         d
     }
@@ -304,16 +311,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn no_roles_no_resources() {
-        assert!(plan(&desired(&[])).is_empty());
+    fn no_roles_no_resources_but_the_cleanup_of_what_roles_left() {
+        assert_eq!(ids(&plan(&desired(&[]))), ["stale-mounts:gluster"]);
+        let mut d = desired(&[]);
+        d.cluster.settings.gluster_volumes.clear();
+        assert!(plan(&d).is_empty());
     }
 
     #[test]
     fn kubernetes_without_settings_is_a_clear_failure_not_a_guess() {
         let mut d = desired(&[Role::K8sWorker]);
         d.cluster.settings.kubernetes = None;
+        d.cluster.settings.gluster_volumes.clear();
         let plan = plan(&d);
-        assert_eq!(ids(&plan), ["plan:kubernetes"]);
+        assert_eq!(ids(&plan), ["plan:kubernetes", "stale-mounts:gluster"]);
     }
 
     #[test]
@@ -367,6 +378,8 @@ pub(crate) mod tests {
         assert!(last.requires.contains(&"command:peer-probe-b".to_owned()));
         assert!(last.requires.contains(&"file:/etc/x/secret".to_owned()));
         assert!(last.requires.contains(&"unit:glusterd.service".to_owned()));
+        // Seen end to end: a refused unmount held up the node's tasks.
+        assert!(!last.requires.contains(&"stale-mounts:gluster".to_owned()));
     }
 
     #[test]

@@ -120,6 +120,11 @@ pub enum Command {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Gluster volumes as Kubernetes sees them.
+    Gluster {
+        #[command(subcommand)]
+        command: GlusterCommand,
+    },
     /// Join tokens: a new node runs the printed `steward-agent join`
     /// command, which gets it a certificate and starts its agent.
     Token {
@@ -182,6 +187,18 @@ pub struct WaitArgs {
     /// How long --wait waits (90s, 10m, 1h).
     #[arg(long, value_parser = parse_duration, default_value = "10m", requires = "wait", global = true)]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GlusterCommand {
+    /// Print the PersistentVolume of a Gluster volume, as the coordinator
+    /// applies it once Kubernetes is up: `local` on the volume's FUSE mount
+    /// (/mnt/steward/gluster/VOLUME), ReadWriteMany, pinned to the nodes
+    /// that mount it. Pipe it to `kubectl apply -f -` to apply it yourself.
+    Pv {
+        /// The volume's name, as in `[[gluster.volume]]`.
+        volume: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -671,6 +688,32 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         }
         Command::Vip { command } => vip_command(&cli, command).await,
         Command::Token { command } => token_command(&cli, command).await,
+        Command::Gluster {
+            command: GlusterCommand::Pv { volume },
+        } => {
+            let pv = connect(&cli)
+                .await?
+                .gluster_pv(pb::GlusterPvRequest {
+                    volume: volume.clone(),
+                })
+                .await?
+                .into_inner();
+            if cli.output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "volume": volume,
+                        "nodes": pv.nodes,
+                        "manifest": pv.manifest,
+                    })
+                );
+            } else {
+                // Made by the coordinator from node ids and volume names,
+                // which are DNS labels; printed as it is so it can be piped.
+                print!("{}", pv.manifest);
+            }
+            Ok(())
+        }
         Command::Apply {
             file,
             dry_run,

@@ -233,6 +233,10 @@ service_subnet = "10.96.0.0/12"
 urll = "https://pkgs.k8s.io/core:/stable:/v1.31/deb/"
 [[gluster.volume]]
 name = "data"
+[[gluster.volume]]
+name = "logs"
+replica = 3
+mount_on = ["k8s-workers"]
 [gluster.options]
 x = 1
 [nodes.node-1]
@@ -248,6 +252,7 @@ labels = { zone = 1 }
             "vip \"front\": unknown field `chek`",
             "frontend \"grafana\".port: invalid type: string \"3000\"",
             "kubernetes.repository: unknown field `urll`",
+            "gluster.volume \"logs\".mount_on: unknown variant `k8s-workers`",
             "gluster.volume \"data\": missing field `replica`",
             "gluster.options: unknown key",
             "nodes.node-1: unknown field `rolez`",
@@ -255,7 +260,7 @@ labels = { zone = 1 }
         ] {
             assert!(all.contains(expected), "no {expected:?} in:\n{all}");
         }
-        assert_eq!(problems.len(), 8, "{all}");
+        assert_eq!(problems.len(), 9, "{all}");
     }
 
     #[test]

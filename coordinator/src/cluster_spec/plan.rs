@@ -587,6 +587,11 @@ fn gluster_problems(
     }
 }
 
+/// `[lb,k8s-worker]`, as role changes are shown.
+fn role_list(roles: &RoleSet) -> String {
+    format!("[{}]", roles_display(roles))
+}
+
 fn list<T: Display>(items: &[T]) -> String {
     items
         .iter()
@@ -724,13 +729,20 @@ fn settings_changes(a: &ClusterSettings, b: &ClusterSettings) -> Vec<String> {
         &a.gluster_volumes,
         &b.gluster_volumes,
         |v| &v.name,
-        |v| format!("replica {}", v.replica),
+        |v| format!("replica {}, mount on {}", v.replica, role_list(&v.mount_on)),
         |x, y| {
-            if x.replica == y.replica {
-                Vec::new()
-            } else {
-                vec![format!("replica {} -> {}", x.replica, y.replica)]
+            let mut diff = Vec::new();
+            if x.replica != y.replica {
+                diff.push(format!("replica {} -> {}", x.replica, y.replica));
             }
+            if x.mount_on != y.mount_on {
+                diff.push(format!(
+                    "mount on {} -> {}",
+                    role_list(&x.mount_on),
+                    role_list(&y.mount_on)
+                ));
+            }
+            diff
         },
         "gluster volume",
         &mut out,
@@ -954,7 +966,7 @@ mod tests {
                 "cluster settings: kubernetes: add (version 1.31.2-1.1, pod subnet \
                  10.244.0.0/16, service subnet 10.96.0.0/12, repository \
                  https://pkgs.k8s.io/core:/stable:/v1.31/deb/)",
-                "gluster volume data: add (replica 3)",
+                "gluster volume data: add (replica 3, mount on [k8s-worker])",
                 "node node-1: roles [] -> [lb,k8s-control-plane,gluster-brick]",
                 "node node-1: labels {} -> {zone=a}",
                 "node node-2: roles [] -> [lb,k8s-worker,gluster-brick]",
@@ -982,6 +994,10 @@ mod tests {
         let text = EXAMPLE
             .replace("1.31.2-1.1", "1.31.3-1.1")
             .replace("replica = 3", "replica = 2")
+            .replace(
+                "mount_on = [\"k8s-worker\"]",
+                "mount_on = [\"k8s-worker\", \"k8s-control-plane\"]",
+            )
             .replace("check = \"haproxy\"", "check = \"none\"")
             .replace("labels = { zone = \"c\" }", "");
         let plan = planned(&text, &current).unwrap();
@@ -990,7 +1006,8 @@ mod tests {
             [
                 "vip front: check haproxy -> none",
                 "cluster settings: kubernetes version 1.31.2-1.1 -> 1.31.3-1.1",
-                "gluster volume data: replica 3 -> 2",
+                "gluster volume data: replica 3 -> 2, mount on [k8s-worker] -> \
+                 [k8s-control-plane,k8s-worker]",
                 "node node-3: labels {zone=c} -> {}",
             ]
         );
@@ -1285,6 +1302,7 @@ roles = []
         let volumes = [GlusterVolume {
             name: "data".into(),
             replica: 3,
+            mount_on: steward_proto::converge::default_mount_on(),
         }];
         let w = zone_warnings(&nodes, &volumes);
         assert_eq!(w.len(), 3, "{w:#?}");

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use steward_proto::converge::{ClusterView, GlusterVolume, Task};
+use steward_proto::converge::{ClusterView, GlusterVolume, SecretFile, Task};
 use steward_proto::domain::{NodeId, Role};
 
 /// Where a node's brick of `volume` lives (the agent plans the directory).
@@ -280,6 +280,149 @@ pub fn steps(
     tasks
 }
 
+/// The PersistentVolume Steward publishes for `volume`.
+pub fn pv_name(volume: &str) -> String {
+    format!("gluster-{volume}")
+}
+
+/// The capacity a PersistentVolume states while Steward knows none.
+/// Kubernetes enforces no size on `local` volumes; it only binds claims
+/// that ask for at most this much, so it is deliberately modest.
+pub const FALLBACK_CAPACITY: &str = "1Gi";
+
+/// Task id of applying `volume`'s PersistentVolume.
+pub fn pv_task_id(volume: &str) -> String {
+    format!("gluster-pv-{volume}")
+}
+
+/// The nodes that mount `volume` (Kubernetes node names are node ids), by
+/// id.
+pub fn mounting_nodes(volume: &GlusterVolume, view: &ClusterView) -> Vec<NodeId> {
+    view.mounting(volume).map(|m| m.node.clone()).collect()
+}
+
+/// A `local` PersistentVolume (YAML) on the volume's FUSE mount, usable by
+/// pods on exactly the nodes that mount it; `None` while none does (a node
+/// affinity cannot be empty). `capacity_bytes`: the volume's size if known.
+pub fn pv_manifest(
+    volume: &GlusterVolume,
+    view: &ClusterView,
+    capacity_bytes: Option<u64>,
+) -> Option<String> {
+    let nodes = mounting_nodes(volume, view);
+    if nodes.is_empty() {
+        return None;
+    }
+    let name = &volume.name;
+    let (storage, source) = match capacity_bytes {
+        Some(bytes) => (bytes.to_string(), "gluster volume status detail".to_owned()),
+        None => (
+            FALLBACK_CAPACITY.to_owned(),
+            "unknown; a placeholder".to_owned(),
+        ),
+    };
+    let values: String = nodes
+        .iter()
+        .map(|n| format!("                - {n}\n"))
+        .collect();
+    Some(format!(
+        "# Gluster volume {name} (replica {replica}), mounted by steward-agent at {path}\n\
+         # on the nodes listed under nodeAffinity. Made by Steward; applied with\n\
+         # kubectl by the coordinator once Kubernetes is up.\n\
+         apiVersion: v1\n\
+         kind: PersistentVolume\n\
+         metadata:\n\
+         \x20 name: {pv}\n\
+         \x20 labels:\n\
+         \x20   app.kubernetes.io/managed-by: steward\n\
+         \x20   steward.io/gluster-volume: {name}\n\
+         \x20 annotations:\n\
+         \x20   steward.io/capacity-source: \"{source}\"\n\
+         spec:\n\
+         \x20 capacity:\n\
+         \x20   storage: \"{storage}\"\n\
+         \x20 accessModes:\n\
+         \x20   - ReadWriteMany\n\
+         \x20 persistentVolumeReclaimPolicy: Retain\n\
+         \x20 storageClassName: steward-gluster\n\
+         \x20 volumeMode: Filesystem\n\
+         \x20 local:\n\
+         \x20   path: {path}\n\
+         \x20 nodeAffinity:\n\
+         \x20   required:\n\
+         \x20     nodeSelectorTerms:\n\
+         \x20       - matchExpressions:\n\
+         \x20           - key: kubernetes.io/hostname\n\
+         \x20             operator: In\n\
+         \x20             values:\n\
+         {values}",
+        replica = volume.replica,
+        pv = pv_name(name),
+        path = steward_proto::converge::gluster_mount_point(name),
+    ))
+}
+
+/// `nodes a, b` for a summary; past eight nodes, how many (the summary
+/// is bounded; `stewardctl gluster pv` shows them all).
+fn node_list(nodes: &[NodeId]) -> String {
+    let names: Vec<&str> = nodes.iter().map(NodeId::as_str).collect();
+    if names.len() <= 8 {
+        format!("nodes {}", names.join(", "))
+    } else {
+        format!("{} nodes: {}, ...", names.len(), names[..8].join(", "))
+    }
+}
+
+/// Where the kubectl control plane gets `volume`'s manifest.
+pub fn pv_file(volume: &str) -> String {
+    format!("/var/lib/steward-agent/gluster/pv-{volume}.yaml")
+}
+
+/// `kubectl apply -f -` of the volume's PersistentVolume, for the control
+/// plane that runs kubectl, with the manifest as a file placed before the
+/// task runs (a task's arguments are bounded; a manifest is not) and fed
+/// to kubectl on its standard input. Done once per manifest: the marker
+/// file is named after the manifest's hash, so a change (a node more or
+/// less, a capacity) applies again.
+pub fn pv_task(
+    volume: &GlusterVolume,
+    view: &ClusterView,
+    capacity_bytes: Option<u64>,
+    admin_conf: &str,
+    done_dir: &str,
+) -> Option<(Task, SecretFile)> {
+    let manifest = pv_manifest(volume, view, capacity_bytes)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, manifest.as_bytes());
+    let hash: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let done = format!("{done_dir}/{}-{hash}", pv_task_id(&volume.name));
+    let file = pv_file(&volume.name);
+    let nodes = mounting_nodes(volume, view);
+    let task = Task {
+        id: pv_task_id(&volume.name),
+        argv: sh(format!(
+            "set -e; kubectl --kubeconfig {admin_conf} apply -f - < {file}; \
+             mkdir -p {done_dir}; touch {done}"
+        )),
+        creates: Some(done),
+        unless: None,
+        inputs: Vec::new(),
+        summary: format!(
+            "kubectl apply PersistentVolume {} ({})",
+            pv_name(&volume.name),
+            node_list(&nodes)
+        ),
+    };
+    let file = SecretFile {
+        path: file,
+        content: manifest.into_bytes(),
+        mode: 0o644,
+    };
+    Some((task, file))
+}
+
 #[cfg(test)]
 mod tests {
     use steward_proto::converge::Member;
@@ -309,6 +452,7 @@ mod tests {
         GlusterVolume {
             name: "data".into(),
             replica: 3,
+            mount_on: steward_proto::converge::default_mount_on(),
         }
     }
 
@@ -474,5 +618,129 @@ mod tests {
         let (old, new) = after.replaced.last().unwrap();
         assert_eq!(old.node.as_str(), "g1");
         assert_eq!(new.node.as_str(), "g8", "the spare from the missing zone");
+    }
+
+    /// Bricks g1..g3, workers w1, w2, a control plane c1, and w3 with no
+    /// role at all (not a member).
+    fn cluster() -> ClusterView {
+        let mut v = view(&["g1", "g2", "g3"]);
+        for (n, roles) in [
+            ("c1", vec![Role::K8sControlPlane]),
+            ("w1", vec![Role::K8sWorker]),
+            ("w2", vec![Role::K8sWorker, Role::Lb]),
+        ] {
+            v.members.push(Member {
+                node: NodeId::new(n).unwrap(),
+                roles: roles.into_iter().collect(),
+                address: None,
+            });
+        }
+        v.members.sort_by(|a, b| a.node.cmp(&b.node));
+        v
+    }
+
+    /// The `values:` of the manifest's node affinity.
+    fn affinity(manifest: &str) -> Vec<&str> {
+        manifest
+            .split_once("values:\n")
+            .unwrap()
+            .1
+            .lines()
+            .map(|l| l.trim().trim_start_matches("- "))
+            .collect()
+    }
+
+    #[test]
+    fn the_pv_is_a_local_rwx_volume_on_exactly_the_mounting_nodes() {
+        let m = pv_manifest(&vol(), &cluster(), Some(10 << 30)).unwrap();
+        assert_eq!(affinity(&m), ["w1", "w2"], "{m}");
+        for line in [
+            "kind: PersistentVolume",
+            "  name: gluster-data",
+            "    storage: \"10737418240\"",
+            "    - ReadWriteMany",
+            "    path: /mnt/steward/gluster/data",
+            "            - key: kubernetes.io/hostname",
+            "              operator: In",
+            "  persistentVolumeReclaimPolicy: Retain",
+        ] {
+            assert!(m.lines().any(|l| l == line), "{line:?} not in\n{m}");
+        }
+        let mut wide = vol();
+        wide.mount_on = [Role::K8sWorker, Role::K8sControlPlane].into();
+        let m = pv_manifest(&wide, &cluster(), None).unwrap();
+        assert_eq!(affinity(&m), ["c1", "w1", "w2"]);
+        assert!(
+            m.contains(&format!("storage: \"{FALLBACK_CAPACITY}\"")),
+            "{m}"
+        );
+        assert!(m.contains("capacity-source: \"unknown"), "{m}");
+        wide.mount_on.clear();
+        assert_eq!(pv_manifest(&wide, &cluster(), None), None);
+    }
+
+    #[test]
+    fn the_pv_task_feeds_kubectl_on_stdin_once_per_manifest() {
+        let (task, file) = pv_task(
+            &vol(),
+            &cluster(),
+            None,
+            "/etc/kubernetes/admin.conf",
+            "/done",
+        )
+        .unwrap();
+        assert_eq!(task.id, "gluster-pv-data");
+        assert_eq!(file.path, "/var/lib/steward-agent/gluster/pv-data.yaml");
+        assert_eq!(
+            file.content,
+            pv_manifest(&vol(), &cluster(), None).unwrap().into_bytes()
+        );
+        let done = task.creates.clone().unwrap();
+        assert!(done.starts_with("/done/gluster-pv-data-"), "{done}");
+        assert_eq!(
+            task.argv,
+            [
+                "sh".to_owned(),
+                "-c".to_owned(),
+                format!(
+                    "set -e; kubectl --kubeconfig /etc/kubernetes/admin.conf apply -f - < \
+                     /var/lib/steward-agent/gluster/pv-data.yaml; mkdir -p /done; touch {done}"
+                )
+            ]
+        );
+        assert_eq!(
+            task.summary,
+            "kubectl apply PersistentVolume gluster-data (nodes w1, w2)"
+        );
+        // One node more: another manifest, so it is applied again.
+        let mut more = cluster();
+        more.members.push(Member {
+            node: NodeId::new("w3").unwrap(),
+            roles: [Role::K8sWorker].into(),
+            address: None,
+        });
+        let (again, _) = pv_task(&vol(), &more, None, "/a", "/done").unwrap();
+        assert_ne!(again.creates, task.creates);
+    }
+
+    /// The first end-to-end run: the manifest inline in the task's argv
+    /// passed the 1 KiB string bound, and the agent refused the whole
+    /// desired state (and with it its session).
+    #[test]
+    fn the_pv_task_and_file_pass_the_wire_checks_with_many_nodes() {
+        let mut big = cluster();
+        for i in 0..200 {
+            big.members.push(Member {
+                node: NodeId::new(format!("worker-with-a-long-name-{i:03}")).unwrap(),
+                roles: [Role::K8sWorker].into(),
+                address: None,
+            });
+        }
+        let (task, file) = pv_task(&vol(), &big, Some(1 << 40), "/a", "/done").unwrap();
+        use steward_proto::pb;
+        let task = Task::try_from(pb::Task::from(task));
+        assert!(task.is_ok(), "{task:?}");
+        let file = SecretFile::try_from(pb::SecretFile::from(file));
+        assert!(file.is_ok(), "{file:?}");
     }
 }

@@ -29,7 +29,7 @@ pub const RENEW_MARGIN_MS: u64 = 15 * 60 * 1000;
 pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 /// Where the agent records one-shot steps that leave no file of their own.
-const DONE_DIR: &str = "/var/lib/steward-agent/done";
+pub const DONE_DIR: &str = "/var/lib/steward-agent/done";
 /// Where kubeadm's configuration files (which carry the token and the
 /// certificate key) exist while kubeadm runs: tmpfs, never on disk.
 pub const KUBEADM_CONFIG_DIR: &str = "/run/steward-agent/kubeadm";

@@ -8,17 +8,27 @@
 //! - its own `kubeadm reset` done after it was drained → both records go.
 //!
 //! Each record is written once (create-only) and only when the replica's
-//! cache does not show it yet. **A report moves orchestration only through
+//! cache does not show it yet.
+//!
+//! The same reports carry each Gluster volume's capacity, read by the node
+//! that runs the volume's `gluster` commands (`gluster-capacity:<volume>`,
+//! see `steward_proto::converge::gluster_capacity_resource_id`); it is
+//! recorded at `gluster-capacity/<volume>` when it differs from the cached
+//! record, and only from the node that was given the volume's
+//! `gluster-create-*` task. **A report moves orchestration only through
 //! steps the coordinator assigned to the reporting node** (the tasks of the
 //! desired state its session last sent): a node key cannot report another
 //! node's drain, or a join it was never asked to run.
 
-use steward_proto::converge::ConvergeReport;
+use steward_proto::converge::{
+    gluster_capacity_resource_id, parse_gluster_capacity_detail, ConvergeReport, ResourceStatus,
+};
 use steward_proto::domain::NodeId;
 use tracing::{info, warn};
 
 use super::kubernetes::{cordon_task_id, remove_task_id, uncordon_task_id};
-use super::state::{JoinedRecord, OrchestrationSnapshot};
+use super::state::{CapacityRecord, JoinedRecord, OrchestrationSnapshot};
+use crate::store::kv::{Op, Txn};
 use crate::store::{encode, unix_ms, Store};
 
 /// One change to the Kubernetes records.
@@ -71,8 +81,31 @@ pub fn kubernetes_progress(
     changes
 }
 
+/// The capacities `node`'s `report` states that differ from the records:
+/// (volume, bytes), only for volumes whose `gluster-create-*` task the
+/// node was given.
+pub fn gluster_capacities(
+    report: &ConvergeReport,
+    assigned: &[&str],
+    orchestration: &OrchestrationSnapshot,
+) -> Vec<(String, u64)> {
+    assigned
+        .iter()
+        .filter_map(|task| task.strip_prefix("gluster-create-"))
+        .filter_map(|volume| {
+            let id = gluster_capacity_resource_id(volume);
+            let r = report.resources.iter().find(|r| r.id == id)?;
+            if r.status != ResourceStatus::Ok {
+                return None;
+            }
+            let bytes = parse_gluster_capacity_detail(&r.detail)?;
+            (orchestration.capacity(volume) != Some(bytes)).then(|| (volume.to_owned(), bytes))
+        })
+        .collect()
+}
+
 /// Records what `node`'s `report` changes (best effort: the next report
-/// tries again).
+/// tries again): the Kubernetes records, and the Gluster capacities.
 pub async fn record_kubernetes_progress(
     store: &Store,
     node: &NodeId,
@@ -125,6 +158,19 @@ pub async fn record_kubernetes_progress(
         match result {
             Ok(()) => info!(node.id = %node, ?change, "{what}"),
             Err(error) => warn!(%error, ?change, "cannot record Kubernetes progress"),
+        }
+    }
+    for (volume, bytes) in gluster_capacities(report, assigned, orchestration) {
+        let record = CapacityRecord {
+            bytes,
+            reported_by: node.clone(),
+            at_unix_ms: unix_ms(),
+        };
+        let key = format!("{}gluster-capacity/{volume}", keys.orchestration());
+        let txn = Txn::new().and_then([Op::put(key, encode(&record))]);
+        match store.txn(txn, "record gluster capacity").await {
+            Ok(_) => info!(node.id = %node, gluster.volume = %volume, bytes, "Gluster capacity"),
+            Err(error) => warn!(%error, gluster.volume = %volume, "cannot record Gluster capacity"),
         }
     }
 }
@@ -226,5 +272,38 @@ mod tests {
             kubernetes_progress(&node("cp-1"), &done, &[back.as_str()], &orch),
             [KubernetesProgress::Uncordoned(node("w-1"))]
         );
+    }
+
+    #[test]
+    fn a_capacity_counts_only_from_the_volumes_operator_and_when_it_changed() {
+        let mut r = report(&[]);
+        r.resources.push(ResourceState {
+            id: "gluster-capacity:data".into(),
+            status: ResourceStatus::Ok,
+            detail: "42000 bytes".into(),
+            since_unix_ms: 1,
+        });
+        let mut orch = OrchestrationSnapshot::default();
+        assert!(gluster_capacities(&r, &["kubeadm-join"], &orch).is_empty());
+        assert_eq!(
+            gluster_capacities(&r, &["gluster-create-data"], &orch),
+            [("data".to_owned(), 42000)]
+        );
+        orch.capacities.insert(
+            "data".into(),
+            crate::store::Versioned {
+                value: CapacityRecord {
+                    bytes: 42000,
+                    reported_by: node("g-1"),
+                    at_unix_ms: 1,
+                },
+                mod_revision: 3,
+            },
+        );
+        assert!(gluster_capacities(&r, &["gluster-create-data"], &orch).is_empty());
+        r.resources[0].detail = "capacity unknown".into();
+        r.resources[0].status = ResourceStatus::NotApplicable;
+        orch.capacities.clear();
+        assert!(gluster_capacities(&r, &["gluster-create-data"], &orch).is_empty());
     }
 }

@@ -34,28 +34,33 @@ pub struct OrchestrationSnapshot {
     /// `orchestration/.removed`: the last deletion of a record here.
     pub removed_revision: i64,
     pub volumes: BTreeMap<String, Versioned<VolumeRecord>>,
+    /// Each volume's capacity as its operator node last reported it
+    /// (`orchestration/gluster-capacity/<volume>`).
+    pub capacities: BTreeMap<String, Versioned<CapacityRecord>>,
+}
+
+/// `orchestration/gluster-capacity/<volume>`: written by the session that
+/// received the operator node's report of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityRecord {
+    pub bytes: u64,
+    pub reported_by: NodeId,
+    pub at_unix_ms: u64,
 }
 
 impl OrchestrationSnapshot {
-    /// Newest mod revision of anything here (part of every desired state's
-    /// revision).
-    pub fn inputs_revision(&self) -> i64 {
-        self.bootstrap
-            .iter()
-            .map(|b| b.mod_revision)
-            .chain(self.joined.values().copied())
-            .chain(self.drained.values().copied())
-            .chain(self.volumes.values().map(|v| v.mod_revision))
-            .max()
-            .unwrap_or(0)
-    }
-
     pub fn joined_set(&self) -> BTreeSet<NodeId> {
         self.joined.keys().cloned().collect()
     }
 
     pub fn drained_set(&self) -> BTreeSet<NodeId> {
         self.drained.keys().cloned().collect()
+    }
+
+    /// `volume`'s capacity in bytes, if a report stated it.
+    pub fn capacity(&self, volume: &str) -> Option<u64> {
+        self.capacities.get(volume).map(|c| c.value.bytes)
     }
 
     /// The bootstrap record opened, if there is one and it opens.
@@ -89,6 +94,7 @@ impl OrchestrationSnapshot {
                 .volumes
                 .values()
                 .map(|v| v.mod_revision)
+                .chain(self.capacities.values().map(|c| c.mod_revision))
                 .fold(newest, i64::max);
         }
         newest
@@ -144,8 +150,36 @@ impl OrchestrationSnapshot {
                 all_tasks.extend(gluster::steps(node, view, volume, &record.value));
             }
         }
+        // Each created volume's PersistentVolume, applied by the control
+        // plane that runs kubectl once Kubernetes is up.
+        let progress = Progress {
+            bootstrap: bootstrap.as_ref(),
+            joined: &joined,
+            drained: &drained,
+            maintenance,
+            cordoned: &cordoned,
+        };
+        let mut pv_files = Vec::new();
+        if kubernetes::remover(view, progress).as_ref() == Some(node) {
+            for volume in &view.settings.gluster_volumes {
+                if !self.volumes.contains_key(&volume.name) {
+                    continue;
+                }
+                if let Some((task, file)) = gluster::pv_task(
+                    volume,
+                    view,
+                    self.capacity(&volume.name),
+                    kubernetes::ADMIN_CONF,
+                    kubernetes::DONE_DIR,
+                ) {
+                    all_tasks.push(task);
+                    pv_files.push(file);
+                }
+            }
+        }
         desired.tasks = all_tasks;
         desired.files = files;
+        desired.files.extend(pv_files);
     }
 }
 
@@ -196,6 +230,29 @@ impl CachedPrefix for OrchestrationSnapshot {
                 };
                 return true;
             }
+        }
+        if let Some(volume) = rest.strip_prefix("gluster-capacity/") {
+            match value {
+                None => {
+                    self.capacities.remove(volume);
+                }
+                Some((bytes, mod_revision)) => match decode(key, bytes) {
+                    Ok(value) => {
+                        self.capacities.insert(
+                            volume.to_owned(),
+                            Versioned {
+                                value,
+                                mod_revision,
+                            },
+                        );
+                    }
+                    Err(error) => {
+                        warn!(%error, volume, "ignoring corrupt Gluster capacity record");
+                        return false;
+                    }
+                },
+            }
+            return true;
         }
         if let Some(volume) = rest.strip_prefix("gluster/") {
             match value {
