@@ -252,8 +252,23 @@ fn the_example_spec_reaches_every_agent_and_applying_it_again_changes_nothing() 
     let again = apply(&cluster, &path, &["-o", "json"]);
     assert_eq!(
         again.json(),
-        serde_json::json!({"changes": [], "applied": true, "dry_run": false})
+        serde_json::json!({"changes": [], "applied": true, "dry_run": false, "warnings": []})
     );
+
+    // Both lb nodes in one zone: a warning on stderr (issue 15, zones),
+    // not a refusal; stdout still lists the change.
+    let one_zone = text.replace("zone = \"b\"", "zone = \"a\"");
+    assert_ne!(one_zone, text, "the example spec puts node-2 in zone b");
+    let path_a = write_spec(&cluster, "one-zone.toml", &one_zone);
+    let dry = apply(&cluster, &path_a, &["--dry-run"]);
+    assert!(dry.ok(), "{}", dry.stderr);
+    assert!(
+        dry.stderr
+            .contains("warning: every lb node (node-1, node-2) is in zone a"),
+        "{}",
+        dry.stderr
+    );
+    assert!(dry.stdout.contains("node node-2: labels"), "{}", dry.stdout);
     assert_eq!(spec_keys(&cluster), written);
 
     // The audit trail has the role changes and the settings.
