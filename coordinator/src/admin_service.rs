@@ -7,7 +7,6 @@ use std::time::Instant;
 use steward_proto::convert::roles_display;
 use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, RoleChange, RoleSet};
 use steward_proto::pb;
-use steward_proto::ProtoError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -667,9 +666,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let view = {
             let specs = self.ctx.specs.borrow().clone();
             let vips = self.ctx.vips.borrow().clone();
-            // The view is the same for every node; any id asks for it.
-            let anyone = NodeId::new("stewardctl").map_err(|e| Error::from(ProtoError::from(e)))?;
-            specs.desired_state(&anyone, &vips).cluster
+            // The whole view, as the control plane that applies it sees
+            // the volume and the nodes that mount it.
+            specs.full_view(&vips)
         };
         let volume = view
             .settings

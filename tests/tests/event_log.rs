@@ -53,6 +53,12 @@ async fn one_session(channel: tonic::transport::Channel, node: &str) {
 #[test]
 fn session_churn_does_not_flush_revocations_and_role_changes() {
     let mut cluster = Cluster::new();
+    // The hello budget (10, then one per 5 s) would refuse the churner's
+    // sessions long before 1,250: lifted here so that the session events
+    // themselves are what is rate-limited and kept apart.
+    cluster
+        .coordinator_extra
+        .push(("sessions.hello_burst".into(), toml::Value::Integer(100_000)));
     cluster.start_coordinators(1);
     cluster.start_agent("node-a");
     eventually(Duration::from_secs(5), "node-a", || cluster.node("node-a"));
