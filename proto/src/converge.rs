@@ -430,19 +430,23 @@ fn ip(field: &'static str, s: &str) -> Result<IpAddr, ProtoError> {
 impl TryFrom<pb::ClusterView> for ClusterView {
     type Error = ProtoError;
     fn try_from(v: pb::ClusterView) -> Result<Self, ProtoError> {
-        let members = bounded_list("cluster.members", v.members)?
-            .into_iter()
-            .map(|m| {
-                Ok(Member {
-                    node: NodeId::new(m.node_id)?,
-                    roles: roles_from_pb("cluster.members.roles", &m.roles)?,
-                    address: match m.address.as_str() {
-                        "" => None,
-                        a => Some(ip("cluster.members.address", a)?),
-                    },
-                })
+        let members = crate::convert::bounded_list_of(
+            "cluster.members",
+            v.members,
+            crate::convert::MAX_MEMBERS,
+        )?
+        .into_iter()
+        .map(|m| {
+            Ok(Member {
+                node: NodeId::new(m.node_id)?,
+                roles: roles_from_pb("cluster.members.roles", &m.roles)?,
+                address: match m.address.as_str() {
+                    "" => None,
+                    a => Some(ip("cluster.members.address", a)?),
+                },
             })
-            .collect::<Result<_, ProtoError>>()?;
+        })
+        .collect::<Result<_, ProtoError>>()?;
         let vips = bounded_list("cluster.vips", v.vips)?
             .into_iter()
             .map(|v| {
@@ -904,5 +908,31 @@ mod tests {
         assert_eq!(ConvergeReport::try_from(wire.clone()).unwrap(), report);
         wire.resources[0].status = 99;
         assert!(ConvergeReport::try_from(wire).is_err());
+    }
+}
+
+#[cfg(test)]
+mod member_limit_tests {
+    use super::*;
+
+    /// An lb node's view lists every node with a role: a 5,000-node fleet
+    /// must fit, an absurd one is refused.
+    #[test]
+    fn cluster_views_hold_a_large_fleet() {
+        let view = |n: usize| pb::ClusterView {
+            members: (0..n)
+                .map(|i| pb::Member {
+                    node_id: format!("node-{i}"),
+                    roles: vec![pb::Role::K8sWorker as i32],
+                    address: "198.18.0.1".into(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            ClusterView::try_from(view(5_000)).unwrap().members.len(),
+            5_000
+        );
+        assert!(ClusterView::try_from(view(crate::convert::MAX_MEMBERS + 1)).is_err());
     }
 }

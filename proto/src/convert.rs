@@ -46,11 +46,21 @@ pub fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError>
 }
 
 pub fn bounded_list<T>(field: &'static str, v: Vec<T>) -> Result<Vec<T>, ProtoError> {
-    if v.len() > MAX_LIST_LEN {
-        return Err(ProtoError::TooLong {
-            field,
-            limit: MAX_LIST_LEN,
-        });
+    bounded_list_of(field, v, MAX_LIST_LEN)
+}
+
+/// Members a cluster view may list: an lb node sees every node with a
+/// role, a control plane every Kubernetes node, so this list grows with
+/// the fleet (designed for 10,000 nodes; ~70 bytes each on the wire).
+pub const MAX_MEMBERS: usize = 20_000;
+
+pub fn bounded_list_of<T>(
+    field: &'static str,
+    v: Vec<T>,
+    limit: usize,
+) -> Result<Vec<T>, ProtoError> {
+    if v.len() > limit {
+        return Err(ProtoError::TooLong { field, limit });
     }
     Ok(v)
 }
