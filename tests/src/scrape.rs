@@ -272,6 +272,23 @@ pub fn steward_series_in(text: &str) -> Vec<String> {
     found
 }
 
+/// etcd's own `/metrics` text (HTTP/1.0: etcd closes when it is done).
+pub fn etcd_metrics(addr: SocketAddr) -> String {
+    http_exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n").expect("etcd metrics")
+}
+
+/// The value of an unlabelled series in a metrics `text`.
+pub fn unlabelled(text: &str, name: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no series {name}"));
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: no number in {line:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -92,17 +92,8 @@ fn etcd_addr(cluster: &Cluster) -> SocketAddr {
 
 /// A counter or gauge of etcd's own `/metrics`.
 fn etcd_metric(addr: SocketAddr, name: &str) -> f64 {
-    let text = steward_tests::scrape::http_exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n")
-        .expect("etcd metrics");
-    let line = text
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .unwrap_or_else(|| panic!("etcd exports no {name}"));
-    line.split_whitespace()
-        .nth(1)
-        .expect("as the test set it up")
-        .parse()
-        .expect("as the test set it up")
+    let text = steward_tests::scrape::etcd_metrics(addr);
+    steward_tests::scrape::unlabelled(&text, name)
 }
 
 fn etcd_writes(addr: SocketAddr) -> f64 {

@@ -255,25 +255,6 @@ fn a_change_to_one_node_pushes_to_that_node_only() {
     assert_eq!(sent, 1.0, "one push for one node's change");
 }
 
-/// etcd's own `/metrics` text.
-fn etcd_metrics(addr: SocketAddr) -> String {
-    steward_tests::scrape::http_exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n")
-        .expect("etcd metrics")
-}
-
-/// The value of an unlabelled counter in etcd's metrics.
-fn etcd_counter(text: &str, name: &str) -> f64 {
-    let line = text
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .unwrap_or_else(|| panic!("etcd exports no {name}"));
-    line.split_whitespace()
-        .nth(1)
-        .expect("as the test set it up")
-        .parse()
-        .expect("as the test set it up")
-}
-
 #[test]
 fn an_idle_fleet_writes_nothing_to_etcd() {
     let _serial = serial();
@@ -305,15 +286,15 @@ fn an_idle_fleet_writes_nothing_to_etcd() {
         .parse()
         .expect("as the test set it up");
     let puts = |e: &str| {
-        etcd_counter(e, "etcd_mvcc_put_total")
-            + etcd_counter(e, "etcd_mvcc_delete_total")
-            + etcd_counter(e, "etcd_mvcc_txn_total")
+        steward_tests::scrape::unlabelled(e, "etcd_mvcc_put_total")
+            + steward_tests::scrape::unlabelled(e, "etcd_mvcc_delete_total")
+            + steward_tests::scrape::unlabelled(e, "etcd_mvcc_txn_total")
     };
-    let ranges = |e: &str| etcd_counter(e, "etcd_mvcc_range_total");
-    let before = etcd_metrics(etcd);
+    let ranges = |e: &str| steward_tests::scrape::unlabelled(e, "etcd_mvcc_range_total");
+    let before = steward_tests::scrape::etcd_metrics(etcd);
     let window = Duration::from_secs(10);
     std::thread::sleep(window);
-    let after = etcd_metrics(etcd);
+    let after = steward_tests::scrape::etcd_metrics(etcd);
     let writes = puts(&after) - puts(&before);
     let reads = ranges(&after) - ranges(&before);
     println!(
