@@ -100,6 +100,16 @@ impl AdminApi {
             .collect()
     }
 
+    /// `node` as etcd holds it now, as an answer (after a change to it).
+    async fn node_answer(&self, node: NodeId) -> Result<Response<pb::Node>, Status> {
+        let record = self.ctx.store.node(&node).await?;
+        let view = self
+            .one_view(node.clone(), record)
+            .await
+            .ok_or(Error::UnknownNode(node))?;
+        Ok(Response::new(view.into()))
+    }
+
     async fn one_view(&self, id: NodeId, record: NodeRecord) -> Option<NodeView> {
         self.views(BTreeMap::from([(id, record)])).await.pop()
     }
@@ -468,12 +478,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             return Err(Error::UnknownNode(node).into());
         }
         warn!(node.id = %node, by = %admin.name, "node certificates revoked");
-        let record = store.node(&node).await?;
-        let view = self
-            .one_view(node.clone(), record)
-            .await
-            .ok_or(Error::UnknownNode(node))?;
-        Ok(Response::new(view.into()))
+        self.node_answer(node).await
     }
 
     async fn drain_node(
@@ -547,12 +552,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             }
             info!(node.id = %node, by = %admin.name, "node draining");
         }
-        let record = store.node(&node).await?;
-        let view = self
-            .one_view(node.clone(), record)
-            .await
-            .ok_or(Error::UnknownNode(node))?;
-        Ok(Response::new(view.into()))
+        self.node_answer(node).await
     }
 
     async fn undrain_node(
@@ -593,12 +593,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .into());
         }
         info!(node.id = %node, by = %admin.name, "node undrained");
-        let record = store.node(&node).await?;
-        let view = self
-            .one_view(node.clone(), record)
-            .await
-            .ok_or(Error::UnknownNode(node))?;
-        Ok(Response::new(view.into()))
+        self.node_answer(node).await
     }
 
     async fn set_vip(&self, request: Request<pb::VipSpec>) -> Result<Response<pb::Vip>, Status> {
