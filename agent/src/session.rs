@@ -60,6 +60,17 @@ pub enum SessionError {
     },
 }
 
+impl SessionError {
+    /// When the replica asked to be tried again (a busy replica's hint,
+    /// `steward_proto::retry`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SessionError::Refused { status, .. } => steward_proto::retry::retry_after(status),
+            _ => None,
+        }
+    }
+}
+
 /// How long every replica must have offered only older desired states
 /// before the agent takes one: etcd was restored from a backup and the
 /// revisions went back for good. A lagging replica catches up in seconds,
@@ -211,17 +222,26 @@ pub async fn run_sessions(
         .instrument(span)
         .await;
         crate::metrics::metrics().session_closed();
-        match result {
+        let hint = match result {
             Ok(()) => return,
-            Err(error) => warn!(%error, "no session; trying the next replica"),
-        }
+            Err(error) => {
+                let hint = error.retry_after();
+                match hint {
+                    Some(after) => {
+                        warn!(%error, retry_in_ms = after.as_millis(), "no session; the replica is busy")
+                    }
+                    None => warn!(%error, "no session; trying the next replica"),
+                }
+                hint
+            }
+        };
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
         }
         next = (next + 1) % replicas;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = beat.sleep(backoff.next_delay()) => {}
+            _ = beat.sleep(backoff.next_delay_hinted(hint)) => {}
         }
     }
 }

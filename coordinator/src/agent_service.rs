@@ -1,8 +1,9 @@
 //! `AgentService`: one bidirectional session per agent.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use steward_proto::converge::ConvergeReport;
@@ -59,6 +60,8 @@ pub struct SessionContext {
     pub limits: crate::config::SessionLimits,
     /// Sessions being admitted, and waiting to be.
     pub admission: Arc<Admission>,
+    /// Wakes the sessions a cache change concerns (`crate::fanout::run`).
+    pub fanout: Arc<crate::fanout::Fanout>,
 }
 
 impl SessionContext {
@@ -119,19 +122,81 @@ impl SessionContext {
 
 /// Bounds the sessions a replica admits at once (each costs etcd reads and
 /// writes), so that a cold start or a reconnect storm queues instead of
-/// overwhelming etcd, and refuses beyond a queue bound.
+/// overwhelming etcd. A hello that would wait too long, or find the queue
+/// full, is refused with a hint of when to come back ([`Pace`]): a fleet
+/// reconnecting at once is spread over the time the replica needs to admit
+/// it, instead of retrying into the same queue (each retry costs a TLS
+/// handshake and, answered late, a session opened for nobody).
 pub struct Admission {
     permits: tokio::sync::Semaphore,
     waiting: std::sync::atomic::AtomicUsize,
     max_waiting: usize,
+    max_wait: Duration,
+    pace: Mutex<Pace>,
     /// Each node's hello budget: a node that reconnects in a loop (a stolen
     /// key, a broken agent) costs etcd a bounded amount.
-    hellos: std::sync::Mutex<std::collections::HashMap<NodeId, StatusBudget>>,
+    hellos: Mutex<HashMap<NodeId, StatusBudget>>,
     hello_limits: crate::config::SessionLimits,
 }
 
 /// Nodes whose hello budgets are remembered before idle ones are forgotten.
 const MAX_TRACKED_HELLOS: usize = 65_536;
+
+/// The shortest retry hint a busy replica gives.
+const MIN_RETRY_HINT: Duration = Duration::from_millis(250);
+
+/// How fast this replica admits sessions, and the retry times it has
+/// handed out: each refused hello books the next free admission slot
+/// after those already booked, so the hints spread the refused over the
+/// time their admissions take.
+#[derive(Debug)]
+struct Pace {
+    /// Smoothed time one admission holds its turn.
+    turn: Duration,
+    /// Turns held at once.
+    concurrent: u32,
+    /// The last booked slot.
+    booked_until: Instant,
+}
+
+impl Pace {
+    /// Time between admissions at the current rate.
+    fn per_admission(&self) -> Duration {
+        self.turn / self.concurrent.max(1)
+    }
+
+    fn observe(&mut self, turn: Duration) {
+        // An exponentially weighted mean over the last ~20 admissions.
+        self.turn = self.turn.mul_f64(0.95) + turn.mul_f64(0.05);
+    }
+
+    /// A retry time for a hello refused now, with `waiting` queued ahead.
+    fn book(&mut self, now: Instant, waiting: usize) -> Duration {
+        let per = self.per_admission();
+        let queue_drained = now + per * u32::try_from(waiting).unwrap_or(u32::MAX);
+        self.booked_until = self.booked_until.max(queue_drained) + per;
+        let hint = self.booked_until - now;
+        if hint > steward_proto::retry::MAX_RETRY_AFTER {
+            // Past what agents honour: start the spread over.
+            self.booked_until = now + steward_proto::retry::MAX_RETRY_AFTER;
+        }
+        hint.clamp(MIN_RETRY_HINT, steward_proto::retry::MAX_RETRY_AFTER)
+    }
+}
+
+/// A turn to do a session's etcd work; its length feeds the pace.
+pub struct Turn<'a> {
+    admission: &'a Admission,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    started: Instant,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let held = self.started.elapsed();
+        lock(&self.admission.pace).observe(held);
+    }
+}
 
 impl Admission {
     pub fn new(limits: &crate::config::SessionLimits) -> Self {
@@ -139,6 +204,12 @@ impl Admission {
             permits: tokio::sync::Semaphore::new(limits.max_concurrent_opens),
             waiting: Default::default(),
             max_waiting: limits.max_queued_opens,
+            max_wait: Duration::from_millis(limits.max_open_wait_ms),
+            pace: Mutex::new(Pace {
+                turn: Duration::from_millis(20),
+                concurrent: u32::try_from(limits.max_concurrent_opens).unwrap_or(u32::MAX),
+                booked_until: Instant::now(),
+            }),
             hellos: Default::default(),
             hello_limits: crate::config::SessionLimits {
                 status_write_burst: limits.hello_burst,
@@ -151,7 +222,7 @@ impl Admission {
     /// Takes one of `node`'s hellos; `UNAVAILABLE` when it has none left.
     fn hello(&self, node: &NodeId) -> Result<()> {
         let now = Instant::now();
-        let mut hellos = self.hellos.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hellos = lock(&self.hellos);
         if hellos.len() >= MAX_TRACKED_HELLOS {
             // Forget the nodes whose budget is full again anyway.
             hellos.retain(|_, b| !b.full(now));
@@ -163,27 +234,54 @@ impl Admission {
             return Ok(());
         }
         crate::metrics::metrics().sessions_refused_busy.inc();
-        Err(Error::Busy(format!(
-            "node {node} opened sessions more often than sessions.hello_burst / \
-             sessions.hello_interval_ms allow; retry after a backoff"
-        )))
+        Err(Error::Busy {
+            reason: format!(
+                "node {node} opened sessions more often than sessions.hello_burst / \
+                 sessions.hello_interval_ms allow"
+            ),
+            retry_after: budget.next_in(now),
+        })
     }
 
-    /// Waits for a turn; `UNAVAILABLE` at once when the queue is full.
-    async fn enter(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+    /// Waits for a turn; `UNAVAILABLE` with a retry hint when the queue is
+    /// full or the turn does not come within `max_open_wait_ms`.
+    async fn enter(&self) -> Result<Turn<'_>> {
         use std::sync::atomic::Ordering;
+        let refuse = |reason: String| {
+            crate::metrics::metrics().sessions_refused_busy.inc();
+            let waiting = self.waiting.load(Ordering::Acquire);
+            let retry_after = lock(&self.pace).book(Instant::now(), waiting);
+            Error::Busy {
+                reason,
+                retry_after,
+            }
+        };
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            crate::metrics::metrics().sessions_refused_busy.inc();
-            return Err(Error::Busy(format!(
-                "{} sessions are waiting to be admitted here; retry after a backoff",
+            return Err(refuse(format!(
+                "{} sessions are waiting to be admitted here",
                 self.max_waiting
             )));
         }
-        let permit = self.permits.acquire().await;
+        let permit = tokio::time::timeout(self.max_wait, self.permits.acquire()).await;
         self.waiting.fetch_sub(1, Ordering::AcqRel);
-        permit.map_err(|_| Error::ShuttingDown)
+        match permit {
+            Err(_) => Err(refuse(format!(
+                "no turn to be admitted within {} ms",
+                self.max_wait.as_millis()
+            ))),
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Ok(Ok(permit)) => Ok(Turn {
+                admission: self,
+                _permit: permit,
+                started: Instant::now(),
+            }),
+        }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct AgentApi {
@@ -403,13 +501,8 @@ impl NodeSession {
             revoked.value.check(&node, issued_unix_s)?;
         }
         let first_time = record.spec.is_none() && record.status.is_none();
-        if let Some(address) = address {
-            record_address(&ctx.store, &node, address, record.address.clone()).await?;
-        }
         let facts = bound_facts(facts, ctx.limits.max_facts_bytes);
-        if record.facts.as_ref().map(|f| &f.value) != Some(&facts) {
-            ctx.store.put_facts(&node, &facts).await?;
-        }
+        let facts_changed = record.facts.as_ref().map(|f| &f.value) != Some(&facts);
         let status = NodeStatusRecord {
             health: NodeHealth::Healthy,
             last_health: Health::default(),
@@ -429,9 +522,33 @@ impl NodeSession {
             converge: ConvergeTracker::new(record.converge),
             superseded: superseded.clone(),
         };
-        // The status first, then the session counts here: a session that
-        // cannot record itself never replaces the one before it.
-        writer.write_status(status.clone(), true).await?;
+        // The address, the facts and the status at once (each its own
+        // compare-and-set or put; a session open waits for one round trip,
+        // not three). The status decides: a session that cannot record
+        // itself never replaces the one before it.
+        let address_written = async {
+            match address {
+                Some(address) => {
+                    record_address(&ctx.store, &node, address, record.address.clone()).await
+                }
+                None => Ok(()),
+            }
+        };
+        let facts_written = async {
+            if facts_changed {
+                ctx.store.put_facts(&node, &facts).await
+            } else {
+                Ok(())
+            }
+        };
+        let (address_written, facts_written, status_written) = tokio::join!(
+            address_written,
+            facts_written,
+            writer.write_status(status.clone(), true)
+        );
+        address_written?;
+        facts_written?;
+        status_written?;
         ctx.sessions.open(
             &node,
             session,
@@ -440,22 +557,29 @@ impl NodeSession {
             superseded.clone(),
             writer.status_rev,
         );
+        // The events are the writer's first job, after the admission turn
+        // (nothing waits for them).
+        let mut opening_events = Vec::new();
         if first_time {
-            writer
-                .event(EventKind::NodeRegistered, format!("{node} registered"))
-                .await;
+            opening_events.push((EventKind::NodeRegistered, format!("{node} registered")));
         }
-        writer
-            .event(
-                EventKind::NodeConnected,
-                format!("{node} connected to {}", ctx.store.replica()),
-            )
-            .await;
+        opening_events.push((
+            EventKind::NodeConnected,
+            format!("{node} connected to {}", ctx.store.replica()),
+        ));
         info!(node.id = %node, node.address = ?address, "session opened");
         let (status_tx, status_rx) = watch::channel(status.clone());
         let (reports_tx, reports_rx) = watch::channel(None);
         let span = tracing::info_span!("status_writer", node.id = %node);
-        let writer = tokio::spawn(writer.run(status_rx, reports_rx).instrument(span));
+        let writer = tokio::spawn(
+            async move {
+                for (kind, message) in opening_events {
+                    writer.event(kind, message).await;
+                }
+                writer.run(status_rx, reports_rx).await
+            }
+            .instrument(span),
+        );
         Ok(Self {
             status_budget: StatusBudget::new(&ctx.limits),
             ctx,
@@ -483,6 +607,7 @@ impl NodeSession {
             return;
         }
         if !self.status_budget.take(Instant::now()) {
+            crate::metrics::metrics().status_writes_deferred.inc();
             return;
         }
         let mut next = self.shown.clone();
@@ -524,9 +649,8 @@ impl NodeSession {
     ) where
         S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin,
     {
-        let mut specs = self.ctx.specs.clone();
-        let mut vips = self.ctx.vips.clone();
-        let mut orchestration = self.ctx.orchestration.clone();
+        // Registered before the first push: no change falls in between.
+        let wake = self.ctx.fanout.register(&self.node, self.session);
         let shutdown = self.ctx.shutdown.clone();
         let replaced = self.superseded.clone();
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
@@ -548,11 +672,10 @@ impl NodeSession {
                         superseded = true;
                         false
                     }
-                    changed = specs.changed() => changed.is_ok()
-                        && still_trusted(&self.ctx, &self.node, self.issued_unix_s, &tx).await
-                        && self.push_desired(&tx).await,
-                    changed = vips.changed() => changed.is_ok() && self.push_desired(&tx).await,
-                    changed = orchestration.changed() => changed.is_ok() && self.push_desired(&tx).await,
+                    _ = wake.notified() => {
+                        still_trusted(&self.ctx, &self.node, self.issued_unix_s, &tx).await
+                            && self.push_desired(&tx).await
+                    }
                     _ = liveness.tick() => {
                         self.sync_status();
                         true
@@ -571,6 +694,7 @@ impl NodeSession {
                 }
             }
         }
+        self.ctx.fanout.unregister(&self.node, self.session);
         self.close(superseded).await;
     }
 
@@ -947,7 +1071,7 @@ impl StatusBudget {
         self.tokens + earned >= self.burst
     }
 
-    /// Takes one write if there is one.
+    /// Takes one token if there is one.
     fn take(&mut self, now: Instant) -> bool {
         let earned = now.duration_since(self.at).as_secs_f64() / self.per_token.as_secs_f64();
         self.tokens = (self.tokens + earned).min(self.burst);
@@ -956,9 +1080,17 @@ impl StatusBudget {
             self.tokens -= 1.0;
             true
         } else {
-            crate::metrics::metrics().status_writes_deferred.inc();
             false
         }
+    }
+
+    /// Time from `now` until the next token (after a [`take`](Self::take)
+    /// at `now`).
+    fn next_in(&self, now: Instant) -> Duration {
+        let missing = (1.0 - self.tokens).max(0.0);
+        self.per_token
+            .mul_f64(missing)
+            .saturating_sub(now.duration_since(self.at))
     }
 }
 
@@ -1213,7 +1345,12 @@ mod session_tests {
         assert_eq!(status.health, NodeHealth::Healthy);
         assert_eq!(record.facts.expect("facts written").value.hostname, "n1");
         assert_eq!(record.address.map(|a| a.value), "198.18.0.7".parse().ok());
-        let kinds: Vec<EventKind> = events(store).await.into_iter().map(|e| e.0).collect();
+        // The events follow the open (off its admission turn).
+        let kinds: Vec<EventKind> = eventually_async("the opening events", || async {
+            let kinds: Vec<EventKind> = events(store).await.into_iter().map(|e| e.0).collect();
+            (kinds.len() >= 2).then_some(kinds)
+        })
+        .await;
         assert_eq!(kinds, [EventKind::NodeRegistered, EventKind::NodeConnected]);
 
         // The desired state at once: no roles yet.
@@ -1507,6 +1644,93 @@ mod tests {
             .filter(|i| budget.take(t0 + Duration::from_millis(300 * i)))
             .count();
         assert!((12..=14).contains(&writes), "{writes}");
+    }
+
+    #[test]
+    fn busy_hints_spread_the_refused_over_the_time_their_admissions_take() {
+        let t0 = Instant::now();
+        // 32 turns of 32 ms at once: one admission per millisecond.
+        let mut pace = Pace {
+            turn: Duration::from_millis(32),
+            concurrent: 32,
+            booked_until: t0,
+        };
+        let hints: Vec<Duration> = (0..5_000).map(|_| pace.book(t0, 1_000)).collect();
+        assert!(hints.windows(2).all(|w| w[0] <= w[1]), "hints go back");
+        // The first comes after the 1,000 queued, the last after all 5,000.
+        assert_eq!(hints[0], Duration::from_millis(1_001));
+        assert_eq!(hints[4_999], Duration::from_millis(6_000));
+        // Later refusals book after those already booked, not over them.
+        let later = pace.book(t0 + Duration::from_secs(1), 0);
+        assert_eq!(later, Duration::from_millis(5_001));
+        // Slower admissions: longer hints.
+        for _ in 0..200 {
+            pace.observe(Duration::from_millis(320));
+        }
+        let slow = pace.book(t0 + Duration::from_secs(6), 100);
+        assert!(slow >= Duration::from_millis(900), "{slow:?}");
+        // Never more than an agent honours.
+        let far = (0..100_000).map(|_| pace.book(t0, 0)).max().expect("hints");
+        assert!(far <= steward_proto::retry::MAX_RETRY_AFTER);
+    }
+
+    #[tokio::test]
+    async fn a_hello_that_waits_too_long_is_told_when_to_come_back() {
+        let admission = Admission::new(&crate::config::SessionLimits {
+            max_concurrent_opens: 1,
+            max_queued_opens: 2,
+            max_open_wait_ms: 100,
+            ..Default::default()
+        });
+        let held = admission.enter().await.expect("a turn");
+        let started = tokio::time::Instant::now();
+        let Err(Error::Busy { retry_after, .. }) = admission.enter().await else {
+            panic!("admitted while the only turn is held");
+        };
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(100) && waited < Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert!(retry_after >= MIN_RETRY_HINT, "{retry_after:?}");
+        let status = tonic::Status::from(Error::Busy {
+            reason: "test".into(),
+            retry_after,
+        });
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            steward_proto::retry::retry_after(&status),
+            Some(retry_after)
+        );
+        // A full queue refuses at once.
+        let (a, b) = (admission.enter(), admission.enter());
+        let c = async {
+            tokio::task::yield_now().await;
+            admission.enter().await
+        };
+        let before = tokio::time::Instant::now();
+        let (_, _, c) = tokio::join!(a, b, c);
+        assert!(matches!(c, Err(Error::Busy { .. })));
+        drop(held);
+        assert!(before.elapsed() < Duration::from_secs(1));
+        // Once the turn is free, the next hello gets it.
+        let _turn = admission.enter().await.expect("a turn once free");
+        // A node's own hello budget hints at its next token.
+        let node = NodeId::new("n1").expect("id");
+        let budget = crate::config::SessionLimits {
+            hello_burst: 1,
+            hello_interval_ms: 5_000,
+            ..Default::default()
+        };
+        let admission = Admission::new(&budget);
+        admission.hello(&node).expect("first hello");
+        let Err(Error::Busy { retry_after, .. }) = admission.hello(&node) else {
+            panic!("a second hello at once");
+        };
+        assert!(
+            retry_after > Duration::from_millis(4_900) && retry_after <= Duration::from_secs(5),
+            "{retry_after:?}"
+        );
     }
 
     fn report(revision: u64, finished: u64, status: ResourceStatus) -> ConvergeReport {

@@ -59,9 +59,16 @@ pub struct SessionLimits {
     #[serde(default = "default_max_concurrent_opens")]
     pub max_concurrent_opens: usize,
     /// Sessions waiting to be admitted; beyond this a hello is refused
-    /// with UNAVAILABLE and the agent retries after a jittered backoff.
+    /// with UNAVAILABLE and a hint of when to retry (the agent waits that
+    /// long, jittered).
     #[serde(default = "default_max_queued_opens")]
     pub max_queued_opens: usize,
+    /// Longest a hello waits for its turn (ms) before it is refused the
+    /// same way: below the agent's 4 s deadline for an answer, so the agent
+    /// hears when to come back instead of giving up on a session the
+    /// replica would open for nobody.
+    #[serde(default = "default_max_open_wait_ms")]
+    pub max_open_wait_ms: u64,
     /// One node's status is written at most once per this interval on
     /// average (health flaps are damped, not mirrored into etcd)...
     #[serde(default = "default_status_write_interval_ms")]
@@ -88,6 +95,7 @@ impl Default for SessionLimits {
         Self {
             max_concurrent_opens: default_max_concurrent_opens(),
             max_queued_opens: default_max_queued_opens(),
+            max_open_wait_ms: default_max_open_wait_ms(),
             status_write_interval_ms: default_status_write_interval_ms(),
             status_write_burst: default_status_write_burst(),
             max_facts_bytes: default_max_facts_bytes(),
@@ -102,6 +110,9 @@ fn default_max_concurrent_opens() -> usize {
 }
 fn default_max_queued_opens() -> usize {
     4096
+}
+fn default_max_open_wait_ms() -> u64 {
+    2000
 }
 fn default_status_write_interval_ms() -> u64 {
     2000
@@ -127,10 +138,14 @@ pub struct Limits {
     /// Time a client has to finish the TLS handshake (ms).
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
-    /// Connections still in the TLS handshake, per listener; one more
-    /// drops the oldest.
+    /// Connections still in the TLS handshake, per listener; more wait in
+    /// the kernel's backlog.
     #[serde(default = "default_max_pending_handshakes")]
     pub max_pending_handshakes: usize,
+    /// With `max_pending_handshakes` in progress, the age (ms) from which
+    /// the oldest is dropped to make room for a new connection.
+    #[serde(default = "default_handshake_evict_after_ms")]
+    pub handshake_evict_after_ms: u64,
     /// Connections open at once on `listen` (agents, stewardctl, peers);
     /// more are closed at once.
     #[serde(default = "default_max_connections")]
@@ -145,6 +160,7 @@ impl Default for Limits {
         Self {
             handshake_timeout_ms: default_handshake_timeout_ms(),
             max_pending_handshakes: default_max_pending_handshakes(),
+            handshake_evict_after_ms: default_handshake_evict_after_ms(),
             max_connections: default_max_connections(),
             max_join_connections: default_max_join_connections(),
         }
@@ -156,6 +172,9 @@ fn default_handshake_timeout_ms() -> u64 {
 }
 fn default_max_pending_handshakes() -> usize {
     256
+}
+fn default_handshake_evict_after_ms() -> u64 {
+    1_000
 }
 fn default_max_connections() -> usize {
     16_384
@@ -172,6 +191,7 @@ impl Limits {
         steward_runtime::listener::ConnectionLimits {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             max_pending_handshakes: self.max_pending_handshakes,
+            evict_after: Duration::from_millis(self.handshake_evict_after_ms),
             max_connections,
         }
     }
@@ -319,6 +339,13 @@ impl CoordinatorConfig {
                 l.max_facts_bytes
             ));
         }
+        if !(100..=3500).contains(&l.max_open_wait_ms) {
+            p.push(format!(
+                "sessions.max_open_wait_ms = {}: must be between 100 and 3500 (agents give up \
+                 on an unanswered session request after 4 s)",
+                l.max_open_wait_ms
+            ));
+        }
         if !is_valid_name(&self.id) {
             p.push(format!(
                 "id {:?}: use 1-63 letters, digits, '-' or '.'",
@@ -389,6 +416,14 @@ impl CoordinatorConfig {
                 "timing.events_retained and timing.session_events_retained must be at least 10"
                     .into(),
             );
+        }
+        if !(10..=self.limits.handshake_timeout_ms.max(10))
+            .contains(&self.limits.handshake_evict_after_ms)
+        {
+            p.push(format!(
+                "limits.handshake_evict_after_ms = {}: must be between 10 and limits.handshake_timeout_ms",
+                self.limits.handshake_evict_after_ms
+            ));
         }
         if !(100..=120_000).contains(&self.limits.handshake_timeout_ms) {
             p.push(format!(

@@ -44,9 +44,13 @@ pub enum Error {
     WatchInterrupted(String),
     #[error("coordinator shutting down")]
     ShuttingDown,
-    /// Admission control: too many sessions waiting here.
-    #[error("replica busy: {0}")]
-    Busy(String),
+    /// Admission control: too many sessions waiting here, or this node
+    /// opening sessions too often. The client is told when to come back.
+    #[error("replica busy: {reason}; retry in {} ms", .retry_after.as_millis())]
+    Busy {
+        reason: String,
+        retry_after: std::time::Duration,
+    },
     /// A newer session of the same node replaced this one.
     #[error("a newer session of this node replaced this one")]
     Superseded,
@@ -121,10 +125,12 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
             Error::PermissionDenied(_) => Status::permission_denied(msg),
             Error::Conflict { .. } => Status::aborted(msg),
-            Error::LostLeadership { .. }
-            | Error::WatchInterrupted(_)
-            | Error::ShuttingDown
-            | Error::Busy(_) => Status::unavailable(msg),
+            Error::LostLeadership { .. } | Error::WatchInterrupted(_) | Error::ShuttingDown => {
+                Status::unavailable(msg)
+            }
+            Error::Busy { retry_after, .. } => {
+                steward_proto::retry::with_retry_after(Status::unavailable(msg), retry_after)
+            }
             Error::Superseded => Status::aborted(msg),
             Error::FirstMessageLate { .. } => Status::deadline_exceeded(msg),
             Error::ClosedBeforeFirstMessage { .. } => Status::cancelled(msg),

@@ -21,6 +21,7 @@ pub mod cluster_spec;
 pub mod config;
 pub mod desired;
 pub mod error;
+pub mod fanout;
 pub mod leader;
 pub mod logs;
 pub mod maintenance;
@@ -231,6 +232,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         logs: Arc::default(),
         views: Arc::default(),
         admission: Arc::new(agent_service::Admission::new(&config.sessions)),
+        fanout: Arc::default(),
         limits: config.sessions.clone(),
     };
     let sweep = tokio::spawn(
@@ -241,6 +243,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         agent_service::follow_takeovers(ctx.clone())
             .instrument(tracing::info_span!("follow_takeovers")),
     );
+    let fanout = tokio::spawn(fanout::run(ctx.clone()).instrument(tracing::info_span!("fanout")));
     let marker = tokio::spawn(
         vip::marker::run_marker(
             ctx.store.clone(),
@@ -353,6 +356,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     tasks.cancel();
     sweep.abort();
     takeovers.abort();
+    fanout.abort();
     leadership_metrics.abort();
     if let Some(endpoint) = metrics_endpoint {
         endpoint.abort();

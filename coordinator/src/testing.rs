@@ -131,7 +131,9 @@ impl TestReplica {
                 &Default::default(),
             )),
             limits: Default::default(),
+            fanout: Default::default(),
         };
+        tokio::spawn(crate::fanout::run(ctx.clone()));
         let replica = Self {
             ctx,
             memory,

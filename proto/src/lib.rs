@@ -14,6 +14,7 @@ pub mod converge;
 pub mod convert;
 pub mod domain;
 pub mod pki;
+pub mod retry;
 pub mod vip;
 
 pub use convert::ProtoError;

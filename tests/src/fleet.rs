@@ -6,7 +6,8 @@
 //! heartbeats at the agent's default interval, a `Report` of the applied
 //! revision whenever a desired state brings a new one, the next replica
 //! after jittered exponential backoff when a session fails (4 s dial and
-//! open deadlines, no ack for three heartbeats ends the session).
+//! open deadlines, no ack for three heartbeats ends the session; at least
+//! as long as a busy replica's `retry-after-ms` hint).
 //!
 //! What each agent saw is kept in an [`Obs`] per agent for the benchmark to
 //! read; failures are counted in [`Counters`].
@@ -24,6 +25,7 @@ use steward_proto::domain::{
 };
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
+use steward_runtime::backoff::Backoff;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -228,27 +230,32 @@ pub async fn run_agent(fleet: Arc<Fleet>, index: usize, delay: Duration) {
         let started = Instant::now();
         let result = session(&fleet, agent, next).await;
         agent.obs.lock().expect("obs").connected = None;
-        let (kind, text) = result;
+        let (kind, text, hint) = result;
         fleet.counters.error(kind, text);
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
         }
         next = (next + 1) % replicas;
-        tokio::time::sleep(backoff.next_delay()).await;
+        tokio::time::sleep(backoff.next_delay_hinted(hint)).await;
     }
 }
 
 /// One session; returns why it ended.
-async fn session(fleet: &Fleet, agent: &SimAgent, replica: usize) -> (ErrorKind, String) {
+async fn session(
+    fleet: &Fleet,
+    agent: &SimAgent,
+    replica: usize,
+) -> (ErrorKind, String, Option<Duration>) {
     let channel =
         match tokio::time::timeout(DIAL_DEADLINE, agent.endpoints[replica].connect()).await {
             Err(_) => {
                 return (
                     ErrorKind::Dial,
                     format!("no TLS session within {DIAL_DEADLINE:?}"),
+                    None,
                 )
             }
-            Ok(Err(e)) => return (ErrorKind::Dial, error_chain(&e)),
+            Ok(Err(e)) => return (ErrorKind::Dial, error_chain(&e), None),
             Ok(Ok(c)) => c,
         };
     let mut client = AgentServiceClient::new(channel);
@@ -262,7 +269,7 @@ async fn session(fleet: &Fleet, agent: &SimAgent, replica: usize) -> (ErrorKind,
         advertise_address: Some(address(agent.index)),
     };
     if tx.try_send(hello.into()).is_err() {
-        return (ErrorKind::Open, "cannot queue hello".into());
+        return (ErrorKind::Open, "cannot queue hello".into(), None);
     }
     let mut inbound =
         match tokio::time::timeout(OPEN_DEADLINE, client.session(ReceiverStream::new(rx))).await {
@@ -270,9 +277,14 @@ async fn session(fleet: &Fleet, agent: &SimAgent, replica: usize) -> (ErrorKind,
                 return (
                     ErrorKind::Open,
                     format!("no answer to the session request in {OPEN_DEADLINE:?}"),
+                    None,
                 )
             }
-            Ok(Err(status)) => return (ErrorKind::Open, format!("refused: {status}")),
+            Ok(Err(status)) => {
+                // As the agent: a busy replica says when to come back.
+                let hint = steward_proto::retry::retry_after(&status);
+                return (ErrorKind::Open, format!("refused: {status}"), hint);
+            }
             Ok(Ok(response)) => response.into_inner(),
         };
     {
@@ -287,7 +299,7 @@ async fn session(fleet: &Fleet, agent: &SimAgent, replica: usize) -> (ErrorKind,
     let mut seq = 0u64;
     let mut last_ack = Instant::now();
     let mut reported: Option<u64> = None;
-    let lost = |text: String| (ErrorKind::Lost, text);
+    let lost = |text: String| (ErrorKind::Lost, text, None);
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -435,38 +447,5 @@ fn health(index: usize) -> Health {
         memory_used_bytes: 20 << 30,
         memory_total_bytes: 64 << 30,
         max_disk_used_fraction: 0.5,
-    }
-}
-
-/// The agent's backoff: each delay uniform in `[base/2, base]`, `base`
-/// doubling up to `max` until reset.
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            current: initial,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        use std::hash::{BuildHasher, Hasher};
-        let base = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(0);
-        let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
-        let half = base / 2;
-        half + half.mul_f64(unit)
-    }
-
-    fn reset(&mut self) {
-        self.current = self.initial;
     }
 }

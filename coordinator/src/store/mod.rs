@@ -780,16 +780,26 @@ impl Store {
 
     /// Everything about node `id`, its facts and converge report included.
     pub async fn node(&self, id: &NodeId) -> Result<NodeRecord> {
-        let resp = self
-            .list(&format!("{}{id}/", self.keys.nodes()), "get node")
-            .await?;
+        // Its records under nodes/ and its details, read at once: a session
+        // open waits for this (one round trip, not two).
+        let prefix = format!("{}{id}/", self.keys.nodes());
+        let details = [self.keys.node_facts(id), self.keys.node_converge(id)];
+        let (resp, details) = tokio::join!(
+            self.list(&prefix, "get node"),
+            self.get_many(&details, "read node details")
+        );
         let mut record = NodeRecord::default();
-        for kv in &resp.kvs {
+        for kv in &resp?.kvs {
             self.fill_record(&mut record, kv)?;
         }
-        let mut one = BTreeMap::from([(id.clone(), record)]);
-        self.fill_details(&mut one).await?;
-        Ok(one.remove(id).unwrap_or_default())
+        for kv in details? {
+            if kv.key == self.keys.node_facts(id).as_bytes() {
+                record.facts = Some(versioned(&kv)?);
+            } else if kv.key == self.keys.node_converge(id).as_bytes() {
+                record.converge = Some(versioned(&kv)?);
+            }
+        }
+        Ok(record)
     }
 
     /// Adds the facts and converge reports of every node in `nodes`

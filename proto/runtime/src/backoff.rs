@@ -30,6 +30,19 @@ impl Backoff {
         half + half.mul_f64(random_unit())
     }
 
+    /// The next delay when the server said when to come back (`hint`, see
+    /// `steward_proto::retry`): at least the hint, plus up to half of it
+    /// again at random, so the clients told the same time do not all come
+    /// back at once; the backoff's own delay when that is longer or there
+    /// is no hint.
+    pub fn next_delay_hinted(&mut self, hint: Option<Duration>) -> Duration {
+        let own = self.next_delay();
+        match hint {
+            Some(hint) => own.max(hint + (hint / 2).mul_f64(random_unit())),
+            None => own,
+        }
+    }
+
     /// Call after a success: the next failure starts from the initial delay.
     pub fn reset(&mut self) {
         self.current = self.initial;
@@ -47,6 +60,23 @@ pub fn random_unit() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hint_is_honoured_with_jitter_above_it() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let hint = Duration::from_secs(4);
+        let delays: Vec<_> = (0..50).map(|_| b.next_delay_hinted(Some(hint))).collect();
+        assert!(
+            delays.iter().all(|d| *d >= hint && *d <= hint * 3 / 2),
+            "{delays:?}"
+        );
+        assert!(
+            delays.iter().any(|d| *d != delays[0]),
+            "no jitter: {delays:?}"
+        );
+        // A hint shorter than the backoff's own delay does not shorten it.
+        assert!(b.next_delay_hinted(Some(Duration::from_millis(1))) >= Duration::from_millis(400));
+    }
 
     #[test]
     fn delays_grow_within_jitter_bounds_and_reset() {

@@ -3,10 +3,15 @@
 //!
 //! - at most `max_connections` connections per listener, handshaking or
 //!   served; one more is closed at once;
-//! - at most `max_pending_handshakes` of them still in the TLS handshake;
-//!   one more evicts the **oldest** pending handshake (an idle or slow
-//!   client), so a flood of silent connections cannot keep a real client,
-//!   whose handshake takes milliseconds, from getting through;
+//! - at most `max_pending_handshakes` of them still in the TLS handshake.
+//!   At the cap, a new connection waits (and the ones after it wait in the
+//!   kernel's backlog) until a handshake ends, or until the **oldest**
+//!   pending one is `evict_after` old: that one (an idle or slow client) is
+//!   dropped to make room. So a flood of silent connections cannot keep a
+//!   real client, whose handshake takes milliseconds, from getting through,
+//!   and a crowd of real clients (a fleet reconnecting at once) is served in
+//!   turn instead of evicting one another's handshakes half-way, which would
+//!   only make them all retry;
 //! - each handshake has `handshake_timeout` to finish;
 //! - caps hit are logged as a warning at most once per [`WARN_EVERY`], with
 //!   the count since the last line, and counted in [`ListenerStats`].
@@ -42,8 +47,11 @@ pub const WARN_EVERY: Duration = Duration::from_secs(10);
 pub struct ConnectionLimits {
     /// Time a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Connections still in the TLS handshake; a new one evicts the oldest.
+    /// Connections still in the TLS handshake at once.
     pub max_pending_handshakes: usize,
+    /// At `max_pending_handshakes`, the age from which the oldest pending
+    /// handshake is dropped to make room (younger ones are waited for).
+    pub evict_after: Duration,
     /// Connections open at once (handshaking or served); more are closed.
     pub max_connections: usize,
 }
@@ -53,7 +61,8 @@ pub struct ConnectionLimits {
 pub struct ListenerStats {
     /// Closed at accept: `max_connections` were open.
     pub refused: Arc<Counter>,
-    /// Pending handshakes dropped to make room for a newer one.
+    /// Pending handshakes dropped (at least `evict_after` old) to make room
+    /// for a newer one.
     pub evicted: Arc<Counter>,
     /// Handshakes that did not finish within the timeout.
     pub timed_out: Arc<Counter>,
@@ -193,11 +202,11 @@ impl RateLimitedWarning {
     }
 }
 
-/// The handshakes in progress, oldest first, each cancellable.
+/// The handshakes in progress, oldest first: id, start, cancellation.
 #[derive(Default)]
 struct Pending {
     next: u64,
-    queue: std::collections::VecDeque<(u64, CancellationToken)>,
+    queue: std::collections::VecDeque<(u64, Instant, CancellationToken)>,
 }
 
 /// Accepts on `listener` within `limits`, handshakes with `tls`, and yields
@@ -218,6 +227,7 @@ pub fn limited_tls_incoming(
     let full = Arc::new(RateLimitedWarning::default());
     let evicting = Arc::new(RateLimitedWarning::default());
     let accept_failed = RateLimitedWarning::default();
+    let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -250,33 +260,57 @@ pub fn limited_tls_incoming(
                 }
                 continue;
             };
+            // A handshake turn: until one is free, this connection waits
+            // and the next ones wait in the kernel's backlog.
+            let turn = loop {
+                if let Ok(turn) = handshakes.clone().try_acquire_owned() {
+                    break turn;
+                }
+                let oldest = {
+                    let p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    p.queue.front().map(|(_, started, _)| *started)
+                };
+                let evict_at = oldest.map(|started| started + limits.evict_after);
+                let mut wake = evict_at.unwrap_or_else(|| Instant::now() + limits.evict_after);
+                if evict_at.is_some_and(|at| at <= Instant::now()) {
+                    let evicted = {
+                        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                        p.queue.pop_front()
+                    };
+                    if let Some((_, _, oldest)) = evicted {
+                        oldest.cancel();
+                        stats.evicted.inc();
+                        if let Some(evicted) = evicting.note() {
+                            tracing::warn!(
+                                listener = name,
+                                max_pending_handshakes = limits.max_pending_handshakes,
+                                evicted,
+                                "too many TLS handshakes in progress: dropping the oldest"
+                            );
+                        }
+                    }
+                    // Its turn comes back as soon as its task sees the
+                    // cancellation: wait for that, not for the next oldest.
+                    wake = Instant::now() + limits.evict_after;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    turn = handshakes.clone().acquire_owned() => match turn {
+                        Ok(turn) => break turn,
+                        Err(_) => return,
+                    },
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let cancel = shutdown.child_token();
-            let (id, evicted) = {
+            let id = {
                 let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                let evicted = if p.queue.len() >= limits.max_pending_handshakes {
-                    p.queue.pop_front()
-                } else {
-                    None
-                };
                 let id = p.next;
                 p.next += 1;
-                p.queue.push_back((id, cancel.clone()));
-                (id, evicted)
+                p.queue.push_back((id, Instant::now(), cancel.clone()));
+                id
             };
-            if let Some((_, oldest)) = evicted {
-                oldest.cancel();
-                stats.evicted.inc();
-                if let Some(evicted) = evicting.note() {
-                    tracing::warn!(
-                        listener = name,
-                        max_pending_handshakes = limits.max_pending_handshakes,
-                        evicted,
-                        %peer,
-                        "too many TLS handshakes in progress: dropping the oldest"
-                    );
-                }
-            }
             let acceptor = acceptor.clone();
             let pending = pending.clone();
             let stats = stats.clone();
@@ -288,8 +322,9 @@ pub fn limited_tls_incoming(
                 };
                 {
                     let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                    p.queue.retain(|(i, _)| *i != id);
+                    p.queue.retain(|(i, _, _)| *i != id);
                 }
+                drop(turn);
                 match outcome {
                     None => {}
                     Some(Err(_)) => {
@@ -394,6 +429,7 @@ mod tests {
         let mut served = serve(ConnectionLimits {
             handshake_timeout: Duration::from_millis(500),
             max_pending_handshakes: 2,
+            evict_after: Duration::from_millis(40),
             max_connections: 100,
         })
         .await;
@@ -411,10 +447,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn young_handshakes_are_waited_for_not_evicted() {
+        let mut served = serve(ConnectionLimits {
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 1,
+            evict_after: Duration::from_secs(3),
+            max_connections: 100,
+        })
+        .await;
+        // A client that has not finished its handshake yet (it is 0.3 s
+        // old) holds the only turn: the next one waits for it.
+        let mut slow = TcpStream::connect(served.addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waiting = tokio::time::timeout(Duration::from_millis(500), served.handshake()).await;
+        assert!(waiting.is_err(), "a handshake ran past the cap");
+        assert_eq!(served.stats.evicted.get(), 0);
+        assert!(!closed(&mut slow, Duration::from_millis(10)).await);
+        // Once it is `evict_after` old, it goes and the next one is served.
+        let _ = tokio::time::timeout(Duration::from_secs(4), served.handshake())
+            .await
+            .expect("served after the eviction");
+        assert_eq!(served.stats.evicted.get(), 1);
+        assert!(closed(&mut slow, Duration::from_millis(300)).await);
+    }
+
+    #[tokio::test]
     async fn connections_over_the_cap_are_closed_until_one_ends() {
         let mut served = serve(ConnectionLimits {
             handshake_timeout: Duration::from_secs(5),
             max_pending_handshakes: 8,
+            evict_after: Duration::from_secs(1),
             max_connections: 2,
         })
         .await;

@@ -1,0 +1,311 @@
+//! Waking only the sessions a change concerns.
+//!
+//! Every agent session of a replica pushes its node's desired state when
+//! that state changes. Woken on every change of the replica's caches, each
+//! of N sessions would rebuild and compare its state for each of the N
+//! address records written while a fleet connects: O(N²) work at a cold
+//! start, which is what kept 10,000 agents from ever all connecting to one
+//! replica. Instead one task follows the caches and wakes a session only
+//! when one of its node's inputs (DESIGN: a desired state's revision is the
+//! newest of exactly its inputs, `crate::desired`) moved:
+//! - the node's own records (spec, address, revocation) changed;
+//! - the slice of the cluster its roles consume, or the orchestration steps
+//!   for them, moved to a new revision ([`Interest`]: a handful of distinct
+//!   interests across a fleet, each checked once per change);
+//! - or something rare that everyone may consume changed (cluster settings,
+//!   maintenance, removal markers, a record deleted, the caches' first
+//!   read): then every session is woken, as before.
+//!
+//! A session registers before its first push, so no change falls between.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use steward_proto::domain::NodeId;
+use tokio::sync::Notify;
+
+use crate::agent_service::SessionContext;
+use crate::cache::SpecSnapshot;
+use crate::desired::Interest;
+use crate::orchestrate::state::OrchestrationSnapshot;
+use crate::store::Versioned;
+use crate::vip::VipSnapshot;
+
+/// The sessions of this replica that wait to be told of a change.
+#[derive(Debug, Default)]
+pub struct Fanout {
+    sessions: Mutex<HashMap<NodeId, Registered>>,
+}
+
+#[derive(Debug)]
+struct Registered {
+    session: u64,
+    wake: Arc<Notify>,
+    /// What the node consumes (cached; recomputed when its roles or the
+    /// settings change).
+    interest: Option<Interest>,
+}
+
+impl Fanout {
+    fn lock(&self) -> MutexGuard<'_, HashMap<NodeId, Registered>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers session `session` of `node`; it is woken (the permit is
+    /// kept until it waits) whenever a change concerns the node.
+    pub fn register(&self, node: &NodeId, session: u64) -> Arc<Notify> {
+        let wake = Arc::new(Notify::new());
+        self.lock().insert(
+            node.clone(),
+            Registered {
+                session,
+                wake: wake.clone(),
+                interest: None,
+            },
+        );
+        wake
+    }
+
+    /// Session `session` of `node` ended (a newer one is left alone).
+    pub fn unregister(&self, node: &NodeId, session: u64) {
+        let mut sessions = self.lock();
+        if sessions.get(node).is_some_and(|r| r.session == session) {
+            sessions.remove(node);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The caches as one pass saw them.
+#[derive(Clone)]
+struct Seen {
+    specs: Arc<SpecSnapshot>,
+    vips: Arc<VipSnapshot>,
+    orchestration: Arc<OrchestrationSnapshot>,
+}
+
+/// Follows this replica's caches and wakes the sessions each change
+/// concerns, until shutdown.
+pub async fn run(ctx: SessionContext) {
+    let mut specs = ctx.specs.clone();
+    let mut vips = ctx.vips.clone();
+    let mut orchestration = ctx.orchestration.clone();
+    let mut seen = Seen {
+        specs: specs.borrow_and_update().clone(),
+        vips: vips.borrow_and_update().clone(),
+        orchestration: orchestration.borrow_and_update().clone(),
+    };
+    // Each interest's revisions as last seen: (slice, steps).
+    let mut slices: HashMap<Interest, (u64, u64)> = HashMap::new();
+    loop {
+        let changed = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            c = specs.changed() => c,
+            c = vips.changed() => c,
+            c = orchestration.changed() => c,
+        };
+        if changed.is_err() {
+            return;
+        }
+        let now = Seen {
+            specs: specs.borrow_and_update().clone(),
+            vips: vips.borrow_and_update().clone(),
+            orchestration: orchestration.borrow_and_update().clone(),
+        };
+        let woken = wake(&ctx, &seen, &now, &mut slices);
+        tracing::trace!(woken, "cache change fanned out");
+        seen = now;
+    }
+}
+
+/// Wakes the sessions the change from `before` to `now` concerns; how many.
+fn wake(
+    ctx: &SessionContext,
+    before: &Seen,
+    now: &Seen,
+    slices: &mut HashMap<Interest, (u64, u64)>,
+) -> usize {
+    let settings = now.specs.settings.as_ref().map(|s| &s.value);
+    let everyone = concerns_everyone(&before.specs, &now.specs)
+        || before.vips.synced != now.vips.synced
+        || before.orchestration.synced != now.orchestration.synced;
+    let own = changed_nodes(&before.specs, &now.specs);
+    // The interests in use, each checked once.
+    let interests: HashSet<Interest> = {
+        let mut sessions = ctx.fanout.lock();
+        for (node, registered) in sessions.iter_mut() {
+            if registered.interest.is_none() || everyone || own.contains(node) {
+                let roles = now
+                    .specs
+                    .specs
+                    .get(node)
+                    .map(|s| s.value.roles.clone())
+                    .unwrap_or_default();
+                registered.interest = Some(Interest::for_node(&roles, settings));
+            }
+        }
+        sessions
+            .values()
+            .filter_map(|r| r.interest.clone())
+            .collect()
+    };
+    let mut moved = HashSet::new();
+    for interest in &interests {
+        let slice = ctx.views.get(&now.specs, &now.vips, interest).revision;
+        let steps = now.orchestration.revision_for(interest);
+        let last = slices.insert(interest.clone(), (slice, steps));
+        if last.is_some_and(|last| last != (slice, steps)) {
+            moved.insert(interest.clone());
+        }
+    }
+    slices.retain(|i, _| interests.contains(i));
+    let sessions = ctx.fanout.lock();
+    let mut woken = 0;
+    for (node, registered) in sessions.iter() {
+        let concerned = everyone
+            || own.contains(node)
+            || registered
+                .interest
+                .as_ref()
+                .is_some_and(|i| moved.contains(i));
+        if concerned {
+            registered.wake.notify_one();
+            woken += 1;
+        }
+    }
+    woken
+}
+
+/// Whether the change is one that every node may consume: the first read,
+/// the cluster settings, maintenance (gates and Kubernetes steps read it),
+/// the removal markers, or a record deleted.
+fn concerns_everyone(before: &SpecSnapshot, now: &SpecSnapshot) -> bool {
+    let rev =
+        |v: Option<&Versioned<steward_proto::converge::ClusterSettings>>| v.map(|s| s.mod_revision);
+    before.synced != now.synced
+        || rev(before.settings.as_ref()) != rev(now.settings.as_ref())
+        || changed_any(&before.maintenance, &now.maintenance, before.revision)
+        || before.departed != now.departed
+        || before.sections != now.sections
+        || now.specs.len() < before.specs.len()
+        || now.addresses.len() < before.addresses.len()
+        || now.revoked.len() < before.revoked.len()
+}
+
+fn changed_any<K, V>(
+    before: &BTreeMap<K, Versioned<V>>,
+    now: &BTreeMap<K, Versioned<V>>,
+    since: i64,
+) -> bool {
+    now.len() != before.len() || now.values().any(|v| v.mod_revision > since)
+}
+
+/// The nodes whose own records changed after `before`.
+fn changed_nodes(before: &SpecSnapshot, now: &SpecSnapshot) -> HashSet<NodeId> {
+    let since = before.revision;
+    let newer = |map: &mut dyn Iterator<Item = (&NodeId, i64)>| -> Vec<NodeId> {
+        map.filter(|(_, rev)| *rev > since)
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let mut nodes = HashSet::new();
+    nodes.extend(newer(
+        &mut now.specs.iter().map(|(id, v)| (id, v.mod_revision)),
+    ));
+    nodes.extend(newer(
+        &mut now.addresses.iter().map(|(id, v)| (id, v.mod_revision)),
+    ));
+    nodes.extend(newer(
+        &mut now.revoked.iter().map(|(id, v)| (id, v.mod_revision)),
+    ));
+    nodes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use steward_proto::domain::Role;
+
+    use crate::store::kv::{Op, Txn};
+    use crate::store::{encode, MemoryBackend};
+    use crate::testing::{node, put_roles, TestReplica};
+
+    async fn woken(wake: &tokio::sync::Notify, within: Duration) -> bool {
+        tokio::time::timeout(within, wake.notified()).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_change_wakes_the_sessions_it_concerns_only() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_roles(store, "lb-1", &[Role::Lb]).await;
+        for id in ["n-1", "n-2", "n-3"] {
+            put_roles(store, id, &[]).await;
+        }
+        let fanout = &replica.ctx.fanout;
+        let wake: Vec<_> = ["lb-1", "n-1", "n-2", "n-3"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| fanout.register(&node(id), i as u64))
+            .collect();
+        // Let the passes over the writes above settle (one more write),
+        // and forget what they woke.
+        put_roles(store, "n-3", &[]).await;
+        assert!(woken(&wake[3], Duration::from_secs(5)).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for w in &wake {
+            woken(w, Duration::from_millis(10)).await;
+        }
+
+        // A role-less node's address (what every agent writes when it
+        // first connects): that node only.
+        store
+            .put_address_if(&node("n-2"), 0, "198.18.0.2".parse().expect("ip"))
+            .await
+            .expect("address");
+        assert!(woken(&wake[2], Duration::from_secs(5)).await, "n-2 itself");
+        for (i, w) in wake.iter().enumerate().filter(|(i, _)| *i != 2) {
+            assert!(
+                !woken(w, Duration::from_millis(100)).await,
+                "session {i} woken"
+            );
+        }
+
+        // n-1 becomes a worker: n-1, and the lb node that sees every
+        // member; not the other role-less nodes.
+        put_roles(store, "n-1", &[Role::K8sWorker]).await;
+        assert!(woken(&wake[1], Duration::from_secs(5)).await, "n-1 itself");
+        assert!(woken(&wake[0], Duration::from_millis(100)).await, "lb-1");
+        assert!(!woken(&wake[2], Duration::from_millis(100)).await, "n-2");
+        assert!(!woken(&wake[3], Duration::from_millis(100)).await, "n-3");
+
+        // Cluster settings concern everyone.
+        let settings = steward_proto::converge::ClusterSettings::default();
+        let key = store.keys().cluster_settings();
+        store
+            .txn(
+                Txn::new().and_then([Op::put(key, encode(&settings))]),
+                "test",
+            )
+            .await
+            .expect("settings written");
+        for (i, w) in wake.iter().enumerate() {
+            assert!(
+                woken(w, Duration::from_secs(5)).await,
+                "session {i} not woken"
+            );
+        }
+
+        // An ended session is not woken any more.
+        fanout.unregister(&node("n-2"), 2);
+        assert_eq!(fanout.len(), 3);
+    }
+}
