@@ -5,7 +5,9 @@ use std::pin::Pin;
 use std::time::Instant;
 
 use steward_proto::convert::roles_display;
-use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, RoleChange, RoleSet};
+use steward_proto::domain::{
+    Event, EventKind, NodeHealth, NodeId, NodeView, RevocableKind, RoleChange, RoleSet,
+};
 use steward_proto::pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,6 +35,9 @@ pub struct AdminApi {
     peers: Peers,
     /// `sha256:` hash of the cluster CA, for join commands.
     ca_hash: String,
+    /// The name in this replica's own (coordinator) certificate, which
+    /// `RevokeCertificate` revokes only when forced.
+    own_certificate: Option<String>,
 }
 
 impl AdminApi {
@@ -48,6 +53,47 @@ impl AdminApi {
             version,
             peers,
             ca_hash: String::new(),
+            own_certificate: None,
+        }
+    }
+
+    /// The name in this replica's own certificate.
+    pub fn with_own_certificate(mut self, name: String) -> Self {
+        self.own_certificate = Some(name);
+        self
+    }
+
+    /// The calling admin, if its certificate may use the admin API here.
+    fn admin<T>(&self, request: &Request<T>) -> Result<crate::pki::Identity> {
+        require_admin(request, &self.ctx.specs.borrow())
+    }
+
+    /// Why revoking `wanted` needs `--force`, if it does: it would lock
+    /// out the caller itself, or this replica from its peers.
+    fn revocation_refusal(
+        &self,
+        admin: &crate::pki::Identity,
+        wanted: &steward_proto::convert::RevokeCertificate,
+    ) -> Option<String> {
+        if wanted.force {
+            return None;
+        }
+        let (kind, name) = (wanted.kind, wanted.name.as_str());
+        match kind {
+            RevocableKind::Admin if admin.name == name => Some(format!(
+                "{name:?} is the admin certificate this request was made with: revoking it \
+                 locks you out of the admin API until you use one issued after now. Revoke \
+                 it from another admin certificate, or pass --force"
+            )),
+            RevocableKind::Coordinator if self.own_certificate.as_deref() == Some(name) => {
+                Some(format!(
+                    "{name:?} is the coordinator certificate of the replica answering \
+                     ({}): once revoked, its peers refuse its calls until it runs with one \
+                     issued after now. Pass --force to revoke it anyway",
+                    self.ctx.store.replica()
+                ))
+            }
+            RevocableKind::Admin | RevocableKind::Coordinator => None,
         }
     }
 
@@ -314,7 +360,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let store = &self.ctx.store;
         let me = store.replica().to_owned();
         let gathered = async {
@@ -378,7 +424,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let request = request.into_inner();
         let filter = NodeFilter::try_from(&request)?;
         let size = match request.page_size {
@@ -431,7 +477,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let id = NodeId::new(request.into_inner().node_id)
             .map_err(|e| Error::from(steward_proto::ProtoError::from(e)))?;
         let record = self.ctx.store.node(&id).await?;
@@ -449,7 +495,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ChangeRolesRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let change = RoleChange::try_from(request.into_inner()).map_err(Error::from)?;
         let view = self.change_roles(change, true).await?;
         Ok(Response::new(view.into()))
@@ -459,7 +505,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ChangeRolesRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let change = RoleChange::try_from(request.into_inner()).map_err(Error::from)?;
         let view = self.change_roles(change, false).await?;
         Ok(Response::new(view.into()))
@@ -469,7 +515,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let admin = require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let id = request.into_inner().node_id;
         let node = NodeId::new(&id)
             .map_err(|e| Error::InvalidArgument(format!("node id {id:?}: {}", e.reason)))?;
@@ -481,11 +527,36 @@ impl pb::admin_service_server::AdminService for AdminApi {
         self.node_answer(node).await
     }
 
+    async fn revoke_certificate(
+        &self,
+        request: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::CertificateRevocation>, Status> {
+        let admin = self.admin(&request)?;
+        let wanted = steward_proto::convert::RevokeCertificate::try_from(request.into_inner())
+            .map_err(Error::from)?;
+        if let Some(refusal) = self.revocation_refusal(&admin, &wanted) {
+            return Err(Error::FailedPrecondition(refusal).into());
+        }
+        let record = self
+            .ctx
+            .store
+            .revoke_certificate(wanted.kind, &wanted.name, &admin.name)
+            .await?;
+        warn!(
+            cert.kind = %wanted.kind,
+            cert.name = %wanted.name,
+            cert.revoked_unix_s = record.revoked_unix_s,
+            by = %admin.name,
+            "certificates revoked"
+        );
+        Ok(Response::new(record.view(wanted.kind, wanted.name).into()))
+    }
+
     async fn drain_node(
         &self,
         request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let admin = require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let request = request.into_inner();
         let node = NodeId::new(&request.node_id).map_err(|e| {
             Error::InvalidArgument(format!("node id {:?}: {}", request.node_id, e.reason))
@@ -559,7 +630,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::UndrainNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let admin = require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let id = request.into_inner().node_id;
         let node = NodeId::new(&id)
             .map_err(|e| Error::InvalidArgument(format!("node id {id:?}: {}", e.reason)))?;
@@ -597,7 +668,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
     }
 
     async fn set_vip(&self, request: Request<pb::VipSpec>) -> Result<Response<pb::Vip>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let spec =
             steward_proto::vip::VipSpec::try_from(request.into_inner()).map_err(Error::from)?;
         let name = spec.name.clone();
@@ -609,7 +680,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListVipsRequest>,
     ) -> Result<Response<pb::ListVipsResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let vips = vip_admin::list_vips(&self.ctx, &self.peers).await?;
         Ok(Response::new(pb::ListVipsResponse { vips }))
     }
@@ -618,7 +689,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::MoveVipRequest>,
     ) -> Result<Response<pb::Vip>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let request = request.into_inner();
         let to = (!request.to.is_empty())
             .then(|| NodeId::new(request.to))
@@ -632,7 +703,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::RemoveVipRequest>,
     ) -> Result<Response<pb::RemoveVipResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         vip_admin::remove_vip(&self.ctx, &request.into_inner().name).await?;
         Ok(Response::new(pb::RemoveVipResponse {}))
     }
@@ -641,7 +712,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let request = request.into_inner();
         let outcome =
             cluster_spec::apply::apply(&self.ctx, &request.spec_toml, request.dry_run).await?;
@@ -656,7 +727,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GlusterPvRequest>,
     ) -> Result<Response<pb::GlusterPvResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let name = request.into_inner().volume;
         let view = {
             let specs = self.ctx.specs.borrow().clone();
@@ -693,7 +764,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let admin = require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let response = crate::bootstrap::create_token(
             &self.ctx.store,
             &admin.name,
@@ -708,7 +779,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         Ok(Response::new(
             crate::bootstrap::list_tokens(&self.ctx.store).await?,
         ))
@@ -718,7 +789,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::DeleteTokenRequest>,
     ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         crate::bootstrap::delete_token(&self.ctx.store, &request.get_ref().id).await?;
         Ok(Response::new(pb::DeleteTokenResponse {}))
     }
@@ -730,7 +801,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let request = request.into_inner();
         let node = NodeId::new(&request.node_id).map_err(|e| {
             Error::InvalidArgument(format!("node id {:?}: {}", request.node_id, e.reason))
@@ -773,7 +844,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let request = request.into_inner();
         let limit = match request.limit {
             0 => DEFAULT_EVENTS,
@@ -877,6 +948,41 @@ mod tests {
         RoleChange {
             node: node(id),
             roles: roles.iter().copied().collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn revoking_the_callers_own_certificate_needs_force() {
+        use steward_proto::convert::RevokeCertificate;
+        use steward_proto::domain::CertName;
+
+        let (_replica, api) = admin().await;
+        let api = api.with_own_certificate("c-1.example".into());
+        let ops = crate::testing::identity("ops", crate::pki::IdentityKind::Admin);
+        let wanted = |kind, name: &str, force| RevokeCertificate {
+            kind,
+            name: CertName::new(name).unwrap(),
+            force,
+        };
+        let refusal = api
+            .revocation_refusal(&ops, &wanted(RevocableKind::Admin, "ops", false))
+            .expect("refused");
+        assert!(refusal.contains("--force"), "{refusal}");
+        let refusal = api
+            .revocation_refusal(
+                &ops,
+                &wanted(RevocableKind::Coordinator, "c-1.example", false),
+            )
+            .expect("refused");
+        assert!(refusal.contains("c-1"), "{refusal}");
+        for allowed in [
+            wanted(RevocableKind::Admin, "ops", true),
+            wanted(RevocableKind::Admin, "alice", false),
+            wanted(RevocableKind::Coordinator, "ops", false),
+            wanted(RevocableKind::Coordinator, "c-2.example", false),
+            wanted(RevocableKind::Coordinator, "c-1.example", true),
+        ] {
+            assert_eq!(api.revocation_refusal(&ops, &allowed), None, "{allowed:?}");
         }
     }
 

@@ -121,6 +121,20 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // certificate from the cluster CA, in the handshake.
     let tls =
         listener::server_tls_config(&cert_pem, &key_pem, Some(&ca_pem)).map_err(RunError::Tls)?;
+    // Our own certificate must be a coordinator's, with the usages that
+    // agrees with (serverAuth and clientAuth): a wrong one fails the start.
+    let own = steward_proto::pki::pem_certificates(&String::from_utf8_lossy(&cert_pem))
+        .map_err(RunError::Tls)?
+        .first()
+        .map(|der| pki::identity_from_der(der))
+        .transpose()
+        .map_err(|e| RunError::Tls(format!("tls.cert: {e}")))?
+        .ok_or_else(|| RunError::Tls("tls.cert: no certificate in the file".into()))?;
+    if own.kind != pki::IdentityKind::Coordinator {
+        return Err(RunError::Tls(format!(
+            "tls.cert: {own} is not a coordinator certificate"
+        )));
+    }
     let identity = Identity::from_pem(cert_pem, key_pem);
     let ca = Certificate::from_pem(ca_pem);
     let signer = match &config.pki {
@@ -296,7 +310,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let agent_api = agent_service::AgentApi::new(ctx.clone()).with_signer(signer);
     let peer_api = peers::PeerApi::new(ctx.clone());
     let admin_api = admin_service::AdminApi::new(ctx, lead_rx, VERSION.to_owned(), peers)
-        .with_ca_hash(ca_hash.to_string());
+        .with_ca_hash(ca_hash.to_string())
+        .with_own_certificate(own.name);
 
     info!(listen = %config.listen, replica.id = %config.id, cluster = %config.cluster, "serving");
     let grpc_incoming = listener::limited_tls_incoming(

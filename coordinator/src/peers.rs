@@ -17,9 +17,8 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use crate::agent_service::SessionContext;
-use crate::auth::peer_identity;
+use crate::auth::require_coordinator;
 use crate::error::Error;
-use crate::pki::IdentityKind;
 use crate::store::MemberRecord;
 
 /// How long an operator's request waits for a peer.
@@ -50,7 +49,7 @@ impl pb::peer_service_server::PeerService for PeerApi {
         &self,
         request: Request<pb::LiveSessionsRequest>,
     ) -> Result<Response<pb::LiveSessionsResponse>, Status> {
-        require_coordinator(&request)?;
+        require_coordinator(&request, &self.ctx.specs.borrow())?;
         let wanted = request
             .into_inner()
             .node_ids
@@ -83,22 +82,11 @@ impl pb::peer_service_server::PeerService for PeerApi {
         &self,
         request: Request<pb::LeaseStatesRequest>,
     ) -> Result<Response<pb::LeaseStatesResponse>, Status> {
-        require_coordinator(&request)?;
+        require_coordinator(&request, &self.ctx.specs.borrow())?;
         Ok(Response::new(crate::vip::admin::local_lease_states(
             &self.ctx,
         )))
     }
-}
-
-fn require_coordinator<T>(request: &Request<T>) -> Result<(), Status> {
-    let identity = peer_identity(request)?;
-    if identity.kind != IdentityKind::Coordinator {
-        return Err(Error::PermissionDenied(format!(
-            "{identity} may not use the peer API; only coordinator certificates may"
-        ))
-        .into());
-    }
-    Ok(())
 }
 
 /// Clients to peer replicas, one lazily connected channel per address.
