@@ -97,6 +97,59 @@ impl AdminApi {
         }
     }
 
+    /// `stream`, ended with PERMISSION_DENIED as soon as a revocation in
+    /// this replica's cache covers `admin`: a `--follow` opened before the
+    /// revocation does not outlive it.
+    fn until_revoked<T: Send + 'static>(
+        &self,
+        mut stream: AdminStream<T>,
+        admin: crate::pki::Identity,
+    ) -> AdminStream<T> {
+        let mut specs = self.ctx.specs.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            enum Next<T> {
+                Item(Option<Result<T, Status>>),
+                Specs,
+                Done,
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => Next::Done,
+                    _ = tx.closed() => Next::Done,
+                    changed = specs.changed() => match changed {
+                        Ok(()) => Next::Specs,
+                        // The cache is gone: the replica is stopping.
+                        Err(_) => Next::Done,
+                    },
+                    item = tokio_stream::StreamExt::next(&mut stream) => Next::Item(item),
+                };
+                match next {
+                    Next::Done | Next::Item(None) => return,
+                    Next::Item(Some(item)) => {
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                    Next::Specs => {
+                        let verdict = crate::auth::check_not_revoked(
+                            &admin,
+                            RevocableKind::Admin,
+                            &specs.borrow_and_update(),
+                        );
+                        if let Err(error) = verdict {
+                            info!(admin = %admin, "revoked; ending its stream");
+                            let _ = tx.send(Err(error.into())).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+
     /// The CA hash `token create` hands out with each token.
     pub fn with_ca_hash(mut self, ca_hash: String) -> Self {
         self.ca_hash = ca_hash;
@@ -351,8 +404,9 @@ impl NodeFilter {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
-type LogChunkStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+type AdminStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type EventStream = AdminStream<pb::Event>;
+type LogChunkStream = AdminStream<pb::LogChunk>;
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
@@ -801,7 +855,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        self.admin(&request)?;
+        let admin = self.admin(&request)?;
         let request = request.into_inner();
         let node = NodeId::new(&request.node_id).map_err(|e| {
             Error::InvalidArgument(format!("node id {:?}: {}", request.node_id, e.reason))
@@ -834,17 +888,17 @@ impl pb::admin_service_server::AdminService for AdminApi {
             }
             Err(e) => return Err(Error::from(e).into()),
         };
-        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
-            stream,
-            |chunk| Ok(chunk.into()),
-        ))))
+        let stream: LogChunkStream = Box::pin(tokio_stream::StreamExt::map(stream, |chunk| {
+            Ok(chunk.into())
+        }));
+        Ok(Response::new(self.until_revoked(stream, admin)))
     }
 
     async fn events(
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        self.admin(&request)?;
+        let admin = self.admin(&request)?;
         let request = request.into_inner();
         let limit = match request.limit {
             0 => DEFAULT_EVENTS,
@@ -900,7 +954,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream: EventStream = Box::pin(ReceiverStream::new(rx));
+        Ok(Response::new(self.until_revoked(stream, admin)))
     }
 }
 

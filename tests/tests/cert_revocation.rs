@@ -14,7 +14,7 @@ use steward_coordinator::pki::IdentityKind;
 use steward_proto::pb;
 use steward_proto::pb::peer_service_client::PeerServiceClient;
 use steward_tests::fake_coordinator::{FakeCoordinator, Script};
-use steward_tests::{bin, eventually, grpc_channel, Cluster, Ctl};
+use steward_tests::{bin, eventually, grpc_channel, Cluster, Ctl, Proc};
 
 /// How long a revocation may take to reach every replica (their watched
 /// caches); in practice milliseconds.
@@ -106,6 +106,24 @@ fn a_revoked_admin_certificate_is_refused_on_every_replica() {
     let out = cluster.ctl_as("ops", &[&urls[1]], &["status"]);
     assert!(out.ok(), "ops after the refusals: {}", out.stderr);
 
+    // A stream ops opened before the revocation does not outlive it.
+    let pki = cluster.pki();
+    let mut follow = std::process::Command::new(bin("stewardctl"));
+    follow
+        .env("STEWARD_ENDPOINTS", &urls[1])
+        .env("STEWARD_CA", pki.join("ca.crt"))
+        .env("STEWARD_CERT", pki.join("ops.crt"))
+        .env("STEWARD_KEY", pki.join("ops.key"))
+        .args(["events", "--follow"]);
+    let mut follow = Proc::spawn(
+        "ops events --follow",
+        follow,
+        cluster.dir.path().join("ops-follow.log"),
+    );
+    eventually(PROMPTLY, "ops following the events", || {
+        follow.log_text().contains("leader-elected").then_some(())
+    });
+
     // Revoked from replica 1 by the other admin.
     let revoked = cluster.ctl_at(
         &[&urls[0]],
@@ -131,9 +149,13 @@ fn a_revoked_admin_certificate_is_refused_on_every_replica() {
         start.elapsed()
     );
     assert_eq!(certificate_revoked_events(&cluster), 1);
+    eventually(PROMPTLY, "ops's follow ended", || {
+        (!follow.is_running()).then_some(())
+    });
+    let text = follow.log_text();
+    assert!(text.contains("were revoked at"), "{text}");
 
     // A new certificate for the name, issued after the cut-off.
-    let pki = cluster.pki();
     std::fs::remove_file(pki.join("ops.crt")).expect("old crt");
     std::fs::remove_file(pki.join("ops.key")).expect("old key");
     let issue = std::process::Command::new(bin("stewardctl"))

@@ -486,7 +486,10 @@ pub enum CtlError {
 impl From<tonic::Status> for CtlError {
     fn from(s: tonic::Status) -> Self {
         let hint = match s.code() {
-            tonic::Code::PermissionDenied => " (is this an admin certificate?)",
+            // A revoked certificate is an admin one; the message says so.
+            tonic::Code::PermissionDenied if !s.message().contains("revoked") => {
+                " (is this an admin certificate?)"
+            }
             _ => "",
         };
         CtlError::Rpc(format!("{}{hint}", s.message()))

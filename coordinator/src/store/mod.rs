@@ -390,9 +390,10 @@ impl CertRevokedRecord {
             return Ok(());
         }
         Err(Error::PermissionDenied(format!(
-            "the {kind} certificates of {name:?} issued up to {} were revoked at {} by {}; \
+            "the {kind} certificates of {:?} issued up to {} were revoked at {} by {}; \
              use one issued after that (stewardctl pki issue DIR {name} --kind {kind} \
              --revoked-at {})",
+            name.as_str(),
             self.revoked_unix_s,
             steward_runtime::format_unix_ms(self.at_unix_ms),
             self.by,
@@ -1570,7 +1571,8 @@ impl Store {
             EventKind::CertificateRevoked,
             None,
             format!(
-                "{kind} certificates of {name:?} issued up to {} revoked by {by}",
+                "{kind} certificates of {:?} issued up to {} revoked by {by}",
+                name.as_str(),
                 steward_runtime::format_unix_ms(now)
             ),
         );
