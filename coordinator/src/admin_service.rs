@@ -962,7 +962,6 @@ impl pb::admin_service_server::AdminService for AdminApi {
 #[cfg(test)]
 mod tests {
     use steward_proto::domain::{Facts, Health, NetworkInterface, Role};
-    use tonic::transport::{Certificate, Identity};
 
     use super::*;
     use crate::store::{MemoryBackend, NodeStatusRecord};
@@ -972,7 +971,7 @@ mod tests {
         let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
         let (_, leadership) = tokio::sync::watch::channel(Leadership::Follower);
         // Never dialled: every node here is served by this replica.
-        let peers = Peers::new(Certificate::from_pem(""), Identity::from_pem("", ""));
+        let peers = Peers::new(Default::default(), replica.ctx.specs.clone());
         let api = AdminApi::new(replica.ctx.clone(), leadership, "test".into(), peers);
         (replica, api)
     }

@@ -45,7 +45,7 @@ use steward_proto::pb;
 use steward_runtime::listener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server};
+use tonic::transport::Server;
 use tracing::{info, warn, Instrument};
 
 use crate::agent_service::SessionContext;
@@ -135,8 +135,11 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             "tls.cert: {own} is not a coordinator certificate"
         )));
     }
-    let identity = Identity::from_pem(cert_pem, key_pem);
-    let ca = Certificate::from_pem(ca_pem);
+    let peer_tls = steward_runtime::MtlsPem {
+        ca: ca_pem,
+        cert: cert_pem,
+        key: key_pem,
+    };
     let signer = match &config.pki {
         Some(pki) => Some(Arc::new(
             pki::Signer::from_files(
@@ -148,7 +151,6 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         )),
         None => None,
     };
-    let peers = peers::Peers::new(ca, identity);
 
     // Bound first: a bad address fails the start, not a connection.
     let bind = |addr| async move {
@@ -178,6 +180,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // drained, so sessions can still record their disconnects.
     let tasks = CancellationToken::new();
     let (specs_tx, specs_rx) = watch::channel(Arc::new(SpecSnapshot::default()));
+    let peers = peers::Peers::new(peer_tls, specs_rx.clone());
     let cache = tokio::spawn(
         cache::run_spec_cache(store.clone(), specs_tx, tasks.clone())
             .instrument(tracing::info_span!("spec_cache")),

@@ -177,10 +177,29 @@ fn a_revoked_admin_certificate_is_refused_on_every_replica() {
     }
 }
 
+/// `last_seen` of `node` as the replica at `url` shows it.
+fn last_seen(cluster: &Cluster, url: &str, node: &str) -> Option<u64> {
+    let out = cluster.ctl_at(&[url], &["nodes", "-o", "json"]);
+    if !out.ok() {
+        return None;
+    }
+    out.json().as_array()?.iter().find(|n| n["id"] == node)?["last_seen"].as_u64()
+}
+
+/// Whether the replica at `url` shows `node`'s live `last_seen` (from the
+/// peer serving it: it moves with the heartbeats) rather than the one in
+/// etcd (written at session open only).
+fn shows_live(cluster: &Cluster, url: &str, node: &str) -> Option<bool> {
+    let first = last_seen(cluster, url, node)?;
+    std::thread::sleep(Duration::from_millis(800));
+    Some(last_seen(cluster, url, node)? != first)
+}
+
 /// A coordinator key revoked (say, stolen from a retired replica) is
-/// refused on the peer API of every replica; the replicas' own
-/// certificates keep working, and revoking the answering replica's own
-/// certificate needs --force.
+/// refused on the peer API of every replica, and a replica no longer takes
+/// answers from a peer serving with it; the replicas' own certificates keep
+/// working, and revoking the answering replica's own certificate needs
+/// --force.
 #[test]
 fn a_revoked_coordinator_certificate_is_refused_by_the_peers() {
     let mut cluster = Cluster::new();
@@ -217,6 +236,25 @@ fn a_revoked_coordinator_certificate_is_refused_by_the_peers() {
         // The replicas' own keys are untouched.
         peer_call(&cluster, url, "coord-2").expect("a live replica's certificate");
     }
+
+    // As a server: node-1's session is on coord-2; coord-1 shows its live
+    // data, asked from coord-2, until coord-2's certificate is revoked.
+    cluster.start_agent_on("node-1", &urls[1..]);
+    eventually(PROMPTLY, "coord-1 showing node-1's live data", || {
+        shows_live(&cluster, &urls[0], "node-1")
+            .filter(|live| *live)
+            .map(drop)
+    });
+    let out = cluster.ctl_at(
+        &[&urls[0]],
+        &["cert", "revoke", "--kind", "coordinator", "coord-2"],
+    );
+    assert!(out.ok(), "revoke coord-2 from coord-1: {out:?}");
+    eventually(PROMPTLY, "coord-1 no longer asking coord-2", || {
+        shows_live(&cluster, &urls[0], "node-1")
+            .filter(|live| !*live)
+            .map(drop)
+    });
 }
 
 /// Certificates signed by the real CA whose extended key usage disagrees
