@@ -383,16 +383,20 @@ pub enum CertCommand {
     ///
     /// NAME is the name the certificate was issued for (`stewardctl pki
     /// issue DIR NAME --kind KIND`; its common name). Every replica refuses
-    /// the certificates at once: an admin one on the admin API, a
-    /// coordinator one on the peer API. Certificates whose notBefore is up
-    /// to the second of the revocation are covered, whoever holds them; the
-    /// answer prints that second. A certificate for NAME issued after it is
-    /// accepted: `stewardctl pki issue DIR NAME --kind KIND --revoked-at
-    /// SECOND` issues one. Agent certificates are revoked per node
-    /// (`stewardctl node revoke ID`).
+    /// the certificates at once: an admin one on every admin call (its open
+    /// --follow streams end too), a coordinator one on the peer API, calling
+    /// or answering. Agents cannot check coordinator revocations: after a
+    /// coordinator key leaks, replace the CA. Certificates whose notBefore
+    /// is up to the second of the revocation are covered, whoever holds
+    /// them; the answer (and the event log) prints that second. A
+    /// certificate for NAME issued after it is accepted: `stewardctl pki
+    /// issue DIR NAME --kind KIND --revoked-at SECOND` issues one. Agent
+    /// certificates are revoked per node (`stewardctl node revoke ID`).
     ///
     /// Revoking the admin certificate this command runs with, or the
     /// coordinator certificate of the replica that answers, needs --force.
+    ///
+    /// Example: stewardctl cert revoke --kind admin alice
     Revoke {
         /// admin or coordinator.
         #[arg(long, value_parser = parse_revocable_kind)]

@@ -1571,9 +1571,10 @@ impl Store {
             EventKind::CertificateRevoked,
             None,
             format!(
-                "{kind} certificates of {:?} issued up to {} revoked by {by}",
+                "{kind} certificates of {:?} issued up to {} (second {}) revoked by {by}",
                 name.as_str(),
-                steward_runtime::format_unix_ms(now)
+                steward_runtime::format_unix_ms(now),
+                record.revoked_unix_s,
             ),
         );
         event.at_unix_ms = now;
