@@ -73,7 +73,7 @@ impl AdminApi {
     fn revocation_refusal(
         &self,
         admin: &crate::pki::Identity,
-        wanted: &steward_proto::convert::RevokeCertificate,
+        wanted: &steward_proto::domain::RevokeCertificate,
     ) -> Option<String> {
         if wanted.force {
             return None;
@@ -586,7 +586,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::RevokeCertificateRequest>,
     ) -> Result<Response<pb::CertificateRevocation>, Status> {
         let admin = self.admin(&request)?;
-        let wanted = steward_proto::convert::RevokeCertificate::try_from(request.into_inner())
+        let wanted = steward_proto::domain::RevokeCertificate::try_from(request.into_inner())
             .map_err(Error::from)?;
         if let Some(refusal) = self.revocation_refusal(&admin, &wanted) {
             return Err(Error::FailedPrecondition(refusal).into());
@@ -1007,8 +1007,8 @@ mod tests {
 
     #[tokio::test]
     async fn revoking_the_callers_own_certificate_needs_force() {
-        use steward_proto::convert::RevokeCertificate;
         use steward_proto::domain::CertName;
+        use steward_proto::domain::RevokeCertificate;
 
         let (_replica, api) = admin().await;
         let api = api.with_own_certificate("c-1.example".into());

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use crate::domain::{
     AgentMessage, CertName, CertRevocation, CoordinatorMessage, DesiredState, Disk, Event,
     EventKind, Facts, Health, InvalidCertName, InvalidNodeId, LogChunk, LogQuery, MaintenanceView,
-    NetworkInterface, NodeHealth, NodeId, NodeView, RevocableKind, Role, RoleChange, RoleSet,
-    MAX_LOG_CHUNK, MAX_LOG_LINE,
+    NetworkInterface, NodeHealth, NodeId, NodeView, RevocableKind, RevokeCertificate, Role,
+    RoleChange, RoleSet, MAX_LOG_CHUNK, MAX_LOG_LINE,
 };
 use crate::pb;
 
@@ -604,15 +604,6 @@ pub fn revocable_kind_from_pb(
     }
 }
 
-/// `RevokeCertificate`, validated: what to revoke and whether the caller's
-/// own certificate may be among it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RevokeCertificate {
-    pub kind: RevocableKind,
-    pub name: CertName,
-    pub force: bool,
-}
-
 impl TryFrom<pb::RevokeCertificateRequest> for RevokeCertificate {
     type Error = ProtoError;
     fn try_from(r: pb::RevokeCertificateRequest) -> Result<Self, ProtoError> {
@@ -652,6 +643,53 @@ impl TryFrom<pb::CertificateRevocation> for CertRevocation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_revocations_are_validated_at_the_edge() {
+        let request = |kind: pb::CertificateKind, name: &str| pb::RevokeCertificateRequest {
+            kind: kind as i32,
+            name: name.into(),
+            force: false,
+        };
+        let ok = RevokeCertificate::try_from(request(pb::CertificateKind::Coordinator, "c-1.x"))
+            .unwrap();
+        assert_eq!(
+            (ok.kind, ok.name.as_str(), ok.force),
+            (RevocableKind::Coordinator, "c-1.x", false)
+        );
+        for (kind, name) in [
+            (pb::CertificateKind::Unspecified, "ops"),
+            (pb::CertificateKind::Admin, ""),
+            (pb::CertificateKind::Admin, "a/b"),
+            (pb::CertificateKind::Admin, "white space"),
+            (pb::CertificateKind::Admin, &"x".repeat(64)),
+        ] {
+            assert!(
+                RevokeCertificate::try_from(request(kind, name)).is_err(),
+                "{kind:?} {name:?} accepted"
+            );
+        }
+        assert!(RevokeCertificate::try_from(pb::RevokeCertificateRequest {
+            kind: 7,
+            name: "ops".into(),
+            force: true,
+        })
+        .is_err());
+        for kind in RevocableKind::ALL {
+            assert_eq!(kind.as_str().parse::<RevocableKind>(), Ok(kind));
+        }
+        let agent = "agent".parse::<RevocableKind>().unwrap_err();
+        assert!(agent.contains("node revoke"), "{agent}");
+        let revocation = CertRevocation {
+            kind: RevocableKind::Admin,
+            name: CertName::new("ops").unwrap(),
+            revoked_unix_s: 1_000,
+            at_unix_ms: 1_000_500,
+            by: "root".into(),
+        };
+        let wire = pb::CertificateRevocation::from(revocation.clone());
+        assert_eq!(CertRevocation::try_from(wire), Ok(revocation));
+    }
 
     #[test]
     fn role_changes_convert_once_at_the_edge() {

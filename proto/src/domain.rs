@@ -382,6 +382,15 @@ impl From<CertName> for String {
     }
 }
 
+/// `RevokeCertificate`, validated: what to revoke and whether the caller's
+/// own certificate may be among it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeCertificate {
+    pub kind: RevocableKind,
+    pub name: CertName,
+    pub force: bool,
+}
+
 /// Every admin or coordinator certificate of `name` issued (notBefore) up
 /// to `revoked_unix_s` is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
