@@ -5,7 +5,9 @@ use std::pin::Pin;
 use std::time::Instant;
 
 use steward_proto::convert::roles_display;
-use steward_proto::domain::{Event, EventKind, NodeHealth, NodeId, NodeView, RoleChange, RoleSet};
+use steward_proto::domain::{
+    Event, EventKind, NodeHealth, NodeId, NodeView, RevocableKind, RoleChange, RoleSet,
+};
 use steward_proto::pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,6 +35,9 @@ pub struct AdminApi {
     peers: Peers,
     /// `sha256:` hash of the cluster CA, for join commands.
     ca_hash: String,
+    /// The name in this replica's own (coordinator) certificate, which
+    /// `RevokeCertificate` revokes only when forced.
+    own_certificate: Option<String>,
 }
 
 impl AdminApi {
@@ -48,7 +53,101 @@ impl AdminApi {
             version,
             peers,
             ca_hash: String::new(),
+            own_certificate: None,
         }
+    }
+
+    /// The name in this replica's own certificate.
+    pub fn with_own_certificate(mut self, name: String) -> Self {
+        self.own_certificate = Some(name);
+        self
+    }
+
+    /// The calling admin, if its certificate may use the admin API here.
+    fn admin<T>(&self, request: &Request<T>) -> Result<crate::pki::Identity> {
+        require_admin(request, &self.ctx.specs.borrow())
+    }
+
+    /// Why revoking `wanted` needs `--force`, if it does: it would lock
+    /// out the caller itself, or this replica from its peers.
+    fn revocation_refusal(
+        &self,
+        admin: &crate::pki::Identity,
+        wanted: &steward_proto::domain::RevokeCertificate,
+    ) -> Option<String> {
+        if wanted.force {
+            return None;
+        }
+        let (kind, name) = (wanted.kind, wanted.name.as_str());
+        match kind {
+            RevocableKind::Admin if admin.name == name => Some(format!(
+                "{name:?} is the admin certificate this request was made with: revoking it \
+                 locks you out of the admin API until you use one issued after now. Revoke \
+                 it from another admin certificate, or pass --force"
+            )),
+            RevocableKind::Coordinator if self.own_certificate.as_deref() == Some(name) => {
+                Some(format!(
+                    "{name:?} is the coordinator certificate of the replica answering \
+                     ({}): once revoked, its peers refuse its calls until it runs with one \
+                     issued after now. Pass --force to revoke it anyway",
+                    self.ctx.store.replica()
+                ))
+            }
+            RevocableKind::Admin | RevocableKind::Coordinator => None,
+        }
+    }
+
+    /// `stream`, ended with PERMISSION_DENIED as soon as a revocation in
+    /// this replica's cache covers `admin`: a `--follow` opened before the
+    /// revocation does not outlive it.
+    fn until_revoked<T: Send + 'static>(
+        &self,
+        mut stream: AdminStream<T>,
+        admin: crate::pki::Identity,
+    ) -> AdminStream<T> {
+        let mut specs = self.ctx.specs.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            enum Next<T> {
+                Item(Option<Result<T, Status>>),
+                Specs,
+                Done,
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => Next::Done,
+                    _ = tx.closed() => Next::Done,
+                    changed = specs.changed() => match changed {
+                        Ok(()) => Next::Specs,
+                        // The cache is gone: the replica is stopping.
+                        Err(_) => Next::Done,
+                    },
+                    item = tokio_stream::StreamExt::next(&mut stream) => Next::Item(item),
+                };
+                match next {
+                    Next::Done | Next::Item(None) => return,
+                    Next::Item(Some(item)) => {
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                    Next::Specs => {
+                        let verdict = crate::auth::check_not_revoked(
+                            &admin,
+                            RevocableKind::Admin,
+                            &specs.borrow_and_update(),
+                        );
+                        if let Err(error) = verdict {
+                            info!(admin = %admin, "revoked; ending its stream");
+                            let _ = tx.send(Err(error.into())).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
     }
 
     /// The CA hash `token create` hands out with each token.
@@ -305,8 +404,9 @@ impl NodeFilter {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
-type LogChunkStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+type AdminStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type EventStream = AdminStream<pb::Event>;
+type LogChunkStream = AdminStream<pb::LogChunk>;
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
@@ -314,7 +414,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let store = &self.ctx.store;
         let me = store.replica().to_owned();
         let gathered = async {
@@ -378,7 +478,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let request = request.into_inner();
         let filter = NodeFilter::try_from(&request)?;
         let size = match request.page_size {
@@ -431,7 +531,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let id = NodeId::new(request.into_inner().node_id)
             .map_err(|e| Error::from(steward_proto::ProtoError::from(e)))?;
         let record = self.ctx.store.node(&id).await?;
@@ -449,7 +549,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ChangeRolesRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let change = RoleChange::try_from(request.into_inner()).map_err(Error::from)?;
         let view = self.change_roles(change, true).await?;
         Ok(Response::new(view.into()))
@@ -459,7 +559,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ChangeRolesRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let change = RoleChange::try_from(request.into_inner()).map_err(Error::from)?;
         let view = self.change_roles(change, false).await?;
         Ok(Response::new(view.into()))
@@ -469,7 +569,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let admin = require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let id = request.into_inner().node_id;
         let node = NodeId::new(&id)
             .map_err(|e| Error::InvalidArgument(format!("node id {id:?}: {}", e.reason)))?;
@@ -481,11 +581,36 @@ impl pb::admin_service_server::AdminService for AdminApi {
         self.node_answer(node).await
     }
 
+    async fn revoke_certificate(
+        &self,
+        request: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::CertificateRevocation>, Status> {
+        let admin = self.admin(&request)?;
+        let wanted = steward_proto::domain::RevokeCertificate::try_from(request.into_inner())
+            .map_err(Error::from)?;
+        if let Some(refusal) = self.revocation_refusal(&admin, &wanted) {
+            return Err(Error::FailedPrecondition(refusal).into());
+        }
+        let record = self
+            .ctx
+            .store
+            .revoke_certificate(wanted.kind, &wanted.name, &admin.name)
+            .await?;
+        warn!(
+            cert.kind = %wanted.kind,
+            cert.name = %wanted.name,
+            cert.revoked_unix_s = record.revoked_unix_s,
+            by = %admin.name,
+            "certificates revoked"
+        );
+        Ok(Response::new(record.view(wanted.kind, wanted.name).into()))
+    }
+
     async fn drain_node(
         &self,
         request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let admin = require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let request = request.into_inner();
         let node = NodeId::new(&request.node_id).map_err(|e| {
             Error::InvalidArgument(format!("node id {:?}: {}", request.node_id, e.reason))
@@ -559,7 +684,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::UndrainNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let admin = require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let id = request.into_inner().node_id;
         let node = NodeId::new(&id)
             .map_err(|e| Error::InvalidArgument(format!("node id {id:?}: {}", e.reason)))?;
@@ -597,7 +722,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
     }
 
     async fn set_vip(&self, request: Request<pb::VipSpec>) -> Result<Response<pb::Vip>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let spec =
             steward_proto::vip::VipSpec::try_from(request.into_inner()).map_err(Error::from)?;
         let name = spec.name.clone();
@@ -609,7 +734,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListVipsRequest>,
     ) -> Result<Response<pb::ListVipsResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let vips = vip_admin::list_vips(&self.ctx, &self.peers).await?;
         Ok(Response::new(pb::ListVipsResponse { vips }))
     }
@@ -618,7 +743,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::MoveVipRequest>,
     ) -> Result<Response<pb::Vip>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let request = request.into_inner();
         let to = (!request.to.is_empty())
             .then(|| NodeId::new(request.to))
@@ -632,7 +757,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::RemoveVipRequest>,
     ) -> Result<Response<pb::RemoveVipResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         vip_admin::remove_vip(&self.ctx, &request.into_inner().name).await?;
         Ok(Response::new(pb::RemoveVipResponse {}))
     }
@@ -641,7 +766,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let request = request.into_inner();
         let outcome =
             cluster_spec::apply::apply(&self.ctx, &request.spec_toml, request.dry_run).await?;
@@ -656,7 +781,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GlusterPvRequest>,
     ) -> Result<Response<pb::GlusterPvResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         let name = request.into_inner().volume;
         let view = {
             let specs = self.ctx.specs.borrow().clone();
@@ -693,7 +818,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let admin = require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let response = crate::bootstrap::create_token(
             &self.ctx.store,
             &admin.name,
@@ -708,7 +833,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         Ok(Response::new(
             crate::bootstrap::list_tokens(&self.ctx.store).await?,
         ))
@@ -718,7 +843,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::DeleteTokenRequest>,
     ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
-        require_admin(&request)?;
+        self.admin(&request)?;
         crate::bootstrap::delete_token(&self.ctx.store, &request.get_ref().id).await?;
         Ok(Response::new(pb::DeleteTokenResponse {}))
     }
@@ -730,7 +855,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let request = request.into_inner();
         let node = NodeId::new(&request.node_id).map_err(|e| {
             Error::InvalidArgument(format!("node id {:?}: {}", request.node_id, e.reason))
@@ -763,17 +888,17 @@ impl pb::admin_service_server::AdminService for AdminApi {
             }
             Err(e) => return Err(Error::from(e).into()),
         };
-        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
-            stream,
-            |chunk| Ok(chunk.into()),
-        ))))
+        let stream: LogChunkStream = Box::pin(tokio_stream::StreamExt::map(stream, |chunk| {
+            Ok(chunk.into())
+        }));
+        Ok(Response::new(self.until_revoked(stream, admin)))
     }
 
     async fn events(
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        require_admin(&request)?;
+        let admin = self.admin(&request)?;
         let request = request.into_inner();
         let limit = match request.limit {
             0 => DEFAULT_EVENTS,
@@ -829,14 +954,14 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream: EventStream = Box::pin(ReceiverStream::new(rx));
+        Ok(Response::new(self.until_revoked(stream, admin)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use steward_proto::domain::{Facts, Health, NetworkInterface, Role};
-    use tonic::transport::{Certificate, Identity};
 
     use super::*;
     use crate::store::{MemoryBackend, NodeStatusRecord};
@@ -846,7 +971,7 @@ mod tests {
         let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
         let (_, leadership) = tokio::sync::watch::channel(Leadership::Follower);
         // Never dialled: every node here is served by this replica.
-        let peers = Peers::new(Certificate::from_pem(""), Identity::from_pem("", ""));
+        let peers = Peers::new(Default::default(), replica.ctx.specs.clone());
         let api = AdminApi::new(replica.ctx.clone(), leadership, "test".into(), peers);
         (replica, api)
     }
@@ -877,6 +1002,41 @@ mod tests {
         RoleChange {
             node: node(id),
             roles: roles.iter().copied().collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn revoking_the_callers_own_certificate_needs_force() {
+        use steward_proto::domain::CertName;
+        use steward_proto::domain::RevokeCertificate;
+
+        let (_replica, api) = admin().await;
+        let api = api.with_own_certificate("c-1.example".into());
+        let ops = crate::testing::identity("ops", crate::pki::IdentityKind::Admin);
+        let wanted = |kind, name: &str, force| RevokeCertificate {
+            kind,
+            name: CertName::new(name).unwrap(),
+            force,
+        };
+        let refusal = api
+            .revocation_refusal(&ops, &wanted(RevocableKind::Admin, "ops", false))
+            .expect("refused");
+        assert!(refusal.contains("--force"), "{refusal}");
+        let refusal = api
+            .revocation_refusal(
+                &ops,
+                &wanted(RevocableKind::Coordinator, "c-1.example", false),
+            )
+            .expect("refused");
+        assert!(refusal.contains("c-1"), "{refusal}");
+        for allowed in [
+            wanted(RevocableKind::Admin, "ops", true),
+            wanted(RevocableKind::Admin, "alice", false),
+            wanted(RevocableKind::Coordinator, "ops", false),
+            wanted(RevocableKind::Coordinator, "c-2.example", false),
+            wanted(RevocableKind::Coordinator, "c-1.example", true),
+        ] {
+            assert_eq!(api.revocation_refusal(&ops, &allowed), None, "{allowed:?}");
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steward_proto::converge::{ClusterSettings, ClusterView};
-use steward_proto::domain::{DesiredState, NodeId, NodeSpec, Role};
+use steward_proto::domain::{CertName, DesiredState, NodeId, NodeSpec, RevocableKind, Role};
 use steward_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -18,8 +18,8 @@ use tracing::{debug, warn};
 use crate::error::{Error, Result};
 use crate::store::kv::Change;
 use crate::store::{
-    decode, Keys, MaintenanceRecord, Marker, NodeAddressRecord, NodeKey, NodeRevokedRecord, Store,
-    Versioned,
+    decode, CertRevokedRecord, Keys, MaintenanceRecord, Marker, NodeAddressRecord, NodeKey,
+    NodeRevokedRecord, Store, Versioned,
 };
 use crate::vip::VipSnapshot;
 
@@ -41,6 +41,10 @@ pub struct SpecSnapshot {
     /// Certificate revocations (`nodes/<id>/revoked`), which end live
     /// sessions and lease streams. Not an input of desired states.
     pub revoked: BTreeMap<NodeId, Versioned<NodeRevokedRecord>>,
+    /// Admin and coordinator certificate revocations
+    /// (`cluster/revoked/<kind>/<name>`), checked on every admin and peer
+    /// call. Not an input of desired states.
+    pub cert_revoked: BTreeMap<(RevocableKind, CertName), Versioned<CertRevokedRecord>>,
     /// Maintenance records (`nodes/<id>/maintenance`), active or not.
     pub maintenance: BTreeMap<NodeId, Versioned<MaintenanceRecord>>,
     /// When a node last lost each role (`cluster/departed/<role>`).
@@ -78,6 +82,26 @@ impl SpecSnapshot {
     pub fn check_revoked(&self, node: &NodeId, issued_unix_s: i64) -> crate::error::Result<()> {
         match self.revoked.get(node) {
             Some(r) => r.value.check(node, issued_unix_s),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a `kind` certificate of `name` issued at `issued_unix_s` if
+    /// a revocation this snapshot holds covers it. A name that is not a
+    /// valid certificate name was never issued by the pki, and no
+    /// revocation can name it: nothing to refuse here.
+    pub fn check_cert_revoked(
+        &self,
+        kind: RevocableKind,
+        name: &str,
+        issued_unix_s: i64,
+    ) -> crate::error::Result<()> {
+        let Ok(name) = CertName::new(name) else {
+            return Ok(());
+        };
+        let key = (kind, name);
+        match self.cert_revoked.get(&key) {
+            Some(r) => r.value.check(kind, &key.1, issued_unix_s),
             None => Ok(()),
         }
     }
@@ -189,6 +213,14 @@ impl CachedPrefix for SpecSnapshot {
                 &mut self.settings,
                 value.map(|(bytes, rev)| (decode::<ClusterSettings>(key, bytes), rev)),
                 "cluster settings",
+            );
+        }
+        if let Some(id) = keys.parse_cert_revoked(key) {
+            return apply_versioned(
+                &mut self.cert_revoked,
+                id,
+                value.map(|(bytes, rev)| (decode::<CertRevokedRecord>(key, bytes), rev)),
+                "certificate revocation",
             );
         }
         if let Some(marker) = keys.parse_marker(key) {

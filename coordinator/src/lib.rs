@@ -46,7 +46,7 @@ use steward_proto::pb;
 use steward_runtime::listener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server};
+use tonic::transport::Server;
 use tracing::{info, warn, Instrument};
 
 use crate::agent_service::SessionContext;
@@ -122,8 +122,25 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // certificate from the cluster CA, in the handshake.
     let tls =
         listener::server_tls_config(&cert_pem, &key_pem, Some(&ca_pem)).map_err(RunError::Tls)?;
-    let identity = Identity::from_pem(cert_pem, key_pem);
-    let ca = Certificate::from_pem(ca_pem);
+    // Our own certificate must be a coordinator's, with the usages that
+    // agrees with (serverAuth and clientAuth): a wrong one fails the start.
+    let own = steward_proto::pki::pem_certificates(&String::from_utf8_lossy(&cert_pem))
+        .map_err(RunError::Tls)?
+        .first()
+        .map(|der| pki::identity_from_der(der))
+        .transpose()
+        .map_err(|e| RunError::Tls(format!("tls.cert: {e}")))?
+        .ok_or_else(|| RunError::Tls("tls.cert: no certificate in the file".into()))?;
+    if own.kind != pki::IdentityKind::Coordinator {
+        return Err(RunError::Tls(format!(
+            "tls.cert: {own} is not a coordinator certificate"
+        )));
+    }
+    let peer_tls = steward_runtime::MtlsPem {
+        ca: ca_pem,
+        cert: cert_pem,
+        key: key_pem,
+    };
     let signer = match &config.pki {
         Some(pki) => Some(Arc::new(
             pki::Signer::from_files(
@@ -135,7 +152,6 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         )),
         None => None,
     };
-    let peers = peers::Peers::new(ca, identity);
 
     // Bound first: a bad address fails the start, not a connection.
     let bind = |addr| async move {
@@ -165,6 +181,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // drained, so sessions can still record their disconnects.
     let tasks = CancellationToken::new();
     let (specs_tx, specs_rx) = watch::channel(Arc::new(SpecSnapshot::default()));
+    let peers = peers::Peers::new(peer_tls, specs_rx.clone());
     let cache = tokio::spawn(
         cache::run_spec_cache(store.clone(), specs_tx, tasks.clone())
             .instrument(tracing::info_span!("spec_cache")),
@@ -299,7 +316,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let agent_api = agent_service::AgentApi::new(ctx.clone()).with_signer(signer);
     let peer_api = peers::PeerApi::new(ctx.clone());
     let admin_api = admin_service::AdminApi::new(ctx, lead_rx, VERSION.to_owned(), peers)
-        .with_ca_hash(ca_hash.to_string());
+        .with_ca_hash(ca_hash.to_string())
+        .with_own_certificate(own.name);
 
     info!(listen = %config.listen, replica.id = %config.id, cluster = %config.cluster, "serving");
     let grpc_incoming = listener::limited_tls_incoming(

@@ -8,18 +8,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use steward_proto::convert::node_health_to_pb;
+use steward_proto::domain::RevocableKind;
 use steward_proto::domain::{Health, NodeHealth, NodeId};
 use steward_proto::pb;
 use steward_proto::pb::peer_service_client::PeerServiceClient;
-use steward_runtime::mtls_endpoint;
-use tonic::transport::{Certificate, Channel, Identity};
+use steward_runtime::{mtls_channel_checked, MtlsPem, ServerCheck};
+use tokio::sync::watch;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use crate::agent_service::SessionContext;
-use crate::auth::peer_identity;
+use crate::auth::{check_not_revoked, require_coordinator};
+use crate::cache::SpecSnapshot;
 use crate::error::Error;
-use crate::pki::IdentityKind;
+use crate::pki::{identity_from_der, IdentityKind};
 use crate::store::MemberRecord;
 
 /// How long an operator's request waits for a peer.
@@ -50,7 +53,7 @@ impl pb::peer_service_server::PeerService for PeerApi {
         &self,
         request: Request<pb::LiveSessionsRequest>,
     ) -> Result<Response<pb::LiveSessionsResponse>, Status> {
-        require_coordinator(&request)?;
+        require_coordinator(&request, &self.ctx.specs.borrow())?;
         let wanted = request
             .into_inner()
             .node_ids
@@ -83,52 +86,89 @@ impl pb::peer_service_server::PeerService for PeerApi {
         &self,
         request: Request<pb::LeaseStatesRequest>,
     ) -> Result<Response<pb::LeaseStatesResponse>, Status> {
-        require_coordinator(&request)?;
+        require_coordinator(&request, &self.ctx.specs.borrow())?;
         Ok(Response::new(crate::vip::admin::local_lease_states(
             &self.ctx,
         )))
     }
 }
 
-fn require_coordinator<T>(request: &Request<T>) -> Result<(), Status> {
-    let identity = peer_identity(request)?;
-    if identity.kind != IdentityKind::Coordinator {
-        return Err(Error::PermissionDenied(format!(
-            "{identity} may not use the peer API; only coordinator certificates may"
-        ))
-        .into());
-    }
-    Ok(())
-}
-
 /// Clients to peer replicas, one lazily connected channel per address.
+///
+/// A peer must present a coordinator certificate (serverAuth, from the
+/// cluster CA, valid for its address) that no revocation in this replica's
+/// cache covers; the check runs at every (re)connection, and the channels
+/// are dropped whenever a coordinator revocation arrives, so an open
+/// connection to a revoked peer is not reused.
 #[derive(Clone)]
 pub struct Peers {
-    ca: Certificate,
-    identity: Identity,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Arc<MtlsPem>,
+    specs: watch::Receiver<Arc<SpecSnapshot>>,
+    channels: Arc<Mutex<PeerChannels>>,
+}
+
+#[derive(Default)]
+struct PeerChannels {
+    /// The coordinator revocations they were opened under.
+    revocations: i64,
+    by_address: HashMap<String, Channel>,
+}
+
+/// Stands for the coordinator revocations in `specs`: the newest one's mod
+/// revision (a new revocation always has a larger one).
+fn coordinator_revocations(specs: &SpecSnapshot) -> i64 {
+    specs
+        .cert_revoked
+        .iter()
+        .filter(|((kind, _), _)| *kind == RevocableKind::Coordinator)
+        .map(|(_, r)| r.mod_revision)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Whether the certificate `der` a peer presented (already verified by
+/// webpki) is a coordinator's that no revocation in `specs` covers.
+pub fn check_peer_certificate(der: &[u8], specs: &SpecSnapshot) -> Result<(), String> {
+    let identity = identity_from_der(der).map_err(|e| e.to_string())?;
+    if identity.kind != IdentityKind::Coordinator {
+        return Err(format!(
+            "the peer presented {identity}, not a coordinator certificate"
+        ));
+    }
+    check_not_revoked(&identity, RevocableKind::Coordinator, specs).map_err(|e| e.to_string())
 }
 
 impl Peers {
-    pub fn new(ca: Certificate, identity: Identity) -> Self {
+    pub fn new(tls: MtlsPem, specs: watch::Receiver<Arc<SpecSnapshot>>) -> Self {
         Self {
-            ca,
-            identity,
+            tls: Arc::new(tls),
+            specs,
             channels: Arc::default(),
         }
     }
 
     fn channel(&self, address: &str) -> Option<Channel> {
+        let revocations = coordinator_revocations(&self.specs.borrow());
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(address) {
+        if channels.revocations != revocations {
+            channels.by_address.clear();
+            channels.revocations = revocations;
+        }
+        if let Some(c) = channels.by_address.get(address) {
             return Some(c.clone());
         }
-        let channel = mtls_endpoint(address, self.ca.clone(), self.identity.clone())
-            .ok()?
-            .connect_timeout(PEER_TIMEOUT)
-            .timeout(PEER_TIMEOUT)
-            .connect_lazy();
-        channels.insert(address.to_owned(), channel.clone());
+        let specs = self.specs.clone();
+        let check: ServerCheck = Arc::new(move |der| check_peer_certificate(der, &specs.borrow()));
+        let channel = match mtls_channel_checked(address, &self.tls, check, PEER_TIMEOUT) {
+            Ok(channel) => channel,
+            Err(error) => {
+                debug!(%address, %error, "cannot make a peer channel");
+                return None;
+            }
+        };
+        channels
+            .by_address
+            .insert(address.to_owned(), channel.clone());
         Some(channel)
     }
 
@@ -223,4 +263,51 @@ where
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::CertName;
+
+    use super::*;
+    use crate::store::MemoryBackend;
+    use crate::testing::{eventually, TestReplica};
+
+    fn der(dir: &std::path::Path, name: &str, kind: IdentityKind) -> Vec<u8> {
+        let (crt, _) = crate::pki::issue(dir, name, kind, &[]).expect("issued");
+        let pem = std::fs::read_to_string(crt).expect("written");
+        steward_proto::pki::pem_certificates(&pem)
+            .expect("PEM")
+            .remove(0)
+    }
+
+    #[tokio::test]
+    async fn a_peer_must_present_a_coordinator_certificate_not_revoked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::pki::init_ca(dir.path(), "test").expect("CA");
+        let c2 = der(dir.path(), "c-2", IdentityKind::Coordinator);
+        let admin = der(dir.path(), "ops", IdentityKind::Admin);
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let specs = replica.ctx.specs.borrow().clone();
+        check_peer_certificate(&c2, &specs).expect("a live peer");
+        let error = check_peer_certificate(&admin, &specs).unwrap_err();
+        assert!(error.contains("not a coordinator"), "{error}");
+        assert_eq!(coordinator_revocations(&specs), 0);
+
+        let name = CertName::new("c-2").expect("name");
+        replica
+            .store()
+            .revoke_certificate(RevocableKind::Coordinator, &name, "ops")
+            .await
+            .expect("revoked");
+        let specs = eventually("the revocation in the cache", || {
+            let specs = replica.ctx.specs.borrow().clone();
+            (!specs.cert_revoked.is_empty()).then_some(specs)
+        })
+        .await;
+        let error = check_peer_certificate(&c2, &specs).unwrap_err();
+        assert!(error.contains("revoked"), "{error}");
+        // Open channels are dropped: the revocations changed.
+        assert!(coordinator_revocations(&specs) > 0);
+    }
 }

@@ -5,9 +5,10 @@
 use std::collections::BTreeSet;
 
 use crate::domain::{
-    AgentMessage, CoordinatorMessage, DesiredState, Disk, Event, EventKind, Facts, Health,
-    InvalidNodeId, LogChunk, LogQuery, MaintenanceView, NetworkInterface, NodeHealth, NodeId,
-    NodeView, Role, RoleChange, RoleSet, MAX_LOG_CHUNK, MAX_LOG_LINE,
+    AgentMessage, CertName, CertRevocation, CoordinatorMessage, DesiredState, Disk, Event,
+    EventKind, Facts, Health, InvalidCertName, InvalidNodeId, LogChunk, LogQuery, MaintenanceView,
+    NetworkInterface, NodeHealth, NodeId, NodeView, RevocableKind, RevokeCertificate, Role,
+    RoleChange, RoleSet, MAX_LOG_CHUNK, MAX_LOG_LINE,
 };
 use crate::pb;
 
@@ -23,6 +24,8 @@ pub enum ProtoError {
     MissingField(&'static str),
     #[error(transparent)]
     InvalidNodeId(#[from] InvalidNodeId),
+    #[error(transparent)]
+    InvalidCertName(#[from] InvalidCertName),
     #[error("field `{field}` holds unknown role number {value}")]
     UnknownRole { field: &'static str, value: i32 },
     #[error("field `{field}` holds unknown enum number {value}")]
@@ -499,6 +502,7 @@ pub fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
         EventKind::NodeJoined => pb::EventKind::NodeJoined,
         EventKind::NodeRevoked => pb::EventKind::NodeRevoked,
         EventKind::NodeMaintenance => pb::EventKind::NodeMaintenance,
+        EventKind::CertificateRevoked => pb::EventKind::CertificateRevoked,
     }
 }
 
@@ -548,6 +552,7 @@ impl TryFrom<pb::Event> for Event {
             Ok(pb::EventKind::NodeJoined) => EventKind::NodeJoined,
             Ok(pb::EventKind::NodeRevoked) => EventKind::NodeRevoked,
             Ok(pb::EventKind::NodeMaintenance) => EventKind::NodeMaintenance,
+            Ok(pb::EventKind::CertificateRevoked) => EventKind::CertificateRevoked,
             Ok(pb::EventKind::Unspecified) | Err(_) => {
                 return Err(ProtoError::UnknownEnum {
                     field: "event.kind",
@@ -579,9 +584,112 @@ pub fn roles_display(roles: &BTreeSet<Role>) -> String {
         .join(",")
 }
 
+pub fn revocable_kind_to_pb(k: RevocableKind) -> pb::CertificateKind {
+    match k {
+        RevocableKind::Admin => pb::CertificateKind::Admin,
+        RevocableKind::Coordinator => pb::CertificateKind::Coordinator,
+    }
+}
+
+pub fn revocable_kind_from_pb(
+    field: &'static str,
+    value: i32,
+) -> Result<RevocableKind, ProtoError> {
+    match pb::CertificateKind::try_from(value) {
+        Ok(pb::CertificateKind::Admin) => Ok(RevocableKind::Admin),
+        Ok(pb::CertificateKind::Coordinator) => Ok(RevocableKind::Coordinator),
+        Ok(pb::CertificateKind::Unspecified) | Err(_) => {
+            Err(ProtoError::UnknownEnum { field, value })
+        }
+    }
+}
+
+impl TryFrom<pb::RevokeCertificateRequest> for RevokeCertificate {
+    type Error = ProtoError;
+    fn try_from(r: pb::RevokeCertificateRequest) -> Result<Self, ProtoError> {
+        Ok(RevokeCertificate {
+            kind: revocable_kind_from_pb("kind", r.kind)?,
+            name: CertName::new(bounded_str("name", r.name)?)?,
+            force: r.force,
+        })
+    }
+}
+
+impl From<CertRevocation> for pb::CertificateRevocation {
+    fn from(r: CertRevocation) -> Self {
+        pb::CertificateRevocation {
+            kind: revocable_kind_to_pb(r.kind) as i32,
+            name: r.name.into(),
+            revoked_unix_s: r.revoked_unix_s,
+            at_unix_ms: r.at_unix_ms,
+            by: r.by,
+        }
+    }
+}
+
+impl TryFrom<pb::CertificateRevocation> for CertRevocation {
+    type Error = ProtoError;
+    fn try_from(r: pb::CertificateRevocation) -> Result<Self, ProtoError> {
+        Ok(CertRevocation {
+            kind: revocable_kind_from_pb("kind", r.kind)?,
+            name: CertName::new(bounded_str("name", r.name)?)?,
+            revoked_unix_s: r.revoked_unix_s,
+            at_unix_ms: r.at_unix_ms,
+            by: bounded_str("by", r.by)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_revocations_are_validated_at_the_edge() {
+        let request = |kind: pb::CertificateKind, name: &str| pb::RevokeCertificateRequest {
+            kind: kind as i32,
+            name: name.into(),
+            force: false,
+        };
+        let ok = RevokeCertificate::try_from(request(pb::CertificateKind::Coordinator, "c-1.x"))
+            .unwrap();
+        assert_eq!(
+            (ok.kind, ok.name.as_str(), ok.force),
+            (RevocableKind::Coordinator, "c-1.x", false)
+        );
+        for (kind, name) in [
+            (pb::CertificateKind::Unspecified, "ops"),
+            (pb::CertificateKind::Admin, ""),
+            (pb::CertificateKind::Admin, "a/b"),
+            (pb::CertificateKind::Admin, "white space"),
+            (pb::CertificateKind::Admin, &"x".repeat(64)),
+        ] {
+            assert!(
+                RevokeCertificate::try_from(request(kind, name)).is_err(),
+                "{kind:?} {name:?} accepted"
+            );
+        }
+        assert!(RevokeCertificate::try_from(pb::RevokeCertificateRequest {
+            kind: 7,
+            name: "ops".into(),
+            force: true,
+        })
+        .is_err());
+        for kind in RevocableKind::ALL {
+            assert_eq!(kind.as_str().parse::<RevocableKind>(), Ok(kind));
+        }
+        let agent = "agent".parse::<RevocableKind>().unwrap_err();
+        assert!(agent.contains("node revoke"), "{agent}");
+        let revocation = CertRevocation {
+            kind: RevocableKind::Admin,
+            name: CertName::new("ops").unwrap(),
+            revoked_unix_s: 1_000,
+            at_unix_ms: 1_000_500,
+            by: "root".into(),
+        };
+        let wire = pb::CertificateRevocation::from(revocation.clone());
+        assert_eq!(CertRevocation::try_from(wire), Ok(revocation));
+    }
 
     #[test]
     fn role_changes_convert_once_at_the_edge() {

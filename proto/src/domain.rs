@@ -289,6 +289,120 @@ impl MaintenanceView {
     }
 }
 
+/// The certificate kinds revoked by name (`stewardctl cert revoke`); agent
+/// certificates are revoked per node (`stewardctl node revoke`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevocableKind {
+    Admin,
+    Coordinator,
+}
+
+impl RevocableKind {
+    pub const ALL: [RevocableKind; 2] = [RevocableKind::Admin, RevocableKind::Coordinator];
+
+    /// The kind as certificates spell it (their organizational unit).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocableKind::Admin => "admin",
+            RevocableKind::Coordinator => "coordinator",
+        }
+    }
+}
+
+impl fmt::Display for RevocableKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RevocableKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "{s:?} is not a kind revoked by name: use admin or coordinator \
+                     (agent certificates: stewardctl node revoke ID)"
+                )
+            })
+    }
+}
+
+/// The name of an admin or coordinator certificate (its common name): 1-63
+/// letters, digits, `-` or `.`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CertName(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid certificate name {name:?}: use 1-63 letters, digits, '-' or '.'")]
+pub struct InvalidCertName {
+    pub name: String,
+}
+
+impl CertName {
+    pub fn new(name: impl Into<String>) -> Result<Self, InvalidCertName> {
+        let name = name.into();
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if valid {
+            Ok(Self(name))
+        } else {
+            Err(InvalidCertName { name })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CertName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for CertName {
+    type Error = InvalidCertName;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<CertName> for String {
+    fn from(name: CertName) -> Self {
+        name.0
+    }
+}
+
+/// `RevokeCertificate`, validated: what to revoke and whether the caller's
+/// own certificate may be among it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeCertificate {
+    pub kind: RevocableKind,
+    pub name: CertName,
+    pub force: bool,
+}
+
+/// Every admin or coordinator certificate of `name` issued (notBefore) up
+/// to `revoked_unix_s` is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRevocation {
+    pub kind: RevocableKind,
+    pub name: CertName,
+    pub revoked_unix_s: i64,
+    pub at_unix_ms: u64,
+    /// The admin who revoked them.
+    pub by: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EventKind {
@@ -306,6 +420,8 @@ pub enum EventKind {
     NodeRevoked,
     /// A node was drained or undrained.
     NodeMaintenance,
+    /// An admin or coordinator certificate name was revoked.
+    CertificateRevoked,
 }
 
 impl EventKind {
@@ -321,6 +437,7 @@ impl EventKind {
             EventKind::NodeJoined => "node-joined",
             EventKind::NodeRevoked => "node-revoked",
             EventKind::NodeMaintenance => "node-maintenance",
+            EventKind::CertificateRevoked => "certificate-revoked",
         }
     }
 }

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use steward_proto::converge::{ConvergeReport, ResourceStatus};
 use steward_proto::convert::{node_health_from_pb, roles_to_pb};
-use steward_proto::domain::{Event, NodeView, Role};
+use steward_proto::domain::{CertRevocation, Event, NodeView, RevocableKind, Role};
 use steward_proto::pb;
 use steward_proto::pb::admin_service_client::AdminServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -130,6 +130,11 @@ pub enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Admin and coordinator certificates the cluster refuses.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
     },
     /// Certificates for a development cluster.
     Pki {
@@ -372,6 +377,40 @@ fn parse_priority(s: &str) -> Result<(String, u32), String> {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Revoke every admin or coordinator certificate issued for NAME so far,
+    /// e.g. when its key may have leaked or its holder left.
+    ///
+    /// NAME is the name the certificate was issued for (`stewardctl pki
+    /// issue DIR NAME --kind KIND`; its common name). Every replica refuses
+    /// the certificates at once: an admin one on every admin call (its open
+    /// --follow streams end too), a coordinator one on the peer API, calling
+    /// or answering. Agents cannot check coordinator revocations: after a
+    /// coordinator key leaks, replace the CA. Certificates whose notBefore
+    /// is up to the second of the revocation are covered, whoever holds
+    /// them; the answer (and the event log) prints that second. A
+    /// certificate for NAME issued after it is accepted: `stewardctl pki
+    /// issue DIR NAME --kind KIND --revoked-at SECOND` issues one. Agent
+    /// certificates are revoked per node (`stewardctl node revoke ID`).
+    ///
+    /// Revoking the admin certificate this command runs with, or the
+    /// coordinator certificate of the replica that answers, needs --force.
+    ///
+    /// Example: stewardctl cert revoke --kind admin alice
+    Revoke {
+        /// admin or coordinator.
+        #[arg(long, value_parser = parse_revocable_kind)]
+        kind: RevocableKind,
+        /// The certificate's name (its common name).
+        name: String,
+        /// Revoke it even if it is the certificate of this command or of
+        /// the replica that answers.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum PkiCommand {
     /// Create a cluster CA (DIR/ca.crt, DIR/ca.key) and the key that seals
     /// cluster secrets in etcd (DIR/secrets.key).
@@ -393,6 +432,11 @@ pub enum PkiCommand {
         /// Extra host name or IP address (coordinator certificates).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// The second `stewardctl cert revoke` printed for NAME: the new
+        /// certificate starts after it, so the revocation does not cover it
+        /// (otherwise certificates are backdated an hour for clock skew).
+        #[arg(long, value_name = "SECOND")]
+        revoked_at: Option<i64>,
     },
 }
 
@@ -415,6 +459,10 @@ fn parse_health(s: &str) -> Result<steward_proto::domain::NodeHealth, String> {
 fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
         .map_err(|e: steward_proto::domain::UnknownRole| e.to_string())
+}
+
+fn parse_revocable_kind(s: &str) -> Result<RevocableKind, String> {
+    s.parse()
 }
 
 fn parse_kind(s: &str) -> Result<IdentityKind, String> {
@@ -442,7 +490,10 @@ pub enum CtlError {
 impl From<tonic::Status> for CtlError {
     fn from(s: tonic::Status) -> Self {
         let hint = match s.code() {
-            tonic::Code::PermissionDenied => " (is this an admin certificate?)",
+            // A revoked certificate is an admin one; the message says so.
+            tonic::Code::PermissionDenied if !s.message().contains("revoked") => {
+                " (is this an admin certificate?)"
+            }
             _ => "",
         };
         CtlError::Rpc(format!("{}{hint}", s.message()))
@@ -655,6 +706,42 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                      To let it back in: stewardctl token create --node {id}, then run the \
                      printed join command on the node with --force.",
                     node.revoked_unix_ms.map(format_unix_ms).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Cert {
+            command: CertCommand::Revoke { kind, name, force },
+        } => {
+            let revocation = connect(&cli)
+                .await?
+                .revoke_certificate(pb::RevokeCertificateRequest {
+                    kind: steward_proto::convert::revocable_kind_to_pb(*kind) as i32,
+                    name: name.clone(),
+                    force: *force,
+                })
+                .await?
+                .into_inner();
+            let r = CertRevocation::try_from(revocation)?;
+            if cli.output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "kind": r.kind.as_str(),
+                        "name": r.name.as_str(),
+                        "revoked_unix_s": r.revoked_unix_s,
+                        "at_unix_ms": r.at_unix_ms,
+                        "by": r.by,
+                    })
+                );
+            } else {
+                println!(
+                    "revoked every {kind} certificate of {name:?} issued up to {} (second {}): \
+                     every replica refuses them now.\n\
+                     A new one: stewardctl pki issue DIR {name} --kind {kind} --revoked-at {}",
+                    format_unix_ms(r.at_unix_ms),
+                    r.revoked_unix_s,
+                    r.revoked_unix_s,
                 );
             }
             Ok(())
@@ -1113,6 +1200,27 @@ fn change(id: &str, roles: &[Role]) -> pb::ChangeRolesRequest {
     }
 }
 
+/// Waits until second `revoked_at` has passed, so a certificate starting
+/// after it is valid at once; refuses a second more than a minute ahead
+/// (not one a revocation printed).
+fn wait_past_second(revoked_at: i64) -> Result<(), CtlError> {
+    let now_ms = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+    let start_ms = revoked_at.saturating_add(1).saturating_mul(1000);
+    if start_ms - now_ms > 60_000 {
+        return Err(CtlError::Usage(format!(
+            "--revoked-at {revoked_at} is in the future ({}); give the second \
+             `stewardctl cert revoke` printed",
+            format_unix_ms(u64::try_from(revoked_at.saturating_mul(1000)).unwrap_or(0))
+        )));
+    }
+    if start_ms > now_ms {
+        std::thread::sleep(Duration::from_millis(
+            u64::try_from(start_ms - now_ms).unwrap_or(0),
+        ));
+    }
+    Ok(())
+}
+
 fn pki_command(command: &PkiCommand) -> Result<(), CtlError> {
     match command {
         PkiCommand::Init { dir, cluster } => {
@@ -1129,8 +1237,12 @@ fn pki_command(command: &PkiCommand) -> Result<(), CtlError> {
             name,
             kind,
             sans,
+            revoked_at,
         } => {
-            let (crt, key) = pki::issue(dir, name, *kind, sans)?;
+            if let Some(revoked_at) = revoked_at {
+                wait_past_second(*revoked_at)?;
+            }
+            let (crt, key) = pki::issue_after(dir, name, *kind, sans, *revoked_at)?;
             println!(
                 "wrote {} and {} ({kind} {name:?})",
                 crt.display(),

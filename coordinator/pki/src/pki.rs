@@ -5,6 +5,13 @@
 //! identity's [`IdentityKind`]. The coordinator authorizes every call from
 //! the identity in the peer's verified certificate, never from what a message
 //! claims.
+//!
+//! The kind is bound to the certificate's extended key usage: agent and
+//! admin certificates carry clientAuth only (they cannot serve TLS: agents
+//! and stewardctl, through webpki, refuse a server without serverAuth);
+//! coordinator certificates carry serverAuth and clientAuth (they serve,
+//! and call their peers). [`identity_from_der`] refuses a certificate whose
+//! usages disagree with its kind, or that has none.
 
 use std::fmt;
 use std::fs;
@@ -16,7 +23,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use steward_proto::domain::NodeId;
+use steward_proto::domain::{CertName, NodeId};
 use time::{Duration, OffsetDateTime};
 
 /// Validity of the CA certificate.
@@ -105,6 +112,16 @@ pub enum PkiError {
     Csr(String),
     #[error("peer certificate has no {0}")]
     MissingAttribute(&'static str),
+    #[error(
+        "{kind} certificate {name:?} has the wrong extended key usage ({found}); {kind} \
+         certificates carry {expected}: issue it again with stewardctl pki issue"
+    )]
+    WrongUsage {
+        name: String,
+        kind: IdentityKind,
+        found: String,
+        expected: &'static str,
+    },
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
@@ -204,18 +221,10 @@ fn validate_name(name: &str, kind: IdentityKind) -> Result<(), PkiError> {
         IdentityKind::Agent => NodeId::new(name)
             .map(drop)
             .map_err(|e| invalid(e.reason.to_owned())),
-        IdentityKind::Coordinator | IdentityKind::Admin => {
-            if name.is_empty()
-                || name.len() > 63
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-            {
-                Err(invalid("use 1-63 letters, digits, '-' or '.'".to_owned()))
-            } else {
-                Ok(())
-            }
-        }
+        // The rule `stewardctl cert revoke` names them by.
+        IdentityKind::Coordinator | IdentityKind::Admin => CertName::new(name)
+            .map(drop)
+            .map_err(|_| invalid("use 1-63 letters, digits, '-' or '.'".to_owned())),
     }
 }
 
@@ -229,6 +238,20 @@ pub fn issue(
     name: &str,
     kind: IdentityKind,
     extra_sans: &[String],
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    issue_after(dir, name, kind, extra_sans, None)
+}
+
+/// [`issue`], valid from after `revoked_unix_s` at the earliest: the
+/// cut-off of the name's last revocation (`stewardctl cert revoke`), which
+/// refuses certificates issued (notBefore) up to that second. Without it a
+/// certificate is backdated an hour for clock skew.
+pub fn issue_after(
+    dir: &Path,
+    name: &str,
+    kind: IdentityKind,
+    extra_sans: &[String],
+    revoked_unix_s: Option<i64>,
 ) -> Result<(PathBuf, PathBuf), PkiError> {
     validate_name(name, kind)?;
     let (ca_crt, ca_key) = ca_paths(dir);
@@ -264,10 +287,34 @@ pub fn issue(
         }
     }
     validity(&mut params, LEAF_VALIDITY_DAYS);
+    if let Some(after) = revoked_unix_s {
+        params.not_before = params.not_before.max(after_revocation(after));
+    }
     let cert = params.signed_by(&key, &issuer)?;
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&crt_path, &cert.pem(), 0o644)?;
     Ok((crt_path, key_path))
+}
+
+/// The first second a revocation at `revoked_unix_s` does not cover.
+fn after_revocation(revoked_unix_s: i64) -> OffsetDateTime {
+    OffsetDateTime::UNIX_EPOCH.saturating_add(Duration::seconds(revoked_unix_s.saturating_add(1)))
+}
+
+/// The extended key usages a certificate of `kind` carries, in words.
+fn expected_usage(kind: IdentityKind) -> &'static str {
+    match kind {
+        IdentityKind::Agent | IdentityKind::Admin => "clientAuth only",
+        IdentityKind::Coordinator => "serverAuth and clientAuth",
+    }
+}
+
+/// Whether the usages `server_auth`, `client_auth` are those of `kind`.
+fn usage_fits(kind: IdentityKind, server_auth: bool, client_auth: bool) -> bool {
+    match kind {
+        IdentityKind::Agent | IdentityKind::Admin => client_auth && !server_auth,
+        IdentityKind::Coordinator => client_auth && server_auth,
+    }
 }
 
 /// The subject and usages every certificate for `name` as `kind` carries.
@@ -352,9 +399,7 @@ impl Signer {
         // for short test lifetimes.
         params.not_before = now - (validity / 10_i32).min(Duration::hours(1));
         if let Some(after) = after_unix_s {
-            let floor = OffsetDateTime::UNIX_EPOCH
-                .saturating_add(Duration::seconds(after.saturating_add(1)));
-            params.not_before = params.not_before.max(floor);
+            params.not_before = params.not_before.max(after_revocation(after));
         }
         params.not_after = now + validity;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
@@ -387,6 +432,42 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
             "organizational unit (identity kind)",
         ))?
         .parse()?;
+    let usage = cert
+        .extended_key_usage()
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let (server_auth, client_auth, found) = match usage {
+        None => (false, false, "none".to_owned()),
+        Some(usage) => {
+            let u = usage.value;
+            let mut names = Vec::new();
+            if u.server_auth {
+                names.push("serverAuth".to_owned());
+            }
+            if u.client_auth {
+                names.push("clientAuth".to_owned());
+            }
+            if u.any {
+                names.push("any".to_owned());
+            }
+            let others = usize::from(u.code_signing)
+                + usize::from(u.email_protection)
+                + usize::from(u.time_stamping)
+                + usize::from(u.ocsp_signing)
+                + u.other.len();
+            if others > 0 {
+                names.push(format!("{others} other"));
+            }
+            (u.server_auth, u.client_auth, names.join(", "))
+        }
+    };
+    if !usage_fits(kind, server_auth, client_auth) {
+        return Err(PkiError::WrongUsage {
+            name,
+            kind,
+            found,
+            expected: expected_usage(kind),
+        });
+    }
     Ok(Identity {
         name,
         kind,
@@ -430,6 +511,98 @@ mod tests {
         let (crt, _) = issue(dir.path(), "ops", IdentityKind::Admin, &[]).unwrap();
         let id = identity_from_der(&pem_to_der(&fs::read_to_string(crt).unwrap())).unwrap();
         assert_eq!(id.kind, IdentityKind::Admin);
+    }
+
+    /// A certificate for `name` as `kind` with exactly `usages`, signed by
+    /// the CA in `dir`, as DER.
+    fn with_usages(
+        dir: &Path,
+        name: &str,
+        kind: IdentityKind,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Vec<u8> {
+        let (ca_crt, ca_key) = ca_paths(dir);
+        let ca_key = KeyPair::from_pem(&read(&ca_key).unwrap()).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&read(&ca_crt).unwrap(), ca_key).unwrap();
+        let mut params = leaf_params(name, kind);
+        params.extended_key_usages = usages;
+        validity(&mut params, 1);
+        let key = KeyPair::generate().unwrap();
+        params.signed_by(&key, &issuer).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn kinds_are_bound_to_extended_key_usage() {
+        use ExtendedKeyUsagePurpose::{ClientAuth, CodeSigning, ServerAuth};
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test").unwrap();
+        // What `issue` and the signer give each kind is accepted.
+        for (name, kind) in [
+            ("n1", IdentityKind::Agent),
+            ("ops", IdentityKind::Admin),
+            ("c1", IdentityKind::Coordinator),
+        ] {
+            let (crt, _) = issue(dir.path(), name, kind, &[]).unwrap();
+            let id = identity_from_der(&pem_to_der(&fs::read_to_string(crt).unwrap()));
+            assert_eq!(id.unwrap().kind, kind);
+        }
+        let (ca_crt, ca_key) = ca_paths(dir.path());
+        let signer =
+            Signer::from_files(&ca_crt, &ca_key, std::time::Duration::from_secs(3600)).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let issued = signer
+            .issue_agent(&NodeId::new("n2").unwrap(), &csr, None)
+            .unwrap();
+        identity_from_der(&pem_to_der(&issued.certificate_pem)).unwrap();
+
+        // Anything else is refused, whatever the CA signed.
+        for (kind, usages) in [
+            (IdentityKind::Agent, vec![ServerAuth, ClientAuth]),
+            (IdentityKind::Agent, vec![]),
+            (IdentityKind::Admin, vec![ServerAuth, ClientAuth]),
+            (IdentityKind::Admin, vec![ServerAuth]),
+            (IdentityKind::Admin, vec![CodeSigning]),
+            (IdentityKind::Coordinator, vec![ClientAuth]),
+            (IdentityKind::Coordinator, vec![ServerAuth]),
+            (IdentityKind::Coordinator, vec![]),
+        ] {
+            let der = with_usages(dir.path(), "x", kind, usages.clone());
+            let error = identity_from_der(&der).unwrap_err();
+            assert!(
+                matches!(&error, PkiError::WrongUsage { kind: k, .. } if *k == kind),
+                "{kind} with {usages:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_certificate_issued_after_a_revocation_starts_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test").unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let (crt, _) = issue(dir.path(), "old", IdentityKind::Admin, &[]).unwrap();
+        let old = identity_from_der(&pem_to_der(&fs::read_to_string(crt).unwrap())).unwrap();
+        // Backdated for skew: a revocation now covers it.
+        assert!(old.issued_unix_s <= now - 3600 + 5, "{old:?}");
+        let (crt, _) = issue_after(dir.path(), "new", IdentityKind::Admin, &[], Some(now)).unwrap();
+        let new = identity_from_der(&pem_to_der(&fs::read_to_string(crt).unwrap())).unwrap();
+        assert_eq!(new.issued_unix_s, now + 1);
+        // An old revocation changes nothing.
+        let (crt, _) = issue_after(
+            dir.path(),
+            "again",
+            IdentityKind::Admin,
+            &[],
+            Some(now - 86_400),
+        )
+        .unwrap();
+        let again = identity_from_der(&pem_to_der(&fs::read_to_string(crt).unwrap())).unwrap();
+        assert!(again.issued_unix_s < now, "{again:?}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | `converge/<id>` | the replica serving the node, when the outcome changes | [`ConvergeReport`], bounded |
 //! | `vips/.removed` | admin API, with every VIP removal | [`VipRemovedRecord`] |
 //! | `cluster/settings` | admin API (`Apply`), whole, never deleted | [`ClusterSettings`] |
+//! | `cluster/revoked/<kind>/<name>` | admin API (`RevokeCertificate`), never deleted | [`CertRevokedRecord`]: admin and coordinator certificates of `<name>` issued up to its second are refused |
 //! | `orchestration/kubernetes/bootstrap` | leader | sealed CA, token, certificate key ([`crate::orchestrate::kubernetes::BootstrapRecord`]) |
 //! | `orchestration/kubernetes/joined/<id>` | the replica serving the node, when its init/join reports done | `{"at_unix_ms"}` |
 //! | `orchestration/kubernetes/drained/<id>` | the replica serving the remover, when its drain/delete of the leaving node reports done; both records go when the node's `kubeadm reset` reports done | `{"at_unix_ms"}` |
@@ -47,7 +48,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use steward_lease::MarkReason;
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
-use steward_proto::domain::{Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec, Role};
+use steward_proto::domain::{
+    CertName, CertRevocation, Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec,
+    RevocableKind, Role,
+};
 use steward_proto::vip::VipSpec;
 
 pub use self::etcd::{connect, EtcdError};
@@ -168,6 +172,20 @@ impl Keys {
     /// Touched whenever `section` of the cluster settings changes.
     pub fn settings_changed(&self, section: Section) -> String {
         format!("{}changed/{}", self.cluster(), section.as_str())
+    }
+    /// The revocation of the `kind` certificates of `name` (under
+    /// `cluster/`, so the spec cache follows it on every replica).
+    pub fn cert_revoked(&self, kind: RevocableKind, name: &CertName) -> String {
+        format!("{}revoked/{kind}/{name}", self.cluster())
+    }
+    /// Parses a [`Keys::cert_revoked`] key.
+    pub fn parse_cert_revoked(&self, key: &[u8]) -> Option<(RevocableKind, CertName)> {
+        let rest = std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&self.cluster())?
+            .strip_prefix("revoked/")?;
+        let (kind, name) = rest.split_once('/')?;
+        Some((kind.parse().ok()?, CertName::new(name).ok()?))
     }
     /// Parses a marker key under `cluster/`.
     pub fn parse_marker(&self, key: &[u8]) -> Option<Marker> {
@@ -349,6 +367,48 @@ impl NodeRevokedRecord {
             steward_runtime::format_unix_ms(self.at_unix_ms),
             self.by
         )))
+    }
+}
+
+/// `cluster/revoked/<kind>/<name>`: the admin or coordinator certificates
+/// of a name issued up to `revoked_unix_s` (their notBefore, seconds) are
+/// refused by every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertRevokedRecord {
+    pub revoked_unix_s: i64,
+    pub at_unix_ms: u64,
+    /// The admin who revoked them.
+    pub by: String,
+}
+
+impl CertRevokedRecord {
+    /// Refuses a `kind` certificate of `name` issued at `issued_unix_s` if
+    /// this revocation covers it.
+    pub fn check(&self, kind: RevocableKind, name: &CertName, issued_unix_s: i64) -> Result<()> {
+        if issued_unix_s > self.revoked_unix_s {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "the {kind} certificates of {:?} issued up to {} were revoked at {} by {}; \
+             use one issued after that (stewardctl pki issue DIR {name} --kind {kind} \
+             --revoked-at {})",
+            name.as_str(),
+            self.revoked_unix_s,
+            steward_runtime::format_unix_ms(self.at_unix_ms),
+            self.by,
+            self.revoked_unix_s,
+        )))
+    }
+
+    pub fn view(&self, kind: RevocableKind, name: CertName) -> CertRevocation {
+        CertRevocation {
+            kind,
+            name,
+            revoked_unix_s: self.revoked_unix_s,
+            at_unix_ms: self.at_unix_ms,
+            by: self.by.clone(),
+        }
     }
 }
 
@@ -1503,6 +1563,42 @@ impl Store {
         Ok(Some(record))
     }
 
+    /// Revokes the `kind` certificates of `name` issued up to now (`by`:
+    /// the admin), with its event. Revoking again moves the cut-off on.
+    pub async fn revoke_certificate(
+        &self,
+        kind: RevocableKind,
+        name: &CertName,
+        by: &str,
+    ) -> Result<CertRevokedRecord> {
+        let now = unix_ms();
+        let record = CertRevokedRecord {
+            revoked_unix_s: i64::try_from(now / 1000).unwrap_or(i64::MAX),
+            at_unix_ms: now,
+            by: by.to_owned(),
+        };
+        let mut event = self.event(
+            EventKind::CertificateRevoked,
+            None,
+            format!(
+                "{kind} certificates of {:?} issued up to {} (second {}) revoked by {by}",
+                name.as_str(),
+                steward_runtime::format_unix_ms(now),
+                record.revoked_unix_s,
+            ),
+        );
+        event.at_unix_ms = now;
+        self.txn(
+            Txn::new().and_then([
+                Op::put(self.keys.cert_revoked(kind, name), encode(&record)),
+                self.event_op(&event),
+            ]),
+            "revoke certificate",
+        )
+        .await?;
+        Ok(record)
+    }
+
     /// Writes node `id`'s maintenance record with its event, if nobody
     /// changed it since `expected_rev` (0: no record yet); whether it did.
     pub async fn put_maintenance_if(
@@ -1635,6 +1731,47 @@ mod tests {
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/n1/other"), None);
         assert_eq!(keys.parse_node_key(b"/steward/dev/nodes/n1/spec"), None);
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/BAD/spec"), None);
+    }
+
+    #[test]
+    fn a_certificate_revocation_covers_its_kind_and_name_up_to_its_second() {
+        let keys = Keys::new("t");
+        let name = CertName::new("ops.example").unwrap();
+        for kind in RevocableKind::ALL {
+            let key = keys.cert_revoked(kind, &name);
+            assert_eq!(
+                keys.parse_cert_revoked(key.as_bytes()),
+                Some((kind, name.clone()))
+            );
+            // Not a marker, a node key or the settings.
+            assert_eq!(keys.parse_marker(key.as_bytes()), None);
+        }
+        assert_eq!(
+            keys.parse_cert_revoked(b"/steward/t/cluster/revoked/agent/n1"),
+            None
+        );
+        assert_eq!(
+            keys.parse_cert_revoked(b"/steward/t/cluster/settings"),
+            None
+        );
+        let revoked = CertRevokedRecord {
+            revoked_unix_s: 1_000,
+            at_unix_ms: 1_000_250,
+            by: "root".into(),
+        };
+        for issued in [0, 999, 1_000] {
+            let error = revoked
+                .check(RevocableKind::Admin, &name, issued)
+                .unwrap_err();
+            let text = error.to_string();
+            assert!(
+                text.contains("revoked at")
+                    && text.contains("by root")
+                    && text.contains("--revoked-at 1000"),
+                "{text}"
+            );
+        }
+        revoked.check(RevocableKind::Admin, &name, 1_001).unwrap();
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub fn is_session_event(kind: EventKind) -> bool {
         | EventKind::VipMoved
         | EventKind::NodeJoined
         | EventKind::NodeRevoked
-        | EventKind::NodeMaintenance => false,
+        | EventKind::NodeMaintenance
+        | EventKind::CertificateRevoked => false,
     }
 }
 

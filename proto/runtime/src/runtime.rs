@@ -466,6 +466,162 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
+/// A check of a server's certificate (DER), run after webpki verified it
+/// (chain to the CA, validity, host name, serverAuth): the caller's own
+/// rules, such as the kind and revocations.
+pub type ServerCheck = std::sync::Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
+
+/// webpki's verification, then a [`ServerCheck`].
+struct CheckedVerifier {
+    webpki: std::sync::Arc<rustls::client::WebPkiServerVerifier>,
+    check: ServerCheck,
+}
+
+impl fmt::Debug for CheckedVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckedVerifier").finish_non_exhaustive()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for CheckedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        (self.check)(end_entity.as_ref()).map_err(rustls::Error::General)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// PEM credentials for mutual TLS: the CA a server must chain to, and our
+/// certificate chain and key.
+#[derive(Clone, Default)]
+pub struct MtlsPem {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl fmt::Debug for MtlsPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MtlsPem").finish_non_exhaustive()
+    }
+}
+
+/// A lazily connected mutual-TLS channel to `url` (`https://host:port`):
+/// the server must have a certificate from `pem.ca` valid for the host,
+/// with serverAuth, that passes `check`; we present `pem.cert`. Every
+/// (re)connection runs the check again.
+pub fn mtls_channel_checked(
+    url: &str,
+    pem: &MtlsPem,
+    check: ServerCheck,
+    connect_timeout: Duration,
+) -> Result<Channel, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
+    let uri = endpoint.uri().clone();
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("{url}: the URL must start with https://"));
+    }
+    let host = uri
+        .host()
+        .ok_or("URL has no host")?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem.ca) {
+        roots
+            .add(cert.map_err(|e| format!("CA: {e}"))?)
+            .map_err(|e| format!("CA certificate: {e}"))?;
+    }
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| format!("CA: {e}"))?;
+    let chain = CertificateDer::pem_slice_iter(&pem.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| format!("key: {e}"))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CheckedVerifier { webpki, check }))
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| format!("{host}: {e}"))?;
+    let connect = tower::service_fn(move |_: tonic::transport::Uri| {
+        let (connector, name, host) = (connector.clone(), name.clone(), host.clone());
+        async move {
+            let tcp = tokio::time::timeout(
+                connect_timeout,
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+            tcp.set_nodelay(true)?;
+            let tls = tokio::time::timeout(connect_timeout, connector.connect(name, tcp))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    // TLS is ours (the connector), so tonic sees a plain http:// endpoint.
+    Ok(Endpoint::from_shared(format!(
+        "http://{}",
+        uri.authority().map(|a| a.as_str()).unwrap_or_default()
+    ))
+    .map_err(|e| e.to_string())?
+    .connect_with_connector_lazy(connect))
+}
+
 /// Connects to a replica's bootstrap endpoint (`https://host:port`) trusting
 /// only a CA whose public key has the hash `pin`, without a client
 /// certificate (a join token authenticates the caller).
