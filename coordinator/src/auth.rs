@@ -56,9 +56,10 @@ pub fn check_not_revoked(
     specs: &SpecSnapshot,
 ) -> Result<()> {
     if !specs.synced {
-        return Err(Error::Busy(
-            "this replica has not read the certificate revocations from etcd yet; try again".into(),
-        ));
+        return Err(Error::Busy {
+            reason: "this replica has not read the certificate revocations from etcd yet".into(),
+            retry_after: std::time::Duration::from_secs(1),
+        });
     }
     specs.check_cert_revoked(kind, &identity.name, identity.issued_unix_s)
 }
