@@ -28,9 +28,11 @@ use crate::store::{encode, unix_ms, NodeStatusRecord, Store, Versioned};
 
 /// How long a new session may take to say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a session re-checks its node's liveness (and retries a
-/// converge report etcd has not taken yet).
-const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+/// How long after a node would count as unreachable its session checks
+/// (a session checks its node's status on each message, when a deferred
+/// status write has budget again, and when the node has been silent for
+/// `agent_unreachable_after`: no periodic tick per session).
+const SILENCE_MARGIN: Duration = Duration::from_millis(20);
 /// Largest converge report stored (encoded). Reports are bounded by the
 /// proto's limits, which allow more than etcd takes in one request.
 pub const MAX_CONVERGE_REPORT_BYTES: usize = 64 * 1024;
@@ -597,18 +599,25 @@ impl NodeSession {
 
     /// Hands the status to the writer if what an operator would see has
     /// changed, at most at the node's write rate (changes in between
-    /// coalesce: the next tick with budget hands over the latest).
-    fn sync_status(&mut self) {
+    /// coalesce: the next check with budget hands over the latest). Returns
+    /// when to check again if no message comes first: when the budget has
+    /// a write again (a change is waiting), or when the node would count as
+    /// unreachable without another heartbeat.
+    fn sync_status(&mut self) -> tokio::time::Instant {
+        let now = Instant::now();
+        let silent_for = self.ctx.unreachable_after + SILENCE_MARGIN;
         let Some(live) = self.ctx.sessions.get(&self.node) else {
-            return;
+            return (now + silent_for).into();
         };
-        let health = live.node_health(Instant::now(), self.ctx.unreachable_after);
+        let silence = (live.last_heartbeat + silent_for).max(now + SILENCE_MARGIN);
+        let health = live.node_health(now, self.ctx.unreachable_after);
         if health == self.shown.health && live.applied_revision == self.shown.applied_revision {
-            return;
+            return silence.into();
         }
-        if !self.status_budget.take(Instant::now()) {
+        if !self.status_budget.take(now) {
             crate::metrics::metrics().status_writes_deferred.inc();
-            return;
+            let refill = now + self.status_budget.next_in(now) + SILENCE_MARGIN;
+            return refill.min(silence).into();
         }
         let mut next = self.shown.clone();
         next.health = health;
@@ -618,6 +627,7 @@ impl NodeSession {
         info!(node.id = %self.node, health = %health, applied = live.applied_revision, "node status changed");
         self.shown = next.clone();
         self.status_tx.send_replace(next);
+        silence.into()
     }
 
     /// Sends the desired state if it differs from the last one sent (so
@@ -653,7 +663,8 @@ impl NodeSession {
         let wake = self.ctx.fanout.register(&self.node, self.session);
         let shutdown = self.ctx.shutdown.clone();
         let replaced = self.superseded.clone();
-        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+        let check = tokio::time::sleep(self.ctx.unreachable_after);
+        tokio::pin!(check);
         let mut superseded = false;
         // Log requests for this node's agent (`crate::logs`).
         let (commands_tx, mut commands) = mpsc::channel::<CoordinatorMessage>(8);
@@ -676,12 +687,16 @@ impl NodeSession {
                         still_trusted(&self.ctx, &self.node, self.issued_unix_s, &tx).await
                             && self.push_desired(&tx).await
                     }
-                    _ = liveness.tick() => {
-                        self.sync_status();
+                    _ = &mut check => {
+                        check.as_mut().reset(self.sync_status());
                         true
                     }
                     msg = inbound.next() => match msg {
-                        Some(Ok(m)) => self.on_message(m, &tx).await,
+                        Some(Ok(m)) => {
+                            let more = self.on_message(m, &tx).await;
+                            check.as_mut().reset(self.sync_status());
+                            more
+                        }
                         None => false,
                         Some(Err(status)) => {
                             info!(error = %status, "session stream failed");
