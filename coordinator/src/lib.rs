@@ -30,6 +30,7 @@ pub mod peers;
 /// The cluster's CA and the identities in certificates (`steward-pki`).
 pub use steward_pki as pki;
 pub mod replica;
+pub mod rollout;
 pub mod sessions;
 pub mod store;
 pub mod tokens;
@@ -264,6 +265,15 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         )
         .instrument(tracing::info_span!("orchestrator", replica.id = %config.id)),
     );
+    let rollouts = tokio::spawn(
+        rollout::driver::run_rollouts(
+            ctx.clone(),
+            lead_rx.clone(),
+            rollout::driver::StepTimeouts::default(),
+            tasks.clone(),
+        )
+        .instrument(tracing::info_span!("rollouts", replica.id = %config.id)),
+    );
     let placement = tokio::spawn(
         vip::placement::run_placement(
             ctx.store.clone(),
@@ -365,6 +375,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         ("vip placement", placement),
         ("orchestration cache", orch_cache),
         ("orchestrator", orchestrator),
+        ("rollouts", rollouts),
     ] {
         if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
             warn!(task = name, "did not stop in time");
