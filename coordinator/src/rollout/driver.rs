@@ -751,3 +751,314 @@ pub fn control_after(
     next.at_unix_ms = unix_ms();
     next
 }
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::converge::{
+        ClusterSettings, ConvergeReport, KubernetesSettings, PackageRepository, ResourceState,
+        ResourceStatus,
+    };
+    use steward_proto::domain::Health;
+
+    use super::*;
+    use crate::rollout::model::RolloutOptions;
+    use crate::store::{MemoryBackend, NodeStatusRecord};
+    use crate::testing::{eventually, node, put_roles, TestReplica};
+
+    fn kubernetes(version: &str) -> ClusterSettings {
+        ClusterSettings {
+            kubernetes: Some(KubernetesSettings {
+                version: version.into(),
+                pod_subnet: "10.244.0.0/16".into(),
+                service_subnet: "10.96.0.0/12".into(),
+                repository: PackageRepository {
+                    url: "https://pkgs.k8s.io/core:/stable:/v1.31/deb/".into(),
+                    suite: "/".into(),
+                    key: None,
+                },
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The agent of `id`: reports what it applied and how the converge went.
+    async fn report(replica: &TestReplica, id: &str, failure: Option<&str>) {
+        let store = replica.store();
+        let desired = replica.ctx.desired_for(&node(id)).expect("caches read");
+        let current = store.node(&node(id)).await.unwrap();
+        let status = NodeStatusRecord {
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            replica: Some("c-1".into()),
+            last_seen_unix_ms: 1,
+            applied_revision: desired.revision,
+            agent_version: "test".into(),
+        };
+        let rev = current.status.map_or(0, |s| s.mod_revision);
+        store.put_status_if(&node(id), rev, &status).await.unwrap();
+        let resource = ResourceState {
+            id: "package:kubelet".into(),
+            status: if failure.is_some() {
+                ResourceStatus::Failed
+            } else {
+                ResourceStatus::Ok
+            },
+            detail: failure.unwrap_or_default().into(),
+            since_unix_ms: 1,
+        };
+        let converge = ConvergeReport {
+            revision: desired.revision,
+            finished_unix_ms: 1,
+            duration_ms: 1,
+            resources: vec![resource],
+        };
+        let rev = current.converge.map_or(0, |c| c.mod_revision);
+        store
+            .put_converge_if(&node(id), rev, encode(&converge))
+            .await
+            .unwrap();
+    }
+
+    struct Bed {
+        replica: TestReplica,
+        fence: Fence,
+        driver: Driver,
+    }
+
+    impl Bed {
+        async fn new(workers: &[&str]) -> Self {
+            let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+            for id in workers {
+                put_roles(replica.store(), id, &[Role::K8sWorker]).await;
+            }
+            let fence = replica.lead().await;
+            eventually("the spec cache", || {
+                let specs = replica.ctx.specs.borrow();
+                (specs.synced && specs.specs.len() == workers.len()).then_some(())
+            })
+            .await;
+            eventually("the caches", || replica.ctx.desired_for(&node(workers[0]))).await;
+            for id in workers {
+                report(&replica, id, None).await;
+            }
+            Self {
+                replica,
+                fence,
+                driver: Driver::new(StepTimeouts::default()),
+            }
+        }
+
+        async fn tick(&mut self) {
+            let specs = self.replica.ctx.specs.borrow().clone();
+            let vips = self.replica.ctx.vips.borrow().clone();
+            let orchestration = self.replica.ctx.orchestration.borrow().clone();
+            let world = World {
+                specs: &specs,
+                vips: &vips,
+                orchestration: &orchestration,
+                lease: &self.replica.ctx.lease,
+            };
+            self.driver
+                .tick(self.replica.store(), &self.fence, &world)
+                .await
+                .unwrap();
+        }
+
+        fn step(&self, id: &str, node_id: &str) -> Option<Step> {
+            self.replica
+                .ctx
+                .specs
+                .borrow()
+                .rollouts
+                .get(id)?
+                .step(&node(node_id))
+        }
+
+        fn phase(&self, id: &str) -> Option<Phase> {
+            self.replica.ctx.specs.borrow().rollouts.get(id)?.phase()
+        }
+
+        /// Ticks (the cache following each write) until `node_id` is at `step`.
+        async fn until(&mut self, id: &str, node_id: &str, step: Step) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.step(id, node_id) != Some(step) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{node_id} stuck at {:?}, wanted {step:?}",
+                    self.step(id, node_id)
+                );
+                self.tick().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        async fn until_phase(&mut self, id: &str, phase: Phase) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.phase(id) != Some(phase) {
+                assert!(
+                    Instant::now() < deadline,
+                    "rollout at {:?}, wanted {phase:?}",
+                    self.phase(id)
+                );
+                self.tick().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        async fn create(&self, target: &ClusterSettings) -> String {
+            let base = self
+                .replica
+                .ctx
+                .specs
+                .borrow()
+                .settings
+                .as_ref()
+                .map_or(0, |s| s.mod_revision);
+            let id = crate::rollout::create(
+                &self.replica.ctx,
+                target,
+                base,
+                vec!["kubernetes: set".into()],
+                RolloutOptions::default(),
+                "ops",
+            )
+            .await
+            .unwrap()
+            .expect("nodes to change");
+            eventually("the rollout in the cache", || {
+                self.replica
+                    .ctx
+                    .specs
+                    .borrow()
+                    .rollouts
+                    .contains_key(&id)
+                    .then_some(())
+            })
+            .await;
+            id
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_go_one_at_a_time_and_the_target_becomes_the_settings() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        let before: Vec<u64> = ["w-1", "w-2"]
+            .iter()
+            .map(|id| bed.replica.ctx.desired_for(&node(id)).unwrap().revision)
+            .collect();
+        let id = bed.create(&kubernetes("1.31.2-1.1")).await;
+        // Nobody's desired state changed yet.
+        for (i, w) in ["w-1", "w-2"].iter().enumerate() {
+            let desired = bed.replica.ctx.desired_for(&node(w)).unwrap();
+            assert_eq!(desired.cluster.settings.kubernetes, None);
+            assert_eq!(desired.revision, before[i]);
+        }
+        bed.until(&id, "w-1", Step::Drained).await;
+        assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        bed.until(&id, "w-1", Step::Changed).await;
+        let changed = bed.replica.ctx.desired_for(&node("w-1")).unwrap();
+        assert_eq!(changed.cluster.settings, kubernetes("1.31.2-1.1"));
+        assert!(changed.revision > before[0]);
+        // w-2 waits its turn, on the old settings.
+        assert_eq!(bed.step(&id, "w-2"), None);
+        assert_eq!(
+            bed.replica
+                .ctx
+                .desired_for(&node("w-2"))
+                .unwrap()
+                .cluster
+                .settings
+                .kubernetes,
+            None
+        );
+        // Until its agent reports the revision converged, w-1 stays changed.
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        assert_eq!(bed.step(&id, "w-1"), Some(Step::Changed));
+        report(&bed.replica, "w-1", None).await;
+        bed.until(&id, "w-1", Step::Done).await;
+        assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        // A new leader (a driver with no memory) takes over mid-rollout.
+        bed.driver = Driver::new(StepTimeouts::default());
+        bed.until(&id, "w-2", Step::Changed).await;
+        report(&bed.replica, "w-2", None).await;
+        bed.until(&id, "w-2", Step::Done).await;
+        let w1_changed = bed.replica.ctx.desired_for(&node("w-1")).unwrap().revision;
+        bed.until_phase(&id, Phase::Done).await;
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        assert_eq!(
+            specs.settings.as_ref().unwrap().value,
+            kubernetes("1.31.2-1.1")
+        );
+        assert!(specs.active_rollout().is_none());
+        // Same content for both, revisions never went back.
+        for w in ["w-1", "w-2"] {
+            let desired = bed.replica.ctx.desired_for(&node(w)).unwrap();
+            assert_eq!(desired.cluster.settings, kubernetes("1.31.2-1.1"));
+            assert!(desired.revision >= w1_changed, "{w} went back");
+        }
+        // Each node changed once: one marker each.
+        let entry = bed.replica.store().rollout(&id).await.unwrap().unwrap();
+        assert_eq!(entry.changed.len(), 2);
+        // A new plain apply would be allowed again.
+        crate::rollout::ensure_none_active(bed.replica.store())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_converge_stops_the_rollout_and_abort_leaves_nothing_drained() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        let id = bed.create(&kubernetes("9.9.9")).await;
+        let refused = crate::rollout::ensure_none_active(bed.replica.store()).await;
+        assert!(
+            matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains(&id)),
+            "{refused:?}"
+        );
+        bed.until(&id, "w-1", Step::Changed).await;
+        report(
+            &bed.replica,
+            "w-1",
+            Some("E: Version '9.9.9' for 'kubelet' was not found"),
+        )
+        .await;
+        bed.until(&id, "w-1", Step::Failed).await;
+        bed.until_phase(&id, Phase::Failed).await;
+        let view = crate::rollout::get(bed.replica.store(), &id).await.unwrap();
+        assert_eq!(view.phase, "failed");
+        assert!(view.reason.contains("node w-1 failed"), "{}", view.reason);
+        assert!(
+            view.reason.contains("'9.9.9' for 'kubelet' was not found"),
+            "{}",
+            view.reason
+        );
+        // Nothing else proceeds.
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        assert_eq!(bed.step(&id, "w-2"), None);
+        assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        crate::rollout::control(
+            bed.replica.store(),
+            &id,
+            crate::rollout::Action::Abort,
+            "ops",
+        )
+        .await
+        .unwrap();
+        bed.until_phase(&id, Phase::Aborted).await;
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        assert!(
+            specs.maintenance_set().is_empty(),
+            "{:?}",
+            specs.maintenance_set()
+        );
+        assert!(specs.active_rollout().is_none());
+        // The changed node keeps the target; the other the old settings.
+        let w1 = bed.replica.ctx.desired_for(&node("w-1")).unwrap();
+        assert_eq!(w1.cluster.settings, kubernetes("9.9.9"));
+        let w2 = bed.replica.ctx.desired_for(&node("w-2")).unwrap();
+        assert_eq!(w2.cluster.settings.kubernetes, None);
+    }
+}
