@@ -269,7 +269,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         rollout::driver::run_rollouts(
             ctx.clone(),
             lead_rx.clone(),
-            rollout::driver::StepTimeouts::default(),
+            config.rollout.step_timeouts(),
             tasks.clone(),
         )
         .instrument(tracing::info_span!("rollouts", replica.id = %config.id)),
