@@ -5,7 +5,9 @@
 //! a client sending a request through the VIP every 10 ms.
 //!
 //! In one bed (each boot and install is paid once):
-//! 1. `apply --rollout` of a new HAProxy frontend: the follower goes first,
+//! 0. A plain apply sets the frontend the client uses (VIP:8080 to the
+//!    backend be1).
+//! 1. `apply --rollout` of a second HAProxy frontend: the follower goes first,
 //!    then the VIP holder (the VIP moves away by planned handover before
 //!    its change); the VIP never has two holders and the client sees at
 //!    most the handover; each machine reloads HAProxy exactly once (the
@@ -28,25 +30,50 @@ use steward_tests::netns::{AddressWatch, ClientRun};
 
 const LBS: [&str; 2] = ["lb1", "lb2"];
 
-const WEB: &str = r#"
+/// What the bed starts from (a plain apply): the client's frontend, to be1
+/// (a gluster-brick member: a role whose settings need nothing else; its
+/// agent does not converge).
+const BASE: &str = r#"
 [[frontend]]
 name = "web"
 port = 8080
-backend_role = "k8s-worker"
+backend_role = "gluster-brick"
 backend_port = 80
 "#;
 
-const WEB_AND_ADMIN: &str = r#"
+/// Rolled out: a second frontend.
+const WITH_API: &str = r#"
 [[frontend]]
 name = "web"
 port = 8080
-backend_role = "k8s-worker"
+backend_role = "gluster-brick"
+backend_port = 80
+
+[[frontend]]
+name = "api"
+port = 8081
+backend_role = "gluster-brick"
+backend_port = 80
+"#;
+
+/// Rolled out with HAProxy reloads broken on the follower.
+const WITH_ADMIN: &str = r#"
+[[frontend]]
+name = "web"
+port = 8080
+backend_role = "gluster-brick"
+backend_port = 80
+
+[[frontend]]
+name = "api"
+port = 8081
+backend_role = "gluster-brick"
 backend_port = 80
 
 [[frontend]]
 name = "admin"
-port = 8081
-backend_role = "k8s-worker"
+port = 8082
+backend_role = "gluster-brick"
 backend_port = 80
 "#;
 
@@ -121,7 +148,9 @@ fn a_frontend_change_rolls_out_across_the_lb_pair_without_losing_the_vip() {
         bed.ctl_ok(&["role", "add", lb, "lb"]);
     }
     bed.set_vip(&[]);
-    bed.ctl_ok(&["role", "add", "be1", "k8s-worker"]);
+    bed.ctl_ok(&["role", "add", "be1", "gluster-brick"]);
+    bed.apply_spec(BASE);
+    let web = std::net::SocketAddrV4::new(bed.vip, 8080);
     for name in LBS {
         let m = bed.lb(name);
         poll(
@@ -132,6 +161,9 @@ fn a_frontend_change_rolls_out_across_the_lb_pair_without_losing_the_vip() {
                 bed.converged_report(name, |_| Ok(()))?;
                 if bed.unit_state(m, "haproxy.service") != "active" {
                     return Err("haproxy not active".into());
+                }
+                if !bed.listens(m, web) {
+                    return Err(format!("HAProxy does not listen on {web}"));
                 }
                 Ok(())
             },
@@ -162,14 +194,14 @@ fn a_frontend_change_rolls_out_across_the_lb_pair_without_losing_the_vip() {
         .iter()
         .map(|n| systemd_count(&bed, n, "Reloaded"))
         .collect();
-    let client = ClientRun::start(&bed.client, bed.target(), Duration::from_secs(60));
+    let client = ClientRun::start(&bed.client, web, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
-    let spec = spec_file(&bed, WEB, "web.toml");
+    let spec = spec_file(&bed, WITH_API, "api.toml");
     let out = bed.ctl_ok(&["apply", "-f", &spec, "--rollout"]);
     let id = created_id(&out.stdout);
-    assert!(out.stdout.contains("frontend web"), "{}", out.stdout);
-    let done = until_phase(&bed, &id, "done", Duration::from_secs(55));
+    assert!(out.stdout.contains("api"), "{}", out.stdout);
+    let done = until_phase(&bed, &id, "done", Duration::from_secs(18));
     let took = started.elapsed();
     let report = client.finish();
     let order: Vec<&str> = done["nodes"]
@@ -241,8 +273,23 @@ fn a_frontend_change_rolls_out_across_the_lb_pair_without_losing_the_vip() {
         list.stdout
     );
 
-    // ---- 2. a node whose converge fails stops the rollout.
+    // ---- 2. a node whose converge fails stops the rollout. The VIP moved
+    // in step 1: the roles of holder and follower may have changed.
     const FLAG: &str = "/run/steward-test-fail-reload";
+    let holder = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(250),
+        "one VIP holder",
+        || match bed.vip_holders().as_slice() {
+            [one] => Ok(one.clone()),
+            other => Err(format!("holders: {other:?}")),
+        },
+    );
+    let follower = LBS
+        .iter()
+        .find(|n| **n != holder)
+        .expect("two lbs")
+        .to_string();
     let m = bed.lb(&follower);
     let dropin = m.root().join("etc/systemd/system/haproxy.service.d");
     std::fs::create_dir_all(&dropin).expect("mkdir drop-in dir");
@@ -255,7 +302,7 @@ fn a_frontend_change_rolls_out_across_the_lb_pair_without_losing_the_vip() {
     )
     .expect("write drop-in");
     m.sh(&format!("touch {FLAG} && systemctl daemon-reload"));
-    let spec = spec_file(&bed, WEB_AND_ADMIN, "admin.toml");
+    let spec = spec_file(&bed, WITH_ADMIN, "admin.toml");
     let out = bed.ctl_ok(&["apply", "-f", &spec, "--rollout"]);
     let id = created_id(&out.stdout);
     let failed = until_phase(&bed, &id, "failed", Duration::from_secs(60));
@@ -295,7 +342,7 @@ fn a_frontend_change_rolls_out_across_the_lb_pair_without_losing_the_vip() {
         .read_file(bed.lb(&holder), HAPROXY_CFG)
         .unwrap_or_default();
     assert!(
-        !cfg.contains(":8081"),
+        !cfg.contains(":8082"),
         "{holder} changed although the rollout stopped"
     );
 
@@ -307,9 +354,14 @@ fn a_frontend_change_rolls_out_across_the_lb_pair_without_losing_the_vip() {
     }
     let table = bed.ctl_ok(&["rollout", "status", &id]).stdout;
     assert!(table.contains("keep the new settings"), "{table}");
+    assert!(
+        aborted["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("1 of 2 nodes have the new settings")),
+        "the failed node was changed: {aborted}"
+    );
     clock.say(format!("aborted: {}", aborted["reason"]));
-    let report =
-        steward_tests::netns::run_client(&bed.client, bed.target(), Duration::from_secs(1));
+    let report = steward_tests::netns::run_client(&bed.client, web, Duration::from_secs(1));
     assert_eq!(
         report.failed, 0,
         "the VIP serves after the abort: {report:?}"

@@ -245,12 +245,8 @@ impl Driver {
         if in_flight {
             return Ok(());
         }
-        let changed = run
-            .entry
-            .nodes
-            .values()
-            .filter(|r| r.value.step.changed())
-            .count();
+        // A node has the target once its marker exists, done or failed.
+        let changed = run.entry.changed.len();
         let reason = format!(
             "aborted: {changed} of {} nodes have the new settings, the others the old ones",
             run.spec.node_count()
