@@ -18,6 +18,9 @@
 //!    would): the rollout stops at the follower, `rollout status` says
 //!    why, nothing else proceeds, a plain apply is refused meanwhile, and
 //!    `rollout abort` leaves no node drained; the VIP keeps serving.
+//! 3. The leader is SIGKILLed while the VIP holder's change is in flight
+//!    (its HAProxy reload made slow): the new leader resumes the same step;
+//!    every node ends done with the change, none reloads twice.
 //!
 //! Needs root, systemd-nspawn, etcd, and `cargo build --workspace --bins`
 //! first.
@@ -73,6 +76,33 @@ backend_port = 80
 [[frontend]]
 name = "admin"
 port = 8082
+backend_role = "gluster-brick"
+backend_port = 80
+"#;
+
+/// Rolled out while the leader is killed.
+const WITH_METRICS: &str = r#"
+[[frontend]]
+name = "web"
+port = 8080
+backend_role = "gluster-brick"
+backend_port = 80
+
+[[frontend]]
+name = "api"
+port = 8081
+backend_role = "gluster-brick"
+backend_port = 80
+
+[[frontend]]
+name = "admin"
+port = 8082
+backend_role = "gluster-brick"
+backend_port = 80
+
+[[frontend]]
+name = "metrics"
+port = 8083
 backend_role = "gluster-brick"
 backend_port = 80
 "#;
@@ -366,5 +396,79 @@ fn a_frontend_change_rolls_out_across_the_lb_pair_without_losing_the_vip() {
         report.failed, 0,
         "the VIP serves after the abort: {report:?}"
     );
-    m.sh(&format!("rm -f {FLAG}"));
+
+    // ---- 3. SIGKILL of the leader while the VIP holder's change is in
+    // flight (its HAProxy reloads slowly): the new leader resumes at the
+    // same step; no node is changed twice or skipped.
+    std::fs::remove_file(dropin.join("stale-override.conf")).expect("remove drop-in");
+    m.sh(&format!("rm -f {FLAG} && systemctl daemon-reload"));
+    let holder = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(250),
+        "one VIP holder",
+        || match bed.vip_holders().as_slice() {
+            [one] => Ok(one.clone()),
+            other => Err(format!("holders: {other:?}")),
+        },
+    );
+    let slow = bed
+        .lb(&holder)
+        .root()
+        .join("etc/systemd/system/haproxy.service.d");
+    std::fs::create_dir_all(&slow).expect("mkdir drop-in dir");
+    std::fs::write(
+        slow.join("slow-reload.conf"),
+        "[Service]\nExecReload=\nExecReload=/bin/sleep 5\n\
+         ExecReload=/bin/kill -USR2 $MAINPID\n",
+    )
+    .expect("write drop-in");
+    bed.lb(&holder).sh("systemctl daemon-reload");
+    // The follower converges again once its reloads work (its failed
+    // change from step 2 is still what it has).
+    poll(
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        &format!("{follower}: converged again"),
+        || bed.converged_report(&follower, |_| Ok(())),
+    );
+    let reloads_before: Vec<usize> = LBS
+        .iter()
+        .map(|n| systemd_count(&bed, n, "Reloaded"))
+        .collect();
+    let spec = spec_file(&bed, WITH_METRICS, "metrics.toml");
+    let out = bed.ctl_ok(&["apply", "-f", &spec, "--rollout"]);
+    let id = created_id(&out.stdout);
+    let leader = bed.cluster.leader().expect("a leader");
+    let step = poll(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        &format!("{holder} changed, converging"),
+        || {
+            let r = status(&bed, &id);
+            match node(&r, &holder)["step"].as_str() {
+                Some(s @ "changed") => Ok(s.to_owned()),
+                other => Err(format!("{holder} at {other:?}")),
+            }
+        },
+    );
+    let index = bed.cluster.coordinator_index(&leader);
+    bed.cluster.coordinators[index].proc.kill();
+    clock.say(format!("SIGKILLed leader {leader} with {holder} {step}"));
+    let done = until_phase(&bed, &id, "done", Duration::from_secs(60));
+    let new_leader = bed.cluster.leader().expect("a new leader");
+    assert_ne!(new_leader, leader, "a new leader finished it");
+    for (i, name) in LBS.iter().enumerate() {
+        assert_eq!(node(&done, name)["step"], "done", "{done}");
+        let reloads = systemd_count(&bed, name, "Reloaded") - reloads_before[i];
+        assert_eq!(reloads, 1, "{name} reloaded HAProxy {reloads} times");
+        let cfg = bed.read_file(bed.lb(name), HAPROXY_CFG).unwrap_or_default();
+        assert!(cfg.contains(":8083"), "{name} skipped:\n{cfg}");
+    }
+    let h = &node(&done, &holder)["ms"];
+    clock.say(format!(
+        "new leader {new_leader} resumed: {holder} converge {} ms (across the failover), \
+         health {} ms, total {} ms",
+        h["converge"], h["health"], h["total"]
+    ));
+    std::fs::remove_file(slow.join("slow-reload.conf")).expect("remove drop-in");
 }
