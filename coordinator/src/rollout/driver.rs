@@ -40,7 +40,8 @@ use crate::vip::lease_api::LeaseHub;
 use crate::vip::VipSnapshot;
 
 /// How often the leader looks at the active rollout (and at once when the
-/// spec cache changes).
+/// spec or VIP cache changes; the agents' reports are read each tick, so a
+/// node's converge and health figures are in steps of this).
 pub const TICK: Duration = Duration::from_millis(250);
 /// The whole fleet (node statuses, for the gates) is read at most this
 /// often.
@@ -95,12 +96,13 @@ pub async fn run_rollouts(
     shutdown: CancellationToken,
 ) {
     let mut specs_rx = ctx.specs.clone();
+    let mut vips_rx = ctx.vips.clone();
     let mut driver = Driver::new(timeouts);
     loop {
         let lead = leadership.borrow_and_update().clone();
         if let Leadership::Leader(fence) = lead {
             let specs = specs_rx.borrow_and_update().clone();
-            let vips = ctx.vips.borrow().clone();
+            let vips = vips_rx.borrow_and_update().clone();
             let orchestration = ctx.orchestration.borrow().clone();
             if specs.synced && vips.synced && orchestration.synced {
                 let world = World {
@@ -127,6 +129,8 @@ pub async fn run_rollouts(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = specs_rx.changed() => if r.is_err() { return },
+            // A VIP that moved off a draining node ends its drain.
+            r = vips_rx.changed() => if r.is_err() { return },
             r = leadership.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(TICK) => {}
         }
