@@ -72,6 +72,17 @@ impl SpecSnapshot {
             .max_by_key(|(_, _, rev)| *rev)
     }
 
+    /// The targets of rollouts some node still plans from (it was changed
+    /// after the settings were last written: an aborted rollout).
+    pub fn targets_in_effect(&self) -> Vec<&ClusterSettings> {
+        let settings_rev = self.settings.as_ref().map_or(0, |s| s.mod_revision);
+        self.rollouts
+            .values()
+            .filter(|r| r.changed.values().any(|rev| *rev > settings_rev))
+            .filter_map(|r| Some(&r.spec.as_ref()?.value.target))
+            .collect()
+    }
+
     /// The cluster settings `node` plans from: a rollout's target
     /// ([`SpecSnapshot::rollout_target`]) or the cluster's.
     pub fn settings_for(&self, node: &NodeId) -> Option<&ClusterSettings> {

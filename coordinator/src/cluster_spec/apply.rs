@@ -7,6 +7,7 @@
 //! mod revision of every key written. When one of them changed since it
 //! was read, the whole spec is read, checked and planned again.
 
+use steward_proto::converge::ClusterSettings;
 use steward_proto::domain::{EventKind, NodeId};
 use tracing::{debug, info};
 
@@ -95,7 +96,9 @@ pub async fn apply(
                 Err(e) => return Err(e),
             }
         }
-        let (mut compares, writes) = transaction(store, &plan, &current);
+        let specs = ctx.specs.borrow().clone();
+        let targets = specs.targets_in_effect();
+        let (mut compares, writes) = transaction(store, &plan, &current, &targets);
         compares.push(Cmp::mod_revision(
             store.keys().rollout_active(),
             active_revision,
@@ -199,7 +202,16 @@ async fn read_current(store: &Store, spec: &super::ClusterSpec) -> Result<Curren
 
 /// The guards (every written key still at the revision planned from) and
 /// the writes of `plan`.
-fn transaction(store: &Store, plan: &Plan, current: &Current) -> (Vec<Cmp>, Vec<Op>) {
+///
+/// `targets`: the settings of rollouts still in effect on the nodes they
+/// changed (an aborted rollout's), which those nodes leave for the new
+/// settings: their sections' markers are touched too.
+fn transaction(
+    store: &Store,
+    plan: &Plan,
+    current: &Current,
+    targets: &[&ClusterSettings],
+) -> (Vec<Cmp>, Vec<Op>) {
     let keys = store.keys();
     let mut compares = Vec::new();
     let mut writes = Vec::new();
@@ -230,7 +242,9 @@ fn transaction(store: &Store, plan: &Plan, current: &Current) -> (Vec<Cmp>, Vec<
             .as_ref()
             .map(|s| s.value.clone())
             .unwrap_or_default();
-        writes.extend(store.settings_change_ops(&before, &settings.settings));
+        let mut from = vec![&before];
+        from.extend(targets.iter().copied());
+        writes.extend(store.settings_change_ops_from(&from, &settings.settings));
         // No event kind is about settings; they configure what the roles
         // do, so the role kind is the closest.
         let event = store.event(

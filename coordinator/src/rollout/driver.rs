@@ -708,7 +708,12 @@ impl Run<'_> {
             Op::put(state_key.clone(), encode(&state)),
             Op::put(keys.rollout_active(), encode(&ActiveRollout { id: None })),
         ];
-        writes.extend(self.store.settings_change_ops(&before, &self.spec.target));
+        let mut from = vec![&before];
+        from.extend(self.world.specs.targets_in_effect());
+        writes.extend(
+            self.store
+                .settings_change_ops_from(&from, &self.spec.target),
+        );
         let event = self.store.event(
             EventKind::RolesChanged,
             None,
@@ -1060,5 +1065,43 @@ mod tests {
         assert_eq!(w1.cluster.settings, kubernetes("9.9.9"));
         let w2 = bed.replica.ctx.desired_for(&node("w-2")).unwrap();
         assert_eq!(w2.cluster.settings.kubernetes, None);
+
+        // The next settings write (as `apply` makes it) changes a section
+        // the workers do not consume: w-1 goes back to the cluster's
+        // settings, and its revision must still not go back.
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        let targets = specs.targets_in_effect();
+        assert_eq!(targets, [&kubernetes("9.9.9")]);
+        let before = specs
+            .settings
+            .as_ref()
+            .map(|s| s.value.clone())
+            .unwrap_or_default();
+        let mut after = before.clone();
+        after.frontends.push(steward_proto::converge::Frontend {
+            name: "web".into(),
+            port: 8080,
+            backend_role: Role::K8sWorker,
+            backend_port: 30080,
+        });
+        let store = bed.replica.store();
+        let mut from = vec![&before];
+        from.extend(targets);
+        let mut ops = vec![Op::put(store.keys().cluster_settings(), encode(&after))];
+        ops.extend(store.settings_change_ops_from(&from, &after));
+        store.txn(Txn::new().and_then(ops), "test").await.unwrap();
+        eventually("the settings in the cache", || {
+            let specs = bed.replica.ctx.specs.borrow();
+            (specs.settings.as_ref().map(|s| &s.value) == Some(&after)).then_some(())
+        })
+        .await;
+        let back = bed.replica.ctx.desired_for(&node("w-1")).unwrap();
+        assert_eq!(back.cluster.settings.kubernetes, None);
+        assert!(
+            back.revision > w1.revision,
+            "w-1 went from revision {} back to {}",
+            w1.revision,
+            back.revision
+        );
     }
 }

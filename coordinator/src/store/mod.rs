@@ -1026,7 +1026,24 @@ impl Store {
         before: &ClusterSettings,
         after: &ClusterSettings,
     ) -> Vec<Op> {
-        Section::changed(before, after)
+        self.settings_change_ops_from(&[before], after)
+    }
+
+    /// [`Store::settings_change_ops`] when nodes plan from several
+    /// settings before the write (the cluster's, and the targets of
+    /// rollouts still in effect on the nodes they changed): one touch per
+    /// section that differs from any of them, so that no node's revision
+    /// goes back when it moves to `after`.
+    pub fn settings_change_ops_from(
+        &self,
+        before: &[&ClusterSettings],
+        after: &ClusterSettings,
+    ) -> Vec<Op> {
+        let sections: std::collections::BTreeSet<Section> = before
+            .iter()
+            .flat_map(|b| Section::changed(b, after))
+            .collect();
+        sections
             .into_iter()
             .map(|section| Op::put(self.keys.settings_changed(section), Vec::new()))
             .collect()
