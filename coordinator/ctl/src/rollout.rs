@@ -103,7 +103,7 @@ pub fn status_text(r: &pb::Rollout) -> String {
     if r.phase == "aborted" || r.phase == "aborting" {
         out.push_str(
             "  nodes changed before the abort keep the new settings; the others keep the old \
-             ones (the next apply sets every node)\n",
+             ones (the next apply that changes the settings sets every node)\n",
         );
     }
     for change in &r.changes {
