@@ -1102,11 +1102,12 @@ async fn rollout_command(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlE
 /// written (or the rollout that will write them).
 fn apply_output(output: Output, outcome: &pb::ApplyResponse, dry_run: bool) -> String {
     if output == Output::Json {
-        let rollout = (!outcome.rollout_id.is_empty()).then_some(&outcome.rollout_id);
-        return format!(
-            "{}\n",
-            json!({"changes": outcome.changes, "applied": outcome.applied, "dry_run": dry_run, "warnings": outcome.warnings, "rollout": rollout})
-        );
+        let mut out = json!({"changes": outcome.changes, "applied": outcome.applied, "dry_run": dry_run, "warnings": outcome.warnings});
+        // Only when one was created: plain applies answer as they did.
+        if !outcome.rollout_id.is_empty() {
+            out["rollout"] = outcome.rollout_id.clone().into();
+        }
+        return format!("{out}\n");
     }
     if !outcome.rollout_id.is_empty() {
         let mut text = String::new();
