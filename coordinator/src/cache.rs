@@ -244,8 +244,12 @@ impl CachedPrefix for SpecSnapshot {
             );
         }
         if let Some((id, rollout_key)) = keys.parse_rollout_key(key) {
-            let entry = self.rollouts.entry(id).or_default();
-            return entry.apply(key, rollout_key, value);
+            let entry = self.rollouts.entry(id.clone()).or_default();
+            let changed = entry.apply(key, rollout_key, value);
+            if entry.is_empty() {
+                self.rollouts.remove(&id);
+            }
+            return changed;
         }
         if let Some(marker) = keys.parse_marker(key) {
             let rev = value.map_or(0, |(_, rev)| rev);

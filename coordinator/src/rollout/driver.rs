@@ -47,6 +47,13 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// often.
 pub const FLEET_READ_EVERY: Duration = Duration::from_secs(1);
 
+/// Finished rollouts kept in etcd for `rollout list` and `status`; older
+/// ones go (never one whose target a node still has: an aborted rollout's,
+/// until the settings are next written).
+pub const ROLLOUTS_RETAINED: usize = 20;
+/// How often the leader looks for finished rollouts to delete.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+
 /// How long each step may take before the node fails the rollout
 /// (`[rollout]` in the coordinator config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +93,7 @@ pub struct World<'a> {
 pub struct Driver {
     timeouts: StepTimeouts,
     fleet: Option<(Instant, Arc<BTreeMap<NodeId, NodeRecord>>)>,
+    trimmed_at: Option<Instant>,
 }
 
 /// Runs until `shutdown`; acts only while this replica leads.
@@ -142,11 +150,39 @@ impl Driver {
         Self {
             timeouts,
             fleet: None,
+            trimmed_at: None,
         }
+    }
+
+    /// Deletes the oldest finished rollouts beyond [`ROLLOUTS_RETAINED`],
+    /// at most once a [`TRIM_EVERY`].
+    pub async fn trim(&mut self, store: &Store, fence: &Fence, specs: &SpecSnapshot) -> Result<()> {
+        if self.trimmed_at.is_some_and(|at| at.elapsed() < TRIM_EVERY) {
+            return Ok(());
+        }
+        self.trimmed_at = Some(Instant::now());
+        let settings_rev = specs.settings.as_ref().map_or(0, |s| s.mod_revision);
+        let finished: Vec<&String> = specs
+            .rollouts
+            .iter()
+            .filter(|(_, r)| r.phase().is_some_and(|p| !p.active()))
+            .filter(|(_, r)| !r.changed.values().any(|rev| *rev > settings_rev))
+            .map(|(id, _)| id)
+            .collect();
+        let excess = finished.len().saturating_sub(ROLLOUTS_RETAINED);
+        for id in &finished[..excess] {
+            let prefix = store.keys().rollout(id);
+            fence
+                .txn(store, Txn::new().and_then([Op::delete_prefix(prefix)]))
+                .await?;
+            info!(rollout.id = %id, "finished rollout deleted (retention)");
+        }
+        Ok(())
     }
 
     /// One look at the active rollout, at most one write per node.
     pub async fn tick(&mut self, store: &Store, fence: &Fence, world: &World<'_>) -> Result<()> {
+        self.trim(store, fence, world.specs).await?;
         let Some((id, entry)) = world.specs.active_rollout() else {
             return Ok(());
         };
@@ -1010,6 +1046,56 @@ mod tests {
         crate::rollout::ensure_none_active(bed.replica.store())
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_finished_rollouts_are_kept() {
+        let mut bed = Bed::new(&["w-1"]).await;
+        let store = bed.replica.store().clone();
+        let total = ROLLOUTS_RETAINED + 3;
+        for i in 0..total {
+            let id = format!("r{i:04}");
+            let spec = RolloutSpec {
+                id: id.clone(),
+                target: kubernetes("1.31.2-1.1"),
+                base_settings_revision: 0,
+                options: RolloutOptions::default(),
+                batches: vec![vec![node("w-1")]],
+                canary_batches: 0,
+                changes: Vec::new(),
+                created_by: "ops".into(),
+                created_at_unix_ms: 1,
+            };
+            let state = RolloutState {
+                phase: if i == 0 { Phase::Aborted } else { Phase::Done },
+                reason: String::new(),
+                at_unix_ms: 1,
+            };
+            let keys = store.keys();
+            let mut ops = vec![
+                Op::put(keys.rollout_spec(&id), encode(&spec)),
+                Op::put(keys.rollout_state(&id), encode(&state)),
+            ];
+            // The first, aborted, changed w-1, which still has its target.
+            if i == 0 {
+                ops.push(Op::put(keys.rollout_changed(&id, &node("w-1")), Vec::new()));
+            }
+            store.txn(Txn::new().and_then(ops), "test").await.unwrap();
+        }
+        eventually("the rollouts in the cache", || {
+            (bed.replica.ctx.specs.borrow().rollouts.len() == total).then_some(())
+        })
+        .await;
+        bed.tick().await;
+        let left = store.rollouts().await.unwrap();
+        let ids: Vec<&str> = left.keys().map(String::as_str).collect();
+        assert_eq!(ids.len(), ROLLOUTS_RETAINED + 1, "{ids:?}");
+        assert_eq!(ids[0], "r0000", "a target in effect is kept");
+        assert_eq!(ids[1], "r0003", "the oldest finished ones go");
+        eventually("the cache forgets them", || {
+            (bed.replica.ctx.specs.borrow().rollouts.len() == ROLLOUTS_RETAINED + 1).then_some(())
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -214,6 +214,14 @@ pub struct RolloutEntry {
 }
 
 impl RolloutEntry {
+    /// Nothing left of it (its keys were deleted).
+    pub fn is_empty(&self) -> bool {
+        self.spec.is_none()
+            && self.state.is_none()
+            && self.control.is_none()
+            && self.nodes.is_empty()
+            && self.changed.is_empty()
+    }
     pub fn phase(&self) -> Option<Phase> {
         self.state.as_ref().map(|s| s.value.phase)
     }
