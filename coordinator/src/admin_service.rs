@@ -766,15 +766,53 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        self.admin(&request)?;
+        let admin = self.admin(&request)?;
         let request = request.into_inner();
-        let outcome =
-            cluster_spec::apply::apply(&self.ctx, &request.spec_toml, request.dry_run).await?;
+        let rollout = crate::rollout::options_from_pb(request.rollout);
+        let outcome = cluster_spec::apply::apply(
+            &self.ctx,
+            &request.spec_toml,
+            request.dry_run,
+            rollout,
+            &admin.name,
+        )
+        .await?;
         Ok(Response::new(pb::ApplyResponse {
             changes: outcome.changes,
             applied: outcome.applied,
             warnings: outcome.warnings,
+            rollout_id: outcome.rollout.unwrap_or_default(),
         }))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        self.admin(&request)?;
+        Ok(Response::new(crate::rollout::list(&self.ctx.store).await?))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.admin(&request)?;
+        let id = request.into_inner().id;
+        Ok(Response::new(
+            crate::rollout::get(&self.ctx.store, &id).await?,
+        ))
+    }
+
+    async fn control_rollout(
+        &self,
+        request: Request<pb::ControlRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let admin = self.admin(&request)?;
+        let request = request.into_inner();
+        let action = crate::rollout::action_from_pb(request.action())?;
+        let view = crate::rollout::control(&self.ctx.store, &request.id, action, &admin.name);
+        Ok(Response::new(view.await?))
     }
 
     async fn gluster_pv(

@@ -81,10 +81,16 @@ impl SessionContext {
             .get(node)
             .map(|s| s.value.roles.clone())
             .unwrap_or_default();
-        let interest =
-            crate::desired::Interest::for_node(&roles, specs.settings.as_ref().map(|s| &s.value));
-        let view = self.views.get(&specs, &vips, &interest);
+        let target = specs.rollout_target(node);
+        let interest = crate::desired::Interest::for_node(&roles, specs.settings_for(node));
+        let view = self
+            .views
+            .get(&specs, &vips, &interest, target.map(|t| t.0));
         let mut desired = crate::desired::desired_base(&specs, &view, node);
+        // The rollout's change of this node is one of its inputs.
+        desired.revision = desired
+            .revision
+            .max(target.map_or(0, |t| t.2.max(0) as u64));
         let maintenance = specs.maintenance_set();
         orchestration.add_steps(
             &mut desired,
@@ -112,13 +118,16 @@ impl SessionContext {
         if !specs.synced || !vips.synced || !orchestration.synced {
             return 0;
         }
-        let interest =
-            crate::desired::Interest::for_node(&roles, specs.settings.as_ref().map(|s| &s.value));
-        let view = self.views.get(&specs, &vips, &interest);
+        let target = specs.rollout_target(node);
+        let interest = crate::desired::Interest::for_node(&roles, specs.settings_for(node));
+        let view = self
+            .views
+            .get(&specs, &vips, &interest, target.map(|t| t.0));
         let steps = orchestration.revision_for(&interest);
         view.revision
             .max(crate::desired::own_revision(&specs, node))
             .max(steps)
+            .max(target.map_or(0, |t| t.2.max(0) as u64))
     }
 }
 

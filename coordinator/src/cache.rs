@@ -52,9 +52,59 @@ pub struct SpecSnapshot {
     /// When each section of the settings last changed
     /// (`cluster/changed/<section>`).
     pub sections: BTreeMap<crate::desired::Section, i64>,
+    /// Every rollout (`cluster/rollouts/<id>/`), by id: the leader drives
+    /// the active one, and a node it changed takes its target settings.
+    pub rollouts: BTreeMap<String, crate::rollout::model::RolloutEntry>,
 }
 
 impl SpecSnapshot {
+    /// The rollout target `node` has: the newest rollout that changed it
+    /// after the cluster settings were last written (a finished rollout
+    /// writes its target as the settings, which then win), with the
+    /// rollout's id and the revision of the change (an input of the node's
+    /// desired state, so its revision only grows).
+    pub fn rollout_target(&self, node: &NodeId) -> Option<(&str, &ClusterSettings, i64)> {
+        let settings_rev = self.settings.as_ref().map_or(0, |s| s.mod_revision);
+        self.rollouts
+            .iter()
+            .filter_map(|(id, r)| {
+                let rev = *r.changed.get(node)?;
+                let spec = r.spec.as_ref()?;
+                Some((id.as_str(), &spec.value.target, rev))
+            })
+            .filter(|(_, _, rev)| *rev > settings_rev)
+            .max_by_key(|(_, _, rev)| *rev)
+    }
+
+    /// The targets of rollouts some node still plans from (it was changed
+    /// after the settings were last written: an aborted rollout).
+    pub fn targets_in_effect(&self) -> Vec<&ClusterSettings> {
+        let settings_rev = self.settings.as_ref().map_or(0, |s| s.mod_revision);
+        self.rollouts
+            .values()
+            .filter(|r| r.changed.values().any(|rev| *rev > settings_rev))
+            .filter_map(|r| Some(&r.spec.as_ref()?.value.target))
+            .collect()
+    }
+
+    /// The cluster settings `node` plans from: a rollout's target
+    /// ([`SpecSnapshot::rollout_target`]) or the cluster's.
+    pub fn settings_for(&self, node: &NodeId) -> Option<&ClusterSettings> {
+        match self.rollout_target(node) {
+            Some((_, target, _)) => Some(target),
+            None => self.settings.as_ref().map(|s| &s.value),
+        }
+    }
+
+    /// The rollout that holds the cluster, if any.
+    pub fn active_rollout(&self) -> Option<(&str, &crate::rollout::model::RolloutEntry)> {
+        self.rollouts
+            .iter()
+            .rev()
+            .find(|(_, r)| r.active())
+            .map(|(id, r)| (id.as_str(), r))
+    }
+
     /// Whether `node` is out of service.
     pub fn in_maintenance(&self, node: &NodeId) -> bool {
         self.maintenance.get(node).is_some_and(|m| m.value.active)
@@ -117,12 +167,14 @@ impl SpecSnapshot {
             .get(node)
             .map(|s| s.value.roles.clone())
             .unwrap_or_default();
-        let view = crate::desired::project(
-            self,
-            vips,
-            &crate::desired::Interest::for_node(&roles, self.settings.as_ref().map(|s| &s.value)),
-        );
-        crate::desired::desired_base(self, &view, node)
+        let target = self.rollout_target(node);
+        let interest = crate::desired::Interest::for_node(&roles, self.settings_for(node));
+        let view = crate::desired::project_with(self, vips, &interest, target.map(|t| t.1));
+        let mut desired = crate::desired::desired_base(self, &view, node);
+        desired.revision = desired
+            .revision
+            .max(target.map_or(0, |t| t.2.max(0) as u64));
+        desired
     }
 
     /// The whole cluster view: every node with a role, every VIP, all the
@@ -222,6 +274,14 @@ impl CachedPrefix for SpecSnapshot {
                 value.map(|(bytes, rev)| (decode::<CertRevokedRecord>(key, bytes), rev)),
                 "certificate revocation",
             );
+        }
+        if let Some((id, rollout_key)) = keys.parse_rollout_key(key) {
+            let entry = self.rollouts.entry(id.clone()).or_default();
+            let changed = entry.apply(key, rollout_key, value);
+            if entry.is_empty() {
+                self.rollouts.remove(&id);
+            }
+            return changed;
         }
         if let Some(marker) = keys.parse_marker(key) {
             let rev = value.map_or(0, |(_, rev)| rev);

@@ -47,6 +47,55 @@ pub struct CoordinatorConfig {
     /// Fleet-scale limits of agent sessions (SECURITY.md lists them).
     #[serde(default)]
     pub sessions: SessionLimits,
+    /// How long each step of a rollout may take.
+    #[serde(default)]
+    pub rollout: RolloutTimeouts,
+}
+
+/// `[rollout]`: how long a node may spend in each step of a rollout before
+/// it fails the rollout (`stewardctl rollout status` says which step).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutTimeouts {
+    /// A gate refusing the node's drain, then the drain itself.
+    #[serde(default = "default_rollout_drain_timeout_s")]
+    pub drain_timeout_s: u64,
+    /// The agent applying and converging the change.
+    #[serde(default = "default_rollout_converge_timeout_s")]
+    pub converge_timeout_s: u64,
+    /// The agent healthy and its roles ready again.
+    #[serde(default = "default_rollout_health_timeout_s")]
+    pub health_timeout_s: u64,
+}
+
+impl Default for RolloutTimeouts {
+    fn default() -> Self {
+        Self {
+            drain_timeout_s: default_rollout_drain_timeout_s(),
+            converge_timeout_s: default_rollout_converge_timeout_s(),
+            health_timeout_s: default_rollout_health_timeout_s(),
+        }
+    }
+}
+
+impl RolloutTimeouts {
+    pub fn step_timeouts(&self) -> crate::rollout::driver::StepTimeouts {
+        crate::rollout::driver::StepTimeouts {
+            drain: Duration::from_secs(self.drain_timeout_s),
+            converge: Duration::from_secs(self.converge_timeout_s),
+            health: Duration::from_secs(self.health_timeout_s),
+        }
+    }
+}
+
+fn default_rollout_drain_timeout_s() -> u64 {
+    300
+}
+fn default_rollout_converge_timeout_s() -> u64 {
+    600
+}
+fn default_rollout_health_timeout_s() -> u64 {
+    300
 }
 
 /// `[sessions]`: how many sessions open at once, how often one node's
@@ -410,6 +459,16 @@ impl CoordinatorConfig {
         }
         if self.timing.agent_unreachable_after_ms < 500 {
             p.push("timing.agent_unreachable_after_ms must be at least 500".into());
+        }
+        let r = &self.rollout;
+        for (key, value) in [
+            ("rollout.drain_timeout_s", r.drain_timeout_s),
+            ("rollout.converge_timeout_s", r.converge_timeout_s),
+            ("rollout.health_timeout_s", r.health_timeout_s),
+        ] {
+            if !(5..=86_400).contains(&value) {
+                p.push(format!("{key} = {value}: must be between 5 and 86400"));
+            }
         }
         if self.timing.events_retained < 10 || self.timing.session_events_retained < 10 {
             p.push(

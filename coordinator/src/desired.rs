@@ -149,6 +149,18 @@ pub struct View {
 
 /// The slice of `specs` and `vips` that `interest` consumes.
 pub fn project(specs: &SpecSnapshot, vips: &VipSnapshot, interest: &Interest) -> View {
+    project_with(specs, vips, interest, None)
+}
+
+/// [`project`] with `settings` in place of the cluster's (a rollout's
+/// target, for the nodes it changed: their own change marker is added to
+/// the revision per node).
+pub fn project_with(
+    specs: &SpecSnapshot,
+    vips: &VipSnapshot,
+    interest: &Interest,
+    settings: Option<&ClusterSettings>,
+) -> View {
     let mut revision = 0i64;
     let mut members = Vec::new();
     for (id, spec) in &specs.specs {
@@ -186,13 +198,13 @@ pub fn project(specs: &SpecSnapshot, vips: &VipSnapshot, interest: &Interest) ->
         view.vips = vips.views();
         revision = revision.max(vips.views_revision());
     }
-    if let Some(settings) = &specs.settings {
+    let settings = settings.or(specs.settings.as_ref().map(|s| &s.value));
+    if let Some(s) = settings {
         for section in &interest.sections {
             // Every apply that changes a section touches its marker. (A
             // cluster last applied by an older coordinator has none yet:
             // its slices start at their other inputs until the next change.)
             revision = revision.max(specs.sections.get(section).copied().unwrap_or(0));
-            let s = &settings.value;
             match section {
                 Section::Kubernetes => view.settings.kubernetes = s.kubernetes.clone(),
                 Section::Gluster => view.settings.gluster_volumes = s.gluster_volumes.clone(),
@@ -218,15 +230,19 @@ struct Cached {
     /// The snapshots the views were computed from (held, so that their
     /// addresses are not reused while they key the cache).
     from: Option<(Arc<SpecSnapshot>, Arc<VipSnapshot>)>,
-    views: HashMap<Interest, Arc<View>>,
+    /// By interest and the rollout whose target the slice carries.
+    views: HashMap<(Interest, Option<String>), Arc<View>>,
 }
 
 impl ViewCache {
+    /// The slice `interest` consumes, with the target settings of rollout
+    /// `target` (`SpecSnapshot::rollout_target`) or the cluster's.
     pub fn get(
         &self,
         specs: &Arc<SpecSnapshot>,
         vips: &Arc<VipSnapshot>,
         interest: &Interest,
+        target: Option<&str>,
     ) -> Arc<View> {
         let mut cached = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let current = cached
@@ -237,10 +253,14 @@ impl ViewCache {
             cached.from = Some((specs.clone(), vips.clone()));
             cached.views.clear();
         }
+        let settings = target.and_then(|id| {
+            let spec = specs.rollouts.get(id)?.spec.as_ref()?;
+            Some(&spec.value.target)
+        });
         cached
             .views
-            .entry(interest.clone())
-            .or_insert_with(|| Arc::new(project(specs, vips, interest)))
+            .entry((interest.clone(), target.map(str::to_owned)))
+            .or_insert_with(|| Arc::new(project_with(specs, vips, interest, settings)))
             .clone()
     }
 }

@@ -21,6 +21,8 @@ pub enum Error {
     UnknownVip(String),
     #[error("unknown Gluster volume {0:?}: the cluster settings have no such [[gluster.volume]]")]
     UnknownVolume(String),
+    #[error("unknown rollout {0:?} (stewardctl rollout list shows the rollouts)")]
+    UnknownRollout(String),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("node {node} does not have role {role}")]
@@ -114,9 +116,10 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Etcd { .. } => Status::unavailable(msg),
             Error::Corrupt { .. } => Status::data_loss(msg),
-            Error::UnknownNode(_) | Error::UnknownVip(_) | Error::UnknownVolume(_) => {
-                Status::not_found(msg)
-            }
+            Error::UnknownNode(_)
+            | Error::UnknownVip(_)
+            | Error::UnknownVolume(_)
+            | Error::UnknownRollout(_) => Status::not_found(msg),
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::RoleNotAssigned { .. } => Status::failed_precondition(msg),
             Error::InvalidRequest(_) | Error::InvalidArgument(_) | Error::InvalidSpec(_) => {

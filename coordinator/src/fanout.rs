@@ -8,7 +8,8 @@
 //! replica. Instead one task follows the caches and wakes a session only
 //! when one of its node's inputs (DESIGN: a desired state's revision is the
 //! newest of exactly its inputs, `crate::desired`) moved:
-//! - the node's own records (spec, address, revocation) changed;
+//! - the node's own records (spec, address, revocation, a rollout's change
+//!   of it) changed;
 //! - the slice of the cluster its roles consume, or the orchestration steps
 //!   for them, moved to a new revision ([`Interest`]: a handful of distinct
 //!   interests across a fleet, each checked once per change);
@@ -41,9 +42,10 @@ pub struct Fanout {
 struct Registered {
     session: u64,
     wake: Arc<Notify>,
-    /// What the node consumes (cached; recomputed when its roles or the
-    /// settings change).
-    interest: Option<Interest>,
+    /// What the node consumes, and the rollout whose target settings it
+    /// plans from (cached; recomputed when its own records or the settings
+    /// change).
+    interest: Option<Slice>,
 }
 
 impl Fanout {
@@ -83,6 +85,10 @@ impl Fanout {
     }
 }
 
+/// A slice of the cluster as sessions consume it: an interest, planned
+/// from the cluster settings or a rollout's target.
+type Slice = (Interest, Option<String>);
+
 /// The caches as one pass saw them.
 #[derive(Clone)]
 struct Seen {
@@ -102,8 +108,8 @@ pub async fn run(ctx: SessionContext) {
         vips: vips.borrow_and_update().clone(),
         orchestration: orchestration.borrow_and_update().clone(),
     };
-    // Each interest's revisions as last seen: (slice, steps).
-    let mut slices: HashMap<Interest, (u64, u64)> = HashMap::new();
+    // Each slice's revisions as last seen: (view, steps).
+    let mut slices: HashMap<Slice, (u64, u64)> = HashMap::new();
     loop {
         let changed = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -130,15 +136,14 @@ fn wake(
     ctx: &SessionContext,
     before: &Seen,
     now: &Seen,
-    slices: &mut HashMap<Interest, (u64, u64)>,
+    slices: &mut HashMap<Slice, (u64, u64)>,
 ) -> usize {
-    let settings = now.specs.settings.as_ref().map(|s| &s.value);
     let everyone = concerns_everyone(&before.specs, &now.specs)
         || before.vips.synced != now.vips.synced
         || before.orchestration.synced != now.orchestration.synced;
     let own = changed_nodes(&before.specs, &now.specs);
-    // The interests in use, each checked once.
-    let interests: HashSet<Interest> = {
+    // The slices in use, each checked once.
+    let interests: HashSet<Slice> = {
         let mut sessions = ctx.fanout.lock();
         for (node, registered) in sessions.iter_mut() {
             if registered.interest.is_none() || everyone || own.contains(node) {
@@ -148,7 +153,9 @@ fn wake(
                     .get(node)
                     .map(|s| s.value.roles.clone())
                     .unwrap_or_default();
-                registered.interest = Some(Interest::for_node(&roles, settings));
+                let target = now.specs.rollout_target(node).map(|t| t.0.to_owned());
+                let interest = Interest::for_node(&roles, now.specs.settings_for(node));
+                registered.interest = Some((interest, target));
             }
         }
         sessions
@@ -157,12 +164,16 @@ fn wake(
             .collect()
     };
     let mut moved = HashSet::new();
-    for interest in &interests {
-        let slice = ctx.views.get(&now.specs, &now.vips, interest).revision;
+    for slice in &interests {
+        let (interest, target) = slice;
+        let view = ctx
+            .views
+            .get(&now.specs, &now.vips, interest, target.as_deref())
+            .revision;
         let steps = now.orchestration.revision_for(interest);
-        let last = slices.insert(interest.clone(), (slice, steps));
-        if last.is_some_and(|last| last != (slice, steps)) {
-            moved.insert(interest.clone());
+        let last = slices.insert(slice.clone(), (view, steps));
+        if last.is_some_and(|last| last != (view, steps)) {
+            moved.insert(slice.clone());
         }
     }
     slices.retain(|i, _| interests.contains(i));
@@ -185,7 +196,7 @@ fn wake(
 
 /// Whether the change is one that every node may consume: the first read,
 /// the cluster settings, maintenance (gates and Kubernetes steps read it),
-/// the removal markers, or a record deleted.
+/// the removal markers, a rollout created or removed, or a record deleted.
 fn concerns_everyone(before: &SpecSnapshot, now: &SpecSnapshot) -> bool {
     let rev =
         |v: Option<&Versioned<steward_proto::converge::ClusterSettings>>| v.map(|s| s.mod_revision);
@@ -197,6 +208,7 @@ fn concerns_everyone(before: &SpecSnapshot, now: &SpecSnapshot) -> bool {
         || now.specs.len() < before.specs.len()
         || now.addresses.len() < before.addresses.len()
         || now.revoked.len() < before.revoked.len()
+        || !now.rollouts.keys().eq(before.rollouts.keys())
 }
 
 fn changed_any<K, V>(

@@ -31,6 +31,7 @@ pub mod peers;
 /// The cluster's CA and the identities in certificates (`steward-pki`).
 pub use steward_pki as pki;
 pub mod replica;
+pub mod rollout;
 pub mod sessions;
 pub mod store;
 pub mod tokens;
@@ -284,6 +285,15 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         )
         .instrument(tracing::info_span!("orchestrator", replica.id = %config.id)),
     );
+    let rollouts = tokio::spawn(
+        rollout::driver::run_rollouts(
+            ctx.clone(),
+            lead_rx.clone(),
+            config.rollout.step_timeouts(),
+            tasks.clone(),
+        )
+        .instrument(tracing::info_span!("rollouts", replica.id = %config.id)),
+    );
     let placement = tokio::spawn(
         vip::placement::run_placement(
             ctx.store.clone(),
@@ -387,6 +397,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         ("vip placement", placement),
         ("orchestration cache", orch_cache),
         ("orchestrator", orchestrator),
+        ("rollouts", rollouts),
     ] {
         if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
             warn!(task = name, "did not stop in time");

@@ -117,8 +117,28 @@ pub enum Command {
         /// Only show what would change; write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Roll a change of the cluster settings out node by node through
+        /// the maintenance gates (drain, change, converge, health check,
+        /// undrain), driven by the leader; prints the rollout id. With
+        /// --wait, follows it like `rollout status --watch`.
+        #[arg(long)]
+        rollout: bool,
+        /// Nodes of one role out of service at once (lb nodes: always 1).
+        #[arg(long, requires = "rollout", default_value_t = 1)]
+        max_unavailable: u32,
+        /// Nodes in the first batches, before the rest.
+        #[arg(long, requires = "rollout", default_value_t = 0)]
+        canary: u32,
+        /// Pause once the canary nodes are done (`rollout resume` goes on).
+        #[arg(long, requires = "canary")]
+        pause_after_canary: bool,
         #[command(flatten)]
         wait: WaitArgs,
+    },
+    /// Rollouts (`apply --rollout`): list, status, pause, resume, abort.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
     },
     /// Gluster volumes as Kubernetes sees them.
     Gluster {
@@ -192,6 +212,30 @@ pub struct WaitArgs {
     /// How long --wait waits (90s, 10m, 1h).
     #[arg(long, value_parser = parse_duration, default_value = "10m", requires = "wait", global = true)]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Every rollout: phase, nodes done, who started it.
+    List,
+    /// One rollout: its phase, each node's step with the time each step
+    /// took, and why it stopped, if it did.
+    Status {
+        id: String,
+        /// Follow it until it is done (exit 0), failed or aborted (exit
+        /// non-zero): a bar with an ETA on a terminal, a line per step
+        /// otherwise.
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// No node starts its turn; nodes in flight finish.
+    Pause { id: String },
+    /// Go on after a pause (also the pause after the canary).
+    Resume { id: String },
+    /// Stop: nodes not yet changed are undrained and left out, nodes
+    /// changed finish their steps and keep the new settings; the others
+    /// keep the old ones. No node stays drained by the rollout.
+    Abort { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -804,11 +848,15 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Apply {
             file,
             dry_run,
+            rollout,
+            max_unavailable,
+            canary,
+            pause_after_canary,
             wait,
         } => {
             let spec_toml = read_spec(file)?;
             let mut client = connect(&cli).await?;
-            let baseline = match wait.wait && !*dry_run {
+            let baseline = match wait.wait && !*dry_run && !*rollout {
                 true => Some(crate::wait::baseline(&mut client).await?),
                 false => None,
             };
@@ -816,10 +864,18 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .apply(pb::ApplyRequest {
                     spec_toml,
                     dry_run: *dry_run,
+                    rollout: rollout.then_some(pb::RolloutOptions {
+                        max_unavailable: *max_unavailable,
+                        canary: *canary,
+                        pause_after_canary: *pause_after_canary,
+                    }),
                 })
                 .await?
                 .into_inner();
             print!("{}", apply_output(cli.output, &outcome, *dry_run));
+            if !outcome.rollout_id.is_empty() && wait.wait {
+                return crate::rollout::watch(&mut client, cli.output, &outcome.rollout_id).await;
+            }
             if let Some(baseline) = baseline {
                 let wrote = outcome.applied && !outcome.changes.is_empty();
                 let done = crate::wait::wait(&mut client, &baseline, wrote, wait.timeout).await?;
@@ -827,6 +883,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             }
             Ok(())
         }
+        Command::Rollout { command } => rollout_command(&cli, command).await,
         Command::Events { follow, limit } => {
             let mut stream = connect(&cli)
                 .await?
@@ -1090,14 +1147,67 @@ fn read_spec(path: &Path) -> Result<String, CtlError> {
     std::fs::read_to_string(path).map_err(|e| CtlError::Usage(format!("{}: {e}", path.display())))
 }
 
+async fn rollout_command(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
+    use pb::control_rollout_request::Action;
+    let mut client = connect(cli).await?;
+    let (id, action) = match command {
+        RolloutCommand::List => {
+            let list = client
+                .list_rollouts(pb::ListRolloutsRequest {})
+                .await?
+                .into_inner();
+            crate::rollout::print_list(cli.output, &list);
+            return Ok(());
+        }
+        RolloutCommand::Status { id, watch: true } => {
+            return crate::rollout::watch(&mut client, cli.output, id).await;
+        }
+        RolloutCommand::Status { id, watch: false } => {
+            let r = client
+                .get_rollout(pb::GetRolloutRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            crate::rollout::print(cli.output, &r);
+            return Ok(());
+        }
+        RolloutCommand::Pause { id } => (id, Action::Pause),
+        RolloutCommand::Resume { id } => (id, Action::Resume),
+        RolloutCommand::Abort { id } => (id, Action::Abort),
+    };
+    let r = client
+        .control_rollout(pb::ControlRolloutRequest {
+            id: id.clone(),
+            action: action as i32,
+        })
+        .await?
+        .into_inner();
+    crate::rollout::print(cli.output, &r);
+    Ok(())
+}
+
 /// What `stewardctl apply` prints: the changes, then whether they were
-/// written.
+/// written (or the rollout that will write them).
 fn apply_output(output: Output, outcome: &pb::ApplyResponse, dry_run: bool) -> String {
     if output == Output::Json {
-        return format!(
-            "{}\n",
-            json!({"changes": outcome.changes, "applied": outcome.applied, "dry_run": dry_run, "warnings": outcome.warnings})
-        );
+        let mut out = json!({"changes": outcome.changes, "applied": outcome.applied, "dry_run": dry_run, "warnings": outcome.warnings});
+        // Only when one was created: plain applies answer as they did.
+        if !outcome.rollout_id.is_empty() {
+            out["rollout"] = outcome.rollout_id.clone().into();
+        }
+        return format!("{out}\n");
+    }
+    if !outcome.rollout_id.is_empty() {
+        let mut text = String::new();
+        for change in &outcome.changes {
+            text.push_str(change);
+            text.push('\n');
+        }
+        let id = &outcome.rollout_id;
+        text.push_str(&format!(
+            "rollout {id} created: the leader applies it node by node \
+             (stewardctl rollout status {id} --watch)\n"
+        ));
+        return text;
     }
     // Warnings go to stderr: stdout stays the list of changes.
     for warning in &outcome.warnings {
@@ -1801,6 +1911,7 @@ mod tests {
             changes: vec!["vip front: add 198.18.0.200/24".into()],
             applied: true,
             warnings: vec![],
+            rollout_id: String::new(),
         };
         assert_eq!(
             apply_output(Output::Table, &outcome, false),
@@ -1810,6 +1921,7 @@ mod tests {
             changes: vec![],
             applied: false,
             warnings: vec![],
+            rollout_id: String::new(),
         };
         assert_eq!(
             apply_output(Output::Table, &dry, true),

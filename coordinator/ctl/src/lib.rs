@@ -9,6 +9,7 @@
 pub mod completion;
 mod ctl;
 pub mod logs;
+pub mod rollout;
 pub mod wait;
 
 pub use ctl::*;

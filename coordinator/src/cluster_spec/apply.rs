@@ -7,6 +7,7 @@
 //! mod revision of every key written. When one of them changed since it
 //! was read, the whole spec is read, checked and planned again.
 
+use steward_proto::converge::ClusterSettings;
 use steward_proto::domain::{EventKind, NodeId};
 use tracing::{debug, info};
 
@@ -14,6 +15,7 @@ use super::plan::{self, Current, Plan};
 use crate::admin_service::record_roles_changed;
 use crate::agent_service::SessionContext;
 use crate::error::{Error, Result};
+use crate::rollout::model::RolloutOptions;
 use crate::store::kv::{Cmp, Op, Txn};
 use crate::store::{encode, Store};
 
@@ -33,25 +35,74 @@ pub struct Outcome {
     pub applied: bool,
     /// Failure-domain risks (`plan::Plan::warnings`).
     pub warnings: Vec<String>,
+    /// The rollout created (`--rollout`), if one was.
+    pub rollout: Option<String>,
 }
 
 /// Checks the spec `text` against the cluster and, unless `dry_run`,
 /// writes what differs. An invalid spec is [`Error::InvalidSpec`] with
 /// every problem, and nothing is written.
-pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Outcome> {
+///
+/// With `rollout`, a change of the cluster settings is not written for
+/// every node at once: it becomes a rollout (`crate::rollout::create`),
+/// which the leader applies node by node. Such a spec may change nothing
+/// but the settings. A plain apply is refused while a rollout is active.
+pub async fn apply(
+    ctx: &SessionContext,
+    text: &str,
+    dry_run: bool,
+    rollout: Option<RolloutOptions>,
+    by: &str,
+) -> Result<Outcome> {
     let spec = super::parse(text).map_err(Error::InvalidSpec)?;
     let store = &ctx.store;
     for _ in 0..ATTEMPTS {
         let current = read_current(store, &spec).await?;
         let plan = plan::plan(&spec, &current).map_err(Error::InvalidSpec)?;
+        if rollout.is_some() {
+            rollout_problems(&plan)?;
+        }
         if dry_run || plan.is_empty() {
             return Ok(Outcome {
                 changes: plan.changes,
                 applied: !dry_run,
                 warnings: plan.warnings,
+                rollout: None,
             });
         }
-        let (compares, writes) = transaction(store, &plan, &current);
+        let active_revision = crate::rollout::ensure_none_active(store).await?;
+        if let (Some(options), Some(settings)) = (rollout, &plan.settings) {
+            let created = crate::rollout::create(
+                ctx,
+                &settings.settings,
+                settings.expected_revision,
+                settings.changes.clone(),
+                options,
+                by,
+            )
+            .await;
+            match created {
+                Ok(Some(id)) => {
+                    return Ok(Outcome {
+                        changes: plan.changes,
+                        applied: true,
+                        warnings: plan.warnings,
+                        rollout: Some(id),
+                    })
+                }
+                // No node consumes the change: written at once below.
+                Ok(None) => {}
+                Err(Error::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let specs = ctx.specs.borrow().clone();
+        let targets = specs.targets_in_effect();
+        let (mut compares, writes) = transaction(store, &plan, &current, &targets);
+        compares.push(Cmp::mod_revision(
+            store.keys().rollout_active(),
+            active_revision,
+        ));
         let ops = compares.len().max(writes.len());
         if ops > MAX_TXN_OPS {
             return Err(Error::FailedPrecondition(format!(
@@ -81,11 +132,41 @@ pub async fn apply(ctx: &SessionContext, text: &str, dry_run: bool) -> Result<Ou
             changes: plan.changes,
             applied: true,
             warnings: plan.warnings,
+            rollout: None,
         });
     }
     Err(Error::Conflict {
         key: "the nodes, VIPs and settings of the cluster spec".into(),
     })
+}
+
+/// A rollout changes the cluster settings only: node roles and labels
+/// and VIPs are applied without one first.
+fn rollout_problems(plan: &Plan) -> Result<()> {
+    let others: Vec<&String> = plan
+        .changes
+        .iter()
+        .filter(|c| c.starts_with("node ") || c.starts_with("vip "))
+        .collect();
+    if plan.settings.is_none() {
+        return Err(Error::FailedPrecondition(
+            "--rollout rolls out a change of the cluster settings (frontends, kubernetes, \
+             gluster), and this spec changes none"
+                .into(),
+        ));
+    }
+    if !plan.nodes.is_empty() || !plan.vip_writes.is_empty() || !plan.vip_removals.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "--rollout rolls out a change of the cluster settings only; this spec also changes \
+             {}: apply those without --rollout first",
+            others
+                .iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
+    Ok(())
 }
 
 /// Linearizable reads: an operator expects to see their own last write.
@@ -121,7 +202,16 @@ async fn read_current(store: &Store, spec: &super::ClusterSpec) -> Result<Curren
 
 /// The guards (every written key still at the revision planned from) and
 /// the writes of `plan`.
-fn transaction(store: &Store, plan: &Plan, current: &Current) -> (Vec<Cmp>, Vec<Op>) {
+///
+/// `targets`: the settings of rollouts still in effect on the nodes they
+/// changed (an aborted rollout's), which those nodes leave for the new
+/// settings: their sections' markers are touched too.
+fn transaction(
+    store: &Store,
+    plan: &Plan,
+    current: &Current,
+    targets: &[&ClusterSettings],
+) -> (Vec<Cmp>, Vec<Op>) {
     let keys = store.keys();
     let mut compares = Vec::new();
     let mut writes = Vec::new();
@@ -152,7 +242,9 @@ fn transaction(store: &Store, plan: &Plan, current: &Current) -> (Vec<Cmp>, Vec<
             .as_ref()
             .map(|s| s.value.clone())
             .unwrap_or_default();
-        writes.extend(store.settings_change_ops(&before, &settings.settings));
+        let mut from = vec![&before];
+        from.extend(targets.iter().copied());
+        writes.extend(store.settings_change_ops_from(&from, &settings.settings));
         // No event kind is about settings; they configure what the roles
         // do, so the role kind is the closest.
         let event = store.event(

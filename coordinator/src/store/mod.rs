@@ -14,6 +14,10 @@
 //! | `vips/.removed` | admin API, with every VIP removal | [`VipRemovedRecord`] |
 //! | `cluster/settings` | admin API (`Apply`), whole, never deleted | [`ClusterSettings`] |
 //! | `cluster/revoked/<kind>/<name>` | admin API (`RevokeCertificate`), never deleted | [`CertRevokedRecord`]: admin and coordinator certificates of `<name>` issued up to its second are refused |
+//! | `cluster/rollouts/.active` | admin API (rollout creation), leader (its end) | [`ActiveRollout`] |
+//! | `cluster/rollouts/<id>/spec` | admin API (`Apply` with a rollout), once | `crate::rollout::model::RolloutSpec` |
+//! | `cluster/rollouts/<id>/state`, `nodes/<node>`, `changed/<node>` | leader, fenced | `RolloutState`, `RolloutNodeRecord`, empty marker |
+//! | `cluster/rollouts/<id>/control` | admin API (`rollout pause/resume/abort`), leader (pause after the canary) | `RolloutControl` |
 //! | `orchestration/kubernetes/bootstrap` | leader | sealed CA, token, certificate key ([`crate::orchestrate::kubernetes::BootstrapRecord`]) |
 //! | `orchestration/kubernetes/joined/<id>` | the replica serving the node, when its init/join reports done | `{"at_unix_ms"}` |
 //! | `orchestration/kubernetes/drained/<id>` | the replica serving the remover, when its drain/delete of the leaving node reports done; both records go when the node's `kubeadm reset` reports done | `{"at_unix_ms"}` |
@@ -61,6 +65,7 @@ use crate::cache::CachedPrefix;
 use crate::config::EtcdConfig;
 use crate::desired::Section;
 use crate::error::{Error, Result};
+use crate::rollout::model::{ActiveRollout, RolloutEntry, RolloutKey};
 use crate::tokens::TokenRecord;
 use crate::vip::{MarkRecord, MoveRecord, OwnerRecord, VipSnapshot};
 
@@ -196,6 +201,56 @@ impl Keys {
             return role.parse().ok().map(Marker::Departed);
         }
         Section::parse(rest.strip_prefix("changed/")?).map(Marker::Changed)
+    }
+    /// Rollouts (`crate::rollout`): under `cluster/`, so that the spec
+    /// cache follows them (a changed node's desired state reads them).
+    pub fn rollouts(&self) -> String {
+        format!("{}rollouts/", self.cluster())
+    }
+    /// Everything of rollout `id`.
+    pub fn rollout(&self, id: &str) -> String {
+        format!("{}{id}/", self.rollouts())
+    }
+    pub fn rollout_spec(&self, id: &str) -> String {
+        format!("{}spec", self.rollout(id))
+    }
+    pub fn rollout_state(&self, id: &str) -> String {
+        format!("{}state", self.rollout(id))
+    }
+    pub fn rollout_control(&self, id: &str) -> String {
+        format!("{}control", self.rollout(id))
+    }
+    pub fn rollout_node(&self, id: &str, node: &NodeId) -> String {
+        format!("{}nodes/{node}", self.rollout(id))
+    }
+    /// Written once, when the node gets the rollout's target.
+    pub fn rollout_changed(&self, id: &str, node: &NodeId) -> String {
+        format!("{}changed/{node}", self.rollout(id))
+    }
+    /// The rollout that holds the cluster (`crate::rollout::model::ActiveRollout`).
+    pub fn rollout_active(&self) -> String {
+        format!("{}.active", self.rollouts())
+    }
+    /// Parses a key under `cluster/rollouts/<id>/`.
+    pub fn parse_rollout_key(&self, key: &[u8]) -> Option<(String, RolloutKey)> {
+        let rest = std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&self.rollouts())?;
+        let (id, what) = rest.split_once('/')?;
+        if id.starts_with('.') {
+            return None;
+        }
+        let key = match what {
+            "spec" => RolloutKey::Spec,
+            "state" => RolloutKey::State,
+            "control" => RolloutKey::Control,
+            _ => match what.split_once('/')? {
+                ("nodes", node) => RolloutKey::Node(NodeId::new(node).ok()?),
+                ("changed", node) => RolloutKey::Changed(NodeId::new(node).ok()?),
+                _ => return None,
+            },
+        };
+        Some((id.to_owned(), key))
     }
     /// The audit log: every event but session churn.
     pub fn events(&self) -> String {
@@ -1041,7 +1096,24 @@ impl Store {
         before: &ClusterSettings,
         after: &ClusterSettings,
     ) -> Vec<Op> {
-        Section::changed(before, after)
+        self.settings_change_ops_from(&[before], after)
+    }
+
+    /// [`Store::settings_change_ops`] when nodes plan from several
+    /// settings before the write (the cluster's, and the targets of
+    /// rollouts still in effect on the nodes they changed): one touch per
+    /// section that differs from any of them, so that no node's revision
+    /// goes back when it moves to `after`.
+    pub fn settings_change_ops_from(
+        &self,
+        before: &[&ClusterSettings],
+        after: &ClusterSettings,
+    ) -> Vec<Op> {
+        let sections: std::collections::BTreeSet<Section> = before
+            .iter()
+            .flat_map(|b| Section::changed(b, after))
+            .collect();
+        sections
             .into_iter()
             .map(|section| Op::put(self.keys.settings_changed(section), Vec::new()))
             .collect()
@@ -1619,6 +1691,48 @@ impl Store {
             .get_versioned(self.keys.node_revoked(id), "get revocation")
             .await?;
         Ok(revoked.map(|r| r.value))
+    }
+
+    /// The rollout that holds the cluster, with the mod revision of its
+    /// key (0: never written).
+    pub async fn active_rollout(&self) -> Result<(ActiveRollout, i64)> {
+        let active = self
+            .get_versioned::<ActiveRollout>(self.keys.rollout_active(), "read active rollout")
+            .await?;
+        Ok(active.map_or((ActiveRollout::default(), 0), |a| (a.value, a.mod_revision)))
+    }
+
+    /// Every rollout etcd holds (read in pages), by id, oldest first.
+    pub async fn rollouts(&self) -> Result<BTreeMap<String, RolloutEntry>> {
+        let prefix = self.keys.rollouts();
+        self.read_rollouts(&prefix, "list rollouts").await
+    }
+
+    /// Rollout `id`, if etcd has it.
+    pub async fn rollout(&self, id: &str) -> Result<Option<RolloutEntry>> {
+        let prefix = self.keys.rollout(id);
+        Ok(self
+            .read_rollouts(&prefix, "read rollout")
+            .await?
+            .remove(id))
+    }
+
+    async fn read_rollouts(
+        &self,
+        prefix: &str,
+        op: &'static str,
+    ) -> Result<BTreeMap<String, RolloutEntry>> {
+        let start = prefix.as_bytes();
+        let read = self.scan(start, &prefix_end(start), 0, op).await?;
+        let mut all: BTreeMap<String, RolloutEntry> = BTreeMap::new();
+        for kv in &read.kvs {
+            if let Some((id, key)) = self.keys.parse_rollout_key(&kv.key) {
+                all.entry(id)
+                    .or_default()
+                    .apply(&kv.key, key, Some((&kv.value, kv.mod_revision)));
+            }
+        }
+        Ok(all)
     }
 
     /// Whether etcd has any record of node `id` (spec, status, address).

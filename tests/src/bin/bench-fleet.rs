@@ -724,6 +724,7 @@ fn main() {
             let rpc = rt.block_on(client.apply(pb::ApplyRequest {
                 spec_toml: spec,
                 dry_run: false,
+                rollout: None,
             }));
             let rpc_time = t0.elapsed();
             match rpc {

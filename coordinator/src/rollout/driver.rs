@@ -1,0 +1,1193 @@
+//! The leader's rollout duty: moves the active rollout's nodes through
+//! their steps, one fenced write per step.
+//!
+//! Each tick reads where the rollout stands from the spec cache (its
+//! records live under `cluster/`), looks at the world (the node's
+//! maintenance, what its agent applied and reported, its VIP health
+//! checks), and writes the next step when the current one is complete.
+//! Every write is a transaction fenced on the leader epoch and guarded on
+//! the node record's mod revision, and the writes that act (the drain, the
+//! change, the undrain) go in the same transaction as the step that
+//! records them: a new leader finds either both or neither, re-checks the
+//! step it reads, and never repeats one.
+//!
+//! **Architecture invariant:** nothing here decides from a clock but the
+//! step timeouts; etcd is read per node in flight each tick (at most
+//! `max_unavailable` nodes), and the whole fleet (for the gates) at most
+//! once a [`FLEET_READ_EVERY`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use steward_proto::domain::{EventKind, NodeHealth, NodeId, Role};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use super::model::{
+    ActiveRollout, Phase, RolloutControl, RolloutEntry, RolloutNodeRecord, RolloutSpec,
+    RolloutState, Step, StepTimes,
+};
+use crate::agent_service::SessionContext;
+use crate::cache::SpecSnapshot;
+use crate::error::{Error, Result};
+use crate::orchestrate::state::OrchestrationSnapshot;
+use crate::replica::{Fence, Leadership};
+use crate::store::kv::{Cmp, Op, Txn};
+use crate::store::{encode, unix_ms, MaintenanceRecord, NodeRecord, Store};
+use crate::vip::lease_api::LeaseHub;
+use crate::vip::VipSnapshot;
+
+/// How often the leader looks at the active rollout (and at once when the
+/// spec or VIP cache changes; the agents' reports are read each tick, so a
+/// node's converge and health figures are in steps of this).
+pub const TICK: Duration = Duration::from_millis(250);
+/// The whole fleet (node statuses, for the gates) is read at most this
+/// often.
+pub const FLEET_READ_EVERY: Duration = Duration::from_secs(1);
+
+/// Finished rollouts kept in etcd for `rollout list` and `status`; older
+/// ones go (never one whose target a node still has: an aborted rollout's,
+/// until the settings are next written).
+pub const ROLLOUTS_RETAINED: usize = 20;
+/// How often the leader looks for finished rollouts to delete.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+
+/// How long each step may take before the node fails the rollout
+/// (`[rollout]` in the coordinator config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepTimeouts {
+    /// A gate refusing the drain, then the drain itself.
+    pub drain: Duration,
+    /// The agent applying and converging the change.
+    pub converge: Duration,
+    /// The agent healthy and the roles ready again.
+    pub health: Duration,
+}
+
+impl Default for StepTimeouts {
+    fn default() -> Self {
+        Self {
+            drain: Duration::from_secs(300),
+            converge: Duration::from_secs(600),
+            health: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The reason a rollout's maintenance records carry.
+pub fn drain_reason(id: &str) -> String {
+    format!("rollout {id}")
+}
+
+/// What a tick looks at besides etcd.
+pub struct World<'a> {
+    pub specs: &'a SpecSnapshot,
+    pub vips: &'a VipSnapshot,
+    pub orchestration: &'a OrchestrationSnapshot,
+    pub lease: &'a LeaseHub,
+}
+
+/// The leader's rollout duty; state kept between ticks is only a cache.
+pub struct Driver {
+    timeouts: StepTimeouts,
+    fleet: Option<(Instant, Arc<BTreeMap<NodeId, NodeRecord>>)>,
+    trimmed_at: Option<Instant>,
+}
+
+/// Runs until `shutdown`; acts only while this replica leads.
+pub async fn run_rollouts(
+    ctx: SessionContext,
+    mut leadership: watch::Receiver<Leadership>,
+    timeouts: StepTimeouts,
+    shutdown: CancellationToken,
+) {
+    let mut specs_rx = ctx.specs.clone();
+    let mut vips_rx = ctx.vips.clone();
+    let mut driver = Driver::new(timeouts);
+    loop {
+        let lead = leadership.borrow_and_update().clone();
+        if let Leadership::Leader(fence) = lead {
+            let specs = specs_rx.borrow_and_update().clone();
+            let vips = vips_rx.borrow_and_update().clone();
+            let orchestration = ctx.orchestration.borrow().clone();
+            if specs.synced && vips.synced && orchestration.synced {
+                let world = World {
+                    specs: &specs,
+                    vips: &vips,
+                    orchestration: &orchestration,
+                    lease: &ctx.lease,
+                };
+                let span = tracing::info_span!("rollout_tick", leader.epoch = fence.epoch);
+                match driver
+                    .tick(&ctx.store, &fence, &world)
+                    .instrument(span)
+                    .await
+                {
+                    Ok(()) => {}
+                    // The membership task notices too and steps down.
+                    Err(error @ Error::LostLeadership { .. }) => {
+                        warn!(%error, "rollout duty stopped: not the leader")
+                    }
+                    Err(error) => warn!(%error, "rollout step failed; retrying"),
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = specs_rx.changed() => if r.is_err() { return },
+            // A VIP that moved off a draining node ends its drain.
+            r = vips_rx.changed() => if r.is_err() { return },
+            r = leadership.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+impl Driver {
+    pub fn new(timeouts: StepTimeouts) -> Self {
+        Self {
+            timeouts,
+            fleet: None,
+            trimmed_at: None,
+        }
+    }
+
+    /// Deletes the oldest finished rollouts beyond [`ROLLOUTS_RETAINED`],
+    /// at most once a [`TRIM_EVERY`].
+    pub async fn trim(&mut self, store: &Store, fence: &Fence, specs: &SpecSnapshot) -> Result<()> {
+        if self.trimmed_at.is_some_and(|at| at.elapsed() < TRIM_EVERY) {
+            return Ok(());
+        }
+        self.trimmed_at = Some(Instant::now());
+        let settings_rev = specs.settings.as_ref().map_or(0, |s| s.mod_revision);
+        let finished: Vec<&String> = specs
+            .rollouts
+            .iter()
+            .filter(|(_, r)| r.phase().is_some_and(|p| !p.active()))
+            .filter(|(_, r)| !r.changed.values().any(|rev| *rev > settings_rev))
+            .map(|(id, _)| id)
+            .collect();
+        let excess = finished.len().saturating_sub(ROLLOUTS_RETAINED);
+        for id in &finished[..excess] {
+            let prefix = store.keys().rollout(id);
+            fence
+                .txn(store, Txn::new().and_then([Op::delete_prefix(prefix)]))
+                .await?;
+            info!(rollout.id = %id, "finished rollout deleted (retention)");
+        }
+        Ok(())
+    }
+
+    /// One look at the active rollout, at most one write per node.
+    pub async fn tick(&mut self, store: &Store, fence: &Fence, world: &World<'_>) -> Result<()> {
+        self.trim(store, fence, world.specs).await?;
+        let Some((id, entry)) = world.specs.active_rollout() else {
+            return Ok(());
+        };
+        let Some(spec) = entry.spec.as_ref().map(|s| &s.value) else {
+            return Ok(());
+        };
+        let Some(phase) = entry.phase() else {
+            return Ok(());
+        };
+        let run = Run {
+            id,
+            entry,
+            spec,
+            store,
+            fence,
+            world,
+        };
+        match phase {
+            Phase::Running if entry.abort_requested() => {
+                run.set_phase(Phase::Aborting, "rollout abort asked".into(), false)
+                    .await
+            }
+            Phase::Running => self.running(&run).await,
+            Phase::Failed if entry.abort_requested() => {
+                run.set_phase(Phase::Aborting, "rollout abort asked".into(), false)
+                    .await
+            }
+            Phase::Failed => Ok(()),
+            Phase::Aborting => self.aborting(&run).await,
+            Phase::Done | Phase::Aborted => Ok(()),
+        }
+    }
+
+    async fn running(&mut self, run: &Run<'_>) -> Result<()> {
+        let entry = run.entry;
+        if let Some((node, record)) = entry
+            .nodes
+            .iter()
+            .find(|(_, r)| r.value.step == Step::Failed)
+        {
+            let reason = format!("node {node} failed: {}", record.value.reason);
+            return run.set_phase(Phase::Failed, reason, false).await;
+        }
+        let current = run
+            .spec
+            .batches
+            .iter()
+            .position(|batch| batch.iter().any(|n| entry.step(n) != Some(Step::Done)));
+        let Some(batch) = current else {
+            return run.finish().await;
+        };
+        let canary = run.spec.canary_batches as usize;
+        let control = entry.control.as_ref();
+        if batch == canary
+            && canary > 0
+            && run.spec.options.pause_after_canary
+            && !control.is_some_and(|c| c.value.after_canary)
+            && !run.spec.batches[batch]
+                .iter()
+                .any(|n| entry.nodes.contains_key(n))
+        {
+            return run.pause_after_canary().await;
+        }
+        for node in &run.spec.batches[batch] {
+            match entry.step(node) {
+                None if entry.paused() => {}
+                None | Some(Step::Waiting) => self.start(run, node).await?,
+                Some(_) => self.advance(run, node).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `rollout abort`: nodes not yet changed are undrained and left out;
+    /// nodes changed finish their steps; then the rollout is aborted.
+    async fn aborting(&mut self, run: &Run<'_>) -> Result<()> {
+        let mut in_flight = false;
+        for (node, record) in &run.entry.nodes {
+            let r = &record.value;
+            match r.step {
+                Step::Waiting | Step::Draining | Step::Drained => {
+                    in_flight = true;
+                    let mut next = r.clone();
+                    next.step = Step::Aborted;
+                    next.reason = "left out by rollout abort before its change".into();
+                    next.times.finished = unix_ms();
+                    run.release(node, record.mod_revision, next).await?;
+                }
+                Step::Changed | Step::Converged | Step::Healthy => {
+                    in_flight = true;
+                    self.advance(run, node).await?;
+                }
+                Step::Failed if r.holds_drain => {
+                    in_flight = true;
+                    run.release(node, record.mod_revision, r.clone()).await?;
+                }
+                Step::Failed | Step::Done | Step::Aborted => {}
+            }
+        }
+        if in_flight {
+            return Ok(());
+        }
+        // A node has the target once its marker exists, done or failed.
+        let changed = run.entry.changed.len();
+        let reason = format!(
+            "aborted: {changed} of {} nodes have the new settings, the others the old ones",
+            run.spec.node_count()
+        );
+        run.set_phase(Phase::Aborted, reason, true).await
+    }
+
+    /// The node's turn: drain it through the gates, or wait while a gate
+    /// refuses.
+    async fn start(&mut self, run: &Run<'_>, node: &NodeId) -> Result<()> {
+        let world = run.world;
+        let existing = run.entry.nodes.get(node);
+        let expected = existing.map_or(0, |r| r.mod_revision);
+        let now = unix_ms();
+        let mut next = existing
+            .map(|r| r.value.clone())
+            .unwrap_or(RolloutNodeRecord {
+                step: Step::Waiting,
+                reason: String::new(),
+                holds_drain: false,
+                changed_revision: 0,
+                times: StepTimes {
+                    started: now,
+                    ..Default::default()
+                },
+            });
+        let maintenance = world.specs.maintenance.get(node);
+        if maintenance.is_some_and(|m| m.value.active) {
+            // Out of service already (an operator's drain): the rollout
+            // uses it and leaves it drained.
+            next.step = Step::Draining;
+            next.reason.clear();
+            next.holds_drain = maintenance.is_some_and(|m| m.value.reason == drain_reason(run.id));
+            run.write_node(node, expected, &next, Vec::new(), Vec::new())
+                .await?;
+            return Ok(());
+        }
+        let refusals = {
+            let nodes = self.fleet(run.store).await?;
+            crate::maintenance::Fleet {
+                nodes: &nodes,
+                specs: world.specs,
+                vips: world.vips,
+                lease: world.lease,
+                orchestration: world.orchestration,
+            }
+            .refusals(node)
+        };
+        if refusals.is_empty() {
+            let record = MaintenanceRecord {
+                active: true,
+                reason: drain_reason(run.id),
+                by: drain_reason(run.id),
+                at_unix_ms: now,
+                forced: false,
+            };
+            let key = run.store.keys().node_maintenance(node);
+            let guard = Cmp::mod_revision(key.clone(), maintenance.map_or(0, |m| m.mod_revision));
+            let event = run.store.event(
+                EventKind::NodeMaintenance,
+                Some(node.clone()),
+                format!("{node} draining for rollout {}", run.id),
+            );
+            next.step = Step::Draining;
+            next.reason.clear();
+            next.holds_drain = true;
+            let ops = vec![Op::put(key, encode(&record)), run.store.event_op(&event)];
+            if run
+                .write_node(node, expected, &next, vec![guard], ops)
+                .await?
+            {
+                info!(rollout.id = run.id, node.id = %node, "draining");
+            }
+            return Ok(());
+        }
+        let reason = refusals.join("; ");
+        let waited = Duration::from_millis(now.saturating_sub(next.times.started));
+        if waited > self.timeouts.drain {
+            next.step = Step::Failed;
+            next.reason = format!(
+                "could not drain within {} s: {reason}",
+                self.timeouts.drain.as_secs()
+            );
+            next.times.finished = now;
+        } else if existing.is_some_and(|r| r.value.reason == reason) {
+            return Ok(());
+        } else {
+            next.reason = reason;
+        }
+        run.write_node(node, expected, &next, Vec::new(), Vec::new())
+            .await?;
+        Ok(())
+    }
+
+    /// Moves a node on from the step it is at, if that step is complete.
+    async fn advance(&mut self, run: &Run<'_>, node: &NodeId) -> Result<()> {
+        let Some(record) = run.entry.nodes.get(node) else {
+            return Ok(());
+        };
+        let expected = record.mod_revision;
+        let mut next = record.value.clone();
+        let now = unix_ms();
+        let world = run.world;
+        let since = |at: u64| Duration::from_millis(now.saturating_sub(at));
+        match next.step {
+            Step::Waiting => return Ok(()),
+            Step::Draining => {
+                if !world.specs.in_maintenance(node) {
+                    // Undrained by an operator meanwhile: drain again.
+                    next.step = Step::Waiting;
+                    next.holds_drain = false;
+                    next.reason = "undrained during the rollout; draining again".into();
+                } else {
+                    let pending = crate::maintenance::pending(
+                        node,
+                        world.specs,
+                        world.vips,
+                        world.orchestration,
+                    );
+                    if pending.is_empty() {
+                        next.step = Step::Drained;
+                        next.reason.clear();
+                        next.times.drained = now;
+                    } else if since(next.times.started) > self.timeouts.drain {
+                        next = failed(next, format!("drain not done: {}", pending.join("; ")));
+                    } else {
+                        return Ok(());
+                    }
+                }
+                run.write_node(node, expected, &next, Vec::new(), Vec::new())
+                    .await?;
+            }
+            Step::Drained => {
+                // The change: the node's desired state takes the target
+                // from the marker's revision on (`SpecSnapshot::rollout_target`).
+                next.step = Step::Changed;
+                next.times.changed = now;
+                let marker = run.store.keys().rollout_changed(run.id, node);
+                let guard = Cmp::mod_revision(marker.clone(), 0);
+                let ops = vec![Op::put(marker, Vec::new())];
+                if run
+                    .write_node(node, expected, &next, vec![guard], ops)
+                    .await?
+                {
+                    info!(rollout.id = run.id, node.id = %node, "changed");
+                }
+            }
+            Step::Changed => {
+                let Some(&target) = run.entry.changed.get(node) else {
+                    return Ok(());
+                };
+                let observed = run.store.node(node).await?;
+                match converge_progress(&observed, target.max(0) as u64) {
+                    Converge::Done => {
+                        next.step = Step::Converged;
+                        next.changed_revision = target;
+                        next.times.converged = now;
+                    }
+                    Converge::Failed(error) => {
+                        next.changed_revision = target;
+                        next = failed(
+                            next,
+                            format!("converge of revision {target} failed: {error}"),
+                        );
+                    }
+                    Converge::Pending(what)
+                        if since(next.times.changed) > self.timeouts.converge =>
+                    {
+                        next = failed(
+                            next,
+                            format!(
+                                "revision {target} not converged within {} s ({what})",
+                                self.timeouts.converge.as_secs()
+                            ),
+                        );
+                    }
+                    Converge::Pending(_) => return Ok(()),
+                }
+                run.write_node(node, expected, &next, Vec::new(), Vec::new())
+                    .await?;
+            }
+            Step::Converged => {
+                let observed = run.store.node(node).await?;
+                let problems = health_problems(node, &observed, world);
+                if problems.is_empty() {
+                    next.step = Step::Healthy;
+                    next.reason.clear();
+                    next.times.healthy = now;
+                } else if since(next.times.converged) > self.timeouts.health {
+                    next = failed(
+                        next,
+                        format!(
+                            "not healthy within {} s: {}",
+                            self.timeouts.health.as_secs(),
+                            problems.join("; ")
+                        ),
+                    );
+                } else if next.reason == problems.join("; ") {
+                    return Ok(());
+                } else {
+                    next.reason = problems.join("; ");
+                }
+                run.write_node(node, expected, &next, Vec::new(), Vec::new())
+                    .await?;
+            }
+            Step::Healthy => {
+                next.step = Step::Done;
+                next.reason.clear();
+                next.times.finished = now;
+                if run.release(node, expected, next).await? {
+                    info!(rollout.id = run.id, node.id = %node, "done");
+                }
+            }
+            Step::Done | Step::Failed | Step::Aborted => {}
+        }
+        Ok(())
+    }
+
+    /// Every node's record (statuses), read at most once a
+    /// [`FLEET_READ_EVERY`].
+    async fn fleet(&mut self, store: &Store) -> Result<Arc<BTreeMap<NodeId, NodeRecord>>> {
+        if let Some((at, nodes)) = &self.fleet {
+            if at.elapsed() < FLEET_READ_EVERY {
+                return Ok(nodes.clone());
+            }
+        }
+        let nodes = Arc::new(store.nodes().await?);
+        self.fleet = Some((Instant::now(), nodes.clone()));
+        Ok(nodes)
+    }
+}
+
+fn failed(mut record: RolloutNodeRecord, reason: String) -> RolloutNodeRecord {
+    record.step = Step::Failed;
+    record.reason = reason;
+    record.times.finished = unix_ms();
+    record
+}
+
+/// Where a node stands with the revision that changed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Converge {
+    Done,
+    Failed(String),
+    /// What it waits for.
+    Pending(String),
+}
+
+/// Whether `node` applied revision `target` and converged it (the same
+/// reading as `stewardctl --wait`).
+pub fn converge_progress(node: &NodeRecord, target: u64) -> Converge {
+    let Some(status) = node.status.as_ref().map(|s| &s.value) else {
+        return Converge::Pending("never connected".into());
+    };
+    if status.applied_revision < target {
+        return Converge::Pending(match status.replica {
+            None => format!("disconnected, at revision {}", status.applied_revision),
+            Some(_) => format!("receiving (at revision {})", status.applied_revision),
+        });
+    }
+    match node.converge.as_ref().map(|c| &c.value) {
+        // Convergence off on the node: holding the revision is all.
+        None => Converge::Done,
+        Some(report) if report.revision < target => Converge::Pending(format!(
+            "converging (last report for revision {})",
+            report.revision
+        )),
+        Some(report) => match report.failed().next() {
+            Some(f) => Converge::Failed(format!("{}: {}", f.id, f.detail)),
+            None if report.converged() => Converge::Done,
+            None => Converge::Pending("converging".into()),
+        },
+    }
+}
+
+/// Why `node` is not healthy yet (empty: it is): its agent connected and
+/// healthy, and for an lb node the health check of every VIP it may hold
+/// passing (HAProxy answering).
+pub fn health_problems(node: &NodeId, observed: &NodeRecord, world: &World<'_>) -> Vec<String> {
+    let mut problems = Vec::new();
+    match observed.status.as_ref().map(|s| &s.value) {
+        Some(s)
+            if s.replica.is_some()
+                && matches!(s.health, NodeHealth::Healthy | NodeHealth::Degraded) => {}
+        Some(s) => problems.push(format!("agent {}", s.health)),
+        None => problems.push("agent never connected".into()),
+    }
+    let lb = world
+        .specs
+        .specs
+        .get(node)
+        .is_some_and(|s| s.value.roles.contains(&Role::Lb));
+    if lb {
+        for (name, state) in &world.vips.vips {
+            let Some(spec) = &state.spec else { continue };
+            let candidate =
+                spec.value.candidates.is_empty() || spec.value.candidates.contains(node);
+            if candidate && !world.lease.healthy_candidate(node, name) {
+                problems.push(format!("VIP {name} health check not passing here"));
+            }
+        }
+    }
+    problems
+}
+
+/// One tick's view of the active rollout, and its writes.
+struct Run<'a> {
+    id: &'a str,
+    entry: &'a RolloutEntry,
+    spec: &'a RolloutSpec,
+    store: &'a Store,
+    fence: &'a Fence,
+    world: &'a World<'a>,
+}
+
+impl Run<'_> {
+    /// Writes `record` for `node` if its key is still at `expected`, with
+    /// `guards` and `ops`; whether it did (a stale cache: next tick).
+    async fn write_node(
+        &self,
+        node: &NodeId,
+        expected: i64,
+        record: &RolloutNodeRecord,
+        guards: Vec<Cmp>,
+        ops: Vec<Op>,
+    ) -> Result<bool> {
+        let key = self.store.keys().rollout_node(self.id, node);
+        let mut compares = vec![Cmp::mod_revision(key.clone(), expected)];
+        compares.extend(guards);
+        let mut writes = vec![Op::put(key, encode(record))];
+        writes.extend(ops);
+        let inner = Txn::new().when(compares).and_then(writes);
+        Ok(self.fence.txn(self.store, inner).await?.succeeded)
+    }
+
+    /// Writes `next` and, if the rollout holds the node's drain, undoes it
+    /// in the same transaction.
+    async fn release(
+        &self,
+        node: &NodeId,
+        expected: i64,
+        mut next: RolloutNodeRecord,
+    ) -> Result<bool> {
+        if !next.holds_drain {
+            return self
+                .write_node(node, expected, &next, Vec::new(), Vec::new())
+                .await;
+        }
+        let current = self.world.specs.maintenance.get(node);
+        let mut guards = Vec::new();
+        let mut ops = Vec::new();
+        // Only its own record: an operator who took the node over keeps it.
+        if let Some(m) =
+            current.filter(|m| m.value.active && m.value.reason == drain_reason(self.id))
+        {
+            let key = self.store.keys().node_maintenance(node);
+            guards.push(Cmp::mod_revision(key.clone(), m.mod_revision));
+            let record = MaintenanceRecord {
+                active: false,
+                reason: drain_reason(self.id),
+                by: drain_reason(self.id),
+                at_unix_ms: unix_ms(),
+                forced: false,
+            };
+            ops.push(Op::put(key, encode(&record)));
+            let event = self.store.event(
+                EventKind::NodeMaintenance,
+                Some(node.clone()),
+                format!(
+                    "{node} undrained by rollout {} ({})",
+                    self.id,
+                    next.step.as_str()
+                ),
+            );
+            ops.push(self.store.event_op(&event));
+        }
+        next.holds_drain = false;
+        self.write_node(node, expected, &next, guards, ops).await
+    }
+
+    async fn set_phase(&self, phase: Phase, reason: String, release_active: bool) -> Result<()> {
+        let key = self.store.keys().rollout_state(self.id);
+        let expected = self.entry.state.as_ref().map_or(0, |s| s.mod_revision);
+        let state = RolloutState {
+            phase,
+            reason: reason.clone(),
+            at_unix_ms: unix_ms(),
+        };
+        let mut writes = vec![Op::put(key.clone(), encode(&state))];
+        if release_active {
+            writes.push(Op::put(
+                self.store.keys().rollout_active(),
+                encode(&ActiveRollout { id: None }),
+            ));
+        }
+        let event = self.store.event(
+            EventKind::RolesChanged,
+            None,
+            format!("rollout {} {}: {reason}", self.id, phase.as_str()),
+        );
+        writes.push(self.store.event_op(&event));
+        let inner = Txn::new()
+            .when([Cmp::mod_revision(key, expected)])
+            .and_then(writes);
+        if self.fence.txn(self.store, inner).await?.succeeded {
+            info!(rollout.id = self.id, phase = phase.as_str(), %reason, "rollout phase");
+        }
+        Ok(())
+    }
+
+    async fn pause_after_canary(&self) -> Result<()> {
+        let key = self.store.keys().rollout_control(self.id);
+        let current = self.entry.control.as_ref();
+        let mut control = current.map(|c| c.value.clone()).unwrap_or_default();
+        control.paused = true;
+        control.after_canary = true;
+        control.by = "leader: after the canary batch".into();
+        control.at_unix_ms = unix_ms();
+        let inner = Store::put_if_txn(key, current.map_or(0, |c| c.mod_revision), encode(&control));
+        if self.fence.txn(self.store, inner).await?.succeeded {
+            info!(rollout.id = self.id, "paused after the canary batch");
+        }
+        Ok(())
+    }
+
+    /// Every node done: the target becomes the cluster settings (with the
+    /// change markers, whose revisions are newer than every node's change,
+    /// so no node's revision goes back and none changes again).
+    async fn finish(&self) -> Result<()> {
+        let keys = self.store.keys();
+        let current = self.world.specs.settings.as_ref();
+        let current_rev = current.map_or(0, |s| s.mod_revision);
+        if current_rev != self.spec.base_settings_revision {
+            return self
+                .set_phase(
+                    Phase::Failed,
+                    format!(
+                        "the cluster settings changed during the rollout (revision {} -> \
+                         {current_rev}): not overwriting them",
+                        self.spec.base_settings_revision
+                    ),
+                    false,
+                )
+                .await;
+        }
+        let before = current.map(|s| s.value.clone()).unwrap_or_default();
+        let state_key = keys.rollout_state(self.id);
+        let state = RolloutState {
+            phase: Phase::Done,
+            reason: format!("{} nodes changed", self.spec.node_count()),
+            at_unix_ms: unix_ms(),
+        };
+        let mut writes = vec![
+            Op::put(keys.cluster_settings(), encode(&self.spec.target)),
+            Op::put(state_key.clone(), encode(&state)),
+            Op::put(keys.rollout_active(), encode(&ActiveRollout { id: None })),
+        ];
+        let mut from = vec![&before];
+        from.extend(self.world.specs.targets_in_effect());
+        writes.extend(
+            self.store
+                .settings_change_ops_from(&from, &self.spec.target),
+        );
+        let event = self.store.event(
+            EventKind::RolesChanged,
+            None,
+            format!(
+                "rollout {} done: cluster settings changed: {}",
+                self.id,
+                self.spec.changes.join("; ")
+            ),
+        );
+        writes.push(self.store.event_op(&event));
+        let inner = Txn::new()
+            .when([
+                Cmp::mod_revision(keys.cluster_settings(), current_rev),
+                Cmp::mod_revision(
+                    state_key,
+                    self.entry.state.as_ref().map_or(0, |s| s.mod_revision),
+                ),
+            ])
+            .and_then(writes);
+        if self.fence.txn(self.store, inner).await?.succeeded {
+            info!(rollout.id = self.id, "rollout done");
+        }
+        Ok(())
+    }
+}
+
+/// What `rollout pause/resume/abort` write.
+pub fn control_after(
+    current: Option<&RolloutControl>,
+    action: super::Action,
+    by: &str,
+) -> RolloutControl {
+    let mut next = current.cloned().unwrap_or_default();
+    match action {
+        super::Action::Pause => next.paused = true,
+        super::Action::Resume => next.paused = false,
+        super::Action::Abort => next.abort = true,
+    }
+    next.by = by.to_owned();
+    next.at_unix_ms = unix_ms();
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::converge::{
+        ClusterSettings, ConvergeReport, KubernetesSettings, PackageRepository, ResourceState,
+        ResourceStatus,
+    };
+    use steward_proto::domain::Health;
+
+    use super::*;
+    use crate::rollout::model::RolloutOptions;
+    use crate::store::{MemoryBackend, NodeStatusRecord};
+    use crate::testing::{eventually, node, put_roles, TestReplica};
+
+    fn kubernetes(version: &str) -> ClusterSettings {
+        ClusterSettings {
+            kubernetes: Some(KubernetesSettings {
+                version: version.into(),
+                pod_subnet: "10.244.0.0/16".into(),
+                service_subnet: "10.96.0.0/12".into(),
+                repository: PackageRepository {
+                    url: "https://pkgs.k8s.io/core:/stable:/v1.31/deb/".into(),
+                    suite: "/".into(),
+                    key: None,
+                },
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The agent of `id`: reports what it applied and how the converge went.
+    async fn report(replica: &TestReplica, id: &str, failure: Option<&str>) {
+        let store = replica.store();
+        let desired = replica.ctx.desired_for(&node(id)).expect("caches read");
+        let current = store.node(&node(id)).await.unwrap();
+        let status = NodeStatusRecord {
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            replica: Some("c-1".into()),
+            last_seen_unix_ms: 1,
+            applied_revision: desired.revision,
+            agent_version: "test".into(),
+        };
+        let rev = current.status.map_or(0, |s| s.mod_revision);
+        store.put_status_if(&node(id), rev, &status).await.unwrap();
+        let resource = ResourceState {
+            id: "package:kubelet".into(),
+            status: if failure.is_some() {
+                ResourceStatus::Failed
+            } else {
+                ResourceStatus::Ok
+            },
+            detail: failure.unwrap_or_default().into(),
+            since_unix_ms: 1,
+        };
+        let converge = ConvergeReport {
+            revision: desired.revision,
+            finished_unix_ms: 1,
+            duration_ms: 1,
+            resources: vec![resource],
+        };
+        let rev = current.converge.map_or(0, |c| c.mod_revision);
+        store
+            .put_converge_if(&node(id), rev, encode(&converge))
+            .await
+            .unwrap();
+    }
+
+    struct Bed {
+        replica: TestReplica,
+        fence: Fence,
+        driver: Driver,
+    }
+
+    impl Bed {
+        async fn new(workers: &[&str]) -> Self {
+            let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+            for id in workers {
+                put_roles(replica.store(), id, &[Role::K8sWorker]).await;
+            }
+            let fence = replica.lead().await;
+            eventually("the spec cache", || {
+                let specs = replica.ctx.specs.borrow();
+                (specs.synced && specs.specs.len() == workers.len()).then_some(())
+            })
+            .await;
+            eventually("the caches", || replica.ctx.desired_for(&node(workers[0]))).await;
+            for id in workers {
+                report(&replica, id, None).await;
+            }
+            Self {
+                replica,
+                fence,
+                driver: Driver::new(StepTimeouts::default()),
+            }
+        }
+
+        async fn tick(&mut self) {
+            let specs = self.replica.ctx.specs.borrow().clone();
+            let vips = self.replica.ctx.vips.borrow().clone();
+            let orchestration = self.replica.ctx.orchestration.borrow().clone();
+            let world = World {
+                specs: &specs,
+                vips: &vips,
+                orchestration: &orchestration,
+                lease: &self.replica.ctx.lease,
+            };
+            self.driver
+                .tick(self.replica.store(), &self.fence, &world)
+                .await
+                .unwrap();
+        }
+
+        fn step(&self, id: &str, node_id: &str) -> Option<Step> {
+            self.replica
+                .ctx
+                .specs
+                .borrow()
+                .rollouts
+                .get(id)?
+                .step(&node(node_id))
+        }
+
+        fn phase(&self, id: &str) -> Option<Phase> {
+            self.replica.ctx.specs.borrow().rollouts.get(id)?.phase()
+        }
+
+        /// Ticks (the cache following each write) until `node_id` is at `step`.
+        async fn until(&mut self, id: &str, node_id: &str, step: Step) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.step(id, node_id) != Some(step) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{node_id} stuck at {:?}, wanted {step:?}",
+                    self.step(id, node_id)
+                );
+                self.tick().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        async fn until_phase(&mut self, id: &str, phase: Phase) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.phase(id) != Some(phase) {
+                assert!(
+                    Instant::now() < deadline,
+                    "rollout at {:?}, wanted {phase:?}",
+                    self.phase(id)
+                );
+                self.tick().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        async fn create(&self, target: &ClusterSettings) -> String {
+            let base = self
+                .replica
+                .ctx
+                .specs
+                .borrow()
+                .settings
+                .as_ref()
+                .map_or(0, |s| s.mod_revision);
+            let id = crate::rollout::create(
+                &self.replica.ctx,
+                target,
+                base,
+                vec!["kubernetes: set".into()],
+                RolloutOptions::default(),
+                "ops",
+            )
+            .await
+            .unwrap()
+            .expect("nodes to change");
+            eventually("the rollout in the cache", || {
+                self.replica
+                    .ctx
+                    .specs
+                    .borrow()
+                    .rollouts
+                    .contains_key(&id)
+                    .then_some(())
+            })
+            .await;
+            id
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_go_one_at_a_time_and_the_target_becomes_the_settings() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        let before: Vec<u64> = ["w-1", "w-2"]
+            .iter()
+            .map(|id| bed.replica.ctx.desired_for(&node(id)).unwrap().revision)
+            .collect();
+        let id = bed.create(&kubernetes("1.31.2-1.1")).await;
+        // Nobody's desired state changed yet.
+        for (i, w) in ["w-1", "w-2"].iter().enumerate() {
+            let desired = bed.replica.ctx.desired_for(&node(w)).unwrap();
+            assert_eq!(desired.cluster.settings.kubernetes, None);
+            assert_eq!(desired.revision, before[i]);
+        }
+        bed.until(&id, "w-1", Step::Drained).await;
+        assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        bed.until(&id, "w-1", Step::Changed).await;
+        let changed = bed.replica.ctx.desired_for(&node("w-1")).unwrap();
+        assert_eq!(changed.cluster.settings, kubernetes("1.31.2-1.1"));
+        assert!(changed.revision > before[0]);
+        // w-2 waits its turn, on the old settings.
+        assert_eq!(bed.step(&id, "w-2"), None);
+        assert_eq!(
+            bed.replica
+                .ctx
+                .desired_for(&node("w-2"))
+                .unwrap()
+                .cluster
+                .settings
+                .kubernetes,
+            None
+        );
+        // Until its agent reports the revision converged, w-1 stays changed.
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        assert_eq!(bed.step(&id, "w-1"), Some(Step::Changed));
+        report(&bed.replica, "w-1", None).await;
+        bed.until(&id, "w-1", Step::Done).await;
+        assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        // A new leader (a driver with no memory) takes over mid-rollout.
+        bed.driver = Driver::new(StepTimeouts::default());
+        bed.until(&id, "w-2", Step::Changed).await;
+        report(&bed.replica, "w-2", None).await;
+        bed.until(&id, "w-2", Step::Done).await;
+        let w1_changed = bed.replica.ctx.desired_for(&node("w-1")).unwrap().revision;
+        bed.until_phase(&id, Phase::Done).await;
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        assert_eq!(
+            specs.settings.as_ref().unwrap().value,
+            kubernetes("1.31.2-1.1")
+        );
+        assert!(specs.active_rollout().is_none());
+        // Same content for both, revisions never went back.
+        for w in ["w-1", "w-2"] {
+            let desired = bed.replica.ctx.desired_for(&node(w)).unwrap();
+            assert_eq!(desired.cluster.settings, kubernetes("1.31.2-1.1"));
+            assert!(desired.revision >= w1_changed, "{w} went back");
+        }
+        // Each node changed once: one marker each.
+        let entry = bed.replica.store().rollout(&id).await.unwrap().unwrap();
+        assert_eq!(entry.changed.len(), 2);
+        // A new plain apply would be allowed again.
+        crate::rollout::ensure_none_active(bed.replica.store())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_finished_rollouts_are_kept() {
+        let mut bed = Bed::new(&["w-1"]).await;
+        let store = bed.replica.store().clone();
+        let total = ROLLOUTS_RETAINED + 3;
+        for i in 0..total {
+            let id = format!("r{i:04}");
+            let spec = RolloutSpec {
+                id: id.clone(),
+                target: kubernetes("1.31.2-1.1"),
+                base_settings_revision: 0,
+                options: RolloutOptions::default(),
+                batches: vec![vec![node("w-1")]],
+                canary_batches: 0,
+                changes: Vec::new(),
+                created_by: "ops".into(),
+                created_at_unix_ms: 1,
+            };
+            let state = RolloutState {
+                phase: if i == 0 { Phase::Aborted } else { Phase::Done },
+                reason: String::new(),
+                at_unix_ms: 1,
+            };
+            let keys = store.keys();
+            let mut ops = vec![
+                Op::put(keys.rollout_spec(&id), encode(&spec)),
+                Op::put(keys.rollout_state(&id), encode(&state)),
+            ];
+            // The first, aborted, changed w-1, which still has its target.
+            if i == 0 {
+                ops.push(Op::put(keys.rollout_changed(&id, &node("w-1")), Vec::new()));
+            }
+            store.txn(Txn::new().and_then(ops), "test").await.unwrap();
+        }
+        eventually("the rollouts in the cache", || {
+            (bed.replica.ctx.specs.borrow().rollouts.len() == total).then_some(())
+        })
+        .await;
+        bed.tick().await;
+        let left = store.rollouts().await.unwrap();
+        let ids: Vec<&str> = left.keys().map(String::as_str).collect();
+        assert_eq!(ids.len(), ROLLOUTS_RETAINED + 1, "{ids:?}");
+        assert_eq!(ids[0], "r0000", "a target in effect is kept");
+        assert_eq!(ids[1], "r0003", "the oldest finished ones go");
+        eventually("the cache forgets them", || {
+            (bed.replica.ctx.specs.borrow().rollouts.len() == ROLLOUTS_RETAINED + 1).then_some(())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_converge_stops_the_rollout_and_abort_leaves_nothing_drained() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        let id = bed.create(&kubernetes("9.9.9")).await;
+        let refused = crate::rollout::ensure_none_active(bed.replica.store()).await;
+        assert!(
+            matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains(&id)),
+            "{refused:?}"
+        );
+        bed.until(&id, "w-1", Step::Changed).await;
+        report(
+            &bed.replica,
+            "w-1",
+            Some("E: Version '9.9.9' for 'kubelet' was not found"),
+        )
+        .await;
+        bed.until(&id, "w-1", Step::Failed).await;
+        bed.until_phase(&id, Phase::Failed).await;
+        let view = crate::rollout::get(bed.replica.store(), &id).await.unwrap();
+        assert_eq!(view.phase, "failed");
+        assert!(view.reason.contains("node w-1 failed"), "{}", view.reason);
+        assert!(
+            view.reason.contains("'9.9.9' for 'kubelet' was not found"),
+            "{}",
+            view.reason
+        );
+        // Nothing else proceeds.
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        assert_eq!(bed.step(&id, "w-2"), None);
+        assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        crate::rollout::control(
+            bed.replica.store(),
+            &id,
+            crate::rollout::Action::Abort,
+            "ops",
+        )
+        .await
+        .unwrap();
+        bed.until_phase(&id, Phase::Aborted).await;
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        assert!(
+            specs.maintenance_set().is_empty(),
+            "{:?}",
+            specs.maintenance_set()
+        );
+        assert!(specs.active_rollout().is_none());
+        // The changed node keeps the target; the other the old settings.
+        let w1 = bed.replica.ctx.desired_for(&node("w-1")).unwrap();
+        assert_eq!(w1.cluster.settings, kubernetes("9.9.9"));
+        let w2 = bed.replica.ctx.desired_for(&node("w-2")).unwrap();
+        assert_eq!(w2.cluster.settings.kubernetes, None);
+
+        // The next settings write (as `apply` makes it) changes a section
+        // the workers do not consume: w-1 goes back to the cluster's
+        // settings, and its revision must still not go back.
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        let targets = specs.targets_in_effect();
+        assert_eq!(targets, [&kubernetes("9.9.9")]);
+        let before = specs
+            .settings
+            .as_ref()
+            .map(|s| s.value.clone())
+            .unwrap_or_default();
+        let mut after = before.clone();
+        after.frontends.push(steward_proto::converge::Frontend {
+            name: "web".into(),
+            port: 8080,
+            backend_role: Role::K8sWorker,
+            backend_port: 30080,
+        });
+        let store = bed.replica.store();
+        let mut from = vec![&before];
+        from.extend(targets);
+        let mut ops = vec![Op::put(store.keys().cluster_settings(), encode(&after))];
+        ops.extend(store.settings_change_ops_from(&from, &after));
+        store.txn(Txn::new().and_then(ops), "test").await.unwrap();
+        eventually("the settings in the cache", || {
+            let specs = bed.replica.ctx.specs.borrow();
+            (specs.settings.as_ref().map(|s| &s.value) == Some(&after)).then_some(())
+        })
+        .await;
+        let back = bed.replica.ctx.desired_for(&node("w-1")).unwrap();
+        assert_eq!(back.cluster.settings.kubernetes, None);
+        assert!(
+            back.revision > w1.revision,
+            "w-1 went from revision {} back to {}",
+            w1.revision,
+            back.revision
+        );
+    }
+}
