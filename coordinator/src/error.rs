@@ -23,6 +23,64 @@ pub enum Error {
     UnknownVolume(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// `role add`/`role remove` naming no role.
+    #[error("invalid request: name at least one role")]
+    NoRolesNamed,
+    /// `stewardctl logs` for a unit or range the agent does not serve.
+    #[error("invalid request: {0}")]
+    InvalidLogQuery(String),
+    /// `stewardctl logs` asked of a replica that does not serve the node.
+    #[error("node {node} is connected to replica {replica}, not this one: ask {replica}")]
+    NodeServedElsewhere { node: NodeId, replica: String },
+    #[error("node {0} is not connected: its journal cannot be read now")]
+    NodeNotConnected(NodeId),
+    /// A drain its gates refuse (and no `--force`).
+    #[error("cannot drain {node}: {} (--force drains anyway)", .refusals.join("; "))]
+    DrainRefused { node: NodeId, refusals: Vec<String> },
+    #[error("{0} is not drained (stewardctl node drain {0})")]
+    NotDrained(NodeId),
+    #[error(
+        "no node mounts Gluster volume {volume}: no node has a role of its mount_on ({mount_on})"
+    )]
+    NoGlusterMounter { volume: String, mount_on: String },
+    /// A VIP definition that does not fit the fleet: every problem.
+    #[error("invalid request: VIP {name:?}: {}", .problems.join("; "))]
+    InvalidVip { name: String, problems: Vec<String> },
+    #[error("VIP {0} has no holder to move away from")]
+    VipHasNoHolder(String),
+    #[error("VIP {vip} is already held by {node}")]
+    VipAlreadyHeld { vip: String, node: NodeId },
+    #[error("invalid request: {node} is not a candidate for VIP {vip} (candidates: {})", join_nodes(.candidates))]
+    NotACandidate {
+        vip: String,
+        node: NodeId,
+        candidates: Vec<NodeId>,
+    },
+    /// A join the token does not allow.
+    #[error(transparent)]
+    JoinRefused(#[from] crate::tokens::Refusal),
+    #[error(
+        "invalid request: ttl {ttl_s} s: must be between {} s and {} days",
+        crate::tokens::MIN_TTL_S,
+        crate::tokens::MAX_TTL_S / 86_400
+    )]
+    TokenTtlOutOfRange { ttl_s: u64 },
+    #[error("no replica serves joins: give at least one a [pki] section with bootstrap_listen")]
+    NoJoinListener,
+    #[error("cannot generate a join token: {0}")]
+    TokenGeneration(String),
+    #[error("no token {0:?} (stewardctl token list shows them)")]
+    UnknownToken(String),
+    /// A certificate that is not an agent's asked for an agent's renewal.
+    #[error("{0} may not renew an agent certificate; only agents may")]
+    NotAnAgent(String),
+    #[error("{identity}: {reason}")]
+    AgentNameInvalid {
+        identity: String,
+        reason: &'static str,
+    },
+    #[error("this replica issues no certificates (no [pki] in its config); try another")]
+    NoPki,
     #[error("node {node} does not have role {role}")]
     RoleNotAssigned { node: NodeId, role: Role },
     #[error("invalid request: {0}")]
@@ -100,6 +158,14 @@ fn spec_problems(problems: &[String]) -> String {
     text
 }
 
+fn join_nodes(nodes: &[NodeId]) -> String {
+    nodes
+        .iter()
+        .map(NodeId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for tonic::Status {
@@ -113,7 +179,26 @@ impl From<Error> for tonic::Status {
             Error::UnknownNode(_) | Error::UnknownVip(_) | Error::UnknownVolume(_) => {
                 Status::not_found(msg)
             }
-            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::FailedPrecondition(_)
+            | Error::NodeServedElsewhere { .. }
+            | Error::NodeNotConnected(_)
+            | Error::DrainRefused { .. }
+            | Error::NotDrained(_)
+            | Error::NoGlusterMounter { .. }
+            | Error::VipHasNoHolder(_)
+            | Error::VipAlreadyHeld { .. }
+            | Error::NoJoinListener
+            | Error::TokenGeneration(_)
+            | Error::UnknownToken(_)
+            | Error::NoPki => Status::failed_precondition(msg),
+            Error::NoRolesNamed
+            | Error::InvalidLogQuery(_)
+            | Error::InvalidVip { .. }
+            | Error::NotACandidate { .. }
+            | Error::TokenTtlOutOfRange { .. } => Status::invalid_argument(msg),
+            Error::JoinRefused(crate::tokens::Refusal::Malformed) => Status::invalid_argument(msg),
+            Error::JoinRefused(_) => Status::permission_denied(msg),
+            Error::NotAnAgent(_) | Error::AgentNameInvalid { .. } => Status::permission_denied(msg),
             Error::RoleNotAssigned { .. } => Status::failed_precondition(msg),
             Error::InvalidRequest(_) | Error::InvalidArgument(_) | Error::InvalidSpec(_) => {
                 Status::invalid_argument(msg)
@@ -155,6 +240,95 @@ mod tests {
         assert!(many.ends_with("more"), "{many}");
         let status = tonic::Status::from(Error::InvalidSpec(vec!["p".into()]));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    /// The named errors say what the string errors they replaced said, with
+    /// the same gRPC code: clients and tests that read them see no change.
+    #[test]
+    fn named_errors_keep_the_messages_and_codes_clients_saw() {
+        use tonic::Code;
+        let n1 = || NodeId::new("n1").expect("node id");
+        let cases: Vec<(Error, Code, &str)> = vec![
+            (
+                Error::NoRolesNamed,
+                Code::InvalidArgument,
+                "invalid request: name at least one role",
+            ),
+            (
+                Error::InvalidRequest(ProtoError::LabelFilter("rack".into())),
+                Code::InvalidArgument,
+                "invalid request: label filter \"rack\": use key=value",
+            ),
+            (
+                Error::DrainRefused {
+                    node: n1(),
+                    refusals: vec!["a".into(), "b".into()],
+                },
+                Code::FailedPrecondition,
+                "cannot drain n1: a; b (--force drains anyway)",
+            ),
+            (
+                Error::NotDrained(n1()),
+                Code::FailedPrecondition,
+                "n1 is not drained (stewardctl node drain n1)",
+            ),
+            (
+                Error::NodeServedElsewhere {
+                    node: n1(),
+                    replica: "c-2".into(),
+                },
+                Code::FailedPrecondition,
+                "node n1 is connected to replica c-2, not this one: ask c-2",
+            ),
+            (
+                Error::NodeNotConnected(n1()),
+                Code::FailedPrecondition,
+                "node n1 is not connected: its journal cannot be read now",
+            ),
+            (
+                Error::NoGlusterMounter {
+                    volume: "data".into(),
+                    mount_on: "k8s-worker".into(),
+                },
+                Code::FailedPrecondition,
+                "no node mounts Gluster volume data: no node has a role of its mount_on (k8s-worker)",
+            ),
+            (
+                Error::VipHasNoHolder("front".into()),
+                Code::FailedPrecondition,
+                "VIP front has no holder to move away from",
+            ),
+            (
+                Error::TokenTtlOutOfRange { ttl_s: 5 },
+                Code::InvalidArgument,
+                "invalid request: ttl 5 s: must be between 60 s and 30 days",
+            ),
+            (
+                Error::NoJoinListener,
+                Code::FailedPrecondition,
+                "no replica serves joins: give at least one a [pki] section with bootstrap_listen",
+            ),
+            (
+                Error::UnknownToken("abc".into()),
+                Code::FailedPrecondition,
+                "no token \"abc\" (stewardctl token list shows them)",
+            ),
+            (
+                Error::JoinRefused(crate::tokens::Refusal::Unknown),
+                Code::PermissionDenied,
+                "unknown or wrong token (deleted, mistyped, or expired more than a day ago); \
+                 create a new one with `stewardctl token create`",
+            ),
+            (
+                Error::NoPki,
+                Code::FailedPrecondition,
+                "this replica issues no certificates (no [pki] in its config); try another",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let status = tonic::Status::from(error);
+            assert_eq!((status.code(), status.message()), (code, message));
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use steward_proto::admin::LeaseStates;
 use steward_proto::convert::node_health_to_pb;
 use steward_proto::domain::{Health, NodeHealth, NodeId};
 use steward_proto::pb;
@@ -84,9 +85,9 @@ impl pb::peer_service_server::PeerService for PeerApi {
         request: Request<pb::LeaseStatesRequest>,
     ) -> Result<Response<pb::LeaseStatesResponse>, Status> {
         require_coordinator(&request)?;
-        Ok(Response::new(crate::vip::admin::local_lease_states(
-            &self.ctx,
-        )))
+        Ok(Response::new(
+            crate::vip::admin::local_lease_states(&self.ctx).into(),
+        ))
     }
 }
 
@@ -185,7 +186,7 @@ impl Peers {
     pub async fn lease_states(
         &self,
         members: &[MemberRecord],
-    ) -> Vec<(String, Option<pb::LeaseStatesResponse>)> {
+    ) -> Vec<(String, Option<LeaseStates>)> {
         let queries = members.iter().map(|member| {
             let id = member.id.clone();
             let channel = self.channel(&member.address);
@@ -196,7 +197,13 @@ impl Peers {
                 let mut client = PeerServiceClient::new(channel);
                 let call = client.lease_states(pb::LeaseStatesRequest {});
                 match tokio::time::timeout(PEER_TIMEOUT, call).await {
-                    Ok(Ok(resp)) => (id, Some(resp.into_inner())),
+                    Ok(Ok(resp)) => match LeaseStates::try_from(resp.into_inner()) {
+                        Ok(states) => (id, Some(states)),
+                        Err(error) => {
+                            debug!(replica = %id, %error, "invalid peer lease states");
+                            (id, None)
+                        }
+                    },
                     Ok(Err(status)) => {
                         debug!(replica = %id, %status, "peer lease query failed");
                         (id, None)
