@@ -2,7 +2,9 @@
 //! has the lb role it keeps a lease stream to **every** coordinator replica,
 //! heartbeats them all, and drives a [`Holder`] — the same IO-free protocol
 //! code the simulation checks — carrying out what it decides: probe, bind,
-//! announce, unbind.
+//! announce, unbind. The host's network is behind [`Network`]
+//! ([`crate::network`]): the real one in the daemon, a scripted fake in the
+//! unit tests below.
 //!
 //! Every address this agent binds is first written to `vips.json` in its
 //! state directory, so that whatever ends the agent, `steward-agent
@@ -13,8 +15,10 @@
 //! - The holding rule is applied on this host's monotonic clock only;
 //!   replicas echo our send times and never compare clocks.
 //! - Nothing in the driver loop or the lease streams awaits without a
-//!   deadline: netlink calls carry [`crate::address::NETLINK_DEADLINE`],
-//!   dials and stream opens time out, events reach the driver with
+//!   deadline: the driver wraps every [`Network`] call it awaits in
+//!   [`crate::address::NETLINK_DEADLINE`] (whatever the implementation
+//!   does; the unit tests hang the fake to check it), dials and stream
+//!   opens time out, events reach the driver with
 //!   [`EVENT_DEADLINE`]. A driver blocked in an await could not drop a VIP
 //!   whose lease ran out. The driver marks its [`Beat`] on every wake-up for
 //!   the systemd watchdog ([`crate::watchdog`]).
