@@ -81,6 +81,35 @@ pub enum Error {
     },
     #[error("this replica issues no certificates (no [pki] in its config); try another")]
     NoPki,
+    /// A certificate of the wrong kind for this API (`may`: what it tried,
+    /// `only`: the kind that may).
+    #[error("{identity} may not {may}; only {only} certificates may")]
+    WrongCertificateKind {
+        identity: String,
+        may: &'static str,
+        only: &'static str,
+    },
+    /// A message naming another node than the caller's certificate.
+    #[error("certificate is for node {certificate:?}; it may not speak for node {claimed:?}")]
+    SpeaksForAnotherNode {
+        certificate: String,
+        claimed: String,
+    },
+    /// A lease stream's heartbeat naming another node than the stream's.
+    #[error("this stream speaks for {stream}; it may not speak for {claimed}")]
+    StreamSpeaksForAnotherNode { stream: NodeId, claimed: NodeId },
+    /// An agent whose `[vip]` lease timing the replicas cannot honour.
+    #[error(
+        "invalid request: lease parameters disagree: the agent uses lease {agent_lease:?} with \
+         {agent_replicas} replicas, this replica lease {lease:?} with {replicas} replicas (set \
+         [vip] alike on both, the agent's lease no longer than the coordinators')"
+    )]
+    LeaseParamsDisagree {
+        agent_lease: std::time::Duration,
+        agent_replicas: u32,
+        lease: std::time::Duration,
+        replicas: usize,
+    },
     #[error("node {node} does not have role {role}")]
     RoleNotAssigned { node: NodeId, role: Role },
     #[error("invalid request: {0}")]
@@ -198,7 +227,12 @@ impl From<Error> for tonic::Status {
             | Error::TokenTtlOutOfRange { .. } => Status::invalid_argument(msg),
             Error::JoinRefused(crate::tokens::Refusal::Malformed) => Status::invalid_argument(msg),
             Error::JoinRefused(_) => Status::permission_denied(msg),
-            Error::NotAnAgent(_) | Error::AgentNameInvalid { .. } => Status::permission_denied(msg),
+            Error::NotAnAgent(_)
+            | Error::AgentNameInvalid { .. }
+            | Error::WrongCertificateKind { .. }
+            | Error::SpeaksForAnotherNode { .. }
+            | Error::StreamSpeaksForAnotherNode { .. } => Status::permission_denied(msg),
+            Error::LeaseParamsDisagree { .. } => Status::invalid_argument(msg),
             Error::RoleNotAssigned { .. } => Status::failed_precondition(msg),
             Error::InvalidRequest(_) | Error::InvalidArgument(_) | Error::InvalidSpec(_) => {
                 Status::invalid_argument(msg)
@@ -323,6 +357,35 @@ mod tests {
                 Error::NoPki,
                 Code::FailedPrecondition,
                 "this replica issues no certificates (no [pki] in its config); try another",
+            ),
+            (
+                Error::WrongCertificateKind {
+                    identity: "agent n1".into(),
+                    may: "use the admin API",
+                    only: "admin",
+                },
+                Code::PermissionDenied,
+                "agent n1 may not use the admin API; only admin certificates may",
+            ),
+            (
+                Error::SpeaksForAnotherNode {
+                    certificate: "n2".into(),
+                    claimed: "n1".into(),
+                },
+                Code::PermissionDenied,
+                "certificate is for node \"n2\"; it may not speak for node \"n1\"",
+            ),
+            (
+                Error::LeaseParamsDisagree {
+                    agent_lease: std::time::Duration::from_millis(900),
+                    agent_replicas: 3,
+                    lease: std::time::Duration::from_millis(700),
+                    replicas: 3,
+                },
+                Code::InvalidArgument,
+                "invalid request: lease parameters disagree: the agent uses lease 900ms with 3 \
+                 replicas, this replica lease 700ms with 3 replicas (set [vip] alike on both, the \
+                 agent's lease no longer than the coordinators')",
             ),
         ];
         for (error, code, message) in cases {

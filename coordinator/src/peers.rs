@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use steward_proto::admin::LeaseStates;
-use steward_proto::convert::node_health_to_pb;
+use steward_proto::admin::{LeaseStates, LiveSession};
 use steward_proto::domain::{Health, NodeHealth, NodeId};
 use steward_proto::pb;
 use steward_proto::pb::peer_service_client::PeerServiceClient;
@@ -66,12 +65,15 @@ impl pb::peer_service_server::PeerService for PeerApi {
             .snapshot()
             .into_iter()
             .filter(|(id, _)| wanted.is_empty() || wanted.contains(id))
-            .map(|(id, live)| pb::LiveSession {
-                node_id: id.into(),
-                last_seen_unix_ms: live.last_seen_unix_ms,
-                health: node_health_to_pb(live.node_health(now, self.ctx.unreachable_after)) as i32,
-                last_health: Some(live.health.into()),
-                applied_revision: live.applied_revision,
+            .map(|(id, live)| {
+                LiveSession {
+                    node: id,
+                    last_seen_unix_ms: live.last_seen_unix_ms,
+                    health: live.node_health(now, self.ctx.unreachable_after),
+                    last_health: live.health,
+                    applied_revision: live.applied_revision,
+                }
+                .into()
             })
             .collect();
         Ok(Response::new(pb::LiveSessionsResponse {
@@ -94,9 +96,11 @@ impl pb::peer_service_server::PeerService for PeerApi {
 fn require_coordinator<T>(request: &Request<T>) -> Result<(), Status> {
     let identity = peer_identity(request)?;
     if identity.kind != IdentityKind::Coordinator {
-        return Err(Error::PermissionDenied(format!(
-            "{identity} may not use the peer API; only coordinator certificates may"
-        ))
+        return Err(Error::WrongCertificateKind {
+            identity: identity.to_string(),
+            may: "use the peer API",
+            only: "coordinator",
+        }
         .into());
     }
     Ok(())
@@ -165,16 +169,18 @@ impl Peers {
         answers
             .into_iter()
             .flatten()
-            .filter_map(|s| {
-                Some((
-                    NodeId::new(s.node_id).ok()?,
+            // An invalid entry is left out: etcd's record stands for it.
+            .filter_map(|s| LiveSession::try_from(s).ok())
+            .map(|s| {
+                (
+                    s.node,
                     LiveNode {
                         last_seen_unix_ms: s.last_seen_unix_ms,
-                        health: steward_proto::convert::node_health_from_pb(s.health).ok()?,
-                        last_health: s.last_health?.try_into().ok()?,
+                        health: s.health,
+                        last_health: s.last_health,
                         applied_revision: s.applied_revision,
                     },
-                ))
+                )
             })
             .collect()
     }

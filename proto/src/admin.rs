@@ -9,8 +9,10 @@
 //! state (whether a node is known, a token still valid): only what a message
 //! alone can tell.
 
-use crate::convert::{bounded_list, bounded_str, node_health_from_pb, role_from_pb, ProtoError};
-use crate::domain::{NodeHealth, NodeId, Role};
+use crate::convert::{
+    bounded_list, bounded_str, node_health_from_pb, node_health_to_pb, role_from_pb, ProtoError,
+};
+use crate::domain::{Health, NodeHealth, NodeId, Role};
 use crate::pb;
 use crate::vip::VipSpec;
 
@@ -352,6 +354,45 @@ impl TryFrom<pb::LeaseStatesResponse> for LeaseStates {
     }
 }
 
+/// A node's live session on the replica that serves it
+/// (`PeerService.LiveSessions`): fresher than the status etcd holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveSession {
+    pub node: NodeId,
+    pub last_seen_unix_ms: u64,
+    pub health: NodeHealth,
+    pub last_health: Health,
+    pub applied_revision: u64,
+}
+
+impl From<LiveSession> for pb::LiveSession {
+    fn from(s: LiveSession) -> Self {
+        pb::LiveSession {
+            node_id: s.node.into(),
+            last_seen_unix_ms: s.last_seen_unix_ms,
+            health: node_health_to_pb(s.health) as i32,
+            last_health: Some(s.last_health.into()),
+            applied_revision: s.applied_revision,
+        }
+    }
+}
+
+impl TryFrom<pb::LiveSession> for LiveSession {
+    type Error = ProtoError;
+    fn try_from(s: pb::LiveSession) -> Result<Self, ProtoError> {
+        Ok(LiveSession {
+            node: NodeId::new(s.node_id)?,
+            last_seen_unix_ms: s.last_seen_unix_ms,
+            health: node_health_from_pb(s.health)?,
+            last_health: s
+                .last_health
+                .ok_or(ProtoError::MissingField("last_health"))?
+                .try_into()?,
+            applied_revision: s.applied_revision,
+        })
+    }
+}
+
 /// A VIP as `vip list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VipStatus {
@@ -569,6 +610,27 @@ mod tests {
             ..Default::default()
         })
         .is_err());
+    }
+
+    #[test]
+    fn live_sessions_round_trip_and_need_their_health() {
+        let session = LiveSession {
+            node: NodeId::new("n1").expect("node id"),
+            last_seen_unix_ms: 7,
+            health: NodeHealth::Healthy,
+            last_health: Health::default(),
+            applied_revision: 3,
+        };
+        let wire = pb::LiveSession::from(session.clone());
+        assert_eq!(LiveSession::try_from(wire.clone()), Ok(session));
+        let without = pb::LiveSession {
+            last_health: None,
+            ..wire
+        };
+        assert_eq!(
+            LiveSession::try_from(without),
+            Err(ProtoError::MissingField("last_health"))
+        );
     }
 
     #[test]
