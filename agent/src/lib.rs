@@ -27,6 +27,7 @@ pub mod join;
 pub mod logs;
 pub mod metrics;
 pub mod ndp;
+pub mod network;
 pub mod packet;
 pub mod roles;
 pub mod session;

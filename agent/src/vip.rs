@@ -2,7 +2,9 @@
 //! has the lb role it keeps a lease stream to **every** coordinator replica,
 //! heartbeats them all, and drives a [`Holder`] — the same IO-free protocol
 //! code the simulation checks — carrying out what it decides: probe, bind,
-//! announce, unbind.
+//! announce, unbind. The host's network is behind [`Network`]
+//! ([`crate::network`]): the real one in the daemon, a scripted fake in the
+//! unit tests below.
 //!
 //! Every address this agent binds is first written to `vips.json` in its
 //! state directory, so that whatever ends the agent, `steward-agent
@@ -13,8 +15,10 @@
 //! - The holding rule is applied on this host's monotonic clock only;
 //!   replicas echo our send times and never compare clocks.
 //! - Nothing in the driver loop or the lease streams awaits without a
-//!   deadline: netlink calls carry [`crate::address::NETLINK_DEADLINE`],
-//!   dials and stream opens time out, events reach the driver with
+//!   deadline: the driver wraps every [`Network`] call it awaits in
+//!   [`crate::address::NETLINK_DEADLINE`] (whatever the implementation
+//!   does; the unit tests hang the fake to check it), dials and stream
+//!   opens time out, events reach the driver with
 //!   [`EVENT_DEADLINE`]. A driver blocked in an await could not drop a VIP
 //!   whose lease ran out. The driver marks its [`Beat`] on every wake-up for
 //!   the systemd watchdog ([`crate::watchdog`]).
@@ -22,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use steward_lease::messages::{LeaseHeartbeat, LeaseReply};
@@ -33,12 +37,14 @@ use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_proto::vip::VipCheck;
 use steward_runtime::backoff::Backoff;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::address::{enable_nonlocal_bind, HostNetwork, NetError};
+use crate::address::{HostNetwork, NetError, NETLINK_DEADLINE};
 use crate::config::{Settings, VipSettings};
+use crate::network::Network;
 use crate::session::Credentials;
 use crate::state::RecordedState;
 use crate::watchdog::{Beat, KEEPALIVE};
@@ -117,17 +123,24 @@ impl HeldFile {
 /// `steward-agent release-vips` after the agent stopped). Returns how many
 /// were removed.
 pub async fn release_recorded(state_dir: &Path) -> Result<usize, NetError> {
-    let file = HeldFile::new(state_dir);
-    let held = file.load();
-    if held.held.is_empty() {
+    if HeldFile::new(state_dir).load().held.is_empty() {
         return Ok(0);
     }
-    let net = HostNetwork::connect()?;
+    release_recorded_on(&HostNetwork::connect()?, state_dir).await
+}
+
+/// [`release_recorded`] on a given network.
+pub async fn release_recorded_on(net: &impl Network, state_dir: &Path) -> Result<usize, NetError> {
+    let file = HeldFile::new(state_dir);
+    let held = file.load();
     let mut removed = 0;
     for h in &held.held {
         let target = h.target();
-        if net.has_address(&target).await.unwrap_or(true) {
-            net.remove_address(&target).await?;
+        if bounded("address lookup", net.has_address(&target))
+            .await
+            .unwrap_or(true)
+        {
+            bounded("address delete", net.remove_address(&target)).await?;
             removed += 1;
             info!(vip.name = %h.vip, address = %h.address, interface = %h.interface, "removed VIP held without a lease");
         }
@@ -136,6 +149,20 @@ pub async fn release_recorded(state_dir: &Path) -> Result<usize, NetError> {
         warn!(%error, "cannot clear the held-VIP record");
     }
     Ok(removed)
+}
+
+/// `call` with [`NETLINK_DEADLINE`]: the driver bounds every network call it
+/// awaits itself, whatever the [`Network`] implementation does.
+async fn bounded<T>(
+    op: &'static str,
+    call: impl std::future::Future<Output = Result<T, NetError>>,
+) -> Result<T, NetError> {
+    tokio::time::timeout(NETLINK_DEADLINE, call)
+        .await
+        .map_err(|_| NetError::Timeout {
+            op,
+            after: NETLINK_DEADLINE,
+        })?
 }
 
 enum DriverEvent {
@@ -151,12 +178,12 @@ enum DriverEvent {
     },
 }
 
-struct Driver {
+struct Driver<N: Network> {
     node: NodeId,
     settings: VipSettings,
     holder: Holder,
     origin: Instant,
-    net: Arc<HostNetwork>,
+    net: Arc<N>,
     checks: BTreeMap<String, VipCheck>,
     targets: BTreeMap<String, Target>,
     health: BTreeMap<String, bool>,
@@ -172,7 +199,35 @@ struct Driver {
     events: mpsc::Sender<DriverEvent>,
 }
 
-impl Driver {
+impl<N: Network> Driver<N> {
+    fn new(
+        node: NodeId,
+        settings: VipSettings,
+        net: Arc<N>,
+        held_file: HeldFile,
+        events: mpsc::Sender<DriverEvent>,
+    ) -> Self {
+        let (heartbeats, _) = watch::channel(None);
+        Driver {
+            holder: Holder::new(node.clone(), settings.lease),
+            node,
+            settings,
+            origin: Instant::now(),
+            net,
+            checks: BTreeMap::new(),
+            targets: BTreeMap::new(),
+            health: BTreeMap::new(),
+            checking: BTreeMap::new(),
+            held_file,
+            held: HeldAddresses::default(),
+            seq: 0,
+            last_claims: Vec::new(),
+            nonlocal_bind: false,
+            heartbeats,
+            events,
+        }
+    }
+
     fn now(&self) -> Duration {
         self.origin.elapsed()
     }
@@ -208,7 +263,7 @@ impl Driver {
                 if !reply.assignments.is_empty() && !self.nonlocal_bind {
                     // Only once a VIP exists: a node without one keeps its
                     // kernel settings as they are.
-                    match enable_nonlocal_bind() {
+                    match self.net.enable_nonlocal_bind() {
                         Ok(()) => info!("ip_nonlocal_bind enabled: HAProxy can bind VIPs this node does not hold"),
                         Err(error) => warn!(%error, "cannot enable ip_nonlocal_bind; HAProxy on the passive node may fail to bind the VIP"),
                     }
@@ -263,7 +318,7 @@ impl Driver {
                     let events = self.events.clone();
                     let wait = self.settings.probe_wait;
                     tokio::spawn(async move {
-                        let in_use = match probe(&net, &target, wait).await {
+                        let in_use = match probe(net.as_ref(), &target, wait).await {
                             Ok(in_use) => in_use,
                             Err(error) => {
                                 warn!(%error, vip.name = %vip, "cannot probe; will retry");
@@ -279,9 +334,14 @@ impl Driver {
                 HolderAction::Bind { vip, target } => self.bind(&vip, &target).await,
                 HolderAction::Unbind { vip, target, why } => self.unbind(&vip, &target, why).await,
                 HolderAction::Announce { vip, target } => {
-                    match self.net.resolve_interface(&target).await {
+                    match bounded("interface lookup", self.net.resolve_interface(&target)).await {
                         Ok((interface, _)) => {
-                            if let Err(error) = crate::arp::announce(&interface, target.address) {
+                            let announced = bounded(
+                                "announcement",
+                                self.net.announce(&interface, target.address),
+                            )
+                            .await;
+                            if let Err(error) = announced {
                                 warn!(%error, vip.name = %vip, "announcement failed");
                             } else {
                                 debug!(vip.name = %vip, %interface, "announced");
@@ -296,7 +356,8 @@ impl Driver {
     }
 
     async fn bind(&mut self, vip: &str, target: &Target) {
-        let interface = match self.net.resolve_interface(target).await {
+        let interface = match bounded("interface lookup", self.net.resolve_interface(target)).await
+        {
             Ok((name, _)) => name,
             Err(error) => {
                 warn!(%error, vip.name = %vip, "cannot bind: no interface");
@@ -320,7 +381,7 @@ impl Driver {
                 warn!(%error, "cannot record held VIP; binding anyway");
             }
         }
-        match self.net.add_address(target).await {
+        match bounded("address add", self.net.add_address(target)).await {
             Ok(()) => {
                 info!(vip.name = %vip, address = %target.address, %interface, "VIP bound");
                 let m = crate::metrics::metrics();
@@ -332,7 +393,7 @@ impl Driver {
     }
 
     async fn unbind(&mut self, vip: &str, target: &Target, why: &str) {
-        match self.net.remove_address(target).await {
+        match bounded("address delete", self.net.remove_address(target)).await {
             Ok(()) => {
                 info!(vip.name = %vip, address = %target.address, why, "VIP removed");
                 let m = crate::metrics::metrics();
@@ -401,7 +462,7 @@ impl Driver {
             .map(|(v, t)| (v.clone(), t.clone()))
             .collect();
         for (vip, target) in targets {
-            match self.net.has_address(&target).await {
+            match bounded("address lookup", self.net.has_address(&target)).await {
                 Ok(present) => {
                     let now = self.now();
                     let actions = self.holder.observe(&vip, present, now);
@@ -410,6 +471,19 @@ impl Driver {
                 Err(error) => debug!(%error, vip.name = %vip, "cannot read addresses"),
             }
         }
+    }
+
+    /// A deadline of the holding rule passed (a lease lapsing, an
+    /// announcement or a probe due).
+    async fn on_deadline(&mut self) {
+        let now = self.now();
+        let actions = self.holder.tick(now);
+        self.carry_out(actions).await;
+    }
+
+    /// When [`Driver::on_deadline`] must run next.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.holder.next_deadline().map(|d| self.origin + d)
     }
 
     /// Lets go of everything and tells the replicas.
@@ -421,13 +495,24 @@ impl Driver {
     }
 }
 
-async fn probe(net: &HostNetwork, target: &Target, wait: Duration) -> Result<bool, NetError> {
-    if net.has_address(target).await? {
+async fn probe(net: &impl Network, target: &Target, wait: Duration) -> Result<bool, NetError> {
+    if bounded("address lookup", net.has_address(target)).await? {
         // Ours already (a restart's leftover we are entitled to again).
         return Ok(false);
     }
-    let (interface, _) = net.resolve_interface(target).await?;
-    crate::arp::probe(&interface, target.address, wait).await
+    let (interface, _) = bounded("interface lookup", net.resolve_interface(target)).await?;
+    match tokio::time::timeout(
+        wait + NETLINK_DEADLINE,
+        net.probe(&interface, target.address, wait),
+    )
+    .await
+    {
+        Ok(answer) => answer,
+        Err(_) => Err(NetError::Timeout {
+            op: "probe",
+            after: wait + NETLINK_DEADLINE,
+        }),
+    }
 }
 
 /// One lease stream to one replica, reconnecting with backoff until `stop`.
@@ -545,25 +630,13 @@ pub async fn run_vips(
     }
     let vip = settings.vip.clone();
     let (events_tx, mut events_rx) = mpsc::channel(64);
-    let (heartbeats, _) = watch::channel(None);
-    let mut driver = Driver {
-        node: settings.node_id.clone(),
-        holder: Holder::new(settings.node_id.clone(), vip.lease),
-        settings: vip.clone(),
-        origin: Instant::now(),
-        net: Arc::new(HostNetwork::connect()?),
-        checks: BTreeMap::new(),
-        targets: BTreeMap::new(),
-        health: BTreeMap::new(),
-        checking: BTreeMap::new(),
-        held_file: HeldFile::new(&settings.state_dir),
-        held: HeldAddresses::default(),
-        seq: 0,
-        last_claims: Vec::new(),
-        nonlocal_bind: false,
-        heartbeats,
-        events: events_tx.clone(),
-    };
+    let mut driver = Driver::new(
+        settings.node_id.clone(),
+        vip.clone(),
+        Arc::new(HostNetwork::connect()?),
+        HeldFile::new(&settings.state_dir),
+        events_tx.clone(),
+    );
     let mut streams: Option<CancellationToken> = None;
     let mut hb_tick = tokio::time::interval(vip.lease.heartbeat);
     let mut check_tick = tokio::time::interval(vip.check_interval);
@@ -619,7 +692,7 @@ pub async fn run_vips(
             }
             _ => {}
         }
-        let deadline = driver.holder.next_deadline().map(|d| driver.origin + d);
+        let deadline = driver.next_deadline();
         tokio::select! {
             _ = keepalive.tick() => {}
             _ = shutdown.cancelled() => {
@@ -640,11 +713,7 @@ pub async fn run_vips(
             _ = hb_tick.tick(), if streams.is_some() => driver.heartbeat(),
             _ = check_tick.tick(), if streams.is_some() => driver.start_checks(),
             _ = observe_tick.tick(), if streams.is_some() => driver.observe().await,
-            _ = sleep_until(deadline) => {
-                let now = driver.now();
-                let actions = driver.holder.tick(now);
-                driver.carry_out(actions).await;
-            }
+            _ = sleep_until(deadline) => driver.on_deadline().await,
             Some(event) = events_rx.recv() => driver.on_event(event).await,
         }
     }
@@ -652,7 +721,345 @@ pub async fn run_vips(
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use steward_lease::messages::AssignedVip;
+    use steward_lease::{Assignment, Binding, LeaseParams};
+
+    use super::*;
+    use crate::network::fake::{FakeNetwork, Op, Script};
+
+    const VIP: &str = "front";
+    const PROBE_WAIT: Duration = Duration::from_millis(100);
+
+    fn address() -> IpAddr {
+        "198.18.0.100".parse().expect("address")
+    }
+
+    fn node(id: &str) -> NodeId {
+        NodeId::new(id).expect("node id")
+    }
+
+    struct Rig {
+        driver: Driver<FakeNetwork>,
+        net: FakeNetwork,
+        events: mpsc::Receiver<DriverEvent>,
+        state_dir: tempfile::TempDir,
+    }
+
+    fn rig() -> Rig {
+        let net = FakeNetwork::default();
+        let state_dir = tempfile::tempdir().expect("temp dir");
+        let (events_tx, events) = mpsc::channel(64);
+        let settings = VipSettings {
+            lease: LeaseParams::DEFAULT,
+            probe_wait: PROBE_WAIT,
+            check_interval: Duration::from_secs(1),
+            haproxy_socket: state_dir.path().join("haproxy.sock"),
+        };
+        let driver = Driver::new(
+            node("lb-1"),
+            settings,
+            Arc::new(net.clone()),
+            HeldFile::new(state_dir.path()),
+            events_tx,
+        );
+        Rig {
+            driver,
+            net,
+            events,
+            state_dir,
+        }
+    }
+
+    fn assignment(epoch: u64, owner: &str) -> LeaseReply {
+        LeaseReply {
+            replica: "r1".into(),
+            seq: 0,
+            sent_at: Duration::ZERO,
+            acked: Vec::new(),
+            assignments: vec![AssignedVip {
+                assignment: Assignment {
+                    vip: VIP.into(),
+                    epoch,
+                    owner: Some(node(owner)),
+                    target: Target {
+                        address: address(),
+                        prefix: 24,
+                        interface: None,
+                    },
+                    release_requested: false,
+                },
+                check: VipCheck::None,
+            }],
+        }
+    }
+
+    impl Rig {
+        /// Two of three replicas ack `epoch` for a heartbeat sent now.
+        async fn quorum_acks(&mut self, epoch: u64) {
+            for replica in ["r1", "r2"] {
+                let reply = LeaseReply {
+                    replica: replica.into(),
+                    seq: 1,
+                    sent_at: self.driver.now(),
+                    acked: vec![(VIP.into(), epoch)],
+                    assignments: Vec::new(),
+                };
+                self.driver.on_event(DriverEvent::Reply(reply)).await;
+            }
+        }
+
+        /// The driver's loop, without the lease streams and health checks,
+        /// for `duration`: events, observation, the holding rule's
+        /// deadlines, and (with `acks`) a quorum
+        /// of acks for `epoch` every heartbeat.
+        async fn run_for(&mut self, duration: Duration, acks: Option<u64>) {
+            let end = Instant::now() + duration;
+            let mut heartbeat = tokio::time::interval(self.driver.settings.lease.heartbeat);
+            let mut observe = tokio::time::interval(OBSERVE_INTERVAL);
+            loop {
+                let deadline = self.driver.next_deadline();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(end) => return,
+                    _ = heartbeat.tick(), if acks.is_some() => {
+                        self.quorum_acks(acks.unwrap_or_default()).await;
+                    }
+                    _ = observe.tick() => self.driver.observe().await,
+                    _ = sleep_until(deadline) => self.driver.on_deadline().await,
+                    Some(event) = self.events.recv() => self.driver.on_event(event).await,
+                }
+            }
+        }
+
+        /// Assigns the VIP to this node, acks it and lets the probe run.
+        async fn bind(&mut self, epoch: u64) {
+            self.driver
+                .on_event(DriverEvent::Reply(assignment(epoch, "lb-1")))
+                .await;
+            self.quorum_acks(epoch).await;
+            let probed = self.events.recv().await.expect("a probe result");
+            assert!(matches!(probed, DriverEvent::Probed { .. }));
+            self.driver.on_event(probed).await;
+        }
+
+        fn binding(&self) -> Binding {
+            self.driver.holder.binding(VIP)
+        }
+    }
+
+    /// Fails a test whose driver awaits without a deadline, instead of
+    /// hanging it (paused time runs on to the deadline at once).
+    async fn within<T>(limit: Duration, test: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(limit, test)
+            .await
+            .expect("the VIP driver is stuck in an await")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn binds_records_and_announces_on_a_granted_lease() {
+        let mut rig = rig();
+        rig.bind(7).await;
+        assert_eq!(rig.binding(), Binding::Bound);
+        assert!(rig.net.holds(address()));
+        assert_eq!(rig.net.calls(Op::Probe).len(), 1);
+        assert_eq!(rig.net.calls(Op::Add).len(), 1);
+        assert_eq!(rig.net.calls(Op::Announce).len(), 1);
+        assert_eq!(rig.net.calls(Op::NonlocalBind).len(), 1);
+        let held = HeldFile::new(rig.state_dir.path()).load();
+        assert_eq!(held.held.len(), 1, "{held:?}");
+        assert_eq!(held.held[0].address, address());
+        assert_eq!(held.held[0].interface, FakeNetwork::INTERFACE);
+        let claims = rig.driver.holder.claims();
+        assert_eq!(claims.len(), 1);
+        assert_eq!(claims[0].epoch, 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_bind_without_a_quorum_of_acks() {
+        let mut rig = rig();
+        rig.driver
+            .on_event(DriverEvent::Reply(assignment(7, "lb-1")))
+            .await;
+        let reply = LeaseReply {
+            replica: "r1".into(),
+            seq: 1,
+            sent_at: rig.driver.now(),
+            acked: vec![(VIP.into(), 7)],
+            assignments: Vec::new(),
+        };
+        rig.driver.on_event(DriverEvent::Reply(reply)).await;
+        rig.run_for(Duration::from_secs(2), None).await;
+        assert!(rig.net.calls(Op::Probe).is_empty());
+        assert!(rig.net.calls(Op::Add).is_empty());
+        assert!(!rig.net.holds(address()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drops_when_the_lease_runs_out_even_if_adding_hangs() {
+        within(Duration::from_secs(10), async {
+            let mut rig = rig();
+            // The kernel adds the address but its answer is lost.
+            rig.net.script(Op::Add, Script::LoseReply);
+            let acked_at = Instant::now();
+            rig.driver
+                .on_event(DriverEvent::Reply(assignment(7, "lb-1")))
+                .await;
+            rig.quorum_acks(7).await;
+            let probed = rig.events.recv().await.expect("a probe result");
+            let before = Instant::now();
+            rig.driver.on_event(probed).await;
+            // The hanging add cost the driver its deadline, no more.
+            assert!(
+                before.elapsed() <= NETLINK_DEADLINE + Duration::from_millis(10),
+                "the bind took {:?}",
+                before.elapsed()
+            );
+            assert_eq!(rig.net.calls(Op::Add).len(), 1);
+            // No more acks: the holding rule drops the address when the
+            // quorum's window closes.
+            rig.run_for(Duration::from_secs(2), None).await;
+            let removes = rig.net.calls(Op::Remove);
+            assert_eq!(removes.len(), 1, "{removes:?}");
+            let dropped_after = removes[0].at - acked_at;
+            let window = LeaseParams::DEFAULT.hold_window();
+            assert!(
+                dropped_after >= window && dropped_after <= window + Duration::from_millis(10),
+                "dropped {dropped_after:?} after the acks; the window is {window:?}"
+            );
+            assert_eq!(rig.binding(), Binding::Unbound);
+            assert!(!rig.net.holds(address()));
+            assert!(HeldFile::new(rig.state_dir.path()).load().held.is_empty());
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drops_at_once_when_the_lease_is_revoked() {
+        within(Duration::from_secs(10), async {
+            let mut rig = rig();
+            rig.bind(7).await;
+            assert!(rig.net.holds(address()));
+            // The replicas give the VIP to lb-2 under a newer epoch; even a
+            // hanging announcement cannot delay the drop.
+            rig.net.script(Op::Announce, Script::Hang);
+            let revoked_at = Instant::now();
+            rig.driver
+                .on_event(DriverEvent::Reply(assignment(9, "lb-2")))
+                .await;
+            assert!(!rig.net.holds(address()));
+            let removes = rig.net.calls(Op::Remove);
+            assert_eq!(removes.len(), 1);
+            assert_eq!(removes[0].at, revoked_at);
+            assert_eq!(rig.binding(), Binding::Unbound);
+            assert!(rig.driver.holder.claims().is_empty());
+            // Acks for the old epoch no longer entitle us to anything.
+            rig.run_for(Duration::from_secs(2), Some(7)).await;
+            assert_eq!(rig.net.calls(Op::Add).len(), 1);
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_remove_does_not_stop_the_driver() {
+        within(Duration::from_secs(10), async {
+            let mut rig = rig();
+            rig.bind(7).await;
+            rig.net.script(Op::Remove, Script::Hang);
+            let before = Instant::now();
+            rig.driver
+                .on_event(DriverEvent::Reply(assignment(9, "lb-2")))
+                .await;
+            assert!(before.elapsed() <= NETLINK_DEADLINE + Duration::from_millis(10));
+            assert_eq!(rig.binding(), Binding::Unbound);
+            // The next observation finds the address still there and
+            // removes it again once removal works.
+            rig.net.clear_script(Op::Remove);
+            rig.driver.observe().await;
+            assert!(!rig.net.holds(address()));
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refuses_to_bind_while_another_host_answers_for_the_address() {
+        let mut rig = rig();
+        rig.net.state().taken.insert(address());
+        rig.bind(7).await;
+        assert_eq!(rig.binding(), Binding::Unbound);
+        assert!(rig.net.calls(Op::Add).is_empty());
+        // It keeps probing while entitled, and binds once the other host
+        // is gone.
+        rig.run_for(Duration::from_secs(1), Some(7)).await;
+        assert!(rig.net.calls(Op::Probe).len() >= 2);
+        assert!(rig.net.calls(Op::Add).is_empty());
+        rig.net.state().taken.clear();
+        rig.run_for(Duration::from_secs(1), Some(7)).await;
+        assert_eq!(rig.binding(), Binding::Bound);
+        assert!(rig.net.holds(address()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn re_announces_while_holding() {
+        let mut rig = rig();
+        rig.bind(7).await;
+        let bound_at = Instant::now();
+        rig.run_for(Duration::from_secs(6), Some(7)).await;
+        assert_eq!(rig.binding(), Binding::Bound);
+        let announced: Vec<Duration> = rig
+            .net
+            .calls(Op::Announce)
+            .iter()
+            .map(|c| c.at - bound_at)
+            .collect();
+        // Once on binding, then four repeats a second apart.
+        assert_eq!(
+            announced,
+            [0, 1, 2, 3, 4].map(Duration::from_secs).to_vec(),
+            "{announced:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_add_is_retried_by_observation() {
+        let mut rig = rig();
+        rig.net.script(Op::Add, Script::Fail);
+        rig.bind(7).await;
+        assert!(!rig.net.holds(address()));
+        rig.net.clear_script(Op::Add);
+        rig.run_for(Duration::from_secs(2), Some(7)).await;
+        assert!(rig.net.holds(address()));
+        assert_eq!(rig.binding(), Binding::Bound);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_recorded_removes_what_vips_json_lists() {
+        let rig = rig();
+        let file = HeldFile::new(rig.state_dir.path());
+        let held = HeldAddress {
+            vip: VIP.into(),
+            address: address(),
+            prefix: 24,
+            interface: FakeNetwork::INTERFACE.into(),
+        };
+        file.save(&HeldAddresses { held: vec![held] })
+            .expect("save");
+        rig.net
+            .state()
+            .addresses
+            .insert(address(), FakeNetwork::INTERFACE.into());
+        let removed = release_recorded_on(&rig.net, rig.state_dir.path())
+            .await
+            .expect("release");
+        assert_eq!(removed, 1);
+        assert!(!rig.net.holds(address()));
+        assert!(file.load().held.is_empty());
     }
 }

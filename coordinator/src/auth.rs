@@ -27,9 +27,11 @@ pub fn peer_identity<T>(request: &Request<T>) -> Result<Identity> {
 pub fn require_admin<T>(request: &Request<T>, specs: &SpecSnapshot) -> Result<Identity> {
     let identity = peer_identity(request)?;
     if identity.kind != IdentityKind::Admin {
-        return Err(Error::PermissionDenied(format!(
-            "{identity} may not use the admin API; only admin certificates may"
-        )));
+        return Err(Error::WrongCertificateKind {
+            identity: identity.to_string(),
+            may: "use the admin API",
+            only: "admin",
+        });
     }
     check_not_revoked(&identity, RevocableKind::Admin, specs)?;
     Ok(identity)

@@ -10,6 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use steward_proto::admin::{
+    CreatedToken, IssuedCertificate, JoinAnswer, JoinRequest, TokenInfo, TokenRequest,
+};
 use steward_proto::domain::{Event, EventKind, NodeId};
 use steward_proto::pb;
 use tonic::{Request, Response, Status};
@@ -27,18 +30,11 @@ const REFUSAL_DELAY: Duration = Duration::from_millis(300);
 /// Concurrent uses of one token retry their compare-and-set this often.
 const CONSUME_ATTEMPTS: usize = 5;
 
-fn issued(i: Issued, ca_pem: &str) -> pb::IssuedCertificate {
-    pb::IssuedCertificate {
+fn issued(i: Issued, ca_pem: &str) -> IssuedCertificate {
+    IssuedCertificate {
         certificate_pem: i.certificate_pem,
         ca_pem: ca_pem.to_owned(),
         not_after_unix_ms: i.not_after_unix_ms,
-    }
-}
-
-fn refused(r: Refusal) -> Error {
-    match r {
-        Refusal::Malformed => Error::InvalidArgument(r.to_string()),
-        other => Error::PermissionDenied(other.to_string()),
     }
 }
 
@@ -61,17 +57,15 @@ impl BootstrapApi {
         }
     }
 
-    async fn join(&self, request: pb::JoinRequest) -> Result<pb::JoinResponse> {
-        let token: Token = request.token.parse().map_err(refused)?;
-        let node = NodeId::new(&request.node_id).map_err(|e| {
-            Error::InvalidArgument(format!("node id {:?}: {}", request.node_id, e.reason))
-        })?;
+    async fn join(&self, request: JoinRequest) -> Result<JoinAnswer> {
+        let token: Token = request.token.parse()?;
+        let node = request.node;
         for _ in 0..CONSUME_ATTEMPTS {
             let Some(record) = self.store.token(&token.id).await? else {
-                return Err(refused(Refusal::Unknown));
+                return Err(Refusal::Unknown.into());
             };
             let known = self.store.node_known(&node).await?;
-            tokens::check(&record.value, &token, &node, known, unix_ms()).map_err(refused)?;
+            tokens::check(&record.value, &token, &node, known, unix_ms())?;
             // Signed before the token is used up, so a bad CSR costs no use;
             // a certificate is handed out only once the use is recorded.
             let after = start_after(self.store.revocation(&node).await?.as_ref()).await;
@@ -96,8 +90,8 @@ impl BootstrapApi {
             {
                 let members = self.store.members().await?;
                 info!(node = %node, token = %token.id, "node joined");
-                return Ok(pb::JoinResponse {
-                    certificate: Some(issued(certificate, self.signer.ca_pem())),
+                return Ok(JoinAnswer {
+                    certificate: issued(certificate, self.signer.ca_pem()),
                     coordinators: members.into_iter().map(|m| m.address).collect(),
                     replicas: self.replicas,
                 });
@@ -163,11 +157,15 @@ impl pb::bootstrap_service_server::BootstrapService for BootstrapApi {
         let request = request.into_inner();
         let node = request.node_id.clone();
         let metrics = crate::metrics::metrics();
-        match BootstrapApi::join(self, request).await {
-            Ok(response) => {
+        let joined = match JoinRequest::try_from(request) {
+            Ok(request) => BootstrapApi::join(self, request).await,
+            Err(invalid) => Err(Error::from(invalid)),
+        };
+        match joined {
+            Ok(answer) => {
                 metrics.joins.with(&["joined"]).inc();
                 metrics.certificates_issued.with(&["join"]).inc();
-                Ok(Response::new(response))
+                Ok(Response::new(answer.into()))
             }
             Err(error) => {
                 metrics.joins.with(&["refused"]).inc();
@@ -205,7 +203,8 @@ async fn start_after(revoked: Option<&NodeRevokedRecord>) -> Option<i64> {
 
 /// `AgentService.RenewCertificate`: a new certificate for the caller's own
 /// node, unless the caller's certificate is revoked. `None`: this replica
-/// has no `[pki]`.
+/// has no `[pki]`. Answers on the wire already: its caller, the agent
+/// service, is an edge itself.
 pub async fn renew(
     signer: Option<&Signer>,
     store: &Store,
@@ -213,17 +212,13 @@ pub async fn renew(
 ) -> Result<pb::IssuedCertificate> {
     let identity = peer_identity(request)?;
     if identity.kind != IdentityKind::Agent {
-        return Err(Error::PermissionDenied(format!(
-            "{identity} may not renew an agent certificate; only agents may"
-        )));
+        return Err(Error::NotAnAgent(identity.to_string()));
     }
-    let node = NodeId::new(&identity.name)
-        .map_err(|e| Error::PermissionDenied(format!("{identity}: {}", e.reason)))?;
-    let signer = signer.ok_or_else(|| {
-        Error::FailedPrecondition(
-            "this replica issues no certificates (no [pki] in its config); try another".into(),
-        )
+    let node = NodeId::new(&identity.name).map_err(|e| Error::AgentNameInvalid {
+        identity: identity.to_string(),
+        reason: e.reason,
     })?;
+    let signer = signer.ok_or(Error::NoPki)?;
     let revoked = store.revocation(&node).await?;
     if let Some(r) = &revoked {
         r.check(&node, identity.issued_unix_s)?;
@@ -235,17 +230,17 @@ pub async fn renew(
         .certificates_issued
         .with(&["renewal"])
         .inc();
-    Ok(issued(certificate, signer.ca_pem()))
+    Ok(issued(certificate, signer.ca_pem()).into())
 }
 
-fn token_info(r: tokens::TokenRecord) -> pb::TokenInfo {
-    pb::TokenInfo {
+fn token_info(r: tokens::TokenRecord) -> TokenInfo {
+    TokenInfo {
         id: r.id,
         created_unix_ms: r.created_unix_ms,
         expires_unix_ms: r.expires_unix_ms,
         uses: r.uses,
-        used_by: r.used_by.into_iter().map(|u| u.node.to_string()).collect(),
-        node_id: r.node.map(|n| n.to_string()).unwrap_or_default(),
+        used_by: r.used_by.into_iter().map(|u| u.node).collect(),
+        node: r.node,
         description: r.description,
         created_by: r.created_by,
     }
@@ -255,40 +250,23 @@ fn token_info(r: tokens::TokenRecord) -> pb::TokenInfo {
 pub async fn create_token(
     store: &Store,
     created_by: &str,
-    request: pb::CreateTokenRequest,
+    request: TokenRequest,
     ca_hash: &str,
-) -> Result<pb::CreateTokenResponse> {
+) -> Result<CreatedToken> {
     if !(tokens::MIN_TTL_S..=tokens::MAX_TTL_S).contains(&request.ttl_s) {
-        return Err(Error::InvalidArgument(format!(
-            "ttl {} s: must be between {} s and {} days",
-            request.ttl_s,
-            tokens::MIN_TTL_S,
-            tokens::MAX_TTL_S / 86_400
-        )));
-    }
-    let node = match request.node_id.as_str() {
-        "" => None,
-        id => Some(
-            NodeId::new(id)
-                .map_err(|e| Error::InvalidArgument(format!("node id {id:?}: {}", e.reason)))?,
-        ),
-    };
-    if request.description.len() > 256 {
-        return Err(Error::InvalidArgument(
-            "description: at most 256 bytes".into(),
-        ));
+        return Err(Error::TokenTtlOutOfRange {
+            ttl_s: request.ttl_s,
+        });
     }
     let members = store.members().await?;
     let join_urls: Vec<String> = members.into_iter().filter_map(|m| m.bootstrap).collect();
     if join_urls.is_empty() {
-        return Err(Error::FailedPrecondition(
-            "no replica serves joins: give at least one a [pki] section with bootstrap_listen"
-                .into(),
-        ));
+        return Err(Error::NoJoinListener);
     }
+    let node = request.node;
     let now = unix_ms();
     for _ in 0..CONSUME_ATTEMPTS {
-        let token = Token::generate().map_err(Error::FailedPrecondition)?;
+        let token = Token::generate().map_err(Error::TokenGeneration)?;
         let record = tokens::TokenRecord {
             id: token.id.clone(),
             secret_sha256: token.secret_hash(),
@@ -302,9 +280,9 @@ pub async fn create_token(
         };
         if store.create_token(&record).await? {
             info!(token = %token.id, by = created_by, "join token created");
-            return Ok(pb::CreateTokenResponse {
+            return Ok(CreatedToken {
                 token: token.to_string(),
-                info: Some(token_info(record)),
+                info: token_info(record),
                 ca_hash: ca_hash.to_owned(),
                 join_urls,
             });
@@ -315,19 +293,16 @@ pub async fn create_token(
     })
 }
 
-pub async fn list_tokens(store: &Store) -> Result<pb::ListTokensResponse> {
+/// Every join token, oldest first.
+pub async fn list_tokens(store: &Store) -> Result<Vec<TokenInfo>> {
     let mut tokens = store.tokens().await?;
     tokens.sort_by_key(|t| t.created_unix_ms);
-    Ok(pb::ListTokensResponse {
-        tokens: tokens.into_iter().map(token_info).collect(),
-    })
+    Ok(tokens.into_iter().map(token_info).collect())
 }
 
 pub async fn delete_token(store: &Store, id: &str) -> Result<()> {
     if !store.delete_token(id).await? {
-        return Err(Error::FailedPrecondition(format!(
-            "no token {id:?} (stewardctl token list shows them)"
-        )));
+        return Err(Error::UnknownToken(id.to_owned()));
     }
     info!(token = id, "join token deleted");
     Ok(())
@@ -373,10 +348,10 @@ mod tests {
     }
 
     async fn token(f: &Fixture, uses: u32, bound_to: &str) -> String {
-        let request = pb::CreateTokenRequest {
+        let request = TokenRequest {
             ttl_s: 600,
             uses,
-            node_id: bound_to.into(),
+            node: (!bound_to.is_empty()).then(|| node(bound_to)),
             description: String::new(),
         };
         let created = create_token(f.replica.store(), "ops", request, "sha256:test")
@@ -386,10 +361,10 @@ mod tests {
         created.token
     }
 
-    fn join(token: &str, node: &str) -> pb::JoinRequest {
-        pb::JoinRequest {
+    fn join(token: &str, id: &str) -> JoinRequest {
+        JoinRequest {
             token: token.into(),
-            node_id: node.into(),
+            node: node(id),
             csr_pem: csr(),
         }
     }
@@ -401,7 +376,6 @@ mod tests {
         let joined = f.api.join(join(&token, "n1")).await.expect("joined");
         assert!(joined
             .certificate
-            .expect("a certificate")
             .certificate_pem
             .contains("BEGIN CERTIFICATE"));
         assert_eq!(joined.coordinators, ["https://c-1.invalid:7400"]);
@@ -417,10 +391,13 @@ mod tests {
             .is_some());
 
         let error = f.api.join(join(&token, "n2")).await.expect_err("used up");
-        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+        assert!(
+            matches!(error, Error::JoinRefused(Refusal::UsedUp { .. })),
+            "{error}"
+        );
         assert!(error.to_string().contains("already used"), "{error}");
-        let listed = list_tokens(store).await.unwrap().tokens;
-        assert_eq!(listed[0].used_by, ["n1"]);
+        let listed = list_tokens(store).await.unwrap();
+        assert_eq!(listed[0].used_by, [node("n1")]);
     }
 
     #[tokio::test]
@@ -428,7 +405,10 @@ mod tests {
         let f = fixture().await;
         let bound = token(&f, 0, "n1").await;
         let error = f.api.join(join(&bound, "n2")).await.expect_err("bound");
-        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+        assert!(
+            matches!(error, Error::JoinRefused(Refusal::WrongNode { .. })),
+            "{error}"
+        );
         f.api
             .join(join(&bound, "n1"))
             .await
@@ -439,15 +419,82 @@ mod tests {
         put_roles(f.replica.store(), "n1", &[Role::Lb]).await;
         let unbound = token(&f, 0, "").await;
         let error = f.api.join(join(&unbound, "n1")).await.expect_err("known");
-        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+        assert!(
+            matches!(error, Error::JoinRefused(Refusal::NodeExists { .. })),
+            "{error}"
+        );
 
         let error = f.api.join(join("nonsense", "n3")).await.expect_err("bad");
-        assert!(matches!(error, Error::InvalidArgument(_)), "{error}");
+        assert!(
+            matches!(error, Error::JoinRefused(Refusal::Malformed)),
+            "{error}"
+        );
+        assert_eq!(
+            tonic::Status::from(error).code(),
+            tonic::Code::InvalidArgument
+        );
         delete_token(f.replica.store(), unbound.split('.').next().unwrap())
             .await
             .expect("deleted");
         let error = f.api.join(join(&unbound, "n3")).await.expect_err("gone");
-        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+        assert!(
+            matches!(error, Error::JoinRefused(Refusal::Unknown)),
+            "{error}"
+        );
+        assert_eq!(
+            tonic::Status::from(error).code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+
+    #[tokio::test]
+    async fn token_terms_are_checked_and_unknown_tokens_named() {
+        let f = fixture().await;
+        let store = f.replica.store();
+        for ttl_s in [tokens::MIN_TTL_S - 1, tokens::MAX_TTL_S + 1] {
+            let request = TokenRequest {
+                ttl_s,
+                uses: 1,
+                node: None,
+                description: String::new(),
+            };
+            let error = create_token(store, "ops", request, "sha256:test")
+                .await
+                .expect_err("ttl out of range");
+            assert!(
+                matches!(error, Error::TokenTtlOutOfRange { ttl_s: t } if t == ttl_s),
+                "{error}"
+            );
+        }
+        assert!(list_tokens(store).await.expect("tokens").is_empty());
+        let error = delete_token(store, "nosuch").await.expect_err("unknown");
+        assert!(
+            matches!(error, Error::UnknownToken(ref id) if id == "nosuch"),
+            "{error}"
+        );
+        let created = create_token(
+            store,
+            "ops",
+            TokenRequest {
+                ttl_s: 600,
+                uses: 2,
+                node: Some(node("n1")),
+                description: "rack 4".into(),
+            },
+            "sha256:test",
+        )
+        .await
+        .expect("created");
+        assert_eq!(created.ca_hash, "sha256:test");
+        assert_eq!(
+            (
+                created.info.uses,
+                created.info.node,
+                created.info.created_by.as_str()
+            ),
+            (2, Some(node("n1")), "ops")
+        );
+        assert!(created.token.starts_with(&format!("{}.", created.info.id)));
     }
 
     /// Issue 14, item 9: refused joins are logged once per source per
@@ -502,7 +549,10 @@ mod tests {
         // Retried, the second join sees a known id and is refused.
         assert!(store.node_known(&node("n9")).await.unwrap());
         let error = f.api.join(join(&b, "n9")).await.expect_err("claimed");
-        assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+        assert!(
+            matches!(error, Error::JoinRefused(Refusal::NodeExists { .. })),
+            "{error}"
+        );
         // A joined id stays claimed for unbound tokens, also one after the
         // other, before the node ever connects.
         let c = token(&f, 1, "").await;

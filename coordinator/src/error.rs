@@ -25,6 +25,93 @@ pub enum Error {
     UnknownRollout(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// `role add`/`role remove` naming no role.
+    #[error("invalid request: name at least one role")]
+    NoRolesNamed,
+    /// `stewardctl logs` for a unit or range the agent does not serve.
+    #[error("invalid request: {0}")]
+    InvalidLogQuery(String),
+    /// `stewardctl logs` asked of a replica that does not serve the node.
+    #[error("node {node} is connected to replica {replica}, not this one: ask {replica}")]
+    NodeServedElsewhere { node: NodeId, replica: String },
+    #[error("node {0} is not connected: its journal cannot be read now")]
+    NodeNotConnected(NodeId),
+    /// A drain its gates refuse (and no `--force`).
+    #[error("cannot drain {node}: {} (--force drains anyway)", .refusals.join("; "))]
+    DrainRefused { node: NodeId, refusals: Vec<String> },
+    #[error("{0} is not drained (stewardctl node drain {0})")]
+    NotDrained(NodeId),
+    #[error(
+        "no node mounts Gluster volume {volume}: no node has a role of its mount_on ({mount_on})"
+    )]
+    NoGlusterMounter { volume: String, mount_on: String },
+    /// A VIP definition that does not fit the fleet: every problem.
+    #[error("invalid request: VIP {name:?}: {}", .problems.join("; "))]
+    InvalidVip { name: String, problems: Vec<String> },
+    #[error("VIP {0} has no holder to move away from")]
+    VipHasNoHolder(String),
+    #[error("VIP {vip} is already held by {node}")]
+    VipAlreadyHeld { vip: String, node: NodeId },
+    #[error("invalid request: {node} is not a candidate for VIP {vip} (candidates: {})", join_nodes(.candidates))]
+    NotACandidate {
+        vip: String,
+        node: NodeId,
+        candidates: Vec<NodeId>,
+    },
+    /// A join the token does not allow.
+    #[error(transparent)]
+    JoinRefused(#[from] crate::tokens::Refusal),
+    #[error(
+        "invalid request: ttl {ttl_s} s: must be between {} s and {} days",
+        crate::tokens::MIN_TTL_S,
+        crate::tokens::MAX_TTL_S / 86_400
+    )]
+    TokenTtlOutOfRange { ttl_s: u64 },
+    #[error("no replica serves joins: give at least one a [pki] section with bootstrap_listen")]
+    NoJoinListener,
+    #[error("cannot generate a join token: {0}")]
+    TokenGeneration(String),
+    #[error("no token {0:?} (stewardctl token list shows them)")]
+    UnknownToken(String),
+    /// A certificate that is not an agent's asked for an agent's renewal.
+    #[error("{0} may not renew an agent certificate; only agents may")]
+    NotAnAgent(String),
+    #[error("{identity}: {reason}")]
+    AgentNameInvalid {
+        identity: String,
+        reason: &'static str,
+    },
+    #[error("this replica issues no certificates (no [pki] in its config); try another")]
+    NoPki,
+    /// A certificate of the wrong kind for this API (`may`: what it tried,
+    /// `only`: the kind that may).
+    #[error("{identity} may not {may}; only {only} certificates may")]
+    WrongCertificateKind {
+        identity: String,
+        may: &'static str,
+        only: &'static str,
+    },
+    /// A message naming another node than the caller's certificate.
+    #[error("certificate is for node {certificate:?}; it may not speak for node {claimed:?}")]
+    SpeaksForAnotherNode {
+        certificate: String,
+        claimed: String,
+    },
+    /// A lease stream's heartbeat naming another node than the stream's.
+    #[error("this stream speaks for {stream}; it may not speak for {claimed}")]
+    StreamSpeaksForAnotherNode { stream: NodeId, claimed: NodeId },
+    /// An agent whose `[vip]` lease timing the replicas cannot honour.
+    #[error(
+        "invalid request: lease parameters disagree: the agent uses lease {agent_lease:?} with \
+         {agent_replicas} replicas, this replica lease {lease:?} with {replicas} replicas (set \
+         [vip] alike on both, the agent's lease no longer than the coordinators')"
+    )]
+    LeaseParamsDisagree {
+        agent_lease: std::time::Duration,
+        agent_replicas: u32,
+        lease: std::time::Duration,
+        replicas: usize,
+    },
     #[error("node {node} does not have role {role}")]
     RoleNotAssigned { node: NodeId, role: Role },
     #[error("invalid request: {0}")]
@@ -106,6 +193,14 @@ fn spec_problems(problems: &[String]) -> String {
     text
 }
 
+fn join_nodes(nodes: &[NodeId]) -> String {
+    nodes
+        .iter()
+        .map(NodeId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for tonic::Status {
@@ -120,7 +215,31 @@ impl From<Error> for tonic::Status {
             | Error::UnknownVip(_)
             | Error::UnknownVolume(_)
             | Error::UnknownRollout(_) => Status::not_found(msg),
-            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::FailedPrecondition(_)
+            | Error::NodeServedElsewhere { .. }
+            | Error::NodeNotConnected(_)
+            | Error::DrainRefused { .. }
+            | Error::NotDrained(_)
+            | Error::NoGlusterMounter { .. }
+            | Error::VipHasNoHolder(_)
+            | Error::VipAlreadyHeld { .. }
+            | Error::NoJoinListener
+            | Error::TokenGeneration(_)
+            | Error::UnknownToken(_)
+            | Error::NoPki => Status::failed_precondition(msg),
+            Error::NoRolesNamed
+            | Error::InvalidLogQuery(_)
+            | Error::InvalidVip { .. }
+            | Error::NotACandidate { .. }
+            | Error::TokenTtlOutOfRange { .. } => Status::invalid_argument(msg),
+            Error::JoinRefused(crate::tokens::Refusal::Malformed) => Status::invalid_argument(msg),
+            Error::JoinRefused(_) => Status::permission_denied(msg),
+            Error::NotAnAgent(_)
+            | Error::AgentNameInvalid { .. }
+            | Error::WrongCertificateKind { .. }
+            | Error::SpeaksForAnotherNode { .. }
+            | Error::StreamSpeaksForAnotherNode { .. } => Status::permission_denied(msg),
+            Error::LeaseParamsDisagree { .. } => Status::invalid_argument(msg),
             Error::RoleNotAssigned { .. } => Status::failed_precondition(msg),
             Error::InvalidRequest(_) | Error::InvalidArgument(_) | Error::InvalidSpec(_) => {
                 Status::invalid_argument(msg)
@@ -164,6 +283,124 @@ mod tests {
         assert!(many.ends_with("more"), "{many}");
         let status = tonic::Status::from(Error::InvalidSpec(vec!["p".into()]));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    /// The named errors say what the string errors they replaced said, with
+    /// the same gRPC code: clients and tests that read them see no change.
+    #[test]
+    fn named_errors_keep_the_messages_and_codes_clients_saw() {
+        use tonic::Code;
+        let n1 = || NodeId::new("n1").expect("node id");
+        let cases: Vec<(Error, Code, &str)> = vec![
+            (
+                Error::NoRolesNamed,
+                Code::InvalidArgument,
+                "invalid request: name at least one role",
+            ),
+            (
+                Error::InvalidRequest(ProtoError::LabelFilter("rack".into())),
+                Code::InvalidArgument,
+                "invalid request: label filter \"rack\": use key=value",
+            ),
+            (
+                Error::DrainRefused {
+                    node: n1(),
+                    refusals: vec!["a".into(), "b".into()],
+                },
+                Code::FailedPrecondition,
+                "cannot drain n1: a; b (--force drains anyway)",
+            ),
+            (
+                Error::NotDrained(n1()),
+                Code::FailedPrecondition,
+                "n1 is not drained (stewardctl node drain n1)",
+            ),
+            (
+                Error::NodeServedElsewhere {
+                    node: n1(),
+                    replica: "c-2".into(),
+                },
+                Code::FailedPrecondition,
+                "node n1 is connected to replica c-2, not this one: ask c-2",
+            ),
+            (
+                Error::NodeNotConnected(n1()),
+                Code::FailedPrecondition,
+                "node n1 is not connected: its journal cannot be read now",
+            ),
+            (
+                Error::NoGlusterMounter {
+                    volume: "data".into(),
+                    mount_on: "k8s-worker".into(),
+                },
+                Code::FailedPrecondition,
+                "no node mounts Gluster volume data: no node has a role of its mount_on (k8s-worker)",
+            ),
+            (
+                Error::VipHasNoHolder("front".into()),
+                Code::FailedPrecondition,
+                "VIP front has no holder to move away from",
+            ),
+            (
+                Error::TokenTtlOutOfRange { ttl_s: 5 },
+                Code::InvalidArgument,
+                "invalid request: ttl 5 s: must be between 60 s and 30 days",
+            ),
+            (
+                Error::NoJoinListener,
+                Code::FailedPrecondition,
+                "no replica serves joins: give at least one a [pki] section with bootstrap_listen",
+            ),
+            (
+                Error::UnknownToken("abc".into()),
+                Code::FailedPrecondition,
+                "no token \"abc\" (stewardctl token list shows them)",
+            ),
+            (
+                Error::JoinRefused(crate::tokens::Refusal::Unknown),
+                Code::PermissionDenied,
+                "unknown or wrong token (deleted, mistyped, or expired more than a day ago); \
+                 create a new one with `stewardctl token create`",
+            ),
+            (
+                Error::NoPki,
+                Code::FailedPrecondition,
+                "this replica issues no certificates (no [pki] in its config); try another",
+            ),
+            (
+                Error::WrongCertificateKind {
+                    identity: "agent n1".into(),
+                    may: "use the admin API",
+                    only: "admin",
+                },
+                Code::PermissionDenied,
+                "agent n1 may not use the admin API; only admin certificates may",
+            ),
+            (
+                Error::SpeaksForAnotherNode {
+                    certificate: "n2".into(),
+                    claimed: "n1".into(),
+                },
+                Code::PermissionDenied,
+                "certificate is for node \"n2\"; it may not speak for node \"n1\"",
+            ),
+            (
+                Error::LeaseParamsDisagree {
+                    agent_lease: std::time::Duration::from_millis(900),
+                    agent_replicas: 3,
+                    lease: std::time::Duration::from_millis(700),
+                    replicas: 3,
+                },
+                Code::InvalidArgument,
+                "invalid request: lease parameters disagree: the agent uses lease 900ms with 3 \
+                 replicas, this replica lease 700ms with 3 replicas (set [vip] alike on both, the \
+                 agent's lease no longer than the coordinators')",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let status = tonic::Status::from(error);
+            assert_eq!((status.code(), status.message()), (code, message));
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use steward_proto::convert::node_health_to_pb;
+use steward_proto::admin::{LeaseStates, LiveSession};
 use steward_proto::domain::RevocableKind;
 use steward_proto::domain::{Health, NodeHealth, NodeId};
 use steward_proto::pb;
@@ -68,12 +68,15 @@ impl pb::peer_service_server::PeerService for PeerApi {
             .snapshot()
             .into_iter()
             .filter(|(id, _)| wanted.is_empty() || wanted.contains(id))
-            .map(|(id, live)| pb::LiveSession {
-                node_id: id.into(),
-                last_seen_unix_ms: live.last_seen_unix_ms,
-                health: node_health_to_pb(live.node_health(now, self.ctx.unreachable_after)) as i32,
-                last_health: Some(live.health.into()),
-                applied_revision: live.applied_revision,
+            .map(|(id, live)| {
+                LiveSession {
+                    node: id,
+                    last_seen_unix_ms: live.last_seen_unix_ms,
+                    health: live.node_health(now, self.ctx.unreachable_after),
+                    last_health: live.health,
+                    applied_revision: live.applied_revision,
+                }
+                .into()
             })
             .collect();
         Ok(Response::new(pb::LiveSessionsResponse {
@@ -87,9 +90,9 @@ impl pb::peer_service_server::PeerService for PeerApi {
         request: Request<pb::LeaseStatesRequest>,
     ) -> Result<Response<pb::LeaseStatesResponse>, Status> {
         require_coordinator(&request, &self.ctx.specs.borrow())?;
-        Ok(Response::new(crate::vip::admin::local_lease_states(
-            &self.ctx,
-        )))
+        Ok(Response::new(
+            crate::vip::admin::local_lease_states(&self.ctx).into(),
+        ))
     }
 }
 
@@ -204,16 +207,18 @@ impl Peers {
         answers
             .into_iter()
             .flatten()
-            .filter_map(|s| {
-                Some((
-                    NodeId::new(s.node_id).ok()?,
+            // An invalid entry is left out: etcd's record stands for it.
+            .filter_map(|s| LiveSession::try_from(s).ok())
+            .map(|s| {
+                (
+                    s.node,
                     LiveNode {
                         last_seen_unix_ms: s.last_seen_unix_ms,
-                        health: steward_proto::convert::node_health_from_pb(s.health).ok()?,
-                        last_health: s.last_health?.try_into().ok()?,
+                        health: s.health,
+                        last_health: s.last_health,
                         applied_revision: s.applied_revision,
                     },
-                ))
+                )
             })
             .collect()
     }
@@ -225,7 +230,7 @@ impl Peers {
     pub async fn lease_states(
         &self,
         members: &[MemberRecord],
-    ) -> Vec<(String, Option<pb::LeaseStatesResponse>)> {
+    ) -> Vec<(String, Option<LeaseStates>)> {
         let queries = members.iter().map(|member| {
             let id = member.id.clone();
             let channel = self.channel(&member.address);
@@ -236,7 +241,13 @@ impl Peers {
                 let mut client = PeerServiceClient::new(channel);
                 let call = client.lease_states(pb::LeaseStatesRequest {});
                 match tokio::time::timeout(PEER_TIMEOUT, call).await {
-                    Ok(Ok(resp)) => (id, Some(resp.into_inner())),
+                    Ok(Ok(resp)) => match LeaseStates::try_from(resp.into_inner()) {
+                        Ok(states) => (id, Some(states)),
+                        Err(error) => {
+                            debug!(replica = %id, %error, "invalid peer lease states");
+                            (id, None)
+                        }
+                    },
                     Ok(Err(status)) => {
                         debug!(replica = %id, %status, "peer lease query failed");
                         (id, None)

@@ -366,6 +366,96 @@ pub struct ResourceState {
     pub since_unix_ms: u64,
 }
 
+/// The id of a task the coordinator gives a node: the one definition of
+/// every id's format (`kubeadm-init`, `gluster-create-<volume>`, ...), which
+/// the coordinator writes into desired states and looks for in reports,
+/// and the agent recognises. On the wire (and in [`Task::id`]) it is its
+/// string form.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TaskId {
+    KubeadmInit,
+    KubeadmJoin,
+    KubeadmReset,
+    /// A fresh bootstrap token, generation `n`.
+    KubeadmToken(u32),
+    /// Control-plane certificates uploaded again, generation `n`.
+    KubeadmUploadCerts(u32),
+    /// Cordon and drain `node` for maintenance.
+    KubernetesDrain(NodeId),
+    /// Put `node` back into service.
+    KubernetesUncordon(NodeId),
+    /// Drain and delete the leaving `node`.
+    KubernetesRemove(NodeId),
+    /// Add `node` to the Gluster pool.
+    GlusterProbe(NodeId),
+    /// Create volume `volume`.
+    GlusterCreate(String),
+    /// Start volume `volume`.
+    GlusterStart(String),
+    /// Move a brick of `volume` from `old` to `new`.
+    GlusterReplace {
+        volume: String,
+        old: NodeId,
+        new: NodeId,
+    },
+    /// Add the replica set whose first brick is on `first` to `volume`.
+    GlusterAdd {
+        volume: String,
+        first: NodeId,
+    },
+    /// Apply `volume`'s PersistentVolume.
+    GlusterPv(String),
+}
+
+impl TaskId {
+    const GLUSTER_CREATE: &'static str = "gluster-create-";
+
+    /// The volume of a `gluster-create-<volume>` id.
+    pub fn gluster_created_volume(id: &str) -> Option<&str> {
+        id.strip_prefix(Self::GLUSTER_CREATE)
+    }
+
+    /// Whether `id` is this task's.
+    pub fn is(&self, id: &str) -> bool {
+        // Compared without allocating for the fixed ids (the common case).
+        match self {
+            TaskId::KubeadmInit => id == "kubeadm-init",
+            TaskId::KubeadmJoin => id == "kubeadm-join",
+            TaskId::KubeadmReset => id == "kubeadm-reset",
+            other => other.to_string() == id,
+        }
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TaskId::KubeadmInit => f.write_str("kubeadm-init"),
+            TaskId::KubeadmJoin => f.write_str("kubeadm-join"),
+            TaskId::KubeadmReset => f.write_str("kubeadm-reset"),
+            TaskId::KubeadmToken(n) => write!(f, "kubeadm-token-{n}"),
+            TaskId::KubeadmUploadCerts(n) => write!(f, "kubeadm-upload-certs-{n}"),
+            TaskId::KubernetesDrain(node) => write!(f, "kubernetes-drain-{node}"),
+            TaskId::KubernetesUncordon(node) => write!(f, "kubernetes-uncordon-{node}"),
+            TaskId::KubernetesRemove(node) => write!(f, "kubernetes-remove-{node}"),
+            TaskId::GlusterProbe(node) => write!(f, "gluster-probe-{node}"),
+            TaskId::GlusterCreate(volume) => write!(f, "{}{volume}", Self::GLUSTER_CREATE),
+            TaskId::GlusterStart(volume) => write!(f, "gluster-start-{volume}"),
+            TaskId::GlusterReplace { volume, old, new } => {
+                write!(f, "gluster-replace-{volume}-{old}-{new}")
+            }
+            TaskId::GlusterAdd { volume, first } => write!(f, "gluster-add-{volume}-{first}"),
+            TaskId::GlusterPv(volume) => write!(f, "gluster-pv-{volume}"),
+        }
+    }
+}
+
+impl From<TaskId> for String {
+    fn from(id: TaskId) -> String {
+        id.to_string()
+    }
+}
+
 /// How a report names the command resource of task `task_id`
 /// (`command:<id>`): the agent names it so, the coordinator looks it up so.
 pub fn command_resource_id(task_id: &str) -> String {
@@ -934,5 +1024,59 @@ mod member_limit_tests {
             5_000
         );
         assert!(ClusterView::try_from(view(crate::convert::MAX_MEMBERS + 1)).is_err());
+    }
+}
+
+#[cfg(test)]
+mod task_id_tests {
+    use super::*;
+
+    /// The formats agents and coordinators of one release agree on; a
+    /// change here is a protocol change.
+    #[test]
+    fn task_ids_keep_their_wire_form() {
+        let n = |s: &str| NodeId::new(s).expect("node id");
+        let cases = [
+            (TaskId::KubeadmInit, "kubeadm-init"),
+            (TaskId::KubeadmJoin, "kubeadm-join"),
+            (TaskId::KubeadmReset, "kubeadm-reset"),
+            (TaskId::KubeadmToken(3), "kubeadm-token-3"),
+            (TaskId::KubeadmUploadCerts(2), "kubeadm-upload-certs-2"),
+            (TaskId::KubernetesDrain(n("w-1")), "kubernetes-drain-w-1"),
+            (
+                TaskId::KubernetesUncordon(n("w-1")),
+                "kubernetes-uncordon-w-1",
+            ),
+            (TaskId::KubernetesRemove(n("w-1")), "kubernetes-remove-w-1"),
+            (TaskId::GlusterProbe(n("g2")), "gluster-probe-g2"),
+            (TaskId::GlusterCreate("data".into()), "gluster-create-data"),
+            (TaskId::GlusterStart("data".into()), "gluster-start-data"),
+            (
+                TaskId::GlusterReplace {
+                    volume: "data".into(),
+                    old: n("g1"),
+                    new: n("g4"),
+                },
+                "gluster-replace-data-g1-g4",
+            ),
+            (
+                TaskId::GlusterAdd {
+                    volume: "data".into(),
+                    first: n("g4"),
+                },
+                "gluster-add-data-g4",
+            ),
+            (TaskId::GlusterPv("data".into()), "gluster-pv-data"),
+        ];
+        for (id, wire) in cases {
+            assert_eq!(id.to_string(), wire);
+            assert!(id.is(wire), "{id:?}");
+            assert!(!id.is("kubeadm-other"), "{id:?}");
+        }
+        assert_eq!(
+            TaskId::gluster_created_volume("gluster-create-my-vol"),
+            Some("my-vol")
+        );
+        assert_eq!(TaskId::gluster_created_volume("gluster-start-data"), None);
     }
 }

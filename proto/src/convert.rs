@@ -36,6 +36,8 @@ pub enum ProtoError {
     NotFinite { field: &'static str },
     #[error("field `{field}` holds an invalid value")]
     Invalid { field: &'static str },
+    #[error("label filter {0:?}: use key=value")]
+    LabelFilter(String),
 }
 
 pub fn bounded_str(field: &'static str, s: String) -> Result<String, ProtoError> {

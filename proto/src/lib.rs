@@ -10,6 +10,7 @@
 //! daemons' shared IO is `steward-runtime`). It must stay cheap to depend
 //! on for the agent, the coordinator, stewardctl and the tests alike.
 
+pub mod admin;
 pub mod converge;
 pub mod convert;
 pub mod domain;

@@ -372,6 +372,17 @@ fn the_metrics_endpoint_refuses_bad_requests_and_keeps_serving() {
         }
         huge.extend_from_slice(b"\r\n");
         assert_eq!(code(&huge), Some(431));
+        // Half a request, then silence: disconnected unanswered once the
+        // 5 s read timeout has passed, not held.
+        let started = std::time::Instant::now();
+        let response = http_exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .expect("closed, not reset or held");
+        let took = started.elapsed();
+        assert_eq!(response, "", "{addr}: a slow client gets no answer");
+        assert!(
+            took >= Duration::from_secs(4) && took < Duration::from_secs(7),
+            "{addr}: cut off after {took:?}"
+        );
         // Idle connections that never finish a request do not block a
         // scrape (each times out on its own).
         let idle: Vec<std::net::TcpStream> = (0..4)

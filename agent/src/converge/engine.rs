@@ -282,11 +282,11 @@ fn file(host: &dyn Host, spec: &FileSpec, run: &mut Run) -> HostResult<Vec<Strin
                 if out.success {
                     Ok(())
                 } else {
-                    Err(HostError::Failed(format!(
-                        "new content rejected by `{}`: {}",
-                        argv.join(" "),
-                        tail(&format!("{}\n{}", out.stdout, out.stderr))
-                    )))
+                    Err(HostError::ContentRejected {
+                        command: argv.join(" "),
+                        stdout: out.stdout,
+                        stderr: out.stderr,
+                    })
                 }
             }
         });
@@ -728,11 +728,11 @@ fn command(host: &dyn Host, spec: &CommandSpec) -> HostResult<Outcome> {
     }
     let out = run_with_inputs(host, spec)?;
     if !out.success {
-        return Err(HostError::Failed(format!(
-            "`{}` failed: {}",
-            spec.summary,
-            tail(&format!("{}\n{}", out.stdout, out.stderr))
-        )));
+        return Err(HostError::CommandFailed {
+            command: spec.summary.clone(),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        });
     }
     Ok(Outcome::changed(vec![format!("ran `{}`", spec.summary)]))
 }

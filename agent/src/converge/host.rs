@@ -15,6 +15,40 @@ pub enum HostError {
     /// in a container).
     #[error("{0}")]
     NotPermittedHere(String),
+    /// A command ran and exited unsuccessfully. Its whole output is kept;
+    /// the message shows the last lines.
+    #[error("`{command}` failed: {}", tail_of(.stdout, .stderr))]
+    CommandFailed {
+        command: String,
+        stdout: String,
+        stderr: String,
+    },
+    /// A validator command refused staged content (which was not installed).
+    #[error("new content rejected by `{command}`: {}", tail_of(.stdout, .stderr))]
+    ContentRejected {
+        command: String,
+        stdout: String,
+        stderr: String,
+    },
+    /// A command ran past its deadline and was killed with its process group.
+    #[error(
+        "`{command}` did not finish within {after:?} and was killed; its last output: {}",
+        tail_of(.stdout, .stderr)
+    )]
+    CommandKilled {
+        command: String,
+        after: Duration,
+        stdout: String,
+        stderr: String,
+    },
+    /// A command could not be started (no such program, a fork failure).
+    #[error("cannot run {program}: {reason}")]
+    CannotRun { program: String, reason: String },
+}
+
+/// The last lines of a command's output, stdout then stderr.
+fn tail_of(stdout: &str, stderr: &str) -> String {
+    tail(&format!("{stdout}\n{stderr}"))
 }
 
 pub type HostResult<T> = Result<T, HostError>;

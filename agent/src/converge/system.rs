@@ -101,13 +101,21 @@ fn exec_within(
 ) -> HostResult<CommandOutput> {
     let (out, killed) = exec_until(argv, env, deadline)?;
     if killed {
-        return Err(HostError::Failed(format!(
-            "`{}` did not finish within {deadline:?} and was killed; its last output: {}",
-            argv.join(" "),
-            tail(&format!("{}\n{}", out.stdout, out.stderr))
-        )));
+        return Err(HostError::CommandKilled {
+            command: argv.join(" "),
+            after: deadline,
+            stdout: out.stdout,
+            stderr: out.stderr,
+        });
     }
     Ok(out)
+}
+
+fn cannot_run(program: &str, e: std::io::Error) -> HostError {
+    HostError::CannotRun {
+        program: program.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 /// Runs a program until it ends or `deadline` passed; true if it had to be
@@ -130,7 +138,7 @@ fn exec_until(
         // Its own process group, so that a kill reaches what it started.
         .process_group(0)
         .spawn()
-        .map_err(|e| HostError::Failed(format!("cannot run {program}: {e}")))?;
+        .map_err(|e| cannot_run(program, e))?;
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     let (done, finished) = std::sync::mpsc::channel::<()>();
     let killer = std::thread::spawn(move || {
@@ -144,7 +152,7 @@ fn exec_until(
     let out = child.wait_with_output();
     let _ = done.send(());
     let killed = killer.join().unwrap_or(false);
-    let out = out.map_err(|e| HostError::Failed(format!("cannot run {program}: {e}")))?;
+    let out = out.map_err(|e| cannot_run(program, e))?;
     Ok((
         CommandOutput {
             success: out.status.success(),
@@ -161,11 +169,11 @@ fn check(argv: &[&str], env: &[(&str, &str)]) -> HostResult<String> {
     if out.success {
         Ok(out.stdout)
     } else {
-        Err(HostError::Failed(format!(
-            "`{}` failed: {}",
-            argv.join(" "),
-            tail(&format!("{}\n{}", out.stdout, out.stderr))
-        )))
+        Err(HostError::CommandFailed {
+            command: argv.join(" "),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
     }
 }
 
@@ -754,5 +762,41 @@ mod tests {
         let text = error.to_string();
         assert!(text.contains("did not finish within 300ms"), "{text}");
         assert!(text.contains("waiting"), "{text}");
+        assert!(
+            matches!(&error, HostError::CommandKilled { command, stdout, .. }
+                if command.starts_with("sh -c echo waiting") && stdout == "waiting\n"),
+            "{error:?}"
+        );
+    }
+
+    /// A failed command's error keeps the command and its whole stderr;
+    /// the message shows the last lines, as it always did.
+    #[test]
+    fn a_failed_command_keeps_its_command_and_stderr() {
+        let error = check(
+            &["sh", "-c", "echo out; echo e1 >&2; echo e2 >&2; exit 3"],
+            &[],
+        )
+        .expect_err("exit 3");
+        let HostError::CommandFailed {
+            command,
+            stdout,
+            stderr,
+        } = &error
+        else {
+            panic!("not CommandFailed: {error:?}");
+        };
+        assert_eq!(command, "sh -c echo out; echo e1 >&2; echo e2 >&2; exit 3");
+        assert_eq!((stdout.as_str(), stderr.as_str()), ("out\n", "e1\ne2\n"));
+        assert_eq!(
+            error.to_string(),
+            // The last three lines of stdout, a blank, then stderr (as before).
+            "`sh -c echo out; echo e1 >&2; echo e2 >&2; exit 3` failed:  | e1 | e2"
+        );
+        let error = check(&["/nonexistent/steward-test-program"], &[]).expect_err("no program");
+        assert!(
+            matches!(&error, HostError::CannotRun { program, .. } if program == "/nonexistent/steward-test-program"),
+            "{error:?}"
+        );
     }
 }

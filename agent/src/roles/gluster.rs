@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use steward_proto::converge::{gluster_mount_point, ClusterView, GlusterVolume};
+use steward_proto::converge::{gluster_mount_point, ClusterView, GlusterVolume, TaskId};
 use steward_proto::domain::{DesiredState, Role};
 
 use crate::converge::resource::{PackageSpec, Planned, Resource, UnitSpec};
@@ -176,10 +176,10 @@ pub fn plan_capacity(desired: &DesiredState) -> Vec<Planned> {
             desired
                 .tasks
                 .iter()
-                .any(|t| t.id == format!("gluster-create-{}", v.name))
+                .any(|t| TaskId::GlusterCreate(v.name.clone()).is(&t.id))
         })
         .map(|v| {
-            let start = format!("gluster-start-{}", v.name);
+            let start = TaskId::GlusterStart(v.name.clone()).to_string();
             let mut p = Planned::new(Resource::GlusterCapacity {
                 volume: v.name.clone(),
                 replica: v.replica,

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use steward_proto::converge::{ClusterView, GlusterVolume, SecretFile, Task};
+use steward_proto::converge::{ClusterView, GlusterVolume, SecretFile, Task, TaskId};
 use steward_proto::domain::{NodeId, Role};
 
 /// Where a node's brick of `volume` lives (the agent plans the directory).
@@ -186,7 +186,7 @@ pub fn steps(
     for peer in peers {
         let address = peer.address.to_string();
         tasks.push(task(
-            format!("gluster-probe-{}", peer.node),
+            TaskId::GlusterProbe(peer.node.clone()).into(),
             vec![
                 "gluster".into(),
                 "peer".into(),
@@ -213,7 +213,7 @@ pub fn steps(
     // directories are plain directories.
     create.push("force".into());
     tasks.push(task(
-        format!("gluster-create-{name}"),
+        TaskId::GlusterCreate(name.clone()).into(),
         create,
         vec![
             "gluster".into(),
@@ -223,7 +223,7 @@ pub fn steps(
         ],
     ));
     tasks.push(task(
-        format!("gluster-start-{name}"),
+        TaskId::GlusterStart(name.clone()).into(),
         vec![
             "gluster".into(),
             "volume".into(),
@@ -246,7 +246,12 @@ pub fn steps(
             continue;
         }
         tasks.push(task(
-            format!("gluster-replace-{name}-{}-{}", old.node, new.node),
+            TaskId::GlusterReplace {
+                volume: name.clone(),
+                old: old.node.clone(),
+                new: new.node.clone(),
+            }
+            .into(),
             vec![
                 "gluster".into(),
                 "volume".into(),
@@ -272,7 +277,11 @@ pub fn steps(
         add.extend(set.iter().map(|b| b.spec(name)));
         add.push("force".into());
         tasks.push(task(
-            format!("gluster-add-{name}-{}", set[0].node),
+            TaskId::GlusterAdd {
+                volume: name.clone(),
+                first: set[0].node.clone(),
+            }
+            .into(),
             add,
             has_brick(&set[set.len() - 1]),
         ));
@@ -292,7 +301,7 @@ pub const FALLBACK_CAPACITY: &str = "1Gi";
 
 /// Task id of applying `volume`'s PersistentVolume.
 pub fn pv_task_id(volume: &str) -> String {
-    format!("gluster-pv-{volume}")
+    TaskId::GlusterPv(volume.to_owned()).into()
 }
 
 /// The nodes that mount `volume` (Kubernetes node names are node ids), by

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use serde::{Deserialize, Serialize};
-use steward_proto::converge::{ClusterView, SecretFile, Task};
+use steward_proto::converge::{ClusterView, SecretFile, Task, TaskId};
 use steward_proto::domain::{NodeId, Role};
 
 use super::secrets::{hex, random_bytes, SecretBox, SecretError};
@@ -228,13 +228,13 @@ pub static NO_NODES: BTreeSet<NodeId> = BTreeSet::new();
 /// Task id of cordoning and draining `node` for maintenance; a report of
 /// it done records the node cordoned.
 pub fn cordon_task_id(node: &NodeId) -> String {
-    format!("kubernetes-drain-{node}")
+    TaskId::KubernetesDrain(node.clone()).into()
 }
 
 /// Task id of putting `node` back into service; a report of it done
 /// forgets the cordon.
 pub fn uncordon_task_id(node: &NodeId) -> String {
-    format!("kubernetes-uncordon-{node}")
+    TaskId::KubernetesUncordon(node.clone()).into()
 }
 
 /// Joined nodes that no longer have a Kubernetes role, by id.
@@ -263,7 +263,7 @@ pub fn remover(view: &ClusterView, progress: Progress<'_>) -> Option<NodeId> {
 /// Task id of draining and deleting `node`; a report of it done releases
 /// the node's own `kubeadm reset`.
 pub fn remove_task_id(node: &NodeId) -> String {
-    format!("kubernetes-remove-{node}")
+    TaskId::KubernetesRemove(node.clone()).into()
 }
 
 fn removal_steps(node: &NodeId, view: &ClusterView, progress: Progress<'_>) -> Vec<Task> {
@@ -336,7 +336,7 @@ fn removal_steps(node: &NodeId, view: &ClusterView, progress: Progress<'_>) -> V
         // Only once a control plane has drained and deleted it.
         if progress.drained.contains(node) {
             tasks.push(Task {
-                id: "kubeadm-reset".into(),
+                id: TaskId::KubeadmReset.into(),
                 argv: ["kubeadm", "reset", "-f"].map(String::from).to_vec(),
                 creates: None,
                 unless: Some(
@@ -457,9 +457,9 @@ pub fn steps(
             pods = q(&settings.pod_subnet),
             services = q(&settings.service_subnet),
         );
-        let config = kubeadm_config("kubeadm-init", init_config);
+        let config = kubeadm_config(&TaskId::KubeadmInit.to_string(), init_config);
         tasks.push(Task {
-            id: "kubeadm-init".into(),
+            id: TaskId::KubeadmInit.into(),
             argv: [
                 "kubeadm",
                 "init",
@@ -481,7 +481,7 @@ pub fn steps(
         if initialized && !pending.is_empty() {
             // Secrets renewed after init must be registered before use.
             if boot.token.generation > 0 {
-                let id = format!("kubeadm-token-{}", boot.token.generation);
+                let id = TaskId::KubeadmToken(boot.token.generation).to_string();
                 let config = kubeadm_config(
                     &id,
                     format!(
@@ -534,7 +534,7 @@ pub fn steps(
                     "{DONE_DIR}/upload-certs-{}",
                     boot.certificate_key.generation
                 );
-                let id = format!("kubeadm-upload-certs-{}", boot.certificate_key.generation);
+                let id = TaskId::KubeadmUploadCerts(boot.certificate_key.generation).to_string();
                 let config = kubeadm_config(
                     &id,
                     format!(
@@ -595,7 +595,7 @@ pub fn steps(
         String::new()
     };
     let config = kubeadm_config(
-        "kubeadm-join",
+        &TaskId::KubeadmJoin.to_string(),
         format!(
             "apiVersion: {api}\n\
              kind: JoinConfiguration\n\
@@ -615,7 +615,7 @@ pub fn steps(
         ),
     );
     tasks.push(Task {
-        id: "kubeadm-join".into(),
+        id: TaskId::KubeadmJoin.into(),
         argv: ["kubeadm", "join", "--config", &config.path]
             .map(String::from)
             .to_vec(),

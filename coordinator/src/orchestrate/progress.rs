@@ -22,6 +22,7 @@
 
 use steward_proto::converge::{
     gluster_capacity_resource_id, parse_gluster_capacity_detail, ConvergeReport, ResourceStatus,
+    TaskId,
 };
 use steward_proto::domain::NodeId;
 use tracing::{info, warn};
@@ -57,7 +58,14 @@ pub fn kubernetes_progress(
 ) -> Vec<KubernetesProgress> {
     let done = |task: &str| assigned.contains(&task) && report.command_settled(task);
     let mut changes = Vec::new();
-    if (done("kubeadm-init") || done("kubeadm-join")) && !orchestration.joined.contains_key(node) {
+    let done_as = |id: TaskId| {
+        assigned
+            .iter()
+            .any(|t| id.is(t) && report.command_settled(t))
+    };
+    if (done_as(TaskId::KubeadmInit) || done_as(TaskId::KubeadmJoin))
+        && !orchestration.joined.contains_key(node)
+    {
         changes.push(KubernetesProgress::Joined(node.clone()));
     }
     for gone in orchestration.joined.keys() {
@@ -75,7 +83,7 @@ pub fn kubernetes_progress(
             changes.push(KubernetesProgress::Uncordoned(back.clone()));
         }
     }
-    if done("kubeadm-reset") && orchestration.drained.contains_key(node) {
+    if done_as(TaskId::KubeadmReset) && orchestration.drained.contains_key(node) {
         changes.push(KubernetesProgress::Left(node.clone()));
     }
     changes
@@ -91,7 +99,7 @@ pub fn gluster_capacities(
 ) -> Vec<(String, u64)> {
     assigned
         .iter()
-        .filter_map(|task| task.strip_prefix("gluster-create-"))
+        .filter_map(|task| TaskId::gluster_created_volume(task))
         .filter_map(|volume| {
             let id = gluster_capacity_resource_id(volume);
             let r = report.resources.iter().find(|r| r.id == id)?;

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use steward_proto::admin::{LeaseStates, VipReplicaState, VipStatus};
 use steward_proto::domain::{EventKind, NodeId, Role};
-use steward_proto::pb;
 use steward_proto::vip::VipSpec;
 
 use crate::agent_service::SessionContext;
@@ -147,11 +147,10 @@ pub async fn set_vip(ctx: &SessionContext, spec: VipSpec) -> Result<()> {
     let named = spec.candidates.iter().cloned().collect();
     let problems = fleet_problems(&spec, &read_fleet(store, &named).await?);
     if !problems.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "VIP {:?}: {}",
-            spec.name,
-            problems.join("; ")
-        )));
+        return Err(Error::InvalidVip {
+            name: spec.name,
+            problems,
+        });
     }
     store
         .txn(Txn::new().and_then(store.vip_set_ops(&spec)), "write VIP")
@@ -164,25 +163,25 @@ pub async fn move_vip(ctx: &SessionContext, name: &str, to: Option<NodeId>) -> R
     let store = &ctx.store;
     let state = read_vip(store, name).await?;
     let Some(owner) = state.owner_node().cloned() else {
-        return Err(Error::FailedPrecondition(format!(
-            "VIP {name} has no holder to move away from"
-        )));
+        return Err(Error::VipHasNoHolder(name.to_owned()));
     };
     if let Some(to) = &to {
         if *to == owner {
-            return Err(Error::FailedPrecondition(format!(
-                "VIP {name} is already held by {to}"
-            )));
+            return Err(Error::VipAlreadyHeld {
+                vip: name.to_owned(),
+                node: owner,
+            });
         }
         let nodes = store.nodes().await?;
         let mut problems = Vec::new();
         let spec = state.spec.as_ref().map(|s| &s.value);
         let candidates = spec.map_or_else(Vec::new, |s| fleet_candidates(s, &nodes, &mut problems));
         if !candidates.contains(to) {
-            return Err(Error::InvalidArgument(format!(
-                "{to} is not a candidate for VIP {name} (candidates: {})",
-                join(&candidates)
-            )));
+            return Err(Error::NotACandidate {
+                vip: name.to_owned(),
+                node: to.clone(),
+                candidates,
+            });
         }
     }
     let epoch = state.epoch();
@@ -219,7 +218,7 @@ pub async fn remove_vip(ctx: &SessionContext, name: &str) -> Result<()> {
 }
 
 /// This replica's side of every VIP it knows an owner of.
-pub fn local_lease_states(ctx: &SessionContext) -> pb::LeaseStatesResponse {
+pub fn local_lease_states(ctx: &SessionContext) -> LeaseStates {
     let me = ctx.store.replica();
     let snapshot = ctx.vips.borrow().clone();
     let now = ctx.lease.now();
@@ -236,32 +235,31 @@ pub fn local_lease_states(ctx: &SessionContext) -> pb::LeaseStatesResponse {
                 .marks
                 .get(&state.epoch())
                 .and_then(|m| m.get(me))
-                .map(|r| r.as_str().to_owned())
-                .unwrap_or_default();
-            pb::VipReplicaState {
-                replica_id: me.to_owned(),
+                .map(|r| r.as_str().to_owned());
+            VipReplicaState {
+                replica: me.to_owned(),
                 vip: name.clone(),
                 epoch: state.epoch(),
                 acking: acking && state.owner_node().is_some(),
                 last_ack_ms_ago: last_ack
-                    .map_or(0, |at| now.saturating_sub(at).as_millis().max(1) as u64),
+                    .map(|at| now.saturating_sub(at).as_millis().max(1) as u64),
                 mark,
                 unreachable: false,
             }
         })
         .collect();
-    pb::LeaseStatesResponse {
-        replica_id: me.to_owned(),
+    LeaseStates {
+        replica: me.to_owned(),
         vips,
     }
 }
 
 /// Every VIP with its owner and each replica's ack state.
-pub async fn list_vips(ctx: &SessionContext, peers: &Peers) -> Result<Vec<pb::Vip>> {
+pub async fn list_vips(ctx: &SessionContext, peers: &Peers) -> Result<Vec<VipStatus>> {
     let store = &ctx.store;
     let snapshot = store.vips().await?;
     let members = store.members().await?;
-    let mut states: Vec<pb::VipReplicaState> = local_lease_states(ctx).vips;
+    let mut states: Vec<VipReplicaState> = local_lease_states(ctx).vips;
     let others: Vec<_> = members
         .iter()
         .filter(|m| m.id != store.replica())
@@ -272,12 +270,7 @@ pub async fn list_vips(ctx: &SessionContext, peers: &Peers) -> Result<Vec<pb::Vi
             Some(resp) => states.extend(resp.vips),
             None => {
                 for name in snapshot.vips.keys() {
-                    states.push(pb::VipReplicaState {
-                        replica_id: member.clone(),
-                        vip: name.clone(),
-                        unreachable: true,
-                        ..Default::default()
-                    });
+                    states.push(VipReplicaState::unreachable(&member, name));
                 }
             }
         }
@@ -292,17 +285,127 @@ pub async fn list_vips(ctx: &SessionContext, peers: &Peers) -> Result<Vec<pb::Vi
                 .filter(|s| &s.vip == name && (s.unreachable || s.epoch == state.epoch()))
                 .cloned()
                 .collect();
-            replicas.sort_by(|a, b| a.replica_id.cmp(&b.replica_id));
-            Some(pb::Vip {
-                spec: Some(spec.into()),
+            replicas.sort_by(|a, b| a.replica.cmp(&b.replica));
+            Some(VipStatus {
+                spec,
                 epoch: state.epoch(),
-                owner: state
-                    .owner_node()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default(),
+                owner: state.owner_node().cloned(),
                 move_requested: state.current_move().is_some(),
                 replicas,
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryBackend;
+    use crate::testing::{eventually, node, put_roles, put_vip, vip_spec, TestReplica};
+
+    /// Two lb nodes; VIP `front` owned by n1.
+    async fn owned_by_n1() -> TestReplica {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_roles(store, "n1", &[Role::Lb]).await;
+        put_roles(store, "n2", &[Role::Lb]).await;
+        put_vip(store, &vip_spec("front", "198.18.0.100/24")).await;
+        let fence = replica.lead().await;
+        let event = store.event(EventKind::VipMoved, Some(node("n1")), "test".into());
+        let inner = store.vip_assign_txn("front", None, &[], Some(node("n1")), &event);
+        fence.txn(store, inner).await.expect("fenced");
+        eventually("the VIP cache to show the owner", || {
+            let vips = replica.ctx.vips.borrow().clone();
+            (vips.vips.get("front")?.owner_node() == Some(&node("n1"))).then_some(())
+        })
+        .await;
+        replica
+    }
+
+    #[tokio::test]
+    async fn moves_name_what_is_wrong_and_keep_their_messages_and_codes() {
+        let replica = owned_by_n1().await;
+        let ctx = &replica.ctx;
+
+        let error = move_vip(ctx, "front", Some(node("n1")))
+            .await
+            .expect_err("held there");
+        assert!(
+            matches!(&error, Error::VipAlreadyHeld { vip, node: n } if vip == "front" && *n == node("n1")),
+            "{error}"
+        );
+        let status = tonic::Status::from(error);
+        assert_eq!(
+            (status.code(), status.message()),
+            (
+                tonic::Code::FailedPrecondition,
+                "VIP front is already held by n1"
+            )
+        );
+
+        let error = move_vip(ctx, "front", Some(node("n3")))
+            .await
+            .expect_err("not a candidate");
+        assert!(
+            matches!(&error, Error::NotACandidate { candidates, .. } if *candidates == [node("n1"), node("n2")]),
+            "{error}"
+        );
+        let status = tonic::Status::from(error);
+        assert_eq!(
+            (status.code(), status.message()),
+            (
+                tonic::Code::InvalidArgument,
+                "invalid request: n3 is not a candidate for VIP front (candidates: n1, n2)"
+            )
+        );
+
+        let error = move_vip(ctx, "back", None).await.expect_err("no such VIP");
+        assert!(matches!(error, Error::UnknownVip(_)), "{error}");
+
+        move_vip(ctx, "front", Some(node("n2")))
+            .await
+            .expect("a move to the other candidate");
+        let vips = replica.store().vips().await.expect("vips");
+        assert!(vips.vips["front"].current_move().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_vip_that_fits_no_node_is_refused_with_every_problem() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let mut spec = vip_spec("front", "198.18.0.100/24");
+        spec.candidates = vec![node("ghost")];
+        let error = set_vip(&replica.ctx, spec)
+            .await
+            .expect_err("unknown candidate");
+        let Error::InvalidVip { name, problems } = &error else {
+            panic!("not InvalidVip: {error:?}");
+        };
+        assert_eq!(name, "front");
+        assert!(
+            problems[0].starts_with("candidate ghost: unknown node"),
+            "{problems:?}"
+        );
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status
+                .message()
+                .starts_with("invalid request: VIP \"front\": candidate ghost: unknown node"),
+            "{}",
+            status.message()
+        );
+        assert!(replica.store().vips().await.expect("vips").vips.is_empty());
+    }
+
+    #[tokio::test]
+    async fn lease_states_cross_the_wire_unchanged() {
+        let replica = owned_by_n1().await;
+        let states = local_lease_states(&replica.ctx);
+        assert_eq!(states.replica, "c-1");
+        assert_eq!(states.vips.len(), 1);
+        assert_eq!(states.vips[0].vip, "front");
+        assert_eq!(states.vips[0].last_ack_ms_ago, None);
+        let wire = steward_proto::pb::LeaseStatesResponse::from(states.clone());
+        assert_eq!(LeaseStates::try_from(wire), Ok(states));
+    }
 }

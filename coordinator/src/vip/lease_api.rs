@@ -163,9 +163,11 @@ where
     S: Stream<Item = Result<pb::LeaseHeartbeat, Status>> + Unpin + Send + 'static,
 {
     if identity.kind != IdentityKind::Agent {
-        return Err(Error::PermissionDenied(format!(
-            "{identity} may not open a lease stream; only agent certificates may"
-        ))
+        return Err(Error::WrongCertificateKind {
+            identity: identity.to_string(),
+            may: "open a lease stream",
+            only: "agent",
+        }
         .into());
     }
     let first = tokio::time::timeout(FIRST_HEARTBEAT_TIMEOUT, inbound.next())
@@ -180,11 +182,10 @@ where
         })?;
     let first = LeaseHeartbeat::try_from(first).map_err(Error::from)?;
     if first.node.as_str() != identity.name {
-        return Err(Error::PermissionDenied(format!(
-            "certificate is for node {:?}; it may not speak for node {:?}",
-            identity.name,
-            first.node.as_str()
-        ))
+        return Err(Error::SpeaksForAnotherNode {
+            certificate: identity.name,
+            claimed: first.node.into(),
+        }
         .into());
     }
     ctx.specs
@@ -192,12 +193,12 @@ where
         .check_revoked(&first.node, identity.issued_unix_s)?;
     let params = *ctx.lease.params();
     if first.replicas as usize != params.replicas || first.lease > params.lease {
-        return Err(Error::InvalidArgument(format!(
-            "lease parameters disagree: the agent uses lease {:?} with {} replicas, this \
-             replica lease {:?} with {} replicas (set [vip] alike on both, the agent's lease \
-             no longer than the coordinators')",
-            first.lease, first.replicas, params.lease, params.replicas
-        ))
+        return Err(Error::LeaseParamsDisagree {
+            agent_lease: first.lease,
+            agent_replicas: first.replicas,
+            lease: params.lease,
+            replicas: params.replicas,
+        }
         .into());
     }
 
@@ -287,10 +288,10 @@ impl LeaseStreamTask {
                     Some(Ok(m)) => match LeaseHeartbeat::try_from(m) {
                         Ok(hb) if hb.node == self.node => self.answer(&hb, &tx).await,
                         Ok(hb) => {
-                            let _ = tx.send(Err(Error::PermissionDenied(format!(
-                                "this stream speaks for {}; it may not speak for {}",
-                                self.node, hb.node
-                            )).into())).await;
+                            let _ = tx.send(Err(Error::StreamSpeaksForAnotherNode {
+                                stream: self.node.clone(),
+                                claimed: hb.node,
+                            }.into())).await;
                             false
                         }
                         Err(e) => {

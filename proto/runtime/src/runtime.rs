@@ -1,7 +1,7 @@
 //! The few runtime helpers the binaries share: dialing a replica over mutual
 //! TLS, waiting for a stop signal, reporting config problems, logging, and
-//! the metrics endpoint (a tiny HTTP/1.1 server for `GET /metrics`). This is
-//! the only module of the crate that does IO.
+//! the metrics endpoint (`GET /metrics` on hyper's HTTP/1.1 server, behind
+//! a connection cap). This is the only module of the crate that does IO.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -160,9 +160,11 @@ pub fn spawn_metrics_endpoint(
 }
 
 /// Serves `GET /metrics` (the registry in the Prometheus text format 0.0.4)
-/// over plain HTTP/1.1 on `listener` until `shutdown`: one request per
-/// connection, 404 for other paths, 405 for other methods, 400 for what is
-/// not HTTP, 431 for a head over the limit, 408 for a client too slow.
+/// over plain HTTP/1.1 (hyper's server) on `listener` until `shutdown`: one
+/// request per connection, 404 for other paths, 405 for other methods, 400
+/// for what is not HTTP, 431 for a head over the limit; a client that has
+/// not sent its head within `read_timeout` is disconnected unanswered. At
+/// most `max_connections` at once: more are closed at accept.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     registry: std::sync::Arc<crate::metrics::Registry>,
@@ -207,143 +209,125 @@ pub async fn serve_metrics(
             let _permit = permit;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve_one(stream, &registry, limits) => {}
+                _ = serve_one(stream, registry, limits) => {}
             }
         });
     }
 }
 
-/// What a request head asks for.
+/// What a request earns: the metrics, or an error status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HttpAnswer {
     Metrics { head_only: bool },
-    Status(u16, &'static str),
+    Status(hyper::StatusCode),
 }
 
-/// Judges the request line (`METHOD PATH VERSION`).
-fn answer_for(request_line: &[u8]) -> HttpAnswer {
-    let bad = HttpAnswer::Status(400, "Bad Request");
-    let Ok(line) = std::str::from_utf8(request_line) else {
-        return bad;
-    };
-    let mut parts = line.trim_end_matches(['\r', '\n']).split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return bad;
-    };
-    if !matches!(version, "HTTP/1.0" | "HTTP/1.1") || !target.starts_with('/') {
-        return bad;
-    }
-    if !method.bytes().all(|b| b.is_ascii_uppercase()) || method.is_empty() {
-        return bad;
-    }
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
+/// Routes a parsed request (hyper has already refused what is not HTTP/1.x
+/// with 400, and heads over the limit with 431).
+fn answer_for(method: &hyper::Method, path: &str) -> HttpAnswer {
+    use hyper::{Method, StatusCode};
     if path != "/metrics" {
-        return HttpAnswer::Status(404, "Not Found");
+        return HttpAnswer::Status(StatusCode::NOT_FOUND);
     }
-    match method {
-        "GET" => HttpAnswer::Metrics { head_only: false },
-        "HEAD" => HttpAnswer::Metrics { head_only: true },
-        _ => HttpAnswer::Status(405, "Method Not Allowed"),
+    match *method {
+        Method::GET => HttpAnswer::Metrics { head_only: false },
+        Method::HEAD => HttpAnswer::Metrics { head_only: true },
+        _ => HttpAnswer::Status(StatusCode::METHOD_NOT_ALLOWED),
     }
 }
 
-/// Reads a request head within the limits; the answer it earns.
-async fn read_head(stream: &mut tokio::net::TcpStream, limits: HttpLimits) -> HttpAnswer {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let mut answer: Option<HttpAnswer> = None;
-    let read = async {
-        loop {
-            // The request line decides (garbage is refused at once); the
-            // headers only have to end within the limits.
-            if answer.is_none() {
-                if let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                    let a = answer_for(&buf[..=end]);
-                    if a == HttpAnswer::Status(400, "Bad Request") {
-                        return a;
-                    }
-                    answer = Some(a);
-                }
-            }
-            if let Some(a) = answer {
-                if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
-                {
-                    return a;
-                }
-            }
-            if buf.len() >= limits.max_head_bytes {
-                return HttpAnswer::Status(431, "Request Header Fields Too Large");
-            }
-            let room = (limits.max_head_bytes - buf.len()).min(chunk.len());
-            match stream.read(&mut chunk[..room]).await {
-                Ok(0) | Err(_) => return HttpAnswer::Status(400, "Bad Request"),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(limits.read_timeout, read)
-        .await
-        .unwrap_or(HttpAnswer::Status(408, "Request Timeout"))
-}
-
-async fn serve_one(
-    mut stream: tokio::net::TcpStream,
+fn respond(
     registry: &crate::metrics::Registry,
+    request: &hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+    let (status, content_type, body) = match answer_for(request.method(), request.uri().path()) {
+        HttpAnswer::Metrics { .. } => (
+            hyper::StatusCode::OK,
+            crate::metrics::CONTENT_TYPE,
+            // hyper leaves the body out of a HEAD answer (and keeps its
+            // Content-Length).
+            registry.render(),
+        ),
+        HttpAnswer::Status(status) => (
+            status,
+            "text/plain; charset=utf-8",
+            format!("{}\n", status.canonical_reason().unwrap_or_default()),
+        ),
+    };
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if status == hyper::StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    response
+}
+
+/// Serves one connection with hyper's HTTP/1.1 server: one request, its
+/// head read within `read_timeout` and at most `max_head_bytes` (hyper
+/// closes a slow connection unanswered and answers 431 to a head over the
+/// limit, 400 to what is not HTTP/1.x), the whole exchange within
+/// `read_timeout + write_timeout`.
+async fn serve_one(
+    stream: tokio::net::TcpStream,
+    registry: std::sync::Arc<crate::metrics::Registry>,
     limits: HttpLimits,
 ) {
+    // A second handle on the socket, to close it gently once hyper is done
+    // with its own (below).
+    let spare = stream
+        .into_std()
+        .and_then(|s| Ok((s.try_clone()?, s)))
+        .and_then(|(spare, s)| Ok((tokio::net::TcpStream::from_std(s)?, spare)));
+    let (stream, spare) = match spare {
+        Ok((stream, spare)) => (stream, spare),
+        Err(error) => {
+            tracing::debug!(%error, "metrics endpoint: cannot take the connection");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |request| {
+        let response = respond(&registry, &request);
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.read_timeout)
+        .max_header_size(limits.max_head_bytes)
+        .max_buf_size(limits.max_head_bytes.max(MIN_HYPER_BUF))
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let within = limits.read_timeout + limits.write_timeout;
+    match tokio::time::timeout(within, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(%error, "metrics endpoint: request refused"),
+        Err(_) => {
+            tracing::debug!(?within, "metrics endpoint: exchange too slow; closing");
+            return;
+        }
+    }
+    // hyper has answered (or refused) and dropped its handle. Closing with
+    // unread input would reset the connection and the client could lose
+    // the answer: end our side, take what the client still sends (bounded),
+    // then close.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let answer = read_head(&mut stream, limits).await;
-    let (status, reason, content_type, body, head_only) = match answer {
-        HttpAnswer::Metrics { head_only } => (
-            200,
-            "OK",
-            crate::metrics::CONTENT_TYPE,
-            registry.render(),
-            head_only,
-        ),
-        HttpAnswer::Status(code, reason) => (
-            code,
-            reason,
-            "text/plain; charset=utf-8",
-            format!("{reason}\n"),
-            false,
-        ),
-    };
-    let allow = if status == 405 {
-        "Allow: GET, HEAD\r\n"
-    } else {
-        ""
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n\
-         Content-Length: {}\r\n{allow}Connection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !head_only {
-        response.extend_from_slice(body.as_bytes());
-    }
-    let write = async {
-        stream.write_all(&response).await?;
-        stream.shutdown().await
-    };
-    if tokio::time::timeout(limits.write_timeout, write)
-        .await
-        .is_err()
-    {
+    let Ok(mut spare) = spare
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(spare))
+    else {
         return;
-    }
-    // Take what the client still sends (bounded) before closing: closing
-    // with unread input resets the connection, and the client could lose
-    // the response.
+    };
+    let _ = spare.shutdown().await;
     let mut sink = [0u8; 1024];
     let mut left = 64 * 1024usize;
     let drain = async {
         while left > 0 {
-            match stream.read(&mut sink).await {
+            match spare.read(&mut sink).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => left = left.saturating_sub(n),
             }
@@ -351,6 +335,9 @@ async fn serve_one(
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
+
+/// The smallest read buffer hyper accepts.
+const MIN_HYPER_BUF: usize = 8192;
 
 /// PEM files for mutual TLS: the cluster CA, our certificate and its key.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -721,20 +708,23 @@ mod tests {
         )
         .await;
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        // Header names are case-insensitive; hyper writes them in lower case.
+        let lower = r.to_ascii_lowercase();
         assert!(
-            r.contains("\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+            lower.contains("\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n"),
             "{r}"
         );
-        let (head, body) = r.split_once("\r\n\r\n").expect("head and body");
+        let (head, body) = lower.split_once("\r\n\r\n").expect("head and body");
         assert!(
-            head.contains(&format!("Content-Length: {}", body.len())),
+            head.contains(&format!("content-length: {}", body.len())),
             "{r}"
         );
         assert!(body.contains("\nsteward_test_total 3\n"), "{body}");
         // HEAD: the same head, no body; a query string is ignored.
         let r = exchange(addr, b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n").await;
         assert!(
-            r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\n"),
+            (r.starts_with("HTTP/1.1 200 OK\r\n") || r.starts_with("HTTP/1.0 200 OK\r\n"))
+                && r.ends_with("\r\n\r\n"),
             "{r}"
         );
         shutdown.cancel();
@@ -756,7 +746,10 @@ mod tests {
         assert_eq!(status(&r), "HTTP/1.1 404 Not Found");
         let r = exchange(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
         assert_eq!(status(&r), "HTTP/1.1 405 Method Not Allowed");
-        assert!(r.contains("Allow: GET, HEAD\r\n"), "{r}");
+        assert!(
+            r.to_ascii_lowercase().contains("\r\nallow: get, head\r\n"),
+            "{r}"
+        );
         let r = exchange(addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
         assert_eq!(status(&r), "HTTP/1.1 400 Bad Request");
         let r = exchange(addr, b"GET /metrics SPDY/9\r\n\r\n").await;
@@ -768,11 +761,20 @@ mod tests {
         huge.extend_from_slice(b"\r\n");
         let r = exchange(addr, &huge).await;
         assert_eq!(status(&r), "HTTP/1.1 431 Request Header Fields Too Large");
-        // Half a request, then silence: timed out, not held forever.
+        // Half a request, then silence: disconnected unanswered at the read
+        // timeout (hyper sends no 408), not held forever.
         let started = std::time::Instant::now();
         let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
-        assert_eq!(status(&r), "HTTP/1.1 408 Request Timeout");
-        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(r, "", "a slow client gets no answer");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+            "cut off after {took:?}, the read timeout is 300 ms"
+        );
+        // So is one that connects and sends nothing at all.
+        let started = std::time::Instant::now();
+        assert_eq!(exchange(addr, b"").await, "");
+        assert!(started.elapsed() < Duration::from_secs(2));
         // A client that never sends anything does not block others.
         let _idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
@@ -809,12 +811,18 @@ mod tests {
             .expect("closed at once, not held");
         // Closed with the request unread: an end of stream or a reset.
         assert!(read.is_err() || out.is_empty(), "over the limit: no answer");
-        // The idle one times out and frees its slot.
+        // The idle one goes and frees its slot; until the server has seen it
+        // go, new connections are still refused (closed, maybe reset).
         drop(idle);
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         loop {
-            let r = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
-            if r.starts_with("HTTP/1.1 200 OK") {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let mut out = Vec::new();
+            if s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.is_ok() {
+                let read = s.read_to_end(&mut out);
+                let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+            }
+            if out.starts_with(b"HTTP/1.1 200 OK") {
                 break;
             }
             assert!(
@@ -826,37 +834,79 @@ mod tests {
     }
 
     #[test]
-    fn request_lines_are_judged() {
+    fn requests_are_routed() {
+        use hyper::{Method, StatusCode};
         use HttpAnswer::*;
         assert_eq!(
-            answer_for(b"GET /metrics HTTP/1.1\r\n"),
+            answer_for(&Method::GET, "/metrics"),
             Metrics { head_only: false }
         );
         assert_eq!(
-            answer_for(b"GET /metrics HTTP/1.0\n"),
-            Metrics { head_only: false }
+            answer_for(&Method::HEAD, "/metrics"),
+            Metrics { head_only: true }
         );
-        assert_eq!(answer_for(b"GET / HTTP/1.1\r\n"), Status(404, "Not Found"));
+        assert_eq!(answer_for(&Method::GET, "/"), Status(StatusCode::NOT_FOUND));
         assert_eq!(
-            answer_for(b"GET /metrics/x HTTP/1.1\r\n"),
-            Status(404, "Not Found")
-        );
-        assert_eq!(
-            answer_for(b"DELETE /metrics HTTP/1.1\r\n"),
-            Status(405, "Method Not Allowed")
+            answer_for(&Method::GET, "/metrics/x"),
+            Status(StatusCode::NOT_FOUND)
         );
         assert_eq!(
-            answer_for(b"GET  /metrics HTTP/1.1\r\n"),
-            Status(400, "Bad Request")
+            answer_for(&Method::DELETE, "/metrics"),
+            Status(StatusCode::METHOD_NOT_ALLOWED)
         );
-        assert_eq!(
-            answer_for(b"GET http://x/metrics HTTP/1.1\r\n"),
-            Status(400, "Bad Request")
-        );
-        assert_eq!(
-            answer_for(b"get /metrics HTTP/1.1\r\n"),
-            Status(400, "Bad Request")
-        );
-        assert_eq!(answer_for(b"\xff\xfe\r\n"), Status(400, "Bad Request"));
+    }
+
+    /// A client that reads nothing of the answer is cut off once the
+    /// exchange has taken its read and write time, freeing its slot.
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_is_cut_off() {
+        let registry = Arc::new(crate::metrics::Registry::new());
+        // An answer larger than the socket buffers can take (the sender's
+        // grows to 4 MiB at most; the stuck client's is small).
+        let big = registry.counter_vec("steward_test_big_total", "Big.", &["n"]);
+        for i in 0..80_000 {
+            big.with(&[&format!("{i:0>40}")]).inc();
+        }
+        let limits = HttpLimits {
+            read_timeout: Duration::from_millis(200),
+            write_timeout: Duration::from_millis(300),
+            max_connections: 1,
+            ..HttpLimits::default()
+        };
+        let listener = bind_metrics(([127, 0, 0, 1], 0).into())
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_metrics(listener, registry, limits, shutdown.clone()));
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("small receive buffer");
+        let mut stuck = socket.connect(addr).await.expect("connect");
+        stuck
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        // The one slot is taken by the stuck reader until it is cut off.
+        let started = std::time::Instant::now();
+        loop {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"HEAD /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .expect("write");
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+            if out.starts_with(b"HTTP/1.1 200 OK") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "the stuck reader kept its slot"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(stuck);
+        shutdown.cancel();
     }
 }
