@@ -114,6 +114,6 @@ mod tests {
         // Before the cache has read etcd, nothing is let through.
         let unsynced = SpecSnapshot::default();
         let error = check_not_revoked(&reissued, RevocableKind::Admin, &unsynced).unwrap_err();
-        assert!(matches!(error, Error::Busy(_)), "{error}");
+        assert!(matches!(error, Error::Busy { .. }), "{error}");
     }
 }
