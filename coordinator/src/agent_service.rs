@@ -116,6 +116,7 @@ impl SessionContext {
         let steps = orchestration.revision_for(&interest);
         view.revision
             .max(crate::desired::own_revision(&specs, node))
+            .max(crate::desired::coordinator_revocations_revision(&specs))
             .max(steps)
     }
 }
