@@ -3,6 +3,10 @@
 //! over `AgentService.RenewCertificate` once two thirds of its lifetime have
 //! passed, and written atomically.
 //!
+//! Every dial checks the replica's certificate against the coordinator
+//! revocations of the desired state in force ([`Credentials::dial`]): a
+//! stolen, revoked coordinator key cannot pose as a replica to this agent.
+//!
 //! Renewal keeps the node's key (the CSR proves possession of it) and
 //! replaces only the certificate, in one rename: a crash at any moment
 //! leaves a matching key and certificate.
@@ -10,13 +14,16 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use steward_proto::domain::CoordinatorRevocation;
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
-use steward_proto::pki::Validity;
+use steward_proto::pki::{CertSubject, Validity};
 use steward_runtime::backoff::Backoff;
-use steward_runtime::TlsFiles;
+use steward_runtime::{MtlsPem, ServerCheck, TlsFiles};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, Identity};
 use tracing::{info, warn};
@@ -58,42 +65,129 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     Ok(())
 }
 
-/// Where the agent's CA, certificate and key are; read at every dial.
+/// The coordinator revocations in force, shared by every dial.
+pub type Revocations = Arc<Vec<CoordinatorRevocation>>;
+
+/// Whether a replica presenting `subject` may serve this agent: it must
+/// show a coordinator certificate that no revocation in `revoked` covers.
+pub fn check_replica(
+    subject: &CertSubject,
+    revoked: &[CoordinatorRevocation],
+) -> Result<(), String> {
+    if subject.kind != "coordinator" {
+        return Err(format!(
+            "the replica presented a {subject}, not a coordinator certificate"
+        ));
+    }
+    match CoordinatorRevocation::covering(revoked, &subject.name, subject.issued_unix_s) {
+        Some(r) => Err(format!(
+            "the replica presented a revoked {subject}: coordinator certificates of {:?} \
+             issued up to {} are refused",
+            r.name.as_str(),
+            r.revoked_unix_s
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A connection to a replica, and who its certificate names.
+pub struct Dialed {
+    pub channel: Channel,
+    pub replica: CertSubject,
+}
+
+/// Where the agent's CA, certificate and key are (read at every dial), and
+/// the coordinator revocations in force.
 #[derive(Debug, Clone)]
 pub struct Credentials {
     pub files: TlsFiles,
+    revoked: Arc<watch::Sender<Revocations>>,
 }
 
 impl Credentials {
     pub fn new(files: TlsFiles) -> Self {
-        Self { files }
+        Self {
+            files,
+            revoked: Arc::new(watch::Sender::new(Arc::default())),
+        }
     }
 
     /// The CA and our identity as they are on disk now.
     pub fn load(&self) -> Result<(Certificate, Identity), String> {
-        let read = |what: &str, path: &Path| {
-            std::fs::read(path).map_err(|e| format!("tls.{what} {}: {e}", path.display()))
-        };
+        let pem = self.load_pem()?;
         Ok((
-            Certificate::from_pem(read("ca", &self.files.ca)?),
-            Identity::from_pem(
-                read("cert", &self.files.cert)?,
-                read("key", &self.files.key)?,
-            ),
+            Certificate::from_pem(pem.ca),
+            Identity::from_pem(pem.cert, pem.key),
         ))
     }
 
+    fn load_pem(&self) -> Result<MtlsPem, String> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| format!("tls.{what} {}: {e}", path.display()))
+        };
+        Ok(MtlsPem {
+            ca: read("ca", &self.files.ca)?,
+            cert: read("cert", &self.files.cert)?,
+            key: read("key", &self.files.key)?,
+        })
+    }
+
+    /// Puts `revoked` (from the desired state in force) in force for the
+    /// next dials and tells the open streams ([`Credentials::revocations`]).
+    pub fn set_coordinator_revocations(&self, revoked: &[CoordinatorRevocation]) {
+        self.revoked.send_if_modified(|now| {
+            if now.as_slice() == revoked {
+                return false;
+            }
+            *now = Arc::new(revoked.to_vec());
+            true
+        });
+    }
+
+    /// The coordinator revocations in force; changes when new ones arrive.
+    pub fn revocations(&self) -> watch::Receiver<Revocations> {
+        self.revoked.subscribe()
+    }
+
+    /// Why a replica presenting `replica` may no longer serve this agent,
+    /// under the revocations in force now.
+    pub fn refusal(&self, replica: &CertSubject) -> Option<String> {
+        check_replica(replica, &self.revoked.borrow()).err()
+    }
+
     /// Connects to `url` over mutual TLS with the credentials on disk now.
-    /// The TCP connect gets [`CONNECT_TIMEOUT`], the whole dial (TLS
-    /// handshake included) [`DIAL_DEADLINE`]: no caller waits longer.
-    pub async fn dial(&self, url: &str) -> Result<Channel, String> {
-        let (ca, identity) = self.load()?;
-        tokio::time::timeout(
+    /// The replica must present a coordinator certificate from the CA,
+    /// valid for the host, with serverAuth, that no coordinator revocation
+    /// in force covers (checked again at every reconnection). The TCP
+    /// connect gets [`CONNECT_TIMEOUT`], the whole dial (TLS handshake
+    /// included) [`DIAL_DEADLINE`]: no caller waits longer.
+    pub async fn dial(&self, url: &str) -> Result<Dialed, String> {
+        let pem = self.load_pem()?;
+        let revoked = self.revocations();
+        let seen: Arc<Mutex<Option<CertSubject>>> = Arc::default();
+        let check: ServerCheck = {
+            let seen = seen.clone();
+            Arc::new(move |der| {
+                let subject = CertSubject::of_der(der)?;
+                check_replica(&subject, &revoked.borrow())
+                    .inspect_err(|_| crate::metrics::metrics().replicas_refused.inc())?;
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(subject);
+                Ok(())
+            })
+        };
+        let channel = tokio::time::timeout(
             DIAL_DEADLINE,
-            steward_runtime::dial_mtls(url, ca, identity, CONNECT_TIMEOUT),
+            steward_runtime::dial_mtls_checked(url, &pem, check, CONNECT_TIMEOUT),
         )
         .await
-        .map_err(|_| format!("no TLS session with {url} within {DIAL_DEADLINE:?}"))?
+        .map_err(|_| format!("no TLS session with {url} within {DIAL_DEADLINE:?}"))??;
+        // Set by the check of the handshake that made `channel`.
+        let replica = seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| format!("{url}: connected without a checked certificate"))?;
+        Ok(Dialed { channel, replica })
     }
 
     fn validity(&self) -> Result<Validity, String> {
@@ -135,7 +229,7 @@ async fn renew_once(
     let mut errors = Vec::new();
     for url in coordinators {
         let channel = match creds.dial(url).await {
-            Ok(c) => c,
+            Ok(c) => c.channel,
             Err(e) => {
                 errors.push(format!("{url}: {e}"));
                 continue;
@@ -217,5 +311,63 @@ pub async fn run_renewal(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::CertName;
+
+    use super::*;
+
+    fn subject(kind: &str, name: &str, issued_unix_s: i64) -> CertSubject {
+        CertSubject {
+            name: name.into(),
+            kind: kind.into(),
+            issued_unix_s,
+        }
+    }
+
+    #[test]
+    fn a_replica_must_show_a_coordinator_certificate_no_revocation_covers() {
+        let revoked = [CoordinatorRevocation {
+            name: CertName::new("coord-2").expect("name"),
+            revoked_unix_s: 1_000,
+        }];
+        check_replica(&subject("coordinator", "coord-1", 10), &revoked).expect("live");
+        check_replica(&subject("coordinator", "coord-2", 1_001), &revoked)
+            .expect("issued after the cut-off");
+        let error = check_replica(&subject("coordinator", "coord-2", 1_000), &revoked)
+            .expect_err("covered");
+        assert!(
+            error.contains("revoked coordinator certificate \"coord-2\""),
+            "{error}"
+        );
+        let error =
+            check_replica(&subject("admin", "coord-1", 10), &[]).expect_err("not a coordinator");
+        assert!(error.contains("not a coordinator certificate"), "{error}");
+    }
+
+    #[test]
+    fn open_streams_learn_of_new_revocations() {
+        let creds = Credentials::new(TlsFiles {
+            ca: "/nonexistent/ca.crt".into(),
+            cert: "/nonexistent/node.crt".into(),
+            key: "/nonexistent/node.key".into(),
+        });
+        let mut watching = creds.revocations();
+        let coord2 = subject("coordinator", "coord-2", 5);
+        assert_eq!(creds.refusal(&coord2), None);
+        let revoked = [CoordinatorRevocation {
+            name: CertName::new("coord-2").expect("name"),
+            revoked_unix_s: 5,
+        }];
+        creds.set_coordinator_revocations(&revoked);
+        assert!(watching.has_changed().expect("open"));
+        watching.mark_unchanged();
+        assert!(creds.refusal(&coord2).is_some());
+        // The same list again is no change.
+        creds.set_coordinator_revocations(&revoked);
+        assert!(!watching.has_changed().expect("open"));
     }
 }

@@ -124,6 +124,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             RecordedState::default()
         }
     };
+    // The replicas this agent refuses, until a newer desired state says.
+    creds.set_coordinator_revocations(&recorded.desired.coordinator_revocations);
     metrics::metrics()
         .desired_revision
         .set(recorded.desired.revision as i64);

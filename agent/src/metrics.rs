@@ -34,6 +34,7 @@ pub struct Metrics {
     pub converge_last_run: Arc<Gauge>,
     pub certificate_expiry: Arc<Gauge>,
     pub certificate_renewals: Arc<Family<Counter>>,
+    pub replicas_refused: Arc<Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -129,6 +130,10 @@ impl Metrics {
                 "steward_agent_certificate_renewals_total",
                 "Certificate renewal attempts, by result (renewed, failed).",
                 &["result"],
+            ),
+            replicas_refused: r.counter(
+                "steward_agent_replicas_refused_total",
+                "Connections to a replica refused, or sessions and lease streams ended, because its certificate is not a coordinator's or a coordinator revocation covers it.",
             ),
             registry: Arc::new(r),
         }

@@ -261,14 +261,15 @@ async fn one_session(
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     beat.beat();
-    let channel = creds
+    let dialed = creds
         .dial(url)
         .await
         .map_err(|reason| SessionError::Connect {
             url: url.to_owned(),
             reason,
         })?;
-    let mut client = AgentServiceClient::new(channel);
+    let mut revocations = creds.revocations();
+    let mut client = AgentServiceClient::new(dialed.channel);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(OUTBOUND_QUEUE);
     let hello = AgentMessage::Hello {
         node: settings.node_id.clone(),
@@ -322,6 +323,14 @@ async fn one_session(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = keepalive.tick() => {}
+            // New coordinator revocations (from a desired state recorded
+            // below): end the session if they cover this replica.
+            Ok(()) = revocations.changed() => {
+                if let Some(refusal) = creds.refusal(&dialed.replica) {
+                    crate::metrics::metrics().replicas_refused.inc();
+                    return Err(lost(refusal));
+                }
+            }
             _ = tick.tick() => {
                 if last_ack.elapsed() > settings.ack_timeout {
                     return Err(lost(format!("no heartbeat ack for {:?}", last_ack.elapsed())));
@@ -389,6 +398,9 @@ async fn one_session(
                         }
                         let replica = url.to_owned();
                         record(state, desired, *next, replica)?;
+                        creds.set_coordinator_revocations(
+                            &desired.borrow().desired.coordinator_revocations,
+                        );
                         report(&tx, desired, reports, &mut reported).map_err(lost)?;
                     }
                     Ok(CoordinatorMessage::LogRequest { id, query }) => {

@@ -553,8 +553,9 @@ async fn one_lease_stream(
     events: &mpsc::Sender<DriverEvent>,
     silence: Duration,
 ) -> Result<(), String> {
-    let channel = creds.dial(url).await?;
-    let mut client = AgentServiceClient::new(channel);
+    let dialed = creds.dial(url).await?;
+    let mut revocations = creds.revocations();
+    let mut client = AgentServiceClient::new(dialed.channel);
     let first = loop {
         if let Some(hb) = heartbeats.borrow_and_update().clone() {
             break hb;
@@ -589,6 +590,13 @@ async fn one_lease_stream(
             }
             _ = tokio::time::sleep_until(silent_after) => {
                 return Err(format!("no reply from {url} for {silence:?}"));
+            }
+            // A revocation arrived: end the stream if it covers this replica.
+            Ok(()) = revocations.changed() => {
+                if let Some(refusal) = creds.refusal(&dialed.replica) {
+                    crate::metrics::metrics().replicas_refused.inc();
+                    return Err(format!("{url}: {refusal}"));
+                }
             }
             message = inbound.message() => {
                 silent_after = tokio::time::Instant::now() + silence;

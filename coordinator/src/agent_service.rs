@@ -126,6 +126,7 @@ impl SessionContext {
         let steps = orchestration.revision_for(&interest);
         view.revision
             .max(crate::desired::own_revision(&specs, node))
+            .max(crate::desired::coordinator_revocations_revision(&specs))
             .max(steps)
             .max(target.map_or(0, |t| t.2.max(0) as u64))
     }

@@ -15,12 +15,18 @@
 //! marker whose mod revision counts: a node losing role R touches
 //! `cluster/departed/<R>`, a VIP removal `vips/.removed`, and a change to a
 //! section of the cluster settings `cluster/changed/<section>`.
+//!
+//! Every node also consumes the coordinator revocations
+//! ([`coordinator_revocations`]): its agent refuses replicas whose
+//! certificate they cover, so a revocation moves every node's revision.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use steward_proto::converge::{ClusterSettings, ClusterView, Member};
-use steward_proto::domain::{NodeId, Role};
+use steward_proto::domain::{
+    CoordinatorRevocation, NodeId, RevocableKind, Role, MAX_COORDINATOR_REVOCATIONS,
+};
 
 use crate::cache::SpecSnapshot;
 use crate::vip::VipSnapshot;
@@ -289,13 +295,52 @@ pub fn desired_base(
         );
     }
     let own = own_revision(specs, node);
+    let (coordinator_revocations, revoked) = coordinator_revocations(specs);
     steward_proto::domain::DesiredState {
-        revision: view.revision.max(own),
+        revision: view.revision.max(own).max(revoked),
         roles,
         cluster,
         tasks: Vec::new(),
         files: Vec::new(),
+        coordinator_revocations,
     }
+}
+
+/// The coordinator revocations every node is told of (its agent refuses a
+/// replica presenting a covered certificate): the newest
+/// [`MAX_COORDINATOR_REVOCATIONS`] by etcd revision, newest first, and the
+/// revision they count at (the newest of all of them, so a new revocation
+/// moves every node's desired state).
+pub fn coordinator_revocations(specs: &SpecSnapshot) -> (Vec<CoordinatorRevocation>, u64) {
+    let mut all: Vec<_> = specs
+        .cert_revoked
+        .iter()
+        .filter(|((kind, _), _)| *kind == RevocableKind::Coordinator)
+        .map(|((_, name), r)| (r.mod_revision, name, r.value.revoked_unix_s))
+        .collect();
+    all.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    let revision = all.first().map_or(0, |r| r.0).max(0) as u64;
+    let list = all
+        .into_iter()
+        .take(MAX_COORDINATOR_REVOCATIONS)
+        .map(|(_, name, revoked_unix_s)| CoordinatorRevocation {
+            name: name.clone(),
+            revoked_unix_s,
+        })
+        .collect();
+    (list, revision)
+}
+
+/// The revision [`coordinator_revocations`] counts at, without the list.
+pub fn coordinator_revocations_revision(specs: &SpecSnapshot) -> u64 {
+    specs
+        .cert_revoked
+        .iter()
+        .filter(|((kind, _), _)| *kind == RevocableKind::Coordinator)
+        .map(|(_, r)| r.mod_revision)
+        .max()
+        .unwrap_or(0)
+        .max(0) as u64
 }
 
 /// The newest of `node`'s own inputs: its spec, and its address while it
@@ -309,4 +354,59 @@ pub fn own_revision(specs: &SpecSnapshot, node: &NodeId) -> u64 {
         .filter(|_| member)
         .map_or(0, |a| a.mod_revision);
     spec.map_or(0, |s| s.mod_revision).max(address).max(0) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::CertName;
+
+    use super::*;
+    use crate::store::{CertRevokedRecord, Versioned};
+
+    fn revoke(specs: &mut SpecSnapshot, kind: RevocableKind, name: &str, rev: i64) {
+        specs.cert_revoked.insert(
+            (kind, CertName::new(name).expect("name")),
+            Versioned {
+                value: CertRevokedRecord {
+                    revoked_unix_s: 1_000 + rev,
+                    at_unix_ms: 0,
+                    by: "admin".into(),
+                },
+                mod_revision: rev,
+            },
+        );
+    }
+
+    #[test]
+    fn coordinator_revocations_are_capped_newest_first_and_count_for_every_node() {
+        let mut specs = SpecSnapshot::default();
+        assert_eq!(coordinator_revocations(&specs), (Vec::new(), 0));
+        let over = MAX_COORDINATOR_REVOCATIONS as i64 + 10;
+        for rev in 1..=over {
+            revoke(
+                &mut specs,
+                RevocableKind::Coordinator,
+                &format!("c-{rev}"),
+                rev,
+            );
+        }
+        // Admin revocations are not the agents' business.
+        revoke(&mut specs, RevocableKind::Admin, "ops", over + 5);
+        let (list, revision) = coordinator_revocations(&specs);
+        assert_eq!(revision, over as u64);
+        assert_eq!(coordinator_revocations_revision(&specs), over as u64);
+        assert_eq!(list.len(), MAX_COORDINATOR_REVOCATIONS);
+        assert_eq!(list[0].name.as_str(), format!("c-{over}"));
+        assert_eq!(list[0].revoked_unix_s, 1_000 + over);
+        let oldest = over - MAX_COORDINATOR_REVOCATIONS as i64 + 1;
+        assert_eq!(
+            list.last().expect("full").name.as_str(),
+            format!("c-{oldest}")
+        );
+
+        // A node without any other input still gets them, at their revision.
+        let desired = desired_base(&specs, &View::default(), &NodeId::new("n-1").expect("id"));
+        assert_eq!(desired.revision, over as u64);
+        assert_eq!(desired.coordinator_revocations, list);
+    }
 }

@@ -196,7 +196,9 @@ fn wake(
 
 /// Whether the change is one that every node may consume: the first read,
 /// the cluster settings, maintenance (gates and Kubernetes steps read it),
-/// the removal markers, a rollout created or removed, or a record deleted.
+/// the removal markers, a rollout created or removed, a coordinator
+/// revocation (every agent checks its replicas against them), or a record
+/// deleted.
 fn concerns_everyone(before: &SpecSnapshot, now: &SpecSnapshot) -> bool {
     let rev =
         |v: Option<&Versioned<steward_proto::converge::ClusterSettings>>| v.map(|s| s.mod_revision);
@@ -209,6 +211,8 @@ fn concerns_everyone(before: &SpecSnapshot, now: &SpecSnapshot) -> bool {
         || now.addresses.len() < before.addresses.len()
         || now.revoked.len() < before.revoked.len()
         || !now.rollouts.keys().eq(before.rollouts.keys())
+        || crate::desired::coordinator_revocations_revision(before)
+            != crate::desired::coordinator_revocations_revision(now)
 }
 
 fn changed_any<K, V>(
@@ -244,7 +248,7 @@ fn changed_nodes(before: &SpecSnapshot, now: &SpecSnapshot) -> HashSet<NodeId> {
 mod tests {
     use std::time::Duration;
 
-    use steward_proto::domain::Role;
+    use steward_proto::domain::{CertName, RevocableKind, Role};
 
     use crate::store::kv::{Op, Txn};
     use crate::store::{encode, MemoryBackend};
@@ -314,6 +318,57 @@ mod tests {
                 woken(w, Duration::from_secs(5)).await,
                 "session {i} not woken"
             );
+        }
+
+        // A coordinator revocation concerns everyone (each agent checks
+        // its replicas against it), and moves every node's revision; an
+        // admin revocation concerns no node.
+        let before: Vec<u64> = ["lb-1", "n-1", "n-2", "n-3"]
+            .iter()
+            .map(|id| replica.ctx.desired_revision_for(&node(id)))
+            .collect();
+        store
+            .revoke_certificate(
+                RevocableKind::Admin,
+                &CertName::new("ops").expect("name"),
+                "admin",
+            )
+            .await
+            .expect("revoked");
+        for (i, w) in wake.iter().enumerate() {
+            assert!(
+                !woken(w, Duration::from_millis(100)).await,
+                "session {i} woken by an admin revocation"
+            );
+        }
+        store
+            .revoke_certificate(
+                RevocableKind::Coordinator,
+                &CertName::new("c-9").expect("name"),
+                "admin",
+            )
+            .await
+            .expect("revoked");
+        for (i, w) in wake.iter().enumerate() {
+            assert!(
+                woken(w, Duration::from_secs(5)).await,
+                "session {i} not woken by a coordinator revocation"
+            );
+        }
+        for (i, id) in ["lb-1", "n-1", "n-2", "n-3"].iter().enumerate() {
+            let desired = replica.ctx.desired_for(&node(id)).expect("synced");
+            assert!(desired.revision > before[i], "{id}: {desired:?}");
+            assert_eq!(
+                desired.revision,
+                replica.ctx.desired_revision_for(&node(id)),
+                "{id}"
+            );
+            let names: Vec<_> = desired
+                .coordinator_revocations
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect();
+            assert_eq!(names, ["c-9"], "{id}");
         }
 
         // An ended session is not woken any more.

@@ -5,10 +5,11 @@
 use std::collections::BTreeSet;
 
 use crate::domain::{
-    AgentMessage, CertName, CertRevocation, CoordinatorMessage, DesiredState, Disk, Event,
-    EventKind, Facts, Health, InvalidCertName, InvalidNodeId, LogChunk, LogQuery, MaintenanceView,
-    NetworkInterface, NodeHealth, NodeId, NodeView, RevocableKind, RevokeCertificate, Role,
-    RoleChange, RoleSet, MAX_LOG_CHUNK, MAX_LOG_LINE,
+    AgentMessage, CertName, CertRevocation, CoordinatorMessage, CoordinatorRevocation,
+    DesiredState, Disk, Event, EventKind, Facts, Health, InvalidCertName, InvalidNodeId, LogChunk,
+    LogQuery, MaintenanceView, NetworkInterface, NodeHealth, NodeId, NodeView, RevocableKind,
+    RevokeCertificate, Role, RoleChange, RoleSet, MAX_COORDINATOR_REVOCATIONS, MAX_LOG_CHUNK,
+    MAX_LOG_LINE,
 };
 use crate::pb;
 
@@ -352,6 +353,19 @@ impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
                     .into_iter()
                     .map(TryInto::try_into)
                     .collect::<Result<_, _>>()?,
+                coordinator_revocations: bounded_list_of(
+                    "desired_state.coordinator_revocations",
+                    d.coordinator_revocations,
+                    MAX_COORDINATOR_REVOCATIONS,
+                )?
+                .into_iter()
+                .map(|r| {
+                    Ok(CoordinatorRevocation {
+                        name: CertName::new(r.name)?,
+                        revoked_unix_s: r.revoked_unix_s,
+                    })
+                })
+                .collect::<Result<_, ProtoError>>()?,
             }))),
             Kind::HeartbeatAck(a) => Ok(CoordinatorMessage::HeartbeatAck {
                 seq: a.seq,
@@ -379,6 +393,14 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
                 cluster: Some(d.cluster.into()),
                 tasks: d.tasks.into_iter().map(Into::into).collect(),
                 files: d.files.into_iter().map(Into::into).collect(),
+                coordinator_revocations: d
+                    .coordinator_revocations
+                    .into_iter()
+                    .map(|r| pb::CoordinatorRevocation {
+                        name: r.name.into(),
+                        revoked_unix_s: r.revoked_unix_s,
+                    })
+                    .collect(),
             }),
             CoordinatorMessage::HeartbeatAck { seq, replica } => {
                 Kind::HeartbeatAck(pb::HeartbeatAck {
@@ -804,8 +826,47 @@ mod tests {
                 content: b"k".to_vec(),
                 mode: 0o600,
             }],
+            coordinator_revocations: vec![CoordinatorRevocation {
+                name: CertName::new("coord-2").unwrap(),
+                revoked_unix_s: 1_800_000_000,
+            }],
         }));
         let wire: pb::CoordinatorMessage = desired.clone().into();
         assert_eq!(CoordinatorMessage::try_from(wire), Ok(desired));
+    }
+
+    #[test]
+    fn coordinator_revocations_are_bounded_and_named() {
+        let message = |names: Vec<String>| pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::DesiredState(
+                pb::DesiredState {
+                    coordinator_revocations: names
+                        .into_iter()
+                        .map(|name| pb::CoordinatorRevocation {
+                            name,
+                            revoked_unix_s: 1,
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+            )),
+        };
+        let full = (0..MAX_COORDINATOR_REVOCATIONS)
+            .map(|i| format!("c-{i}"))
+            .collect::<Vec<_>>();
+        assert!(CoordinatorMessage::try_from(message(full.clone())).is_ok());
+        let mut over = full;
+        over.push("c-x".into());
+        assert_eq!(
+            CoordinatorMessage::try_from(message(over)),
+            Err(ProtoError::TooLong {
+                field: "desired_state.coordinator_revocations",
+                limit: MAX_COORDINATOR_REVOCATIONS,
+            })
+        );
+        assert!(matches!(
+            CoordinatorMessage::try_from(message(vec!["no such/name".into()])),
+            Err(ProtoError::InvalidCertName(_))
+        ));
     }
 }

@@ -163,6 +163,35 @@ pub struct DesiredState {
     /// Files placed before the tasks run.
     #[serde(default)]
     pub files: Vec<crate::converge::SecretFile>,
+    /// The coordinator certificates revoked, newest first, at most
+    /// [`MAX_COORDINATOR_REVOCATIONS`]: the agent refuses a replica that
+    /// presents one of them. Every node consumes them.
+    #[serde(default)]
+    pub coordinator_revocations: Vec<CoordinatorRevocation>,
+}
+
+/// How many coordinator revocations a desired state carries (the newest).
+pub const MAX_COORDINATOR_REVOCATIONS: usize = 256;
+
+/// Every coordinator certificate of `name` issued (notBefore) up to
+/// `revoked_unix_s` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorRevocation {
+    pub name: CertName,
+    pub revoked_unix_s: i64,
+}
+
+impl CoordinatorRevocation {
+    /// The revocation in `list` that covers the coordinator certificate
+    /// of `name` issued at `issued_unix_s`, if any.
+    pub fn covering<'a>(
+        list: &'a [CoordinatorRevocation],
+        name: &str,
+        issued_unix_s: i64,
+    ) -> Option<&'a CoordinatorRevocation> {
+        list.iter()
+            .find(|r| r.name.as_str() == name && issued_unix_s <= r.revoked_unix_s)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -628,5 +657,18 @@ mod tests {
         h.memory_used_bytes = 10;
         h.max_disk_used_fraction = 0.99;
         assert!(h.under_pressure());
+    }
+
+    #[test]
+    fn a_coordinator_revocation_covers_its_name_up_to_its_second() {
+        let list = [CoordinatorRevocation {
+            name: CertName::new("coord-2").unwrap(),
+            revoked_unix_s: 100,
+        }];
+        assert!(CoordinatorRevocation::covering(&list, "coord-2", 99).is_some());
+        assert!(CoordinatorRevocation::covering(&list, "coord-2", 100).is_some());
+        assert!(CoordinatorRevocation::covering(&list, "coord-2", 101).is_none());
+        assert!(CoordinatorRevocation::covering(&list, "coord-1", 50).is_none());
+        assert!(CoordinatorRevocation::covering(&[], "coord-2", 50).is_none());
     }
 }

@@ -1,7 +1,8 @@
 //! Certificate facts both sides need, without IO: the CA hash a joining node
 //! pins (`sha256:<hex>` of the CA's SubjectPublicKeyInfo, the form kubeadm's
-//! `--discovery-token-ca-cert-hash` uses) and a certificate's validity, from
-//! which an agent decides when to renew.
+//! `--discovery-token-ca-cert-hash` uses), a certificate's validity, from
+//! which an agent decides when to renew, and its subject, which an agent
+//! checks against coordinator revocations.
 
 use std::fmt;
 use std::str::FromStr;
@@ -106,6 +107,52 @@ impl Validity {
     /// renewal has a third of it (months, by default) to succeed.
     pub fn renew_at(&self) -> i64 {
         self.not_after - (self.not_after - self.not_before).max(0) / 3
+    }
+}
+
+/// Who a certificate names: its common name, its kind (the organizational
+/// unit: `agent`, `coordinator` or `admin`) and its issue time (notBefore,
+/// in seconds since the Unix epoch), as revocations see it. Read from a
+/// certificate TLS has already verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSubject {
+    pub name: String,
+    pub kind: String,
+    pub issued_unix_s: i64,
+}
+
+impl CertSubject {
+    pub fn of_der(der: &[u8]) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("cannot parse certificate: {e}"))?;
+        let subject = cert.subject();
+        let name = subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or("the certificate has no common name")?
+            .to_owned();
+        let kind = subject
+            .iter_organizational_unit()
+            .next()
+            .and_then(|ou| ou.as_str().ok())
+            .ok_or("the certificate has no organizational unit (identity kind)")?
+            .to_owned();
+        Ok(Self {
+            name,
+            kind,
+            issued_unix_s: cert.validity().not_before.timestamp(),
+        })
+    }
+}
+
+impl fmt::Display for CertSubject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} certificate {:?} issued at {}",
+            self.kind, self.name, self.issued_unix_s
+        )
     }
 }
 

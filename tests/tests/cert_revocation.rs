@@ -318,3 +318,101 @@ fn certificates_with_the_wrong_usage_for_their_kind_are_refused() {
         drop(fake);
     }
 }
+
+/// The coordinator revocations `agent` recorded with its desired state.
+fn recorded_coordinator_revocations(cluster: &Cluster, agent: usize) -> Vec<String> {
+    let path = cluster.agents[agent].state_dir.join("desired.json");
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).expect("desired.json is JSON");
+    v["desired"]["coordinator_revocations"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|r| r["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A coordinator key revoked through another replica (here, the key of a
+/// replica still serving: as if it had been stolen) no longer serves
+/// agents: the replica itself tells its agents of the revocation, they end
+/// their session with it and refuse it at every dial, even after a
+/// restart (the list is recorded with the desired state); an agent that
+/// knows another replica fails over to it and keeps working there.
+#[test]
+fn agents_refuse_a_revoked_coordinator_certificate() {
+    let mut cluster = Cluster::new();
+    cluster.start_coordinators(2);
+    let urls = cluster.coordinator_urls();
+    // node-1 knows coord-2 only; node-2 knows both, coord-2 first.
+    let only = cluster.start_agent_on("node-1", &urls[1..]);
+    let both = cluster.start_agent_on("node-2", &[urls[1].clone(), urls[0].clone()]);
+    for node in ["node-1", "node-2"] {
+        eventually(PROMPTLY * 2, "the agents connected", || {
+            cluster.node(node).filter(|n| n["health"] == "healthy")
+        });
+    }
+    assert!(recorded_coordinator_revocations(&cluster, only).is_empty());
+
+    let out = cluster.ctl_at(
+        &[&urls[0]],
+        &["cert", "revoke", "--kind", "coordinator", "coord-2"],
+    );
+    assert!(out.ok(), "revoke coord-2 from coord-1: {out:?}");
+    let start = Instant::now();
+
+    // node-1 heard of it (from coord-2 itself), recorded it, and ended the
+    // session: every later dial to coord-2 is refused at the handshake.
+    eventually(PROMPTLY, "node-1 recorded the revocation", || {
+        (recorded_coordinator_revocations(&cluster, only) == ["coord-2"]).then_some(())
+    });
+    eventually(PROMPTLY, "node-1 refusing coord-2", || {
+        let log = cluster.agents[only].proc.log_text();
+        let refusals = log
+            .matches("the replica presented a revoked coordinator")
+            .count();
+        (refusals >= 2).then_some(())
+    });
+    println!(
+        "node-1 refused coord-2 {:?} after the revocation",
+        start.elapsed()
+    );
+    // node-2 failed over to coord-1, and stays there.
+    eventually(PROMPTLY * 2, "node-2 served by coord-1", || {
+        cluster
+            .node("node-2")
+            .filter(|n| n["replica"] == "coord-1" && n["health"] == "healthy")
+    });
+    assert_eq!(
+        recorded_coordinator_revocations(&cluster, both),
+        ["coord-2"]
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let n2 = cluster.node("node-2").expect("node-2 listed");
+    assert_eq!(n2["replica"], "coord-1", "{n2}");
+    assert_eq!(n2["health"], "healthy", "{n2}");
+    // node-1 has no replica left to serve it.
+    eventually(PROMPTLY * 2, "node-1 unreachable", || {
+        cluster.node("node-1").filter(|n| n["health"] != "healthy")
+    });
+    let log = cluster.agents[only].proc.log_text();
+    let opened = log.matches("session open").count();
+
+    // A restarted node-1 still refuses coord-2: the list is recorded.
+    cluster.agents[only].proc.kill();
+    cluster.restart_agent(only);
+    eventually(PROMPTLY, "the restarted node-1 refusing coord-2", || {
+        let log = cluster.agents[only].proc.log_text();
+        log.contains("the replica presented a revoked coordinator")
+            .then_some(())
+    });
+    let log = cluster.agents[only].proc.log_text();
+    assert!(!log.contains("session open"), "{log}");
+    assert_eq!(
+        opened, 1,
+        "node-1 opened one session, before the revocation"
+    );
+}

@@ -429,8 +429,10 @@ pub enum CertCommand {
     /// issue DIR NAME --kind KIND`; its common name). Every replica refuses
     /// the certificates at once: an admin one on every admin call (its open
     /// --follow streams end too), a coordinator one on the peer API, calling
-    /// or answering. Agents cannot check coordinator revocations: after a
-    /// coordinator key leaks, replace the CA. Certificates whose notBefore
+    /// or answering, and by the agents (told in their desired states: they
+    /// drop a replica serving with one). stewardctl itself cannot check
+    /// coordinator revocations: after a coordinator key leaks, replace the
+    /// CA. Certificates whose notBefore
     /// is up to the second of the revocation are covered, whoever holds
     /// them; the answer (and the event log) prints that second. A
     /// certificate for NAME issued after it is accepted: `stewardctl pki

@@ -538,6 +538,49 @@ pub fn mtls_channel_checked(
     check: ServerCheck,
     connect_timeout: Duration,
 ) -> Result<Channel, String> {
+    let (endpoint, connect) = checked_connector(url, pem, check, connect_timeout)?;
+    Ok(endpoint.connect_with_connector_lazy(connect))
+}
+
+/// [`mtls_channel_checked`], connected now: the error says why the
+/// connection or the handshake failed (a refused certificate included).
+pub async fn dial_mtls_checked(
+    url: &str,
+    pem: &MtlsPem,
+    check: ServerCheck,
+    connect_timeout: Duration,
+) -> Result<Channel, String> {
+    let (endpoint, connect) = checked_connector(url, pem, check, connect_timeout)?;
+    endpoint
+        .connect_with_connector(connect)
+        .await
+        .map_err(|e| error_chain(&e))
+}
+
+/// A TLS connection made by [`checked_connector`].
+type CheckedIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// The plain endpoint tonic sees and the connector that does TCP and TLS
+/// (with `check`) under it.
+fn checked_connector(
+    url: &str,
+    pem: &MtlsPem,
+    check: ServerCheck,
+    connect_timeout: Duration,
+) -> Result<
+    (
+        Endpoint,
+        impl tower::Service<
+                tonic::transport::Uri,
+                Response = CheckedIo,
+                Error = std::io::Error,
+                Future = impl std::future::Future<Output = std::io::Result<CheckedIo>> + Send,
+            > + Clone
+            + Send
+            + 'static,
+    ),
+    String,
+> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::sync::Arc;
@@ -601,12 +644,12 @@ pub fn mtls_channel_checked(
         }
     });
     // TLS is ours (the connector), so tonic sees a plain http:// endpoint.
-    Ok(Endpoint::from_shared(format!(
+    let endpoint = Endpoint::from_shared(format!(
         "http://{}",
         uri.authority().map(|a| a.as_str()).unwrap_or_default()
     ))
-    .map_err(|e| e.to_string())?
-    .connect_with_connector_lazy(connect))
+    .map_err(|e| e.to_string())?;
+    Ok((endpoint, connect))
 }
 
 /// Connects to a replica's bootstrap endpoint (`https://host:port`) trusting
