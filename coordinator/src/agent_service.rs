@@ -616,14 +616,24 @@ impl NodeSession {
     fn sync_status(&mut self) -> tokio::time::Instant {
         let now = Instant::now();
         let silent_for = self.ctx.unreachable_after + SILENCE_MARGIN;
+        let unreachable_after = self.ctx.unreachable_after;
+        let seen = self.ctx.sessions.with(&self.node, |live| {
+            (
+                live.last_heartbeat,
+                live.node_health(now, unreachable_after),
+                live.applied_revision,
+            )
+        });
+        let Some((last_heartbeat, health, applied_revision)) = seen else {
+            return (now + silent_for).into();
+        };
+        let silence = (last_heartbeat + silent_for).max(now + SILENCE_MARGIN);
+        if health == self.shown.health && applied_revision == self.shown.applied_revision {
+            return silence.into();
+        }
         let Some(live) = self.ctx.sessions.get(&self.node) else {
             return (now + silent_for).into();
         };
-        let silence = (live.last_heartbeat + silent_for).max(now + SILENCE_MARGIN);
-        let health = live.node_health(now, self.ctx.unreachable_after);
-        if health == self.shown.health && live.applied_revision == self.shown.applied_revision {
-            return silence.into();
-        }
         if !self.status_budget.take(now) {
             crate::metrics::metrics().status_writes_deferred.inc();
             let refill = now + self.status_budget.next_in(now) + SILENCE_MARGIN;
@@ -671,10 +681,15 @@ impl NodeSession {
     {
         // Registered before the first push: no change falls in between.
         let wake = self.ctx.fanout.register(&self.node, self.session);
+        // The futures of the loop below are made once, not once per message
+        // (each would register with and leave a `Notify` per heartbeat).
+        let woken = wake.notified();
         let shutdown = self.ctx.shutdown.clone();
+        let shutting_down = shutdown.cancelled();
         let replaced = self.superseded.clone();
+        let is_replaced = replaced.cancelled();
         let check = tokio::time::sleep(self.ctx.unreachable_after);
-        tokio::pin!(check);
+        tokio::pin!(woken, shutting_down, is_replaced, check);
         let mut superseded = false;
         // Log requests for this node's agent (`crate::logs`).
         let (commands_tx, mut commands) = mpsc::channel::<CoordinatorMessage>(8);
@@ -683,17 +698,18 @@ impl NodeSession {
             loop {
                 let keep_going = tokio::select! {
                     Some(command) = commands.recv() => tx.send(Ok(command.into())).await.is_ok(),
-                    _ = shutdown.cancelled() => {
+                    _ = &mut shutting_down => {
                         let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                         false
                     }
-                    _ = replaced.cancelled() => {
+                    _ = &mut is_replaced => {
                         // A newer session of this node owns the status now.
                         let _ = tx.try_send(Err(Error::Superseded.into()));
                         superseded = true;
                         false
                     }
-                    _ = wake.notified() => {
+                    _ = &mut woken => {
+                        woken.set(wake.notified());
                         still_trusted(&self.ctx, &self.node, self.issued_unix_s, &tx).await
                             && self.push_desired(&tx).await
                     }
@@ -704,7 +720,13 @@ impl NodeSession {
                     msg = inbound.next() => match msg {
                         Some(Ok(m)) => {
                             let more = self.on_message(m, &tx).await;
-                            check.as_mut().reset(self.sync_status());
+                            // The check runs when the node would turn
+                            // unreachable anyway; sooner only for a
+                            // deferred status write.
+                            let next = self.sync_status();
+                            if next < check.deadline() {
+                                check.as_mut().reset(next);
+                            }
                             more
                         }
                         None => false,
@@ -837,8 +859,11 @@ impl StatusWriter {
         mut status: watch::Receiver<NodeStatusRecord>,
         mut reports: watch::Receiver<Option<ConvergeReport>>,
     ) -> bool {
-        let mut retry = tokio::time::interval(WRITE_RETRY);
         let (mut status_open, mut reports_open) = (true, true);
+        // Something etcd did not take yet: retry after WRITE_RETRY (no
+        // periodic tick otherwise: 10,000 idle sessions, 10,000 wake-ups
+        // a second).
+        let mut pending = false;
         loop {
             tokio::select! {
                 _ = self.superseded.cancelled() => return false,
@@ -851,8 +876,9 @@ impl StatusWriter {
                     }
                     Err(_) => reports_open = false,
                 },
-                _ = retry.tick() => {}
+                _ = tokio::time::sleep(WRITE_RETRY), if pending => {}
             }
+            pending = false;
             let next = status.borrow_and_update().clone();
             if next != self.status {
                 match self.write_status(next, false).await {
@@ -869,6 +895,7 @@ impl StatusWriter {
                         if !status_open {
                             return false;
                         }
+                        pending = true;
                         continue;
                     }
                 }
@@ -876,6 +903,7 @@ impl StatusWriter {
             if let Err(error) = self.flush_converge().await {
                 warn!(%error, "converge report write failed");
             }
+            pending = pending || self.converge.pending().is_some();
             if !status_open {
                 break;
             }

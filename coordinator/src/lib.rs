@@ -339,8 +339,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         shutdown.clone(),
     );
     let served = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(pb::agent_service_server::AgentServiceServer::new(agent_api))
         .add_service(pb::admin_service_server::AdminServiceServer::new(admin_api))
         .add_service(pb::peer_service_server::PeerServiceServer::new(peer_api))

@@ -156,6 +156,11 @@ impl Sessions {
         }
     }
 
+    /// What `f` reads of `node`'s session, without copying it.
+    pub fn with<T>(&self, node: &NodeId, f: impl FnOnce(&LiveSession) -> T) -> Option<T> {
+        self.lock().get(node).map(f)
+    }
+
     pub fn get(&self, node: &NodeId) -> Option<LiveSession> {
         self.lock().get(node).cloned()
     }
