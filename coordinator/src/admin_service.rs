@@ -538,7 +538,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let wanted = steward_proto::domain::RevokeCertificate::try_from(request.into_inner())
             .map_err(Error::from)?;
         if let Some(refusal) = self.revocation_refusal(&admin, &wanted) {
-            return Err(Error::FailedPrecondition(refusal).into());
+            return Err(Error::RevocationNeedsForce(refusal).into());
         }
         let record = self
             .ctx

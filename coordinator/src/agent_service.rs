@@ -362,9 +362,11 @@ where
     S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin + Send + 'static,
 {
     if identity.kind != IdentityKind::Agent {
-        return Err(Error::PermissionDenied(format!(
-            "{identity} may not open an agent session; only agent certificates may"
-        ))
+        return Err(Error::WrongCertificateKind {
+            identity: identity.to_string(),
+            may: "open an agent session",
+            only: "agent",
+        }
         .into());
     }
     let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
@@ -383,22 +385,18 @@ where
         advertise_address,
     } = AgentMessage::try_from(first).map_err(Error::from)?
     else {
-        return Err(Error::InvalidArgument("the first message must be a hello".into()).into());
+        return Err(Error::FirstMessageNotHello.into());
     };
     if node.as_str() != identity.name {
-        return Err(Error::PermissionDenied(format!(
-            "certificate is for node {:?}; it may not speak for node {:?}",
-            identity.name,
-            node.as_str()
-        ))
+        return Err(Error::SpeaksForAnotherNode {
+            certificate: identity.name.clone(),
+            claimed: node.as_str().to_owned(),
+        }
         .into());
     }
 
     if let Some(a) = advertise_address.filter(|a| a.is_unspecified() || a.is_multicast()) {
-        return Err(Error::InvalidArgument(format!(
-            "advertise_address {a}: the cluster cannot reach a node there"
-        ))
-        .into());
+        return Err(Error::UnreachableAddress(a).into());
     }
 
     let (tx, rx) = mpsc::channel(16);

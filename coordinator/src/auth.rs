@@ -42,9 +42,11 @@ pub fn require_admin<T>(request: &Request<T>, specs: &SpecSnapshot) -> Result<Id
 pub fn require_coordinator<T>(request: &Request<T>, specs: &SpecSnapshot) -> Result<Identity> {
     let identity = peer_identity(request)?;
     if identity.kind != IdentityKind::Coordinator {
-        return Err(Error::PermissionDenied(format!(
-            "{identity} may not use the peer API; only coordinator certificates may"
-        )));
+        return Err(Error::WrongCertificateKind {
+            identity: identity.to_string(),
+            may: "use the peer API",
+            only: "coordinator",
+        });
     }
     check_not_revoked(&identity, RevocableKind::Coordinator, specs)?;
     Ok(identity)
@@ -95,7 +97,7 @@ mod tests {
         .await;
         let error = check_not_revoked(&ops, RevocableKind::Admin, &specs).unwrap_err();
         assert!(
-            matches!(&error, Error::PermissionDenied(m) if m.contains("revoked") && m.contains("by root")),
+            matches!(&error, Error::CertificateRevoked(m) if m.contains("revoked") && m.contains("by root")),
             "{error}"
         );
         // The same name of the other kind, and a certificate issued after

@@ -23,8 +23,46 @@ pub enum Error {
     UnknownVolume(String),
     #[error("unknown rollout {0:?} (stewardctl rollout list shows the rollouts)")]
     UnknownRollout(String),
+    /// A spec whose changes do not fit one etcd transaction.
+    #[error(
+        "this spec makes {changes} changes needing {writes} writes in one etcd transaction, \
+         more than the {max} etcd allows: apply it in parts"
+    )]
+    SpecTooLarge {
+        changes: usize,
+        writes: usize,
+        max: usize,
+    },
+    #[error(
+        "--rollout rolls out a change of the cluster settings (frontends, kubernetes, \
+         gluster), and this spec changes none"
+    )]
+    NothingToRollOut,
+    /// A spec applied with `--rollout` that changes more than the settings.
+    #[error(
+        "--rollout rolls out a change of the cluster settings only; this spec also changes \
+         {0}: apply those without --rollout first"
+    )]
+    RolloutChangesMore(String),
+    #[error(
+        "rollout {0} is in progress: the cluster settings change through it until it is \
+         done (stewardctl rollout status {0}; stewardctl rollout abort {0} stops it)"
+    )]
+    RolloutInProgress(String),
+    #[error("rollout {id} is {phase}: nothing to {action}")]
+    RolloutOver {
+        id: String,
+        phase: &'static str,
+        action: &'static str,
+    },
+    #[error("rollout {id} is {phase}: it cannot resume (stewardctl rollout abort {id} ends it)")]
+    RolloutCannotResume { id: String, phase: &'static str },
+    #[error("invalid request: no rollout action: pause, resume or abort")]
+    NoRolloutAction,
+    /// A revocation that would lock out the caller or this replica,
+    /// asked without `--force`.
     #[error("{0}")]
-    FailedPrecondition(String),
+    RevocationNeedsForce(String),
     /// `role add`/`role remove` naming no role.
     #[error("invalid request: name at least one role")]
     NoRolesNamed,
@@ -116,15 +154,26 @@ pub enum Error {
     RoleNotAssigned { node: NodeId, role: Role },
     #[error("invalid request: {0}")]
     InvalidRequest(#[from] ProtoError),
-    #[error("invalid request: {0}")]
-    InvalidArgument(String),
+    /// A certificate a revocation covers.
+    #[error("{0}")]
+    CertificateRevoked(String),
+    #[error("invalid request: the first message must be a hello")]
+    FirstMessageNotHello,
+    #[error("invalid request: advertise_address {0}: the cluster cannot reach a node there")]
+    UnreachableAddress(std::net::IpAddr),
+    /// A replica's own configuration (read at start).
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("etcd campaign returned no leader key")]
+    CampaignWithoutLeaderKey,
+    /// Making a cluster secret failed.
+    #[error("cluster secret: {0}")]
+    SecretGeneration(String),
     /// `stewardctl apply` of a spec with problems: all of them.
     #[error("{}", spec_problems(.0))]
     InvalidSpec(Vec<String>),
     #[error("{0}")]
     Unauthenticated(String),
-    #[error("{0}")]
-    PermissionDenied(String),
     #[error("concurrent updates to {key} kept conflicting; try again")]
     Conflict { key: String },
     #[error("not the leader any more (fence on epoch {epoch} failed)")]
@@ -215,7 +264,13 @@ impl From<Error> for tonic::Status {
             | Error::UnknownVip(_)
             | Error::UnknownVolume(_)
             | Error::UnknownRollout(_) => Status::not_found(msg),
-            Error::FailedPrecondition(_)
+            Error::SpecTooLarge { .. }
+            | Error::NothingToRollOut
+            | Error::RolloutChangesMore(_)
+            | Error::RolloutInProgress(_)
+            | Error::RolloutOver { .. }
+            | Error::RolloutCannotResume { .. }
+            | Error::RevocationNeedsForce(_)
             | Error::NodeServedElsewhere { .. }
             | Error::NodeNotConnected(_)
             | Error::DrainRefused { .. }
@@ -231,7 +286,13 @@ impl From<Error> for tonic::Status {
             | Error::InvalidLogQuery(_)
             | Error::InvalidVip { .. }
             | Error::NotACandidate { .. }
-            | Error::TokenTtlOutOfRange { .. } => Status::invalid_argument(msg),
+            | Error::TokenTtlOutOfRange { .. }
+            | Error::NoRolloutAction
+            | Error::FirstMessageNotHello
+            | Error::UnreachableAddress(_) => Status::invalid_argument(msg),
+            Error::CertificateRevoked(_) => Status::permission_denied(msg),
+            Error::Config(_) | Error::SecretGeneration(_) => Status::failed_precondition(msg),
+            Error::CampaignWithoutLeaderKey => Status::unavailable(msg),
             Error::JoinRefused(crate::tokens::Refusal::Malformed) => Status::invalid_argument(msg),
             Error::JoinRefused(_) => Status::permission_denied(msg),
             Error::NotAnAgent(_)
@@ -241,11 +302,8 @@ impl From<Error> for tonic::Status {
             | Error::StreamSpeaksForAnotherNode { .. } => Status::permission_denied(msg),
             Error::LeaseParamsDisagree { .. } => Status::invalid_argument(msg),
             Error::RoleNotAssigned { .. } => Status::failed_precondition(msg),
-            Error::InvalidRequest(_) | Error::InvalidArgument(_) | Error::InvalidSpec(_) => {
-                Status::invalid_argument(msg)
-            }
+            Error::InvalidRequest(_) | Error::InvalidSpec(_) => Status::invalid_argument(msg),
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
-            Error::PermissionDenied(_) => Status::permission_denied(msg),
             Error::Conflict { .. } => Status::aborted(msg),
             Error::LostLeadership { .. } | Error::WatchInterrupted(_) | Error::ShuttingDown => {
                 Status::unavailable(msg)

@@ -108,7 +108,7 @@ fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, RunError>
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let ca_pem = read("tls.ca", &config.tls.ca)?;
     let ca_hash = steward_proto::pki::CaHash::of_pem(&String::from_utf8_lossy(&ca_pem))
-        .map_err(|e| Error::InvalidArgument(format!("tls.ca: {e}")))?;
+        .map_err(|e| Error::Config(format!("tls.ca: {e}")))?;
     let cert_pem = read("tls.cert", &config.tls.cert)?;
     let key_pem = read("tls.key", &config.tls.key)?;
     // The join listener presents the chain up to the CA: a joining node
@@ -203,7 +203,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let sealer = match &config.secrets {
         Some(s) => Some(Arc::new(
             orchestrate::secrets::SecretBox::from_file(&s.key_file)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+                .map_err(|e| Error::Config(format!("secrets.key_file: {e}")))?,
         )),
         None => {
             warn!("no [secrets] key_file: this replica hands out no Kubernetes bootstrap steps");

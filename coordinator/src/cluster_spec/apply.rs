@@ -105,11 +105,11 @@ pub async fn apply(
         ));
         let ops = compares.len().max(writes.len());
         if ops > MAX_TXN_OPS {
-            return Err(Error::FailedPrecondition(format!(
-                "this spec makes {} changes needing {ops} writes in one etcd transaction, \
-                 more than the {MAX_TXN_OPS} etcd allows: apply it in parts",
-                plan.changes.len()
-            )));
+            return Err(Error::SpecTooLarge {
+                changes: plan.changes.len(),
+                writes: ops,
+                max: MAX_TXN_OPS,
+            });
         }
         let outcome = store
             .txn(
@@ -149,22 +149,16 @@ fn rollout_problems(plan: &Plan) -> Result<()> {
         .filter(|c| c.starts_with("node ") || c.starts_with("vip "))
         .collect();
     if plan.settings.is_none() {
-        return Err(Error::FailedPrecondition(
-            "--rollout rolls out a change of the cluster settings (frontends, kubernetes, \
-             gluster), and this spec changes none"
-                .into(),
-        ));
+        return Err(Error::NothingToRollOut);
     }
     if !plan.nodes.is_empty() || !plan.vip_writes.is_empty() || !plan.vip_removals.is_empty() {
-        return Err(Error::FailedPrecondition(format!(
-            "--rollout rolls out a change of the cluster settings only; this spec also changes \
-             {}: apply those without --rollout first",
+        return Err(Error::RolloutChangesMore(
             others
                 .iter()
                 .map(|c| c.as_str())
                 .collect::<Vec<_>>()
-                .join("; ")
-        )));
+                .join("; "),
+        ));
     }
     Ok(())
 }

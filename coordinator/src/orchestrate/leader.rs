@@ -123,7 +123,7 @@ async fn kubernetes_duty(
                 return Ok(());
             };
             info!(node.id = %init, "picked for kubeadm init; made the cluster CA, token and certificate key");
-            Bootstrap::generate(init, now).map_err(Error::InvalidArgument)?
+            Bootstrap::generate(init, now).map_err(Error::SecretGeneration)?
         }
         Some(mut b) => {
             let drained = orch.drained_set();
@@ -179,7 +179,7 @@ fn renewed(
 }
 
 fn secret_error(e: super::secrets::SecretError) -> Error {
-    Error::InvalidArgument(e.to_string())
+    Error::SecretGeneration(e.to_string())
 }
 
 async fn gluster_duty(

@@ -1104,7 +1104,7 @@ mod tests {
         let id = bed.create(&kubernetes("9.9.9")).await;
         let refused = crate::rollout::ensure_none_active(bed.replica.store()).await;
         assert!(
-            matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains(&id)),
+            matches!(&refused, Err(Error::RolloutInProgress(m)) if *m == id),
             "{refused:?}"
         );
         bed.until(&id, "w-1", Step::Changed).await;

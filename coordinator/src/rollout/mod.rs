@@ -48,10 +48,7 @@ pub enum Action {
 pub async fn ensure_none_active(store: &Store) -> Result<i64> {
     let (active, revision) = store.active_rollout().await?;
     match active.id {
-        Some(id) => Err(Error::FailedPrecondition(format!(
-            "rollout {id} is in progress: the cluster settings change through it until it is \
-             done (stewardctl rollout status {id}; stewardctl rollout abort {id} stops it)"
-        ))),
+        Some(id) => Err(Error::RolloutInProgress(id)),
         None => Ok(revision),
     }
 }
@@ -188,17 +185,17 @@ pub async fn control(store: &Store, id: &str, action: Action, by: &str) -> Resul
             .ok_or_else(|| Error::UnknownRollout(id.to_owned()))?;
         let phase = entry.phase().unwrap_or(Phase::Running);
         if !phase.active() {
-            return Err(Error::FailedPrecondition(format!(
-                "rollout {id} is {}: nothing to {}",
-                phase.as_str(),
-                action_word(action)
-            )));
+            return Err(Error::RolloutOver {
+                id: id.to_owned(),
+                phase: phase.as_str(),
+                action: action_word(action),
+            });
         }
         if action == Action::Resume && phase != Phase::Running {
-            return Err(Error::FailedPrecondition(format!(
-                "rollout {id} is {}: it cannot resume (stewardctl rollout abort {id} ends it)",
-                phase.as_str()
-            )));
+            return Err(Error::RolloutCannotResume {
+                id: id.to_owned(),
+                phase: phase.as_str(),
+            });
         }
         let current = entry.control.as_ref();
         let next = driver::control_after(current.map(|c| &c.value), action, by);
@@ -313,8 +310,6 @@ pub fn action_from_pb(action: pb::control_rollout_request::Action) -> Result<Act
         A::Pause => Ok(Action::Pause),
         A::Resume => Ok(Action::Resume),
         A::Abort => Ok(Action::Abort),
-        A::Unspecified => Err(Error::InvalidArgument(
-            "no rollout action: pause, resume or abort".into(),
-        )),
+        A::Unspecified => Err(Error::NoRolloutAction),
     }
 }

@@ -43,7 +43,7 @@ pub async fn connect(config: &EtcdConfig, request_timeout: bool) -> Result<Clien
     }
     if let Some(tls) = &config.tls {
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))
+            std::fs::read(p).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
         };
         let identity = etcd_client::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
         options = options.with_tls(
@@ -345,7 +345,7 @@ impl EtcdBackend {
             .await
             .map_err(etcd("campaign"))?
             .take_leader()
-            .ok_or_else(|| Error::InvalidArgument("campaign returned no leader key".into()))?;
+            .ok_or(Error::CampaignWithoutLeaderKey)?;
         Ok(LeaderKey {
             name: key.name().to_vec(),
             key: key.key().to_vec(),

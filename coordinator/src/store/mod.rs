@@ -415,7 +415,7 @@ impl NodeRevokedRecord {
         if issued_unix_s > self.revoked_unix_s {
             return Ok(());
         }
-        Err(Error::PermissionDenied(format!(
+        Err(Error::CertificateRevoked(format!(
             "the certificates of node {node} were revoked at {} by {}; join again with a \
              token made for it (stewardctl token create --node {node}, then steward-agent \
              join ... --force on the node)",
@@ -444,7 +444,7 @@ impl CertRevokedRecord {
         if issued_unix_s > self.revoked_unix_s {
             return Ok(());
         }
-        Err(Error::PermissionDenied(format!(
+        Err(Error::CertificateRevoked(format!(
             "the {kind} certificates of {:?} issued up to {} were revoked at {} by {}; \
              use one issued after that (stewardctl pki issue DIR {name} --kind {kind} \
              --revoked-at {})",
@@ -1898,7 +1898,7 @@ mod tests {
         };
         for issued in [0, 999, 1_000] {
             let error = revoked.check(&node, issued).unwrap_err();
-            assert!(matches!(error, Error::PermissionDenied(_)), "{error}");
+            assert!(matches!(error, Error::CertificateRevoked(_)), "{error}");
             let text = error.to_string();
             assert!(
                 text.contains("revoked at") && text.contains("by ops"),
