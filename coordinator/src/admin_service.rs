@@ -706,7 +706,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let admin = self.admin(&request)?;
         let request = request.into_inner();
-        let rollout = crate::rollout::options_from_pb(request.rollout);
+        let rollout = request
+            .rollout
+            .map(steward_proto::admin::RolloutOptions::from);
         let outcome = cluster_spec::apply::apply(
             &self.ctx,
             &request.spec_toml,
@@ -728,7 +730,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         self.admin(&request)?;
-        Ok(Response::new(crate::rollout::list(&self.ctx.store).await?))
+        let rollouts = crate::rollout::list(&self.ctx.store).await?;
+        Ok(Response::new(pb::ListRolloutsResponse {
+            rollouts: rollouts.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn get_rollout(
@@ -738,7 +743,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         self.admin(&request)?;
         let id = request.into_inner().id;
         Ok(Response::new(
-            crate::rollout::get(&self.ctx.store, &id).await?,
+            crate::rollout::get(&self.ctx.store, &id).await?.into(),
         ))
     }
 
@@ -747,10 +752,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ControlRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
         let admin = self.admin(&request)?;
-        let request = request.into_inner();
-        let action = crate::rollout::action_from_pb(request.action())?;
-        let view = crate::rollout::control(&self.ctx.store, &request.id, action, &admin.name);
-        Ok(Response::new(view.await?))
+        let wanted = steward_proto::admin::RolloutControl::try_from(request.into_inner())
+            .map_err(Error::from)?;
+        let view = crate::rollout::control(&self.ctx.store, &wanted.id, wanted.action, &admin.name);
+        Ok(Response::new(view.await?.into()))
     }
 
     async fn gluster_pv(

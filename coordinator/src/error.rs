@@ -57,8 +57,6 @@ pub enum Error {
     },
     #[error("rollout {id} is {phase}: it cannot resume (stewardctl rollout abort {id} ends it)")]
     RolloutCannotResume { id: String, phase: &'static str },
-    #[error("invalid request: no rollout action: pause, resume or abort")]
-    NoRolloutAction,
     /// A revocation that would lock out the caller or this replica,
     /// asked without `--force`.
     #[error("{0}")]
@@ -287,7 +285,6 @@ impl From<Error> for tonic::Status {
             | Error::InvalidVip { .. }
             | Error::NotACandidate { .. }
             | Error::TokenTtlOutOfRange { .. }
-            | Error::NoRolloutAction
             | Error::FirstMessageNotHello
             | Error::UnreachableAddress(_) => Status::invalid_argument(msg),
             Error::CertificateRevoked(_) => Status::permission_denied(msg),

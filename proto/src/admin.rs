@@ -646,3 +646,150 @@ mod tests {
         assert_eq!(q(u32::MAX).limit, MAX_EVENTS);
     }
 }
+
+/// `--max-unavailable`, `--canary`, `--pause-after-canary` of
+/// `stewardctl apply --rollout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutOptions {
+    /// Nodes of one role out of service at once (lb: always 1).
+    pub max_unavailable: u32,
+    /// Nodes in the first batches, before the rest (0: no canary).
+    pub canary: u32,
+    /// Pause once the canary nodes are done (`rollout resume` goes on).
+    pub pause_after_canary: bool,
+}
+
+impl Default for RolloutOptions {
+    fn default() -> Self {
+        Self {
+            max_unavailable: 1,
+            canary: 0,
+            pause_after_canary: false,
+        }
+    }
+}
+
+impl From<pb::RolloutOptions> for RolloutOptions {
+    fn from(o: pb::RolloutOptions) -> Self {
+        Self {
+            max_unavailable: o.max_unavailable.max(1),
+            canary: o.canary,
+            pause_after_canary: o.pause_after_canary,
+        }
+    }
+}
+
+impl From<RolloutOptions> for pb::RolloutOptions {
+    fn from(o: RolloutOptions) -> Self {
+        Self {
+            max_unavailable: o.max_unavailable,
+            canary: o.canary,
+            pause_after_canary: o.pause_after_canary,
+        }
+    }
+}
+
+/// `rollout pause`, `resume`, `abort`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// `ControlRollout`: what to do with which rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutControl {
+    pub id: String,
+    pub action: RolloutAction,
+}
+
+impl TryFrom<pb::ControlRolloutRequest> for RolloutControl {
+    type Error = ProtoError;
+    fn try_from(r: pb::ControlRolloutRequest) -> Result<Self, ProtoError> {
+        use pb::control_rollout_request::Action as A;
+        let action = match r.action() {
+            A::Pause => RolloutAction::Pause,
+            A::Resume => RolloutAction::Resume,
+            A::Abort => RolloutAction::Abort,
+            A::Unspecified => return Err(ProtoError::MissingField("action")),
+        };
+        Ok(Self {
+            id: bounded_str("id", r.id)?,
+            action,
+        })
+    }
+}
+
+/// A rollout as `rollout status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RolloutView {
+    pub id: String,
+    /// running, paused, failed, aborting, done, aborted (creating).
+    pub phase: String,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at_unix_ms: u64,
+    pub changes: Vec<String>,
+    pub options: RolloutOptions,
+    pub canary_batches: u32,
+    pub batches: u32,
+    pub nodes_total: u32,
+    pub nodes_done: u32,
+    /// Empty in listings.
+    pub nodes: Vec<RolloutNodeView>,
+}
+
+/// One node of a rollout: its batch, its step and when it reached each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutNodeView {
+    pub node: NodeId,
+    pub batch: u32,
+    pub step: String,
+    pub reason: String,
+    pub started_unix_ms: u64,
+    pub drained_unix_ms: u64,
+    pub changed_unix_ms: u64,
+    pub converged_unix_ms: u64,
+    pub healthy_unix_ms: u64,
+    pub finished_unix_ms: u64,
+    pub changed_revision: u64,
+}
+
+impl From<RolloutNodeView> for pb::RolloutNode {
+    fn from(n: RolloutNodeView) -> Self {
+        Self {
+            node_id: n.node.to_string(),
+            batch: n.batch,
+            step: n.step,
+            reason: n.reason,
+            started_unix_ms: n.started_unix_ms,
+            drained_unix_ms: n.drained_unix_ms,
+            changed_unix_ms: n.changed_unix_ms,
+            converged_unix_ms: n.converged_unix_ms,
+            healthy_unix_ms: n.healthy_unix_ms,
+            finished_unix_ms: n.finished_unix_ms,
+            changed_revision: n.changed_revision,
+        }
+    }
+}
+
+impl From<RolloutView> for pb::Rollout {
+    fn from(r: RolloutView) -> Self {
+        Self {
+            id: r.id,
+            phase: r.phase,
+            reason: r.reason,
+            created_by: r.created_by,
+            created_at_unix_ms: r.created_at_unix_ms,
+            changes: r.changes,
+            options: Some(r.options.into()),
+            canary_batches: r.canary_batches,
+            batches: r.batches,
+            nodes_total: r.nodes_total,
+            nodes_done: r.nodes_done,
+            nodes: r.nodes.into_iter().map(Into::into).collect(),
+        }
+    }
+}

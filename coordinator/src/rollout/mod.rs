@@ -21,9 +21,9 @@ pub mod driver;
 pub mod model;
 pub mod plan;
 
+use steward_proto::admin::{RolloutNodeView, RolloutView};
 use steward_proto::converge::ClusterSettings;
 use steward_proto::domain::{EventKind, NodeId};
-use steward_proto::pb;
 use tracing::info;
 
 use self::model::{
@@ -35,13 +35,7 @@ use crate::error::{Error, Result};
 use crate::store::kv::{Cmp, Op, Txn};
 use crate::store::{encode, unix_ms, Store};
 
-/// `rollout pause`, `resume`, `abort`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Pause,
-    Resume,
-    Abort,
-}
+pub use steward_proto::admin::RolloutAction as Action;
 
 /// Refuses when a rollout holds the cluster; else the mod revision of
 /// `cluster/rollouts/.active`, which the caller's write must compare.
@@ -153,22 +147,20 @@ pub async fn create(
 }
 
 /// Every rollout, oldest first, without per-node detail.
-pub async fn list(store: &Store) -> Result<pb::ListRolloutsResponse> {
+pub async fn list(store: &Store) -> Result<Vec<RolloutView>> {
     let rollouts = store.rollouts().await?;
-    Ok(pb::ListRolloutsResponse {
-        rollouts: rollouts
-            .iter()
-            .filter_map(|(id, entry)| {
-                let mut view = view(id, entry)?;
-                view.nodes.clear();
-                Some(view)
-            })
-            .collect(),
-    })
+    Ok(rollouts
+        .iter()
+        .filter_map(|(id, entry)| {
+            let mut view = view(id, entry)?;
+            view.nodes.clear();
+            Some(view)
+        })
+        .collect())
 }
 
 /// Rollout `id` with every node.
-pub async fn get(store: &Store, id: &str) -> Result<pb::Rollout> {
+pub async fn get(store: &Store, id: &str) -> Result<RolloutView> {
     let entry = store.rollout(id).await?;
     entry
         .as_ref()
@@ -177,7 +169,7 @@ pub async fn get(store: &Store, id: &str) -> Result<pb::Rollout> {
 }
 
 /// `rollout pause/resume/abort` by admin `by`.
-pub async fn control(store: &Store, id: &str, action: Action, by: &str) -> Result<pb::Rollout> {
+pub async fn control(store: &Store, id: &str, action: Action, by: &str) -> Result<RolloutView> {
     for _ in 0..8 {
         let entry = store
             .rollout(id)
@@ -237,7 +229,7 @@ pub fn shown_phase(entry: &RolloutEntry) -> &'static str {
 }
 
 /// `entry` for `rollout status` (`None`: no spec).
-pub fn view(id: &str, entry: &RolloutEntry) -> Option<pb::Rollout> {
+pub fn view(id: &str, entry: &RolloutEntry) -> Option<RolloutView> {
     let spec = &entry.spec.as_ref()?.value;
     let mut reason = entry
         .state
@@ -254,8 +246,8 @@ pub fn view(id: &str, entry: &RolloutEntry) -> Option<pb::Rollout> {
         for node in members {
             let record = entry.nodes.get(node).map(|r| &r.value);
             let times = record.map(|r| r.times.clone()).unwrap_or_default();
-            nodes.push(pb::RolloutNode {
-                node_id: node.to_string(),
+            nodes.push(RolloutNodeView {
+                node: node.clone(),
                 batch: batch as u32,
                 step: record.map_or("pending", |r| r.step.as_str()).to_owned(),
                 reason: record.map(|r| r.reason.clone()).unwrap_or_default(),
@@ -274,42 +266,18 @@ pub fn view(id: &str, entry: &RolloutEntry) -> Option<pb::Rollout> {
         .values()
         .filter(|r| r.value.step == Step::Done)
         .count();
-    Some(pb::Rollout {
+    Some(RolloutView {
         id: id.to_owned(),
         phase: shown_phase(entry).to_owned(),
         reason,
         created_by: spec.created_by.clone(),
         created_at_unix_ms: spec.created_at_unix_ms,
         changes: spec.changes.clone(),
-        options: Some(pb::RolloutOptions {
-            max_unavailable: spec.options.max_unavailable,
-            canary: spec.options.canary,
-            pause_after_canary: spec.options.pause_after_canary,
-        }),
+        options: spec.options,
         canary_batches: spec.canary_batches,
         batches: spec.batches.len() as u32,
         nodes_total: spec.node_count() as u32,
         nodes_done: done as u32,
         nodes,
     })
-}
-
-/// The options of an `Apply` request (`None`: a plain apply).
-pub fn options_from_pb(options: Option<pb::RolloutOptions>) -> Option<RolloutOptions> {
-    options.map(|o| RolloutOptions {
-        max_unavailable: o.max_unavailable.max(1),
-        canary: o.canary,
-        pause_after_canary: o.pause_after_canary,
-    })
-}
-
-/// The action of a `ControlRollout` request.
-pub fn action_from_pb(action: pb::control_rollout_request::Action) -> Result<Action> {
-    use pb::control_rollout_request::Action as A;
-    match action {
-        A::Pause => Ok(Action::Pause),
-        A::Resume => Ok(Action::Resume),
-        A::Abort => Ok(Action::Abort),
-        A::Unspecified => Err(Error::NoRolloutAction),
-    }
 }

@@ -9,27 +9,7 @@ use steward_proto::domain::NodeId;
 
 use crate::store::Versioned;
 
-/// `--max-unavailable`, `--canary`, `--pause-after-canary`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RolloutOptions {
-    /// Nodes of one role out of service at once (lb: always 1).
-    pub max_unavailable: u32,
-    /// Nodes in the first batches, before the rest (0: no canary).
-    pub canary: u32,
-    /// Pause once the canary nodes are done (`rollout resume` goes on).
-    pub pause_after_canary: bool,
-}
-
-impl Default for RolloutOptions {
-    fn default() -> Self {
-        Self {
-            max_unavailable: 1,
-            canary: 0,
-            pause_after_canary: false,
-        }
-    }
-}
+pub use steward_proto::admin::RolloutOptions;
 
 /// `cluster/rollouts/<id>/spec`: what the rollout changes and in which
 /// order; written once, when it is created.
