@@ -366,6 +366,14 @@ async fn one_session(
                 let message = match message {
                     Ok(Some(m)) => m,
                     Ok(None) => return Err(lost("coordinator closed the session".into())),
+                    // A busy replica that answered before admitting this
+                    // session may still send it away with a retry hint.
+                    Err(status) if steward_proto::retry::retry_after(&status).is_some() => {
+                        return Err(SessionError::Refused {
+                            url: url.to_owned(),
+                            status,
+                        })
+                    }
                     Err(status) => return Err(lost(status.to_string())),
                 };
                 match CoordinatorMessage::try_from(message) {

@@ -140,7 +140,7 @@ impl SessionContext {
 /// it, instead of retrying into the same queue (each retry costs a TLS
 /// handshake and, answered late, a session opened for nobody).
 pub struct Admission {
-    permits: tokio::sync::Semaphore,
+    permits: Arc<tokio::sync::Semaphore>,
     waiting: std::sync::atomic::AtomicUsize,
     max_waiting: usize,
     max_wait: Duration,
@@ -197,23 +197,41 @@ impl Pace {
 }
 
 /// A turn to do a session's etcd work; its length feeds the pace.
-pub struct Turn<'a> {
-    admission: &'a Admission,
-    _permit: tokio::sync::SemaphorePermit<'a>,
+pub struct Turn {
+    admission: Arc<Admission>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
     started: Instant,
 }
 
-impl Drop for Turn<'_> {
+/// A place in the admission queue, until its turn comes.
+type WaitForTurn = Pin<Box<dyn std::future::Future<Output = Result<Turn>> + Send>>;
+
+/// Counts a hello as waiting while it exists.
+struct Waiting(Arc<Admission>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Drop for Turn {
     fn drop(&mut self) {
         let held = self.started.elapsed();
         lock(&self.admission.pace).observe(held);
     }
 }
 
+/// Longest a session waits for its turn on an answered stream (heartbeats
+/// acked) before it is told to come back later.
+const MAX_QUEUED_WAIT: Duration = Duration::from_secs(120);
+
 impl Admission {
     pub fn new(limits: &crate::config::SessionLimits) -> Self {
         Self {
-            permits: tokio::sync::Semaphore::new(limits.max_concurrent_opens),
+            permits: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_opens)),
             waiting: Default::default(),
             max_waiting: limits.max_queued_opens,
             max_wait: Duration::from_millis(limits.max_open_wait_ms),
@@ -255,40 +273,40 @@ impl Admission {
         })
     }
 
-    /// Waits for a turn; `UNAVAILABLE` with a retry hint when the queue is
-    /// full or the turn does not come within `max_open_wait_ms`.
-    async fn enter(&self) -> Result<Turn<'_>> {
+    /// `UNAVAILABLE` with a hint of when to come back.
+    fn refuse(&self, reason: String) -> Error {
+        crate::metrics::metrics().sessions_refused_busy.inc();
+        let waiting = self.waiting.load(std::sync::atomic::Ordering::Acquire);
+        let retry_after = lock(&self.pace).book(Instant::now(), waiting);
+        Error::Busy {
+            reason,
+            retry_after,
+        }
+    }
+
+    /// A place in the queue (turns come first come, first served), or
+    /// `UNAVAILABLE` with a retry hint when `max_queued_opens` wait.
+    fn queue(self: &Arc<Self>) -> Result<WaitForTurn> {
         use std::sync::atomic::Ordering;
-        let refuse = |reason: String| {
-            crate::metrics::metrics().sessions_refused_busy.inc();
-            let waiting = self.waiting.load(Ordering::Acquire);
-            let retry_after = lock(&self.pace).book(Instant::now(), waiting);
-            Error::Busy {
-                reason,
-                retry_after,
-            }
-        };
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(refuse(format!(
+            return Err(self.refuse(format!(
                 "{} sessions are waiting to be admitted here",
                 self.max_waiting
             )));
         }
-        let permit = tokio::time::timeout(self.max_wait, self.permits.acquire()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        match permit {
-            Err(_) => Err(refuse(format!(
-                "no turn to be admitted within {} ms",
-                self.max_wait.as_millis()
-            ))),
-            Ok(Err(_)) => Err(Error::ShuttingDown),
-            Ok(Ok(permit)) => Ok(Turn {
-                admission: self,
+        let waiting = Waiting(self.clone());
+        let admission = self.clone();
+        Ok(Box::pin(async move {
+            let permit = admission.permits.clone().acquire_owned().await;
+            drop(waiting);
+            let permit = permit.map_err(|_| Error::ShuttingDown)?;
+            Ok(Turn {
+                admission,
                 _permit: permit,
                 started: Instant::now(),
-            }),
-        }
+            })
+        }))
     }
 }
 
@@ -402,23 +420,98 @@ where
     let (tx, rx) = mpsc::channel(16);
     let admission = ctx.admission.clone();
     admission.hello(&node)?;
-    let turn = admission.enter().await?;
-    let session = NodeSession::open(
-        ctx,
-        Hello {
-            node: node.clone(),
-            issued_unix_s: identity.issued_unix_s,
-            facts,
-            applied_revision: last_applied_revision,
-            agent_version,
-            address: advertise_address.or(remote),
-        },
-    )
-    .await?;
-    drop(turn);
+    let hello = Hello {
+        node: node.clone(),
+        issued_unix_s: identity.issued_unix_s,
+        facts,
+        applied_revision: last_applied_revision,
+        agent_version,
+        address: advertise_address.or(remote),
+    };
+    let mut turn = admission.queue()?;
     let span = tracing::info_span!("session", node.id = %node);
-    tokio::spawn(session.run(inbound, tx).instrument(span));
+    // A turn within `max_open_wait_ms`: the session opens before the answer
+    // (an error is the answer). Otherwise the answer goes out now and the
+    // session waits for its turn on the stream, its heartbeats acked: queued,
+    // not refused (the agent would give up on an unanswered request after
+    // 4 s and come back, each time with a TLS handshake).
+    match tokio::time::timeout(admission.max_wait, &mut turn).await {
+        Ok(turn) => {
+            let turn = turn?;
+            let session = NodeSession::open(ctx, hello).await?;
+            drop(turn);
+            tokio::spawn(session.run(inbound, tx).instrument(span));
+        }
+        Err(_) => {
+            crate::metrics::metrics().sessions_queued.inc();
+            tokio::spawn(wait_then_serve(ctx, turn, hello, inbound, tx).instrument(span));
+        }
+    }
     Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// Serves a session whose turn had not come when its stream was answered:
+/// acks its heartbeats (keeping the latest report for the session) until
+/// the turn comes, then opens it. The agent leaving gives up its place.
+async fn wait_then_serve<S>(
+    ctx: SessionContext,
+    turn: WaitForTurn,
+    hello: Hello,
+    mut inbound: S,
+    tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+) where
+    S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin + Send + 'static,
+{
+    let mut report: Option<pb::AgentMessage> = None;
+    let deadline = tokio::time::sleep(MAX_QUEUED_WAIT);
+    tokio::pin!(turn, deadline);
+    let turn = loop {
+        tokio::select! {
+            turn = &mut turn => break turn,
+            _ = &mut deadline => {
+                let busy = ctx.admission.refuse(format!(
+                    "no turn to be admitted within {} s",
+                    MAX_QUEUED_WAIT.as_secs()
+                ));
+                let _ = tx.send(Err(busy.into())).await;
+                return;
+            }
+            message = inbound.next() => {
+                let Some(Ok(message)) = message else { return };
+                match AgentMessage::try_from(message.clone()) {
+                    Ok(AgentMessage::Heartbeat { seq, .. }) => {
+                        let ack = CoordinatorMessage::HeartbeatAck {
+                            seq,
+                            replica: ctx.store.replica().to_owned(),
+                        };
+                        if tx.try_send(Ok(ack.into())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(AgentMessage::Report { .. }) => report = Some(message),
+                    // Nothing else is expected before a session opens.
+                    _ => {}
+                }
+            }
+        }
+    };
+    let opened = match turn {
+        Ok(turn) => {
+            let opened = NodeSession::open(ctx, hello).await;
+            drop(turn);
+            opened
+        }
+        Err(error) => Err(error),
+    };
+    match opened {
+        Ok(session) => {
+            let inbound = tokio_stream::iter(report.map(Ok)).chain(inbound);
+            session.run(inbound, tx).await;
+        }
+        Err(error) => {
+            let _ = tx.send(Err(error.into())).await;
+        }
+    }
 }
 
 /// False, after telling the agent why, once the certificate (issued at
@@ -1471,6 +1564,72 @@ mod session_tests {
         }
     }
 
+    /// Issue 13: a session whose turn does not come at once is answered and
+    /// waits on its stream, its heartbeats acked, instead of being refused.
+    #[tokio::test]
+    async fn a_queued_session_is_answered_acked_and_admitted_in_its_turn() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let mut ctx = replica.ctx.clone();
+        ctx.admission = Arc::new(Admission::new(&crate::config::SessionLimits {
+            max_concurrent_opens: 1,
+            max_open_wait_ms: 100,
+            ..Default::default()
+        }));
+        let held = ctx
+            .admission
+            .queue()
+            .expect("a place")
+            .await
+            .expect("a turn");
+        let (to_replica, inbound) = mpsc::channel(8);
+        to_replica.send(Ok(hello("q-1"))).await.unwrap();
+        let from_replica = tokio::time::timeout(
+            Duration::from_secs(2),
+            open_session(
+                ctx.clone(),
+                identity("q-1", IdentityKind::Agent),
+                None,
+                ReceiverStream::new(inbound),
+            ),
+        )
+        .await
+        .expect("answered without waiting for the turn")
+        .expect("not refused");
+        let mut agent = Agent {
+            to_replica,
+            from_replica,
+        };
+        // Queued: heartbeats are acked, nothing is recorded yet.
+        agent
+            .to_replica
+            .send(Ok(AgentMessage::Heartbeat {
+                seq: 7,
+                sent_at_unix_ms: 0,
+                health: Health::default(),
+            }
+            .into()))
+            .await
+            .unwrap();
+        let CoordinatorMessage::HeartbeatAck { seq: 7, .. } = agent.next().await else {
+            panic!("no ack while queued");
+        };
+        assert!(replica
+            .store()
+            .node(&node("q-1"))
+            .await
+            .unwrap()
+            .status
+            .is_none());
+        // Its turn: the session opens and the desired state follows.
+        drop(held);
+        agent.desired().await;
+        let status = replica.store().node(&node("q-1")).await.unwrap().status;
+        assert_eq!(
+            status.expect("status written").value.health,
+            NodeHealth::Healthy
+        );
+    }
+
     /// Issue 13: a change for one node pushes to that node only.
     #[tokio::test]
     async fn a_change_to_one_node_pushes_to_that_node_only() {
@@ -1726,23 +1885,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_hello_that_waits_too_long_is_told_when_to_come_back() {
-        let admission = Admission::new(&crate::config::SessionLimits {
+    async fn turns_come_in_order_and_a_full_queue_says_when_to_come_back() {
+        let admission = Arc::new(Admission::new(&crate::config::SessionLimits {
             max_concurrent_opens: 1,
             max_queued_opens: 2,
-            max_open_wait_ms: 100,
             ..Default::default()
-        });
-        let held = admission.enter().await.expect("a turn");
-        let started = tokio::time::Instant::now();
-        let Err(Error::Busy { retry_after, .. }) = admission.enter().await else {
-            panic!("admitted while the only turn is held");
+        }));
+        let held = admission.queue().expect("a place").await.expect("a turn");
+        let mut first = admission.queue().expect("a place");
+        let mut second = admission.queue().expect("a place");
+        // Two wait: a third is refused at once, with a hint.
+        let Err(Error::Busy { retry_after, .. }) = admission.queue() else {
+            panic!("a third place while two wait");
         };
-        let waited = started.elapsed();
-        assert!(
-            waited >= Duration::from_millis(100) && waited < Duration::from_secs(1),
-            "{waited:?}"
-        );
         assert!(retry_after >= MIN_RETRY_HINT, "{retry_after:?}");
         let status = tonic::Status::from(Error::Busy {
             reason: "test".into(),
@@ -1753,19 +1908,19 @@ mod tests {
             steward_proto::retry::retry_after(&status),
             Some(retry_after)
         );
-        // A full queue refuses at once.
-        let (a, b) = (admission.enter(), admission.enter());
-        let c = async {
-            tokio::task::yield_now().await;
-            admission.enter().await
-        };
-        let before = tokio::time::Instant::now();
-        let (_, _, c) = tokio::join!(a, b, c);
-        assert!(matches!(c, Err(Error::Busy { .. })));
+        // Nobody is admitted while the turn is held; then the first in line.
+        let quick = Duration::from_millis(50);
+        assert!(tokio::time::timeout(quick, &mut first).await.is_err());
         drop(held);
-        assert!(before.elapsed() < Duration::from_secs(1));
-        // Once the turn is free, the next hello gets it.
-        let _turn = admission.enter().await.expect("a turn once free");
+        let turn = tokio::time::timeout(Duration::from_secs(1), &mut first)
+            .await
+            .expect("the first in line admitted")
+            .expect("a turn");
+        assert!(tokio::time::timeout(quick, &mut second).await.is_err());
+        // A place given up frees its slot in the queue.
+        drop(second);
+        let _third = admission.queue().expect("a place again");
+        drop(turn);
         // A node's own hello budget hints at its next token.
         let node = NodeId::new("n1").expect("id");
         let budget = crate::config::SessionLimits {

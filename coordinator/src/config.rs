@@ -112,10 +112,9 @@ pub struct SessionLimits {
     /// long, jittered).
     #[serde(default = "default_max_queued_opens")]
     pub max_queued_opens: usize,
-    /// Longest a hello waits for its turn (ms) before it is refused the
-    /// same way: below the agent's 4 s deadline for an answer, so the agent
-    /// hears when to come back instead of giving up on a session the
-    /// replica would open for nobody.
+    /// Longest a hello waits for its turn (ms) before its stream is
+    /// answered: below the agent's 4 s deadline for an answer. It then
+    /// waits on the answered stream, its heartbeats acked, until its turn.
     #[serde(default = "default_max_open_wait_ms")]
     pub max_open_wait_ms: u64,
     /// One node's status is written at most once per this interval on
@@ -158,7 +157,7 @@ fn default_max_concurrent_opens() -> usize {
     32
 }
 fn default_max_queued_opens() -> usize {
-    4096
+    16_384
 }
 fn default_max_open_wait_ms() -> u64 {
     2000

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub certificates_issued: Arc<Family<Counter>>,
     pub desired_pushes: Arc<Counter>,
     pub sessions_refused_busy: Arc<Counter>,
+    pub sessions_queued: Arc<Counter>,
     pub status_writes_deferred: Arc<Counter>,
     pub facts_truncated: Arc<Counter>,
     pub session_events_suppressed: Arc<Family<Counter>>,
@@ -69,7 +70,11 @@ impl Metrics {
             ),
             sessions_refused_busy: r.counter(
                 "steward_sessions_refused_busy_total",
-                "Session hellos refused because sessions.max_queued_opens were already waiting to be admitted.",
+                "Session hellos refused with a retry hint: sessions.max_queued_opens were already waiting to be admitted, the node's hello budget was spent, or no turn came within 120 s.",
+            ),
+            sessions_queued: r.counter(
+                "steward_sessions_queued_total",
+                "Sessions whose turn had not come within sessions.max_open_wait_ms: answered at once and admitted later, their heartbeats acked meanwhile.",
             ),
             status_writes_deferred: r.counter(
                 "steward_status_writes_deferred_total",

@@ -320,7 +320,10 @@ async fn session(
                 let message = match message {
                     Ok(Some(m)) => m,
                     Ok(None) => return lost("coordinator closed the session".into()),
-                    Err(status) => return lost(status.to_string()),
+                    Err(status) => {
+                        let hint = steward_proto::retry::retry_after(&status);
+                        return (ErrorKind::Lost, status.to_string(), hint);
+                    }
                 };
                 match CoordinatorMessage::try_from(message) {
                     Ok(CoordinatorMessage::HeartbeatAck { .. }) => last_ack = Instant::now(),
