@@ -241,6 +241,12 @@ fn changed_nodes(before: &SpecSnapshot, now: &SpecSnapshot) -> HashSet<NodeId> {
     nodes.extend(newer(
         &mut now.revoked.iter().map(|(id, v)| (id, v.mod_revision)),
     ));
+    // A rollout's change of a node (`changed/<node>`) is one of its inputs.
+    for rollout in now.rollouts.values() {
+        nodes.extend(newer(
+            &mut rollout.changed.iter().map(|(id, rev)| (id, *rev)),
+        ));
+    }
     nodes
 }
 
@@ -369,6 +375,24 @@ mod tests {
                 .map(|r| r.name.as_str())
                 .collect();
             assert_eq!(names, ["c-9"], "{id}");
+        }
+
+        // A rollout's change of a node (its `changed/<node>` marker) wakes
+        // that node (the first marker creates the rollout: everyone).
+        for (id, i) in [("n-1", 1), ("n-3", 3)] {
+            let marker = store.keys().rollout_changed("r1", &node(id));
+            store
+                .txn(Txn::new().and_then([Op::put(marker, Vec::new())]), "test")
+                .await
+                .expect("marker written");
+            assert!(
+                woken(&wake[i], Duration::from_secs(5)).await,
+                "{id} not woken by its rollout change"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for w in &wake {
+                woken(w, Duration::from_millis(10)).await;
+            }
         }
 
         // An ended session is not woken any more.
