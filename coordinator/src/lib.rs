@@ -156,9 +156,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
 
     // Bound first: a bad address fails the start, not a connection.
     let bind = |addr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| RunError::Bind { addr, source })
+        listener::bind(addr).map_err(|source| RunError::Bind { addr, source })
     };
     let grpc_listener = bind(config.listen).await?;
     let bootstrap_listen = config.pki.as_ref().and_then(|p| p.bootstrap_listen);

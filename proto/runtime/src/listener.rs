@@ -202,6 +202,25 @@ impl RateLimitedWarning {
     }
 }
 
+/// Connections the kernel holds for a listener before it accepts them (it
+/// caps this at `net.core.somaxconn`). A fleet reconnecting at once waits
+/// there while handshakes take their turns; tokio's default (1,024)
+/// overflowed at 10,000 agents, and an overflowing backlog drops SYNs,
+/// which clients only retry after a second or more.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`,
+/// as `TcpListener::bind` sets it).
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The handshakes in progress, oldest first: id, start, cancellation.
 #[derive(Default)]
 struct Pending {
