@@ -70,11 +70,9 @@ pub fn check_not_revoked(
 
 #[cfg(test)]
 mod tests {
-    use steward_proto::domain::CertName;
-
     use super::*;
     use crate::store::MemoryBackend;
-    use crate::testing::{eventually, identity, TestReplica};
+    use crate::testing::{identity, revoke_certificate, TestReplica};
 
     #[tokio::test]
     async fn revoked_certificates_are_refused_from_the_cache() {
@@ -84,17 +82,13 @@ mod tests {
         let specs = replica.ctx.specs.borrow().clone();
         check_not_revoked(&ops, RevocableKind::Admin, &specs).expect("not revoked yet");
 
-        let name = CertName::new("ops").expect("name");
-        let record = replica
-            .store()
-            .revoke_certificate(RevocableKind::Admin, &name, "root")
-            .await
-            .expect("revoked");
-        let specs = eventually("the revocation in the cache", || {
-            let specs = replica.ctx.specs.borrow().clone();
-            (!specs.cert_revoked.is_empty()).then_some(specs)
-        })
-        .await;
+        let specs = revoke_certificate(&replica, RevocableKind::Admin, "ops", "root").await;
+        let record = specs
+            .cert_revoked
+            .values()
+            .next()
+            .map(|r| r.value.clone())
+            .expect("the revocation");
         let error = check_not_revoked(&ops, RevocableKind::Admin, &specs).unwrap_err();
         assert!(
             matches!(&error, Error::CertificateRevoked(m) if m.contains("revoked") && m.contains("by root")),

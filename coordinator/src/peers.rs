@@ -113,20 +113,14 @@ pub struct Peers {
 #[derive(Default)]
 struct PeerChannels {
     /// The coordinator revocations they were opened under.
-    revocations: i64,
+    revocations: u64,
     by_address: HashMap<String, Channel>,
 }
 
 /// Stands for the coordinator revocations in `specs`: the newest one's mod
 /// revision (a new revocation always has a larger one).
-fn coordinator_revocations(specs: &SpecSnapshot) -> i64 {
-    specs
-        .cert_revoked
-        .iter()
-        .filter(|((kind, _), _)| *kind == RevocableKind::Coordinator)
-        .map(|(_, r)| r.mod_revision)
-        .max()
-        .unwrap_or(0)
+fn coordinator_revocations(specs: &SpecSnapshot) -> u64 {
+    crate::desired::coordinator_revocations_revision(specs)
 }
 
 /// Whether the certificate `der` a peer presented (already verified by
@@ -278,11 +272,9 @@ where
 
 #[cfg(test)]
 mod tests {
-    use steward_proto::domain::CertName;
-
     use super::*;
     use crate::store::MemoryBackend;
-    use crate::testing::{eventually, TestReplica};
+    use crate::testing::{revoke_certificate, TestReplica};
 
     fn der(dir: &std::path::Path, name: &str, kind: IdentityKind) -> Vec<u8> {
         let (crt, _) = crate::pki::issue(dir, name, kind, &[]).expect("issued");
@@ -305,17 +297,7 @@ mod tests {
         assert!(error.contains("not a coordinator"), "{error}");
         assert_eq!(coordinator_revocations(&specs), 0);
 
-        let name = CertName::new("c-2").expect("name");
-        replica
-            .store()
-            .revoke_certificate(RevocableKind::Coordinator, &name, "ops")
-            .await
-            .expect("revoked");
-        let specs = eventually("the revocation in the cache", || {
-            let specs = replica.ctx.specs.borrow().clone();
-            (!specs.cert_revoked.is_empty()).then_some(specs)
-        })
-        .await;
+        let specs = revoke_certificate(&replica, RevocableKind::Coordinator, "c-2", "ops").await;
         let error = check_peer_certificate(&c2, &specs).unwrap_err();
         assert!(error.contains("revoked"), "{error}");
         // Open channels are dropped: the revocations changed.

@@ -205,3 +205,24 @@ pub async fn put_vip(store: &Store, spec: &VipSpec) {
         .await
         .expect("VIP written");
 }
+
+/// Revokes the `kind` certificates of `name` as `by`, and waits until this
+/// replica's cache has a certificate revocation; the snapshot then.
+pub async fn revoke_certificate(
+    replica: &TestReplica,
+    kind: steward_proto::domain::RevocableKind,
+    name: &str,
+    by: &str,
+) -> Arc<SpecSnapshot> {
+    let name = steward_proto::domain::CertName::new(name).expect("name");
+    replica
+        .store()
+        .revoke_certificate(kind, &name, by)
+        .await
+        .expect("revoked");
+    eventually("the revocation in the cache", || {
+        let specs = replica.ctx.specs.borrow().clone();
+        (!specs.cert_revoked.is_empty()).then_some(specs)
+    })
+    .await
+}
