@@ -89,6 +89,22 @@ impl Fanout {
 /// from the cluster settings or a rollout's target.
 type Slice = (Interest, Option<String>);
 
+/// What a slice was last seen built from. Its revisions alone are not
+/// enough: one etcd transaction can change records that two caches hold
+/// (an apply that removes a VIP and changes the settings), and a pass that
+/// saw one cache catch up before the other built the slice at the
+/// transaction's revision already, from the other cache's old state; when
+/// that cache catches up the slice's revision does not move again. So the
+/// revisions of the other caches the slice reads count too (VIPs, for a
+/// slice with VIPs; orchestration, which every node's steps follow anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SliceInputs {
+    view: u64,
+    steps: u64,
+    vips: i64,
+    orchestration: i64,
+}
+
 /// The caches as one pass saw them.
 #[derive(Clone)]
 struct Seen {
@@ -108,8 +124,8 @@ pub async fn run(ctx: SessionContext) {
         vips: vips.borrow_and_update().clone(),
         orchestration: orchestration.borrow_and_update().clone(),
     };
-    // Each slice's revisions as last seen: (view, steps).
-    let mut slices: HashMap<Slice, (u64, u64)> = HashMap::new();
+    // What each slice was last seen built from.
+    let mut slices: HashMap<Slice, SliceInputs> = HashMap::new();
     loop {
         let changed = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -136,7 +152,7 @@ fn wake(
     ctx: &SessionContext,
     before: &Seen,
     now: &Seen,
-    slices: &mut HashMap<Slice, (u64, u64)>,
+    slices: &mut HashMap<Slice, SliceInputs>,
 ) -> usize {
     let everyone = concerns_everyone(&before.specs, &now.specs)
         || before.vips.synced != now.vips.synced
@@ -170,9 +186,14 @@ fn wake(
             .views
             .get(&now.specs, &now.vips, interest, target.as_deref())
             .revision;
-        let steps = now.orchestration.revision_for(interest);
-        let last = slices.insert(slice.clone(), (view, steps));
-        if last.is_some_and(|last| last != (view, steps)) {
+        let inputs = SliceInputs {
+            view,
+            steps: now.orchestration.revision_for(interest),
+            vips: if interest.vips { now.vips.revision } else { 0 },
+            orchestration: now.orchestration.revision,
+        };
+        let last = slices.insert(slice.clone(), inputs);
+        if last.is_some_and(|last| last != inputs) {
             moved.insert(slice.clone());
         }
     }
