@@ -212,6 +212,31 @@ fn converge_reports_and_addresses_are_written_on_change_only() {
                 })
             }
         };
+        // Reports reach etcd through the session's writer task, after the
+        // ack the test syncs on: wait for `key` to reach `want` writes, then
+        // check that no further write follows.
+        let settled = |key: String, want: i64| {
+            let read = &read;
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                loop {
+                    let version = read(key.clone()).await.map_or(0, |(_, v)| v);
+                    assert!(version <= want, "{key}: {version} writes, expected {want}");
+                    if version == want {
+                        break;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{key}: {version} writes after 5 s, expected {want}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let (value, version) = read(key.clone()).await.expect("still there");
+                assert_eq!(version, want, "{key}: written again");
+                value
+            }
+        };
         let advertised: IpAddr = "198.18.0.9".parse().unwrap();
 
         let mut session = RawSession::open(&cluster, "node-9", Some(advertised))
@@ -224,8 +249,7 @@ fn converge_reports_and_addresses_are_written_on_change_only() {
 
         session.send(report(1_000, ResourceStatus::Ok)).await;
         session.sync().await;
-        let (stored, version) = read(keys.node_converge(&id)).await.expect("report");
-        assert_eq!(version, 1);
+        let stored = settled(keys.node_converge(&id), 1).await;
         assert_eq!(stored["finished_unix_ms"], 1_000);
         // Later runs that found the same: only their timing differs.
         for finished in [2_000, 3_000, 4_321] {
@@ -239,14 +263,13 @@ fn converge_reports_and_addresses_are_written_on_change_only() {
             })
             .await;
         session.sync().await;
-        assert_eq!(read(keys.node_converge(&id)).await.unwrap().1, 1);
+        settled(keys.node_converge(&id), 1).await;
 
         // A new outcome is written once.
         session.send(report(5_000, ResourceStatus::Failed)).await;
         session.send(report(6_000, ResourceStatus::Failed)).await;
         session.sync().await;
-        let (stored, version) = read(keys.node_converge(&id)).await.unwrap();
-        assert_eq!(version, 2);
+        let stored = settled(keys.node_converge(&id), 2).await;
         // Reports reach etcd through the session's writer, latest first:
         // of two with one outcome sent back to back, either is the one.
         let finished = stored["finished_unix_ms"].as_u64();
@@ -281,8 +304,8 @@ fn converge_reports_and_addresses_are_written_on_change_only() {
             .expect("session");
         session.send(report(7_000, ResourceStatus::Failed)).await;
         session.sync().await;
-        assert_eq!(read(keys.node_address(&id)).await.unwrap().1, 1);
-        assert_eq!(read(keys.node_converge(&id)).await.unwrap().1, 2);
+        settled(keys.node_address(&id), 1).await;
+        settled(keys.node_converge(&id), 2).await;
 
         // Without an advertised address, the session's source address.
         drop(session);
