@@ -14,10 +14,13 @@
 use std::time::{Duration, Instant};
 
 use steward_proto::converge::ConvergeReport;
-use steward_proto::domain::{AgentMessage, CoordinatorMessage, DesiredState, LogChunk, LogQuery};
+use steward_proto::domain::{
+    AgentMessage, CoordinatorMessage, DesiredState, Health, LogChunk, LogQuery,
+};
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_runtime::backoff::Backoff;
+use steward_runtime::cadence::Cadence;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -306,11 +309,15 @@ async fn one_session(
     // with the session.
     let (log_tx, mut log_rx) = mpsc::channel::<LogChunk>(16);
     let mut readers = LogReaders::default();
-    let mut tick = tokio::time::interval(settings.heartbeat_interval);
+    // The replica may ask for sparser heartbeats (`steward_runtime::cadence`).
+    let mut cadence = Cadence::new(settings.heartbeat_interval, settings.ack_timeout);
+    let mut tick = tokio::time::interval(cadence.interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
-    // The last heartbeat sent, for its round trip.
+    // The last heartbeat sent, for its round trip, and whether its health
+    // was under pressure (a change of that is sent at once).
     let mut sent: Option<(u64, Instant)> = None;
+    let mut pressure = false;
     let mut last_ack = Instant::now();
     // What this session last reported; a new replica hears it all once.
     let mut reported: Option<(u64, Option<ConvergeReport>)> = None;
@@ -322,7 +329,17 @@ async fn one_session(
         // the ticks and the ack timeout are always polled.
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = keepalive.tick() => {}
+            _ = keepalive.tick() => {
+                // Sparse heartbeats: a change of health class still goes
+                // out within a second.
+                if cadence.stretched() {
+                    let health = probe.health();
+                    if health.under_pressure() != pressure {
+                        pressure = health.under_pressure();
+                        sent = Some(heartbeat(&tx, &mut seq, health).map_err(lost)?);
+                    }
+                }
+            }
             // New coordinator revocations (from a desired state recorded
             // below): end the session if they cover this replica.
             Ok(()) = revocations.changed() => {
@@ -332,18 +349,12 @@ async fn one_session(
                 }
             }
             _ = tick.tick() => {
-                if last_ack.elapsed() > settings.ack_timeout {
+                if last_ack.elapsed() > cadence.ack_timeout() {
                     return Err(lost(format!("no heartbeat ack for {:?}", last_ack.elapsed())));
                 }
-                seq += 1;
-                let hb = AgentMessage::Heartbeat {
-                    seq,
-                    sent_at_unix_ms: unix_ms(),
-                    health: probe.health(),
-                };
-                enqueue(&tx, hb).map_err(lost)?;
-                sent = Some((seq, Instant::now()));
-                crate::metrics::metrics().heartbeats_sent.inc();
+                let health = probe.health();
+                pressure = health.under_pressure();
+                sent = Some(heartbeat(&tx, &mut seq, health).map_err(lost)?);
             }
             // Guarded: a closed channel is always ready and would spin.
             changed = reports.changed(), if reports_open => {
@@ -377,8 +388,13 @@ async fn one_session(
                     Err(status) => return Err(lost(status.to_string())),
                 };
                 match CoordinatorMessage::try_from(message) {
-                    Ok(CoordinatorMessage::HeartbeatAck { seq: acked, .. }) => {
+                    Ok(CoordinatorMessage::HeartbeatAck { seq: acked, interval_ms, .. }) => {
                         last_ack = Instant::now();
+                        if let Some(every) = cadence.hinted(interval_ms) {
+                            info!(interval = ?every, "the replica asks for heartbeats this far apart");
+                            tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
                         if let Some((_, at)) = sent.take_if(|(seq, _)| *seq == acked) {
                             crate::metrics::metrics().heartbeat_acked(at.elapsed());
                         }
@@ -422,6 +438,23 @@ async fn one_session(
             }
         }
     }
+}
+
+/// Queues the next heartbeat; the sequence number and time it went out.
+fn heartbeat(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    seq: &mut u64,
+    health: Health,
+) -> Result<(u64, Instant), String> {
+    *seq += 1;
+    let hb = AgentMessage::Heartbeat {
+        seq: *seq,
+        sent_at_unix_ms: unix_ms(),
+        health,
+    };
+    enqueue(tx, hb)?;
+    crate::metrics::metrics().heartbeats_sent.inc();
+    Ok((*seq, Instant::now()))
 }
 
 /// Queues a `Report` if the applied revision or the converge outcome

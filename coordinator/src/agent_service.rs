@@ -67,6 +67,12 @@ pub struct SessionContext {
 }
 
 impl SessionContext {
+    /// How far apart this replica asks its agents' heartbeats to be now
+    /// (`sessions.heartbeats_per_s`; 0: the agents' own interval).
+    pub fn heartbeat_interval_ms(&self) -> u32 {
+        crate::sessions::heartbeat_interval_ms(self.sessions.count(), self.limits.heartbeats_per_s)
+    }
+
     /// What `node` must be, from this replica's caches; `None` before
     /// they have all read etcd (an empty snapshot is not a state).
     pub fn desired_for(&self, node: &NodeId) -> Option<DesiredState> {
@@ -463,6 +469,8 @@ async fn wait_then_serve<S>(
     S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin + Send + 'static,
 {
     let mut report: Option<pb::AgentMessage> = None;
+    // The heartbeat interval last asked for, which the session starts from.
+    let mut told = 0;
     let deadline = tokio::time::sleep(MAX_QUEUED_WAIT);
     tokio::pin!(turn, deadline);
     let turn = loop {
@@ -480,9 +488,11 @@ async fn wait_then_serve<S>(
                 let Some(Ok(message)) = message else { return };
                 match AgentMessage::try_from(message.clone()) {
                     Ok(AgentMessage::Heartbeat { seq, .. }) => {
+                        told = ctx.heartbeat_interval_ms();
                         let ack = CoordinatorMessage::HeartbeatAck {
                             seq,
                             replica: ctx.store.replica().to_owned(),
+                            interval_ms: told,
                         };
                         if tx.try_send(Ok(ack.into())).is_err() {
                             return;
@@ -505,6 +515,12 @@ async fn wait_then_serve<S>(
     };
     match opened {
         Ok(session) => {
+            session
+                .ctx
+                .sessions
+                .update(&session.node, session.session, |live| {
+                    live.heartbeat_every = Duration::from_millis(told.into());
+                });
             let inbound = tokio_stream::iter(report.map(Ok)).chain(inbound);
             session.run(inbound, tx).await;
         }
@@ -706,18 +722,19 @@ impl NodeSession {
     /// unreachable without another heartbeat.
     fn sync_status(&mut self) -> tokio::time::Instant {
         let now = Instant::now();
-        let silent_for = self.ctx.unreachable_after + SILENCE_MARGIN;
         let unreachable_after = self.ctx.unreachable_after;
         let seen = self.ctx.sessions.with(&self.node, |live| {
             (
                 live.last_heartbeat,
                 live.node_health(now, unreachable_after),
                 live.applied_revision,
+                live.unreachable_after(unreachable_after),
             )
         });
-        let Some((last_heartbeat, health, applied_revision)) = seen else {
-            return (now + silent_for).into();
+        let Some((last_heartbeat, health, applied_revision, after)) = seen else {
+            return (now + unreachable_after + SILENCE_MARGIN).into();
         };
+        let silent_for = after + SILENCE_MARGIN;
         let silence = (last_heartbeat + silent_for).max(now + SILENCE_MARGIN);
         if health == self.shown.health && applied_revision == self.shown.applied_revision {
             return silence.into();
@@ -845,14 +862,17 @@ impl NodeSession {
             Ok(AgentMessage::Heartbeat { seq, health, .. }) => {
                 crate::metrics::metrics().heartbeats.inc();
                 let now = unix_ms();
+                let interval_ms = self.ctx.heartbeat_interval_ms();
                 self.ctx.sessions.update(&self.node, self.session, |live| {
                     live.last_heartbeat = Instant::now();
                     live.last_seen_unix_ms = now;
                     live.health = health;
+                    live.heartbeat_every = Duration::from_millis(interval_ms.into());
                 });
                 let ack = CoordinatorMessage::HeartbeatAck {
                     seq,
                     replica: self.ctx.store.replica().to_owned(),
+                    interval_ms,
                 };
                 tx.send(Ok(ack.into())).await.is_ok()
             }
@@ -1513,7 +1533,8 @@ mod session_tests {
             agent.next().await,
             CoordinatorMessage::HeartbeatAck {
                 seq: 7,
-                replica: "c-1".into()
+                replica: "c-1".into(),
+                interval_ms: 0,
             }
         );
         // A heartbeat writes nothing.
@@ -1628,6 +1649,66 @@ mod session_tests {
             status.expect("status written").value.health,
             NodeHealth::Healthy
         );
+    }
+
+    /// Issue 13: a replica serving more agents than its heartbeat budget
+    /// asks them for sparser heartbeats, and for their own rhythm again
+    /// once they fit.
+    #[tokio::test]
+    async fn acks_ask_for_sparser_heartbeats_beyond_the_budget() {
+        let mut replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        replica.ctx.limits.heartbeats_per_s = 1;
+        async fn beat(agent: &mut Agent, seq: u64) -> u32 {
+            agent
+                .to_replica
+                .send(Ok(AgentMessage::Heartbeat {
+                    seq,
+                    sent_at_unix_ms: 0,
+                    health: Health::default(),
+                }
+                .into()))
+                .await
+                .unwrap();
+            loop {
+                if let CoordinatorMessage::HeartbeatAck {
+                    seq: s,
+                    interval_ms,
+                    ..
+                } = agent.next().await
+                {
+                    if s == seq {
+                        return interval_ms;
+                    }
+                }
+            }
+        }
+        let mut a = connect(&replica, "w-1", hello("w-1"))
+            .await
+            .expect("session");
+        a.desired().await;
+        assert_eq!(beat(&mut a, 1).await, 0, "one agent fits the budget");
+        let mut b = connect(&replica, "w-2", hello("w-2"))
+            .await
+            .expect("session");
+        b.desired().await;
+        let mut c = connect(&replica, "w-3", hello("w-3"))
+            .await
+            .expect("session");
+        c.desired().await;
+        assert_eq!(beat(&mut a, 2).await, 3000, "three agents at one a second");
+        let every = replica
+            .ctx
+            .sessions
+            .with(&node("w-1"), |live| live.heartbeat_every)
+            .expect("w-1 served");
+        assert_eq!(every, Duration::from_secs(3));
+        drop((b, c));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while replica.ctx.sessions.count() > 1 {
+            assert!(Instant::now() < deadline, "closed sessions still counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(beat(&mut a, 3).await, 0, "back to the agent's own rhythm");
     }
 
     /// Issue 13: a change for one node pushes to that node only.

@@ -136,6 +136,13 @@ pub struct SessionLimits {
     /// with UNAVAILABLE (the agent backs off).
     #[serde(default = "default_hello_burst")]
     pub hello_burst: u32,
+    /// Heartbeats this replica budgets for, per second: serving more agents
+    /// than this, it asks them for sparser heartbeats (at most one per 30 s
+    /// each), so its idle cost stays bounded. A node counts as unreachable
+    /// after three of its intervals pass silent (or
+    /// `timing.agent_unreachable_after_ms`, if longer).
+    #[serde(default = "default_heartbeats_per_s")]
+    pub heartbeats_per_s: u32,
 }
 
 impl Default for SessionLimits {
@@ -149,6 +156,7 @@ impl Default for SessionLimits {
             max_facts_bytes: default_max_facts_bytes(),
             hello_interval_ms: default_hello_interval_ms(),
             hello_burst: default_hello_burst(),
+            heartbeats_per_s: default_heartbeats_per_s(),
         }
     }
 }
@@ -176,6 +184,9 @@ fn default_hello_interval_ms() -> u64 {
 }
 fn default_hello_burst() -> u32 {
     10
+}
+fn default_heartbeats_per_s() -> u32 {
+    2000
 }
 
 /// `[limits]`: connection caps of the gRPC and join listeners (the packaged
@@ -385,6 +396,12 @@ impl CoordinatorConfig {
             p.push(format!(
                 "sessions.max_facts_bytes = {}: must be between 1024 and 1048576",
                 l.max_facts_bytes
+            ));
+        }
+        if !(10..=1_000_000).contains(&l.heartbeats_per_s) {
+            p.push(format!(
+                "sessions.heartbeats_per_s = {}: must be between 10 and 1000000",
+                l.heartbeats_per_s
             ));
         }
         if !(100..=3500).contains(&l.max_open_wait_ms) {

@@ -4,7 +4,7 @@
 //! revision, facts).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,12 +25,15 @@ pub struct LiveSession {
     pub status_rev: i64,
     /// The newest status write by another replica seen for this node.
     pub foreign_rev: i64,
+    /// How far apart this replica last asked the agent's heartbeats to be
+    /// (zero: the agent's own interval).
+    pub heartbeat_every: Duration,
 }
 
 impl LiveSession {
     /// Health class as an operator sees it.
     pub fn node_health(&self, now: Instant, unreachable_after: Duration) -> NodeHealth {
-        if now.duration_since(self.last_heartbeat) > unreachable_after {
+        if now.duration_since(self.last_heartbeat) > self.unreachable_after(unreachable_after) {
             NodeHealth::Unreachable
         } else if self.health.under_pressure() {
             NodeHealth::Degraded
@@ -38,6 +41,28 @@ impl LiveSession {
             NodeHealth::Healthy
         }
     }
+
+    /// How long this node may stay silent before it counts as unreachable:
+    /// `configured`, or three of its heartbeat intervals if this replica
+    /// asked for sparser heartbeats.
+    pub fn unreachable_after(&self, configured: Duration) -> Duration {
+        configured.max(self.heartbeat_every * 3)
+    }
+}
+
+/// How far apart a replica serving `sessions` agents asks their heartbeats
+/// to be, in milliseconds, to stay within `per_s` heartbeats a second: 0
+/// (the agent's own interval) while they fit at one a second each, then
+/// whole seconds, at most `steward_runtime::cadence::MAX_INTERVAL`.
+pub fn heartbeat_interval_ms(sessions: usize, per_s: u32) -> u32 {
+    let per_s = u64::from(per_s.max(1));
+    let sessions = sessions as u64;
+    if sessions <= per_s {
+        return 0;
+    }
+    let secs = sessions.div_ceil(per_s);
+    let max = steward_runtime::cadence::MAX_INTERVAL.as_secs();
+    (secs.min(max) * 1000) as u32
 }
 
 /// The sessions of this replica, by node.
@@ -48,6 +73,9 @@ pub struct Sessions {
     /// nodes with no session here yet (one about to register checks it).
     foreign: Arc<Mutex<HashMap<NodeId, i64>>>,
     next: Arc<AtomicU64>,
+    /// How many sessions there are, read on every heartbeat ack without
+    /// taking the lock.
+    count: Arc<AtomicUsize>,
 }
 
 impl Sessions {
@@ -90,10 +118,14 @@ impl Sessions {
                 replaced,
                 status_rev,
                 foreign_rev: foreign,
+                heartbeat_every: Duration::ZERO,
             },
         );
-        if let Some(old) = old {
-            old.replaced.cancel();
+        match old {
+            Some(old) => old.replaced.cancel(),
+            None => {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -153,7 +185,13 @@ impl Sessions {
         let mut map = self.lock();
         if map.get(node).is_some_and(|l| l.session == session) {
             map.remove(node);
+            self.count.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// How many sessions this replica serves (without the lock).
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
     }
 
     /// What `f` reads of `node`'s session, without copying it.
@@ -192,6 +230,51 @@ mod tests {
         let token = tokio_util::sync::CancellationToken::new();
         s.open(n, id, 0, 1, token.clone(), rev);
         (id, token)
+    }
+
+    #[test]
+    fn heartbeats_are_spread_out_beyond_the_budget_in_whole_seconds() {
+        assert_eq!(heartbeat_interval_ms(0, 2000), 0);
+        assert_eq!(heartbeat_interval_ms(2000, 2000), 0);
+        assert_eq!(heartbeat_interval_ms(2001, 2000), 2000);
+        assert_eq!(heartbeat_interval_ms(10_000, 2000), 5000);
+        assert_eq!(heartbeat_interval_ms(10_001, 2000), 6000);
+        assert_eq!(heartbeat_interval_ms(1_000_000, 2000), 30_000, "capped");
+    }
+
+    #[test]
+    fn a_node_with_sparse_heartbeats_turns_unreachable_after_three_silent_intervals() {
+        let s = Sessions::default();
+        let n = NodeId::new("n1").unwrap();
+        let (id, _) = open(&s, &n, 1);
+        let configured = Duration::from_secs(3);
+        let now = Instant::now();
+        let silent = |live: &mut LiveSession, for_: Duration| live.last_heartbeat = now - for_;
+        s.update(&n, id, |l| silent(l, Duration::from_secs(4)));
+        let health = s.with(&n, |l| l.node_health(now, configured)).unwrap();
+        assert_eq!(
+            health,
+            NodeHealth::Unreachable,
+            "own rhythm: the configured 3 s"
+        );
+        s.update(&n, id, |l| l.heartbeat_every = Duration::from_secs(5));
+        let health = s.with(&n, |l| l.node_health(now, configured)).unwrap();
+        assert_eq!(
+            health,
+            NodeHealth::Healthy,
+            "asked for 5 s: 4 s silent is normal"
+        );
+        s.update(&n, id, |l| silent(l, Duration::from_secs(16)));
+        let health = s.with(&n, |l| l.node_health(now, configured)).unwrap();
+        assert_eq!(
+            health,
+            NodeHealth::Unreachable,
+            "three 5 s intervals missed"
+        );
+        assert_eq!(s.count(), 1);
+        s.close(&n, id);
+        s.close(&n, id);
+        assert_eq!(s.count(), 0, "counted once, closed once");
     }
 
     #[test]
@@ -244,6 +327,7 @@ mod tests {
             replaced: Default::default(),
             status_rev: 0,
             foreign_rev: 0,
+            heartbeat_every: Duration::ZERO,
         };
         let later = Instant::now() + Duration::from_secs(5);
         assert_eq!(

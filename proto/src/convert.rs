@@ -370,6 +370,7 @@ impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
             Kind::HeartbeatAck(a) => Ok(CoordinatorMessage::HeartbeatAck {
                 seq: a.seq,
                 replica: bounded_str("heartbeat_ack.replica_id", a.replica_id)?,
+                interval_ms: a.heartbeat_interval_ms,
             }),
             Kind::LogRequest(r) => Ok(CoordinatorMessage::LogRequest {
                 id: r.id,
@@ -402,12 +403,15 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
                     })
                     .collect(),
             }),
-            CoordinatorMessage::HeartbeatAck { seq, replica } => {
-                Kind::HeartbeatAck(pb::HeartbeatAck {
-                    seq,
-                    replica_id: replica,
-                })
-            }
+            CoordinatorMessage::HeartbeatAck {
+                seq,
+                replica,
+                interval_ms,
+            } => Kind::HeartbeatAck(pb::HeartbeatAck {
+                seq,
+                replica_id: replica,
+                heartbeat_interval_ms: interval_ms,
+            }),
             CoordinatorMessage::LogRequest { id, query } => Kind::LogRequest(pb::LogRequest {
                 id,
                 query: Some(query.into()),

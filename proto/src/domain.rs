@@ -575,6 +575,9 @@ pub enum CoordinatorMessage {
     HeartbeatAck {
         seq: u64,
         replica: String,
+        /// How far apart the replica asks the heartbeats to be, in ms
+        /// (0: the agent's own interval); see `steward_runtime::cadence`.
+        interval_ms: u32,
     },
     /// Read the journal ([`LogQuery`]) and send it back as request `id`.
     LogRequest {

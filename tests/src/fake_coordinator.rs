@@ -78,6 +78,7 @@ fn ack(seq: u64) -> pb::CoordinatorMessage {
             pb::HeartbeatAck {
                 seq,
                 replica_id: "fake".into(),
+                heartbeat_interval_ms: 0,
             },
         )),
     }

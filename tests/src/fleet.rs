@@ -26,6 +26,7 @@ use steward_proto::domain::{
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
 use steward_runtime::backoff::Backoff;
+use steward_runtime::cadence::Cadence;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -71,6 +72,10 @@ pub struct Counters {
     pub lost: AtomicU64,
     pub desired: AtomicU64,
     pub reports: AtomicU64,
+    /// Heartbeats sent (at the replicas' cadence: they may ask for sparser ones).
+    pub heartbeats: AtomicU64,
+    /// The sparsest heartbeat interval a replica asked for, in ms.
+    pub widest_interval_ms: AtomicU64,
     /// Error texts (cut at 160 characters) and their counts.
     pub errors: Mutex<BTreeMap<String, u64>>,
 }
@@ -294,7 +299,9 @@ async fn session(
         obs.sessions += 1;
     }
     fleet.counters.opened.fetch_add(1, Ordering::Relaxed);
-    let mut tick = tokio::time::interval(fleet.heartbeat);
+    // As the agent: at the interval the replica asks for.
+    let mut cadence = Cadence::new(fleet.heartbeat, fleet.ack_timeout);
+    let mut tick = tokio::time::interval(cadence.interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut last_ack = Instant::now();
@@ -303,7 +310,7 @@ async fn session(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if last_ack.elapsed() > fleet.ack_timeout {
+                if last_ack.elapsed() > cadence.ack_timeout() {
                     return lost("no heartbeat ack".into());
                 }
                 seq += 1;
@@ -315,6 +322,7 @@ async fn session(
                 if let Err(e) = enqueue(&tx, hb) {
                     return lost(e);
                 }
+                fleet.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
             }
             message = inbound.message() => {
                 let message = match message {
@@ -326,7 +334,17 @@ async fn session(
                     }
                 };
                 match CoordinatorMessage::try_from(message) {
-                    Ok(CoordinatorMessage::HeartbeatAck { .. }) => last_ack = Instant::now(),
+                    Ok(CoordinatorMessage::HeartbeatAck { interval_ms, .. }) => {
+                        last_ack = Instant::now();
+                        if let Some(every) = cadence.hinted(interval_ms) {
+                            fleet
+                                .counters
+                                .widest_interval_ms
+                                .fetch_max(u64::from(interval_ms), Ordering::Relaxed);
+                            tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
+                    }
                     Ok(CoordinatorMessage::DesiredState(desired)) => {
                         last_ack = Instant::now();
                         fleet.counters.desired.fetch_add(1, Ordering::Relaxed);

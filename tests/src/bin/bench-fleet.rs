@@ -483,6 +483,7 @@ fn main() {
         let lost0 = fleet.counters.failures();
         let opened0 = fleet.counters.opened.load(Ordering::Relaxed);
         let desired0 = fleet.counters.desired.load(Ordering::Relaxed);
+        let heartbeats0 = fleet.counters.heartbeats.load(Ordering::Relaxed);
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(args.idle_secs) {
             check_interrupt("the idle window");
@@ -524,6 +525,15 @@ fn main() {
                 etcd.grpc_range / wall,
                 etcd.grpc_txn / wall,
                 etcd.sent_bytes / wall / 1e6
+            ),
+        );
+        report.row(
+            "  heartbeats/s (sparsest interval asked for)",
+            format!(
+                "{:.0} ({} ms; 0: the agents' own {} ms)",
+                (fleet.counters.heartbeats.load(Ordering::Relaxed) - heartbeats0) as f64 / wall,
+                fleet.counters.widest_interval_ms.load(Ordering::Relaxed),
+                fleet.heartbeat.as_millis()
             ),
         );
         report.row(
