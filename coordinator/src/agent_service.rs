@@ -68,9 +68,13 @@ pub struct SessionContext {
 
 impl SessionContext {
     /// How far apart this replica asks its agents' heartbeats to be now
-    /// (`sessions.heartbeats_per_s`; 0: the agents' own interval).
+    /// (`sessions.heartbeats_per_s`; 0: the agents' own interval). Agents
+    /// waiting to be admitted heartbeat too, and count.
     pub fn heartbeat_interval_ms(&self) -> u32 {
-        crate::sessions::heartbeat_interval_ms(self.sessions.count(), self.limits.heartbeats_per_s)
+        crate::sessions::heartbeat_interval_ms(
+            self.sessions.count() + self.admission.waiting(),
+            self.limits.heartbeats_per_s,
+        )
     }
 
     /// What `node` must be, from this replica's caches; `None` before
@@ -277,6 +281,11 @@ impl Admission {
             ),
             retry_after: budget.next_in(now),
         })
+    }
+
+    /// Hellos queued or being admitted.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `UNAVAILABLE` with a hint of when to come back.
