@@ -26,6 +26,9 @@ use tonic::{Request, Response, Status, Streaming};
 pub enum Script {
     /// Read every message, ack every heartbeat with its seq.
     Serve,
+    /// As `Serve`, each ack asking for heartbeats this many ms apart (a
+    /// busy replica's cadence, `HeartbeatAck.heartbeat_interval_ms`).
+    Paced(u32),
     /// A peer whose HTTP/2 stream stopped moving: read the hello, then never
     /// read again (the stream's flow-control window fills and stays full),
     /// while acking on a timer for `acking` as if all were well; then fall
@@ -40,8 +43,10 @@ pub enum Script {
 pub struct FakeLog {
     /// Every session opened, in order: (the script it got, when).
     pub sessions: Vec<(Script, Instant)>,
-    /// Heartbeats read on `Serve` sessions.
+    /// Heartbeats read on `Serve` and `Paced` sessions...
     pub served_heartbeats: u64,
+    /// ...and when each arrived (the first 1,000).
+    pub heartbeat_times: Vec<Instant>,
 }
 
 #[derive(Clone)]
@@ -73,12 +78,16 @@ impl Fake {
 }
 
 fn ack(seq: u64) -> pb::CoordinatorMessage {
+    paced_ack(seq, 0)
+}
+
+fn paced_ack(seq: u64, interval_ms: u32) -> pb::CoordinatorMessage {
     pb::CoordinatorMessage {
         kind: Some(pb::coordinator_message::Kind::HeartbeatAck(
             pb::HeartbeatAck {
                 seq,
                 replica_id: "fake".into(),
-                heartbeat_interval_ms: 0,
+                heartbeat_interval_ms: interval_ms,
             },
         )),
     }
@@ -106,11 +115,20 @@ impl AgentService for Fake {
         let fake = self.clone();
         tokio::spawn(async move {
             match script {
-                Script::Serve => {
+                Script::Serve | Script::Paced(_) => {
+                    let interval_ms = match script {
+                        Script::Paced(ms) => ms,
+                        _ => 0,
+                    };
                     while let Ok(Some(message)) = inbound.message().await {
                         if let Some(pb::agent_message::Kind::Heartbeat(hb)) = message.kind {
-                            fake.record(|l| l.served_heartbeats += 1);
-                            if tx.send(Ok(ack(hb.seq))).await.is_err() {
+                            fake.record(|l| {
+                                l.served_heartbeats += 1;
+                                if l.heartbeat_times.len() < 1000 {
+                                    l.heartbeat_times.push(Instant::now());
+                                }
+                            });
+                            if tx.send(Ok(paced_ack(hb.seq, interval_ms))).await.is_err() {
                                 return;
                             }
                         }
