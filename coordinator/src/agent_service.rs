@@ -453,7 +453,7 @@ where
     match tokio::time::timeout(admission.max_wait, &mut turn).await {
         Ok(turn) => {
             let turn = turn?;
-            let session = NodeSession::open(ctx, hello).await?;
+            let session = Box::pin(NodeSession::open(ctx, hello)).await?;
             drop(turn);
             tokio::spawn(session.run(inbound, tx).instrument(span));
         }
@@ -462,7 +462,9 @@ where
             tokio::spawn(wait_then_serve(ctx, turn, hello, inbound, tx).instrument(span));
         }
     }
-    Ok(Box::pin(ReceiverStream::new(rx)))
+    Ok(Box::pin(
+        ReceiverStream::new(rx).map(|m| m.map(|boxed| *boxed)),
+    ))
 }
 
 /// Serves a session whose turn had not come when its stream was answered:
@@ -473,7 +475,7 @@ async fn wait_then_serve<S>(
     turn: WaitForTurn,
     hello: Hello,
     mut inbound: S,
-    tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    tx: mpsc::Sender<Outgoing>,
 ) where
     S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin + Send + 'static,
 {
@@ -503,7 +505,7 @@ async fn wait_then_serve<S>(
                             replica: ctx.store.replica().to_owned(),
                             interval_ms: told,
                         };
-                        if tx.try_send(Ok(ack.into())).is_err() {
+                        if tx.try_send(outgoing(ack)).is_err() {
                             return;
                         }
                     }
@@ -516,7 +518,9 @@ async fn wait_then_serve<S>(
     };
     let opened = match turn {
         Ok(turn) => {
-            let opened = NodeSession::open(ctx, hello).await;
+            // Boxed: its etcd futures would otherwise stay in this task's
+            // state for the whole session.
+            let opened = Box::pin(NodeSession::open(ctx, hello)).await;
             drop(turn);
             opened
         }
@@ -557,6 +561,16 @@ pub(crate) async fn still_trusted<M>(
             false
         }
     }
+}
+
+/// What a session queues for its agent. Boxed: tokio allocates a queue's
+/// slots 32 at a time, and 32 inline messages of 344 bytes were 11 KB per
+/// session (110 MB at 10,000 agents) for queues that are nearly always
+/// empty.
+type Outgoing = std::result::Result<Box<pb::CoordinatorMessage>, Status>;
+
+fn outgoing(message: CoordinatorMessage) -> Outgoing {
+    Ok(Box::new(message.into()))
 }
 
 /// What a session starts from: the agent's hello, checked.
@@ -702,7 +716,7 @@ impl NodeSession {
         let writer = tokio::spawn(
             async move {
                 for (kind, message) in opening_events {
-                    writer.event(kind, message).await;
+                    Box::pin(writer.event(kind, message)).await;
                 }
                 writer.run(status_rx, reports_rx).await
             }
@@ -770,10 +784,7 @@ impl NodeSession {
     /// Sends the desired state if it differs from the last one sent (so
     /// changes elsewhere, e.g. VIP owners, push nothing). Nothing is sent
     /// before both caches have read etcd: an empty snapshot is not a state.
-    async fn push_desired(
-        &mut self,
-        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
-    ) -> bool {
+    async fn push_desired(&mut self, tx: &mpsc::Sender<Outgoing>) -> bool {
         let Some(desired) = self.ctx.desired_for(&self.node) else {
             return true;
         };
@@ -782,18 +793,15 @@ impl NodeSession {
         }
         crate::metrics::metrics().desired_pushes.inc();
         self.last_sent = Some(desired.clone());
-        tx.send(Ok(
-            CoordinatorMessage::DesiredState(Box::new(desired)).into()
-        ))
+        tx.send(outgoing(CoordinatorMessage::DesiredState(Box::new(
+            desired,
+        ))))
         .await
         .is_ok()
     }
 
-    async fn run<S>(
-        mut self,
-        mut inbound: S,
-        tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
-    ) where
+    async fn run<S>(mut self, mut inbound: S, tx: mpsc::Sender<Outgoing>)
+    where
         S: Stream<Item = Result<pb::AgentMessage, Status>> + Unpin,
     {
         // Registered before the first push: no change falls in between.
@@ -814,7 +822,7 @@ impl NodeSession {
         if self.push_desired(&tx).await {
             loop {
                 let keep_going = tokio::select! {
-                    Some(command) = commands.recv() => tx.send(Ok(command.into())).await.is_ok(),
+                    Some(command) = commands.recv() => tx.send(outgoing(command)).await.is_ok(),
                     _ = &mut shutting_down => {
                         let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                         false
@@ -862,11 +870,7 @@ impl NodeSession {
         self.close(superseded).await;
     }
 
-    async fn on_message(
-        &mut self,
-        message: pb::AgentMessage,
-        tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
-    ) -> bool {
+    async fn on_message(&mut self, message: pb::AgentMessage, tx: &mpsc::Sender<Outgoing>) -> bool {
         match AgentMessage::try_from(message) {
             Ok(AgentMessage::Heartbeat { seq, health, .. }) => {
                 crate::metrics::metrics().heartbeats.inc();
@@ -883,7 +887,7 @@ impl NodeSession {
                     replica: self.ctx.store.replica().to_owned(),
                     interval_ms,
                 };
-                tx.send(Ok(ack.into())).await.is_ok()
+                tx.send(outgoing(ack)).await.is_ok()
             }
             Ok(AgentMessage::Report {
                 applied_revision,
@@ -1001,7 +1005,9 @@ impl StatusWriter {
             pending = false;
             let next = status.borrow_and_update().clone();
             if next != self.status {
-                match self.write_status(next, false).await {
+                // The etcd futures are boxed: held inline, their state would
+                // sit in every idle session's task (10,000 of them).
+                match Box::pin(self.write_status(next, false)).await {
                     Ok(true) => {}
                     Ok(false) => {
                         // Another replica serves the node now.
@@ -1020,7 +1026,7 @@ impl StatusWriter {
                     }
                 }
             }
-            if let Err(error) = self.flush_converge().await {
+            if let Err(error) = Box::pin(self.flush_converge()).await {
                 warn!(%error, "converge report write failed");
             }
             pending = pending || self.converge.pending().is_some();
@@ -1035,7 +1041,7 @@ impl StatusWriter {
                 self.node,
                 self.ctx.store.replica()
             );
-            self.event(EventKind::NodeDisconnected, message).await;
+            Box::pin(self.event(EventKind::NodeDisconnected, message)).await;
         }
         disconnected
     }
@@ -2085,5 +2091,39 @@ mod tests {
         }));
         assert!(t.pending().is_none());
         assert_eq!(t.stored_rev, 8);
+    }
+}
+/// Issue 13: what each of 10,000 idle sessions keeps in memory. Sizes are
+/// the compiler's, so the bounds are generous; they catch a future that
+/// starts carrying etcd calls inline again, or a queue of inline messages.
+#[cfg(test)]
+mod footprint_tests {
+    use super::*;
+    use crate::store::MemoryBackend;
+    use crate::testing::TestReplica;
+
+    #[tokio::test]
+    async fn an_idle_session_keeps_little_in_memory() {
+        assert!(
+            std::mem::size_of::<Outgoing>() <= 16,
+            "queued messages are boxed"
+        );
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let hello = Hello {
+            node: NodeId::new("n1").expect("id"),
+            issued_unix_s: 0,
+            facts: Default::default(),
+            applied_revision: 0,
+            agent_version: "test".into(),
+            address: None,
+        };
+        let session = NodeSession::open(replica.ctx.clone(), hello)
+            .await
+            .expect("opened");
+        let (tx, _rx) = mpsc::channel(1);
+        let run = session.run(tokio_stream::empty(), tx);
+        let size = std::mem::size_of_val(&run);
+        eprintln!("a session's task: {size} bytes");
+        assert!(size <= 8 * 1024, "a session's task is {size} bytes");
     }
 }
