@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // No `connect(url)` on the clients: the wire crate has no transport;
         // callers build their own (mutual TLS) channel.
         .build_transport(false)
+        // Small starting buffers per stream (`steward_proto::codec`).
+        .codec_path("crate::codec::LeanCodec")
         .compile_protos(&["proto/steward/v1/steward.proto"], &["proto"])?;
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! on for the agent, the coordinator, stewardctl and the tests alike.
 
 pub mod admin;
+pub mod codec;
 pub mod converge;
 pub mod convert;
 pub mod domain;
