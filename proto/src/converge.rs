@@ -43,6 +43,19 @@ pub struct KubernetesSettings {
     pub pod_subnet: String,
     pub service_subnet: String,
     pub repository: PackageRepository,
+    /// Where kubelet and kubectl stay held while this node's Kubernetes
+    /// upgrade runs `kubeadm upgrade` with kubeadm already at `version`
+    /// (`None`: at `version` too). Set by the coordinator for one node at a
+    /// time (`coordinator::rollout::upgrade`), never in a spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubelet_version: Option<String>,
+}
+
+impl KubernetesSettings {
+    /// The version kubelet and kubectl are held at.
+    pub fn kubelet_version(&self) -> &str {
+        self.kubelet_version.as_deref().unwrap_or(&self.version)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -405,6 +418,13 @@ pub enum TaskId {
     },
     /// Apply `volume`'s PersistentVolume.
     GlusterPv(String),
+    /// `kubeadm upgrade` (plan and apply on the first control plane, node
+    /// elsewhere) to the package version given.
+    KubeadmUpgrade(String),
+    /// Restart the kubelet once it is at the package version given.
+    KubeletRestart(String),
+    /// Ask a control plane whether `node` reports Ready.
+    KubernetesReady(NodeId),
 }
 
 impl TaskId {
@@ -446,6 +466,9 @@ impl fmt::Display for TaskId {
             }
             TaskId::GlusterAdd { volume, first } => write!(f, "gluster-add-{volume}-{first}"),
             TaskId::GlusterPv(volume) => write!(f, "gluster-pv-{volume}"),
+            TaskId::KubeadmUpgrade(version) => write!(f, "kubeadm-upgrade-{version}"),
+            TaskId::KubeletRestart(version) => write!(f, "kubelet-restart-{version}"),
+            TaskId::KubernetesReady(node) => write!(f, "kubernetes-ready-{node}"),
         }
     }
 }
@@ -589,6 +612,10 @@ impl TryFrom<pb::ClusterSettings> for ClusterSettings {
                         suite: bounded_str("kubernetes.repository.suite", repo.suite)?,
                         key: Some(repo.key).filter(|k| !k.is_empty()),
                     },
+                    kubelet_version: Some(k.kubelet_version)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| bounded_str("kubernetes.kubelet_version", v))
+                        .transpose()?,
                 })
             })
             .transpose()?;
@@ -634,6 +661,7 @@ impl From<ClusterSettings> for pb::ClusterSettings {
                     suite: k.repository.suite,
                     key: k.repository.key.unwrap_or_default(),
                 }),
+                kubelet_version: k.kubelet_version.unwrap_or_default(),
             }),
             gluster_volumes: s
                 .gluster_volumes
@@ -920,6 +948,7 @@ mod tests {
                         suite: "./".into(),
                         key: None,
                     },
+                    kubelet_version: None,
                 }),
                 gluster_volumes: vec![GlusterVolume {
                     name: "data".into(),

@@ -349,6 +349,9 @@ impl System {
             "-q",
             "--no-install-recommends",
             "--allow-downgrades",
+            // A held package named with a new version is a hold moving on
+            // purpose (a Kubernetes upgrade reaching this node).
+            "--allow-change-held-packages",
             "-o",
             "DPkg::Lock::Timeout=120",
             "-o",

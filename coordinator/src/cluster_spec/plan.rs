@@ -120,6 +120,17 @@ pub fn plan(spec: &ClusterSpec, current: &Current) -> Result<Plan, Vec<String>> 
     let frontends = frontends(&spec.frontends, &mut problems);
     if let Some(k) = &spec.kubernetes {
         kubernetes_problems(k, &mut problems);
+        // A running version moves as the version skew policy allows.
+        let running = current
+            .settings
+            .as_ref()
+            .and_then(|s| s.value.kubernetes.as_ref());
+        if let Some(running) = running {
+            problems.extend(crate::rollout::upgrade::skew_problem(
+                &running.version,
+                &k.version,
+            ));
+        }
     }
     role_problems(spec.kubernetes.is_some(), &roles, &mut problems);
     gluster_problems(&spec.gluster_volumes, &roles, &mut problems);
@@ -442,6 +453,13 @@ fn port(at: &str, field: &str, value: i64, problems: &mut Vec<String>) -> Option
 }
 
 fn kubernetes_problems(k: &KubernetesSettings, problems: &mut Vec<String>) {
+    if k.kubelet_version.is_some() {
+        problems.push(
+            "kubernetes.kubelet_version: not a spec setting (rollouts set it per node during \
+             a Kubernetes upgrade); remove it"
+                .into(),
+        );
+    }
     match debian_version_problem(&k.version) {
         None => {}
         Some(p) if k.version.is_empty() => problems.push(format!("kubernetes.version: {p}")),

@@ -313,6 +313,16 @@ impl Driver {
                     ..Default::default()
                 },
             });
+        if super::upgrade::in_place(run.spec, world.specs, node) {
+            // A control plane's Kubernetes upgrade: in place, one at a
+            // time (`super::upgrade`); no drain to wait for.
+            next.step = Step::Drained;
+            next.reason = "upgraded in place (control plane)".into();
+            next.times.drained = now;
+            run.write_node(node, expected, &next, Vec::new(), Vec::new())
+                .await?;
+            return Ok(());
+        }
         let maintenance = world.specs.maintenance.get(node);
         if maintenance.is_some_and(|m| m.value.active) {
             // Out of service already (an operator's drain): the rollout
@@ -435,11 +445,34 @@ impl Driver {
                 }
             }
             Step::Changed => {
-                let Some(&target) = run.entry.changed.get(node) else {
+                let Some(&changed) = run.entry.changed.get(node) else {
                     return Ok(());
                 };
+                // A Kubernetes upgrade's second stage, once written, is
+                // what the agent must converge (`super::upgrade`).
+                let upgraded = run.entry.upgraded.get(node).copied();
+                let target = upgraded.unwrap_or(changed);
                 let observed = run.store.node(node).await?;
                 match converge_progress(&observed, target.max(0) as u64) {
+                    Converge::Done
+                        if upgraded.is_none()
+                            && super::upgrade::stage(world.specs, node).is_some() =>
+                    {
+                        // `kubeadm upgrade` converged: kubelet and kubectl
+                        // move now (marker and step in one transaction).
+                        next.changed_revision = target;
+                        next.reason = "kubeadm upgraded; kubelet and kubectl next".into();
+                        let marker = run.store.keys().rollout_upgraded(run.id, node);
+                        let guard = Cmp::mod_revision(marker.clone(), 0);
+                        let ops = vec![Op::put(marker, Vec::new())];
+                        if run
+                            .write_node(node, expected, &next, vec![guard], ops)
+                            .await?
+                        {
+                            info!(rollout.id = run.id, node.id = %node, "kubeadm upgraded");
+                        }
+                        return Ok(());
+                    }
                     Converge::Done => {
                         next.step = Step::Converged;
                         next.changed_revision = target;
@@ -470,7 +503,22 @@ impl Driver {
             }
             Step::Converged => {
                 let observed = run.store.node(node).await?;
-                let problems = health_problems(node, &observed, world);
+                let mut problems = health_problems(node, &observed, world);
+                // A joined Kubernetes node: Ready, as a control plane sees it.
+                let checker = super::upgrade::ready_checker(world.specs, world.orchestration);
+                let checker_record = match &checker {
+                    Some(c) if super::upgrade::is_kubernetes(world.specs, node) => {
+                        Some(run.store.node(c).await?)
+                    }
+                    _ => None,
+                };
+                problems.extend(super::upgrade::readiness_problem(
+                    node,
+                    world.specs,
+                    world.orchestration,
+                    expected,
+                    checker.as_ref().zip(checker_record.as_ref()),
+                ));
                 if problems.is_empty() {
                     next.step = Step::Healthy;
                     next.reason.clear();
@@ -817,6 +865,7 @@ mod tests {
                     suite: "/".into(),
                     key: None,
                 },
+                kubelet_version: None,
             }),
             ..Default::default()
         }
@@ -1065,6 +1114,7 @@ mod tests {
                 changes: Vec::new(),
                 created_by: "ops".into(),
                 created_at_unix_ms: 1,
+                upgrade: None,
             };
             let state = RolloutState {
                 phase: if i == 0 { Phase::Aborted } else { Phase::Done },
