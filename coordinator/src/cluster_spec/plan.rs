@@ -1006,6 +1006,47 @@ mod tests {
         assert!(again.changes.is_empty());
     }
 
+    /// Issue 15 item 3: the version skew policy, on the running version.
+    #[test]
+    fn a_version_change_the_skew_policy_forbids_is_refused() {
+        let current = written(&fleet(), &planned(EXAMPLE, &fleet()).unwrap());
+        for (to, expected) in [
+            (
+                "1.33.0-1.1",
+                "kubernetes.version 1.31.2-1.1 -> 1.33.0-1.1 jumps 2 minor versions \
+                 (1.31 -> 1.33)",
+            ),
+            (
+                "1.30.9-1.1",
+                "kubernetes.version 1.31.2-1.1 -> 1.30.9-1.1 is a minor downgrade",
+            ),
+            ("1.31-1.1", "kubernetes.version \"1.31-1.1\" is not a Kubernetes version"),
+        ] {
+            let problems = planned(&EXAMPLE.replace("1.31.2-1.1", to), &current).unwrap_err();
+            let problem = problems
+                .iter()
+                .find(|p| p.starts_with(expected))
+                .unwrap_or_else(|| panic!("{to}: {problems:#?}"));
+            assert!(problem.contains("version skew policy"), "{problem}");
+        }
+        // One minor up is allowed; a new cluster may start at any version.
+        assert!(planned(&EXAMPLE.replace("1.31.2-1.1", "1.32.0-1.1"), &current).is_ok());
+        assert!(planned(&EXAMPLE.replace("1.31.2-1.1", "1.29.0-1.1"), &fleet()).is_ok());
+        // Set by rollouts only.
+        let problems = planned(
+            &EXAMPLE.replace(
+                "version = \"1.31.2-1.1\"",
+                "version = \"1.31.2-1.1\"\nkubelet_version = \"1.30.0-1.1\"",
+            ),
+            &fleet(),
+        )
+        .unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.starts_with("kubernetes.kubelet_version: not a spec setting")),
+            "{problems:#?}"
+        );
+    }
+
     #[test]
     fn changes_are_planned_against_the_current_revisions() {
         let current = written(&fleet(), &planned(EXAMPLE, &fleet()).unwrap());
