@@ -45,7 +45,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use steward_tests::converge_bed::{has_settled, poll, report_resources, Clock, ConvergeBed, Findings};
+use steward_tests::converge_bed::{
+    has_settled, poll, report_resources, Clock, ConvergeBed, Findings,
+};
 use steward_tests::nspawn::{Machine, MachineOptions};
 use steward_tests::standins::{
     build_kubernetes_standins, parse_calls, parse_kubectl_calls, Call, KUBEADM_CALLS_LOG,
@@ -154,7 +156,10 @@ fn etcd_settings(bed: &ConvergeBed) -> String {
     assert!(out.status.success(), "etcdctl get {key}");
     let json: Value = serde_json::from_slice(&out.stdout).expect("etcdctl json");
     // Value and mod revision: "changes nothing" means neither moved.
-    format!("{}@{}", json["kvs"][0]["value"], json["kvs"][0]["mod_revision"])
+    format!(
+        "{}@{}",
+        json["kvs"][0]["value"], json["kvs"][0]["mod_revision"]
+    )
 }
 
 fn joined(bed: &ConvergeBed, node: &str) -> bool {
@@ -216,50 +221,83 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
     for n in NODES {
         bed.settled(&findings, n, BOUND, |r| {
             has_settled(&["packages:kubernetes", "unit:kubelet.service"])(r)?;
-            let step = report_resources(r).into_iter().any(|x| {
-                x["id"] == "command:kubeadm-init" || x["id"] == "command:kubeadm-join"
-            });
+            let step = report_resources(r)
+                .into_iter()
+                .any(|x| x["id"] == "command:kubeadm-init" || x["id"] == "command:kubeadm-join");
             step.then_some(())
                 .ok_or_else(|| format!("{n}: no kubeadm init or join yet"))
         });
     }
-    poll(BOUND, Duration::from_millis(500), "every node joined", || {
-        let missing: Vec<&str> = NODES.iter().copied().filter(|n| !joined(&bed, n)).collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("not joined: {missing:?}"))
-        }
-    });
+    poll(
+        BOUND,
+        Duration::from_millis(500),
+        "every node joined",
+        || {
+            let missing: Vec<&str> = NODES.iter().copied().filter(|n| !joined(&bed, n)).collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not joined: {missing:?}"))
+            }
+        },
+    );
     for n in NODES {
         let have = installed(bed.machine(n));
         for p in KUBERNETES_PACKAGES {
             assert_eq!(have.get(p).map(String::as_str), Some(FROM), "{n}: {have:?}");
         }
     }
-    clock.say(format!("Kubernetes (STAND-IN) {FROM} on {NODES:?}, every node joined"));
+    clock.say(format!(
+        "Kubernetes (STAND-IN) {FROM} on {NODES:?}, every node joined"
+    ));
 
     // ---- refusals that change nothing
     let before = etcd_settings(&bed);
     let jump = write_spec(&bed, "jump.toml", &spec(&vip, JUMP));
     let dry = bed.cluster.ctl(&["apply", "-f", &jump, "--dry-run"]);
-    assert!(!dry.ok(), "a two-minor jump passed --dry-run: {}", dry.stdout);
+    assert!(
+        !dry.ok(),
+        "a two-minor jump passed --dry-run: {}",
+        dry.stdout
+    );
     for expected in [
         format!("kubernetes.version {FROM} -> {JUMP} jumps 2 minor versions (1.30 -> 1.32)"),
         "version skew policy allows upgrading one minor version at a time".to_owned(),
         "upgrade to 1.31 first".to_owned(),
     ] {
-        assert!(dry.stderr.contains(&expected), "no {expected:?} in:\n{}", dry.stderr);
+        assert!(
+            dry.stderr.contains(&expected),
+            "no {expected:?} in:\n{}",
+            dry.stderr
+        );
     }
     let upgrade = write_spec(&bed, "upgrade.toml", &spec(&vip, TO));
     let plain = bed.cluster.ctl(&["apply", "-f", &upgrade]);
-    assert!(!plain.ok(), "a plain apply of a new version passed: {}", plain.stdout);
-    for expected in [format!("kubernetes.version {FROM} -> {TO}"), "--rollout".to_owned()] {
-        assert!(plain.stderr.contains(&expected), "no {expected:?} in:\n{}", plain.stderr);
+    assert!(
+        !plain.ok(),
+        "a plain apply of a new version passed: {}",
+        plain.stdout
+    );
+    for expected in [
+        format!("kubernetes.version {FROM} -> {TO}"),
+        "--rollout".to_owned(),
+    ] {
+        assert!(
+            plain.stderr.contains(&expected),
+            "no {expected:?} in:\n{}",
+            plain.stderr
+        );
     }
-    assert_eq!(etcd_settings(&bed), before, "a refusal changed the settings");
+    assert_eq!(
+        etcd_settings(&bed),
+        before,
+        "a refusal changed the settings"
+    );
     let list = bed.ctl_ok(&["rollout", "list", "-o", "json"]).stdout;
-    assert!(!list.contains("\"id\""), "a refusal started a rollout: {list}");
+    assert!(
+        !list.contains("\"id\""),
+        "a refusal started a rollout: {list}"
+    );
     clock.say(format!(
         "refused, nothing changed:\n  {}\n  {}",
         dry.stderr.trim(),
@@ -306,7 +344,15 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
         .env("STEWARD_CA", pki.join("ca.crt"))
         .env("STEWARD_CERT", pki.join("admin.crt"))
         .env("STEWARD_KEY", pki.join("admin.key"))
-        .args(["apply", "-f", &upgrade, "--rollout", "--wait", "--timeout", "10m"])
+        .args([
+            "apply",
+            "-f",
+            &upgrade,
+            "--rollout",
+            "--wait",
+            "--timeout",
+            "10m",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -380,7 +426,11 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
         "rollout {id} done in {:.1} s (new leader {new_leader}), order {order:?}",
         took.as_secs_f64()
     ));
-    assert_eq!(&order[..2], ["cp1", "cp2"], "control planes first, cp1 leading");
+    assert_eq!(
+        &order[..2],
+        ["cp1", "cp2"],
+        "control planes first, cp1 leading"
+    );
     let mut workers = order[2..].to_vec();
     workers.sort();
     assert_eq!(workers, ["w1", "w2"]);
@@ -408,14 +458,26 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
     assert_eq!(cp1[1].argv, ["upgrade", "apply", "-y", kubeadm_version]);
     for n in ["cp2", "w1", "w2"] {
         let calls = &upgrades[n];
-        assert_eq!(calls.len(), 1, "{n}: one `kubeadm upgrade node`: {calls:#?}");
+        assert_eq!(
+            calls.len(),
+            1,
+            "{n}: one `kubeadm upgrade node`: {calls:#?}"
+        );
         assert_eq!(calls[0].argv, ["upgrade", "node"], "{n}");
     }
     // Each upgrade with kubeadm moved and the kubelet not yet.
     for n in NODES {
         for (_, words) in timed_lines(bed.machine(n), KUBEADM_UPGRADES_LOG) {
-            assert_eq!(words.first().map(String::as_str), Some(format!("kubeadm={TO}").as_str()), "{n}: {words:?}");
-            assert_eq!(words.get(1).map(String::as_str), Some(format!("kubelet={FROM}").as_str()), "{n}: {words:?}");
+            assert_eq!(
+                words.first().map(String::as_str),
+                Some(format!("kubeadm={TO}").as_str()),
+                "{n}: {words:?}"
+            );
+            assert_eq!(
+                words.get(1).map(String::as_str),
+                Some(format!("kubelet={FROM}").as_str()),
+                "{n}: {words:?}"
+            );
         }
     }
     // The kubelet restarted at TO once per node, after its upgrade.
@@ -458,7 +520,8 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
         kubectl
             .iter()
             .find(|c| {
-                c.argv.iter().any(|a| a == what) && c.argv.iter().any(|a| a == node)
+                c.argv.iter().any(|a| a == what)
+                    && c.argv.iter().any(|a| a == node)
                     && c.at > upgrades["cp1"][0].at
             })
             .map(|c| c.at)
@@ -479,18 +542,31 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
             upgraded_at(w),
             restarted[w]
         );
-        assert!(cordon <= drain && drain < upgraded_at(w), "{w}: drained before its upgrade");
-        assert!(ready < uncordon, "{w}: asked Ready before it was uncordoned");
-        assert!(restarted[w] < uncordon, "{w}: uncordoned after its kubelet restart");
+        assert!(
+            cordon <= drain && drain < upgraded_at(w),
+            "{w}: drained before its upgrade"
+        );
+        assert!(
+            ready < uncordon,
+            "{w}: asked Ready before it was uncordoned"
+        );
+        assert!(
+            restarted[w] < uncordon,
+            "{w}: uncordoned after its kubelet restart"
+        );
     }
     for cp in ["cp1", "cp2"] {
         assert!(
-            kubectl.iter().any(|c| c.argv.windows(2).any(|p| p[0] == "node" && p[1] == cp)
-                && c.at > restarted[cp]),
+            kubectl
+                .iter()
+                .any(|c| c.argv.windows(2).any(|p| p[0] == "node" && p[1] == cp)
+                    && c.at > restarted[cp]),
             "{cp} never asked Ready after its kubelet restart"
         );
         assert!(
-            !kubectl.iter().any(|c| c.argv.iter().any(|a| a == "cordon") && c.argv.iter().any(|a| a == cp)),
+            !kubectl
+                .iter()
+                .any(|c| c.argv.iter().any(|a| a == "cordon") && c.argv.iter().any(|a| a == cp)),
             "{cp}: a control plane is upgraded in place, not drained"
         );
     }
@@ -516,7 +592,10 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
                     && state[*n].get("kubelet").map(String::as_str) == Some(FROM)
             })
             .collect();
-        assert!(between.len() <= 1, "at {at:.3}: {between:?} upgrading at once");
+        assert!(
+            between.len() <= 1,
+            "at {at:.3}: {between:?} upgrading at once"
+        );
         between_max = between_max.max(between.len());
         for (n, packages) in state {
             assert!(
@@ -526,12 +605,18 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
             );
         }
     }
-    assert_eq!(between_max, 1, "no sample caught a node between kubeadm and kubelet");
+    assert_eq!(
+        between_max, 1,
+        "no sample caught a node between kubeadm and kubelet"
+    );
     for n in NODES {
         let m = bed.machine(n);
         let holds = m.sh("apt-mark showhold");
         for p in KUBERNETES_PACKAGES {
-            assert!(holds.lines().any(|l| l.trim() == p), "{n}: {p} not held:\n{holds}");
+            assert!(
+                holds.lines().any(|l| l.trim() == p),
+                "{n}: {p} not held:\n{holds}"
+            );
         }
         let have = installed(m);
         for p in KUBERNETES_PACKAGES {

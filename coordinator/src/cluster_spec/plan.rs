@@ -1020,7 +1020,10 @@ mod tests {
                 "1.30.9-1.1",
                 "kubernetes.version 1.31.2-1.1 -> 1.30.9-1.1 is a minor downgrade",
             ),
-            ("1.31-1.1", "kubernetes.version \"1.31-1.1\" is not a Kubernetes version"),
+            (
+                "1.31-1.1",
+                "kubernetes.version \"1.31-1.1\" is not a Kubernetes version",
+            ),
         ] {
             let problems = planned(&EXAMPLE.replace("1.31.2-1.1", to), &current).unwrap_err();
             let problem = problems
@@ -1042,7 +1045,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            problems.iter().any(|p| p.starts_with("kubernetes.kubelet_version: not a spec setting")),
+            problems
+                .iter()
+                .any(|p| p.starts_with("kubernetes.kubelet_version: not a spec setting")),
             "{problems:#?}"
         );
     }

@@ -1289,7 +1289,12 @@ mod tests {
         }
         let old = kubernetes("1.30.5-1.1");
         let new = kubernetes("1.31.2-1.1");
-        let joined = |id: &str| Op::put(store.keys().kubernetes_joined(&node(id)), br#"{"at_unix_ms":1}"#.to_vec());
+        let joined = |id: &str| {
+            Op::put(
+                store.keys().kubernetes_joined(&node(id)),
+                br#"{"at_unix_ms":1}"#.to_vec(),
+            )
+        };
         store
             .txn(
                 Txn::new().and_then([
@@ -1333,7 +1338,12 @@ mod tests {
         assert_eq!(upgrade.from, "1.30.5-1.1");
         assert_eq!(upgrade.first_control_plane, node("cp-1"));
         let version = |desired: &steward_proto::domain::DesiredState| {
-            let k = desired.cluster.settings.kubernetes.clone().expect("kubernetes");
+            let k = desired
+                .cluster
+                .settings
+                .kubernetes
+                .clone()
+                .expect("kubernetes");
             (k.version.clone(), k.kubelet_version().to_owned())
         };
         let desired = |bed: &Bed, id: &str| bed.replica.ctx.desired_for(&node(id)).unwrap();
@@ -1344,9 +1354,16 @@ mod tests {
         let d = desired(&bed, "cp-1");
         assert_eq!(version(&d), ("1.31.2-1.1".into(), "1.30.5-1.1".into()));
         assert!(task_ids(&d).contains(&"kubeadm-upgrade-1.31.2-1.1".to_owned()));
-        let apply = d.tasks.iter().find(|t| t.id == "kubeadm-upgrade-1.31.2-1.1").unwrap();
-        assert!(apply.argv[2].contains("kubeadm upgrade plan v1.31.2 && kubeadm upgrade apply -y v1.31.2"));
-        assert!(!task_ids(&d).iter().any(|t| t.starts_with("kubelet-restart")));
+        let apply = d
+            .tasks
+            .iter()
+            .find(|t| t.id == "kubeadm-upgrade-1.31.2-1.1")
+            .unwrap();
+        assert!(apply.argv[2]
+            .contains("kubeadm upgrade plan v1.31.2 && kubeadm upgrade apply -y v1.31.2"));
+        assert!(!task_ids(&d)
+            .iter()
+            .any(|t| t.starts_with("kubelet-restart")));
         // The others: untouched, holds where they were.
         for other in ["cp-2", "w-1"] {
             let d = desired(&bed, other);
@@ -1392,9 +1409,18 @@ mod tests {
         }
         assert_eq!(bed.step(&id, "cp-1"), Some(Step::Converged));
         let d = desired(&bed, "cp-1");
-        assert!(task_ids(&d).contains(&"kubernetes-ready-cp-1".to_owned()), "{:?}", task_ids(&d));
+        assert!(
+            task_ids(&d).contains(&"kubernetes-ready-cp-1".to_owned()),
+            "{:?}",
+            task_ids(&d)
+        );
         // Not Ready: still not healthy.
-        report_commands(&bed.replica, "cp-1", &[("kubernetes-ready-cp-1", ResourceStatus::Failed)]).await;
+        report_commands(
+            &bed.replica,
+            "cp-1",
+            &[("kubernetes-ready-cp-1", ResourceStatus::Failed)],
+        )
+        .await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             bed.tick().await;
@@ -1409,7 +1435,12 @@ mod tests {
             assert!(Instant::now() < deadline, "cp-1: {reason}");
         }
         assert_eq!(bed.step(&id, "cp-1"), Some(Step::Converged));
-        report_commands(&bed.replica, "cp-1", &[("kubernetes-ready-cp-1", ResourceStatus::Changed)]).await;
+        report_commands(
+            &bed.replica,
+            "cp-1",
+            &[("kubernetes-ready-cp-1", ResourceStatus::Changed)],
+        )
+        .await;
         bed.until(&id, "cp-1", Step::Done).await;
         assert!(!task_ids(&desired(&bed, "cp-1")).contains(&"kubernetes-ready-cp-1".to_owned()));
 
@@ -1418,14 +1449,27 @@ mod tests {
         assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("cp-2")));
         let d = desired(&bed, "cp-2");
         assert_eq!(version(&d).1, "1.30.5-1.1");
-        let node_task = d.tasks.iter().find(|t| t.id == "kubeadm-upgrade-1.31.2-1.1").unwrap();
+        let node_task = d
+            .tasks
+            .iter()
+            .find(|t| t.id == "kubeadm-upgrade-1.31.2-1.1")
+            .unwrap();
         assert!(node_task.argv[2].starts_with("kubeadm upgrade node && "));
-        assert_eq!(bed.step(&id, "w-1"), None, "workers wait for every control plane");
+        assert_eq!(
+            bed.step(&id, "w-1"),
+            None,
+            "workers wait for every control plane"
+        );
         report(&bed.replica, "cp-2", None).await;
         eventually_upgraded(&mut bed, &id, "cp-2").await;
         report(&bed.replica, "cp-2", None).await;
         bed.until(&id, "cp-2", Step::Converged).await;
-        report_commands(&bed.replica, "cp-1", &[("kubernetes-ready-cp-2", ResourceStatus::Changed)]).await;
+        report_commands(
+            &bed.replica,
+            "cp-1",
+            &[("kubernetes-ready-cp-2", ResourceStatus::Changed)],
+        )
+        .await;
         bed.until(&id, "cp-2", Step::Done).await;
 
         // w-1: drained (a control plane cordons it) before its change.
@@ -1433,7 +1477,11 @@ mod tests {
         assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
         // (The cordon and drain are the maintenance machinery's: a control
         // plane reports them done, as here.)
-        assert_eq!(version(&desired(&bed, "w-1")).0, "1.30.5-1.1", "no hold moves before the drain");
+        assert_eq!(
+            version(&desired(&bed, "w-1")).0,
+            "1.30.5-1.1",
+            "no hold moves before the drain"
+        );
         store
             .txn(
                 Txn::new().and_then([Op::put(
@@ -1453,7 +1501,12 @@ mod tests {
         eventually_upgraded(&mut bed, &id, "w-1").await;
         report(&bed.replica, "w-1", None).await;
         bed.until(&id, "w-1", Step::Converged).await;
-        report_commands(&bed.replica, "cp-1", &[("kubernetes-ready-w-1", ResourceStatus::Changed)]).await;
+        report_commands(
+            &bed.replica,
+            "cp-1",
+            &[("kubernetes-ready-w-1", ResourceStatus::Changed)],
+        )
+        .await;
         bed.until(&id, "w-1", Step::Done).await;
         assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
         bed.until_phase(&id, Phase::Done).await;
@@ -1465,7 +1518,9 @@ mod tests {
             let d = desired(&bed, n);
             assert_eq!(version(&d), ("1.31.2-1.1".into(), "1.31.2-1.1".into()));
             assert!(
-                !task_ids(&d).iter().any(|t| t.starts_with("kubeadm-upgrade") || t.starts_with("kubelet-restart")),
+                !task_ids(&d)
+                    .iter()
+                    .any(|t| t.starts_with("kubeadm-upgrade") || t.starts_with("kubelet-restart")),
                 "{n}: {:?}",
                 task_ids(&d)
             );

@@ -99,10 +99,11 @@ pub async fn create(
     );
     if let Some(u) = &upgrade {
         let is_cp = |n: &NodeId| {
-            specs
-                .specs
-                .get(n)
-                .is_some_and(|s| s.value.roles.contains(&steward_proto::domain::Role::K8sControlPlane))
+            specs.specs.get(n).is_some_and(|s| {
+                s.value
+                    .roles
+                    .contains(&steward_proto::domain::Role::K8sControlPlane)
+            })
         };
         batches.batches = upgrade::order(&batches.batches, is_cp, &u.first_control_plane);
         batches.canary_batches = batches.canary_batches.min(batches.batches.len() as u32);

@@ -137,7 +137,10 @@ pub fn is_kubernetes(specs: &SpecSnapshot, node: &NodeId) -> bool {
 /// node that ran `kubeadm init` while it is a joined control plane, else
 /// the first joined control plane (as `orchestrate::kubernetes::remover`
 /// picks it).
-pub fn ready_checker(specs: &SpecSnapshot, orchestration: &OrchestrationSnapshot) -> Option<NodeId> {
+pub fn ready_checker(
+    specs: &SpecSnapshot,
+    orchestration: &OrchestrationSnapshot,
+) -> Option<NodeId> {
     let eligible = |n: &NodeId| {
         has_role(specs, n, Role::K8sControlPlane) && orchestration.joined.contains_key(n)
     };
@@ -266,7 +269,10 @@ pub fn upgrade_tasks(upgrade: &KubernetesUpgrade, node: &NodeId, stage: Stage) -
             format!("kubeadm upgrade plan {version}; kubeadm upgrade apply {version}"),
         )
     } else {
-        ("kubeadm upgrade node".to_owned(), "kubeadm upgrade node".to_owned())
+        (
+            "kubeadm upgrade node".to_owned(),
+            "kubeadm upgrade node".to_owned(),
+        )
     };
     let mut tasks = vec![once(
         TaskId::KubeadmUpgrade(upgrade.to.clone()),
@@ -426,7 +432,10 @@ mod tests {
         assert_eq!(skew_problem("1.31.3-1.1", "1.31.2-1.1"), None);
         let jump = skew_problem("1.29.4-1.1", "1.31.2-1.1").expect("refused");
         assert!(jump.contains("1.29.4-1.1 -> 1.31.2-1.1"), "{jump}");
-        assert!(jump.contains("jumps 2 minor versions (1.29 -> 1.31)"), "{jump}");
+        assert!(
+            jump.contains("jumps 2 minor versions (1.29 -> 1.31)"),
+            "{jump}"
+        );
         assert!(jump.contains("upgrade to 1.30 first"), "{jump}");
         assert!(jump.contains(SKEW_RULE), "{jump}");
         let down = skew_problem("1.31.2-1.1", "1.30.9-1.1").expect("refused");
@@ -496,7 +505,10 @@ mod tests {
         );
         let other = upgrade_tasks(&u, &node("w-1"), Stage::Kubelet);
         let ids: Vec<&str> = other.iter().map(|t| t.id.as_str()).collect();
-        assert_eq!(ids, ["kubeadm-upgrade-1.32.0-1.1", "kubelet-restart-1.32.0-1.1"]);
+        assert_eq!(
+            ids,
+            ["kubeadm-upgrade-1.32.0-1.1", "kubelet-restart-1.32.0-1.1"]
+        );
         assert!(other[0].argv[2].starts_with("kubeadm upgrade node && "));
         assert!(other[1].argv[2].contains("systemctl restart kubelet.service"));
         // Run once: each is guarded by the file it leaves.
