@@ -419,10 +419,17 @@ pub enum TaskId {
     /// Apply `volume`'s PersistentVolume.
     GlusterPv(String),
     /// `kubeadm upgrade` (plan and apply on the first control plane, node
-    /// elsewhere) to the package version given.
-    KubeadmUpgrade(String),
-    /// Restart the kubelet once it is at the package version given.
-    KubeletRestart(String),
+    /// elsewhere) to package version `version`, in rollout `rollout` (an
+    /// upgrade to a version the node had before runs again).
+    KubeadmUpgrade {
+        version: String,
+        rollout: String,
+    },
+    /// Restart the kubelet once it is at `version`, in rollout `rollout`.
+    KubeletRestart {
+        version: String,
+        rollout: String,
+    },
     /// Ask a control plane whether `node` reports Ready.
     KubernetesReady(NodeId),
 }
@@ -466,8 +473,12 @@ impl fmt::Display for TaskId {
             }
             TaskId::GlusterAdd { volume, first } => write!(f, "gluster-add-{volume}-{first}"),
             TaskId::GlusterPv(volume) => write!(f, "gluster-pv-{volume}"),
-            TaskId::KubeadmUpgrade(version) => write!(f, "kubeadm-upgrade-{version}"),
-            TaskId::KubeletRestart(version) => write!(f, "kubelet-restart-{version}"),
+            TaskId::KubeadmUpgrade { version, rollout } => {
+                write!(f, "kubeadm-upgrade-{version}-{rollout}")
+            }
+            TaskId::KubeletRestart { version, rollout } => {
+                write!(f, "kubelet-restart-{version}-{rollout}")
+            }
             TaskId::KubernetesReady(node) => write!(f, "kubernetes-ready-{node}"),
         }
     }

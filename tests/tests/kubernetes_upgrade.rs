@@ -176,6 +176,16 @@ fn joined(bed: &ConvergeBed, node: &str) -> bool {
     !String::from_utf8_lossy(&out.stdout).trim().is_empty()
 }
 
+/// `stewardctl ARGS`, which must fail saying each of `expected`.
+fn refused(bed: &ConvergeBed, args: &[&str], expected: &[String]) -> steward_tests::Ctl {
+    let out = bed.cluster.ctl(args);
+    assert!(!out.ok(), "stewardctl {args:?} passed: {}", out.stdout);
+    for e in expected {
+        assert!(out.stderr.contains(e), "no {e:?} in:\n{}", out.stderr);
+    }
+    out
+}
+
 fn write_spec(bed: &ConvergeBed, name: &str, text: &str) -> String {
     let path = bed.cluster.dir.path().join(name);
     std::fs::write(&path, text).expect("write spec");
@@ -254,40 +264,24 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
     // ---- refusals that change nothing
     let before = etcd_settings(&bed);
     let jump = write_spec(&bed, "jump.toml", &spec(&vip, JUMP));
-    let dry = bed.cluster.ctl(&["apply", "-f", &jump, "--dry-run"]);
-    assert!(
-        !dry.ok(),
-        "a two-minor jump passed --dry-run: {}",
-        dry.stdout
+    let dry = refused(
+        &bed,
+        &["apply", "-f", &jump, "--dry-run"],
+        &[
+            format!("kubernetes.version {FROM} -> {JUMP} jumps 2 minor versions (1.30 -> 1.32)"),
+            "version skew policy allows upgrading one minor version at a time".to_owned(),
+            "upgrade to 1.31 first".to_owned(),
+        ],
     );
-    for expected in [
-        format!("kubernetes.version {FROM} -> {JUMP} jumps 2 minor versions (1.30 -> 1.32)"),
-        "version skew policy allows upgrading one minor version at a time".to_owned(),
-        "upgrade to 1.31 first".to_owned(),
-    ] {
-        assert!(
-            dry.stderr.contains(&expected),
-            "no {expected:?} in:\n{}",
-            dry.stderr
-        );
-    }
     let upgrade = write_spec(&bed, "upgrade.toml", &spec(&vip, TO));
-    let plain = bed.cluster.ctl(&["apply", "-f", &upgrade]);
-    assert!(
-        !plain.ok(),
-        "a plain apply of a new version passed: {}",
-        plain.stdout
+    let plain = refused(
+        &bed,
+        &["apply", "-f", &upgrade],
+        &[
+            format!("kubernetes.version {FROM} -> {TO}"),
+            "--rollout".to_owned(),
+        ],
     );
-    for expected in [
-        format!("kubernetes.version {FROM} -> {TO}"),
-        "--rollout".to_owned(),
-    ] {
-        assert!(
-            plain.stderr.contains(&expected),
-            "no {expected:?} in:\n{}",
-            plain.stderr
-        );
-    }
     assert_eq!(
         etcd_settings(&bed),
         before,

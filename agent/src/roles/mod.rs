@@ -334,9 +334,9 @@ pub(crate) mod tests {
         assert_eq!(ids(&plan), ["plan:kubernetes", "stale-mounts:gluster"]);
     }
 
-    #[test]
-    fn kubernetes_packages_are_held_at_the_cluster_version() {
-        let plan = plan(&desired(&[Role::K8sControlPlane]));
+    /// The packages of `packages:kubernetes` in `d`'s plan, which must hold them.
+    fn held_kubernetes_packages(d: &DesiredState) -> Vec<PackageSpec> {
+        let plan = plan(d);
         let Some(Resource::Packages { packages, hold, .. }) = plan
             .iter()
             .map(|p| &p.resource)
@@ -345,6 +345,12 @@ pub(crate) mod tests {
             panic!("no kubernetes packages: {:?}", ids(&plan));
         };
         assert!(hold);
+        packages.clone()
+    }
+
+    #[test]
+    fn kubernetes_packages_are_held_at_the_cluster_version() {
+        let packages = held_kubernetes_packages(&desired(&[Role::K8sControlPlane]));
         assert_eq!(packages.len(), 3);
         assert!(packages
             .iter()
@@ -358,15 +364,7 @@ pub(crate) mod tests {
             k.version = "1.32.0-1.1".into();
             k.kubelet_version = Some("1.31.2-1.1".into());
         }
-        let plan = plan(&d);
-        let Some(Resource::Packages { packages, hold, .. }) = plan
-            .iter()
-            .map(|p| &p.resource)
-            .find(|r| r.id() == "packages:kubernetes")
-        else {
-            panic!("no kubernetes packages: {:?}", ids(&plan));
-        };
-        assert!(hold);
+        let packages = held_kubernetes_packages(&d);
         let versions: Vec<(&str, Option<&str>)> = packages
             .iter()
             .map(|p| (p.name.as_str(), p.version.as_deref()))

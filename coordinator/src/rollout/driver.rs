@@ -1353,11 +1353,11 @@ mod tests {
         assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("cp-1")));
         let d = desired(&bed, "cp-1");
         assert_eq!(version(&d), ("1.31.2-1.1".into(), "1.30.5-1.1".into()));
-        assert!(task_ids(&d).contains(&"kubeadm-upgrade-1.31.2-1.1".to_owned()));
+        assert!(task_ids(&d).contains(&format!("kubeadm-upgrade-1.31.2-1.1-{id}")));
         let apply = d
             .tasks
             .iter()
-            .find(|t| t.id == "kubeadm-upgrade-1.31.2-1.1")
+            .find(|t| t.id == format!("kubeadm-upgrade-1.31.2-1.1-{id}"))
             .unwrap();
         assert!(apply.argv[2]
             .contains("kubeadm upgrade plan v1.31.2 && kubeadm upgrade apply -y v1.31.2"));
@@ -1383,7 +1383,10 @@ mod tests {
         assert_eq!(version(&d), ("1.31.2-1.1".into(), "1.31.2-1.1".into()));
         assert_eq!(
             task_ids(&d),
-            ["kubeadm-upgrade-1.31.2-1.1", "kubelet-restart-1.31.2-1.1"]
+            [
+                format!("kubeadm-upgrade-1.31.2-1.1-{id}"),
+                format!("kubelet-restart-1.31.2-1.1-{id}")
+            ]
         );
         assert_eq!(bed.step(&id, "cp-1"), Some(Step::Changed));
 
@@ -1394,19 +1397,13 @@ mod tests {
         bed.until(&id, "cp-1", Step::Converged).await;
         // Converged is not healthy: the checker (cp-1, the init node's
         // stand-in here: the first joined control plane) is asked.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            bed.tick().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let reason = bed.replica.ctx.specs.borrow().rollouts[&id].nodes[&node("cp-1")]
-                .value
-                .reason
-                .clone();
-            if reason.contains("kubectl get node cp-1 on cp-1: waiting for its answer") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cp-1: {reason}");
-        }
+        until_reason(
+            &mut bed,
+            &id,
+            "cp-1",
+            "kubectl get node cp-1 on cp-1: waiting for its answer",
+        )
+        .await;
         assert_eq!(bed.step(&id, "cp-1"), Some(Step::Converged));
         let d = desired(&bed, "cp-1");
         assert!(
@@ -1421,19 +1418,7 @@ mod tests {
             &[("kubernetes-ready-cp-1", ResourceStatus::Failed)],
         )
         .await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            bed.tick().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let reason = bed.replica.ctx.specs.borrow().rollouts[&id].nodes[&node("cp-1")]
-                .value
-                .reason
-                .clone();
-            if reason.contains("not Ready (node cp-1 is not Ready)") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cp-1: {reason}");
-        }
+        until_reason(&mut bed, &id, "cp-1", "not Ready (node cp-1 is not Ready)").await;
         assert_eq!(bed.step(&id, "cp-1"), Some(Step::Converged));
         report_commands(
             &bed.replica,
@@ -1452,7 +1437,7 @@ mod tests {
         let node_task = d
             .tasks
             .iter()
-            .find(|t| t.id == "kubeadm-upgrade-1.31.2-1.1")
+            .find(|t| t.id == format!("kubeadm-upgrade-1.31.2-1.1-{id}"))
             .unwrap();
         assert!(node_task.argv[2].starts_with("kubeadm upgrade node && "));
         assert_eq!(
@@ -1524,6 +1509,23 @@ mod tests {
                 "{n}: {:?}",
                 task_ids(&d)
             );
+        }
+    }
+
+    /// Ticks until `node_id`'s reason says `text`.
+    async fn until_reason(bed: &mut Bed, id: &str, node_id: &str, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            bed.tick().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let reason = bed.replica.ctx.specs.borrow().rollouts[id].nodes[&node(node_id)]
+                .value
+                .reason
+                .clone();
+            if reason.contains(text) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{node_id}: {reason}");
         }
     }
 

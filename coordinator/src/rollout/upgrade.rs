@@ -224,20 +224,33 @@ pub enum Stage {
 
 /// Where `node`'s upgrade stands in the rollout whose target it has, with
 /// the revision of the marker that put it there.
-pub fn stage<'a>(
-    specs: &'a SpecSnapshot,
-    node: &NodeId,
-) -> Option<(&'a KubernetesUpgrade, Stage, i64)> {
-    let (id, _, changed) = specs.rollout_target(node)?;
-    let entry = specs.rollouts.get(id)?;
+pub fn stage<'a>(specs: &'a SpecSnapshot, node: &NodeId) -> Option<NodeStage<'a>> {
+    let (rollout, _, changed) = specs.rollout_target(node)?;
+    let entry = specs.rollouts.get(rollout)?;
     let upgrade = entry.spec.as_ref()?.value.upgrade.as_ref()?;
     if !is_kubernetes(specs, node) {
         return None;
     }
-    Some(match entry.upgraded.get(node) {
-        Some(&rev) => (upgrade, Stage::Kubelet, rev),
-        None => (upgrade, Stage::Kubeadm, changed),
+    let (stage, revision) = match entry.upgraded.get(node) {
+        Some(&rev) => (Stage::Kubelet, rev),
+        None => (Stage::Kubeadm, changed),
+    };
+    Some(NodeStage {
+        rollout,
+        upgrade,
+        stage,
+        revision,
     })
+}
+
+/// A node's place in its upgrade ([`stage`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NodeStage<'a> {
+    pub rollout: &'a str,
+    pub upgrade: &'a KubernetesUpgrade,
+    pub stage: Stage,
+    /// The revision of the marker that put it there.
+    pub revision: i64,
 }
 
 /// A task that runs `script` once: done when its file in the agent's done
@@ -261,7 +274,12 @@ fn once(id: TaskId, script: &str, summary: String) -> Task {
 
 /// The tasks of `node`'s upgrade at `stage`: `kubeadm upgrade`, then (at
 /// [`Stage::Kubelet`]) the kubelet's restart.
-pub fn upgrade_tasks(upgrade: &KubernetesUpgrade, node: &NodeId, stage: Stage) -> Vec<Task> {
+pub fn upgrade_tasks(
+    upgrade: &KubernetesUpgrade,
+    rollout: &str,
+    node: &NodeId,
+    stage: Stage,
+) -> Vec<Task> {
     let version = kubeadm_version(&upgrade.to);
     let (script, summary) = if *node == upgrade.first_control_plane {
         (
@@ -275,13 +293,19 @@ pub fn upgrade_tasks(upgrade: &KubernetesUpgrade, node: &NodeId, stage: Stage) -
         )
     };
     let mut tasks = vec![once(
-        TaskId::KubeadmUpgrade(upgrade.to.clone()),
+        TaskId::KubeadmUpgrade {
+            version: upgrade.to.clone(),
+            rollout: rollout.to_owned(),
+        },
         &script,
         summary,
     )];
     if stage == Stage::Kubelet {
         tasks.push(once(
-            TaskId::KubeletRestart(upgrade.to.clone()),
+            TaskId::KubeletRestart {
+                version: upgrade.to.clone(),
+                rollout: rollout.to_owned(),
+            },
             "systemctl daemon-reload && systemctl restart kubelet.service",
             format!("restart the kubelet at {version}"),
         ));
@@ -357,14 +381,16 @@ pub fn add_steps(
     specs: &SpecSnapshot,
     orchestration: &OrchestrationSnapshot,
 ) {
-    if let Some((upgrade, stage, rev)) = stage(specs, node) {
+    if let Some(at) = stage(specs, node) {
         if let Some(k) = desired.cluster.settings.kubernetes.as_mut() {
-            if stage == Stage::Kubeadm && k.version == upgrade.to {
-                k.kubelet_version = Some(upgrade.from.clone());
+            if at.stage == Stage::Kubeadm && k.version == at.upgrade.to {
+                k.kubelet_version = Some(at.upgrade.from.clone());
             }
         }
-        desired.tasks.extend(upgrade_tasks(upgrade, node, stage));
-        desired.revision = desired.revision.max(rev.max(0) as u64);
+        desired
+            .tasks
+            .extend(upgrade_tasks(at.upgrade, at.rollout, node, at.stage));
+        desired.revision = desired.revision.max(at.revision.max(0) as u64);
     }
     let (asked, rev) = ready_checks(specs, orchestration, node);
     desired.tasks.extend(asked.iter().map(ready_task));
@@ -377,7 +403,7 @@ pub fn revision_for(
     specs: &SpecSnapshot,
     orchestration: &OrchestrationSnapshot,
 ) -> u64 {
-    let stage = stage(specs, node).map_or(0, |(_, _, rev)| rev);
+    let stage = stage(specs, node).map_or(0, |at| at.revision);
     let (_, checks) = ready_checks(specs, orchestration, node);
     stage.max(checks).max(0) as u64
 }
@@ -489,7 +515,7 @@ mod tests {
     #[test]
     fn the_first_control_plane_plans_and_applies_the_others_upgrade_node() {
         let u = upgrade();
-        let first = upgrade_tasks(&u, &node("cp-1"), Stage::Kubeadm);
+        let first = upgrade_tasks(&u, "r1", &node("cp-1"), Stage::Kubeadm);
         assert_eq!(first.len(), 1);
         let script = &first[0].argv[2];
         assert!(
@@ -498,19 +524,25 @@ mod tests {
             ),
             "{script}"
         );
-        assert_eq!(first[0].id, "kubeadm-upgrade-1.32.0-1.1");
+        assert_eq!(first[0].id, "kubeadm-upgrade-1.32.0-1.1-r1");
         assert_eq!(
             first[0].creates.as_deref(),
-            Some("/var/lib/steward-agent/done/kubeadm-upgrade-1.32.0-1.1")
+            Some("/var/lib/steward-agent/done/kubeadm-upgrade-1.32.0-1.1-r1")
         );
-        let other = upgrade_tasks(&u, &node("w-1"), Stage::Kubelet);
+        let other = upgrade_tasks(&u, "r1", &node("w-1"), Stage::Kubelet);
         let ids: Vec<&str> = other.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(
             ids,
-            ["kubeadm-upgrade-1.32.0-1.1", "kubelet-restart-1.32.0-1.1"]
+            [
+                "kubeadm-upgrade-1.32.0-1.1-r1",
+                "kubelet-restart-1.32.0-1.1-r1"
+            ]
         );
         assert!(other[0].argv[2].starts_with("kubeadm upgrade node && "));
         assert!(other[1].argv[2].contains("systemctl restart kubelet.service"));
+        // Named for the rollout: a later one to the same version runs again.
+        let again = upgrade_tasks(&u, "r2", &node("w-1"), Stage::Kubelet);
+        assert_eq!(again[0].id, "kubeadm-upgrade-1.32.0-1.1-r2");
         // Run once: each is guarded by the file it leaves.
         for t in &other {
             let done = t.creates.as_deref().expect("guarded");
