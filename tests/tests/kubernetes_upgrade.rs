@@ -23,11 +23,13 @@
 //!    changes the settings nor starts a rollout.
 //! 2. `apply --rollout --wait` of 1.31.2-1.1. While it runs, the test
 //!    samples every machine's dpkg database every 50 ms, and SIGKILLs the
-//!    leader once cp2 is changed (its `kubeadm upgrade node` in flight).
+//!    leader once cp2 is changed (its upgrade in flight: kubeadm moving,
+//!    `kubeadm upgrade node` next).
 //!    From the recorded calls: `kubeadm upgrade plan` then `apply` on cp1,
 //!    then `kubeadm upgrade node` on cp2, each after the previous node's
 //!    kubelet restarted at the new version, then the workers one at a time,
-//!    each cordoned and drained (kubectl, on cp1) before its upgrade, asked
+//!    each cordoned and drained (kubectl, on cp1) before its upgrade (and
+//!    only once the worker before it was uncordoned), asked
 //!    Ready after its kubelet restart, uncordoned after; every `kubeadm
 //!    upgrade` ran with kubeadm at the new version and the kubelet still at
 //!    the old one; no node was upgraded twice or skipped; at every sample the
@@ -549,6 +551,15 @@ fn a_kubernetes_version_change_upgrades_control_planes_then_workers_node_by_node
             "{w}: uncordoned after its kubelet restart"
         );
     }
+    // One batch at a time: the next worker is cordoned only once the one
+    // before is back in service (uncordoned).
+    let (a, b) = (order[2].as_str(), order[3].as_str());
+    assert!(
+        first("cordon", b) > first("uncordon", a),
+        "{b} cordoned at {:.3}, before {a} was uncordoned at {:.3}",
+        first("cordon", b),
+        first("uncordon", a)
+    );
     for cp in ["cp1", "cp2"] {
         assert!(
             kubectl

@@ -226,11 +226,15 @@ impl Driver {
             let reason = format!("node {node} failed: {}", record.value.reason);
             return run.set_phase(Phase::Failed, reason, false).await;
         }
-        let current = run
-            .spec
-            .batches
-            .iter()
-            .position(|batch| batch.iter().any(|n| entry.step(n) != Some(Step::Done)));
+        // A batch is over when its nodes are done and, for Kubernetes, a
+        // control plane has uncordoned them (`upgrade::uncordon_pending`).
+        let world = run.world;
+        let current = run.spec.batches.iter().position(|batch| {
+            batch.iter().any(|n| {
+                entry.step(n) != Some(Step::Done)
+                    || super::upgrade::uncordon_pending(n, world.specs, world.orchestration)
+            })
+        });
         let Some(batch) = current else {
             return run.finish().await;
         };
@@ -281,6 +285,9 @@ impl Driver {
                 }
                 Step::Failed | Step::Done | Step::Aborted => {}
             }
+            // Undrained, but not yet uncordoned in Kubernetes.
+            let world = run.world;
+            in_flight |= super::upgrade::uncordon_pending(node, world.specs, world.orchestration);
         }
         if in_flight {
             return Ok(());
@@ -1494,6 +1501,21 @@ mod tests {
         .await;
         bed.until(&id, "w-1", Step::Done).await;
         assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        // Back in service, but not done before a control plane reports the
+        // uncordon.
+        for _ in 0..5 {
+            bed.tick().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            bed.phase(&id),
+            Some(Phase::Running),
+            "done while w-1 is cordoned"
+        );
+        store
+            .delete_orchestration(&[store.keys().kubernetes_cordoned(&node("w-1"))])
+            .await
+            .unwrap();
         bed.until_phase(&id, Phase::Done).await;
         let entry = store.rollout(&id).await.unwrap().unwrap();
         assert_eq!(entry.changed.len(), 3);

@@ -330,6 +330,17 @@ pub fn ready_task(node: &NodeId) -> Task {
     }
 }
 
+/// Whether `node` is back in service but still cordoned in Kubernetes (the
+/// control plane's `kubectl uncordon` not reported yet): the rollout waits
+/// for it before the next batch and before it is done.
+pub fn uncordon_pending(
+    node: &NodeId,
+    specs: &SpecSnapshot,
+    orchestration: &OrchestrationSnapshot,
+) -> bool {
+    orchestration.cordoned.contains_key(node) && !specs.in_maintenance(node)
+}
+
 /// Whether `node`'s readiness is asked after its change: a joined
 /// Kubernetes node.
 fn checked(specs: &SpecSnapshot, orchestration: &OrchestrationSnapshot, node: &NodeId) -> bool {
