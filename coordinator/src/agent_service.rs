@@ -109,6 +109,8 @@ impl SessionContext {
             &maintenance,
             self.sealer.as_deref(),
         );
+        // A Kubernetes upgrade's stage, and readiness checks.
+        crate::rollout::upgrade::add_steps(&mut desired, node, &specs, &orchestration);
         Some(desired)
     }
 
@@ -139,6 +141,11 @@ impl SessionContext {
             .max(crate::desired::coordinator_revocations_revision(&specs))
             .max(steps)
             .max(target.map_or(0, |t| t.2.max(0) as u64))
+            .max(crate::rollout::upgrade::revision_for(
+                node,
+                &specs,
+                &orchestration,
+            ))
     }
 }
 

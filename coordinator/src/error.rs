@@ -44,6 +44,14 @@ pub enum Error {
          {0}: apply those without --rollout first"
     )]
     RolloutChangesMore(String),
+    /// A plain apply that changes the version of a running Kubernetes.
+    #[error(
+        "kubernetes.version {from} -> {to} upgrades a running Kubernetes cluster, which goes \
+         node by node as a rollout (kubeadm upgrade on the control planes one at a time, then \
+         the workers drained in batches): apply it with --rollout (e.g. stewardctl apply -f \
+         FILE --rollout --wait), with no other change than the cluster settings"
+    )]
+    UpgradeNeedsRollout { from: String, to: String },
     #[error(
         "rollout {0} is in progress: the cluster settings change through it until it is \
          done (stewardctl rollout status {0}; stewardctl rollout abort {0} stops it)"
@@ -265,6 +273,7 @@ impl From<Error> for tonic::Status {
             Error::SpecTooLarge { .. }
             | Error::NothingToRollOut
             | Error::RolloutChangesMore(_)
+            | Error::UpgradeNeedsRollout { .. }
             | Error::RolloutInProgress(_)
             | Error::RolloutOver { .. }
             | Error::RolloutCannotResume { .. }

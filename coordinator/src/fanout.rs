@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use steward_proto::domain::NodeId;
+use steward_proto::domain::{NodeId, Role};
 use tokio::sync::Notify;
 
 use crate::agent_service::SessionContext;
@@ -262,11 +262,29 @@ fn changed_nodes(before: &SpecSnapshot, now: &SpecSnapshot) -> HashSet<NodeId> {
     nodes.extend(newer(
         &mut now.revoked.iter().map(|(id, v)| (id, v.mod_revision)),
     ));
-    // A rollout's change of a node (`changed/<node>`) is one of its inputs.
+    // A rollout's change of a node (`changed/<node>`, and an upgrade's
+    // `upgraded/<node>`) is one of its inputs.
+    let mut kubernetes_moved = false;
     for rollout in now.rollouts.values() {
         nodes.extend(newer(
             &mut rollout.changed.iter().map(|(id, rev)| (id, *rev)),
         ));
+        nodes.extend(newer(
+            &mut rollout.upgraded.iter().map(|(id, rev)| (id, *rev)),
+        ));
+        kubernetes_moved |= rollout.nodes.iter().any(|(id, r)| {
+            r.mod_revision > since && crate::rollout::upgrade::is_kubernetes(now, id)
+        });
+    }
+    // A Kubernetes node's step moved: the control plane that asks for its
+    // readiness follows its record (`rollout::upgrade::ready_checks`).
+    if kubernetes_moved {
+        nodes.extend(
+            now.specs
+                .iter()
+                .filter(|(_, s)| s.value.roles.contains(&Role::K8sControlPlane))
+                .map(|(id, _)| id.clone()),
+        );
     }
     nodes
 }

@@ -43,6 +43,19 @@ pub struct KubernetesSettings {
     pub pod_subnet: String,
     pub service_subnet: String,
     pub repository: PackageRepository,
+    /// Where kubelet and kubectl stay held while this node's Kubernetes
+    /// upgrade runs `kubeadm upgrade` with kubeadm already at `version`
+    /// (`None`: at `version` too). Set by the coordinator for one node at a
+    /// time (`coordinator::rollout::upgrade`), never in a spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubelet_version: Option<String>,
+}
+
+impl KubernetesSettings {
+    /// The version kubelet and kubectl are held at.
+    pub fn kubelet_version(&self) -> &str {
+        self.kubelet_version.as_deref().unwrap_or(&self.version)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -405,6 +418,20 @@ pub enum TaskId {
     },
     /// Apply `volume`'s PersistentVolume.
     GlusterPv(String),
+    /// `kubeadm upgrade` (plan and apply on the first control plane, node
+    /// elsewhere) to package version `version`, in rollout `rollout` (an
+    /// upgrade to a version the node had before runs again).
+    KubeadmUpgrade {
+        version: String,
+        rollout: String,
+    },
+    /// Restart the kubelet once it is at `version`, in rollout `rollout`.
+    KubeletRestart {
+        version: String,
+        rollout: String,
+    },
+    /// Ask a control plane whether `node` reports Ready.
+    KubernetesReady(NodeId),
 }
 
 impl TaskId {
@@ -446,6 +473,13 @@ impl fmt::Display for TaskId {
             }
             TaskId::GlusterAdd { volume, first } => write!(f, "gluster-add-{volume}-{first}"),
             TaskId::GlusterPv(volume) => write!(f, "gluster-pv-{volume}"),
+            TaskId::KubeadmUpgrade { version, rollout } => {
+                write!(f, "kubeadm-upgrade-{version}-{rollout}")
+            }
+            TaskId::KubeletRestart { version, rollout } => {
+                write!(f, "kubelet-restart-{version}-{rollout}")
+            }
+            TaskId::KubernetesReady(node) => write!(f, "kubernetes-ready-{node}"),
         }
     }
 }
@@ -589,6 +623,10 @@ impl TryFrom<pb::ClusterSettings> for ClusterSettings {
                         suite: bounded_str("kubernetes.repository.suite", repo.suite)?,
                         key: Some(repo.key).filter(|k| !k.is_empty()),
                     },
+                    kubelet_version: Some(k.kubelet_version)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| bounded_str("kubernetes.kubelet_version", v))
+                        .transpose()?,
                 })
             })
             .transpose()?;
@@ -634,6 +672,7 @@ impl From<ClusterSettings> for pb::ClusterSettings {
                     suite: k.repository.suite,
                     key: k.repository.key.unwrap_or_default(),
                 }),
+                kubelet_version: k.kubelet_version.unwrap_or_default(),
             }),
             gluster_volumes: s
                 .gluster_volumes
@@ -920,6 +959,7 @@ mod tests {
                         suite: "./".into(),
                         key: None,
                     },
+                    kubelet_version: None,
                 }),
                 gluster_volumes: vec![GlusterVolume {
                     name: "data".into(),

@@ -24,10 +24,15 @@
 //!   the token and certificate key included, so a test sees whether that
 //!   output leaks anywhere.
 //!
-//! `kubelet.service` runs `sleep infinity` under the name `kubelet`;
+//! `kubeadm upgrade ...` upgrades nothing; it records its own version and
+//! the installed kubelet's in [`KUBEADM_UPGRADES_LOG`].
+//!
+//! `kubelet.service` runs `sleep infinity` under the name `kubelet`, and
+//! records each start with its version in [`KUBELET_STARTS_LOG`];
 //! `kubectl` records every call in [`KUBECTL_CALLS_LOG`], keeps what it
-//! read for `-f -` in [`KUBECTL_STDIN_DIR`], applies nothing, and says on
-//! stderr that it is a stand-in.
+//! read for `-f -` in [`KUBECTL_STDIN_DIR`], applies nothing, answers
+//! `get node NAME` with `True` (every node Ready, as a jsonpath on the
+//! Ready condition prints it), and says on stderr that it is a stand-in.
 
 use std::path::{Path, PathBuf};
 
@@ -167,13 +172,30 @@ token)
 version)
   echo 'kubeadm version: &version.Info{GitVersion:"v0.0.0-STAND-IN"}'
   ;;
+upgrade)
+  # Which packages were in place when it ran: kubeadm's own version (this
+  # package's) and the kubelet's, as dpkg has them.
+  kubelet=$(dpkg-query -W -f='${Version}' kubelet 2>/dev/null || echo none)
+  printf '%s %s kubeadm=%s kubelet=%s %s\n' "$(date +%s.%N)" "$(cat /etc/hostname)" \
+    "@VERSION@" "$kubelet" "${2:-}" >> /var/lib/kubeadm-standin/upgrades.log
+  echo "[upgrade] (kubeadm STAND-IN) ${2:-}: nothing upgraded, no Kubernetes here"
+  ;;
 esac
 exit 0
 "#;
 
 const KUBELET: &str = "#!/bin/sh\n\
 # STAND-IN kubelet, built by steward-tests: NOT Kubernetes. Runs nothing.\n\
+mkdir -p /var/lib/kubeadm-standin\n\
+echo \"$(date +%s.%N) $(cat /etc/hostname) kubelet @VERSION@\" >> /var/lib/kubeadm-standin/kubelet-starts.log\n\
 exec sleep infinity\n";
+
+/// Where the stand-in `kubeadm upgrade ...` appends `<unix time> <host>
+/// kubeadm=<its version> kubelet=<the installed kubelet's> <subcommand>`.
+pub const KUBEADM_UPGRADES_LOG: &str = "/var/lib/kubeadm-standin/upgrades.log";
+/// Where the stand-in kubelet appends `<unix time> <host> kubelet
+/// <version>` each time it starts.
+pub const KUBELET_STARTS_LOG: &str = "/var/lib/kubeadm-standin/kubelet-starts.log";
 
 const KUBELET_UNIT: &str = "[Unit]\n\
 Description=kubelet STAND-IN (steward-tests): sleeps, runs no pods\n\
@@ -216,6 +238,9 @@ for a in "$@"; do
   prev=$a
 done
 echo 'kubectl STAND-IN (steward-tests): no Kubernetes here' >&2
+# `get node NAME`: every node is Ready (what a jsonpath on the Ready
+# condition's status prints).
+case " $* " in *" get node "*) printf True ;; esac
 exit 0
 "#;
 
@@ -231,7 +256,11 @@ pub fn build_kubernetes_standins(dir: &Path, versions: &[&str]) -> Vec<PathBuf> 
             dir,
             "kubeadm",
             version,
-            &[("usr/bin/kubeadm", KUBEADM.as_bytes(), 0o755)],
+            &[(
+                "usr/bin/kubeadm",
+                KUBEADM.replace("@VERSION@", version).as_bytes(),
+                0o755,
+            )],
             &extra,
         ));
         debs.push(build_deb(
@@ -239,7 +268,11 @@ pub fn build_kubernetes_standins(dir: &Path, versions: &[&str]) -> Vec<PathBuf> 
             "kubelet",
             version,
             &[
-                ("usr/bin/kubelet", KUBELET.as_bytes(), 0o755),
+                (
+                    "usr/bin/kubelet",
+                    KUBELET.replace("@VERSION@", version).as_bytes(),
+                    0o755,
+                ),
                 (
                     "lib/systemd/system/kubelet.service",
                     KUBELET_UNIT.as_bytes(),

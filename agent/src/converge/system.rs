@@ -349,6 +349,9 @@ impl System {
             "-q",
             "--no-install-recommends",
             "--allow-downgrades",
+            // A held package named with a new version is a hold moving on
+            // purpose (a Kubernetes upgrade reaching this node).
+            "--allow-change-held-packages",
             "-o",
             "DPkg::Lock::Timeout=120",
             "-o",
@@ -409,6 +412,20 @@ impl Packages for System {
                         }
                     })
                     .collect();
+                // A versionlock pins the installed version: a package named
+                // with another one moves on purpose (a Kubernetes upgrade
+                // reaching this node); the hold is added back after. A
+                // package with no lock makes `delete` fail: not an error.
+                let moving: Vec<&str> = packages
+                    .iter()
+                    .filter(|p| p.version.is_some())
+                    .map(|p| package_name(PackageManager::Dnf, &p.name))
+                    .collect();
+                if !moving.is_empty() {
+                    let mut unlock = vec!["dnf", "versionlock", "delete"];
+                    unlock.extend(moving);
+                    exec(&unlock, &[])?;
+                }
                 let mut argv = vec!["dnf", "install", "-y", "-q"];
                 argv.extend(names.iter().map(String::as_str));
                 check(&argv, &[]).map(|_| ())

@@ -158,12 +158,18 @@ fn kubernetes_node(settings: &KubernetesSettings) -> Vec<Planned> {
     plan.push(
         Planned::new(Resource::Packages {
             name: "kubernetes".into(),
-            packages: ["kubelet", "kubeadm", "kubectl"]
-                .map(|name| PackageSpec {
-                    name: name.into(),
-                    version: Some(settings.version.clone()),
-                })
-                .to_vec(),
+            // During this node's upgrade kubeadm moves first; kubelet and
+            // kubectl follow once `kubeadm upgrade` ran (`kubelet_version`).
+            packages: [
+                ("kubelet", settings.kubelet_version()),
+                ("kubeadm", settings.version.as_str()),
+                ("kubectl", settings.kubelet_version()),
+            ]
+            .map(|(name, version)| PackageSpec {
+                name: name.into(),
+                version: Some(version.to_owned()),
+            })
+            .to_vec(),
             hold: true,
         })
         .after("repository:kubernetes"),
@@ -266,6 +272,7 @@ pub(crate) mod tests {
                 suite: "./".into(),
                 key: None,
             },
+            kubelet_version: None,
         });
         d.cluster.settings.gluster_volumes = vec![steward_proto::converge::GlusterVolume {
             name: "data".into(),
@@ -327,9 +334,9 @@ pub(crate) mod tests {
         assert_eq!(ids(&plan), ["plan:kubernetes", "stale-mounts:gluster"]);
     }
 
-    #[test]
-    fn kubernetes_packages_are_held_at_the_cluster_version() {
-        let plan = plan(&desired(&[Role::K8sControlPlane]));
+    /// The packages of `packages:kubernetes` in `d`'s plan, which must hold them.
+    fn held_kubernetes_packages(d: &DesiredState) -> Vec<PackageSpec> {
+        let plan = plan(d);
         let Some(Resource::Packages { packages, hold, .. }) = plan
             .iter()
             .map(|p| &p.resource)
@@ -338,10 +345,38 @@ pub(crate) mod tests {
             panic!("no kubernetes packages: {:?}", ids(&plan));
         };
         assert!(hold);
+        packages.clone()
+    }
+
+    #[test]
+    fn kubernetes_packages_are_held_at_the_cluster_version() {
+        let packages = held_kubernetes_packages(&desired(&[Role::K8sControlPlane]));
         assert_eq!(packages.len(), 3);
         assert!(packages
             .iter()
             .all(|p| p.version.as_deref() == Some("1.31.2-1.1")));
+    }
+
+    #[test]
+    fn during_an_upgrade_kubeadm_moves_first_and_kubelet_kubectl_stay() {
+        let mut d = desired(&[Role::K8sWorker]);
+        if let Some(k) = d.cluster.settings.kubernetes.as_mut() {
+            k.version = "1.32.0-1.1".into();
+            k.kubelet_version = Some("1.31.2-1.1".into());
+        }
+        let packages = held_kubernetes_packages(&d);
+        let versions: Vec<(&str, Option<&str>)> = packages
+            .iter()
+            .map(|p| (p.name.as_str(), p.version.as_deref()))
+            .collect();
+        assert_eq!(
+            versions,
+            [
+                ("kubelet", Some("1.31.2-1.1")),
+                ("kubeadm", Some("1.32.0-1.1")),
+                ("kubectl", Some("1.31.2-1.1")),
+            ]
+        );
     }
 
     #[test]

@@ -110,6 +110,18 @@ pub enum Command {
     /// is refused with every problem listed and nothing is written; a valid
     /// one is written all at once. Applying the same spec again changes
     /// nothing.
+    ///
+    /// A `kubernetes.version` change of a running cluster is an upgrade and
+    /// needs --rollout: `kubeadm upgrade plan` and `apply` on the first
+    /// control plane, `kubeadm upgrade node` on the others one at a time,
+    /// then the workers drained and upgraded in batches of
+    /// --max-unavailable, each node's kubeadm, kubelet and kubectl holds
+    /// moving only when its turn comes. The Kubernetes version skew policy
+    /// is checked first, by --dry-run too: one minor version at a time, no
+    /// minor downgrade.
+    ///
+    ///   stewardctl apply -f cluster.toml --dry-run
+    ///   stewardctl apply -f cluster.toml --rollout --max-unavailable 2 --wait
     Apply {
         /// The spec file; `-` reads it from standard input.
         #[arg(long, short = 'f', value_name = "FILE")]

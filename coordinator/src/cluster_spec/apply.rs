@@ -61,6 +61,8 @@ pub async fn apply(
         let plan = plan::plan(&spec, &current).map_err(Error::InvalidSpec)?;
         if rollout.is_some() {
             rollout_problems(&plan)?;
+        } else {
+            upgrade_problems(ctx, &plan, &current)?;
         }
         if dry_run || plan.is_empty() {
             return Ok(Outcome {
@@ -138,6 +140,24 @@ pub async fn apply(
     Err(Error::Conflict {
         key: "the nodes, VIPs and settings of the cluster spec".into(),
     })
+}
+
+/// A plain apply may not change the version of a running Kubernetes
+/// (a joined node): that is an upgrade, and it goes as a rollout.
+fn upgrade_problems(ctx: &SessionContext, plan: &Plan, current: &Current) -> Result<()> {
+    let version = |s: Option<&ClusterSettings>| {
+        s.and_then(|s| s.kubernetes.as_ref())
+            .map(|k| k.version.clone())
+    };
+    let from = version(current.settings.as_ref().map(|s| &s.value));
+    let to = version(plan.settings.as_ref().map(|s| &s.settings));
+    let running = !ctx.orchestration.borrow().joined.is_empty();
+    match (from, to) {
+        (Some(from), Some(to)) if from != to && running => {
+            Err(Error::UpgradeNeedsRollout { from, to })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A rollout changes the cluster settings only: node roles and labels

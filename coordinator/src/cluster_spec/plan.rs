@@ -120,6 +120,17 @@ pub fn plan(spec: &ClusterSpec, current: &Current) -> Result<Plan, Vec<String>> 
     let frontends = frontends(&spec.frontends, &mut problems);
     if let Some(k) = &spec.kubernetes {
         kubernetes_problems(k, &mut problems);
+        // A running version moves as the version skew policy allows.
+        let running = current
+            .settings
+            .as_ref()
+            .and_then(|s| s.value.kubernetes.as_ref());
+        if let Some(running) = running {
+            problems.extend(crate::rollout::upgrade::skew_problem(
+                &running.version,
+                &k.version,
+            ));
+        }
     }
     role_problems(spec.kubernetes.is_some(), &roles, &mut problems);
     gluster_problems(&spec.gluster_volumes, &roles, &mut problems);
@@ -442,6 +453,13 @@ fn port(at: &str, field: &str, value: i64, problems: &mut Vec<String>) -> Option
 }
 
 fn kubernetes_problems(k: &KubernetesSettings, problems: &mut Vec<String>) {
+    if k.kubelet_version.is_some() {
+        problems.push(
+            "kubernetes.kubelet_version: not a spec setting (rollouts set it per node during \
+             a Kubernetes upgrade); remove it"
+                .into(),
+        );
+    }
     match debian_version_problem(&k.version) {
         None => {}
         Some(p) if k.version.is_empty() => problems.push(format!("kubernetes.version: {p}")),
@@ -986,6 +1004,52 @@ mod tests {
         let again = planned(EXAMPLE, &after).unwrap();
         assert!(again.is_empty(), "{again:#?}");
         assert!(again.changes.is_empty());
+    }
+
+    /// Issue 15 item 3: the version skew policy, on the running version.
+    #[test]
+    fn a_version_change_the_skew_policy_forbids_is_refused() {
+        let current = written(&fleet(), &planned(EXAMPLE, &fleet()).unwrap());
+        for (to, expected) in [
+            (
+                "1.33.0-1.1",
+                "kubernetes.version 1.31.2-1.1 -> 1.33.0-1.1 jumps 2 minor versions \
+                 (1.31 -> 1.33)",
+            ),
+            (
+                "1.30.9-1.1",
+                "kubernetes.version 1.31.2-1.1 -> 1.30.9-1.1 is a minor downgrade",
+            ),
+            (
+                "1.31-1.1",
+                "kubernetes.version \"1.31-1.1\" is not a Kubernetes version",
+            ),
+        ] {
+            let problems = planned(&EXAMPLE.replace("1.31.2-1.1", to), &current).unwrap_err();
+            let problem = problems
+                .iter()
+                .find(|p| p.starts_with(expected))
+                .unwrap_or_else(|| panic!("{to}: {problems:#?}"));
+            assert!(problem.contains("version skew policy"), "{problem}");
+        }
+        // One minor up is allowed; a new cluster may start at any version.
+        assert!(planned(&EXAMPLE.replace("1.31.2-1.1", "1.32.0-1.1"), &current).is_ok());
+        assert!(planned(&EXAMPLE.replace("1.31.2-1.1", "1.29.0-1.1"), &fleet()).is_ok());
+        // Set by rollouts only.
+        let problems = planned(
+            &EXAMPLE.replace(
+                "version = \"1.31.2-1.1\"",
+                "version = \"1.31.2-1.1\"\nkubelet_version = \"1.30.0-1.1\"",
+            ),
+            &fleet(),
+        )
+        .unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("kubernetes.kubelet_version: not a spec setting")),
+            "{problems:#?}"
+        );
     }
 
     #[test]

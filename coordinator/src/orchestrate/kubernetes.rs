@@ -704,6 +704,7 @@ mod tests {
                 suite: "./".into(),
                 key: None,
             },
+            kubelet_version: None,
         });
         v
     }

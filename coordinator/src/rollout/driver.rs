@@ -226,11 +226,15 @@ impl Driver {
             let reason = format!("node {node} failed: {}", record.value.reason);
             return run.set_phase(Phase::Failed, reason, false).await;
         }
-        let current = run
-            .spec
-            .batches
-            .iter()
-            .position(|batch| batch.iter().any(|n| entry.step(n) != Some(Step::Done)));
+        // A batch is over when its nodes are done and, for Kubernetes, a
+        // control plane has uncordoned them (`upgrade::uncordon_pending`).
+        let world = run.world;
+        let current = run.spec.batches.iter().position(|batch| {
+            batch.iter().any(|n| {
+                entry.step(n) != Some(Step::Done)
+                    || super::upgrade::uncordon_pending(n, world.specs, world.orchestration)
+            })
+        });
         let Some(batch) = current else {
             return run.finish().await;
         };
@@ -281,6 +285,9 @@ impl Driver {
                 }
                 Step::Failed | Step::Done | Step::Aborted => {}
             }
+            // Undrained, but not yet uncordoned in Kubernetes.
+            let world = run.world;
+            in_flight |= super::upgrade::uncordon_pending(node, world.specs, world.orchestration);
         }
         if in_flight {
             return Ok(());
@@ -313,6 +320,16 @@ impl Driver {
                     ..Default::default()
                 },
             });
+        if super::upgrade::in_place(run.spec, world.specs, node) {
+            // A control plane's Kubernetes upgrade: in place, one at a
+            // time (`super::upgrade`); no drain to wait for.
+            next.step = Step::Drained;
+            next.reason = "upgraded in place (control plane)".into();
+            next.times.drained = now;
+            run.write_node(node, expected, &next, Vec::new(), Vec::new())
+                .await?;
+            return Ok(());
+        }
         let maintenance = world.specs.maintenance.get(node);
         if maintenance.is_some_and(|m| m.value.active) {
             // Out of service already (an operator's drain): the rollout
@@ -435,11 +452,34 @@ impl Driver {
                 }
             }
             Step::Changed => {
-                let Some(&target) = run.entry.changed.get(node) else {
+                let Some(&changed) = run.entry.changed.get(node) else {
                     return Ok(());
                 };
+                // A Kubernetes upgrade's second stage, once written, is
+                // what the agent must converge (`super::upgrade`).
+                let upgraded = run.entry.upgraded.get(node).copied();
+                let target = upgraded.unwrap_or(changed);
                 let observed = run.store.node(node).await?;
                 match converge_progress(&observed, target.max(0) as u64) {
+                    Converge::Done
+                        if upgraded.is_none()
+                            && super::upgrade::stage(world.specs, node).is_some() =>
+                    {
+                        // `kubeadm upgrade` converged: kubelet and kubectl
+                        // move now (marker and step in one transaction).
+                        next.changed_revision = target;
+                        next.reason = "kubeadm upgraded; kubelet and kubectl next".into();
+                        let marker = run.store.keys().rollout_upgraded(run.id, node);
+                        let guard = Cmp::mod_revision(marker.clone(), 0);
+                        let ops = vec![Op::put(marker, Vec::new())];
+                        if run
+                            .write_node(node, expected, &next, vec![guard], ops)
+                            .await?
+                        {
+                            info!(rollout.id = run.id, node.id = %node, "kubeadm upgraded");
+                        }
+                        return Ok(());
+                    }
                     Converge::Done => {
                         next.step = Step::Converged;
                         next.changed_revision = target;
@@ -470,7 +510,22 @@ impl Driver {
             }
             Step::Converged => {
                 let observed = run.store.node(node).await?;
-                let problems = health_problems(node, &observed, world);
+                let mut problems = health_problems(node, &observed, world);
+                // A joined Kubernetes node: Ready, as a control plane sees it.
+                let checker = super::upgrade::ready_checker(world.specs, world.orchestration);
+                let checker_record = match &checker {
+                    Some(c) if super::upgrade::is_kubernetes(world.specs, node) => {
+                        Some(run.store.node(c).await?)
+                    }
+                    _ => None,
+                };
+                problems.extend(super::upgrade::readiness_problem(
+                    node,
+                    world.specs,
+                    world.orchestration,
+                    expected,
+                    checker.as_ref().zip(checker_record.as_ref()),
+                ));
                 if problems.is_empty() {
                     next.step = Step::Healthy;
                     next.reason.clear();
@@ -817,6 +872,7 @@ mod tests {
                     suite: "/".into(),
                     key: None,
                 },
+                kubelet_version: None,
             }),
             ..Default::default()
         }
@@ -1065,6 +1121,7 @@ mod tests {
                 changes: Vec::new(),
                 created_by: "ops".into(),
                 created_at_unix_ms: 1,
+                upgrade: None,
             };
             let state = RolloutState {
                 phase: if i == 0 { Phase::Aborted } else { Phase::Done },
@@ -1189,5 +1246,324 @@ mod tests {
             w1.revision,
             back.revision
         );
+    }
+
+    /// The agent of `id` reports its desired revision converged, with the
+    /// command resources `commands` (task id, status) besides.
+    async fn report_commands(replica: &TestReplica, id: &str, commands: &[(&str, ResourceStatus)]) {
+        report(replica, id, None).await;
+        let store = replica.store();
+        let current = store.node(&node(id)).await.unwrap();
+        let converge = current.converge.expect("reported");
+        let mut report = converge.value.clone();
+        for (task, status) in commands {
+            report.resources.push(ResourceState {
+                id: steward_proto::converge::command_resource_id(task),
+                status: *status,
+                detail: if *status == ResourceStatus::Failed {
+                    format!("node {id} is not Ready")
+                } else {
+                    String::new()
+                },
+                since_unix_ms: 1,
+            });
+        }
+        store
+            .put_converge_if(&node(id), converge.mod_revision, encode(&report))
+            .await
+            .unwrap();
+    }
+
+    fn task_ids(desired: &steward_proto::domain::DesiredState) -> Vec<String> {
+        desired.tasks.iter().map(|t| t.id.clone()).collect()
+    }
+
+    /// Issue 15 item 3: control planes first, one at a time and in place,
+    /// the first one planning and applying; per node kubeadm moves first
+    /// and kubelet/kubectl only once `kubeadm upgrade` converged; a node is
+    /// healthy only once a control plane reports it Ready; a new leader
+    /// resumes from etcd and asks for nothing twice.
+    #[tokio::test]
+    async fn a_kubernetes_upgrade_goes_control_plane_by_control_plane_then_the_workers() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store().clone();
+        for (id, role) in [
+            ("cp-1", Role::K8sControlPlane),
+            ("cp-2", Role::K8sControlPlane),
+            ("w-1", Role::K8sWorker),
+        ] {
+            put_roles(&store, id, &[role]).await;
+        }
+        let old = kubernetes("1.30.5-1.1");
+        let new = kubernetes("1.31.2-1.1");
+        let joined = |id: &str| {
+            Op::put(
+                store.keys().kubernetes_joined(&node(id)),
+                br#"{"at_unix_ms":1}"#.to_vec(),
+            )
+        };
+        store
+            .txn(
+                Txn::new().and_then([
+                    Op::put(store.keys().cluster_settings(), encode(&old)),
+                    joined("cp-1"),
+                    joined("cp-2"),
+                    joined("w-1"),
+                ]),
+                "test",
+            )
+            .await
+            .unwrap();
+        let fence = replica.lead().await;
+        eventually("the caches", || {
+            let specs = replica.ctx.specs.borrow();
+            let orchestration = replica.ctx.orchestration.borrow();
+            (specs.specs.len() == 3 && specs.settings.is_some() && orchestration.joined.len() == 3)
+                .then_some(())
+        })
+        .await;
+        for id in ["cp-1", "cp-2", "w-1"] {
+            eventually("desired", || replica.ctx.desired_for(&node(id))).await;
+            report(&replica, id, None).await;
+        }
+        let mut bed = Bed {
+            replica,
+            fence,
+            driver: Driver::new(StepTimeouts::default()),
+        };
+        let id = bed.create(&new).await;
+        let spec = bed.replica.ctx.specs.borrow().rollouts[&id]
+            .spec
+            .clone()
+            .unwrap()
+            .value;
+        assert_eq!(
+            spec.batches,
+            vec![vec![node("cp-1")], vec![node("cp-2")], vec![node("w-1")]]
+        );
+        let upgrade = spec.upgrade.clone().expect("an upgrade");
+        assert_eq!(upgrade.from, "1.30.5-1.1");
+        assert_eq!(upgrade.first_control_plane, node("cp-1"));
+        let version = |desired: &steward_proto::domain::DesiredState| {
+            let k = desired
+                .cluster
+                .settings
+                .kubernetes
+                .clone()
+                .expect("kubernetes");
+            (k.version.clone(), k.kubelet_version().to_owned())
+        };
+        let desired = |bed: &Bed, id: &str| bed.replica.ctx.desired_for(&node(id)).unwrap();
+
+        // cp-1: in place (no drain), kubeadm first.
+        bed.until(&id, "cp-1", Step::Changed).await;
+        assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("cp-1")));
+        let d = desired(&bed, "cp-1");
+        assert_eq!(version(&d), ("1.31.2-1.1".into(), "1.30.5-1.1".into()));
+        assert!(task_ids(&d).contains(&format!("kubeadm-upgrade-1.31.2-1.1-{id}")));
+        let apply = d
+            .tasks
+            .iter()
+            .find(|t| t.id == format!("kubeadm-upgrade-1.31.2-1.1-{id}"))
+            .unwrap();
+        assert!(apply.argv[2]
+            .contains("kubeadm upgrade plan v1.31.2 && kubeadm upgrade apply -y v1.31.2"));
+        assert!(!task_ids(&d)
+            .iter()
+            .any(|t| t.starts_with("kubelet-restart")));
+        // The others: untouched, holds where they were.
+        for other in ["cp-2", "w-1"] {
+            let d = desired(&bed, other);
+            assert_eq!(version(&d), ("1.30.5-1.1".into(), "1.30.5-1.1".into()));
+            assert!(d.tasks.is_empty(), "{other}: {:?}", task_ids(&d));
+        }
+        // Until `kubeadm upgrade` converged, kubelet stays.
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        assert_eq!(version(&desired(&bed, "cp-1")).1, "1.30.5-1.1");
+        let stage_one = desired(&bed, "cp-1").revision;
+        report(&bed.replica, "cp-1", None).await;
+        eventually_upgraded(&mut bed, &id, "cp-1").await;
+        let d = desired(&bed, "cp-1");
+        assert!(d.revision > stage_one);
+        assert_eq!(version(&d), ("1.31.2-1.1".into(), "1.31.2-1.1".into()));
+        assert_eq!(
+            task_ids(&d),
+            [
+                format!("kubeadm-upgrade-1.31.2-1.1-{id}"),
+                format!("kubelet-restart-1.31.2-1.1-{id}")
+            ]
+        );
+        assert_eq!(bed.step(&id, "cp-1"), Some(Step::Changed));
+
+        // The leader changes: the new one reads where cp-1 stands and
+        // writes no marker twice (a second write would fail its guard).
+        bed.driver = Driver::new(StepTimeouts::default());
+        report(&bed.replica, "cp-1", None).await;
+        bed.until(&id, "cp-1", Step::Converged).await;
+        // Converged is not healthy: the checker (cp-1, the init node's
+        // stand-in here: the first joined control plane) is asked.
+        until_reason(
+            &mut bed,
+            &id,
+            "cp-1",
+            "kubectl get node cp-1 on cp-1: waiting for its answer",
+        )
+        .await;
+        assert_eq!(bed.step(&id, "cp-1"), Some(Step::Converged));
+        let d = desired(&bed, "cp-1");
+        assert!(
+            task_ids(&d).contains(&"kubernetes-ready-cp-1".to_owned()),
+            "{:?}",
+            task_ids(&d)
+        );
+        // Not Ready: still not healthy.
+        report_commands(
+            &bed.replica,
+            "cp-1",
+            &[("kubernetes-ready-cp-1", ResourceStatus::Failed)],
+        )
+        .await;
+        until_reason(&mut bed, &id, "cp-1", "not Ready (node cp-1 is not Ready)").await;
+        assert_eq!(bed.step(&id, "cp-1"), Some(Step::Converged));
+        report_commands(
+            &bed.replica,
+            "cp-1",
+            &[("kubernetes-ready-cp-1", ResourceStatus::Changed)],
+        )
+        .await;
+        bed.until(&id, "cp-1", Step::Done).await;
+        assert!(!task_ids(&desired(&bed, "cp-1")).contains(&"kubernetes-ready-cp-1".to_owned()));
+
+        // cp-2: its turn only now; `kubeadm upgrade node`, in place.
+        bed.until(&id, "cp-2", Step::Changed).await;
+        assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("cp-2")));
+        let d = desired(&bed, "cp-2");
+        assert_eq!(version(&d).1, "1.30.5-1.1");
+        let node_task = d
+            .tasks
+            .iter()
+            .find(|t| t.id == format!("kubeadm-upgrade-1.31.2-1.1-{id}"))
+            .unwrap();
+        assert!(node_task.argv[2].starts_with("kubeadm upgrade node && "));
+        assert_eq!(
+            bed.step(&id, "w-1"),
+            None,
+            "workers wait for every control plane"
+        );
+        report(&bed.replica, "cp-2", None).await;
+        eventually_upgraded(&mut bed, &id, "cp-2").await;
+        report(&bed.replica, "cp-2", None).await;
+        bed.until(&id, "cp-2", Step::Converged).await;
+        report_commands(
+            &bed.replica,
+            "cp-1",
+            &[("kubernetes-ready-cp-2", ResourceStatus::Changed)],
+        )
+        .await;
+        bed.until(&id, "cp-2", Step::Done).await;
+
+        // w-1: drained (a control plane cordons it) before its change.
+        bed.until(&id, "w-1", Step::Draining).await;
+        assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        // (The cordon and drain are the maintenance machinery's: a control
+        // plane reports them done, as here.)
+        assert_eq!(
+            version(&desired(&bed, "w-1")).0,
+            "1.30.5-1.1",
+            "no hold moves before the drain"
+        );
+        store
+            .txn(
+                Txn::new().and_then([Op::put(
+                    store.keys().kubernetes_cordoned(&node("w-1")),
+                    br#"{"at_unix_ms":1}"#.to_vec(),
+                )]),
+                "test",
+            )
+            .await
+            .unwrap();
+        bed.until(&id, "w-1", Step::Changed).await;
+        assert_eq!(
+            version(&desired(&bed, "w-1")),
+            ("1.31.2-1.1".into(), "1.30.5-1.1".into())
+        );
+        report(&bed.replica, "w-1", None).await;
+        eventually_upgraded(&mut bed, &id, "w-1").await;
+        report(&bed.replica, "w-1", None).await;
+        bed.until(&id, "w-1", Step::Converged).await;
+        report_commands(
+            &bed.replica,
+            "cp-1",
+            &[("kubernetes-ready-w-1", ResourceStatus::Changed)],
+        )
+        .await;
+        bed.until(&id, "w-1", Step::Done).await;
+        assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        // Back in service, but not done before a control plane reports the
+        // uncordon.
+        for _ in 0..5 {
+            bed.tick().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            bed.phase(&id),
+            Some(Phase::Running),
+            "done while w-1 is cordoned"
+        );
+        store
+            .delete_orchestration(&[store.keys().kubernetes_cordoned(&node("w-1"))])
+            .await
+            .unwrap();
+        bed.until_phase(&id, Phase::Done).await;
+        let entry = store.rollout(&id).await.unwrap().unwrap();
+        assert_eq!(entry.changed.len(), 3);
+        assert_eq!(entry.upgraded.len(), 3);
+        // Done: the settings are the target; no upgrade task is left.
+        for n in ["cp-1", "cp-2", "w-1"] {
+            let d = desired(&bed, n);
+            assert_eq!(version(&d), ("1.31.2-1.1".into(), "1.31.2-1.1".into()));
+            assert!(
+                !task_ids(&d)
+                    .iter()
+                    .any(|t| t.starts_with("kubeadm-upgrade") || t.starts_with("kubelet-restart")),
+                "{n}: {:?}",
+                task_ids(&d)
+            );
+        }
+    }
+
+    /// Ticks until `node_id`'s reason says `text`.
+    async fn until_reason(bed: &mut Bed, id: &str, node_id: &str, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            bed.tick().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let reason = bed.replica.ctx.specs.borrow().rollouts[id].nodes[&node(node_id)]
+                .value
+                .reason
+                .clone();
+            if reason.contains(text) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{node_id}: {reason}");
+        }
+    }
+
+    /// Ticks until `node_id`'s `upgraded/` marker is in the cache.
+    async fn eventually_upgraded(bed: &mut Bed, id: &str, node_id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let has = bed.replica.ctx.specs.borrow().rollouts[id]
+                .upgraded
+                .contains_key(&node(node_id));
+            if has {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{node_id} never upgraded");
+            bed.tick().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

@@ -20,6 +20,7 @@
 pub mod driver;
 pub mod model;
 pub mod plan;
+pub mod upgrade;
 
 use steward_proto::admin::{RolloutNodeView, RolloutView};
 use steward_proto::converge::ClusterSettings;
@@ -84,9 +85,28 @@ pub async fn create(
             current: specs.settings_for(id).cloned().unwrap_or_default(),
         })
         .collect();
-    let batches = plan::plan(&candidates, target, &options);
+    let mut batches = plan::plan(&candidates, target, &options);
     if batches.batches.is_empty() {
         return Ok(None);
+    }
+    // A Kubernetes version change of a running cluster: control planes
+    // first, one at a time (`upgrade`).
+    let orchestration = ctx.orchestration.borrow().clone();
+    let upgrade = upgrade::detect(
+        specs.settings.as_ref().map(|s| &s.value),
+        target,
+        upgrade::first_control_plane(&specs, &orchestration),
+    );
+    if let Some(u) = &upgrade {
+        let is_cp = |n: &NodeId| {
+            specs.specs.get(n).is_some_and(|s| {
+                s.value
+                    .roles
+                    .contains(&steward_proto::domain::Role::K8sControlPlane)
+            })
+        };
+        batches.batches = upgrade::order(&batches.batches, is_cp, &u.first_control_plane);
+        batches.canary_batches = batches.canary_batches.min(batches.batches.len() as u32);
     }
     let id = format!("r{}", unix_ms());
     let spec = RolloutSpec {
@@ -99,6 +119,7 @@ pub async fn create(
         changes,
         created_by: by.to_owned(),
         created_at_unix_ms: unix_ms(),
+        upgrade,
     };
     let keys = store.keys();
     let state = RolloutState {

@@ -31,6 +31,10 @@ pub struct RolloutSpec {
     pub changes: Vec<String>,
     pub created_by: String,
     pub created_at_unix_ms: u64,
+    /// A `kubernetes.version` change: the nodes go control planes first
+    /// and run `kubeadm upgrade` ([`crate::rollout::upgrade`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<super::upgrade::KubernetesUpgrade>,
 }
 
 impl RolloutSpec {
@@ -191,6 +195,10 @@ pub struct RolloutEntry {
     /// The mod revision of each node's `changed/<node>` marker: an input
     /// of its desired state.
     pub changed: BTreeMap<NodeId, i64>,
+    /// Kubernetes upgrades: the mod revision of each node's
+    /// `upgraded/<node>` marker (its `kubeadm upgrade` converged; kubelet
+    /// and kubectl move from then on).
+    pub upgraded: BTreeMap<NodeId, i64>,
 }
 
 impl RolloutEntry {
@@ -201,6 +209,7 @@ impl RolloutEntry {
             && self.control.is_none()
             && self.nodes.is_empty()
             && self.changed.is_empty()
+            && self.upgraded.is_empty()
     }
     pub fn phase(&self) -> Option<Phase> {
         self.state.as_ref().map(|s| s.value.phase)
@@ -227,6 +236,7 @@ pub enum RolloutKey {
     Control,
     Node(NodeId),
     Changed(NodeId),
+    Upgraded(NodeId),
 }
 
 /// `cluster/rollouts/.active`: the rollout that holds the cluster, if any.
@@ -282,6 +292,10 @@ impl RolloutEntry {
             RolloutKey::Changed(node) => match value {
                 Some((_, rev)) => self.changed.insert(node, rev) != Some(rev),
                 None => self.changed.remove(&node).is_some(),
+            },
+            RolloutKey::Upgraded(node) => match value {
+                Some((_, rev)) => self.upgraded.insert(node, rev) != Some(rev),
+                None => self.upgraded.remove(&node).is_some(),
             },
         }
     }

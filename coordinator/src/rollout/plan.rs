@@ -247,6 +247,7 @@ mod tests {
                     suite: "/".into(),
                     key: None,
                 },
+                kubelet_version: None,
             }),
             ..Default::default()
         };

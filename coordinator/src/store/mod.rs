@@ -227,6 +227,11 @@ impl Keys {
     pub fn rollout_changed(&self, id: &str, node: &NodeId) -> String {
         format!("{}changed/{node}", self.rollout(id))
     }
+    /// Kubernetes upgrades: written once, when the node's `kubeadm
+    /// upgrade` converged (kubelet and kubectl move from then on).
+    pub fn rollout_upgraded(&self, id: &str, node: &NodeId) -> String {
+        format!("{}upgraded/{node}", self.rollout(id))
+    }
     /// The rollout that holds the cluster (`crate::rollout::model::ActiveRollout`).
     pub fn rollout_active(&self) -> String {
         format!("{}.active", self.rollouts())
@@ -247,6 +252,7 @@ impl Keys {
             _ => match what.split_once('/')? {
                 ("nodes", node) => RolloutKey::Node(NodeId::new(node).ok()?),
                 ("changed", node) => RolloutKey::Changed(NodeId::new(node).ok()?),
+                ("upgraded", node) => RolloutKey::Upgraded(NodeId::new(node).ok()?),
                 _ => return None,
             },
         };
