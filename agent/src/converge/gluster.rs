@@ -1,5 +1,7 @@
-//! What `gluster volume status VOLUME detail` says about a volume's size.
-//! Pure: the engine runs the command and hands the text here.
+//! What `gluster volume status VOLUME detail` says about a volume's size
+//! and its bricks, and what `gluster volume heal VOLUME info summary` says
+//! about pending heals. Pure: the engine and the brick probe
+//! ([`crate::gluster_probe`]) run the commands and hand the text here.
 
 /// The volume's capacity in bytes from the status detail: bricks in the
 /// order listed form replica sets of `replica`; a set holds as much as its
@@ -18,33 +20,77 @@ pub fn volume_capacity(detail: &str, replica: u32) -> Option<u64> {
     Some(total)
 }
 
+/// One brick of a status detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetailBrick {
+    /// `host:/path`.
+    pub name: String,
+    pub online: bool,
+    pub total_bytes: Option<u64>,
+}
+
 /// Each brick's total size if it is online and says it, in order.
 fn bricks(detail: &str) -> Vec<Option<u64>> {
-    let mut bricks: Vec<(bool, Option<u64>)> = Vec::new();
+    status_bricks(detail)
+        .into_iter()
+        .map(|b| b.total_bytes.filter(|_| b.online))
+        .collect()
+}
+
+/// Every brick of a status detail, in order.
+pub fn status_bricks(detail: &str) -> Vec<DetailBrick> {
+    let mut bricks: Vec<DetailBrick> = Vec::new();
     for line in detail.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
         };
         let (key, value) = (key.trim(), value.trim());
         match key {
-            "Brick" => bricks.push((false, None)),
+            "Brick" => bricks.push(DetailBrick {
+                name: value.strip_prefix("Brick ").unwrap_or(value).to_owned(),
+                online: false,
+                total_bytes: None,
+            }),
             "Online" => {
                 if let Some(b) = bricks.last_mut() {
-                    b.0 = value == "Y";
+                    b.online = value == "Y";
                 }
             }
             "Total Disk Space" => {
                 if let Some(b) = bricks.last_mut() {
-                    b.1 = human_bytes(value);
+                    b.total_bytes = human_bytes(value);
                 }
             }
             _ => {}
         }
     }
     bricks
-        .into_iter()
-        .map(|(online, size)| size.filter(|_| online))
-        .collect()
+}
+
+/// Each brick of a heal info summary (`host:/path`) with its entries
+/// pending heal (`Total Number of entries`), `None` where the summary could
+/// not reach the brick (`Status: Transport endpoint is not connected`,
+/// counts `-`).
+pub fn heal_summary(summary: &str) -> Vec<(String, Option<u64>)> {
+    let mut bricks: Vec<(String, Option<u64>)> = Vec::new();
+    for line in summary.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("Brick ") {
+            bricks.push((name.trim().to_owned(), None));
+        } else if let Some(value) = line.strip_prefix("Total Number of entries:") {
+            if let Some(b) = bricks.last_mut() {
+                b.1 = value.trim().parse().ok();
+            }
+        } else if let Some(status) = line.strip_prefix("Status:") {
+            // Counts only from a connected brick.
+            if status.trim() != "Connected" {
+                if let Some(b) = bricks.last_mut() {
+                    b.1 = None;
+                }
+            }
+        }
+    }
+    bricks
 }
 
 /// `39.1GB` (gluster's 1024-based units, one decimal) in bytes.
@@ -114,6 +160,73 @@ Total Disk Space     : 1.0TB
         let tb = 1u64 << 40;
         let gb = |g: f64| (g * (1u64 << 30) as f64) as u64;
         assert_eq!(volume_capacity(&two_sets, 2), Some(gb(38.5) + tb));
+    }
+
+    /// As glusterfs 10.3 prints `gluster volume heal data info summary`
+    /// with one brick's process stopped and a file written meanwhile.
+    const HEAL_SUMMARY: &str = "\
+Brick 198.18.0.2:/data/glusterfs/data/brick1/brick
+Status: Connected
+Total Number of entries: 2
+Number of entries in heal pending: 2
+Number of entries in split-brain: 0
+Number of entries possibly healing: 0
+
+Brick 198.18.0.3:/data/glusterfs/data/brick1/brick
+Status: Connected
+Total Number of entries: 2
+Number of entries in heal pending: 2
+Number of entries in split-brain: 0
+Number of entries possibly healing: 0
+
+Brick 198.18.0.4:/data/glusterfs/data/brick1/brick
+Status: Transport endpoint is not connected
+Total Number of entries: -
+Number of entries in heal pending: -
+Number of entries in split-brain: -
+Number of entries possibly healing: -
+
+";
+
+    #[test]
+    fn the_heal_summary_counts_pending_entries_per_reachable_brick() {
+        assert_eq!(
+            heal_summary(HEAL_SUMMARY),
+            [
+                (
+                    "198.18.0.2:/data/glusterfs/data/brick1/brick".to_owned(),
+                    Some(2)
+                ),
+                (
+                    "198.18.0.3:/data/glusterfs/data/brick1/brick".to_owned(),
+                    Some(2)
+                ),
+                (
+                    "198.18.0.4:/data/glusterfs/data/brick1/brick".to_owned(),
+                    None
+                ),
+            ]
+        );
+        let healed = HEAL_SUMMARY
+            .replace("entries: 2", "entries: 0")
+            .replace("Transport endpoint is not connected", "Connected")
+            .replace("entries: -", "entries: 0");
+        assert!(heal_summary(&healed).iter().all(|(_, n)| *n == Some(0)));
+        assert!(heal_summary("Volume data does not exist").is_empty());
+    }
+
+    #[test]
+    fn the_status_detail_names_each_brick_and_whether_it_is_online() {
+        let bricks = status_bricks(DETAIL);
+        let names: Vec<(&str, bool)> = bricks.iter().map(|b| (b.name.as_str(), b.online)).collect();
+        assert_eq!(
+            names,
+            [
+                ("198.18.0.199:/data/glusterfs/data/brick1/brick", true),
+                ("198.18.0.198:/data/glusterfs/data/brick1/brick", true),
+                ("198.18.0.197:/data/glusterfs/data/brick1/brick", false),
+            ]
+        );
     }
 
     #[test]

@@ -820,6 +820,7 @@ mod tests {
             converge: None,
             revoked: None,
             maintenance: None,
+            gluster: None,
             facts: Some(Versioned {
                 value: Facts {
                     interfaces: vec![NetworkInterface {

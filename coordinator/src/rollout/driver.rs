@@ -470,7 +470,23 @@ impl Driver {
             }
             Step::Converged => {
                 let observed = run.store.node(node).await?;
-                let problems = health_problems(node, &observed, world);
+                let mut problems = health_problems(node, &observed, world);
+                if world
+                    .specs
+                    .specs
+                    .get(node)
+                    .is_some_and(|s| s.value.roles.contains(&Role::GlusterBrick))
+                {
+                    // Bricks online and heals done (DESIGN.md §7).
+                    let nodes = self.fleet(run.store).await?;
+                    problems.extend(crate::maintenance::brick_problems(
+                        node,
+                        &observed,
+                        &nodes,
+                        world.orchestration,
+                        next.changed_revision.max(0) as u64,
+                    ));
+                }
                 if problems.is_empty() {
                     next.step = Step::Healthy;
                     next.reason.clear();

@@ -1,0 +1,320 @@
+//! On a gluster-brick node: what glusterd says of the volumes with a brick
+//! here — each brick online or not (`gluster volume status VOL detail`)
+//! and the entries pending heal on each (`gluster volume heal VOL info
+//! summary`) — for the coordinator's heal gate and the rollout's health
+//! step (DESIGN.md §7).
+//!
+//! Cheap and bounded: nothing runs on a node without the gluster-brick
+//! role; a probe at most every [`PROBE_EVERY`] (and at once after a
+//! converge run finished, so that a report newer than a change exists
+//! soon); each command killed after [`COMMAND_DEADLINE`]; at most
+//! [`MAX_GLUSTER_VOLUMES`] volumes and [`MAX_GLUSTER_BRICKS`] bricks each;
+//! the session sends the report only when it changed.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use steward_proto::converge::ConvergeReport;
+use steward_proto::domain::{
+    DesiredState, GlusterBrickReport, GlusterReport, GlusterVolumeReport, NodeId, Role,
+    MAX_GLUSTER_BRICKS, MAX_GLUSTER_VOLUMES,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::converge::gluster::{heal_summary, status_bricks};
+use crate::converge::host::{tail, CommandOutput};
+use crate::state::RecordedState;
+
+/// How often a brick node looks.
+pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// The shortest time between two probes (a converge run finishing right
+/// after a probe does not start another at once).
+const PROBE_GAP: Duration = Duration::from_secs(2);
+/// How long one `gluster` command may run before it is killed.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(8);
+/// Longest error text kept per volume.
+const MAX_ERROR: usize = 512;
+
+/// Runs one command: its output, or why it could not run.
+pub type Run<'a> = &'a dyn Fn(&[&str]) -> Result<CommandOutput, String>;
+
+/// This node's address as the cluster knows it (the brick host glusterd
+/// names), if the desired state lists it.
+fn own_address(node: &NodeId, desired: &DesiredState) -> Option<IpAddr> {
+    desired
+        .cluster
+        .members
+        .iter()
+        .find(|m| &m.node == node)
+        .and_then(|m| m.address)
+}
+
+fn cut(text: String) -> String {
+    if text.len() <= MAX_ERROR {
+        return text;
+    }
+    let mut end = MAX_ERROR;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+fn failure(out: &CommandOutput) -> String {
+    tail(&format!("{}\n{}", out.stdout, out.stderr))
+}
+
+/// One look at the volumes of `desired` with a brick here; `None` on a
+/// node without the gluster-brick role.
+pub fn probe(
+    node: &NodeId,
+    desired: &DesiredState,
+    after_converge_revision: u64,
+    run: Run<'_>,
+) -> Option<GlusterReport> {
+    if !desired.roles.contains(&Role::GlusterBrick) {
+        return None;
+    }
+    let here = own_address(node, desired);
+    let mut volumes = Vec::new();
+    for volume in desired
+        .cluster
+        .settings
+        .gluster_volumes
+        .iter()
+        .take(MAX_GLUSTER_VOLUMES)
+    {
+        let name = volume.name.as_str();
+        let mut report = GlusterVolumeReport {
+            volume: name.to_owned(),
+            ..Default::default()
+        };
+        let status = match run(&["gluster", "volume", "status", name, "detail"]) {
+            Ok(out) if out.success => status_bricks(&out.stdout),
+            Ok(out) => {
+                report.error = Some(cut(format!("volume status: {}", failure(&out))));
+                volumes.push(report);
+                continue;
+            }
+            Err(e) => {
+                report.error = Some(cut(format!("volume status: {e}")));
+                volumes.push(report);
+                continue;
+            }
+        };
+        if let Some(here) = here {
+            let mine = status.iter().any(|b| {
+                GlusterBrickReport {
+                    brick: b.name.clone(),
+                    ..Default::default()
+                }
+                .address()
+                    == Some(here)
+            });
+            if !mine {
+                continue;
+            }
+        }
+        let heals = match run(&["gluster", "volume", "heal", name, "info", "summary"]) {
+            Ok(out) if out.success => heal_summary(&out.stdout),
+            Ok(out) => {
+                report.error = Some(cut(format!("heal info: {}", failure(&out))));
+                Vec::new()
+            }
+            Err(e) => {
+                report.error = Some(cut(format!("heal info: {e}")));
+                Vec::new()
+            }
+        };
+        report.bricks = status
+            .into_iter()
+            .take(MAX_GLUSTER_BRICKS)
+            .map(|b| GlusterBrickReport {
+                pending_heals: heals
+                    .iter()
+                    .find(|(name, _)| *name == b.name)
+                    .and_then(|(_, n)| *n),
+                online: b.online,
+                brick: cut(b.name),
+            })
+            .collect();
+        volumes.push(report);
+    }
+    Some(GlusterReport {
+        after_converge_revision,
+        volumes,
+    })
+}
+
+/// Probes until `shutdown`, handing each changed report to the session.
+pub async fn run_gluster_probe(
+    node: NodeId,
+    in_force: watch::Receiver<RecordedState>,
+    mut converged: watch::Receiver<Option<ConvergeReport>>,
+    out: watch::Sender<Option<GlusterReport>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let desired = in_force.borrow().desired.clone();
+        let revision = converged
+            .borrow_and_update()
+            .as_ref()
+            .map_or(0, |r| r.revision);
+        if desired.roles.contains(&Role::GlusterBrick) {
+            let id = node.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let run = |argv: &[&str]| {
+                    crate::converge::system::exec_within(argv, &[], COMMAND_DEADLINE)
+                        .map_err(|e| e.to_string())
+                };
+                probe(&id, &desired, revision, &run)
+            })
+            .await;
+            match joined {
+                Ok(report) => {
+                    out.send_if_modified(|last| {
+                        let changed = *last != report;
+                        if changed {
+                            *last = report;
+                        }
+                        changed
+                    });
+                }
+                Err(error) => warn!(%error, "gluster probe panicked"),
+            }
+        } else if out.borrow().is_some() {
+            // No longer a brick node: say so once.
+            out.send_replace(Some(GlusterReport::default()));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_GAP) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_EVERY - PROBE_GAP) => {}
+            r = converged.changed() => if r.is_err() {
+                // Converge off: the tick alone.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(PROBE_EVERY - PROBE_GAP) => {}
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use steward_proto::converge::{GlusterVolume, Member};
+
+    use super::*;
+
+    fn node(id: &str) -> NodeId {
+        NodeId::new(id).unwrap()
+    }
+
+    fn desired(roles: &[Role]) -> DesiredState {
+        let mut d = DesiredState::default();
+        d.roles = roles.iter().copied().collect();
+        d.cluster.members = vec![Member {
+            node: node("b1"),
+            roles: d.roles.clone(),
+            address: Some("198.18.0.2".parse().unwrap()),
+        }];
+        for name in ["data", "other"] {
+            d.cluster.settings.gluster_volumes.push(GlusterVolume {
+                name: name.into(),
+                replica: 2,
+                mount_on: Default::default(),
+            });
+        }
+        d
+    }
+
+    fn ok(stdout: &str) -> Result<CommandOutput, String> {
+        Ok(CommandOutput {
+            success: true,
+            stdout: stdout.into(),
+            stderr: String::new(),
+        })
+    }
+
+    const DATA_DETAIL: &str = "Brick : Brick 198.18.0.2:/b/data\nOnline : Y\n\
+                               Brick : Brick 198.18.0.3:/b/data\nOnline : N\n";
+    const DATA_HEAL: &str = "Brick 198.18.0.2:/b/data\nStatus: Connected\n\
+                             Total Number of entries: 4\n\n\
+                             Brick 198.18.0.3:/b/data\n\
+                             Status: Transport endpoint is not connected\n\
+                             Total Number of entries: -\n";
+    /// Bricks elsewhere only: no heal info is asked.
+    const OTHER_DETAIL: &str = "Brick : Brick 198.18.0.7:/b/other\nOnline : Y\n";
+
+    #[test]
+    fn a_brick_node_reports_its_volumes_bricks_and_pending_heals() {
+        let calls = RefCell::new(Vec::new());
+        let run = |argv: &[&str]| {
+            calls.borrow_mut().push(argv.join(" "));
+            match argv {
+                [_, _, "status", "data", "detail"] => ok(DATA_DETAIL),
+                [_, _, "heal", "data", "info", "summary"] => ok(DATA_HEAL),
+                [_, _, "status", "other", "detail"] => ok(OTHER_DETAIL),
+                _ => Err(format!("unexpected {argv:?}")),
+            }
+        };
+        let report = probe(&node("b1"), &desired(&[Role::GlusterBrick]), 7, &run)
+            .expect("a brick node reports");
+        assert_eq!(report.after_converge_revision, 7);
+        assert_eq!(report.volumes.len(), 1, "{report:?}");
+        let data = report.volume("data").unwrap();
+        assert_eq!(data.error, None);
+        assert_eq!(
+            data.bricks,
+            [
+                GlusterBrickReport {
+                    brick: "198.18.0.2:/b/data".into(),
+                    online: true,
+                    pending_heals: Some(4),
+                },
+                GlusterBrickReport {
+                    brick: "198.18.0.3:/b/data".into(),
+                    online: false,
+                    pending_heals: None,
+                },
+            ]
+        );
+        assert_eq!(data.pending_heals(), Some(4));
+        assert_eq!(
+            *calls.borrow(),
+            [
+                "gluster volume status data detail",
+                "gluster volume heal data info summary",
+                "gluster volume status other detail",
+            ]
+        );
+    }
+
+    #[test]
+    fn failures_are_reported_and_other_nodes_run_nothing() {
+        let run = |argv: &[&str]| match argv {
+            [_, _, "status", ..] => Ok(CommandOutput {
+                success: false,
+                stdout: String::new(),
+                stderr: "Volume data does not exist".into(),
+            }),
+            _ => Err("killed after 8 s".into()),
+        };
+        let report = probe(&node("b1"), &desired(&[Role::GlusterBrick]), 0, &run).unwrap();
+        assert_eq!(
+            report.volume("data").unwrap().error.as_deref(),
+            Some("volume status: Volume data does not exist")
+        );
+        assert_eq!(report.volume("data").unwrap().pending_heals(), None);
+        let never = |_: &[&str]| -> Result<CommandOutput, String> { panic!("ran a command") };
+        assert_eq!(probe(&node("b1"), &desired(&[Role::Lb]), 0, &never), None);
+    }
+}
