@@ -527,6 +527,7 @@ impl From<NodeView> for pb::Node {
                 forced: m.forced,
                 pending: m.pending,
             }),
+            gluster: n.gluster.map(Into::into),
         }
     }
 }
@@ -574,6 +575,7 @@ impl TryFrom<pb::Node> for NodeView {
                     })
                 })
                 .transpose()?,
+            gluster: n.gluster.map(TryInto::try_into).transpose()?,
         })
     }
 }

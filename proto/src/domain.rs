@@ -293,6 +293,9 @@ pub struct NodeView {
     /// Out of service (`stewardctl node drain`), if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<MaintenanceView>,
+    /// Its bricks and pending heals, as its agent last reported them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gluster: Option<GlusterReport>,
 }
 
 /// A node taken out of service, as operators see it.

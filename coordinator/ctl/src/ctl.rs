@@ -1420,6 +1420,21 @@ async fn dial_mtls(
     Err(message)
 }
 
+/// One volume of a node's gluster report: bricks online, pending heals.
+fn gluster_line(v: &steward_proto::domain::GlusterVolumeReport) -> String {
+    if let Some(error) = &v.error {
+        if v.bricks.is_empty() {
+            return format!("unreadable: {error}");
+        }
+    }
+    let online = v.bricks.iter().filter(|b| b.online).count();
+    let heals = match v.pending_heals() {
+        Some(n) => format!("{n} entries pending heal"),
+        None => "pending heals unknown".into(),
+    };
+    format!("{online} of {} bricks online, {heals}", v.bricks.len())
+}
+
 fn ago(ms: u64) -> String {
     if ms == 0 {
         return "never".into();
@@ -1460,6 +1475,12 @@ fn node_json(node: &NodeView) -> serde_json::Value {
             "forced": m.forced,
             "pending": m.pending,
         })),
+        "gluster": node.gluster.as_ref().map(|g| g.volumes.iter().map(|v| json!({
+            "volume": v.volume,
+            "pending_heals": v.pending_heals(),
+            "bricks": v.bricks,
+            "error": v.error,
+        })).collect::<Vec<_>>()),
     })
 }
 
@@ -1787,6 +1808,9 @@ fn print_node(output: Output, n: &NodeView) {
             println!("           waiting: {p}");
         }
     }
+    for v in n.gluster.iter().flat_map(|g| &g.volumes) {
+        println!("gluster:   volume {}: {}", v.volume, gluster_line(v));
+    }
     println!(
         "revision:  desired {} / applied {}",
         n.desired_revision, n.applied_revision
@@ -1893,6 +1917,7 @@ mod tests {
             converge: None,
             revoked_unix_ms: None,
             maintenance: None,
+            gluster: None,
         };
         assert_eq!(converged_cell(&node), "-");
         node.converge = Some(r);
