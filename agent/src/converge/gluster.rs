@@ -162,8 +162,10 @@ Total Disk Space     : 1.0TB
         assert_eq!(volume_capacity(&two_sets, 2), Some(gb(38.5) + tb));
     }
 
-    /// As glusterfs 10.3 prints `gluster volume heal data info summary`
-    /// with one brick's process stopped and a file written meanwhile.
+    /// `gluster volume heal data info summary` after files were written
+    /// while a brick was down: the connected bricks as glusterfs 10.3
+    /// printed them in `tests/tests/gluster_heal.rs`, an unreachable brick
+    /// as `glfsh_print_hr_heal_op_summary` (glfs-heal.c) prints one.
     const HEAL_SUMMARY: &str = "\
 Brick 198.18.0.2:/data/glusterfs/data/brick1/brick
 Status: Connected

@@ -126,6 +126,13 @@ pub enum Command {
         /// Nodes of one role out of service at once (lb nodes: always 1).
         #[arg(long, requires = "rollout", default_value_t = 1)]
         max_unavailable: u32,
+        /// Per-role limits that replace --max-unavailable for their role,
+        /// e.g. `k8s-worker=3,gluster-brick=1`. lb nodes always go one at a
+        /// time; control planes never more at once than etcd's quorum
+        /// allows (1 of 3, 2 of 5), whatever is asked.
+        #[arg(long, requires = "rollout", value_name = "ROLE=N,...",
+              value_parser = parse_role_limits)]
+        max_unavailable_per_role: Option<steward_proto::admin::RoleLimits>,
         /// Nodes in the first batches, before the rest.
         #[arg(long, requires = "rollout", default_value_t = 0)]
         canary: u32,
@@ -852,6 +859,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             dry_run,
             rollout,
             max_unavailable,
+            max_unavailable_per_role,
             canary,
             pause_after_canary,
             wait,
@@ -866,10 +874,14 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .apply(pb::ApplyRequest {
                     spec_toml,
                     dry_run: *dry_run,
-                    rollout: rollout.then_some(pb::RolloutOptions {
-                        max_unavailable: *max_unavailable,
-                        canary: *canary,
-                        pause_after_canary: *pause_after_canary,
+                    rollout: rollout.then(|| {
+                        steward_proto::admin::RolloutOptions {
+                            max_unavailable: *max_unavailable,
+                            canary: *canary,
+                            pause_after_canary: *pause_after_canary,
+                            per_role: max_unavailable_per_role.unwrap_or_default(),
+                        }
+                        .into()
                     }),
                 })
                 .await?
@@ -1418,6 +1430,11 @@ async fn dial_mtls(
         Err(e) => message = e.to_string(),
     }
     Err(message)
+}
+
+/// `--max-unavailable-per-role`: every problem named.
+fn parse_role_limits(text: &str) -> Result<steward_proto::admin::RoleLimits, String> {
+    text.parse()
 }
 
 /// One volume of a node's gluster report: bricks online, pending heals.

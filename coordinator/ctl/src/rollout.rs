@@ -43,6 +43,13 @@ pub fn breakdown(n: &pb::RolloutNode) -> [Option<u64>; 6] {
     ]
 }
 
+/// The per-role limits a rollout was created with.
+fn per_role(options: &pb::RolloutOptions) -> Vec<(steward_proto::domain::Role, u32)> {
+    steward_proto::admin::RolloutOptions::from(*options)
+        .per_role
+        .entries()
+}
+
 pub fn rollout_json(r: &pb::Rollout) -> serde_json::Value {
     let options = r.options.unwrap_or_default();
     json!({
@@ -53,6 +60,10 @@ pub fn rollout_json(r: &pb::Rollout) -> serde_json::Value {
         "created_at_unix_ms": r.created_at_unix_ms,
         "changes": r.changes,
         "max_unavailable": options.max_unavailable,
+        "max_unavailable_per_role": per_role(&options)
+            .into_iter()
+            .map(|(role, n)| (role.as_str().to_owned(), json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
         "canary": options.canary,
         "pause_after_canary": options.pause_after_canary,
         "batches": r.batches,
@@ -76,13 +87,17 @@ pub fn status_text(r: &pb::Rollout) -> String {
     let mut out = String::new();
     let options = r.options.unwrap_or_default();
     out.push_str(&format!(
-        "rollout {}: {} ({} of {} nodes done, {} batches, max unavailable {}{})\n",
+        "rollout {}: {} ({} of {} nodes done, {} batches, max unavailable {}{}{})\n",
         r.id,
         r.phase,
         r.nodes_done,
         r.nodes_total,
         r.batches,
         options.max_unavailable,
+        per_role(&options)
+            .iter()
+            .map(|(role, n)| format!(", {role} {n}"))
+            .collect::<String>(),
         if options.canary > 0 {
             format!(
                 ", canary {}{}",
