@@ -237,7 +237,13 @@ pub enum RolloutCommand {
     },
     /// No node starts its turn; nodes in flight finish.
     Pause { id: String },
-    /// Go on after a pause (also the pause after the canary).
+    /// Go on after a pause (also the pause after the canary); for a failed
+    /// rollout, try the failed node again from the step it failed at (its
+    /// converge and health check if its change was written, else its
+    /// drain), with that step's timeout started afresh.
+    ///
+    /// Example, after fixing what `rollout status r1733500000000` showed:
+    ///   stewardctl rollout resume r1733500000000 && stewardctl rollout status r1733500000000 --watch
     Resume { id: String },
     /// Stop: nodes not yet changed are undrained and left out, nodes
     /// changed finish their steps and keep the new settings; the others
