@@ -1772,6 +1772,13 @@ fn harmless_view(n: &NodeView) -> NodeView {
         m.reason = harmless(&m.reason);
         m.by = harmless(&m.by);
     }
+    for v in n.gluster.iter_mut().flat_map(|g| &mut g.volumes) {
+        v.volume = harmless(&v.volume);
+        v.error = v.error.as_deref().map(harmless);
+        for b in &mut v.bricks {
+            b.brick = harmless(&b.brick);
+        }
+    }
     n
 }
 
