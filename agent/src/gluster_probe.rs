@@ -219,8 +219,10 @@ mod tests {
     }
 
     fn desired(roles: &[Role]) -> DesiredState {
-        let mut d = DesiredState::default();
-        d.roles = roles.iter().copied().collect();
+        let mut d = DesiredState {
+            roles: roles.iter().copied().collect(),
+            ..Default::default()
+        };
         d.cluster.members = vec![Member {
             node: node("b1"),
             roles: d.roles.clone(),

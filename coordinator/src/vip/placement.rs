@@ -386,7 +386,7 @@ mod tests {
         decide(store, hub, &fence, &specs, "front", &state)
             .await
             .expect("assigned");
-        let (specs, state) = eventually("n1 holds", || {
+        let (_, state) = eventually("n1 holds", || {
             let (specs, state) = ready()?;
             (state.owner_node() == Some(&node("n1"))).then_some((specs, state))
         })
