@@ -489,20 +489,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn the_gluster_gate_keeps_each_replica_set_quorum() {
-        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+    /// Volume `data` on `bricks` (three nodes), once the caches have it.
+    async fn volume_data(replica: &TestReplica, bricks: Vec<Brick>) {
         let store = replica.store();
-        let mut bricks = Vec::new();
-        for (i, id) in ["b-1", "b-2", "b-3"].iter().enumerate() {
-            put_roles(store, id, &[Role::GlusterBrick]).await;
-            bricks.push(Brick {
-                node: node(id),
-                address: format!("198.18.0.{}", i + 1).parse().unwrap(),
-            });
-        }
-        connected(store, "b-1").await;
-        connected(store, "b-3").await;
         let record = VolumeRecord {
             bricks,
             replaced: Vec::new(),
@@ -521,6 +510,23 @@ mod tests {
             (o && replica.ctx.specs.borrow().specs.len() == 3).then_some(())
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn the_gluster_gate_keeps_each_replica_set_quorum() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        let mut bricks = Vec::new();
+        for (i, id) in ["b-1", "b-2", "b-3"].iter().enumerate() {
+            put_roles(store, id, &[Role::GlusterBrick]).await;
+            bricks.push(Brick {
+                node: node(id),
+                address: format!("198.18.0.{}", i + 1).parse().unwrap(),
+            });
+        }
+        connected(store, "b-1").await;
+        connected(store, "b-3").await;
+        volume_data(&replica, bricks).await;
         // b-2 never connected: b-1 leaving would leave one brick of three.
         assert_eq!(
             refusals(&replica, "b-1").await,
@@ -564,24 +570,7 @@ mod tests {
                 address: format!("198.18.0.{}", i + 1).parse().unwrap(),
             });
         }
-        let record = VolumeRecord {
-            bricks,
-            replaced: Vec::new(),
-        };
-        store
-            .create_if_absent(store.keys().gluster_volume("data"), encode(&record))
-            .await
-            .unwrap();
-        eventually("the caches", || {
-            let o = replica
-                .ctx
-                .orchestration
-                .borrow()
-                .volumes
-                .contains_key("data");
-            (o && replica.ctx.specs.borrow().specs.len() == 3).then_some(())
-        })
-        .await;
+        volume_data(&replica, bricks).await;
         // Nobody reported: the heal gate does not hold the drain back.
         assert!(refusals(&replica, "b-1").await.is_empty());
         // b-3's brick was down while a file was written: b-1 and b-2 hold

@@ -257,19 +257,7 @@ mod tests {
             candidate("cp-1", &[Role::K8sControlPlane], "a", false),
             candidate("cp-2", &[Role::K8sControlPlane], "b", false),
         ];
-        let target = ClusterSettings {
-            kubernetes: Some(steward_proto::converge::KubernetesSettings {
-                version: "1.31.2-1.1".into(),
-                pod_subnet: "10.244.0.0/16".into(),
-                service_subnet: "10.96.0.0/12".into(),
-                repository: steward_proto::converge::PackageRepository {
-                    url: "https://pkgs.k8s.io/core:/stable:/v1.31/deb/".into(),
-                    suite: "/".into(),
-                    key: None,
-                },
-            }),
-            ..Default::default()
-        };
+        let target = kubernetes_only();
         let options = RolloutOptions {
             max_unavailable: 2,
             canary: 1,
@@ -301,7 +289,8 @@ mod tests {
         assert_eq!(ids(&batches), [["lb-2"], ["lb-1"]]);
     }
 
-    fn kubernetes() -> ClusterSettings {
+    /// A Kubernetes version change (workers and control planes see it).
+    fn kubernetes_only() -> ClusterSettings {
         ClusterSettings {
             kubernetes: Some(steward_proto::converge::KubernetesSettings {
                 version: "1.31.2-1.1".into(),
@@ -313,12 +302,19 @@ mod tests {
                     key: None,
                 },
             }),
+            ..Default::default()
+        }
+    }
+
+    /// ... and a volume (brick nodes see it too).
+    fn kubernetes() -> ClusterSettings {
+        ClusterSettings {
             gluster_volumes: vec![steward_proto::converge::GlusterVolume {
                 name: "data".into(),
                 replica: 3,
                 mount_on: [Role::K8sWorker].into_iter().collect(),
             }],
-            ..Default::default()
+            ..kubernetes_only()
         }
     }
 
