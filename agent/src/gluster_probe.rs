@@ -1,15 +1,21 @@
-//! On a gluster-brick node: what glusterd says of the volumes with a brick
-//! here — each brick online or not (`gluster volume status VOL detail`)
-//! and the entries pending heal on each (`gluster volume heal VOL info
-//! summary`) — for the coordinator's heal gate and the rollout's health
-//! step (DESIGN.md §7).
+//! On a gluster-brick node: what `gluster volume heal VOL info summary`
+//! says of the replicated volumes with a brick here — each brick reached
+//! (online) or not, and the entries pending heal on each — for the
+//! coordinator's heal gate and the rollout's health step (DESIGN.md §7).
+//!
+//! Only the heal info, never `gluster volume status`: the heal info is a
+//! client of the bricks (`glfsheal`) and takes no glusterd lock, where a
+//! status on every brick node every few seconds would contend with the
+//! operator node's `volume create`/`replace-brick` ("Another transaction
+//! is in progress").
 //!
 //! Cheap and bounded: nothing runs on a node without the gluster-brick
-//! role; a probe at most every [`PROBE_EVERY`] (and at once after a
-//! converge run finished, so that a report newer than a change exists
-//! soon); each command killed after [`COMMAND_DEADLINE`]; at most
-//! [`MAX_GLUSTER_VOLUMES`] volumes and [`MAX_GLUSTER_BRICKS`] bricks each;
-//! the session sends the report only when it changed.
+//! role, nor for a volume without replicas (nothing to heal); a probe at
+//! most every [`PROBE_EVERY`] (and soon after a converge run finished, so
+//! that a report newer than a change exists soon); each command killed
+//! after [`COMMAND_DEADLINE`]; at most [`MAX_GLUSTER_VOLUMES`] volumes and
+//! [`MAX_GLUSTER_BRICKS`] bricks each; the session sends the report only
+//! when it changed.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -23,7 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::converge::gluster::{heal_summary, status_bricks};
+use crate::converge::gluster::heal_summary;
 use crate::converge::host::{tail, CommandOutput};
 use crate::state::RecordedState;
 
@@ -84,6 +90,7 @@ pub fn probe(
         .settings
         .gluster_volumes
         .iter()
+        .filter(|v| v.replica > 1)
         .take(MAX_GLUSTER_VOLUMES)
     {
         let name = volume.name.as_str();
@@ -91,55 +98,32 @@ pub fn probe(
             volume: name.to_owned(),
             ..Default::default()
         };
-        let status = match run(&["gluster", "volume", "status", name, "detail"]) {
-            Ok(out) if out.success => status_bricks(&out.stdout),
-            Ok(out) => {
-                report.error = Some(cut(format!("volume status: {}", failure(&out))));
-                volumes.push(report);
-                continue;
-            }
-            Err(e) => {
-                report.error = Some(cut(format!("volume status: {e}")));
-                volumes.push(report);
-                continue;
-            }
-        };
-        if let Some(here) = here {
-            let mine = status.iter().any(|b| {
-                GlusterBrickReport {
-                    brick: b.name.clone(),
-                    ..Default::default()
-                }
-                .address()
-                    == Some(here)
-            });
-            if !mine {
-                continue;
-            }
-        }
-        let heals = match run(&["gluster", "volume", "heal", name, "info", "summary"]) {
+        let bricks = match run(&["gluster", "volume", "heal", name, "info", "summary"]) {
             Ok(out) if out.success => heal_summary(&out.stdout),
             Ok(out) => {
                 report.error = Some(cut(format!("heal info: {}", failure(&out))));
-                Vec::new()
+                volumes.push(report);
+                continue;
             }
             Err(e) => {
                 report.error = Some(cut(format!("heal info: {e}")));
-                Vec::new()
+                volumes.push(report);
+                continue;
             }
         };
-        report.bricks = status
+        report.bricks = bricks
             .into_iter()
             .take(MAX_GLUSTER_BRICKS)
             .map(|b| GlusterBrickReport {
-                pending_heals: heals
-                    .iter()
-                    .find(|(name, _)| *name == b.name)
-                    .and_then(|(_, n)| *n),
-                online: b.online,
                 brick: cut(b.name),
+                online: b.connected,
+                pending_heals: b.entries,
             })
             .collect();
+        // A volume with no brick here is the other brick nodes' to report.
+        if here.is_some_and(|here| !report.bricks.iter().any(|b| b.address() == Some(here))) {
+            continue;
+        }
         volumes.push(report);
     }
     Some(GlusterReport {
@@ -246,15 +230,14 @@ mod tests {
         })
     }
 
-    const DATA_DETAIL: &str = "Brick : Brick 198.18.0.2:/b/data\nOnline : Y\n\
-                               Brick : Brick 198.18.0.3:/b/data\nOnline : N\n";
     const DATA_HEAL: &str = "Brick 198.18.0.2:/b/data\nStatus: Connected\n\
                              Total Number of entries: 4\n\n\
                              Brick 198.18.0.3:/b/data\n\
                              Status: Transport endpoint is not connected\n\
                              Total Number of entries: -\n";
-    /// Bricks elsewhere only: no heal info is asked.
-    const OTHER_DETAIL: &str = "Brick : Brick 198.18.0.7:/b/other\nOnline : Y\n";
+    /// Bricks elsewhere only: not reported from here.
+    const OTHER_HEAL: &str = "Brick 198.18.0.7:/b/other\nStatus: Connected\n\
+                              Total Number of entries: 0\n";
 
     #[test]
     fn a_brick_node_reports_its_volumes_bricks_and_pending_heals() {
@@ -262,9 +245,8 @@ mod tests {
         let run = |argv: &[&str]| {
             calls.borrow_mut().push(argv.join(" "));
             match argv {
-                [_, _, "status", "data", "detail"] => ok(DATA_DETAIL),
                 [_, _, "heal", "data", "info", "summary"] => ok(DATA_HEAL),
-                [_, _, "status", "other", "detail"] => ok(OTHER_DETAIL),
+                [_, _, "heal", "other", "info", "summary"] => ok(OTHER_HEAL),
                 _ => Err(format!("unexpected {argv:?}")),
             }
         };
@@ -293,9 +275,8 @@ mod tests {
         assert_eq!(
             *calls.borrow(),
             [
-                "gluster volume status data detail",
                 "gluster volume heal data info summary",
-                "gluster volume status other detail",
+                "gluster volume heal other info summary",
             ]
         );
     }
@@ -303,7 +284,7 @@ mod tests {
     #[test]
     fn failures_are_reported_and_other_nodes_run_nothing() {
         let run = |argv: &[&str]| match argv {
-            [_, _, "status", ..] => Ok(CommandOutput {
+            [_, _, _, "data", ..] => Ok(CommandOutput {
                 success: false,
                 stdout: String::new(),
                 stderr: "Volume data does not exist".into(),
@@ -313,10 +294,20 @@ mod tests {
         let report = probe(&node("b1"), &desired(&[Role::GlusterBrick]), 0, &run).unwrap();
         assert_eq!(
             report.volume("data").unwrap().error.as_deref(),
-            Some("volume status: Volume data does not exist")
+            Some("heal info: Volume data does not exist")
         );
         assert_eq!(report.volume("data").unwrap().pending_heals(), None);
+        assert_eq!(
+            report.volume("other").unwrap().error.as_deref(),
+            Some("heal info: killed after 8 s")
+        );
+        // A volume without replicas has nothing to heal: nothing is run.
+        let mut single = desired(&[Role::GlusterBrick]);
+        for v in &mut single.cluster.settings.gluster_volumes {
+            v.replica = 1;
+        }
         let never = |_: &[&str]| -> Result<CommandOutput, String> { panic!("ran a command") };
+        assert_eq!(probe(&node("b1"), &single, 0, &never).unwrap().volumes, []);
         assert_eq!(probe(&node("b1"), &desired(&[Role::Lb]), 0, &never), None);
     }
 }

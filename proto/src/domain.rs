@@ -520,10 +520,10 @@ pub const MAX_GLUSTER_VOLUMES: usize = 64;
 /// Bricks a [`GlusterVolumeReport`] may hold.
 pub const MAX_GLUSTER_BRICKS: usize = 256;
 
-/// What a gluster-brick node's agent read of the volumes it has a brick in
-/// (`gluster volume status VOL detail`, `gluster volume heal VOL info
-/// summary`). Stored as `nodes/<id>/gluster`; the heal gate and the
-/// rollout's health step read it.
+/// What a gluster-brick node's agent read of the replicated volumes it has
+/// a brick in (`gluster volume heal VOL info summary`). Stored as
+/// `nodes/<id>/gluster`; the heal gate and the rollout's health step read
+/// it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GlusterReport {
@@ -563,6 +563,7 @@ impl GlusterVolumeReport {
 pub struct GlusterBrickReport {
     /// `host:/path`, as glusterd names it.
     pub brick: String,
+    /// The heal info's client reached it (`Status: Connected`).
     pub online: bool,
     /// Entries pending heal on it (`None`: the heal info could not reach it).
     pub pending_heals: Option<u64>,

@@ -1,6 +1,6 @@
-//! What `gluster volume status VOLUME detail` says about a volume's size
-//! and its bricks, and what `gluster volume heal VOLUME info summary` says
-//! about pending heals. Pure: the engine and the brick probe
+//! What `gluster volume status VOLUME detail` says about a volume's size,
+//! and what `gluster volume heal VOLUME info summary` says about its bricks
+//! and pending heals. Pure: the engine and the brick probe
 //! ([`crate::gluster_probe`]) run the commands and hand the text here.
 
 /// The volume's capacity in bytes from the status detail: bricks in the
@@ -20,73 +20,69 @@ pub fn volume_capacity(detail: &str, replica: u32) -> Option<u64> {
     Some(total)
 }
 
-/// One brick of a status detail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DetailBrick {
-    /// `host:/path`.
-    pub name: String,
-    pub online: bool,
-    pub total_bytes: Option<u64>,
-}
-
 /// Each brick's total size if it is online and says it, in order.
 fn bricks(detail: &str) -> Vec<Option<u64>> {
-    status_bricks(detail)
-        .into_iter()
-        .map(|b| b.total_bytes.filter(|_| b.online))
-        .collect()
-}
-
-/// Every brick of a status detail, in order.
-pub fn status_bricks(detail: &str) -> Vec<DetailBrick> {
-    let mut bricks: Vec<DetailBrick> = Vec::new();
+    let mut bricks: Vec<(bool, Option<u64>)> = Vec::new();
     for line in detail.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
         };
         let (key, value) = (key.trim(), value.trim());
         match key {
-            "Brick" => bricks.push(DetailBrick {
-                name: value.strip_prefix("Brick ").unwrap_or(value).to_owned(),
-                online: false,
-                total_bytes: None,
-            }),
+            "Brick" => bricks.push((false, None)),
             "Online" => {
                 if let Some(b) = bricks.last_mut() {
-                    b.online = value == "Y";
+                    b.0 = value == "Y";
                 }
             }
             "Total Disk Space" => {
                 if let Some(b) = bricks.last_mut() {
-                    b.total_bytes = human_bytes(value);
+                    b.1 = human_bytes(value);
                 }
             }
             _ => {}
         }
     }
     bricks
+        .into_iter()
+        .map(|(online, size)| size.filter(|_| online))
+        .collect()
 }
 
-/// Each brick of a heal info summary (`host:/path`) with its entries
-/// pending heal (`Total Number of entries`), `None` where the summary could
-/// not reach the brick (`Status: Transport endpoint is not connected`,
-/// counts `-`).
-pub fn heal_summary(summary: &str) -> Vec<(String, Option<u64>)> {
-    let mut bricks: Vec<(String, Option<u64>)> = Vec::new();
+/// One brick of a heal info summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealBrick {
+    /// `host:/path`.
+    pub name: String,
+    /// The heal info's client reached it (`Status: Connected`): its
+    /// process runs and serves.
+    pub connected: bool,
+    /// Entries pending heal on it (`Total Number of entries`); `None` where
+    /// the summary could not count them (`-`).
+    pub entries: Option<u64>,
+}
+
+/// Each brick of a heal info summary, in order. (The summary comes from
+/// `glfsheal`, a client of the bricks: unlike `gluster volume status`, it
+/// takes no glusterd lock, so brick nodes may run it while the operator
+/// node changes the volume.)
+pub fn heal_summary(summary: &str) -> Vec<HealBrick> {
+    let mut bricks: Vec<HealBrick> = Vec::new();
     for line in summary.lines() {
         let line = line.trim();
         if let Some(name) = line.strip_prefix("Brick ") {
-            bricks.push((name.trim().to_owned(), None));
+            bricks.push(HealBrick {
+                name: name.trim().to_owned(),
+                connected: false,
+                entries: None,
+            });
         } else if let Some(value) = line.strip_prefix("Total Number of entries:") {
             if let Some(b) = bricks.last_mut() {
-                b.1 = value.trim().parse().ok();
+                b.entries = value.trim().parse().ok();
             }
         } else if let Some(status) = line.strip_prefix("Status:") {
-            // Counts only from a connected brick.
-            if status.trim() != "Connected" {
-                if let Some(b) = bricks.last_mut() {
-                    b.1 = None;
-                }
+            if let Some(b) = bricks.last_mut() {
+                b.connected = status.trim() == "Connected";
             }
         }
     }
@@ -192,43 +188,27 @@ Number of entries possibly healing: -
 
     #[test]
     fn the_heal_summary_counts_pending_entries_per_reachable_brick() {
+        let brick = |host: &str, connected, entries| HealBrick {
+            name: format!("{host}:/data/glusterfs/data/brick1/brick"),
+            connected,
+            entries,
+        };
         assert_eq!(
             heal_summary(HEAL_SUMMARY),
             [
-                (
-                    "198.18.0.2:/data/glusterfs/data/brick1/brick".to_owned(),
-                    Some(2)
-                ),
-                (
-                    "198.18.0.3:/data/glusterfs/data/brick1/brick".to_owned(),
-                    Some(2)
-                ),
-                (
-                    "198.18.0.4:/data/glusterfs/data/brick1/brick".to_owned(),
-                    None
-                ),
+                brick("198.18.0.2", true, Some(2)),
+                brick("198.18.0.3", true, Some(2)),
+                brick("198.18.0.4", false, None),
             ]
         );
         let healed = HEAL_SUMMARY
             .replace("entries: 2", "entries: 0")
             .replace("Transport endpoint is not connected", "Connected")
             .replace("entries: -", "entries: 0");
-        assert!(heal_summary(&healed).iter().all(|(_, n)| *n == Some(0)));
+        assert!(heal_summary(&healed)
+            .iter()
+            .all(|b| b.connected && b.entries == Some(0)));
         assert!(heal_summary("Volume data does not exist").is_empty());
-    }
-
-    #[test]
-    fn the_status_detail_names_each_brick_and_whether_it_is_online() {
-        let bricks = status_bricks(DETAIL);
-        let names: Vec<(&str, bool)> = bricks.iter().map(|b| (b.name.as_str(), b.online)).collect();
-        assert_eq!(
-            names,
-            [
-                ("198.18.0.199:/data/glusterfs/data/brick1/brick", true),
-                ("198.18.0.198:/data/glusterfs/data/brick1/brick", true),
-                ("198.18.0.197:/data/glusterfs/data/brick1/brick", false),
-            ]
-        );
     }
 
     #[test]
