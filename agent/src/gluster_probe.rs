@@ -140,13 +140,14 @@ pub async fn run_gluster_probe(
     out: watch::Sender<Option<GlusterReport>>,
     shutdown: CancellationToken,
 ) {
+    let mut converge_open = true;
     loop {
         let desired = in_force.borrow().desired.clone();
         let revision = converged
             .borrow_and_update()
             .as_ref()
             .map_or(0, |r| r.revision);
-        if desired.roles.contains(&Role::GlusterBrick) {
+        let report = if desired.roles.contains(&Role::GlusterBrick) {
             let id = node.clone();
             let joined = tokio::task::spawn_blocking(move || {
                 let run = |argv: &[&str]| {
@@ -157,35 +158,44 @@ pub async fn run_gluster_probe(
             })
             .await;
             match joined {
-                Ok(report) => {
-                    out.send_if_modified(|last| {
-                        let changed = *last != report;
-                        if changed {
-                            *last = report;
-                        }
-                        changed
-                    });
+                Ok(report) => report,
+                Err(error) => {
+                    warn!(%error, "gluster probe panicked");
+                    out.borrow().clone()
                 }
-                Err(error) => warn!(%error, "gluster probe panicked"),
             }
-        } else if out.borrow().is_some() {
-            // No longer a brick node: say so once.
-            out.send_replace(Some(GlusterReport::default()));
-        }
+        } else {
+            // No longer a brick node: an empty report, once, if it was one.
+            out.borrow().as_ref().map(|_| GlusterReport::default())
+        };
+        out.send_if_modified(|last| {
+            let changed = *last != report;
+            if changed {
+                *last = report;
+            }
+            changed
+        });
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(PROBE_GAP) => {}
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(PROBE_EVERY - PROBE_GAP) => {}
-            r = converged.changed() => if r.is_err() {
-                // Converge off: the tick alone.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(PROBE_EVERY - PROBE_GAP) => {}
+        // The next look: at the tick, or sooner once a converge run of a
+        // newer revision finished (a change to speak for).
+        let tick = tokio::time::sleep(PROBE_EVERY - PROBE_GAP);
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut tick => break,
+                r = converged.changed(), if converge_open => {
+                    if r.is_err() {
+                        // Converge off: the tick alone.
+                        converge_open = false;
+                    } else if converged.borrow().as_ref().map_or(0, |r| r.revision) != revision {
+                        break;
+                    }
                 }
-            },
+            }
         }
     }
 }
