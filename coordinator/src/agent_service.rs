@@ -968,6 +968,10 @@ async fn write_gluster_reports(
         };
         while let Err(error) = store.put_gluster(&node, &report).await {
             warn!(%error, "gluster report write failed");
+            if reports.has_changed().is_err() {
+                // The session is over: its next one sends the report again.
+                return;
+            }
             tokio::select! {
                 _ = superseded.cancelled() => return,
                 _ = tokio::time::sleep(WRITE_RETRY) => {}
