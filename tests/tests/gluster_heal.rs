@@ -8,8 +8,9 @@
 //! 1. Each brick node's agent reports the volume (`stewardctl node show
 //!    -o json`, `gluster`): three bricks online, no entries pending heal.
 //! 2. Self-heal held off (`cluster.self-heal-daemon off` and the client
-//!    side heals off), g3's brick process is killed (by pid, inside g3), a
-//!    file is written through a FUSE mount on g4, and the brick is started
+//!    side heals off), g3's brick process is killed (by pid, inside g3) —
+//!    g1's agent reports 2 of 3 bricks online —, files are written through
+//!    a FUSE mount on g4, and the brick is started
 //!    again (`gluster volume start data force`): g1 and g2 now hold
 //!    entries to heal onto g3, and g1's agent reports them.
 //! 3. `stewardctl node drain g1` is refused naming the heal gate, the
@@ -184,6 +185,22 @@ fn a_brick_node_with_pending_heals_is_not_drained_until_the_heal_is_done() {
             offline.then_some(()).ok_or(detail)
         },
     );
+    // The agents see it too: g3's brick not online (what the rollout's
+    // health step waits for).
+    let t_down = Instant::now();
+    poll(
+        REPORT_BOUND,
+        Duration::from_secs(1),
+        "g1 reports 2 of 3 bricks online",
+        || match reported(&bed, "g1")? {
+            (2, 3, _) => Ok(()),
+            other => Err(format!("g1: {other:?}")),
+        },
+    );
+    clock.say(format!(
+        "g1 reports g3's brick offline {} after the kill",
+        secs(t_down.elapsed())
+    ));
     g4.sh(&format!(
         "echo two > {MOUNT}/two.txt && mkdir -p {MOUNT}/dir && echo three > {MOUNT}/dir/three.txt"
     ));
