@@ -328,4 +328,34 @@ mod tests {
         assert!(changed_lines(&mut seen, &r).is_empty());
         assert!(bar(&r, Duration::from_secs(10)).contains("1/2 nodes, failed 10s, ETA 10s"));
     }
+
+    #[test]
+    fn status_shows_the_per_role_limits() {
+        let options = steward_proto::admin::RolloutOptions {
+            max_unavailable: 2,
+            per_role: "k8s-worker=3,gluster-brick=1".parse().unwrap(),
+            ..Default::default()
+        };
+        let r = pb::Rollout {
+            id: "r1".into(),
+            phase: "running".into(),
+            nodes_total: 6,
+            batches: 4,
+            options: Some(options.into()),
+            ..Default::default()
+        };
+        let text = status_text(&r);
+        assert!(
+            text.starts_with(
+                "rollout r1: running (0 of 6 nodes done, 4 batches, max unavailable 2, \
+                 k8s-worker 3, gluster-brick 1)"
+            ),
+            "{text}"
+        );
+        let json = rollout_json(&r);
+        assert_eq!(
+            json["max_unavailable_per_role"],
+            serde_json::json!({"k8s-worker": 3, "gluster-brick": 1})
+        );
+    }
 }
