@@ -22,6 +22,7 @@ pub mod certs;
 pub mod config;
 pub mod converge;
 pub mod facts;
+pub mod gluster_probe;
 pub mod health_check;
 pub mod join;
 pub mod logs;
@@ -145,6 +146,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         reports,
         shutdown.clone(),
     );
+    let (gluster_tx, gluster_rx) = watch::channel(None);
+    let gluster = gluster_probe::run_gluster_probe(
+        settings.node_id.clone(),
+        in_force.clone(),
+        reported.clone(),
+        gluster_tx,
+        shutdown.clone(),
+    );
     let liveness = watchdog::Liveness::new();
     let vips = vip::run_vips(
         settings.clone(),
@@ -159,13 +168,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         state,
         desired,
         reported,
+        gluster_rx,
         liveness.register("session"),
         shutdown.clone(),
     );
     let watchdog =
         watchdog::run_watchdog(watchdog::Watchdog::from_env(), liveness, shutdown.clone());
     watchdog::notify_ready();
-    let (vips, (), (), (), ()) = tokio::join!(
+    let (vips, (), (), (), (), ()) = tokio::join!(
         async {
             let result = vips.await;
             if result.is_err() {
@@ -177,7 +187,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         sessions,
         converge,
         renewal,
-        watchdog
+        watchdog,
+        gluster
     );
     info!("agent stopped");
     vips.map_err(AgentError::from)

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use steward_proto::converge::ConvergeReport;
 use steward_proto::domain::{
-    AgentMessage, CoordinatorMessage, DesiredState, Health, LogChunk, LogQuery,
+    AgentMessage, CoordinatorMessage, DesiredState, GlusterReport, Health, LogChunk, LogQuery,
 };
 use steward_proto::pb;
 use steward_proto::pb::agent_service_client::AgentServiceClient;
@@ -185,13 +185,17 @@ fn enqueue(tx: &mpsc::Sender<pb::AgentMessage>, message: AgentMessage) -> Result
 
 /// Keeps a session to some replica until `shutdown`. `desired` always holds
 /// the state in force (the recorded one until a coordinator says otherwise);
-/// `reports` the last converge run, reported whenever its outcome changes.
+/// `reports` the last converge run, reported whenever its outcome changes;
+/// `gluster` the brick probe's last report ([`crate::gluster_probe`]), sent
+/// whenever it changes and once per session.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_sessions(
     settings: Settings,
     creds: Credentials,
     state: StateStore,
     desired: watch::Sender<RecordedState>,
     mut reports: watch::Receiver<Option<ConvergeReport>>,
+    mut gluster: watch::Receiver<Option<GlusterReport>>,
     beat: Beat,
     shutdown: CancellationToken,
 ) {
@@ -218,6 +222,7 @@ pub async fn run_sessions(
             &state,
             &desired,
             &mut reports,
+            &mut gluster,
             &mut rollback,
             &beat,
             &shutdown,
@@ -259,6 +264,7 @@ async fn one_session(
     state: &StateStore,
     desired: &watch::Sender<RecordedState>,
     reports: &mut watch::Receiver<Option<ConvergeReport>>,
+    gluster: &mut watch::Receiver<Option<GlusterReport>>,
     rollback: &mut RollbackGuard,
     beat: &Beat,
     shutdown: &CancellationToken,
@@ -323,6 +329,8 @@ async fn one_session(
     let mut reported: Option<(u64, Option<ConvergeReport>)> = None;
     reports.mark_changed();
     let mut reports_open = true;
+    gluster.mark_changed();
+    let mut gluster_open = true;
     loop {
         beat.beat();
         // No branch body below awaits: each runs to completion at once, so
@@ -362,6 +370,13 @@ async fn one_session(
                     reports_open = false;
                 } else {
                     report(&tx, desired, reports, &mut reported).map_err(lost)?;
+                }
+            }
+            changed = gluster.changed(), if gluster_open => {
+                if changed.is_err() {
+                    gluster_open = false;
+                } else if let Some(report) = gluster.borrow_and_update().clone() {
+                    enqueue(&tx, AgentMessage::Gluster(report)).map_err(lost)?;
                 }
             }
             chunk = log_rx.recv(), if tx.capacity() > LOG_HEADROOM => {

@@ -245,6 +245,7 @@ impl AdminApi {
             converge: record.converge.map(|c| c.value),
             revoked_unix_ms: record.revoked.as_ref().map(|r| r.value.at_unix_ms),
             maintenance,
+            gluster: record.gluster.map(|g| g.value),
         };
         if let Some(status) = record.status {
             let s = status.value;

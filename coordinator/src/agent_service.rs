@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use steward_proto::converge::ConvergeReport;
 use steward_proto::domain::{
-    AgentMessage, CoordinatorMessage, DesiredState, Event, EventKind, Facts, Health, NodeHealth,
-    NodeId,
+    AgentMessage, CoordinatorMessage, DesiredState, Event, EventKind, Facts, GlusterReport, Health,
+    NodeHealth, NodeId,
 };
 use steward_proto::pb;
 use tokio::sync::{mpsc, watch};
@@ -614,6 +614,9 @@ struct NodeSession {
     status_tx: watch::Sender<NodeStatusRecord>,
     reports_tx: watch::Sender<Option<ConvergeReport>>,
     writer: tokio::task::JoinHandle<bool>,
+    /// The node's gluster reports, for [`write_gluster_reports`] (started
+    /// at the first one).
+    gluster_tx: Option<watch::Sender<Option<GlusterReport>>>,
 }
 
 /// Writes what a session has to record, off the session loop: the node's
@@ -741,6 +744,7 @@ impl NodeSession {
             status_tx,
             reports_tx,
             writer,
+            gluster_tx: None,
         })
     }
 
@@ -934,6 +938,28 @@ impl NodeSession {
                 self.ctx.logs.deliver(chunk);
                 true
             }
+            Ok(AgentMessage::Gluster(report)) => {
+                match &self.gluster_tx {
+                    Some(tx) => {
+                        tx.send_replace(Some(report));
+                    }
+                    None => {
+                        let (tx, rx) = watch::channel(Some(report));
+                        let span = tracing::info_span!("gluster_writer", node.id = %self.node);
+                        tokio::spawn(
+                            write_gluster_reports(
+                                self.ctx.store.clone(),
+                                self.node.clone(),
+                                rx,
+                                self.superseded.clone(),
+                            )
+                            .instrument(span),
+                        );
+                        self.gluster_tx = Some(tx);
+                    }
+                }
+                true
+            }
             Ok(AgentMessage::Hello { .. }) => {
                 let _ = tx.send(Err(Error::HelloTwice.into())).await;
                 false
@@ -964,6 +990,37 @@ impl NodeSession {
         drop(self.reports_tx);
         // The writer records the disconnect (and its event) and ends.
         let _ = self.writer.await;
+    }
+}
+
+/// Writes each gluster report of a session (the latest; an agent sends one
+/// only when it changed) until the session ends or is replaced, retrying
+/// on etcd trouble.
+async fn write_gluster_reports(
+    store: Store,
+    node: NodeId,
+    mut reports: watch::Receiver<Option<GlusterReport>>,
+    superseded: CancellationToken,
+) {
+    loop {
+        let Some(report) = reports.borrow_and_update().clone() else {
+            return;
+        };
+        while let Err(error) = store.put_gluster(&node, &report).await {
+            warn!(%error, "gluster report write failed");
+            if reports.has_changed().is_err() {
+                // The session is over: its next one sends the report again.
+                return;
+            }
+            tokio::select! {
+                _ = superseded.cancelled() => return,
+                _ = tokio::time::sleep(WRITE_RETRY) => {}
+            }
+        }
+        tokio::select! {
+            _ = superseded.cancelled() => return,
+            r = reports.changed() => if r.is_err() { return },
+        }
     }
 }
 

@@ -323,7 +323,7 @@ impl CachedPrefix for SpecSnapshot {
                 value.map(|(bytes, rev)| (decode::<MaintenanceRecord>(key, bytes), rev)),
                 "node maintenance",
             ),
-            Some((_, NodeKey::Status)) | None => false,
+            Some((_, NodeKey::Status | NodeKey::Gluster)) | None => false,
         }
     }
     fn set_revision(&mut self, revision: i64) {

@@ -15,6 +15,7 @@ use crate::convert::{
 use crate::domain::{Health, NodeHealth, NodeId, Role};
 use crate::pb;
 use crate::vip::VipSpec;
+use std::str::FromStr;
 
 /// Nodes per `ListNodes` page unless the caller asks for fewer.
 pub const DEFAULT_NODES_PAGE: usize = 500;
@@ -645,10 +646,49 @@ mod tests {
         assert_eq!(q(7).limit, 7);
         assert_eq!(q(u32::MAX).limit, MAX_EVENTS);
     }
+
+    #[test]
+    fn per_role_limits_parse_and_every_problem_is_named() {
+        let limits: RoleLimits = "k8s-worker=3, gluster-brick=2,lb=1".parse().unwrap();
+        assert_eq!(
+            limits,
+            RoleLimits {
+                k8s_control_plane: 0,
+                k8s_worker: 3,
+                gluster_brick: 2,
+            }
+        );
+        let options = RolloutOptions {
+            max_unavailable: 2,
+            per_role: limits,
+            ..Default::default()
+        };
+        assert_eq!(options.max_unavailable_for(Role::K8sWorker), 3);
+        assert_eq!(options.max_unavailable_for(Role::K8sControlPlane), 2);
+        assert_eq!(options.max_unavailable_for(Role::Lb), 1);
+        let wire: pb::RolloutOptions = options.into();
+        assert_eq!(RolloutOptions::from(wire), options);
+        let err = "lb=2,k8s-worker=0,nope=1,k8s-worker,gluster-brick=1,gluster-brick=2"
+            .parse::<RoleLimits>()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "\"lb=2\": lb nodes go one at a time (the VIP pair), always 1; \
+             \"k8s-worker=0\": N must be a whole number of at least 1; \
+             \"nope=1\": unknown role \"nope\" (k8s-control-plane, k8s-worker, gluster-brick); \
+             \"k8s-worker\": use ROLE=N; \"gluster-brick=2\": gluster-brick given twice"
+        );
+        assert_eq!("".parse::<RoleLimits>().unwrap_err(), "no ROLE=N given");
+        // Old records without the field still read.
+        let old: RolloutOptions =
+            serde_json::from_str(r#"{"max_unavailable":2,"canary":0,"pause_after_canary":false}"#)
+                .unwrap();
+        assert_eq!(old.per_role, RoleLimits::default());
+    }
 }
 
-/// `--max-unavailable`, `--canary`, `--pause-after-canary` of
-/// `stewardctl apply --rollout`.
+/// `--max-unavailable`, `--max-unavailable-per-role`, `--canary`,
+/// `--pause-after-canary` of `stewardctl apply --rollout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutOptions {
@@ -658,6 +698,9 @@ pub struct RolloutOptions {
     pub canary: u32,
     /// Pause once the canary nodes are done (`rollout resume` goes on).
     pub pause_after_canary: bool,
+    /// Per-role limits that replace `max_unavailable` for their role.
+    #[serde(default)]
+    pub per_role: RoleLimits,
 }
 
 impl Default for RolloutOptions {
@@ -666,6 +709,104 @@ impl Default for RolloutOptions {
             max_unavailable: 1,
             canary: 0,
             pause_after_canary: false,
+            per_role: RoleLimits::default(),
+        }
+    }
+}
+
+impl RolloutOptions {
+    /// Nodes with `role` out of service at once, before the control plane
+    /// quorum cap the planner adds: lb 1, else the role's own limit or
+    /// `max_unavailable`.
+    pub fn max_unavailable_for(&self, role: Role) -> u32 {
+        let own = match role {
+            Role::Lb => return 1,
+            Role::K8sControlPlane => self.per_role.k8s_control_plane,
+            Role::K8sWorker => self.per_role.k8s_worker,
+            Role::GlusterBrick => self.per_role.gluster_brick,
+        };
+        match own {
+            0 => self.max_unavailable.max(1),
+            n => n,
+        }
+    }
+}
+
+/// `--max-unavailable-per-role ROLE=N,...` (0: the role has no limit of
+/// its own). lb is not here: it is always 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleLimits {
+    pub k8s_control_plane: u32,
+    pub k8s_worker: u32,
+    pub gluster_brick: u32,
+}
+
+impl RoleLimits {
+    /// The limits that differ from none, as `ROLE=N` in role order.
+    pub fn entries(&self) -> Vec<(Role, u32)> {
+        [
+            (Role::K8sControlPlane, self.k8s_control_plane),
+            (Role::K8sWorker, self.k8s_worker),
+            (Role::GlusterBrick, self.gluster_brick),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
+    }
+}
+
+impl FromStr for RoleLimits {
+    type Err = String;
+    /// `k8s-worker=3,gluster-brick=1`: every problem named.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut limits = RoleLimits::default();
+        let mut problems = Vec::new();
+        let mut seen = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let Some((role, n)) = item.split_once('=') else {
+                problems.push(format!("{item:?}: use ROLE=N"));
+                continue;
+            };
+            let role = match role.trim().parse::<Role>() {
+                Ok(r) => r,
+                Err(_) => {
+                    problems.push(format!(
+                        "{item:?}: unknown role {:?} (k8s-control-plane, k8s-worker, \
+                         gluster-brick)",
+                        role.trim()
+                    ));
+                    continue;
+                }
+            };
+            let n = match n.trim().parse::<u32>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    problems.push(format!("{item:?}: N must be a whole number of at least 1"));
+                    continue;
+                }
+            };
+            if seen.contains(&role) {
+                problems.push(format!("{item:?}: {role} given twice"));
+                continue;
+            }
+            seen.push(role);
+            match role {
+                Role::Lb if n == 1 => {}
+                Role::Lb => problems.push(format!(
+                    "{item:?}: lb nodes go one at a time (the VIP pair), always 1"
+                )),
+                Role::K8sControlPlane => limits.k8s_control_plane = n,
+                Role::K8sWorker => limits.k8s_worker = n,
+                Role::GlusterBrick => limits.gluster_brick = n,
+            }
+        }
+        if seen.is_empty() && problems.is_empty() {
+            problems.push("no ROLE=N given".into());
+        }
+        match problems.is_empty() {
+            true => Ok(limits),
+            false => Err(problems.join("; ")),
         }
     }
 }
@@ -676,6 +817,11 @@ impl From<pb::RolloutOptions> for RolloutOptions {
             max_unavailable: o.max_unavailable.max(1),
             canary: o.canary,
             pause_after_canary: o.pause_after_canary,
+            per_role: RoleLimits {
+                k8s_control_plane: o.max_unavailable_k8s_control_plane,
+                k8s_worker: o.max_unavailable_k8s_worker,
+                gluster_brick: o.max_unavailable_gluster_brick,
+            },
         }
     }
 }
@@ -686,6 +832,9 @@ impl From<RolloutOptions> for pb::RolloutOptions {
             max_unavailable: o.max_unavailable,
             canary: o.canary,
             pause_after_canary: o.pause_after_canary,
+            max_unavailable_k8s_control_plane: o.per_role.k8s_control_plane,
+            max_unavailable_k8s_worker: o.per_role.k8s_worker,
+            max_unavailable_gluster_brick: o.per_role.gluster_brick,
         }
     }
 }

@@ -6,10 +6,11 @@ use std::collections::BTreeSet;
 
 use crate::domain::{
     AgentMessage, CertName, CertRevocation, CoordinatorMessage, CoordinatorRevocation,
-    DesiredState, Disk, Event, EventKind, Facts, Health, InvalidCertName, InvalidNodeId, LogChunk,
-    LogQuery, MaintenanceView, NetworkInterface, NodeHealth, NodeId, NodeView, RevocableKind,
-    RevokeCertificate, Role, RoleChange, RoleSet, MAX_COORDINATOR_REVOCATIONS, MAX_LOG_CHUNK,
-    MAX_LOG_LINE,
+    DesiredState, Disk, Event, EventKind, Facts, GlusterBrickReport, GlusterReport,
+    GlusterVolumeReport, Health, InvalidCertName, InvalidNodeId, LogChunk, LogQuery,
+    MaintenanceView, NetworkInterface, NodeHealth, NodeId, NodeView, RevocableKind,
+    RevokeCertificate, Role, RoleChange, RoleSet, MAX_COORDINATOR_REVOCATIONS, MAX_GLUSTER_BRICKS,
+    MAX_GLUSTER_VOLUMES, MAX_LOG_CHUNK, MAX_LOG_LINE,
 };
 use crate::pb;
 
@@ -234,6 +235,68 @@ impl TryFrom<pb::AgentMessage> for AgentMessage {
                 converge: r.converge.map(TryInto::try_into).transpose()?,
             }),
             Kind::LogChunk(c) => Ok(AgentMessage::LogChunk(c.try_into()?)),
+            Kind::Gluster(g) => Ok(AgentMessage::Gluster(g.try_into()?)),
+        }
+    }
+}
+
+impl TryFrom<pb::GlusterReport> for GlusterReport {
+    type Error = ProtoError;
+    fn try_from(g: pb::GlusterReport) -> Result<Self, ProtoError> {
+        let volumes = bounded_list_of("gluster.volumes", g.volumes, MAX_GLUSTER_VOLUMES)?;
+        let volumes = volumes
+            .into_iter()
+            .map(|v| {
+                let bricks =
+                    bounded_list_of("gluster.volumes.bricks", v.bricks, MAX_GLUSTER_BRICKS)?;
+                Ok(GlusterVolumeReport {
+                    volume: bounded_str("gluster.volumes.volume", v.volume)?,
+                    bricks: bricks
+                        .into_iter()
+                        .map(|b| {
+                            Ok(GlusterBrickReport {
+                                brick: bounded_str("gluster.volumes.bricks.brick", b.brick)?,
+                                online: b.online,
+                                pending_heals: b.heal_known.then_some(b.pending_heals),
+                            })
+                        })
+                        .collect::<Result<_, ProtoError>>()?,
+                    error: match v.error.as_str() {
+                        "" => None,
+                        _ => Some(bounded_str("gluster.volumes.error", v.error)?),
+                    },
+                })
+            })
+            .collect::<Result<_, ProtoError>>()?;
+        Ok(GlusterReport {
+            after_converge_revision: g.after_converge_revision,
+            volumes,
+        })
+    }
+}
+
+impl From<GlusterReport> for pb::GlusterReport {
+    fn from(g: GlusterReport) -> Self {
+        pb::GlusterReport {
+            after_converge_revision: g.after_converge_revision,
+            volumes: g
+                .volumes
+                .into_iter()
+                .map(|v| pb::GlusterVolumeReport {
+                    volume: v.volume,
+                    bricks: v
+                        .bricks
+                        .into_iter()
+                        .map(|b| pb::GlusterBrickReport {
+                            brick: b.brick,
+                            online: b.online,
+                            heal_known: b.pending_heals.is_some(),
+                            pending_heals: b.pending_heals.unwrap_or(0),
+                        })
+                        .collect(),
+                    error: v.error.unwrap_or_default(),
+                })
+                .collect(),
         }
     }
 }
@@ -331,6 +394,7 @@ impl From<AgentMessage> for pb::AgentMessage {
                 converge: converge.map(Into::into),
             }),
             AgentMessage::LogChunk(c) => Kind::LogChunk(c.into()),
+            AgentMessage::Gluster(g) => Kind::Gluster(g.into()),
         };
         pb::AgentMessage { kind: Some(kind) }
     }
@@ -467,6 +531,7 @@ impl From<NodeView> for pb::Node {
                 forced: m.forced,
                 pending: m.pending,
             }),
+            gluster: n.gluster.map(Into::into),
         }
     }
 }
@@ -514,6 +579,7 @@ impl TryFrom<pb::Node> for NodeView {
                     })
                 })
                 .transpose()?,
+            gluster: n.gluster.map(TryInto::try_into).transpose()?,
         })
     }
 }
@@ -801,6 +867,35 @@ mod tests {
         };
         let wire: pb::AgentMessage = hello.clone().into();
         assert_eq!(AgentMessage::try_from(wire), Ok(hello));
+        let gluster = AgentMessage::Gluster(GlusterReport {
+            after_converge_revision: 4,
+            volumes: vec![GlusterVolumeReport {
+                volume: "data".into(),
+                bricks: vec![
+                    GlusterBrickReport {
+                        brick: "198.18.0.2:/data/brick".into(),
+                        online: true,
+                        pending_heals: Some(3),
+                    },
+                    GlusterBrickReport {
+                        brick: "198.18.0.3:/data/brick".into(),
+                        online: false,
+                        pending_heals: None,
+                    },
+                ],
+                error: None,
+            }],
+        });
+        let wire: pb::AgentMessage = gluster.clone().into();
+        assert_eq!(AgentMessage::try_from(wire), Ok(gluster));
+        let too_many = pb::GlusterReport {
+            volumes: vec![pb::GlusterVolumeReport::default(); MAX_GLUSTER_VOLUMES + 1],
+            ..Default::default()
+        };
+        assert!(matches!(
+            GlusterReport::try_from(too_many),
+            Err(ProtoError::TooLong { .. })
+        ));
         let desired = CoordinatorMessage::DesiredState(Box::new(DesiredState {
             revision: 9,
             roles: [Role::Lb, Role::GlusterBrick].into(),

@@ -293,6 +293,9 @@ pub struct NodeView {
     /// Out of service (`stewardctl node drain`), if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<MaintenanceView>,
+    /// Its bricks and pending heals, as its agent last reported them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gluster: Option<GlusterReport>,
 }
 
 /// A node taken out of service, as operators see it.
@@ -508,6 +511,73 @@ pub enum AgentMessage {
     },
     /// Journal lines for a [`CoordinatorMessage::LogRequest`].
     LogChunk(LogChunk),
+    /// A gluster-brick node's bricks and pending heals.
+    Gluster(GlusterReport),
+}
+
+/// Volumes a [`GlusterReport`] may hold.
+pub const MAX_GLUSTER_VOLUMES: usize = 64;
+/// Bricks a [`GlusterVolumeReport`] may hold.
+pub const MAX_GLUSTER_BRICKS: usize = 256;
+
+/// What a gluster-brick node's agent read of the replicated volumes it has
+/// a brick in (`gluster volume heal VOL info summary`). Stored as
+/// `nodes/<id>/gluster`; the heal gate and the rollout's health step read
+/// it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlusterReport {
+    /// The revision of the last converge report finished before the probe
+    /// started (0: none): the report speaks for the host after it.
+    pub after_converge_revision: u64,
+    pub volumes: Vec<GlusterVolumeReport>,
+}
+
+impl GlusterReport {
+    pub fn volume(&self, name: &str) -> Option<&GlusterVolumeReport> {
+        self.volumes.iter().find(|v| v.volume == name)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlusterVolumeReport {
+    pub volume: String,
+    /// Every brick of the volume, in glusterd's order.
+    pub bricks: Vec<GlusterBrickReport>,
+    /// Why the volume could not be read (`None`: it was).
+    pub error: Option<String>,
+}
+
+impl GlusterVolumeReport {
+    /// Entries pending heal, summed over the bricks whose count is known
+    /// (`None`: no brick's is).
+    pub fn pending_heals(&self) -> Option<u64> {
+        let known: Vec<u64> = self.bricks.iter().filter_map(|b| b.pending_heals).collect();
+        (!known.is_empty()).then(|| known.iter().sum())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlusterBrickReport {
+    /// `host:/path`, as glusterd names it.
+    pub brick: String,
+    /// The heal info's client reached it (`Status: Connected`).
+    pub online: bool,
+    /// Entries pending heal on it (`None`: the heal info could not reach it).
+    pub pending_heals: Option<u64>,
+}
+
+impl GlusterBrickReport {
+    /// The host part of [`GlusterBrickReport::brick`], if it is an address.
+    pub fn address(&self) -> Option<std::net::IpAddr> {
+        let (host, _) = self.brick.rsplit_once(":/")?;
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()
+    }
 }
 
 /// The journal units `stewardctl logs` may read: the agent's own and those

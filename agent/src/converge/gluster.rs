@@ -1,5 +1,7 @@
-//! What `gluster volume status VOLUME detail` says about a volume's size.
-//! Pure: the engine runs the command and hands the text here.
+//! What `gluster volume status VOLUME detail` says about a volume's size,
+//! and what `gluster volume heal VOLUME info summary` says about its bricks
+//! and pending heals. Pure: the engine and the brick probe
+//! ([`crate::gluster_probe`]) run the commands and hand the text here.
 
 /// The volume's capacity in bytes from the status detail: bricks in the
 /// order listed form replica sets of `replica`; a set holds as much as its
@@ -45,6 +47,46 @@ fn bricks(detail: &str) -> Vec<Option<u64>> {
         .into_iter()
         .map(|(online, size)| size.filter(|_| online))
         .collect()
+}
+
+/// One brick of a heal info summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealBrick {
+    /// `host:/path`.
+    pub name: String,
+    /// The heal info's client reached it (`Status: Connected`): its
+    /// process runs and serves.
+    pub connected: bool,
+    /// Entries pending heal on it (`Total Number of entries`); `None` where
+    /// the summary could not count them (`-`).
+    pub entries: Option<u64>,
+}
+
+/// Each brick of a heal info summary, in order. (The summary comes from
+/// `glfsheal`, a client of the bricks: unlike `gluster volume status`, it
+/// takes no glusterd lock, so brick nodes may run it while the operator
+/// node changes the volume.)
+pub fn heal_summary(summary: &str) -> Vec<HealBrick> {
+    let mut bricks: Vec<HealBrick> = Vec::new();
+    for line in summary.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("Brick ") {
+            bricks.push(HealBrick {
+                name: name.trim().to_owned(),
+                connected: false,
+                entries: None,
+            });
+        } else if let Some(value) = line.strip_prefix("Total Number of entries:") {
+            if let Some(b) = bricks.last_mut() {
+                b.entries = value.trim().parse().ok();
+            }
+        } else if let Some(status) = line.strip_prefix("Status:") {
+            if let Some(b) = bricks.last_mut() {
+                b.connected = status.trim() == "Connected";
+            }
+        }
+    }
+    bricks
 }
 
 /// `39.1GB` (gluster's 1024-based units, one decimal) in bytes.
@@ -114,6 +156,59 @@ Total Disk Space     : 1.0TB
         let tb = 1u64 << 40;
         let gb = |g: f64| (g * (1u64 << 30) as f64) as u64;
         assert_eq!(volume_capacity(&two_sets, 2), Some(gb(38.5) + tb));
+    }
+
+    /// `gluster volume heal data info summary` after files were written
+    /// while a brick was down: the connected bricks as glusterfs 10.3
+    /// printed them in `tests/tests/gluster_heal.rs`, an unreachable brick
+    /// as `glfsh_print_hr_heal_op_summary` (glfs-heal.c) prints one.
+    const HEAL_SUMMARY: &str = "\
+Brick 198.18.0.2:/data/glusterfs/data/brick1/brick
+Status: Connected
+Total Number of entries: 2
+Number of entries in heal pending: 2
+Number of entries in split-brain: 0
+Number of entries possibly healing: 0
+
+Brick 198.18.0.3:/data/glusterfs/data/brick1/brick
+Status: Connected
+Total Number of entries: 2
+Number of entries in heal pending: 2
+Number of entries in split-brain: 0
+Number of entries possibly healing: 0
+
+Brick 198.18.0.4:/data/glusterfs/data/brick1/brick
+Status: Transport endpoint is not connected
+Total Number of entries: -
+Number of entries in heal pending: -
+Number of entries in split-brain: -
+Number of entries possibly healing: -
+
+";
+
+    #[test]
+    fn the_heal_summary_counts_pending_entries_per_reachable_brick() {
+        let brick = |host: &str, connected, entries| HealBrick {
+            name: format!("{host}:/data/glusterfs/data/brick1/brick"),
+            connected,
+            entries,
+        };
+        assert_eq!(
+            heal_summary(HEAL_SUMMARY),
+            [
+                brick("198.18.0.2", true, Some(2)),
+                brick("198.18.0.3", true, Some(2)),
+                brick("198.18.0.4", false, None),
+            ]
+        );
+        let healed = HEAL_SUMMARY
+            .replace("entries: 2", "entries: 0")
+            .replace("Transport endpoint is not connected", "Connected")
+            .replace("entries: -", "entries: 0");
+        assert!(heal_summary(&healed)
+            .iter()
+            .all(|b| b.connected && b.entries == Some(0)));
+        assert!(heal_summary("Volume data does not exist").is_empty());
     }
 
     #[test]

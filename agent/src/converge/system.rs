@@ -94,7 +94,9 @@ fn exec(argv: &[&str], env: &[(&str, &str)]) -> HostResult<CommandOutput> {
     exec_within(argv, env, COMMAND_DEADLINE)
 }
 
-fn exec_within(
+/// Runs a program until it ends or `deadline` passed; `Err` if it could not
+/// be started or had to be killed (with its process group).
+pub fn exec_within(
     argv: &[&str],
     env: &[(&str, &str)],
     deadline: std::time::Duration,

@@ -138,6 +138,13 @@ pub enum Command {
         /// Nodes of one role out of service at once (lb nodes: always 1).
         #[arg(long, requires = "rollout", default_value_t = 1)]
         max_unavailable: u32,
+        /// Per-role limits that replace --max-unavailable for their role,
+        /// e.g. `k8s-worker=3,gluster-brick=1`. lb nodes always go one at a
+        /// time; control planes never more at once than etcd's quorum
+        /// allows (1 of 3, 2 of 5), whatever is asked.
+        #[arg(long, requires = "rollout", value_name = "ROLE=N,...",
+              value_parser = parse_role_limits)]
+        max_unavailable_per_role: Option<steward_proto::admin::RoleLimits>,
         /// Nodes in the first batches, before the rest.
         #[arg(long, requires = "rollout", default_value_t = 0)]
         canary: u32,
@@ -242,7 +249,13 @@ pub enum RolloutCommand {
     },
     /// No node starts its turn; nodes in flight finish.
     Pause { id: String },
-    /// Go on after a pause (also the pause after the canary).
+    /// Go on after a pause (also the pause after the canary); for a failed
+    /// rollout, try the failed node again from the step it failed at (its
+    /// converge and health check if its change was written, else its
+    /// drain), with that step's timeout started afresh.
+    ///
+    /// Example, after fixing what `rollout status r1733500000000` showed:
+    ///   stewardctl rollout resume r1733500000000 && stewardctl rollout status r1733500000000 --watch
     Resume { id: String },
     /// Stop: nodes not yet changed are undrained and left out, nodes
     /// changed finish their steps and keep the new settings; the others
@@ -864,6 +877,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             dry_run,
             rollout,
             max_unavailable,
+            max_unavailable_per_role,
             canary,
             pause_after_canary,
             wait,
@@ -878,10 +892,14 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .apply(pb::ApplyRequest {
                     spec_toml,
                     dry_run: *dry_run,
-                    rollout: rollout.then_some(pb::RolloutOptions {
-                        max_unavailable: *max_unavailable,
-                        canary: *canary,
-                        pause_after_canary: *pause_after_canary,
+                    rollout: rollout.then(|| {
+                        steward_proto::admin::RolloutOptions {
+                            max_unavailable: *max_unavailable,
+                            canary: *canary,
+                            pause_after_canary: *pause_after_canary,
+                            per_role: max_unavailable_per_role.unwrap_or_default(),
+                        }
+                        .into()
                     }),
                 })
                 .await?
@@ -1432,6 +1450,26 @@ async fn dial_mtls(
     Err(message)
 }
 
+/// `--max-unavailable-per-role`: every problem named.
+fn parse_role_limits(text: &str) -> Result<steward_proto::admin::RoleLimits, String> {
+    text.parse()
+}
+
+/// One volume of a node's gluster report: bricks online, pending heals.
+fn gluster_line(v: &steward_proto::domain::GlusterVolumeReport) -> String {
+    if let Some(error) = &v.error {
+        if v.bricks.is_empty() {
+            return format!("unreadable: {error}");
+        }
+    }
+    let online = v.bricks.iter().filter(|b| b.online).count();
+    let heals = match v.pending_heals() {
+        Some(n) => format!("{n} entries pending heal"),
+        None => "pending heals unknown".into(),
+    };
+    format!("{online} of {} bricks online, {heals}", v.bricks.len())
+}
+
 fn ago(ms: u64) -> String {
     if ms == 0 {
         return "never".into();
@@ -1472,6 +1510,12 @@ fn node_json(node: &NodeView) -> serde_json::Value {
             "forced": m.forced,
             "pending": m.pending,
         })),
+        "gluster": node.gluster.as_ref().map(|g| g.volumes.iter().map(|v| json!({
+            "volume": v.volume,
+            "pending_heals": v.pending_heals(),
+            "bricks": v.bricks,
+            "error": v.error,
+        })).collect::<Vec<_>>()),
     })
 }
 
@@ -1740,6 +1784,13 @@ fn harmless_view(n: &NodeView) -> NodeView {
         m.reason = harmless(&m.reason);
         m.by = harmless(&m.by);
     }
+    for v in n.gluster.iter_mut().flat_map(|g| &mut g.volumes) {
+        v.volume = harmless(&v.volume);
+        v.error = v.error.as_deref().map(harmless);
+        for b in &mut v.bricks {
+            b.brick = harmless(&b.brick);
+        }
+    }
     n
 }
 
@@ -1798,6 +1849,9 @@ fn print_node(output: Output, n: &NodeView) {
         for p in &m.pending {
             println!("           waiting: {p}");
         }
+    }
+    for v in n.gluster.iter().flat_map(|g| &g.volumes) {
+        println!("gluster:   volume {}: {}", v.volume, gluster_line(v));
     }
     println!(
         "revision:  desired {} / applied {}",
@@ -1905,6 +1959,7 @@ mod tests {
             converge: None,
             revoked_unix_ms: None,
             maintenance: None,
+            gluster: None,
         };
         assert_eq!(converged_cell(&node), "-");
         node.converge = Some(r);

@@ -43,6 +43,13 @@ pub fn breakdown(n: &pb::RolloutNode) -> [Option<u64>; 6] {
     ]
 }
 
+/// The per-role limits a rollout was created with.
+fn per_role(options: &pb::RolloutOptions) -> Vec<(steward_proto::domain::Role, u32)> {
+    steward_proto::admin::RolloutOptions::from(*options)
+        .per_role
+        .entries()
+}
+
 pub fn rollout_json(r: &pb::Rollout) -> serde_json::Value {
     let options = r.options.unwrap_or_default();
     json!({
@@ -53,6 +60,10 @@ pub fn rollout_json(r: &pb::Rollout) -> serde_json::Value {
         "created_at_unix_ms": r.created_at_unix_ms,
         "changes": r.changes,
         "max_unavailable": options.max_unavailable,
+        "max_unavailable_per_role": per_role(&options)
+            .into_iter()
+            .map(|(role, n)| (role.as_str().to_owned(), json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
         "canary": options.canary,
         "pause_after_canary": options.pause_after_canary,
         "batches": r.batches,
@@ -76,13 +87,17 @@ pub fn status_text(r: &pb::Rollout) -> String {
     let mut out = String::new();
     let options = r.options.unwrap_or_default();
     out.push_str(&format!(
-        "rollout {}: {} ({} of {} nodes done, {} batches, max unavailable {}{})\n",
+        "rollout {}: {} ({} of {} nodes done, {} batches, max unavailable {}{}{})\n",
         r.id,
         r.phase,
         r.nodes_done,
         r.nodes_total,
         r.batches,
         options.max_unavailable,
+        per_role(&options)
+            .iter()
+            .map(|(role, n)| format!(", {role} {n}"))
+            .collect::<String>(),
         if options.canary > 0 {
             format!(
                 ", canary {}{}",
@@ -312,5 +327,35 @@ mod tests {
         assert_eq!(changed_lines(&mut seen, &r).len(), 3);
         assert!(changed_lines(&mut seen, &r).is_empty());
         assert!(bar(&r, Duration::from_secs(10)).contains("1/2 nodes, failed 10s, ETA 10s"));
+    }
+
+    #[test]
+    fn status_shows_the_per_role_limits() {
+        let options = steward_proto::admin::RolloutOptions {
+            max_unavailable: 2,
+            per_role: "k8s-worker=3,gluster-brick=1".parse().unwrap(),
+            ..Default::default()
+        };
+        let r = pb::Rollout {
+            id: "r1".into(),
+            phase: "running".into(),
+            nodes_total: 6,
+            batches: 4,
+            options: Some(options.into()),
+            ..Default::default()
+        };
+        let text = status_text(&r);
+        assert!(
+            text.starts_with(
+                "rollout r1: running (0 of 6 nodes done, 4 batches, max unavailable 2, \
+                 k8s-worker 3, gluster-brick 1)"
+            ),
+            "{text}"
+        );
+        let json = rollout_json(&r);
+        assert_eq!(
+            json["max_unavailable_per_role"],
+            serde_json::json!({"k8s-worker": 3, "gluster-brick": 1})
+        );
     }
 }

@@ -356,6 +356,7 @@ mod tests {
             converge,
             revoked_unix_ms: None,
             maintenance: None,
+            gluster: None,
         }
     }
 

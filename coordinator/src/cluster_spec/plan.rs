@@ -245,11 +245,44 @@ fn zone_warnings(nodes: &BTreeMap<NodeId, NodeRecord>, volumes: &[GlusterVolume]
     let cps = with_role(Role::K8sControlPlane);
     if cps.len() >= 2 {
         let quorum = cps.len() / 2 + 1;
-        for (zone, n) in by_zone(&cps) {
+        let cp_zones = by_zone(&cps);
+        // Where control planes could go instead: labelled zones that have
+        // nodes but none of the control planes.
+        let mut spare: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for (id, record) in nodes {
+            let zone = record
+                .spec
+                .as_ref()
+                .and_then(|s| s.value.labels.get(crate::cache::ZONE_LABEL))
+                .filter(|z| !z.is_empty());
+            if let Some(zone) = zone.filter(|z| !cp_zones.contains_key(z.as_str())) {
+                spare.entry(zone.clone()).or_default().push(id.as_str());
+            }
+        }
+        let hint = if spare.is_empty() {
+            String::new()
+        } else {
+            let zones: Vec<String> = spare
+                .iter()
+                .map(|(zone, ids)| {
+                    let more = match ids.len() {
+                        n if n > 3 => format!(" and {} more", n - 3),
+                        _ => String::new(),
+                    };
+                    let shown: Vec<&str> = ids.iter().take(3).copied().collect();
+                    format!("{zone} ({}{more})", shown.join(", "))
+                })
+                .collect();
+            format!(
+                "; zones with nodes but no control plane, to spread them: {}",
+                zones.join(", ")
+            )
+        };
+        for (zone, n) in cp_zones {
             if cps.len() - n < quorum {
                 warnings.push(format!(
                     "zone {zone} holds {n} of {} control planes: losing it loses the etcd \
-                     quorum of {quorum}",
+                     quorum of {quorum}{hint}",
                     cps.len()
                 ));
             }
@@ -838,6 +871,7 @@ mod tests {
             converge: None,
             revoked: None,
             maintenance: None,
+            gluster: None,
             facts: Some(Versioned {
                 value: Facts {
                     interfaces: vec![NetworkInterface {
@@ -1375,15 +1409,24 @@ roles = []
             "{}",
             w[0]
         );
-        assert!(
-            w[1].starts_with("zone a holds 2 of 3 control planes"),
-            "{}",
-            w[1]
+        assert_eq!(
+            w[1],
+            "zone a holds 2 of 3 control planes: losing it loses the etcd quorum of 2"
         );
         assert!(
             w[2].starts_with("volume data: replica 3 over 2 zone(s)"),
             "{}",
             w[2]
+        );
+        // A zone with nodes but no control plane is named as the place
+        // to spread them to.
+        nodes.insert(id("w-1"), in_zone(&[Role::K8sWorker], "c"));
+        nodes.insert(id("w-2"), in_zone(&[Role::K8sWorker], "c"));
+        let w = zone_warnings(&nodes, &volumes);
+        assert_eq!(
+            w[1],
+            "zone a holds 2 of 3 control planes: losing it loses the etcd quorum of 2; zones \
+             with nodes but no control plane, to spread them: c (w-1, w-2)"
         );
         // Spread over three zones: nothing to say.
         nodes.insert(id("lb-2"), in_zone(&[Role::Lb], "b"));

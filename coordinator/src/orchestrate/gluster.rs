@@ -26,7 +26,8 @@ pub struct Brick {
 }
 
 impl Brick {
-    fn spec(&self, volume: &str) -> String {
+    /// `host:/path`: how glusterd names the brick of `volume`.
+    pub fn spec(&self, volume: &str) -> String {
         format!("{}:{}", host(self.address), brick_path(volume))
     }
 }

@@ -210,6 +210,7 @@ impl Driver {
                 run.set_phase(Phase::Aborting, "rollout abort asked".into(), false)
                     .await
             }
+            Phase::Failed if entry.retry_requested() => run.retry().await,
             Phase::Failed => Ok(()),
             Phase::Aborting => self.aborting(&run).await,
             Phase::Done | Phase::Aborted => Ok(()),
@@ -526,6 +527,22 @@ impl Driver {
                     expected,
                     checker.as_ref().zip(checker_record.as_ref()),
                 ));
+                if world
+                    .specs
+                    .specs
+                    .get(node)
+                    .is_some_and(|s| s.value.roles.contains(&Role::GlusterBrick))
+                {
+                    // Bricks online and heals done (DESIGN.md §7).
+                    let nodes = self.fleet(run.store).await?;
+                    problems.extend(crate::maintenance::brick_problems(
+                        node,
+                        &observed,
+                        &nodes,
+                        world.orchestration,
+                        next.changed_revision.max(0) as u64,
+                    ));
+                }
                 if problems.is_empty() {
                     next.step = Step::Healthy;
                     next.reason.clear();
@@ -572,6 +589,41 @@ impl Driver {
         self.fleet = Some((Instant::now(), nodes.clone()));
         Ok(nodes)
     }
+}
+
+/// A failed node given another try (`rollout resume` of a failed
+/// rollout), from the step it failed at: a node whose change was written
+/// waits for its converge again (then the health check), a node out of
+/// service for its drain, any other for the gates. The step's timeout
+/// starts again.
+pub fn retried(
+    record: &RolloutNodeRecord,
+    changed: bool,
+    in_maintenance: bool,
+    by: &str,
+    now: u64,
+) -> RolloutNodeRecord {
+    let mut next = record.clone();
+    next.times.finished = 0;
+    if changed {
+        next.step = Step::Changed;
+        next.times.changed = now;
+        next.times.converged = 0;
+        next.times.healthy = 0;
+    } else {
+        next.step = if in_maintenance {
+            Step::Draining
+        } else {
+            Step::Waiting
+        };
+        next.times.started = now;
+        next.times.drained = 0;
+    }
+    next.reason = format!(
+        "tried again (rollout resume by {by}) after: {}",
+        record.reason
+    );
+    next
 }
 
 fn failed(mut record: RolloutNodeRecord, reason: String) -> RolloutNodeRecord {
@@ -748,6 +800,73 @@ impl Run<'_> {
             .and_then(writes);
         if self.fence.txn(self.store, inner).await?.succeeded {
             info!(rollout.id = self.id, phase = phase.as_str(), %reason, "rollout phase");
+        }
+        Ok(())
+    }
+
+    /// `rollout resume` of a failed rollout: its failed nodes go back to
+    /// the step they failed at, the rollout runs again and the request is
+    /// cleared, in one transaction (a new leader finds all or nothing).
+    async fn retry(&self) -> Result<()> {
+        let keys = self.store.keys();
+        let now = unix_ms();
+        let by = self
+            .entry
+            .control
+            .as_ref()
+            .map_or_else(String::new, |c| c.value.by.clone());
+        let mut compares = Vec::new();
+        let mut writes = Vec::new();
+        let mut nodes = Vec::new();
+        for (node, record) in &self.entry.nodes {
+            if record.value.step != Step::Failed {
+                continue;
+            }
+            let next = retried(
+                &record.value,
+                self.entry.changed.contains_key(node),
+                self.world.specs.in_maintenance(node),
+                &by,
+                now,
+            );
+            let key = keys.rollout_node(self.id, node);
+            compares.push(Cmp::mod_revision(key.clone(), record.mod_revision));
+            writes.push(Op::put(key, encode(&next)));
+            nodes.push(format!("{node} (from {})", next.step.as_str()));
+        }
+        let reason = match nodes.is_empty() {
+            true => format!("resumed by {by}"),
+            false => format!("resumed by {by}: trying {} again", nodes.join(", ")),
+        };
+        let state_key = keys.rollout_state(self.id);
+        compares.push(Cmp::mod_revision(
+            state_key.clone(),
+            self.entry.state.as_ref().map_or(0, |s| s.mod_revision),
+        ));
+        writes.push(Op::put(
+            state_key,
+            encode(&RolloutState {
+                phase: Phase::Running,
+                reason: reason.clone(),
+                at_unix_ms: now,
+            }),
+        ));
+        if let Some(control) = &self.entry.control {
+            let key = keys.rollout_control(self.id);
+            compares.push(Cmp::mod_revision(key.clone(), control.mod_revision));
+            let mut next = control.value.clone();
+            next.retry = false;
+            writes.push(Op::put(key, encode(&next)));
+        }
+        let event = self.store.event(
+            EventKind::RolesChanged,
+            None,
+            format!("rollout {} running: {reason}", self.id),
+        );
+        writes.push(self.store.event_op(&event));
+        let inner = Txn::new().when(compares).and_then(writes);
+        if self.fence.txn(self.store, inner).await?.succeeded {
+            info!(rollout.id = self.id, %reason, "rollout resumed after a failure");
         }
         Ok(())
     }
@@ -1565,5 +1684,100 @@ mod tests {
             bed.tick().await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn resume_of_a_failed_rollout_tries_the_failed_node_again() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        let id = bed.create(&kubernetes("1.31.2-1.1")).await;
+        bed.until(&id, "w-1", Step::Changed).await;
+        report(
+            &bed.replica,
+            "w-1",
+            Some("E: Could not get lock /var/lib/dpkg/lock"),
+        )
+        .await;
+        bed.until_phase(&id, Phase::Failed).await;
+        let store = bed.replica.store().clone();
+        // Still failing when resumed: it fails again, saying why.
+        let view = crate::rollout::control(&store, &id, crate::rollout::Action::Resume, "ops")
+            .await
+            .unwrap();
+        assert!(
+            view.reason.contains("the failed node is tried again"),
+            "{}",
+            view.reason
+        );
+        bed.until_phase(&id, Phase::Running).await;
+        let view = crate::rollout::get(&store, &id).await.unwrap();
+        assert_eq!(
+            view.reason,
+            "resumed by ops: trying w-1 (from changed) again"
+        );
+        bed.until_phase(&id, Phase::Failed).await;
+        let entry = store.rollout(&id).await.unwrap().unwrap();
+        assert!(
+            !entry.retry_requested(),
+            "the request is cleared once taken"
+        );
+        let w1 = &entry.nodes[&node("w-1")].value;
+        assert_eq!(w1.step, Step::Failed);
+        assert!(w1.reason.contains("Could not get lock"), "{}", w1.reason);
+        assert_eq!(bed.step(&id, "w-2"), None, "nothing else went on");
+        // The operator fixed the host; the agent converged: resume, and
+        // w-1 goes on from its converge (not drained or changed twice).
+        report(&bed.replica, "w-1", None).await;
+        let changed_at = entry.changed[&node("w-1")];
+        crate::rollout::control(&store, &id, crate::rollout::Action::Resume, "ops")
+            .await
+            .unwrap();
+        bed.until(&id, "w-1", Step::Done).await;
+        let entry = store.rollout(&id).await.unwrap().unwrap();
+        assert_eq!(entry.changed[&node("w-1")], changed_at, "changed once");
+        assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        bed.until(&id, "w-2", Step::Changed).await;
+        report(&bed.replica, "w-2", None).await;
+        bed.until_phase(&id, Phase::Done).await;
+        // A finished rollout has nothing to resume.
+        let over =
+            crate::rollout::control(&store, &id, crate::rollout::Action::Resume, "ops").await;
+        assert!(matches!(over, Err(Error::RolloutOver { .. })), "{over:?}");
+    }
+
+    #[test]
+    fn a_retried_node_goes_back_to_the_step_it_failed_at() {
+        let record = RolloutNodeRecord {
+            step: Step::Failed,
+            reason: "not healthy within 300 s: agent disconnected".into(),
+            holds_drain: true,
+            changed_revision: 40,
+            times: StepTimes {
+                started: 1,
+                drained: 2,
+                changed: 3,
+                converged: 4,
+                healthy: 0,
+                finished: 5,
+            },
+        };
+        let after_change = retried(&record, true, true, "ops", 100);
+        assert_eq!(after_change.step, Step::Changed);
+        assert_eq!(after_change.times.changed, 100);
+        assert_eq!(after_change.times.converged, 0);
+        assert_eq!(after_change.times.finished, 0);
+        assert_eq!(after_change.times.started, 1);
+        assert!(after_change.holds_drain);
+        assert_eq!(
+            after_change.reason,
+            "tried again (rollout resume by ops) after: not healthy within 300 s: agent \
+             disconnected"
+        );
+        let draining = retried(&record, false, true, "ops", 100);
+        assert_eq!(
+            (draining.step, draining.times.started),
+            (Step::Draining, 100)
+        );
+        let gates = retried(&record, false, false, "ops", 100);
+        assert_eq!(gates.step, Step::Waiting);
     }
 }

@@ -12,7 +12,9 @@
 //! - When every node is done, the leader writes the target as the cluster
 //!   settings; the nodes' revisions only grow and none changes twice.
 //! - [`control`] writes `rollout pause/resume/abort`; [`list`] and [`get`]
-//!   read for `rollout list/status`.
+//!   read for `rollout list/status`. `resume` of a failed rollout asks the
+//!   leader to try its failed node again from the step it failed at
+//!   ([`driver::retried`]).
 //!
 //! At most one rollout is active (`cluster/rollouts/.active`), and a plain
 //! apply is refused while one is.
@@ -204,14 +206,17 @@ pub async fn control(store: &Store, id: &str, action: Action, by: &str) -> Resul
                 action: action_word(action),
             });
         }
-        if action == Action::Resume && phase != Phase::Running {
+        let retry = action == Action::Resume && phase == Phase::Failed;
+        if action == Action::Resume && phase != Phase::Running && !retry {
             return Err(Error::RolloutCannotResume {
                 id: id.to_owned(),
                 phase: phase.as_str(),
             });
         }
         let current = entry.control.as_ref();
-        let next = driver::control_after(current.map(|c| &c.value), action, by);
+        let mut next = driver::control_after(current.map(|c| &c.value), action, by);
+        // A failed rollout resumes by trying its failed node again.
+        next.retry = retry;
         let txn = Store::put_if_txn(
             store.keys().rollout_control(id),
             current.map_or(0, |c| c.mod_revision),
@@ -220,7 +225,15 @@ pub async fn control(store: &Store, id: &str, action: Action, by: &str) -> Resul
         .and_then([store.event_op(&store.event(
             EventKind::RolesChanged,
             None,
-            format!("rollout {id}: {} asked by {by}", action_word(action)),
+            format!(
+                "rollout {id}: {} asked by {by}{}",
+                action_word(action),
+                if retry {
+                    " (the failed node is tried again)"
+                } else {
+                    ""
+                }
+            ),
         ))]);
         if store.txn(txn, "control rollout").await?.succeeded {
             info!(rollout.id = %id, action = action_word(action), %by, "rollout control");
@@ -261,6 +274,9 @@ pub fn view(id: &str, entry: &RolloutEntry) -> Option<RolloutView> {
         if let Some(c) = &entry.control {
             reason = format!("paused by {}", c.value.by);
         }
+    }
+    if entry.retry_requested() && entry.phase() == Some(Phase::Failed) {
+        reason = format!("{reason} (resume asked: the failed node is tried again)");
     }
     let mut nodes = Vec::new();
     for (batch, members) in spec.batches.iter().enumerate() {

@@ -52,7 +52,8 @@ impl RolloutSpec {
 pub enum Phase {
     /// Nodes go through their steps (unless paused by the control record).
     Running,
-    /// A node failed: nothing else proceeds until `rollout abort`.
+    /// A node failed: nothing else proceeds until `rollout abort`, or
+    /// `rollout resume`, which tries the failed node again.
     Failed,
     /// `rollout abort` asked: the nodes in flight finish or are undrained.
     Aborting,
@@ -101,6 +102,10 @@ pub struct RolloutControl {
     /// there once only).
     #[serde(default)]
     pub after_canary: bool,
+    /// `rollout resume` of a failed rollout: the leader gives its failed
+    /// nodes another try and runs it again (and clears this).
+    #[serde(default)]
+    pub retry: bool,
     /// Who asked last, and why (`after the canary batch`).
     pub by: String,
     pub at_unix_ms: u64,
@@ -222,6 +227,9 @@ impl RolloutEntry {
     }
     pub fn abort_requested(&self) -> bool {
         self.control.as_ref().is_some_and(|c| c.value.abort)
+    }
+    pub fn retry_requested(&self) -> bool {
+        self.control.as_ref().is_some_and(|c| c.value.retry)
     }
     pub fn step(&self, node: &NodeId) -> Option<Step> {
         self.nodes.get(node).map(|r| r.value.step)

@@ -6,7 +6,10 @@
 //! one failure domain (`zone` label) at a time, the zones that hold a VIP
 //! last; within a zone control planes, then bricks, then workers, then lb
 //! nodes; within a role the VIP holders last. Batches hold nodes of one
-//! zone and role class, `max_unavailable` at most (lb: 1); the first
+//! zone and role class, at most the limit of each role a node has
+//! ([`RolloutOptions::max_unavailable_for`]: `--max-unavailable-per-role`,
+//! else `max_unavailable`; lb: 1), and control planes never more than
+//! etcd's quorum lets go at once ([`control_plane_cap`]); the first
 //! `canary` nodes make batches of their own.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -104,12 +107,18 @@ pub fn plan(
         };
         key(a).cmp(&key(b))
     });
+    let cp_cap = control_plane_cap(candidates);
     let limit = |c: &Candidate| {
-        if c.roles.contains(&Role::Lb) {
-            1
-        } else {
-            options.max_unavailable.max(1) as usize
+        let mut n = c
+            .roles
+            .iter()
+            .map(|r| options.max_unavailable_for(*r) as usize)
+            .min()
+            .unwrap_or(1);
+        if c.roles.contains(&Role::K8sControlPlane) {
+            n = n.min(cp_cap);
         }
+        n.max(1)
     };
     let canary = (options.canary as usize).min(ordered.len());
     let (first, rest) = ordered.split_at(canary);
@@ -120,6 +129,17 @@ pub fn plan(
         canary_batches: canary_batches.len() as u32,
         batches,
     }
+}
+
+/// Control planes that may be out at once with etcd keeping its quorum:
+/// of `n` members, `n - (n/2 + 1)`, at least 1 (a lone control plane is
+/// the maintenance gate's to refuse).
+pub fn control_plane_cap(candidates: &[Candidate]) -> usize {
+    let n = candidates
+        .iter()
+        .filter(|c| c.roles.contains(&Role::K8sControlPlane))
+        .count();
+    n.saturating_sub(n / 2 + 1).max(1)
 }
 
 /// Consecutive nodes of one zone and role class, `limit` at most each.
@@ -237,24 +257,12 @@ mod tests {
             candidate("cp-1", &[Role::K8sControlPlane], "a", false),
             candidate("cp-2", &[Role::K8sControlPlane], "b", false),
         ];
-        let target = ClusterSettings {
-            kubernetes: Some(steward_proto::converge::KubernetesSettings {
-                version: "1.31.2-1.1".into(),
-                pod_subnet: "10.244.0.0/16".into(),
-                service_subnet: "10.96.0.0/12".into(),
-                repository: steward_proto::converge::PackageRepository {
-                    url: "https://pkgs.k8s.io/core:/stable:/v1.31/deb/".into(),
-                    suite: "/".into(),
-                    key: None,
-                },
-                kubelet_version: None,
-            }),
-            ..Default::default()
-        };
+        let target = kubernetes_only();
         let options = RolloutOptions {
             max_unavailable: 2,
             canary: 1,
             pause_after_canary: true,
+            ..Default::default()
         };
         let batches = plan(&nodes, &target, &options);
         assert_eq!(
@@ -279,5 +287,126 @@ mod tests {
         ];
         let batches = plan(&nodes, &frontends(), &RolloutOptions::default());
         assert_eq!(ids(&batches), [["lb-2"], ["lb-1"]]);
+    }
+
+    /// A Kubernetes version change (workers and control planes see it).
+    fn kubernetes_only() -> ClusterSettings {
+        ClusterSettings {
+            kubernetes: Some(steward_proto::converge::KubernetesSettings {
+                version: "1.31.2-1.1".into(),
+                pod_subnet: "10.244.0.0/16".into(),
+                service_subnet: "10.96.0.0/12".into(),
+                repository: steward_proto::converge::PackageRepository {
+                    url: "https://pkgs.k8s.io/core:/stable:/v1.31/deb/".into(),
+                    suite: "/".into(),
+                    key: None,
+                },
+                kubelet_version: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// ... and a volume (brick nodes see it too).
+    fn kubernetes() -> ClusterSettings {
+        ClusterSettings {
+            gluster_volumes: vec![steward_proto::converge::GlusterVolume {
+                name: "data".into(),
+                replica: 3,
+                mount_on: [Role::K8sWorker].into_iter().collect(),
+            }],
+            ..kubernetes_only()
+        }
+    }
+
+    #[test]
+    fn each_role_takes_its_own_limit_and_lb_stays_at_one() {
+        let nodes = [
+            candidate("w-1", &[Role::K8sWorker], "a", false),
+            candidate("w-2", &[Role::K8sWorker], "a", false),
+            candidate("w-3", &[Role::K8sWorker], "a", false),
+            candidate("w-4", &[Role::K8sWorker], "a", false),
+            candidate("b-1", &[Role::GlusterBrick], "a", false),
+            candidate("b-2", &[Role::GlusterBrick], "a", false),
+            candidate("b-3", &[Role::GlusterBrick], "a", false),
+            // A worker that is also a brick takes the smaller limit.
+            candidate("wb-1", &[Role::K8sWorker, Role::GlusterBrick], "b", false),
+            candidate("wb-2", &[Role::K8sWorker, Role::GlusterBrick], "b", false),
+        ];
+        let options = RolloutOptions {
+            max_unavailable: 2,
+            per_role: "k8s-worker=3,gluster-brick=1".parse().unwrap(),
+            ..Default::default()
+        };
+        assert_eq!(
+            ids(&plan(&nodes, &kubernetes(), &options)),
+            vec![
+                vec!["b-1"],
+                vec!["b-2"],
+                vec!["b-3"],
+                vec!["w-1", "w-2", "w-3"],
+                vec!["w-4"],
+                vec!["wb-1"],
+                vec!["wb-2"],
+            ]
+        );
+        // Without a per-role limit, max_unavailable for everyone.
+        let plain = RolloutOptions {
+            max_unavailable: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            ids(&plan(&nodes, &kubernetes(), &plain)),
+            vec![
+                vec!["b-1", "b-2"],
+                vec!["b-3"],
+                vec!["w-1", "w-2"],
+                vec!["w-3", "w-4"],
+                vec!["wb-1", "wb-2"],
+            ]
+        );
+        // lb stays at one whatever is asked.
+        let lbs = [
+            candidate("lb-1", &[Role::Lb], "", false),
+            candidate("lb-2", &[Role::Lb], "", false),
+        ];
+        let wide = RolloutOptions {
+            max_unavailable: 9,
+            per_role: "lb=1".parse().unwrap(),
+            ..Default::default()
+        };
+        assert_eq!(ids(&plan(&lbs, &frontends(), &wide)), [["lb-1"], ["lb-2"]]);
+    }
+
+    #[test]
+    fn control_planes_never_go_more_at_once_than_etcd_quorum_allows() {
+        let cps = |n: usize| -> Vec<Candidate> {
+            (1..=n)
+                .map(|i| candidate(&format!("cp-{i}"), &[Role::K8sControlPlane], "a", false))
+                .collect()
+        };
+        let options = RolloutOptions {
+            max_unavailable: 5,
+            per_role: "k8s-control-plane=4".parse().unwrap(),
+            ..Default::default()
+        };
+        // 3 members keep quorum with 1 out; 5 with 2; 1 goes alone.
+        for (n, biggest) in [(1, 1), (3, 1), (5, 2), (7, 3)] {
+            let nodes = cps(n);
+            assert_eq!(control_plane_cap(&nodes), biggest);
+            let batches = plan(&nodes, &kubernetes(), &options);
+            let largest = batches.batches.iter().map(Vec::len).max().unwrap();
+            assert_eq!(largest, biggest, "{n} control planes: {:?}", ids(&batches));
+            assert_eq!(batches.batches.iter().map(Vec::len).sum::<usize>(), n);
+        }
+        // Members not in the plan still count: 5 control planes, 2 changed.
+        let mut nodes = cps(5);
+        for c in &mut nodes[2..] {
+            c.current = kubernetes();
+        }
+        assert_eq!(
+            ids(&plan(&nodes, &kubernetes(), &options)),
+            vec![vec!["cp-1", "cp-2"]]
+        );
     }
 }

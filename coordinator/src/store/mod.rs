@@ -53,8 +53,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use steward_lease::MarkReason;
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
 use steward_proto::domain::{
-    CertName, CertRevocation, Event, EventKind, Facts, Health, NodeHealth, NodeId, NodeSpec,
-    RevocableKind, Role,
+    CertName, CertRevocation, Event, EventKind, Facts, GlusterReport, Health, NodeHealth, NodeId,
+    NodeSpec, RevocableKind, Role,
 };
 use steward_proto::vip::VipSpec;
 
@@ -91,6 +91,7 @@ pub enum NodeKey {
     Address,
     Revoked,
     Maintenance,
+    Gluster,
 }
 
 impl Keys {
@@ -157,6 +158,12 @@ impl Keys {
     /// keeps growing.
     pub fn node_maintenance(&self, id: &NodeId) -> String {
         format!("{}{id}/maintenance", self.nodes())
+    }
+    /// What a gluster-brick node's agent last said of its volumes' bricks
+    /// and pending heals (written when it changes; small, so under
+    /// `nodes/`, where the gates read it with the statuses).
+    pub fn node_gluster(&self, id: &NodeId) -> String {
+        format!("{}{id}/gluster", self.nodes())
     }
     pub fn gluster_volume(&self, name: &str) -> String {
         format!("{}orchestration/gluster/{name}", self.prefix)
@@ -342,6 +349,7 @@ impl Keys {
             "address" => NodeKey::Address,
             "revoked" => NodeKey::Revoked,
             "maintenance" => NodeKey::Maintenance,
+            "gluster" => NodeKey::Gluster,
             _ => return None,
         };
         Some((NodeId::new(id).ok()?, kind))
@@ -527,6 +535,8 @@ pub struct NodeRecord {
     pub facts: Option<Versioned<Facts>>,
     /// Out of service, if `active`.
     pub maintenance: Option<Versioned<MaintenanceRecord>>,
+    /// Its bricks and pending heals (gluster-brick nodes).
+    pub gluster: Option<Versioned<GlusterReport>>,
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
@@ -950,6 +960,18 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a node's gluster report (unconditionally, like its facts:
+    /// only the session serving the node writes it).
+    pub async fn put_gluster(&self, id: &NodeId, report: &GlusterReport) -> Result<()> {
+        self.put(
+            &self.keys.node_gluster(id),
+            encode(report),
+            PutLease::None,
+            "write node gluster report",
+        )
+        .await
+    }
+
     /// Stores a node's facts (unconditionally: only the session serving
     /// the node writes them, when they differ from what etcd holds).
     pub async fn put_facts(&self, id: &NodeId, facts: &Facts) -> Result<()> {
@@ -974,6 +996,7 @@ impl Store {
             }
             Some((_, NodeKey::Revoked)) => record.revoked = Some(versioned(kv)?),
             Some((_, NodeKey::Maintenance)) => record.maintenance = Some(versioned(kv)?),
+            Some((_, NodeKey::Gluster)) => record.gluster = Some(versioned(kv)?),
             None => {}
         }
         Ok(())

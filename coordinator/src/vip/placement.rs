@@ -79,14 +79,26 @@ async fn decide(
         return Ok(());
     };
     let spec = &spec.value;
+    let zone_of = |node: &NodeId| {
+        specs
+            .specs
+            .get(node)
+            .and_then(|s| s.value.labels.get(crate::cache::ZONE_LABEL))
+            .filter(|z| !z.is_empty())
+            .cloned()
+    };
     let candidates: Vec<Candidate> = candidates(spec, specs)
         .into_iter()
         .map(|node| Candidate {
             priority: spec.priority.get(&node).copied().unwrap_or(0),
             healthy: hub.healthy_candidate(&node, name),
+            zone: zone_of(&node),
             node,
         })
         .collect();
+    // The next holder prefers another zone than the one it replaces
+    // (DESIGN.md §7; a tiebreak after priority, see `place`).
+    let owner_zone = state.owner_node().and_then(zone_of);
     let owner = state
         .owner
         .as_ref()
@@ -99,6 +111,7 @@ async fn decide(
         candidates: &candidates,
         move_to: current_move.map(|m| m.to.as_ref()),
         preempt: spec.preempt,
+        owner_zone: owner_zone.as_deref(),
     };
     match place(&input) {
         Placement::Keep => Ok(()),
@@ -318,5 +331,94 @@ mod tests {
             .await
             .expect_err("not the leader any more");
         assert!(matches!(error, Error::LostLeadership { .. }), "{error}");
+    }
+
+    /// The holder's epoch expired (a quorum of replicas marked it): the
+    /// next holder is the healthy candidate in another zone than the old
+    /// holder's, although by id alone a node of its own zone came first.
+    #[tokio::test]
+    async fn the_next_holder_is_taken_from_another_zone() {
+        use crate::store::kv::{Op, Txn};
+        use crate::store::{encode, Store};
+        use steward_proto::domain::NodeSpec;
+
+        async fn lb_in(store: &Store, id: &str, zone: &str) {
+            let spec = NodeSpec {
+                roles: [Role::Lb].into_iter().collect(),
+                labels: [(crate::cache::ZONE_LABEL.to_owned(), zone.to_owned())]
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            };
+            let key = store.keys().node_spec(&node(id));
+            store
+                .txn(Txn::new().and_then([Op::put(key, encode(&spec))]), "test")
+                .await
+                .unwrap();
+        }
+
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        lb_in(store, "n1", "a").await;
+        lb_in(store, "n2", "a").await;
+        lb_in(store, "n3", "b").await;
+        put_vip(store, &vip_spec("front", "198.18.0.100/24")).await;
+        let fence = replica.lead().await;
+        let mut streams = Vec::new();
+        for id in ["n1", "n2", "n3"] {
+            streams.push(
+                candidate(&replica, id, heartbeat(id, 1, Vec::new()))
+                    .await
+                    .expect("stream"),
+            );
+        }
+        let hub = &replica.ctx.lease;
+        let ctx = &replica.ctx;
+        let ready = || {
+            let specs = ctx.specs.borrow().clone();
+            let state = ctx.vips.borrow().vips.get("front")?.clone();
+            let all = ["n1", "n2", "n3"]
+                .iter()
+                .all(|n| hub.healthy_candidate(&node(n), "front"));
+            (specs.specs.len() == 3 && state.spec.is_some() && all).then_some((specs, state))
+        };
+        let (specs, state) = eventually("the caches and candidates", ready).await;
+        decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect("assigned");
+        let (_, state) = eventually("n1 holds", || {
+            let (specs, state) = ready()?;
+            (state.owner_node() == Some(&node("n1"))).then_some((specs, state))
+        })
+        .await;
+        // A quorum of replicas marked n1's epoch expired.
+        let epoch = state.epoch();
+        let quorum = hub.params().quorum();
+        let marks: Vec<Op> = (0..quorum)
+            .map(|i| {
+                Op::put(
+                    store
+                        .keys()
+                        .vip_mark("front", epoch, &format!("c-{}", i + 1)),
+                    encode(&crate::vip::MarkRecord::new(MarkReason::Expired)),
+                )
+            })
+            .collect();
+        store.txn(Txn::new().and_then(marks), "test").await.unwrap();
+        let (specs, state) = eventually("the marks in the cache", || {
+            let (specs, state) = ready()?;
+            (state.current_marks() >= quorum).then_some((specs, state))
+        })
+        .await;
+        decide(store, hub, &fence, &specs, "front", &state)
+            .await
+            .expect("reassigned");
+        let owner = store.vips().await.unwrap().vips["front"].owner.clone();
+        assert_eq!(
+            owner.and_then(|(n, _)| n),
+            Some(node("n3")),
+            "n2 shares n1's zone a; n3 is in zone b"
+        );
+        drop(streams);
     }
 }

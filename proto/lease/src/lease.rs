@@ -878,6 +878,8 @@ pub struct Candidate {
     pub priority: u32,
     /// Heartbeating this replica, and its local check passes.
     pub healthy: bool,
+    /// Its failure domain (the `zone` label; `None`: none given).
+    pub zone: Option<String>,
 }
 
 /// The leader's view of one VIP.
@@ -893,6 +895,9 @@ pub struct PlacementInput<'a> {
     /// to a given node.
     pub move_to: Option<Option<&'a NodeId>>,
     pub preempt: bool,
+    /// The zone of the node being replaced (the owner), if it has one:
+    /// among candidates of equal priority, one in another zone is taken.
+    pub owner_zone: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -915,12 +920,24 @@ pub fn place(input: &PlacementInput<'_>) -> Placement {
             .iter()
             .any(|c| &c.node == node && c.healthy)
     };
+    // The next holder should not share the failure domain of the one it
+    // replaces: a tiebreak after priority, among the healthy only (it
+    // never waits for anyone).
+    let elsewhere = |c: &Candidate| match (input.owner_zone, c.zone.as_deref()) {
+        (Some(owner), Some(zone)) => zone != owner,
+        _ => false,
+    };
     let best = |except: Option<&NodeId>| {
         input
             .candidates
             .iter()
             .filter(|c| c.healthy && Some(&c.node) != except)
-            .max_by(|a, b| a.priority.cmp(&b.priority).then(b.node.cmp(&a.node)))
+            .max_by(|a, b| {
+                a.priority
+                    .cmp(&b.priority)
+                    .then(elsewhere(a).cmp(&elsewhere(b)))
+                    .then(b.node.cmp(&a.node))
+            })
             .map(|c| c.node.clone())
     };
     match input.owner {
@@ -1353,7 +1370,61 @@ mod tests {
             node: node(id),
             priority,
             healthy,
+            zone: None,
         }
+    }
+
+    #[test]
+    fn the_next_holder_prefers_another_zone_among_equals() {
+        let zoned = |id: &str, zone: &str, priority: u32, healthy: bool| Candidate {
+            zone: Some(zone.into()),
+            ..cand(id, priority, healthy)
+        };
+        let lb1 = node("lb-1");
+        let input = |candidates, owner_zone, marks| PlacementInput {
+            owner: Some((Some(&lb1), 7)),
+            marks,
+            quorum: 2,
+            candidates,
+            move_to: None,
+            preempt: false,
+            owner_zone,
+        };
+        // lb-1 (zone a) failed: lb-2 shares its zone, lb-3 does not; by id
+        // alone lb-2 would be next.
+        let three = [
+            zoned("lb-1", "a", 0, false),
+            zoned("lb-2", "a", 0, true),
+            zoned("lb-3", "b", 0, true),
+        ];
+        assert_eq!(
+            place(&input(&three, Some("a"), 2)),
+            Placement::Assign(Some(node("lb-3")))
+        );
+        // Without the owner's zone, by id as before.
+        assert_eq!(
+            place(&input(&three, None, 2)),
+            Placement::Assign(Some(node("lb-2")))
+        );
+        // Only a tiebreak: priority first, and an unhealthy node in another
+        // zone is never waited for.
+        let prio = [zoned("lb-2", "a", 10, true), zoned("lb-3", "b", 0, true)];
+        assert_eq!(
+            place(&input(&prio, Some("a"), 2)),
+            Placement::Assign(Some(node("lb-2")))
+        );
+        let down = [zoned("lb-2", "a", 0, true), zoned("lb-3", "b", 0, false)];
+        assert_eq!(
+            place(&input(&down, Some("a"), 2)),
+            Placement::Assign(Some(node("lb-2")))
+        );
+        // The holder leaving by handover (drained: no candidate any more,
+        // its marks in): the same choice.
+        let handover = [zoned("lb-2", "a", 0, true), zoned("lb-3", "b", 0, true)];
+        assert_eq!(
+            place(&input(&handover, Some("a"), 2)),
+            Placement::Assign(Some(node("lb-3")))
+        );
     }
 
     #[test]
@@ -1368,6 +1439,7 @@ mod tests {
             candidates,
             move_to,
             preempt,
+            owner_zone: None,
         };
         // First assignment: best healthy, ties by node id.
         assert_eq!(

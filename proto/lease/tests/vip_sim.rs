@@ -911,6 +911,7 @@ impl Sim {
                     .seen
                     .get(&a)
                     .is_some_and(|(at, ok)| *ok && now < *at + lease),
+                zone: None,
             })
             .collect();
         let owner = cache.owner.as_ref().map(|(o, e)| (o.as_ref(), *e));
@@ -937,6 +938,7 @@ impl Sim {
             candidates: &candidates,
             move_to,
             preempt: false,
+            owner_zone: None,
         });
         let expect = owner.map(|(_, e)| e);
         let clear_move = cache.moving.is_some();
