@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod ndp;
 pub mod network;
 pub mod packet;
+pub mod reboot;
 pub mod roles;
 pub mod session;
 pub mod state;
@@ -137,6 +138,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         );
     }
     let (desired, in_force) = watch::channel(recorded);
+    let reboots = reboot::run_reboots(
+        settings.state_dir.clone(),
+        desired.subscribe(),
+        std::sync::Arc::new(reboot::SystemdReboot),
+        shutdown.clone(),
+    );
+    let (reboot_tx, reboot_rx) = watch::channel(None);
+    let reboot_check = reboot::run_reboot_check(
+        reboot::RebootSigns::default(),
+        settings.reboot_check_interval,
+        reboot_tx,
+        shutdown.clone(),
+    );
     info!(node.id = %settings.node_id, coordinators = ?settings.coordinators, "agent starting");
     let (reports, reported) = watch::channel(None);
     let converge = converge::run_converge(
@@ -159,13 +173,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         state,
         desired,
         reported,
+        reboot_rx,
         liveness.register("session"),
         shutdown.clone(),
     );
     let watchdog =
         watchdog::run_watchdog(watchdog::Watchdog::from_env(), liveness, shutdown.clone());
     watchdog::notify_ready();
-    let (vips, (), (), (), ()) = tokio::join!(
+    let (vips, (), (), (), (), (), ()) = tokio::join!(
         async {
             let result = vips.await;
             if result.is_err() {
@@ -177,7 +192,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         sessions,
         converge,
         renewal,
-        watchdog
+        watchdog,
+        reboots,
+        reboot_check
     );
     info!("agent stopped");
     vips.map_err(AgentError::from)

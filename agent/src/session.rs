@@ -189,6 +189,7 @@ pub async fn run_sessions(
     state: StateStore,
     desired: watch::Sender<RecordedState>,
     mut reports: watch::Receiver<Option<ConvergeReport>>,
+    mut reboot: watch::Receiver<Option<steward_proto::domain::RebootRequired>>,
     beat: Beat,
     shutdown: CancellationToken,
 ) {
@@ -215,6 +216,7 @@ pub async fn run_sessions(
             &state,
             &desired,
             &mut reports,
+            &mut reboot,
             &mut rollback,
             &beat,
             &shutdown,
@@ -256,6 +258,7 @@ async fn one_session(
     state: &StateStore,
     desired: &watch::Sender<RecordedState>,
     reports: &mut watch::Receiver<Option<ConvergeReport>>,
+    reboot: &mut watch::Receiver<Option<steward_proto::domain::RebootRequired>>,
     rollback: &mut RollbackGuard,
     beat: &Beat,
     shutdown: &CancellationToken,
@@ -271,9 +274,17 @@ async fn one_session(
     let mut revocations = creds.revocations();
     let mut client = AgentServiceClient::new(dialed.channel);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(OUTBOUND_QUEUE);
+    // The facts carry whether the host needs a reboot; a change is sent
+    // again mid-session (below).
+    let facts = |probe: &mut HostProbe,
+                 reboot: &mut watch::Receiver<Option<steward_proto::domain::RebootRequired>>| {
+        let mut facts = probe.facts();
+        facts.reboot_required = reboot.borrow_and_update().clone();
+        facts
+    };
     let hello = AgentMessage::Hello {
         node: settings.node_id.clone(),
-        facts: probe.facts(),
+        facts: facts(probe, reboot),
         last_applied_revision: desired.borrow().desired.revision,
         agent_version: crate::VERSION.to_owned(),
         advertise_address: settings.advertise_address,
@@ -344,6 +355,9 @@ async fn one_session(
                 enqueue(&tx, hb).map_err(lost)?;
                 sent = Some((seq, Instant::now()));
                 crate::metrics::metrics().heartbeats_sent.inc();
+            }
+            Ok(()) = reboot.changed() => {
+                enqueue(&tx, AgentMessage::Facts(facts(probe, reboot))).map_err(lost)?;
             }
             // Guarded: a closed channel is always ready and would spin.
             changed = reports.changed(), if reports_open => {

@@ -560,6 +560,11 @@ struct NodeSession {
     last_sent: Option<DesiredState>,
     /// The status last handed to the writer.
     shown: NodeStatusRecord,
+    /// The facts as stored (bounded), and facts the agent sent again that
+    /// wait for [`FACTS_WRITE_EVERY`] to pass since the last write.
+    facts: Facts,
+    facts_pending: Option<Facts>,
+    facts_written_at: Option<Instant>,
     /// Status writes this node may still make now (refilled over time).
     status_budget: StatusBudget,
     /// Cancelled when a newer session of the same node replaces this one
@@ -587,6 +592,10 @@ struct StatusWriter {
 
 /// How often a writer retries what etcd did not take.
 const WRITE_RETRY: Duration = Duration::from_secs(1);
+/// Facts sent again mid-session (a reboot became needed) are written at
+/// most this often per session; changes in between coalesce (the latest
+/// is written with the next message after it).
+const FACTS_WRITE_EVERY: Duration = Duration::from_secs(5);
 
 impl NodeSession {
     async fn open(ctx: SessionContext, hello: Hello) -> Result<Self> {
@@ -691,6 +700,9 @@ impl NodeSession {
             session,
             last_sent: None,
             shown: status,
+            facts,
+            facts_pending: None,
+            facts_written_at: None,
             superseded,
             status_tx,
             reports_tx,
@@ -836,11 +848,39 @@ impl NodeSession {
         self.close(superseded).await;
     }
 
+    /// Writes facts the agent sent again, if they differ from the stored
+    /// ones and the last such write is [`FACTS_WRITE_EVERY`] old (off the
+    /// loop: the session never waits on etcd).
+    fn flush_facts(&mut self) {
+        if self.facts_pending.is_none()
+            || self
+                .facts_written_at
+                .is_some_and(|at| at.elapsed() < FACTS_WRITE_EVERY)
+        {
+            return;
+        }
+        let Some(facts) = self.facts_pending.take() else {
+            return;
+        };
+        self.facts = facts.clone();
+        self.facts_written_at = Some(Instant::now());
+        let (store, node) = (self.ctx.store.clone(), self.node.clone());
+        tokio::spawn(
+            async move {
+                if let Err(error) = store.put_facts(&node, &facts).await {
+                    warn!(%error, "could not write the facts sent again");
+                }
+            }
+            .instrument(tracing::info_span!("facts_write", node.id = %self.node)),
+        );
+    }
+
     async fn on_message(
         &mut self,
         message: pb::AgentMessage,
         tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
     ) -> bool {
+        self.flush_facts();
         match AgentMessage::try_from(message) {
             Ok(AgentMessage::Heartbeat { seq, health, .. }) => {
                 crate::metrics::metrics().heartbeats.inc();
@@ -892,6 +932,12 @@ impl NodeSession {
             }
             Ok(AgentMessage::LogChunk(chunk)) => {
                 self.ctx.logs.deliver(chunk);
+                true
+            }
+            Ok(AgentMessage::Facts(facts)) => {
+                let facts = bound_facts(facts, self.ctx.limits.max_facts_bytes);
+                self.facts_pending = (facts != self.facts).then_some(facts);
+                self.flush_facts();
                 true
             }
             Ok(AgentMessage::Hello { .. }) => {

@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 use crate::domain::{
     AgentMessage, CertName, CertRevocation, CoordinatorMessage, CoordinatorRevocation,
     DesiredState, Disk, Event, EventKind, Facts, Health, InvalidCertName, InvalidNodeId, LogChunk,
-    LogQuery, MaintenanceView, NetworkInterface, NodeHealth, NodeId, NodeView, RevocableKind,
+    LogQuery, MaintenanceView, NetworkInterface, NodeHealth, NodeId, NodeView, RebootRequest,
+    RebootRequired, RevocableKind,
     RevokeCertificate, Role, RoleChange, RoleSet, MAX_COORDINATOR_REVOCATIONS, MAX_LOG_CHUNK,
     MAX_LOG_LINE,
 };
@@ -141,6 +142,20 @@ impl TryFrom<pb::Facts> for Facts {
                     })
                 })
                 .collect::<Result<_, ProtoError>>()?,
+            boot_id: bounded_str("facts.boot_id", f.boot_id)?,
+            reboot_required: f
+                .reboot_required
+                .map(|r| {
+                    Ok::<_, ProtoError>(RebootRequired {
+                        since_unix_ms: r.since_unix_ms,
+                        source: bounded_str("facts.reboot_required.source", r.source)?,
+                        packages: bounded_list("facts.reboot_required.packages", r.packages)?
+                            .into_iter()
+                            .map(|p| bounded_str("facts.reboot_required.packages", p))
+                            .collect::<Result<_, _>>()?,
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -171,6 +186,12 @@ impl From<Facts> for pb::Facts {
                     addresses: i.addresses,
                 })
                 .collect(),
+            boot_id: f.boot_id,
+            reboot_required: f.reboot_required.map(|r| pb::RebootRequired {
+                since_unix_ms: r.since_unix_ms,
+                source: r.source,
+                packages: r.packages,
+            }),
         }
     }
 }
@@ -234,6 +255,7 @@ impl TryFrom<pb::AgentMessage> for AgentMessage {
                 converge: r.converge.map(TryInto::try_into).transpose()?,
             }),
             Kind::LogChunk(c) => Ok(AgentMessage::LogChunk(c.try_into()?)),
+            Kind::Facts(f) => Ok(AgentMessage::Facts(f.try_into()?)),
         }
     }
 }
@@ -331,6 +353,7 @@ impl From<AgentMessage> for pb::AgentMessage {
                 converge: converge.map(Into::into),
             }),
             AgentMessage::LogChunk(c) => Kind::LogChunk(c.into()),
+            AgentMessage::Facts(f) => Kind::Facts(f.into()),
         };
         pb::AgentMessage { kind: Some(kind) }
     }
@@ -366,6 +389,15 @@ impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
                     })
                 })
                 .collect::<Result<_, ProtoError>>()?,
+                reboot: d
+                    .reboot
+                    .map(|r| {
+                        Ok::<_, ProtoError>(RebootRequest {
+                            generation: r.generation,
+                            boot_id: bounded_str("desired_state.reboot.boot_id", r.boot_id)?,
+                        })
+                    })
+                    .transpose()?,
             }))),
             Kind::HeartbeatAck(a) => Ok(CoordinatorMessage::HeartbeatAck {
                 seq: a.seq,
@@ -401,6 +433,10 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
                         revoked_unix_s: r.revoked_unix_s,
                     })
                     .collect(),
+                reboot: d.reboot.map(|r| pb::RebootRequest {
+                    generation: r.generation,
+                    boot_id: r.boot_id,
+                }),
             }),
             CoordinatorMessage::HeartbeatAck { seq, replica } => {
                 Kind::HeartbeatAck(pb::HeartbeatAck {

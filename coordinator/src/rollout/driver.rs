@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use super::model::{
-    ActiveRollout, Phase, RolloutControl, RolloutEntry, RolloutNodeRecord, RolloutSpec,
-    RolloutState, Step, StepTimes,
+    ActiveRollout, Phase, RolloutControl, RolloutEntry, RolloutKind, RolloutNodeRecord,
+    RolloutSpec, RolloutState, Step, StepTimes,
 };
 use crate::agent_service::SessionContext;
 use crate::cache::SpecSnapshot;
@@ -312,6 +312,8 @@ impl Driver {
                     started: now,
                     ..Default::default()
                 },
+                boot_id_before: String::new(),
+                boot_id_after: String::new(),
             });
         let maintenance = world.specs.maintenance.get(node);
         if maintenance.is_some_and(|m| m.value.active) {
@@ -415,6 +417,37 @@ impl Driver {
                     } else {
                         return Ok(());
                     }
+                }
+                run.write_node(node, expected, &next, Vec::new(), Vec::new())
+                    .await?;
+            }
+            Step::Drained if run.spec.kind == RolloutKind::Reboot => {
+                super::reboot::ask(run, node, expected, next).await?;
+            }
+            Step::Changed if run.spec.kind == RolloutKind::Reboot => {
+                let observed = run.store.node(node).await?;
+                match super::reboot::progress(&next.boot_id_before, &observed) {
+                    super::reboot::Progress::Back(boot_id) => {
+                        next.step = Step::Converged;
+                        next.reason.clear();
+                        next.boot_id_after = boot_id;
+                        next.times.converged = now;
+                    }
+                    super::reboot::Progress::Pending(what)
+                        if since(next.times.changed) > self.timeouts.converge =>
+                    {
+                        next = failed(
+                            next,
+                            format!(
+                                "not back from its reboot within {} s ({what})",
+                                self.timeouts.converge.as_secs()
+                            ),
+                        );
+                    }
+                    super::reboot::Progress::Pending(what) if next.reason != what => {
+                        next.reason = what;
+                    }
+                    super::reboot::Progress::Pending(_) => return Ok(()),
                 }
                 run.write_node(node, expected, &next, Vec::new(), Vec::new())
                     .await?;
@@ -593,19 +626,19 @@ pub fn health_problems(node: &NodeId, observed: &NodeRecord, world: &World<'_>) 
 }
 
 /// One tick's view of the active rollout, and its writes.
-struct Run<'a> {
-    id: &'a str,
+pub(super) struct Run<'a> {
+    pub(super) id: &'a str,
     entry: &'a RolloutEntry,
     spec: &'a RolloutSpec,
-    store: &'a Store,
+    pub(super) store: &'a Store,
     fence: &'a Fence,
-    world: &'a World<'a>,
+    pub(super) world: &'a World<'a>,
 }
 
 impl Run<'_> {
     /// Writes `record` for `node` if its key is still at `expected`, with
     /// `guards` and `ops`; whether it did (a stale cache: next tick).
-    async fn write_node(
+    pub(super) async fn write_node(
         &self,
         node: &NodeId,
         expected: i64,
@@ -716,6 +749,11 @@ impl Run<'_> {
     /// change markers, whose revisions are newer than every node's change,
     /// so no node's revision goes back and none changes again).
     async fn finish(&self) -> Result<()> {
+        if self.spec.kind == RolloutKind::Reboot {
+            // Nothing to write but the end: no settings change.
+            let reason = format!("{} nodes rebooted", self.spec.node_count());
+            return self.set_phase(Phase::Done, reason, true).await;
+        }
         let keys = self.store.keys();
         let current = self.world.specs.settings.as_ref();
         let current_rev = current.map_or(0, |s| s.mod_revision);
@@ -1065,6 +1103,7 @@ mod tests {
                 changes: Vec::new(),
                 created_by: "ops".into(),
                 created_at_unix_ms: 1,
+                kind: Default::default(),
             };
             let state = RolloutState {
                 phase: if i == 0 { Phase::Aborted } else { Phase::Done },

@@ -20,6 +20,7 @@
 pub mod driver;
 pub mod model;
 pub mod plan;
+pub mod reboot;
 
 use steward_proto::admin::{RolloutNodeView, RolloutView};
 use steward_proto::converge::ClusterSettings;
@@ -99,7 +100,26 @@ pub async fn create(
         changes,
         created_by: by.to_owned(),
         created_at_unix_ms: unix_ms(),
+        kind: model::RolloutKind::Settings,
     };
+    let guards = vec![Cmp::mod_revision(store.keys().cluster_settings(), base_revision)];
+    insert(store, &spec, active_revision, guards, "the cluster settings or the active rollout")
+        .await?;
+    Ok(Some(id))
+}
+
+/// Writes the new rollout `spec` and makes it the active one, in one
+/// transaction guarded on `cluster/rollouts/.active` being at
+/// `active_revision` and on `guards` (`what` names them in the conflict).
+pub(crate) async fn insert(
+    store: &Store,
+    spec: &RolloutSpec,
+    active_revision: i64,
+    guards: Vec<Cmp>,
+    what: &str,
+) -> Result<()> {
+    let id = spec.id.clone();
+    let by = &spec.created_by;
     let keys = store.keys();
     let state = RolloutState {
         phase: Phase::Running,
@@ -116,14 +136,15 @@ pub async fn create(
             spec.changes.join("; ")
         ),
     );
+    let mut compares = vec![
+        Cmp::mod_revision(keys.rollout_active(), active_revision),
+        Cmp::mod_revision(keys.rollout_spec(&id), 0),
+    ];
+    compares.extend(guards);
     let txn = Txn::new()
-        .when([
-            Cmp::mod_revision(keys.rollout_active(), active_revision),
-            Cmp::mod_revision(keys.cluster_settings(), base_revision),
-            Cmp::mod_revision(keys.rollout_spec(&id), 0),
-        ])
+        .when(compares)
         .and_then([
-            Op::put(keys.rollout_spec(&id), encode(&spec)),
+            Op::put(keys.rollout_spec(&id), encode(spec)),
             Op::put(keys.rollout_state(&id), encode(&state)),
             Op::put(
                 keys.rollout_control(&id),
@@ -138,12 +159,10 @@ pub async fn create(
             store.event_op(&event),
         ]);
     if !store.txn(txn, "create rollout").await?.succeeded {
-        return Err(Error::Conflict {
-            key: "the cluster settings or the active rollout".into(),
-        });
+        return Err(Error::Conflict { key: what.into() });
     }
     info!(rollout.id = %id, nodes = spec.node_count(), "rollout created");
-    Ok(Some(id))
+    Ok(())
 }
 
 /// Every rollout, oldest first, without per-node detail.
@@ -258,6 +277,8 @@ pub fn view(id: &str, entry: &RolloutEntry) -> Option<RolloutView> {
                 healthy_unix_ms: times.healthy,
                 finished_unix_ms: times.finished,
                 changed_revision: entry.changed.get(node).copied().unwrap_or(0).max(0) as u64,
+                boot_id_before: record.map(|r| r.boot_id_before.clone()).unwrap_or_default(),
+                boot_id_after: record.map(|r| r.boot_id_after.clone()).unwrap_or_default(),
             });
         }
     }

@@ -86,6 +86,13 @@ pub fn plan(
         .iter()
         .filter(|c| changes(&c.roles, &c.current, target))
         .collect();
+    order(changed, options)
+}
+
+/// The batches for `nodes`, every one of them (a reboot rollout's): the
+/// order and limits of [`plan`].
+pub fn order(nodes: Vec<&Candidate>, options: &RolloutOptions) -> Batches {
+    let changed = nodes;
     let holder_zones: BTreeSet<&str> = changed
         .iter()
         .filter(|c| c.holds_vip)
