@@ -1086,6 +1086,87 @@ mod tests {
             .unwrap();
     }
 
+    /// The agent of `id` reports running boot `boot_id`.
+    async fn boot(replica: &TestReplica, id: &str, boot_id: &str) {
+        let facts = steward_proto::domain::Facts {
+            boot_id: boot_id.into(),
+            ..Default::default()
+        };
+        replica.store().put_facts(&node(id), &facts).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reboot_rollout_asks_each_node_once_and_waits_for_a_new_boot() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        boot(&bed.replica, "w-1", "boot-1a").await;
+        boot(&bed.replica, "w-2", "boot-2a").await;
+        let request = steward_proto::admin::RebootRollout {
+            selector: steward_proto::admin::RebootSelector::All,
+            only_required: false,
+            options: RolloutOptions::default(),
+        };
+        let id = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops")
+            .await
+            .unwrap();
+        eventually("the rollout in the cache", || {
+            bed.replica
+                .ctx
+                .specs
+                .borrow()
+                .rollouts
+                .contains_key(&id)
+                .then_some(())
+        })
+        .await;
+        // A second one is refused while it runs.
+        let again = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops").await;
+        assert!(matches!(again, Err(Error::RolloutInProgress(_))), "{again:?}");
+        bed.until(&id, "w-1", Step::Changed).await;
+        assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        let asked = bed.replica.ctx.desired_for(&node("w-1")).unwrap();
+        let request_1 = asked.reboot.clone().expect("w-1 asked to reboot");
+        assert_eq!(request_1.boot_id, "boot-1a");
+        assert!(asked.revision >= request_1.generation);
+        assert_eq!(bed.replica.ctx.desired_for(&node("w-2")).unwrap().reboot, None);
+        // Still the old boot: it waits, and a new leader does not ask again.
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        bed.driver = Driver::new(StepTimeouts::default());
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        assert_eq!(bed.step(&id, "w-1"), Some(Step::Changed));
+        assert_eq!(bed.step(&id, "w-2"), None, "w-2 waits for w-1");
+        let still = bed.replica.ctx.desired_for(&node("w-1")).unwrap().reboot;
+        assert_eq!(still.as_ref(), Some(&request_1), "asked once");
+        // Back with a new boot: healthy, undrained, then w-2's turn.
+        boot(&bed.replica, "w-1", "boot-1b").await;
+        bed.until(&id, "w-1", Step::Done).await;
+        assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        bed.until(&id, "w-2", Step::Changed).await;
+        boot(&bed.replica, "w-2", "boot-2b").await;
+        bed.until_phase(&id, Phase::Done).await;
+        let entry = bed.replica.store().rollout(&id).await.unwrap().unwrap();
+        let w1 = &entry.nodes[&node("w-1")].value;
+        assert_eq!(
+            (w1.boot_id_before.as_str(), w1.boot_id_after.as_str()),
+            ("boot-1a", "boot-1b")
+        );
+        let w2 = &entry.nodes[&node("w-2")].value;
+        assert!(w1.times.finished <= w2.times.started, "one at a time");
+        // A reboot changes no settings, and the rollout holds nothing.
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        assert!(specs.settings.is_none());
+        assert!(specs.active_rollout().is_none());
+        assert!(specs.maintenance_set().is_empty());
+        // Only the requests stay: one each, never asked again.
+        assert_eq!(
+            bed.replica.ctx.desired_for(&node("w-1")).unwrap().reboot,
+            Some(request_1)
+        );
+    }
+
     #[tokio::test]
     async fn only_the_newest_finished_rollouts_are_kept() {
         let mut bed = Bed::new(&["w-1"]).await;
