@@ -33,6 +33,11 @@ pub struct ClusterSettings {
     pub gluster_volumes: Vec<GlusterVolume>,
     #[serde(default)]
     pub frontends: Vec<Frontend>,
+    /// `[maintenance] window` ("Sat 02:00-04:00", UTC): when the leader
+    /// reboots the nodes that need it by itself. Read by the coordinators
+    /// only: in no node's slice, never sent to agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_window: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -618,6 +623,8 @@ impl TryFrom<pb::ClusterSettings> for ClusterSettings {
                     })
                 })
                 .collect::<Result<_, ProtoError>>()?,
+            // Not on the wire: agents never consume it.
+            maintenance_window: None,
         })
     }
 }

@@ -94,7 +94,14 @@ pub struct Driver {
     timeouts: StepTimeouts,
     fleet: Option<(Instant, Arc<BTreeMap<NodeId, NodeRecord>>)>,
     trimmed_at: Option<Instant>,
+    /// When the maintenance window was last looked at (it reads every
+    /// node's facts: at most once a [`WINDOW_CHECK_EVERY`]).
+    window_checked_at: Option<Instant>,
 }
+
+/// How often the leader, with no rollout active, looks for nodes the
+/// maintenance window should reboot.
+pub const WINDOW_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown`; acts only while this replica leads.
 pub async fn run_rollouts(
@@ -151,6 +158,7 @@ impl Driver {
             timeouts,
             fleet: None,
             trimmed_at: None,
+            window_checked_at: None,
         }
     }
 
@@ -184,7 +192,7 @@ impl Driver {
     pub async fn tick(&mut self, store: &Store, fence: &Fence, world: &World<'_>) -> Result<()> {
         self.trim(store, fence, world.specs).await?;
         let Some((id, entry)) = world.specs.active_rollout() else {
-            return Ok(());
+            return self.window(store, fence, world).await;
         };
         let Some(spec) = entry.spec.as_ref().map(|s| &s.value) else {
             return Ok(());
@@ -535,6 +543,29 @@ impl Driver {
             }
             Step::Done | Step::Failed | Step::Aborted => {}
         }
+        Ok(())
+    }
+
+    /// No rollout active: the maintenance window may start a reboot
+    /// ([`super::reboot::window_tick`]), looked at once a
+    /// [`WINDOW_CHECK_EVERY`] while the settings have a window.
+    async fn window(&mut self, store: &Store, fence: &Fence, world: &World<'_>) -> Result<()> {
+        let has_window = world
+            .specs
+            .settings
+            .as_ref()
+            .is_some_and(|s| s.value.maintenance_window.is_some());
+        if !has_window
+            || self
+                .window_checked_at
+                .is_some_and(|at| at.elapsed() < WINDOW_CHECK_EVERY)
+        {
+            return Ok(());
+        }
+        self.window_checked_at = Some(Instant::now());
+        let t = self.timeouts;
+        let longest = t.drain + t.converge + t.health;
+        super::reboot::window_tick(store, fence, world, longest, unix_ms()).await?;
         Ok(())
     }
 
@@ -1165,6 +1196,79 @@ mod tests {
             bed.replica.ctx.desired_for(&node("w-1")).unwrap().reboot,
             Some(request_1)
         );
+    }
+
+    #[tokio::test]
+    async fn the_maintenance_window_reboots_one_node_that_needs_it_only_with_time_left() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        boot(&bed.replica, "w-1", "boot-1a").await;
+        let needs = steward_proto::domain::Facts {
+            boot_id: "boot-2a".into(),
+            reboot_required: Some(steward_proto::domain::RebootRequired {
+                since_unix_ms: 1,
+                source: "reboot-required".into(),
+                packages: Vec::new(),
+            }),
+            ..Default::default()
+        };
+        let store = bed.replica.store().clone();
+        store.put_facts(&node("w-2"), &needs).await.unwrap();
+        let settings = ClusterSettings {
+            maintenance_window: Some("Sat 02:00-04:00".into()),
+            ..Default::default()
+        };
+        store
+            .txn(
+                Txn::new().and_then([Op::put(store.keys().cluster_settings(), encode(&settings))]),
+                "test",
+            )
+            .await
+            .unwrap();
+        eventually("the settings in the cache", || {
+            bed.replica.ctx.specs.borrow().settings.as_ref().map(|_| ())
+        })
+        .await;
+        // 2026-12-05 was a Saturday.
+        let saturday = 20_792 * 86_400_000u64;
+        let at = |hh: u64, mm: u64| saturday + (hh * 60 + mm) * 60_000;
+        let longest = Duration::from_secs(20 * 60);
+        let (ctx, fence) = (bed.replica.ctx.clone(), bed.fence.clone());
+        let tick = |now: u64| {
+            let specs = ctx.specs.borrow().clone();
+            let vips = ctx.vips.borrow().clone();
+            let orchestration = ctx.orchestration.borrow().clone();
+            let (store, fence, lease) = (store.clone(), fence.clone(), &ctx.lease);
+            async move {
+                let world = World {
+                    specs: &specs,
+                    vips: &vips,
+                    orchestration: &orchestration,
+                    lease,
+                };
+                crate::rollout::reboot::window_tick(&store, &fence, &world, longest, now)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(tick(at(1, 59)).await, None, "before the window");
+        assert_eq!(tick(at(3, 41)).await, None, "it would run past 04:00");
+        assert_eq!(tick(at(4, 0)).await, None, "after the window");
+        let id = tick(at(2, 30)).await.expect("a reboot rollout");
+        let entry = store.rollout(&id).await.unwrap().unwrap();
+        let spec = entry.spec.unwrap().value;
+        assert_eq!(spec.kind, RolloutKind::Reboot);
+        assert_eq!(spec.batches, [[node("w-2")]]);
+        assert!(spec.created_by.contains("maintenance window"), "{}", spec.created_by);
+        // One at a time: none while it is active.
+        assert_eq!(tick(at(2, 31)).await, None);
+        bed.until(&id, "w-2", Step::Changed).await;
+        boot(&bed.replica, "w-2", "boot-2b").await;
+        bed.until_phase(&id, Phase::Done).await;
+        // Its need was before this reboot: not again (the facts above
+        // still say it needs one, as an agent whose need outlived the
+        // reboot would).
+        store.put_facts(&node("w-2"), &needs).await.unwrap();
+        assert_eq!(tick(at(2, 40)).await, None);
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod model;
 pub mod plan;
 pub mod reboot;
+pub mod window;
 
 use steward_proto::admin::{RolloutNodeView, RolloutView};
 use steward_proto::converge::ClusterSettings;
@@ -103,21 +104,25 @@ pub async fn create(
         kind: model::RolloutKind::Settings,
     };
     let guards = vec![Cmp::mod_revision(store.keys().cluster_settings(), base_revision)];
-    insert(store, &spec, active_revision, guards, "the cluster settings or the active rollout")
-        .await?;
+    let txn = insert_txn(store, &spec, active_revision, guards);
+    if !store.txn(txn, "create rollout").await?.succeeded {
+        return Err(Error::Conflict {
+            key: "the cluster settings or the active rollout".into(),
+        });
+    }
+    info!(rollout.id = %id, nodes = spec.node_count(), "rollout created");
     Ok(Some(id))
 }
 
-/// Writes the new rollout `spec` and makes it the active one, in one
-/// transaction guarded on `cluster/rollouts/.active` being at
-/// `active_revision` and on `guards` (`what` names them in the conflict).
-pub(crate) async fn insert(
+/// The transaction that writes the new rollout `spec` and makes it the
+/// active one, guarded on `cluster/rollouts/.active` being at
+/// `active_revision` and on `guards`.
+pub(crate) fn insert_txn(
     store: &Store,
     spec: &RolloutSpec,
     active_revision: i64,
     guards: Vec<Cmp>,
-    what: &str,
-) -> Result<()> {
+) -> Txn {
     let id = spec.id.clone();
     let by = &spec.created_by;
     let keys = store.keys();
@@ -141,7 +146,7 @@ pub(crate) async fn insert(
         Cmp::mod_revision(keys.rollout_spec(&id), 0),
     ];
     compares.extend(guards);
-    let txn = Txn::new()
+    Txn::new()
         .when(compares)
         .and_then([
             Op::put(keys.rollout_spec(&id), encode(spec)),
@@ -157,12 +162,7 @@ pub(crate) async fn insert(
                 }),
             ),
             store.event_op(&event),
-        ]);
-    if !store.txn(txn, "create rollout").await?.succeeded {
-        return Err(Error::Conflict { key: what.into() });
-    }
-    info!(rollout.id = %id, nodes = spec.node_count(), "rollout created");
-    Ok(())
+        ])
 }
 
 /// Every rollout, oldest first, without per-node detail.

@@ -112,9 +112,29 @@ pub async fn create(ctx: &SessionContext, request: &RebootRollout, by: &str) -> 
     let active_revision = super::ensure_none_active(store).await?;
     let mut fleet = store.nodes().await?;
     store.fill_details(&mut fleet).await?;
-    let chosen = select(&fleet, request)?;
     let specs = ctx.specs.borrow().clone();
     let vips = ctx.vips.borrow().clone();
+    let spec = build(&fleet, &specs, &vips, request, by)?;
+    let txn = super::insert_txn(store, &spec, active_revision, Vec::new());
+    if !store.txn(txn, "create rollout").await?.succeeded {
+        return Err(Error::Conflict {
+            key: "the active rollout".into(),
+        });
+    }
+    info!(rollout.id = %spec.id, nodes = spec.node_count(), "reboot rollout created");
+    Ok(spec.id)
+}
+
+/// The rollout of the nodes of `fleet` (with their facts) that `request`
+/// selects, in the planner's order (zone by zone, VIP holders last).
+pub fn build(
+    fleet: &std::collections::BTreeMap<NodeId, NodeRecord>,
+    specs: &crate::cache::SpecSnapshot,
+    vips: &crate::vip::VipSnapshot,
+    request: &RebootRollout,
+    by: &str,
+) -> Result<RolloutSpec> {
+    let chosen = select(fleet, request)?;
     let holders: BTreeSet<NodeId> = vips
         .vips
         .values()
@@ -154,8 +174,99 @@ pub async fn create(ctx: &SessionContext, request: &RebootRollout, by: &str) -> 
         created_at_unix_ms: unix_ms(),
         kind: RolloutKind::Reboot,
     };
-    super::insert(store, &spec, active_revision, Vec::new(), "the active rollout").await?;
-    Ok(id)
+    Ok(spec)
+}
+
+/// The nodes the maintenance window may reboot: they report needing it,
+/// report a boot id, are connected, and were not rebooted by Steward since
+/// the need appeared (a need that outlives its reboot waits for an
+/// operator).
+pub fn window_candidates(
+    fleet: &std::collections::BTreeMap<NodeId, NodeRecord>,
+    reboots: &std::collections::BTreeMap<NodeId, crate::store::Versioned<RebootRecord>>,
+) -> Vec<NodeId> {
+    fleet
+        .iter()
+        .filter(|(id, r)| {
+            let Some(facts) = r.facts.as_ref().map(|f| &f.value) else {
+                return false;
+            };
+            let Some(need) = &facts.reboot_required else {
+                return false;
+            };
+            let connected = r
+                .status
+                .as_ref()
+                .is_some_and(|s| s.value.replica.is_some());
+            let rebooted_since = reboots
+                .get(*id)
+                .is_some_and(|b| b.value.at_unix_ms >= need.since_unix_ms);
+            !facts.boot_id.is_empty() && connected && !rebooted_since
+        })
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// The leader with no rollout active: inside the maintenance window, with
+/// time left for `longest` (a node's step timeouts, see
+/// [`super::window`]), a reboot rollout of one node that needs it (the
+/// first in the planner's order); fenced. Its id, if it started one.
+pub async fn window_tick(
+    store: &crate::store::Store,
+    fence: &crate::replica::Fence,
+    world: &super::driver::World<'_>,
+    longest: std::time::Duration,
+    now_unix_ms: u64,
+) -> Result<Option<String>> {
+    let Some(text) = world
+        .specs
+        .settings
+        .as_ref()
+        .and_then(|s| s.value.maintenance_window.as_deref())
+    else {
+        return Ok(None);
+    };
+    let window = match text.parse::<super::window::MaintenanceWindow>() {
+        Ok(w) => w,
+        Err(error) => {
+            tracing::warn!(%error, "ignoring the maintenance window");
+            return Ok(None);
+        }
+    };
+    if !window.may_start(now_unix_ms, longest) {
+        return Ok(None);
+    }
+    let mut fleet = store.nodes().await?;
+    store.fill_details(&mut fleet).await?;
+    let candidates = window_candidates(&fleet, &world.specs.reboots);
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let all = RebootRollout {
+        selector: RebootSelector::Nodes(candidates),
+        only_required: true,
+        options: Default::default(),
+    };
+    let ordered = build(&fleet, world.specs, world.vips, &all, "")?;
+    let Some(first) = ordered.batches.first().and_then(|b| b.first()) else {
+        return Ok(None);
+    };
+    let one = RebootRollout {
+        selector: RebootSelector::Nodes(vec![first.clone()]),
+        ..all
+    };
+    let by = format!("leader: maintenance window {text}");
+    let spec = build(&fleet, world.specs, world.vips, &one, &by)?;
+    let (active, active_revision) = store.active_rollout().await?;
+    if active.id.is_some() {
+        return Ok(None);
+    }
+    let txn = super::insert_txn(store, &spec, active_revision, Vec::new());
+    if !fence.txn(store, txn).await?.succeeded {
+        return Ok(None);
+    }
+    info!(rollout.id = %spec.id, node.id = %first, window = %text, "maintenance window: reboot rollout started");
+    Ok(Some(spec.id))
 }
 
 /// The reboot step of a drained `node` whose record is at `expected`:
@@ -386,6 +497,35 @@ mod tests {
         assert!(matches!(progress(asked_in, &booting), Progress::Pending(w) if w.contains("not connected")));
         let back = record(&[], "boot-b", false, true);
         assert_eq!(progress(asked_in, &back), Progress::Back("boot-b".into()));
+    }
+
+    #[test]
+    fn the_window_reboots_only_connected_nodes_not_rebooted_since_the_need() {
+        let mut fleet = fleet();
+        fleet.insert(node("w-3"), record(&[], "b-w3", true, false));
+        fleet.insert(node("w-4"), record(&[], "", true, true));
+        let mut reboots = BTreeMap::new();
+        // lb-1 was rebooted after its need appeared (since = 1): it waits
+        // for an operator; w-2's reboot was before it.
+        for (id, at) in [("lb-1", 5), ("w-2", 0)] {
+            reboots.insert(
+                node(id),
+                Versioned {
+                    value: RebootRecord {
+                        boot_id: "old".into(),
+                        rollout: "r1".into(),
+                        at_unix_ms: at,
+                    },
+                    mod_revision: 9,
+                },
+            );
+        }
+        let ids: Vec<String> = window_candidates(&fleet, &reboots)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        // w-1 needs none, w-3 is not connected, w-4 has no boot id.
+        assert_eq!(ids, ["w-2"]);
     }
 
     #[test]
