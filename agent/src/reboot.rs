@@ -118,7 +118,10 @@ fn mtime_unix_ms(path: &Path) -> Option<u64> {
 
 /// One look at the host; `previous` keeps the `since` of a need that
 /// `needs-restarting` still reports.
-pub async fn check(signs: &RebootSigns, previous: Option<&RebootRequired>) -> Option<RebootRequired> {
+pub async fn check(
+    signs: &RebootSigns,
+    previous: Option<&RebootRequired>,
+) -> Option<RebootRequired> {
     let marker = mtime_unix_ms(&signs.marker);
     let pkgs = std::fs::read_to_string(&signs.pkgs).ok();
     let mut exit = None;
@@ -132,7 +135,9 @@ pub async fn check(signs: &RebootSigns, previous: Option<&RebootRequired>) -> Op
                 .kill_on_drop(true);
             match tokio::time::timeout(NEEDS_RESTARTING_TIMEOUT, cmd.status()).await {
                 Ok(Ok(status)) => exit = status.code(),
-                Ok(Err(error)) => warn!(%error, binary = %binary.display(), "needs-restarting failed"),
+                Ok(Err(error)) => {
+                    warn!(%error, binary = %binary.display(), "needs-restarting failed")
+                }
                 Err(_) => warn!(binary = %binary.display(), "needs-restarting -r timed out"),
             }
         }
@@ -191,7 +196,11 @@ pub enum Decision {
 
 /// Whether to reboot for `request`, having done `done`, running boot
 /// `boot_id`.
-pub fn decide(request: Option<&RebootRequest>, done: Option<&RebootDone>, boot_id: &str) -> Decision {
+pub fn decide(
+    request: Option<&RebootRequest>,
+    done: Option<&RebootDone>,
+    boot_id: &str,
+) -> Decision {
     let Some(request) = request else {
         return Decision::Nothing;
     };
@@ -366,7 +375,10 @@ mod tests {
         assert_eq!(act(Some(&asked), &log, "boot-a", &host), Decision::Done);
         assert_eq!(host.0.load(Ordering::SeqCst), 1);
         // A newer request of the boot it runs: once more.
-        assert_eq!(act(Some(&request(50, "boot-b")), &log, "boot-b", &host), Decision::Reboot);
+        assert_eq!(
+            act(Some(&request(50, "boot-b")), &log, "boot-b", &host),
+            Decision::Reboot
+        );
         assert_eq!(host.0.load(Ordering::SeqCst), 2);
     }
 
@@ -381,7 +393,10 @@ mod tests {
             act(Some(&request(7, "boot-a")), &log, "boot-b", &host),
             Decision::OtherBoot
         );
-        assert_eq!(act(Some(&request(7, "boot-a")), &log, "", &host), Decision::OtherBoot);
+        assert_eq!(
+            act(Some(&request(7, "boot-a")), &log, "", &host),
+            Decision::OtherBoot
+        );
         assert_eq!(host.0.load(Ordering::SeqCst), 0);
         assert_eq!(log.load(), None);
     }

@@ -183,6 +183,7 @@ fn enqueue(tx: &mpsc::Sender<pb::AgentMessage>, message: AgentMessage) -> Result
 /// Keeps a session to some replica until `shutdown`. `desired` always holds
 /// the state in force (the recorded one until a coordinator says otherwise);
 /// `reports` the last converge run, reported whenever its outcome changes.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_sessions(
     settings: Settings,
     creds: Credentials,
@@ -276,12 +277,13 @@ async fn one_session(
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(OUTBOUND_QUEUE);
     // The facts carry whether the host needs a reboot; a change is sent
     // again mid-session (below).
-    let facts = |probe: &mut HostProbe,
-                 reboot: &mut watch::Receiver<Option<steward_proto::domain::RebootRequired>>| {
-        let mut facts = probe.facts();
-        facts.reboot_required = reboot.borrow_and_update().clone();
-        facts
-    };
+    let facts =
+        |probe: &mut HostProbe,
+         reboot: &mut watch::Receiver<Option<steward_proto::domain::RebootRequired>>| {
+            let mut facts = probe.facts();
+            facts.reboot_required = reboot.borrow_and_update().clone();
+            facts
+        };
     let hello = AgentMessage::Hello {
         node: settings.node_id.clone(),
         facts: facts(probe, reboot),

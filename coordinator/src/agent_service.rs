@@ -1564,7 +1564,11 @@ mod session_tests {
         // The same facts: nothing written.
         agent.to_replica.send(Ok(again(None))).await.unwrap();
         // A reboot needed: written at once (no write before it).
-        agent.to_replica.send(Ok(again(Some("linux-a")))).await.unwrap();
+        agent
+            .to_replica
+            .send(Ok(again(Some("linux-a"))))
+            .await
+            .unwrap();
         let written = eventually_async("the facts with the need", || async {
             let f = store.node(&node("n1")).await.unwrap().facts?;
             f.value.reboot_required.is_some().then_some(f)
@@ -1572,12 +1576,20 @@ mod session_tests {
         .await;
         assert!(written.mod_revision > first.mod_revision);
         assert_eq!(
-            written.value.reboot_required.as_ref().map(|r| r.packages.clone()),
+            written
+                .value
+                .reboot_required
+                .as_ref()
+                .map(|r| r.packages.clone()),
             Some(vec!["linux-a".to_owned()])
         );
         // Another change right after: it waits for the interval, then goes
         // with the next message (a heartbeat).
-        agent.to_replica.send(Ok(again(Some("linux-b")))).await.unwrap();
+        agent
+            .to_replica
+            .send(Ok(again(Some("linux-b"))))
+            .await
+            .unwrap();
         let ack = |seq| -> pb::AgentMessage {
             AgentMessage::Heartbeat {
                 seq,

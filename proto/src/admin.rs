@@ -732,9 +732,11 @@ impl TryFrom<pb::RebootRolloutRequest> for RebootRollout {
             }
             (true, Some(role), false) => RebootSelector::Role(role),
             (true, None, true) => RebootSelector::All,
-            _ => return Err(ProtoError::Invalid {
+            _ => {
+                return Err(ProtoError::Invalid {
                     field: "node_ids, role, all (give exactly one)",
-                }),
+                })
+            }
         };
         Ok(Self {
             selector,
@@ -752,7 +754,9 @@ impl From<RebootRollout> for pb::RebootRolloutRequest {
             ..Default::default()
         };
         match r.selector {
-            RebootSelector::Nodes(ids) => out.node_ids = ids.into_iter().map(String::from).collect(),
+            RebootSelector::Nodes(ids) => {
+                out.node_ids = ids.into_iter().map(String::from).collect()
+            }
             RebootSelector::Role(role) => out.role = crate::convert::role_to_pb(role) as i32,
             RebootSelector::All => out.all = true,
         }

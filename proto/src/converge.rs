@@ -939,6 +939,8 @@ mod tests {
                     backend_role: Role::K8sWorker,
                     backend_port: 30300,
                 }],
+                // Not on the wire.
+                maintenance_window: None,
             },
         }
     }

@@ -8,9 +8,8 @@ use crate::domain::{
     AgentMessage, CertName, CertRevocation, CoordinatorMessage, CoordinatorRevocation,
     DesiredState, Disk, Event, EventKind, Facts, Health, InvalidCertName, InvalidNodeId, LogChunk,
     LogQuery, MaintenanceView, NetworkInterface, NodeHealth, NodeId, NodeView, RebootRequest,
-    RebootRequired, RevocableKind,
-    RevokeCertificate, Role, RoleChange, RoleSet, MAX_COORDINATOR_REVOCATIONS, MAX_LOG_CHUNK,
-    MAX_LOG_LINE,
+    RebootRequired, RevocableKind, RevokeCertificate, Role, RoleChange, RoleSet,
+    MAX_COORDINATOR_REVOCATIONS, MAX_LOG_CHUNK, MAX_LOG_LINE,
 };
 use crate::pb;
 
@@ -825,6 +824,12 @@ mod tests {
             facts: Facts {
                 hostname: "n1".into(),
                 cpus: 2,
+                boot_id: "0f8c8b2a-5a6e-4b53-9a49-3d2f4c0e1b7d".into(),
+                reboot_required: Some(RebootRequired {
+                    since_unix_ms: 1_700_000_000_000,
+                    source: "reboot-required".into(),
+                    packages: vec!["linux-image-amd64".into()],
+                }),
                 ..Default::default()
             },
             last_applied_revision: 7,
@@ -832,7 +837,13 @@ mod tests {
             advertise_address: Some("198.18.0.9".parse().unwrap()),
         };
         let wire: pb::AgentMessage = hello.clone().into();
-        assert_eq!(AgentMessage::try_from(wire), Ok(hello));
+        assert_eq!(AgentMessage::try_from(wire), Ok(hello.clone()));
+        let AgentMessage::Hello { facts, .. } = hello else {
+            unreachable!("a hello")
+        };
+        let again = AgentMessage::Facts(facts);
+        let wire: pb::AgentMessage = again.clone().into();
+        assert_eq!(AgentMessage::try_from(wire), Ok(again));
         let desired = CoordinatorMessage::DesiredState(Box::new(DesiredState {
             revision: 9,
             roles: [Role::Lb, Role::GlusterBrick].into(),
@@ -866,6 +877,10 @@ mod tests {
                 name: CertName::new("coord-2").unwrap(),
                 revoked_unix_s: 1_800_000_000,
             }],
+            reboot: Some(RebootRequest {
+                generation: 42,
+                boot_id: "0f8c8b2a-5a6e-4b53-9a49-3d2f4c0e1b7d".into(),
+            }),
         }));
         let wire: pb::CoordinatorMessage = desired.clone().into();
         assert_eq!(CoordinatorMessage::try_from(wire), Ok(desired));

@@ -35,9 +35,12 @@ fn unix_ms() -> u64 {
 
 /// The boot id the machine's kernel interface shows inside it.
 fn machine_boot_id(bed: &ConvergeBed, name: &str) -> String {
-    bed.exec_text(bed.machine(name), &["cat", "/proc/sys/kernel/random/boot_id"])
-        .trim()
-        .to_owned()
+    bed.exec_text(
+        bed.machine(name),
+        &["cat", "/proc/sys/kernel/random/boot_id"],
+    )
+    .trim()
+    .to_owned()
 }
 
 /// `stewardctl nodes -o json`, by node id.
@@ -71,7 +74,11 @@ fn a_reboot_rollout_reboots_one_node_at_a_time_each_back_healthy_before_the_next
         assert_eq!(boot.len(), 36, "{name}: boot id {boot:?}");
     }
     let distinct: std::collections::BTreeSet<&String> = before.values().collect();
-    assert_eq!(distinct.len(), 3, "each machine its own boot id: {before:?}");
+    assert_eq!(
+        distinct.len(),
+        3,
+        "each machine its own boot id: {before:?}"
+    );
     for name in NODES {
         bed.machine(name).sh(
             "echo '*** System restart required ***' > /run/reboot-required; \
@@ -104,7 +111,10 @@ fn a_reboot_rollout_reboots_one_node_at_a_time_each_back_healthy_before_the_next
         );
     }
     let table = bed.ctl_ok(&["nodes"]).stdout;
-    assert!(table.lines().next().is_some_and(|h| h.contains("REBOOT")), "{table}");
+    assert!(
+        table.lines().next().is_some_and(|h| h.contains("REBOOT")),
+        "{table}"
+    );
     for name in NODES {
         let row = table
             .lines()
@@ -143,12 +153,18 @@ fn a_reboot_rollout_reboots_one_node_at_a_time_each_back_healthy_before_the_next
         let mut rebooted_at: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(600);
         while !ctl.is_finished() {
-            assert!(Instant::now() < deadline, "the reboot rollout took over 600 s");
+            assert!(
+                Instant::now() < deadline,
+                "the reboot rollout took over 600 s"
+            );
             for m in bed.lbs.iter_mut() {
                 let seen = unix_ms();
                 if m.restart_if_rebooted() {
                     clock.say(format!("{} rebooted; booted it again", m.name()));
-                    rebooted_at.entry(m.name().to_owned()).or_default().push(seen);
+                    rebooted_at
+                        .entry(m.name().to_owned())
+                        .or_default()
+                        .push(seen);
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -228,10 +244,16 @@ fn a_reboot_rollout_reboots_one_node_at_a_time_each_back_healthy_before_the_next
                 let name = n["node"].as_str().expect("node");
                 let now = &listed[name];
                 if now["boot_id"] != n["boot_id_after"] {
-                    return Err(format!("{name}: boot {} (rollout said {})", now["boot_id"], n["boot_id_after"]));
+                    return Err(format!(
+                        "{name}: boot {} (rollout said {})",
+                        now["boot_id"], n["boot_id_after"]
+                    ));
                 }
                 if !now["reboot_required"].is_null() {
-                    return Err(format!("{name} still needs a reboot: {}", now["reboot_required"]));
+                    return Err(format!(
+                        "{name} still needs a reboot: {}",
+                        now["reboot_required"]
+                    ));
                 }
                 if now["health"] != "healthy" || !now["maintenance"].is_null() {
                     return Err(format!("{name}: {} {}", now["health"], now["maintenance"]));
@@ -265,7 +287,13 @@ fn a_reboot_rollout_reboots_one_node_at_a_time_each_back_healthy_before_the_next
         std::thread::sleep(Duration::from_millis(200));
     }
     for m in &bed.lbs {
-        assert_eq!(m.reboots(), 1, "{} rebooted {} times", m.name(), m.reboots());
+        assert_eq!(
+            m.reboots(),
+            1,
+            "{} rebooted {} times",
+            m.name(),
+            m.reboots()
+        );
         let record = bed
             .read_file(m, "/var/lib/steward-agent/reboot.json")
             .unwrap_or_else(|| panic!("{}: no reboot.json", m.name()));

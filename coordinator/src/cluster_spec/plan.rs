@@ -753,7 +753,8 @@ fn settings_changes(a: &ClusterSettings, b: &ClusterSettings) -> Vec<String> {
         &mut out,
     );
     if a.maintenance_window != b.maintenance_window {
-        let shown = |w: &Option<String>| w.as_deref().map_or("none".to_owned(), |w| format!("{w:?}"));
+        let shown =
+            |w: &Option<String>| w.as_deref().map_or("none".to_owned(), |w| format!("{w:?}"));
         out.push(format!(
             "cluster settings: maintenance window {} -> {}",
             shown(&a.maintenance_window),
@@ -977,9 +978,15 @@ mod tests {
             ["cluster settings: maintenance window none -> \"Sat 02:00-04:00\""]
         );
         let settings = &plan.settings.as_ref().expect("a settings write").settings;
-        assert_eq!(settings.maintenance_window.as_deref(), Some("Sat 02:00-04:00"));
-        let problems = planned("[maintenance]\nwindow = \"Caturday 02:00-04:00\"\n", &current)
-            .expect_err("an unknown day");
+        assert_eq!(
+            settings.maintenance_window.as_deref(),
+            Some("Sat 02:00-04:00")
+        );
+        let problems = planned(
+            "[maintenance]\nwindow = \"Caturday 02:00-04:00\"\n",
+            &current,
+        )
+        .expect_err("an unknown day");
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
             problems[0].starts_with("maintenance.window \"Caturday 02:00-04:00\": unknown day"),
@@ -987,7 +994,10 @@ mod tests {
         );
         let unknown =
             parse("[maintenance]\nwindows = \"Sat 02:00-04:00\"\n").expect_err("an unknown key");
-        assert!(unknown[0].contains("unknown field `windows`"), "{unknown:?}");
+        assert!(
+            unknown[0].contains("unknown field `windows`"),
+            "{unknown:?}"
+        );
     }
 
     #[test]

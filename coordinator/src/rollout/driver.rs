@@ -1151,14 +1151,20 @@ mod tests {
         .await;
         // A second one is refused while it runs.
         let again = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops").await;
-        assert!(matches!(again, Err(Error::RolloutInProgress(_))), "{again:?}");
+        assert!(
+            matches!(again, Err(Error::RolloutInProgress(_))),
+            "{again:?}"
+        );
         bed.until(&id, "w-1", Step::Changed).await;
         assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
         let asked = bed.replica.ctx.desired_for(&node("w-1")).unwrap();
         let request_1 = asked.reboot.clone().expect("w-1 asked to reboot");
         assert_eq!(request_1.boot_id, "boot-1a");
         assert!(asked.revision >= request_1.generation);
-        assert_eq!(bed.replica.ctx.desired_for(&node("w-2")).unwrap().reboot, None);
+        assert_eq!(
+            bed.replica.ctx.desired_for(&node("w-2")).unwrap().reboot,
+            None
+        );
         // Still the old boot: it waits, and a new leader does not ask again.
         for _ in 0..5 {
             bed.tick().await;
@@ -1258,7 +1264,11 @@ mod tests {
         let spec = entry.spec.unwrap().value;
         assert_eq!(spec.kind, RolloutKind::Reboot);
         assert_eq!(spec.batches, [[node("w-2")]]);
-        assert!(spec.created_by.contains("maintenance window"), "{}", spec.created_by);
+        assert!(
+            spec.created_by.contains("maintenance window"),
+            "{}",
+            spec.created_by
+        );
         // One at a time: none while it is active.
         assert_eq!(tick(at(2, 31)).await, None);
         bed.until(&id, "w-2", Step::Changed).await;

@@ -103,7 +103,10 @@ pub async fn create(
         created_at_unix_ms: unix_ms(),
         kind: model::RolloutKind::Settings,
     };
-    let guards = vec![Cmp::mod_revision(store.keys().cluster_settings(), base_revision)];
+    let guards = vec![Cmp::mod_revision(
+        store.keys().cluster_settings(),
+        base_revision,
+    )];
     let txn = insert_txn(store, &spec, active_revision, guards);
     if !store.txn(txn, "create rollout").await?.succeeded {
         return Err(Error::Conflict {
@@ -146,23 +149,21 @@ pub(crate) fn insert_txn(
         Cmp::mod_revision(keys.rollout_spec(&id), 0),
     ];
     compares.extend(guards);
-    Txn::new()
-        .when(compares)
-        .and_then([
-            Op::put(keys.rollout_spec(&id), encode(spec)),
-            Op::put(keys.rollout_state(&id), encode(&state)),
-            Op::put(
-                keys.rollout_control(&id),
-                encode(&RolloutControl::default()),
-            ),
-            Op::put(
-                keys.rollout_active(),
-                encode(&ActiveRollout {
-                    id: Some(id.clone()),
-                }),
-            ),
-            store.event_op(&event),
-        ])
+    Txn::new().when(compares).and_then([
+        Op::put(keys.rollout_spec(&id), encode(spec)),
+        Op::put(keys.rollout_state(&id), encode(&state)),
+        Op::put(
+            keys.rollout_control(&id),
+            encode(&RolloutControl::default()),
+        ),
+        Op::put(
+            keys.rollout_active(),
+            encode(&ActiveRollout {
+                id: Some(id.clone()),
+            }),
+        ),
+        store.event_op(&event),
+    ])
 }
 
 /// Every rollout, oldest first, without per-node detail.

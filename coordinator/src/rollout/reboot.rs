@@ -76,7 +76,12 @@ pub fn select(
             .collect(),
         RebootSelector::All => fleet.keys().cloned().collect(),
     };
-    let facts = |id: &NodeId| fleet.get(id).and_then(|r| r.facts.as_ref()).map(|f| &f.value);
+    let facts = |id: &NodeId| {
+        fleet
+            .get(id)
+            .and_then(|r| r.facts.as_ref())
+            .map(|f| &f.value)
+    };
     if request.only_required {
         chosen.retain(|id| facts(id).is_some_and(|f| f.reboot_required.is_some()));
     }
@@ -194,10 +199,7 @@ pub fn window_candidates(
             let Some(need) = &facts.reboot_required else {
                 return false;
             };
-            let connected = r
-                .status
-                .as_ref()
-                .is_some_and(|s| s.value.replica.is_some());
+            let connected = r.status.as_ref().is_some_and(|s| s.value.replica.is_some());
             let rebooted_since = reboots
                 .get(*id)
                 .is_some_and(|b| b.value.at_unix_ms >= need.since_unix_ms);
@@ -280,10 +282,7 @@ pub(super) async fn ask(
 ) -> Result<()> {
     let now = unix_ms();
     let observed = run.store.node(node).await?;
-    let boot_id = observed
-        .facts
-        .map(|f| f.value.boot_id)
-        .unwrap_or_default();
+    let boot_id = observed.facts.map(|f| f.value.boot_id).unwrap_or_default();
     if boot_id.is_empty() {
         next.step = Step::Failed;
         next.reason = "its agent reports no boot id: its return could not be told".into();
@@ -307,7 +306,10 @@ pub(super) async fn ask(
     let event = run.store.event(
         EventKind::NodeMaintenance,
         Some(node.clone()),
-        format!("{node} asked to reboot by rollout {} (boot {boot_id})", run.id),
+        format!(
+            "{node} asked to reboot by rollout {} (boot {boot_id})",
+            run.id
+        ),
     );
     next.step = Step::Changed;
     next.reason.clear();
@@ -351,10 +353,7 @@ pub fn progress(before: &str, observed: &NodeRecord) -> Progress {
         });
     }
     if !connected {
-        return Progress::Pending(format!(
-            "booted ({}), agent not connected",
-            short(boot_id)
-        ));
+        return Progress::Pending(format!("booted ({}), agent not connected", short(boot_id)));
     }
     Progress::Back(boot_id.to_owned())
 }
@@ -458,7 +457,10 @@ mod tests {
         assert_eq!(
             ids(select(
                 &fleet,
-                &request(RebootSelector::Nodes(vec![node("w-2"), node("lb-1")]), false)
+                &request(
+                    RebootSelector::Nodes(vec![node("w-2"), node("lb-1")]),
+                    false
+                )
             )),
             ["lb-1", "w-2"]
         );
@@ -476,25 +478,35 @@ mod tests {
         )
         .expect_err("w-1 needs no reboot");
         assert!(
-            none.to_string().contains("no selected node reports needing a reboot"),
+            none.to_string()
+                .contains("no selected node reports needing a reboot"),
             "{none}"
         );
         let mut old = fleet.clone();
         old.insert(node("w-3"), record(&[Role::K8sWorker], "", false, true));
         let blind = select(&old, &request(RebootSelector::All, false)).expect_err("w-3 blind");
-        assert!(blind.to_string().contains("w-3 reported no boot id"), "{blind}");
+        assert!(
+            blind.to_string().contains("w-3 reported no boot id"),
+            "{blind}"
+        );
     }
 
     #[test]
     fn a_node_is_back_only_connected_with_another_boot() {
         let asked_in = "boot-a";
         let same = record(&[], "boot-a", false, true);
-        assert!(matches!(progress(asked_in, &same), Progress::Pending(w) if w.contains("still boot")));
+        assert!(
+            matches!(progress(asked_in, &same), Progress::Pending(w) if w.contains("still boot"))
+        );
         let gone = record(&[], "boot-a", false, false);
-        assert!(matches!(progress(asked_in, &gone), Progress::Pending(w) if w.contains("disconnected")));
+        assert!(
+            matches!(progress(asked_in, &gone), Progress::Pending(w) if w.contains("disconnected"))
+        );
         // Facts of the new boot written, the session's status not yet.
         let booting = record(&[], "boot-b", false, false);
-        assert!(matches!(progress(asked_in, &booting), Progress::Pending(w) if w.contains("not connected")));
+        assert!(
+            matches!(progress(asked_in, &booting), Progress::Pending(w) if w.contains("not connected"))
+        );
         let back = record(&[], "boot-b", false, true);
         assert_eq!(progress(asked_in, &back), Progress::Back("boot-b".into()));
     }

@@ -156,11 +156,20 @@ mod tests {
         assert_eq!(w.remaining(at(7, 3, 0)), Some(Duration::from_secs(3600)));
         // Past midnight into Sunday.
         let late = window("sat 23:00-01:00");
-        assert_eq!(late.remaining(at(1, 0, 30)), Some(Duration::from_secs(1800)));
-        assert_eq!(late.remaining(at(0, 0, 30)), None, "Saturday 00:30 is Friday's");
+        assert_eq!(
+            late.remaining(at(1, 0, 30)),
+            Some(Duration::from_secs(1800))
+        );
+        assert_eq!(
+            late.remaining(at(0, 0, 30)),
+            None,
+            "Saturday 00:30 is Friday's"
+        );
         // Ranges across the week's end, lists, daily.
         let weekend = window("Fri-Mon,Wed 01:00-02:00");
-        let open: Vec<bool> = (0..7).map(|d| weekend.remaining(at(d, 1, 30)).is_some()).collect();
+        let open: Vec<bool> = (0..7)
+            .map(|d| weekend.remaining(at(d, 1, 30)).is_some())
+            .collect();
         // Sat Sun Mon Tue Wed Thu Fri
         assert_eq!(open, [true, true, true, false, true, false, true]);
         assert!(window("daily 03:00-03:01").remaining(at(3, 3, 0)).is_some());
@@ -175,7 +184,10 @@ mod tests {
             ("Mon-Fry 02:00-04:00", "unknown day"),
         ] {
             let e = text.parse::<MaintenanceWindow>().expect_err(text);
-            assert!(e.contains(why) && e.contains("e.g. \"Sat 02:00-04:00\""), "{text}: {e}");
+            assert!(
+                e.contains(why) && e.contains("e.g. \"Sat 02:00-04:00\""),
+                "{text}: {e}"
+            );
         }
     }
 
@@ -186,7 +198,10 @@ mod tests {
         assert!(!w.may_start(at(0, 1, 50), longest), "before");
         assert!(w.may_start(at(0, 2, 0), longest));
         assert!(w.may_start(at(0, 3, 40), longest), "exactly the time left");
-        assert!(!w.may_start(at(0, 3, 41), longest), "it would run past 04:00");
+        assert!(
+            !w.may_start(at(0, 3, 41), longest),
+            "it would run past 04:00"
+        );
         assert!(!w.may_start(at(0, 4, 0), longest), "after");
     }
 }
