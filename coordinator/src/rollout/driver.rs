@@ -1035,17 +1035,22 @@ mod tests {
             .await
             .unwrap()
             .expect("nodes to change");
+            self.cached(&id).await;
+            id
+        }
+
+        /// Waits until the spec cache has rollout `id`.
+        async fn cached(&self, id: &str) {
             eventually("the rollout in the cache", || {
                 self.replica
                     .ctx
                     .specs
                     .borrow()
                     .rollouts
-                    .contains_key(&id)
+                    .contains_key(id)
                     .then_some(())
             })
             .await;
-            id
         }
     }
 
@@ -1139,16 +1144,7 @@ mod tests {
         let id = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops")
             .await
             .unwrap();
-        eventually("the rollout in the cache", || {
-            bed.replica
-                .ctx
-                .specs
-                .borrow()
-                .rollouts
-                .contains_key(&id)
-                .then_some(())
-        })
-        .await;
+        bed.cached(&id).await;
         // A second one is refused while it runs.
         let again = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops").await;
         assert!(

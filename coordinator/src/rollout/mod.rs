@@ -144,26 +144,27 @@ pub(crate) fn insert_txn(
             spec.changes.join("; ")
         ),
     );
-    let mut compares = vec![
-        Cmp::mod_revision(keys.rollout_active(), active_revision),
-        Cmp::mod_revision(keys.rollout_spec(&id), 0),
-    ];
-    compares.extend(guards);
-    Txn::new().when(compares).and_then([
-        Op::put(keys.rollout_spec(&id), encode(spec)),
-        Op::put(keys.rollout_state(&id), encode(&state)),
-        Op::put(
-            keys.rollout_control(&id),
-            encode(&RolloutControl::default()),
-        ),
-        Op::put(
-            keys.rollout_active(),
-            encode(&ActiveRollout {
-                id: Some(id.clone()),
-            }),
-        ),
-        store.event_op(&event),
-    ])
+    Txn::new()
+        .when([
+            Cmp::mod_revision(keys.rollout_active(), active_revision),
+            Cmp::mod_revision(keys.rollout_spec(&id), 0),
+        ])
+        .when(guards)
+        .and_then([
+            Op::put(keys.rollout_spec(&id), encode(spec)),
+            Op::put(keys.rollout_state(&id), encode(&state)),
+            Op::put(
+                keys.rollout_control(&id),
+                encode(&RolloutControl::default()),
+            ),
+            Op::put(
+                keys.rollout_active(),
+                encode(&ActiveRollout {
+                    id: Some(id.clone()),
+                }),
+            ),
+            store.event_op(&event),
+        ])
 }
 
 /// Every rollout, oldest first, without per-node detail.
