@@ -108,6 +108,22 @@ pub fn select(
             blind.join(", ")
         )));
     }
+    let away: Vec<&str> = chosen
+        .iter()
+        .filter(|id| {
+            fleet
+                .get(*id)
+                .and_then(|r| r.status.as_ref())
+                .is_none_or(|s| s.value.replica.is_none())
+        })
+        .map(NodeId::as_str)
+        .collect();
+    if !away.is_empty() {
+        return Err(Error::RebootRefused(format!(
+            "{} not connected: its agent could not be asked (select the others with --nodes)",
+            away.join(", ")
+        )));
+    }
     Ok(chosen)
 }
 
@@ -489,6 +505,10 @@ mod tests {
             blind.to_string().contains("w-3 reported no boot id"),
             "{blind}"
         );
+        let mut gone = fleet.clone();
+        gone.insert(node("w-4"), record(&[Role::K8sWorker], "b-w4", true, false));
+        let away = select(&gone, &request(RebootSelector::All, true)).expect_err("w-4 away");
+        assert!(away.to_string().contains("w-4 not connected"), "{away}");
     }
 
     #[test]
