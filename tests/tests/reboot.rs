@@ -300,7 +300,114 @@ fn a_reboot_rollout_reboots_one_node_at_a_time_each_back_healthy_before_the_next
         let record: Value = serde_json::from_str(&record).expect("reboot.json is JSON");
         assert_eq!(record["boot_id"], before[m.name()].as_str(), "{record}");
     }
+    clock.say("every node back once, none again");
+
+    // ---- 4. The maintenance window: the leader reboots by itself the one
+    // node that needs it, inside the window (a daily one from a minute ago
+    // for an hour: the 20 min of step timeouts are left).
+    bed.machine("rb2")
+        .sh("echo '*** System restart required ***' > /run/reboot-required");
+    poll(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        "rb2 reported needing a reboot",
+        || match nodes_json(&bed, &["--reboot-required"])
+            .keys()
+            .collect::<Vec<_>>()[..]
+        {
+            [one] if one == "rb2" => Ok(()),
+            ref other => Err(format!("{other:?}")),
+        },
+    );
+    let boot_rb2 = machine_boot_id(&bed, "rb2");
+    let minute = |offset: i64| {
+        let m = (unix_ms() / 60_000) as i64 + offset;
+        let m = m.rem_euclid(24 * 60);
+        format!("{:02}:{:02}", m / 60, m % 60)
+    };
+    let window = format!("daily {}-{}", minute(-1), minute(60));
+    let spec = format!("[maintenance]\nwindow = \"{window}\"\n");
+    let applied = bed.apply_spec(&spec);
+    assert!(
+        applied
+            .stdout
+            .contains("cluster settings: maintenance window none -> "),
+        "{}",
+        applied.stdout
+    );
+    let by_window = |list: &Value| -> Vec<Value> {
+        list.as_array()
+            .expect("rollouts")
+            .iter()
+            .filter(|r| {
+                r["created_by"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("maintenance window"))
+            })
+            .cloned()
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        assert!(Instant::now() < deadline, "no window reboot within 120 s");
+        for m in bed.lbs.iter_mut() {
+            if m.restart_if_rebooted() {
+                clock.say(format!("{} rebooted (maintenance window)", m.name()));
+            }
+        }
+        let list = bed.ctl_ok(&["rollout", "list", "-o", "json"]).json();
+        if let [one] = &by_window(&list)[..] {
+            if one["phase"] == "done" {
+                break one.clone();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let id = done["id"].as_str().expect("id");
+    let status = bed.ctl_ok(&["rollout", "status", id, "-o", "json"]).json();
+    let rebooted: Vec<&str> = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["node"].as_str().expect("node"))
+        .collect();
+    assert_eq!(rebooted, ["rb2"], "{status}");
+    assert_eq!(
+        status["nodes"][0]["boot_id_before"],
+        boot_rb2.as_str(),
+        "{status}"
+    );
+    assert_ne!(machine_boot_id(&bed, "rb2"), boot_rb2);
+    let counts: Vec<(String, u32)> = bed
+        .lbs
+        .iter()
+        .map(|m| (m.name().to_owned(), m.reboots()))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("rb1".to_owned(), 1),
+            ("rb2".to_owned(), 2),
+            ("rb3".to_owned(), 1)
+        ],
+        "only rb2 rebooted again"
+    );
+    poll(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        "rb2 back needing no reboot",
+        || {
+            let n = &nodes_json(&bed, &[])["rb2"];
+            (n["reboot_required"].is_null()
+                && n["health"] == "healthy"
+                && n["maintenance"].is_null())
+            .then_some(())
+            .ok_or(format!("{n}"))
+        },
+    );
+    clock.say(format!("window {window}: the leader rebooted rb2 alone"));
     let list = bed.ctl_ok(&["rollout", "list", "-o", "json"]).json();
+    assert_eq!(by_window(&list).len(), 1, "one window rollout: {list}");
     println!("rollout list: {list}");
     clock.say("done");
 }

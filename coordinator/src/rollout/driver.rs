@@ -782,7 +782,8 @@ impl Run<'_> {
     async fn finish(&self) -> Result<()> {
         if self.spec.kind == RolloutKind::Reboot {
             // Nothing to write but the end: no settings change.
-            let reason = format!("{} nodes rebooted", self.spec.node_count());
+            let n = self.spec.node_count();
+            let reason = format!("{n} node{} rebooted", if n == 1 { "" } else { "s" });
             return self.set_phase(Phase::Done, reason, true).await;
         }
         let keys = self.store.keys();
