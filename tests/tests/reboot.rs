@@ -135,6 +135,44 @@ fn a_reboot_rollout_reboots_one_node_at_a_time_each_back_healthy_before_the_next
     );
     clock.say("every node shows it needs a reboot");
 
+    // Bad requests are refused, saying why, and start nothing.
+    for (args, says) in [
+        (
+            &["rollout", "reboot"][..],
+            "<--nodes <NODES>|--role <ROLE>|--all>",
+        ),
+        (
+            &["rollout", "reboot", "--all", "--nodes", "rb1"][..],
+            "cannot be used with",
+        ),
+        (
+            &["rollout", "reboot", "--nodes", "rb1,nope"][..],
+            "unknown node nope",
+        ),
+        (
+            &["rollout", "reboot", "--role", "lb", "--only-required"][..],
+            "cannot reboot: no node to reboot: role lb selects none",
+        ),
+        (
+            &["rollout", "reboot", "--all", "--max-unavailable", "0"][..],
+            "--max-unavailable 0",
+        ),
+    ] {
+        let out = bed.cluster.ctl(args);
+        assert!(!out.ok(), "stewardctl {args:?} succeeded: {}", out.stdout);
+        assert!(
+            out.stderr.contains(says),
+            "stewardctl {args:?}: {}",
+            out.stderr
+        );
+    }
+    let none = bed.ctl_ok(&["rollout", "list", "-o", "json"]).json();
+    assert_eq!(
+        none,
+        serde_json::json!([]),
+        "a refused request started a rollout"
+    );
+
     // ---- 2. The reboot rollout, the machines booted again as they reboot.
     let started = Instant::now();
     let cluster = &bed.cluster;

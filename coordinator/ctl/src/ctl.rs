@@ -139,7 +139,8 @@ pub enum Command {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Rollouts (`apply --rollout`): list, status, pause, resume, abort.
+    /// Rollouts (`apply --rollout`, `rollout reboot`): list, status, pause,
+    /// resume, abort.
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
@@ -241,15 +242,15 @@ pub enum RolloutCommand {
     /// its agent is back with a new boot id and healthy, and undrained;
     /// then the next (lb nodes one at a time, others --max-unavailable per
     /// role). Prints the rollout id; `rollout status/pause/resume/abort`
-    /// work on it.
-    ///
-    /// Examples:
-    ///   stewardctl rollout reboot --all --only-required --wait
-    ///   stewardctl rollout reboot --role k8s-worker --max-unavailable 2
-    ///   stewardctl rollout reboot --nodes lb-1,lb-2
-    ///
-    /// `stewardctl nodes --reboot-required` lists the nodes that need one.
-    #[command(group(clap::ArgGroup::new("which").required(true).args(["nodes", "role", "all"])))]
+    /// work on it. `stewardctl nodes --reboot-required` lists the nodes
+    /// that need one.
+    #[command(
+        group(clap::ArgGroup::new("which").required(true).args(["nodes", "role", "all"])),
+        after_help = "Examples:\n  \
+            stewardctl rollout reboot --all --only-required --wait\n  \
+            stewardctl rollout reboot --role k8s-worker --max-unavailable 2\n  \
+            stewardctl rollout reboot --nodes lb-1,lb-2 -o json"
+    )]
     Reboot {
         /// These nodes (comma-separated ids).
         #[arg(long, value_delimiter = ',')]

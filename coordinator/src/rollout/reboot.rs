@@ -36,20 +36,25 @@ use crate::store::{encode, unix_ms, NodeRecord, RebootRecord};
 
 /// The first line of a reboot rollout's `changes`.
 pub fn describe(request: &RebootRollout) -> String {
-    let which = match &request.selector {
-        RebootSelector::Nodes(ids) => format!(
-            "nodes {}",
-            ids.iter().map(NodeId::as_str).collect::<Vec<_>>().join(",")
-        ),
-        RebootSelector::Role(role) => format!("role {role}"),
-        RebootSelector::All => "all nodes".to_owned(),
-    };
+    let which = which(&request.selector);
     let only = if request.only_required {
         " that need it"
     } else {
         ""
     };
     format!("reboot {which}{only}")
+}
+
+/// `--nodes a,b`, `--role r`, `--all` in words.
+fn which(selector: &RebootSelector) -> String {
+    match selector {
+        RebootSelector::Nodes(ids) => format!(
+            "nodes {}",
+            ids.iter().map(NodeId::as_str).collect::<Vec<_>>().join(",")
+        ),
+        RebootSelector::Role(role) => format!("role {role}"),
+        RebootSelector::All => "all nodes".to_owned(),
+    }
 }
 
 /// The nodes of `fleet` (with their facts) that `request` selects, in
@@ -82,19 +87,19 @@ pub fn select(
             .and_then(|r| r.facts.as_ref())
             .map(|f| &f.value)
     };
+    let selected = chosen.len();
     if request.only_required {
         chosen.retain(|id| facts(id).is_some_and(|f| f.reboot_required.is_some()));
     }
     if chosen.is_empty() {
-        return Err(Error::RebootRefused(format!(
-            "no node to reboot: {} selects none{}",
-            describe(request).trim_start_matches("reboot "),
-            if request.only_required {
-                " (no selected node reports needing a reboot)"
-            } else {
-                ""
-            }
-        )));
+        let which = which(&request.selector);
+        return Err(Error::RebootRefused(match selected {
+            0 => format!("no node to reboot: {which} selects none"),
+            n => format!(
+                "no node to reboot: none of the {n} node(s) {which} selects reports needing \
+                 a reboot (stewardctl nodes --reboot-required)"
+            ),
+        }));
     }
     let blind: Vec<&str> = chosen
         .iter()
@@ -495,7 +500,7 @@ mod tests {
         .expect_err("w-1 needs no reboot");
         assert!(
             none.to_string()
-                .contains("no selected node reports needing a reboot"),
+                .contains("none of the 1 node(s) nodes w-1 selects reports needing a reboot"),
             "{none}"
         );
         let mut old = fleet.clone();
