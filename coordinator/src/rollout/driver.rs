@@ -1202,6 +1202,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn aborting_a_reboot_rollout_lets_the_node_in_flight_come_back_and_asks_no_other() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        boot(&bed.replica, "w-1", "boot-1a").await;
+        boot(&bed.replica, "w-2", "boot-2a").await;
+        let request = steward_proto::admin::RebootRollout {
+            selector: steward_proto::admin::RebootSelector::All,
+            only_required: false,
+            options: RolloutOptions::default(),
+        };
+        let id = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops")
+            .await
+            .unwrap();
+        bed.cached(&id).await;
+        bed.until(&id, "w-1", Step::Changed).await;
+        crate::rollout::control(
+            bed.replica.store(),
+            &id,
+            crate::rollout::Action::Abort,
+            "ops",
+        )
+        .await
+        .unwrap();
+        bed.until_phase(&id, Phase::Aborting).await;
+        // The node asked finishes: it is not left drained mid-reboot.
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        assert_eq!(bed.phase(&id), Some(Phase::Aborting));
+        assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        boot(&bed.replica, "w-1", "boot-1b").await;
+        bed.until_phase(&id, Phase::Aborted).await;
+        assert_eq!(bed.step(&id, "w-1"), Some(Step::Done));
+        assert_eq!(bed.step(&id, "w-2"), None);
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        assert!(specs.maintenance_set().is_empty());
+        assert!(specs.active_rollout().is_none());
+        assert!(!specs.reboots.contains_key(&node("w-2")), "w-2 never asked");
+        assert_eq!(
+            bed.replica.ctx.desired_for(&node("w-2")).unwrap().reboot,
+            None
+        );
+    }
+
+    #[tokio::test]
     async fn the_maintenance_window_reboots_one_node_that_needs_it_only_with_time_left() {
         let mut bed = Bed::new(&["w-1", "w-2"]).await;
         boot(&bed.replica, "w-1", "boot-1a").await;
