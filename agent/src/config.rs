@@ -25,6 +25,10 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
+    /// How often the agent looks whether the host needs a reboot
+    /// (`/run/reboot-required`, `needs-restarting -r`).
+    #[serde(default = "default_reboot_check_interval_s")]
+    pub reboot_check_interval_s: u64,
     /// A session with no heartbeat ack for this long is abandoned and the
     /// agent moves to another replica. Defaults to 3 heartbeats.
     pub ack_timeout_ms: Option<u64>,
@@ -143,6 +147,9 @@ fn default_state_dir() -> PathBuf {
 fn default_heartbeat_interval_ms() -> u64 {
     1000
 }
+fn default_reboot_check_interval_s() -> u64 {
+    60
+}
 
 /// A validated config.
 #[derive(Debug, Clone)]
@@ -152,6 +159,7 @@ pub struct Settings {
     pub tls: TlsFiles,
     pub state_dir: PathBuf,
     pub heartbeat_interval: Duration,
+    pub reboot_check_interval: Duration,
     pub ack_timeout: Duration,
     pub advertise_address: Option<std::net::IpAddr>,
     pub vip: VipSettings,
@@ -209,6 +217,12 @@ impl AgentConfig {
                 self.heartbeat_interval_ms
             ));
         }
+        if !(1..=86_400).contains(&self.reboot_check_interval_s) {
+            p.push(format!(
+                "reboot_check_interval_s = {}: must be between 1 and 86400",
+                self.reboot_check_interval_s
+            ));
+        }
         let ack_timeout_ms = self
             .ack_timeout_ms
             .unwrap_or(3 * self.heartbeat_interval_ms);
@@ -258,6 +272,7 @@ impl AgentConfig {
                 tls: self.tls,
                 state_dir: self.state_dir,
                 heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+                reboot_check_interval: Duration::from_secs(self.reboot_check_interval_s),
                 ack_timeout: Duration::from_millis(ack_timeout_ms),
                 advertise_address: self.advertise_address,
                 metrics_listen: self.metrics_listen,

@@ -45,6 +45,7 @@ impl HostProbe {
             hostname: System::host_name().unwrap_or_default(),
             os: System::long_os_version().unwrap_or_default(),
             kernel: System::kernel_version().unwrap_or_default(),
+            boot_id: crate::reboot::boot_id(),
             ..Default::default()
         };
         if let Some(system) = &mut self.system {

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod ndp;
 pub mod network;
 pub mod packet;
+pub mod reboot;
 pub mod roles;
 pub mod session;
 pub mod state;
@@ -138,6 +139,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         );
     }
     let (desired, in_force) = watch::channel(recorded);
+    let reboots = reboot::run_reboots(
+        settings.state_dir.clone(),
+        desired.subscribe(),
+        std::sync::Arc::new(reboot::SystemdReboot),
+        shutdown.clone(),
+    );
+    let (reboot_tx, reboot_rx) = watch::channel(None);
+    let reboot_check = reboot::run_reboot_check(
+        reboot::RebootSigns::default(),
+        settings.reboot_check_interval,
+        reboot_tx,
+        shutdown.clone(),
+    );
     info!(node.id = %settings.node_id, coordinators = ?settings.coordinators, "agent starting");
     let (reports, reported) = watch::channel(None);
     let converge = converge::run_converge(
@@ -169,13 +183,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         desired,
         reported,
         gluster_rx,
+        reboot_rx,
         liveness.register("session"),
         shutdown.clone(),
     );
     let watchdog =
         watchdog::run_watchdog(watchdog::Watchdog::from_env(), liveness, shutdown.clone());
     watchdog::notify_ready();
-    let (vips, (), (), (), (), ()) = tokio::join!(
+    let (vips, (), (), (), (), (), (), ()) = tokio::join!(
         async {
             let result = vips.await;
             if result.is_err() {
@@ -188,7 +203,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         converge,
         renewal,
         watchdog,
-        gluster
+        gluster,
+        reboots,
+        reboot_check
     );
     info!("agent stopped");
     vips.map_err(AgentError::from)

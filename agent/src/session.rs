@@ -187,7 +187,8 @@ fn enqueue(tx: &mpsc::Sender<pb::AgentMessage>, message: AgentMessage) -> Result
 /// the state in force (the recorded one until a coordinator says otherwise);
 /// `reports` the last converge run, reported whenever its outcome changes;
 /// `gluster` the brick probe's last report ([`crate::gluster_probe`]), sent
-/// whenever it changes and once per session.
+/// whenever it changes and once per session; `reboot` whether the host
+/// needs a reboot, sent with the facts when it changes.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_sessions(
     settings: Settings,
@@ -196,6 +197,7 @@ pub async fn run_sessions(
     desired: watch::Sender<RecordedState>,
     mut reports: watch::Receiver<Option<ConvergeReport>>,
     mut gluster: watch::Receiver<Option<GlusterReport>>,
+    mut reboot: watch::Receiver<Option<steward_proto::domain::RebootRequired>>,
     beat: Beat,
     shutdown: CancellationToken,
 ) {
@@ -223,6 +225,7 @@ pub async fn run_sessions(
             &desired,
             &mut reports,
             &mut gluster,
+            &mut reboot,
             &mut rollback,
             &beat,
             &shutdown,
@@ -265,6 +268,7 @@ async fn one_session(
     desired: &watch::Sender<RecordedState>,
     reports: &mut watch::Receiver<Option<ConvergeReport>>,
     gluster: &mut watch::Receiver<Option<GlusterReport>>,
+    reboot: &mut watch::Receiver<Option<steward_proto::domain::RebootRequired>>,
     rollback: &mut RollbackGuard,
     beat: &Beat,
     shutdown: &CancellationToken,
@@ -280,9 +284,18 @@ async fn one_session(
     let mut revocations = creds.revocations();
     let mut client = AgentServiceClient::new(dialed.channel);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(OUTBOUND_QUEUE);
+    // The facts carry whether the host needs a reboot; a change is sent
+    // again mid-session (below).
+    let facts =
+        |probe: &mut HostProbe,
+         reboot: &mut watch::Receiver<Option<steward_proto::domain::RebootRequired>>| {
+            let mut facts = probe.facts();
+            facts.reboot_required = reboot.borrow_and_update().clone();
+            facts
+        };
     let hello = AgentMessage::Hello {
         node: settings.node_id.clone(),
-        facts: probe.facts(),
+        facts: facts(probe, reboot),
         last_applied_revision: desired.borrow().desired.revision,
         agent_version: crate::VERSION.to_owned(),
         advertise_address: settings.advertise_address,
@@ -363,6 +376,9 @@ async fn one_session(
                 let health = probe.health();
                 pressure = health.under_pressure();
                 sent = Some(heartbeat(&tx, &mut seq, health).map_err(lost)?);
+            }
+            Ok(()) = reboot.changed() => {
+                enqueue(&tx, AgentMessage::Facts(facts(probe, reboot))).map_err(lost)?;
             }
             // Guarded: a closed channel is always ready and would spin.
             changed = reports.changed(), if reports_open => {

@@ -461,7 +461,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }
         store.fill_details(&mut picked).await?;
         if without_facts {
-            picked.values_mut().for_each(|r| r.facts = None);
+            // Only what the table shows of them: whether a reboot is needed.
+            for r in picked.values_mut() {
+                if let Some(f) = &mut r.facts {
+                    f.value = steward_proto::domain::Facts {
+                        boot_id: std::mem::take(&mut f.value.boot_id),
+                        reboot_required: f.value.reboot_required.take(),
+                        ..Default::default()
+                    };
+                }
+            }
         }
         let done = !more && picked.len() < size;
         Ok(Response::new(pb::ListNodesResponse {
@@ -757,6 +766,19 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .map_err(Error::from)?;
         let view = crate::rollout::control(&self.ctx.store, &wanted.id, wanted.action, &admin.name);
         Ok(Response::new(view.await?.into()))
+    }
+
+    async fn reboot_rollout(
+        &self,
+        request: Request<pb::RebootRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let admin = self.admin(&request)?;
+        let wanted = steward_proto::admin::RebootRollout::try_from(request.into_inner())
+            .map_err(Error::from)?;
+        let id = crate::rollout::reboot::create(&self.ctx, &wanted, &admin.name).await?;
+        Ok(Response::new(
+            crate::rollout::get(&self.ctx.store, &id).await?.into(),
+        ))
     }
 
     async fn gluster_pv(

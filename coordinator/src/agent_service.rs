@@ -606,6 +606,11 @@ struct NodeSession {
     last_sent: Option<DesiredState>,
     /// The status last handed to the writer.
     shown: NodeStatusRecord,
+    /// The facts as stored (bounded), and facts the agent sent again that
+    /// wait for [`FACTS_WRITE_EVERY`] to pass since the last write.
+    facts: Facts,
+    facts_pending: Option<Facts>,
+    facts_written_at: Option<Instant>,
     /// Status writes this node may still make now (refilled over time).
     status_budget: StatusBudget,
     /// Cancelled when a newer session of the same node replaces this one
@@ -636,6 +641,10 @@ struct StatusWriter {
 
 /// How often a writer retries what etcd did not take.
 const WRITE_RETRY: Duration = Duration::from_secs(1);
+/// Facts sent again mid-session (a reboot became needed) are written at
+/// most this often per session; changes in between coalesce (the latest
+/// is written with the next message after it).
+const FACTS_WRITE_EVERY: Duration = Duration::from_secs(5);
 
 impl NodeSession {
     async fn open(ctx: SessionContext, hello: Hello) -> Result<Self> {
@@ -740,6 +749,9 @@ impl NodeSession {
             session,
             last_sent: None,
             shown: status,
+            facts,
+            facts_pending: None,
+            facts_written_at: None,
             superseded,
             status_tx,
             reports_tx,
@@ -881,7 +893,35 @@ impl NodeSession {
         self.close(superseded).await;
     }
 
+    /// Writes facts the agent sent again, if they differ from the stored
+    /// ones and the last such write is [`FACTS_WRITE_EVERY`] old (off the
+    /// loop: the session never waits on etcd).
+    fn flush_facts(&mut self) {
+        if self.facts_pending.is_none()
+            || self
+                .facts_written_at
+                .is_some_and(|at| at.elapsed() < FACTS_WRITE_EVERY)
+        {
+            return;
+        }
+        let Some(facts) = self.facts_pending.take() else {
+            return;
+        };
+        self.facts = facts.clone();
+        self.facts_written_at = Some(Instant::now());
+        let (store, node) = (self.ctx.store.clone(), self.node.clone());
+        tokio::spawn(
+            async move {
+                if let Err(error) = store.put_facts(&node, &facts).await {
+                    warn!(%error, "could not write the facts sent again");
+                }
+            }
+            .instrument(tracing::info_span!("facts_write", node.id = %self.node)),
+        );
+    }
+
     async fn on_message(&mut self, message: pb::AgentMessage, tx: &mpsc::Sender<Outgoing>) -> bool {
+        self.flush_facts();
         match AgentMessage::try_from(message) {
             Ok(AgentMessage::Heartbeat { seq, health, .. }) => {
                 crate::metrics::metrics().heartbeats.inc();
@@ -958,6 +998,12 @@ impl NodeSession {
                         self.gluster_tx = Some(tx);
                     }
                 }
+                true
+            }
+            Ok(AgentMessage::Facts(facts)) => {
+                let facts = bound_facts(facts, self.ctx.limits.max_facts_bytes);
+                self.facts_pending = (facts != self.facts).then_some(facts);
+                self.flush_facts();
                 true
             }
             Ok(AgentMessage::Hello { .. }) => {
@@ -1371,9 +1417,27 @@ pub fn bound_facts(mut facts: Facts, max_bytes: usize) -> Facts {
         i.addresses.truncate(16);
         i.addresses.iter_mut().for_each(cut);
     }
-    while size(&facts) > max_bytes && !(facts.disks.is_empty() && facts.interfaces.is_empty()) {
+    cut(&mut facts.boot_id);
+    // Whether a reboot is needed is kept whatever goes; its package list
+    // is cut like the rest.
+    fn packages(f: &mut Facts) -> Option<&mut Vec<String>> {
+        f.reboot_required.as_mut().map(|r| &mut r.packages)
+    }
+    if let Some(r) = &mut facts.reboot_required {
+        cut(&mut r.source);
+        r.packages.truncate(64);
+        r.packages.iter_mut().for_each(cut);
+    }
+    while size(&facts) > max_bytes
+        && !(facts.disks.is_empty()
+            && facts.interfaces.is_empty()
+            && packages(&mut facts).is_none_or(|p| p.is_empty()))
+    {
         facts.disks.truncate(facts.disks.len() / 2);
         facts.interfaces.truncate(facts.interfaces.len() / 2);
+        if let Some(p) = packages(&mut facts) {
+            p.truncate(p.len() / 2);
+        }
     }
     warn!(
         bytes = original,
@@ -1575,6 +1639,75 @@ mod session_tests {
     async fn events(store: &Store) -> Vec<(EventKind, String)> {
         let (events, _) = store.recent_events(100).await.unwrap();
         events.into_iter().map(|e| (e.kind, e.message)).collect()
+    }
+
+    #[tokio::test]
+    async fn facts_sent_again_are_written_when_they_changed_at_most_every_few_seconds() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let mut agent = connect(&replica, "n1", hello("n1")).await.expect("session");
+        agent.desired().await;
+        let store = replica.store();
+        let first = store.node(&node("n1")).await.unwrap().facts.expect("facts");
+        let again = |reboot: Option<&str>| -> pb::AgentMessage {
+            AgentMessage::Facts(Facts {
+                hostname: "n1".into(),
+                reboot_required: reboot.map(|p| steward_proto::domain::RebootRequired {
+                    since_unix_ms: 5,
+                    source: "reboot-required".into(),
+                    packages: vec![p.into()],
+                }),
+                ..Default::default()
+            })
+            .into()
+        };
+        // The same facts: nothing written.
+        agent.to_replica.send(Ok(again(None))).await.unwrap();
+        // A reboot needed: written at once (no write before it).
+        agent
+            .to_replica
+            .send(Ok(again(Some("linux-a"))))
+            .await
+            .unwrap();
+        let written = eventually_async("the facts with the need", || async {
+            let f = store.node(&node("n1")).await.unwrap().facts?;
+            f.value.reboot_required.is_some().then_some(f)
+        })
+        .await;
+        assert!(written.mod_revision > first.mod_revision);
+        assert_eq!(
+            written
+                .value
+                .reboot_required
+                .as_ref()
+                .map(|r| r.packages.clone()),
+            Some(vec!["linux-a".to_owned()])
+        );
+        // Another change right after: it waits for the interval, then goes
+        // with the next message (a heartbeat).
+        agent
+            .to_replica
+            .send(Ok(again(Some("linux-b"))))
+            .await
+            .unwrap();
+        let ack = |seq| -> pb::AgentMessage {
+            AgentMessage::Heartbeat {
+                seq,
+                sent_at_unix_ms: 1,
+                health: Health::default(),
+            }
+            .into()
+        };
+        agent.to_replica.send(Ok(ack(1))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let held = store.node(&node("n1")).await.unwrap().facts.expect("facts");
+        assert_eq!(held.mod_revision, written.mod_revision, "rate-limited");
+        tokio::time::sleep(FACTS_WRITE_EVERY).await;
+        agent.to_replica.send(Ok(ack(2))).await.unwrap();
+        eventually_async("the latest facts", || async {
+            let f = store.node(&node("n1")).await.unwrap().facts?;
+            (f.value.reboot_required?.packages == ["linux-b"]).then_some(())
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -1993,6 +2126,21 @@ mod tests {
         assert!(encode(&kept).len() <= 16 * 1024, "{}", encode(&kept).len());
         assert_eq!(kept.hostname.len(), MAX_FACT_STRING);
         assert!(!kept.disks.is_empty(), "cut down, not emptied");
+        // A reboot's package list is cut too; the need itself stays.
+        let reboot = Facts {
+            boot_id: "b".repeat(1000),
+            reboot_required: Some(steward_proto::domain::RebootRequired {
+                since_unix_ms: 1,
+                source: "s".repeat(1000),
+                packages: vec!["p".repeat(1000); 1000],
+            }),
+            ..Default::default()
+        };
+        let kept = bound_facts(reboot, 4 * 1024);
+        assert!(encode(&kept).len() <= 4 * 1024, "{}", encode(&kept).len());
+        let need = kept.reboot_required.expect("the need is kept");
+        assert!(!need.packages.is_empty() && need.packages.len() <= 64);
+        assert!(need.packages.iter().all(|p| p.len() <= MAX_FACT_STRING));
     }
 
     #[test]

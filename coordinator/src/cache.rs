@@ -47,6 +47,9 @@ pub struct SpecSnapshot {
     pub cert_revoked: BTreeMap<(RevocableKind, CertName), Versioned<CertRevokedRecord>>,
     /// Maintenance records (`nodes/<id>/maintenance`), active or not.
     pub maintenance: BTreeMap<NodeId, Versioned<MaintenanceRecord>>,
+    /// The last reboot asked of each node (`nodes/<id>/reboot`): an input
+    /// of its desired state.
+    pub reboots: BTreeMap<NodeId, Versioned<crate::store::RebootRecord>>,
     /// When a node last lost each role (`cluster/departed/<role>`).
     pub departed: BTreeMap<Role, i64>,
     /// When each section of the settings last changed
@@ -322,6 +325,12 @@ impl CachedPrefix for SpecSnapshot {
                 id,
                 value.map(|(bytes, rev)| (decode::<MaintenanceRecord>(key, bytes), rev)),
                 "node maintenance",
+            ),
+            Some((id, NodeKey::Reboot)) => apply_versioned(
+                &mut self.reboots,
+                id,
+                value.map(|(bytes, rev)| (decode::<crate::store::RebootRecord>(key, bytes), rev)),
+                "node reboot",
             ),
             Some((_, NodeKey::Status | NodeKey::Gluster)) | None => false,
         }

@@ -303,6 +303,13 @@ pub fn desired_base(
         tasks: Vec::new(),
         files: Vec::new(),
         coordinator_revocations,
+        reboot: specs
+            .reboots
+            .get(node)
+            .map(|r| steward_proto::domain::RebootRequest {
+                generation: r.mod_revision.max(0) as u64,
+                boot_id: r.value.boot_id.clone(),
+            }),
     }
 }
 
@@ -353,7 +360,12 @@ pub fn own_revision(specs: &SpecSnapshot, node: &NodeId) -> u64 {
         .get(node)
         .filter(|_| member)
         .map_or(0, |a| a.mod_revision);
-    spec.map_or(0, |s| s.mod_revision).max(address).max(0) as u64
+    // A reboot asked of it (`nodes/<id>/reboot`) is its own too.
+    let reboot = specs.reboots.get(node).map_or(0, |r| r.mod_revision);
+    spec.map_or(0, |s| s.mod_revision)
+        .max(address)
+        .max(reboot)
+        .max(0) as u64
 }
 
 #[cfg(test)]

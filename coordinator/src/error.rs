@@ -65,6 +65,10 @@ pub enum Error {
     },
     #[error("rollout {id} is {phase}: it cannot resume (stewardctl rollout abort {id} ends it)")]
     RolloutCannotResume { id: String, phase: &'static str },
+    /// `rollout reboot` that cannot start (no node selected, or a node
+    /// whose boot the leader could not follow).
+    #[error("cannot reboot: {0}")]
+    RebootRefused(String),
     /// A revocation that would lock out the caller or this replica,
     /// asked without `--force`.
     #[error("{0}")]
@@ -277,6 +281,7 @@ impl From<Error> for tonic::Status {
             | Error::RolloutInProgress(_)
             | Error::RolloutOver { .. }
             | Error::RolloutCannotResume { .. }
+            | Error::RebootRefused(_)
             | Error::RevocationNeedsForce(_)
             | Error::NodeServedElsewhere { .. }
             | Error::NodeNotConnected(_)

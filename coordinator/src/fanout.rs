@@ -262,6 +262,9 @@ fn changed_nodes(before: &SpecSnapshot, now: &SpecSnapshot) -> HashSet<NodeId> {
     nodes.extend(newer(
         &mut now.revoked.iter().map(|(id, v)| (id, v.mod_revision)),
     ));
+    nodes.extend(newer(
+        &mut now.reboots.iter().map(|(id, v)| (id, v.mod_revision)),
+    ));
     // A rollout's change of a node (`changed/<node>`, and an upgrade's
     // `upgraded/<node>`) is one of its inputs.
     let mut kubernetes_moved = false;

@@ -839,6 +839,80 @@ impl From<RolloutOptions> for pb::RolloutOptions {
     }
 }
 
+/// Which nodes `stewardctl rollout reboot` reboots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebootSelector {
+    /// `--nodes ID,...` (each once, in the order given).
+    Nodes(Vec<NodeId>),
+    /// `--role R`: every node with the role.
+    Role(Role),
+    /// `--all`: every node with a spec or a status.
+    All,
+}
+
+/// `RebootRollout`: the nodes, whether only those that need it, and the
+/// limits of any rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebootRollout {
+    pub selector: RebootSelector,
+    pub only_required: bool,
+    pub options: RolloutOptions,
+}
+
+impl TryFrom<pb::RebootRolloutRequest> for RebootRollout {
+    type Error = ProtoError;
+    fn try_from(r: pb::RebootRolloutRequest) -> Result<Self, ProtoError> {
+        let role = match r.role {
+            0 => None,
+            v => Some(role_from_pb("role", v)?),
+        };
+        let nodes = bounded_list("node_ids", r.node_ids)?;
+        let selector = match (nodes.is_empty(), role, r.all) {
+            (false, None, false) => {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut ids = Vec::new();
+                for n in nodes {
+                    let id = NodeId::new(n)?;
+                    if seen.insert(id.clone()) {
+                        ids.push(id);
+                    }
+                }
+                RebootSelector::Nodes(ids)
+            }
+            (true, Some(role), false) => RebootSelector::Role(role),
+            (true, None, true) => RebootSelector::All,
+            _ => {
+                return Err(ProtoError::Invalid {
+                    field: "node_ids, role, all (give exactly one)",
+                })
+            }
+        };
+        Ok(Self {
+            selector,
+            only_required: r.only_required,
+            options: r.options.map(Into::into).unwrap_or_default(),
+        })
+    }
+}
+
+impl From<RebootRollout> for pb::RebootRolloutRequest {
+    fn from(r: RebootRollout) -> Self {
+        let mut out = pb::RebootRolloutRequest {
+            only_required: r.only_required,
+            options: Some(r.options.into()),
+            ..Default::default()
+        };
+        match r.selector {
+            RebootSelector::Nodes(ids) => {
+                out.node_ids = ids.into_iter().map(String::from).collect()
+            }
+            RebootSelector::Role(role) => out.role = crate::convert::role_to_pb(role) as i32,
+            RebootSelector::All => out.all = true,
+        }
+        out
+    }
+}
+
 /// `rollout pause`, `resume`, `abort`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RolloutAction {
@@ -904,6 +978,10 @@ pub struct RolloutNodeView {
     pub healthy_unix_ms: u64,
     pub finished_unix_ms: u64,
     pub changed_revision: u64,
+    /// Reboot rollouts: the boot it ran when its reboot was asked, and the
+    /// one it came back with.
+    pub boot_id_before: String,
+    pub boot_id_after: String,
 }
 
 impl From<RolloutNodeView> for pb::RolloutNode {
@@ -920,6 +998,8 @@ impl From<RolloutNodeView> for pb::RolloutNode {
             healthy_unix_ms: n.healthy_unix_ms,
             finished_unix_ms: n.finished_unix_ms,
             changed_revision: n.changed_revision,
+            boot_id_before: n.boot_id_before,
+            boot_id_after: n.boot_id_after,
         }
     }
 }

@@ -33,6 +33,11 @@ pub struct ClusterSettings {
     pub gluster_volumes: Vec<GlusterVolume>,
     #[serde(default)]
     pub frontends: Vec<Frontend>,
+    /// `[maintenance] window` ("Sat 02:00-04:00", UTC): when the leader
+    /// reboots the nodes that need it by itself. Read by the coordinators
+    /// only: in no node's slice, never sent to agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_window: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -656,6 +661,8 @@ impl TryFrom<pb::ClusterSettings> for ClusterSettings {
                     })
                 })
                 .collect::<Result<_, ProtoError>>()?,
+            // Not on the wire: agents never consume it.
+            maintenance_window: None,
         })
     }
 }
@@ -972,6 +979,8 @@ mod tests {
                     backend_role: Role::K8sWorker,
                     backend_port: 30300,
                 }],
+                // Not on the wire.
+                maintenance_window: None,
             },
         }
     }

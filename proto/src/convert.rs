@@ -8,9 +8,9 @@ use crate::domain::{
     AgentMessage, CertName, CertRevocation, CoordinatorMessage, CoordinatorRevocation,
     DesiredState, Disk, Event, EventKind, Facts, GlusterBrickReport, GlusterReport,
     GlusterVolumeReport, Health, InvalidCertName, InvalidNodeId, LogChunk, LogQuery,
-    MaintenanceView, NetworkInterface, NodeHealth, NodeId, NodeView, RevocableKind,
-    RevokeCertificate, Role, RoleChange, RoleSet, MAX_COORDINATOR_REVOCATIONS, MAX_GLUSTER_BRICKS,
-    MAX_GLUSTER_VOLUMES, MAX_LOG_CHUNK, MAX_LOG_LINE,
+    MaintenanceView, NetworkInterface, NodeHealth, NodeId, NodeView, RebootRequest, RebootRequired,
+    RevocableKind, RevokeCertificate, Role, RoleChange, RoleSet, MAX_COORDINATOR_REVOCATIONS,
+    MAX_GLUSTER_BRICKS, MAX_GLUSTER_VOLUMES, MAX_LOG_CHUNK, MAX_LOG_LINE,
 };
 use crate::pb;
 
@@ -142,6 +142,20 @@ impl TryFrom<pb::Facts> for Facts {
                     })
                 })
                 .collect::<Result<_, ProtoError>>()?,
+            boot_id: bounded_str("facts.boot_id", f.boot_id)?,
+            reboot_required: f
+                .reboot_required
+                .map(|r| {
+                    Ok::<_, ProtoError>(RebootRequired {
+                        since_unix_ms: r.since_unix_ms,
+                        source: bounded_str("facts.reboot_required.source", r.source)?,
+                        packages: bounded_list("facts.reboot_required.packages", r.packages)?
+                            .into_iter()
+                            .map(|p| bounded_str("facts.reboot_required.packages", p))
+                            .collect::<Result<_, _>>()?,
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -172,6 +186,12 @@ impl From<Facts> for pb::Facts {
                     addresses: i.addresses,
                 })
                 .collect(),
+            boot_id: f.boot_id,
+            reboot_required: f.reboot_required.map(|r| pb::RebootRequired {
+                since_unix_ms: r.since_unix_ms,
+                source: r.source,
+                packages: r.packages,
+            }),
         }
     }
 }
@@ -235,6 +255,7 @@ impl TryFrom<pb::AgentMessage> for AgentMessage {
                 converge: r.converge.map(TryInto::try_into).transpose()?,
             }),
             Kind::LogChunk(c) => Ok(AgentMessage::LogChunk(c.try_into()?)),
+            Kind::Facts(f) => Ok(AgentMessage::Facts(f.try_into()?)),
             Kind::Gluster(g) => Ok(AgentMessage::Gluster(g.try_into()?)),
         }
     }
@@ -395,6 +416,7 @@ impl From<AgentMessage> for pb::AgentMessage {
             }),
             AgentMessage::LogChunk(c) => Kind::LogChunk(c.into()),
             AgentMessage::Gluster(g) => Kind::Gluster(g.into()),
+            AgentMessage::Facts(f) => Kind::Facts(f.into()),
         };
         pb::AgentMessage { kind: Some(kind) }
     }
@@ -430,6 +452,15 @@ impl TryFrom<pb::CoordinatorMessage> for CoordinatorMessage {
                     })
                 })
                 .collect::<Result<_, ProtoError>>()?,
+                reboot: d
+                    .reboot
+                    .map(|r| {
+                        Ok::<_, ProtoError>(RebootRequest {
+                            generation: r.generation,
+                            boot_id: bounded_str("desired_state.reboot.boot_id", r.boot_id)?,
+                        })
+                    })
+                    .transpose()?,
             }))),
             Kind::HeartbeatAck(a) => Ok(CoordinatorMessage::HeartbeatAck {
                 seq: a.seq,
@@ -466,6 +497,10 @@ impl From<CoordinatorMessage> for pb::CoordinatorMessage {
                         revoked_unix_s: r.revoked_unix_s,
                     })
                     .collect(),
+                reboot: d.reboot.map(|r| pb::RebootRequest {
+                    generation: r.generation,
+                    boot_id: r.boot_id,
+                }),
             }),
             CoordinatorMessage::HeartbeatAck {
                 seq,
@@ -859,6 +894,12 @@ mod tests {
             facts: Facts {
                 hostname: "n1".into(),
                 cpus: 2,
+                boot_id: "0f8c8b2a-5a6e-4b53-9a49-3d2f4c0e1b7d".into(),
+                reboot_required: Some(RebootRequired {
+                    since_unix_ms: 1_700_000_000_000,
+                    source: "reboot-required".into(),
+                    packages: vec!["linux-image-amd64".into()],
+                }),
                 ..Default::default()
             },
             last_applied_revision: 7,
@@ -866,7 +907,13 @@ mod tests {
             advertise_address: Some("198.18.0.9".parse().unwrap()),
         };
         let wire: pb::AgentMessage = hello.clone().into();
-        assert_eq!(AgentMessage::try_from(wire), Ok(hello));
+        assert_eq!(AgentMessage::try_from(wire), Ok(hello.clone()));
+        let AgentMessage::Hello { facts, .. } = hello else {
+            unreachable!("a hello")
+        };
+        let again = AgentMessage::Facts(facts);
+        let wire: pb::AgentMessage = again.clone().into();
+        assert_eq!(AgentMessage::try_from(wire), Ok(again));
         let gluster = AgentMessage::Gluster(GlusterReport {
             after_converge_revision: 4,
             volumes: vec![GlusterVolumeReport {
@@ -929,6 +976,10 @@ mod tests {
                 name: CertName::new("coord-2").unwrap(),
                 revoked_unix_s: 1_800_000_000,
             }],
+            reboot: Some(RebootRequest {
+                generation: 42,
+                boot_id: "0f8c8b2a-5a6e-4b53-9a49-3d2f4c0e1b7d".into(),
+            }),
         }));
         let wire: pb::CoordinatorMessage = desired.clone().into();
         assert_eq!(CoordinatorMessage::try_from(wire), Ok(desired));

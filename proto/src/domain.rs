@@ -168,6 +168,9 @@ pub struct DesiredState {
     /// presents one of them. Every node consumes them.
     #[serde(default)]
     pub coordinator_revocations: Vec<CoordinatorRevocation>,
+    /// A reboot asked by a reboot rollout (the newest), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootRequest>,
 }
 
 /// How many coordinator revocations a desired state carries (the newest).
@@ -203,6 +206,32 @@ pub struct Facts {
     pub memory_bytes: u64,
     pub disks: Vec<Disk>,
     pub interfaces: Vec<NetworkInterface>,
+    /// `/proc/sys/kernel/random/boot_id`: a new one every boot.
+    #[serde(default)]
+    pub boot_id: String,
+    /// Set while the host needs a reboot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_required: Option<RebootRequired>,
+}
+
+/// Why and since when a host needs a reboot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootRequired {
+    /// The marker file's mtime, or when the agent first saw the need (unix ms).
+    pub since_unix_ms: u64,
+    /// `reboot-required` (`/run/reboot-required`) or `needs-restarting`.
+    pub source: String,
+    /// The packages that asked for it (`/run/reboot-required.pkgs`).
+    #[serde(default)]
+    pub packages: Vec<String>,
+}
+
+/// A reboot asked of a node (a reboot rollout): its agent reboots once per
+/// `generation`, and only while it still runs boot `boot_id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootRequest {
+    pub generation: u64,
+    pub boot_id: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -511,6 +540,8 @@ pub enum AgentMessage {
     },
     /// Journal lines for a [`CoordinatorMessage::LogRequest`].
     LogChunk(LogChunk),
+    /// The host's facts again, when they changed mid-session.
+    Facts(Facts),
     /// A gluster-brick node's bricks and pending heals.
     Gluster(GlusterReport),
 }

@@ -47,6 +47,8 @@ pub const VIP_NAME: &str = "front";
 pub const BACKEND_PORT: u16 = 80;
 /// `[converge] recheck_interval_s` of the agents in the machines.
 pub const RECHECK_S: u64 = 3;
+/// `reboot_check_interval_s` of the agents in the machines.
+pub const REBOOT_CHECK_S: u64 = 1;
 pub const AGENT_UNIT: &str = "steward-agent.service";
 /// Where the packaged unit's `ExecStart=` finds the agent.
 pub const AGENT_IN_MACHINE: &str = "/usr/bin/steward-agent";
@@ -225,7 +227,7 @@ impl ConvergeBed {
 
     /// The config keys every machine's agent gets besides its identity:
     /// the packaged layout's paths, converging on, a short recheck.
-    fn machine_agent_keys() -> [(&'static str, toml::Value); 6] {
+    fn machine_agent_keys() -> [(&'static str, toml::Value); 7] {
         let inside = |file: &str| format!("{PKI_IN_MACHINE}/{file}");
         [
             ("tls.ca", toml::Value::from(inside("ca.crt"))),
@@ -237,6 +239,11 @@ impl ConvergeBed {
             (
                 "converge.recheck_interval_s",
                 toml::Value::from(RECHECK_S as i64),
+            ),
+            // Whether the host needs a reboot: soon seen (a file read).
+            (
+                "reboot_check_interval_s",
+                toml::Value::from(REBOOT_CHECK_S as i64),
             ),
         ]
     }

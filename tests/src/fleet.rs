@@ -459,6 +459,8 @@ fn facts(index: usize) -> Facts {
                 addresses: vec![],
             },
         ],
+        boot_id: format!("7b6c2f4e-0000-4000-8000-{index:012x}"),
+        reboot_required: None,
     }
 }
 

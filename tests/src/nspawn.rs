@@ -41,6 +41,12 @@
 //!   unmounts and removes its directory and cgroup, also when the test
 //!   panics. No process is signalled that this harness did not start.
 //!
+//! - A machine whose systemd reboots ends its nspawn with status 133
+//!   ([`NSPAWN_REBOOTED`]); [`Machine::restart_if_rebooted`] then boots
+//!   it again from the same command line (name, root overlay, binds,
+//!   bridge, address), as `systemd-nspawn@.service` would restart it.
+//!   Tests poll it while they expect reboots.
+//!
 //! Pitfalls met without a host systemd: `ip netns exec` remounts `/sys`,
 //! which hides the cgroup mounts nspawn needs ("Failed to determine whether
 //! the unified cgroups hierarchy is used"), so nspawn enters the switch
@@ -1058,6 +1064,12 @@ pub struct Machine {
     env: Vec<(String, String)>,
     nspawn: Option<Child>,
     leader: Option<Leader>,
+    /// nspawn's command line (`sh` joining the cgroup, `nsenter`, nspawn),
+    /// kept to boot the machine again after it reboots.
+    spawn_argv: Vec<std::ffi::OsString>,
+    boot_timeout: Duration,
+    /// Boots after the first (see [`Machine::restart_if_rebooted`]).
+    reboots: u32,
     /// These two go after `Drop::drop` stopped the container: the cgroup,
     /// then the directory (unmounted first).
     cgroup: MachineCgroup,
@@ -1098,6 +1110,9 @@ impl Machine {
             env: opts.env.clone(),
             nspawn: None,
             leader: None,
+            spawn_argv: Vec::new(),
+            boot_timeout: opts.boot_timeout,
+            reboots: 0,
             cgroup: MachineCgroup(Vec::new()),
             _dir: ScratchDir(dir.clone()),
             machine,
@@ -1408,13 +1423,65 @@ impl Machine {
             let flag = if *read_only { "--bind-ro" } else { "--bind" };
             cmd.arg(format!("{flag}={host}:{inside}"));
         }
-        let log = fs::File::create(&self.console).expect("create console.log");
+        self.spawn_argv = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(OsStr::to_owned)
+            .collect();
+        self.start_nspawn();
+    }
+
+    /// Runs nspawn's command line, its output appended to the console log
+    /// (a boot after a reboot follows the one before).
+    fn start_nspawn(&mut self) {
+        let mut cmd = Command::new(&self.spawn_argv[0]);
+        cmd.args(&self.spawn_argv[1..]);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.console)
+            .expect("open console.log");
         let err = log.try_clone().expect("clone console.log handle");
         cmd.stdin(Stdio::null()).stdout(log).stderr(err);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", command_line(&cmd)));
         self.nspawn = Some(child);
+    }
+
+    /// If the machine rebooted (`systemd-nspawn --boot` exits with
+    /// [`NSPAWN_REBOOTED`] when the container's systemd reboots, as
+    /// `systemd-nspawn@.service` restarts on), boots it again with the
+    /// same name, root, binds and network, waits until systemd finished
+    /// booting, and returns true. False while nspawn runs; panics if it
+    /// exited for another reason or is not running.
+    pub fn restart_if_rebooted(&mut self) -> bool {
+        let child = self
+            .nspawn
+            .as_mut()
+            .unwrap_or_else(|| panic!("machine {} is not running", self.name));
+        let status = match child.try_wait() {
+            Ok(None) => return false,
+            Ok(Some(status)) => status,
+            Err(e) => panic!("machine {}: wait for systemd-nspawn: {e}", self.name),
+        };
+        self.nspawn = None;
+        self.leader = None;
+        assert_eq!(
+            status.code(),
+            Some(NSPAWN_REBOOTED),
+            "machine {}: systemd-nspawn exited ({status}), not for a reboot; console:\n{}",
+            self.name,
+            tail(&self.console, CONSOLE_TAIL)
+        );
+        self.reboots += 1;
+        self.start_nspawn();
+        self.wait_booted(self.boot_timeout);
+        true
+    }
+
+    /// How many times the machine rebooted (and was booted again).
+    pub fn reboots(&self) -> u32 {
+        self.reboots
     }
 
     /// Waits for the container's systemd, then for the end of its boot.
@@ -1556,6 +1623,9 @@ impl Drop for Machine {
         // `self._dir` drops next: unmounts the overlay, removes the files.
     }
 }
+
+/// systemd-nspawn's exit status when the container rebooted.
+pub const NSPAWN_REBOOTED: i32 = 133;
 
 fn extra_repo_path(i: usize) -> String {
     format!("/srv/extra-repo-{i}")

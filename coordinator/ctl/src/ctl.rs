@@ -69,6 +69,10 @@ pub enum Command {
         /// Only nodes served by this coordinator replica.
         #[arg(long)]
         replica: Option<String>,
+        /// Only nodes whose host needs a reboot (`/run/reboot-required`,
+        /// `needs-restarting -r`; the REBOOT column).
+        #[arg(long)]
+        reboot_required: bool,
     },
     /// One node in detail.
     Node {
@@ -154,7 +158,8 @@ pub enum Command {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Rollouts (`apply --rollout`): list, status, pause, resume, abort.
+    /// Rollouts (`apply --rollout`, `rollout reboot`): list, status, pause,
+    /// resume, abort.
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
@@ -257,6 +262,41 @@ pub enum RolloutCommand {
     /// Example, after fixing what `rollout status r1733500000000` showed:
     ///   stewardctl rollout resume r1733500000000 && stewardctl rollout status r1733500000000 --watch
     Resume { id: String },
+    /// Reboot nodes as a rollout: each is drained through the gates of its
+    /// roles, rebooted by its agent (`systemctl reboot`), waited for until
+    /// its agent is back with a new boot id and healthy, and undrained;
+    /// then the next (lb nodes one at a time, others --max-unavailable per
+    /// role). Prints the rollout id; `rollout status/pause/resume/abort`
+    /// work on it. `stewardctl nodes --reboot-required` lists the nodes
+    /// that need one.
+    #[command(
+        group(clap::ArgGroup::new("which").required(true).args(["nodes", "role", "all"])),
+        after_help = "Examples:\n  \
+            stewardctl rollout reboot --all --only-required --wait\n  \
+            stewardctl rollout reboot --role k8s-worker --max-unavailable 2\n  \
+            stewardctl rollout reboot --nodes lb-1,lb-2 -o json"
+    )]
+    Reboot {
+        /// These nodes (comma-separated ids).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Every node with this role.
+        #[arg(long, value_parser = parse_role)]
+        role: Option<Role>,
+        /// Every node.
+        #[arg(long)]
+        all: bool,
+        /// Only the selected nodes that report needing a reboot.
+        #[arg(long)]
+        only_required: bool,
+        /// Nodes of one role rebooting at once (lb nodes: always 1).
+        #[arg(long, default_value_t = 1)]
+        max_unavailable: u32,
+        /// Follow it like `rollout status --watch` until it is done (exit
+        /// 0), failed or aborted (exit non-zero).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Stop: nodes not yet changed are undrained and left out, nodes
     /// changed finish their steps and keep the new settings; the others
     /// keep the old ones. No node stays drained by the rollout.
@@ -644,6 +684,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             label,
             health,
             replica,
+            reboot_required,
         } => {
             let filter = pb::ListNodesRequest {
                 role: role.map_or(0, |r| steward_proto::convert::role_to_pb(r) as i32),
@@ -654,7 +695,10 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 without_facts: cli.output != Output::Json,
                 ..Default::default()
             };
-            let nodes = crate::wait::list_nodes(&mut connect(&cli).await?, filter).await?;
+            let mut nodes = crate::wait::list_nodes(&mut connect(&cli).await?, filter).await?;
+            if *reboot_required {
+                nodes.retain(|n| n.facts.reboot_required.is_some());
+            }
             print_nodes(cli.output, &nodes);
             Ok(())
         }
@@ -1202,6 +1246,51 @@ async fn rollout_command(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlE
             crate::rollout::print(cli.output, &r);
             return Ok(());
         }
+        RolloutCommand::Reboot {
+            nodes,
+            role,
+            all,
+            only_required,
+            max_unavailable,
+            wait,
+        } => {
+            if *max_unavailable == 0 {
+                return Err(CtlError::Usage(
+                    "--max-unavailable 0: at least one node must be able to reboot".into(),
+                ));
+            }
+            let r = client
+                .reboot_rollout(pb::RebootRolloutRequest {
+                    node_ids: nodes.clone(),
+                    role: role.map_or(0, |r| steward_proto::convert::role_to_pb(r) as i32),
+                    all: *all,
+                    only_required: *only_required,
+                    options: Some(pb::RolloutOptions {
+                        max_unavailable: *max_unavailable,
+                        ..Default::default()
+                    }),
+                })
+                .await?
+                .into_inner();
+            if cli.output == Output::Table {
+                println!(
+                    "rollout {} created: {} node(s) in {} batches: {} \
+                     (stewardctl rollout status {} --watch)",
+                    r.id,
+                    r.nodes_total,
+                    r.batches,
+                    r.changes.join("; "),
+                    r.id
+                );
+            }
+            if *wait {
+                return crate::rollout::watch(&mut client, cli.output, &r.id).await;
+            }
+            if cli.output == Output::Json {
+                crate::rollout::print(cli.output, &r);
+            }
+            return Ok(());
+        }
         RolloutCommand::Pause { id } => (id, Action::Pause),
         RolloutCommand::Resume { id } => (id, Action::Resume),
         RolloutCommand::Abort { id } => (id, Action::Abort),
@@ -1500,6 +1589,8 @@ fn node_json(node: &NodeView) -> serde_json::Value {
         "applied_revision": node.applied_revision,
         "converge": node.converge.as_ref().map(converge_json),
         "facts": node.facts,
+        "reboot_required": node.facts.reboot_required,
+        "boot_id": node.facts.boot_id,
         "last_health": node.last_health,
         "revoked": node.revoked_unix_ms,
         "maintenance": node.maintenance.as_ref().map(|m| json!({
@@ -1735,6 +1826,10 @@ fn print_nodes(output: Output, nodes: &[NodeView]) {
                 converged_cell(n),
                 ago(n.last_seen_unix_ms),
                 n.replica.clone().unwrap_or_else(|| "-".into()),
+                match &n.facts.reboot_required {
+                    Some(_) => "needed".into(),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
@@ -1747,6 +1842,7 @@ fn print_nodes(output: Output, nodes: &[NodeView]) {
             "CONVERGED",
             "LAST SEEN",
             "REPLICA",
+            "REBOOT",
         ],
         &rows,
     );
@@ -1771,6 +1867,13 @@ fn harmless_view(n: &NodeView) -> NodeView {
         i.mac = harmless(&i.mac);
         for a in &mut i.addresses {
             *a = harmless(a);
+        }
+    }
+    facts.boot_id = harmless(&facts.boot_id);
+    if let Some(r) = &mut facts.reboot_required {
+        r.source = harmless(&r.source);
+        for p in &mut r.packages {
+            *p = harmless(p);
         }
     }
     if let Some(report) = &mut n.converge {
@@ -1852,6 +1955,21 @@ fn print_node(output: Output, n: &NodeView) {
     }
     for v in n.gluster.iter().flat_map(|g| &g.volumes) {
         println!("gluster:   volume {}: {}", v.volume, gluster_line(v));
+    }
+    if let Some(r) = &n.facts.reboot_required {
+        println!(
+            "reboot:    needed since {} ({}){}",
+            format_unix_ms(r.since_unix_ms),
+            r.source,
+            if r.packages.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.packages.join(", "))
+            }
+        );
+    }
+    if !n.facts.boot_id.is_empty() {
+        println!("boot:      {}", n.facts.boot_id);
     }
     println!(
         "revision:  desired {} / applied {}",

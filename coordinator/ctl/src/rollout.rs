@@ -75,6 +75,10 @@ pub fn rollout_json(r: &pb::Rollout) -> serde_json::Value {
             json!({
                 "node": n.node_id, "batch": n.batch, "step": n.step, "reason": n.reason,
                 "changed_revision": n.changed_revision,
+                "boot_id_before": n.boot_id_before, "boot_id_after": n.boot_id_after,
+                "at": {"started": n.started_unix_ms, "drained": n.drained_unix_ms,
+                       "changed": n.changed_unix_ms, "converged": n.converged_unix_ms,
+                       "healthy": n.healthy_unix_ms, "finished": n.finished_unix_ms},
                 "ms": {"drain": drain, "change": change, "converge": converge,
                        "health": health, "undrain": undrain, "total": total},
             })

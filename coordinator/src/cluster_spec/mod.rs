@@ -46,6 +46,17 @@ pub struct ClusterSpec {
     pub gluster_volumes: Vec<GlusterVolume>,
     /// By node id as written (validated in [`plan`]).
     pub nodes: BTreeMap<String, NodeEntry>,
+    /// `[maintenance]`.
+    pub maintenance: Option<MaintenanceEntry>,
+}
+
+/// `[maintenance]`: when the fleet may reboot by itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceEntry {
+    /// `"Sat 02:00-04:00"` (UTC; [`crate::rollout::window`]). Absent: the
+    /// leader never reboots nodes by itself.
+    pub window: Option<String>,
 }
 
 /// `[[frontend]]`: a user HAProxy frontend on every VIP.
@@ -69,7 +80,7 @@ pub struct NodeEntry {
     pub labels: BTreeMap<String, String>,
 }
 
-const TOP_LEVEL_KEYS: &str = "vip, frontend, kubernetes, gluster, nodes";
+const TOP_LEVEL_KEYS: &str = "vip, frontend, kubernetes, gluster, nodes, maintenance";
 
 /// Parses a spec. Syntax errors stop at the first; past those, every
 /// unknown key, missing field and wrongly typed value is reported, each
@@ -91,6 +102,7 @@ pub fn parse(text: &str) -> Result<ClusterSpec, Vec<String>> {
             }
             "frontend" => spec.frontends = entries(&key, value, &mut problems),
             "kubernetes" => spec.kubernetes = item(&key, value, &mut problems),
+            "maintenance" => spec.maintenance = item(&key, value, &mut problems),
             "gluster" => {
                 let toml::Value::Table(gluster) = value else {
                     problems.push("gluster: expected a table ([[gluster.volume]])".into());

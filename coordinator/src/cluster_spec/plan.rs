@@ -134,6 +134,10 @@ pub fn plan(spec: &ClusterSpec, current: &Current) -> Result<Plan, Vec<String>> 
     }
     role_problems(spec.kubernetes.is_some(), &roles, &mut problems);
     gluster_problems(&spec.gluster_volumes, &roles, &mut problems);
+    let window = spec.maintenance.as_ref().and_then(|m| m.window.as_deref());
+    if let Some(Err(e)) = window.map(str::parse::<crate::rollout::window::MaintenanceWindow>) {
+        problems.push(e);
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -149,6 +153,7 @@ pub fn plan(spec: &ClusterSpec, current: &Current) -> Result<Plan, Vec<String>> 
         kubernetes: spec.kubernetes.clone(),
         gluster_volumes: spec.gluster_volumes.clone(),
         frontends,
+        maintenance_window: window.map(|w| w.trim().to_owned()),
     });
     let before = current
         .settings
@@ -798,6 +803,15 @@ fn settings_changes(a: &ClusterSettings, b: &ClusterSettings) -> Vec<String> {
         "gluster volume",
         &mut out,
     );
+    if a.maintenance_window != b.maintenance_window {
+        let shown =
+            |w: &Option<String>| w.as_deref().map_or("none".to_owned(), |w| format!("{w:?}"));
+        out.push(format!(
+            "cluster settings: maintenance window {} -> {}",
+            shown(&a.maintenance_window),
+            shown(&b.maintenance_window)
+        ));
+    }
     out
 }
 
@@ -1005,6 +1019,38 @@ mod tests {
     }
 
     const EXAMPLE: &str = include_str!("../../../packaging/cluster.example.toml");
+
+    #[test]
+    fn a_maintenance_window_is_a_setting_and_a_bad_one_is_refused() {
+        let current = fleet();
+        let plan = planned("[maintenance]\nwindow = \"Sat 02:00-04:00\"\n", &current)
+            .unwrap_or_else(|p| panic!("{p:#?}"));
+        assert_eq!(
+            plan.changes,
+            ["cluster settings: maintenance window none -> \"Sat 02:00-04:00\""]
+        );
+        let settings = &plan.settings.as_ref().expect("a settings write").settings;
+        assert_eq!(
+            settings.maintenance_window.as_deref(),
+            Some("Sat 02:00-04:00")
+        );
+        let problems = planned(
+            "[maintenance]\nwindow = \"Caturday 02:00-04:00\"\n",
+            &current,
+        )
+        .expect_err("an unknown day");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("maintenance.window \"Caturday 02:00-04:00\": unknown day"),
+            "{problems:?}"
+        );
+        let unknown =
+            parse("[maintenance]\nwindows = \"Sat 02:00-04:00\"\n").expect_err("an unknown key");
+        assert!(
+            unknown[0].contains("unknown field `windows`"),
+            "{unknown:?}"
+        );
+    }
 
     #[test]
     fn the_example_applies_to_a_fresh_fleet_and_then_changes_nothing() {

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use super::model::{
-    ActiveRollout, Phase, RolloutControl, RolloutEntry, RolloutNodeRecord, RolloutSpec,
-    RolloutState, Step, StepTimes,
+    ActiveRollout, Phase, RolloutControl, RolloutEntry, RolloutKind, RolloutNodeRecord,
+    RolloutSpec, RolloutState, Step, StepTimes,
 };
 use crate::agent_service::SessionContext;
 use crate::cache::SpecSnapshot;
@@ -94,7 +94,14 @@ pub struct Driver {
     timeouts: StepTimeouts,
     fleet: Option<(Instant, Arc<BTreeMap<NodeId, NodeRecord>>)>,
     trimmed_at: Option<Instant>,
+    /// When the maintenance window was last looked at (it reads every
+    /// node's facts: at most once a [`WINDOW_CHECK_EVERY`]).
+    window_checked_at: Option<Instant>,
 }
+
+/// How often the leader, with no rollout active, looks for nodes the
+/// maintenance window should reboot.
+pub const WINDOW_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown`; acts only while this replica leads.
 pub async fn run_rollouts(
@@ -151,6 +158,7 @@ impl Driver {
             timeouts,
             fleet: None,
             trimmed_at: None,
+            window_checked_at: None,
         }
     }
 
@@ -184,7 +192,7 @@ impl Driver {
     pub async fn tick(&mut self, store: &Store, fence: &Fence, world: &World<'_>) -> Result<()> {
         self.trim(store, fence, world.specs).await?;
         let Some((id, entry)) = world.specs.active_rollout() else {
-            return Ok(());
+            return self.window(store, fence, world).await;
         };
         let Some(spec) = entry.spec.as_ref().map(|s| &s.value) else {
             return Ok(());
@@ -320,6 +328,8 @@ impl Driver {
                     started: now,
                     ..Default::default()
                 },
+                boot_id_before: String::new(),
+                boot_id_after: String::new(),
             });
         if super::upgrade::in_place(run.spec, world.specs, node) {
             // A control plane's Kubernetes upgrade: in place, one at a
@@ -433,6 +443,37 @@ impl Driver {
                     } else {
                         return Ok(());
                     }
+                }
+                run.write_node(node, expected, &next, Vec::new(), Vec::new())
+                    .await?;
+            }
+            Step::Drained if run.spec.kind == RolloutKind::Reboot => {
+                super::reboot::ask(run, node, expected, next).await?;
+            }
+            Step::Changed if run.spec.kind == RolloutKind::Reboot => {
+                let observed = run.store.node(node).await?;
+                match super::reboot::progress(&next.boot_id_before, &observed) {
+                    super::reboot::Progress::Back(boot_id) => {
+                        next.step = Step::Converged;
+                        next.reason.clear();
+                        next.boot_id_after = boot_id;
+                        next.times.converged = now;
+                    }
+                    super::reboot::Progress::Pending(what)
+                        if since(next.times.changed) > self.timeouts.converge =>
+                    {
+                        next = failed(
+                            next,
+                            format!(
+                                "not back from its reboot within {} s ({what})",
+                                self.timeouts.converge.as_secs()
+                            ),
+                        );
+                    }
+                    super::reboot::Progress::Pending(what) if next.reason != what => {
+                        next.reason = what;
+                    }
+                    super::reboot::Progress::Pending(_) => return Ok(()),
                 }
                 run.write_node(node, expected, &next, Vec::new(), Vec::new())
                     .await?;
@@ -577,6 +618,29 @@ impl Driver {
         Ok(())
     }
 
+    /// No rollout active: the maintenance window may start a reboot
+    /// ([`super::reboot::window_tick`]), looked at once a
+    /// [`WINDOW_CHECK_EVERY`] while the settings have a window.
+    async fn window(&mut self, store: &Store, fence: &Fence, world: &World<'_>) -> Result<()> {
+        let has_window = world
+            .specs
+            .settings
+            .as_ref()
+            .is_some_and(|s| s.value.maintenance_window.is_some());
+        if !has_window
+            || self
+                .window_checked_at
+                .is_some_and(|at| at.elapsed() < WINDOW_CHECK_EVERY)
+        {
+            return Ok(());
+        }
+        self.window_checked_at = Some(Instant::now());
+        let t = self.timeouts;
+        let longest = t.drain + t.converge + t.health;
+        super::reboot::window_tick(store, fence, world, longest, unix_ms()).await?;
+        Ok(())
+    }
+
     /// Every node's record (statuses), read at most once a
     /// [`FLEET_READ_EVERY`].
     async fn fleet(&mut self, store: &Store) -> Result<Arc<BTreeMap<NodeId, NodeRecord>>> {
@@ -700,19 +764,19 @@ pub fn health_problems(node: &NodeId, observed: &NodeRecord, world: &World<'_>) 
 }
 
 /// One tick's view of the active rollout, and its writes.
-struct Run<'a> {
-    id: &'a str,
+pub(super) struct Run<'a> {
+    pub(super) id: &'a str,
     entry: &'a RolloutEntry,
     spec: &'a RolloutSpec,
-    store: &'a Store,
+    pub(super) store: &'a Store,
     fence: &'a Fence,
-    world: &'a World<'a>,
+    pub(super) world: &'a World<'a>,
 }
 
 impl Run<'_> {
     /// Writes `record` for `node` if its key is still at `expected`, with
     /// `guards` and `ops`; whether it did (a stale cache: next tick).
-    async fn write_node(
+    pub(super) async fn write_node(
         &self,
         node: &NodeId,
         expected: i64,
@@ -890,6 +954,12 @@ impl Run<'_> {
     /// change markers, whose revisions are newer than every node's change,
     /// so no node's revision goes back and none changes again).
     async fn finish(&self) -> Result<()> {
+        if self.spec.kind == RolloutKind::Reboot {
+            // Nothing to write but the end: no settings change.
+            let n = self.spec.node_count();
+            let reason = format!("{n} node{} rebooted", if n == 1 { "" } else { "s" });
+            return self.set_phase(Phase::Done, reason, true).await;
+        }
         let keys = self.store.keys();
         let current = self.world.specs.settings.as_ref();
         let current_rev = current.map_or(0, |s| s.mod_revision);
@@ -1141,17 +1211,22 @@ mod tests {
             .await
             .unwrap()
             .expect("nodes to change");
+            self.cached(&id).await;
+            id
+        }
+
+        /// Waits until the spec cache has rollout `id`.
+        async fn cached(&self, id: &str) {
             eventually("the rollout in the cache", || {
                 self.replica
                     .ctx
                     .specs
                     .borrow()
                     .rollouts
-                    .contains_key(&id)
+                    .contains_key(id)
                     .then_some(())
             })
             .await;
-            id
         }
     }
 
@@ -1223,6 +1298,205 @@ mod tests {
             .unwrap();
     }
 
+    /// The agent of `id` reports running boot `boot_id`.
+    async fn boot(replica: &TestReplica, id: &str, boot_id: &str) {
+        let facts = steward_proto::domain::Facts {
+            boot_id: boot_id.into(),
+            ..Default::default()
+        };
+        replica.store().put_facts(&node(id), &facts).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reboot_rollout_asks_each_node_once_and_waits_for_a_new_boot() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        boot(&bed.replica, "w-1", "boot-1a").await;
+        boot(&bed.replica, "w-2", "boot-2a").await;
+        let request = steward_proto::admin::RebootRollout {
+            selector: steward_proto::admin::RebootSelector::All,
+            only_required: false,
+            options: RolloutOptions::default(),
+        };
+        let id = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops")
+            .await
+            .unwrap();
+        bed.cached(&id).await;
+        // A second one is refused while it runs.
+        let again = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops").await;
+        assert!(
+            matches!(again, Err(Error::RolloutInProgress(_))),
+            "{again:?}"
+        );
+        bed.until(&id, "w-1", Step::Changed).await;
+        assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        let asked = bed.replica.ctx.desired_for(&node("w-1")).unwrap();
+        let request_1 = asked.reboot.clone().expect("w-1 asked to reboot");
+        assert_eq!(request_1.boot_id, "boot-1a");
+        assert!(asked.revision >= request_1.generation);
+        assert_eq!(
+            bed.replica.ctx.desired_for(&node("w-2")).unwrap().reboot,
+            None
+        );
+        // Still the old boot: it waits, and a new leader does not ask again.
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        bed.driver = Driver::new(StepTimeouts::default());
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        assert_eq!(bed.step(&id, "w-1"), Some(Step::Changed));
+        assert_eq!(bed.step(&id, "w-2"), None, "w-2 waits for w-1");
+        let still = bed.replica.ctx.desired_for(&node("w-1")).unwrap().reboot;
+        assert_eq!(still.as_ref(), Some(&request_1), "asked once");
+        // Back with a new boot: healthy, undrained, then w-2's turn.
+        boot(&bed.replica, "w-1", "boot-1b").await;
+        bed.until(&id, "w-1", Step::Done).await;
+        assert!(!bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        bed.until(&id, "w-2", Step::Changed).await;
+        boot(&bed.replica, "w-2", "boot-2b").await;
+        bed.until_phase(&id, Phase::Done).await;
+        let entry = bed.replica.store().rollout(&id).await.unwrap().unwrap();
+        let w1 = &entry.nodes[&node("w-1")].value;
+        assert_eq!(
+            (w1.boot_id_before.as_str(), w1.boot_id_after.as_str()),
+            ("boot-1a", "boot-1b")
+        );
+        let w2 = &entry.nodes[&node("w-2")].value;
+        assert!(w1.times.finished <= w2.times.started, "one at a time");
+        // A reboot changes no settings, and the rollout holds nothing.
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        assert!(specs.settings.is_none());
+        assert!(specs.active_rollout().is_none());
+        assert!(specs.maintenance_set().is_empty());
+        // Only the requests stay: one each, never asked again.
+        assert_eq!(
+            bed.replica.ctx.desired_for(&node("w-1")).unwrap().reboot,
+            Some(request_1)
+        );
+    }
+
+    #[tokio::test]
+    async fn aborting_a_reboot_rollout_lets_the_node_in_flight_come_back_and_asks_no_other() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        boot(&bed.replica, "w-1", "boot-1a").await;
+        boot(&bed.replica, "w-2", "boot-2a").await;
+        let request = steward_proto::admin::RebootRollout {
+            selector: steward_proto::admin::RebootSelector::All,
+            only_required: false,
+            options: RolloutOptions::default(),
+        };
+        let id = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops")
+            .await
+            .unwrap();
+        bed.cached(&id).await;
+        bed.until(&id, "w-1", Step::Changed).await;
+        crate::rollout::control(
+            bed.replica.store(),
+            &id,
+            crate::rollout::Action::Abort,
+            "ops",
+        )
+        .await
+        .unwrap();
+        bed.until_phase(&id, Phase::Aborting).await;
+        // The node asked finishes: it is not left drained mid-reboot.
+        for _ in 0..5 {
+            bed.tick().await;
+        }
+        assert_eq!(bed.phase(&id), Some(Phase::Aborting));
+        assert!(bed.replica.ctx.specs.borrow().in_maintenance(&node("w-1")));
+        boot(&bed.replica, "w-1", "boot-1b").await;
+        bed.until_phase(&id, Phase::Aborted).await;
+        assert_eq!(bed.step(&id, "w-1"), Some(Step::Done));
+        assert_eq!(bed.step(&id, "w-2"), None);
+        let specs = bed.replica.ctx.specs.borrow().clone();
+        assert!(specs.maintenance_set().is_empty());
+        assert!(specs.active_rollout().is_none());
+        assert!(!specs.reboots.contains_key(&node("w-2")), "w-2 never asked");
+        assert_eq!(
+            bed.replica.ctx.desired_for(&node("w-2")).unwrap().reboot,
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn the_maintenance_window_reboots_one_node_that_needs_it_only_with_time_left() {
+        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+        boot(&bed.replica, "w-1", "boot-1a").await;
+        let needs = steward_proto::domain::Facts {
+            boot_id: "boot-2a".into(),
+            reboot_required: Some(steward_proto::domain::RebootRequired {
+                since_unix_ms: 1,
+                source: "reboot-required".into(),
+                packages: Vec::new(),
+            }),
+            ..Default::default()
+        };
+        let store = bed.replica.store().clone();
+        store.put_facts(&node("w-2"), &needs).await.unwrap();
+        let settings = ClusterSettings {
+            maintenance_window: Some("Sat 02:00-04:00".into()),
+            ..Default::default()
+        };
+        store
+            .txn(
+                Txn::new().and_then([Op::put(store.keys().cluster_settings(), encode(&settings))]),
+                "test",
+            )
+            .await
+            .unwrap();
+        eventually("the settings in the cache", || {
+            bed.replica.ctx.specs.borrow().settings.as_ref().map(|_| ())
+        })
+        .await;
+        // 2026-12-05 was a Saturday.
+        let saturday = 20_792 * 86_400_000u64;
+        let at = |hh: u64, mm: u64| saturday + (hh * 60 + mm) * 60_000;
+        let longest = Duration::from_secs(20 * 60);
+        let (ctx, fence) = (bed.replica.ctx.clone(), bed.fence.clone());
+        let tick = |now: u64| {
+            let specs = ctx.specs.borrow().clone();
+            let vips = ctx.vips.borrow().clone();
+            let orchestration = ctx.orchestration.borrow().clone();
+            let (store, fence, lease) = (store.clone(), fence.clone(), &ctx.lease);
+            async move {
+                let world = World {
+                    specs: &specs,
+                    vips: &vips,
+                    orchestration: &orchestration,
+                    lease,
+                };
+                crate::rollout::reboot::window_tick(&store, &fence, &world, longest, now)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(tick(at(1, 59)).await, None, "before the window");
+        assert_eq!(tick(at(3, 41)).await, None, "it would run past 04:00");
+        assert_eq!(tick(at(4, 0)).await, None, "after the window");
+        let id = tick(at(2, 30)).await.expect("a reboot rollout");
+        let entry = store.rollout(&id).await.unwrap().unwrap();
+        let spec = entry.spec.unwrap().value;
+        assert_eq!(spec.kind, RolloutKind::Reboot);
+        assert_eq!(spec.batches, [[node("w-2")]]);
+        assert!(
+            spec.created_by.contains("maintenance window"),
+            "{}",
+            spec.created_by
+        );
+        // One at a time: none while it is active.
+        assert_eq!(tick(at(2, 31)).await, None);
+        bed.until(&id, "w-2", Step::Changed).await;
+        boot(&bed.replica, "w-2", "boot-2b").await;
+        bed.until_phase(&id, Phase::Done).await;
+        // Its need was before this reboot: not again (the facts above
+        // still say it needs one, as an agent whose need outlived the
+        // reboot would).
+        store.put_facts(&node("w-2"), &needs).await.unwrap();
+        assert_eq!(tick(at(2, 40)).await, None);
+    }
+
     #[tokio::test]
     async fn only_the_newest_finished_rollouts_are_kept() {
         let mut bed = Bed::new(&["w-1"]).await;
@@ -1241,6 +1515,7 @@ mod tests {
                 created_by: "ops".into(),
                 created_at_unix_ms: 1,
                 upgrade: None,
+                kind: Default::default(),
             };
             let state = RolloutState {
                 phase: if i == 0 { Phase::Aborted } else { Phase::Done },
@@ -1759,6 +2034,8 @@ mod tests {
                 healthy: 0,
                 finished: 5,
             },
+            boot_id_before: String::new(),
+            boot_id_after: String::new(),
         };
         let after_change = retried(&record, true, true, "ops", 100);
         assert_eq!(after_change.step, Step::Changed);

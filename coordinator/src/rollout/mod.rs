@@ -22,7 +22,9 @@
 pub mod driver;
 pub mod model;
 pub mod plan;
+pub mod reboot;
 pub mod upgrade;
+pub mod window;
 
 use steward_proto::admin::{RolloutNodeView, RolloutView};
 use steward_proto::converge::ClusterSettings;
@@ -122,7 +124,33 @@ pub async fn create(
         created_by: by.to_owned(),
         created_at_unix_ms: unix_ms(),
         upgrade,
+        kind: model::RolloutKind::Settings,
     };
+    let guards = vec![Cmp::mod_revision(
+        store.keys().cluster_settings(),
+        base_revision,
+    )];
+    let txn = insert_txn(store, &spec, active_revision, guards);
+    if !store.txn(txn, "create rollout").await?.succeeded {
+        return Err(Error::Conflict {
+            key: "the cluster settings or the active rollout".into(),
+        });
+    }
+    info!(rollout.id = %id, nodes = spec.node_count(), "rollout created");
+    Ok(Some(id))
+}
+
+/// The transaction that writes the new rollout `spec` and makes it the
+/// active one, guarded on `cluster/rollouts/.active` being at
+/// `active_revision` and on `guards`.
+pub(crate) fn insert_txn(
+    store: &Store,
+    spec: &RolloutSpec,
+    active_revision: i64,
+    guards: Vec<Cmp>,
+) -> Txn {
+    let id = spec.id.clone();
+    let by = &spec.created_by;
     let keys = store.keys();
     let state = RolloutState {
         phase: Phase::Running,
@@ -139,14 +167,14 @@ pub async fn create(
             spec.changes.join("; ")
         ),
     );
-    let txn = Txn::new()
+    Txn::new()
         .when([
             Cmp::mod_revision(keys.rollout_active(), active_revision),
-            Cmp::mod_revision(keys.cluster_settings(), base_revision),
             Cmp::mod_revision(keys.rollout_spec(&id), 0),
         ])
+        .when(guards)
         .and_then([
-            Op::put(keys.rollout_spec(&id), encode(&spec)),
+            Op::put(keys.rollout_spec(&id), encode(spec)),
             Op::put(keys.rollout_state(&id), encode(&state)),
             Op::put(
                 keys.rollout_control(&id),
@@ -159,14 +187,7 @@ pub async fn create(
                 }),
             ),
             store.event_op(&event),
-        ]);
-    if !store.txn(txn, "create rollout").await?.succeeded {
-        return Err(Error::Conflict {
-            key: "the cluster settings or the active rollout".into(),
-        });
-    }
-    info!(rollout.id = %id, nodes = spec.node_count(), "rollout created");
-    Ok(Some(id))
+        ])
 }
 
 /// Every rollout, oldest first, without per-node detail.
@@ -295,6 +316,8 @@ pub fn view(id: &str, entry: &RolloutEntry) -> Option<RolloutView> {
                 healthy_unix_ms: times.healthy,
                 finished_unix_ms: times.finished,
                 changed_revision: entry.changed.get(node).copied().unwrap_or(0).max(0) as u64,
+                boot_id_before: record.map(|r| r.boot_id_before.clone()).unwrap_or_default(),
+                boot_id_after: record.map(|r| r.boot_id_after.clone()).unwrap_or_default(),
             });
         }
     }

@@ -35,6 +35,29 @@ pub struct RolloutSpec {
     /// and run `kubeadm upgrade` ([`crate::rollout::upgrade`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<super::upgrade::KubernetesUpgrade>,
+    /// What each node's change is (absent in rollouts written before
+    /// reboot rollouts existed: a settings change).
+    #[serde(default, skip_serializing_if = "RolloutKind::is_settings")]
+    pub kind: RolloutKind,
+}
+
+/// What a rollout changes on each node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutKind {
+    /// The node's desired state takes the target settings (`apply --rollout`).
+    #[default]
+    Settings,
+    /// The node reboots (`rollout reboot`, or the maintenance window): its
+    /// `nodes/<id>/reboot` record is written, and the step after is its
+    /// agent back with a new boot id ([`crate::rollout::reboot`]).
+    Reboot,
+}
+
+impl RolloutKind {
+    pub fn is_settings(&self) -> bool {
+        *self == RolloutKind::Settings
+    }
 }
 
 impl RolloutSpec {
@@ -188,6 +211,13 @@ pub struct RolloutNodeRecord {
     /// converge at least this one.
     pub changed_revision: i64,
     pub times: StepTimes,
+    /// Reboot rollouts: the boot id the node ran when its reboot was asked
+    /// (the step after waits for another).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id_before: String,
+    /// Reboot rollouts: the boot id it came back with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id_after: String,
 }
 
 /// One rollout, as read from etcd (or from the spec cache).

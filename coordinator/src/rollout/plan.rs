@@ -89,6 +89,14 @@ pub fn plan(
         .iter()
         .filter(|c| changes(&c.roles, &c.current, target))
         .collect();
+    order(changed, control_plane_cap(candidates), options)
+}
+
+/// The batches for `nodes`, every one of them (a reboot rollout's): the
+/// order and limits of [`plan`], at most `cp_cap` control planes at once
+/// ([`control_plane_cap`] of the whole cluster).
+pub fn order(nodes: Vec<&Candidate>, cp_cap: usize, options: &RolloutOptions) -> Batches {
+    let changed = nodes;
     let holder_zones: BTreeSet<&str> = changed
         .iter()
         .filter(|c| c.holds_vip)
@@ -107,7 +115,6 @@ pub fn plan(
         };
         key(a).cmp(&key(b))
     });
-    let cp_cap = control_plane_cap(candidates);
     let limit = |c: &Candidate| {
         let mut n = c
             .roles
@@ -135,10 +142,16 @@ pub fn plan(
 /// of `n` members, `n - (n/2 + 1)`, at least 1 (a lone control plane is
 /// the maintenance gate's to refuse).
 pub fn control_plane_cap(candidates: &[Candidate]) -> usize {
-    let n = candidates
-        .iter()
-        .filter(|c| c.roles.contains(&Role::K8sControlPlane))
-        .count();
+    quorum_cap(
+        candidates
+            .iter()
+            .filter(|c| c.roles.contains(&Role::K8sControlPlane))
+            .count(),
+    )
+}
+
+/// Of `n` etcd members, how many may be out at once (at least 1).
+pub fn quorum_cap(n: usize) -> usize {
     n.saturating_sub(n / 2 + 1).max(1)
 }
 

@@ -9,7 +9,8 @@
 //! | `nodes/<id>/spec` | admin API | [`NodeSpec`] |
 //! | `nodes/<id>/status` | the replica serving the node, on change only, rate-limited per node | [`NodeStatusRecord`] (small: no facts) |
 //! | `nodes/<id>/address` | the replica serving the node, when it differs at session open | [`NodeAddressRecord`] |
-//! | `facts/<id>` | the replica serving the node, at session open when they changed | [`Facts`], bounded |
+//! | `nodes/<id>/reboot` | leader, fenced (a reboot rollout's reboot step), overwritten, never deleted | [`RebootRecord`]: its mod revision is the reboot's generation |
+//! | `facts/<id>` | the replica serving the node, at session open and when the agent sends them again, when they changed | [`Facts`], bounded |
 //! | `converge/<id>` | the replica serving the node, when the outcome changes | [`ConvergeReport`], bounded |
 //! | `vips/.removed` | admin API, with every VIP removal | [`VipRemovedRecord`] |
 //! | `cluster/settings` | admin API (`Apply`), whole, never deleted | [`ClusterSettings`] |
@@ -92,6 +93,7 @@ pub enum NodeKey {
     Revoked,
     Maintenance,
     Gluster,
+    Reboot,
 }
 
 impl Keys {
@@ -164,6 +166,13 @@ impl Keys {
     /// `nodes/`, where the gates read it with the statuses).
     pub fn node_gluster(&self, id: &NodeId) -> String {
         format!("{}{id}/gluster", self.nodes())
+    }
+
+    /// The last reboot asked of the node (a reboot rollout): overwritten,
+    /// never deleted, so that its mod revision (the reboot's generation)
+    /// keeps growing.
+    pub fn node_reboot(&self, id: &NodeId) -> String {
+        format!("{}{id}/reboot", self.nodes())
     }
     pub fn gluster_volume(&self, name: &str) -> String {
         format!("{}orchestration/gluster/{name}", self.prefix)
@@ -350,6 +359,7 @@ impl Keys {
             "revoked" => NodeKey::Revoked,
             "maintenance" => NodeKey::Maintenance,
             "gluster" => NodeKey::Gluster,
+            "reboot" => NodeKey::Reboot,
             _ => return None,
         };
         Some((NodeId::new(id).ok()?, kind))
@@ -493,6 +503,19 @@ pub struct MaintenanceRecord {
     pub at_unix_ms: u64,
     /// Drained although a gate refused.
     pub forced: bool,
+}
+
+/// `nodes/<id>/reboot`: the last reboot asked of the node. Its agent
+/// reboots once for it (the record's mod revision is the generation), and
+/// only while it runs boot `boot_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebootRecord {
+    /// The boot the reboot was asked of (from the node's facts).
+    pub boot_id: String,
+    /// The rollout that asked.
+    pub rollout: String,
+    pub at_unix_ms: u64,
 }
 
 /// `vips/.removed`: the last VIP removed.
@@ -997,7 +1020,7 @@ impl Store {
             Some((_, NodeKey::Revoked)) => record.revoked = Some(versioned(kv)?),
             Some((_, NodeKey::Maintenance)) => record.maintenance = Some(versioned(kv)?),
             Some((_, NodeKey::Gluster)) => record.gluster = Some(versioned(kv)?),
-            None => {}
+            Some((_, NodeKey::Reboot)) | None => {}
         }
         Ok(())
     }
