@@ -179,6 +179,34 @@ pub struct FakeCoordinator {
 }
 
 impl FakeCoordinator {
+    /// [`FakeCoordinator::start`] with a new CA in `pki_dir` that issues the
+    /// fake's coordinator certificate and one for the agent `agent`
+    /// (`pki_dir/<agent>.crt`, `.key`; the CA at `pki_dir/ca.crt`).
+    pub async fn start_with_new_pki(
+        pki_dir: &Path,
+        agent: &str,
+        replicas: usize,
+        scripts: Vec<Script>,
+        window: u32,
+        hold: Duration,
+    ) -> FakeCoordinator {
+        use steward_coordinator::pki::{self, IdentityKind};
+        pki::init_ca(pki_dir, "test").expect("ca");
+        let (crt, key) =
+            pki::issue(pki_dir, "coord-fake", IdentityKind::Coordinator, &[]).expect("cert");
+        pki::issue(pki_dir, agent, IdentityKind::Agent, &[]).expect("agent cert");
+        Self::start(
+            replicas,
+            &pki_dir.join("ca.crt"),
+            &crt,
+            &key,
+            scripts,
+            window,
+            hold,
+        )
+        .await
+    }
+
     /// `replicas` listeners on loopback with the coordinator identity
     /// `cert`/`key` (clients must present a certificate of `ca`); the n-th
     /// session opened on any of them gets `scripts[n]` (the last repeats).

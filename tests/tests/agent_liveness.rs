@@ -16,7 +16,6 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use steward_coordinator::pki::{self, IdentityKind};
 use steward_tests::fake_coordinator::{FakeCoordinator, Script};
 use steward_tests::{bin, Proc};
 
@@ -63,15 +62,10 @@ async fn agent_recovers_from(stall: Script) -> Duration {
         .tempdir()
         .expect("tempdir");
     let pki_dir = dir.path().join("pki");
-    pki::init_ca(&pki_dir, "test").expect("ca");
-    let (crt, key) =
-        pki::issue(&pki_dir, "coord-fake", IdentityKind::Coordinator, &[]).expect("cert");
-    pki::issue(&pki_dir, "lb1", IdentityKind::Agent, &[]).expect("agent cert");
-    let fake = FakeCoordinator::start(
+    let fake = FakeCoordinator::start_with_new_pki(
+        &pki_dir,
+        "lb1",
         2,
-        &pki_dir.join("ca.crt"),
-        &crt,
-        &key,
         vec![stall, Script::Serve],
         WINDOW,
         Duration::from_secs(120),

@@ -13,7 +13,6 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use steward_coordinator::pki::{self, IdentityKind};
 use steward_tests::fake_coordinator::{FakeCoordinator, Script};
 use steward_tests::{bin, Proc};
 
@@ -27,15 +26,10 @@ async fn the_agent_beats_at_the_cadence_the_replica_asks_for() {
         .tempdir()
         .expect("tempdir");
     let pki_dir = dir.path().join("pki");
-    pki::init_ca(&pki_dir, "test").expect("ca");
-    let (crt, key) =
-        pki::issue(&pki_dir, "coord-fake", IdentityKind::Coordinator, &[]).expect("cert");
-    pki::issue(&pki_dir, "w1", IdentityKind::Agent, &[]).expect("agent cert");
-    let fake = FakeCoordinator::start(
+    let fake = FakeCoordinator::start_with_new_pki(
+        &pki_dir,
+        "w1",
         1,
-        &pki_dir.join("ca.crt"),
-        &crt,
-        &key,
         vec![Script::Paced(ASKED_MS)],
         65_535,
         Duration::from_secs(60),
