@@ -277,6 +277,17 @@ fn an_idle_fleet_writes_nothing_to_etcd() {
             }))
         .then_some(())
     });
+    // node-1's brick probe reports once after it became a brick node, up
+    // to a probe interval (10 s) later: a start-up write, to land before
+    // the window.
+    eventually(
+        Duration::from_secs(20),
+        "node-1's first brick report stored",
+        || {
+            let out = cluster.ctl(&["node", "show", "node-1", "-o", "json"]);
+            (out.ok() && !out.json()["gluster"].is_null()).then_some(())
+        },
+    );
     // Let start-up writes (facts, first converge reports) settle.
     std::thread::sleep(Duration::from_secs(3));
     let etcd: SocketAddr = cluster
