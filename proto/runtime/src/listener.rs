@@ -68,6 +68,9 @@ pub struct ListenerStats {
     pub timed_out: Arc<Counter>,
     /// Handshakes that failed (bad certificate, not TLS, closed early).
     pub failed: Arc<Counter>,
+    /// Connections whose client had given up (closed or reset) by the time
+    /// their handshake turn came: dropped without a handshake.
+    pub abandoned: Arc<Counter>,
 }
 
 impl ListenerStats {
@@ -78,6 +81,7 @@ impl ListenerStats {
             evicted: family.with(&[listener, "handshake_evicted"]),
             timed_out: family.with(&[listener, "handshake_timeout"]),
             failed: family.with(&[listener, "handshake_failed"]),
+            abandoned: family.with(&[listener, "abandoned_before_handshake"]),
         }
     }
 }
@@ -321,6 +325,16 @@ pub fn limited_tls_incoming(
                     _ = tokio::time::sleep_until(wake.into()) => {}
                 }
             };
+            // A client that gave up while this connection waited (in the
+            // kernel's backlog or for its turn) has closed it. Its hello
+            // may still be buffered: handshaking it would spend a full
+            // key exchange and signature on nobody, which under a
+            // reconnecting fleet is what keeps the live ones waiting past
+            // their deadline (and they give up too).
+            if peer_gone(&tcp) {
+                stats.abandoned.inc();
+                continue;
+            }
             let _ = tcp.set_nodelay(true);
             let cancel = shutdown.child_token();
             let id = {
@@ -365,11 +379,58 @@ pub fn limited_tls_incoming(
     ReceiverStream::new(rx)
 }
 
+/// Whether the client of an accepted connection has closed or reset it
+/// (its TCP state is no longer ESTABLISHED: CLOSE-WAIT after its FIN).
+#[allow(unsafe_code)]
+fn peer_gone(tcp: &tokio::net::TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain integers, valid when zeroed; the kernel
+    // writes at most `len` bytes into it, and the descriptor is open for
+    // the duration of the call (borrowed from `tcp`).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // TCP_ESTABLISHED is 1 in the kernel's numbering (include/net/tcp_states.h).
+    rc == 0 && info.tcpi_state != 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
     use tokio_stream::StreamExt;
+
+    /// A connection its client closed while it waited is known as gone
+    /// before any handshake (and one still open is not).
+    #[tokio::test]
+    async fn a_connection_its_client_closed_is_seen_as_gone() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server_side, _) = listener.accept().await.expect("accept");
+        assert!(!peer_gone(&server_side), "the client is still there");
+        // Its hello is buffered, then it gives up.
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"\x16\x03\x01 hello")
+            .await
+            .expect("write");
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !peer_gone(&server_side) {
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection still looks open"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     struct Served {
         addr: std::net::SocketAddr,
