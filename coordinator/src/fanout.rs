@@ -225,7 +225,7 @@ fn concerns_everyone(before: &SpecSnapshot, now: &SpecSnapshot) -> bool {
         |v: Option<&Versioned<steward_proto::converge::ClusterSettings>>| v.map(|s| s.mod_revision);
     before.synced != now.synced
         || rev(before.settings.as_ref()) != rev(now.settings.as_ref())
-        || changed_any(&before.maintenance, &now.maintenance, before.revision)
+        || changed_any(&before.maintenance, &now.maintenance)
         || before.departed != now.departed
         || before.sections != now.sections
         || now.specs.len() < before.specs.len()
@@ -236,48 +236,91 @@ fn concerns_everyone(before: &SpecSnapshot, now: &SpecSnapshot) -> bool {
             != crate::desired::coordinator_revocations_revision(now)
 }
 
-fn changed_any<K, V>(
+/// Whether any entry of `before` and `now` differs (added, removed, or
+/// written again).
+fn changed_any<K: Ord, V>(
     before: &BTreeMap<K, Versioned<V>>,
     now: &BTreeMap<K, Versioned<V>>,
-    since: i64,
 ) -> bool {
-    now.len() != before.len() || now.values().any(|v| v.mod_revision > since)
+    let mut any = false;
+    diff(before, now, |_| any = true, |v| v.mod_revision);
+    any
 }
 
-/// The nodes whose own records changed after `before`.
+/// Calls `changed` with every key whose entry differs between `before` and
+/// `now` (added, removed, or at another revision), walking both maps in
+/// order once.
+///
+/// Entry by entry, not "newer than the revision `before` was published
+/// at": the cache follows several prefixes, and one transaction's writes
+/// under two of them (a rollout step under `cluster/` and the node's
+/// `nodes/<id>/reboot`) can arrive in two publications at the same
+/// revision; a watermark would miss the second.
+fn diff<'a, K: Ord + 'a, V: 'a>(
+    before: &'a BTreeMap<K, V>,
+    now: &'a BTreeMap<K, V>,
+    mut changed: impl FnMut(&'a K),
+    revision: impl Fn(&V) -> i64,
+) {
+    let (mut a, mut b) = (before.iter().peekable(), now.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return,
+            (Some((k, _)), None) => {
+                changed(k);
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                changed(k);
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    changed(ka);
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changed(kb);
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if revision(va) != revision(vb) {
+                        changed(ka);
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
+/// The nodes whose own records changed between `before` and `now`.
 fn changed_nodes(before: &SpecSnapshot, now: &SpecSnapshot) -> HashSet<NodeId> {
-    let since = before.revision;
-    let newer = |map: &mut dyn Iterator<Item = (&NodeId, i64)>| -> Vec<NodeId> {
-        map.filter(|(_, rev)| *rev > since)
-            .map(|(id, _)| id.clone())
-            .collect()
-    };
     let mut nodes = HashSet::new();
-    nodes.extend(newer(
-        &mut now.specs.iter().map(|(id, v)| (id, v.mod_revision)),
-    ));
-    nodes.extend(newer(
-        &mut now.addresses.iter().map(|(id, v)| (id, v.mod_revision)),
-    ));
-    nodes.extend(newer(
-        &mut now.revoked.iter().map(|(id, v)| (id, v.mod_revision)),
-    ));
-    nodes.extend(newer(
-        &mut now.reboots.iter().map(|(id, v)| (id, v.mod_revision)),
-    ));
+    let mut add = |id: &NodeId| {
+        nodes.insert(id.clone());
+    };
+    diff(&before.specs, &now.specs, &mut add, |v| v.mod_revision);
+    diff(&before.addresses, &now.addresses, &mut add, |v| {
+        v.mod_revision
+    });
+    diff(&before.revoked, &now.revoked, &mut add, |v| v.mod_revision);
+    diff(&before.reboots, &now.reboots, &mut add, |v| v.mod_revision);
     // A rollout's change of a node (`changed/<node>`, and an upgrade's
     // `upgraded/<node>`) is one of its inputs.
+    let empty = crate::rollout::model::RolloutEntry::default();
     let mut kubernetes_moved = false;
-    for rollout in now.rollouts.values() {
-        nodes.extend(newer(
-            &mut rollout.changed.iter().map(|(id, rev)| (id, *rev)),
-        ));
-        nodes.extend(newer(
-            &mut rollout.upgraded.iter().map(|(id, rev)| (id, *rev)),
-        ));
-        kubernetes_moved |= rollout.nodes.iter().any(|(id, r)| {
-            r.mod_revision > since && crate::rollout::upgrade::is_kubernetes(now, id)
-        });
+    for (id, rollout) in &now.rollouts {
+        let was = before.rollouts.get(id).unwrap_or(&empty);
+        diff(&was.changed, &rollout.changed, &mut add, |rev| *rev);
+        diff(&was.upgraded, &rollout.upgraded, &mut add, |rev| *rev);
+        diff(
+            &was.nodes,
+            &rollout.nodes,
+            |node| kubernetes_moved |= crate::rollout::upgrade::is_kubernetes(now, node),
+            |v| v.mod_revision,
+        );
     }
     // A Kubernetes node's step moved: the control plane that asks for its
     // readiness follows its record (`rollout::upgrade::ready_checks`).
@@ -294,16 +337,58 @@ fn changed_nodes(before: &SpecSnapshot, now: &SpecSnapshot) -> HashSet<NodeId> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
     use std::time::Duration;
 
     use steward_proto::domain::{CertName, RevocableKind, Role};
 
+    use super::changed_nodes;
+    use crate::cache::SpecSnapshot;
     use crate::store::kv::{Op, Txn};
+    use crate::store::Versioned;
     use crate::store::{encode, MemoryBackend};
     use crate::testing::{node, put_roles, TestReplica};
 
     async fn woken(wake: &tokio::sync::Notify, within: Duration) -> bool {
         tokio::time::timeout(within, wake.notified()).await.is_ok()
+    }
+
+    /// One transaction wrote a rollout step (under `cluster/`) and the
+    /// node's reboot request (under `nodes/`); the cache published them in
+    /// two snapshots at the same revision. The second still changes the
+    /// node (a watermark "newer than the last revision" missed it, and the
+    /// node never heard of its reboot: a reboot rollout stalled in CI).
+    #[test]
+    fn a_record_published_after_its_revision_still_changes_its_node() {
+        let rb1 = node("rb1");
+        let before = SpecSnapshot {
+            revision: 41,
+            ..Default::default()
+        };
+        let mut first = before.clone();
+        first.revision = 42;
+        let mut second = first.clone();
+        second.reboots.insert(
+            rb1.clone(),
+            Versioned {
+                value: crate::store::RebootRecord {
+                    boot_id: "b".into(),
+                    rollout: "r1".into(),
+                    at_unix_ms: 1,
+                },
+                mod_revision: 42,
+            },
+        );
+        assert!(changed_nodes(&before, &first).is_empty());
+        assert_eq!(changed_nodes(&first, &second), HashSet::from([rb1.clone()]));
+        assert_eq!(changed_nodes(&second, &second.clone()), HashSet::new());
+        let mut third = second.clone();
+        third.reboots.clear();
+        assert_eq!(
+            changed_nodes(&second, &third),
+            HashSet::from([rb1]),
+            "a removal too"
+        );
     }
 
     #[tokio::test]
