@@ -93,8 +93,14 @@ fn logs_reads_a_nodes_journal_through_its_session() {
 
     // --follow: new entries as they come; SIGINT ends it, on the node too.
     let pki = bed.cluster.pki();
-    let mut cmd = Command::new(bin("stewardctl"));
-    cmd.args(["logs", "n1", "--unit", "containerd", "--follow", "-n", "20"])
+    // Through `env --default-signal=INT` (which execs it, same pid): a
+    // test run started in the background of a non-interactive shell
+    // inherits SIGINT ignored, and so would stewardctl, as an operator's
+    // never does.
+    let mut cmd = Command::new("env");
+    cmd.arg("--default-signal=INT")
+        .arg(bin("stewardctl"))
+        .args(["logs", "n1", "--unit", "containerd", "--follow", "-n", "20"])
         .env("STEWARD_ENDPOINTS", urls.join(","))
         .env("STEWARD_CA", pki.join("ca.crt"))
         .env("STEWARD_CERT", pki.join("admin.crt"))
