@@ -1307,9 +1307,10 @@ mod tests {
         replica.store().put_facts(&node(id), &facts).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn a_reboot_rollout_asks_each_node_once_and_waits_for_a_new_boot() {
-        let mut bed = Bed::new(&["w-1", "w-2"]).await;
+    /// A bed of w-1 and w-2 (running boots `boot-1a`, `boot-2a`) and a
+    /// reboot rollout of both, in the cache: the bed, the request, its id.
+    async fn reboot_all() -> (Bed, steward_proto::admin::RebootRollout, String) {
+        let bed = Bed::new(&["w-1", "w-2"]).await;
         boot(&bed.replica, "w-1", "boot-1a").await;
         boot(&bed.replica, "w-2", "boot-2a").await;
         let request = steward_proto::admin::RebootRollout {
@@ -1321,6 +1322,12 @@ mod tests {
             .await
             .unwrap();
         bed.cached(&id).await;
+        (bed, request, id)
+    }
+
+    #[tokio::test]
+    async fn a_reboot_rollout_asks_each_node_once_and_waits_for_a_new_boot() {
+        let (mut bed, request, id) = reboot_all().await;
         // A second one is refused while it runs.
         let again = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops").await;
         assert!(
@@ -1378,18 +1385,7 @@ mod tests {
 
     #[tokio::test]
     async fn aborting_a_reboot_rollout_lets_the_node_in_flight_come_back_and_asks_no_other() {
-        let mut bed = Bed::new(&["w-1", "w-2"]).await;
-        boot(&bed.replica, "w-1", "boot-1a").await;
-        boot(&bed.replica, "w-2", "boot-2a").await;
-        let request = steward_proto::admin::RebootRollout {
-            selector: steward_proto::admin::RebootSelector::All,
-            only_required: false,
-            options: RolloutOptions::default(),
-        };
-        let id = crate::rollout::reboot::create(&bed.replica.ctx, &request, "ops")
-            .await
-            .unwrap();
-        bed.cached(&id).await;
+        let (mut bed, _, id) = reboot_all().await;
         bed.until(&id, "w-1", Step::Changed).await;
         crate::rollout::control(
             bed.replica.store(),
