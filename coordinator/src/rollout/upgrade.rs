@@ -356,7 +356,13 @@ pub fn ready_checks(
     orchestration: &OrchestrationSnapshot,
     node: &NodeId,
 ) -> (Vec<NodeId>, i64) {
-    if ready_checker(specs, orchestration).as_ref() != Some(node) {
+    // Only a joined control plane can be the checker. Asked first: this
+    // runs for every node's desired state, and finding the checker may
+    // scan every spec (with no control plane joined, all of them), which
+    // made a change every node consumes O(N²) at 10,000 nodes.
+    let eligible =
+        has_role(specs, node, Role::K8sControlPlane) && orchestration.joined.contains_key(node);
+    if !eligible || ready_checker(specs, orchestration).as_ref() != Some(node) {
         return (Vec::new(), 0);
     }
     let revision = specs
