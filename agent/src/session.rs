@@ -34,6 +34,17 @@ use crate::watchdog::{Beat, KEEPALIVE};
 
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// After a failed session the next replica is tried this soon (a replica
+/// that died: its agents are on the others within a fraction of a second).
+pub const SESSION_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Each failure in a row doubles the wait, up to this (with jitter). The
+/// cap bounds how hard a fleet that cannot get sessions retries: 10,000
+/// agents at a 30 s cap try ~450 times a second at most, which replicas
+/// that are merely overloaded can absorb and recover from; at 5 s it was
+/// 2,700 a second, a storm that kept three busy replicas from ever
+/// admitting the fleet (each failed try cost a TLS handshake on both
+/// sides and often a session opened for nobody).
+pub const SESSION_RETRY_MAX: Duration = Duration::from_secs(30);
 /// From the first request bytes to the coordinator's response headers.
 const OPEN_DEADLINE: Duration = Duration::from_secs(4);
 /// Messages queued for the coordinator. Heartbeats go one per interval and
@@ -203,7 +214,7 @@ pub async fn run_sessions(
 ) {
     let mut probe = HostProbe::new();
     let mut rollback = RollbackGuard::default();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff = Backoff::new(SESSION_RETRY_FIRST, SESSION_RETRY_MAX);
     let replicas = settings.coordinators.len();
     // Spread agents over replicas: start at a node-dependent position.
     let mut next = settings

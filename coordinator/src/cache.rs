@@ -466,7 +466,6 @@ async fn follow<S: CachedPrefix>(
     Err(Error::WatchInterrupted("stream ended".into()))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,14 +486,12 @@ mod tests {
         let _stop = shutdown.clone().drop_guard();
         tokio::spawn(run_spec_cache(store.clone(), tx, shutdown));
         crate::testing::put_roles(&store, "n0", &[Role::Lb]).await;
-        let synced = tokio::time::timeout(
-            Duration::from_secs(5),
-            rx.wait_for(|s| s.specs.len() == 1),
-        )
-        .await
-        .expect("first spec published")
-        .expect("cache running")
-        .clone();
+        let synced =
+            tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.specs.len() == 1))
+                .await
+                .expect("first spec published")
+                .expect("cache running")
+                .clone();
         tokio::time::sleep(SpecSnapshot::PUBLISH_EVERY * 2).await;
 
         let mut publications = 0;
@@ -503,7 +500,9 @@ mod tests {
             let store = store.clone();
             tokio::spawn(async move {
                 for i in 1..=burst {
-                    let key = store.keys().node_address(&crate::testing::node(&format!("n{i}")));
+                    let key = store
+                        .keys()
+                        .node_address(&crate::testing::node(&format!("n{i}")));
                     let record = crate::store::NodeAddressRecord {
                         address: IpAddr::from([198, 18, 0, (i % 250) as u8]),
                     };

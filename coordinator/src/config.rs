@@ -185,8 +185,11 @@ fn default_hello_interval_ms() -> u64 {
 fn default_hello_burst() -> u32 {
     10
 }
+/// `sessions.heartbeats_per_s` unless set.
+pub const DEFAULT_HEARTBEATS_PER_S: u32 = 2000;
+
 fn default_heartbeats_per_s() -> u32 {
-    2000
+    DEFAULT_HEARTBEATS_PER_S
 }
 
 /// `[limits]`: connection caps of the gRPC and join listeners (the packaged
@@ -233,7 +236,7 @@ fn default_max_pending_handshakes() -> usize {
     256
 }
 fn default_handshake_evict_after_ms() -> u64 {
-    1_000
+    2_000
 }
 fn default_max_connections() -> usize {
     16_384

@@ -230,7 +230,10 @@ pub async fn run_agent(fleet: Arc<Fleet>, index: usize, delay: Duration) {
         .bytes()
         .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
         % replicas;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff = Backoff::new(
+        steward_agent::session::SESSION_RETRY_FIRST,
+        steward_agent::session::SESSION_RETRY_MAX,
+    );
     loop {
         let started = Instant::now();
         let result = session(&fleet, agent, next).await;
