@@ -44,6 +44,9 @@ pub struct SessionContext {
     pub sessions: Sessions,
     /// This replica's view of node specs and addresses.
     pub specs: watch::Receiver<Arc<SpecSnapshot>>,
+    /// The newest read barrier `specs` includes
+    /// ([`crate::cache::caught_up`]).
+    pub specs_seen: watch::Receiver<i64>,
     /// This replica's view of `vips/`.
     pub vips: watch::Receiver<Arc<crate::vip::VipSnapshot>>,
     /// This replica's view of `orchestration/` (kubeadm, Gluster).
@@ -75,6 +78,12 @@ impl SessionContext {
             self.sessions.count() + self.admission.waiting(),
             self.limits.heartbeats_per_s,
         )
+    }
+
+    /// This replica's spec snapshot once it holds every write to `nodes/`
+    /// made before the call ([`crate::cache::caught_up`]).
+    pub async fn fresh_specs(&self) -> Result<Arc<SpecSnapshot>> {
+        crate::cache::caught_up(&self.store, &self.specs, &self.specs_seen).await
     }
 
     /// What `node` must be, from this replica's caches; `None` before
@@ -695,11 +704,15 @@ impl NodeSession {
                 None => Ok(()),
             }
         };
+        // The reboot-required marker follows the facts (written with them;
+        // alone when facts stored before the marker existed disagree).
+        let marker = record.reboot_required.as_ref().map(|m| &m.value);
         let facts_written = async {
             if facts_changed {
-                ctx.store.put_facts(&node, &facts).await
+                ctx.store.put_facts(&node, &facts, marker).await
             } else {
-                Ok(())
+                let need = facts.reboot_required.as_ref();
+                ctx.store.sync_reboot_marker(&node, need, marker).await
             }
         };
         let (address_written, facts_written, status_written) = tokio::join!(
@@ -907,12 +920,14 @@ impl NodeSession {
         let Some(facts) = self.facts_pending.take() else {
             return;
         };
+        // The marker as the last write left it.
+        let marker = self.facts.reboot_required.clone();
         self.facts = facts.clone();
         self.facts_written_at = Some(Instant::now());
         let (store, node) = (self.ctx.store.clone(), self.node.clone());
         tokio::spawn(
             async move {
-                if let Err(error) = store.put_facts(&node, &facts).await {
+                if let Err(error) = store.put_facts(&node, &facts, marker.as_ref()).await {
                     warn!(%error, "could not write the facts sent again");
                 }
             }

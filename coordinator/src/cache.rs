@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steward_proto::converge::{ClusterSettings, ClusterView};
-use steward_proto::domain::{CertName, DesiredState, NodeId, NodeSpec, RevocableKind, Role};
+use steward_proto::domain::{
+    CertName, DesiredState, NodeId, NodeSpec, RebootRequired, RevocableKind, Role,
+};
 use steward_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +52,11 @@ pub struct SpecSnapshot {
     /// The last reboot asked of each node (`nodes/<id>/reboot`): an input
     /// of its desired state.
     pub reboots: BTreeMap<NodeId, Versioned<crate::store::RebootRecord>>,
+    /// The nodes whose facts say they need a reboot
+    /// (`nodes/<id>/reboot-required`, kept in step with the facts by the
+    /// sessions): what reboot selection starts from. Not an input of
+    /// desired states.
+    pub reboot_required: BTreeMap<NodeId, Versioned<RebootRequired>>,
     /// When a node last lost each role (`cluster/departed/<role>`).
     pub departed: BTreeMap<Role, i64>,
     /// When each section of the settings last changed
@@ -332,6 +339,12 @@ impl CachedPrefix for SpecSnapshot {
                 value.map(|(bytes, rev)| (decode::<crate::store::RebootRecord>(key, bytes), rev)),
                 "node reboot",
             ),
+            Some((id, NodeKey::RebootRequired)) => apply_versioned(
+                &mut self.reboot_required,
+                id,
+                value.map(|(bytes, rev)| (decode::<RebootRequired>(key, bytes), rev)),
+                "reboot-required marker",
+            ),
             Some((_, NodeKey::Status | NodeKey::Gluster)) | None => false,
         }
     }
@@ -342,14 +355,47 @@ impl CachedPrefix for SpecSnapshot {
 }
 
 /// Follows node specs and addresses (`nodes/`) and the cluster settings
-/// (`cluster/`) until `shutdown`.
+/// (`cluster/`) until `shutdown`. `seen`: the revision of the newest read
+/// barrier ([`Store::sync_point`]) the published snapshot includes
+/// ([`caught_up`] waits on it).
 pub async fn run_spec_cache(
     store: Store,
     publish: watch::Sender<Arc<SpecSnapshot>>,
+    seen: watch::Sender<i64>,
     shutdown: CancellationToken,
 ) {
     let prefixes = vec![store.keys().nodes(), store.keys().cluster()];
-    run_prefixes_cache(store, prefixes, publish, shutdown).await
+    run_prefixes_cache(store, prefixes, publish, Some(seen), shutdown).await
+}
+
+/// How long [`caught_up`] waits for the spec cache to reach a barrier.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+/// This replica's spec snapshot, as fresh as a linearizable read of
+/// `nodes/` (an operator sees their own last write, made through any
+/// replica): writes a read barrier ([`Store::sync_point`]) and waits until
+/// the snapshot includes it. One small write and no read of the fleet;
+/// [`Error::CacheBehind`] if the cache does not get there in time.
+pub async fn caught_up(
+    store: &Store,
+    specs: &watch::Receiver<Arc<SpecSnapshot>>,
+    seen: &watch::Receiver<i64>,
+) -> Result<Arc<SpecSnapshot>> {
+    let revision = store.sync_point().await?;
+    let mut seen = seen.clone();
+    let reached = tokio::time::timeout(CATCH_UP, async {
+        seen.wait_for(|r| *r >= revision).await.map(|_| ())
+    })
+    .await;
+    match reached {
+        Ok(Ok(_)) => Ok(specs.borrow().clone()),
+        // The cache task is gone: the replica is stopping.
+        Ok(Err(_)) => Err(Error::ShuttingDown),
+        Err(_) => Err(Error::CacheBehind {
+            revision,
+            within: CATCH_UP,
+        }),
+    }
 }
 
 /// Follows everything under `prefix` until `shutdown`: read, watch from the
@@ -361,22 +407,24 @@ pub async fn run_prefix_cache<S: CachedPrefix>(
     publish: watch::Sender<Arc<S>>,
     shutdown: CancellationToken,
 ) {
-    run_prefixes_cache(store, vec![prefix], publish, shutdown).await
+    run_prefixes_cache(store, vec![prefix], publish, None, shutdown).await
 }
 
 /// [`run_prefix_cache`] over several prefixes: one snapshot, read from all
-/// of them at one revision and kept current from one watch stream.
+/// of them at one revision and kept current from one watch stream. With
+/// `seen`, the newest read barrier published ([`run_spec_cache`]).
 pub async fn run_prefixes_cache<S: CachedPrefix>(
     store: Store,
     prefixes: Vec<String>,
     publish: watch::Sender<Arc<S>>,
+    seen: Option<watch::Sender<i64>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = follow(&store, &prefixes, &publish, &mut backoff) => r,
+            r = follow(&store, &prefixes, &publish, seen.as_ref(), &mut backoff) => r,
         };
         if let Err(error) = result {
             warn!(%error, what = S::WHAT, "watch interrupted; re-reading");
@@ -393,8 +441,19 @@ async fn follow<S: CachedPrefix>(
     store: &Store,
     prefixes: &[String],
     publish: &watch::Sender<Arc<S>>,
+    seen: Option<&watch::Sender<i64>>,
     backoff: &mut Backoff,
 ) -> Result<()> {
+    // Only forwards: a re-read after a broken stream is at least as new.
+    let reached = |revision: i64| {
+        if let Some(seen) = seen {
+            seen.send_if_modified(|r| {
+                let newer = revision > *r;
+                *r = (*r).max(revision);
+                newer
+            });
+        }
+    };
     let keys = store.keys();
     // Every prefix read at the same revision.
     let read = store.read_prefixes(prefixes).await?;
@@ -404,12 +463,15 @@ async fn follow<S: CachedPrefix>(
     }
     snapshot.set_revision(read.revision);
     publish.send_replace(Arc::new(snapshot.clone()));
+    // One read at one revision: every barrier written before it is in.
+    reached(read.revision);
 
     let mut stream = store.watch(prefixes, read.revision + 1).await?;
     backoff.reset();
     debug!(revision = read.revision, what = S::WHAT, "following");
     while let Some(changes) = stream.next().await? {
         let mut changed = false;
+        let mut barrier = 0;
         for change in &changes {
             let value = match change {
                 Change::Put(kv) => Some((kv.value.as_slice(), kv.mod_revision)),
@@ -417,10 +479,17 @@ async fn follow<S: CachedPrefix>(
             };
             changed |= snapshot.apply(keys, change.key(), value);
             snapshot.set_revision(change.revision());
+            if keys.is_cache_sync(change.key()) {
+                barrier = barrier.max(change.revision());
+            }
         }
         if changed {
             publish.send_replace(Arc::new(snapshot.clone()));
         }
+        // After the publication: a barrier is seen once what came down
+        // the same watch before it is published. (A barrier is under
+        // `nodes/`; one watch delivers its prefix in revision order.)
+        reached(barrier);
     }
     Err(Error::WatchInterrupted("stream ended".into()))
 }

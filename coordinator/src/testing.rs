@@ -85,9 +85,11 @@ impl TestReplica {
         let (specs_tx, specs) = watch::channel(Arc::new(SpecSnapshot::default()));
         let (vips_tx, vips) = watch::channel(Arc::new(VipSnapshot::default()));
         let (orch_tx, orchestration) = watch::channel(Arc::new(OrchestrationSnapshot::default()));
+        let (seen_tx, specs_seen) = watch::channel(0);
         tokio::spawn(cache::run_spec_cache(
             store.clone(),
             specs_tx,
+            seen_tx,
             tasks.clone(),
         ));
         tokio::spawn(cache::run_prefix_cache(
@@ -118,6 +120,7 @@ impl TestReplica {
             store,
             sessions: Default::default(),
             specs,
+            specs_seen,
             vips,
             orchestration,
             sealer: None,

@@ -57,7 +57,7 @@ pub async fn apply(
     let spec = super::parse(text).map_err(Error::InvalidSpec)?;
     let store = &ctx.store;
     for _ in 0..ATTEMPTS {
-        let current = read_current(store, &spec).await?;
+        let current = read_current(ctx, &spec).await?;
         let plan = plan::plan(&spec, &current).map_err(Error::InvalidSpec)?;
         if rollout.is_some() {
             rollout_problems(&plan)?;
@@ -183,8 +183,12 @@ fn rollout_problems(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Linearizable reads: an operator expects to see their own last write.
-async fn read_current(store: &Store, spec: &super::ClusterSpec) -> Result<Current> {
+/// Linearizable reads (an operator expects to see their own last write),
+/// and none of the whole fleet: the nodes come from the replica's spec
+/// cache once caught up with etcd (`crate::vip::admin::read_fleet`),
+/// with the status and facts of the named and lb nodes only.
+async fn read_current(ctx: &SessionContext, spec: &super::ClusterSpec) -> Result<Current> {
+    let store = &ctx.store;
     // Facts (for the VIP checks) of every node the spec names or a VIP may
     // land on.
     let named = spec
@@ -198,7 +202,7 @@ async fn read_current(store: &Store, spec: &super::ClusterSpec) -> Result<Curren
                 .flat_map(|v| v.candidates.clone()),
         )
         .collect();
-    let nodes = crate::vip::admin::read_fleet(store, &named).await?;
+    let nodes = crate::vip::admin::read_fleet(ctx, &named).await?;
     let vips = store
         .vips()
         .await?

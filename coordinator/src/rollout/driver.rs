@@ -1304,7 +1304,7 @@ mod tests {
             boot_id: boot_id.into(),
             ..Default::default()
         };
-        replica.store().put_facts(&node(id), &facts).await.unwrap();
+        replica.store().put_facts(&node(id), &facts, None).await.unwrap();
     }
 
     /// A bed of w-1 and w-2 (running boots `boot-1a`, `boot-2a`) and a
@@ -1430,7 +1430,7 @@ mod tests {
             ..Default::default()
         };
         let store = bed.replica.store().clone();
-        store.put_facts(&node("w-2"), &needs).await.unwrap();
+        store.put_facts(&node("w-2"), &needs, None).await.unwrap();
         let settings = ClusterSettings {
             maintenance_window: Some("Sat 02:00-04:00".into()),
             ..Default::default()
@@ -1489,7 +1489,7 @@ mod tests {
         // Its need was before this reboot: not again (the facts above
         // still say it needs one, as an agent whose need outlived the
         // reboot would).
-        store.put_facts(&node("w-2"), &needs).await.unwrap();
+        store.put_facts(&node("w-2"), &needs, None).await.unwrap();
         assert_eq!(tick(at(2, 40)).await, None);
     }
 

@@ -20,7 +20,7 @@
 //! leader finds the node `changed` and waits for it to come back; it never
 //! asks again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use steward_proto::admin::{RebootRollout, RebootSelector};
 use steward_proto::domain::{EventKind, NodeId, Role};
@@ -136,9 +136,8 @@ pub fn select(
 pub async fn create(ctx: &SessionContext, request: &RebootRollout, by: &str) -> Result<String> {
     let store = &ctx.store;
     let active_revision = super::ensure_none_active(store).await?;
-    let mut fleet = store.nodes().await?;
-    store.fill_details(&mut fleet).await?;
-    let specs = ctx.specs.borrow().clone();
+    let specs = ctx.fresh_specs().await?;
+    let fleet = selection_fleet(store, &specs, request).await?;
     let vips = ctx.vips.borrow().clone();
     let spec = build(&fleet, &specs, &vips, request, by)?;
     let txn = super::insert_txn(store, &spec, active_revision, Vec::new());
@@ -149,6 +148,64 @@ pub async fn create(ctx: &SessionContext, request: &RebootRollout, by: &str) -> 
     }
     info!(rollout.id = %spec.id, nodes = spec.node_count(), "reboot rollout created");
     Ok(spec.id)
+}
+
+/// Every node the spec cache knows of (a spec, an address, a revocation,
+/// a maintenance, reboot or reboot-required record), with its spec.
+fn known_nodes(specs: &crate::cache::SpecSnapshot) -> BTreeMap<NodeId, NodeRecord> {
+    let mut ids: BTreeSet<&NodeId> = specs.specs.keys().collect();
+    ids.extend(specs.addresses.keys());
+    ids.extend(specs.revoked.keys());
+    ids.extend(specs.maintenance.keys());
+    ids.extend(specs.reboots.keys());
+    ids.extend(specs.reboot_required.keys());
+    ids.into_iter()
+        .map(|id| {
+            let record = NodeRecord {
+                spec: specs.specs.get(id).cloned(),
+                ..NodeRecord::default()
+            };
+            (id.clone(), record)
+        })
+        .collect()
+}
+
+/// The fleet as [`select`] needs it for `request`, without reading every
+/// node from etcd: every node the spec cache knows ([`known_nodes`]), and
+/// the status and facts of those `request` may pick only: the named ones,
+/// or those of the role or all, narrowed with `--only-required` to the
+/// nodes the cache's reboot-required markers list (the facts decide; the
+/// markers only spare the reads of nodes that cannot qualify).
+pub(crate) async fn selection_fleet(
+    store: &crate::store::Store,
+    specs: &crate::cache::SpecSnapshot,
+    request: &RebootRollout,
+) -> Result<BTreeMap<NodeId, NodeRecord>> {
+    let mut fleet = known_nodes(specs);
+    let picked: BTreeSet<NodeId> = match &request.selector {
+        RebootSelector::Nodes(ids) => ids.iter().cloned().collect(),
+        RebootSelector::Role(role) => fleet
+            .iter()
+            .filter(|(_, r)| {
+                r.spec
+                    .as_ref()
+                    .is_some_and(|s| s.value.roles.contains(role))
+            })
+            .map(|(id, _)| id.clone())
+            .collect(),
+        RebootSelector::All => fleet.keys().cloned().collect(),
+    };
+    let narrow = request.only_required && !matches!(request.selector, RebootSelector::Nodes(_));
+    let picked = picked
+        .into_iter()
+        .filter(|id| !narrow || specs.reboot_required.contains_key(id));
+    for (id, mut read) in store.node_details(picked).await? {
+        read.spec = specs.specs.get(&id).cloned();
+        if fleet.contains_key(&id) || read.status.is_some() {
+            fleet.insert(id, read);
+        }
+    }
+    Ok(fleet)
 }
 
 /// The rollout of the nodes of `fleet` (with their facts) that `request`
@@ -269,8 +326,28 @@ pub async fn window_tick(
     if !window.may_start(now_unix_ms, longest) {
         return Ok(None);
     }
-    let mut fleet = store.nodes().await?;
-    store.fill_details(&mut fleet).await?;
+    // The nodes whose markers say they need a reboot Steward has not yet
+    // done since: only these are read (status and facts, which decide).
+    let needing: BTreeSet<NodeId> = world
+        .specs
+        .reboot_required
+        .iter()
+        .filter(|(id, need)| {
+            !world
+                .specs
+                .reboots
+                .get(*id)
+                .is_some_and(|b| b.value.at_unix_ms >= need.value.since_unix_ms)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    if needing.is_empty() {
+        return Ok(None);
+    }
+    let mut fleet = store.node_details(needing).await?;
+    for (id, record) in &mut fleet {
+        record.spec = world.specs.specs.get(id).cloned();
+    }
     let candidates = window_candidates(&fleet, &world.specs.reboots);
     if candidates.is_empty() {
         return Ok(None);
