@@ -288,3 +288,130 @@ fn transaction(
     );
     (compares, writes)
 }
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::{Facts, Role};
+
+    use super::*;
+    use crate::store::MemoryBackend;
+    use crate::testing::{eventually, node, put_connected, put_roles, TestReplica};
+
+    const KUBERNETES: &str = "[kubernetes]\nversion = \"1.31.2-1.1\"\n\
+        pod_subnet = \"10.244.0.0/16\"\nservice_subnet = \"10.96.0.0/12\"\n\
+        repository = { url = \"https://pkgs.k8s.io/core:/stable:/v1.31/deb/\" }\n";
+
+    fn facts(id: &str) -> Facts {
+        Facts {
+            hostname: id.into(),
+            boot_id: format!("boot-{id}"),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 13: an apply at fleet scale reads the nodes its checks look
+    /// at (here the one it lists), not a record of every node.
+    #[tokio::test]
+    async fn an_apply_reads_the_nodes_it_checks_not_the_fleet() {
+        const FLEET: usize = 2_000;
+        let memory = MemoryBackend::new();
+        let replica = TestReplica::start(memory.clone(), "c-1").await;
+        let store = replica.store();
+        for i in 0..FLEET {
+            let id = format!("n{i:04}");
+            put_connected(store, &id, &facts(&id)).await;
+            let role = if i == 0 {
+                Role::K8sControlPlane
+            } else {
+                Role::K8sWorker
+            };
+            put_roles(store, &id, &[role]).await;
+        }
+        eventually("the fleet in the spec cache", || {
+            (replica.ctx.specs.borrow().specs.len() == FLEET).then_some(())
+        })
+        .await;
+        let spec = format!("{KUBERNETES}[nodes.n0001]\nroles = [\"k8s-worker\", \"lb\"]\n");
+        let before = memory.keys_read();
+        let outcome = apply(&replica.ctx, &spec, false, None, "test")
+            .await
+            .expect("applied");
+        let read = memory.keys_read() - before;
+        assert!(outcome.applied);
+        assert!(
+            outcome
+                .changes
+                .iter()
+                .any(|c| c.starts_with("node n0001: roles")),
+            "{:?}",
+            outcome.changes
+        );
+        assert!(
+            outcome.changes.iter().any(|c| c.contains("kubernetes")),
+            "{:?}",
+            outcome.changes
+        );
+        // n0001's status and facts, the settings, the VIPs, the active
+        // rollout: a handful of keys. A listing of the fleet is 2 per node.
+        eprintln!("apply at {FLEET} nodes read {read} keys");
+        assert!(read < 20, "apply read {read} keys of a {FLEET}-node fleet");
+        let written = store.node(&node("n0001")).await.expect("read");
+        assert!(written
+            .spec
+            .expect("spec")
+            .value
+            .roles
+            .contains(&Role::Lb));
+    }
+
+    /// An operator sees their own last write: a role written to etcd just
+    /// before (through this or another replica) is checked, even when the
+    /// spec cache has not caught up yet.
+    #[tokio::test]
+    async fn an_apply_sees_a_write_made_just_before() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_connected(store, "n1", &facts("n1")).await;
+        put_roles(store, "n1", &[Role::K8sWorker]).await;
+        // No wait for the cache here: apply must do it.
+        let error = apply(&replica.ctx, "", true, None, "test")
+            .await
+            .expect_err("a worker without [kubernetes]");
+        let Error::InvalidSpec(problems) = &error else {
+            panic!("not InvalidSpec: {error:?}");
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("Kubernetes roles on n1 but no [kubernetes] section")),
+            "{problems:?}"
+        );
+    }
+
+    /// A node the spec lists must have connected once (a status), whether
+    /// or not it has a spec; one that never did is named.
+    #[tokio::test]
+    async fn listed_nodes_are_known_by_their_status_or_spec() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_connected(store, "fresh", &facts("fresh")).await;
+        put_roles(store, "spec-only", &[]).await;
+        let spec = "[nodes.fresh]\nroles = [\"lb\"]\n[nodes.spec-only]\nroles = [\"lb\"]\n\
+                    [nodes.ghost]\nroles = [\"lb\"]\n";
+        let error = apply(&replica.ctx, spec, true, None, "test")
+            .await
+            .expect_err("ghost never connected");
+        let Error::InvalidSpec(problems) = &error else {
+            panic!("not InvalidSpec: {error:?}");
+        };
+        assert_eq!(
+            problems,
+            &["nodes.ghost: unknown node (no agent with this id has ever connected)"]
+        );
+        let spec = "[nodes.fresh]\nroles = [\"lb\"]\n[nodes.spec-only]\nroles = [\"lb\"]\n";
+        let outcome = apply(&replica.ctx, spec, true, None, "test")
+            .await
+            .expect("both known");
+        assert_eq!(outcome.changes.len(), 2, "{:?}", outcome.changes);
+    }
+}

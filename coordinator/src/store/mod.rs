@@ -1965,12 +1965,70 @@ mod tests {
             hostname: "n1".into(),
             ..Default::default()
         };
-        store.put_facts(&id, &facts).await.unwrap();
+        store.put_facts(&id, &facts, None).await.unwrap();
         assert_eq!(store.node(&id).await.unwrap().facts.unwrap().value, facts);
         let mut all = store.nodes().await.unwrap();
         assert!(all[&id].facts.is_none());
         store.fill_details(&mut all).await.unwrap();
         assert_eq!(all[&id].facts.as_ref().unwrap().value, facts);
+    }
+
+    /// The reboot-required marker is written with the facts when their
+    /// `reboot_required` changes, and only then; a stale one is put right.
+    #[tokio::test]
+    async fn the_reboot_marker_follows_the_facts() {
+        let memory = MemoryBackend::new();
+        let store = Store::in_memory(memory.clone(), Keys::new("t"), "c-1".into());
+        let id = NodeId::new("n1").unwrap();
+        let marker = |store: Store| {
+            let id = id.clone();
+            async move { store.node(&id).await.unwrap().reboot_required }
+        };
+        let need = RebootRequired {
+            since_unix_ms: 7,
+            source: "reboot-required".into(),
+            packages: vec!["linux-image".into()],
+        };
+        let needing = Facts {
+            hostname: "n1".into(),
+            reboot_required: Some(need.clone()),
+            ..Default::default()
+        };
+        store.put_facts(&id, &needing, None).await.unwrap();
+        let set = marker(store.clone()).await.expect("set with the facts");
+        assert_eq!(set.value, need);
+        // The same need again (other facts changed): the marker stays as is.
+        let renamed = Facts {
+            hostname: "n1-renamed".into(),
+            ..needing.clone()
+        };
+        store.put_facts(&id, &renamed, Some(&need)).await.unwrap();
+        assert_eq!(marker(store.clone()).await, Some(set.clone()));
+        // Rebooted: the need is gone, and the marker with it.
+        let done = Facts {
+            reboot_required: None,
+            ..renamed
+        };
+        store.put_facts(&id, &done, Some(&need)).await.unwrap();
+        assert_eq!(marker(store.clone()).await, None);
+        assert!(store.node(&id).await.unwrap().facts.unwrap().value.reboot_required.is_none());
+        // Facts stored without a marker (before it existed): put right.
+        store
+            .sync_reboot_marker(&id, Some(&need), None)
+            .await
+            .unwrap();
+        assert_eq!(marker(store.clone()).await.map(|m| m.value), Some(need.clone()));
+        let revision = memory.revision();
+        store
+            .sync_reboot_marker(&id, Some(&need), Some(&need))
+            .await
+            .unwrap();
+        assert_eq!(memory.revision(), revision, "in step: nothing written");
+        // The read barrier is under nodes/ but no node: listings skip it.
+        store.sync_point().await.unwrap();
+        assert!(store.keys().is_cache_sync(store.keys().cache_sync("c-1").as_bytes()));
+        let all = store.nodes().await.unwrap();
+        assert_eq!(all.keys().collect::<Vec<_>>(), [&id]);
     }
 
     #[test]
@@ -1996,6 +2054,16 @@ mod tests {
             keys.parse_node_key(keys.node_revoked(&id).as_bytes()),
             Some((id.clone(), NodeKey::Revoked))
         );
+        assert_eq!(
+            keys.parse_node_key(keys.node_reboot_required(&id).as_bytes()),
+            Some((id.clone(), NodeKey::RebootRequired))
+        );
+        for replica in ["c-1", "spec"] {
+            let barrier = keys.cache_sync(replica);
+            assert!(keys.is_cache_sync(barrier.as_bytes()));
+            assert_eq!(keys.parse_node_key(barrier.as_bytes()), None);
+        }
+        assert!(!keys.is_cache_sync(keys.node_spec(&id).as_bytes()));
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/n1/other"), None);
         assert_eq!(keys.parse_node_key(b"/steward/dev/nodes/n1/spec"), None);
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/BAD/spec"), None);
