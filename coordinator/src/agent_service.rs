@@ -2320,6 +2320,81 @@ mod tests {
         assert_eq!(t.stored_rev, 8);
     }
 }
+/// The reboot-required marker (`nodes/<id>/reboot-required`, which reboot
+/// selection reads instead of every node's facts) as sessions keep it.
+#[cfg(test)]
+mod reboot_marker_tests {
+    use super::*;
+    use crate::store::kv::{Op, Txn};
+    use crate::store::{encode, MemoryBackend};
+    use crate::testing::TestReplica;
+    use steward_proto::domain::RebootRequired;
+
+    fn hello(facts: Facts) -> Hello {
+        Hello {
+            node: NodeId::new("n1").expect("id"),
+            issued_unix_s: 0,
+            facts,
+            applied_revision: 0,
+            agent_version: "test".into(),
+            address: None,
+        }
+    }
+
+    async fn marker(replica: &TestReplica) -> Option<RebootRequired> {
+        let specs = replica.ctx.fresh_specs().await.expect("caught up");
+        let id = NodeId::new("n1").expect("id");
+        specs.reboot_required.get(&id).map(|m| m.value.clone())
+    }
+
+    #[tokio::test]
+    async fn a_session_keeps_the_marker_in_step_with_the_facts() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let need = RebootRequired {
+            since_unix_ms: 5,
+            source: "reboot-required".into(),
+            packages: vec!["linux-image-amd64".into()],
+        };
+        let needing = Facts {
+            boot_id: "boot-a".into(),
+            reboot_required: Some(need.clone()),
+            ..Default::default()
+        };
+        let session = NodeSession::open(replica.ctx.clone(), hello(needing.clone()))
+            .await
+            .expect("opened");
+        assert_eq!(marker(&replica).await, Some(need.clone()), "set");
+        drop(session);
+
+        let rebooted = Facts {
+            boot_id: "boot-b".into(),
+            ..Default::default()
+        };
+        let session = NodeSession::open(replica.ctx.clone(), hello(rebooted))
+            .await
+            .expect("opened");
+        assert_eq!(marker(&replica).await, None, "cleared");
+        drop(session);
+
+        // Facts stored before markers existed: the next session open puts
+        // the marker right, though the facts themselves are unchanged.
+        let store = replica.store();
+        let facts_key = store.keys().node_facts(&NodeId::new("n1").expect("id"));
+        store
+            .txn(
+                Txn::new().and_then([Op::put(facts_key, encode(&needing))]),
+                "test",
+            )
+            .await
+            .expect("facts written");
+        assert_eq!(marker(&replica).await, None, "no marker yet");
+        let _session = NodeSession::open(replica.ctx.clone(), hello(needing))
+            .await
+            .expect("opened");
+        assert_eq!(marker(&replica).await, Some(need), "put right");
+    }
+}
+
 /// Issue 13: what each of 10,000 idle sessions keeps in memory. Sizes are
 /// the compiler's, so the bounds are generous; they catch a future that
 /// starts carrying etcd calls inline again, or a queue of inline messages.

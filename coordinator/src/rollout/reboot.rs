@@ -666,4 +666,87 @@ mod tests {
             "reboot nodes a,b"
         );
     }
+
+    /// Issue 13: a reboot selection reads the status and facts of the
+    /// nodes that may qualify (with `--only-required`, those the markers
+    /// list), not of the fleet; the facts still decide.
+    #[tokio::test]
+    async fn the_selection_reads_only_the_nodes_that_may_qualify() {
+        use crate::store::MemoryBackend;
+        use crate::testing::{put_connected, put_roles, TestReplica};
+        const FLEET: usize = 300;
+        let memory = MemoryBackend::new();
+        let replica = TestReplica::start(memory.clone(), "c-1").await;
+        let store = replica.store();
+        let need = RebootRequired {
+            since_unix_ms: 1,
+            source: "reboot-required".into(),
+            packages: Vec::new(),
+        };
+        let facts = |i: usize, needs: bool| Facts {
+            boot_id: format!("boot-{i}"),
+            reboot_required: needs.then(|| need.clone()),
+            ..Default::default()
+        };
+        let id = |i: usize| format!("w-{i:03}");
+        for i in 0..FLEET {
+            put_connected(store, &id(i), &facts(i, i == 3 || i == 7)).await;
+            put_roles(store, &id(i), &[Role::K8sWorker]).await;
+        }
+        put_roles(store, "lb-1", &[Role::Lb]).await;
+        let specs = replica.ctx.fresh_specs().await.expect("caught up");
+        assert_eq!(
+            specs.reboot_required.keys().cloned().collect::<Vec<_>>(),
+            [node("w-003"), node("w-007")]
+        );
+        let workers = |only: bool| request(RebootSelector::Role(Role::K8sWorker), only);
+        let ids = |r: Result<Vec<NodeId>>| -> Vec<String> {
+            r.expect("selected").iter().map(|n| n.to_string()).collect()
+        };
+
+        for selector in [RebootSelector::Role(Role::K8sWorker), RebootSelector::All] {
+            let only = request(selector, true);
+            let before = memory.keys_read();
+            let fleet = selection_fleet(store, &specs, &only).await.expect("read");
+            let read = memory.keys_read() - before;
+            assert_eq!(ids(select(&fleet, &only)), ["w-003", "w-007"]);
+            assert_eq!(read, 4, "the status and facts of w-003 and w-007");
+        }
+        // Without --only-required every worker is picked, so read.
+        let fleet = selection_fleet(store, &specs, &workers(false))
+            .await
+            .expect("read");
+        assert_eq!(select(&fleet, &workers(false)).expect("all").len(), FLEET);
+        // Named nodes: read whether or not they need it; unknown ones named.
+        let named = request(RebootSelector::Nodes(vec![node("w-001"), node("w-003")]), true);
+        let fleet = selection_fleet(store, &specs, &named).await.expect("read");
+        assert_eq!(ids(select(&fleet, &named)), ["w-003"]);
+        let ghost = request(RebootSelector::Nodes(vec![node("ghost")]), false);
+        let fleet = selection_fleet(store, &specs, &ghost).await.expect("read");
+        assert!(matches!(
+            select(&fleet, &ghost),
+            Err(Error::UnknownNode(n)) if n == node("ghost")
+        ));
+        // The lb node never connected: no boot id, refused as before.
+        let lb = request(RebootSelector::Role(Role::Lb), false);
+        let fleet = selection_fleet(store, &specs, &lb).await.expect("read");
+        assert!(matches!(select(&fleet, &lb), Err(Error::RebootRefused(_))));
+
+        // Rebooted: the needs go, and the count still names the selection.
+        for i in [3, 7] {
+            put_connected(store, &id(i), &facts(i, false)).await;
+        }
+        let specs = replica.ctx.fresh_specs().await.expect("caught up");
+        assert!(specs.reboot_required.is_empty());
+        let fleet = selection_fleet(store, &specs, &workers(true))
+            .await
+            .expect("read");
+        let error = select(&fleet, &workers(true)).expect_err("none needs it");
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("none of the {FLEET} node(s) role k8s-worker selects")),
+            "{error}"
+        );
+    }
 }
