@@ -356,12 +356,7 @@ mod tests {
         eprintln!("apply at {FLEET} nodes read {read} keys");
         assert!(read < 20, "apply read {read} keys of a {FLEET}-node fleet");
         let written = store.node(&node("n0001")).await.expect("read");
-        assert!(written
-            .spec
-            .expect("spec")
-            .value
-            .roles
-            .contains(&Role::Lb));
+        assert!(written.spec.expect("spec").value.roles.contains(&Role::Lb));
     }
 
     /// An operator sees their own last write: a role written to etcd just

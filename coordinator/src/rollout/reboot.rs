@@ -297,10 +297,15 @@ pub fn window_candidates(
         .collect()
 }
 
+/// How many nodes needing a reboot a window tick reads at a time.
+const WINDOW_READ_CHUNK: usize = 64;
+
 /// The leader with no rollout active: inside the maintenance window, with
 /// time left for `longest` (a node's step timeouts, see
 /// [`super::window`]), a reboot rollout of one node that needs it (the
-/// first in the planner's order); fenced. Its id, if it started one.
+/// first in the planner's order among the first [`WINDOW_READ_CHUNK`]
+/// marked nodes, by name, that hold one that may go); fenced. Its id, if
+/// it started one.
 pub async fn window_tick(
     store: &crate::store::Store,
     fence: &crate::replica::Fence,
@@ -341,17 +346,25 @@ pub async fn window_tick(
         })
         .map(|(id, _)| id.clone())
         .collect();
-    if needing.is_empty() {
+    // Read a chunk at a time (in name order) until one holds a node that
+    // qualifies: a need across the fleet (a kernel update everywhere)
+    // costs a window tick one chunk's reads, not the fleet's.
+    let needing: Vec<NodeId> = needing.into_iter().collect();
+    let mut found = None;
+    for chunk in needing.chunks(WINDOW_READ_CHUNK) {
+        let mut fleet = store.node_details(chunk.iter().cloned()).await?;
+        for (id, record) in &mut fleet {
+            record.spec = world.specs.specs.get(id).cloned();
+        }
+        let candidates = window_candidates(&fleet, &world.specs.reboots);
+        if !candidates.is_empty() {
+            found = Some((fleet, candidates));
+            break;
+        }
+    }
+    let Some((fleet, candidates)) = found else {
         return Ok(None);
-    }
-    let mut fleet = store.node_details(needing).await?;
-    for (id, record) in &mut fleet {
-        record.spec = world.specs.specs.get(id).cloned();
-    }
-    let candidates = window_candidates(&fleet, &world.specs.reboots);
-    if candidates.is_empty() {
-        return Ok(None);
-    }
+    };
     let all = RebootRollout {
         selector: RebootSelector::Nodes(candidates),
         only_required: true,
@@ -718,7 +731,10 @@ mod tests {
             .expect("read");
         assert_eq!(select(&fleet, &workers(false)).expect("all").len(), FLEET);
         // Named nodes: read whether or not they need it; unknown ones named.
-        let named = request(RebootSelector::Nodes(vec![node("w-001"), node("w-003")]), true);
+        let named = request(
+            RebootSelector::Nodes(vec![node("w-001"), node("w-003")]),
+            true,
+        );
         let fleet = selection_fleet(store, &specs, &named).await.expect("read");
         assert_eq!(ids(select(&fleet, &named)), ["w-003"]);
         let ghost = request(RebootSelector::Nodes(vec![node("ghost")]), false);
@@ -743,9 +759,9 @@ mod tests {
             .expect("read");
         let error = select(&fleet, &workers(true)).expect_err("none needs it");
         assert!(
-            error
-                .to_string()
-                .contains(&format!("none of the {FLEET} node(s) role k8s-worker selects")),
+            error.to_string().contains(&format!(
+                "none of the {FLEET} node(s) role k8s-worker selects"
+            )),
             "{error}"
         );
     }

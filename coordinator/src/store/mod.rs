@@ -1094,8 +1094,10 @@ impl Store {
         &self,
         ids: impl IntoIterator<Item = NodeId>,
     ) -> Result<BTreeMap<NodeId, NodeRecord>> {
-        let mut nodes: BTreeMap<NodeId, NodeRecord> =
-            ids.into_iter().map(|id| (id, NodeRecord::default())).collect();
+        let mut nodes: BTreeMap<NodeId, NodeRecord> = ids
+            .into_iter()
+            .map(|id| (id, NodeRecord::default()))
+            .collect();
         let keys: Vec<String> = nodes.keys().map(|id| self.keys.node_status(id)).collect();
         for kv in self.get_many(&keys, "read node statuses").await? {
             if let Some((id, NodeKey::Status)) = self.keys.parse_node_key(&kv.key) {
@@ -2011,13 +2013,24 @@ mod tests {
         };
         store.put_facts(&id, &done, Some(&need)).await.unwrap();
         assert_eq!(marker(store.clone()).await, None);
-        assert!(store.node(&id).await.unwrap().facts.unwrap().value.reboot_required.is_none());
+        assert!(store
+            .node(&id)
+            .await
+            .unwrap()
+            .facts
+            .unwrap()
+            .value
+            .reboot_required
+            .is_none());
         // Facts stored without a marker (before it existed): put right.
         store
             .sync_reboot_marker(&id, Some(&need), None)
             .await
             .unwrap();
-        assert_eq!(marker(store.clone()).await.map(|m| m.value), Some(need.clone()));
+        assert_eq!(
+            marker(store.clone()).await.map(|m| m.value),
+            Some(need.clone())
+        );
         let revision = memory.revision();
         store
             .sync_reboot_marker(&id, Some(&need), Some(&need))
@@ -2026,7 +2039,9 @@ mod tests {
         assert_eq!(memory.revision(), revision, "in step: nothing written");
         // The read barrier is under nodes/ but no node: listings skip it.
         store.sync_point().await.unwrap();
-        assert!(store.keys().is_cache_sync(store.keys().cache_sync("c-1").as_bytes()));
+        assert!(store
+            .keys()
+            .is_cache_sync(store.keys().cache_sync("c-1").as_bytes()));
         let all = store.nodes().await.unwrap();
         assert_eq!(all.keys().collect::<Vec<_>>(), [&id]);
     }
