@@ -338,11 +338,11 @@ pub async fn window_tick(
         .reboot_required
         .iter()
         .filter(|(id, need)| {
-            !world
+            world
                 .specs
                 .reboots
                 .get(*id)
-                .is_some_and(|b| b.value.at_unix_ms >= need.value.since_unix_ms)
+                .is_none_or(|b| b.value.at_unix_ms < need.value.since_unix_ms)
         })
         .map(|(id, _)| id.clone())
         .collect();
