@@ -188,17 +188,22 @@ pub async fn put_roles(store: &Store, id: &str, roles: &[Role]) {
         .expect("spec written");
 }
 
-/// Node `id` as a session of replica `c-1` leaves it: connected there
-/// (its status), with `facts` (and the reboot-required marker they imply).
-pub async fn put_connected(store: &Store, id: &str, facts: &Facts) {
-    let status = NodeStatusRecord {
+/// The status of a healthy node a session of replica `c-1` serves.
+pub fn connected_status() -> NodeStatusRecord {
+    NodeStatusRecord {
         health: NodeHealth::Healthy,
         last_health: Health::default(),
         replica: Some("c-1".into()),
         last_seen_unix_ms: 1,
         applied_revision: 0,
         agent_version: "test".into(),
-    };
+    }
+}
+
+/// Node `id` as a session of replica `c-1` leaves it: connected there
+/// (its status), with `facts` (and the reboot-required marker they imply).
+pub async fn put_connected(store: &Store, id: &str, facts: &Facts) {
+    let status = connected_status();
     let node = node(id);
     let rev = store
         .node(&node)

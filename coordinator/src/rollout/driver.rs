@@ -1435,17 +1435,7 @@ mod tests {
         };
         let store = bed.replica.store().clone();
         store.put_facts(&node("w-2"), &needs, None).await.unwrap();
-        let settings = ClusterSettings {
-            maintenance_window: Some("Sat 02:00-04:00".into()),
-            ..Default::default()
-        };
-        store
-            .txn(
-                Txn::new().and_then([Op::put(store.keys().cluster_settings(), encode(&settings))]),
-                "test",
-            )
-            .await
-            .unwrap();
+        put_saturday_window(&store).await;
         eventually("the settings in the cache", || {
             bed.replica.ctx.specs.borrow().settings.as_ref().map(|_| ())
         })
@@ -1497,6 +1487,21 @@ mod tests {
         assert_eq!(tick(at(2, 40)).await, None);
     }
 
+    /// Settings with a maintenance window on Saturdays, 02:00-04:00.
+    async fn put_saturday_window(store: &Store) {
+        let settings = ClusterSettings {
+            maintenance_window: Some("Sat 02:00-04:00".into()),
+            ..Default::default()
+        };
+        store
+            .txn(
+                Txn::new().and_then([Op::put(store.keys().cluster_settings(), encode(&settings))]),
+                "test",
+            )
+            .await
+            .unwrap();
+    }
+
     /// Issue 13: with many nodes needing a reboot, a window tick reads a
     /// chunk of them at a time until one may go, not all of them, and
     /// passes over chunks where none may (here: never connected).
@@ -1525,17 +1530,7 @@ mod tests {
                 crate::testing::put_connected(&store, &id(i), &facts).await;
             }
         }
-        let settings = ClusterSettings {
-            maintenance_window: Some("Sat 02:00-04:00".into()),
-            ..Default::default()
-        };
-        store
-            .txn(
-                Txn::new().and_then([Op::put(store.keys().cluster_settings(), encode(&settings))]),
-                "test",
-            )
-            .await
-            .unwrap();
+        put_saturday_window(&store).await;
         let specs = replica.ctx.fresh_specs().await.expect("caught up");
         assert_eq!(specs.reboot_required.len(), NEEDING);
         let vips = replica.ctx.vips.borrow().clone();

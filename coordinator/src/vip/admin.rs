@@ -26,6 +26,18 @@ async fn read_vip(store: &Store, name: &str) -> Result<VipState> {
         .ok_or_else(|| Error::UnknownVip(name.to_owned()))
 }
 
+/// The nodes of `nodes` whose spec has the lb role.
+fn lb_nodes(nodes: &BTreeMap<NodeId, NodeRecord>) -> impl Iterator<Item = &NodeId> {
+    nodes
+        .iter()
+        .filter(|(_, r)| {
+            r.spec
+                .as_ref()
+                .is_some_and(|s| s.value.roles.contains(&Role::Lb))
+        })
+        .map(|(id, _)| id)
+}
+
 /// The candidates of `spec` among `nodes`: named ones must be known nodes.
 fn fleet_candidates(
     spec: &VipSpec,
@@ -33,15 +45,7 @@ fn fleet_candidates(
     problems: &mut Vec<String>,
 ) -> Vec<NodeId> {
     if spec.candidates.is_empty() {
-        return nodes
-            .iter()
-            .filter(|(_, r)| {
-                r.spec
-                    .as_ref()
-                    .is_some_and(|s| s.value.roles.contains(&Role::Lb))
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
+        return lb_nodes(nodes).cloned().collect();
     }
     for c in &spec.candidates {
         if !nodes.contains_key(c) {
@@ -79,16 +83,7 @@ pub(crate) async fn read_fleet(
             (id.clone(), record)
         })
         .collect();
-    let holders: BTreeSet<NodeId> = nodes
-        .iter()
-        .filter(|(_, r)| {
-            r.spec
-                .as_ref()
-                .is_some_and(|s| s.value.roles.contains(&Role::Lb))
-        })
-        .map(|(id, _)| id.clone())
-        .chain(named.iter().cloned())
-        .collect();
+    let holders: BTreeSet<NodeId> = lb_nodes(&nodes).chain(named).cloned().collect();
     for (id, mut read) in ctx.store.node_details(holders).await? {
         read.spec = nodes.get(&id).and_then(|r| r.spec.clone());
         if read.spec.is_some() || read.status.is_some() {
