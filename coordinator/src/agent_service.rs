@@ -921,7 +921,11 @@ impl NodeSession {
             return;
         };
         // The marker as the last write left it.
-        let marker = self.facts.reboot_required.clone();
+        let marker = self
+            .facts
+            .reboot_required
+            .as_ref()
+            .map(crate::store::RebootRequiredRecord::from);
         self.facts = facts.clone();
         self.facts_written_at = Some(Instant::now());
         let (store, node) = (self.ctx.store.clone(), self.node.clone());
@@ -2341,7 +2345,7 @@ mod reboot_marker_tests {
         }
     }
 
-    async fn marker(replica: &TestReplica) -> Option<RebootRequired> {
+    async fn marker(replica: &TestReplica) -> Option<crate::store::RebootRequiredRecord> {
         let specs = replica.ctx.fresh_specs().await.expect("caught up");
         let id = NodeId::new("n1").expect("id");
         specs.reboot_required.get(&id).map(|m| m.value.clone())
@@ -2363,7 +2367,8 @@ mod reboot_marker_tests {
         let session = NodeSession::open(replica.ctx.clone(), hello(needing.clone()))
             .await
             .expect("opened");
-        assert_eq!(marker(&replica).await, Some(need.clone()), "set");
+        let held = crate::store::RebootRequiredRecord { since_unix_ms: 5 };
+        assert_eq!(marker(&replica).await, Some(held.clone()), "set");
         drop(session);
 
         let rebooted = Facts {
@@ -2391,7 +2396,7 @@ mod reboot_marker_tests {
         let _session = NodeSession::open(replica.ctx.clone(), hello(needing))
             .await
             .expect("opened");
-        assert_eq!(marker(&replica).await, Some(need), "put right");
+        assert_eq!(marker(&replica).await, Some(held), "put right");
     }
 }
 

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steward_proto::converge::{ClusterSettings, ClusterView};
-use steward_proto::domain::{
-    CertName, DesiredState, NodeId, NodeSpec, RebootRequired, RevocableKind, Role,
-};
+use steward_proto::domain::{CertName, DesiredState, NodeId, NodeSpec, RevocableKind, Role};
 use steward_runtime::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +54,7 @@ pub struct SpecSnapshot {
     /// (`nodes/<id>/reboot-required`, kept in step with the facts by the
     /// sessions): what reboot selection starts from. Not an input of
     /// desired states.
-    pub reboot_required: BTreeMap<NodeId, Versioned<RebootRequired>>,
+    pub reboot_required: BTreeMap<NodeId, Versioned<crate::store::RebootRequiredRecord>>,
     /// When a node last lost each role (`cluster/departed/<role>`).
     pub departed: BTreeMap<Role, i64>,
     /// When each section of the settings last changed
@@ -342,7 +340,12 @@ impl CachedPrefix for SpecSnapshot {
             Some((id, NodeKey::RebootRequired)) => apply_versioned(
                 &mut self.reboot_required,
                 id,
-                value.map(|(bytes, rev)| (decode::<RebootRequired>(key, bytes), rev)),
+                value.map(|(bytes, rev)| {
+                    (
+                        decode::<crate::store::RebootRequiredRecord>(key, bytes),
+                        rev,
+                    )
+                }),
                 "reboot-required marker",
             ),
             Some((_, NodeKey::Status | NodeKey::Gluster)) | None => false,

@@ -175,8 +175,8 @@ impl Keys {
     pub fn node_reboot(&self, id: &NodeId) -> String {
         format!("{}{id}/reboot", self.nodes())
     }
-    /// Present while the node's facts say it needs a reboot, with their
-    /// `reboot_required` as value: an index of the facts (which are not
+    /// Present while the node's facts say it needs a reboot, with since
+    /// when ([`RebootRequiredRecord`]): an index of the facts (which are not
     /// under `nodes/`) that the spec cache follows, so that reboot
     /// selection reads no facts but of the nodes it picks. Written with
     /// the facts, in their transaction, when it changes.
@@ -539,6 +539,23 @@ pub struct RebootRecord {
     pub at_unix_ms: u64,
 }
 
+/// `nodes/<id>/reboot-required`: the node's facts say it needs a reboot,
+/// since when. Only what selection needs (the facts keep the source and
+/// the packages): the spec cache holds one per node that needs a reboot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebootRequiredRecord {
+    pub since_unix_ms: u64,
+}
+
+impl From<&RebootRequired> for RebootRequiredRecord {
+    fn from(need: &RebootRequired) -> Self {
+        Self {
+            since_unix_ms: need.since_unix_ms,
+        }
+    }
+}
+
 /// `vips/.removed`: the last VIP removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipRemovedRecord {
@@ -582,7 +599,7 @@ pub struct NodeRecord {
     /// Its bricks and pending heals (gluster-brick nodes).
     pub gluster: Option<Versioned<GlusterReport>>,
     /// Its reboot-required marker ([`Keys::node_reboot_required`]).
-    pub reboot_required: Option<Versioned<RebootRequired>>,
+    pub reboot_required: Option<Versioned<RebootRequiredRecord>>,
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
@@ -1027,7 +1044,7 @@ impl Store {
         &self,
         id: &NodeId,
         facts: &Facts,
-        marker: Option<&RebootRequired>,
+        marker: Option<&RebootRequiredRecord>,
     ) -> Result<()> {
         let mut ops = vec![Op::put(self.keys.node_facts(id), encode(facts))];
         ops.extend(self.reboot_marker_ops(id, facts.reboot_required.as_ref(), marker));
@@ -1044,7 +1061,7 @@ impl Store {
         &self,
         id: &NodeId,
         need: Option<&RebootRequired>,
-        marker: Option<&RebootRequired>,
+        marker: Option<&RebootRequiredRecord>,
     ) -> Result<()> {
         let ops = self.reboot_marker_ops(id, need, marker);
         if !ops.is_empty() {
@@ -1059,14 +1076,15 @@ impl Store {
         &self,
         id: &NodeId,
         need: Option<&RebootRequired>,
-        marker: Option<&RebootRequired>,
+        marker: Option<&RebootRequiredRecord>,
     ) -> Vec<Op> {
-        if need == marker {
+        let want = need.map(RebootRequiredRecord::from);
+        if want.as_ref() == marker {
             return Vec::new();
         }
         let key = self.keys.node_reboot_required(id);
-        vec![match need {
-            Some(need) => Op::put(key, encode(need)),
+        vec![match want {
+            Some(want) => Op::put(key, encode(&want)),
             None => Op::delete(key),
         }]
     }
@@ -1998,20 +2016,21 @@ mod tests {
         };
         store.put_facts(&id, &needing, None).await.unwrap();
         let set = marker(store.clone()).await.expect("set with the facts");
-        assert_eq!(set.value, need);
+        let held = RebootRequiredRecord { since_unix_ms: 7 };
+        assert_eq!(set.value, held);
         // The same need again (other facts changed): the marker stays as is.
         let renamed = Facts {
             hostname: "n1-renamed".into(),
             ..needing.clone()
         };
-        store.put_facts(&id, &renamed, Some(&need)).await.unwrap();
+        store.put_facts(&id, &renamed, Some(&held)).await.unwrap();
         assert_eq!(marker(store.clone()).await, Some(set.clone()));
         // Rebooted: the need is gone, and the marker with it.
         let done = Facts {
             reboot_required: None,
             ..renamed
         };
-        store.put_facts(&id, &done, Some(&need)).await.unwrap();
+        store.put_facts(&id, &done, Some(&held)).await.unwrap();
         assert_eq!(marker(store.clone()).await, None);
         assert!(store
             .node(&id)
@@ -2029,11 +2048,16 @@ mod tests {
             .unwrap();
         assert_eq!(
             marker(store.clone()).await.map(|m| m.value),
-            Some(need.clone())
+            Some(held.clone())
         );
+        // Other packages, the same need: nothing to write.
+        let more = RebootRequired {
+            packages: vec!["libc6".into()],
+            ..need.clone()
+        };
         let revision = memory.revision();
         store
-            .sync_reboot_marker(&id, Some(&need), Some(&need))
+            .sync_reboot_marker(&id, Some(&more), Some(&held))
             .await
             .unwrap();
         assert_eq!(memory.revision(), revision, "in step: nothing written");
