@@ -1,4 +1,6 @@
-//! The IO of `stewardctl apply`: read the cluster from etcd, [`plan`] the
+//! The IO of `stewardctl apply`: read the cluster (the replica's spec
+//! cache, caught up with etcd, and per node the status and facts of the
+//! nodes the checks look at; never a record of every node), [`plan`] the
 //! spec against it, write the plan in one transaction.
 //!
 //! Any replica serves it, like every admin write: the writes are the admin
