@@ -347,63 +347,12 @@ async fn one_session(
     loop {
         beat.beat();
         // No branch body below awaits: each runs to completion at once, so
-        // the ticks and the ack timeout are always polled.
+        // the ticks and the ack timeout are always polled. Biased, with the
+        // replica's messages first: an agent that runs late (a loaded host)
+        // reads the ack waiting for it before it judges the ack overdue.
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return Ok(()),
-            _ = keepalive.tick() => {
-                // Sparse heartbeats: a change of health class still goes
-                // out within a second.
-                if cadence.stretched() {
-                    let health = probe.health();
-                    if health.under_pressure() != pressure {
-                        pressure = health.under_pressure();
-                        sent = Some(heartbeat(&tx, &mut seq, health).map_err(lost)?);
-                    }
-                }
-            }
-            // New coordinator revocations (from a desired state recorded
-            // below): end the session if they cover this replica.
-            Ok(()) = revocations.changed() => {
-                if let Some(refusal) = creds.refusal(&dialed.replica) {
-                    crate::metrics::metrics().replicas_refused.inc();
-                    return Err(lost(refusal));
-                }
-            }
-            _ = tick.tick() => {
-                if last_ack.elapsed() > cadence.ack_timeout() {
-                    return Err(lost(format!("no heartbeat ack for {:?}", last_ack.elapsed())));
-                }
-                let health = probe.health();
-                pressure = health.under_pressure();
-                sent = Some(heartbeat(&tx, &mut seq, health).map_err(lost)?);
-            }
-            Ok(()) = reboot.changed() => {
-                enqueue(&tx, AgentMessage::Facts(facts(probe, reboot))).map_err(lost)?;
-            }
-            // Guarded: a closed channel is always ready and would spin.
-            changed = reports.changed(), if reports_open => {
-                if changed.is_err() {
-                    reports_open = false;
-                } else {
-                    report(&tx, desired, reports, &mut reported).map_err(lost)?;
-                }
-            }
-            changed = gluster.changed(), if gluster_open => {
-                if changed.is_err() {
-                    gluster_open = false;
-                } else if let Some(report) = gluster.borrow_and_update().clone() {
-                    enqueue(&tx, AgentMessage::Gluster(report)).map_err(lost)?;
-                }
-            }
-            chunk = log_rx.recv(), if tx.capacity() > LOG_HEADROOM => {
-                // `log_tx` is held here, so the channel never closes.
-                if let Some(chunk) = chunk {
-                    if chunk.done {
-                        readers.finished(chunk.id);
-                    }
-                    enqueue(&tx, AgentMessage::LogChunk(chunk)).map_err(lost)?;
-                }
-            }
             message = inbound.message() => {
                 let message = match message {
                     Ok(Some(m)) => m,
@@ -465,6 +414,60 @@ async fn one_session(
                     }
                     Ok(CoordinatorMessage::LogCancel { id }) => readers.cancel(id),
                     Err(e) => return Err(lost(format!("invalid message from coordinator: {e}"))),
+                }
+            }
+            _ = keepalive.tick() => {
+                // Sparse heartbeats: a change of health class still goes
+                // out within a second.
+                if cadence.stretched() {
+                    let health = probe.health();
+                    if health.under_pressure() != pressure {
+                        pressure = health.under_pressure();
+                        sent = Some(heartbeat(&tx, &mut seq, health).map_err(lost)?);
+                    }
+                }
+            }
+            // New coordinator revocations (from a desired state recorded
+            // below): end the session if they cover this replica.
+            Ok(()) = revocations.changed() => {
+                if let Some(refusal) = creds.refusal(&dialed.replica) {
+                    crate::metrics::metrics().replicas_refused.inc();
+                    return Err(lost(refusal));
+                }
+            }
+            _ = tick.tick() => {
+                if last_ack.elapsed() > cadence.ack_timeout() {
+                    return Err(lost(format!("no heartbeat ack for {:?}", last_ack.elapsed())));
+                }
+                let health = probe.health();
+                pressure = health.under_pressure();
+                sent = Some(heartbeat(&tx, &mut seq, health).map_err(lost)?);
+            }
+            Ok(()) = reboot.changed() => {
+                enqueue(&tx, AgentMessage::Facts(facts(probe, reboot))).map_err(lost)?;
+            }
+            // Guarded: a closed channel is always ready and would spin.
+            changed = reports.changed(), if reports_open => {
+                if changed.is_err() {
+                    reports_open = false;
+                } else {
+                    report(&tx, desired, reports, &mut reported).map_err(lost)?;
+                }
+            }
+            changed = gluster.changed(), if gluster_open => {
+                if changed.is_err() {
+                    gluster_open = false;
+                } else if let Some(report) = gluster.borrow_and_update().clone() {
+                    enqueue(&tx, AgentMessage::Gluster(report)).map_err(lost)?;
+                }
+            }
+            chunk = log_rx.recv(), if tx.capacity() > LOG_HEADROOM => {
+                // `log_tx` is held here, so the channel never closes.
+                if let Some(chunk) = chunk {
+                    if chunk.done {
+                        readers.finished(chunk.id);
+                    }
+                    enqueue(&tx, AgentMessage::LogChunk(chunk)).map_err(lost)?;
                 }
             }
         }

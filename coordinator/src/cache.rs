@@ -26,6 +26,13 @@ use crate::vip::VipSnapshot;
 /// The label that names a node's failure domain (DESIGN.md §7).
 pub const ZONE_LABEL: &str = "zone";
 
+/// A per-node map of a snapshot, shared between the snapshots published
+/// one after another: a change copies only the maps it touches (the
+/// others stay shared, so publishing a snapshot does not copy 10,000
+/// specs because one address changed), and the fan-out skips comparing
+/// maps that are still the same allocation.
+pub type Shared<K, V> = Arc<BTreeMap<K, V>>;
+
 /// All node specs and addresses, and the cluster settings, as of one etcd
 /// revision.
 #[derive(Debug, Clone, Default)]
@@ -33,28 +40,28 @@ pub struct SpecSnapshot {
     pub revision: i64,
     /// False until the first read succeeded.
     pub synced: bool,
-    pub specs: BTreeMap<NodeId, Versioned<NodeSpec>>,
+    pub specs: Shared<NodeId, Versioned<NodeSpec>>,
     /// Where the cluster reaches each node (`nodes/<id>/address`).
-    pub addresses: BTreeMap<NodeId, Versioned<IpAddr>>,
+    pub addresses: Shared<NodeId, Versioned<IpAddr>>,
     /// `cluster/settings`; `None` until a `stewardctl apply` wrote it.
     pub settings: Option<Versioned<ClusterSettings>>,
     /// Certificate revocations (`nodes/<id>/revoked`), which end live
     /// sessions and lease streams. Not an input of desired states.
-    pub revoked: BTreeMap<NodeId, Versioned<NodeRevokedRecord>>,
+    pub revoked: Shared<NodeId, Versioned<NodeRevokedRecord>>,
     /// Admin and coordinator certificate revocations
     /// (`cluster/revoked/<kind>/<name>`), checked on every admin and peer
     /// call. Not an input of desired states.
-    pub cert_revoked: BTreeMap<(RevocableKind, CertName), Versioned<CertRevokedRecord>>,
+    pub cert_revoked: Shared<(RevocableKind, CertName), Versioned<CertRevokedRecord>>,
     /// Maintenance records (`nodes/<id>/maintenance`), active or not.
-    pub maintenance: BTreeMap<NodeId, Versioned<MaintenanceRecord>>,
+    pub maintenance: Shared<NodeId, Versioned<MaintenanceRecord>>,
     /// The last reboot asked of each node (`nodes/<id>/reboot`): an input
     /// of its desired state.
-    pub reboots: BTreeMap<NodeId, Versioned<crate::store::RebootRecord>>,
+    pub reboots: Shared<NodeId, Versioned<crate::store::RebootRecord>>,
     /// The nodes whose facts say they need a reboot
     /// (`nodes/<id>/reboot-required`, kept in step with the facts by the
     /// sessions): what reboot selection starts from. Not an input of
     /// desired states.
-    pub reboot_required: BTreeMap<NodeId, Versioned<crate::store::RebootRequiredRecord>>,
+    pub reboot_required: Shared<NodeId, Versioned<crate::store::RebootRequiredRecord>>,
     /// When a node last lost each role (`cluster/departed/<role>`).
     pub departed: BTreeMap<Role, i64>,
     /// When each section of the settings last changed
@@ -202,6 +209,12 @@ impl SpecSnapshot {
 pub trait CachedPrefix: Clone + Default + Send + Sync + 'static {
     /// What the cache is of, for logs and errors.
     const WHAT: &'static str;
+    /// How often the cache publishes a new snapshot at most. Each
+    /// publication wakes the subscribers, which compare it with the one
+    /// before; a burst of changes costs one publication per window, not one
+    /// per etcd event. A change after a quiet spell is never delayed.
+    /// Zero: every change at once (VIP state: a failover never waits).
+    const PUBLISH_EVERY: Duration = Duration::ZERO;
     /// Applies one key's new value (`None`: deleted) and its mod revision.
     /// Returns whether the snapshot changed (keys it does not cache do
     /// not wake its subscribers).
@@ -210,15 +223,16 @@ pub trait CachedPrefix: Clone + Default + Send + Sync + 'static {
     fn set_revision(&mut self, revision: i64);
 }
 
-/// Inserts or removes one cached value; whether anything changed.
-fn apply_versioned<K: Ord, T: PartialEq>(
-    map: &mut BTreeMap<K, Versioned<T>>,
+/// Inserts or removes one cached value; whether anything changed. The map
+/// is copied (if a published snapshot still shares it) only for a change.
+fn apply_versioned<K: Ord + Clone, T: PartialEq + Clone>(
+    map: &mut Shared<K, Versioned<T>>,
     key: K,
     value: Option<(Result<T>, i64)>,
     what: &'static str,
 ) -> bool {
     match value {
-        None => map.remove(&key).is_some(),
+        None => map.contains_key(&key) && Arc::make_mut(map).remove(&key).is_some(),
         Some((Ok(value), mod_revision)) => {
             let next = Versioned {
                 value,
@@ -227,7 +241,7 @@ fn apply_versioned<K: Ord, T: PartialEq>(
             if map.get(&key) == Some(&next) {
                 return false;
             }
-            map.insert(key, next);
+            Arc::make_mut(map).insert(key, next);
             true
         }
         // Keep the last good value; the coordinator never writes bad ones.
@@ -267,6 +281,10 @@ fn apply_option<T: PartialEq>(
 
 impl CachedPrefix for SpecSnapshot {
     const WHAT: &'static str = "node specs and addresses, cluster settings";
+    /// The fan-out compares each publication with the one before across
+    /// the fleet: a cold start's 10,000 first addresses are a few hundred
+    /// publications, not 10,000.
+    const PUBLISH_EVERY: Duration = Duration::from_millis(50);
     fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
         if key == keys.cluster_settings().as_bytes() {
             return apply_option(
@@ -472,27 +490,54 @@ async fn follow<S: CachedPrefix>(
     let mut stream = store.watch(prefixes, read.revision + 1).await?;
     backoff.reset();
     debug!(revision = read.revision, what = S::WHAT, "following");
-    while let Some(changes) = stream.next().await? {
-        let mut changed = false;
-        let mut barrier = 0;
-        for change in &changes {
-            let value = match change {
-                Change::Put(kv) => Some((kv.value.as_slice(), kv.mod_revision)),
-                Change::Delete { .. } => None,
-            };
-            changed |= snapshot.apply(keys, change.key(), value);
-            snapshot.set_revision(change.revision());
-            if keys.is_cache_sync(change.key()) {
-                barrier = barrier.max(change.revision());
+    // A change after a quiet spell is published at once; changes that
+    // follow within `S::PUBLISH_EVERY` are published together at its end,
+    // unless a read barrier came with them: a reader waits on it.
+    let mut published_at = tokio::time::Instant::now();
+    let mut pending = false;
+    let mut barrier = 0;
+    loop {
+        let next = if pending {
+            tokio::select! {
+                next = stream.next() => Some(next?),
+                _ = tokio::time::sleep_until(published_at + S::PUBLISH_EVERY) => None,
+            }
+        } else {
+            Some(stream.next().await?)
+        };
+        match next {
+            // Due: published below.
+            None => {}
+            Some(None) => break,
+            Some(Some(changes)) => {
+                for change in &changes {
+                    let value = match change {
+                        Change::Put(kv) => Some((kv.value.as_slice(), kv.mod_revision)),
+                        Change::Delete { .. } => None,
+                    };
+                    pending |= snapshot.apply(keys, change.key(), value);
+                    snapshot.set_revision(change.revision());
+                    if keys.is_cache_sync(change.key()) {
+                        barrier = barrier.max(change.revision());
+                    }
+                }
             }
         }
-        if changed {
+        if pending && (published_at.elapsed() >= S::PUBLISH_EVERY || barrier > 0) {
             publish.send_replace(Arc::new(snapshot.clone()));
+            published_at = tokio::time::Instant::now();
+            pending = false;
         }
-        // After the publication: a barrier is seen once what came down
-        // the same watch before it is published. (A barrier is under
-        // `nodes/`; one watch delivers its prefix in revision order.)
-        reached(barrier);
+        // Once published: a barrier is seen when what came down the same
+        // watch before it is published. (A barrier is under `nodes/`; one
+        // watch delivers its prefix in revision order.)
+        if !pending && barrier > 0 {
+            reached(barrier);
+            barrier = 0;
+        }
+    }
+    if pending {
+        publish.send_replace(Arc::new(snapshot.clone()));
     }
     Err(Error::WatchInterrupted("stream ended".into()))
 }
@@ -503,6 +548,88 @@ mod tests {
     use crate::store::{encode, NodeStatusRecord, VipRemovedRecord};
     use steward_proto::domain::{Health, NodeHealth, Role};
     use steward_proto::vip::VipSpec;
+
+    /// A burst of changes is published in far fewer snapshots than changes,
+    /// the last with all of them; maps no change touched stay shared with
+    /// the snapshot before; a change after a quiet spell is published at
+    /// once.
+    #[tokio::test]
+    async fn bursts_are_published_together_and_untouched_maps_stay_shared() {
+        let memory = Arc::new(crate::store::MemoryBackend::default());
+        let store = crate::store::Store::in_memory(memory, Keys::new("t"), "r1".into());
+        let (tx, mut rx) = watch::channel(Arc::new(SpecSnapshot::default()));
+        let shutdown = CancellationToken::new();
+        let _stop = shutdown.clone().drop_guard();
+        let (seen, _) = watch::channel(0);
+        tokio::spawn(run_spec_cache(store.clone(), tx, seen, shutdown));
+        crate::testing::put_roles(&store, "n0", &[Role::Lb]).await;
+        let synced =
+            tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.specs.len() == 1))
+                .await
+                .expect("first spec published")
+                .expect("cache running")
+                .clone();
+        tokio::time::sleep(SpecSnapshot::PUBLISH_EVERY * 2).await;
+
+        let mut publications = 0;
+        let burst = 200;
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 1..=burst {
+                    let key = store
+                        .keys()
+                        .node_address(&crate::testing::node(&format!("n{i}")));
+                    let record = crate::store::NodeAddressRecord {
+                        address: IpAddr::from([198, 18, 0, (i % 250) as u8]),
+                    };
+                    store
+                        .txn(
+                            crate::store::kv::Txn::new()
+                                .and_then([crate::store::kv::Op::put(key, encode(&record))]),
+                            "test",
+                        )
+                        .await
+                        .expect("address written");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+        let last = loop {
+            tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .expect("a publication")
+                .expect("cache running");
+            publications += 1;
+            let now = rx.borrow_and_update().clone();
+            if now.addresses.len() == burst {
+                break now;
+            }
+        };
+        writer.await.expect("writer");
+        assert!(
+            publications < burst / 4,
+            "{publications} publications for {burst} changes"
+        );
+        assert!(
+            Arc::ptr_eq(&synced.specs, &last.specs),
+            "the specs map was copied though no spec changed"
+        );
+
+        // After a quiet spell, one change is out within a few milliseconds.
+        tokio::time::sleep(SpecSnapshot::PUBLISH_EVERY * 2).await;
+        let started = tokio::time::Instant::now();
+        crate::testing::put_roles(&store, "n1", &[Role::Lb]).await;
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.specs.len() == 2))
+            .await
+            .expect("published")
+            .expect("cache running");
+        assert!(
+            started.elapsed() < SpecSnapshot::PUBLISH_EVERY,
+            "a lone change waited {:?}",
+            started.elapsed()
+        );
+    }
 
     fn node(id: &str) -> NodeId {
         NodeId::new(id).unwrap()

@@ -169,7 +169,7 @@ pub fn project_with(
 ) -> View {
     let mut revision = 0i64;
     let mut members = Vec::new();
-    for (id, spec) in &specs.specs {
+    for (id, spec) in specs.specs.iter() {
         if spec.value.roles.is_empty() || !interest.wants(&spec.value.roles) {
             continue;
         }
@@ -376,7 +376,7 @@ mod tests {
     use crate::store::{CertRevokedRecord, Versioned};
 
     fn revoke(specs: &mut SpecSnapshot, kind: RevocableKind, name: &str, rev: i64) {
-        specs.cert_revoked.insert(
+        Arc::make_mut(&mut specs.cert_revoked).insert(
             (kind, CertName::new(name).expect("name")),
             Versioned {
                 value: CertRevokedRecord {

@@ -301,12 +301,22 @@ fn changed_nodes(before: &SpecSnapshot, now: &SpecSnapshot) -> HashSet<NodeId> {
     let mut add = |id: &NodeId| {
         nodes.insert(id.clone());
     };
-    diff(&before.specs, &now.specs, &mut add, |v| v.mod_revision);
-    diff(&before.addresses, &now.addresses, &mut add, |v| {
-        v.mod_revision
-    });
-    diff(&before.revoked, &now.revoked, &mut add, |v| v.mod_revision);
-    diff(&before.reboots, &now.reboots, &mut add, |v| v.mod_revision);
+    // A map no change touched is still shared with the snapshot before
+    // (`cache::Shared`): nothing to compare.
+    if !std::sync::Arc::ptr_eq(&before.specs, &now.specs) {
+        diff(&before.specs, &now.specs, &mut add, |v| v.mod_revision);
+    }
+    if !std::sync::Arc::ptr_eq(&before.addresses, &now.addresses) {
+        diff(&before.addresses, &now.addresses, &mut add, |v| {
+            v.mod_revision
+        });
+    }
+    if !std::sync::Arc::ptr_eq(&before.revoked, &now.revoked) {
+        diff(&before.revoked, &now.revoked, &mut add, |v| v.mod_revision);
+    }
+    if !std::sync::Arc::ptr_eq(&before.reboots, &now.reboots) {
+        diff(&before.reboots, &now.reboots, &mut add, |v| v.mod_revision);
+    }
     // A rollout's change of a node (`changed/<node>`, and an upgrade's
     // `upgraded/<node>`) is one of its inputs.
     let empty = crate::rollout::model::RolloutEntry::default();
@@ -368,7 +378,7 @@ mod tests {
         let mut first = before.clone();
         first.revision = 42;
         let mut second = first.clone();
-        second.reboots.insert(
+        std::sync::Arc::make_mut(&mut second.reboots).insert(
             rb1.clone(),
             Versioned {
                 value: crate::store::RebootRecord {
@@ -383,7 +393,7 @@ mod tests {
         assert_eq!(changed_nodes(&first, &second), HashSet::from([rb1.clone()]));
         assert_eq!(changed_nodes(&second, &second.clone()), HashSet::new());
         let mut third = second.clone();
-        third.reboots.clear();
+        std::sync::Arc::make_mut(&mut third.reboots).clear();
         assert_eq!(
             changed_nodes(&second, &third),
             HashSet::from([rb1]),

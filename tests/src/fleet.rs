@@ -308,22 +308,10 @@ async fn session(
     let mut reported: Option<u64> = None;
     let lost = |text: String| (ErrorKind::Lost, text, None);
     loop {
+        // As the agent: biased, the replica's messages first (a late task
+        // reads the ack waiting for it before judging it overdue).
         tokio::select! {
-            _ = tick.tick() => {
-                if last_ack.elapsed() > cadence.ack_timeout() {
-                    return lost("no heartbeat ack".into());
-                }
-                seq += 1;
-                let hb = AgentMessage::Heartbeat {
-                    seq,
-                    sent_at_unix_ms: unix_ms(),
-                    health: health(agent.index),
-                };
-                if let Err(e) = enqueue(&tx, hb) {
-                    return lost(e);
-                }
-                fleet.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
-            }
+            biased;
             message = inbound.message() => {
                 let message = match message {
                     Ok(Some(m)) => m,
@@ -366,6 +354,21 @@ async fn session(
                     Ok(_) => {}
                     Err(e) => return lost(format!("invalid message from coordinator: {e}")),
                 }
+            }
+            _ = tick.tick() => {
+                if last_ack.elapsed() > cadence.ack_timeout() {
+                    return lost("no heartbeat ack".into());
+                }
+                seq += 1;
+                let hb = AgentMessage::Heartbeat {
+                    seq,
+                    sent_at_unix_ms: unix_ms(),
+                    health: health(agent.index),
+                };
+                if let Err(e) = enqueue(&tx, hb) {
+                    return lost(e);
+                }
+                fleet.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -327,7 +327,7 @@ mod tests {
         // Candidates: lb nodes only.
         let mut nodes = SpecSnapshot::default();
         for (id, roles) in [("lb-1", vec![Role::Lb]), ("w-1", vec![Role::K8sWorker])] {
-            nodes.specs.insert(
+            std::sync::Arc::make_mut(&mut nodes.specs).insert(
                 node(id),
                 Versioned {
                     value: NodeSpec {

@@ -5,13 +5,15 @@
 //!   served; one more is closed at once;
 //! - at most `max_pending_handshakes` of them still in the TLS handshake.
 //!   At the cap, a new connection waits (and the ones after it wait in the
-//!   kernel's backlog) until a handshake ends, or until the **oldest**
-//!   pending one is `evict_after` old: that one (an idle or slow client) is
-//!   dropped to make room. So a flood of silent connections cannot keep a
-//!   real client, whose handshake takes milliseconds, from getting through,
-//!   and a crowd of real clients (a fleet reconnecting at once) is served in
-//!   turn instead of evicting one another's handshakes half-way, which would
-//!   only make them all retry;
+//!   kernel's backlog) until a handshake ends, or until the **oldest
+//!   stalled** pending one is `evict_after` old: that one is dropped to
+//!   make room. Stalled means waiting for its client: nothing of it unread
+//!   in the socket. So a flood of silent connections cannot keep a real
+//!   client, whose handshake takes milliseconds, from getting through, and a
+//!   crowd of real clients (a fleet reconnecting at once) is served in turn
+//!   instead of evicting one another's handshakes half-way, which would only
+//!   make them all retry: a handshake whose client has sent what it owes
+//!   waits for this process, not for its client, however late it is;
 //! - each handshake has `handshake_timeout` to finish;
 //! - caps hit are logged as a warning at most once per [`WARN_EVERY`], with
 //!   the count since the last line, and counted in [`ListenerStats`].
@@ -229,7 +231,39 @@ pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
 #[derive(Default)]
 struct Pending {
     next: u64,
-    queue: std::collections::VecDeque<(u64, Instant, CancellationToken)>,
+    /// In the order they started.
+    queue: std::collections::VecDeque<PendingHandshake>,
+}
+
+struct PendingHandshake {
+    id: u64,
+    started: Instant,
+    cancel: CancellationToken,
+    /// Its socket: open while the entry is queued (the handshake task
+    /// leaves the queue before its connection can close).
+    fd: std::os::fd::RawFd,
+}
+
+impl Pending {
+    /// Takes the oldest handshake at least `evict_after` old that waits
+    /// for its client, and says when to look again.
+    fn take_stalled(
+        &mut self,
+        now: Instant,
+        evict_after: Duration,
+    ) -> (Option<CancellationToken>, Instant) {
+        for (i, h) in self.queue.iter().enumerate() {
+            let due = h.started + evict_after;
+            if due > now {
+                return (None, due);
+            }
+            if unread_bytes(h.fd) == 0 {
+                let cancel = self.queue.remove(i).map(|h| h.cancel);
+                return (cancel, now + evict_after);
+            }
+        }
+        (None, now + evict_after)
+    }
 }
 
 /// Accepts on `listener` within `limits`, handshakes with `tls`, and yields
@@ -289,32 +323,26 @@ pub fn limited_tls_incoming(
                 if let Ok(turn) = handshakes.clone().try_acquire_owned() {
                     break turn;
                 }
-                let oldest = {
-                    let p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                    p.queue.front().map(|(_, started, _)| *started)
+                // A stalled one old enough goes; its turn comes back as
+                // soon as its task sees the cancellation. Handshakes whose
+                // bytes wait for this process are never dropped: under a
+                // load that makes them late, dropping them would waste
+                // the work done and make their clients come back.
+                let (evicted, wake) = {
+                    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    p.take_stalled(Instant::now(), limits.evict_after)
                 };
-                let evict_at = oldest.map(|started| started + limits.evict_after);
-                let mut wake = evict_at.unwrap_or_else(|| Instant::now() + limits.evict_after);
-                if evict_at.is_some_and(|at| at <= Instant::now()) {
-                    let evicted = {
-                        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                        p.queue.pop_front()
-                    };
-                    if let Some((_, _, oldest)) = evicted {
-                        oldest.cancel();
-                        stats.evicted.inc();
-                        if let Some(evicted) = evicting.note() {
-                            tracing::warn!(
-                                listener = name,
-                                max_pending_handshakes = limits.max_pending_handshakes,
-                                evicted,
-                                "too many TLS handshakes in progress: dropping the oldest"
-                            );
-                        }
+                if let Some(stalled) = evicted {
+                    stalled.cancel();
+                    stats.evicted.inc();
+                    if let Some(evicted) = evicting.note() {
+                        tracing::warn!(
+                            listener = name,
+                            max_pending_handshakes = limits.max_pending_handshakes,
+                            evicted,
+                            "too many TLS handshakes in progress: dropping the oldest stalled one"
+                        );
                     }
-                    // Its turn comes back as soon as its task sees the
-                    // cancellation: wait for that, not for the next oldest.
-                    wake = Instant::now() + limits.evict_after;
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -338,10 +366,16 @@ pub fn limited_tls_incoming(
             let _ = tcp.set_nodelay(true);
             let cancel = shutdown.child_token();
             let id = {
+                use std::os::fd::AsRawFd;
                 let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
                 let id = p.next;
                 p.next += 1;
-                p.queue.push_back((id, Instant::now(), cancel.clone()));
+                p.queue.push_back(PendingHandshake {
+                    id,
+                    started: Instant::now(),
+                    cancel: cancel.clone(),
+                    fd: tcp.as_raw_fd(),
+                });
                 id
             };
             let acceptor = acceptor.clone();
@@ -349,13 +383,17 @@ pub fn limited_tls_incoming(
             let stats = stats.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
+                let accept = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+                tokio::pin!(accept);
                 let outcome = tokio::select! {
                     _ = cancel.cancelled() => None,
-                    r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => Some(r),
+                    r = &mut accept => Some(r),
                 };
+                // Out of the queue while the socket is open (`accept`, and
+                // the connection in it, is dropped at the end of this task).
                 {
                     let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                    p.queue.retain(|(i, _, _)| *i != id);
+                    p.queue.retain(|h| h.id != id);
                 }
                 drop(turn);
                 match outcome {
@@ -377,6 +415,21 @@ pub fn limited_tls_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Bytes received on socket `fd` and not read yet (0 when it cannot be
+/// told). The descriptor must be open.
+#[allow(unsafe_code)]
+fn unread_bytes(fd: std::os::fd::RawFd) -> usize {
+    let mut unread: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points to
+    // `unread`; the caller keeps the descriptor open during the call.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread as *mut libc::c_int) };
+    if rc == 0 {
+        usize::try_from(unread).unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 /// Whether the client of an accepted connection has closed or reset it
@@ -524,6 +577,59 @@ mod tests {
         // The other silent one runs out of time.
         assert!(closed(&mut second, Duration::from_secs(2)).await);
         assert_eq!(served.stats.timed_out.get(), 1);
+    }
+
+    /// Of two old pending handshakes, the one whose client sent bytes this
+    /// process has not read yet (it is late because this process is busy)
+    /// is spared; the one waiting for its client is taken.
+    #[tokio::test]
+    async fn handshakes_waiting_for_this_process_are_spared() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut talker = std::net::TcpStream::connect(addr).expect("connect");
+        let (busy, _) = listener.accept().expect("accept");
+        let _silent_client = std::net::TcpStream::connect(addr).expect("connect");
+        let (silent, _) = listener.accept().expect("accept");
+        talker.write_all(b"a client hello").expect("write");
+        // Until the kernel has it queued on the server side.
+        for _ in 0..100 {
+            if unread_bytes(busy.as_raw_fd()) > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(unread_bytes(busy.as_raw_fd()), 14);
+        assert_eq!(unread_bytes(silent.as_raw_fd()), 0);
+
+        let now = Instant::now();
+        let evict_after = Duration::from_millis(100);
+        let old = now - Duration::from_millis(500);
+        let entry = |id: u64, started: Instant, fd| PendingHandshake {
+            id,
+            started,
+            cancel: CancellationToken::new(),
+            fd,
+        };
+        let mut pending = Pending {
+            next: 3,
+            queue: [
+                entry(0, old, busy.as_raw_fd()),
+                entry(1, old, silent.as_raw_fd()),
+                entry(2, now, silent.as_raw_fd()),
+            ]
+            .into(),
+        };
+        let (taken, _) = pending.take_stalled(now, evict_after);
+        assert!(taken.is_some(), "the stalled one was not taken");
+        let left: Vec<u64> = pending.queue.iter().map(|h| h.id).collect();
+        assert_eq!(left, [0, 2], "the busy one must stay, the stalled one go");
+        // Nothing else is old and stalled: look again when the young one
+        // is old enough.
+        let (taken, wake) = pending.take_stalled(now, evict_after);
+        assert!(taken.is_none());
+        assert_eq!(wake, now + evict_after);
     }
 
     #[tokio::test]

@@ -421,12 +421,14 @@ fn main() {
         .collect();
     let cold_deadline = Duration::from_secs(60) + spacing * n as u32 * 4;
     let mut done = 0;
+    let mut progress = ColdProgress::new(&cluster, cold_started);
     wait_until(cold_deadline, "every agent's first desired state", || {
         done = fleet
             .snapshot()
             .iter()
             .filter(|o| o.first_desired_at.is_some())
             .count();
+        progress.maybe_print(&fleet, done);
         done == n
     });
     let cold = fleet.snapshot();
@@ -934,5 +936,74 @@ fn main() {
     println!();
     for line in &report.0 {
         println!("{line}");
+    }
+}
+
+/// A line on stderr every 5 s of the cold start: agents done, sessions
+/// opened, failed attempts by kind, the replicas' CPU over the last 5 s and
+/// the commonest error texts since the last line (what a storm is made of).
+struct ColdProgress {
+    started: Instant,
+    last: Instant,
+    pids: Vec<(String, u32, Duration)>,
+    errors: BTreeMap<String, u64>,
+}
+
+impl ColdProgress {
+    fn new(cluster: &Cluster, started: Instant) -> Self {
+        let pids = cluster
+            .coordinators
+            .iter()
+            .map(|c| {
+                let pid = c.proc.pid();
+                let cpu = proc_usage(pid).map(|u| u.1).unwrap_or_default();
+                (c.id.clone(), pid, cpu)
+            })
+            .collect();
+        Self {
+            started,
+            last: started,
+            pids,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn maybe_print(&mut self, fleet: &Fleet, done: usize) {
+        let window = self.last.elapsed();
+        if window < Duration::from_secs(5) {
+            return;
+        }
+        self.last = Instant::now();
+        let c = &fleet.counters;
+        let cpu: Vec<String> = self
+            .pids
+            .iter_mut()
+            .map(|(id, pid, before)| {
+                let now = proc_usage(*pid).map(|u| u.1).unwrap_or(*before);
+                let share = (now.saturating_sub(*before)).as_secs_f64() / window.as_secs_f64();
+                *before = now;
+                format!("{id} {:.0}%", share * 100.0)
+            })
+            .collect();
+        let errors = c.errors.lock().expect("errors").clone();
+        let mut delta: Vec<(String, u64)> = errors
+            .iter()
+            .map(|(k, v)| (k.clone(), v - self.errors.get(k).copied().unwrap_or(0)))
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        delta.sort_by_key(|e| std::cmp::Reverse(e.1));
+        self.errors = errors;
+        eprintln!(
+            "bench-fleet: cold +{:.0}s: {done} done, {} opened, failed {}/{}/{} (dial/open/lost); cpu {}",
+            self.started.elapsed().as_secs_f64(),
+            c.opened.load(Ordering::Relaxed),
+            c.dial_failed.load(Ordering::Relaxed),
+            c.open_failed.load(Ordering::Relaxed),
+            c.lost.load(Ordering::Relaxed),
+            cpu.join(", ")
+        );
+        for (text, count) in delta.iter().take(4) {
+            eprintln!("bench-fleet:     {count} × {text}");
+        }
     }
 }
