@@ -354,9 +354,14 @@ mod tests {
             outcome.changes
         );
         // n0001's status and facts, the settings, the VIPs, the active
-        // rollout: a handful of keys. A listing of the fleet is 2 per node.
-        eprintln!("apply at {FLEET} nodes read {read} keys");
+        // rollout: a handful of keys, where the listing apply read before
+        // (`Store::nodes`) is 2 a node.
+        let before = memory.keys_read();
+        store.nodes().await.expect("listed");
+        let listing = memory.keys_read() - before;
+        eprintln!("apply at {FLEET} nodes read {read} keys; a listing of them reads {listing}");
         assert!(read < 20, "apply read {read} keys of a {FLEET}-node fleet");
+        assert!(listing >= 2 * FLEET as u64, "the listing read {listing}");
         let written = store.node(&node("n0001")).await.expect("read");
         assert!(written.spec.expect("spec").value.roles.contains(&Role::Lb));
     }
