@@ -402,9 +402,19 @@ pub async fn caught_up(
     specs: &watch::Receiver<Arc<SpecSnapshot>>,
     seen: &watch::Receiver<i64>,
 ) -> Result<Arc<SpecSnapshot>> {
+    caught_up_within(store, specs, seen, CATCH_UP).await
+}
+
+/// [`caught_up`], waiting at most `within`.
+async fn caught_up_within(
+    store: &Store,
+    specs: &watch::Receiver<Arc<SpecSnapshot>>,
+    seen: &watch::Receiver<i64>,
+    within: Duration,
+) -> Result<Arc<SpecSnapshot>> {
     let revision = store.sync_point().await?;
     let mut seen = seen.clone();
-    let reached = tokio::time::timeout(CATCH_UP, async {
+    let reached = tokio::time::timeout(within, async {
         seen.wait_for(|r| *r >= revision).await.map(|_| ())
     })
     .await;
@@ -412,10 +422,7 @@ pub async fn caught_up(
         Ok(Ok(_)) => Ok(specs.borrow().clone()),
         // The cache task is gone: the replica is stopping.
         Ok(Err(_)) => Err(Error::ShuttingDown),
-        Err(_) => Err(Error::CacheBehind {
-            revision,
-            within: CATCH_UP,
-        }),
+        Err(_) => Err(Error::CacheBehind { revision, within }),
     }
 }
 
@@ -548,6 +555,34 @@ mod tests {
     use crate::store::{encode, NodeStatusRecord, VipRemovedRecord};
     use steward_proto::domain::{Health, NodeHealth, Role};
     use steward_proto::vip::VipSpec;
+
+    /// A cache that never reaches the read barrier is an error the caller
+    /// can retry (UNAVAILABLE), not a stale answer or a hang.
+    #[tokio::test]
+    async fn a_cache_behind_its_barrier_is_unavailable_not_stale() {
+        let replica =
+            crate::testing::TestReplica::start(crate::store::MemoryBackend::new(), "c-1").await;
+        let ctx = &replica.ctx;
+        // A barrier channel nobody advances: the cache is stuck.
+        let (_stuck, seen) = watch::channel(0);
+        let within = Duration::from_millis(50);
+        let error = caught_up_within(&ctx.store, &ctx.specs, &seen, within)
+            .await
+            .expect_err("never caught up");
+        assert!(
+            matches!(error, Error::CacheBehind { revision, .. } if revision > 0),
+            "{error:?}"
+        );
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("did not reach etcd revision"),
+            "{}",
+            status.message()
+        );
+        // The replica's own cache does reach it.
+        replica.ctx.fresh_specs().await.expect("caught up");
+    }
 
     /// A burst of changes is published in far fewer snapshots than changes,
     /// the last with all of them; maps no change touched stay shared with
