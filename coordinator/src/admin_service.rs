@@ -979,7 +979,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        store.put_facts(&node(id), &facts).await.unwrap();
+        store.put_facts(&node(id), &facts, None).await.unwrap();
         let status = NodeStatusRecord {
             health: NodeHealth::Healthy,
             last_health: Health::default(),

@@ -44,6 +44,9 @@ pub struct SessionContext {
     pub sessions: Sessions,
     /// This replica's view of node specs and addresses.
     pub specs: watch::Receiver<Arc<SpecSnapshot>>,
+    /// The newest read barrier `specs` includes
+    /// ([`crate::cache::caught_up`]).
+    pub specs_seen: watch::Receiver<i64>,
     /// This replica's view of `vips/`.
     pub vips: watch::Receiver<Arc<crate::vip::VipSnapshot>>,
     /// This replica's view of `orchestration/` (kubeadm, Gluster).
@@ -75,6 +78,12 @@ impl SessionContext {
             self.sessions.count() + self.admission.waiting(),
             self.limits.heartbeats_per_s,
         )
+    }
+
+    /// This replica's spec snapshot once it holds every write to `nodes/`
+    /// made before the call ([`crate::cache::caught_up`]).
+    pub async fn fresh_specs(&self) -> Result<Arc<SpecSnapshot>> {
+        crate::cache::caught_up(&self.store, &self.specs, &self.specs_seen).await
     }
 
     /// What `node` must be, from this replica's caches; `None` before
@@ -695,11 +704,15 @@ impl NodeSession {
                 None => Ok(()),
             }
         };
+        // The reboot-required marker follows the facts (written with them;
+        // alone when facts stored before the marker existed disagree).
+        let marker = record.reboot_required.as_ref().map(|m| &m.value);
         let facts_written = async {
             if facts_changed {
-                ctx.store.put_facts(&node, &facts).await
+                ctx.store.put_facts(&node, &facts, marker).await
             } else {
-                Ok(())
+                let need = facts.reboot_required.as_ref();
+                ctx.store.sync_reboot_marker(&node, need, marker).await
             }
         };
         let (address_written, facts_written, status_written) = tokio::join!(
@@ -907,12 +920,18 @@ impl NodeSession {
         let Some(facts) = self.facts_pending.take() else {
             return;
         };
+        // The marker as the last write left it.
+        let marker = self
+            .facts
+            .reboot_required
+            .as_ref()
+            .map(crate::store::RebootRequiredRecord::from);
         self.facts = facts.clone();
         self.facts_written_at = Some(Instant::now());
         let (store, node) = (self.ctx.store.clone(), self.node.clone());
         tokio::spawn(
             async move {
-                if let Err(error) = store.put_facts(&node, &facts).await {
+                if let Err(error) = store.put_facts(&node, &facts, marker.as_ref()).await {
                     warn!(%error, "could not write the facts sent again");
                 }
             }
@@ -2305,6 +2324,82 @@ mod tests {
         assert_eq!(t.stored_rev, 8);
     }
 }
+/// The reboot-required marker (`nodes/<id>/reboot-required`, which reboot
+/// selection reads instead of every node's facts) as sessions keep it.
+#[cfg(test)]
+mod reboot_marker_tests {
+    use super::*;
+    use crate::store::kv::{Op, Txn};
+    use crate::store::{encode, MemoryBackend};
+    use crate::testing::TestReplica;
+    use steward_proto::domain::RebootRequired;
+
+    fn hello(facts: Facts) -> Hello {
+        Hello {
+            node: NodeId::new("n1").expect("id"),
+            issued_unix_s: 0,
+            facts,
+            applied_revision: 0,
+            agent_version: "test".into(),
+            address: None,
+        }
+    }
+
+    async fn marker(replica: &TestReplica) -> Option<crate::store::RebootRequiredRecord> {
+        let specs = replica.ctx.fresh_specs().await.expect("caught up");
+        let id = NodeId::new("n1").expect("id");
+        specs.reboot_required.get(&id).map(|m| m.value.clone())
+    }
+
+    #[tokio::test]
+    async fn a_session_keeps_the_marker_in_step_with_the_facts() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let need = RebootRequired {
+            since_unix_ms: 5,
+            source: "reboot-required".into(),
+            packages: vec!["linux-image-amd64".into()],
+        };
+        let needing = Facts {
+            boot_id: "boot-a".into(),
+            reboot_required: Some(need.clone()),
+            ..Default::default()
+        };
+        let session = NodeSession::open(replica.ctx.clone(), hello(needing.clone()))
+            .await
+            .expect("opened");
+        let held = crate::store::RebootRequiredRecord { since_unix_ms: 5 };
+        assert_eq!(marker(&replica).await, Some(held.clone()), "set");
+        drop(session);
+
+        let rebooted = Facts {
+            boot_id: "boot-b".into(),
+            ..Default::default()
+        };
+        let session = NodeSession::open(replica.ctx.clone(), hello(rebooted))
+            .await
+            .expect("opened");
+        assert_eq!(marker(&replica).await, None, "cleared");
+        drop(session);
+
+        // Facts stored before markers existed: the next session open puts
+        // the marker right, though the facts themselves are unchanged.
+        let store = replica.store();
+        let facts_key = store.keys().node_facts(&NodeId::new("n1").expect("id"));
+        store
+            .txn(
+                Txn::new().and_then([Op::put(facts_key, encode(&needing))]),
+                "test",
+            )
+            .await
+            .expect("facts written");
+        assert_eq!(marker(&replica).await, None, "no marker yet");
+        let _session = NodeSession::open(replica.ctx.clone(), hello(needing))
+            .await
+            .expect("opened");
+        assert_eq!(marker(&replica).await, Some(held), "put right");
+    }
+}
+
 /// Issue 13: what each of 10,000 idle sessions keeps in memory. Sizes are
 /// the compiler's, so the bounds are generous; they catch a future that
 /// starts carrying etcd calls inline again, or a queue of inline messages.

@@ -57,6 +57,11 @@ pub struct SpecSnapshot {
     /// The last reboot asked of each node (`nodes/<id>/reboot`): an input
     /// of its desired state.
     pub reboots: Shared<NodeId, Versioned<crate::store::RebootRecord>>,
+    /// The nodes whose facts say they need a reboot
+    /// (`nodes/<id>/reboot-required`, kept in step with the facts by the
+    /// sessions): what reboot selection starts from. Not an input of
+    /// desired states.
+    pub reboot_required: Shared<NodeId, Versioned<crate::store::RebootRequiredRecord>>,
     /// When a node last lost each role (`cluster/departed/<role>`).
     pub departed: BTreeMap<Role, i64>,
     /// When each section of the settings last changed
@@ -350,6 +355,17 @@ impl CachedPrefix for SpecSnapshot {
                 value.map(|(bytes, rev)| (decode::<crate::store::RebootRecord>(key, bytes), rev)),
                 "node reboot",
             ),
+            Some((id, NodeKey::RebootRequired)) => apply_versioned(
+                &mut self.reboot_required,
+                id,
+                value.map(|(bytes, rev)| {
+                    (
+                        decode::<crate::store::RebootRequiredRecord>(key, bytes),
+                        rev,
+                    )
+                }),
+                "reboot-required marker",
+            ),
             Some((_, NodeKey::Status | NodeKey::Gluster)) | None => false,
         }
     }
@@ -360,14 +376,54 @@ impl CachedPrefix for SpecSnapshot {
 }
 
 /// Follows node specs and addresses (`nodes/`) and the cluster settings
-/// (`cluster/`) until `shutdown`.
+/// (`cluster/`) until `shutdown`. `seen`: the revision of the newest read
+/// barrier ([`Store::sync_point`]) the published snapshot includes
+/// ([`caught_up`] waits on it).
 pub async fn run_spec_cache(
     store: Store,
     publish: watch::Sender<Arc<SpecSnapshot>>,
+    seen: watch::Sender<i64>,
     shutdown: CancellationToken,
 ) {
     let prefixes = vec![store.keys().nodes(), store.keys().cluster()];
-    run_prefixes_cache(store, prefixes, publish, shutdown).await
+    run_prefixes_cache(store, prefixes, publish, Some(seen), shutdown).await
+}
+
+/// How long [`caught_up`] waits for the spec cache to reach a barrier.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+/// This replica's spec snapshot, as fresh as a linearizable read of
+/// `nodes/` (an operator sees their own last write, made through any
+/// replica): writes a read barrier ([`Store::sync_point`]) and waits until
+/// the snapshot includes it. One small write and no read of the fleet;
+/// [`Error::CacheBehind`] if the cache does not get there in time.
+pub async fn caught_up(
+    store: &Store,
+    specs: &watch::Receiver<Arc<SpecSnapshot>>,
+    seen: &watch::Receiver<i64>,
+) -> Result<Arc<SpecSnapshot>> {
+    caught_up_within(store, specs, seen, CATCH_UP).await
+}
+
+/// [`caught_up`], waiting at most `within`.
+async fn caught_up_within(
+    store: &Store,
+    specs: &watch::Receiver<Arc<SpecSnapshot>>,
+    seen: &watch::Receiver<i64>,
+    within: Duration,
+) -> Result<Arc<SpecSnapshot>> {
+    let revision = store.sync_point().await?;
+    let mut seen = seen.clone();
+    let reached = tokio::time::timeout(within, async {
+        seen.wait_for(|r| *r >= revision).await.map(|_| ())
+    })
+    .await;
+    match reached {
+        Ok(Ok(_)) => Ok(specs.borrow().clone()),
+        // The cache task is gone: the replica is stopping.
+        Ok(Err(_)) => Err(Error::ShuttingDown),
+        Err(_) => Err(Error::CacheBehind { revision, within }),
+    }
 }
 
 /// Follows everything under `prefix` until `shutdown`: read, watch from the
@@ -379,22 +435,24 @@ pub async fn run_prefix_cache<S: CachedPrefix>(
     publish: watch::Sender<Arc<S>>,
     shutdown: CancellationToken,
 ) {
-    run_prefixes_cache(store, vec![prefix], publish, shutdown).await
+    run_prefixes_cache(store, vec![prefix], publish, None, shutdown).await
 }
 
 /// [`run_prefix_cache`] over several prefixes: one snapshot, read from all
-/// of them at one revision and kept current from one watch stream.
+/// of them at one revision and kept current from one watch stream. With
+/// `seen`, the newest read barrier published ([`run_spec_cache`]).
 pub async fn run_prefixes_cache<S: CachedPrefix>(
     store: Store,
     prefixes: Vec<String>,
     publish: watch::Sender<Arc<S>>,
+    seen: Option<watch::Sender<i64>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = follow(&store, &prefixes, &publish, &mut backoff) => r,
+            r = follow(&store, &prefixes, &publish, seen.as_ref(), &mut backoff) => r,
         };
         if let Err(error) = result {
             warn!(%error, what = S::WHAT, "watch interrupted; re-reading");
@@ -411,8 +469,19 @@ async fn follow<S: CachedPrefix>(
     store: &Store,
     prefixes: &[String],
     publish: &watch::Sender<Arc<S>>,
+    seen: Option<&watch::Sender<i64>>,
     backoff: &mut Backoff,
 ) -> Result<()> {
+    // Only forwards: a re-read after a broken stream is at least as new.
+    let reached = |revision: i64| {
+        if let Some(seen) = seen {
+            seen.send_if_modified(|r| {
+                let newer = revision > *r;
+                *r = (*r).max(revision);
+                newer
+            });
+        }
+    };
     let keys = store.keys();
     // Every prefix read at the same revision.
     let read = store.read_prefixes(prefixes).await?;
@@ -422,14 +491,18 @@ async fn follow<S: CachedPrefix>(
     }
     snapshot.set_revision(read.revision);
     publish.send_replace(Arc::new(snapshot.clone()));
+    // One read at one revision: every barrier written before it is in.
+    reached(read.revision);
 
     let mut stream = store.watch(prefixes, read.revision + 1).await?;
     backoff.reset();
     debug!(revision = read.revision, what = S::WHAT, "following");
     // A change after a quiet spell is published at once; changes that
-    // follow within `S::PUBLISH_EVERY` are published together at its end.
+    // follow within `S::PUBLISH_EVERY` are published together at its end,
+    // unless a read barrier came with them: a reader waits on it.
     let mut published_at = tokio::time::Instant::now();
     let mut pending = false;
+    let mut barrier = 0;
     loop {
         let next = if pending {
             tokio::select! {
@@ -451,13 +524,23 @@ async fn follow<S: CachedPrefix>(
                     };
                     pending |= snapshot.apply(keys, change.key(), value);
                     snapshot.set_revision(change.revision());
+                    if keys.is_cache_sync(change.key()) {
+                        barrier = barrier.max(change.revision());
+                    }
                 }
             }
         }
-        if pending && published_at.elapsed() >= S::PUBLISH_EVERY {
+        if pending && (published_at.elapsed() >= S::PUBLISH_EVERY || barrier > 0) {
             publish.send_replace(Arc::new(snapshot.clone()));
             published_at = tokio::time::Instant::now();
             pending = false;
+        }
+        // Once published: a barrier is seen when what came down the same
+        // watch before it is published. (A barrier is under `nodes/`; one
+        // watch delivers its prefix in revision order.)
+        if !pending && barrier > 0 {
+            reached(barrier);
+            barrier = 0;
         }
     }
     if pending {
@@ -473,6 +556,34 @@ mod tests {
     use steward_proto::domain::{Health, NodeHealth, Role};
     use steward_proto::vip::VipSpec;
 
+    /// A cache that never reaches the read barrier is an error the caller
+    /// can retry (UNAVAILABLE), not a stale answer or a hang.
+    #[tokio::test]
+    async fn a_cache_behind_its_barrier_is_unavailable_not_stale() {
+        let replica =
+            crate::testing::TestReplica::start(crate::store::MemoryBackend::new(), "c-1").await;
+        let ctx = &replica.ctx;
+        // A barrier channel nobody advances: the cache is stuck.
+        let (_stuck, seen) = watch::channel(0);
+        let within = Duration::from_millis(50);
+        let error = caught_up_within(&ctx.store, &ctx.specs, &seen, within)
+            .await
+            .expect_err("never caught up");
+        assert!(
+            matches!(error, Error::CacheBehind { revision, .. } if revision > 0),
+            "{error:?}"
+        );
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("did not reach etcd revision"),
+            "{}",
+            status.message()
+        );
+        // The replica's own cache does reach it.
+        replica.ctx.fresh_specs().await.expect("caught up");
+    }
+
     /// A burst of changes is published in far fewer snapshots than changes,
     /// the last with all of them; maps no change touched stay shared with
     /// the snapshot before; a change after a quiet spell is published at
@@ -484,7 +595,8 @@ mod tests {
         let (tx, mut rx) = watch::channel(Arc::new(SpecSnapshot::default()));
         let shutdown = CancellationToken::new();
         let _stop = shutdown.clone().drop_guard();
-        tokio::spawn(run_spec_cache(store.clone(), tx, shutdown));
+        let (seen, _) = watch::channel(0);
+        tokio::spawn(run_spec_cache(store.clone(), tx, seen, shutdown));
         crate::testing::put_roles(&store, "n0", &[Role::Lb]).await;
         let synced =
             tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.specs.len() == 1))

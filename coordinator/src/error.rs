@@ -190,6 +190,17 @@ pub enum Error {
     LostLeadership { epoch: i64 },
     #[error("etcd watch interrupted: {0}")]
     WatchInterrupted(String),
+    /// This replica's spec cache did not reach a read barrier in time
+    /// (`crate::cache::caught_up`).
+    #[error(
+        "this replica's cache of the nodes did not reach etcd revision {revision} within {} s; \
+         try again",
+        .within.as_secs()
+    )]
+    CacheBehind {
+        revision: i64,
+        within: std::time::Duration,
+    },
     #[error("coordinator shutting down")]
     ShuttingDown,
     /// Admission control: too many sessions waiting here, or this node
@@ -316,9 +327,10 @@ impl From<Error> for tonic::Status {
             Error::InvalidRequest(_) | Error::InvalidSpec(_) => Status::invalid_argument(msg),
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
             Error::Conflict { .. } => Status::aborted(msg),
-            Error::LostLeadership { .. } | Error::WatchInterrupted(_) | Error::ShuttingDown => {
-                Status::unavailable(msg)
-            }
+            Error::LostLeadership { .. }
+            | Error::WatchInterrupted(_)
+            | Error::CacheBehind { .. }
+            | Error::ShuttingDown => Status::unavailable(msg),
             Error::Busy { retry_after, .. } => {
                 steward_proto::retry::with_retry_after(Status::unavailable(msg), retry_after)
             }

@@ -180,9 +180,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // drained, so sessions can still record their disconnects.
     let tasks = CancellationToken::new();
     let (specs_tx, specs_rx) = watch::channel(Arc::new(SpecSnapshot::default()));
+    let (seen_tx, seen_rx) = watch::channel(0);
     let peers = peers::Peers::new(peer_tls, specs_rx.clone());
     let cache = tokio::spawn(
-        cache::run_spec_cache(store.clone(), specs_tx, tasks.clone())
+        cache::run_spec_cache(store.clone(), specs_tx, seen_tx, tasks.clone())
             .instrument(tracing::info_span!("spec_cache")),
     );
     let (vips_tx, vips_rx) = watch::channel(Arc::new(vip::VipSnapshot::default()));
@@ -238,6 +239,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         store,
         sessions: sessions::Sessions::default(),
         specs: specs_rx.clone(),
+        specs_seen: seen_rx,
         vips: vips_rx.clone(),
         orchestration: orch_rx.clone(),
         sealer: sealer.clone(),

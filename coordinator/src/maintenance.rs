@@ -354,14 +354,7 @@ mod tests {
     use crate::vip::lease_api::tests::{candidate, heartbeat};
 
     async fn connected(store: &Store, id: &str) {
-        let status = NodeStatusRecord {
-            health: NodeHealth::Healthy,
-            last_health: Health::default(),
-            replica: Some("c-1".into()),
-            last_seen_unix_ms: 1,
-            applied_revision: 0,
-            agent_version: "test".into(),
-        };
+        let status = crate::testing::connected_status();
         store.put_status_if(&node(id), 0, &status).await.unwrap();
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use steward_lease::LeaseParams;
-use steward_proto::domain::{NodeId, NodeSpec, Role};
+use steward_proto::domain::{Facts, Health, NodeHealth, NodeId, NodeSpec, Role};
 use steward_proto::vip::{VipCheck, VipSpec};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,7 @@ use crate::orchestrate::state::OrchestrationSnapshot;
 use crate::pki::{Identity, IdentityKind};
 use crate::replica::Fence;
 use crate::store::kv::{Op, Txn};
-use crate::store::{encode, Keys, MemberRecord, MemoryBackend, Store};
+use crate::store::{encode, Keys, MemberRecord, MemoryBackend, NodeStatusRecord, Store};
 use crate::vip::lease_api::LeaseHub;
 use crate::vip::VipSnapshot;
 
@@ -85,9 +85,11 @@ impl TestReplica {
         let (specs_tx, specs) = watch::channel(Arc::new(SpecSnapshot::default()));
         let (vips_tx, vips) = watch::channel(Arc::new(VipSnapshot::default()));
         let (orch_tx, orchestration) = watch::channel(Arc::new(OrchestrationSnapshot::default()));
+        let (seen_tx, specs_seen) = watch::channel(0);
         tokio::spawn(cache::run_spec_cache(
             store.clone(),
             specs_tx,
+            seen_tx,
             tasks.clone(),
         ));
         tokio::spawn(cache::run_prefix_cache(
@@ -118,6 +120,7 @@ impl TestReplica {
             store,
             sessions: Default::default(),
             specs,
+            specs_seen,
             vips,
             orchestration,
             sealer: None,
@@ -183,6 +186,45 @@ pub async fn put_roles(store: &Store, id: &str, roles: &[Role]) {
         .txn(Txn::new().and_then([Op::put(key, encode(&spec))]), "test")
         .await
         .expect("spec written");
+}
+
+/// The status of a healthy node a session of replica `c-1` serves.
+pub fn connected_status() -> NodeStatusRecord {
+    NodeStatusRecord {
+        health: NodeHealth::Healthy,
+        last_health: Health::default(),
+        replica: Some("c-1".into()),
+        last_seen_unix_ms: 1,
+        applied_revision: 0,
+        agent_version: "test".into(),
+    }
+}
+
+/// Node `id` as a session of replica `c-1` leaves it: connected there
+/// (its status), with `facts` (and the reboot-required marker they imply).
+pub async fn put_connected(store: &Store, id: &str, facts: &Facts) {
+    let status = connected_status();
+    let node = node(id);
+    let rev = store
+        .node(&node)
+        .await
+        .expect("node read")
+        .status
+        .map_or(0, |s| s.mod_revision);
+    store
+        .put_status_if(&node, rev, &status)
+        .await
+        .expect("status written");
+    let marker = store
+        .node(&node)
+        .await
+        .expect("node read")
+        .reboot_required
+        .map(|m| m.value);
+    store
+        .put_facts(&node, facts, marker.as_ref())
+        .await
+        .expect("facts written");
 }
 
 /// A VIP `name` at `address` for every lb node, with no health check.

@@ -1,4 +1,6 @@
-//! The IO of `stewardctl apply`: read the cluster from etcd, [`plan`] the
+//! The IO of `stewardctl apply`: read the cluster (the replica's spec
+//! cache, caught up with etcd, and per node the status and facts of the
+//! nodes the checks look at; never a record of every node), [`plan`] the
 //! spec against it, write the plan in one transaction.
 //!
 //! Any replica serves it, like every admin write: the writes are the admin
@@ -57,7 +59,7 @@ pub async fn apply(
     let spec = super::parse(text).map_err(Error::InvalidSpec)?;
     let store = &ctx.store;
     for _ in 0..ATTEMPTS {
-        let current = read_current(store, &spec).await?;
+        let current = read_current(ctx, &spec).await?;
         let plan = plan::plan(&spec, &current).map_err(Error::InvalidSpec)?;
         if rollout.is_some() {
             rollout_problems(&plan)?;
@@ -183,8 +185,12 @@ fn rollout_problems(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Linearizable reads: an operator expects to see their own last write.
-async fn read_current(store: &Store, spec: &super::ClusterSpec) -> Result<Current> {
+/// Linearizable reads (an operator expects to see their own last write),
+/// and none of the whole fleet: the nodes come from the replica's spec
+/// cache once caught up with etcd (`crate::vip::admin::read_fleet`),
+/// with the status and facts of the named and lb nodes only.
+async fn read_current(ctx: &SessionContext, spec: &super::ClusterSpec) -> Result<Current> {
+    let store = &ctx.store;
     // Facts (for the VIP checks) of every node the spec names or a VIP may
     // land on.
     let named = spec
@@ -198,7 +204,7 @@ async fn read_current(store: &Store, spec: &super::ClusterSpec) -> Result<Curren
                 .flat_map(|v| v.candidates.clone()),
         )
         .collect();
-    let nodes = crate::vip::admin::read_fleet(store, &named).await?;
+    let nodes = crate::vip::admin::read_fleet(ctx, &named).await?;
     let vips = store
         .vips()
         .await?
@@ -283,4 +289,131 @@ fn transaction(
             .map(|role| Op::put(keys.role_departed(role), Vec::new())),
     );
     (compares, writes)
+}
+
+#[cfg(test)]
+mod tests {
+    use steward_proto::domain::{Facts, Role};
+
+    use super::*;
+    use crate::store::MemoryBackend;
+    use crate::testing::{eventually, node, put_connected, put_roles, TestReplica};
+
+    const KUBERNETES: &str = "[kubernetes]\nversion = \"1.31.2-1.1\"\n\
+        pod_subnet = \"10.244.0.0/16\"\nservice_subnet = \"10.96.0.0/12\"\n\
+        repository = { url = \"https://pkgs.k8s.io/core:/stable:/v1.31/deb/\" }\n";
+
+    fn facts(id: &str) -> Facts {
+        Facts {
+            hostname: id.into(),
+            boot_id: format!("boot-{id}"),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 13: an apply at fleet scale reads the nodes its checks look
+    /// at (here the one it lists), not a record of every node.
+    #[tokio::test]
+    async fn an_apply_reads_the_nodes_it_checks_not_the_fleet() {
+        const FLEET: usize = 2_000;
+        let memory = MemoryBackend::new();
+        let replica = TestReplica::start(memory.clone(), "c-1").await;
+        let store = replica.store();
+        for i in 0..FLEET {
+            let id = format!("n{i:04}");
+            put_connected(store, &id, &facts(&id)).await;
+            let role = if i == 0 {
+                Role::K8sControlPlane
+            } else {
+                Role::K8sWorker
+            };
+            put_roles(store, &id, &[role]).await;
+        }
+        eventually("the fleet in the spec cache", || {
+            (replica.ctx.specs.borrow().specs.len() == FLEET).then_some(())
+        })
+        .await;
+        let spec = format!("{KUBERNETES}[nodes.n0001]\nroles = [\"k8s-worker\", \"lb\"]\n");
+        let before = memory.keys_read();
+        let outcome = apply(&replica.ctx, &spec, false, None, "test")
+            .await
+            .expect("applied");
+        let read = memory.keys_read() - before;
+        assert!(outcome.applied);
+        assert!(
+            outcome
+                .changes
+                .iter()
+                .any(|c| c.starts_with("node n0001: roles")),
+            "{:?}",
+            outcome.changes
+        );
+        assert!(
+            outcome.changes.iter().any(|c| c.contains("kubernetes")),
+            "{:?}",
+            outcome.changes
+        );
+        // n0001's status and facts, the settings, the VIPs, the active
+        // rollout: a handful of keys, where the listing apply read before
+        // (`Store::nodes`) is 2 a node.
+        let before = memory.keys_read();
+        store.nodes().await.expect("listed");
+        let listing = memory.keys_read() - before;
+        eprintln!("apply at {FLEET} nodes read {read} keys; a listing of them reads {listing}");
+        assert!(read < 20, "apply read {read} keys of a {FLEET}-node fleet");
+        assert!(listing >= 2 * FLEET as u64, "the listing read {listing}");
+        let written = store.node(&node("n0001")).await.expect("read");
+        assert!(written.spec.expect("spec").value.roles.contains(&Role::Lb));
+    }
+
+    /// An operator sees their own last write: a role written to etcd just
+    /// before (through this or another replica) is checked, even when the
+    /// spec cache has not caught up yet.
+    #[tokio::test]
+    async fn an_apply_sees_a_write_made_just_before() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_connected(store, "n1", &facts("n1")).await;
+        put_roles(store, "n1", &[Role::K8sWorker]).await;
+        // No wait for the cache here: apply must do it.
+        let error = apply(&replica.ctx, "", true, None, "test")
+            .await
+            .expect_err("a worker without [kubernetes]");
+        let Error::InvalidSpec(problems) = &error else {
+            panic!("not InvalidSpec: {error:?}");
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("Kubernetes roles on n1 but no [kubernetes] section")),
+            "{problems:?}"
+        );
+    }
+
+    /// A node the spec lists must have connected once (a status), whether
+    /// or not it has a spec; one that never did is named.
+    #[tokio::test]
+    async fn listed_nodes_are_known_by_their_status_or_spec() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let store = replica.store();
+        put_connected(store, "fresh", &facts("fresh")).await;
+        put_roles(store, "spec-only", &[]).await;
+        let spec = "[nodes.fresh]\nroles = [\"lb\"]\n[nodes.spec-only]\nroles = [\"lb\"]\n\
+                    [nodes.ghost]\nroles = [\"lb\"]\n";
+        let error = apply(&replica.ctx, spec, true, None, "test")
+            .await
+            .expect_err("ghost never connected");
+        let Error::InvalidSpec(problems) = &error else {
+            panic!("not InvalidSpec: {error:?}");
+        };
+        assert_eq!(
+            problems,
+            &["nodes.ghost: unknown node (no agent with this id has ever connected)"]
+        );
+        let spec = "[nodes.fresh]\nroles = [\"lb\"]\n[nodes.spec-only]\nroles = [\"lb\"]\n";
+        let outcome = apply(&replica.ctx, spec, true, None, "test")
+            .await
+            .expect("both known");
+        assert_eq!(outcome.changes.len(), 2, "{:?}", outcome.changes);
+    }
 }

@@ -886,6 +886,7 @@ mod tests {
             revoked: None,
             maintenance: None,
             gluster: None,
+            reboot_required: None,
             facts: Some(Versioned {
                 value: Facts {
                     interfaces: vec![NetworkInterface {

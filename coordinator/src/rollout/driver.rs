@@ -1304,7 +1304,11 @@ mod tests {
             boot_id: boot_id.into(),
             ..Default::default()
         };
-        replica.store().put_facts(&node(id), &facts).await.unwrap();
+        replica
+            .store()
+            .put_facts(&node(id), &facts, None)
+            .await
+            .unwrap();
     }
 
     /// A bed of w-1 and w-2 (running boots `boot-1a`, `boot-2a`) and a
@@ -1430,18 +1434,8 @@ mod tests {
             ..Default::default()
         };
         let store = bed.replica.store().clone();
-        store.put_facts(&node("w-2"), &needs).await.unwrap();
-        let settings = ClusterSettings {
-            maintenance_window: Some("Sat 02:00-04:00".into()),
-            ..Default::default()
-        };
-        store
-            .txn(
-                Txn::new().and_then([Op::put(store.keys().cluster_settings(), encode(&settings))]),
-                "test",
-            )
-            .await
-            .unwrap();
+        store.put_facts(&node("w-2"), &needs, None).await.unwrap();
+        put_saturday_window(&store).await;
         eventually("the settings in the cache", || {
             bed.replica.ctx.specs.borrow().settings.as_ref().map(|_| ())
         })
@@ -1489,8 +1483,97 @@ mod tests {
         // Its need was before this reboot: not again (the facts above
         // still say it needs one, as an agent whose need outlived the
         // reboot would).
-        store.put_facts(&node("w-2"), &needs).await.unwrap();
+        store.put_facts(&node("w-2"), &needs, None).await.unwrap();
         assert_eq!(tick(at(2, 40)).await, None);
+    }
+
+    /// Settings with a maintenance window on Saturdays, 02:00-04:00.
+    async fn put_saturday_window(store: &Store) {
+        let settings = ClusterSettings {
+            maintenance_window: Some("Sat 02:00-04:00".into()),
+            ..Default::default()
+        };
+        store
+            .txn(
+                Txn::new().and_then([Op::put(store.keys().cluster_settings(), encode(&settings))]),
+                "test",
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Issue 13: with many nodes needing a reboot, a window tick reads a
+    /// chunk of them at a time until one may go, not all of them, and
+    /// passes over chunks where none may (here: never connected).
+    #[tokio::test]
+    async fn the_maintenance_window_reads_a_chunk_of_the_nodes_needing_a_reboot() {
+        const NEEDING: usize = 400;
+        const AWAY: usize = 70;
+        let memory = MemoryBackend::new();
+        let replica = TestReplica::start(memory.clone(), "c-1").await;
+        let store = replica.store().clone();
+        let fence = replica.lead().await;
+        let id = |i: usize| format!("w-{i:03}");
+        for i in 0..NEEDING {
+            let facts = steward_proto::domain::Facts {
+                boot_id: format!("boot-{i}"),
+                reboot_required: Some(steward_proto::domain::RebootRequired {
+                    since_unix_ms: 1,
+                    source: "reboot-required".into(),
+                    packages: Vec::new(),
+                }),
+                ..Default::default()
+            };
+            if i < AWAY {
+                store.put_facts(&node(&id(i)), &facts, None).await.unwrap();
+            } else {
+                crate::testing::put_connected(&store, &id(i), &facts).await;
+            }
+        }
+        put_saturday_window(&store).await;
+        let specs = replica.ctx.fresh_specs().await.expect("caught up");
+        assert_eq!(specs.reboot_required.len(), NEEDING);
+        let vips = replica.ctx.vips.borrow().clone();
+        let orchestration = replica.ctx.orchestration.borrow().clone();
+        let world = World {
+            specs: &specs,
+            vips: &vips,
+            orchestration: &orchestration,
+            lease: &replica.ctx.lease,
+        };
+        // 2026-12-05 was a Saturday; 02:30.
+        let now = 20_792 * 86_400_000u64 + 150 * 60_000;
+        let before = memory.keys_read();
+        let id_started = crate::rollout::reboot::window_tick(
+            &store,
+            &fence,
+            &world,
+            Duration::from_secs(60),
+            now,
+        )
+        .await
+        .unwrap()
+        .expect("a reboot rollout");
+        let read = memory.keys_read() - before;
+        let spec = store
+            .rollout(&id_started)
+            .await
+            .unwrap()
+            .unwrap()
+            .spec
+            .unwrap()
+            .value;
+        let chosen = spec.batches.concat();
+        assert_eq!(chosen.len(), 1, "{chosen:?}");
+        let index: usize = chosen[0].as_str()[2..].parse().unwrap();
+        assert!(
+            (AWAY..128).contains(&index),
+            "{} is connected and in the second chunk",
+            chosen[0]
+        );
+        // Two chunks of facts, one of statuses (and the active rollout),
+        // not the facts and statuses of all 400.
+        assert!(read < 2 * 128 + 8, "a window tick read {read} keys");
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@
 //! leader finds the node `changed` and waits for it to come back; it never
 //! asks again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use steward_proto::admin::{RebootRollout, RebootSelector};
 use steward_proto::domain::{EventKind, NodeId, Role};
@@ -136,9 +136,8 @@ pub fn select(
 pub async fn create(ctx: &SessionContext, request: &RebootRollout, by: &str) -> Result<String> {
     let store = &ctx.store;
     let active_revision = super::ensure_none_active(store).await?;
-    let mut fleet = store.nodes().await?;
-    store.fill_details(&mut fleet).await?;
-    let specs = ctx.specs.borrow().clone();
+    let specs = ctx.fresh_specs().await?;
+    let fleet = selection_fleet(store, &specs, request).await?;
     let vips = ctx.vips.borrow().clone();
     let spec = build(&fleet, &specs, &vips, request, by)?;
     let txn = super::insert_txn(store, &spec, active_revision, Vec::new());
@@ -149,6 +148,64 @@ pub async fn create(ctx: &SessionContext, request: &RebootRollout, by: &str) -> 
     }
     info!(rollout.id = %spec.id, nodes = spec.node_count(), "reboot rollout created");
     Ok(spec.id)
+}
+
+/// Every node the spec cache knows of (a spec, an address, a revocation,
+/// a maintenance, reboot or reboot-required record), with its spec.
+fn known_nodes(specs: &crate::cache::SpecSnapshot) -> BTreeMap<NodeId, NodeRecord> {
+    let mut ids: BTreeSet<&NodeId> = specs.specs.keys().collect();
+    ids.extend(specs.addresses.keys());
+    ids.extend(specs.revoked.keys());
+    ids.extend(specs.maintenance.keys());
+    ids.extend(specs.reboots.keys());
+    ids.extend(specs.reboot_required.keys());
+    ids.into_iter()
+        .map(|id| {
+            let record = NodeRecord {
+                spec: specs.specs.get(id).cloned(),
+                ..NodeRecord::default()
+            };
+            (id.clone(), record)
+        })
+        .collect()
+}
+
+/// The fleet as [`select`] needs it for `request`, without reading every
+/// node from etcd: every node the spec cache knows ([`known_nodes`]), and
+/// the status and facts of those `request` may pick only: the named ones,
+/// or those of the role or all, narrowed with `--only-required` to the
+/// nodes the cache's reboot-required markers list (the facts decide; the
+/// markers only spare the reads of nodes that cannot qualify).
+pub(crate) async fn selection_fleet(
+    store: &crate::store::Store,
+    specs: &crate::cache::SpecSnapshot,
+    request: &RebootRollout,
+) -> Result<BTreeMap<NodeId, NodeRecord>> {
+    let mut fleet = known_nodes(specs);
+    let picked: BTreeSet<NodeId> = match &request.selector {
+        RebootSelector::Nodes(ids) => ids.iter().cloned().collect(),
+        RebootSelector::Role(role) => fleet
+            .iter()
+            .filter(|(_, r)| {
+                r.spec
+                    .as_ref()
+                    .is_some_and(|s| s.value.roles.contains(role))
+            })
+            .map(|(id, _)| id.clone())
+            .collect(),
+        RebootSelector::All => fleet.keys().cloned().collect(),
+    };
+    let narrow = request.only_required && !matches!(request.selector, RebootSelector::Nodes(_));
+    let picked = picked
+        .into_iter()
+        .filter(|id| !narrow || specs.reboot_required.contains_key(id));
+    for (id, mut read) in store.node_details(picked).await? {
+        read.spec = specs.specs.get(&id).cloned();
+        if fleet.contains_key(&id) || read.status.is_some() {
+            fleet.insert(id, read);
+        }
+    }
+    Ok(fleet)
 }
 
 /// The rollout of the nodes of `fleet` (with their facts) that `request`
@@ -240,10 +297,15 @@ pub fn window_candidates(
         .collect()
 }
 
+/// How many nodes needing a reboot a window tick reads at a time.
+const WINDOW_READ_CHUNK: usize = 64;
+
 /// The leader with no rollout active: inside the maintenance window, with
 /// time left for `longest` (a node's step timeouts, see
 /// [`super::window`]), a reboot rollout of one node that needs it (the
-/// first in the planner's order); fenced. Its id, if it started one.
+/// first in the planner's order among the first [`WINDOW_READ_CHUNK`]
+/// marked nodes, by name, that hold one that may go); fenced. Its id, if
+/// it started one.
 pub async fn window_tick(
     store: &crate::store::Store,
     fence: &crate::replica::Fence,
@@ -269,12 +331,40 @@ pub async fn window_tick(
     if !window.may_start(now_unix_ms, longest) {
         return Ok(None);
     }
-    let mut fleet = store.nodes().await?;
-    store.fill_details(&mut fleet).await?;
-    let candidates = window_candidates(&fleet, &world.specs.reboots);
-    if candidates.is_empty() {
-        return Ok(None);
+    // The nodes whose markers say they need a reboot Steward has not yet
+    // done since: only these are read (status and facts, which decide).
+    let needing: BTreeSet<NodeId> = world
+        .specs
+        .reboot_required
+        .iter()
+        .filter(|(id, need)| {
+            world
+                .specs
+                .reboots
+                .get(*id)
+                .is_none_or(|b| b.value.at_unix_ms < need.value.since_unix_ms)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    // Read a chunk at a time (in name order) until one holds a node that
+    // qualifies: a need across the fleet (a kernel update everywhere)
+    // costs a window tick one chunk's reads, not the fleet's.
+    let needing: Vec<NodeId> = needing.into_iter().collect();
+    let mut found = None;
+    for chunk in needing.chunks(WINDOW_READ_CHUNK) {
+        let mut fleet = store.node_details(chunk.iter().cloned()).await?;
+        for (id, record) in &mut fleet {
+            record.spec = world.specs.specs.get(id).cloned();
+        }
+        let candidates = window_candidates(&fleet, &world.specs.reboots);
+        if !candidates.is_empty() {
+            found = Some((fleet, candidates));
+            break;
+        }
     }
+    let Some((fleet, candidates)) = found else {
+        return Ok(None);
+    };
     let all = RebootRollout {
         selector: RebootSelector::Nodes(candidates),
         only_required: true,
@@ -587,6 +677,92 @@ mod tests {
                 false
             )),
             "reboot nodes a,b"
+        );
+    }
+
+    /// Issue 13: a reboot selection reads the status and facts of the
+    /// nodes that may qualify (with `--only-required`, those the markers
+    /// list), not of the fleet; the facts still decide.
+    #[tokio::test]
+    async fn the_selection_reads_only_the_nodes_that_may_qualify() {
+        use crate::store::MemoryBackend;
+        use crate::testing::{put_connected, put_roles, TestReplica};
+        const FLEET: usize = 300;
+        let memory = MemoryBackend::new();
+        let replica = TestReplica::start(memory.clone(), "c-1").await;
+        let store = replica.store();
+        let need = RebootRequired {
+            since_unix_ms: 1,
+            source: "reboot-required".into(),
+            packages: Vec::new(),
+        };
+        let facts = |i: usize, needs: bool| Facts {
+            boot_id: format!("boot-{i}"),
+            reboot_required: needs.then(|| need.clone()),
+            ..Default::default()
+        };
+        let id = |i: usize| format!("w-{i:03}");
+        for i in 0..FLEET {
+            put_connected(store, &id(i), &facts(i, i == 3 || i == 7)).await;
+            put_roles(store, &id(i), &[Role::K8sWorker]).await;
+        }
+        put_roles(store, "lb-1", &[Role::Lb]).await;
+        let specs = replica.ctx.fresh_specs().await.expect("caught up");
+        assert_eq!(
+            specs.reboot_required.keys().cloned().collect::<Vec<_>>(),
+            [node("w-003"), node("w-007")]
+        );
+        let workers = |only: bool| request(RebootSelector::Role(Role::K8sWorker), only);
+        let ids = |r: Result<Vec<NodeId>>| -> Vec<String> {
+            r.expect("selected").iter().map(|n| n.to_string()).collect()
+        };
+
+        for selector in [RebootSelector::Role(Role::K8sWorker), RebootSelector::All] {
+            let only = request(selector, true);
+            let before = memory.keys_read();
+            let fleet = selection_fleet(store, &specs, &only).await.expect("read");
+            let read = memory.keys_read() - before;
+            assert_eq!(ids(select(&fleet, &only)), ["w-003", "w-007"]);
+            assert_eq!(read, 4, "the status and facts of w-003 and w-007");
+        }
+        // Without --only-required every worker is picked, so read.
+        let fleet = selection_fleet(store, &specs, &workers(false))
+            .await
+            .expect("read");
+        assert_eq!(select(&fleet, &workers(false)).expect("all").len(), FLEET);
+        // Named nodes: read whether or not they need it; unknown ones named.
+        let named = request(
+            RebootSelector::Nodes(vec![node("w-001"), node("w-003")]),
+            true,
+        );
+        let fleet = selection_fleet(store, &specs, &named).await.expect("read");
+        assert_eq!(ids(select(&fleet, &named)), ["w-003"]);
+        let ghost = request(RebootSelector::Nodes(vec![node("ghost")]), false);
+        let fleet = selection_fleet(store, &specs, &ghost).await.expect("read");
+        assert!(matches!(
+            select(&fleet, &ghost),
+            Err(Error::UnknownNode(n)) if n == node("ghost")
+        ));
+        // The lb node never connected: no boot id, refused as before.
+        let lb = request(RebootSelector::Role(Role::Lb), false);
+        let fleet = selection_fleet(store, &specs, &lb).await.expect("read");
+        assert!(matches!(select(&fleet, &lb), Err(Error::RebootRefused(_))));
+
+        // Rebooted: the needs go, and the count still names the selection.
+        for i in [3, 7] {
+            put_connected(store, &id(i), &facts(i, false)).await;
+        }
+        let specs = replica.ctx.fresh_specs().await.expect("caught up");
+        assert!(specs.reboot_required.is_empty());
+        let fleet = selection_fleet(store, &specs, &workers(true))
+            .await
+            .expect("read");
+        let error = select(&fleet, &workers(true)).expect_err("none needs it");
+        assert!(
+            error.to_string().contains(&format!(
+                "none of the {FLEET} node(s) role k8s-worker selects"
+            )),
+            "{error}"
         );
     }
 }

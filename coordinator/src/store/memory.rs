@@ -12,7 +12,7 @@
 //! makes every call fail as an unreachable etcd would.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -42,6 +42,8 @@ pub struct MemoryBackend {
     state: Mutex<State>,
     revision: watch::Sender<i64>,
     unavailable: AtomicBool,
+    /// How many keys reads have returned (tests count what a call reads).
+    keys_read: AtomicU64,
 }
 
 impl Default for MemoryBackend {
@@ -50,6 +52,7 @@ impl Default for MemoryBackend {
             state: Mutex::default(),
             revision: watch::channel(0).0,
             unavailable: AtomicBool::new(false),
+            keys_read: AtomicU64::new(0),
         }
     }
 }
@@ -185,6 +188,16 @@ impl MemoryBackend {
         self.unavailable.store(unavailable, Ordering::Relaxed);
     }
 
+    /// How many keys every read so far returned (gets, ranges, pages; the
+    /// watches' changes are not reads).
+    pub fn keys_read(&self) -> u64 {
+        self.keys_read.load(Ordering::Relaxed)
+    }
+
+    fn count_read(&self, keys: usize) {
+        self.keys_read.fetch_add(keys as u64, Ordering::Relaxed);
+    }
+
     /// The current revision.
     pub fn revision(&self) -> i64 {
         self.state().revision
@@ -192,7 +205,9 @@ impl MemoryBackend {
 
     pub async fn get(&self, key: &[u8], op: &'static str) -> Result<Option<Kv>> {
         self.check(op)?;
-        Ok(self.state().keys.get(key).map(|e| e.kv.clone()))
+        let kv = self.state().keys.get(key).map(|e| e.kv.clone());
+        self.count_read(usize::from(kv.is_some()));
+        Ok(kv)
     }
 
     pub async fn range(
@@ -221,15 +236,23 @@ impl MemoryBackend {
         if options.limit > 0 {
             kvs.truncate(options.limit);
         }
+        self.count_read(kvs.len());
         Ok(Range {
             kvs,
             revision: state.revision,
         })
     }
 
+    /// How many keys `prefix` holds (returns no key: not a read of them).
     pub async fn count(&self, prefix: &[u8], op: &'static str) -> Result<i64> {
-        let range = self.range(prefix, RangeOptions::default(), op).await?;
-        Ok(range.kvs.len() as i64)
+        self.check(op)?;
+        let state = self.state();
+        let n = state
+            .keys
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .count();
+        Ok(n as i64)
     }
 
     /// Up to `limit` keys in `[start, end)`. The twin keeps no history:
@@ -250,12 +273,13 @@ impl MemoryBackend {
                 revision: state.revision,
             });
         }
-        let kvs = state
+        let kvs: Vec<Kv> = state
             .keys
             .range(start.to_vec()..end.to_vec())
             .take(limit)
             .map(|(_, e)| e.kv.clone())
             .collect();
+        self.count_read(kvs.len());
         Ok(Range {
             kvs,
             revision: state.revision,
@@ -265,10 +289,12 @@ impl MemoryBackend {
     pub async fn get_many(&self, keys: &[Vec<u8>], op: &'static str) -> Result<Vec<Kv>> {
         self.check(op)?;
         let state = self.state();
-        Ok(keys
+        let found: Vec<Kv> = keys
             .iter()
             .filter_map(|k| state.keys.get(k).map(|e| e.kv.clone()))
-            .collect())
+            .collect();
+        self.count_read(found.len());
+        Ok(found)
     }
 
     pub async fn txn(&self, txn: Txn, op: &'static str) -> Result<TxnOutcome> {

@@ -55,7 +55,7 @@ use steward_lease::MarkReason;
 use steward_proto::converge::{ClusterSettings, ConvergeReport};
 use steward_proto::domain::{
     CertName, CertRevocation, Event, EventKind, Facts, GlusterReport, Health, NodeHealth, NodeId,
-    NodeSpec, RevocableKind, Role,
+    NodeSpec, RebootRequired, RevocableKind, Role,
 };
 use steward_proto::vip::VipSpec;
 
@@ -94,6 +94,7 @@ pub enum NodeKey {
     Maintenance,
     Gluster,
     Reboot,
+    RebootRequired,
 }
 
 impl Keys {
@@ -173,6 +174,25 @@ impl Keys {
     /// keeps growing.
     pub fn node_reboot(&self, id: &NodeId) -> String {
         format!("{}{id}/reboot", self.nodes())
+    }
+    /// Present while the node's facts say it needs a reboot, with since
+    /// when ([`RebootRequiredRecord`]): an index of the facts (which are not
+    /// under `nodes/`) that the spec cache follows, so that reboot
+    /// selection reads no facts but of the nodes it picks. Written with
+    /// the facts, in their transaction, when it changes.
+    pub fn node_reboot_required(&self, id: &NodeId) -> String {
+        format!("{}{id}/reboot-required", self.nodes())
+    }
+    /// Replica `replica`'s read barrier ([`Store::sync_point`]): under
+    /// `nodes/`, so that it comes down the spec cache's watch of that
+    /// prefix, after every earlier write there. Not a node's key (`.` is
+    /// no node id's first character): node listings skip it.
+    pub fn cache_sync(&self, replica: &str) -> String {
+        format!("{}.sync/{replica}", self.nodes())
+    }
+    /// Whether `key` is a replica's read barrier ([`Keys::cache_sync`]).
+    pub fn is_cache_sync(&self, key: &[u8]) -> bool {
+        key.starts_with(format!("{}.sync/", self.nodes()).as_bytes())
     }
     pub fn gluster_volume(&self, name: &str) -> String {
         format!("{}orchestration/gluster/{name}", self.prefix)
@@ -360,6 +380,7 @@ impl Keys {
             "maintenance" => NodeKey::Maintenance,
             "gluster" => NodeKey::Gluster,
             "reboot" => NodeKey::Reboot,
+            "reboot-required" => NodeKey::RebootRequired,
             _ => return None,
         };
         Some((NodeId::new(id).ok()?, kind))
@@ -518,6 +539,23 @@ pub struct RebootRecord {
     pub at_unix_ms: u64,
 }
 
+/// `nodes/<id>/reboot-required`: the node's facts say it needs a reboot,
+/// since when. Only what selection needs (the facts keep the source and
+/// the packages): the spec cache holds one per node that needs a reboot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebootRequiredRecord {
+    pub since_unix_ms: u64,
+}
+
+impl From<&RebootRequired> for RebootRequiredRecord {
+    fn from(need: &RebootRequired) -> Self {
+        Self {
+            since_unix_ms: need.since_unix_ms,
+        }
+    }
+}
+
 /// `vips/.removed`: the last VIP removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipRemovedRecord {
@@ -560,6 +598,8 @@ pub struct NodeRecord {
     pub maintenance: Option<Versioned<MaintenanceRecord>>,
     /// Its bricks and pending heals (gluster-brick nodes).
     pub gluster: Option<Versioned<GlusterReport>>,
+    /// Its reboot-required marker ([`Keys::node_reboot_required`]).
+    pub reboot_required: Option<Versioned<RebootRequiredRecord>>,
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
@@ -996,15 +1036,96 @@ impl Store {
     }
 
     /// Stores a node's facts (unconditionally: only the session serving
-    /// the node writes them, when they differ from what etcd holds).
-    pub async fn put_facts(&self, id: &NodeId, facts: &Facts) -> Result<()> {
-        self.put(
-            &self.keys.node_facts(id),
-            encode(facts),
-            PutLease::None,
-            "write node facts",
-        )
-        .await
+    /// the node writes them, when they differ from what etcd holds), and
+    /// in the same transaction its reboot-required marker if it differs
+    /// from `marker` (the one etcd holds, as the session last read or
+    /// wrote it).
+    pub async fn put_facts(
+        &self,
+        id: &NodeId,
+        facts: &Facts,
+        marker: Option<&RebootRequiredRecord>,
+    ) -> Result<()> {
+        let mut ops = vec![Op::put(self.keys.node_facts(id), encode(facts))];
+        ops.extend(self.reboot_marker_ops(id, facts.reboot_required.as_ref(), marker));
+        self.txn(Txn::new().and_then(ops), "write node facts")
+            .await?;
+        Ok(())
+    }
+
+    /// Brings a node's reboot-required marker in step with `need` (its
+    /// facts' `reboot_required`) when `marker` (what etcd holds) differs;
+    /// nothing written otherwise. For facts stored before the marker
+    /// existed: the session open puts it right.
+    pub async fn sync_reboot_marker(
+        &self,
+        id: &NodeId,
+        need: Option<&RebootRequired>,
+        marker: Option<&RebootRequiredRecord>,
+    ) -> Result<()> {
+        let ops = self.reboot_marker_ops(id, need, marker);
+        if !ops.is_empty() {
+            self.txn(Txn::new().and_then(ops), "write reboot-required marker")
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The write (if any) that turns the marker `marker` into `need`.
+    fn reboot_marker_ops(
+        &self,
+        id: &NodeId,
+        need: Option<&RebootRequired>,
+        marker: Option<&RebootRequiredRecord>,
+    ) -> Vec<Op> {
+        let want = need.map(RebootRequiredRecord::from);
+        if want.as_ref() == marker {
+            return Vec::new();
+        }
+        let key = self.keys.node_reboot_required(id);
+        vec![match want {
+            Some(want) => Op::put(key, encode(&want)),
+            None => Op::delete(key),
+        }]
+    }
+
+    /// A read barrier: writes this replica's [`Keys::cache_sync`] key and
+    /// returns the revision of that write. Once the spec cache has seen it
+    /// ([`crate::cache::caught_up`]), the cache holds every write to
+    /// `nodes/` etcd had committed before this call: a read from the cache
+    /// is then as fresh as a linearizable read of etcd.
+    pub async fn sync_point(&self) -> Result<i64> {
+        let key = self.keys.cache_sync(&self.replica);
+        let outcome = self
+            .txn(
+                Txn::new().and_then([Op::put(key, Vec::new())]),
+                "write read barrier",
+            )
+            .await?;
+        Ok(outcome.revision)
+    }
+
+    /// The status, facts and converge report of each of `ids` (read per
+    /// node, a bounded number at a time; never a listing of the fleet).
+    /// Every id has a record, empty if etcd holds none of these.
+    pub async fn node_details(
+        &self,
+        ids: impl IntoIterator<Item = NodeId>,
+    ) -> Result<BTreeMap<NodeId, NodeRecord>> {
+        let mut nodes: BTreeMap<NodeId, NodeRecord> = ids
+            .into_iter()
+            .map(|id| (id, NodeRecord::default()))
+            .collect();
+        let keys: Vec<String> = nodes.keys().map(|id| self.keys.node_status(id)).collect();
+        for kv in self.get_many(&keys, "read node statuses").await? {
+            if let Some((id, NodeKey::Status)) = self.keys.parse_node_key(&kv.key) {
+                if let Some(record) = nodes.get_mut(&id) {
+                    record.status = Some(versioned(&kv)?);
+                }
+            }
+        }
+        self.fill_details(&mut nodes).await?;
+        Ok(nodes)
     }
 
     fn fill_record(&self, record: &mut NodeRecord, kv: &Kv) -> Result<()> {
@@ -1020,6 +1141,7 @@ impl Store {
             Some((_, NodeKey::Revoked)) => record.revoked = Some(versioned(kv)?),
             Some((_, NodeKey::Maintenance)) => record.maintenance = Some(versioned(kv)?),
             Some((_, NodeKey::Gluster)) => record.gluster = Some(versioned(kv)?),
+            Some((_, NodeKey::RebootRequired)) => record.reboot_required = Some(versioned(kv)?),
             Some((_, NodeKey::Reboot)) | None => {}
         }
         Ok(())
@@ -1863,12 +1985,89 @@ mod tests {
             hostname: "n1".into(),
             ..Default::default()
         };
-        store.put_facts(&id, &facts).await.unwrap();
+        store.put_facts(&id, &facts, None).await.unwrap();
         assert_eq!(store.node(&id).await.unwrap().facts.unwrap().value, facts);
         let mut all = store.nodes().await.unwrap();
         assert!(all[&id].facts.is_none());
         store.fill_details(&mut all).await.unwrap();
         assert_eq!(all[&id].facts.as_ref().unwrap().value, facts);
+    }
+
+    /// The reboot-required marker is written with the facts when their
+    /// `reboot_required` changes, and only then; a stale one is put right.
+    #[tokio::test]
+    async fn the_reboot_marker_follows_the_facts() {
+        let memory = MemoryBackend::new();
+        let store = Store::in_memory(memory.clone(), Keys::new("t"), "c-1".into());
+        let id = NodeId::new("n1").unwrap();
+        let marker = |store: Store| {
+            let id = id.clone();
+            async move { store.node(&id).await.unwrap().reboot_required }
+        };
+        let need = RebootRequired {
+            since_unix_ms: 7,
+            source: "reboot-required".into(),
+            packages: vec!["linux-image".into()],
+        };
+        let needing = Facts {
+            hostname: "n1".into(),
+            reboot_required: Some(need.clone()),
+            ..Default::default()
+        };
+        store.put_facts(&id, &needing, None).await.unwrap();
+        let set = marker(store.clone()).await.expect("set with the facts");
+        let held = RebootRequiredRecord { since_unix_ms: 7 };
+        assert_eq!(set.value, held);
+        // The same need again (other facts changed): the marker stays as is.
+        let renamed = Facts {
+            hostname: "n1-renamed".into(),
+            ..needing.clone()
+        };
+        store.put_facts(&id, &renamed, Some(&held)).await.unwrap();
+        assert_eq!(marker(store.clone()).await, Some(set.clone()));
+        // Rebooted: the need is gone, and the marker with it.
+        let done = Facts {
+            reboot_required: None,
+            ..renamed
+        };
+        store.put_facts(&id, &done, Some(&held)).await.unwrap();
+        assert_eq!(marker(store.clone()).await, None);
+        assert!(store
+            .node(&id)
+            .await
+            .unwrap()
+            .facts
+            .unwrap()
+            .value
+            .reboot_required
+            .is_none());
+        // Facts stored without a marker (before it existed): put right.
+        store
+            .sync_reboot_marker(&id, Some(&need), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            marker(store.clone()).await.map(|m| m.value),
+            Some(held.clone())
+        );
+        // Other packages, the same need: nothing to write.
+        let more = RebootRequired {
+            packages: vec!["libc6".into()],
+            ..need.clone()
+        };
+        let revision = memory.revision();
+        store
+            .sync_reboot_marker(&id, Some(&more), Some(&held))
+            .await
+            .unwrap();
+        assert_eq!(memory.revision(), revision, "in step: nothing written");
+        // The read barrier is under nodes/ but no node: listings skip it.
+        store.sync_point().await.unwrap();
+        assert!(store
+            .keys()
+            .is_cache_sync(store.keys().cache_sync("c-1").as_bytes()));
+        let all = store.nodes().await.unwrap();
+        assert_eq!(all.keys().collect::<Vec<_>>(), [&id]);
     }
 
     #[test]
@@ -1894,6 +2093,16 @@ mod tests {
             keys.parse_node_key(keys.node_revoked(&id).as_bytes()),
             Some((id.clone(), NodeKey::Revoked))
         );
+        assert_eq!(
+            keys.parse_node_key(keys.node_reboot_required(&id).as_bytes()),
+            Some((id.clone(), NodeKey::RebootRequired))
+        );
+        for replica in ["c-1", "spec"] {
+            let barrier = keys.cache_sync(replica);
+            assert!(keys.is_cache_sync(barrier.as_bytes()));
+            assert_eq!(keys.parse_node_key(barrier.as_bytes()), None);
+        }
+        assert!(!keys.is_cache_sync(keys.node_spec(&id).as_bytes()));
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/n1/other"), None);
         assert_eq!(keys.parse_node_key(b"/steward/dev/nodes/n1/spec"), None);
         assert_eq!(keys.parse_node_key(b"/steward/prod/nodes/BAD/spec"), None);

@@ -2,7 +2,7 @@
 //! reports this replica's ack state. Every write is validated against the
 //! fleet first and changes nothing when refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use steward_proto::admin::{LeaseStates, VipReplicaState, VipStatus};
@@ -26,6 +26,18 @@ async fn read_vip(store: &Store, name: &str) -> Result<VipState> {
         .ok_or_else(|| Error::UnknownVip(name.to_owned()))
 }
 
+/// The nodes of `nodes` whose spec has the lb role.
+fn lb_nodes(nodes: &BTreeMap<NodeId, NodeRecord>) -> impl Iterator<Item = &NodeId> {
+    nodes
+        .iter()
+        .filter(|(_, r)| {
+            r.spec
+                .as_ref()
+                .is_some_and(|s| s.value.roles.contains(&Role::Lb))
+        })
+        .map(|(id, _)| id)
+}
+
 /// The candidates of `spec` among `nodes`: named ones must be known nodes.
 fn fleet_candidates(
     spec: &VipSpec,
@@ -33,15 +45,7 @@ fn fleet_candidates(
     problems: &mut Vec<String>,
 ) -> Vec<NodeId> {
     if spec.candidates.is_empty() {
-        return nodes
-            .iter()
-            .filter(|(_, r)| {
-                r.spec
-                    .as_ref()
-                    .is_some_and(|s| s.value.roles.contains(&Role::Lb))
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
+        return lb_nodes(nodes).cloned().collect();
     }
     for c in &spec.candidates {
         if !nodes.contains_key(c) {
@@ -53,27 +57,39 @@ fn fleet_candidates(
     spec.candidates.clone()
 }
 
-/// The fleet as VIP checks need it: every node, and the facts of those
-/// that can hold a VIP (the lb nodes, and the `named` ones: candidates, or
-/// nodes a spec is about to give the lb role). Facts are per-node reads,
-/// so only these are read.
+/// The fleet as VIP and spec checks need it, without reading every node
+/// from etcd: every node's spec from this replica's spec cache, caught up
+/// with etcd first ([`SessionContext::fresh_specs`]: an operator sees
+/// their own last write), and the status and facts of the nodes that can
+/// hold a VIP (the lb nodes, and the `named` ones: candidates, or nodes a
+/// spec lists), read per node.
+///
+/// A node is in the map if it has a spec, or is named or an lb node and
+/// has a status (it connected once). A node with neither spec nor role,
+/// not named, is left out: no check looks at it.
 pub(crate) async fn read_fleet(
-    store: &Store,
-    named: &std::collections::BTreeSet<NodeId>,
+    ctx: &SessionContext,
+    named: &BTreeSet<NodeId>,
 ) -> Result<BTreeMap<NodeId, NodeRecord>> {
-    let mut nodes = store.nodes().await?;
-    let mut holders: BTreeMap<NodeId, NodeRecord> = nodes
+    let specs = ctx.fresh_specs().await?;
+    let mut nodes: BTreeMap<NodeId, NodeRecord> = specs
+        .specs
         .iter()
-        .filter(|(id, r)| {
-            named.contains(*id)
-                || r.spec
-                    .as_ref()
-                    .is_some_and(|s| s.value.roles.contains(&Role::Lb))
+        .map(|(id, spec)| {
+            let record = NodeRecord {
+                spec: Some(spec.clone()),
+                ..NodeRecord::default()
+            };
+            (id.clone(), record)
         })
-        .map(|(id, r)| (id.clone(), r.clone()))
         .collect();
-    store.fill_details(&mut holders).await?;
-    nodes.extend(holders);
+    let holders: BTreeSet<NodeId> = lb_nodes(&nodes).chain(named).cloned().collect();
+    for (id, mut read) in ctx.store.node_details(holders).await? {
+        read.spec = nodes.get(&id).and_then(|r| r.spec.clone());
+        if read.spec.is_some() || read.status.is_some() {
+            nodes.insert(id, read);
+        }
+    }
     Ok(nodes)
 }
 
@@ -145,7 +161,7 @@ fn join(nodes: &[NodeId]) -> String {
 pub async fn set_vip(ctx: &SessionContext, spec: VipSpec) -> Result<()> {
     let store = &ctx.store;
     let named = spec.candidates.iter().cloned().collect();
-    let problems = fleet_problems(&spec, &read_fleet(store, &named).await?);
+    let problems = fleet_problems(&spec, &read_fleet(ctx, &named).await?);
     if !problems.is_empty() {
         return Err(Error::InvalidVip {
             name: spec.name,
@@ -172,7 +188,7 @@ pub async fn move_vip(ctx: &SessionContext, name: &str, to: Option<NodeId>) -> R
                 node: owner,
             });
         }
-        let nodes = store.nodes().await?;
+        let nodes = read_fleet(ctx, &BTreeSet::from([to.clone()])).await?;
         let mut problems = Vec::new();
         let spec = state.spec.as_ref().map(|s| &s.value);
         let candidates = spec.map_or_else(Vec::new, |s| fleet_candidates(s, &nodes, &mut problems));
