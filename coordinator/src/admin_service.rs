@@ -582,11 +582,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }
         let current = record.maintenance.as_ref();
         if !current.is_some_and(|m| m.value.active) {
-            let nodes = store.nodes().await?;
+            let specs = self.ctx.specs.borrow().clone();
+            let vips = self.ctx.vips.borrow().clone();
+            let orchestration = self.ctx.orchestration.borrow().clone();
+            let gated = crate::maintenance::gated_nodes(&node, &specs, &vips, &orchestration);
+            let nodes = store.gate_records(gated).await?;
             let refusals = {
-                let specs = self.ctx.specs.borrow().clone();
-                let vips = self.ctx.vips.borrow().clone();
-                let orchestration = self.ctx.orchestration.borrow().clone();
                 crate::maintenance::Fleet {
                     nodes: &nodes,
                     specs: &specs,

@@ -65,6 +65,9 @@ pub struct SessionContext {
     pub limits: crate::config::SessionLimits,
     /// Sessions being admitted, and waiting to be.
     pub admission: Arc<Admission>,
+    /// Node status writes in flight to etcd
+    /// (`sessions.max_concurrent_status_writes`).
+    pub status_writes: Arc<tokio::sync::Semaphore>,
     /// Wakes the sessions a cache change concerns (`crate::fanout::run`).
     pub fanout: Arc<crate::fanout::Fanout>,
 }
@@ -1186,12 +1189,20 @@ impl StatusWriter {
             if self.superseded.is_cancelled() {
                 return Ok(false);
             }
-            if let Some(rev) = self
-                .ctx
-                .store
-                .put_status_if(&self.node, self.status_rev, &next)
-                .await?
-            {
+            let written = {
+                // Closed only if the replica is going away.
+                let _turn = self
+                    .ctx
+                    .status_writes
+                    .acquire()
+                    .await
+                    .map_err(|_| Error::ShuttingDown)?;
+                self.ctx
+                    .store
+                    .put_status_if(&self.node, self.status_rev, &next)
+                    .await?
+            };
+            if let Some(rev) = written {
                 self.status = next;
                 self.status_rev = rev;
                 self.ctx

@@ -143,6 +143,14 @@ pub struct SessionLimits {
     /// `timing.agent_unreachable_after_ms`, if longer).
     #[serde(default = "default_heartbeats_per_s")]
     pub heartbeats_per_s: u32,
+    /// Node status writes this replica has in flight to etcd at once; the
+    /// others wait (each session's writer keeps only its latest status, so
+    /// waiting coalesces). A change every node consumes makes every node
+    /// report a new applied revision at once: unbounded, 10,000 writes from
+    /// three replicas outran etcd's apply loop, and etcd refused every
+    /// request ("too many requests"), an operator's next apply included.
+    #[serde(default = "default_max_concurrent_status_writes")]
+    pub max_concurrent_status_writes: usize,
 }
 
 impl Default for SessionLimits {
@@ -157,12 +165,16 @@ impl Default for SessionLimits {
             hello_interval_ms: default_hello_interval_ms(),
             hello_burst: default_hello_burst(),
             heartbeats_per_s: default_heartbeats_per_s(),
+            max_concurrent_status_writes: default_max_concurrent_status_writes(),
         }
     }
 }
 
 fn default_max_concurrent_opens() -> usize {
     32
+}
+fn default_max_concurrent_status_writes() -> usize {
+    64
 }
 fn default_max_queued_opens() -> usize {
     16_384
@@ -388,10 +400,15 @@ impl CoordinatorConfig {
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut p = Vec::new();
         let l = &self.sessions;
-        if l.max_concurrent_opens == 0 || l.status_write_burst == 0 || l.hello_burst == 0 {
+        if l.max_concurrent_opens == 0
+            || l.status_write_burst == 0
+            || l.hello_burst == 0
+            || l.max_concurrent_status_writes == 0
+        {
             p.push(
-                "sessions.max_concurrent_opens, sessions.status_write_burst and \
-                 sessions.hello_burst must be at least 1"
+                "sessions.max_concurrent_opens, sessions.status_write_burst, \
+                 sessions.hello_burst and sessions.max_concurrent_status_writes must be at \
+                 least 1"
                     .into(),
             );
         }

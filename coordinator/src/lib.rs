@@ -250,6 +250,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         logs: Arc::default(),
         views: Arc::default(),
         admission: Arc::new(agent_service::Admission::new(&config.sessions)),
+        status_writes: Arc::new(tokio::sync::Semaphore::new(
+            config.sessions.max_concurrent_status_writes,
+        )),
         fanout: Arc::default(),
         limits: config.sessions.clone(),
     };

@@ -43,6 +43,37 @@ pub struct Fleet<'a> {
     pub orchestration: &'a OrchestrationSnapshot,
 }
 
+/// The nodes whose records ([`Fleet::nodes`]) the gates read: every VIP's
+/// candidates, the control planes, the brick nodes (their statuses and
+/// gluster reports), and `node` itself. Bounded by the gated roles, not
+/// by the fleet: the gates never ask about a plain worker.
+pub fn gated_nodes(
+    node: &NodeId,
+    specs: &SpecSnapshot,
+    vips: &VipSnapshot,
+    orchestration: &OrchestrationSnapshot,
+) -> std::collections::BTreeSet<NodeId> {
+    let gated = |roles: &std::collections::BTreeSet<Role>| {
+        roles.contains(&Role::K8sControlPlane) || roles.contains(&Role::GlusterBrick)
+    };
+    let mut ids: std::collections::BTreeSet<NodeId> = specs
+        .specs
+        .iter()
+        .filter(|(_, s)| gated(&s.value.roles))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for state in vips.vips.values() {
+        if let Some(spec) = &state.spec {
+            ids.extend(candidates(&spec.value, specs));
+        }
+    }
+    for record in orchestration.volumes.values() {
+        ids.extend(record.value.bricks.iter().map(|b| b.node.clone()));
+    }
+    ids.insert(node.clone());
+    ids
+}
+
 impl Fleet<'_> {
     fn roles(&self, node: &NodeId) -> Vec<Role> {
         self.specs

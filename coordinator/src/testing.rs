@@ -133,6 +133,9 @@ impl TestReplica {
             admission: std::sync::Arc::new(crate::agent_service::Admission::new(
                 &Default::default(),
             )),
+            status_writes: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                crate::config::SessionLimits::default().max_concurrent_status_writes,
+            )),
             limits: Default::default(),
             fanout: Default::default(),
         };

@@ -13,8 +13,9 @@
 //!
 //! **Architecture invariant:** nothing here decides from a clock but the
 //! step timeouts; etcd is read per node in flight each tick (at most
-//! `max_unavailable` nodes), and the whole fleet (for the gates) at most
-//! once a [`FLEET_READ_EVERY`].
+//! `max_unavailable` nodes), and the records the gates read (the VIP
+//! candidates, control planes and brick nodes: `maintenance::gated_nodes`,
+//! never the whole fleet) at most once a [`FLEET_READ_EVERY`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,8 +44,8 @@ use crate::vip::VipSnapshot;
 /// spec or VIP cache changes; the agents' reports are read each tick, so a
 /// node's converge and health figures are in steps of this).
 pub const TICK: Duration = Duration::from_millis(250);
-/// The whole fleet (node statuses, for the gates) is read at most this
-/// often.
+/// The gated nodes' records (statuses and gluster reports, for the gates)
+/// are read at most this often.
 pub const FLEET_READ_EVERY: Duration = Duration::from_secs(1);
 
 /// Finished rollouts kept in etcd for `rollout list` and `status`; older
@@ -353,7 +354,7 @@ impl Driver {
             return Ok(());
         }
         let refusals = {
-            let nodes = self.fleet(run.store).await?;
+            let nodes = self.fleet(run.store, node, world).await?;
             crate::maintenance::Fleet {
                 nodes: &nodes,
                 specs: world.specs,
@@ -575,7 +576,7 @@ impl Driver {
                     .is_some_and(|s| s.value.roles.contains(&Role::GlusterBrick))
                 {
                     // Bricks online and heals done (DESIGN.md §7).
-                    let nodes = self.fleet(run.store).await?;
+                    let nodes = self.fleet(run.store, node, world).await?;
                     problems.extend(crate::maintenance::brick_problems(
                         node,
                         &observed,
@@ -641,15 +642,23 @@ impl Driver {
         Ok(())
     }
 
-    /// Every node's record (statuses), read at most once a
-    /// [`FLEET_READ_EVERY`].
-    async fn fleet(&mut self, store: &Store) -> Result<Arc<BTreeMap<NodeId, NodeRecord>>> {
+    /// The records the gates read for `node` (`maintenance::gated_nodes`:
+    /// statuses and gluster reports), read at most once a
+    /// [`FLEET_READ_EVERY`] unless `node` is not among them yet.
+    async fn fleet(
+        &mut self,
+        store: &Store,
+        node: &NodeId,
+        world: &World<'_>,
+    ) -> Result<Arc<BTreeMap<NodeId, NodeRecord>>> {
         if let Some((at, nodes)) = &self.fleet {
-            if at.elapsed() < FLEET_READ_EVERY {
+            if at.elapsed() < FLEET_READ_EVERY && nodes.contains_key(node) {
                 return Ok(nodes.clone());
             }
         }
-        let nodes = Arc::new(store.nodes().await?);
+        let ids =
+            crate::maintenance::gated_nodes(node, world.specs, world.vips, world.orchestration);
+        let nodes = Arc::new(store.gate_records(ids).await?);
         self.fleet = Some((Instant::now(), nodes.clone()));
         Ok(nodes)
     }

@@ -1128,6 +1128,31 @@ impl Store {
         Ok(nodes)
     }
 
+    /// The status and gluster report of each of `ids` (what the drain
+    /// gates read, `maintenance::gated_nodes`), per node; never a listing
+    /// of the fleet. Every id has a record, empty if etcd holds neither.
+    pub async fn gate_records(
+        &self,
+        ids: impl IntoIterator<Item = NodeId>,
+    ) -> Result<BTreeMap<NodeId, NodeRecord>> {
+        let mut nodes: BTreeMap<NodeId, NodeRecord> = ids
+            .into_iter()
+            .map(|id| (id, NodeRecord::default()))
+            .collect();
+        let keys: Vec<String> = nodes
+            .keys()
+            .flat_map(|id| [self.keys.node_status(id), self.keys.node_gluster(id)])
+            .collect();
+        for kv in self.get_many(&keys, "read node statuses").await? {
+            if let Some((id, _)) = self.keys.parse_node_key(&kv.key) {
+                if let Some(record) = nodes.get_mut(&id) {
+                    self.fill_record(record, &kv)?;
+                }
+            }
+        }
+        Ok(nodes)
+    }
+
     fn fill_record(&self, record: &mut NodeRecord, kv: &Kv) -> Result<()> {
         match self.keys.parse_node_key(&kv.key) {
             Some((_, NodeKey::Spec)) => record.spec = Some(versioned(kv)?),
