@@ -1112,18 +1112,13 @@ impl Store {
         &self,
         ids: impl IntoIterator<Item = NodeId>,
     ) -> Result<BTreeMap<NodeId, NodeRecord>> {
-        let mut nodes: BTreeMap<NodeId, NodeRecord> = ids
-            .into_iter()
-            .map(|id| (id, NodeRecord::default()))
-            .collect();
-        let keys: Vec<String> = nodes.keys().map(|id| self.keys.node_status(id)).collect();
-        for kv in self.get_many(&keys, "read node statuses").await? {
-            if let Some((id, NodeKey::Status)) = self.keys.parse_node_key(&kv.key) {
-                if let Some(record) = nodes.get_mut(&id) {
-                    record.status = Some(versioned(&kv)?);
-                }
-            }
-        }
+        let mut nodes = self
+            .records_of(
+                ids,
+                |id| vec![self.keys.node_status(id)],
+                "read node statuses",
+            )
+            .await?;
         self.fill_details(&mut nodes).await?;
         Ok(nodes)
     }
@@ -1135,15 +1130,28 @@ impl Store {
         &self,
         ids: impl IntoIterator<Item = NodeId>,
     ) -> Result<BTreeMap<NodeId, NodeRecord>> {
+        self.records_of(
+            ids,
+            |id| vec![self.keys.node_status(id), self.keys.node_gluster(id)],
+            "read node statuses",
+        )
+        .await
+    }
+
+    /// Each of `ids` with what etcd holds under the keys `keys_of` names
+    /// for it (a bounded number of keys per request).
+    async fn records_of(
+        &self,
+        ids: impl IntoIterator<Item = NodeId>,
+        keys_of: impl Fn(&NodeId) -> Vec<String>,
+        what: &'static str,
+    ) -> Result<BTreeMap<NodeId, NodeRecord>> {
         let mut nodes: BTreeMap<NodeId, NodeRecord> = ids
             .into_iter()
             .map(|id| (id, NodeRecord::default()))
             .collect();
-        let keys: Vec<String> = nodes
-            .keys()
-            .flat_map(|id| [self.keys.node_status(id), self.keys.node_gluster(id)])
-            .collect();
-        for kv in self.get_many(&keys, "read node statuses").await? {
+        let keys: Vec<String> = nodes.keys().flat_map(&keys_of).collect();
+        for kv in self.get_many(&keys, what).await? {
             if let Some((id, _)) = self.keys.parse_node_key(&kv.key) {
                 if let Some(record) = nodes.get_mut(&id) {
                     self.fill_record(record, &kv)?;
