@@ -61,7 +61,7 @@
 //!     target/release/bench-fleet [--agents 1000] [--replicas 1|3]
 //!         [--idle-secs 20] [--settle-secs 5] [--reps 5] [--rate 1000]
 //!         [--workers 2] [--only idle,nodes,role,every,kill]
-//!         [--heartbeats-per-s 2000/replicas]
+//!         [--heartbeats-per-s 2000/replicas] [--agents-nice -10]
 //!
 //! The replicas run on this one machine, so by default they split one
 //! replica's heartbeat budget (`sessions.heartbeats_per_s`, 2,000/s): three
@@ -101,6 +101,8 @@ struct Args {
     /// `sessions.heartbeats_per_s` of each replica (default: the
     /// coordinator's default divided among the replicas on this machine).
     heartbeats_per_s: Option<u32>,
+    /// The simulated agents' nice value (0: as the replicas).
+    agents_nice: i32,
 }
 
 impl Args {
@@ -115,6 +117,7 @@ impl Args {
             workers: 2,
             only: None,
             heartbeats_per_s: None,
+            agents_nice: -10,
         };
         let argv: Vec<String> = std::env::args().skip(1).collect();
         let mut it = argv.iter();
@@ -134,6 +137,7 @@ impl Args {
                 "--rate" => a.rate = num(value()),
                 "--workers" => a.workers = num(value()) as usize,
                 "--heartbeats-per-s" => a.heartbeats_per_s = Some(num(value()) as u32),
+                "--agents-nice" => a.agents_nice = num(value()) as i32,
                 "--only" => a.only = Some(value().split(',').map(str::to_owned).collect()),
                 "-h" | "--help" => usage(""),
                 other => usage(&format!("unknown argument {other}")),
@@ -423,8 +427,11 @@ fn main() {
     // arrived. How late its timers run is printed with the progress lines.
     report.row(
         "simulated agents' priority",
-        match set_thread_nice(-10) {
-            Ok(()) => "nice -10 (etcd, replicas and stewardctl: 0)".to_owned(),
+        match set_thread_nice(args.agents_nice) {
+            Ok(()) => format!(
+                "nice {} (etcd, replicas and stewardctl: 0)",
+                args.agents_nice
+            ),
             Err(e) => format!("unchanged ({e})"),
         },
     );
