@@ -2338,7 +2338,7 @@ mod tests {
 /// The reboot-required marker (`nodes/<id>/reboot-required`, which reboot
 /// selection reads instead of every node's facts) as sessions keep it.
 #[cfg(test)]
-mod reboot_marker_tests {
+mod session_open_tests {
     use super::*;
     use crate::store::kv::{Op, Txn};
     use crate::store::{encode, MemoryBackend};
@@ -2360,6 +2360,50 @@ mod reboot_marker_tests {
         let specs = replica.ctx.fresh_specs().await.expect("caught up");
         let id = NodeId::new("n1").expect("id");
         specs.reboot_required.get(&id).map(|m| m.value.clone())
+    }
+
+    /// A status write waits for one of the replica's
+    /// `max_concurrent_status_writes` turns: with every turn held, a
+    /// session open (whose status write decides it) does not complete, and
+    /// it does once a turn is free.
+    #[tokio::test]
+    async fn status_writes_wait_for_a_turn() {
+        let replica = TestReplica::start(MemoryBackend::new(), "c-1").await;
+        let mut ctx = replica.ctx.clone();
+        ctx.status_writes = Arc::new(tokio::sync::Semaphore::new(1));
+        let held = ctx
+            .status_writes
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the only turn");
+        let open = tokio::spawn(NodeSession::open(ctx.clone(), hello(Facts::default())));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!open.is_finished(), "a status was written without a turn");
+        let id = NodeId::new("n1").expect("id");
+        assert!(
+            replica
+                .store()
+                .node(&id)
+                .await
+                .expect("read")
+                .status
+                .is_none(),
+            "a status was written without a turn"
+        );
+        drop(held);
+        let _session = tokio::time::timeout(Duration::from_secs(5), open)
+            .await
+            .expect("opened once a turn was free")
+            .expect("task")
+            .expect("opened");
+        assert!(replica
+            .store()
+            .node(&id)
+            .await
+            .expect("read")
+            .status
+            .is_some());
     }
 
     #[tokio::test]
