@@ -60,7 +60,7 @@ impl Metrics {
         r.build_info("coordinator", crate::VERSION);
         let connections_dropped = r.counter_vec(
             "steward_connections_dropped_total",
-            "Connections a listener (grpc, join) closed before serving them, by reason: connection_limit (max_connections open), handshake_evicted (max_pending_handshakes reached and the oldest older than handshake_evict_after_ms), handshake_timeout, handshake_failed, abandoned_before_handshake (the client had closed it by the time its handshake turn came).",
+            "Connections a listener (grpc, join) closed before serving them, by reason: connection_limit (max_connections open), handshake_evicted (max_pending_handshakes reached and the oldest stalled one, waiting for its client, older than handshake_evict_after_ms), handshake_timeout, handshake_failed, abandoned_before_handshake (the client had closed it by the time its handshake turn came).",
             &["listener", "reason"],
         );
         Self {
