@@ -93,7 +93,7 @@ pub struct World<'a> {
 /// The leader's rollout duty; state kept between ticks is only a cache.
 pub struct Driver {
     timeouts: StepTimeouts,
-    fleet: Option<(Instant, Arc<BTreeMap<NodeId, NodeRecord>>)>,
+    gated: Option<(Instant, Arc<BTreeMap<NodeId, NodeRecord>>)>,
     trimmed_at: Option<Instant>,
     /// When the maintenance window was last looked at (it reads every
     /// node's facts: at most once a [`WINDOW_CHECK_EVERY`]).
@@ -157,7 +157,7 @@ impl Driver {
     pub fn new(timeouts: StepTimeouts) -> Self {
         Self {
             timeouts,
-            fleet: None,
+            gated: None,
             trimmed_at: None,
             window_checked_at: None,
         }
@@ -354,7 +354,7 @@ impl Driver {
             return Ok(());
         }
         let refusals = {
-            let nodes = self.fleet(run.store, node, world).await?;
+            let nodes = self.gated(run.store, node, world).await?;
             crate::maintenance::Fleet {
                 nodes: &nodes,
                 specs: world.specs,
@@ -576,7 +576,7 @@ impl Driver {
                     .is_some_and(|s| s.value.roles.contains(&Role::GlusterBrick))
                 {
                     // Bricks online and heals done (DESIGN.md §7).
-                    let nodes = self.fleet(run.store, node, world).await?;
+                    let nodes = self.gated(run.store, node, world).await?;
                     problems.extend(crate::maintenance::brick_problems(
                         node,
                         &observed,
@@ -645,13 +645,13 @@ impl Driver {
     /// The records the gates read for `node` (`maintenance::gated_nodes`:
     /// statuses and gluster reports), read at most once a
     /// [`FLEET_READ_EVERY`] unless `node` is not among them yet.
-    async fn fleet(
+    async fn gated(
         &mut self,
         store: &Store,
         node: &NodeId,
         world: &World<'_>,
     ) -> Result<Arc<BTreeMap<NodeId, NodeRecord>>> {
-        if let Some((at, nodes)) = &self.fleet {
+        if let Some((at, nodes)) = &self.gated {
             if at.elapsed() < FLEET_READ_EVERY && nodes.contains_key(node) {
                 return Ok(nodes.clone());
             }
@@ -659,7 +659,7 @@ impl Driver {
         let ids =
             crate::maintenance::gated_nodes(node, world.specs, world.vips, world.orchestration);
         let nodes = Arc::new(store.gate_records(ids).await?);
-        self.fleet = Some((Instant::now(), nodes.clone()));
+        self.gated = Some((Instant::now(), nodes.clone()));
         Ok(nodes)
     }
 }
