@@ -15,7 +15,7 @@
 //! step timeouts; etcd is read per node in flight each tick (at most
 //! `max_unavailable` nodes), and the records the gates read (the VIP
 //! candidates, control planes and brick nodes: `maintenance::gated_nodes`,
-//! never the whole fleet) at most once a [`FLEET_READ_EVERY`].
+//! never the whole fleet) at most once a [`GATED_READ_EVERY`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,7 +46,7 @@ use crate::vip::VipSnapshot;
 pub const TICK: Duration = Duration::from_millis(250);
 /// The gated nodes' records (statuses and gluster reports, for the gates)
 /// are read at most this often.
-pub const FLEET_READ_EVERY: Duration = Duration::from_secs(1);
+pub const GATED_READ_EVERY: Duration = Duration::from_secs(1);
 
 /// Finished rollouts kept in etcd for `rollout list` and `status`; older
 /// ones go (never one whose target a node still has: an aborted rollout's,
@@ -644,7 +644,7 @@ impl Driver {
 
     /// The records the gates read for `node` (`maintenance::gated_nodes`:
     /// statuses and gluster reports), read at most once a
-    /// [`FLEET_READ_EVERY`] unless `node` is not among them yet.
+    /// [`GATED_READ_EVERY`] unless `node` is not among them yet.
     async fn gated(
         &mut self,
         store: &Store,
@@ -652,7 +652,7 @@ impl Driver {
         world: &World<'_>,
     ) -> Result<Arc<BTreeMap<NodeId, NodeRecord>>> {
         if let Some((at, nodes)) = &self.gated {
-            if at.elapsed() < FLEET_READ_EVERY && nodes.contains_key(node) {
+            if at.elapsed() < GATED_READ_EVERY && nodes.contains_key(node) {
                 return Ok(nodes.clone());
             }
         }
