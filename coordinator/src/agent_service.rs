@@ -47,6 +47,9 @@ pub struct SessionContext {
     /// The newest read barrier `specs` includes
     /// ([`crate::cache::caught_up`]).
     pub specs_seen: watch::Receiver<i64>,
+    /// `specs`, `vips` and `orchestration` as of one etcd revision: what
+    /// desired states are built from ([`crate::cache::Cut`]).
+    pub cut: watch::Receiver<Arc<crate::cache::Cut>>,
     /// This replica's view of `vips/`.
     pub vips: watch::Receiver<Arc<crate::vip::VipSnapshot>>,
     /// This replica's view of `orchestration/` (kubeadm, Gluster).
@@ -92,12 +95,21 @@ impl SessionContext {
     /// What `node` must be, from this replica's caches; `None` before
     /// they have all read etcd (an empty snapshot is not a state).
     pub fn desired_for(&self, node: &NodeId) -> Option<DesiredState> {
-        let specs = self.specs.borrow().clone();
-        let vips = self.vips.borrow().clone();
-        let orchestration = self.orchestration.borrow().clone();
-        if !specs.synced || !vips.synced || !orchestration.synced {
+        let cut = self.cut.borrow().clone();
+        self.desired_from(&cut, node)
+    }
+
+    /// What `node` must be, from `cut` (one revision of every cache a
+    /// desired state is built from).
+    fn desired_from(&self, cut: &crate::cache::Cut, node: &NodeId) -> Option<DesiredState> {
+        if !cut.synced() {
             return None;
         }
+        let crate::cache::Cut {
+            specs,
+            vips,
+            orchestration,
+        } = cut;
         let roles = specs
             .specs
             .get(node)
@@ -105,10 +117,8 @@ impl SessionContext {
             .unwrap_or_default();
         let target = specs.rollout_target(node);
         let interest = crate::desired::Interest::for_node(&roles, specs.settings_for(node));
-        let view = self
-            .views
-            .get(&specs, &vips, &interest, target.map(|t| t.0));
-        let mut desired = crate::desired::desired_base(&specs, &view, node);
+        let view = self.views.get(specs, vips, &interest, target.map(|t| t.0));
+        let mut desired = crate::desired::desired_base(specs, &view, node);
         // The rollout's change of this node is one of its inputs.
         desired.revision = desired
             .revision
@@ -122,7 +132,7 @@ impl SessionContext {
             self.sealer.as_deref(),
         );
         // A Kubernetes upgrade's stage, and readiness checks.
-        crate::rollout::upgrade::add_steps(&mut desired, node, &specs, &orchestration);
+        crate::rollout::upgrade::add_steps(&mut desired, node, specs, orchestration);
         Some(desired)
     }
 
@@ -130,33 +140,34 @@ impl SessionContext {
     /// without building its state (listing a fleet stays linear); 0 before
     /// the caches are read.
     pub fn desired_revision_for(&self, node: &NodeId) -> u64 {
-        let specs = self.specs.borrow().clone();
-        let roles = match specs.specs.get(node) {
+        let cut = self.cut.borrow().clone();
+        let roles = match cut.specs.specs.get(node) {
             Some(s) if !s.value.roles.is_empty() => s.value.roles.clone(),
             // No role: the state is small, and steps (a reset after
             // leaving Kubernetes) may still count.
-            _ => return self.desired_for(node).map_or(0, |d| d.revision),
+            _ => return self.desired_from(&cut, node).map_or(0, |d| d.revision),
         };
-        let vips = self.vips.borrow().clone();
-        let orchestration = self.orchestration.borrow().clone();
-        if !specs.synced || !vips.synced || !orchestration.synced {
+        if !cut.synced() {
             return 0;
         }
+        let crate::cache::Cut {
+            specs,
+            vips,
+            orchestration,
+        } = &*cut;
         let target = specs.rollout_target(node);
         let interest = crate::desired::Interest::for_node(&roles, specs.settings_for(node));
-        let view = self
-            .views
-            .get(&specs, &vips, &interest, target.map(|t| t.0));
+        let view = self.views.get(specs, vips, &interest, target.map(|t| t.0));
         let steps = orchestration.revision_for(&interest);
         view.revision
-            .max(crate::desired::own_revision(&specs, node))
-            .max(crate::desired::coordinator_revocations_revision(&specs))
+            .max(crate::desired::own_revision(specs, node))
+            .max(crate::desired::coordinator_revocations_revision(specs))
             .max(steps)
             .max(target.map_or(0, |t| t.2.max(0) as u64))
             .max(crate::rollout::upgrade::revision_for(
                 node,
-                &specs,
-                &orchestration,
+                specs,
+                orchestration,
             ))
     }
 }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
+use crate::orchestrate::state::OrchestrationSnapshot;
 use crate::store::kv::Change;
 use crate::store::{
     decode, CertRevokedRecord, Keys, MaintenanceRecord, Marker, NodeAddressRecord, NodeKey,
@@ -221,6 +222,40 @@ pub trait CachedPrefix: Clone + Default + Send + Sync + 'static {
     fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool;
     /// The revision the snapshot is current at; `synced` once read.
     fn set_revision(&mut self, revision: i64);
+    /// Applies one change the watch delivered at `revision` (see
+    /// [`CachedPrefix::apply`]).
+    fn apply_change(
+        &mut self,
+        keys: &Keys,
+        key: &[u8],
+        value: Option<(&[u8], i64)>,
+        revision: i64,
+    ) -> bool {
+        let changed = self.apply(keys, key, value);
+        self.set_revision(revision);
+        changed
+    }
+    /// Whether a change of `key` is published at once, whatever
+    /// [`CachedPrefix::PUBLISH_EVERY`] says.
+    fn urgent(_keys: &Keys, _key: &[u8]) -> bool {
+        false
+    }
+    /// What the watch follows, for a cache read from `read`: the same
+    /// prefixes, unless the cache needs every change in one revision order.
+    fn watched(_keys: &Keys, read: &[String]) -> Vec<String> {
+        read.to_vec()
+    }
+}
+
+/// Where a cache publishes its snapshots.
+pub trait Publish<S>: Send + Sync {
+    fn publish(&self, snapshot: Arc<S>);
+}
+
+impl<S: Send + Sync> Publish<S> for watch::Sender<Arc<S>> {
+    fn publish(&self, snapshot: Arc<S>) {
+        self.send_replace(snapshot);
+    }
 }
 
 /// Inserts or removes one cached value; whether anything changed. The map
@@ -375,17 +410,159 @@ impl CachedPrefix for SpecSnapshot {
     }
 }
 
-/// Follows node specs and addresses (`nodes/`) and the cluster settings
-/// (`cluster/`) until `shutdown`. `seen`: the revision of the newest read
-/// barrier ([`Store::sync_point`]) the published snapshot includes
+/// The caches a desired state is built from, published together as of one
+/// etcd revision: node specs and addresses with the cluster settings, VIPs,
+/// and orchestration.
+///
+/// A desired state's revision is the newest of its inputs
+/// (`crate::desired`), which lie in all three. Followed on three watches,
+/// one cache could publish a transaction the others had not yet seen: a
+/// session that read the new orchestration record of a volume's brick
+/// replacement next to the spec of a node that had just left the bricks
+/// gave that node a state at the record's revision, built from its old
+/// roles. Its true state was older, so its agent refused it as a rollback
+/// (it stayed a brick). One watch of the whole cluster prefix delivers
+/// every change in revision order, and one publication holds all three.
+#[derive(Debug, Clone, Default)]
+pub struct Cut {
+    pub specs: Arc<SpecSnapshot>,
+    pub vips: Arc<VipSnapshot>,
+    pub orchestration: Arc<OrchestrationSnapshot>,
+}
+
+impl Cut {
+    /// Whether every part has read etcd (an empty snapshot is not a state).
+    pub fn synced(&self) -> bool {
+        self.specs.synced && self.vips.synced && self.orchestration.synced
+    }
+}
+
+/// Which part of a [`Cut`] a key belongs to.
+enum Part {
+    Specs,
+    Vips,
+    Orchestration,
+}
+
+fn part_of(keys: &Keys, key: &[u8]) -> Option<Part> {
+    let under = |prefix: String| key.starts_with(prefix.as_bytes());
+    if under(keys.nodes()) || under(keys.cluster()) {
+        Some(Part::Specs)
+    } else if under(keys.vips()) {
+        Some(Part::Vips)
+    } else if under(keys.orchestration()) {
+        Some(Part::Orchestration)
+    } else {
+        None
+    }
+}
+
+impl CachedPrefix for Cut {
+    const WHAT: &'static str = "node specs, cluster settings, VIPs and orchestration";
+    const PUBLISH_EVERY: Duration = SpecSnapshot::PUBLISH_EVERY;
+
+    fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
+        // A part is copied (if a published cut still shares it) only when a
+        // key of its own comes: the parts nothing touched stay shared.
+        match part_of(keys, key) {
+            Some(Part::Specs) => Arc::make_mut(&mut self.specs).apply(keys, key, value),
+            Some(Part::Vips) => Arc::make_mut(&mut self.vips).apply(keys, key, value),
+            Some(Part::Orchestration) => {
+                Arc::make_mut(&mut self.orchestration).apply(keys, key, value)
+            }
+            None => false,
+        }
+    }
+
+    fn apply_change(
+        &mut self,
+        keys: &Keys,
+        key: &[u8],
+        value: Option<(&[u8], i64)>,
+        revision: i64,
+    ) -> bool {
+        // Each part is current at the last change of its own keys, as when
+        // each had its own watch.
+        match part_of(keys, key) {
+            Some(Part::Specs) => {
+                Arc::make_mut(&mut self.specs).apply_change(keys, key, value, revision)
+            }
+            Some(Part::Vips) => {
+                Arc::make_mut(&mut self.vips).apply_change(keys, key, value, revision)
+            }
+            Some(Part::Orchestration) => {
+                Arc::make_mut(&mut self.orchestration).apply_change(keys, key, value, revision)
+            }
+            None => false,
+        }
+    }
+
+    fn set_revision(&mut self, revision: i64) {
+        Arc::make_mut(&mut self.specs).set_revision(revision);
+        Arc::make_mut(&mut self.vips).set_revision(revision);
+        Arc::make_mut(&mut self.orchestration).set_revision(revision);
+    }
+
+    /// VIP state is never held back: a failover never waits.
+    fn urgent(keys: &Keys, key: &[u8]) -> bool {
+        matches!(part_of(keys, key), Some(Part::Vips))
+    }
+
+    /// The cluster's whole prefix on one watch: one revision order for
+    /// every part (several watches on one stream may each fall behind on
+    /// their own).
+    fn watched(keys: &Keys, _read: &[String]) -> Vec<String> {
+        vec![keys.root()]
+    }
+}
+
+/// Where the caches are published: each part on its own channel (most
+/// readers need one), and the [`Cut`] for the readers that combine them.
+pub struct CutSenders {
+    pub cut: watch::Sender<Arc<Cut>>,
+    pub specs: watch::Sender<Arc<SpecSnapshot>>,
+    pub vips: watch::Sender<Arc<VipSnapshot>>,
+    pub orchestration: watch::Sender<Arc<OrchestrationSnapshot>>,
+}
+
+impl Publish<Cut> for CutSenders {
+    fn publish(&self, cut: Arc<Cut>) {
+        // A part's subscribers are woken only when it changed; the cut goes
+        // last, so that whoever it wakes finds every part as new.
+        fn send<T>(tx: &watch::Sender<Arc<T>>, part: &Arc<T>) {
+            tx.send_if_modified(|held| {
+                let changed = !Arc::ptr_eq(held, part);
+                if changed {
+                    *held = part.clone();
+                }
+                changed
+            });
+        }
+        send(&self.specs, &cut.specs);
+        send(&self.vips, &cut.vips);
+        send(&self.orchestration, &cut.orchestration);
+        self.cut.send_replace(cut);
+    }
+}
+
+/// Follows node specs and addresses (`nodes/`), the cluster settings
+/// (`cluster/`), VIPs (`vips/`) and orchestration (`orchestration/`) until
+/// `shutdown`, as one [`Cut`]. `seen`: the revision of the newest read
+/// barrier ([`Store::sync_point`]) the published specs include
 /// ([`caught_up`] waits on it).
-pub async fn run_spec_cache(
+pub async fn run_caches(
     store: Store,
-    publish: watch::Sender<Arc<SpecSnapshot>>,
+    publish: CutSenders,
     seen: watch::Sender<i64>,
     shutdown: CancellationToken,
 ) {
-    let prefixes = vec![store.keys().nodes(), store.keys().cluster()];
+    let keys = store.keys();
+    let prefixes = vec![
+        keys.nodes(),
+        keys.cluster(),
+        keys.vips(),
+        keys.orchestration(),
+    ];
     run_prefixes_cache(store, prefixes, publish, Some(seen), shutdown).await
 }
 
@@ -440,11 +617,11 @@ pub async fn run_prefix_cache<S: CachedPrefix>(
 
 /// [`run_prefix_cache`] over several prefixes: one snapshot, read from all
 /// of them at one revision and kept current from one watch stream. With
-/// `seen`, the newest read barrier published ([`run_spec_cache`]).
+/// `seen`, the newest read barrier published ([`run_caches`]).
 pub async fn run_prefixes_cache<S: CachedPrefix>(
     store: Store,
     prefixes: Vec<String>,
-    publish: watch::Sender<Arc<S>>,
+    publish: impl Publish<S>,
     seen: Option<watch::Sender<i64>>,
     shutdown: CancellationToken,
 ) {
@@ -468,7 +645,7 @@ pub async fn run_prefixes_cache<S: CachedPrefix>(
 async fn follow<S: CachedPrefix>(
     store: &Store,
     prefixes: &[String],
-    publish: &watch::Sender<Arc<S>>,
+    publish: &impl Publish<S>,
     seen: Option<&watch::Sender<i64>>,
     backoff: &mut Backoff,
 ) -> Result<()> {
@@ -490,18 +667,22 @@ async fn follow<S: CachedPrefix>(
         snapshot.apply(keys, &kv.key, Some((&kv.value, kv.mod_revision)));
     }
     snapshot.set_revision(read.revision);
-    publish.send_replace(Arc::new(snapshot.clone()));
+    publish.publish(Arc::new(snapshot.clone()));
     // One read at one revision: every barrier written before it is in.
     reached(read.revision);
 
-    let mut stream = store.watch(prefixes, read.revision + 1).await?;
+    let mut stream = store
+        .watch(&S::watched(keys, prefixes), read.revision + 1)
+        .await?;
     backoff.reset();
     debug!(revision = read.revision, what = S::WHAT, "following");
     // A change after a quiet spell is published at once; changes that
     // follow within `S::PUBLISH_EVERY` are published together at its end,
-    // unless a read barrier came with them: a reader waits on it.
+    // unless a read barrier came with them (a reader waits on it) or an
+    // urgent change (VIP state).
     let mut published_at = tokio::time::Instant::now();
     let mut pending = false;
+    let mut urgent = false;
     let mut barrier = 0;
     loop {
         let next = if pending {
@@ -522,18 +703,21 @@ async fn follow<S: CachedPrefix>(
                         Change::Put(kv) => Some((kv.value.as_slice(), kv.mod_revision)),
                         Change::Delete { .. } => None,
                     };
-                    pending |= snapshot.apply(keys, change.key(), value);
-                    snapshot.set_revision(change.revision());
+                    let changed =
+                        snapshot.apply_change(keys, change.key(), value, change.revision());
+                    pending |= changed;
+                    urgent |= changed && S::urgent(keys, change.key());
                     if keys.is_cache_sync(change.key()) {
                         barrier = barrier.max(change.revision());
                     }
                 }
             }
         }
-        if pending && (published_at.elapsed() >= S::PUBLISH_EVERY || barrier > 0) {
-            publish.send_replace(Arc::new(snapshot.clone()));
+        if pending && (urgent || barrier > 0 || published_at.elapsed() >= S::PUBLISH_EVERY) {
+            publish.publish(Arc::new(snapshot.clone()));
             published_at = tokio::time::Instant::now();
             pending = false;
+            urgent = false;
         }
         // Once published: a barrier is seen when what came down the same
         // watch before it is published. (A barrier is under `nodes/`; one
@@ -544,7 +728,7 @@ async fn follow<S: CachedPrefix>(
         }
     }
     if pending {
-        publish.send_replace(Arc::new(snapshot.clone()));
+        publish.publish(Arc::new(snapshot.clone()));
     }
     Err(Error::WatchInterrupted("stream ended".into()))
 }
@@ -585,18 +769,28 @@ mod tests {
     }
 
     /// A burst of changes is published in far fewer snapshots than changes,
-    /// the last with all of them; maps no change touched stay shared with
-    /// the snapshot before; a change after a quiet spell is published at
-    /// once.
+    /// the last with all of them; maps and parts no change touched stay
+    /// shared with the snapshot before; a change after a quiet spell is
+    /// published at once, and so is a VIP change inside the window.
     #[tokio::test]
     async fn bursts_are_published_together_and_untouched_maps_stay_shared() {
         let memory = Arc::new(crate::store::MemoryBackend::default());
         let store = crate::store::Store::in_memory(memory, Keys::new("t"), "r1".into());
         let (tx, mut rx) = watch::channel(Arc::new(SpecSnapshot::default()));
+        let (vips_tx, mut vips) = watch::channel(Arc::new(VipSnapshot::default()));
+        let (orchestration_tx, orchestration) =
+            watch::channel(Arc::new(OrchestrationSnapshot::default()));
+        let (cut_tx, cut) = watch::channel(Arc::new(Cut::default()));
+        let senders = CutSenders {
+            cut: cut_tx,
+            specs: tx,
+            vips: vips_tx,
+            orchestration: orchestration_tx,
+        };
         let shutdown = CancellationToken::new();
         let _stop = shutdown.clone().drop_guard();
         let (seen, _) = watch::channel(0);
-        tokio::spawn(run_spec_cache(store.clone(), tx, seen, shutdown));
+        tokio::spawn(run_caches(store.clone(), senders, seen, shutdown));
         crate::testing::put_roles(&store, "n0", &[Role::Lb]).await;
         let synced =
             tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.specs.len() == 1))
@@ -650,6 +844,15 @@ mod tests {
             Arc::ptr_eq(&synced.specs, &last.specs),
             "the specs map was copied though no spec changed"
         );
+        let last_cut = cut.borrow().clone();
+        assert!(
+            Arc::ptr_eq(&last_cut.specs, &last),
+            "the cut holds the specs published"
+        );
+        assert!(
+            Arc::ptr_eq(&last_cut.orchestration, &orchestration.borrow()),
+            "the orchestration part was replaced though nothing of it changed"
+        );
 
         // After a quiet spell, one change is out within a few milliseconds.
         tokio::time::sleep(SpecSnapshot::PUBLISH_EVERY * 2).await;
@@ -664,6 +867,112 @@ mod tests {
             "a lone change waited {:?}",
             started.elapsed()
         );
+
+        // A VIP change right after a publication is not held back.
+        vips.borrow_and_update();
+        crate::testing::put_roles(&store, "n2", &[Role::Lb]).await;
+        let started = tokio::time::Instant::now();
+        crate::testing::put_vip(&store, &crate::testing::vip_spec("front", "198.18.0.10")).await;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            vips.wait_for(|v| v.vips.contains_key("front")),
+        )
+        .await
+        .expect("published")
+        .expect("cache running");
+        assert!(
+            started.elapsed() < SpecSnapshot::PUBLISH_EVERY,
+            "a VIP change waited {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A desired state is built from one revision of every cache. A node
+    /// leaves the bricks just before an orchestration record the bricks
+    /// consume is written: sampled whenever a cache publishes, its desired
+    /// revision never goes down (with the caches on their own watches, the
+    /// record came out while the spec waited for its publication window:
+    /// the node was given the record's revision with its old roles, then an
+    /// older state its agent refuses as a rollback).
+    #[tokio::test]
+    async fn a_desired_state_never_mixes_two_revisions_of_the_caches() {
+        use crate::orchestrate::state::CapacityRecord;
+        use crate::store::kv::{Op, Txn};
+        use crate::testing::{eventually, put_roles};
+        let replica =
+            crate::testing::TestReplica::start(crate::store::MemoryBackend::new(), "c-1").await;
+        let ctx = replica.ctx.clone();
+        let g2 = node("g2");
+        put_roles(&ctx.store, "g1", &[Role::GlusterBrick]).await;
+        put_roles(&ctx.store, "g2", &[Role::GlusterBrick]).await;
+        eventually("g2 a brick", || {
+            ctx.desired_for(&g2).filter(|d| !d.roles.is_empty())
+        })
+        .await;
+
+        // Samples g2's state each time a cache publishes.
+        let sampler = {
+            let ctx = ctx.clone();
+            let g2 = g2.clone();
+            tokio::spawn(async move {
+                let mut specs = ctx.specs.clone();
+                let mut orchestration = ctx.orchestration.clone();
+                let mut samples = Vec::new();
+                loop {
+                    let changed = tokio::select! {
+                        c = specs.changed() => c,
+                        c = orchestration.changed() => c,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => break,
+                    };
+                    if changed.is_err() {
+                        break;
+                    }
+                    specs.borrow_and_update();
+                    orchestration.borrow_and_update();
+                    if let Some(d) = ctx.desired_for(&g2) {
+                        samples.push((d.revision, d.roles.len()));
+                    }
+                }
+                samples
+            })
+        };
+        let capacity = ctx.store.keys().orchestration() + "gluster-capacity/data";
+        for round in 0..10u64 {
+            // Another node's change opens the spec cache's window, g2's
+            // change waits in it, and the record comes right after.
+            put_roles(&ctx.store, &format!("x{round}"), &[Role::K8sWorker]).await;
+            let roles: &[Role] = if round % 2 == 0 {
+                &[]
+            } else {
+                &[Role::GlusterBrick]
+            };
+            put_roles(&ctx.store, "g2", roles).await;
+            let record = CapacityRecord {
+                bytes: round,
+                reported_by: node("g1"),
+                at_unix_ms: 1,
+            };
+            ctx.store
+                .txn(
+                    Txn::new().and_then([Op::put(capacity.clone(), encode(&record))]),
+                    "test",
+                )
+                .await
+                .expect("capacity written");
+            tokio::time::sleep(SpecSnapshot::PUBLISH_EVERY * 2).await;
+        }
+        let samples = sampler.await.expect("sampler");
+        assert!(samples.len() >= 10, "{samples:?}");
+        for pair in samples.windows(2) {
+            assert!(
+                pair[1].0 >= pair[0].0,
+                "g2's desired revision went from {} ({} roles) to {} ({} roles): {samples:?}",
+                pair[0].0,
+                pair[0].1,
+                pair[1].0,
+                pair[1].1
+            );
+        }
     }
 
     fn node(id: &str) -> NodeId {

@@ -26,7 +26,7 @@ use steward_proto::domain::{NodeId, Role};
 use tokio::sync::Notify;
 
 use crate::agent_service::SessionContext;
-use crate::cache::SpecSnapshot;
+use crate::cache::{Cut, SpecSnapshot};
 use crate::desired::Interest;
 use crate::orchestrate::state::OrchestrationSnapshot;
 use crate::store::Versioned;
@@ -116,31 +116,24 @@ struct Seen {
 /// Follows this replica's caches and wakes the sessions each change
 /// concerns, until shutdown.
 pub async fn run(ctx: SessionContext) {
-    let mut specs = ctx.specs.clone();
-    let mut vips = ctx.vips.clone();
-    let mut orchestration = ctx.orchestration.clone();
-    let mut seen = Seen {
-        specs: specs.borrow_and_update().clone(),
-        vips: vips.borrow_and_update().clone(),
-        orchestration: orchestration.borrow_and_update().clone(),
+    let mut cut = ctx.cut.clone();
+    let seen_now = |cut: &Cut| Seen {
+        specs: cut.specs.clone(),
+        vips: cut.vips.clone(),
+        orchestration: cut.orchestration.clone(),
     };
+    let mut seen = seen_now(&cut.borrow_and_update());
     // What each slice was last seen built from.
     let mut slices: HashMap<Slice, SliceInputs> = HashMap::new();
     loop {
         let changed = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
-            c = specs.changed() => c,
-            c = vips.changed() => c,
-            c = orchestration.changed() => c,
+            c = cut.changed() => c,
         };
         if changed.is_err() {
             return;
         }
-        let now = Seen {
-            specs: specs.borrow_and_update().clone(),
-            vips: vips.borrow_and_update().clone(),
-            orchestration: orchestration.borrow_and_update().clone(),
-        };
+        let now = seen_now(&cut.borrow_and_update());
         let woken = wake(&ctx, &seen, &now, &mut slices);
         tracing::trace!(woken, "cache change fanned out");
         seen = now;

@@ -180,23 +180,22 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // drained, so sessions can still record their disconnects.
     let tasks = CancellationToken::new();
     let (specs_tx, specs_rx) = watch::channel(Arc::new(SpecSnapshot::default()));
-    let (seen_tx, seen_rx) = watch::channel(0);
-    let peers = peers::Peers::new(peer_tls, specs_rx.clone());
-    let cache = tokio::spawn(
-        cache::run_spec_cache(store.clone(), specs_tx, seen_tx, tasks.clone())
-            .instrument(tracing::info_span!("spec_cache")),
-    );
     let (vips_tx, vips_rx) = watch::channel(Arc::new(vip::VipSnapshot::default()));
-    let vip_cache = tokio::spawn(
-        cache::run_prefix_cache(store.clone(), keys.vips(), vips_tx, tasks.clone())
-            .instrument(tracing::info_span!("vip_cache")),
-    );
     let (orch_tx, orch_rx) = watch::channel(Arc::new(
         orchestrate::state::OrchestrationSnapshot::default(),
     ));
-    let orch_cache = tokio::spawn(
-        cache::run_prefix_cache(store.clone(), keys.orchestration(), orch_tx, tasks.clone())
-            .instrument(tracing::info_span!("orchestration_cache")),
+    let (cut_tx, cut_rx) = watch::channel(Arc::new(cache::Cut::default()));
+    let (seen_tx, seen_rx) = watch::channel(0);
+    let peers = peers::Peers::new(peer_tls, specs_rx.clone());
+    let senders = cache::CutSenders {
+        cut: cut_tx,
+        specs: specs_tx,
+        vips: vips_tx,
+        orchestration: orch_tx,
+    };
+    let cache = tokio::spawn(
+        cache::run_caches(store.clone(), senders, seen_tx, tasks.clone())
+            .instrument(tracing::info_span!("caches")),
     );
     // Validated with the config; a key that stopped opening is an error here.
     let sealer = match &config.secrets {
@@ -240,6 +239,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         sessions: sessions::Sessions::default(),
         specs: specs_rx.clone(),
         specs_seen: seen_rx,
+        cut: cut_rx,
         vips: vips_rx.clone(),
         orchestration: orch_rx.clone(),
         sealer: sealer.clone(),
@@ -394,11 +394,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     }
     for (name, task) in [
         ("membership", membership),
-        ("spec cache", cache),
-        ("vip cache", vip_cache),
+        ("caches", cache),
         ("vip marker", marker),
         ("vip placement", placement),
-        ("orchestration cache", orch_cache),
         ("orchestrator", orchestrator),
         ("rollouts", rollouts),
     ] {

@@ -85,23 +85,18 @@ impl TestReplica {
         let (specs_tx, specs) = watch::channel(Arc::new(SpecSnapshot::default()));
         let (vips_tx, vips) = watch::channel(Arc::new(VipSnapshot::default()));
         let (orch_tx, orchestration) = watch::channel(Arc::new(OrchestrationSnapshot::default()));
+        let (cut_tx, cut) = watch::channel(Arc::new(cache::Cut::default()));
         let (seen_tx, specs_seen) = watch::channel(0);
-        tokio::spawn(cache::run_spec_cache(
+        let senders = cache::CutSenders {
+            cut: cut_tx,
+            specs: specs_tx,
+            vips: vips_tx,
+            orchestration: orch_tx,
+        };
+        tokio::spawn(cache::run_caches(
             store.clone(),
-            specs_tx,
+            senders,
             seen_tx,
-            tasks.clone(),
-        ));
-        tokio::spawn(cache::run_prefix_cache(
-            store.clone(),
-            keys.vips(),
-            vips_tx,
-            tasks.clone(),
-        ));
-        tokio::spawn(cache::run_prefix_cache(
-            store.clone(),
-            keys.orchestration(),
-            orch_tx,
             tasks.clone(),
         ));
         let lease = store
@@ -121,6 +116,7 @@ impl TestReplica {
             sessions: Default::default(),
             specs,
             specs_seen,
+            cut,
             vips,
             orchestration,
             sealer: None,

@@ -103,6 +103,10 @@ impl Keys {
             prefix: format!("/steward/{cluster}/"),
         }
     }
+    /// The prefix of every key of the cluster.
+    pub fn root(&self) -> String {
+        self.prefix.clone()
+    }
     pub fn election(&self) -> String {
         format!("{}coordinators/election", self.prefix)
     }
