@@ -435,6 +435,46 @@ impl Cut {
     pub fn synced(&self) -> bool {
         self.specs.synced && self.vips.synced && self.orchestration.synced
     }
+
+    fn apply_to_part(
+        &mut self,
+        keys: &Keys,
+        key: &[u8],
+        value: Option<(&[u8], i64)>,
+        revision: Option<i64>,
+    ) -> bool {
+        match part_of(keys, key) {
+            Some(Part::Specs) => apply_part(&mut self.specs, keys, key, value, revision),
+            Some(Part::Vips) => apply_part(&mut self.vips, keys, key, value, revision),
+            Some(Part::Orchestration) => {
+                apply_part(&mut self.orchestration, keys, key, value, revision)
+            }
+            None => false,
+        }
+    }
+}
+
+/// Applies one key to `part`, copying it first if a published cut still
+/// shares it; a key that changes nothing (a node's status, under `nodes/`)
+/// leaves the shared part in place, so the part's subscribers are not
+/// woken for it.
+fn apply_part<T: CachedPrefix>(
+    part: &mut Arc<T>,
+    keys: &Keys,
+    key: &[u8],
+    value: Option<(&[u8], i64)>,
+    revision: Option<i64>,
+) -> bool {
+    let shared = (Arc::strong_count(part) > 1).then(|| part.clone());
+    let unique = Arc::make_mut(part);
+    let changed = match revision {
+        Some(revision) => unique.apply_change(keys, key, value, revision),
+        None => unique.apply(keys, key, value),
+    };
+    if let (false, Some(shared)) = (changed, shared) {
+        *part = shared;
+    }
+    changed
 }
 
 /// Which part of a [`Cut`] a key belongs to.
@@ -462,16 +502,7 @@ impl CachedPrefix for Cut {
     const PUBLISH_EVERY: Duration = SpecSnapshot::PUBLISH_EVERY;
 
     fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
-        // A part is copied (if a published cut still shares it) only when a
-        // key of its own comes: the parts nothing touched stay shared.
-        match part_of(keys, key) {
-            Some(Part::Specs) => Arc::make_mut(&mut self.specs).apply(keys, key, value),
-            Some(Part::Vips) => Arc::make_mut(&mut self.vips).apply(keys, key, value),
-            Some(Part::Orchestration) => {
-                Arc::make_mut(&mut self.orchestration).apply(keys, key, value)
-            }
-            None => false,
-        }
+        self.apply_to_part(keys, key, value, None)
     }
 
     fn apply_change(
@@ -483,18 +514,7 @@ impl CachedPrefix for Cut {
     ) -> bool {
         // Each part is current at the last change of its own keys, as when
         // each had its own watch.
-        match part_of(keys, key) {
-            Some(Part::Specs) => {
-                Arc::make_mut(&mut self.specs).apply_change(keys, key, value, revision)
-            }
-            Some(Part::Vips) => {
-                Arc::make_mut(&mut self.vips).apply_change(keys, key, value, revision)
-            }
-            Some(Part::Orchestration) => {
-                Arc::make_mut(&mut self.orchestration).apply_change(keys, key, value, revision)
-            }
-            None => false,
-        }
+        self.apply_to_part(keys, key, value, Some(revision))
     }
 
     fn set_revision(&mut self, revision: i64) {
