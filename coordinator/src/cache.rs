@@ -1,7 +1,8 @@
 //! The replica's watch caches of etcd prefixes (node specs and addresses
-//! with the cluster settings, VIPs): read once, then follow the etcd watch
-//! from the read revision + 1; after a compaction or a broken stream, read
-//! again. Sessions subscribe to push changes.
+//! with the cluster settings, VIPs, orchestration), one [`Cut`]: read once,
+//! then follow one etcd watch from the read revision + 1; after a
+//! compaction or a broken stream, read again. Sessions subscribe to push
+//! changes.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -250,12 +251,6 @@ pub trait CachedPrefix: Clone + Default + Send + Sync + 'static {
 /// Where a cache publishes its snapshots.
 pub trait Publish<S>: Send + Sync {
     fn publish(&self, snapshot: Arc<S>);
-}
-
-impl<S: Send + Sync> Publish<S> for watch::Sender<Arc<S>> {
-    fn publish(&self, snapshot: Arc<S>) {
-        self.send_replace(snapshot);
-    }
 }
 
 /// Inserts or removes one cached value; whether anything changed. The map
@@ -623,21 +618,12 @@ async fn caught_up_within(
     }
 }
 
-/// Follows everything under `prefix` until `shutdown`: read, watch from the
-/// read revision + 1, and after a compaction or a broken stream read again
-/// (with jittered backoff). The last snapshot stays published meanwhile.
-pub async fn run_prefix_cache<S: CachedPrefix>(
-    store: Store,
-    prefix: String,
-    publish: watch::Sender<Arc<S>>,
-    shutdown: CancellationToken,
-) {
-    run_prefixes_cache(store, vec![prefix], publish, None, shutdown).await
-}
-
-/// [`run_prefix_cache`] over several prefixes: one snapshot, read from all
-/// of them at one revision and kept current from one watch stream. With
-/// `seen`, the newest read barrier published ([`run_caches`]).
+/// Follows everything under `prefixes` until `shutdown`: one snapshot, read
+/// from all of them at one revision and kept current from one watch
+/// ([`CachedPrefix::watched`]); after a compaction or a broken stream, read
+/// again (with jittered backoff). The last snapshot stays published
+/// meanwhile. With `seen`, the newest read barrier published
+/// ([`run_caches`]).
 pub async fn run_prefixes_cache<S: CachedPrefix>(
     store: Store,
     prefixes: Vec<String>,

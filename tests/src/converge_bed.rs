@@ -562,8 +562,9 @@ impl ConvergeBed {
                 format!(
                     "`stewardctl node show {name} -o json` says desired_revision \
                      {admin_desired}, but the agent was given revision {held} (its desired.json) \
-                     and reports that one converged: the admin API's desired revision leaves out \
-                     the orchestration records that are part of every desired state's revision"
+                     and reports that one converged: either the admin API leaves an input of the \
+                     desired revision out, or a replica built the node's state from caches at two \
+                     revisions (the agent then refuses the true, older state as a rollback)"
                 ),
             );
         }
