@@ -378,23 +378,24 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let gathered = async {
             let members = store.members().await?;
             let leader = store.leader().await?;
-            let nodes = store.nodes().await?;
-            Ok::<_, Error>((members, leader, nodes))
+            Ok::<_, Error>((members, leader))
         }
         .await;
+        let own_sessions = u32::try_from(self.ctx.sessions.len()).unwrap_or(u32::MAX);
         let status = match gathered {
-            Ok((members, leader, nodes)) => {
+            Ok((members, leader)) => {
+                // Each replica counts its own sessions (no read of every
+                // node's record, which grows with the fleet).
+                let others: Vec<_> = members.iter().filter(|m| m.id != me).cloned().collect();
+                let counts = self.peers.session_counts(&others).await;
                 let replicas = members
                     .into_iter()
                     .map(|m| {
-                        let connected_agents = nodes
-                            .values()
-                            .filter(|r| {
-                                r.status
-                                    .as_ref()
-                                    .is_some_and(|s| s.value.replica.as_deref() == Some(&m.id))
-                            })
-                            .count() as u32;
+                        let connected_agents = if m.id == me {
+                            Some(own_sessions)
+                        } else {
+                            counts.get(&m.id).copied()
+                        };
                         ReplicaStatus {
                             leader: leader.as_deref() == Some(&m.id),
                             id: m.id,
@@ -420,7 +421,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                         address: String::new(),
                         version: self.version.clone(),
                         leader: matches!(*self.leadership.borrow(), Leadership::Leader(_)),
-                        connected_agents: self.ctx.sessions.len() as u32,
+                        connected_agents: Some(own_sessions),
                     }],
                     leader: None,
                     etcd_reachable: false,

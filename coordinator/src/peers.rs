@@ -54,8 +54,16 @@ impl pb::peer_service_server::PeerService for PeerApi {
         request: Request<pb::LiveSessionsRequest>,
     ) -> Result<Response<pb::LiveSessionsResponse>, Status> {
         require_coordinator(&request, &self.ctx.specs.borrow())?;
+        let request = request.into_inner();
+        let replica_id = self.ctx.store.replica().to_owned();
+        if request.count_only && request.node_ids.is_empty() {
+            return Ok(Response::new(pb::LiveSessionsResponse {
+                replica_id,
+                sessions: Vec::new(),
+                count: u32::try_from(self.ctx.sessions.len()).unwrap_or(u32::MAX),
+            }));
+        }
         let wanted = request
-            .into_inner()
             .node_ids
             .into_iter()
             .map(NodeId::new)
@@ -78,10 +86,16 @@ impl pb::peer_service_server::PeerService for PeerApi {
                 }
                 .into()
             })
-            .collect();
+            .collect::<Vec<pb::LiveSession>>();
+        let count = u32::try_from(sessions.len()).unwrap_or(u32::MAX);
         Ok(Response::new(pb::LiveSessionsResponse {
-            replica_id: self.ctx.store.replica().to_owned(),
-            sessions,
+            replica_id,
+            sessions: if request.count_only {
+                Vec::new()
+            } else {
+                sessions
+            },
+            count,
         }))
     }
 
@@ -183,6 +197,7 @@ impl Peers {
                 let mut client = PeerServiceClient::new(channel);
                 let request = pb::LiveSessionsRequest {
                     node_ids: nodes.into_iter().map(String::from).collect(),
+                    count_only: false,
                 };
                 match tokio::time::timeout(PEER_TIMEOUT, client.live_sessions(request)).await {
                     Ok(Ok(resp)) => resp.into_inner().sessions,
@@ -251,6 +266,44 @@ impl Peers {
             }
         });
         futures_join_all(queries).await
+    }
+
+    /// How many agent sessions each member serves, as it says itself; a
+    /// member that does not answer in time is left out. One small answer
+    /// per replica, whatever the fleet's size.
+    pub async fn session_counts(&self, members: &[MemberRecord]) -> HashMap<String, u32> {
+        let queries = members.iter().map(|member| {
+            let id = member.id.clone();
+            let channel = self.channel(&member.address);
+            async move {
+                let mut client = PeerServiceClient::new(channel?);
+                let request = pb::LiveSessionsRequest {
+                    node_ids: Vec::new(),
+                    count_only: true,
+                };
+                match tokio::time::timeout(PEER_TIMEOUT, client.live_sessions(request)).await {
+                    Ok(Ok(resp)) => {
+                        let resp = resp.into_inner();
+                        // A replica that predates `count_only` lists them.
+                        let listed = u32::try_from(resp.sessions.len()).unwrap_or(u32::MAX);
+                        Some((id, resp.count.max(listed)))
+                    }
+                    Ok(Err(status)) => {
+                        debug!(replica = %id, %status, "peer session count failed");
+                        None
+                    }
+                    Err(_) => {
+                        debug!(replica = %id, "peer session count timed out");
+                        None
+                    }
+                }
+            }
+        });
+        futures_join_all(queries)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 }
 

@@ -424,7 +424,8 @@ pub struct ReplicaStatus {
     pub address: String,
     pub version: String,
     pub leader: bool,
-    pub connected_agents: u32,
+    /// The agent sessions the replica serves; `None`: it did not answer.
+    pub connected_agents: Option<u32>,
 }
 
 impl From<ReplicaStatus> for pb::Replica {
@@ -434,7 +435,8 @@ impl From<ReplicaStatus> for pb::Replica {
             address: r.address,
             version: r.version,
             leader: r.leader,
-            connected_agents: r.connected_agents,
+            connected_agents: r.connected_agents.unwrap_or(0),
+            agents_unknown: r.connected_agents.is_none(),
         }
     }
 }

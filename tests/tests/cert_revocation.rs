@@ -54,7 +54,10 @@ fn peer_call(cluster: &Cluster, url: &str, cert: &str) -> Result<(), tonic::Stat
             .await
             .map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))?;
         PeerServiceClient::new(channel)
-            .live_sessions(pb::LiveSessionsRequest { node_ids: vec![] })
+            .live_sessions(pb::LiveSessionsRequest {
+                node_ids: vec![],
+                count_only: false,
+            })
             .await
             .map(drop)
     })

@@ -158,10 +158,22 @@ fn every_command_works_with_nodes_far_past_etcds_message_limit() {
         let healthy = json_nodes(&cluster, &url, &["--health", "healthy"]);
         let ids: Vec<&str> = healthy.iter().filter_map(|n| n["id"].as_str()).collect();
         assert_eq!(ids, ["node-1"]);
-        // Status counts the sessions.
+        // Status counts the sessions: each replica its own (asked by the
+        // one answering), node-1's alone among 2,501 nodes.
         let out = cluster.ctl_at(&[&url], &["status", "-o", "json"]);
         assert!(out.ok(), "{}", out.stderr);
-        assert_eq!(out.json()["etcd_reachable"], true, "{}", out.stdout);
+        let status = out.json();
+        assert_eq!(status["etcd_reachable"], true, "{}", out.stdout);
+        let replicas = status["replicas"].as_array().cloned().unwrap_or_default();
+        assert_eq!(replicas.len(), 2, "{}", out.stdout);
+        let mut counted = Vec::new();
+        for r in &replicas {
+            let Some(n) = r["connected_agents"].as_u64() else {
+                panic!("every replica answered: {}", out.stdout);
+            };
+            counted.extend((0..n).map(|_| r["id"].clone()));
+        }
+        assert_eq!(counted, [healthy[0]["replica"].clone()], "{}", out.stdout);
     }
     // A VIP over the 250 lb nodes: their facts are read to check the subnet.
     let out = cluster.ctl(&[

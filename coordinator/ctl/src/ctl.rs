@@ -52,6 +52,10 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Coordinator replicas, the leader, and whether etcd answers.
+    ///
+    /// AGENTS is the agent sessions each replica serves, as it says itself
+    /// when the answering replica asks it; `?` (null with `-o json`): it did
+    /// not answer within half a second.
     Status,
     /// All nodes: roles, health, address, converged, last seen, serving
     /// replica. Read page by page, filtered on the server.
@@ -1751,7 +1755,8 @@ fn print_status(output: Output, s: &pb::StatusResponse) {
             .iter()
             .map(|r| {
                 json!({"id": r.id, "address": r.address, "version": r.version,
-                       "leader": r.leader, "connected_agents": r.connected_agents})
+                       "leader": r.leader,
+                       "connected_agents": (!r.agents_unknown).then_some(r.connected_agents)})
             })
             .collect();
         println!(
@@ -1792,12 +1797,21 @@ fn print_status(output: Output, s: &pb::StatusResponse) {
                     "follower".into()
                 },
                 r.address.clone(),
-                r.connected_agents.to_string(),
+                if r.agents_unknown {
+                    // The replica did not answer the one that did.
+                    "?".into()
+                } else {
+                    r.connected_agents.to_string()
+                },
                 r.version.clone(),
             ]
         })
         .collect();
     print_table(&["REPLICA", "ROLE", "ADDRESS", "AGENTS", "VERSION"], &rows);
+    if s.replicas.iter().any(|r| r.agents_unknown) {
+        println!();
+        println!("?: the replica did not answer {} in time", s.served_by);
+    }
 }
 
 fn print_nodes(output: Output, nodes: &[NodeView]) {
