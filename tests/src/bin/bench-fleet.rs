@@ -30,7 +30,8 @@
 //!   counts once as a range, its size shows here) from etcd's own
 //!   `/metrics`, sessions lost.
 //! - **nodes**: wall time of the real `stewardctl nodes -o json` against each
-//!   replica, as admin.
+//!   replica, as admin; then of `stewardctl status -o json` (each replica's
+//!   agent count, asked of the others), with the agents it counts.
 //! - **role**: `--reps` times, `AddRoles` (the admin RPC `stewardctl role
 //!   add` calls, on a channel opened beforehand, so the time is the
 //!   coordinator's) of `lb` to one connected node: time until that
@@ -619,22 +620,25 @@ fn main() {
     if args.wants("nodes") {
         recover(&fleet, &mut report);
     }
+    // `stewardctl ARGS` against one replica, timed, from a thread at the
+    // priority everything else has (0), so stewardctl runs at it too.
+    let timed_ctl = |url: &str, ctl_args: &[&str]| {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let _ = set_thread_nice(0);
+                    let started = Instant::now();
+                    let out = cluster.ctl_at(&[url], ctl_args);
+                    (out, started.elapsed())
+                })
+                .join()
+                .expect("stewardctl thread")
+        })
+    };
     if args.wants("nodes") {
         report.section("stewardctl nodes -o json (as admin)");
         for c in &cluster.coordinators {
-            // From a thread at the priority everything else has (0), so
-            // stewardctl runs at it too.
-            let (out, wall) = std::thread::scope(|scope| {
-                scope
-                    .spawn(|| {
-                        let _ = set_thread_nice(0);
-                        let started = Instant::now();
-                        let out = cluster.ctl_at(&[c.url.as_str()], &["nodes", "-o", "json"]);
-                        (out, started.elapsed())
-                    })
-                    .join()
-                    .expect("stewardctl thread")
-            });
+            let (out, wall) = timed_ctl(&c.url, &["nodes", "-o", "json"]);
             let what = if out.ok() {
                 let listed = serde_json::from_str::<serde_json::Value>(&out.stdout)
                     .ok()
@@ -645,6 +649,31 @@ fn main() {
                     ms(wall),
                     out.stdout.len() / 1024
                 )
+            } else {
+                format!(
+                    "FAILED after {}: {}",
+                    ms(wall),
+                    out.stderr.trim().chars().take(200).collect::<String>()
+                )
+            };
+            report.row(&format!("  on {}", c.id), what);
+        }
+        report.section("stewardctl status -o json (as admin)");
+        for c in &cluster.coordinators {
+            let (out, wall) = timed_ctl(&c.url, &["status", "-o", "json"]);
+            let what = if out.ok() {
+                let replicas = serde_json::from_str::<serde_json::Value>(&out.stdout)
+                    .ok()
+                    .and_then(|v| v["replicas"].as_array().cloned())
+                    .unwrap_or_default();
+                let counts: Vec<String> = replicas
+                    .iter()
+                    .map(|r| match r["connected_agents"].as_u64() {
+                        Some(n) => n.to_string(),
+                        None => "?".into(),
+                    })
+                    .collect();
+                format!("{} (agents per replica: {})", ms(wall), counts.join(" + "))
             } else {
                 format!(
                     "FAILED after {}: {}",
