@@ -636,52 +636,48 @@ fn main() {
         })
     };
     if args.wants("nodes") {
-        report.section("stewardctl nodes -o json (as admin)");
-        for c in &cluster.coordinators {
-            let (out, wall) = timed_ctl(&c.url, &["nodes", "-o", "json"]);
-            let what = if out.ok() {
-                let listed = serde_json::from_str::<serde_json::Value>(&out.stdout)
-                    .ok()
-                    .and_then(|v| v.as_array().map(Vec::len))
-                    .unwrap_or(0);
-                format!(
-                    "{} ({listed} nodes, {} KB of JSON)",
-                    ms(wall),
-                    out.stdout.len() / 1024
-                )
-            } else {
-                format!(
-                    "FAILED after {}: {}",
-                    ms(wall),
-                    out.stderr.trim().chars().take(200).collect::<String>()
-                )
-            };
-            report.row(&format!("  on {}", c.id), what);
-        }
-        report.section("stewardctl status -o json (as admin)");
-        for c in &cluster.coordinators {
-            let (out, wall) = timed_ctl(&c.url, &["status", "-o", "json"]);
-            let what = if out.ok() {
-                let replicas = serde_json::from_str::<serde_json::Value>(&out.stdout)
-                    .ok()
-                    .and_then(|v| v["replicas"].as_array().cloned())
-                    .unwrap_or_default();
-                let counts: Vec<String> = replicas
-                    .iter()
-                    .map(|r| match r["connected_agents"].as_u64() {
-                        Some(n) => n.to_string(),
-                        None => "?".into(),
-                    })
-                    .collect();
-                format!("{} (agents per replica: {})", ms(wall), counts.join(" + "))
-            } else {
-                format!(
-                    "FAILED after {}: {}",
-                    ms(wall),
-                    out.stderr.trim().chars().take(200).collect::<String>()
-                )
-            };
-            report.row(&format!("  on {}", c.id), what);
+        // What one answer says, beside its time.
+        let listed = |stdout: &str| {
+            let listed = serde_json::from_str::<serde_json::Value>(stdout)
+                .ok()
+                .and_then(|v| v.as_array().map(Vec::len))
+                .unwrap_or(0);
+            format!("{listed} nodes, {} KB of JSON", stdout.len() / 1024)
+        };
+        let counted = |stdout: &str| {
+            let replicas = serde_json::from_str::<serde_json::Value>(stdout)
+                .ok()
+                .and_then(|v| v["replicas"].as_array().cloned())
+                .unwrap_or_default();
+            let counts: Vec<String> = replicas
+                .iter()
+                .map(|r| match r["connected_agents"].as_u64() {
+                    Some(n) => n.to_string(),
+                    None => "?".into(),
+                })
+                .collect();
+            format!("agents per replica: {}", counts.join(" + "))
+        };
+        type Describe<'a> = &'a dyn Fn(&str) -> String;
+        let commands: [(&str, &[&str], Describe); 2] = [
+            ("nodes", &["nodes", "-o", "json"], &listed),
+            ("status", &["status", "-o", "json"], &counted),
+        ];
+        for (name, ctl_args, describe) in commands {
+            report.section(&format!("stewardctl {name} -o json (as admin)"));
+            for c in &cluster.coordinators {
+                let (out, wall) = timed_ctl(&c.url, ctl_args);
+                let what = if out.ok() {
+                    format!("{} ({})", ms(wall), describe(&out.stdout))
+                } else {
+                    format!(
+                        "FAILED after {}: {}",
+                        ms(wall),
+                        out.stderr.trim().chars().take(200).collect::<String>()
+                    )
+                };
+                report.row(&format!("  on {}", c.id), what);
+            }
         }
     }
 
