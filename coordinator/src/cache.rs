@@ -206,17 +206,9 @@ impl SpecSnapshot {
     }
 }
 
-/// A snapshot of the keys under one etcd prefix, rebuilt from a full read and
-/// then kept current from the watch.
+/// A snapshot of the keys under one etcd prefix (a part of the [`Cut`]),
+/// rebuilt from a full read and then kept current from the watch.
 pub trait CachedPrefix: Clone + Default + Send + Sync + 'static {
-    /// What the cache is of, for logs and errors.
-    const WHAT: &'static str;
-    /// How often the cache publishes a new snapshot at most. Each
-    /// publication wakes the subscribers, which compare it with the one
-    /// before; a burst of changes costs one publication per window, not one
-    /// per etcd event. A change after a quiet spell is never delayed.
-    /// Zero: every change at once (VIP state: a failover never waits).
-    const PUBLISH_EVERY: Duration = Duration::ZERO;
     /// Applies one key's new value (`None`: deleted) and its mod revision.
     /// Returns whether the snapshot changed (keys it does not cache do
     /// not wake its subscribers).
@@ -236,21 +228,6 @@ pub trait CachedPrefix: Clone + Default + Send + Sync + 'static {
         self.set_revision(revision);
         changed
     }
-    /// Whether a change of `key` is published at once, whatever
-    /// [`CachedPrefix::PUBLISH_EVERY`] says.
-    fn urgent(_keys: &Keys, _key: &[u8]) -> bool {
-        false
-    }
-    /// What the watch follows, for a cache read from `read`: the same
-    /// prefixes, unless the cache needs every change in one revision order.
-    fn watched(_keys: &Keys, read: &[String]) -> Vec<String> {
-        read.to_vec()
-    }
-}
-
-/// Where a cache publishes its snapshots.
-pub trait Publish<S>: Send + Sync {
-    fn publish(&self, snapshot: Arc<S>);
 }
 
 /// Inserts or removes one cached value; whether anything changed. The map
@@ -310,11 +287,6 @@ fn apply_option<T: PartialEq>(
 }
 
 impl CachedPrefix for SpecSnapshot {
-    const WHAT: &'static str = "node specs and addresses, cluster settings";
-    /// The fan-out compares each publication with the one before across
-    /// the fleet: a cold start's 10,000 first addresses are a few hundred
-    /// publications, not 10,000.
-    const PUBLISH_EVERY: Duration = Duration::from_millis(50);
     fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
         if key == keys.cluster_settings().as_bytes() {
             return apply_option(
@@ -426,6 +398,30 @@ pub struct Cut {
 }
 
 impl Cut {
+    /// How often a new cut is published at most. Each publication wakes
+    /// the subscribers, which compare it with the one before across the
+    /// fleet: a cold start's 10,000 first addresses are a few hundred
+    /// publications, not 10,000. A change after a quiet spell is never
+    /// delayed, nor is VIP state ([`Cut::urgent`]).
+    pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
+
+    /// What is read, at one revision (the watch follows the whole cluster
+    /// prefix, [`Keys::root`]).
+    fn prefixes(keys: &Keys) -> Vec<String> {
+        vec![
+            keys.nodes(),
+            keys.cluster(),
+            keys.vips(),
+            keys.orchestration(),
+        ]
+    }
+
+    /// Whether a change of `key` is published at once: VIP state is never
+    /// held back, a failover never waits.
+    fn urgent(keys: &Keys, key: &[u8]) -> bool {
+        matches!(part_of(keys, key), Some(Part::Vips))
+    }
+
     /// Whether every part has read etcd (an empty snapshot is not a state).
     pub fn synced(&self) -> bool {
         self.specs.synced && self.vips.synced && self.orchestration.synced
@@ -493,9 +489,6 @@ fn part_of(keys: &Keys, key: &[u8]) -> Option<Part> {
 }
 
 impl CachedPrefix for Cut {
-    const WHAT: &'static str = "node specs, cluster settings, VIPs and orchestration";
-    const PUBLISH_EVERY: Duration = SpecSnapshot::PUBLISH_EVERY;
-
     fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
         self.apply_to_part(keys, key, value, None)
     }
@@ -517,18 +510,6 @@ impl CachedPrefix for Cut {
         Arc::make_mut(&mut self.vips).set_revision(revision);
         Arc::make_mut(&mut self.orchestration).set_revision(revision);
     }
-
-    /// VIP state is never held back: a failover never waits.
-    fn urgent(keys: &Keys, key: &[u8]) -> bool {
-        matches!(part_of(keys, key), Some(Part::Vips))
-    }
-
-    /// The cluster's whole prefix on one watch: one revision order for
-    /// every part (several watches on one stream may each fall behind on
-    /// their own).
-    fn watched(keys: &Keys, _read: &[String]) -> Vec<String> {
-        vec![keys.root()]
-    }
 }
 
 /// Where the caches are published: each part on its own channel (most
@@ -540,7 +521,7 @@ pub struct CutSenders {
     pub orchestration: watch::Sender<Arc<OrchestrationSnapshot>>,
 }
 
-impl Publish<Cut> for CutSenders {
+impl CutSenders {
     fn publish(&self, cut: Arc<Cut>) {
         // A part's subscribers are woken only when it changed; the cut goes
         // last, so that whoever it wakes finds every part as new.
@@ -558,27 +539,6 @@ impl Publish<Cut> for CutSenders {
         send(&self.orchestration, &cut.orchestration);
         self.cut.send_replace(cut);
     }
-}
-
-/// Follows node specs and addresses (`nodes/`), the cluster settings
-/// (`cluster/`), VIPs (`vips/`) and orchestration (`orchestration/`) until
-/// `shutdown`, as one [`Cut`]. `seen`: the revision of the newest read
-/// barrier ([`Store::sync_point`]) the published specs include
-/// ([`caught_up`] waits on it).
-pub async fn run_caches(
-    store: Store,
-    publish: CutSenders,
-    seen: watch::Sender<i64>,
-    shutdown: CancellationToken,
-) {
-    let keys = store.keys();
-    let prefixes = vec![
-        keys.nodes(),
-        keys.cluster(),
-        keys.vips(),
-        keys.orchestration(),
-    ];
-    run_prefixes_cache(store, prefixes, publish, Some(seen), shutdown).await
 }
 
 /// How long [`caught_up`] waits for the spec cache to reach a barrier.
@@ -618,27 +578,27 @@ async fn caught_up_within(
     }
 }
 
-/// Follows everything under `prefixes` until `shutdown`: one snapshot, read
-/// from all of them at one revision and kept current from one watch
-/// ([`CachedPrefix::watched`]); after a compaction or a broken stream, read
-/// again (with jittered backoff). The last snapshot stays published
-/// meanwhile. With `seen`, the newest read barrier published
-/// ([`run_caches`]).
-pub async fn run_prefixes_cache<S: CachedPrefix>(
+/// Follows node specs and addresses (`nodes/`), the cluster settings
+/// (`cluster/`), VIPs (`vips/`) and orchestration (`orchestration/`) until
+/// `shutdown`, as one [`Cut`]: read at one revision, then kept current from
+/// one watch; after a compaction or a broken stream, read again (with
+/// jittered backoff). The last cut stays published meanwhile. `seen`: the
+/// revision of the newest read barrier ([`Store::sync_point`]) the
+/// published specs include ([`caught_up`] waits on it).
+pub async fn run_caches(
     store: Store,
-    prefixes: Vec<String>,
-    publish: impl Publish<S>,
-    seen: Option<watch::Sender<i64>>,
+    publish: CutSenders,
+    seen: watch::Sender<i64>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = follow(&store, &prefixes, &publish, seen.as_ref(), &mut backoff) => r,
+            r = follow(&store, &publish, &seen, &mut backoff) => r,
         };
         if let Err(error) = result {
-            warn!(%error, what = S::WHAT, "watch interrupted; re-reading");
+            warn!(%error, "cache watch interrupted; re-reading");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -648,27 +608,24 @@ pub async fn run_prefixes_cache<S: CachedPrefix>(
 }
 
 /// One read + watch cycle. Returns when the watch must be re-established.
-async fn follow<S: CachedPrefix>(
+async fn follow(
     store: &Store,
-    prefixes: &[String],
-    publish: &impl Publish<S>,
-    seen: Option<&watch::Sender<i64>>,
+    publish: &CutSenders,
+    seen: &watch::Sender<i64>,
     backoff: &mut Backoff,
 ) -> Result<()> {
     // Only forwards: a re-read after a broken stream is at least as new.
     let reached = |revision: i64| {
-        if let Some(seen) = seen {
-            seen.send_if_modified(|r| {
-                let newer = revision > *r;
-                *r = (*r).max(revision);
-                newer
-            });
-        }
+        seen.send_if_modified(|r| {
+            let newer = revision > *r;
+            *r = (*r).max(revision);
+            newer
+        });
     };
     let keys = store.keys();
     // Every prefix read at the same revision.
-    let read = store.read_prefixes(prefixes).await?;
-    let mut snapshot = S::default();
+    let read = store.read_prefixes(&Cut::prefixes(keys)).await?;
+    let mut snapshot = Cut::default();
     for kv in &read.kvs {
         snapshot.apply(keys, &kv.key, Some((&kv.value, kv.mod_revision)));
     }
@@ -677,13 +634,14 @@ async fn follow<S: CachedPrefix>(
     // One read at one revision: every barrier written before it is in.
     reached(read.revision);
 
-    let mut stream = store
-        .watch(&S::watched(keys, prefixes), read.revision + 1)
-        .await?;
+    // The cluster's whole prefix on one watch: one revision order for every
+    // part (several watches on one stream may each fall behind on their
+    // own).
+    let mut stream = store.watch(&[keys.root()], read.revision + 1).await?;
     backoff.reset();
-    debug!(revision = read.revision, what = S::WHAT, "following");
+    debug!(revision = read.revision, "caches following");
     // A change after a quiet spell is published at once; changes that
-    // follow within `S::PUBLISH_EVERY` are published together at its end,
+    // follow within `Cut::PUBLISH_EVERY` are published together at its end,
     // unless a read barrier came with them (a reader waits on it) or an
     // urgent change (VIP state).
     let mut published_at = tokio::time::Instant::now();
@@ -694,7 +652,7 @@ async fn follow<S: CachedPrefix>(
         let next = if pending {
             tokio::select! {
                 next = stream.next() => Some(next?),
-                _ = tokio::time::sleep_until(published_at + S::PUBLISH_EVERY) => None,
+                _ = tokio::time::sleep_until(published_at + Cut::PUBLISH_EVERY) => None,
             }
         } else {
             Some(stream.next().await?)
@@ -712,14 +670,14 @@ async fn follow<S: CachedPrefix>(
                     let changed =
                         snapshot.apply_change(keys, change.key(), value, change.revision());
                     pending |= changed;
-                    urgent |= changed && S::urgent(keys, change.key());
+                    urgent |= changed && Cut::urgent(keys, change.key());
                     if keys.is_cache_sync(change.key()) {
                         barrier = barrier.max(change.revision());
                     }
                 }
             }
         }
-        if pending && (urgent || barrier > 0 || published_at.elapsed() >= S::PUBLISH_EVERY) {
+        if pending && (urgent || barrier > 0 || published_at.elapsed() >= Cut::PUBLISH_EVERY) {
             publish.publish(Arc::new(snapshot.clone()));
             published_at = tokio::time::Instant::now();
             pending = false;
@@ -804,7 +762,7 @@ mod tests {
                 .expect("first spec published")
                 .expect("cache running")
                 .clone();
-        tokio::time::sleep(SpecSnapshot::PUBLISH_EVERY * 2).await;
+        tokio::time::sleep(Cut::PUBLISH_EVERY * 2).await;
 
         let mut publications = 0;
         let burst = 200;
@@ -861,7 +819,7 @@ mod tests {
         );
 
         // After a quiet spell, one change is out within a few milliseconds.
-        tokio::time::sleep(SpecSnapshot::PUBLISH_EVERY * 2).await;
+        tokio::time::sleep(Cut::PUBLISH_EVERY * 2).await;
         let started = tokio::time::Instant::now();
         crate::testing::put_roles(&store, "n1", &[Role::Lb]).await;
         tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.specs.len() == 2))
@@ -869,7 +827,7 @@ mod tests {
             .expect("published")
             .expect("cache running");
         assert!(
-            started.elapsed() < SpecSnapshot::PUBLISH_EVERY,
+            started.elapsed() < Cut::PUBLISH_EVERY,
             "a lone change waited {:?}",
             started.elapsed()
         );
@@ -887,7 +845,7 @@ mod tests {
         .expect("published")
         .expect("cache running");
         assert!(
-            started.elapsed() < SpecSnapshot::PUBLISH_EVERY,
+            started.elapsed() < Cut::PUBLISH_EVERY,
             "a VIP change waited {:?}",
             started.elapsed()
         );
@@ -965,7 +923,7 @@ mod tests {
                 )
                 .await
                 .expect("capacity written");
-            tokio::time::sleep(SpecSnapshot::PUBLISH_EVERY * 2).await;
+            tokio::time::sleep(Cut::PUBLISH_EVERY * 2).await;
         }
         let samples = sampler.await.expect("sampler");
         assert!(samples.len() >= 10, "{samples:?}");

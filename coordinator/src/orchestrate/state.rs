@@ -184,8 +184,6 @@ impl OrchestrationSnapshot {
 }
 
 impl CachedPrefix for OrchestrationSnapshot {
-    const WHAT: &'static str = "orchestration";
-
     fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
         let Some(rest) = std::str::from_utf8(key)
             .ok()

@@ -113,8 +113,6 @@ pub struct VipSnapshot {
 }
 
 impl CachedPrefix for VipSnapshot {
-    const WHAT: &'static str = "vips";
-
     fn apply(&mut self, keys: &Keys, key: &[u8], value: Option<(&[u8], i64)>) -> bool {
         if key == keys.vips_removed().as_bytes() {
             self.removed_revision = value.map_or(0, |(_, rev)| rev);
