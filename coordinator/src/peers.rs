@@ -194,22 +194,14 @@ impl Peers {
             let member = members.iter().find(|m| m.id == replica)?;
             let channel = self.channel(&member.address)?;
             Some(async move {
-                let mut client = PeerServiceClient::new(channel);
                 let request = pb::LiveSessionsRequest {
                     node_ids: nodes.into_iter().map(String::from).collect(),
                     count_only: false,
                 };
-                match tokio::time::timeout(PEER_TIMEOUT, client.live_sessions(request)).await {
-                    Ok(Ok(resp)) => resp.into_inner().sessions,
-                    Ok(Err(status)) => {
-                        debug!(%replica, %status, "peer query failed");
-                        Vec::new()
-                    }
-                    Err(_) => {
-                        debug!(%replica, "peer query timed out");
-                        Vec::new()
-                    }
-                }
+                ask_live_sessions(channel, &replica, request)
+                    .await
+                    .map(|r| r.sessions)
+                    .unwrap_or_default()
             })
         });
         let answers = futures_join_all(queries).await;
@@ -276,27 +268,14 @@ impl Peers {
             let id = member.id.clone();
             let channel = self.channel(&member.address);
             async move {
-                let mut client = PeerServiceClient::new(channel?);
                 let request = pb::LiveSessionsRequest {
                     node_ids: Vec::new(),
                     count_only: true,
                 };
-                match tokio::time::timeout(PEER_TIMEOUT, client.live_sessions(request)).await {
-                    Ok(Ok(resp)) => {
-                        let resp = resp.into_inner();
-                        // A replica that predates `count_only` lists them.
-                        let listed = u32::try_from(resp.sessions.len()).unwrap_or(u32::MAX);
-                        Some((id, resp.count.max(listed)))
-                    }
-                    Ok(Err(status)) => {
-                        debug!(replica = %id, %status, "peer session count failed");
-                        None
-                    }
-                    Err(_) => {
-                        debug!(replica = %id, "peer session count timed out");
-                        None
-                    }
-                }
+                let resp = ask_live_sessions(channel?, &id, request).await?;
+                // A replica that predates `count_only` lists them.
+                let listed = u32::try_from(resp.sessions.len()).unwrap_or(u32::MAX);
+                Some((id, resp.count.max(listed)))
             }
         });
         futures_join_all(queries)
@@ -304,6 +283,27 @@ impl Peers {
             .into_iter()
             .flatten()
             .collect()
+    }
+}
+
+/// `LiveSessions` of `replica`, within [`PEER_TIMEOUT`]; `None` (logged)
+/// if it fails or is late.
+async fn ask_live_sessions(
+    channel: Channel,
+    replica: &str,
+    request: pb::LiveSessionsRequest,
+) -> Option<pb::LiveSessionsResponse> {
+    let mut client = PeerServiceClient::new(channel);
+    match tokio::time::timeout(PEER_TIMEOUT, client.live_sessions(request)).await {
+        Ok(Ok(resp)) => Some(resp.into_inner()),
+        Ok(Err(status)) => {
+            debug!(%replica, %status, "peer query failed");
+            None
+        }
+        Err(_) => {
+            debug!(%replica, "peer query timed out");
+            None
+        }
     }
 }
 
