@@ -255,6 +255,11 @@ fn diff<'a, K: Ord + 'a, V: 'a>(
     mut changed: impl FnMut(&'a K),
     revision: impl Fn(&V) -> i64,
 ) {
+    // A map no change touched is still shared with the snapshot before
+    // (`cache::Shared`): nothing to compare.
+    if std::ptr::eq(before, now) {
+        return;
+    }
     let (mut a, mut b) = (before.iter().peekable(), now.iter().peekable());
     loop {
         match (a.peek(), b.peek()) {
@@ -294,22 +299,12 @@ fn changed_nodes(before: &SpecSnapshot, now: &SpecSnapshot) -> HashSet<NodeId> {
     let mut add = |id: &NodeId| {
         nodes.insert(id.clone());
     };
-    // A map no change touched is still shared with the snapshot before
-    // (`cache::Shared`): nothing to compare.
-    if !std::sync::Arc::ptr_eq(&before.specs, &now.specs) {
-        diff(&before.specs, &now.specs, &mut add, |v| v.mod_revision);
-    }
-    if !std::sync::Arc::ptr_eq(&before.addresses, &now.addresses) {
-        diff(&before.addresses, &now.addresses, &mut add, |v| {
-            v.mod_revision
-        });
-    }
-    if !std::sync::Arc::ptr_eq(&before.revoked, &now.revoked) {
-        diff(&before.revoked, &now.revoked, &mut add, |v| v.mod_revision);
-    }
-    if !std::sync::Arc::ptr_eq(&before.reboots, &now.reboots) {
-        diff(&before.reboots, &now.reboots, &mut add, |v| v.mod_revision);
-    }
+    diff(&before.specs, &now.specs, &mut add, |v| v.mod_revision);
+    diff(&before.addresses, &now.addresses, &mut add, |v| {
+        v.mod_revision
+    });
+    diff(&before.revoked, &now.revoked, &mut add, |v| v.mod_revision);
+    diff(&before.reboots, &now.reboots, &mut add, |v| v.mod_revision);
     // A rollout's change of a node (`changed/<node>`, and an upgrade's
     // `upgraded/<node>`) is one of its inputs.
     let empty = crate::rollout::model::RolloutEntry::default();
